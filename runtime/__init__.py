@@ -1,0 +1,1 @@
+"""Control plane: config, CLI, process launch and placement, orchestrator, HTTP server, offline API."""
