@@ -1,10 +1,20 @@
-"""The ``omni-runtime`` command line."""
+"""The ``omni-runtime`` command line: ``check``, ``serve``, ``generate``, ``batch``.
+
+Exit codes: 0 success, 1 a runtime failure, 2 a usage or config error (argparse's convention).
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from importlib.metadata import PackageNotFoundError, version
+
+from runtime.config import ConfigError, load_config
+
+logger = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 
 def _version() -> str:
@@ -17,8 +27,78 @@ def _version() -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="omni-runtime", description="Serve diffusion transformers.")
     parser.add_argument("--version", action="version", version=f"omni-runtime {_version()}")
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("check", help="validate a config and print the resolved process layout")
+    p.add_argument("config", help="TOML config file")
+
+    p = sub.add_parser("serve", help="start the stage processes and the OpenAI-compatible HTTP server")
+    p.add_argument("config", help="TOML config file")
+    p.add_argument("--host", default=None, help="override [server] host")
+    p.add_argument("--port", type=int, default=None, help="override [server] port")
+
+    p = sub.add_parser("generate", help="generate one image offline")
+    p.add_argument("--config", required=True, help="TOML config file")
+    _add_request_args(p)
+    p.add_argument("-o", "--output", required=True, help="output image file (.png, .jpg, .webp)")
+    p.add_argument("--in-process", action="store_true", help="run the pipeline in this process")
+
+    p = sub.add_parser("batch", help="generate images for every line of a JSONL file (resumable)")
+    p.add_argument("--config", required=True, help="TOML config file")
+    p.add_argument("prompts", help="JSONL file: one object per line with 'prompt' and optional fields")
+    p.add_argument("--out-dir", required=True, help="directory for the images and manifest.jsonl")
+    p.add_argument("--in-process", action="store_true", help="run the pipeline in this process")
     return parser
+
+
+def _add_request_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None, help="num_inference_steps")
+    p.add_argument("--size", default=None, help="WxH, e.g. 64x64")
+    p.add_argument("--guidance", type=float, default=None, help="guidance_scale")
+    p.add_argument("--true-cfg-scale", type=float, default=None)
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from runtime.layout import format_layout
+
+    cfg = load_config(args.config)
+    print(format_layout(cfg))
+    print("config OK")
+    return EXIT_OK
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from runtime.server import serve
+
+    cfg = load_config(args.config)
+    if args.host is not None:
+        cfg.server.host = args.host
+    if args.port is not None:
+        cfg.server.port = args.port
+    return serve(cfg)
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from runtime.offline import generate_to_file
+
+    cfg = load_config(args.config)
+    generate_to_file(cfg, args, in_process=args.in_process)
+    return EXIT_OK
+
+
+def _cmd_batch(args: argparse.Namespace) -> int:
+    from runtime.offline import run_batch
+
+    cfg = load_config(args.config)
+    run_batch(cfg, args.prompts, args.out_dir, in_process=args.in_process)
+    return EXIT_OK
+
+
+_COMMANDS = {"check": _cmd_check, "serve": _cmd_serve, "generate": _cmd_generate, "batch": _cmd_batch}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,8 +106,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
-        return 2
-    return 0
+        return EXIT_USAGE
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from runtime.requests import RequestError
+
+    try:
+        return _COMMANDS[args.command](args)
+    except (ConfigError, RequestError) as e:
+        print(f"omni-runtime {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

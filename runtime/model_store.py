@@ -1,0 +1,58 @@
+"""Create the embedded tiny model on first use.
+
+A config whose ``model.path`` does not exist and whose directory name is ``<preset>-flux`` for a preset of
+``tools/make_tiny_model.py`` (``tiny-flux``, ``small-flux``) gets that model written there, once: the writer
+holds a lock file and builds into a temporary sibling directory that is renamed into place, so concurrent
+first uses never see a half-written model. Any other missing path is an error naming ``model.path``.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import importlib.util
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from runtime.config import ConfigError
+
+logger = logging.getLogger(__name__)
+
+_TOOL = Path(__file__).resolve().parent.parent / "tools" / "make_tiny_model.py"
+GENERATED_NAMES = {"tiny-flux": "tiny", "small-flux": "small"}
+
+
+def _load_generator():
+    # tools/ is a folder of scripts, not a package: load the generator by path.
+    spec = importlib.util.spec_from_file_location("omni_make_tiny_model", _TOOL)
+    if spec is None or spec.loader is None or not _TOOL.exists():
+        raise ConfigError(f"cannot create the tiny model: {_TOOL} is missing (is this a source checkout?)")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.make_tiny_model
+
+
+def ensure_model(path: str) -> Path:
+    """Return ``path`` as a model directory, creating the embedded tiny model there if it is one and missing."""
+    p = Path(path)
+    if (p / "model_index.json").exists():
+        return p
+    preset = GENERATED_NAMES.get(p.name)
+    if preset is None:
+        raise ConfigError(f"model.path = {path!r}: no diffusers model there (model_index.json missing); "
+                          f"allowed: a diffusers-format directory, or a path ending in "
+                          f"{' / '.join(sorted(GENERATED_NAMES))} to have the embedded model created")
+    p.parent.mkdir(parents=True, exist_ok=True)
+    with open(p.parent / f".{p.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (p / "model_index.json").exists():
+            return p
+        tmp = p.parent / f".{p.name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        logger.info("creating the embedded %s model at %s (first use)", preset, p)
+        _load_generator()(tmp, preset=preset, seed=0)
+        if p.exists():
+            shutil.rmtree(p)
+        tmp.rename(p)
+    return p

@@ -1,0 +1,101 @@
+"""Config parsing: every mistake is one ConfigError naming the key path, the value and what is allowed."""
+
+from pathlib import Path
+
+import pytest
+
+from runtime.cli import main
+from runtime.config import ConfigError, load_config
+from runtime.layout import denoiser_groups, resolve_layout
+
+ROOT = Path(__file__).resolve().parent.parent
+BASE = """
+[model]
+path = "models/m"
+"""
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "c.toml"
+    p.write_text(text)
+    return p
+
+
+def test_default_configs_load_with_their_degrees():
+    got = {}
+    for name in ("default", "sp2", "ring2", "usp4"):
+        cfg = load_config(ROOT / "configs" / f"{name}.toml")
+        p = cfg.stages.denoiser.parallel
+        got[name] = (p.ulysses, p.ring, cfg.stages.denoiser.world_size)
+        assert cfg.model.path == str(ROOT / "models" / "tiny-flux")
+    assert got == {"default": (1, 1, 1), "sp2": (2, 1, 2), "ring2": (1, 2, 2), "usp4": (2, 2, 4)}
+
+
+def test_relative_model_path_resolves_against_the_config_dir(tmp_path):
+    cfg = load_config(_write(tmp_path, BASE))
+    assert cfg.model.path == str((tmp_path / "models" / "m").resolve())
+    assert cfg.server.port == 8000 and cfg.stages.vae.max_batch_size == 8
+
+
+@pytest.mark.parametrize("extra, path, value_text, allowed", [
+    ("[stages.denoiser.parallel]\nulysess = 2\n", "stages.denoiser.parallel.ulysess", "2", "allowed keys here"),
+    ("[server]\nport = \"80\"\n", "server.port", "'80'", "must be an integer"),
+    ("[stages.vae]\nbatch_timeout_ms = true\n", "stages.vae.batch_timeout_ms", "True", "must be a number"),
+    ("[stages.denoiser.parallel]\nulysses = 0\n", "stages.denoiser.parallel.ulysses", "0", ">= 1"),
+    ("[stages.text_encoder]\nreplicas = -1\n", "stages.text_encoder.replicas", "-1", ">= 1"),
+    ("[server]\nport = 70000\n", "server.port", "70000", "between 0 and 65535"),
+    ("[model]\n", "model", "", "table"),  # duplicate table: TOML error is reported with the file
+    ("[stages.denoiser.parallel]\ncfg = 3\n", "stages.denoiser.parallel.cfg", "3", "1 or 2"),
+    ("[stages.denoiser.parallel]\npp = 2\n", "stages.denoiser.parallel.pp", "2", "not supported yet"),
+    ("[stages.denoiser.parallel]\ncfg = 2\n", "stages.denoiser.parallel.cfg", "2", "not supported yet"),
+    ("[stages.vae.parallel]\npatch = 2\n", "stages.vae.parallel.patch", "2", "not supported yet"),
+    ("[stages.denoiser.parallel]\nulysses = 2\nhsdp_shard = 3\n", "stages.denoiser.parallel.hsdp_shard", "3",
+     "must equal the denoiser world size"),
+    ("[stages.denoiser]\ndevices = [0]\n[stages.denoiser.parallel]\nulysses = 2\n", "stages.denoiser.devices",
+     "['0']", "need exactly 2"),
+])
+def test_each_mistake_is_one_error_naming_the_key(tmp_path, extra, path, value_text, allowed):
+    with pytest.raises(ConfigError) as e:
+        load_config(_write(tmp_path, BASE + extra))
+    msg = str(e.value)
+    if path == "model":  # the duplicate [model] table is a TOML syntax error, reported with the file name
+        assert "not valid TOML" in msg and "c.toml" in msg
+        return
+    assert msg.startswith(path), msg
+    assert value_text in msg and allowed in msg, msg
+
+
+def test_missing_model_path_and_unknown_table(tmp_path):
+    with pytest.raises(ConfigError, match=r"^model\.path: missing"):
+        load_config(_write(tmp_path, "[model]\ndtype = 'float32'\n"))
+    with pytest.raises(ConfigError, match=r"^stages\.decoder: unknown key.*allowed keys here: denoiser, "
+                                          r"text_encoder, vae"):
+        load_config(_write(tmp_path, BASE + "[stages.decoder]\nreplicas = 1\n"))
+
+
+def test_cli_check_exit_codes_and_layout(tmp_path, capsys):
+    assert main(["check", str(_write(tmp_path, BASE + "[server]\nbogus = 1\n"))]) == 2
+    err = capsys.readouterr().err
+    assert "server.bogus: unknown key" in err
+    assert main(["check", str(tmp_path / "missing.toml")]) == 2
+    assert main(["check", str(ROOT / "configs" / "usp4.toml")]) == 0
+    out = capsys.readouterr().out
+    assert "denoiser[0] rank 3/4 on cpu: world=[0, 1, 2, 3] sp=[0, 1, 2, 3] ulysses=[2, 3] ring=[1, 3]" in out
+    assert "total processes: 6 rank(s) + 1 frontend" in out
+
+
+def test_group_membership_is_exact():
+    # ulysses contiguous, ring strided, then pp, then cfg (rank order tp-sp-pp-cfg-dp)
+    g = denoiser_groups(ulysses=2, ring=2, cfg=2, pp=1)
+    assert [x["ulysses"] for x in g] == [[0, 1], [0, 1], [2, 3], [2, 3], [4, 5], [4, 5], [6, 7], [6, 7]]
+    assert [x["ring"] for x in g] == [[0, 2], [1, 3], [0, 2], [1, 3], [4, 6], [5, 7], [4, 6], [5, 7]]
+    assert [x["cfg"] for x in g] == [[0, 4], [1, 5], [2, 6], [3, 7], [0, 4], [1, 5], [2, 6], [3, 7]]
+    assert g[5]["sp"] == [4, 5, 6, 7]
+
+
+def test_layout_replicas_and_devices(tmp_path):
+    cfg = load_config(_write(tmp_path, BASE.replace("[model]", "[model]\ndevice = 'cuda'") +
+                             "[stages.denoiser]\nreplicas = 2\ndevices = [3, 2, 1, 0]\n"
+                             "[stages.denoiser.parallel]\nring = 2\n"))
+    den = [r for r in resolve_layout(cfg) if r.stage == "denoiser"]
+    assert [[rk.device for rk in r.ranks] for r in den] == [["cuda:3", "cuda:2"], ["cuda:1", "cuda:0"]]
