@@ -1,0 +1,303 @@
+"""Shared-memory tensor handoff: exact round trips between processes, zero copy, 0600,
+unlink-once semantics, forged handles, and sweeping after SIGKILL."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import secrets
+import signal
+import time
+from pathlib import Path
+
+import msgspec
+import pytest
+import torch
+from spawn import run_workers
+
+from comm import shm_tensor
+from comm.shm_tensor import INSTANCE_ENV, ShmHandle, ShmHandleError, TensorMeta
+
+_CTX = mp.get_context("forkserver")
+
+
+@pytest.fixture
+def instance(monkeypatch):
+    """A fresh runtime-instance id for this test; everything under its prefix is swept afterwards."""
+    inst = f"test-{secrets.token_hex(4)}"
+    monkeypatch.setenv(INSTANCE_ENV, inst)
+    yield inst
+    shm_tensor.shutdown()
+    shm_tensor.sweep(shm_tensor.instance_prefix(inst), include_live=True)
+
+
+def _sample_tensors() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1234)
+    out: dict[str, torch.Tensor] = {}
+    for name, dtype in shm_tensor.DTYPES.items():
+        if dtype == torch.bool:
+            t = torch.randint(0, 2, (3, 5), generator=g).bool()
+        elif dtype.is_floating_point:
+            t = (torch.randn(3, 5, generator=g, dtype=torch.float32) * 100).to(dtype)
+        elif dtype.is_complex:
+            t = torch.randn(3, 5, generator=g, dtype=dtype)
+        else:
+            info = torch.iinfo(dtype)
+            lo, hi = max(info.min, -(2**62)), min(info.max, 2**62)
+            t = torch.randint(lo, hi, (3, 5), generator=g, dtype=torch.int64).to(dtype)
+        out[name] = t
+    out["noncontig"] = torch.arange(24, dtype=torch.float32).reshape(4, 6).t()[1:, ::2]
+    out["scalar"] = torch.tensor(3.5, dtype=torch.float64)
+    out["empty"] = torch.empty(0, 7, dtype=torch.float16)
+    out["odd_bytes"] = torch.arange(7, dtype=torch.uint8)  # the next tensor must still be 64-byte aligned
+    out["after_odd"] = torch.arange(5, dtype=torch.float32)
+    return out
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Exact equality, bit for bit (NaN-safe, works for float8)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    return torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))
+
+
+def _wait_file(path: Path, timeout: float = 30.0) -> bytes:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} did not appear within {timeout}s")
+        time.sleep(0.01)
+    return path.read_bytes()
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- round trip between processes
+
+
+def _producer_consumer(rank, world_size, instance, workdir):
+    os.environ[INSTANCE_ENV] = instance
+    workdir = Path(workdir)
+    if rank == 0:
+        handles = {
+            "dict": shm_tensor.put(_sample_tensors()),
+            "single": shm_tensor.put(torch.arange(12, dtype=torch.int32).reshape(3, 4)),
+            "empty": shm_tensor.put(torch.empty(0)),
+        }
+        _write_atomic(workdir / "handles", msgspec.msgpack.encode(handles))
+        _wait_file(workdir / "consumer_done")
+        view = shm_tensor.get(handles["single"])  # owner still holds it: the consumer wrote into it
+        return {
+            "seen_write": int(view[0, 0]),
+            "left": [os.path.exists(f"/dev/shm/{h.name}") for h in handles.values()],
+        }
+    handles = msgspec.msgpack.decode(_wait_file(workdir / "handles"), type=dict[str, ShmHandle])
+    got = shm_tensor.get(handles["dict"])
+    expected = _sample_tensors()
+    result = {
+        "keys": list(got),
+        "equal": {k: _same(got[k], expected[k]) for k in expected},
+        "aligned": [m.offset % 64 == 0 for m in handles["dict"].tensors],
+    }
+    single = shm_tensor.get(handles["single"])
+    result["single"] = single.tolist()
+    result["empty_shape"] = list(shm_tensor.get(handles["empty"]).shape)
+    single[0, 0] = 99  # visible to the producer: the same pages
+    shm_tensor.release(handles["dict"])
+    shm_tensor.release(handles["empty"])
+    result["still_readable_after_release"] = _same(got["float32"], expected["float32"])
+    _write_atomic(workdir / "consumer_done", b"1")
+    return result
+
+
+@pytest.mark.distributed
+def test_round_trip_between_processes(instance, tmp_path):
+    prod, cons = run_workers(_producer_consumer, 2, args=(instance, str(tmp_path)), timeout=90)
+    expected_keys = list(_sample_tensors())
+    assert cons["keys"] == expected_keys
+    assert cons["equal"] == {k: True for k in expected_keys}
+    assert all(cons["aligned"])
+    assert cons["single"] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+    assert cons["empty_shape"] == [0]
+    assert cons["still_readable_after_release"] is True
+    assert prod["seen_write"] == 99
+    # released by the consumer: dict and empty gone; "single" was not released, so the owner still had it
+    assert prod["left"] == [False, True, False]
+    # the producer exited normally: its exit unlinked what it still owned
+    assert shm_tensor.list_segments(shm_tensor.instance_prefix(instance)) == []
+
+
+# --------------------------------------------------------------------------- in-process properties
+
+
+def test_zero_copy_get_shares_the_mapping(instance):
+    src = torch.arange(1 << 16, dtype=torch.float32)
+    h = shm_tensor.put(src)
+    a = shm_tensor.get(h)
+    b = shm_tensor.get(h)
+    assert torch.equal(a, src) and torch.equal(b, src)
+    a[123] = -1.0
+    assert b[123].item() == -1.0
+    # no copy on get: the tensor's memory is the mapping exported by the mmap object
+    ptr = a.data_ptr()
+    assert a.untyped_storage().data_ptr() == ptr and a.untyped_storage().nbytes() >= src.nbytes
+    assert a.data_ptr() % 64 == 0
+    shm_tensor.release(h)
+    a[7] = 42.0  # mapping still alive after unlink
+    assert b[7].item() == 42.0
+
+
+def test_segment_mode_is_0600_whatever_the_umask(instance):
+    old = os.umask(0)
+    try:
+        h = shm_tensor.put(torch.ones(4))
+    finally:
+        os.umask(old)
+    st = os.stat(f"/dev/shm/{h.name}")
+    assert st.st_mode & 0o777 == 0o600
+    assert h.name.startswith(f"omni_{instance}_{os.getpid()}_")
+    shm_tensor.release(h)
+
+
+def test_release_is_idempotent_and_harmless_after_owner_shutdown(instance):
+    h1 = shm_tensor.put(torch.ones(3))
+    assert shm_tensor.release(h1) is True
+    assert shm_tensor.release(h1) is False
+    h2 = shm_tensor.put(torch.ones(3))
+    view = shm_tensor.get(h2)
+    shm_tensor.shutdown()  # the owner unlinks everything it still has
+    assert not os.path.exists(f"/dev/shm/{h2.name}")
+    assert shm_tensor.release(h2) is False
+    assert view.tolist() == [1.0, 1.0, 1.0]
+    with pytest.raises(ShmHandleError, match="does not exist"):
+        shm_tensor.get(h2)
+
+
+def _put_and_exit(instance, workdir):
+    os.environ[INSTANCE_ENV] = instance
+    h = shm_tensor.put({"x": torch.ones(8)})
+    (Path(workdir) / "handle").write_bytes(msgspec.msgpack.encode(h))
+
+
+def test_owner_exit_unlinks_and_late_release_is_harmless(instance, tmp_path):
+    p = _CTX.Process(target=_put_and_exit, args=(instance, str(tmp_path)))
+    p.start()
+    p.join(60)
+    assert p.exitcode == 0
+    h = msgspec.msgpack.decode((tmp_path / "handle").read_bytes(), type=ShmHandle)
+    assert not os.path.exists(f"/dev/shm/{h.name}")
+    assert shm_tensor.release(h) is False
+
+
+def _forgeries(h: ShmHandle) -> dict[str, tuple[ShmHandle, str]]:
+    m = h.tensors[0]
+    big = TensorMeta(m.key, m.dtype, (1 << 20,), m.offset, (1 << 20) * 4)
+    return {
+        "path traversal": (msgspec.structs.replace(h, name="../../etc/passwd"), "not a segment name"),
+        "other pid": (msgspec.structs.replace(h, owner_pid=h.owner_pid + 1), "does not match"),
+        "bad dtype": (msgspec.structs.replace(h, tensors=(msgspec.structs.replace(m, dtype="object"),)), "dtype"),
+        "past the end": (msgspec.structs.replace(h, tensors=(big,)), "inside the segment"),
+        "negative dim": (
+            msgspec.structs.replace(h, tensors=(msgspec.structs.replace(m, shape=(-1, 4)),)), "non-negative"),
+        "nbytes lie": (msgspec.structs.replace(h, tensors=(msgspec.structs.replace(m, nbytes=4),)), "needs"),
+        "misaligned": (msgspec.structs.replace(h, tensors=(msgspec.structs.replace(m, offset=4),)), "aligned"),
+        "size lie": (msgspec.structs.replace(h, total_bytes=h.total_bytes * 1000,
+                                             tensors=(TensorMeta(m.key, m.dtype, (1000,), 59_968, 4000),)),
+                     "has 64 bytes"),
+        "two tensors, single": (msgspec.structs.replace(h, tensors=(m, m)), "1 tensor"),
+    }
+
+
+def test_forged_handles_raise_clear_errors(instance):
+    h = shm_tensor.put(torch.arange(16, dtype=torch.float32))
+    assert h.total_bytes == 64
+    for what, (forged, msg) in _forgeries(h).items():
+        with pytest.raises(ShmHandleError, match=msg):
+            shm_tensor.get(forged)
+            pytest.fail(f"forgery {what!r} was accepted")
+    with pytest.raises(ShmHandleError):
+        shm_tensor.get({"name": h.name})
+    # a wire-level forgery with wrong field types never reaches get
+    with pytest.raises(msgspec.ValidationError):
+        msgspec.msgpack.decode(msgspec.msgpack.encode({"name": 1, "owner_pid": "x", "total_bytes": 1,
+                                                       "tensors": []}), type=ShmHandle)
+    assert shm_tensor.get(h).tolist() == list(map(float, range(16)))  # the real one still works
+
+
+def test_put_rejects_what_it_cannot_carry(instance):
+    with pytest.raises(TypeError, match="allowed dtypes"):
+        shm_tensor.put(torch.zeros(2, dtype=torch.float8_e4m3fnuz))
+    with pytest.raises(TypeError, match="only str keys"):
+        shm_tensor.put({1: torch.zeros(2)})
+    with pytest.raises(TypeError, match="expected a torch.Tensor"):
+        shm_tensor.put([torch.zeros(2)])
+    assert shm_tensor.list_segments() == []
+
+
+def test_instance_id_is_validated(monkeypatch):
+    monkeypatch.setenv(INSTANCE_ENV, "bad/name")
+    with pytest.raises(ValueError, match="OMNI_RUNTIME_INSTANCE"):
+        shm_tensor.instance_prefix()
+
+
+# --------------------------------------------------------------------------- SIGKILL and sweep
+
+
+def _put_then_sigkill(instance, workdir):
+    os.environ[INSTANCE_ENV] = instance
+    h = shm_tensor.put({"latents": torch.randn(256, 256)})
+    _write_atomic(Path(workdir) / "handle", msgspec.msgpack.encode(h))
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _get_then_wait(instance, workdir):
+    os.environ[INSTANCE_ENV] = instance
+    h = msgspec.msgpack.decode(_wait_file(Path(workdir) / "handle"), type=ShmHandle)
+    t = shm_tensor.get(h)["latents"]
+    _write_atomic(Path(workdir) / "mapped", str(float(t.sum())).encode())
+    time.sleep(3600)
+
+
+def _put_and_live(instance, workdir):
+    os.environ[INSTANCE_ENV] = instance
+    h = shm_tensor.put(torch.ones(4))
+    _write_atomic(Path(workdir) / "live_handle", msgspec.msgpack.encode(h))
+    time.sleep(3600)
+
+
+@pytest.mark.distributed
+def test_sigkilled_producer_and_consumer_are_swept(instance, tmp_path):
+    prefix = shm_tensor.instance_prefix(instance)
+    procs = [_CTX.Process(target=f, args=(instance, str(tmp_path)), daemon=True)
+             for f in (_put_then_sigkill, _get_then_wait, _put_and_live)]
+    try:
+        for p in procs:
+            p.start()
+        producer, consumer, live = procs
+        h = msgspec.msgpack.decode(_wait_file(tmp_path / "handle"), type=ShmHandle)
+        live_h = msgspec.msgpack.decode(_wait_file(tmp_path / "live_handle"), type=ShmHandle)
+        _wait_file(tmp_path / "mapped")
+        consumer.kill()
+        for p in (producer, consumer):
+            p.join(30)
+        assert producer.exitcode == -signal.SIGKILL and consumer.exitcode == -signal.SIGKILL
+        # nobody released it and its owner could not: it is still there until swept
+        assert shm_tensor.list_segments(prefix) == sorted([h.name, live_h.name])
+
+        assert shm_tensor.sweep(prefix, pids=[consumer.pid]) == []  # the consumer owned nothing
+        assert shm_tensor.sweep(prefix) == [h.name]  # the live producer's segment is kept
+        assert shm_tensor.list_segments(prefix) == [live_h.name]
+
+        live.kill()
+        live.join(30)
+        assert shm_tensor.sweep(prefix, pids=[live.pid]) == [live_h.name]
+        assert shm_tensor.list_segments(prefix) == []
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+            p.join(10)
