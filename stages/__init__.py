@@ -1,2 +1,24 @@
 """What each stage computes: text encoding, the denoising loop, VAE decode; models; weight loading.
 May import ``parallel`` and ``comm``."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# Exports load on first use, so ``import stages.errors`` (the frontend does) does not import transformers.
+_EXPORTS = {
+    "DenoiseRequest": "stages.denoiser",
+    "DenoiserStage": "stages.denoiser",
+    "Pipeline": "stages.pipeline",
+    "TextEncoderStage": "stages.text_encoder",
+    "VaeDecoderStage": "stages.vae",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'stages' has no attribute {name!r}")

@@ -1,0 +1,253 @@
+"""Denoiser stage: the Flux flow-matching loop over a batch of requests.
+
+For each request it draws the initial latents from ``torch.Generator("cpu").manual_seed(seed)`` as diffusers'
+FluxPipeline does, runs the flow-match Euler schedule of the checkpoint (``shift`` / dynamic shifting), feeds the
+guidance embedding when the model has one and applies true CFG when a request has negative embeddings and
+``true_cfg_scale > 1``. Requests of the same shape run in one forward; every request has its own generator, so
+batching does not change any result.
+
+The stage knows nothing about processes. Under sequence parallelism (an SP mesh with more than one rank in
+``parallel.state``) every rank runs this same loop on the same inputs; the model's ``_sp_plan`` hooks, applied at
+load, split the image tokens across ranks and gather the output.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from stages.errors import CheckpointError, RequestError
+from stages.latents import (
+    check_image_size,
+    image_seq_len,
+    initial_noise,
+    latent_image_ids,
+    unpack_latents,
+)
+from stages.schedule import FlowMatchSchedule, euler_step
+from stages.text_encoder import component_dir, resolve_device, resolve_dtype
+
+logger = logging.getLogger(__name__)
+
+MAX_STEPS = 1000
+SEED_RANGE = (0, 2**64 - 1)
+
+
+@dataclass
+class DenoiseRequest:
+    """One image to denoise. Embeddings come from :class:`stages.text_encoder.TextEncoderStage` for one prompt:
+    ``prompt_embeds`` (seq, d) or (1, seq, d), ``pooled_prompt_embeds`` (d_pooled,) or (1, d_pooled)."""
+
+    prompt_embeds: torch.Tensor
+    pooled_prompt_embeds: torch.Tensor
+    seed: int = 0
+    height: int = 1024
+    width: int = 1024
+    num_inference_steps: int = 28
+    guidance_scale: float = 3.5
+    true_cfg_scale: float = 1.0
+    negative_prompt_embeds: torch.Tensor | None = None
+    negative_pooled_prompt_embeds: torch.Tensor | None = None
+
+    @property
+    def do_true_cfg(self) -> bool:
+        """FluxPipeline's rule: true CFG runs when ``true_cfg_scale > 1`` and a negative prompt is given."""
+        return self.true_cfg_scale > 1 and self.negative_prompt_embeds is not None
+
+
+def read_config(directory: Path, name: str = "config.json") -> dict[str, Any]:
+    """A component's JSON config, or a :class:`CheckpointError` naming the file."""
+    f = directory / name
+    try:
+        return json.loads(f.read_text())
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{f}: missing") from e
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{f}: not valid JSON ({e})") from e
+
+
+def vae_scale_factor_of(path: str | Path) -> int:
+    """2 ** (number of VAE blocks - 1), as FluxPipeline computes it (8 when the model has no ``vae/``)."""
+    vae_dir = Path(path) / "vae"
+    if not vae_dir.is_dir():
+        return 8
+    return 2 ** (len(read_config(vae_dir)["block_out_channels"]) - 1)
+
+
+def load_transformer(path: str | Path, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+    """Load ``<path>/transformer`` as a Flux transformer (forward signature of diffusers' FluxTransformer2DModel)."""
+    directory = component_dir(path, "transformer")
+    from diffusers import FluxTransformer2DModel
+
+    model = FluxTransformer2DModel.from_pretrained(str(directory), dtype=dtype)
+    return model.to(device).eval()
+
+
+def _sequence_parallel_size() -> int:
+    try:  # TODO(e4): plain import once parallel/state.py lands
+        from parallel.state import get_sequence_parallel_world_size, model_parallel_is_initialized
+    except ModuleNotFoundError:
+        return 1
+
+    return get_sequence_parallel_world_size() if model_parallel_is_initialized() else 1
+
+
+def _as_2d(t: torch.Tensor, field: str) -> torch.Tensor:
+    if t.dim() == 3 and t.shape[0] == 1:
+        return t[0]
+    if t.dim() != 2:
+        raise RequestError(f"{field} has shape {tuple(t.shape)}; expected (seq, dim) or (1, seq, dim)")
+    return t
+
+
+def _as_1d(t: torch.Tensor, field: str) -> torch.Tensor:
+    if t.dim() == 2 and t.shape[0] == 1:
+        return t[0]
+    if t.dim() != 1:
+        raise RequestError(f"{field} has shape {tuple(t.shape)}; expected (dim,) or (1, dim)")
+    return t
+
+
+class DenoiserStage:
+    """Runs the denoising loop of a Flux transformer. ``denoise(requests)`` returns one latent per request."""
+
+    def __init__(self, model: torch.nn.Module, config: dict[str, Any], schedule: FlowMatchSchedule,
+                 vae_scale_factor: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.model = model
+        self.config = config
+        self.schedule = schedule
+        self.vae_scale_factor = vae_scale_factor
+        self.dtype = dtype
+        self.device = device
+        self.in_channels = int(config.get("in_channels", 64))
+        self.num_channels_latents = self.in_channels // 4
+        self.guidance_embeds = bool(config.get("guidance_embeds", False))
+        self.joint_attention_dim = config.get("joint_attention_dim")
+        self.pooled_projection_dim = config.get("pooled_projection_dim")
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: str | torch.dtype = "float32",
+                        device: str | torch.device = "cpu") -> DenoiserStage:
+        """Load transformer + scheduler config; apply the model's ``_sp_plan`` when the SP world is > 1."""
+        torch_dtype, dev = resolve_dtype(dtype), resolve_device(device)
+        config = read_config(component_dir(path, "transformer"))
+        schedule = FlowMatchSchedule.from_pretrained(path)
+        model = load_transformer(path, torch_dtype, dev)
+        sp = _sequence_parallel_size()
+        if sp > 1:
+            from parallel.sp_plan import apply_sequence_parallel
+
+            apply_sequence_parallel(model)
+            logger.info("denoiser: sequence parallel over %d ranks", sp)
+        logger.info("loaded denoiser from %s (%s on %s)", path, torch_dtype, dev)
+        return cls(model, config, schedule, vae_scale_factor_of(path), torch_dtype, dev)
+
+    def validate(self, req: DenoiseRequest) -> None:
+        """Raise :class:`RequestError` naming the field for anything this stage cannot run."""
+        check_image_size(req.height, req.width, 2 * self.vae_scale_factor)
+        steps = req.num_inference_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
+            raise RequestError(f"num_inference_steps={steps!r} is not allowed; it must be an integer from 1 "
+                               f"to {MAX_STEPS}")
+        seed = req.seed
+        if isinstance(seed, bool) or not isinstance(seed, int) or not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+            raise RequestError(f"seed={seed!r} is not allowed; it must be an integer from {SEED_RANGE[0]} "
+                               f"to 2**64-1")
+        for name in ("guidance_scale", "true_cfg_scale"):
+            v = getattr(req, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise RequestError(f"{name}={v!r} is not allowed; it must be a finite number")
+        pairs = [("prompt_embeds", "pooled_prompt_embeds")]
+        if req.do_true_cfg:
+            if req.negative_pooled_prompt_embeds is None:
+                raise RequestError("negative_pooled_prompt_embeds is missing; it is required with "
+                                   "negative_prompt_embeds")
+            pairs.append(("negative_prompt_embeds", "negative_pooled_prompt_embeds"))
+        for seq_name, pooled_name in pairs:
+            seq = _as_2d(getattr(req, seq_name), seq_name)
+            pooled = _as_1d(getattr(req, pooled_name), pooled_name)
+            if self.joint_attention_dim is not None and seq.shape[-1] != self.joint_attention_dim:
+                raise RequestError(f"{seq_name} has width {seq.shape[-1]}; this model takes "
+                                   f"{self.joint_attention_dim}")
+            if self.pooled_projection_dim is not None and pooled.shape[-1] != self.pooled_projection_dim:
+                raise RequestError(f"{pooled_name} has width {pooled.shape[-1]}; this model takes "
+                                   f"{self.pooled_projection_dim}")
+
+    @staticmethod
+    def batch_key(req: DenoiseRequest) -> tuple:
+        """Requests with equal keys run in one forward."""
+        neg_len = _as_2d(req.negative_prompt_embeds, "negative_prompt_embeds").shape[0] if req.do_true_cfg else -1
+        return (req.height, req.width, req.num_inference_steps,
+                _as_2d(req.prompt_embeds, "prompt_embeds").shape[0], req.do_true_cfg, neg_len)
+
+    @torch.no_grad()
+    def denoise(self, requests: list[DenoiseRequest], *, unpack: bool = False,
+                progress: bool = False) -> list[torch.Tensor]:
+        """Denoise every request; returns, in order, packed latents (tokens, C*4) per request, or unpacked
+        (C, H/8, W/8) with ``unpack=True``."""
+        for req in requests:
+            self.validate(req)
+        groups: dict[tuple, list[int]] = {}
+        for i, req in enumerate(requests):
+            groups.setdefault(self.batch_key(req), []).append(i)
+        out: list[torch.Tensor | None] = [None] * len(requests)
+        for idx in groups.values():
+            group = [requests[i] for i in idx]
+            latents = self._denoise_group(group, progress=progress)
+            if unpack:
+                latents = unpack_latents(latents, group[0].height, group[0].width, self.vae_scale_factor)
+            for j, i in enumerate(idx):
+                out[i] = latents[j]
+        return out  # type: ignore[return-value]
+
+    __call__ = denoise
+
+    def _stack(self, reqs: list[DenoiseRequest], seq_name: str, pooled_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        seq = torch.stack([_as_2d(getattr(r, seq_name), seq_name) for r in reqs])
+        pooled = torch.stack([_as_1d(getattr(r, pooled_name), pooled_name) for r in reqs])
+        return seq.to(self.device, self.dtype), pooled.to(self.device, self.dtype)
+
+    def _denoise_group(self, reqs: list[DenoiseRequest], *, progress: bool) -> torch.Tensor:
+        first = reqs[0]
+        h, w, steps, do_cfg = first.height, first.width, first.num_inference_steps, first.do_true_cfg
+        b = len(reqs)
+        latents = torch.cat([
+            initial_noise(r.seed, self.num_channels_latents, h, w, self.vae_scale_factor, self.dtype, self.device)
+            for r in reqs
+        ])
+        img_ids = latent_image_ids(h, w, self.vae_scale_factor, self.device, self.dtype)
+        embeds, pooled = self._stack(reqs, "prompt_embeds", "pooled_prompt_embeds")
+        txt_ids = torch.zeros(embeds.shape[1], 3, device=self.device, dtype=self.dtype)
+        guidance = None
+        if self.guidance_embeds:
+            guidance = torch.tensor([float(r.guidance_scale) for r in reqs], device=self.device,
+                                    dtype=torch.float32)
+        cfg_scale: float | torch.Tensor = 1.0
+        if do_cfg:
+            # Positive and negative halves run in one forward: [cond..., uncond...].
+            neg_embeds, neg_pooled = self._stack(reqs, "negative_prompt_embeds", "negative_pooled_prompt_embeds")
+            embeds, pooled = torch.cat([embeds, neg_embeds]), torch.cat([pooled, neg_pooled])
+            guidance = torch.cat([guidance, guidance]) if guidance is not None else None
+            scales = [float(r.true_cfg_scale) for r in reqs]
+            cfg_scale = scales[0] if len(set(scales)) == 1 else torch.tensor(
+                scales, device=self.device, dtype=self.dtype).view(b, 1, 1)
+
+        timesteps, sigmas = self.schedule.sigmas(steps, image_seq_len(h, w, self.vae_scale_factor), self.device)
+        for i, t in enumerate(tqdm(timesteps, total=steps, disable=not progress, desc="denoise", leave=False)):
+            model_in = torch.cat([latents, latents]) if do_cfg else latents
+            timestep = t.expand(model_in.shape[0]).to(latents.dtype)
+            pred = self.model(hidden_states=model_in, timestep=timestep / 1000, guidance=guidance,
+                              pooled_projections=pooled, encoder_hidden_states=embeds, txt_ids=txt_ids,
+                              img_ids=img_ids, return_dict=False)[0]
+            if do_cfg:
+                cond, uncond = pred[:b], pred[b:]
+                pred = uncond + cfg_scale * (cond - uncond)
+            latents = euler_step(latents, pred, sigmas[i], sigmas[i + 1])
+        return latents

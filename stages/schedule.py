@@ -1,0 +1,119 @@
+"""Flow-match Euler schedule as FluxPipeline drives diffusers' FlowMatchEulerDiscreteScheduler.
+
+FluxPipeline passes ``sigmas = linspace(1, 1/steps, steps)`` and ``mu = calculate_shift(image_seq_len)``;
+the scheduler then shifts the sigmas (dynamically with ``mu``, or statically with ``shift``), optionally
+stretches them to ``shift_terminal``, and appends a final 0. Each Euler step is
+``x + (sigma_next - sigma) * v`` computed in fp32. The arithmetic below follows the same numpy/torch
+dtypes so the timesteps are bit-identical.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from stages.errors import CheckpointError
+
+logger = logging.getLogger(__name__)
+
+_UNSUPPORTED_FLAGS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "invert_sigmas",
+                      "stochastic_sampling")
+
+
+def calculate_shift(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096,
+                    base_shift: float = 0.5, max_shift: float = 1.15) -> float:
+    """``mu`` for dynamic shifting: linear in the number of image tokens (FluxPipeline's formula)."""
+    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    b = base_shift - m * base_seq_len
+    return image_seq_len * m + b
+
+
+@dataclass(frozen=True)
+class FlowMatchSchedule:
+    """The parts of a ``FlowMatchEulerDiscreteScheduler`` config that FluxPipeline's sampling uses."""
+
+    num_train_timesteps: int = 1000
+    shift: float = 1.0
+    use_dynamic_shifting: bool = False
+    base_shift: float = 0.5
+    max_shift: float = 1.15
+    base_image_seq_len: int = 256
+    max_image_seq_len: int = 4096
+    shift_terminal: float | None = None
+    time_shift_type: str = "exponential"
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], source: str = "scheduler config") -> FlowMatchSchedule:
+        """Build from a scheduler ``config.json`` dict; options we do not implement are an error."""
+        for flag in _UNSUPPORTED_FLAGS:
+            if config.get(flag):
+                raise CheckpointError(f"{source}: {flag}={config[flag]!r} is not supported; "
+                                      f"only plain flow-match Euler sampling is ({flag} must be false)")
+        tst = config.get("time_shift_type", "exponential")
+        if tst not in ("exponential", "linear"):
+            raise CheckpointError(f"{source}: time_shift_type={tst!r}; allowed: 'exponential', 'linear'")
+        # FluxPipeline reads these four with the same defaults when the key is absent.
+        return cls(
+            num_train_timesteps=int(config.get("num_train_timesteps", 1000)),
+            shift=float(config.get("shift", 1.0)),
+            use_dynamic_shifting=bool(config.get("use_dynamic_shifting", False)),
+            base_shift=config.get("base_shift", 0.5) if config.get("base_shift") is not None else 0.5,
+            max_shift=config.get("max_shift", 1.15) if config.get("max_shift") is not None else 1.15,
+            base_image_seq_len=config.get("base_image_seq_len", 256),
+            max_image_seq_len=config.get("max_image_seq_len", 4096),
+            shift_terminal=config.get("shift_terminal"),
+            time_shift_type=tst,
+        )
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> FlowMatchSchedule:
+        """Read ``<model dir>/scheduler/scheduler_config.json``."""
+        cfg_path = Path(path) / "scheduler" / "scheduler_config.json"
+        try:
+            config = json.loads(cfg_path.read_text())
+        except FileNotFoundError as e:
+            raise CheckpointError(f"{cfg_path}: missing; a diffusers model directory needs "
+                                  f"scheduler/scheduler_config.json") from e
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from e
+        return cls.from_config(config, source=str(cfg_path))
+
+    def mu(self, image_seq_len: int) -> float:
+        return calculate_shift(image_seq_len, self.base_image_seq_len, self.max_image_seq_len,
+                               self.base_shift, self.max_shift)
+
+    def sigmas(self, num_inference_steps: int, image_seq_len: int,
+               device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """(timesteps[steps], sigmas[steps + 1]) in float32, timesteps on the 0..1000 scale."""
+        sig = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps).astype(np.float32)
+        if self.use_dynamic_shifting:
+            mu = self.mu(image_seq_len)
+            if self.time_shift_type == "exponential":
+                sig = math.exp(mu) / (math.exp(mu) + (1 / sig - 1) ** 1.0)
+            else:
+                sig = mu / (mu + (1 / sig - 1) ** 1.0)
+        else:
+            sig = self.shift * sig / (1 + (self.shift - 1) * sig)
+        if self.shift_terminal:
+            one_minus_z = 1 - sig
+            scale = one_minus_z[-1] / (1 - self.shift_terminal)
+            sig = 1 - (one_minus_z / scale)
+        sigmas = torch.from_numpy(np.asarray(sig)).to(dtype=torch.float32, device=device)
+        timesteps = sigmas * self.num_train_timesteps
+        sigmas = torch.cat([sigmas, torch.zeros(1, device=sigmas.device)])
+        return timesteps, sigmas
+
+
+def euler_step(sample: torch.Tensor, velocity: torch.Tensor, sigma: torch.Tensor,
+               sigma_next: torch.Tensor) -> torch.Tensor:
+    """One flow-match Euler step in fp32, cast back to the model output dtype (as the scheduler does)."""
+    dt = sigma_next - sigma
+    prev = sample.to(torch.float32) + dt * velocity
+    return prev.to(velocity.dtype)

@@ -1,0 +1,136 @@
+"""Text encoder stage: CLIP pooled embedding + T5 sequence embeddings, as FluxPipeline.encode_prompt computes them."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+
+from stages.errors import CheckpointError, RequestError
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+MAX_T5_SEQUENCE_LENGTH = 512
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """A config dtype name ("float32", "bfloat16", ...) or a torch dtype -> torch dtype."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not supported; allowed: {sorted(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """"cpu" or "cuda:N" (or a torch device) -> torch device."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device={device!r} is not a device; allowed: 'cpu', 'cuda', 'cuda:N'") from e
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device={device!r} is not supported; allowed: 'cpu', 'cuda', 'cuda:N'")
+    return dev
+
+
+def component_class(path: str | Path, component: str, default: str) -> str:
+    """The class name ``model_index.json`` gives a component (``default`` when there is no index entry)."""
+    index = Path(path) / "model_index.json"
+    if not index.is_file():
+        return default
+    try:
+        entry = json.loads(index.read_text()).get(component)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{index}: not valid JSON ({e})") from e
+    if isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], str):
+        return entry[1]
+    return default
+
+
+def component_dir(path: str | Path, component: str) -> Path:
+    """``<path>/<component>``, or a :class:`CheckpointError` naming the missing folder."""
+    d = Path(path) / component
+    if not d.is_dir():
+        raise CheckpointError(f"{d}: component '{component}' is missing from the model directory {path}")
+    return d
+
+
+def _load_transformers(cls_name: str, fallback: str, directory: Path, **kwargs: Any) -> Any:
+    cls = getattr(transformers, cls_name, None) or getattr(transformers, fallback)
+    try:
+        return cls.from_pretrained(str(directory), local_files_only=True, **kwargs)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{directory}: cannot load {cls.__name__}: {e}") from e
+
+
+class TextEncoderStage:
+    """Encodes prompts for a Flux denoiser.
+
+    ``encode(prompts)`` returns ``prompt_embeds`` (B, max_sequence_length, d_t5) from T5,
+    ``pooled_prompt_embeds`` (B, d_clip) from CLIP's pooled output (CLIP truncates at 77 tokens), and
+    ``text_ids`` (max_sequence_length, 3) zeros, exactly as ``FluxPipeline.encode_prompt`` computes them.
+    """
+
+    def __init__(self, tokenizer: Any, text_encoder: torch.nn.Module, tokenizer_2: Any,
+                 text_encoder_2: torch.nn.Module, device: torch.device) -> None:
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder
+        self.tokenizer_2 = tokenizer_2
+        self.text_encoder_2 = text_encoder_2
+        self.device = device
+        self.tokenizer_max_length = getattr(tokenizer, "model_max_length", 77) or 77
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: str | torch.dtype = "float32",
+                        device: str | torch.device = "cpu") -> TextEncoderStage:
+        """Load ``tokenizer``/``text_encoder`` (CLIP) and ``tokenizer_2``/``text_encoder_2`` (T5) from a model dir."""
+        torch_dtype, dev = resolve_dtype(dtype), resolve_device(device)
+        tok = _load_transformers(component_class(path, "tokenizer", "CLIPTokenizer"), "AutoTokenizer",
+                                 component_dir(path, "tokenizer"))
+        enc = _load_transformers(component_class(path, "text_encoder", "CLIPTextModel"), "CLIPTextModel",
+                                 component_dir(path, "text_encoder"), dtype=torch_dtype)
+        tok2 = _load_transformers(component_class(path, "tokenizer_2", "T5TokenizerFast"), "AutoTokenizer",
+                                  component_dir(path, "tokenizer_2"))
+        enc2 = _load_transformers(component_class(path, "text_encoder_2", "T5EncoderModel"), "T5EncoderModel",
+                                  component_dir(path, "text_encoder_2"), dtype=torch_dtype)
+        logger.info("loaded text encoders from %s (%s on %s)", path, torch_dtype, dev)
+        return cls(tok, enc.to(dev).eval(), tok2, enc2.to(dev).eval(), dev)
+
+    def _clip_pooled(self, prompts: list[str]) -> torch.Tensor:
+        ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer_max_length, truncation=True,
+                             return_overflowing_tokens=False, return_length=False, return_tensors="pt").input_ids
+        out = self.text_encoder(ids.to(self.device), output_hidden_states=False)
+        return out.pooler_output.to(dtype=self.text_encoder.dtype, device=self.device)
+
+    def _t5_sequence(self, prompts: list[str], max_sequence_length: int) -> torch.Tensor:
+        ids = self.tokenizer_2(prompts, padding="max_length", max_length=max_sequence_length, truncation=True,
+                               return_length=False, return_overflowing_tokens=False, return_tensors="pt").input_ids
+        out = self.text_encoder_2(ids.to(self.device), output_hidden_states=False)[0]
+        return out.to(dtype=self.text_encoder_2.dtype, device=self.device)
+
+    @torch.no_grad()
+    def encode(self, prompts: str | list[str], max_sequence_length: int = MAX_T5_SEQUENCE_LENGTH
+               ) -> dict[str, torch.Tensor]:
+        """Encode a batch of prompts (one forward per encoder for the whole batch)."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise RequestError(f"prompt={prompts!r} is not allowed; a prompt is a string or a non-empty list "
+                               f"of strings")
+        if (isinstance(max_sequence_length, bool) or not isinstance(max_sequence_length, int)
+                or not 1 <= max_sequence_length <= MAX_T5_SEQUENCE_LENGTH):
+            raise RequestError(f"max_sequence_length={max_sequence_length!r} is not allowed; it must be an "
+                               f"integer from 1 to {MAX_T5_SEQUENCE_LENGTH}")
+        pooled = self._clip_pooled(prompts)
+        embeds = self._t5_sequence(prompts, max_sequence_length)
+        text_ids = torch.zeros(embeds.shape[1], 3).to(device=self.device, dtype=self.text_encoder.dtype)
+        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled, "text_ids": text_ids}
+
+    __call__ = encode

@@ -1,0 +1,68 @@
+"""VAE decoder stage: packed Flux latents -> uint8 HWC images, as FluxPipeline decodes and postprocesses them."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from stages.errors import CheckpointError
+from stages.latents import check_image_size, unpack_latents
+from stages.text_encoder import component_dir, resolve_device, resolve_dtype
+
+logger = logging.getLogger(__name__)
+
+
+def to_uint8_images(decoded: torch.Tensor) -> list[np.ndarray]:
+    """(B, 3, H, W) decoder output in [-1, 1] -> list of (H, W, 3) uint8, like ``VaeImageProcessor.postprocess``
+    (``(x/2 + 0.5).clamp(0, 1)`` in the decoder dtype, then fp32 numpy ``* 255``, rounded)."""
+    images = (decoded * 0.5 + 0.5).clamp(0, 1)
+    arr = images.cpu().permute(0, 2, 3, 1).float().numpy()
+    arr = (arr * 255).round().astype("uint8")
+    return list(arr)
+
+
+class VaeDecoderStage:
+    """Decodes packed latents (B, tokens, C*4) or (tokens, C*4) of one image size into images."""
+
+    def __init__(self, vae: torch.nn.Module, dtype: torch.dtype, device: torch.device) -> None:
+        self.vae = vae
+        self.dtype = dtype
+        self.device = device
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.scaling_factor = float(vae.config.scaling_factor)
+        shift = vae.config.shift_factor
+        self.shift_factor = float(shift) if shift is not None else 0.0
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: str | torch.dtype = "float32",
+                        device: str | torch.device = "cpu") -> VaeDecoderStage:
+        """Load ``<path>/vae`` with diffusers' AutoencoderKL."""
+        from diffusers import AutoencoderKL
+
+        torch_dtype, dev = resolve_dtype(dtype), resolve_device(device)
+        directory = component_dir(path, "vae")
+        try:
+            vae = AutoencoderKL.from_pretrained(str(directory), dtype=torch_dtype)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{directory}: cannot load AutoencoderKL: {e}") from e
+        logger.info("loaded VAE from %s (%s on %s)", path, torch_dtype, dev)
+        return cls(vae.to(dev).eval(), torch_dtype, dev)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor | list[torch.Tensor], height: int, width: int) -> list[np.ndarray]:
+        """Packed latents of images of ``height`` x ``width`` pixels -> list of (H, W, 3) uint8 arrays."""
+        check_image_size(height, width, 2 * self.vae_scale_factor)
+        if isinstance(latents, (list, tuple)):
+            latents = torch.stack([x[0] if x.dim() == 3 else x for x in latents])
+        if latents.dim() == 2:
+            latents = latents[None]
+        x = unpack_latents(latents, height, width, self.vae_scale_factor)
+        x = (x / self.scaling_factor) + self.shift_factor
+        x = x.to(device=self.device, dtype=self.vae.dtype)
+        decoded = self.vae.decode(x, return_dict=False)[0]
+        return to_uint8_images(decoded)
+
+    __call__ = decode
