@@ -1,0 +1,426 @@
+"""The FLUX.1 transformer (double-stream + single-stream MMDiT) in one file.
+
+Parameter names mirror diffusers' ``FluxTransformer2DModel`` so a diffusers ``transformer/`` checkpoint loads as it
+is. Differences from diffusers are only in how the computation is organised for sequence parallelism:
+
+- text and image tokens stay separate tensors through attention: the image tokens are the (possibly sharded)
+  ``q/k/v`` and the text tokens are the replicated ``joint`` tokens, placed in front (FLUX attends over
+  ``[text, image]``);
+- the rotary embeddings of text and image are computed from ``txt_ids`` and ``img_ids`` separately, so sharding
+  ``img_ids`` together with ``hidden_states`` shards the image rotary embeddings with them.
+
+The model holds no rank arithmetic: ``_sp_plan`` says what to split and gather and the hooks of
+``parallel.sp_sharding`` do it; attention goes through ``parallel.attention.sp_attention``, which picks the strategy
+from the current mesh (plain local attention when there is none).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from stages.errors import CheckpointError
+from stages.weights import (
+    DIFFUSERS_WEIGHTS,
+    MODEL_INDEX,
+    component_dir,
+    load_into,
+    load_safetensors,
+    read_config,
+)
+
+logger = logging.getLogger(__name__)
+
+CLASS_NAMES = ("FluxTransformer2DModel",)
+ROPE_THETA = 10000
+TIME_CHANNELS = 256
+
+
+@dataclass(frozen=True)
+class FluxConfig:
+    """The fields of a diffusers ``FluxTransformer2DModel`` config.json (defaults are FLUX.1's)."""
+
+    patch_size: int = 1
+    in_channels: int = 64
+    out_channels: int | None = None
+    num_layers: int = 19
+    num_single_layers: int = 38
+    attention_head_dim: int = 128
+    num_attention_heads: int = 24
+    joint_attention_dim: int = 4096
+    pooled_projection_dim: int = 768
+    guidance_embeds: bool = False
+    axes_dims_rope: tuple[int, ...] = (16, 56, 56)
+
+    @classmethod
+    def from_dict(cls, config: dict[str, Any], source: str | Path = "config") -> FluxConfig:
+        """Build from a config dict; unknown keys are logged and ignored, like diffusers does."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(k for k in config if k not in known and not k.startswith("_"))
+        if unknown:
+            logger.warning("%s: ignoring unknown FluxTransformer2DModel config keys %s", source, unknown)
+        values = {k: v for k, v in config.items() if k in known}
+        if "axes_dims_rope" in values:
+            values["axes_dims_rope"] = tuple(values["axes_dims_rope"])
+        cfg = cls(**values)
+        cfg.validate(source)
+        return cfg
+
+    @property
+    def inner_dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    def validate(self, source: str | Path = "config") -> None:
+        for name in ("patch_size", "in_channels", "num_attention_heads", "attention_head_dim",
+                     "joint_attention_dim", "pooled_projection_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise CheckpointError(f"{source}: {name}={value!r}; expected a positive integer")
+        for name in ("num_layers", "num_single_layers"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise CheckpointError(f"{source}: {name}={value!r}; expected a non-negative integer")
+        if sum(self.axes_dims_rope) != self.attention_head_dim or any(d % 2 for d in self.axes_dims_rope):
+            raise CheckpointError(
+                f"{source}: axes_dims_rope={list(self.axes_dims_rope)} must be even numbers summing to "
+                f"attention_head_dim={self.attention_head_dim}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# attention
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, joint_q: torch.Tensor, joint_k: torch.Tensor,
+               joint_v: torch.Tensor, joint_strategy: str = "front") -> torch.Tensor:
+    """Local joint attention with torch SDPA; layouts (batch, seq, heads, head_dim); output [joint, local]."""
+    assert joint_strategy == "front"
+    q, k, v = (torch.cat([j, x], dim=1).transpose(1, 2) for j, x in ((joint_q, q), (joint_k, k), (joint_v, v)))
+    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# rotary position embedding
+
+
+def rope(ids: torch.Tensor, axes_dims: tuple[int, ...], theta: int = ROPE_THETA) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin), each (seq, sum(axes_dims)) float32, for position ids (seq, n_axes); FLUX's interleaved layout."""
+    pos = ids.to(torch.float64 if ids.device.type != "mps" else torch.float32)
+    cos_parts, sin_parts = [], []
+    for axis, dim in enumerate(axes_dims):
+        freqs = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=pos.dtype, device=ids.device) / dim))
+        angles = torch.outer(pos[:, axis], freqs)
+        cos_parts.append(angles.cos().repeat_interleave(2, dim=1).float())
+        sin_parts.append(angles.sin().repeat_interleave(2, dim=1).float())
+    return torch.cat(cos_parts, dim=-1), torch.cat(sin_parts, dim=-1)
+
+
+def apply_rope(x: torch.Tensor, freqs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Rotate (batch, seq, heads, head_dim) pairs (2i, 2i+1) by the angles in ``freqs`` (seq, head_dim)."""
+    cos, sin = (f[None, :, None, :].to(x.device) for f in freqs)
+    real, imag = x.reshape(*x.shape[:-1], -1, 2).unbind(-1)
+    rotated = torch.stack([-imag, real], dim=-1).flatten(3)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+class FluxPosEmbed(nn.Module):
+    """Rotary embeddings from position ids; no parameters (``pos_embed`` in the checkpoint has none)."""
+
+    def __init__(self, axes_dims: tuple[int, ...], theta: int = ROPE_THETA):
+        super().__init__()
+        self.axes_dims = tuple(axes_dims)
+        self.theta = theta
+
+    def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return rope(ids, self.axes_dims, self.theta)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# conditioning: timestep / guidance / pooled text
+
+
+def timestep_embedding(t: torch.Tensor, channels: int = TIME_CHANNELS, max_period: int = 10000) -> torch.Tensor:
+    """Sinusoidal embedding (cos first, then sin) of a 1-D tensor of (fractional) timesteps."""
+    half = channels // 2
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
+    angles = t[:, None].float() * torch.exp(exponent)[None, :]
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+
+
+class MLPEmbedder(nn.Module):
+    """Linear → SiLU → Linear (``linear_1`` / ``linear_2`` in the checkpoint)."""
+
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class TimeTextEmbed(nn.Module):
+    """The conditioning vector: timestep (+ guidance) embedding plus the projected pooled text embedding."""
+
+    def __init__(self, dim: int, pooled_dim: int, guidance: bool):
+        super().__init__()
+        self.timestep_embedder = MLPEmbedder(TIME_CHANNELS, dim)
+        self.guidance_embedder = MLPEmbedder(TIME_CHANNELS, dim) if guidance else None
+        self.text_embedder = MLPEmbedder(pooled_dim, dim)
+
+    def forward(self, timestep: torch.Tensor, guidance: torch.Tensor | None, pooled: torch.Tensor) -> torch.Tensor:
+        emb = self.timestep_embedder(timestep_embedding(timestep).to(pooled.dtype))
+        if self.guidance_embedder is not None:
+            emb = emb + self.guidance_embedder(timestep_embedding(guidance).to(pooled.dtype))
+        return emb + self.text_embedder(pooled)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# AdaLN-Zero modulation
+
+
+def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class AdaNormZero(nn.Module):
+    """LayerNorm modulated by ``chunks`` vectors projected from the conditioning (``linear`` in the checkpoint)."""
+
+    def __init__(self, dim: int, chunks: int):
+        super().__init__()
+        self.linear = nn.Linear(dim, chunks * dim)
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.chunks = chunks
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(modulated x, gate, further chunks...) with the chunk order shift, scale, gate, [shift, scale, gate]."""
+        mods = self.linear(F.silu(temb)).chunk(self.chunks, dim=1)
+        return (_modulate(self.norm(x), mods[0], mods[1]), *mods[2:])
+
+
+class AdaNormOut(nn.Module):
+    """Final norm: the projection yields (scale, shift), in that order."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.linear = nn.Linear(dim, 2 * dim)
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.linear(F.silu(temb).to(x.dtype)).chunk(2, dim=1)
+        return _modulate(self.norm(x), shift, scale)
+
+
+class _GeluProj(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.proj(x), approximate="tanh")
+
+
+class FeedForward(nn.Module):
+    """GELU(tanh) MLP; ``net.0.proj`` and ``net.2`` as in the checkpoint (``net.1`` is a parameterless slot)."""
+
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        self.net = nn.ModuleList([_GeluProj(dim, dim * mult), nn.Identity(), nn.Linear(dim * mult, dim)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.net:
+            x = layer(x)
+        return x
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# blocks
+
+
+class FluxAttention(nn.Module):
+    """QK-RMSNorm attention; with ``context_dim`` it also projects the text stream (``add_*`` weights)."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, *, context: bool, out_proj: bool, eps: float = 1e-6):
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        inner = heads * head_dim
+        self.norm_q = nn.RMSNorm(head_dim, eps=eps)
+        self.norm_k = nn.RMSNorm(head_dim, eps=eps)
+        self.to_q = nn.Linear(dim, inner)
+        self.to_k = nn.Linear(dim, inner)
+        self.to_v = nn.Linear(dim, inner)
+        if out_proj:
+            self.to_out = nn.ModuleList([nn.Linear(inner, dim), nn.Identity()])
+        if context:
+            self.norm_added_q = nn.RMSNorm(head_dim, eps=eps)
+            self.norm_added_k = nn.RMSNorm(head_dim, eps=eps)
+            self.add_q_proj = nn.Linear(dim, inner)
+            self.add_k_proj = nn.Linear(dim, inner)
+            self.add_v_proj = nn.Linear(dim, inner)
+            self.to_add_out = nn.Linear(inner, dim)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(-1, (-1, self.head_dim))
+
+    def qkv(self, x: torch.Tensor, rot: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        q = apply_rope(self.norm_q(self._heads(self.to_q(x))), rot)
+        k = apply_rope(self.norm_k(self._heads(self.to_k(x))), rot)
+        return q, k, self._heads(self.to_v(x))
+
+    def added_qkv(self, c: torch.Tensor, rot: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        q = apply_rope(self.norm_added_q(self._heads(self.add_q_proj(c))), rot)
+        k = apply_rope(self.norm_added_k(self._heads(self.add_k_proj(c))), rot)
+        return q, k, self._heads(self.add_v_proj(c))
+
+
+def _joint_attention(img: tuple[torch.Tensor, ...], txt: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attend over [text, image]; returns (text output, image output), heads flattened."""
+    out = _attention(img[0], img[1], img[2], joint_q=txt[0], joint_k=txt[1], joint_v=txt[2], joint_strategy="front")
+    out = out.flatten(2, 3).to(img[0].dtype)
+    n_txt = txt[0].shape[1]
+    return out[:, :n_txt], out[:, n_txt:]
+
+
+class FluxTransformerBlock(nn.Module):
+    """Double-stream block: text and image have their own weights and meet in joint attention."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int):
+        super().__init__()
+        self.norm1 = AdaNormZero(dim, 6)
+        self.norm1_context = AdaNormZero(dim, 6)
+        self.attn = FluxAttention(dim, heads, head_dim, context=True, out_proj=True)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.ff = FeedForward(dim)
+        self.norm2_context = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.ff_context = FeedForward(dim)
+
+    def forward(self, img: torch.Tensor, txt: torch.Tensor, temb: torch.Tensor, img_rot: tuple[torch.Tensor, ...],
+                txt_rot: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        x, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(img, temb)
+        c, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(txt, temb)
+        txt_attn, img_attn = _joint_attention(self.attn.qkv(x, img_rot), self.attn.added_qkv(c, txt_rot))
+
+        img = img + gate_msa[:, None] * self.attn.to_out[0](img_attn.contiguous())
+        img = img + gate_mlp[:, None] * self.ff(_modulate(self.norm2(img), shift_mlp, scale_mlp))
+
+        txt = txt + c_gate_msa[:, None] * self.attn.to_add_out(txt_attn.contiguous())
+        txt = txt + c_gate_mlp[:, None] * self.ff_context(_modulate(self.norm2_context(txt), c_shift_mlp, c_scale_mlp))
+        if txt.dtype == torch.float16:
+            txt = txt.clip(-65504, 65504)
+        return img, txt
+
+
+class FluxSingleTransformerBlock(nn.Module):
+    """Single-stream block: text and image share weights; attention and MLP run in parallel."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        mlp_dim = int(dim * mlp_ratio)
+        self.norm = AdaNormZero(dim, 3)
+        self.proj_mlp = nn.Linear(dim, mlp_dim)
+        self.proj_out = nn.Linear(dim + mlp_dim, dim)
+        self.attn = FluxAttention(dim, heads, head_dim, context=False, out_proj=False)
+
+    def forward(self, img: torch.Tensor, txt: torch.Tensor, temb: torch.Tensor, img_rot: tuple[torch.Tensor, ...],
+                txt_rot: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        n_txt = txt.shape[1]
+        h = torch.cat([txt, img], dim=1)  # this rank's tokens: all text, then its image tokens
+        x, gate = self.norm(h, temb)
+        mlp = F.gelu(self.proj_mlp(x), approximate="tanh")
+        txt_attn, img_attn = _joint_attention(self.attn.qkv(x[:, n_txt:], img_rot),
+                                              self.attn.qkv(x[:, :n_txt], txt_rot))
+        h = h + gate[:, None] * self.proj_out(torch.cat([torch.cat([txt_attn, img_attn], dim=1), mlp], dim=2))
+        if h.dtype == torch.float16:
+            h = h.clip(-65504, 65504)
+        return h[:, n_txt:], h[:, :n_txt]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the model
+
+
+class FluxTransformer(nn.Module):
+    """FLUX.1 denoiser. ``forward`` takes packed latents (batch, image tokens, in_channels) like diffusers'."""
+
+    def __init__(self, config: FluxConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        dim, heads, head_dim = config.inner_dim, config.num_attention_heads, config.attention_head_dim
+        self.out_channels = config.out_channels or config.in_channels
+        self.pos_embed = FluxPosEmbed(config.axes_dims_rope)
+        self.time_text_embed = TimeTextEmbed(dim, config.pooled_projection_dim, config.guidance_embeds)
+        self.context_embedder = nn.Linear(config.joint_attention_dim, dim)
+        self.x_embedder = nn.Linear(config.in_channels, dim)
+        self.transformer_blocks = nn.ModuleList(
+            [FluxTransformerBlock(dim, heads, head_dim) for _ in range(config.num_layers)])
+        self.single_transformer_blocks = nn.ModuleList(
+            [FluxSingleTransformerBlock(dim, heads, head_dim) for _ in range(config.num_single_layers)])
+        self.norm_out = AdaNormOut(dim)
+        self.proj_out = nn.Linear(dim, config.patch_size ** 2 * self.out_channels)
+
+    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                pooled_projections: torch.Tensor, timestep: torch.Tensor, img_ids: torch.Tensor,
+                txt_ids: torch.Tensor, guidance: torch.Tensor | None = None) -> torch.Tensor:
+        """Predict the flow for ``hidden_states``; ``timestep``/``guidance`` are in [0, 1] (scaled by 1000 here)."""
+        if txt_ids.ndim == 3:
+            txt_ids = txt_ids[0]
+        if img_ids.ndim == 3:
+            img_ids = img_ids[0]
+        if self.config.guidance_embeds and guidance is None:
+            raise ValueError("guidance is required: this model was trained with guidance embeddings "
+                             "(config guidance_embeds=true)")
+        if not self.config.guidance_embeds and guidance is not None:
+            raise ValueError("guidance must be None: this model has no guidance embedding "
+                             "(config guidance_embeds=false)")
+        img = self.x_embedder(hidden_states)
+        timestep = timestep.to(img.dtype) * 1000
+        if guidance is not None:
+            guidance = guidance.to(img.dtype) * 1000
+        temb = self.time_text_embed(timestep, guidance, pooled_projections)
+        txt = self.context_embedder(encoder_hidden_states)
+        img_rot, txt_rot = self.pos_embed(img_ids), self.pos_embed(txt_ids)
+
+        for block in self.transformer_blocks:
+            img, txt = block(img, txt, temb, img_rot, txt_rot)
+        for block in self.single_transformer_blocks:
+            img, txt = block(img, txt, temb, img_rot, txt_rot)
+        return self.proj_out(self.norm_out(img, temb))
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype | str = torch.float32,
+                        device: str | torch.device = "cpu") -> FluxTransformer:
+        """Load a diffusers ``transformer/`` directory (or a model directory holding one), strictly.
+
+        Sharded checkpoints (``diffusion_pytorch_model.safetensors.index.json``) are supported. Missing or
+        unexpected keys and shape mismatches raise ``CheckpointError`` listing them.
+        """
+        path = Path(path)
+        if (path / MODEL_INDEX).is_file():
+            path = component_dir(path, "transformer")
+        if not path.is_dir():
+            raise CheckpointError(f"{path}: transformer directory not found")
+        config = FluxConfig.from_dict(read_config(path, allowed_classes=CLASS_NAMES), path / "config.json")
+        torch_dtype = _as_dtype(dtype)
+        with torch.device("meta"):
+            model = cls(config)
+        state = load_safetensors(path, DIFFUSERS_WEIGHTS, device=device, dtype=torch_dtype)
+        load_into(model, state, path)
+        logger.info("loaded FluxTransformer from %s (%d tensors, %s, %s)", path, len(state), torch_dtype, device)
+        return model.eval()
+
+
+def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    allowed = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+               "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in allowed:
+        raise ValueError(f"dtype={dtype!r} is not supported; allowed: {sorted(allowed)}")
+    return allowed[dtype]
