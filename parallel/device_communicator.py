@@ -1,0 +1,116 @@
+"""Tensor collectives of one rank group, on torch.distributed (gloo on CPU, nccl on CUDA).
+
+``DeviceCommunicatorBase`` is the seam where a platform communicator (custom all-reduce, pynccl,
+symmetric memory ...) can replace the plain ``torch.distributed`` calls: ``GroupCoordinator`` sends
+every tensor collective through one of these. All ``src`` / ``dst`` arguments are ranks *in the
+group*; they are mapped to global ranks here because gloo's point-to-point and rooted collectives
+address peers by global rank.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.distributed as dist
+from torch.distributed import ProcessGroup
+
+logger = logging.getLogger(__name__)
+
+# torch >= 2.10 renamed the single-tensor collectives; the old names still work but warn.
+all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+class DeviceCommunicatorBase:
+    """Tensor collectives over ``device_group`` (falls back to ``cpu_group`` when none is given).
+
+    Every method expects the same shape and dtype on all ranks of the group, like the
+    torch.distributed calls underneath.
+    """
+
+    def __init__(
+        self,
+        cpu_group: ProcessGroup,
+        device: torch.device | None = None,
+        device_group: ProcessGroup | None = None,
+        unique_name: str = "",
+    ) -> None:
+        self.cpu_group = cpu_group
+        self.device = device or torch.device("cpu")
+        self.device_group = device_group if device_group is not None else cpu_group
+        self.unique_name = unique_name
+        self.ranks: list[int] = dist.get_process_group_ranks(cpu_group)
+        self.rank = dist.get_rank()
+        self.rank_in_group = dist.get_rank(cpu_group)
+        self.world_size = dist.get_world_size(cpu_group)
+
+    def _group_for(self, tensor: torch.Tensor) -> ProcessGroup:
+        # A CPU tensor cannot go through nccl: use the gloo group for it.
+        return self.cpu_group if tensor.device.type == "cpu" else self.device_group
+
+    def all_reduce(self, input_: torch.Tensor) -> torch.Tensor:
+        """Sum over the group, out of place: ``input_`` is left untouched."""
+        out = input_.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out, group=self._group_for(out))
+        return out
+
+    def all_gather(self, input_: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        """Concatenate every rank's ``input_`` along ``dim``, in group-rank order."""
+        dim = dim % input_.dim() if input_.dim() else 0
+        stacked = torch.empty((self.world_size, *input_.shape), dtype=input_.dtype, device=input_.device)
+        all_gather_single(stacked, input_.contiguous(), group=self._group_for(input_))
+        if input_.dim() == 0:
+            return stacked
+        shape = list(input_.shape)
+        shape[dim] *= self.world_size
+        return stacked.movedim(0, dim).reshape(shape)
+
+    def reduce_scatter(self, input_: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        """Sum over the group, then keep chunk ``rank_in_group`` of ``dim`` (which the group size must divide)."""
+        dim = dim % input_.dim()
+        if input_.shape[dim] % self.world_size != 0:
+            raise ValueError(
+                f"reduce_scatter: size {input_.shape[dim]} of dim {dim} is not divisible by group size {self.world_size}"
+            )
+        moved = input_.movedim(dim, 0).contiguous()
+        out = torch.empty((moved.shape[0] // self.world_size, *moved.shape[1:]),
+                          dtype=input_.dtype, device=input_.device)
+        reduce_scatter_single(out, moved, group=self._group_for(input_))
+        return out.movedim(0, dim)
+
+    def gather(self, input_: torch.Tensor, dst: int = 0, dim: int = -1) -> torch.Tensor | None:
+        """Concatenate along ``dim`` on group rank ``dst``; other ranks get ``None``."""
+        dim = dim % input_.dim()
+        is_dst = self.rank_in_group == dst
+        gather_list = [torch.empty_like(input_, memory_format=torch.contiguous_format)
+                       for _ in range(self.world_size)] if is_dst else None
+        dist.gather(input_.contiguous(), gather_list, dst=self.ranks[dst], group=self._group_for(input_))
+        return torch.cat(gather_list, dim=dim) if is_dst else None
+
+    def broadcast(self, input_: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """In place: every rank's ``input_`` becomes group rank ``src``'s; returns it."""
+        dist.broadcast(input_, src=self.ranks[src], group=self._group_for(input_))
+        return input_
+
+    def all_to_all_single(self, output: torch.Tensor, input_: torch.Tensor) -> torch.Tensor:
+        """Chunk ``i`` of ``input_`` (dim 0) goes to group rank ``i``; chunk ``j`` of ``output`` comes from ``j``."""
+        dist.all_to_all_single(output, input_, group=self._group_for(input_))
+        return output
+
+    def send(self, tensor: torch.Tensor, dst: int | None = None) -> None:
+        """Blocking send to group rank ``dst`` (default: the next rank)."""
+        if dst is None:
+            dst = (self.rank_in_group + 1) % self.world_size
+        dist.send(tensor.contiguous(), dst=self.ranks[dst], group=self._group_for(tensor))
+
+    def recv(self, size: torch.Size, dtype: torch.dtype, src: int | None = None) -> torch.Tensor:
+        """Blocking receive from group rank ``src`` (default: the previous rank)."""
+        if src is None:
+            src = (self.rank_in_group - 1) % self.world_size
+        tensor = torch.empty(size, dtype=dtype, device=self.device)
+        dist.recv(tensor, src=self.ranks[src], group=self._group_for(tensor))
+        return tensor
+
+    def destroy(self) -> None:
+        """Release communicator resources (the base class holds none beyond the groups)."""

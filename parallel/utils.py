@@ -1,0 +1,69 @@
+"""Small arithmetic helpers for splitting work across ranks.
+
+``divide`` / ``ensure_divisibility`` guard integer splits, ``split_tensor_along_last_dim``
+cuts a tensor into equal chunks, and ``get_pp_indices`` assigns transformer layers to
+pipeline stages.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def ensure_divisibility(numerator: int, denominator: int) -> None:
+    """Raise ``ValueError`` unless ``denominator`` divides ``numerator``."""
+    if denominator <= 0 or numerator % denominator != 0:
+        raise ValueError(f"{numerator} is not divisible by {denominator}")
+
+
+def divide(numerator: int, denominator: int) -> int:
+    """Exact integer division: ``numerator // denominator`` after checking divisibility."""
+    ensure_divisibility(numerator, denominator)
+    return numerator // denominator
+
+
+def split_tensor_along_last_dim(
+    tensor: torch.Tensor, num_partitions: int, contiguous_split_chunks: bool = False
+) -> Sequence[torch.Tensor]:
+    """Split ``tensor`` into ``num_partitions`` equal chunks along its last dimension.
+
+    The chunks are views unless ``contiguous_split_chunks`` is true.
+    """
+    last_dim_size = divide(tensor.shape[-1], num_partitions)
+    chunks = torch.split(tensor, last_dim_size, dim=-1)
+    if contiguous_split_chunks:
+        return tuple(chunk.contiguous() for chunk in chunks)
+    return chunks
+
+
+def get_pp_indices(num_layers: int, pp_rank: int, pp_size: int) -> tuple[int, int]:
+    """Return ``(start, end)``: the half-open range of layers that pipeline stage ``pp_rank`` owns.
+
+    Layers are split as evenly as possible. The ``r = num_layers % pp_size`` remaining layers go
+    one each to the partitions just before the last one, walking backwards: the last partition is
+    never given an extra layer (it usually also holds the final norm / output projection). When
+    ``pp_size > 2`` and ``0 < r <= pp_size - 2`` this means only middle partitions receive extras,
+    so the first partition (input embedding) and the last (output head) stay lightest.
+
+    Examples: 10 layers over 4 stages -> [2, 3, 3, 2]; 11 over 4 -> [3, 3, 3, 2]; 5 over 2 -> [3, 2].
+    """
+    if pp_size < 1:
+        raise ValueError(f"pipeline_parallel_size must be >= 1, got {pp_size}")
+    if not 0 <= pp_rank < pp_size:
+        raise ValueError(f"pp_rank must be in [0, {pp_size}), got {pp_rank}")
+    if num_layers < pp_size:
+        raise ValueError(
+            f"num_layers {num_layers} is smaller than pipeline_parallel_size {pp_size}: "
+            "every pipeline stage needs at least one layer"
+        )
+    partitions = [num_layers // pp_size] * pp_size
+    remaining = num_layers % pp_size
+    for i in range(2, remaining + 2):
+        partitions[-i] += 1
+    start = sum(partitions[:pp_rank])
+    return start, start + partitions[pp_rank]
