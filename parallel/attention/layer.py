@@ -1,0 +1,54 @@
+"""``Attention``: the module models use — a backend × a strategy chosen from the live mesh."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from parallel.attention.backends import BACKEND_NAMES, AttentionBackendError
+from parallel.attention.sp_attention import SPMesh, current_mesh, sp_attention
+
+logger = logging.getLogger(__name__)
+
+
+class Attention(nn.Module):
+    """Scaled dot-product attention over (batch, seq, heads, head_dim) shards.
+
+    With no mesh initialized (or SP size 1) this is plain local attention; otherwise the
+    strategy (Ulysses, Ring, hybrid) follows the mesh's degrees. ``backend`` pins a backend
+    (``sdpa``, ``flash_cpu``, ``flash_attn``, ``math``); None picks the fastest that fits.
+    """
+
+    def __init__(self, backend: str | None = None, scale: float | None = None,
+                 convert_to_fp32: bool | None = None) -> None:
+        super().__init__()
+        if backend is not None and backend not in BACKEND_NAMES:
+            raise AttentionBackendError(f"Attention(backend={backend!r}) is unknown; allowed: {BACKEND_NAMES}")
+        self.backend = backend
+        self.scale = scale
+        self.convert_to_fp32 = convert_to_fp32
+
+    @property
+    def strategy(self) -> str:
+        mesh: SPMesh | None = current_mesh()
+        return "none" if mesh is None else mesh.strategy
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        joint_q: torch.Tensor | None = None,
+        joint_k: torch.Tensor | None = None,
+        joint_v: torch.Tensor | None = None,
+        joint_strategy: str = "none",
+        key_padding_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return sp_attention(q, k, v, joint_q=joint_q, joint_k=joint_k, joint_v=joint_v,
+                            joint_strategy=joint_strategy, key_padding_mask=key_padding_mask, scale=self.scale,
+                            backend=self.backend, convert_to_fp32=self.convert_to_fp32)
+
+    def extra_repr(self) -> str:
+        return f"backend={self.backend or 'auto'}"

@@ -1,0 +1,218 @@
+"""``sp_attention``: the functional entry point; picks none / Ulysses / Ring / hybrid from the mesh.
+
+Layouts are (batch, seq, heads, head_dim). q/k/v are this rank's sequence shard;
+``joint_*`` are replicated text tokens, identical on all ranks, placed before
+("front") or after ("rear") the image tokens in the output. Text keys are counted
+exactly once in every strategy; text queries attend to every image key too.
+
+Local lengths may differ between ranks. Every sharded call first all-gathers
+``(local_len, has_mask)`` over the SP group, so that every rank pads and masks the
+same way (one tiny collective per call).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.distributed as dist
+
+from parallel.attention.backends import attention_block, default_scale
+from parallel.attention.ring import ring_attention
+from parallel.attention.sp_context import get_sp_forward_context
+from parallel.attention.ulysses import ulysses_attention
+
+logger = logging.getLogger(__name__)
+
+JOINT_STRATEGIES = ("none", "front", "rear")
+
+
+class SPAttentionError(ValueError):
+    """Bad arguments to sp_attention (names the argument, the value, what is allowed)."""
+
+
+@dataclass(frozen=True)
+class SPMesh:
+    """The groups attention needs (GroupCoordinator-like objects) and the fp32 flag."""
+
+    sp: object
+    ulysses: object
+    ring: object
+    convert_to_fp32: bool = True
+
+    @property
+    def strategy(self) -> str:
+        u, r = self.ulysses.world_size, self.ring.world_size
+        if u > 1 and r > 1:
+            return "hybrid"
+        if u > 1:
+            return "ulysses"
+        if r > 1:
+            return "ring"
+        return "none"
+
+
+def current_mesh() -> SPMesh | None:
+    """The live SP mesh from ``parallel.state``, or None when there is none (or it has size 1)."""
+    try:
+        from parallel import state
+    except ImportError:  # the mesh module is optional for single-process use
+        return None
+    if not state.model_parallel_is_initialized():
+        return None
+    sp = state.get_sp_group()
+    if sp.world_size == 1:
+        return None
+    convert = True
+    getter = getattr(state, "get_sequence_parallel_config", None)
+    if getter is not None:
+        cfg = getter()
+        if cfg is not None:
+            convert = bool(getattr(cfg, "convert_to_fp32", True))
+    return SPMesh(sp=sp, ulysses=state.get_ulysses_group(), ring=state.get_ring_group(), convert_to_fp32=convert)
+
+
+def _check_args(q, k, v, joint_q, joint_k, joint_v, joint_strategy, key_padding_mask) -> None:
+    if joint_strategy not in JOINT_STRATEGIES:
+        raise SPAttentionError(f"joint_strategy={joint_strategy!r} is not allowed; use one of {JOINT_STRATEGIES}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise SPAttentionError(f"{name} must be (batch, seq, heads, head_dim); got shape {tuple(t.shape)}")
+    if k.shape != v.shape[:-1] + (k.shape[-1],) or k.shape[:3] != v.shape[:3] or q.shape[0] != k.shape[0]:
+        raise SPAttentionError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must share batch, seq and heads with "
+                               f"q {tuple(q.shape)}")
+    if q.shape[1] != k.shape[1] or q.shape[2] != k.shape[2]:
+        raise SPAttentionError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must have the same local_seq and heads "
+                               "(self-attention over sequence shards)")
+    joints = (joint_q, joint_k, joint_v)
+    if joint_strategy == "none":
+        if any(t is not None for t in joints):
+            raise SPAttentionError("joint_q/joint_k/joint_v were given with joint_strategy='none'; "
+                                   "use 'front' or 'rear'")
+    else:
+        if any(t is None for t in joints):
+            raise SPAttentionError(f"joint_strategy={joint_strategy!r} needs joint_q, joint_k and joint_v")
+        for name, t in zip(("joint_q", "joint_k", "joint_v"), joints, strict=True):
+            if t.dim() != 4 or t.shape[0] != q.shape[0] or t.shape[2] != q.shape[2] or t.shape[1] != joint_q.shape[1]:
+                raise SPAttentionError(f"{name} must be (batch={q.shape[0]}, text_seq, heads={q.shape[2]}, "
+                                       f"head_dim); got {tuple(t.shape)}")
+    if key_padding_mask is not None:
+        if key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != tuple(q.shape[:2]):
+            raise SPAttentionError(f"key_padding_mask must be bool (batch, local_seq)={tuple(q.shape[:2])}; got "
+                                   f"{key_padding_mask.dtype} {tuple(key_padding_mask.shape)}")
+
+
+def _context_mask(q: torch.Tensor) -> torch.Tensor | None:
+    ctx = get_sp_forward_context()
+    if ctx is None or ctx.key_padding_mask is None:
+        return None
+    m = ctx.key_padding_mask
+    if m.shape[-1] != q.shape[1]:
+        raise SPAttentionError(
+            f"the auto_pad key-padding mask covers {m.shape[-1]} local tokens but this attention call has "
+            f"local_seq={q.shape[1]}; pass key_padding_mask explicitly for sequences the plan did not pad")
+    m = m.to(q.device)
+    return m.expand(q.shape[0], -1) if m.dim() == 1 else m
+
+
+def _local_inner(q, k, v, key_mask, jq, jk, jv, *, scale, return_lse, backend):
+    """Attention over one rank's complete key set; joint text first in keys and queries."""
+    t = 0 if jq is None else jq.shape[1]
+    if t:
+        q = torch.cat([jq, q], dim=1)
+        k = torch.cat([jk, k], dim=1)
+        v = torch.cat([jv, v], dim=1)
+        if key_mask is not None:
+            key_mask = torch.cat([key_mask.new_ones(key_mask.shape[0], t), key_mask], dim=1)
+    if return_lse:
+        out, lse = attention_block(q, k, v, key_mask=key_mask, scale=scale, return_lse=True, backend=backend)
+    else:
+        out = attention_block(q, k, v, key_mask=key_mask, scale=scale, backend=backend)
+        lse = None
+    text_out = out[:, :t] if t else None
+    text_lse = lse[:, :t] if (t and lse is not None) else None
+    return text_out, out[:, t:], text_lse, (None if lse is None else lse[:, t:])
+
+
+def _ring_inner(q, k, v, key_mask, jq, jk, jv, *, ring_lens, group, scale, return_lse, convert_to_fp32, backend):
+    return ring_attention(q, k, v, key_mask=key_mask, lens=ring_lens, group=group, joint_q=jq, joint_k=jk,
+                          joint_v=jv, scale=scale, return_lse=return_lse, convert_to_fp32=convert_to_fp32,
+                          backend=backend)
+
+
+def _exchange_lengths(mesh: SPMesh, local_len: int, has_mask: bool, device: torch.device) -> tuple[list[int], bool]:
+    meta = torch.tensor([local_len, int(has_mask)], dtype=torch.int64)
+    parts = [torch.empty_like(meta) for _ in range(mesh.sp.world_size)]
+    dist.all_gather(parts, meta, group=mesh.sp.cpu_group)
+    lens = [int(p[0]) for p in parts]
+    return lens, any(int(p[1]) for p in parts)
+
+
+def sp_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    joint_q: torch.Tensor | None = None,
+    joint_k: torch.Tensor | None = None,
+    joint_v: torch.Tensor | None = None,
+    joint_strategy: str = "none",
+    key_padding_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    return_lse: bool = False,
+    backend: str | None = None,
+    mesh: SPMesh | None = None,
+    convert_to_fp32: bool | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Sequence-parallel attention; see the module docstring for layouts.
+
+    ``return_lse=True`` also returns the log-sum-exp (batch, out_seq, heads) in float32
+    (float64 for float64 inputs), in the same token order as ``out``. ``mesh`` overrides
+    the live mesh (tests, benchmarks); ``convert_to_fp32`` overrides the config's flag.
+    """
+    _check_args(q, k, v, joint_q, joint_k, joint_v, joint_strategy, key_padding_mask)
+    if key_padding_mask is None:
+        key_padding_mask = _context_mask(q)
+    if scale is None:
+        scale = default_scale(q.shape[-1])
+    if joint_strategy == "none":
+        joint_q = joint_k = joint_v = None
+    if mesh is None:
+        mesh = current_mesh()
+    strategy = "none" if mesh is None else mesh.strategy
+    fp32 = convert_to_fp32 if convert_to_fp32 is not None else (True if mesh is None else mesh.convert_to_fp32)
+
+    if strategy == "none":
+        text_out, out, text_lse, lse = _local_inner(q, k, v, key_padding_mask, joint_q, joint_k, joint_v,
+                                                    scale=scale, return_lse=return_lse, backend=backend)
+    else:
+        lens, any_mask = _exchange_lengths(mesh, q.shape[1], key_padding_mask is not None, q.device)
+        needs_mask = any_mask or len(set(lens)) > 1
+        if needs_mask and key_padding_mask is None:
+            key_padding_mask = torch.ones(q.shape[:2], dtype=torch.bool, device=q.device)
+        if not needs_mask:
+            key_padding_mask = None
+        u, r = mesh.ulysses.world_size, mesh.ring.world_size
+        ring_rank = mesh.ring.rank_in_group
+        if r > 1:
+            ring_lens = [(u * max(lens[i * u:(i + 1) * u])) if u > 1 else lens[i] for i in range(r)]
+            inner = partial(_ring_inner, ring_lens=ring_lens, group=mesh.ring, scale=scale, return_lse=return_lse,
+                            convert_to_fp32=fp32, backend=backend)
+        else:
+            inner = partial(_local_inner, scale=scale, return_lse=return_lse, backend=backend)
+        if u > 1:
+            text_out, out, text_lse, lse = ulysses_attention(
+                q, k, v, key_mask=key_padding_mask, lens=lens[ring_rank * u:(ring_rank + 1) * u], group=mesh.ulysses,
+                inner=inner, joint_q=joint_q, joint_k=joint_k, joint_v=joint_v, return_lse=return_lse)
+        else:
+            text_out, out, text_lse, lse = inner(q, k, v, key_padding_mask, joint_q, joint_k, joint_v)
+
+    if text_out is not None:
+        parts = [text_out, out] if joint_strategy == "front" else [out, text_out]
+        out = torch.cat(parts, dim=1)
+        if return_lse:
+            lparts = [text_lse, lse] if joint_strategy == "front" else [lse, text_lse]
+            lse = torch.cat(lparts, dim=1)
+    return (out, lse) if return_lse else out

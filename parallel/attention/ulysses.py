@@ -1,0 +1,98 @@
+"""Ulysses attention: all-to-all turns sequence shards into head shards and back.
+
+Before attention every rank of the Ulysses group holds ``local_seq`` tokens of all
+heads; after one all-to-all (q, k, v packed in one message) it holds the group's
+whole sequence for ``ceil(heads / ulysses)`` heads. Head counts the degree does not
+divide are padded with zero heads that are dropped afterwards; uneven local lengths
+are padded to the group maximum inside the collective, masked as keys, and cut
+again on the way back, so no pad reaches the caller. Replicated text tokens need no
+communication on the way in (each rank slices its heads); their output is
+all-gathered over heads on the way out. Attention on the gathered sequence is done
+by ``inner`` — plain local attention, or Ring attention for the hybrid.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+
+from parallel.attention.comm_ops import all_gather_dim0, all_to_all_dim0
+
+logger = logging.getLogger(__name__)
+
+# inner(q, k, v, key_mask, joint_q, joint_k, joint_v) -> (text_out, image_out, text_lse, image_lse)
+InnerAttention = Callable[..., tuple]
+
+
+def _pad_dim(x: torch.Tensor, dim: int, length: int, value: float | bool = 0) -> torch.Tensor:
+    if x.shape[dim] == length:
+        return x
+    shape = list(x.shape)
+    shape[dim] = length - x.shape[dim]
+    return torch.cat([x, x.new_full(shape, value)], dim=dim)
+
+
+def ulysses_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    key_mask: torch.Tensor | None,
+    lens: list[int],
+    group,
+    inner: InnerAttention,
+    joint_q: torch.Tensor | None = None,
+    joint_k: torch.Tensor | None = None,
+    joint_v: torch.Tensor | None = None,
+    return_lse: bool = False,
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Ulysses over ``group`` (GroupCoordinator-like: ``device_group``, ``world_size``, ``rank_in_group``).
+
+    ``lens``: local sequence length of each group member, by rank in group. ``key_mask`` must
+    be given on every rank or on none. Returns ``(text_out, image_out, text_lse, image_lse)``
+    in the caller's layout (batch, seq, heads[, head_dim]).
+    """
+    world, me = group.world_size, group.rank_in_group
+    pg = group.device_group
+    b, s_local, heads, d = q.shape
+    s_max = max(lens)
+    hc = -(-heads // world)
+    hp = hc * world
+
+    # (3, b, s, H, D) -> pad -> (U, b, s_max, 3, hc, D): chunk j goes to rank j
+    qkv = torch.stack([q, k, v])
+    qkv = _pad_dim(_pad_dim(qkv, 2, s_max), 3, hp)
+    qkv = qkv.view(3, b, s_max, world, hc, d).permute(3, 1, 2, 0, 4, 5)
+    got = all_to_all_dim0(qkv, pg, world)  # (U_src, b, s_max, 3, hc, D)
+    got = got.permute(3, 1, 0, 2, 4, 5).reshape(3, b, world * s_max, hc, d)
+    fq, fk, fv = got[0], got[1], got[2]
+
+    full_mask = None
+    if key_mask is not None:
+        m = _pad_dim(key_mask, 1, s_max, False).to(torch.uint8)
+        full_mask = all_gather_dim0(m, pg, world).permute(1, 0, 2).reshape(b, world * s_max).bool()
+
+    jq = jk = jv = None
+    if joint_q is not None:
+        sl = slice(me * hc, (me + 1) * hc)
+        jq, jk, jv = (_pad_dim(t, 2, hp)[:, :, sl] for t in (joint_q, joint_k, joint_v))
+
+    text_out, image_out, text_lse, image_lse = inner(fq, fk, fv, full_mask, jq, jk, jv)
+
+    # (b, U*s_max, hc, D) -> (U_dst, b, s_max, hc, D) -> all-to-all -> (b, s_max, U*hc, D)
+    back = all_to_all_dim0(image_out.reshape(b, world, s_max, hc, d).permute(1, 0, 2, 3, 4), pg, world)
+    out = back.permute(1, 2, 0, 3, 4).reshape(b, s_max, hp, d)[:, :s_local, :heads]
+    lse_out = None
+    if return_lse:
+        bl = all_to_all_dim0(image_lse.reshape(b, world, s_max, hc).permute(1, 0, 2, 3), pg, world)
+        lse_out = bl.permute(1, 2, 0, 3).reshape(b, s_max, hp)[:, :s_local, :heads]
+
+    t_out = t_lse = None
+    if text_out is not None:
+        t = text_out.shape[1]
+        t_out = all_gather_dim0(text_out, pg, world).permute(1, 2, 0, 3, 4).reshape(b, t, hp, d)[:, :, :heads]
+        if return_lse:
+            t_lse = all_gather_dim0(text_lse, pg, world).permute(1, 2, 0, 3).reshape(b, t, hp)[:, :, :heads]
+    return t_out, out, t_lse, lse_out
