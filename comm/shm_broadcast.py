@@ -1,0 +1,830 @@
+"""One writer, N readers: broadcast objects through a shared-memory ring (local readers) and ZMQ (remote).
+
+This is the broadcaster behind ``GroupCoordinator(use_message_queue_broadcaster=True)``: a stage's
+driver rank enqueues each batch once and every other rank dequeues it, in order.
+
+Pieces
+------
+- :class:`ShmRingBuffer`: ``max_chunks`` chunks of ``max_chunk_bytes`` in one ``/dev/shm`` segment,
+  plus one metadata row per chunk ``[written, read_0, ..., read_{n-1}]`` and one "asleep" byte per
+  reader.
+- :class:`MessageQueue`: the protocol on top. Local readers (same node) read chunks from the ring;
+  remote readers (other nodes) receive the same messages over a ZMQ XPUB/SUB socket on
+  ``tcp://connect_ip``. A payload that does not fit a chunk is sent over a local ZMQ socket and the
+  chunk only carries an "overflow" marker, so large objects never fail.
+- :class:`Handle`: a msgspec Struct with everything a reader needs to attach
+  (:meth:`MessageQueue.export_handle` / :meth:`MessageQueue.create_from_handle`).
+
+Payloads are encoded by :mod:`comm.serde` (no pickle): tensors and arrays travel as raw frames.
+``dequeue`` returns objects that own their memory (copied out of the ring), so the writer can reuse the
+chunk at once.
+
+Chunk protocol and memory ordering
+----------------------------------
+Writer, for chunk ``i`` (round robin)::
+
+    wait until written[i] == 0 or all read[i][*] == 1      # free: never used, or every reader is done
+    written[i] = 0
+    write the payload (or the overflow marker) into chunk i
+    read[i][*] = 0
+    written[i] = 1                                         # publish
+    fence; if any reader is asleep: send a wake-up ping
+
+Reader ``r``, for its next chunk ``i``::
+
+    wait until written[i] == 1 and read[i][r] == 0
+    copy the payload out of chunk i
+    read[i][r] = 1                                         # release the chunk for this reader
+
+Each flag is a single byte written by one store (``memoryview`` item assignment, a plain C store). The
+data is always stored before the flag that publishes it, and read after the flag that announced it.
+On x86 (TSO) stores become visible in program order and loads are not reordered with loads, so this is
+sufficient; every step is a separate C call from the interpreter, so the C compiler cannot reorder them
+either. On weakly ordered CPUs (ARM, POWER) a hardware barrier would be needed between data and flag;
+we do not run there.
+
+Waiting without burning CPU
+---------------------------
+A reader spins for at most :attr:`MessageQueue.spin_seconds` (1 ms) calling ``os.sched_yield()``
+between checks, so spinning ranks on a 2-core machine give the CPU back to the writer. Then it sets its
+"asleep" byte, issues a fence, re-checks the ring and blocks in ``zmq.Poller.poll`` on the writer's
+wake-up socket. The writer publishes the chunk, issues a fence and pings only if some reader is asleep.
+With a full fence on both sides (a locked instruction on x86, see :func:`_fence`) either the reader's
+re-check sees the new chunk or the writer sees the asleep byte and pings: no wake-up is lost. Readers
+drain pending pings *before* re-checking the ring, so a ping consumed always belongs to a chunk the
+re-check can see. An idle reader sleeps in ``poll`` (it wakes once a second to re-check; nothing more).
+
+A writer that finds the ring full spins for 1 ms, then sleeps with exponential backoff (50 µs up to
+1 ms; 20 ms after the first second). ``enqueue(timeout=...)`` raises :class:`MessageQueueTimeout`
+naming the reader ranks that have not consumed the chunk (a dead reader never does); with
+``timeout=None`` it waits forever but logs a warning every 60 s.
+
+Shutdown
+--------
+:meth:`MessageQueue.shutdown` may be called from any thread: a blocked ``dequeue`` (or ``enqueue``)
+raises :class:`MessageQueueCancelled` at once (an inproc PAIR socket in the reader's poller plus a
+``threading.Event`` for the writer's sleeps).
+
+Shared-memory lifetime
+----------------------
+The writer creates the segment (mode 0600) under the runtime-instance prefix of
+:func:`comm.shm_tensor.instance_prefix`, named like the handoff segments
+(``omni_<instance>_<pid>_<n>_<nonce>``) so the launcher's :func:`comm.shm_tensor.sweep` also removes
+it when the writer is SIGKILLed. Readers attach before they subscribe, so once
+:meth:`MessageQueue.wait_until_ready` has seen every subscription the writer unlinks the name at
+once: from then on no crash of any process can leave a ``/dev/shm`` entry behind, and the memory is
+freed when the last process unmaps it. ``close()`` (and a finalizer) unlink it if that never happened.
+We do not use :mod:`multiprocessing.shared_memory`: on Python < 3.13 its resource tracker registers the
+segment in every *reader* and unlinks it (with a "leaked" warning) when that reader exits.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import multiprocessing.util
+import os
+import re
+import secrets
+import socket
+import struct
+import threading
+import time
+from collections.abc import Sequence
+from itertools import count
+from typing import Any
+
+import msgspec
+import zmq
+
+from comm import serde
+from comm.shm_tensor import instance_prefix
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "Handle",
+    "MessageQueue",
+    "MessageQueueCancelled",
+    "MessageQueueTimeout",
+    "ShmRingBuffer",
+]
+
+SHM_DIR = "/dev/shm"
+DEFAULT_MAX_CHUNK_BYTES = 1 << 20
+DEFAULT_MAX_CHUNKS = 16
+
+_KIND_INLINE = 1
+_KIND_OVERFLOW = 2
+_ALIGN = 64
+_CHUNK_HEADER = struct.Struct("<BxxxI")  # kind, pad, number of frames; then u64 length per frame
+_READY = b"READY"
+_NAME_RE = re.compile(r"^omni_[A-Za-z0-9.-]{1,64}_\d{1,10}_\d{1,20}_[0-9a-f]{8}$")
+_counter = count(1)
+
+
+class MessageQueueTimeout(TimeoutError):
+    """``enqueue``/``dequeue``/``wait_until_ready`` did not complete within its timeout."""
+
+
+class MessageQueueCancelled(RuntimeError):
+    """The queue was shut down (``MessageQueue.shutdown``) while an operation was waiting."""
+
+
+class Handle(msgspec.Struct, frozen=True):
+    """Everything a reader needs to attach to a :class:`MessageQueue` (msgspec-serializable)."""
+
+    n_reader: int
+    local_reader_ranks: tuple[int, ...]
+    buffer_name: str | None
+    max_chunk_bytes: int
+    max_chunks: int
+    local_wake_addr: str | None
+    local_overflow_addr: str | None
+    remote_addr: str | None
+
+
+_FENCE_LOCK = threading.Lock()
+
+
+def _fence() -> None:
+    """Full memory barrier between a store and a later load (Dekker-style handshake).
+
+    Acquiring and releasing an uncontended lock executes locked read-modify-write instructions
+    (``sem_trywait``/``sem_post`` in CPython's lock), which are full barriers on x86.
+    """
+    with _FENCE_LOCK:
+        pass
+
+
+def _align(n: int) -> int:
+    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+# ----------------------------------------------------------------------------- ring buffer
+
+
+class ShmRingBuffer:
+    """``max_chunks`` chunks of ``max_chunk_bytes`` plus per-chunk flags, in one ``/dev/shm`` segment.
+
+    Layout (byte offsets)::
+
+        [0, D)              data: chunk i at i * max_chunk_bytes        (D = max_chunks * max_chunk_bytes)
+        [D, D + M)          metadata: row i at D + i * (1 + n_reader): written, read_0 .. read_{n-1}
+        [D + M, D + M + n)  one "asleep" byte per reader               (M = max_chunks * (1 + n_reader))
+
+    ``name=None`` creates a new segment owned (and unlinked) by this object; a name attaches to an
+    existing one, which is never unlinked by the attaching side.
+    """
+
+    def __init__(self, n_reader: int, max_chunk_bytes: int, max_chunks: int, name: str | None = None) -> None:
+        if n_reader < 1:
+            raise ValueError(f"n_reader={n_reader} is not allowed: a ring needs at least 1 reader")
+        if max_chunk_bytes < _ALIGN or max_chunk_bytes % _ALIGN:
+            raise ValueError(
+                f"max_chunk_bytes={max_chunk_bytes} is not allowed: use a multiple of {_ALIGN}, at least {_ALIGN}"
+            )
+        if max_chunks < 1:
+            raise ValueError(f"max_chunks={max_chunks} is not allowed: use at least 1")
+        self.n_reader = n_reader
+        self.max_chunk_bytes = max_chunk_bytes
+        self.max_chunks = max_chunks
+        self.data_bytes = max_chunk_bytes * max_chunks
+        self.row_bytes = 1 + n_reader
+        self.meta_bytes = self.row_bytes * max_chunks
+        self.total_bytes = self.data_bytes + self.meta_bytes + n_reader
+        self.is_owner = name is None
+        self._unlinked = not self.is_owner
+        if name is None:
+            name, fd = self._create()
+        else:
+            if not _NAME_RE.match(name):
+                raise ValueError(f"buffer_name={name!r} is not a ring-buffer segment name of ours")
+            fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR | os.O_NOFOLLOW)
+        self.name = name
+        try:
+            if not self.is_owner:
+                size = os.fstat(fd).st_size
+                if size != self.total_bytes:
+                    raise ValueError(
+                        f"shm segment {name!r} has {size} bytes; the handle describes {self.total_bytes}"
+                    )
+            self._mmap = mmap.mmap(fd, self.total_bytes, flags=mmap.MAP_SHARED,
+                                   prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            if self.is_owner:
+                self.unlink()
+            raise
+        finally:
+            os.close(fd)
+        self._buf = memoryview(self._mmap)
+        self.data = self._buf[: self.data_bytes]
+        self.meta = self._buf[self.data_bytes : self.data_bytes + self.meta_bytes]
+        self.asleep = self._buf[self.data_bytes + self.meta_bytes :]
+        self._finalizer = None
+        if self.is_owner:
+            # Runs on garbage collection and at interpreter / multiprocessing-child exit.
+            self._finalizer = multiprocessing.util.Finalize(
+                self, _unlink_quietly, args=(name,), exitpriority=0
+            )
+
+    def _create(self) -> tuple[str, int]:
+        prefix = instance_prefix()
+        while True:
+            name = f"{prefix}{os.getpid()}_{next(_counter)}_{secrets.token_hex(4)}"
+            try:
+                fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            except FileExistsError:
+                continue
+            break
+        try:
+            os.fchmod(fd, 0o600)
+            os.ftruncate(fd, self.total_bytes)  # zero-filled: every flag starts at 0
+        except BaseException:
+            os.close(fd)
+            _unlink_quietly(name)
+            raise
+        return name, fd
+
+    def chunk(self, i: int) -> memoryview:
+        """Chunk ``i`` of the data area."""
+        start = i * self.max_chunk_bytes
+        return self.data[start : start + self.max_chunk_bytes]
+
+    def row(self, i: int) -> int:
+        """Offset of chunk ``i``'s metadata row in :attr:`meta` (written flag; read flags follow)."""
+        return i * self.row_bytes
+
+    def unlink(self) -> None:
+        """Remove the segment's name (owner only; idempotent). Existing mappings stay valid."""
+        if self.is_owner and not self._unlinked:
+            self._unlinked = True
+            _unlink_quietly(self.name)
+            if self._finalizer is not None:
+                self._finalizer.cancel()
+
+    def close(self) -> None:
+        """Unmap (and, for the owner, unlink). Idempotent."""
+        self.unlink()
+        if self._mmap.closed:
+            return
+        for mv in (self.data, self.meta, self.asleep, self._buf):
+            mv.release()
+        self._mmap.close()
+
+
+def _unlink_quietly(name: str) -> None:
+    try:
+        os.unlink(os.path.join(SHM_DIR, name))
+    except FileNotFoundError:
+        pass
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _default_connect_ip() -> str:
+    """This node's address for remote readers: env ``OMNI_HOST_IP``, else the outbound interface."""
+    ip = os.environ.get("OMNI_HOST_IP")
+    if ip:
+        return ip
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("10.254.254.254", 1))  # UDP connect sends nothing; it only picks a route
+            return s.getsockname()[0]
+    except OSError:
+        return "127.0.0.1"
+
+
+def _frame_len(f: Any) -> int:
+    return f.nbytes if isinstance(f, memoryview) else len(f)
+
+
+def _inline_size(lengths: Sequence[int]) -> int:
+    """Bytes a chunk needs to hold these frames inline (header + 64-byte aligned frames)."""
+    pos = _align(_CHUNK_HEADER.size + 8 * len(lengths))
+    for n in lengths:
+        pos = _align(pos + n)
+    return pos
+
+
+def _deadline(timeout: float | None) -> float | None:
+    return None if timeout is None else time.monotonic() + timeout
+
+
+# ----------------------------------------------------------------------------- message queue
+
+
+class MessageQueue:
+    """Broadcast msgspec/serde-encodable objects from one writer to ``n_reader`` readers, in order.
+
+    The writer constructs it, ships :meth:`export_handle` to the readers (by any msgspec route), every
+    reader calls :meth:`create_from_handle`, then *all* call :meth:`wait_until_ready`.
+
+    - ``n_reader``: number of readers; ``n_local_reader`` of them share this node (ring buffer), the
+      rest are remote (ZMQ over ``tcp://connect_ip``).
+    - ``local_reader_ranks``: the ranks the local readers will pass to :meth:`create_from_handle`
+      (default ``range(n_local_reader)``); any other rank attaches as a remote reader.
+    - ``max_chunk_bytes`` / ``max_chunks``: ring geometry; larger payloads go through ZMQ.
+    - ``connect_ip``: address remote readers connect to (default env ``OMNI_HOST_IP`` or this
+      node's outbound interface); only used when there are remote readers.
+    """
+
+    spin_seconds: float = 1e-3
+    """How long a waiting reader or writer spins (with ``sched_yield``) before it blocks."""
+    warn_interval: float = 60.0
+    """With ``timeout=None``, a warning is logged this often while still waiting."""
+    close_linger_ms: int = 5000
+    """How long ``close()`` lets queued ZMQ data (overflow / remote) drain to live readers."""
+
+    def __init__(
+        self,
+        n_reader: int,
+        n_local_reader: int,
+        local_reader_ranks: Sequence[int] | None = None,
+        max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
+        max_chunks: int = DEFAULT_MAX_CHUNKS,
+        connect_ip: str | None = None,
+    ) -> None:
+        if not isinstance(n_reader, int) or n_reader < 0:
+            raise ValueError(f"n_reader={n_reader!r} is not allowed: use an int >= 0")
+        if not isinstance(n_local_reader, int) or not 0 <= n_local_reader <= n_reader:
+            raise ValueError(f"n_local_reader={n_local_reader!r} is not allowed: use an int in [0, n_reader={n_reader}]")
+        ranks = tuple(range(n_local_reader)) if local_reader_ranks is None else tuple(int(r) for r in local_reader_ranks)
+        if len(ranks) != n_local_reader or len(set(ranks)) != len(ranks):
+            raise ValueError(
+                f"local_reader_ranks={list(ranks)} is not allowed: need {n_local_reader} distinct ranks "
+                f"(n_local_reader={n_local_reader})"
+            )
+        self._common_init()
+        self._is_writer = True
+        self.n_reader = n_reader
+        self.n_local_reader = n_local_reader
+        self.n_remote_reader = n_reader - n_local_reader
+        self.local_reader_ranks = ranks
+        self.max_chunk_bytes = max_chunk_bytes
+        self.max_chunks = max_chunks
+        self._unique = f"{os.getpid()}-{secrets.token_hex(6)}"
+        try:
+            wake_addr = overflow_addr = remote_addr = None
+            if n_local_reader > 0:
+                self._ring = ShmRingBuffer(n_local_reader, max_chunk_bytes, max_chunks)
+                self._zero_reads = bytes(n_local_reader)
+                self._all_read = b"\x01" * n_local_reader
+                self._no_sleepers = bytes(n_local_reader)
+                # Wake-up pings: losing one when a queue is full is harmless (the reader then has
+                # pending pings and will wake anyway), so the high-water mark is small.
+                self._wake = self._socket(zmq.XPUB, sndhwm=64, linger=0)
+                wake_addr = f"ipc://@omni-mq-{self._unique}-wake"
+                self._wake.bind(wake_addr)
+                # Overflow payloads: never dropped (their number is bounded by max_chunks anyway).
+                self._overflow = self._socket(zmq.XPUB, sndhwm=0, linger=self.close_linger_ms)
+                overflow_addr = f"ipc://@omni-mq-{self._unique}-data"
+                self._overflow.bind(overflow_addr)
+            if self.n_remote_reader > 0:
+                ip = connect_ip or _default_connect_ip()
+                self._remote = self._socket(zmq.XPUB, sndhwm=0, linger=self.close_linger_ms)
+                host = f"[{ip}]" if ":" in ip else ip
+                if ":" in ip:
+                    self._remote.setsockopt(zmq.IPV6, 1)
+                port = self._remote.bind_to_random_port(f"tcp://{host}")
+                remote_addr = f"tcp://{host}:{port}"
+        except BaseException:
+            self.close()
+            raise
+        self._handle = Handle(
+            n_reader=n_reader,
+            local_reader_ranks=ranks,
+            buffer_name=None if self._ring is None else self._ring.name,
+            max_chunk_bytes=max_chunk_bytes,
+            max_chunks=max_chunks,
+            local_wake_addr=wake_addr,
+            local_overflow_addr=overflow_addr,
+            remote_addr=remote_addr,
+        )
+
+    def _common_init(self) -> None:
+        self._ctx = zmq.Context(io_threads=1)
+        self._sockets: list[zmq.Socket] = []
+        self._ring: ShmRingBuffer | None = None
+        self._wake: zmq.Socket | None = None
+        self._overflow: zmq.Socket | None = None
+        self._remote: zmq.Socket | None = None
+        self._handle: Handle | None = None
+        self._closed = False
+        self._ready = False
+        self._idx = 0
+        self.num_blocks = 0  # times a reader (or the writer) stopped spinning and blocked; for tests/metrics
+        self._cancel = threading.Event()
+        self._cancel_lock = threading.Lock()
+        addr = f"inproc://omni-mq-cancel-{id(self)}-{secrets.token_hex(4)}"
+        self._cancel_rx = self._ctx.socket(zmq.PAIR)
+        self._cancel_rx.bind(addr)
+        self._cancel_tx = self._ctx.socket(zmq.PAIR)
+        self._cancel_tx.connect(addr)
+
+    def _socket(self, kind: int, *, sndhwm: int | None = None, rcvhwm: int | None = None, linger: int = 0) -> zmq.Socket:
+        s = self._ctx.socket(kind)
+        if sndhwm is not None:
+            s.setsockopt(zmq.SNDHWM, sndhwm)
+        if rcvhwm is not None:
+            s.setsockopt(zmq.RCVHWM, rcvhwm)
+        s.setsockopt(zmq.LINGER, linger)
+        if kind == zmq.XPUB:
+            s.setsockopt(zmq.XPUB_VERBOSE, 1)  # pass every reader's subscription, not just the first
+        self._sockets.append(s)
+        return s
+
+    # ------------------------------------------------------------------ construction (reader side)
+
+    def export_handle(self) -> Handle:
+        """The :class:`Handle` readers attach with (writer only)."""
+        if not self._is_writer or self._handle is None:
+            raise RuntimeError("export_handle() is only available on the writer")
+        return self._handle
+
+    @classmethod
+    def create_from_handle(cls, handle: Handle, rank: int) -> MessageQueue:
+        """Attach as a reader. ``rank`` in ``handle.local_reader_ranks`` reads the ring; any other is remote."""
+        self = cls.__new__(cls)
+        self._common_init()
+        self._is_writer = False
+        self._handle = handle
+        self.n_reader = handle.n_reader
+        self.local_reader_ranks = tuple(handle.local_reader_ranks)
+        self.n_local_reader = len(self.local_reader_ranks)
+        self.n_remote_reader = self.n_reader - self.n_local_reader
+        self.max_chunk_bytes = handle.max_chunk_bytes
+        self.max_chunks = handle.max_chunks
+        self.rank = rank
+        self._local = rank in self.local_reader_ranks
+        try:
+            if self._local:
+                self._reader_index = self.local_reader_ranks.index(rank)
+                if handle.buffer_name is None or handle.local_wake_addr is None or handle.local_overflow_addr is None:
+                    raise ValueError(f"handle has no shared-memory ring, but rank={rank} is a local reader")
+                # Attach before subscribing: the writer unlinks the name once every subscription arrived.
+                self._ring = ShmRingBuffer(self.n_local_reader, handle.max_chunk_bytes, handle.max_chunks,
+                                           name=handle.buffer_name)
+                self._read_flag = 1 + self._reader_index
+                self._wake = self._socket(zmq.SUB, rcvhwm=64)
+                self._wake.setsockopt(zmq.SUBSCRIBE, b"")
+                self._wake.connect(handle.local_wake_addr)
+                self._overflow = self._socket(zmq.SUB, rcvhwm=0)
+                self._overflow.setsockopt(zmq.SUBSCRIBE, b"")
+                self._overflow.connect(handle.local_overflow_addr)
+            else:
+                if handle.remote_addr is None:
+                    raise ValueError(
+                        f"rank={rank} is not in local_reader_ranks={list(self.local_reader_ranks)} and the "
+                        f"queue has no remote readers"
+                    )
+                self._remote = self._socket(zmq.SUB, rcvhwm=0)
+                self._remote.setsockopt(zmq.SUBSCRIBE, b"")
+                self._remote.connect(handle.remote_addr)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    @classmethod
+    def create_from_process_group(
+        cls,
+        group: Any,
+        max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
+        max_chunks: int = DEFAULT_MAX_CHUNKS,
+        writer_rank: int = 0,
+        connect_ip: str | None = None,
+        timeout: float | None = 300.0,
+    ) -> MessageQueue:
+        """Collective over a CPU (gloo) ``torch.distributed`` group: build the queue and attach every rank.
+
+        ``writer_rank`` is a rank *in the group*; readers use their group rank. Ranks on the writer's
+        node (same hostname and boot id) become local readers, the others remote. The handle travels as
+        msgspec bytes in a tensor broadcast (no pickle). Returns a ready queue on every rank.
+        """
+        import hashlib
+
+        import torch
+        import torch.distributed as dist
+
+        ranks = dist.get_process_group_ranks(group)
+        me = ranks.index(dist.get_rank())
+        if not 0 <= writer_rank < len(ranks):
+            raise ValueError(f"writer_rank={writer_rank} is not allowed: the group has ranks 0..{len(ranks) - 1}")
+        node = socket.gethostname()
+        try:
+            with open("/proc/sys/kernel/random/boot_id") as f:
+                node += f.read().strip()
+        except OSError:
+            pass
+        node_id = int.from_bytes(hashlib.sha256(node.encode()).digest()[:8], "little", signed=True)
+        ids = [torch.zeros(1, dtype=torch.int64) for _ in ranks]
+        dist.all_gather(ids, torch.tensor([node_id], dtype=torch.int64), group=group)
+        writer_node = int(ids[writer_rank])
+        local = [r for r in range(len(ranks)) if r != writer_rank and int(ids[r]) == writer_node]
+        src = ranks[writer_rank]
+        mq = None
+        if me == writer_rank:
+            mq = cls(len(ranks) - 1, len(local), local, max_chunk_bytes, max_chunks, connect_ip)
+            payload = msgspec.msgpack.encode(mq.export_handle())
+            size = torch.tensor([len(payload)], dtype=torch.int64)
+        else:
+            size = torch.zeros(1, dtype=torch.int64)
+        dist.broadcast(size, src=src, group=group)
+        if mq is not None:
+            data = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+        else:
+            data = torch.empty(int(size), dtype=torch.uint8)
+        dist.broadcast(data, src=src, group=group)
+        if mq is None:
+            handle = msgspec.msgpack.decode(data.numpy().tobytes(), type=Handle)
+            mq = cls.create_from_handle(handle, me)
+        mq.wait_until_ready(timeout=timeout)
+        return mq
+
+    @property
+    def is_writer(self) -> bool:
+        return self._is_writer
+
+    # ------------------------------------------------------------------ readiness
+
+    def wait_until_ready(self, timeout: float | None = None) -> None:
+        """Collective: the writer waits for every reader's subscriptions, then tells them it is ready.
+
+        After this the writer has unlinked the shared-memory name (every local reader has mapped it).
+        """
+        deadline = _deadline(timeout)
+        if self._is_writer:
+            expected = []
+            if self._wake is not None:
+                expected += [(self._wake, self.n_local_reader), (self._overflow, self.n_local_reader)]
+            if self._remote is not None:
+                expected.append((self._remote, self.n_remote_reader))
+            for sock, n in expected:
+                seen = 0
+                while seen < n:
+                    self._poll_one(sock, deadline, "wait_until_ready", f"{seen} of {n} subscriptions")
+                    msg = sock.recv()
+                    if msg[:1] == b"\x01":
+                        seen += 1
+            for sock in (self._overflow, self._remote):
+                if sock is not None:
+                    sock.send(_READY)
+            if self._ring is not None:
+                self._ring.unlink()
+        else:
+            sock = self._overflow if self._local else self._remote
+            self._poll_one(sock, deadline, "wait_until_ready", "the writer's READY message")
+            msg = sock.recv()
+            if msg != _READY:
+                raise RuntimeError(f"expected the writer's READY message, got {msg[:32]!r}")
+        self._ready = True
+
+    def _poll_one(self, sock: zmq.Socket, deadline: float | None, what: str, waiting_for: str) -> None:
+        """Block until ``sock`` is readable; honours cancellation, the deadline and the warn interval."""
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(self._cancel_rx, zmq.POLLIN)
+        start = time.monotonic()
+        next_warn = start + self.warn_interval
+        while True:
+            self._check_cancelled()
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                raise MessageQueueTimeout(f"{what}: timed out after {now - start:.1f}s waiting for {waiting_for}")
+            if deadline is None and now >= next_warn:
+                logger.warning("%s: still waiting for %s after %.0fs", what, waiting_for, now - start)
+                next_warn += self.warn_interval
+            wait = 1.0 if deadline is None else min(1.0, deadline - now)
+            events = dict(poller.poll(max(0, int(wait * 1000) + 1)))
+            if sock in events:
+                return
+
+    def _check_cancelled(self) -> None:
+        if self._cancel.is_set():
+            raise MessageQueueCancelled("the message queue was shut down")
+
+    # ------------------------------------------------------------------ writer
+
+    def enqueue(self, obj: Any, timeout: float | None = None) -> None:
+        """Broadcast ``obj`` to every reader (writer only). Blocks while the ring is full.
+
+        Raises :class:`MessageQueueTimeout` naming the readers that have not consumed the oldest chunk
+        when ``timeout`` seconds pass; ``timeout=None`` waits forever (warning every 60 s).
+        """
+        if not self._is_writer:
+            raise RuntimeError("enqueue() is only available on the writer")
+        if self._closed:
+            raise RuntimeError("enqueue() on a closed MessageQueue")
+        self._check_cancelled()
+        frames = serde.encode(obj)
+        if self._ring is not None:
+            self._write_local(frames, _deadline(timeout))
+        if self._remote is not None:
+            # copy=True: the caller may mutate its tensors as soon as enqueue returns.
+            self._remote.send_multipart(frames, copy=True)
+
+    def _write_local(self, frames: list[Any], deadline: float | None) -> None:
+        ring = self._ring
+        idx = self._idx
+        row = ring.row(idx)
+        meta = ring.meta
+        self._wait_chunk_free(idx, deadline)
+        lengths = [_frame_len(f) for f in frames]
+        meta[row] = 0
+        chunk = ring.chunk(idx)
+        if _inline_size(lengths) <= ring.max_chunk_bytes:
+            _CHUNK_HEADER.pack_into(chunk, 0, _KIND_INLINE, len(frames))
+            struct.pack_into(f"<{len(frames)}Q", chunk, _CHUNK_HEADER.size, *lengths)
+            pos = _align(_CHUNK_HEADER.size + 8 * len(frames))
+            for f, n in zip(frames, lengths, strict=True):
+                chunk[pos : pos + n] = f
+                pos = _align(pos + n)
+        else:
+            _CHUNK_HEADER.pack_into(chunk, 0, _KIND_OVERFLOW, len(frames))
+            self._overflow.send_multipart(frames, copy=True)  # sent before the flag that announces it
+        chunk.release()
+        meta[row + 1 : row + 1 + ring.n_reader] = self._zero_reads
+        meta[row] = 1  # publish
+        _fence()
+        if ring.asleep != self._no_sleepers:
+            try:
+                self._wake.send(b"", zmq.NOBLOCK)
+            except zmq.Again:
+                pass  # a full ping queue already wakes that reader
+        self._idx = (idx + 1) % ring.max_chunks
+
+    def _chunk_free(self, row: int) -> bool:
+        meta = self._ring.meta
+        return meta[row] == 0 or meta[row + 1 : row + 1 + self._ring.n_reader] == self._all_read
+
+    def _wait_chunk_free(self, idx: int, deadline: float | None) -> None:
+        row = self._ring.row(idx)
+        if self._chunk_free(row):
+            return
+        start = time.monotonic()
+        spin_until = start + self.spin_seconds
+        next_warn = start + self.warn_interval
+        delay = 50e-6
+        while not self._chunk_free(row):
+            self._check_cancelled()
+            now = time.monotonic()
+            if now < spin_until:
+                os.sched_yield()
+                continue
+            if delay == 50e-6:
+                self.num_blocks += 1
+            if deadline is not None and now >= deadline:
+                raise MessageQueueTimeout(
+                    f"enqueue: timed out after {now - start:.1f}s: chunk {idx} has not been read by reader "
+                    f"rank(s) {self._laggards(row)} (a reader that died or stopped dequeuing blocks the writer)"
+                )
+            if deadline is None and now >= next_warn:
+                logger.warning("enqueue: still waiting after %.0fs for reader rank(s) %s to read chunk %d",
+                               now - start, self._laggards(row), idx)
+                next_warn += self.warn_interval
+            cap = 1e-3 if now - start < 1.0 else 20e-3
+            delay = min(delay * 2, cap)
+            if deadline is not None:
+                delay = min(delay, max(0.0, deadline - now))
+            self._cancel.wait(delay)
+
+    def _laggards(self, row: int) -> list[int]:
+        meta = self._ring.meta
+        return [r for i, r in enumerate(self.local_reader_ranks) if meta[row + 1 + i] == 0]
+
+    # ------------------------------------------------------------------ reader
+
+    def dequeue(self, timeout: float | None = None) -> Any:
+        """Receive the next object (reader only), in the writer's order.
+
+        Raises :class:`MessageQueueTimeout` after ``timeout`` seconds and :class:`MessageQueueCancelled`
+        when :meth:`shutdown` is called meanwhile.
+        """
+        if self._is_writer:
+            raise RuntimeError("dequeue() is only available on readers")
+        if self._closed:
+            raise RuntimeError("dequeue() on a closed MessageQueue")
+        self._check_cancelled()
+        deadline = _deadline(timeout)
+        if not self._local:
+            self._poll_one(self._remote, deadline, "dequeue", "the next message")
+            return serde.decode(self._remote.recv_multipart(copy=False))
+        ring = self._ring
+        idx = self._idx
+        row = ring.row(idx)
+        self._wait_chunk_ready(row, deadline)
+        chunk = ring.chunk(idx)
+        try:
+            kind, n = _CHUNK_HEADER.unpack_from(chunk, 0)
+            if kind == _KIND_INLINE:
+                lengths = struct.unpack_from(f"<{n}Q", chunk, _CHUNK_HEADER.size)
+                start = pos = _align(_CHUNK_HEADER.size + 8 * n)
+                spans = []
+                for length in lengths:
+                    spans.append((pos - start, length))
+                    pos = _align(pos + length)
+                copy = bytearray(chunk[start:pos])  # one copy out; the writer may reuse the chunk after this
+                view = memoryview(copy)
+                frames: list[Any] = [view[a : a + length] for a, length in spans]
+            elif kind == _KIND_OVERFLOW:
+                self._poll_one(self._overflow, None, "dequeue", "an overflow payload")
+                frames = self._overflow.recv_multipart(copy=False)
+            else:
+                raise RuntimeError(f"corrupt chunk {idx}: kind byte {kind} (allowed {_KIND_INLINE}, {_KIND_OVERFLOW})")
+        finally:
+            chunk.release()
+            ring.meta[row + self._read_flag] = 1  # release the chunk for this reader
+            self._idx = (idx + 1) % ring.max_chunks
+        return serde.decode(frames)
+
+    def _chunk_ready(self, row: int) -> bool:
+        meta = self._ring.meta
+        return meta[row] == 1 and meta[row + self._read_flag] == 0
+
+    def _wait_chunk_ready(self, row: int, deadline: float | None) -> None:
+        if self._chunk_ready(row):
+            return
+        start = time.monotonic()
+        spin_until = start + self.spin_seconds
+        while time.monotonic() < spin_until:
+            os.sched_yield()
+            if self._chunk_ready(row):
+                return
+            self._check_cancelled()
+        # Block: announce we sleep, fence, then drain pings -> re-check -> poll (see module docstring).
+        self.num_blocks += 1
+        asleep = self._ring.asleep
+        me = self._reader_index
+        poller = zmq.Poller()
+        poller.register(self._wake, zmq.POLLIN)
+        poller.register(self._cancel_rx, zmq.POLLIN)
+        next_warn = start + self.warn_interval
+        asleep[me] = 1
+        _fence()
+        try:
+            while True:
+                try:
+                    while True:
+                        self._wake.recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    pass
+                if self._chunk_ready(row):
+                    return
+                self._check_cancelled()
+                now = time.monotonic()
+                if deadline is not None and now >= deadline:
+                    raise MessageQueueTimeout(f"dequeue: no message within {now - start:.1f}s")
+                if deadline is None and now >= next_warn:
+                    logger.warning("dequeue: still waiting for the next message after %.0fs", now - start)
+                    next_warn += self.warn_interval
+                wait = 1.0 if deadline is None else min(1.0, deadline - now)
+                poller.poll(max(0, int(wait * 1000) + 1))
+        finally:
+            asleep[me] = 0
+
+    # ------------------------------------------------------------------ both
+
+    def broadcast_object(self, obj: Any = None) -> Any:
+        """Writer: enqueue ``obj`` and return it. Reader: return the next object."""
+        if self._is_writer:
+            self.enqueue(obj)
+            return obj
+        return self.dequeue()
+
+    def shutdown(self) -> None:
+        """Cancel any blocked or future ``enqueue``/``dequeue`` (callable from any thread)."""
+        self._cancel.set()
+        with self._cancel_lock:
+            if not self._closed and self._cancel_tx is not None:
+                try:
+                    self._cancel_tx.send(b"", zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass
+
+    def close(self) -> None:
+        """Release everything; the writer unlinks the segment. Idempotent."""
+        with self._cancel_lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._cancel.set()
+        for s in self._sockets:
+            s.close()
+        self._cancel_tx.close(linger=0)
+        self._cancel_rx.close(linger=0)
+        self._ctx.term()
+        if self._ring is not None:
+            self._ring.close()
+
+    def __enter__(self) -> MessageQueue:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        role = "writer" if self._is_writer else f"reader rank {self.rank}"
+        return (f"MessageQueue({role}, n_reader={self.n_reader}, n_local_reader={self.n_local_reader}, "
+                f"max_chunk_bytes={self.max_chunk_bytes}, max_chunks={self.max_chunks})")

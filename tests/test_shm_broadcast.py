@@ -1,0 +1,409 @@
+"""MessageQueue / ShmRingBuffer: one writer, local (shm) and remote (tcp) readers, in real processes.
+
+Rank 0 is always the writer. The handle reaches the readers as msgspec bytes in a gloo tensor
+broadcast (no pickle). Every test runs under its own runtime-instance prefix and asserts that no
+``/dev/shm`` entry with that prefix is left behind.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import msgspec
+import pytest
+import torch
+from spawn import run_workers
+
+from comm.shm_broadcast import (
+    Handle,
+    MessageQueue,
+    MessageQueueCancelled,
+    MessageQueueTimeout,
+    ShmRingBuffer,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+SHM = Path("/dev/shm")
+
+
+# ----------------------------------------------------------------------------- helpers (run in workers)
+
+
+def _share_handle(mq: MessageQueue | None) -> Handle:
+    """Rank 0 sends its queue's handle to every rank as msgspec bytes in a tensor broadcast."""
+    import torch.distributed as dist
+
+    if mq is not None:
+        payload = msgspec.msgpack.encode(mq.export_handle())
+        size = torch.tensor([len(payload)], dtype=torch.int64)
+    else:
+        size = torch.zeros(1, dtype=torch.int64)
+    dist.broadcast(size, src=0)
+    data = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if mq is not None else torch.empty(
+        int(size), dtype=torch.uint8)
+    dist.broadcast(data, src=0)
+    return msgspec.msgpack.decode(data.numpy().tobytes(), type=Handle)
+
+
+def _open(rank: int, world_size: int, n_local: int, instance: str, chunk_bytes: int = 1 << 12,
+          chunks: int = 8) -> MessageQueue:
+    """Writer on rank 0; ranks 1..n_local read the ring; the rest are remote (tcp on 127.0.0.1)."""
+    os.environ["OMNI_RUNTIME_INSTANCE"] = instance
+    if rank == 0:
+        mq = MessageQueue(world_size - 1, n_local, list(range(1, n_local + 1)), chunk_bytes, chunks,
+                          connect_ip="127.0.0.1")
+        _share_handle(mq)
+    else:
+        mq = MessageQueue.create_from_handle(_share_handle(None), rank)
+    mq.wait_until_ready(timeout=30)
+    return mq
+
+
+def _segments(instance: str) -> list[str]:
+    return sorted(n for n in os.listdir(SHM) if n.startswith(f"omni_{instance}_"))
+
+
+@pytest.fixture
+def instance():
+    inst = f"mqtest{secrets.token_hex(4)}"
+    yield inst
+    assert _segments(inst) == []
+
+
+# ----------------------------------------------------------------------------- in-process tests
+
+
+def test_handle_roundtrips_through_msgspec(instance, monkeypatch):
+    monkeypatch.setenv("OMNI_RUNTIME_INSTANCE", instance)
+    with MessageQueue(3, 2, local_reader_ranks=[4, 7], max_chunk_bytes=1024, max_chunks=3,
+                      connect_ip="127.0.0.1") as mq:
+        h = mq.export_handle()
+        assert msgspec.msgpack.decode(msgspec.msgpack.encode(h), type=Handle) == h
+        assert msgspec.json.decode(msgspec.json.encode(h), type=Handle) == h
+        assert h.local_reader_ranks == (4, 7) and h.n_reader == 3
+        assert h.remote_addr.startswith("tcp://127.0.0.1:")
+        seg = SHM / h.buffer_name
+        assert h.buffer_name.startswith(f"omni_{instance}_")
+        assert seg.stat().st_mode & 0o777 == 0o600
+        # data + one row (written + 2 read flags) per chunk + one asleep byte per local reader
+        assert seg.stat().st_size == 3 * 1024 + 3 * 3 + 2
+    assert _segments(instance) == []
+
+
+def test_bad_arguments_name_the_field(instance, monkeypatch):
+    monkeypatch.setenv("OMNI_RUNTIME_INSTANCE", instance)
+    with pytest.raises(ValueError, match=r"n_local_reader=3 .*\[0, n_reader=2\]"):
+        MessageQueue(2, 3)
+    with pytest.raises(ValueError, match=r"local_reader_ranks=\[1, 1\]"):
+        MessageQueue(2, 2, local_reader_ranks=[1, 1])
+    with pytest.raises(ValueError, match=r"max_chunk_bytes=100 .*multiple of 64"):
+        ShmRingBuffer(1, 100, 4)
+    with pytest.raises(ValueError, match="not a ring-buffer segment name"):
+        ShmRingBuffer(1, 64, 4, name="../etc/passwd")
+    with MessageQueue(1, 1, max_chunk_bytes=64, max_chunks=2) as mq:
+        with pytest.raises(ValueError, match=r"rank=5 is not in local_reader_ranks=\[0\]"):
+            MessageQueue.create_from_handle(mq.export_handle(), 5)
+        with pytest.raises(RuntimeError, match="only available on readers"):
+            mq.dequeue()
+    assert _segments(instance) == []
+
+
+def test_writer_blocked_on_full_ring_is_cancelled_and_times_out(instance, monkeypatch):
+    """Threads in one process: a reader that never reads fills the ring; timeout names it; shutdown cancels."""
+    monkeypatch.setenv("OMNI_RUNTIME_INSTANCE", instance)
+    w = MessageQueue(1, 1, local_reader_ranks=[3], max_chunk_bytes=256, max_chunks=2)
+    r = MessageQueue.create_from_handle(w.export_handle(), 3)
+    t = threading.Thread(target=r.wait_until_ready, args=(10,))
+    t.start()
+    w.wait_until_ready(timeout=10)
+    t.join()
+    w.enqueue(0)
+    w.enqueue(1)
+    t0 = time.monotonic()
+    with pytest.raises(MessageQueueTimeout, match=r"not been read by reader rank\(s\) \[3\]"):
+        w.enqueue(2, timeout=0.3)
+    assert 0.3 <= time.monotonic() - t0 < 2.0
+    assert r.dequeue() == 0 and r.dequeue() == 1
+    w.enqueue(2, timeout=1)
+    w.enqueue(3, timeout=1)
+    timer = threading.Timer(0.2, w.shutdown)
+    timer.start()
+    t0 = time.monotonic()
+    with pytest.raises(MessageQueueCancelled):
+        w.enqueue(4)
+    assert time.monotonic() - t0 < 1.0
+    assert [r.dequeue(timeout=1), r.dequeue(timeout=1)] == [2, 3]
+    w.close()
+    r.close()
+
+
+# ----------------------------------------------------------------------------- in order, many readers
+
+
+def _in_order_worker(rank, world_size, n_local, n_messages, instance):
+    mq = _open(rank, world_size, n_local, instance, chunk_bytes=256, chunks=16)
+    if rank == 0:
+        assert _segments(instance) == []  # unlinked as soon as every reader attached
+        t0 = time.perf_counter()
+        for i in range(n_messages):
+            mq.enqueue((i, i * 7919 % 1009))
+        elapsed = time.perf_counter() - t0
+        mq.close()
+        return {"elapsed": elapsed}
+    bad = []
+    for i in range(n_messages):
+        got = mq.dequeue(timeout=30)
+        if got != [i, i * 7919 % 1009] and len(bad) < 5:
+            bad.append((i, got))
+    mq.close()
+    return {"bad": bad}
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize("n_local", [1, 3, 7])
+def test_every_reader_gets_10000_messages_in_order(n_local, instance):
+    n = 10_000
+    world = 1 + n_local + 1  # writer, local readers, one remote reader
+    out = run_workers(_in_order_worker, world, args=(n_local, n, instance), timeout=120, init_process_group=True)
+    assert [o["bad"] for o in out[1:]] == [[]] * (world - 1)
+    print(f"\n{n_local} local + 1 remote readers: {n} messages in {out[0]['elapsed']:.2f}s "
+          f"({n / out[0]['elapsed']:.0f} msg/s)")
+
+
+# ----------------------------------------------------------------------------- overflow + random sleeps
+
+
+def _payload(i: int, chunk_bytes: int) -> dict:
+    big = i % 3 == 0
+    n = 4 * chunk_bytes // 4 if big else 8  # float32: big ones are 4x the chunk size
+    return {"i": i, "t": torch.arange(n, dtype=torch.float32) + i, "tag": "big" if big else "small"}
+
+
+def _overflow_worker(rank, world_size, n_local, n_messages, instance):
+    chunk = 1024
+    mq = _open(rank, world_size, n_local, instance, chunk_bytes=chunk, chunks=4)
+    rng = random.Random(0)
+    if rank == 0:
+        for i in range(n_messages):
+            if rng.random() < 0.5:
+                time.sleep(rng.uniform(0, 4e-3))  # > spin window (1 ms) about 3 times in 8
+            msg = _payload(i, chunk)
+            msg["sent"] = time.monotonic()
+            mq.enqueue(msg)
+        mq.close()
+        return {}
+    ok = 0
+    lat = []
+    for i in range(n_messages):
+        got = mq.dequeue(timeout=30)
+        lat.append(time.monotonic() - got.pop("sent"))
+        want = _payload(i, chunk)
+        ok += (got["i"] == i and got["tag"] == want["tag"] and torch.equal(got["t"], want["t"]))
+    mq.close()
+    lat.sort()
+    return {"ok": ok, "blocks": mq.num_blocks, "p50_us": lat[len(lat) // 2] * 1e6}
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_overflow_payloads_and_random_sleeps(instance):
+    n = 300
+    out = run_workers(_overflow_worker, 5, args=(3, n, instance), timeout=120, init_process_group=True)
+    assert [o["ok"] for o in out[1:]] == [n] * 4
+    # Local readers passed from spinning to blocking and back: some waits blocked, not all of them.
+    for o in out[1:4]:
+        assert 0 < o["blocks"] < n, o
+    print("\nper-reader p50 latency with random gaps (us):", [round(o["p50_us"]) for o in out[1:]])
+
+
+# ----------------------------------------------------------------------------- a dead reader
+
+
+_DOOMED_READER = """
+import sys
+import msgspec
+from comm.shm_broadcast import Handle, MessageQueue
+h = msgspec.msgpack.decode(bytes.fromhex(sys.argv[1]), type=Handle)
+mq = MessageQueue.create_from_handle(h, 1)
+mq.wait_until_ready(timeout=60)
+got = [mq.dequeue(timeout=30) for _ in range(5)]
+assert got == list(range(5)), got
+print("read5", flush=True)
+sys.stdin.read()  # hang until killed
+"""
+
+
+def _dead_reader_worker(rank, world_size, instance, chunks):
+    os.environ["OMNI_RUNTIME_INSTANCE"] = instance
+    if rank == 0:
+        mq = MessageQueue(2, 2, [1, 2], max_chunk_bytes=256, max_chunks=chunks)
+        _share_handle(mq)
+        mq.wait_until_ready(timeout=60)
+        sent = 0
+        t0 = time.monotonic()
+        try:
+            while True:
+                mq.enqueue(sent, timeout=2.0)
+                sent += 1
+        except MessageQueueTimeout as e:
+            err = str(e)
+        took = time.monotonic() - t0
+        mq.close()
+        return {"sent": sent, "err": err, "took": took}
+    handle = _share_handle(None)
+    if rank == 1:
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _DOOMED_READER, msgspec.msgpack.encode(handle).hex()],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, cwd=ROOT,
+        )
+        try:
+            line = proc.stdout.readline()
+            proc.send_signal(signal.SIGKILL)
+        finally:
+            proc.kill()
+            rc = proc.wait(timeout=10)
+        return {"line": line.decode().strip(), "rc": rc}
+    mq = MessageQueue.create_from_handle(handle, 2)
+    mq.wait_until_ready(timeout=60)
+    expect = 5 + chunks
+    got = [mq.dequeue(timeout=60) for _ in range(expect)]
+    try:
+        extra = mq.dequeue(timeout=0.5)
+    except MessageQueueTimeout:
+        extra = None
+    mq.close()
+    return {"got": got, "extra": extra}
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_killed_reader_makes_writer_time_out_with_clear_error(instance):
+    chunks = 4
+    w, doomed, healthy = run_workers(_dead_reader_worker, 3, args=(instance, chunks), timeout=120,
+                                     init_process_group=True)
+    assert doomed == {"line": "read5", "rc": -signal.SIGKILL}
+    # The dead reader read 5; the ring then holds `chunks` messages it never reads.
+    assert w["sent"] == 5 + chunks
+    assert "chunk 1 has not been read by reader rank(s) [1]" in w["err"]
+    assert healthy == {"got": list(range(5 + chunks)), "extra": None}
+
+
+# ----------------------------------------------------------------------------- shutdown, idle CPU
+
+
+def _shutdown_worker(rank, world_size, instance):
+    import torch.distributed as dist
+
+    mq = _open(rank, world_size, 1, instance)
+    result = {}
+    if rank != 0:
+        stamp = {}
+
+        def stop():
+            time.sleep(0.3)
+            stamp["t"] = time.monotonic()
+            mq.shutdown()
+
+        t = threading.Thread(target=stop)
+        t.start()
+        try:
+            mq.dequeue()
+            result["raised"] = None
+        except MessageQueueCancelled:
+            result["raised"] = "cancelled"
+            result["latency"] = time.monotonic() - stamp["t"]
+        t.join()
+        try:
+            mq.dequeue(timeout=5)
+        except MessageQueueCancelled:
+            result["after"] = "cancelled"
+    dist.barrier()
+    mq.close()
+    return result
+
+
+@pytest.mark.distributed
+def test_shutdown_cancels_a_blocked_dequeue(instance):
+    out = run_workers(_shutdown_worker, 3, args=(instance,), timeout=60, init_process_group=True)
+    for o in out[1:]:  # one local, one remote reader
+        assert o["raised"] == "cancelled" and o["after"] == "cancelled"
+        assert o["latency"] < 1.0, o
+    print("\nshutdown -> Cancelled latency (ms):", [round(o["latency"] * 1e3, 2) for o in out[1:]])
+
+
+def _idle_worker(rank, world_size, instance, idle_s):
+    import psutil
+
+    mq = _open(rank, world_size, 2, instance)
+    if rank == 0:
+        time.sleep(idle_s)
+        mq.enqueue(time.monotonic())
+        mq.close()
+        return {}
+    proc = psutil.Process()
+    c0, p0, t0 = time.process_time(), sum(proc.cpu_times()[:2]), time.monotonic()
+    sent = mq.dequeue(timeout=30)
+    now = time.monotonic()
+    cpu = time.process_time() - c0
+    ps_cpu = sum(proc.cpu_times()[:2]) - p0
+    mq.close()
+    return {"cpu_frac": cpu / (now - t0), "psutil_frac": ps_cpu / (now - t0), "wall": now - t0,
+            "wake_ms": (now - sent) * 1e3}
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_idle_reader_uses_almost_no_cpu(instance):
+    idle = 2.0
+    out = run_workers(_idle_worker, 4, args=(instance, idle), timeout=60, init_process_group=True)
+    for o in out[1:]:  # two local readers, one remote
+        assert o["wall"] >= idle * 0.9
+        assert o["cpu_frac"] < 0.02 and o["psutil_frac"] < 0.02, o
+        assert o["wake_ms"] < 200, o
+    print("\nidle CPU (% of a core):", [round(o["cpu_frac"] * 100, 3) for o in out[1:]],
+          "wake-up latency (ms):", [round(o["wake_ms"], 2) for o in out[1:]])
+
+
+# ----------------------------------------------------------------------------- close and reopen
+
+
+def _reopen_worker(rank, world_size, instance, rounds, n):
+    import torch.distributed as dist
+
+    os.environ["OMNI_RUNTIME_INSTANCE"] = instance
+    group = dist.new_group(list(range(world_size)), backend="gloo")
+    names, sums = [], []
+    for r in range(rounds):
+        mq = MessageQueue.create_from_process_group(group, max_chunk_bytes=512, max_chunks=4, timeout=30)
+        if rank == 0:
+            assert mq.n_local_reader == world_size - 1
+            names.append(mq.export_handle().buffer_name)
+            for i in range(n):
+                mq.broadcast_object({"round": r, "i": i})
+            sums.append(None)
+        else:
+            got = [mq.broadcast_object() for _ in range(n)]
+            sums.append(sum(g["i"] for g in got if g["round"] == r))
+        mq.close()
+        dist.barrier()
+        if rank == 0:
+            assert _segments(instance) == [], _segments(instance)
+    return {"names": names, "sums": sums}
+
+
+@pytest.mark.distributed
+def test_close_and_reopen_leaves_no_segments(instance):
+    rounds, n = 3, 200
+    out = run_workers(_reopen_worker, 3, args=(instance, rounds, n), timeout=60, init_process_group=True)
+    assert len(set(out[0]["names"])) == rounds
+    assert [o["sums"] for o in out[1:]] == [[n * (n - 1) // 2] * rounds] * 2
