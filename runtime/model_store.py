@@ -13,6 +13,7 @@ import importlib.util
 import logging
 import os
 import shutil
+import sys
 from pathlib import Path
 
 from runtime.config import ConfigError
@@ -29,6 +30,7 @@ def _load_generator():
     if spec is None or spec.loader is None or not _TOOL.exists():
         raise ConfigError(f"cannot create the tiny model: {_TOOL} is missing (is this a source checkout?)")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
     spec.loader.exec_module(module)
     return module.make_tiny_model
 

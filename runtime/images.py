@@ -1,0 +1,27 @@
+"""Encode (H, W, 3) uint8 arrays as PNG / JPEG / WebP bytes, and back."""
+
+from __future__ import annotations
+
+import io
+import logging
+
+import numpy as np
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+_PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
+
+
+def encode_image(array: np.ndarray, fmt: str = "png") -> bytes:
+    """Encode one image; PNG is lossless (the same seed gives the same bytes), JPEG/WebP at quality 95."""
+    buf = io.BytesIO()
+    kwargs = {} if fmt == "png" else {"quality": 95}
+    Image.fromarray(np.ascontiguousarray(array)).save(buf, format=_PIL_FORMATS[fmt], **kwargs)
+    return buf.getvalue()
+
+
+def decode_image(data: bytes) -> Image.Image:
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return img

@@ -1,0 +1,184 @@
+"""``omni-runtime serve``: an OpenAI-compatible images API on FastAPI + uvicorn (uvloop).
+
+Routes: ``POST /v1/images/generations``, ``GET /v1/models``, ``GET /health``, ``GET /metrics``, ``/docs``.
+Errors use the OpenAI body ``{"error": {"message", "type", "param", "code"}}``; request mistakes are 400, a
+missing/wrong API key 401, a full queue 429 with ``Retry-After``, a dead stage 503, a deadline 504.
+The stage processes start in the lifespan hook, so uvicorn accepts connections only once every stage is ready;
+SIGINT/SIGTERM stop uvicorn, whose lifespan shutdown stops the stages and sweeps their shared memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hmac
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from runtime.config import RuntimeConfig
+from runtime.metrics import Metrics
+from runtime.orchestrator import Orchestrator, ServingError
+from runtime.requests import RequestError, parse_request
+
+logger = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 1 << 20
+
+_REQUEST_SCHEMA: dict[str, Any] = {
+    "type": "object", "required": ["prompt"],
+    "properties": {
+        "prompt": {"type": "string"}, "n": {"type": "integer", "minimum": 1, "maximum": 10, "default": 1},
+        "size": {"type": "string", "example": "256x256"},
+        "response_format": {"type": "string", "enum": ["b64_json"]}, "user": {"type": "string"},
+        "model": {"type": "string"}, "negative_prompt": {"type": "string"},
+        "num_inference_steps": {"type": "integer", "minimum": 1}, "guidance_scale": {"type": "number"},
+        "true_cfg_scale": {"type": "number"},
+        "seed": {"type": "integer", "description": "image i of the request uses seed + i"},
+        "output_format": {"type": "string", "enum": ["png", "jpeg", "webp"]},
+    },
+}
+
+
+def error_response(status: int, message: str, kind: str, param: str | None = None, code: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}},
+                        status_code=status, headers=headers)
+
+
+def _model_id(cfg: RuntimeConfig) -> str:
+    return Path(cfg.model.path).name
+
+
+def create_app(cfg: RuntimeConfig, orchestrator: Orchestrator | None = None) -> FastAPI:
+    """The app; its lifespan starts (and at exit stops) an :class:`Orchestrator` for ``cfg``."""
+    metrics = Metrics()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        orch = orchestrator or Orchestrator(cfg, metrics)
+        app.state.orch = orch
+        try:
+            await orch.start()
+            yield
+        finally:
+            await orch.shutdown()
+
+    app = FastAPI(title="omni-runtime", version="0.1.0", lifespan=lifespan,
+                  description="OpenAI-compatible image generation served by staged diffusion processes.")
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        err = exc.errors()[0] if exc.errors() else {}
+        loc = [str(x) for x in err.get("loc", []) if x != "body"]
+        return error_response(400, f"{'.'.join(loc) or 'body'}: {err.get('msg', 'invalid request')}",
+                              "invalid_request_error", ".".join(loc) or None, "invalid_request")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(exc.status_code, str(exc.detail), "invalid_request_error", None, None)
+
+    def _auth(request: Request) -> JSONResponse | None:
+        key = cfg.server.api_key
+        if not key:
+            return None
+        got = request.headers.get("authorization", "")
+        if not got.startswith("Bearer ") or not hmac.compare_digest(got[7:].encode(), key.encode()):
+            return error_response(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                                  "invalid_request_error", None, "invalid_api_key")
+        return None
+
+    @app.post("/v1/images/generations", openapi_extra={
+        "requestBody": {"required": True, "content": {"application/json": {"schema": _REQUEST_SCHEMA}}}})
+    async def generations(request: Request) -> Response:
+        denied = _auth(request)
+        if denied is not None:
+            metrics.requests.labels(status="401").inc()
+            return denied
+        resp = await _generations(request)
+        metrics.requests.labels(status=str(resp.status_code)).inc()
+        return resp
+
+    async def _generations(request: Request) -> Response:
+        body = await request.body()
+        if len(body) > MAX_BODY_BYTES:
+            return error_response(400, f"request body of {len(body)} bytes: at most {MAX_BODY_BYTES} allowed",
+                                  "invalid_request_error", None, "body_too_large")
+        try:
+            raw = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as e:
+            return error_response(400, f"the body is not valid JSON: {e}", "invalid_request_error", None,
+                                  "invalid_json")
+        try:
+            req = parse_request(raw)
+        except RequestError as e:
+            metrics.errors.labels(stage="http", kind="invalid_request").inc()
+            return error_response(400, str(e), "invalid_request_error", e.param, "invalid_request")
+        orch: Orchestrator = request.app.state.orch
+        task = asyncio.ensure_future(orch.generate(req))
+        try:
+            while not task.done():
+                await asyncio.wait({task}, timeout=0.25)
+                if not task.done() and await request.is_disconnected():
+                    logger.info("client disconnected: cancelling its request")
+                    task.cancel()
+                    with contextlib.suppress(BaseException):
+                        await task
+                    return Response(status_code=499)
+            images = task.result()
+        except ServingError as e:
+            headers = {"Retry-After": str(e.retry_after)} if hasattr(e, "retry_after") else None
+            return error_response(e.status, str(e), e.kind, None, e.code, headers)
+        finally:
+            if not task.done():
+                task.cancel()
+        return JSONResponse({"created": int(time.time()),
+                             "data": [{"b64_json": base64.b64encode(img).decode("ascii"),
+                                       "revised_prompt": None} for img in images]})
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> Response:
+        denied = _auth(request)
+        if denied is not None:
+            return denied
+        return JSONResponse({"object": "list", "data": [
+            {"id": _model_id(cfg), "object": "model", "created": int(request.app.state.orch.started_at),
+             "owned_by": "omni-runtime"}]})
+
+    @app.get("/health")
+    async def health(request: Request) -> Response:
+        stages = request.app.state.orch.health()
+        ok = all(all(v) for v in stages.values())
+        return JSONResponse({"status": "ok" if ok else "degraded", "stages": stages},
+                            status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def metrics_route() -> Response:
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    app.state.metrics = metrics
+    return app
+
+
+def serve(cfg: RuntimeConfig) -> int:
+    """Run the server until SIGINT/SIGTERM; returns the exit code."""
+    import uvicorn
+
+    app = create_app(cfg)
+    loop = "uvloop"
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:  # pragma: no cover - Windows
+        loop = "asyncio"
+    uvicorn.run(app, host=cfg.server.host, port=cfg.server.port, loop=loop, log_level="info",
+                timeout_graceful_shutdown=5)
+    return 0
