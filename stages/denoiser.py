@@ -13,7 +13,6 @@ load, split the image tokens across ranks and gather the output.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from stages.errors import CheckpointError, RequestError
+from stages.errors import RequestError
 from stages.latents import (
     check_image_size,
     image_seq_len,
@@ -32,7 +31,8 @@ from stages.latents import (
     unpack_latents,
 )
 from stages.schedule import FlowMatchSchedule, euler_step
-from stages.text_encoder import component_dir, resolve_device, resolve_dtype
+from stages.text_encoder import resolve_device, resolve_dtype
+from stages.weights import component_dir, read_config
 
 logger = logging.getLogger(__name__)
 
@@ -62,17 +62,6 @@ class DenoiseRequest:
         return self.true_cfg_scale > 1 and self.negative_prompt_embeds is not None
 
 
-def read_config(directory: Path, name: str = "config.json") -> dict[str, Any]:
-    """A component's JSON config, or a :class:`CheckpointError` naming the file."""
-    f = directory / name
-    try:
-        return json.loads(f.read_text())
-    except FileNotFoundError as e:
-        raise CheckpointError(f"{f}: missing") from e
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{f}: not valid JSON ({e})") from e
-
-
 def vae_scale_factor_of(path: str | Path) -> int:
     """2 ** (number of VAE blocks - 1), as FluxPipeline computes it (8 when the model has no ``vae/``)."""
     vae_dir = Path(path) / "vae"
@@ -83,11 +72,9 @@ def vae_scale_factor_of(path: str | Path) -> int:
 
 def load_transformer(path: str | Path, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
     """Load ``<path>/transformer`` as a Flux transformer (forward signature of diffusers' FluxTransformer2DModel)."""
-    directory = component_dir(path, "transformer")
-    from diffusers import FluxTransformer2DModel
+    from stages.models.flux import FluxTransformer
 
-    model = FluxTransformer2DModel.from_pretrained(str(directory), dtype=dtype)
-    return model.to(device).eval()
+    return FluxTransformer.from_pretrained(component_dir(path, "transformer"), dtype=dtype, device=device)
 
 
 def _sequence_parallel_size() -> int:
@@ -245,7 +232,9 @@ class DenoiserStage:
             timestep = t.expand(model_in.shape[0]).to(latents.dtype)
             pred = self.model(hidden_states=model_in, timestep=timestep / 1000, guidance=guidance,
                               pooled_projections=pooled, encoder_hidden_states=embeds, txt_ids=txt_ids,
-                              img_ids=img_ids, return_dict=False)[0]
+                              img_ids=img_ids)
+            if not isinstance(pred, torch.Tensor):  # a diffusers-style output object
+                pred = pred[0]
             if do_cfg:
                 cond, uncond = pred[:b], pred[b:]
                 pred = uncond + cfg_scale * (cond - uncond)

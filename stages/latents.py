@@ -19,9 +19,11 @@ PIXEL_MULTIPLE = 16
 
 
 def _nearest_multiples(value: int, multiple: int) -> list[int]:
+    """The valid sizes either side of ``value`` (just the smallest valid size below it)."""
+    if value <= multiple:
+        return [multiple]
     low = (value // multiple) * multiple
-    candidates = [c for c in (low, low + multiple) if c >= multiple]
-    return sorted(set(candidates))
+    return [low, low + multiple]
 
 
 def check_image_size(height: int, width: int, multiple: int = PIXEL_MULTIPLE) -> None:

@@ -101,7 +101,8 @@ class FlowMatchSchedule:
                 sig = mu / (mu + (1 / sig - 1) ** 1.0)
         else:
             sig = self.shift * sig / (1 + (self.shift - 1) * sig)
-        if self.shift_terminal:
+        if self.shift_terminal and num_inference_steps > 1:
+            # (diffusers divides by zero here for a single step and samples NaNs; one step keeps sigma 1.)
             one_minus_z = 1 - sig
             scale = one_minus_z[-1] / (1 - self.shift_terminal)
             sig = 1 - (one_minus_z / scale)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -11,6 +10,7 @@ import torch
 import transformers
 
 from stages.errors import CheckpointError, RequestError
+from stages.weights import component_dir, read_model_index
 
 logger = logging.getLogger(__name__)
 
@@ -38,28 +38,6 @@ def resolve_device(device: str | torch.device) -> torch.device:
     if dev.type not in ("cpu", "cuda"):
         raise ValueError(f"device={device!r} is not supported; allowed: 'cpu', 'cuda', 'cuda:N'")
     return dev
-
-
-def component_class(path: str | Path, component: str, default: str) -> str:
-    """The class name ``model_index.json`` gives a component (``default`` when there is no index entry)."""
-    index = Path(path) / "model_index.json"
-    if not index.is_file():
-        return default
-    try:
-        entry = json.loads(index.read_text()).get(component)
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{index}: not valid JSON ({e})") from e
-    if isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], str):
-        return entry[1]
-    return default
-
-
-def component_dir(path: str | Path, component: str) -> Path:
-    """``<path>/<component>``, or a :class:`CheckpointError` naming the missing folder."""
-    d = Path(path) / component
-    if not d.is_dir():
-        raise CheckpointError(f"{d}: component '{component}' is missing from the model directory {path}")
-    return d
 
 
 def _load_transformers(cls_name: str, fallback: str, directory: Path, **kwargs: Any) -> Any:
@@ -92,14 +70,16 @@ class TextEncoderStage:
                         device: str | torch.device = "cpu") -> TextEncoderStage:
         """Load ``tokenizer``/``text_encoder`` (CLIP) and ``tokenizer_2``/``text_encoder_2`` (T5) from a model dir."""
         torch_dtype, dev = resolve_dtype(dtype), resolve_device(device)
-        tok = _load_transformers(component_class(path, "tokenizer", "CLIPTokenizer"), "AutoTokenizer",
-                                 component_dir(path, "tokenizer"))
-        enc = _load_transformers(component_class(path, "text_encoder", "CLIPTextModel"), "CLIPTextModel",
-                                 component_dir(path, "text_encoder"), dtype=torch_dtype)
-        tok2 = _load_transformers(component_class(path, "tokenizer_2", "T5TokenizerFast"), "AutoTokenizer",
-                                  component_dir(path, "tokenizer_2"))
-        enc2 = _load_transformers(component_class(path, "text_encoder_2", "T5EncoderModel"), "T5EncoderModel",
-                                  component_dir(path, "text_encoder_2"), dtype=torch_dtype)
+        index = read_model_index(path)
+
+        def load(name: str, fallback: str, **kwargs: Any) -> Any:
+            cls_name = index.get(name, ("transformers", fallback))[1]
+            return _load_transformers(cls_name, fallback, component_dir(path, name), **kwargs)
+
+        tok = load("tokenizer", "AutoTokenizer")
+        enc = load("text_encoder", "CLIPTextModel", dtype=torch_dtype)
+        tok2 = load("tokenizer_2", "AutoTokenizer")
+        enc2 = load("text_encoder_2", "T5EncoderModel", dtype=torch_dtype)
         logger.info("loaded text encoders from %s (%s on %s)", path, torch_dtype, dev)
         return cls(tok, enc.to(dev).eval(), tok2, enc2.to(dev).eval(), dev)
 

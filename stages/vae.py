@@ -10,7 +10,8 @@ import torch
 
 from stages.errors import CheckpointError
 from stages.latents import check_image_size, unpack_latents
-from stages.text_encoder import component_dir, resolve_device, resolve_dtype
+from stages.text_encoder import resolve_device, resolve_dtype
+from stages.weights import component_dir
 
 logger = logging.getLogger(__name__)
 

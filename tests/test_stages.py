@@ -1,0 +1,241 @@
+"""The pieces of the stages, each against diffusers' own code: schedule, latent geometry and noise, text encoding,
+VAE decode and postprocessing; request errors that name the field and what is allowed."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline  # noqa: E402
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift as diffusers_calculate_shift  # noqa: E402
+from make_tiny_model import make_tiny_model  # noqa: E402
+
+from stages import DenoiseRequest, DenoiserStage, Pipeline, TextEncoderStage, VaeDecoderStage  # noqa: E402
+from stages.errors import CheckpointError, RequestError  # noqa: E402
+from stages.latents import (  # noqa: E402
+    check_image_size,
+    initial_noise,
+    latent_image_ids,
+    pack_latents,
+    unpack_latents,
+)
+from stages.schedule import FlowMatchSchedule, calculate_shift, euler_step  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model", preset="tiny", seed=0)
+
+
+@pytest.fixture(scope="module")
+def ref(tiny_dir: Path) -> FluxPipeline:
+    pipe = FluxPipeline.from_pretrained(tiny_dir, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def ours(tiny_dir: Path) -> Pipeline:
+    return Pipeline.from_pretrained(tiny_dir)
+
+
+# ---------------------------------------------------------------------------------------------------------- schedule
+
+SCHEDULER_CONFIGS = [
+    dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15),
+    dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.3, max_shift=1.5, base_image_seq_len=128,
+         max_image_seq_len=8192, time_shift_type="linear"),
+    dict(shift=3.0, use_dynamic_shifting=False),
+    dict(shift=1.0, use_dynamic_shifting=False),
+    dict(shift=2.0, use_dynamic_shifting=True, shift_terminal=0.1),
+]
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("config", SCHEDULER_CONFIGS)
+@pytest.mark.parametrize(("steps", "seq_len"), [(1, 64), (4, 256), (28, 4096), (50, 1000)])
+def test_schedule_is_bit_identical_to_diffusers(config: dict, steps: int, seq_len: int) -> None:
+    sched = FlowMatchEulerDiscreteScheduler(**config)
+    ours = FlowMatchSchedule.from_config(dict(sched.config))
+    mu = diffusers_calculate_shift(seq_len, sched.config.base_image_seq_len, sched.config.max_image_seq_len,
+                                   sched.config.base_shift, sched.config.max_shift)
+    assert ours.mu(seq_len) == mu == calculate_shift(seq_len, sched.config.base_image_seq_len,
+                                                     sched.config.max_image_seq_len, sched.config.base_shift,
+                                                     sched.config.max_shift)
+    sched.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+    timesteps, sigmas = ours.sigmas(steps, seq_len)
+    assert timesteps.dtype == sigmas.dtype == torch.float32
+    if steps == 1 and config.get("shift_terminal"):
+        # diffusers divides 0 by 0 here and samples with NaN; we keep the single sigma at 1.
+        assert torch.isnan(sched.timesteps).all()
+        assert timesteps.tolist() == [1000.0] and sigmas.tolist() == [1.0, 0.0]
+        return
+    assert torch.equal(timesteps, sched.timesteps)
+    assert torch.equal(sigmas, sched.sigmas)
+
+
+def test_euler_step_is_bit_identical_to_diffusers() -> None:
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
+    sched.set_timesteps(sigmas=np.linspace(1.0, 1 / 3, 3), mu=0.7)
+    sched.set_begin_index(0)
+    sigmas = sched.sigmas  # the step itself is what is compared here
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 16, 64, generator=g)
+    for i, t in enumerate(sched.timesteps):
+        v = torch.randn(2, 16, 64, generator=g)
+        want = sched.step(v, t, x, return_dict=False)[0]
+        got = euler_step(x, v, sigmas[i], sigmas[i + 1])
+        assert torch.equal(got, want)
+        x = want
+
+
+@pytest.mark.parametrize("flag", ["use_karras_sigmas", "stochastic_sampling", "invert_sigmas"])
+def test_unsupported_scheduler_options_are_checkpoint_errors(flag: str) -> None:
+    with pytest.raises(CheckpointError, match=flag):
+        FlowMatchSchedule.from_config({"shift": 1.0, flag: True})
+
+
+# ---------------------------------------------------------------------------------------------- latents and noise
+
+@pytest.mark.parametrize(("height", "width"), [(256, 256), (208, 144), (16, 48)])
+def test_pack_ids_and_noise_match_diffusers(ref: FluxPipeline, height: int, width: int) -> None:
+    vsf = ref.vae_scale_factor
+    want_lat, want_ids = ref.prepare_latents(1, 16, height, width, torch.float32, torch.device("cpu"),
+                                             torch.Generator("cpu").manual_seed(42))
+    got = initial_noise(42, 16, height, width, vsf, torch.float32, "cpu")
+    assert torch.equal(got, want_lat)
+    assert torch.equal(latent_image_ids(height, width, vsf, "cpu", torch.float32), want_ids)
+    unpacked = unpack_latents(got, height, width, vsf)
+    assert torch.equal(unpacked, FluxPipeline._unpack_latents(want_lat, height, width, vsf))
+    assert torch.equal(pack_latents(unpacked), got)
+    assert got.shape == (1, (height // 16) * (width // 16), 64)
+
+
+@pytest.mark.parametrize(("height", "width", "field", "nearest"), [
+    (250, 256, "height", "240 or 256"), (256, 1000, "width", "992 or 1008"), (8, 64, "height", "16"), (20, 64, "height", "16 or 32"),
+    (0, 64, "height", "16"), (64, -16, "width", "16"),
+])
+def test_size_not_multiple_of_16_names_size_and_nearest(height: int, width: int, field: str,
+                                                        nearest: str) -> None:
+    value = height if field == "height" else width
+    with pytest.raises(RequestError) as e:
+        check_image_size(height, width)
+    msg = str(e.value)
+    assert f"{field}={value}" in msg and "multiple of 16" in msg and msg.endswith(f"nearest valid {field}: {nearest}")
+
+
+def test_size_error_through_the_stages(ours: Pipeline) -> None:
+    with pytest.raises(RequestError, match=r"width=200 .* nearest valid width: 192 or 208"):
+        ours("a cat", height=128, width=200, num_inference_steps=1)
+    req = DenoiseRequest(prompt_embeds=torch.zeros(8, 32), pooled_prompt_embeds=torch.zeros(32), height=100,
+                         width=128)
+    with pytest.raises(RequestError, match=r"height=100 .* nearest valid height: 96 or 112"):
+        ours.denoiser.denoise([req])
+    with pytest.raises(RequestError, match="height=130"):
+        ours.vae.decode(torch.zeros(64, 64), 130, 128)
+
+
+@pytest.mark.parametrize(("field", "value", "match"), [
+    ("num_inference_steps", 0, "num_inference_steps=0 .* from 1 to 1000"),
+    ("seed", -1, "seed=-1 .* from 0 to 2\\*\\*64-1"),
+    ("seed", 1.5, "seed=1.5"),
+    ("guidance_scale", float("nan"), "guidance_scale=nan .* finite"),
+    ("prompt_embeds", torch.zeros(8, 31), "prompt_embeds has width 31; this model takes 32"),
+    ("pooled_prompt_embeds", torch.zeros(2, 32), "pooled_prompt_embeds has shape \\(2, 32\\)"),
+])
+def test_bad_request_fields_are_request_errors(ours: Pipeline, field: str, value: object, match: str) -> None:
+    kw = dict(prompt_embeds=torch.zeros(8, 32), pooled_prompt_embeds=torch.zeros(32), height=64, width=64,
+              num_inference_steps=1)
+    kw[field] = value
+    with pytest.raises(RequestError, match=match):
+        ours.denoiser.denoise([DenoiseRequest(**kw)])
+
+
+def test_pipeline_argument_errors(ours: Pipeline) -> None:
+    with pytest.raises(RequestError, match="seed has 1 values for 2 prompts"):
+        ours(["a", "b"], seed=[1], height=64, width=64, num_inference_steps=1)
+    with pytest.raises(RequestError, match="max_sequence_length=513 .* from 1 to 512"):
+        ours("a", height=64, width=64, num_inference_steps=1, max_sequence_length=513)
+    with pytest.raises(RequestError, match=r"negative_prompt=.* \(one per prompt\)"):
+        ours(["a", "b"], negative_prompt=["x"], true_cfg_scale=2.0, height=64, width=64, num_inference_steps=1)
+
+
+# ------------------------------------------------------------------------------------------------------ text encoder
+
+@pytest.mark.parametrize("max_sequence_length", [512, 77, 7])
+def test_text_encoder_equals_encode_prompt(ref: FluxPipeline, ours: Pipeline, max_sequence_length: int) -> None:
+    prompts = ["a photo of a cat", "", "the dog " * 60]  # empty, and one longer than CLIP's 77 tokens
+    with torch.no_grad():
+        want_embeds, want_pooled, want_ids = ref.encode_prompt(prompts, prompt_2=None,
+                                                               max_sequence_length=max_sequence_length)
+    got = ours.text_encoder.encode(prompts, max_sequence_length=max_sequence_length)
+    assert set(got) == {"prompt_embeds", "pooled_prompt_embeds", "text_ids"}
+    assert got["prompt_embeds"].shape == (3, max_sequence_length, 32)
+    assert torch.equal(got["prompt_embeds"], want_embeds)
+    assert torch.equal(got["pooled_prompt_embeds"], want_pooled)
+    assert torch.equal(got["text_ids"], want_ids)
+    # Batched encoding equals one prompt at a time.
+    for i, p in enumerate(prompts):
+        one = ours.text_encoder.encode(p, max_sequence_length=max_sequence_length)
+        torch.testing.assert_close(one["prompt_embeds"][0], got["prompt_embeds"][i], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(one["pooled_prompt_embeds"][0], got["pooled_prompt_embeds"][i],
+                                   rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------------------- VAE
+
+def test_vae_decode_equals_diffusers_decode_and_postprocess(ref: FluxPipeline, ours: Pipeline) -> None:
+    height, width = 128, 96
+    g = torch.Generator().manual_seed(3)
+    packed = torch.randn(2, (height // 16) * (width // 16), 64, generator=g) * 1.5
+    lat = FluxPipeline._unpack_latents(packed, height, width, ref.vae_scale_factor)
+    lat = lat / ref.vae.config.scaling_factor + ref.vae.config.shift_factor
+    with torch.no_grad():
+        decoded = ref.vae.decode(lat, return_dict=False)[0]
+    want = ref.image_processor.postprocess(decoded, output_type="pil")
+    got = ours.vae.decode(packed, height, width)
+    assert len(got) == 2
+    for a, b in zip(got, want, strict=True):
+        assert a.dtype == np.uint8 and a.shape == (height, width, 3)
+        assert np.array_equal(a, np.asarray(b))
+    # A list of per-request latents decodes the same as the stacked batch.
+    assert all(np.array_equal(a, b) for a, b in zip(ours.vae.decode(list(packed), height, width), got, strict=True))
+
+
+# -------------------------------------------------------------------------------------------- loading and progress
+
+@pytest.mark.parametrize(("component", "stage"), [("text_encoder_2", TextEncoderStage), ("vae", VaeDecoderStage),
+                                                  ("transformer", DenoiserStage), ("scheduler", DenoiserStage)])
+def test_missing_component_is_a_checkpoint_error_naming_it(tiny_dir: Path, tmp_path: Path, component: str,
+                                                           stage: type) -> None:
+    broken = tmp_path / "model"
+    shutil.copytree(tiny_dir, broken)
+    shutil.rmtree(broken / component)
+    with pytest.raises(CheckpointError, match=component):
+        stage.from_pretrained(broken, "float32", "cpu")
+
+
+def test_bad_dtype_and_device_name_the_value(tiny_dir: Path) -> None:
+    with pytest.raises(ValueError, match="dtype='float8'.*allowed"):
+        VaeDecoderStage.from_pretrained(tiny_dir, "float8", "cpu")
+    with pytest.raises(ValueError, match="device='tpu:0'.*allowed"):
+        VaeDecoderStage.from_pretrained(tiny_dir, "float32", "tpu:0")
+
+
+def test_progress_bar_only_when_asked(ours: Pipeline, capsys: pytest.CaptureFixture[str]) -> None:
+    reqs = ours.requests("a cat", height=64, width=64, num_inference_steps=2, max_sequence_length=8)
+    quiet = ours.denoiser.denoise(reqs)
+    assert "denoise" not in capsys.readouterr().err
+    loud = ours.denoiser.denoise(reqs, progress=True)
+    err = capsys.readouterr().err
+    assert "denoise" in err and "0/2" in err
+    assert torch.equal(quiet[0], loud[0])
