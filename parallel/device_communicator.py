@@ -58,8 +58,10 @@ class DeviceCommunicatorBase:
     def all_gather(self, input_: torch.Tensor, dim: int = -1) -> torch.Tensor:
         """Concatenate every rank's ``input_`` along ``dim``, in group-rank order."""
         dim = dim % input_.dim() if input_.dim() else 0
-        stacked = torch.empty((self.world_size, *input_.shape), dtype=input_.dtype, device=input_.device)
-        all_gather_single(stacked, input_.contiguous(), group=self._group_for(input_))
+        # flat buffers: the backends split the output along dim 0, one equal chunk per rank
+        flat = torch.empty(self.world_size * input_.numel(), dtype=input_.dtype, device=input_.device)
+        all_gather_single(flat, input_.contiguous().reshape(-1), group=self._group_for(input_))
+        stacked = flat.view(self.world_size, *input_.shape)
         if input_.dim() == 0:
             return stacked
         shape = list(input_.shape)
@@ -74,10 +76,10 @@ class DeviceCommunicatorBase:
                 f"reduce_scatter: size {input_.shape[dim]} of dim {dim} is not divisible by group size {self.world_size}"
             )
         moved = input_.movedim(dim, 0).contiguous()
-        out = torch.empty((moved.shape[0] // self.world_size, *moved.shape[1:]),
-                          dtype=input_.dtype, device=input_.device)
-        reduce_scatter_single(out, moved, group=self._group_for(input_))
-        return out.movedim(0, dim)
+        out = torch.empty(moved.numel() // self.world_size, dtype=input_.dtype, device=input_.device)
+        reduce_scatter_single(out, moved.reshape(-1), group=self._group_for(input_))
+        out = out.view(moved.shape[0] // self.world_size, *moved.shape[1:])
+        return out.movedim(0, dim).contiguous()
 
     def gather(self, input_: torch.Tensor, dst: int = 0, dim: int = -1) -> torch.Tensor | None:
         """Concatenate along ``dim`` on group rank ``dst``; other ranks get ``None``."""

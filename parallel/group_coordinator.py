@@ -29,17 +29,9 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
+from comm.serde import decode_from_bytes as _decode_bytes
+from comm.serde import encode_to_bytes as _encode_bytes
 from parallel.device_communicator import DeviceCommunicatorBase, all_gather_single
-
-try:  # comm.serde is the project codec (tensors as out-of-band buffers); plain msgpack until it lands
-    from comm.serde import decode_from_bytes as _decode_bytes
-    from comm.serde import encode_to_bytes as _encode_bytes
-except ImportError:  # pragma: no cover - only while comm.serde is being written
-    def _encode_bytes(obj: Any) -> bytes:
-        return msgspec.msgpack.encode(obj)
-
-    def _decode_bytes(buf: Any, type: Any = Any) -> Any:  # noqa: A002 - mirrors comm.serde
-        return msgspec.msgpack.decode(buf, type=type)
 
 logger = logging.getLogger(__name__)
 
@@ -443,19 +435,13 @@ class GroupCoordinator:
 
     # ------------------------------------------------------------------ message-queue broadcaster
     def _init_message_queue(self) -> None:
-        from comm.shm_broadcast import Handle, MessageQueue
+        """Collective: group rank 0 creates the queue and shares its Handle over the cpu group.
 
-        same_node = in_the_same_node_as(self.cpu_group, source_rank=0)
-        if self.rank_in_group == 0:
-            local_readers = [i for i in range(1, self.world_size) if same_node[i]]
-            mq = MessageQueue(self.world_size - 1, len(local_readers), local_reader_ranks=local_readers)
-            payload = msgspec.msgpack.encode(mq.export_handle())
-            self._broadcast_bytes(payload, 0)
-        else:
-            handle = msgspec.msgpack.decode(self._broadcast_bytes(None, 0), type=Handle)
-            mq = MessageQueue.create_from_handle(handle, self.rank_in_group)
-        mq.wait_until_ready()
-        self.mq_broadcaster = mq
+        Ranks on rank 0's node read the shared-memory ring; others attach as remote (ZMQ) readers.
+        """
+        from comm.shm_broadcast import MessageQueue
+
+        self.mq_broadcaster = MessageQueue.create_from_process_group(self.cpu_group, writer_rank=0)
 
     # ------------------------------------------------------------------ teardown
     def destroy(self) -> None:

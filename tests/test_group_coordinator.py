@@ -1,0 +1,212 @@
+"""GroupCoordinator collectives with exact expected values, in a world of 4 with subgroups."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+from spawn import run_workers
+
+from parallel import state
+from parallel.group_coordinator import GroupCoordinator
+
+
+def _x(rank: int) -> torch.Tensor:
+    """A per-rank 2x4 tensor whose every entry says which rank made it."""
+    return torch.arange(8, dtype=torch.float32).reshape(2, 4) + 100 * rank
+
+
+def _collectives_worker(rank: int, world_size: int) -> dict:
+    state.init_distributed_environment()
+    state.initialize_model_parallel(ulysses_degree=2)  # ulysses [[0,1],[2,3]], dp [[0,2],[1,3]]
+    out: dict = {}
+    try:
+        for name, group in (("world", state.get_world_group()), ("ulysses", state.get_ulysses_group()),
+                            ("dp", state.get_dp_group())):
+            r = {}
+            x = _x(rank)
+            before = x.clone()
+            r["all_reduce"] = group.all_reduce(x).tolist()
+            r["all_reduce_keeps_input"] = torch.equal(x, before)
+            r["all_gather"] = {d: group.all_gather(x, dim=d).tolist() for d in (0, 1, -1, -2)}
+            r["all_gather_3d_dim1"] = group.all_gather(x.reshape(2, 2, 2), dim=1).tolist()
+            big = torch.arange(16, dtype=torch.float32).reshape(4, 4) * (rank + 1)
+            r["reduce_scatter"] = {d: group.reduce_scatter(big, dim=d).tolist() for d in (0, 1, -1)}
+            g = group.gather(x, dst=1, dim=0)
+            r["gather"] = None if g is None else g.tolist()
+            b = _x(rank)
+            r["broadcast"] = group.broadcast(b, src=1).tolist()
+            r["broadcast_in_place"] = b.tolist() == r["broadcast"]
+            obj = {"from": rank, "list": [1, "two", 3.5], "t": torch.full((3,), float(rank))}
+            got = group.broadcast_object(obj if group.rank_in_group == 1 else None, src=1)
+            r["broadcast_object"] = {"from": got["from"], "list": got["list"], "t": got["t"].tolist()}
+            objs = [None, None, None] if group.rank_in_group != 0 else [rank, {"k": "v"}, [rank, rank]]
+            r["broadcast_object_list"] = group.broadcast_object_list(objs, src=0)
+            out[name] = r
+    finally:
+        state.destroy_distributed_environment()
+    return out
+
+
+@pytest.mark.distributed
+def test_collectives_exact_values_world4_and_subgroups():
+    results = run_workers(_collectives_worker, 4, timeout=90)
+    groups = {"world": [[0, 1, 2, 3]], "ulysses": [[0, 1], [2, 3]], "dp": [[0, 2], [1, 3]]}
+    for rank, res in enumerate(results):
+        for name, all_groups in groups.items():
+            members = next(g for g in all_groups if rank in g)
+            me = members.index(rank)
+            r = res[name]
+            xs = [_x(m) for m in members]
+            assert r["all_reduce"] == sum(xs).tolist(), (name, rank)
+            assert r["all_reduce_keeps_input"]
+            for d, got in r["all_gather"].items():
+                assert got == torch.cat(xs, dim=int(d)).tolist(), (name, rank, d)
+            assert r["all_gather_3d_dim1"] == torch.cat([x.reshape(2, 2, 2) for x in xs], dim=1).tolist()
+            total = sum(torch.arange(16, dtype=torch.float32).reshape(4, 4) * (m + 1) for m in members)
+            for d, got in r["reduce_scatter"].items():
+                assert got == total.chunk(len(members), dim=int(d))[me].tolist(), (name, rank, d)
+            if me == 1:
+                assert r["gather"] == torch.cat(xs, dim=0).tolist()
+            else:
+                assert r["gather"] is None
+            assert r["broadcast"] == _x(members[1]).tolist() and r["broadcast_in_place"]
+            assert r["broadcast_object"] == {"from": members[1], "list": [1, "two", 3.5],
+                                             "t": [float(members[1])] * 3}
+            m0 = members[0]
+            assert r["broadcast_object_list"] == [m0, {"k": "v"}, [m0, m0]]
+
+
+def _mixed_dict(rank: int) -> dict:
+    return {
+        "x": torch.arange(12, dtype=torch.float32).reshape(3, 4) + rank,
+        "ids": torch.arange(6, dtype=torch.int64).reshape(2, 3).t(),  # non-contiguous
+        "bf": torch.linspace(-2, 2, 5, dtype=torch.bfloat16),
+        "flag": torch.tensor([True, False, True]),
+        "empty": torch.empty(0, 7),
+        "scalar": torch.tensor(3.25, dtype=torch.float64),
+        "n": 42,
+        "s": "prompt",
+        "none": None,
+        "nested": {"a": [1, 2], "b": 1.5},
+        7: "int key",
+    }
+
+
+def _describe(d: dict) -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, torch.Tensor):
+            out[str(k)] = ["tensor", str(v.dtype), list(v.shape), v.float().tolist()]
+        else:
+            out[str(k)] = ["value", v]
+    return out
+
+
+def _dict_worker(rank: int, world_size: int, workdir: str) -> dict:
+    state.init_distributed_environment()
+    state.initialize_model_parallel(ulysses_degree=2)
+    out: dict = {}
+    try:
+        world = state.get_world_group()
+        got = world.broadcast_tensor_dict(_mixed_dict(rank) if rank == 2 else None, src=2)
+        out["bcast_world"] = _describe(got)
+        ul = state.get_ulysses_group()  # [0,1] / [2,3]
+        got = ul.broadcast_tensor_dict(_mixed_dict(rank) if ul.rank_in_group == 0 else None, src=0)
+        out["bcast_ulysses"] = _describe(got)
+
+        # point to point inside the dp group [0,2] / [1,3]: rank 0 of the group sends first
+        dp = state.get_dp_group()
+        if dp.rank_in_group == 0:
+            dp.send_tensor_dict(_mixed_dict(rank), dst=1)
+            out["recv_dict"] = _describe(dp.recv_tensor_dict(src=1))
+            dp.send_object({"hello": rank, "t": torch.ones(2) * rank}, dst=1)
+        else:
+            out["recv_dict"] = _describe(dp.recv_tensor_dict())  # default src: previous rank
+            dp.send_tensor_dict(_mixed_dict(rank))  # default dst: next rank
+            o = dp.recv_object(src=0)
+            out["recv_object"] = {"hello": o["hello"], "t": o["t"].tolist()}
+
+        # barrier: nobody passes before everyone has written its marker
+        if rank == 3:
+            time.sleep(0.3)
+        open(os.path.join(workdir, f"marker{rank}"), "w").close()
+        world.barrier()
+        out["markers_after_barrier"] = sorted(f for f in os.listdir(workdir) if f.startswith("marker"))
+        out["same_node"] = state.in_the_same_node_as(world.cpu_group, source_rank=0)
+    finally:
+        state.destroy_distributed_environment()
+    return out
+
+
+@pytest.mark.distributed
+def test_tensor_dicts_objects_and_barrier(tmp_path):
+    results = run_workers(_dict_worker, 4, args=(str(tmp_path),), timeout=90)
+    for rank, r in enumerate(results):
+        assert r["bcast_world"] == _describe(_mixed_dict(2))
+        assert r["bcast_ulysses"] == _describe(_mixed_dict(0 if rank < 2 else 2))
+        peer = {0: 2, 2: 0, 1: 3, 3: 1}[rank]
+        assert r["recv_dict"] == _describe(_mixed_dict(peer))
+        if rank in (2, 3):
+            assert r["recv_object"] == {"hello": peer, "t": [float(peer)] * 2}
+        assert r["markers_after_barrier"] == [f"marker{i}" for i in range(4)]
+        assert r["same_node"] == [True] * 4
+
+
+def _mq_worker(rank: int, world_size: int) -> dict:
+    state.init_distributed_environment()
+    out: dict = {}
+    try:
+        mq_world = GroupCoordinator([list(range(world_size))], rank, "gloo",
+                                    use_message_queue_broadcaster=True, group_name="mq_world")
+        mq_pairs = GroupCoordinator([[0, 2], [1, 3]], rank, "gloo",
+                                    use_message_queue_broadcaster=True, group_name="mq_pairs")
+        out["has_mq"] = [mq_world.mq_broadcaster is not None, mq_pairs.mq_broadcaster is not None]
+        seen = []
+        for i in range(5):
+            msg = {"step": i, "t": torch.arange(4) * i, "big": torch.full((50_000,), float(i))} \
+                if mq_world.rank_in_group == 0 else None
+            got = mq_world.broadcast_object(msg)
+            seen.append([got["step"], got["t"].tolist(), float(got["big"].sum())])
+        out["world"] = seen
+        got = mq_pairs.broadcast_object(["pair", rank] if mq_pairs.rank_in_group == 0 else None)
+        out["pairs"] = list(got)
+        try:
+            mq_world.broadcast_object("x", src=1)
+        except ValueError as e:
+            out["src1_error"] = str(e)
+        mq_world.destroy()
+        mq_pairs.destroy()
+    finally:
+        state.destroy_distributed_environment()
+    return out
+
+
+@pytest.mark.distributed
+def test_message_queue_broadcaster():
+    results = run_workers(_mq_worker, 4, timeout=90)
+    for rank, r in enumerate(results):
+        assert r["has_mq"] == [True, True]
+        assert r["world"] == [[i, [0, i, 2 * i, 3 * i], 50_000.0 * i] for i in range(5)]
+        assert r["pairs"] == ["pair", rank % 2]
+        assert "only sends from rank 0" in r["src1_error"]
+
+
+def test_single_process_group_is_identity():
+    assert not dist.is_initialized()
+    g = GroupCoordinator([[0]], 0, "gloo", group_name="solo")
+    assert (g.ranks, g.rank, g.rank_in_group, g.world_size) == ([0], 0, 0, 1)
+    x = torch.arange(6.0).reshape(2, 3)
+    assert g.all_reduce(x) is x and g.all_gather(x, 0) is x and g.reduce_scatter(x, 1) is x
+    assert g.gather(x, 0, 1) is x and g.broadcast(x, 0) is x
+    d = {"x": x, "n": 1}
+    assert g.broadcast_tensor_dict(d) is d
+    assert g.broadcast_object_list([1, 2]) == [1, 2]
+    g.barrier()
+    with pytest.raises(ValueError, match="src=1 is not a rank of group solo"):
+        g.broadcast(x, src=1)
+    with pytest.raises(RuntimeError, match="init_distributed_environment"):
+        GroupCoordinator([[0, 1]], 0, "gloo")
