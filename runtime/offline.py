@@ -1,0 +1,141 @@
+"""Offline generation: ``omni-runtime generate`` (one image to a file) and ``omni-runtime batch`` (a JSONL file).
+
+``batch`` is resumable: line ``i`` of the prompts file writes ``<i:05d>.<ext>`` (``<i:05d>-<k>.<ext>`` for
+``n > 1``) and then appends one line to ``manifest.jsonl``; a rerun skips every line whose manifest entry and
+files exist. Images are written to a temporary name and renamed, so an interrupted run never leaves a
+truncated image that would count as done. Every line is validated before anything runs; a bad line is an error
+naming the line and the field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from runtime.config import RuntimeConfig
+from runtime.requests import GenerationRequest, RequestError, parse_request
+
+logger = logging.getLogger(__name__)
+
+_EXT = {"png": "png", "jpeg": "jpg", "webp": "webp"}
+_FORMAT_OF_SUFFIX = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
+
+
+def request_from_args(args: argparse.Namespace, output_format: str) -> GenerationRequest:
+    raw: dict[str, Any] = {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "seed": args.seed,
+                           "num_inference_steps": args.steps, "size": args.size, "guidance_scale": args.guidance,
+                           "true_cfg_scale": args.true_cfg_scale, "output_format": output_format}
+    return parse_request({k: v for k, v in raw.items() if v is not None})
+
+
+def generate_to_file(cfg: RuntimeConfig, args: argparse.Namespace, in_process: bool = False) -> Path:
+    from runtime.omni import Omni
+
+    out = Path(args.output)
+    fmt = _FORMAT_OF_SUFFIX.get(out.suffix.lower())
+    if fmt is None:
+        raise RequestError(f"--output {str(out)!r}: the suffix must be one of {', '.join(_FORMAT_OF_SUFFIX)}",
+                           "output")
+    req = request_from_args(args, fmt)
+    with Omni(cfg, in_process=in_process) as omni:
+        data = omni.generate_encoded(req)[0]
+    _write_atomic(out, data)
+    print(f"wrote {out} (seed {req.seed}, {req.width}x{req.height}, {req.num_inference_steps} steps)")
+    return out
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def read_prompts(path: str | Path) -> list[tuple[int, GenerationRequest]]:
+    """Parse and validate every line (blank lines are skipped but keep their number)."""
+    reqs: list[tuple[int, GenerationRequest]] = []
+    text = Path(path).read_text(encoding="utf-8")
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+            reqs.append((lineno, parse_request(obj, allow_unknown=False)))
+        except ValueError as e:
+            param = getattr(e, "param", None)
+            raise RequestError(f"{path} line {lineno}: {e}", param) from None
+    return reqs
+
+
+def _done_lines(manifest: Path, out_dir: Path) -> set[int]:
+    done: set[int] = set()
+    if not manifest.exists():
+        return done
+    for line in manifest.read_text(encoding="utf-8").splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by an interruption
+        if isinstance(entry, dict) and all((out_dir / f).exists() for f in entry.get("files", [])):
+            done.add(int(entry["line"]))
+    return done
+
+
+def _file_names(lineno: int, req: GenerationRequest) -> list[str]:
+    ext = _EXT[req.output_format]
+    if req.n == 1:
+        return [f"{lineno:05d}.{ext}"]
+    return [f"{lineno:05d}-{k}.{ext}" for k in range(req.n)]
+
+
+def run_batch(cfg: RuntimeConfig, prompts: str | Path, out_dir: str | Path, in_process: bool = False,
+              max_in_flight: int = 16, omni: Any = None) -> dict[str, int]:
+    """Generate every line not done yet; returns ``{"total", "skipped", "generated"}``."""
+    items = read_prompts(prompts)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = out / "manifest.jsonl"
+    done = _done_lines(manifest, out)
+    todo = [(ln, r) for ln, r in items if ln not in done]
+    stats = {"total": len(items), "skipped": len(items) - len(todo), "generated": 0}
+    if not todo:
+        print(f"nothing to do: all {len(items)} line(s) of {prompts} are in {manifest}")
+        return stats
+    own = omni is None
+    if own:
+        from runtime.omni import Omni
+
+        omni = Omni(cfg, in_process=in_process)
+    try:
+        with open(manifest, "a", encoding="utf-8") as mf, tqdm(total=len(items), initial=stats["skipped"],
+                                                               desc="batch", unit="line") as bar:
+            pending: dict[concurrent.futures.Future, tuple[int, GenerationRequest]] = {}
+            queue = list(todo)
+            while queue or pending:
+                while queue and len(pending) < max_in_flight:
+                    ln, req = queue.pop(0)
+                    pending[omni.submit(req)] = (ln, req)
+                finished, _ = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
+                for fut in finished:
+                    ln, req = pending.pop(fut)
+                    names = _file_names(ln, req)
+                    for name, data in zip(names, fut.result(), strict=True):
+                        _write_atomic(out / name, data)
+                    mf.write(json.dumps({"line": ln, "files": names, "prompt": req.prompt, "seeds": req.seeds(),
+                                         "size": f"{req.width}x{req.height}",
+                                         "num_inference_steps": req.num_inference_steps}) + "\n")
+                    mf.flush()
+                    os.fsync(mf.fileno())
+                    stats["generated"] += 1
+                    bar.update(1)
+    finally:
+        if own:
+            omni.close()
+    return stats
