@@ -30,30 +30,15 @@ class ReplicaLayout(msgspec.Struct, kw_only=True):
 
 
 def denoiser_groups(ulysses: int, ring: int, cfg: int, pp: int) -> list[dict[str, list[int]]]:
-    """For each rank of a ``ulysses x ring x pp x cfg`` mesh, the global ranks of each of its groups."""
-    sp = ulysses * ring
-    world = sp * pp * cfg
-    dims = {"ulysses": (1, ulysses), "ring": (ulysses, ring), "pp": (sp, pp), "cfg": (sp * pp, cfg)}
+    """For each rank of a ``ulysses x ring x pp x cfg`` mesh, the global ranks of each of its groups
+    (``parallel.parallel_config.ParallelConfig.group_ranks``, the same arithmetic the stage processes use)."""
+    from parallel.parallel_config import ParallelConfig
 
-    def coords(r: int) -> dict[str, int]:
-        return {name: (r // stride) % size for name, (stride, size) in dims.items()}
-
-    def members(r: int, varying: tuple[str, ...]) -> list[int]:
-        c = coords(r)
-        return [q for q in range(world)
-                if all(coords(q)[n] == c[n] for n in dims if n not in varying)]
-
-    out = []
-    for r in range(world):
-        out.append({
-            "world": list(range(world)),
-            "sp": members(r, ("ulysses", "ring")),
-            "ulysses": members(r, ("ulysses",)),
-            "ring": members(r, ("ring",)),
-            "pp": members(r, ("pp",)),
-            "cfg": members(r, ("cfg",)),
-        })
-    return out
+    pc = ParallelConfig(ulysses_degree=ulysses, ring_degree=ring, cfg_parallel_size=cfg, pipeline_parallel_size=pp)
+    world = ulysses * ring * cfg * pp
+    all_groups = pc.group_ranks(world)
+    names = ("world", "sp", "ulysses", "ring", "pp", "cfg")
+    return [{n: next(list(g) for g in all_groups[n] if r in g) for n in names} for r in range(world)]
 
 
 def _device_for(cfg: RuntimeConfig, stage: str, index: int) -> str:
