@@ -1,0 +1,229 @@
+"""Sequence-parallel communication primitives: Ulysses all-to-all and the Ring P2P exchange.
+
+* ``all_to_all_4D`` re-shards q/k/v between "split by sequence" and "split by heads":
+  ``(bs, seq/P, hc, hd) -> (bs, seq, hc/P, hd)`` (``scatter_idx=2, gather_idx=1``) and back
+  (``scatter_idx=1, gather_idx=2``). ``all_to_all_5D`` does the same for packed qkv
+  ``(bs, seq/P, 3, hc, hd) <-> (bs, seq, 3, hc/P, hd)``.
+* ``SeqAllToAll4D`` / ``SeqAllToAll5D`` are their autograd Functions: the backward of an
+  all-to-all is the reverse all-to-all.
+* ``RingComm`` queues a send to the next rank and a receive from the previous one, launches them
+  together (``commit``) and waits (``wait``): the inner loop of ring attention.
+
+Sequence chunks are ordered by rank in the group: rank ``i`` holds sequence rows
+``[i*seq/P, (i+1)*seq/P)`` and, after the forward all-to-all, heads ``[i*hc/P, (i+1)*hc/P)``.
+``group=None`` means the default (world) group; a group of one rank (or no torch.distributed at all)
+makes every function the identity.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed import ProcessGroup
+
+logger = logging.getLogger(__name__)
+
+
+def _group_size(group: ProcessGroup | None) -> int:
+    if not dist.is_initialized():
+        return 1
+    return dist.get_world_size(group)
+
+
+def _sync(tensor: torch.Tensor, use_sync: bool) -> None:
+    if use_sync and tensor.is_cuda:
+        torch.cuda.synchronize(tensor.device)
+
+
+def _check_divisible(what: str, size: int, world: int) -> None:
+    if size % world != 0:
+        raise ValueError(f"all-to-all: {what} {size} is not divisible by the group size {world}")
+
+
+def _all_to_all_dim0(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
+    """Chunk ``i`` of ``x`` along dim 0 goes to rank ``i``; chunk ``j`` of the result came from rank ``j``."""
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    dist.all_to_all_single(out, x, group=group)
+    return out
+
+
+def all_to_all_4D(
+    input: torch.Tensor,  # noqa: A002 - the documented parameter name
+    scatter_idx: int = 2,
+    gather_idx: int = 1,
+    group: ProcessGroup | None = None,
+    use_sync: bool = False,
+) -> torch.Tensor:
+    """All-to-all for q/k/v in ``(batch, seq, heads, head_dim)`` layout.
+
+    ``scatter_idx=2, gather_idx=1``: ``(bs, seq/P, hc, hd) -> (bs, seq, hc/P, hd)`` (scatter heads,
+    gather sequence). ``scatter_idx=1, gather_idx=2``: ``(bs, seq, hc/P, hd) -> (bs, seq/P, hc, hd)``.
+    The head count (resp. sequence length) must be divisible by the group size.
+    """
+    if input.dim() != 4:
+        raise ValueError(f"all_to_all_4D expects a 4-d tensor (bs, seq, heads, head_dim), got shape {tuple(input.shape)}")
+    world = _group_size(group)
+    if (scatter_idx, gather_idx) not in ((2, 1), (1, 2)):
+        raise ValueError(f"all_to_all_4D supports (scatter_idx, gather_idx) = (2, 1) or (1, 2), "
+                         f"got ({scatter_idx}, {gather_idx})")
+    if world == 1:
+        return input
+    if scatter_idx == 2:
+        bs, shard_seq, hc, hd = input.shape
+        _check_divisible("head count", hc, world)
+        # (bs, s/P, P, hc/P, hd) -> (P, s/P, bs, hc/P, hd): chunk p = heads for rank p
+        x = input.reshape(bs, shard_seq, world, hc // world, hd).permute(2, 1, 0, 3, 4)
+        out = _all_to_all_dim0(x, group)
+        _sync(out, use_sync)
+        # dim 0 is now the source rank = the sequence chunk index
+        return out.reshape(world * shard_seq, bs, hc // world, hd).transpose(0, 1).contiguous()
+    bs, seq, shard_hc, hd = input.shape
+    _check_divisible("sequence length", seq, world)
+    # (bs, P, s/P, hc/P, hd) -> (P, hc/P, s/P, bs, hd): chunk p = sequence rows for rank p
+    x = input.reshape(bs, world, seq // world, shard_hc, hd).permute(1, 3, 2, 0, 4)
+    out = _all_to_all_dim0(x, group)
+    _sync(out, use_sync)
+    # dim 0 is now the source rank = the head chunk index
+    return out.reshape(world * shard_hc, seq // world, bs, hd).permute(2, 1, 0, 3).contiguous()
+
+
+def all_to_all_5D(
+    input: torch.Tensor,  # noqa: A002 - the documented parameter name
+    scatter_idx: int = 3,
+    gather_idx: int = 1,
+    group: ProcessGroup | None = None,
+    use_sync: bool = False,
+) -> torch.Tensor:
+    """All-to-all for packed qkv ``(bs, seq, 3, heads, head_dim)``.
+
+    ``scatter_idx=3, gather_idx=1``: ``(bs, seq/P, 3, hc, hd) -> (bs, seq, 3, hc/P, hd)``;
+    ``scatter_idx=1, gather_idx=3``: the reverse.
+    """
+    if input.dim() != 5:
+        raise ValueError(f"all_to_all_5D expects a 5-d tensor (bs, seq, 3, heads, head_dim), got shape "
+                         f"{tuple(input.shape)}")
+    world = _group_size(group)
+    if (scatter_idx, gather_idx) not in ((3, 1), (1, 3)):
+        raise ValueError(f"all_to_all_5D supports (scatter_idx, gather_idx) = (3, 1) or (1, 3), "
+                         f"got ({scatter_idx}, {gather_idx})")
+    if world == 1:
+        return input
+    if scatter_idx == 3:
+        bs, shard_seq, three, hc, hd = input.shape
+        _check_divisible("head count", hc, world)
+        # (bs, s/P, 3, P, hc/P, hd) -> (P, s/P, bs, 3, hc/P, hd)
+        x = input.reshape(bs, shard_seq, three, world, hc // world, hd).permute(3, 1, 0, 2, 4, 5)
+        out = _all_to_all_dim0(x, group)
+        _sync(out, use_sync)
+        return out.reshape(world * shard_seq, bs, three, hc // world, hd).transpose(0, 1).contiguous()
+    bs, seq, three, shard_hc, hd = input.shape
+    _check_divisible("sequence length", seq, world)
+    # (bs, P, s/P, 3, hc/P, hd) -> (P, hc/P, s/P, bs, 3, hd)
+    x = input.reshape(bs, world, seq // world, three, shard_hc, hd).permute(1, 4, 2, 0, 3, 5)
+    out = _all_to_all_dim0(x, group)
+    _sync(out, use_sync)
+    # (P*hc/P, s/P, bs, 3, hd) -> (bs, s/P, 3, hc, hd)
+    return out.reshape(world * shard_hc, seq // world, bs, three, hd).permute(2, 1, 3, 0, 4).contiguous()
+
+
+class SeqAllToAll4D(torch.autograd.Function):
+    """Differentiable :func:`all_to_all_4D`; the gradient goes back through the reverse all-to-all."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        group: ProcessGroup | None,
+        input: torch.Tensor,  # noqa: A002
+        scatter_idx: int,
+        gather_idx: int,
+        use_sync: bool = False,
+    ) -> torch.Tensor:
+        ctx.group, ctx.scatter_idx, ctx.gather_idx, ctx.use_sync = group, scatter_idx, gather_idx, use_sync
+        return all_to_all_4D(input, scatter_idx, gather_idx, group=group, use_sync=use_sync)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[None, torch.Tensor, None, None, None]:
+        grad = SeqAllToAll4D.apply(ctx.group, grad_output, ctx.gather_idx, ctx.scatter_idx, ctx.use_sync)
+        return None, grad, None, None, None
+
+
+class SeqAllToAll5D(torch.autograd.Function):
+    """Differentiable :func:`all_to_all_5D`; the gradient goes back through the reverse all-to-all."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        group: ProcessGroup | None,
+        input: torch.Tensor,  # noqa: A002
+        scatter_idx: int = 3,
+        gather_idx: int = 1,
+        use_sync: bool = False,
+    ) -> torch.Tensor:
+        ctx.group, ctx.scatter_idx, ctx.gather_idx, ctx.use_sync = group, scatter_idx, gather_idx, use_sync
+        return all_to_all_5D(input, scatter_idx, gather_idx, group=group, use_sync=use_sync)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[None, torch.Tensor, None, None, None]:
+        grad = SeqAllToAll5D.apply(ctx.group, grad_output, ctx.gather_idx, ctx.scatter_idx, ctx.use_sync)
+        return None, grad, None, None, None
+
+
+class RingComm:
+    """Point-to-point ring over ``process_group``: send to rank+1, receive from rank-1 (in the group).
+
+    Usage, once per ring step::
+
+        comm = RingComm(group)
+        next_k = comm.send_recv(k)      # queue: send k, receive into a new tensor
+        comm.commit()                   # launch all queued ops together
+        ...compute with k...
+        comm.wait()                     # next_k is now filled
+
+    Peers are addressed by *global* rank (gloo's P2P needs them), mapped from group ranks here.
+    """
+
+    def __init__(self, process_group: ProcessGroup | None) -> None:
+        self._process_group = process_group
+        self._ops: list[dist.P2POp] = []
+        self._reqs: list[Any] | None = None
+        self.rank = dist.get_rank(process_group)
+        self.world_size = dist.get_world_size(process_group)
+        self.send_rank = (self.rank + 1) % self.world_size
+        self.recv_rank = (self.rank - 1) % self.world_size
+        if process_group is not None:
+            self.send_rank = dist.get_global_rank(process_group, self.send_rank)
+            self.recv_rank = dist.get_global_rank(process_group, self.recv_rank)
+
+    def send_recv(self, to_send: torch.Tensor, recv_tensor: torch.Tensor | None = None) -> torch.Tensor:
+        """Queue sending ``to_send`` to the next rank and receiving the previous rank's tensor.
+
+        Returns the tensor that will hold the received data after :meth:`wait` (``recv_tensor`` if
+        given, else a new tensor shaped like ``to_send``). ``to_send`` must not change until then.
+        """
+        if recv_tensor is None:
+            recv_tensor = torch.empty_like(to_send, memory_format=torch.contiguous_format)
+        elif recv_tensor.shape != to_send.shape or recv_tensor.dtype != to_send.dtype:
+            raise ValueError(f"recv_tensor {tuple(recv_tensor.shape)} {recv_tensor.dtype} does not match "
+                             f"to_send {tuple(to_send.shape)} {to_send.dtype}")
+        self._ops.append(dist.P2POp(dist.isend, to_send.contiguous(), self.send_rank, group=self._process_group))
+        self._ops.append(dist.P2POp(dist.irecv, recv_tensor, self.recv_rank, group=self._process_group))
+        return recv_tensor
+
+    def commit(self) -> None:
+        """Launch every queued send/receive."""
+        if self._reqs is not None:
+            raise RuntimeError("RingComm.commit() called twice without wait()")
+        self._reqs = dist.batch_isend_irecv(self._ops) if self._ops else []
+
+    def wait(self) -> None:
+        """Wait for the launched operations; afterwards the tensors from :meth:`send_recv` are filled."""
+        if self._reqs is None:
+            raise RuntimeError("RingComm.wait() called before commit()")
+        for req in self._reqs:
+            req.wait()
+        self._reqs = None
+        self._ops = []
