@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from parallel.state import get_sequence_parallel_world_size
 from stages.errors import RequestError
 from stages.latents import (
     check_image_size,
@@ -77,15 +78,6 @@ def load_transformer(path: str | Path, dtype: torch.dtype, device: torch.device)
     return FluxTransformer.from_pretrained(component_dir(path, "transformer"), dtype=dtype, device=device)
 
 
-def _sequence_parallel_size() -> int:
-    try:  # TODO(e4): plain import once parallel/state.py lands
-        from parallel.state import get_sequence_parallel_world_size, model_parallel_is_initialized
-    except ModuleNotFoundError:
-        return 1
-
-    return get_sequence_parallel_world_size() if model_parallel_is_initialized() else 1
-
-
 def _as_2d(t: torch.Tensor, field: str) -> torch.Tensor:
     if t.dim() == 3 and t.shape[0] == 1:
         return t[0]
@@ -127,7 +119,7 @@ class DenoiserStage:
         config = read_config(component_dir(path, "transformer"))
         schedule = FlowMatchSchedule.from_pretrained(path)
         model = load_transformer(path, torch_dtype, dev)
-        sp = _sequence_parallel_size()
+        sp = get_sequence_parallel_world_size()
         if sp > 1:
             from parallel.sp_plan import apply_sequence_parallel
 

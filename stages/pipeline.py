@@ -61,6 +61,8 @@ class Pipeline:
         else:
             seeds = [seed] * n
         negatives = _as_list(negative_prompt, n, "negative_prompt")
+        if isinstance(true_cfg_scale, bool) or not isinstance(true_cfg_scale, (int, float)):
+            raise RequestError(f"true_cfg_scale={true_cfg_scale!r} is not allowed; it must be a finite number")
         do_cfg = true_cfg_scale > 1 and negatives is not None
         enc = self.text_encoder.encode(prompts, max_sequence_length=max_sequence_length)
         neg = self.text_encoder.encode(negatives, max_sequence_length=max_sequence_length) if do_cfg else None

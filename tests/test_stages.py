@@ -239,3 +239,8 @@ def test_progress_bar_only_when_asked(ours: Pipeline, capsys: pytest.CaptureFixt
     err = capsys.readouterr().err
     assert "denoise" in err and "0/2" in err
     assert torch.equal(quiet[0], loud[0])
+
+
+def test_true_cfg_scale_of_wrong_type_is_a_request_error(ours: Pipeline) -> None:
+    with pytest.raises(RequestError, match="true_cfg_scale='2'"):
+        ours("a", negative_prompt="b", true_cfg_scale="2", height=64, width=64, num_inference_steps=1)
