@@ -59,11 +59,18 @@ A writer that finds the ring full spins for 1 ms, then sleeps with exponential b
 naming the reader ranks that have not consumed the chunk (a dead reader never does); with
 ``timeout=None`` it waits forever but logs a warning every 60 s.
 
-Shutdown
---------
+Remote readers get every message over XPUB/SUB with a bounded queue (:attr:`MessageQueue.remote_hwm`
+messages per side) and ``XPUB_NODROP``: a remote reader that falls behind makes ``enqueue`` wait (with
+the same backoff and timeout) instead of silently losing messages.
+
+Shutdown and failures
+---------------------
 :meth:`MessageQueue.shutdown` may be called from any thread: a blocked ``dequeue`` (or ``enqueue``)
 raises :class:`MessageQueueCancelled` at once (an inproc PAIR socket in the reader's poller plus a
-``threading.Event`` for the writer's sleeps).
+``threading.Event`` for the writer's sleeps). A blocked local reader also checks once a second that the
+writer process is alive and raises :class:`MessageQueueCancelled` when it is gone. ``enqueue``,
+``dequeue`` and ``close`` belong to the thread that owns the queue: call ``shutdown()`` from another
+thread first, then ``close()`` from the owner.
 
 Shared-memory lifetime
 ----------------------
@@ -142,6 +149,7 @@ class Handle(msgspec.Struct, frozen=True):
     local_wake_addr: str | None
     local_overflow_addr: str | None
     remote_addr: str | None
+    writer_pid: int = 0
 
 
 _FENCE_LOCK = threading.Lock()
@@ -296,8 +304,11 @@ def _default_connect_ip() -> str:
         return "127.0.0.1"
 
 
-def _frame_len(f: Any) -> int:
-    return f.nbytes if isinstance(f, memoryview) else len(f)
+def _as_bytes(f: Any) -> memoryview:
+    mv = memoryview(f)
+    if mv.format != "B" or mv.ndim != 1:
+        mv = mv.cast("B")
+    return mv
 
 
 def _inline_size(lengths: Sequence[int]) -> int:
@@ -306,6 +317,18 @@ def _inline_size(lengths: Sequence[int]) -> int:
     for n in lengths:
         pos = _align(pos + n)
     return pos
+
+
+def _pid_alive(pid: int) -> bool:
+    """True if ``pid`` is running (a zombie counts as dead)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+    return data[data.rindex(b")") + 2 : data.rindex(b")") + 3] not in (b"Z", b"X")
 
 
 def _deadline(timeout: float | None) -> float | None:
@@ -336,6 +359,8 @@ class MessageQueue:
     """With ``timeout=None``, a warning is logged this often while still waiting."""
     close_linger_ms: int = 5000
     """How long ``close()`` lets queued ZMQ data (overflow / remote) drain to live readers."""
+    remote_hwm: int = 64
+    """Messages queued per remote reader (on each side of the connection) before ``enqueue`` waits."""
 
     def __init__(
         self,
@@ -383,7 +408,9 @@ class MessageQueue:
                 self._overflow.bind(overflow_addr)
             if self.n_remote_reader > 0:
                 ip = connect_ip or _default_connect_ip()
-                self._remote = self._socket(zmq.XPUB, sndhwm=0, linger=self.close_linger_ms)
+                # Bounded queue per remote reader, and no silent drops: a full queue makes enqueue wait.
+                self._remote = self._socket(zmq.XPUB, sndhwm=self.remote_hwm, linger=self.close_linger_ms)
+                self._remote.setsockopt(zmq.XPUB_NODROP, 1)
                 host = f"[{ip}]" if ":" in ip else ip
                 if ":" in ip:
                     self._remote.setsockopt(zmq.IPV6, 1)
@@ -401,6 +428,7 @@ class MessageQueue:
             local_wake_addr=wake_addr,
             local_overflow_addr=overflow_addr,
             remote_addr=remote_addr,
+            writer_pid=os.getpid(),
         )
 
     def _common_init(self) -> None:
@@ -458,6 +486,8 @@ class MessageQueue:
         self.max_chunks = handle.max_chunks
         self.rank = rank
         self._local = rank in self.local_reader_ranks
+        # Watch the writer's pid only if it is visible from here (same pid namespace).
+        self._writer_pid = handle.writer_pid if handle.writer_pid > 0 and _pid_alive(handle.writer_pid) else 0
         try:
             if self._local:
                 self._reader_index = self.local_reader_ranks.index(rank)
@@ -479,7 +509,7 @@ class MessageQueue:
                         f"rank={rank} is not in local_reader_ranks={list(self.local_reader_ranks)} and the "
                         f"queue has no remote readers"
                     )
-                self._remote = self._socket(zmq.SUB, rcvhwm=0)
+                self._remote = self._socket(zmq.SUB, rcvhwm=self.remote_hwm)
                 self._remote.setsockopt(zmq.SUBSCRIBE, b"")
                 self._remote.connect(handle.remote_addr)
         except BaseException:
@@ -605,6 +635,12 @@ class MessageQueue:
         if self._cancel.is_set():
             raise MessageQueueCancelled("the message queue was shut down")
 
+    def _check_writer_alive(self) -> None:
+        """Local readers: a writer that exited will never publish again (checked once a second while idle)."""
+        pid = self._writer_pid
+        if pid > 0 and not _pid_alive(pid):
+            raise MessageQueueCancelled(f"the writer process (pid {pid}) exited; no more messages will arrive")
+
     # ------------------------------------------------------------------ writer
 
     def enqueue(self, obj: Any, timeout: float | None = None) -> None:
@@ -617,13 +653,50 @@ class MessageQueue:
             raise RuntimeError("enqueue() is only available on the writer")
         if self._closed:
             raise RuntimeError("enqueue() on a closed MessageQueue")
+        if not self._ready:
+            raise RuntimeError("enqueue() before wait_until_ready()")
         self._check_cancelled()
-        frames = serde.encode(obj)
+        frames = [_as_bytes(f) for f in serde.encode(obj)]
+        deadline = _deadline(timeout)
         if self._ring is not None:
-            self._write_local(frames, _deadline(timeout))
+            self._write_local(frames, deadline)
         if self._remote is not None:
-            # copy=True: the caller may mutate its tensors as soon as enqueue returns.
-            self._remote.send_multipart(frames, copy=True)
+            self._send_remote(frames, deadline)
+
+    def _send_remote(self, frames: list[memoryview], deadline: float | None) -> None:
+        # copy=True: the caller may mutate its tensors as soon as enqueue returns.
+        try:
+            self._remote.send_multipart(frames, flags=zmq.NOBLOCK, copy=True)
+            return
+        except zmq.Again:
+            pass
+        # A remote reader's queue is full (XPUB_NODROP: nothing was sent). PUB sockets always report
+        # POLLOUT, so wait with backoff sleeps and retry.
+        self.num_blocks += 1
+        start = time.monotonic()
+        next_warn = start + self.warn_interval
+        delay = 50e-6
+        while True:
+            self._check_cancelled()
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                raise MessageQueueTimeout(
+                    f"enqueue: timed out after {now - start:.1f}s: a remote reader's queue stayed full "
+                    f"({self.remote_hwm} messages; a remote reader stopped dequeuing or is unreachable)"
+                )
+            if deadline is None and now >= next_warn:
+                logger.warning("enqueue: still waiting after %.0fs for a remote reader to drain its queue",
+                               now - start)
+                next_warn += self.warn_interval
+            delay = min(delay * 2, 1e-3 if now - start < 1.0 else 20e-3)
+            if deadline is not None:
+                delay = min(delay, max(0.0, deadline - now))
+            self._cancel.wait(delay)
+            try:
+                self._remote.send_multipart(frames, flags=zmq.NOBLOCK, copy=True)
+                return
+            except zmq.Again:
+                continue
 
     def _write_local(self, frames: list[Any], deadline: float | None) -> None:
         ring = self._ring
@@ -631,7 +704,7 @@ class MessageQueue:
         row = ring.row(idx)
         meta = ring.meta
         self._wait_chunk_free(idx, deadline)
-        lengths = [_frame_len(f) for f in frames]
+        lengths = [f.nbytes for f in frames]
         meta[row] = 0
         chunk = ring.chunk(idx)
         if _inline_size(lengths) <= ring.max_chunk_bytes:
@@ -706,6 +779,8 @@ class MessageQueue:
             raise RuntimeError("dequeue() is only available on readers")
         if self._closed:
             raise RuntimeError("dequeue() on a closed MessageQueue")
+        if not self._ready:
+            raise RuntimeError("dequeue() before wait_until_ready()")
         self._check_cancelled()
         deadline = _deadline(timeout)
         if not self._local:
@@ -761,6 +836,7 @@ class MessageQueue:
         poller.register(self._wake, zmq.POLLIN)
         poller.register(self._cancel_rx, zmq.POLLIN)
         next_warn = start + self.warn_interval
+        next_liveness = start + 1.0
         asleep[me] = 1
         _fence()
         try:
@@ -779,6 +855,9 @@ class MessageQueue:
                 if deadline is None and now >= next_warn:
                     logger.warning("dequeue: still waiting for the next message after %.0fs", now - start)
                     next_warn += self.warn_interval
+                if now >= next_liveness:
+                    self._check_writer_alive()
+                    next_liveness = now + 1.0
                 wait = 1.0 if deadline is None else min(1.0, deadline - now)
                 poller.poll(max(0, int(wait * 1000) + 1))
         finally:

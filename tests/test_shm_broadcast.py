@@ -407,3 +407,67 @@ def test_close_and_reopen_leaves_no_segments(instance):
     out = run_workers(_reopen_worker, 3, args=(instance, rounds, n), timeout=60, init_process_group=True)
     assert len(set(out[0]["names"])) == rounds
     assert [o["sums"] for o in out[1:]] == [[n * (n - 1) // 2] * rounds] * 2
+
+
+# ----------------------------------------------------------------------------- remote back-pressure, dead writer
+
+
+def test_slow_remote_reader_applies_back_pressure_without_loss(instance, monkeypatch):
+    """A remote reader that stops reading makes enqueue wait and time out; nothing is dropped."""
+    import numpy as np
+
+    monkeypatch.setenv("OMNI_RUNTIME_INSTANCE", instance)
+    w = MessageQueue(1, 0, max_chunk_bytes=1024, max_chunks=2, connect_ip="127.0.0.1")
+    r = MessageQueue.create_from_handle(w.export_handle(), 1)
+    t = threading.Thread(target=r.wait_until_ready, args=(10,))
+    t.start()
+    w.wait_until_ready(timeout=10)
+    t.join()
+    block = np.arange(1 << 14, dtype=np.float32)  # 64 KiB per message
+    sent = 0
+    with pytest.raises(MessageQueueTimeout, match="remote reader's queue stayed full"):
+        while sent < 100_000:
+            w.enqueue({"i": sent, "a": block + sent}, timeout=0.3)
+            sent += 1
+    assert 2 * w.remote_hwm <= sent < 2_000
+    got = [r.dequeue(timeout=5) for _ in range(sent)]
+    assert [g["i"] for g in got] == list(range(sent))
+    assert all(np.array_equal(g["a"], block + g["i"]) for g in got)
+    w.enqueue({"i": sent, "a": block}, timeout=5)  # room again
+    assert r.dequeue(timeout=5)["i"] == sent
+    w.close()
+    r.close()
+
+
+_DOOMED_WRITER = """
+import sys
+import msgspec
+from comm.shm_broadcast import MessageQueue
+mq = MessageQueue(1, 1, [1], max_chunk_bytes=256, max_chunks=4)
+print(msgspec.msgpack.encode(mq.export_handle()).hex(), flush=True)
+mq.wait_until_ready(timeout=60)
+mq.enqueue("hello")
+sys.stdin.read()  # hang until killed
+"""
+
+
+@pytest.mark.slow
+def test_blocked_reader_notices_a_killed_writer(instance):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMNI_RUNTIME_INSTANCE=instance)
+    proc = subprocess.Popen([sys.executable, "-c", _DOOMED_WRITER], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, env=env, cwd=ROOT)
+    try:
+        handle = msgspec.msgpack.decode(bytes.fromhex(proc.stdout.readline().decode()), type=Handle)
+        r = MessageQueue.create_from_handle(handle, 1)
+        r.wait_until_ready(timeout=60)
+        assert r.dequeue(timeout=30) == "hello"
+        proc.kill()
+        proc.wait(timeout=10)
+        t0 = time.monotonic()
+        with pytest.raises(MessageQueueCancelled, match=rf"writer process \(pid {proc.pid}\) exited"):
+            r.dequeue()
+        assert time.monotonic() - t0 < 3.0
+        r.close()
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
