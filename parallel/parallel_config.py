@@ -216,7 +216,11 @@ class SequenceParallelConfig:
         return self.ulysses_degree * self.ring_degree
 
     def setup(self, rank: int, world_size: int, device: torch.device) -> None:
-        """Bind to the runtime mesh; the mesh's sp size must equal ``ulysses × ring``."""
+        """Bind to the runtime mesh; its Ulysses and Ring sizes must equal this config's.
+
+        With a live mesh this config becomes :func:`parallel.state.get_sequence_parallel_config`
+        (so ``convert_to_fp32`` reaches the attention code).
+        """
         from parallel import state
 
         if state.model_parallel_is_initialized():
@@ -231,6 +235,8 @@ class SequenceParallelConfig:
                 f"sequence parallel size {self.sequence_parallel_size} needs initialize_model_parallel() first"
             )
         self._rank, self._world_size, self._device = rank, world_size, device
+        if state.model_parallel_is_initialized():
+            state._set_sequence_parallel_config(self)
 
     def is_initialized(self) -> bool:
         return self._rank is not None

@@ -34,7 +34,7 @@ __all__ = [
     "divide", "ensure_divisibility", "get_pp_indices", "split_tensor_along_last_dim", "in_the_same_node_as",
     "init_distributed_environment", "initialize_model_parallel", "ensure_model_parallel_initialized",
     "model_parallel_is_initialized", "destroy_model_parallel", "destroy_distributed_environment",
-    "get_parallel_config", "get_world_group", "get_sp_group", "get_ulysses_group", "get_ring_group",
+    "get_parallel_config", "get_sequence_parallel_config", "get_world_group", "get_sp_group", "get_ulysses_group", "get_ring_group",
     "get_pp_group", "get_cfg_group", "get_dp_group", "get_hsdp_shard_group", "get_hsdp_replicate_group",
 ]
 
@@ -45,6 +45,7 @@ _WORLD: GroupCoordinator | None = None
 _GROUPS: dict[str, GroupCoordinator] = {}
 _PARALLEL_CONFIG: ParallelConfig | None = None
 _SINGLE: dict[tuple[str, int], GroupCoordinator] = {}
+_SP_CONFIG: SequenceParallelConfig | None = None
 
 
 def _default_backend() -> str:
@@ -146,6 +147,8 @@ def initialize_model_parallel(
         destroy_model_parallel()
         raise
     _PARALLEL_CONFIG = config
+    SequenceParallelConfig(config.ulysses_degree, config.ring_degree).setup(
+        dist.get_rank(), world_size, _GROUPS["sp"].device)
     logger.info("rank %d: mesh %s -> sp %s, ulysses %s, ring %s, pp %s, cfg %s, dp %s", dist.get_rank(), config,
                 *(_GROUPS[n].ranks for n in ("sp", "ulysses", "ring", "pp", "cfg", "dp")))
 
@@ -178,6 +181,20 @@ def model_parallel_is_initialized() -> bool:
     return bool(_GROUPS)
 
 
+def get_sequence_parallel_config() -> SequenceParallelConfig | None:
+    """The live sequence-parallel config (``convert_to_fp32`` etc.), or None without a mesh.
+
+    ``initialize_model_parallel`` installs a default one (``convert_to_fp32=True``); calling
+    ``SequenceParallelConfig(..., convert_to_fp32=False).setup(...)`` afterwards replaces it.
+    """
+    return _SP_CONFIG
+
+
+def _set_sequence_parallel_config(config: SequenceParallelConfig | None) -> None:
+    global _SP_CONFIG
+    _SP_CONFIG = config
+
+
 def get_parallel_config() -> ParallelConfig:
     """The resolved degrees of the live mesh (all 1 when it is not initialized)."""
     return _PARALLEL_CONFIG or ParallelConfig(data_parallel_size=1)
@@ -186,10 +203,11 @@ def get_parallel_config() -> ParallelConfig:
 # ---------------------------------------------------------------------- teardown
 def destroy_model_parallel() -> None:
     """Destroy every model-parallel group; getters fall back to single-process groups."""
-    global _PARALLEL_CONFIG
+    global _PARALLEL_CONFIG, _SP_CONFIG
     groups = list(_GROUPS.values())
     _GROUPS.clear()
     _PARALLEL_CONFIG = None
+    _SP_CONFIG = None
     for group in groups:
         group.destroy()
 

@@ -139,6 +139,7 @@ def test_sequence_parallel_config_validates():
 def test_defaults_without_torch_distributed():
     assert not dist.is_initialized()
     assert not state.model_parallel_is_initialized()
+    assert state.get_sequence_parallel_config() is None
     sizes = [state.get_sequence_parallel_world_size(), state.get_ulysses_parallel_world_size(),
              state.get_ring_parallel_world_size(), state.get_pipeline_parallel_world_size(),
              state.get_classifier_free_guidance_world_size(), state.get_data_parallel_world_size(),
@@ -244,6 +245,16 @@ def _lifecycle_worker(rank: int, world_size: int) -> dict:
             out["bad_degrees"] = str(e)
         state.ensure_model_parallel_initialized(ring_degree=2)
         out["ring"] = state.get_ring_group().ranks
+        default = state.get_sequence_parallel_config()
+        out["sp_config_default"] = [default.ulysses_degree, default.ring_degree, default.convert_to_fp32,
+                                    default.get_world_size(), default.get_rank(), default.get_ring_rank()]
+        custom = SequenceParallelConfig(ulysses_degree=1, ring_degree=2, convert_to_fp32=False)
+        custom.setup(rank, world_size, torch.device("cpu"))
+        out["sp_config_custom"] = state.get_sequence_parallel_config() is custom
+        try:
+            SequenceParallelConfig(ulysses_degree=2).setup(rank, world_size, torch.device("cpu"))
+        except ParallelConfigError as e:
+            out["sp_config_mismatch"] = str(e)
         out["same_node"] = state.in_the_same_node_as(state.get_world_group().cpu_group, source_rank=1)
     finally:
         state.destroy_distributed_environment()
@@ -260,6 +271,10 @@ def test_lifecycle_real_processes():
         assert r["after_destroy"] == [1, [rank]]
         assert r["bad_degrees"] == "ulysses 2 × ring 3 × cfg 1 × pp 1 = 6 does not divide world size 2"
         assert r["ring"] == [0, 1]
+        assert r["sp_config_default"] == [1, 2, True, 2, rank, rank]
+        assert r["sp_config_custom"] is True
+        assert r["sp_config_mismatch"] == ("SequenceParallelConfig(ulysses_degree=2, ring_degree=1) does not match "
+                                           "the initialized mesh (ulysses 1, ring 2)")
         assert r["same_node"] == [True, True]
         assert r["dist_after"] is False
 
