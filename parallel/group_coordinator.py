@@ -79,20 +79,29 @@ def _node_key() -> str:
     return f"{socket.gethostname()}|{boot_id}|{shm_dev}"
 
 
-def in_the_same_node_as(pg: ProcessGroup, source_rank: int = 0) -> list[bool]:
+def in_the_same_node_as(pg: Any, source_rank: int = 0) -> list[bool]:
     """Collective over ``pg``: for each rank of ``pg``, whether it shares a node with ``source_rank``.
 
     "Same node" means same hostname, same kernel boot id and the same ``/dev/shm`` mount, i.e. the
-    ranks can reach each other's shared memory. ``source_rank`` is a rank in ``pg``.
+    ranks can reach each other's shared memory. ``pg`` is a torch.distributed (gloo) group or a
+    :class:`comm.stateless_pg.StatelessProcessGroup`; ``source_rank`` is a rank in ``pg``.
     """
+    key = _node_key()
+    if hasattr(pg, "all_gather_obj"):  # StatelessProcessGroup: objects through its store
+        keys = pg.all_gather_obj(key)
+        if not 0 <= source_rank < len(keys):
+            raise ValueError(f"source_rank={source_rank} is not a rank of the group (size {len(keys)})")
+        return [k == keys[source_rank] for k in keys]
     world_size = dist.get_world_size(pg)
+    if not 0 <= source_rank < world_size:
+        raise ValueError(f"source_rank={source_rank} is not a rank of the group (size {world_size})")
     if world_size == 1:
         return [True]
-    key = _node_key().encode()[:255]
+    raw = key.encode()[:255]
     width = 256
     local = torch.zeros(width, dtype=torch.uint8)
-    local[0] = len(key)
-    local[1:1 + len(key)] = torch.frombuffer(bytearray(key), dtype=torch.uint8)
+    local[0] = len(raw)
+    local[1:1 + len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
     gathered = torch.empty(world_size * width, dtype=torch.uint8)
     all_gather_single(gathered, local, group=pg)
     rows = gathered.view(world_size, width)

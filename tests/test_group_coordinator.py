@@ -156,6 +156,29 @@ def test_tensor_dicts_objects_and_barrier(tmp_path):
         assert r["same_node"] == [True] * 4
 
 
+def _same_node_worker(rank: int, world_size: int, port: int) -> list:
+    from comm.stateless_pg import StatelessProcessGroup
+    from parallel import group_coordinator
+
+    stateless = StatelessProcessGroup.create("127.0.0.1", port, rank, world_size)
+    out = [state.in_the_same_node_as(stateless, source_rank=1),
+           state.in_the_same_node_as(dist.group.WORLD, source_rank=0)]
+    # pretend ranks 0 and 1 live on one node and rank 2 on another
+    group_coordinator._node_key = lambda: "node-a" if rank < 2 else "node-b"
+    for pg in (stateless, dist.group.WORLD):
+        out.append([state.in_the_same_node_as(pg, source_rank=1), state.in_the_same_node_as(pg, source_rank=2)])
+    return out
+
+
+@pytest.mark.distributed
+def test_in_the_same_node_as_torch_and_stateless_groups():
+    from spawn import free_port
+
+    results = run_workers(_same_node_worker, 3, args=(free_port(),), timeout=60, init_process_group=True)
+    split = [[True, True, False], [False, False, True]]
+    assert results == [[[True] * 3, [True] * 3, split, split]] * 3
+
+
 def _mq_worker(rank: int, world_size: int) -> dict:
     state.init_distributed_environment()
     out: dict = {}
