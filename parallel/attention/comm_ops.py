@@ -1,8 +1,6 @@
 """The few collectives the attention strategies need, with a count of the bytes each rank sends.
 
-Private to ``parallel.attention``: the layouts here (uneven lengths padded to the
-group maximum, q/k/v packed into one message) are the strategies' own; the
-generic ``all_to_all_4D`` / ``RingComm`` live in ``parallel.collectives``.
+Thin wrappers over ``parallel.collectives`` (``all_to_all_4D``/``5D``, ``RingComm``).
 ``bytes_sent`` counts what leaves this rank (the part of an all-to-all that a rank
 keeps for itself is not counted), so a benchmark can compare it with each
 strategy's theoretical minimum.
@@ -15,6 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+
+from parallel.collectives import RingComm, all_to_all_4D, all_to_all_5D
 
 logger = logging.getLogger(__name__)
 
@@ -45,13 +45,16 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def all_to_all_dim0(x: torch.Tensor, group: dist.ProcessGroup, world_size: int) -> torch.Tensor:
-    """``out[j] = x_on_rank_j[my_rank]``: x is (world, ...) contiguous; returns the same shape."""
-    x = x.contiguous()
-    out = torch.empty_like(x)
-    dist.all_to_all_single(out, x, group=group)
+def all_to_all_qkv(qkv: torch.Tensor, group: dist.ProcessGroup, world_size: int) -> torch.Tensor:
+    """(b, s/P, 3, H, D) -> (b, s, 3, H/P, D) through ``all_to_all_5D``, counting the bytes."""
+    _STATS.add("all_to_all", _nbytes(qkv) * (world_size - 1) // world_size)
+    return all_to_all_5D(qkv, scatter_idx=3, gather_idx=1, group=group)
+
+
+def all_to_all_out(x: torch.Tensor, group: dist.ProcessGroup, world_size: int) -> torch.Tensor:
+    """(b, s, H/P, D) -> (b, s/P, H, D) through ``all_to_all_4D``, counting the bytes."""
     _STATS.add("all_to_all", _nbytes(x) * (world_size - 1) // world_size)
-    return out
+    return all_to_all_4D(x, scatter_idx=1, gather_idx=2, group=group)
 
 
 def all_gather_dim0(x: torch.Tensor, group: dist.ProcessGroup, world_size: int) -> torch.Tensor:
@@ -63,29 +66,9 @@ def all_gather_dim0(x: torch.Tensor, group: dist.ProcessGroup, world_size: int) 
     return torch.stack(parts)
 
 
-class RingExchange:
-    """Send to the next rank of the ring and receive from the previous one, asynchronously."""
+class CountingRingComm(RingComm):
+    """``RingComm`` that counts the bytes it sends."""
 
-    def __init__(self, group: dist.ProcessGroup, ranks: list[int], rank_in_group: int) -> None:
-        self.group = group
-        n = len(ranks)
-        self.send_to = ranks[(rank_in_group + 1) % n]
-        self.recv_from = ranks[(rank_in_group - 1) % n]
-        self._ops: list[dist.P2POp] = []
-        self._reqs: list = []
-
-    def send_recv(self, to_send: torch.Tensor, recv_into: torch.Tensor) -> torch.Tensor:
-        self._ops.append(dist.P2POp(dist.isend, to_send, self.send_to, group=self.group))
-        self._ops.append(dist.P2POp(dist.irecv, recv_into, self.recv_from, group=self.group))
+    def send_recv(self, to_send: torch.Tensor, recv_tensor: torch.Tensor | None = None) -> torch.Tensor:
         _STATS.add("ring_send", _nbytes(to_send))
-        return recv_into
-
-    def commit(self) -> None:
-        if self._ops:
-            self._reqs = dist.batch_isend_irecv(self._ops)
-            self._ops = []
-
-    def wait(self) -> None:
-        for req in self._reqs:
-            req.wait()
-        self._reqs = []
+        return super().send_recv(to_send, recv_tensor)

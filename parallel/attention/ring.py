@@ -15,7 +15,7 @@ import logging
 import torch
 
 from parallel.attention.backends import attention_block
-from parallel.attention.comm_ops import RingExchange
+from parallel.attention.comm_ops import CountingRingComm
 from parallel.attention.lse_merge import merge_partial
 
 logger = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ def ring_attention(
     if key_mask is not None:
         mask = _pad_seq(key_mask, s_max, False).to(torch.uint8).contiguous()
 
-    comm = RingExchange(group.device_group, list(group.ranks), group.rank_in_group)
+    comm = CountingRingComm(group.device_group)
     spare_kv = torch.empty_like(kv)
     spare_mask = None if mask is None else torch.empty_like(mask)
     out = lse = None

@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import torch
 
-from parallel.attention.comm_ops import all_gather_dim0, all_to_all_dim0
+from parallel.attention.comm_ops import all_gather_dim0, all_to_all_out, all_to_all_qkv
 
 logger = logging.getLogger(__name__)
 
@@ -61,13 +61,10 @@ def ulysses_attention(
     hc = -(-heads // world)
     hp = hc * world
 
-    # (3, b, s, H, D) -> pad -> (U, b, s_max, 3, hc, D): chunk j goes to rank j
-    qkv = torch.stack([q, k, v])
-    qkv = _pad_dim(_pad_dim(qkv, 2, s_max), 3, hp)
-    qkv = qkv.view(3, b, s_max, world, hc, d).permute(3, 1, 2, 0, 4, 5)
-    got = all_to_all_dim0(qkv, pg, world)  # (U_src, b, s_max, 3, hc, D)
-    got = got.permute(3, 1, 0, 2, 4, 5).reshape(3, b, world * s_max, hc, d)
-    fq, fk, fv = got[0], got[1], got[2]
+    # (b, s, 3, H, D) padded to (b, s_max, 3, hp, D) -> (b, U*s_max, 3, hc, D)
+    qkv = _pad_dim(_pad_dim(torch.stack([q, k, v], dim=2), 1, s_max), 3, hp)
+    got = all_to_all_qkv(qkv, pg, world)
+    fq, fk, fv = got.unbind(2)
 
     full_mask = None
     if key_mask is not None:
@@ -81,13 +78,11 @@ def ulysses_attention(
 
     text_out, image_out, text_lse, image_lse = inner(fq, fk, fv, full_mask, jq, jk, jv)
 
-    # (b, U*s_max, hc, D) -> (U_dst, b, s_max, hc, D) -> all-to-all -> (b, s_max, U*hc, D)
-    back = all_to_all_dim0(image_out.reshape(b, world, s_max, hc, d).permute(1, 0, 2, 3, 4), pg, world)
-    out = back.permute(1, 2, 0, 3, 4).reshape(b, s_max, hp, d)[:, :s_local, :heads]
+    # (b, U*s_max, hc, D) -> (b, s_max, hp, D), then drop the pad rows and heads
+    out = all_to_all_out(image_out.contiguous(), pg, world)[:, :s_local, :heads]
     lse_out = None
     if return_lse:
-        bl = all_to_all_dim0(image_lse.reshape(b, world, s_max, hc).permute(1, 0, 2, 3), pg, world)
-        lse_out = bl.permute(1, 2, 0, 3).reshape(b, s_max, hp)[:, :s_local, :heads]
+        lse_out = all_to_all_out(image_lse.unsqueeze(-1).contiguous(), pg, world)[:, :s_local, :heads, 0]
 
     t_out = t_lse = None
     if text_out is not None:
