@@ -236,6 +236,10 @@ class GroupCoordinator:
         if not 0 <= value < self.world_size:
             raise ValueError(f"{name}={value} is not a rank of group {self.group_name} (size {self.world_size})")
 
+    def _require_peers(self, op: str) -> None:
+        if self.world_size == 1:
+            raise ValueError(f"{op}: group {self.group_name} has a single rank, there is no peer to talk to")
+
     # ------------------------------------------------------------------ tensor collectives
     def all_reduce(self, input_: torch.Tensor) -> torch.Tensor:
         """Sum over the group; out of place (``input_`` is not modified). World 1: returns ``input_``."""
@@ -273,10 +277,12 @@ class GroupCoordinator:
 
     def send(self, tensor: torch.Tensor, dst: int | None = None) -> None:
         """Send a tensor to group rank ``dst`` (default: next rank)."""
+        self._require_peers("send")
         self.device_communicator.send(tensor, dst)
 
     def recv(self, size: torch.Size, dtype: torch.dtype, src: int | None = None) -> torch.Tensor:
         """Receive a tensor of known ``size``/``dtype`` from group rank ``src`` (default: previous rank)."""
+        self._require_peers("recv")
         return self.device_communicator.recv(size, dtype, src)
 
     # ------------------------------------------------------------------ bytes and objects (cpu group)
@@ -325,6 +331,7 @@ class GroupCoordinator:
 
     def send_object(self, obj: Any, dst: int) -> None:
         """Send a msgspec-encodable object to group rank ``dst`` over the cpu group."""
+        self._require_peers("send_object")
         self._check_group_rank("dst", dst)
         if dst == self.rank_in_group:
             raise ValueError(f"send_object: dst {dst} is this rank")
@@ -335,6 +342,7 @@ class GroupCoordinator:
 
     def recv_object(self, src: int) -> Any:
         """Receive an object that group rank ``src`` sent with :meth:`send_object`."""
+        self._require_peers("recv_object")
         self._check_group_rank("src", src)
         if src == self.rank_in_group:
             raise ValueError(f"recv_object: src {src} is this rank")

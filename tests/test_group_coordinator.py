@@ -124,11 +124,13 @@ def _dict_worker(rank: int, world_size: int, workdir: str) -> dict:
             dp.send_tensor_dict(_mixed_dict(rank), dst=1)
             out["recv_dict"] = _describe(dp.recv_tensor_dict(src=1))
             dp.send_object({"hello": rank, "t": torch.ones(2) * rank}, dst=1)
+            dp.send(torch.arange(6, dtype=torch.int32).reshape(2, 3) * (rank + 1))
         else:
             out["recv_dict"] = _describe(dp.recv_tensor_dict())  # default src: previous rank
             dp.send_tensor_dict(_mixed_dict(rank))  # default dst: next rank
             o = dp.recv_object(src=0)
             out["recv_object"] = {"hello": o["hello"], "t": o["t"].tolist()}
+            out["recv_tensor"] = dp.recv(torch.Size([2, 3]), torch.int32, src=0).tolist()
 
         # barrier: nobody passes before everyone has written its marker
         if rank == 3:
@@ -152,6 +154,7 @@ def test_tensor_dicts_objects_and_barrier(tmp_path):
         assert r["recv_dict"] == _describe(_mixed_dict(peer))
         if rank in (2, 3):
             assert r["recv_object"] == {"hello": peer, "t": [float(peer)] * 2}
+            assert r["recv_tensor"] == (torch.arange(6).reshape(2, 3) * (peer + 1)).tolist()
         assert r["markers_after_barrier"] == [f"marker{i}" for i in range(4)]
         assert r["same_node"] == [True] * 4
 
@@ -229,6 +232,8 @@ def test_single_process_group_is_identity():
     assert g.broadcast_tensor_dict(d) is d
     assert g.broadcast_object_list([1, 2]) == [1, 2]
     g.barrier()
+    with pytest.raises(ValueError, match="group solo has a single rank"):
+        g.send(x)
     with pytest.raises(ValueError, match="src=1 is not a rank of group solo"):
         g.broadcast(x, src=1)
     with pytest.raises(RuntimeError, match="init_distributed_environment"):
