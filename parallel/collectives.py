@@ -11,26 +11,40 @@
 
 Sequence chunks are ordered by rank in the group: rank ``i`` holds sequence rows
 ``[i*seq/P, (i+1)*seq/P)`` and, after the forward all-to-all, heads ``[i*hc/P, (i+1)*hc/P)``.
-``group=None`` means the default (world) group; a group of one rank (or no torch.distributed at all)
-makes every function the identity.
+``group`` is a ProcessGroup, ``None`` (the default world group) or a ``GroupCoordinator`` (its
+``device_group`` is used). A group of one rank (or no torch.distributed at all) makes every function
+the identity. Prefer passing the coordinator: the one-rank groups that stand in for an uninitialized
+mesh have no process group, and ``coordinator.device_group`` (None) would mean "the world".
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
+if TYPE_CHECKING:
+    from parallel.group_coordinator import GroupCoordinator
+
 logger = logging.getLogger(__name__)
 
 
-def _group_size(group: ProcessGroup | None) -> int:
+def _resolve(group: Any) -> tuple[ProcessGroup | None, int]:
+    """``(process group, size)`` for a ProcessGroup, None (the world) or a GroupCoordinator.
+
+    A GroupCoordinator is read through its ``world_size`` first: a one-rank coordinator may have no
+    process group at all, and must not fall back to the world.
+    """
+    if hasattr(group, "device_group") and hasattr(group, "world_size"):
+        if group.world_size == 1:
+            return None, 1
+        return group.device_group, group.world_size
     if not dist.is_initialized():
-        return 1
-    return dist.get_world_size(group)
+        return group, 1
+    return group, dist.get_world_size(group)
 
 
 def _sync(tensor: torch.Tensor, use_sync: bool) -> None:
@@ -55,7 +69,7 @@ def all_to_all_4D(
     input: torch.Tensor,  # noqa: A002 - the documented parameter name
     scatter_idx: int = 2,
     gather_idx: int = 1,
-    group: ProcessGroup | None = None,
+    group: ProcessGroup | GroupCoordinator | None = None,
     use_sync: bool = False,
 ) -> torch.Tensor:
     """All-to-all for q/k/v in ``(batch, seq, heads, head_dim)`` layout.
@@ -66,7 +80,7 @@ def all_to_all_4D(
     """
     if input.dim() != 4:
         raise ValueError(f"all_to_all_4D expects a 4-d tensor (bs, seq, heads, head_dim), got shape {tuple(input.shape)}")
-    world = _group_size(group)
+    group, world = _resolve(group)
     if (scatter_idx, gather_idx) not in ((2, 1), (1, 2)):
         raise ValueError(f"all_to_all_4D supports (scatter_idx, gather_idx) = (2, 1) or (1, 2), "
                          f"got ({scatter_idx}, {gather_idx})")
@@ -95,7 +109,7 @@ def all_to_all_5D(
     input: torch.Tensor,  # noqa: A002 - the documented parameter name
     scatter_idx: int = 3,
     gather_idx: int = 1,
-    group: ProcessGroup | None = None,
+    group: ProcessGroup | GroupCoordinator | None = None,
     use_sync: bool = False,
 ) -> torch.Tensor:
     """All-to-all for packed qkv ``(bs, seq, 3, heads, head_dim)``.
@@ -106,7 +120,7 @@ def all_to_all_5D(
     if input.dim() != 5:
         raise ValueError(f"all_to_all_5D expects a 5-d tensor (bs, seq, 3, heads, head_dim), got shape "
                          f"{tuple(input.shape)}")
-    world = _group_size(group)
+    group, world = _resolve(group)
     if (scatter_idx, gather_idx) not in ((3, 1), (1, 3)):
         raise ValueError(f"all_to_all_5D supports (scatter_idx, gather_idx) = (3, 1) or (1, 3), "
                          f"got ({scatter_idx}, {gather_idx})")
@@ -136,7 +150,7 @@ class SeqAllToAll4D(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx: Any,
-        group: ProcessGroup | None,
+        group: ProcessGroup | GroupCoordinator | None,
         input: torch.Tensor,  # noqa: A002
         scatter_idx: int,
         gather_idx: int,
@@ -157,7 +171,7 @@ class SeqAllToAll5D(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx: Any,
-        group: ProcessGroup | None,
+        group: ProcessGroup | GroupCoordinator | None,
         input: torch.Tensor,  # noqa: A002
         scatter_idx: int = 3,
         gather_idx: int = 1,
@@ -183,10 +197,15 @@ class RingComm:
         ...compute with k...
         comm.wait()                     # next_k is now filled
 
-    Peers are addressed by *global* rank (gloo's P2P needs them), mapped from group ranks here.
+    ``process_group`` is a ProcessGroup, None (the world) or a GroupCoordinator. Peers are addressed
+    by *global* rank (gloo's P2P needs them), mapped from group ranks here.
     """
 
-    def __init__(self, process_group: ProcessGroup | None) -> None:
+    def __init__(self, process_group: ProcessGroup | GroupCoordinator | None) -> None:
+        if hasattr(process_group, "device_group") and hasattr(process_group, "world_size"):
+            if process_group.world_size == 1:
+                raise ValueError(f"RingComm needs a group of at least 2 ranks, got {process_group!r}")
+            process_group = process_group.device_group
         self._process_group = process_group
         self._ops: list[dist.P2POp] = []
         self._reqs: list[Any] | None = None

@@ -38,6 +38,7 @@ def _a2a_worker(rank: int, world_size: int) -> dict:
             full5 = _full((2, 2 * p, 3, 3 * p, 4), seed=2)
             seq5 = full5.chunk(p, dim=1)[me]
             head5 = full5.chunk(p, dim=3)[me]
+            res["4d_via_coordinator"] = torch.equal(all_to_all_4D(seq_shard, 2, 1, group=coord), head_shard)
             fwd5 = all_to_all_5D(seq5, scatter_idx=3, gather_idx=1, group=group)
             res["5d_fwd_exact"] = torch.equal(fwd5, head5)
             res["5d_back_exact"] = torch.equal(all_to_all_5D(fwd5, scatter_idx=1, gather_idx=3, group=group), seq5)
@@ -92,6 +93,7 @@ def test_all_to_all_round_trips_and_backward():
         for name, p in (("world", 4), ("ulysses", 2)):
             res = r[name]
             assert res["4d_fwd_exact"] and res["4d_back_exact"] and res["4d_bf16_exact"], (name, rank)
+            assert res["4d_via_coordinator"], (name, rank)
             assert res["5d_fwd_exact"] and res["5d_back_exact"], (name, rank)
             assert res["indivisible"] == f"all-to-all: head count {2 * p + 1} is not divisible by the group size {p}"
         for key in ("grads", "grads_world"):
@@ -103,8 +105,11 @@ def _ring_worker(rank: int, world_size: int) -> dict:
     state.init_distributed_environment()
     out: dict = {}
     try:
+        # 0) no mesh yet: the stand-in one-rank coordinator must not fall back to the world group
+        x = torch.arange(24.0).reshape(1, 2, 4, 3) + rank
+        out["no_mesh_identity"] = all_to_all_4D(x, 2, 1, group=state.get_ulysses_group()) is x
         # 1) a ring over the whole world of 4 (group=None and the world group's process group)
-        for name, pg in (("default", None), ("world", state.get_world_group().device_group)):
+        for name, pg in (("default", None), ("world", state.get_world_group())):
             comm = RingComm(pg)
             cur = torch.tensor([float(rank), 10.0 * rank])
             seen = [cur.tolist()]
@@ -141,6 +146,7 @@ def test_ring_comm_passes_tensors_around():
     results = run_workers(_ring_worker, 4, timeout=60)
     for rank, r in enumerate(results):
         expected = [[float((rank - s) % 4), 10.0 * ((rank - s) % 4)] for s in range(4)]
+        assert r["no_mesh_identity"] is True
         assert r["default"] == expected and r["world"] == expected
         peer = {0: 2, 2: 0, 1: 3, 3: 1}[rank]  # ring of 2: previous = next = the other member
         assert r["strided"] == [[[float(peer)] * 3] * 2, [-float(peer)] * 4, True, peer, peer]
