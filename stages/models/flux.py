@@ -10,7 +10,7 @@ is. Differences from diffusers are only in how the computation is organised for 
   ``img_ids`` together with ``hidden_states`` shards the image rotary embeddings with them.
 
 The model holds no rank arithmetic: ``_sp_plan`` says what to split and gather and the hooks of
-``parallel.sp_sharding`` do it; attention goes through ``parallel.attention.sp_attention``, which picks the strategy
+``parallel.sp_hooks`` do it; attention goes through ``parallel.attention.sp_attention``, which picks the strategy
 from the current mesh (plain local attention when there is none).
 """
 
@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from parallel.attention import sp_attention
+from parallel.sp_plan import SequenceParallelInput, SequenceParallelModelPlan, SequenceParallelOutput
 from stages.errors import CheckpointError
 from stages.weights import (
     DIFFUSERS_WEIGHTS,
@@ -91,18 +93,6 @@ class FluxConfig:
             raise CheckpointError(
                 f"{source}: axes_dims_rope={list(self.axes_dims_rope)} must be even numbers summing to "
                 f"attention_head_dim={self.attention_head_dim}")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# attention
-
-
-def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, joint_q: torch.Tensor, joint_k: torch.Tensor,
-               joint_v: torch.Tensor, joint_strategy: str = "front") -> torch.Tensor:
-    """Local joint attention with torch SDPA; layouts (batch, seq, heads, head_dim); output [joint, local]."""
-    assert joint_strategy == "front"
-    q, k, v = (torch.cat([j, x], dim=1).transpose(1, 2) for j, x in ((joint_q, q), (joint_k, k), (joint_v, v)))
-    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -281,7 +271,7 @@ class FluxAttention(nn.Module):
 
 def _joint_attention(img: tuple[torch.Tensor, ...], txt: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     """Attend over [text, image]; returns (text output, image output), heads flattened."""
-    out = _attention(img[0], img[1], img[2], joint_q=txt[0], joint_k=txt[1], joint_v=txt[2], joint_strategy="front")
+    out = sp_attention(img[0], img[1], img[2], joint_q=txt[0], joint_k=txt[1], joint_v=txt[2], joint_strategy="front")
     out = out.flatten(2, 3).to(img[0].dtype)
     n_txt = txt[0].shape[1]
     return out[:, :n_txt], out[:, n_txt:]
@@ -348,6 +338,18 @@ class FluxSingleTransformerBlock(nn.Module):
 class FluxTransformer(nn.Module):
     """FLUX.1 denoiser. ``forward`` takes packed latents (batch, image tokens, in_channels) like diffusers'."""
 
+    # Sequence parallelism: each rank takes a slice of the image tokens and of their position ids (so its image
+    # rotary embeddings are computed for its own tokens); slices may be uneven (e.g. 117 tokens over 2 ranks).
+    # Text tokens stay whole on every rank and enter attention as joint tokens in front. The flow prediction is
+    # gathered back to the full image sequence after ``proj_out``.
+    _sp_plan: SequenceParallelModelPlan = {
+        "": {
+            "hidden_states": SequenceParallelInput(split_dim=1, expected_dims=3),
+            "img_ids": SequenceParallelInput(split_dim=0, expected_dims=2),
+        },
+        "proj_out": SequenceParallelOutput(gather_dim=1, expected_dims=3),
+    }
+
     def __init__(self, config: FluxConfig):
         super().__init__()
         config.validate()
@@ -379,6 +381,9 @@ class FluxTransformer(nn.Module):
         if not self.config.guidance_embeds and guidance is not None:
             raise ValueError("guidance must be None: this model has no guidance embedding "
                              "(config guidance_embeds=false)")
+        if img_ids.shape[0] != hidden_states.shape[1] or img_ids.ndim != 2:
+            raise ValueError(f"img_ids {tuple(img_ids.shape)} must be (image tokens={hidden_states.shape[1]}, "
+                             f"n_axes) to match hidden_states {tuple(hidden_states.shape)}")
         img = self.x_embedder(hidden_states)
         timestep = timestep.to(img.dtype) * 1000
         if guidance is not None:
@@ -413,7 +418,7 @@ class FluxTransformer(nn.Module):
         state = load_safetensors(path, DIFFUSERS_WEIGHTS, device=device, dtype=torch_dtype)
         load_into(model, state, path)
         logger.info("loaded FluxTransformer from %s (%d tensors, %s, %s)", path, len(state), torch_dtype, device)
-        return model.eval()
+        return model.eval().requires_grad_(False)
 
 
 def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
