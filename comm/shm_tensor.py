@@ -18,6 +18,16 @@ It is unlinked once, by whichever comes first:
 Unlinking an already-unlinked segment is harmless, and existing mappings stay
 valid after unlink (POSIX semantics), so a consumer may keep reading.
 
+:class:`ShmPool` is the fast path for a producer that hands off tensors again
+and again: a released segment goes back to the producer's pool instead of being
+unlinked, so the next put skips the kernel's page allocation and zeroing (one
+memcpy instead of page faults + memcpy). Its segments are owned and unlinked by
+the producer (pool close, shutdown, sweep). See its docstring for the one rule
+it adds: a pooled handle has one consumer, who stops using the views after release.
+
+Segment layout: a 64-byte header (magic, state, generation), then each tensor at
+a 64-byte aligned offset.
+
 Names are ``omni_<instance>_<pid>_<counter>_<nonce>`` where ``instance`` comes
 from the environment variable ``OMNI_RUNTIME_INSTANCE`` (set by the launcher;
 when unset the first process that needs it derives it from its pid and exports
@@ -39,6 +49,7 @@ import os
 import re
 import secrets
 import stat
+import struct
 import threading
 from collections.abc import Iterable, Mapping
 
@@ -49,9 +60,18 @@ logger = logging.getLogger(__name__)
 
 SHM_DIR = "/dev/shm"
 ALIGNMENT = 64
+HEADER_BYTES = 64
 INSTANCE_ENV = "OMNI_RUNTIME_INSTANCE"
 _MAX_DIMS = 64
 _MAX_TENSORS = 4096
+
+# Segment header: magic, state, generation. The consumer flips the state to _FREE on release of a pooled
+# handle; the pool reuses only _FREE segments, bumping the generation.
+_HEADER = struct.Struct("<4sB3xQ")
+_MAGIC = b"OMNI"
+_STATE_OFFSET = 4
+_IN_USE = 1
+_FREE = 2
 
 _INSTANCE_RE = re.compile(r"^[A-Za-z0-9.-]{1,64}$")
 _NAME_RE = re.compile(r"^omni_([A-Za-z0-9.-]{1,64})_(\d{1,10})_(\d{1,20})_([0-9a-f]{8})$")
@@ -101,6 +121,8 @@ class ShmHandle(msgspec.Struct, frozen=True):
     total_bytes: int
     tensors: tuple[TensorMeta, ...]
     is_dict: bool = False
+    generation: int = 0
+    pooled: bool = False
 
 
 # --------------------------------------------------------------------------- names
@@ -251,15 +273,10 @@ def _view(buf: mmap.mmap, meta: TensorMeta) -> torch.Tensor:
     return flat.view(dtype).view(meta.shape)
 
 
-def put(obj: torch.Tensor | Mapping[str, torch.Tensor]) -> ShmHandle:
-    """Copy a tensor (or a dict of tensors) into a new shared-memory segment this process owns.
-
-    Tensors may be on any device and non-contiguous; they are stored contiguous,
-    each at a 64-byte aligned offset. Returns the handle to pass to :func:`get`.
-    """
-    items, is_dict = _as_items(obj)
+def _layout(items: list[tuple[str, torch.Tensor]]) -> tuple[list[TensorMeta], int]:
+    """Offsets of each tensor after the segment header; returns the metas and the segment size."""
     metas: list[TensorMeta] = []
-    offset = 0
+    offset = HEADER_BYTES
     for key, t in items:
         name = _DTYPE_NAMES.get(t.dtype)
         if name is None:
@@ -269,26 +286,175 @@ def put(obj: torch.Tensor | Mapping[str, torch.Tensor]) -> ShmHandle:
         nbytes = t.numel() * t.element_size()
         metas.append(TensorMeta(key, name, tuple(t.shape), offset, nbytes))
         offset = _align(offset + nbytes)
-    size = max(offset, ALIGNMENT)  # mmap cannot map zero bytes
+    return metas, offset
 
-    seg, fd = _create_segment(size)
+
+def _fill(buf: mmap.mmap, metas: list[TensorMeta], items: list[tuple[str, torch.Tensor]]) -> None:
+    for meta, (_, t) in zip(metas, items, strict=True):
+        if meta.nbytes:
+            _view(buf, meta).copy_(t)
+
+
+def _new_segment(size: int) -> tuple[str, mmap.mmap]:
+    name, fd = _create_segment(size)
     try:
         buf = _mmap(fd, size)
     except BaseException:
+        _unlink(name)
+        raise
+    finally:
         os.close(fd)
-        _unlink(seg)
-        raise
-    os.close(fd)
+    _owned.add(name)
+    return name, buf
+
+
+def put(obj: torch.Tensor | Mapping[str, torch.Tensor]) -> ShmHandle:
+    """Copy a tensor (or a dict of tensors) into a new shared-memory segment this process owns.
+
+    Tensors may be on any device and non-contiguous; they are stored contiguous,
+    each at a 64-byte aligned offset. Returns the handle to pass to :func:`get`.
+    The consumer's :func:`release` unlinks the segment.
+    """
+    items, is_dict = _as_items(obj)
+    metas, size = _layout(items)
+    name, buf = _new_segment(size)
     try:
-        for meta, (_, t) in zip(metas, items, strict=True):
-            if meta.nbytes:
-                _view(buf, meta).copy_(t)
+        _HEADER.pack_into(buf, 0, _MAGIC, _IN_USE, 0)
+        _fill(buf, metas, items)
     except BaseException:
-        _unlink(seg)
+        release_owned(name)
         raise
-    # `buf` is dropped here; tensors that viewed it are gone, so the mapping is released.
-    _owned.add(seg)
-    return ShmHandle(seg, os.getpid(), size, tuple(metas), is_dict)
+    # `buf` is dropped here; the views that filled it are gone, so the mapping is released.
+    return ShmHandle(name, os.getpid(), size, tuple(metas), is_dict)
+
+
+class _PoolSegment:
+    __slots__ = ("name", "size", "buf", "generation")
+
+    def __init__(self, name: str, size: int, buf: mmap.mmap) -> None:
+        self.name, self.size, self.buf, self.generation = name, size, buf, 0
+
+    def state(self) -> int:
+        return self.buf[_STATE_OFFSET]
+
+
+class ShmPool:
+    """A producer-side pool of segments that are reused once their consumer released them.
+
+    Writing into a fresh segment pays for the kernel allocating and zeroing every
+    page (on virtual machines often slower than the copy itself); a reused segment
+    is already mapped and faulted in, so :meth:`put` is one memcpy. Semantics differ
+    from :func:`put` in one way: :func:`release` of a pooled handle does not unlink
+    the segment but hands it back to this pool, so **a pooled handle must have
+    exactly one consumer, and its views must not be used after release** (the
+    memory will be overwritten by a later put). Each reuse bumps a generation
+    number stored in the segment; :func:`get` of an outdated handle raises.
+
+    Segments stay owned by this process: :meth:`close`, :func:`shutdown` and the
+    launcher's :func:`sweep` unlink them. At most ``max_bytes`` are kept; free
+    segments are unlinked (least recently used first) to stay under it, and a put
+    that does not fit even then still gets a fresh segment.
+    """
+
+    def __init__(self, max_bytes: int = 1 << 30) -> None:
+        if not isinstance(max_bytes, int) or max_bytes < 0:
+            raise ValueError(f"max_bytes={max_bytes!r} must be an int >= 0")
+        self.max_bytes = max_bytes
+        self._segments: dict[str, _PoolSegment] = {}  # insertion order = least recently used first
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+
+    @property
+    def pooled_bytes(self) -> int:
+        return sum(s.size for s in self._segments.values())
+
+    def put(self, obj: torch.Tensor | Mapping[str, torch.Tensor]) -> ShmHandle:
+        """Like :func:`put`, reusing a released segment of this pool when one is large enough."""
+        if self._pid != os.getpid():
+            raise RuntimeError("ShmPool.put in a forked child: the pool belongs to the parent process")
+        items, is_dict = _as_items(obj)
+        metas, size = _layout(items)
+        with self._lock:
+            seg = self._take_free(size)
+            if seg is None:
+                self._evict(size)
+                if self.pooled_bytes + size > self.max_bytes:
+                    return put(obj)  # does not fit the pool: a plain segment, unlinked by its release
+                name, buf = _new_segment(size)
+                seg = _PoolSegment(name, size, buf)
+                self._segments[name] = seg
+            seg.generation += 1
+            _HEADER.pack_into(seg.buf, 0, _MAGIC, _IN_USE, seg.generation)
+        _fill(seg.buf, metas, items)
+        return ShmHandle(seg.name, os.getpid(), seg.size, tuple(metas), is_dict,
+                         generation=seg.generation, pooled=True)
+
+    def _take_free(self, size: int) -> _PoolSegment | None:
+        # Smallest free segment that fits and is not wastefully large (at most 2x the request).
+        best = None
+        for seg in self._segments.values():
+            if seg.state() == _FREE and size <= seg.size <= 2 * size and (best is None or seg.size < best.size):
+                best = seg
+        if best is not None:
+            self._segments[best.name] = self._segments.pop(best.name)  # most recently used
+        return best
+
+    def _evict(self, size: int) -> None:
+        for seg in list(self._segments.values()):
+            if self.pooled_bytes + size <= self.max_bytes:
+                return
+            if seg.state() == _FREE:
+                del self._segments[seg.name]
+                release_owned(seg.name)
+
+    def close(self) -> None:
+        """Unlink every segment of this pool (views held by consumers stay readable)."""
+        with self._lock:
+            segments, self._segments = self._segments, {}
+        for seg in segments.values():
+            release_owned(seg.name)
+
+
+def release_owned(name: str) -> bool:
+    """Owner side: unlink a segment this process created and forget it."""
+    with _owned.lock:
+        _owned.names.discard(name)
+    return _unlink(name)
+
+
+class _ConsumerMaps:
+    """Consumer-side cache of mappings of pooled segments (they are mapped again and again)."""
+
+    max_entries = 32
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.maps: dict[str, tuple[int, mmap.mmap]] = {}  # name -> (inode, mapping)
+        self.released: set[tuple[str, int]] = set()
+
+    def lookup(self, name: str) -> mmap.mmap | None:
+        with self.lock:
+            hit = self.maps.get(name)
+        if hit is None:
+            return None
+        try:
+            if os.stat(_path(name)).st_ino == hit[0]:
+                return hit[1]
+        except FileNotFoundError:
+            pass
+        with self.lock:
+            self.maps.pop(name, None)
+        return None
+
+    def store(self, name: str, inode: int, buf: mmap.mmap) -> None:
+        with self.lock:
+            self.maps[name] = (inode, buf)
+            while len(self.maps) > self.max_entries:
+                self.maps.pop(next(iter(self.maps)))
+
+
+_consumer_maps = _ConsumerMaps()
+os.register_at_fork(after_in_child=_consumer_maps.__init__)
 
 
 def _check_handle(handle: ShmHandle) -> None:
@@ -303,7 +469,9 @@ def _check_handle(handle: ShmHandle) -> None:
         raise ShmHandleError(
             f"handle.owner_pid={handle.owner_pid} does not match the pid {m.group(2)} in name {handle.name!r}"
         )
-    if not isinstance(handle.total_bytes, int) or handle.total_bytes <= 0:
+    if not isinstance(handle.generation, int) or not isinstance(handle.pooled, bool):
+        raise ShmHandleError(f"handle.generation={handle.generation!r} / pooled={handle.pooled!r} are malformed")
+    if not isinstance(handle.total_bytes, int) or handle.total_bytes < HEADER_BYTES:
         raise ShmHandleError(f"handle.total_bytes={handle.total_bytes!r} must be a positive int")
     if len(handle.tensors) > _MAX_TENSORS:
         raise ShmHandleError(f"handle has {len(handle.tensors)} tensors; at most {_MAX_TENSORS} are allowed")
@@ -327,25 +495,17 @@ def _check_handle(handle: ShmHandle) -> None:
             raise ShmHandleError(
                 f"tensor {meta.key!r}: nbytes={meta.nbytes} but shape {meta.shape} of {meta.dtype} needs {expected}"
             )
-        if meta.offset < 0 or meta.offset % ALIGNMENT or meta.offset + meta.nbytes > handle.total_bytes:
+        if meta.offset < HEADER_BYTES or meta.offset % ALIGNMENT or meta.offset + meta.nbytes > handle.total_bytes:
             raise ShmHandleError(
-                f"tensor {meta.key!r}: offset={meta.offset} nbytes={meta.nbytes} must be {ALIGNMENT}-aligned "
-                f"and lie inside the segment of {handle.total_bytes} bytes"
+                f"tensor {meta.key!r}: offset={meta.offset} nbytes={meta.nbytes} must be {ALIGNMENT}-aligned, "
+                f"after the {HEADER_BYTES}-byte header and inside the segment of {handle.total_bytes} bytes"
             )
         if meta.key in keys:
             raise ShmHandleError(f"tensor key {meta.key!r} appears twice in the handle")
         keys.add(meta.key)
 
 
-def get(handle: ShmHandle) -> torch.Tensor | dict[str, torch.Tensor]:
-    """Map the segment of ``handle`` and return zero-copy views of its tensors.
-
-    Returns a tensor for a handle made from a tensor and a dict for one made
-    from a dict. The views are writable and stay valid after the segment is
-    released (the mapping lives as long as the tensors). Raises
-    :class:`ShmHandleError` for a forged or stale handle.
-    """
-    _check_handle(handle)
+def _open_checked(handle: ShmHandle) -> tuple[mmap.mmap, int]:
     try:
         fd = os.open(_path(handle.name), os.O_RDWR | os.O_NOFOLLOW)
     except FileNotFoundError:
@@ -360,9 +520,40 @@ def get(handle: ShmHandle) -> torch.Tensor | dict[str, torch.Tensor]:
             raise ShmHandleError(
                 f"handle.total_bytes={handle.total_bytes} but segment {handle.name!r} has {st.st_size} bytes"
             )
-        buf = _mmap(fd, handle.total_bytes)
+        return _mmap(fd, handle.total_bytes), st.st_ino
     finally:
         os.close(fd)
+
+
+def _mapping(handle: ShmHandle) -> mmap.mmap:
+    if not handle.pooled:
+        return _open_checked(handle)[0]
+    buf = _consumer_maps.lookup(handle.name)
+    if buf is None:
+        buf, inode = _open_checked(handle)
+        _consumer_maps.store(handle.name, inode, buf)
+    return buf
+
+
+def get(handle: ShmHandle) -> torch.Tensor | dict[str, torch.Tensor]:
+    """Map the segment of ``handle`` and return zero-copy views of its tensors.
+
+    Returns a tensor for a handle made from a tensor and a dict for one made
+    from a dict. The views are writable. For a handle from :func:`put` they stay
+    valid after the segment is released (the mapping lives as long as the
+    tensors); for a pooled handle (:class:`ShmPool`) they must not be used after
+    release. Raises :class:`ShmHandleError` for a forged or stale handle.
+    """
+    _check_handle(handle)
+    buf = _mapping(handle)
+    magic, state, generation = _HEADER.unpack_from(buf, 0)
+    if magic != _MAGIC:
+        raise ShmHandleError(f"shm segment {handle.name!r} has no omni header")
+    if generation != handle.generation or state != _IN_USE:
+        raise ShmHandleError(
+            f"stale handle for {handle.name!r}: generation {handle.generation}, but the segment holds "
+            f"generation {generation} ({'released' if state == _FREE else 'in use'})"
+        )
     # Each view holds a buffer export of `buf`, which keeps the mapping alive as long as any view lives.
     views = {meta.key: _view(buf, meta) for meta in handle.tensors}
     del buf
@@ -372,17 +563,38 @@ def get(handle: ShmHandle) -> torch.Tensor | dict[str, torch.Tensor]:
 
 
 def release(handle: ShmHandle) -> bool:
-    """Unlink the segment of ``handle``. Harmless if already unlinked; returns whether this call unlinked it.
+    """The consumer is done with ``handle``; returns whether this call released it.
 
-    Tensors already returned by :func:`get` stay valid.
+    For a handle from :func:`put`: unlinks the segment (harmless if already
+    unlinked; views already returned by :func:`get` stay valid). For a pooled
+    handle: marks the segment free for its pool to reuse (a second release, or a
+    release of an outdated generation, is ignored).
     """
     if not isinstance(handle, ShmHandle) or _NAME_RE.match(str(handle.name)) is None:
         raise ShmHandleError(f"release: not a valid ShmHandle: {handle!r}")
-    done = _unlink(handle.name)
-    if handle.owner_pid == os.getpid():
-        with _owned.lock:
-            _owned.names.discard(handle.name)
-    return done
+    if not handle.pooled:
+        done = _unlink(handle.name)
+        if handle.owner_pid == os.getpid():
+            with _owned.lock:
+                _owned.names.discard(handle.name)
+        return done
+    key = (handle.name, handle.generation)
+    with _consumer_maps.lock:
+        if key in _consumer_maps.released:
+            return False
+    try:
+        buf = _mapping(handle)
+    except ShmHandleError:
+        return False  # the owner already unlinked it
+    magic, state, generation = _HEADER.unpack_from(buf, 0)
+    if magic != _MAGIC or generation != handle.generation or state != _IN_USE:
+        return False
+    buf[_STATE_OFFSET] = _FREE
+    with _consumer_maps.lock:
+        _consumer_maps.released.add(key)
+        if len(_consumer_maps.released) > 4096:
+            _consumer_maps.released.clear()  # only guards against an immediate double release
+    return True
 
 
 # --------------------------------------------------------------------------- sweeping

@@ -206,15 +206,15 @@ def _forgeries(h: ShmHandle) -> dict[str, tuple[ShmHandle, str]]:
         "nbytes lie": (msgspec.structs.replace(h, tensors=(msgspec.structs.replace(m, nbytes=4),)), "needs"),
         "misaligned": (msgspec.structs.replace(h, tensors=(msgspec.structs.replace(m, offset=4),)), "aligned"),
         "size lie": (msgspec.structs.replace(h, total_bytes=h.total_bytes * 1000,
-                                             tensors=(TensorMeta(m.key, m.dtype, (1000,), 59_968, 4000),)),
-                     "has 64 bytes"),
+                                             tensors=(TensorMeta(m.key, m.dtype, (1000,), 64_000, 4000),)),
+                     "has 128 bytes"),
         "two tensors, single": (msgspec.structs.replace(h, tensors=(m, m)), "1 tensor"),
     }
 
 
 def test_forged_handles_raise_clear_errors(instance):
     h = shm_tensor.put(torch.arange(16, dtype=torch.float32))
-    assert h.total_bytes == 64
+    assert h.total_bytes == 128
     for what, (forged, msg) in _forgeries(h).items():
         with pytest.raises(ShmHandleError, match=msg):
             shm_tensor.get(forged)
@@ -301,3 +301,78 @@ def test_sigkilled_producer_and_consumer_are_swept(instance, tmp_path):
             if p.is_alive():
                 p.kill()
             p.join(10)
+
+
+# --------------------------------------------------------------------------- pooled segments
+
+
+def test_pool_reuses_released_segments_and_rejects_stale_handles(instance):
+    pool = shm_tensor.ShmPool()
+    a, b, c = (torch.full((1000,), float(i)) for i in range(3))
+    h1 = pool.put(a)
+    h2 = pool.put(b)  # h1 still in use: a second segment
+    assert h1.pooled and h1.name != h2.name
+    assert torch.equal(shm_tensor.get(h1), a)
+    assert shm_tensor.release(h1) is True
+    assert shm_tensor.release(h1) is False  # double release ignored
+    h3 = pool.put(c)
+    assert (h3.name, h3.generation) == (h1.name, h1.generation + 1)
+    with pytest.raises(ShmHandleError, match="stale handle"):
+        shm_tensor.get(h1)
+    assert shm_tensor.release(h1) is False  # an outdated generation cannot free the new one
+    assert torch.equal(shm_tensor.get(h3), c) and torch.equal(shm_tensor.get(h2), b)
+    shm_tensor.release(h3)
+    small = pool.put(torch.ones(10))  # a free 4 KiB segment is not wasted on 40 bytes
+    assert small.name not in (h1.name, h2.name)
+    assert sorted(shm_tensor.list_segments()) == sorted([h1.name, h2.name, small.name])
+    pool.close()
+    assert shm_tensor.list_segments() == []
+
+
+def test_pool_stays_under_max_bytes(instance):
+    t = torch.zeros(1000)  # 4000 bytes + 64 header -> 4096-byte segments
+    pool = shm_tensor.ShmPool(max_bytes=2 * 4096)
+    h1, h2 = pool.put(t), pool.put(t)
+    assert h1.total_bytes == 4096 and pool.pooled_bytes == 8192
+    h3 = pool.put(t)  # pool full, nothing free: a plain segment that its release unlinks
+    assert not h3.pooled and pool.pooled_bytes == 8192 and len(shm_tensor.list_segments()) == 3
+    shm_tensor.release(h1)
+    shm_tensor.release(h2)
+    h4 = pool.put(torch.zeros(2000))  # needs 8064 bytes: evicts both free segments
+    assert not os.path.exists(f"/dev/shm/{h1.name}") and not os.path.exists(f"/dev/shm/{h2.name}")
+    assert pool.pooled_bytes == h4.total_bytes == 8064
+    assert shm_tensor.release(h3) is True and not os.path.exists(f"/dev/shm/{h3.name}")
+    pool.close()
+    assert shm_tensor.list_segments() == []
+
+
+def _pooled_producer_consumer(rank, world_size, instance, workdir, rounds):
+    os.environ[INSTANCE_ENV] = instance
+    workdir = Path(workdir)
+    if rank == 0:
+        pool = shm_tensor.ShmPool()
+        names = []
+        for i in range(rounds):
+            h = pool.put({"x": torch.arange(4096, dtype=torch.float32) * i, "i": torch.tensor([i])})
+            names.append(h.name)
+            _write_atomic(workdir / f"h{i}", msgspec.msgpack.encode(h))
+            _wait_file(workdir / f"r{i}")
+        pool.close()
+        return {"distinct_segments": len(set(names))}
+    ok = []
+    for i in range(rounds):
+        h = msgspec.msgpack.decode(_wait_file(workdir / f"h{i}"), type=ShmHandle)
+        d = shm_tensor.get(h)
+        ok.append(int(d["i"]) == i and torch.equal(d["x"], torch.arange(4096, dtype=torch.float32) * i))
+        del d
+        shm_tensor.release(h)
+        _write_atomic(workdir / f"r{i}", b"1")
+    return {"ok": ok}
+
+
+@pytest.mark.distributed
+def test_pool_round_trips_between_processes(instance, tmp_path):
+    prod, cons = run_workers(_pooled_producer_consumer, 2, args=(instance, str(tmp_path), 6), timeout=90)
+    assert cons["ok"] == [True] * 6
+    assert prod["distinct_segments"] == 1  # every round reused the segment the consumer released
+    assert shm_tensor.list_segments(shm_tensor.instance_prefix(instance)) == []
