@@ -164,7 +164,7 @@ class GroupCoordinator:
         self.ranks: list[int] = ranks
         self.world_size = len(ranks)
         self.rank_in_group = ranks.index(self.rank)
-        if self.backend == "nccl" and torch.cuda.is_available():
+        if "nccl" in self.backend and torch.cuda.is_available():
             self.device = torch.device(f"cuda:{local_rank}")
         else:
             self.device = torch.device("cpu")

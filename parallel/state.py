@@ -98,7 +98,7 @@ def init_distributed_environment(
     world_size = dist.get_world_size()
     if local_rank == -1:
         local_rank = int(os.environ.get("LOCAL_RANK", dist.get_rank()))
-    if backend == "nccl" and torch.cuda.is_available():
+    if "nccl" in backend and torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
     if _WORLD is None:
         _WORLD = GroupCoordinator([list(range(world_size))], local_rank, backend, group_name="world")
