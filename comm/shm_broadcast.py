@@ -126,6 +126,7 @@ _KIND_OVERFLOW = 2
 _ALIGN = 64
 _CHUNK_HEADER = struct.Struct("<BxxxI")  # kind, pad, number of frames; then u64 length per frame
 _READY = b"READY"
+_CLOSED = b""  # a serde body is never empty, so an empty frame on the remote socket means "writer closed"
 _NAME_RE = re.compile(r"^omni_[A-Za-z0-9.-]{1,64}_\d{1,10}_\d{1,20}_[0-9a-f]{8}$")
 _counter = count(1)
 
@@ -180,6 +181,7 @@ class ShmRingBuffer:
         [0, D)              data: chunk i at i * max_chunk_bytes        (D = max_chunks * max_chunk_bytes)
         [D, D + M)          metadata: row i at D + i * (1 + n_reader): written, read_0 .. read_{n-1}
         [D + M, D + M + n)  one "asleep" byte per reader               (M = max_chunks * (1 + n_reader))
+        [D + M + n]         "closed": set by the writer's close(), after its last publish
 
     ``name=None`` creates a new segment owned (and unlinked) by this object; a name attaches to an
     existing one, which is never unlinked by the attaching side.
@@ -200,7 +202,7 @@ class ShmRingBuffer:
         self.data_bytes = max_chunk_bytes * max_chunks
         self.row_bytes = 1 + n_reader
         self.meta_bytes = self.row_bytes * max_chunks
-        self.total_bytes = self.data_bytes + self.meta_bytes + n_reader
+        self.total_bytes = self.data_bytes + self.meta_bytes + n_reader + 1
         self.is_owner = name is None
         self._unlinked = not self.is_owner
         if name is None:
@@ -228,7 +230,8 @@ class ShmRingBuffer:
         self._buf = memoryview(self._mmap)
         self.data = self._buf[: self.data_bytes]
         self.meta = self._buf[self.data_bytes : self.data_bytes + self.meta_bytes]
-        self.asleep = self._buf[self.data_bytes + self.meta_bytes :]
+        self.asleep = self._buf[self.data_bytes + self.meta_bytes : self.total_bytes - 1]
+        self.closed = self._buf[self.total_bytes - 1 :]
         self._finalizer = None
         if self.is_owner:
             # Runs on garbage collection and at interpreter / multiprocessing-child exit.
@@ -276,7 +279,7 @@ class ShmRingBuffer:
         self.unlink()
         if self._mmap.closed:
             return
-        for mv in (self.data, self.meta, self.asleep, self._buf):
+        for mv in (self.data, self.meta, self.asleep, self.closed, self._buf):
             mv.release()
         self._mmap.close()
 
@@ -443,6 +446,7 @@ class MessageQueue:
         self._ready = False
         self._idx = 0
         self.num_blocks = 0  # times a reader (or the writer) stopped spinning and blocked; for tests/metrics
+        self.num_late_wakeups = 0  # a blocked reader found a message only after its poll timed out (no ping)
         self._cancel = threading.Event()
         self._cancel_lock = threading.Lock()
         addr = f"inproc://omni-mq-cancel-{id(self)}-{secrets.token_hex(4)}"
@@ -785,7 +789,11 @@ class MessageQueue:
         deadline = _deadline(timeout)
         if not self._local:
             self._poll_one(self._remote, deadline, "dequeue", "the next message")
-            return serde.decode(self._remote.recv_multipart(copy=False))
+            frames = self._remote.recv_multipart(copy=False)
+            if len(frames) == 1 and len(frames[0]) == 0:
+                self._cancel.set()
+                raise MessageQueueCancelled("the writer closed the queue; no more messages will arrive")
+            return serde.decode(frames)
         ring = self._ring
         idx = self._idx
         row = ring.row(idx)
@@ -839,6 +847,7 @@ class MessageQueue:
         next_liveness = start + 1.0
         asleep[me] = 1
         _fence()
+        poll_timed_out = False
         try:
             while True:
                 try:
@@ -846,9 +855,13 @@ class MessageQueue:
                         self._wake.recv(zmq.NOBLOCK)
                 except zmq.Again:
                     pass
+                closed = self._ring.closed[0]  # load before the chunk flags: all publishes before close are seen
                 if self._chunk_ready(row):
+                    self.num_late_wakeups += poll_timed_out
                     return
                 self._check_cancelled()
+                if closed:
+                    raise MessageQueueCancelled("the writer closed the queue; no more messages will arrive")
                 now = time.monotonic()
                 if deadline is not None and now >= deadline:
                     raise MessageQueueTimeout(f"dequeue: no message within {now - start:.1f}s")
@@ -859,7 +872,7 @@ class MessageQueue:
                     self._check_writer_alive()
                     next_liveness = now + 1.0
                 wait = 1.0 if deadline is None else min(1.0, deadline - now)
-                poller.poll(max(0, int(wait * 1000) + 1))
+                poll_timed_out = not poller.poll(max(0, int(wait * 1000) + 1))
         finally:
             asleep[me] = 0
 
@@ -882,13 +895,31 @@ class MessageQueue:
                 except zmq.ZMQError:
                     pass
 
+    def _announce_close(self) -> None:
+        """Tell blocked readers that nothing more will come (after everything already published)."""
+        try:
+            if self._ring is not None:
+                self._ring.closed[0] = 1
+                _fence()
+                self._wake.send(b"", zmq.NOBLOCK)
+            if self._remote is not None:
+                self._remote.send(_CLOSED, zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass  # a full queue: that reader learns it from its timeout or the writer's exit instead
+
     def close(self) -> None:
-        """Release everything; the writer unlinks the segment. Idempotent."""
+        """Release everything; the writer unlinks the segment and tells readers it closed. Idempotent.
+
+        Readers still receive every message enqueued before ``close()``; a reader blocked after the last
+        one raises :class:`MessageQueueCancelled`.
+        """
         with self._cancel_lock:
             if self._closed:
                 return
             self._closed = True
             self._cancel.set()
+        if self._is_writer and self._ready:
+            self._announce_close()
         for s in self._sockets:
             s.close()
         self._cancel_tx.close(linger=0)

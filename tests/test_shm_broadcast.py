@@ -93,8 +93,8 @@ def test_handle_roundtrips_through_msgspec(instance, monkeypatch):
         seg = SHM / h.buffer_name
         assert h.buffer_name.startswith(f"omni_{instance}_")
         assert seg.stat().st_mode & 0o777 == 0o600
-        # data + one row (written + 2 read flags) per chunk + one asleep byte per local reader
-        assert seg.stat().st_size == 3 * 1024 + 3 * 3 + 2
+        # data + one row (written + 2 read flags) per chunk + one asleep byte per local reader + closed
+        assert seg.stat().st_size == 3 * 1024 + 3 * 3 + 2 + 1  # + the "closed" byte
     assert _segments(instance) == []
 
 
@@ -164,7 +164,7 @@ def _in_order_worker(rank, world_size, n_local, n_messages, instance):
         if got != [i, i * 7919 % 1009] and len(bad) < 5:
             bad.append((i, got))
     mq.close()
-    return {"bad": bad}
+    return {"bad": bad, "late": mq.num_late_wakeups}
 
 
 @pytest.mark.distributed
@@ -175,6 +175,7 @@ def test_every_reader_gets_10000_messages_in_order(n_local, instance):
     world = 1 + n_local + 1  # writer, local readers, one remote reader
     out = run_workers(_in_order_worker, world, args=(n_local, n, instance), timeout=120, init_process_group=True)
     assert [o["bad"] for o in out[1:]] == [[]] * (world - 1)
+    assert [o["late"] for o in out[1:]] == [0] * (world - 1)
     print(f"\n{n_local} local + 1 remote readers: {n} messages in {out[0]['elapsed']:.2f}s "
           f"({n / out[0]['elapsed']:.0f} msg/s)")
 
@@ -210,7 +211,7 @@ def _overflow_worker(rank, world_size, n_local, n_messages, instance):
         ok += (got["i"] == i and got["tag"] == want["tag"] and torch.equal(got["t"], want["t"]))
     mq.close()
     lat.sort()
-    return {"ok": ok, "blocks": mq.num_blocks, "p50_us": lat[len(lat) // 2] * 1e6}
+    return {"ok": ok, "blocks": mq.num_blocks, "late": mq.num_late_wakeups, "p50_us": lat[len(lat) // 2] * 1e6}
 
 
 @pytest.mark.distributed
@@ -222,6 +223,7 @@ def test_overflow_payloads_and_random_sleeps(instance):
     # Local readers passed from spinning to blocking and back: some waits blocked, not all of them.
     for o in out[1:4]:
         assert 0 < o["blocks"] < n, o
+        assert o["late"] == 0, o  # every blocked wait was ended by the writer's ping, never by the poll timeout
     print("\nper-reader p50 latency with random gaps (us):", [round(o["p50_us"]) for o in out[1:]])
 
 
@@ -339,6 +341,35 @@ def test_shutdown_cancels_a_blocked_dequeue(instance):
         assert o["raised"] == "cancelled" and o["after"] == "cancelled"
         assert o["latency"] < 1.0, o
     print("\nshutdown -> Cancelled latency (ms):", [round(o["latency"] * 1e3, 2) for o in out[1:]])
+
+
+def _writer_close_worker(rank, world_size, instance, n):
+    mq = _open(rank, world_size, 1, instance, chunk_bytes=256, chunks=4)
+    if rank == 0:
+        for i in range(n):
+            mq.enqueue({"i": i, "pad": "x" * (1000 if i % 10 == 0 else 1)})  # some overflow too
+        mq.close()  # readers may still be behind: they must get everything, then "closed"
+        return {}
+    got = [mq.dequeue(timeout=30)["i"] for _ in range(n)]
+    t0 = time.monotonic()
+    try:
+        mq.dequeue(timeout=30)
+        err = None
+    except MessageQueueCancelled as e:
+        err = str(e)
+    took = time.monotonic() - t0
+    mq.close()
+    return {"got": got, "err": err, "took": took}
+
+
+@pytest.mark.distributed
+def test_readers_drain_then_learn_that_the_writer_closed(instance):
+    n = 200
+    out = run_workers(_writer_close_worker, 3, args=(instance, n), timeout=60, init_process_group=True)
+    for o in out[1:]:  # one local, one remote reader
+        assert o["got"] == list(range(n))
+        assert o["err"] == "the writer closed the queue; no more messages will arrive"
+        assert o["took"] < 5.0, o
 
 
 def _idle_worker(rank, world_size, instance, idle_s):
