@@ -112,6 +112,13 @@ def test_guidance_mismatch_is_a_clear_error(tiny_dir):
         model(**inputs)
 
 
+def test_unknown_dtype_is_a_config_error(tiny_dir):
+    from stages.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"dtype='float8' is not supported; allowed: \['bf16', 'bfloat16'"):
+        FluxTransformer.from_pretrained(tiny_dir, dtype="float8")
+
+
 def test_config_rejects_rope_axes_that_do_not_sum_to_head_dim():
     from stages.errors import CheckpointError
 

@@ -28,7 +28,7 @@ from torch import nn
 
 from parallel.attention import sp_attention
 from parallel.sp_plan import SequenceParallelInput, SequenceParallelModelPlan, SequenceParallelOutput
-from stages.errors import CheckpointError
+from stages.errors import CheckpointError, ConfigError
 from stages.weights import (
     DIFFUSERS_WEIGHTS,
     MODEL_INDEX,
@@ -427,5 +427,5 @@ def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
     allowed = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
                "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
     if dtype not in allowed:
-        raise ValueError(f"dtype={dtype!r} is not supported; allowed: {sorted(allowed)}")
+        raise ConfigError(f"dtype={dtype!r} is not supported; allowed: {sorted(allowed)}")
     return allowed[dtype]
