@@ -533,7 +533,8 @@ class MessageQueue:
     ) -> MessageQueue:
         """Collective over a CPU (gloo) ``torch.distributed`` group: build the queue and attach every rank.
 
-        ``writer_rank`` is a rank *in the group*; readers use their group rank. Ranks on the writer's
+        ``group=None`` means the default (world) group. ``writer_rank`` is a rank *in the group*;
+        readers use their group rank. Ranks on the writer's
         node (same hostname and boot id) become local readers, the others remote. The handle travels as
         msgspec bytes in a tensor broadcast (no pickle). Returns a ready queue on every rank.
         """
@@ -542,6 +543,8 @@ class MessageQueue:
         import torch
         import torch.distributed as dist
 
+        if group is None:
+            group = dist.group.WORLD
         ranks = dist.get_process_group_ranks(group)
         me = ranks.index(dist.get_rank())
         if not 0 <= writer_rank < len(ranks):
@@ -588,6 +591,8 @@ class MessageQueue:
 
         After this the writer has unlinked the shared-memory name (every local reader has mapped it).
         """
+        if self._ready:
+            return
         deadline = _deadline(timeout)
         if self._is_writer:
             expected = []

@@ -415,9 +415,11 @@ def _reopen_worker(rank, world_size, instance, rounds, n):
     group = dist.new_group(list(range(world_size)), backend="gloo")
     names, sums = [], []
     for r in range(rounds):
-        mq = MessageQueue.create_from_process_group(group, max_chunk_bytes=512, max_chunks=4, timeout=30)
-        if rank == 0:
-            assert mq.n_local_reader == world_size - 1
+        writer = r % world_size  # also a writer that is not group rank 0
+        mq = MessageQueue.create_from_process_group(group if r % 2 else None, max_chunk_bytes=512, max_chunks=4,
+                                                    writer_rank=writer, timeout=30)
+        if rank == writer:
+            assert mq.local_reader_ranks == tuple(x for x in range(world_size) if x != writer)
             names.append(mq.export_handle().buffer_name)
             for i in range(n):
                 mq.broadcast_object({"round": r, "i": i})
@@ -427,8 +429,7 @@ def _reopen_worker(rank, world_size, instance, rounds, n):
             sums.append(sum(g["i"] for g in got if g["round"] == r))
         mq.close()
         dist.barrier()
-        if rank == 0:
-            assert _segments(instance) == [], _segments(instance)
+        assert _segments(instance) == [], _segments(instance)
     return {"names": names, "sums": sums}
 
 
@@ -436,8 +437,11 @@ def _reopen_worker(rank, world_size, instance, rounds, n):
 def test_close_and_reopen_leaves_no_segments(instance):
     rounds, n = 3, 200
     out = run_workers(_reopen_worker, 3, args=(instance, rounds, n), timeout=60, init_process_group=True)
-    assert len(set(out[0]["names"])) == rounds
-    assert [o["sums"] for o in out[1:]] == [[n * (n - 1) // 2] * rounds] * 2
+    names = [name for o in out for name in o["names"]]
+    assert len(set(names)) == rounds
+    expect = n * (n - 1) // 2
+    assert [o["sums"] for o in out] == [[None if r % 3 == rank else expect for r in range(rounds)]
+                                        for rank in range(3)]
 
 
 # ----------------------------------------------------------------------------- remote back-pressure, dead writer
