@@ -323,8 +323,9 @@ class FluxSingleTransformerBlock(nn.Module):
         h = torch.cat([txt, img], dim=1)  # this rank's tokens: all text, then its image tokens
         x, gate = self.norm(h, temb)
         mlp = F.gelu(self.proj_mlp(x), approximate="tanh")
-        txt_attn, img_attn = _joint_attention(self.attn.qkv(x[:, n_txt:], img_rot),
-                                              self.attn.qkv(x[:, :n_txt], txt_rot))
+        rot = (torch.cat([txt_rot[0], img_rot[0]]), torch.cat([txt_rot[1], img_rot[1]]))
+        qkv = self.attn.qkv(x, rot)
+        txt_attn, img_attn = _joint_attention(tuple(t[:, n_txt:] for t in qkv), tuple(t[:, :n_txt] for t in qkv))
         h = h + gate[:, None] * self.proj_out(torch.cat([torch.cat([txt_attn, img_attn], dim=1), mlp], dim=2))
         if h.dtype == torch.float16:
             h = h.clip(-65504, 65504)
