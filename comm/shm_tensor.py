@@ -447,10 +447,24 @@ class _ConsumerMaps:
         return None
 
     def store(self, name: str, inode: int, buf: mmap.mmap) -> None:
+        self.prune()
         with self.lock:
             self.maps[name] = (inode, buf)
             while len(self.maps) > self.max_entries:
                 self.maps.pop(next(iter(self.maps)))
+
+    def prune(self) -> None:
+        """Drop mappings of segments their owner has unlinked (a cached mapping would pin their memory)."""
+        with self.lock:
+            items = list(self.maps.items())
+        for name, (inode, _) in items:
+            try:
+                alive = os.stat(_path(name)).st_ino == inode
+            except FileNotFoundError:
+                alive = False
+            if not alive:
+                with self.lock:
+                    self.maps.pop(name, None)
 
 
 _consumer_maps = _ConsumerMaps()
@@ -590,6 +604,8 @@ def release(handle: ShmHandle) -> bool:
     if magic != _MAGIC or generation != handle.generation or state != _IN_USE:
         return False
     buf[_STATE_OFFSET] = _FREE
+    del buf
+    _consumer_maps.prune()
     with _consumer_maps.lock:
         _consumer_maps.released.add(key)
         if len(_consumer_maps.released) > 4096:

@@ -325,8 +325,14 @@ def test_pool_reuses_released_segments_and_rejects_stale_handles(instance):
     small = pool.put(torch.ones(10))  # a free 4 KiB segment is not wasted on 40 bytes
     assert small.name not in (h1.name, h2.name)
     assert sorted(shm_tensor.list_segments()) == sorted([h1.name, h2.name, small.name])
+    assert h1.name in shm_tensor._consumer_maps.maps  # the consumer keeps pooled mappings for reuse
     pool.close()
     assert shm_tensor.list_segments() == []
+    # ...but not once the owner unlinked them (that would pin their memory)
+    other = shm_tensor.ShmPool()
+    shm_tensor.release(other.put(torch.ones(3)))
+    assert not {h1.name, h2.name} & set(shm_tensor._consumer_maps.maps)
+    other.close()
 
 
 def test_pool_stays_under_max_bytes(instance):
