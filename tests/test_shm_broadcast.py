@@ -116,9 +116,10 @@ def test_bad_arguments_name_the_field(instance, monkeypatch):
     assert _segments(instance) == []
 
 
-def test_writer_blocked_on_full_ring_is_cancelled_and_times_out(instance, monkeypatch):
+def test_writer_blocked_on_full_ring_is_cancelled_and_times_out(instance, monkeypatch, caplog):
     """Threads in one process: a reader that never reads fills the ring; timeout names it; shutdown cancels."""
     monkeypatch.setenv("OMNI_RUNTIME_INSTANCE", instance)
+    monkeypatch.setattr(MessageQueue, "warn_interval", 0.1)
     w = MessageQueue(1, 1, local_reader_ranks=[3], max_chunk_bytes=256, max_chunks=2)
     r = MessageQueue.create_from_handle(w.export_handle(), 3)
     t = threading.Thread(target=r.wait_until_ready, args=(10,))
@@ -134,15 +135,66 @@ def test_writer_blocked_on_full_ring_is_cancelled_and_times_out(instance, monkey
     assert r.dequeue() == 0 and r.dequeue() == 1
     w.enqueue(2, timeout=1)
     w.enqueue(3, timeout=1)
-    timer = threading.Timer(0.2, w.shutdown)
+    timer = threading.Timer(0.35, w.shutdown)
     timer.start()
     t0 = time.monotonic()
-    with pytest.raises(MessageQueueCancelled):
-        w.enqueue(4)
-    assert time.monotonic() - t0 < 1.0
+    with caplog.at_level("WARNING", logger="comm.shm_broadcast"), pytest.raises(MessageQueueCancelled):
+        w.enqueue(4)  # timeout=None: waits, warning every warn_interval, until shutdown()
+    assert 0.35 <= time.monotonic() - t0 < 1.0
+    warnings = [r.getMessage() for r in caplog.records if "still waiting" in r.getMessage()]
+    assert len(warnings) >= 2 and all("reader rank(s) [3] to read chunk 0" in m for m in warnings), warnings
     assert [r.dequeue(timeout=1), r.dequeue(timeout=1)] == [2, 3]
     w.close()
     r.close()
+
+
+def test_tensors_round_trip_inline_and_overflow(instance, monkeypatch):
+    """Local (ring, inline and overflow) and remote readers get bit-exact tensors and arrays back."""
+    import numpy as np
+
+    monkeypatch.setenv("OMNI_RUNTIME_INSTANCE", instance)
+    w = MessageQueue(2, 1, local_reader_ranks=[1], max_chunk_bytes=4096, max_chunks=2, connect_ip="127.0.0.1")
+    readers = [MessageQueue.create_from_handle(w.export_handle(), rank) for rank in (1, 2)]
+    threads = [threading.Thread(target=r.wait_until_ready, args=(10,)) for r in readers]
+    for t in threads:
+        t.start()
+    w.wait_until_ready(timeout=10)
+    for t in threads:
+        t.join()
+    g = torch.Generator().manual_seed(0)
+    msgs = []
+    for numel in (0, 3, 300, 3000):  # 3000 floats: 12 KiB, 3x the chunk -> overflow
+        base = torch.randn(numel * 2, generator=g)
+        msgs.append({
+            "bf16": base[:numel].to(torch.bfloat16),
+            "strided": base[::2],  # non-contiguous
+            "i64": torch.arange(numel, dtype=torch.int64) - 7,
+            "mask": base[:numel] > 0,
+            "scalar": torch.tensor(3.5),
+            "np": np.linspace(0, 1, numel),
+            "nested": [{"k": numel}, "text", None, 1.5],
+        })
+    got: dict[int, list] = {1: [], 2: []}
+
+    def read(r):
+        got[r.rank] = [r.dequeue(timeout=10) for _ in msgs]
+
+    threads = [threading.Thread(target=read, args=(r,)) for r in readers]
+    for t in threads:
+        t.start()
+    for m in msgs:
+        w.enqueue(m, timeout=10)
+    for t in threads:
+        t.join()
+    for rank in (1, 2):
+        for want, have in zip(msgs, got[rank], strict=True):
+            for key in ("bf16", "strided", "i64", "mask", "scalar"):
+                assert have[key].dtype == want[key].dtype and torch.equal(have[key], want[key]), (rank, key)
+            assert np.array_equal(have["np"], want["np"]) and have["np"].dtype == np.float64
+            assert have["nested"] == want["nested"]
+    w.close()
+    for r in readers:
+        r.close()
 
 
 # ----------------------------------------------------------------------------- in order, many readers
