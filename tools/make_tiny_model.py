@@ -110,7 +110,15 @@ def _clip_tokenizer():
     for special in ("<|startoftext|>", "<|endoftext|>"):
         vocab[special] = len(vocab)
     tok = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=CLIP_MAX_LENGTH)
-    return tok
+    return tok, vocab, merges
+
+
+def _write_clip_vocab_files(tokenizer_dir: Path, vocab: dict[str, int], merges: list[tuple[str, str]]) -> None:
+    """Also write ``vocab.json`` + ``merges.txt`` (what real CLIP checkpoints ship), so tokenizer classes that do
+    not read ``tokenizer.json`` (transformers 4's slow ``CLIPTokenizer``) load the same tokenizer."""
+    (tokenizer_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (tokenizer_dir / "merges.txt").write_text(
+        "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
 
 
 def _t5_tokenizer():
@@ -205,7 +213,7 @@ def make_tiny_model(path: str | Path, preset: str = "tiny", seed: int = 0) -> Pa
     p = PRESETS[preset]
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    clip_tok, t5_tok = _clip_tokenizer(), _t5_tokenizer()
+    (clip_tok, clip_vocab, clip_merges), t5_tok = _clip_tokenizer(), _t5_tokenizer()
     torch.manual_seed(seed)
     transformer = _transformer(p)
     vae = _vae(p)
@@ -216,6 +224,7 @@ def make_tiny_model(path: str | Path, preset: str = "tiny", seed: int = 0) -> Pa
     )
     pipe.save_pretrained(out, safe_serialization=True)
     _name_fast_t5_tokenizer(out / "model_index.json")
+    _write_clip_vocab_files(out / "tokenizer", clip_vocab, clip_merges)
     logger.info("wrote %s model (seed %d) to %s", preset, seed, out)
     return out
 
