@@ -81,7 +81,7 @@ class ReplicaProcs:
     def dead_rank(self) -> tuple[int, int | None] | None:
         """(rank, exit code) of the first rank process that is gone, or None while all run."""
         for r, p in enumerate(self.procs):
-            if not p.is_alive():
+            if p.exitcode is not None or not _running(p.pid):
                 return r, p.exitcode
         return None
 
@@ -115,6 +115,21 @@ class ReplicaProcs:
         for p in self.procs:
             p.join(timeout=max(0.0, end - time.monotonic()))
         self.kill()
+
+
+def _running(pid: int | None) -> bool:
+    """True while ``pid`` runs. Reads /proc directly: a SIGKILLed rank is a zombie until the forkserver (its
+    parent) reaps it, which on a loaded machine can take seconds; ``Process.is_alive`` waits for that."""
+    if pid is None:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+    return data[data.rindex(b")") + 2:data.rindex(b")") + 3] not in (b"Z", b"X")
 
 
 def _device(cfg: RuntimeConfig, stage: str, index: int) -> str:

@@ -127,7 +127,7 @@ def create_app(cfg: RuntimeConfig, orchestrator: Orchestrator | None = None) -> 
         task = asyncio.ensure_future(orch.generate(req))
         try:
             while not task.done():
-                await asyncio.wait({task}, timeout=0.25)
+                await asyncio.wait({task}, timeout=0.1)
                 if not task.done() and await request.is_disconnected():
                     logger.info("client disconnected: cancelling its request")
                     task.cancel()

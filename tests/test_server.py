@@ -1,0 +1,182 @@
+"""``omni-runtime serve`` on the default config (tiny model): OpenAI client, raw HTTP, batching, bad requests,
+auth, a killed stage rank, and a clean shutdown. One server for the whole module (starting one costs seconds)."""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import io
+import re
+import signal
+import threading
+import time
+
+import httpx
+import numpy as np
+import psutil
+import pytest
+from PIL import Image
+from test_server_harness import API_KEY, Server
+
+pytestmark = [pytest.mark.slow, pytest.mark.distributed, pytest.mark.timeout(300)]
+
+SMALL = {"size": "64x64", "num_inference_steps": 2}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    s = Server(tmp_path_factory.mktemp("serve"))
+    yield s
+    s.stop()
+
+
+def _post(server, body, headers=None, timeout=60):
+    return httpx.post(server.url + "/v1/images/generations", json=body,
+                      headers=server.headers if headers is None else headers, timeout=timeout)
+
+
+def _png(b64: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))))
+
+
+def test_openai_client_n2_and_seed_rule(server):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server.url + "/v1", api_key=API_KEY)
+    out = client.images.generate(model="tiny-flux", prompt="a red fox", n=2, size="64x64",
+                                 response_format="b64_json", extra_body={"seed": 11, "num_inference_steps": 2})
+    assert len(out.data) == 2 and out.created > 0
+    a, b = (_png(d.b64_json) for d in out.data)
+    assert a.shape == b.shape == (64, 64, 3)
+    assert not np.array_equal(a, b)
+    # image 1 of a request with seed 11 is the image of a request with seed 12, up to the last bit of rounding:
+    # a batch of 2 and a batch of 1 sum their GEMMs in a different order (the in-process Pipeline does the same)
+    single = _png(_post(server, {"prompt": "a red fox", "seed": 12, **SMALL}).json()["data"][0]["b64_json"])
+    diff = np.abs(single.astype(int) - b.astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01, (diff.max(), (diff > 0).mean())
+    other = np.abs(single.astype(int) - a.astype(int))
+    assert other.mean() > 5  # and it is not image 0
+    assert [m.id for m in client.models.list().data] == ["tiny-flux"]
+
+
+def test_raw_http_is_reproducible_and_matches_the_in_process_pipeline(server):
+    from runtime import Omni
+
+    body = {"prompt": "a lighthouse at dusk", "seed": 5, "response_format": "b64_json", **SMALL}
+    r1, r2 = _post(server, body), _post(server, body)
+    assert r1.status_code == r2.status_code == 200, r1.text
+    assert r1.json()["data"][0]["b64_json"] == r2.json()["data"][0]["b64_json"]
+    with Omni(server.config_path, in_process=True) as omni:
+        ref = np.asarray(omni.generate("a lighthouse at dusk", seed=5, **SMALL)[0])
+    assert np.array_equal(_png(r1.json()["data"][0]["b64_json"]), ref)
+    jpeg = _post(server, {**body, "output_format": "jpeg"}).json()["data"][0]["b64_json"]
+    assert base64.b64decode(jpeg)[:3] == b"\xff\xd8\xff"
+
+
+def test_auth_and_side_routes(server):
+    assert _post(server, {"prompt": "x", **SMALL}, headers={}).status_code == 401
+    bad = _post(server, {"prompt": "x", **SMALL}, headers={"Authorization": "Bearer nope"})
+    assert bad.status_code == 401 and bad.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(server.url + "/v1/models").status_code == 401
+    h = httpx.get(server.url + "/health").json()
+    assert h == {"status": "ok", "stages": {"text_encoder": [True], "denoiser": [True], "vae": [True]}}
+    assert "/v1/images/generations" in httpx.get(server.url + "/openapi.json").json()["paths"]
+    assert httpx.get(server.url + "/docs").status_code == 200
+
+
+def _batch_counts(server, stage):
+    text = httpx.get(server.url + "/metrics").text
+    ones = float(re.search(rf'omni_batch_size_bucket{{le="1.0",stage="{stage}"}} (\S+)', text).group(1))
+    total = float(re.search(rf'omni_batch_size_count{{stage="{stage}"}} (\S+)', text).group(1))
+    return ones, total
+
+
+def test_16_concurrent_requests_are_batched(server):
+    ones0, total0 = _batch_counts(server, "denoiser")
+    barrier = threading.Barrier(16)
+
+    def one(i):
+        barrier.wait()
+        return _post(server, {"prompt": f"prompt {i}", "seed": i, "size": "64x64", "num_inference_steps": 4})
+
+    with concurrent.futures.ThreadPoolExecutor(16) as ex:
+        rs = list(ex.map(one, range(16)))
+    assert [r.status_code for r in rs] == [200] * 16
+    ones1, total1 = _batch_counts(server, "denoiser")
+    batches, single = total1 - total0, ones1 - ones0
+    assert batches < 16 and single < batches, (batches, single)  # at least one batch held more than one item
+    text = httpx.get(server.url + "/metrics").text
+    for name in ("omni_queue_depth{stage=\"vae\"}", "omni_stage_latency_seconds_count{stage=\"text_encoder\"}",
+                 "omni_stage_compute_seconds_count{stage=\"denoiser\"}"):
+        assert name in text
+
+
+MALFORMED = [
+    ("{not json", None), ("[]", None), ({}, "prompt"), ({"prompt": 123}, "prompt"), ({"prompt": ""}, "prompt"),
+    ({"prompt": "x", "size": "0x0"}, "size"), ({"prompt": "x", "size": "17x17"}, "size"),
+    ({"prompt": "x", "size": "17"}, "size"), ({"prompt": "x", "size": "100000x100000"}, "size"),
+    ({"prompt": "x", "size": "abc"}, "size"), ({"prompt": "x", "size": 64}, "size"),
+    ({"prompt": "x", "size": "64x64x64"}, "size"), ({"prompt": "x", "n": 0}, "n"), ({"prompt": "x", "n": 99}, "n"),
+    ({"prompt": "x", "n": "2"}, "n"), ({"prompt": "x", "num_inference_steps": -1}, "num_inference_steps"),
+    ({"prompt": "x", "num_inference_steps": 1.5}, "num_inference_steps"),
+    ({"prompt": "x", "guidance_scale": "high"}, "guidance_scale"), ({"prompt": "x", "seed": -1}, "seed"),
+    ({"prompt": "x", "seed": "x"}, "seed"), ({"prompt": "x", "response_format": "url"}, "response_format"),
+    ({"prompt": "x", "output_format": "gif"}, "output_format"), ({"prompt": "a" * 100_000}, "prompt"),
+    ({"prompt": "x", "negative_prompt": 5}, "negative_prompt"), ({"prompt": "x", "true_cfg_scale": 0.5},
+                                                                 "true_cfg_scale"),
+    ({"prompt": "x", "user": 5}, "user"), ({"prompt": ["a", "b"]}, "prompt"),
+]
+
+
+def test_malformed_requests_get_400_naming_the_field(server):
+    got = []
+    for body, _ in MALFORMED:
+        if isinstance(body, str):
+            r = httpx.post(server.url + "/v1/images/generations", content=body, headers=server.headers)
+        else:
+            r = _post(server, body)
+        err = r.json()["error"]
+        got.append((r.status_code, err["param"], err["type"]))
+    assert got == [(400, p, "invalid_request_error") for _, p in MALFORMED]
+    assert len(MALFORMED) >= 20
+    assert httpx.get(server.url + "/health").status_code == 200
+    assert _post(server, {"prompt": "still fine", "seed": 1, **SMALL}).status_code == 200
+
+
+def test_sigkill_of_a_denoiser_rank_fails_in_flight_fast_then_recovers(server):
+    den = [p for p in server.stage_procs() if "denoiser[0] rank 0/1" in " ".join(p.cmdline())]
+    assert len(den) == 1
+    result: dict = {}
+
+    def slow():
+        r = _post(server, {"prompt": "slow", "seed": 3, "size": "512x512", "num_inference_steps": 200},
+                  timeout=120)
+        result["t"], result["r"] = time.monotonic(), r
+
+    t = threading.Thread(target=slow)
+    t.start()
+    time.sleep(1.5)
+    assert "r" not in result, "the request finished before the kill; make it slower"
+    killed_at = time.monotonic()
+    den[0].send_signal(signal.SIGKILL)
+    t.join(30)
+    r = result["r"]
+    assert r.status_code == 503 and "denoiser" in r.json()["error"]["message"], r.text
+    assert result["t"] - killed_at < 2.0
+    end = time.monotonic() + 120
+    while httpx.get(server.url + "/health").status_code != 200:
+        assert time.monotonic() < end, "the denoiser was not restarted"
+        time.sleep(0.3)
+    assert _post(server, {"prompt": "after the crash", "seed": 1, **SMALL}).status_code == 200
+
+
+def test_sigterm_leaves_no_process_and_no_shm(server):
+    pids = [p.pid for p in server.stage_procs()]
+    assert len(pids) == 3
+    # uvicorn shuts down gracefully, then re-raises the signal so the exit status says SIGTERM
+    assert server.stop(signal.SIGTERM) in (0, -signal.SIGTERM)
+    log = server.log_text()
+    assert "orchestrator stopped" in log and "Application shutdown complete" in log
+    assert server.leftover == []
+    assert [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE] == []
+    assert server.shm_entries() == []

@@ -1,0 +1,103 @@
+"""Helper for the server tests (no tests here): start `omni-runtime serve` in a subprocess, stop it, check leftovers."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+API_KEY = "sk-test-omni"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, tmp: Path, base_config: str = "default.toml", extra: str = "", api_key: str = API_KEY,
+                 timeout: float = 180.0) -> None:
+        text = (ROOT / "configs" / base_config).read_text()
+        text = text.replace('path = "../models/tiny-flux"', f'path = "{ROOT / "models" / "tiny-flux"}"')
+        text = text.replace('api_key = ""', f'api_key = "{api_key}"')
+        cfg = tmp / "server.toml"
+        cfg.write_text(text + extra)
+        self.config_path = cfg
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.instance = f"test{secrets.token_hex(4)}"
+        env = {**os.environ, "OMNI_RUNTIME_INSTANCE": self.instance}
+        self.log = open(tmp / "server.log", "w")  # noqa: SIM115 (closed in stop)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "runtime.cli", "serve", str(cfg), "--port", str(self.port)],
+            cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.headers = {"Authorization": f"Bearer {api_key}"}
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_text()[-4000:]}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        self.stop()
+        raise RuntimeError(f"server not ready within {timeout}s:\n{self.log_text()[-4000:]}")
+
+    def log_text(self) -> str:
+        if not self.log.closed:
+            self.log.flush()
+        return (Path(self.log.name)).read_text()
+
+    def stage_procs(self) -> list[psutil.Process]:
+        try:
+            kids = psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+        out = []
+        for k in kids:
+            try:
+                if " ".join(k.cmdline()).startswith("omni-runtime: "):
+                    out.append(k)
+            except psutil.NoSuchProcess:
+                pass
+        return out
+
+    def shm_entries(self) -> list[str]:
+        return sorted(n for n in os.listdir("/dev/shm") if n.startswith(f"omni_{self.instance}_"))
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        """Signal the server, wait for it; kill it (and every descendant) if it does not exit."""
+        if self.proc.poll() is None:
+            try:
+                descendants = psutil.Process(self.proc.pid).children(recursive=True)
+            except psutil.NoSuchProcess:
+                descendants = []
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                for p in descendants + [psutil.Process(self.proc.pid)]:
+                    try:
+                        p.kill()
+                    except psutil.NoSuchProcess:
+                        pass
+                self.proc.wait(10)
+            gone, alive = psutil.wait_procs(descendants, timeout=10)
+            for p in alive:
+                p.kill()
+            self.leftover = [p.pid for p in alive]
+        self.log.close()
+        return self.proc.returncode
