@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from parallel.attention.backends import attention_block, default_scale
+from parallel.attention.comm_ops import get_comm_stats
 from parallel.attention.ring import ring_attention
 from parallel.attention.sp_context import get_sp_forward_context
 from parallel.attention.ulysses import ulysses_attention
@@ -146,6 +147,7 @@ def _exchange_lengths(mesh: SPMesh, local_len: int, has_mask: bool, device: torc
     meta = torch.tensor([local_len, int(has_mask)], dtype=torch.int64)
     parts = [torch.empty_like(meta) for _ in range(mesh.sp.world_size)]
     dist.all_gather(parts, meta, group=mesh.sp.cpu_group)
+    get_comm_stats().add("meta", meta.numel() * meta.element_size() * (mesh.sp.world_size - 1))
     lens = [int(p[0]) for p in parts]
     return lens, any(int(p[1]) for p in parts)
 
