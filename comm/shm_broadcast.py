@@ -15,6 +15,10 @@ Pieces
 - :class:`Handle`: a msgspec Struct with everything a reader needs to attach
   (:meth:`MessageQueue.export_handle` / :meth:`MessageQueue.create_from_handle`).
 
+Setting up: either ship the handle yourself (writer: ``MessageQueue(...)`` + ``export_handle()``;
+readers: ``create_from_handle(handle, rank)``; then everyone calls ``wait_until_ready()``), or call the
+collective :meth:`MessageQueue.create_from_process_group` on a gloo group, which does all of it.
+
 Payloads are encoded by :mod:`comm.serde` (no pickle): tensors and arrays travel as raw frames.
 ``dequeue`` returns objects that own their memory (copied out of the ring), so the writer can reuse the
 chunk at once.
@@ -68,7 +72,10 @@ Shutdown and failures
 :meth:`MessageQueue.shutdown` may be called from any thread: a blocked ``dequeue`` (or ``enqueue``)
 raises :class:`MessageQueueCancelled` at once (an inproc PAIR socket in the reader's poller plus a
 ``threading.Event`` for the writer's sleeps). A blocked local reader also checks once a second that the
-writer process is alive and raises :class:`MessageQueueCancelled` when it is gone. ``enqueue``,
+writer process is alive and raises :class:`MessageQueueCancelled` when it is gone. The writer's
+``close()`` sets a "closed" byte in the segment (after its last publish) and sends an empty frame to
+remote readers: readers still get everything enqueued before, then ``dequeue`` raises
+:class:`MessageQueueCancelled` instead of blocking forever. ``enqueue``,
 ``dequeue`` and ``close`` belong to the thread that owns the queue: call ``shutdown()`` from another
 thread first, then ``close()`` from the owner.
 
