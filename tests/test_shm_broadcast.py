@@ -140,7 +140,7 @@ def test_writer_blocked_on_full_ring_is_cancelled_and_times_out(instance, monkey
     t0 = time.monotonic()
     with caplog.at_level("WARNING", logger="comm.shm_broadcast"), pytest.raises(MessageQueueCancelled):
         w.enqueue(4)  # timeout=None: waits, warning every warn_interval, until shutdown()
-    assert 0.35 <= time.monotonic() - t0 < 1.0
+    assert 0.35 <= time.monotonic() - t0 < 1.35  # raised within 1 s of shutdown()
     warnings = [r.getMessage() for r in caplog.records if "still waiting" in r.getMessage()]
     assert len(warnings) >= 2 and all("reader rank(s) [3] to read chunk 0" in m for m in warnings), warnings
     assert [r.dequeue(timeout=1), r.dequeue(timeout=1)] == [2, 3]
@@ -441,7 +441,7 @@ def _idle_worker(rank, world_size, instance, idle_s):
     ps_cpu = sum(proc.cpu_times()[:2]) - p0
     mq.close()
     return {"cpu_frac": cpu / (now - t0), "psutil_frac": ps_cpu / (now - t0), "wall": now - t0,
-            "wake_ms": (now - sent) * 1e3}
+            "wake_ms": (now - sent) * 1e3, "late": mq.num_late_wakeups}
 
 
 @pytest.mark.distributed
@@ -452,7 +452,7 @@ def test_idle_reader_uses_almost_no_cpu(instance):
     for o in out[1:]:  # two local readers, one remote
         assert o["wall"] >= idle * 0.9
         assert o["cpu_frac"] < 0.02 and o["psutil_frac"] < 0.02, o
-        assert o["wake_ms"] < 200, o
+        assert o["late"] == 0 and o["wake_ms"] < 500, o  # woken by the writer's ping, not the 1 s poll
     print("\nidle CPU (% of a core):", [round(o["cpu_frac"] * 100, 3) for o in out[1:]],
           "wake-up latency (ms):", [round(o["wake_ms"], 2) for o in out[1:]])
 
