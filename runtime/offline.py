@@ -108,6 +108,12 @@ def run_batch(cfg: RuntimeConfig, prompts: str | Path, out_dir: str | Path, in_p
     if not todo:
         print(f"nothing to do: all {len(items)} line(s) of {prompts} are in {manifest}")
         return stats
+    if manifest.exists() and manifest.stat().st_size:
+        with open(manifest, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":  # a line cut short by an interruption: end it so ours start clean
+                with open(manifest, "a", encoding="utf-8") as mf:
+                    mf.write("\n")
     own = omni is None
     if own:
         from runtime.omni import Omni
