@@ -40,12 +40,28 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return dev
 
 
-def _load_transformers(cls_name: str, fallback: str, directory: Path, **kwargs: Any) -> Any:
-    cls = getattr(transformers, cls_name, None) or getattr(transformers, fallback)
+# What each component of a FLUX.1 directory may be (the class named in model_index.json).
+ALLOWED_CLASSES: dict[str, tuple[str, ...]] = {
+    "tokenizer": ("CLIPTokenizer", "CLIPTokenizerFast"),
+    "text_encoder": ("CLIPTextModel",),
+    "tokenizer_2": ("T5Tokenizer", "T5TokenizerFast"),
+    "text_encoder_2": ("T5EncoderModel",),
+}
+
+
+def _load_component(path: str | Path, index: dict[str, tuple[str, str]], name: str, **kwargs: Any) -> Any:
+    """Load one transformers component with the class ``model_index.json`` names, which must be an allowed one."""
+    allowed = ALLOWED_CLASSES[name]
+    directory = component_dir(path, name)
+    library, cls_name = index[name]
+    if library != "transformers" or cls_name not in allowed or not hasattr(transformers, cls_name):
+        raise CheckpointError(f"{Path(path) / 'model_index.json'}: {name} = [{library!r}, {cls_name!r}] is not "
+                              f"supported; allowed: transformers {list(allowed)}")
+    cls = getattr(transformers, cls_name)
     try:
         return cls.from_pretrained(str(directory), local_files_only=True, **kwargs)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{directory}: cannot load {cls.__name__}: {e}") from e
+    except Exception as e:  # anything a damaged checkpoint makes the loader raise (SafetensorError, ...)
+        raise CheckpointError(f"{directory}: cannot load {cls_name}: {e}") from e
 
 
 class TextEncoderStage:
@@ -71,15 +87,10 @@ class TextEncoderStage:
         """Load ``tokenizer``/``text_encoder`` (CLIP) and ``tokenizer_2``/``text_encoder_2`` (T5) from a model dir."""
         torch_dtype, dev = resolve_dtype(dtype), resolve_device(device)
         index = read_model_index(path)
-
-        def load(name: str, fallback: str, **kwargs: Any) -> Any:
-            cls_name = index.get(name, ("transformers", fallback))[1]
-            return _load_transformers(cls_name, fallback, component_dir(path, name), **kwargs)
-
-        tok = load("tokenizer", "AutoTokenizer")
-        enc = load("text_encoder", "CLIPTextModel", dtype=torch_dtype)
-        tok2 = load("tokenizer_2", "AutoTokenizer")
-        enc2 = load("text_encoder_2", "T5EncoderModel", dtype=torch_dtype)
+        tok = _load_component(path, index, "tokenizer")
+        enc = _load_component(path, index, "text_encoder", dtype=torch_dtype)
+        tok2 = _load_component(path, index, "tokenizer_2")
+        enc2 = _load_component(path, index, "text_encoder_2", dtype=torch_dtype)
         logger.info("loaded text encoders from %s (%s on %s)", path, torch_dtype, dev)
         return cls(tok, enc.to(dev).eval(), tok2, enc2.to(dev).eval(), dev)
 

@@ -11,7 +11,7 @@ import torch
 from stages.errors import CheckpointError
 from stages.latents import check_image_size, unpack_latents
 from stages.text_encoder import resolve_device, resolve_dtype
-from stages.weights import component_dir
+from stages.weights import component_dir, read_config
 
 logger = logging.getLogger(__name__)
 
@@ -45,9 +45,10 @@ class VaeDecoderStage:
 
         torch_dtype, dev = resolve_dtype(dtype), resolve_device(device)
         directory = component_dir(path, "vae")
+        read_config(directory, allowed_classes=("AutoencoderKL",))
         try:
             vae = AutoencoderKL.from_pretrained(str(directory), dtype=torch_dtype)
-        except (OSError, ValueError, RuntimeError) as e:
+        except Exception as e:  # anything a damaged checkpoint makes the loader raise (SafetensorError, ...)
             raise CheckpointError(f"{directory}: cannot load AutoencoderKL: {e}") from e
         logger.info("loaded VAE from %s (%s on %s)", path, torch_dtype, dev)
         return cls(vae.to(dev).eval(), torch_dtype, dev)

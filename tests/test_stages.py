@@ -244,3 +244,41 @@ def test_progress_bar_only_when_asked(ours: Pipeline, capsys: pytest.CaptureFixt
 def test_true_cfg_scale_of_wrong_type_is_a_request_error(ours: Pipeline) -> None:
     with pytest.raises(RequestError, match="true_cfg_scale='2'"):
         ours("a", negative_prompt="b", true_cfg_scale="2", height=64, width=64, num_inference_steps=1)
+
+
+def _broken_copy(tiny_dir: Path, tmp_path: Path) -> Path:
+    broken = tmp_path / "model"
+    shutil.copytree(tiny_dir, broken)
+    return broken
+
+
+@pytest.mark.parametrize(("component", "filename", "stage"), [
+    ("text_encoder_2", "model.safetensors", TextEncoderStage),
+    ("text_encoder", "model.safetensors", TextEncoderStage),
+    ("vae", "diffusion_pytorch_model.safetensors", VaeDecoderStage),
+    ("transformer", "diffusion_pytorch_model.safetensors", DenoiserStage),
+])
+def test_truncated_weights_are_checkpoint_errors_naming_the_component(tiny_dir: Path, tmp_path: Path,
+                                                                       component: str, filename: str,
+                                                                       stage: type) -> None:
+    broken = _broken_copy(tiny_dir, tmp_path)
+    f = broken / component / filename
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=component):
+        stage.from_pretrained(broken, "float32", "cpu")
+
+
+def test_unknown_classes_are_checkpoint_errors(tiny_dir: Path, tmp_path: Path) -> None:
+    import json
+
+    broken = _broken_copy(tiny_dir, tmp_path)
+    index = json.loads((broken / "model_index.json").read_text())
+    index["text_encoder_2"] = ["transformers", "BertModel"]
+    (broken / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=r"text_encoder_2 = \['transformers', 'BertModel'\].*T5EncoderModel"):
+        TextEncoderStage.from_pretrained(broken)
+    cfg = json.loads((broken / "vae" / "config.json").read_text())
+    cfg["_class_name"] = "AutoencoderTiny"
+    (broken / "vae" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="_class_name='AutoencoderTiny'.*AutoencoderKL"):
+        VaeDecoderStage.from_pretrained(broken)
