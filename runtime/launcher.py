@@ -68,7 +68,6 @@ class ReplicaProcs:
                 model_path=cfg.model.path, dtype=cfg.model.dtype,
                 device=_device(cfg, self.stage, self.replica * ws + rank),
                 in_addr=self.in_addr, out_addr=self.launcher.result_addr,
-                fanout_base=f"ipc://{self.launcher.run_dir}/{self.stage}-{self.replica}-g{self.generation}",
                 max_batch_size=st.max_batch_size, batch_timeout_ms=st.batch_timeout_ms,
                 instance=self.launcher.instance, parent_pid=os.getpid(), parallel=parallel, threads=threads,
                 log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel()))

@@ -1,7 +1,9 @@
 """Driver rank -> the other ranks of its replica: each batch the driver formed, in order.
 
-One ZeroMQ PUSH/PULL ipc pipe per follower rank, messages encoded with msgspec (never pickle). TODO: switch to
-``comm.shm_broadcast.MessageQueue`` (one shared-memory ring written once, read by every local rank) once it lands.
+A ``comm.shm_broadcast.MessageQueue`` built collectively over the replica's gloo world: the driver enqueues each
+batch once into a shared-memory ring and every other rank dequeues it. The batch travels as msgspec msgpack bytes
+(typed decode on the reader, never pickle). When the driver dies, a blocked follower's ``dequeue`` raises
+``MessageQueueCancelled`` and the follower exits.
 """
 
 from __future__ import annotations
@@ -9,7 +11,6 @@ from __future__ import annotations
 import logging
 
 import msgspec
-import zmq
 
 from runtime.messages import RankMessage
 
@@ -20,37 +21,26 @@ _decoder = msgspec.msgpack.Decoder(RankMessage)
 
 
 class RankFanout:
-    """``send(msg)`` on the driver, ``recv()`` on the others. ``ipc_base`` names this replica's pipes."""
+    """``send(msg)`` on the driver, ``recv()`` on the others. Collective to build when ``world_size > 1``."""
 
-    def __init__(self, rank: int, world_size: int, ipc_base: str) -> None:
+    def __init__(self, rank: int, world_size: int) -> None:
         self.rank, self.world_size = rank, world_size
-        self.ctx = zmq.Context.instance()
-        self.socks: list[zmq.Socket] = []
-        if world_size == 1:
-            return
-        if rank == 0:
-            for r in range(1, world_size):
-                s = self.ctx.socket(zmq.PUSH)
-                s.setsockopt(zmq.LINGER, 0)
-                s.setsockopt(zmq.SNDHWM, 1000)
-                s.connect(f"{ipc_base}-r{r}")
-                self.socks.append(s)
-        else:
-            s = self.ctx.socket(zmq.PULL)
-            s.setsockopt(zmq.LINGER, 0)
-            s.setsockopt(zmq.RCVHWM, 1000)
-            s.bind(f"{ipc_base}-r{rank}")
-            self.socks.append(s)
+        self.mq = None
+        if world_size > 1:
+            from comm.shm_broadcast import MessageQueue
+
+            self.mq = MessageQueue.create_from_process_group(None, writer_rank=0)
 
     def send(self, msg: RankMessage) -> None:
-        data = _encoder.encode(msg)
-        for s in self.socks:
-            s.send(data, copy=False)
+        if self.mq is not None:
+            self.mq.enqueue(_encoder.encode(msg))
 
     def recv(self) -> RankMessage:
-        return _decoder.decode(self.socks[0].recv(copy=False).buffer)
+        assert self.mq is not None
+        data = self.mq.dequeue()
+        return _decoder.decode(data)
 
     def close(self) -> None:
-        for s in self.socks:
-            s.close(linger=0)
-        self.socks = []
+        if self.mq is not None:
+            self.mq.close()
+            self.mq = None

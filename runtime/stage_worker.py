@@ -32,7 +32,6 @@ class WorkerSpec(msgspec.Struct, kw_only=True):
     device: str
     in_addr: str            # the driver binds its work socket here
     out_addr: str           # the orchestrator's result socket
-    fanout_base: str
     max_batch_size: int
     batch_timeout_ms: float
     instance: str
@@ -103,7 +102,7 @@ def worker_main(spec_bytes: bytes) -> None:
     from runtime.stage_exec import EXECUTORS
 
     executor = EXECUTORS[spec.stage](spec.model_path, spec.dtype, spec.device)
-    fanout = RankFanout(spec.rank, spec.world_size, spec.fanout_base)
+    fanout = RankFanout(spec.rank, spec.world_size)
     if spec.world_size > 1:
         import torch.distributed as dist
 
@@ -121,10 +120,15 @@ def worker_main(spec_bytes: bytes) -> None:
 
 
 def _follow(executor, fanout) -> None:
+    from comm.shm_broadcast import MessageQueueCancelled
     from runtime.messages import Stop
 
     while True:
-        msg = fanout.recv()
+        try:
+            msg = fanout.recv()
+        except MessageQueueCancelled:
+            logger.info("the driver is gone; exiting")
+            return
         if isinstance(msg, Stop):
             return
         try:
