@@ -282,3 +282,13 @@ def test_unknown_classes_are_checkpoint_errors(tiny_dir: Path, tmp_path: Path) -
     (broken / "vae" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="_class_name='AutoencoderTiny'.*AutoencoderKL"):
         VaeDecoderStage.from_pretrained(broken)
+
+
+def test_denoise_unpack_returns_vae_layout(ours: Pipeline) -> None:
+    reqs = ours.requests(["a cat", "a dog"], seed=[4, 5], height=96, width=64, num_inference_steps=1,
+                         max_sequence_length=8)
+    packed = ours.denoiser.denoise(reqs)
+    unpacked = ours.denoiser.denoise(reqs, unpack=True)
+    for p, u in zip(packed, unpacked, strict=True):
+        assert p.shape == (24, 64) and u.shape == (16, 12, 8)
+        assert torch.equal(u, unpack_latents(p[None], 96, 64, 8)[0])
