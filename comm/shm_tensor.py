@@ -289,6 +289,7 @@ def _layout(items: list[tuple[str, torch.Tensor]]) -> tuple[list[TensorMeta], in
     return metas, offset
 
 
+@torch.no_grad()
 def _fill(buf: mmap.mmap, metas: list[TensorMeta], items: list[tuple[str, torch.Tensor]]) -> None:
     for meta, (_, t) in zip(metas, items, strict=True):
         if meta.nbytes:

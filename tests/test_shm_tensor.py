@@ -151,6 +151,16 @@ def test_zero_copy_get_shares_the_mapping(instance):
     assert b[7].item() == 42.0
 
 
+def test_put_accepts_autograd_and_conjugate_views(instance):
+    w = torch.arange(6.0, requires_grad=True)
+    z = torch.tensor([1 + 2j, 3 - 4j], dtype=torch.complex64).conj()  # a lazy conjugate view
+    h = shm_tensor.put({"w": w * 2, "z": z})
+    got = shm_tensor.get(h)
+    assert got["w"].tolist() == [0.0, 2.0, 4.0, 6.0, 8.0, 10.0] and not got["w"].requires_grad
+    assert got["z"].tolist() == [1 - 2j, 3 + 4j]
+    shm_tensor.release(h)
+
+
 def test_segment_mode_is_0600_whatever_the_umask(instance):
     old = os.umask(0)
     try:
