@@ -25,7 +25,7 @@ SMALL = {"size": "64x64", "num_inference_steps": 2}
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    s = Server(tmp_path_factory.mktemp("serve"))
+    s = Server(tmp_path_factory.mktemp("serve"), max_queue=24)
     yield s
     s.stop()
 
@@ -141,6 +141,43 @@ def test_malformed_requests_get_400_naming_the_field(server):
     assert len(MALFORMED) >= 20
     assert httpx.get(server.url + "/health").status_code == 200
     assert _post(server, {"prompt": "still fine", "seed": 1, **SMALL}).status_code == 200
+
+
+def _queue_depths(server):
+    text = httpx.get(server.url + "/metrics").text
+    return [float(v) for v in re.findall(r'omni_queue_depth{stage="\w+"} (\S+)', text)]
+
+
+def test_full_queue_gives_429_and_disconnected_clients_are_cancelled(server):
+    slow = {"prompt": "slow", "seed": 1, "size": "128x128", "num_inference_steps": 40, "n": 10}
+    errors = []
+
+    def give_up_after_a_second():
+        try:
+            _post(server, slow, timeout=httpx.Timeout(5, read=1.5))
+        except httpx.ReadTimeout as e:
+            errors.append(type(e).__name__)
+
+    threads = [threading.Thread(target=give_up_after_a_second) for _ in range(2)]
+    for t in threads:
+        t.start()
+    time.sleep(0.7)  # both admitted: 20 items <= max_queue 24
+    r = _post(server, slow)
+    assert r.status_code == 429 and r.headers["Retry-After"] == "1", r.text
+    assert r.json()["error"]["code"] == "queue_full" and "max_queue 24" in r.json()["error"]["message"]
+    for t in threads:
+        t.join(30)
+    assert errors == ["ReadTimeout", "ReadTimeout"]
+    end = time.monotonic() + 60
+    while server.log_text().count("client disconnected") < 2 or any(_queue_depths(server)):
+        assert time.monotonic() < end, (_queue_depths(server), server.log_text()[-2000:])
+        time.sleep(0.2)
+    # Queued items of the cancelled requests are dropped (and their inputs unlinked) once the denoiser finishes
+    # the batch it is running; then nothing of them is left in /dev/shm.
+    while server.shm_entries():
+        assert time.monotonic() < end, server.shm_entries()
+        time.sleep(0.2)
+    assert _post(server, {"prompt": "after", "seed": 1, **SMALL}).status_code == 200
 
 
 def test_sigkill_of_a_denoiser_rank_fails_in_flight_fast_then_recovers(server):

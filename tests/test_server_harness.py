@@ -27,10 +27,11 @@ def free_port() -> int:
 
 class Server:
     def __init__(self, tmp: Path, base_config: str = "default.toml", extra: str = "", api_key: str = API_KEY,
-                 timeout: float = 180.0) -> None:
+                 timeout: float = 180.0, max_queue: int = 64) -> None:
         text = (ROOT / "configs" / base_config).read_text()
         text = text.replace('path = "../models/tiny-flux"', f'path = "{ROOT / "models" / "tiny-flux"}"')
         text = text.replace('api_key = ""', f'api_key = "{api_key}"')
+        text = text.replace("max_queue = 64", f"max_queue = {max_queue}")
         cfg = tmp / "server.toml"
         cfg.write_text(text + extra)
         self.config_path = cfg
