@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import msgspec
+import psutil
 import pytest
 import torch
 from spawn import run_workers
@@ -392,3 +393,19 @@ def test_pool_round_trips_between_processes(instance, tmp_path):
     assert cons["ok"] == [True] * 6
     assert prod["distinct_segments"] == 1  # every round reused the segment the consumer released
     assert shm_tensor.list_segments(shm_tensor.instance_prefix(instance)) == []
+
+
+@pytest.mark.distributed
+def test_sweep_treats_an_unreaped_zombie_as_dead(instance, tmp_path):
+    p = _CTX.Process(target=_put_then_sigkill, args=(instance, str(tmp_path)), daemon=True)
+    p.start()
+    try:
+        h = msgspec.msgpack.decode(_wait_file(tmp_path / "handle"), type=ShmHandle)
+        deadline = time.monotonic() + 30
+        while psutil.Process(p.pid).status() != psutil.STATUS_ZOMBIE:  # killed, not reaped yet
+            assert time.monotonic() < deadline, "child never became a zombie"
+            time.sleep(0.01)
+        assert shm_tensor.sweep(shm_tensor.instance_prefix(instance), pids=[p.pid]) == [h.name]
+    finally:
+        p.kill()
+        p.join(10)
