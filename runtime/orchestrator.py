@@ -107,13 +107,18 @@ class Orchestrator:
         for reps in self.replicas.values():
             for r in reps:
                 self._start_replica(r)
-        self.tasks.append(asyncio.create_task(self._watch(), name="omni-health"))
         end = time.monotonic() + timeout
         for s in STAGE_NAMES:
             while not all(r.ready for r in self.replicas[s]):
+                for r in self.replicas[s]:
+                    dead = r.procs.dead_rank()
+                    if dead is not None:
+                        raise StageUnavailable(f"stage {s}: {r.procs.label} rank {dead[0]} exited with code "
+                                               f"{dead[1]} while starting (its log lines above say why)")
                 if time.monotonic() > end:
                     raise StageUnavailable(f"stage {s} did not become ready within {timeout:.0f}s")
                 await asyncio.sleep(0.05)
+        self.tasks.append(asyncio.create_task(self._watch(), name="omni-health"))
         logger.info("all stages ready")
 
     def _start_replica(self, r: _Replica) -> None:

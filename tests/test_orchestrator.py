@@ -1,0 +1,52 @@
+"""Orchestrator start-up: a stage that cannot load fails the start fast, naming the stage, and leaves nothing."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from runtime.config import config_from_dict
+from runtime.model_store import ensure_model
+from runtime.orchestrator import StageUnavailable
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _ours() -> list[str]:
+    out = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if " ".join(p.cmdline()).startswith("omni-runtime: "):
+                out.append(" ".join(p.cmdline()).strip())
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.timeout(180)
+def test_a_stage_that_cannot_load_fails_start_naming_it(tmp_path, monkeypatch):
+    from runtime import Omni
+
+    good = ensure_model(str(ROOT / "models" / "tiny-flux"))
+    bad = tmp_path / "broken-model"
+    shutil.copytree(good, bad)
+    (bad / "transformer" / "diffusion_pytorch_model.safetensors").write_bytes(b"not a safetensors file")
+    monkeypatch.setenv("OMNI_RUNTIME_INSTANCE", f"orchtest{os.getpid()}")
+    cfg = config_from_dict({"model": {"path": str(bad)}})
+    t0 = time.monotonic()
+    with pytest.raises(StageUnavailable, match=r"^stage denoiser: denoiser\[0\] rank 0 exited with code 1 while "
+                                               r"starting"):
+        Omni(cfg)
+    assert time.monotonic() - t0 < 120
+    deadline = time.monotonic() + 10
+    while _ours() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _ours() == []
+    assert [n for n in os.listdir("/dev/shm") if n.startswith(f"omni_orchtest{os.getpid()}_")] == []
