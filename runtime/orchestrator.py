@@ -71,6 +71,8 @@ class _Replica:
     outstanding: int = 0
     inflight: dict[tuple[str, int], asyncio.Future] = field(default_factory=dict)
     restarts: int = 0
+    restarting: bool = False
+    crash_loop: int = 0
 
 
 class Orchestrator:
@@ -169,6 +171,8 @@ class Orchestrator:
             await asyncio.sleep(HEALTH_POLL_S)
             for reps in self.replicas.values():
                 for r in reps:
+                    if r.restarting:
+                        continue
                     dead = r.procs.dead_rank()
                     if dead is None:
                         continue
@@ -178,11 +182,24 @@ class Orchestrator:
                            f"the replica is being restarted, retry the request")
                     logger.error(msg)
                     self.metrics.errors.labels(stage=r.procs.stage, kind="stage_died").inc()
+                    # a replica that dies before it ever got ready again is crash-looping: back off
+                    r.crash_loop = r.crash_loop + 1 if not r.ready else 0
                     r.ready = False
+                    r.restarting = True
                     self._fail_inflight(r, StageUnavailable(msg))
-                    await asyncio.to_thread(r.procs.kill)
-                    r.restarts += 1
-                    self._start_replica(r)
+                    self.tasks.append(asyncio.create_task(self._restart(r, min(30.0, 2.0 ** r.crash_loop - 1))))
+
+    async def _restart(self, r: _Replica, delay: float) -> None:
+        try:
+            await asyncio.to_thread(r.procs.kill)
+            if delay:
+                logger.warning("%s keeps dying while starting; restarting in %.0fs", r.procs.label, delay)
+                await asyncio.sleep(delay)
+            if not self.closed:
+                r.restarts += 1
+                self._start_replica(r)
+        finally:
+            r.restarting = False
 
     # ---------------------------------------------------------------- results
 

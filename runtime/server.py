@@ -109,6 +109,10 @@ def create_app(cfg: RuntimeConfig, orchestrator: Orchestrator | None = None) -> 
         return resp
 
     async def _generations(request: Request) -> Response:
+        declared = request.headers.get("content-length", "0")
+        if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+            return error_response(400, f"request body of {declared} bytes: at most {MAX_BODY_BYTES} allowed",
+                                  "invalid_request_error", None, "body_too_large")
         body = await request.body()
         if len(body) > MAX_BODY_BYTES:
             return error_response(400, f"request body of {len(body)} bytes: at most {MAX_BODY_BYTES} allowed",
@@ -142,8 +146,8 @@ def create_app(cfg: RuntimeConfig, orchestrator: Orchestrator | None = None) -> 
             if not task.done():
                 task.cancel()
         return JSONResponse({"created": int(time.time()),
-                             "data": [{"b64_json": base64.b64encode(img).decode("ascii"),
-                                       "revised_prompt": None} for img in images]})
+                             "data": [{"b64_json": base64.b64encode(img).decode("ascii"), "revised_prompt": None,
+                                       "seed": seed} for img, seed in zip(images, req.seeds(), strict=True)]})
 
     @app.get("/v1/models")
     async def models(request: Request) -> Response:
