@@ -198,6 +198,9 @@ def sp_attention(
             key_padding_mask = None
         u, r = mesh.ulysses.world_size, mesh.ring.world_size
         ring_rank = mesh.ring.rank_in_group
+        if u > 1 and list(mesh.ulysses.ranks) != list(mesh.sp.ranks[ring_rank * u:(ring_rank + 1) * u]):
+            raise SPAttentionError(f"mesh layout: ulysses group {mesh.ulysses.ranks} is not the contiguous block "
+                                   f"{ring_rank} of the sp group {mesh.sp.ranks}; sequence order would be wrong")
         if r > 1:
             ring_lens = [(u * max(lens[i * u:(i + 1) * u])) if u > 1 else lens[i] for i in range(r)]
             inner = partial(_ring_inner, ring_lens=ring_lens, group=mesh.ring, scale=scale, return_lse=return_lse,
