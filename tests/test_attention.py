@@ -126,6 +126,12 @@ def mesh_worker(rank: int, world: int, ulysses: int, ring: int) -> list[dict]:
             r.update(lname=case["lname"], heads=case["heads"], joint=case["joint"], mask=case["mask"],
                      dtype=case["dtype"])
             results.append(r)
+        # a layer marked local ignores the mesh: full inputs on every rank give the full result
+        g = torch.Generator().manual_seed(3)
+        q, k, v = (torch.randn(1, 11, 2, 8, generator=g) for _ in range(3))
+        local = Attention(sequence_parallel=False)
+        assert local.strategy == "none"
+        assert rel(local(q, k, v), reference(q, k, v, None, None, None, None, "none")[0]) <= 1e-6
         assert comm_stats.bytes_sent > 0  # the strategy really communicated
         if ring > 1:
             # convert_to_fp32=False merges the ring blocks in bf16: still close, but not the same numbers

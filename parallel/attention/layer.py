@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from parallel.attention.backends import BACKEND_NAMES, AttentionBackendError
-from parallel.attention.sp_attention import SPMesh, current_mesh, sp_attention
+from parallel.attention.sp_attention import LOCAL_MESH, SPMesh, current_mesh, sp_attention
 
 logger = logging.getLogger(__name__)
 
@@ -19,11 +19,14 @@ class Attention(nn.Module):
     With no mesh initialized (or SP size 1) this is plain local attention; otherwise the
     strategy (Ulysses, Ring, hybrid) follows the mesh's degrees. ``backend`` pins a backend
     (``sdpa``, ``flash_cpu``, ``flash_attn``, ``math``); None picks the fastest that fits.
+    ``sequence_parallel=False`` keeps this layer local even under a mesh (for inputs that are
+    not sequence shards, e.g. text-only attention).
     """
 
     def __init__(self, backend: str | None = None, scale: float | None = None,
-                 convert_to_fp32: bool | None = None) -> None:
+                 convert_to_fp32: bool | None = None, sequence_parallel: bool = True) -> None:
         super().__init__()
+        self.sequence_parallel = sequence_parallel
         if backend is not None and backend not in BACKEND_NAMES:
             raise AttentionBackendError(f"Attention(backend={backend!r}) is unknown; allowed: {BACKEND_NAMES}")
         self.backend = backend
@@ -32,6 +35,8 @@ class Attention(nn.Module):
 
     @property
     def strategy(self) -> str:
+        if not self.sequence_parallel:
+            return "none"
         mesh: SPMesh | None = current_mesh()
         return "none" if mesh is None else mesh.strategy
 
@@ -48,7 +53,8 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         return sp_attention(q, k, v, joint_q=joint_q, joint_k=joint_k, joint_v=joint_v,
                             joint_strategy=joint_strategy, key_padding_mask=key_padding_mask, scale=self.scale,
-                            backend=self.backend, convert_to_fp32=self.convert_to_fp32)
+                            backend=self.backend, convert_to_fp32=self.convert_to_fp32,
+                            mesh=None if self.sequence_parallel else LOCAL_MESH)
 
     def extra_repr(self) -> str:
-        return f"backend={self.backend or 'auto'}"
+        return f"backend={self.backend or 'auto'}, sequence_parallel={self.sequence_parallel}"

@@ -55,6 +55,18 @@ class SPMesh:
         return "none"
 
 
+class _LocalGroup:
+    """A group of just this process (world size 1), for forcing local attention under a mesh."""
+
+    world_size = 1
+    rank_in_group = 0
+    ranks = (0,)
+    device_group = cpu_group = None
+
+
+LOCAL_MESH = SPMesh(sp=_LocalGroup(), ulysses=_LocalGroup(), ring=_LocalGroup())
+
+
 def current_mesh() -> SPMesh | None:
     """The live SP mesh from ``parallel.state``, or None when there is none (or it has size 1)."""
     try:
