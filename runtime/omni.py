@@ -6,8 +6,10 @@ orchestrator on a background event loop (uvloop), exactly what ``serve`` runs, m
 seed; image ``i`` of a call with ``n`` images uses seed ``seed + i``.
 
     from runtime import Omni
-    with Omni("configs/default.toml") as omni:
-        images = omni.generate("a red fox", size="256x256", seed=7, num_inference_steps=8)
+
+    if __name__ == "__main__":  # needed in scripts: the rank processes start from a forkserver
+        with Omni("configs/default.toml") as omni:
+            images = omni.generate("a red fox", size="256x256", seed=7, num_inference_steps=8)
 """
 
 from __future__ import annotations

@@ -50,3 +50,34 @@ def test_a_stage_that_cannot_load_fails_start_naming_it(tmp_path, monkeypatch):
         time.sleep(0.2)
     assert _ours() == []
     assert [n for n in os.listdir("/dev/shm") if n.startswith(f"omni_orchtest{os.getpid()}_")] == []
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.timeout(180)
+def test_deadline_fails_the_request_and_serving_continues(monkeypatch):
+    from runtime import Omni
+    from runtime.orchestrator import DeadlineExceeded
+    from runtime.requests import parse_request
+
+    monkeypatch.setenv("OMNI_RUNTIME_INSTANCE", f"orchdl{os.getpid()}")
+    cfg = config_from_dict({"model": {"path": str(ROOT / "models" / "tiny-flux")},
+                            "server": {"request_timeout_s": 1.5}})
+    with Omni(cfg) as omni:
+        t0 = time.monotonic()
+        slow = parse_request({"prompt": "slow", "seed": 1, "size": "512x512", "num_inference_steps": 200})
+        with pytest.raises(DeadlineExceeded, match="request_timeout_s=1.5 in stage denoiser"):
+            omni.generate_encoded(slow)
+        assert time.monotonic() - t0 < 4
+        # A batch already running is not preempted: the denoiser finishes it, then serves the next request
+        # (which may itself time out while it waits for that).
+        fast = parse_request({"prompt": "fast", "seed": 1, "size": "32x32", "num_inference_steps": 1})
+        end = time.monotonic() + 90
+        while True:
+            try:
+                assert omni.generate_encoded(fast)[0][:8] == b"\x89PNG\r\n\x1a\n"
+                break
+            except DeadlineExceeded:
+                assert time.monotonic() < end
+    assert [n for n in os.listdir("/dev/shm") if n.startswith(f"omni_orchdl{os.getpid()}_")] == []
+    assert _ours() == []
