@@ -6,8 +6,8 @@ driver rank enqueues each batch once and every other rank dequeues it, in order.
 Pieces
 ------
 - :class:`ShmRingBuffer`: ``max_chunks`` chunks of ``max_chunk_bytes`` in one ``/dev/shm`` segment,
-  plus one metadata row per chunk ``[written, read_0, ..., read_{n-1}]`` and one "asleep" byte per
-  reader.
+  plus one metadata row per chunk ``[written, read_0, ..., read_{n-1}]`` and int32 "asleep" words (one
+  per reader, one for the writer) that double as futex words.
 - :class:`MessageQueue`: the protocol on top. Local readers (same node) read chunks from the ring;
   remote readers (other nodes) receive the same messages over a ZMQ XPUB/SUB socket on
   ``tcp://connect_ip``. A payload that does not fit a chunk is sent over a local ZMQ socket and the
@@ -32,7 +32,7 @@ Writer, for chunk ``i`` (round robin)::
     write the payload (or the overflow marker) into chunk i
     read[i][*] = 0
     written[i] = 1                                         # publish
-    fence; if any reader is asleep: send a wake-up ping
+    fence; wake every reader whose asleep word is set
 
 Reader ``r``, for its next chunk ``i``::
 
@@ -51,17 +51,26 @@ Waiting without burning CPU
 ---------------------------
 A reader spins for at most :attr:`MessageQueue.spin_seconds` (1 ms) calling ``os.sched_yield()``
 between checks, so spinning ranks on a 2-core machine give the CPU back to the writer. Then it sets its
-"asleep" byte, issues a fence, re-checks the ring and blocks in ``zmq.Poller.poll`` on the writer's
-wake-up socket. The writer publishes the chunk, issues a fence and pings only if some reader is asleep.
-With a full fence on both sides (a locked instruction on x86, see :func:`_fence`) either the reader's
-re-check sees the new chunk or the writer sees the asleep byte and pings: no wake-up is lost. Readers
-drain pending pings *before* re-checking the ring, so a ping consumed always belongs to a chunk the
-re-check can see. An idle reader sleeps in ``poll`` (it wakes once a second to re-check; nothing more).
+asleep word to 1, issues a fence, re-checks the ring and sleeps. The writer publishes the chunk, issues
+a fence and wakes only the readers whose word is set. With a full fence on both sides (a locked
+instruction on x86, see :func:`_fence`) either the reader's re-check sees the new chunk or the writer
+sees the asleep word: no wake-up is lost. Two wake-up mechanisms (the writer picks, readers follow the
+handle; :attr:`MessageQueue.use_futex`):
 
-A writer that finds the ring full spins for 1 ms, then sleeps with exponential backoff (50 µs up to
-1 ms; 20 ms after the first second). ``enqueue(timeout=...)`` raises :class:`MessageQueueTimeout`
-naming the reader ranks that have not consumed the chunk (a dead reader never does); with
-``timeout=None`` it waits forever but logs a warning every 60 s.
+- **futex** (Linux, default): the reader calls ``futex(FUTEX_WAIT, word, 1)``; the writer sets the word
+  to 0 and calls ``FUTEX_WAKE``. The kernel sleeps only while the word is still 1, so a wake that comes
+  between the re-check and the sleep is never missed. The reader is woken directly by the kernel (about
+  half the latency of a ZMQ ping, which crosses two I/O threads). The writer sleeps on its own word when
+  the ring is full, and a reader that releases a chunk wakes it.
+- **zmq**: the writer sends an empty message on an ``ipc://`` XPUB socket; the reader ``poll``\ s it.
+  Readers drain pending pings *before* re-checking the ring, so a ping consumed always belongs to a
+  chunk the re-check can see. A writer on a full ring sleeps with exponential backoff (50 µs up to 1 ms;
+  20 ms after the first second).
+
+An idle reader sleeps (it wakes once a second to check the writer is alive; nothing more).
+``enqueue(timeout=...)`` raises :class:`MessageQueueTimeout` naming the reader ranks that have not
+consumed the chunk (a dead reader never does); with ``timeout=None`` it waits forever but logs a warning
+every 60 s. The same holds for ``dequeue``.
 
 Remote readers get every message over XPUB/SUB with a bounded queue (:attr:`MessageQueue.remote_hwm`
 messages per side) and ``XPUB_NODROP``: a remote reader that falls behind makes ``enqueue`` wait (with
@@ -73,7 +82,7 @@ Shutdown and failures
 raises :class:`MessageQueueCancelled` at once (an inproc PAIR socket in the reader's poller plus a
 ``threading.Event`` for the writer's sleeps). A blocked local reader also checks once a second that the
 writer process is alive and raises :class:`MessageQueueCancelled` when it is gone. The writer's
-``close()`` sets a "closed" byte in the segment (after its last publish) and sends an empty frame to
+``close()`` sets a "closed" word in the segment (after its last publish) and sends an empty frame to
 remote readers: readers still get everything enqueued before, then ``dequeue`` raises
 :class:`MessageQueueCancelled` instead of blocking forever. ``enqueue``,
 ``dequeue`` and ``close`` belong to the thread that owns the queue: call ``shutdown()`` from another
@@ -94,14 +103,18 @@ segment in every *reader* and unlinks it (with a "leaked" warning) when that rea
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import logging
 import mmap
 import multiprocessing.util
 import os
+import platform
 import re
 import secrets
 import socket
 import struct
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -177,18 +190,48 @@ def _align(n: int) -> int:
     return (n + _ALIGN - 1) // _ALIGN * _ALIGN
 
 
+# Linux futex(2) on a word of the shared mapping: a blocked waiter is woken directly by the kernel, with
+# no helper threads in between. FUTEX_WAIT sleeps only while the word still holds the expected value
+# (checked atomically by the kernel), which is what makes the asleep/wake handshake race-free.
+_SYS_FUTEX = {"x86_64": 202, "amd64": 202, "aarch64": 98, "arm64": 98}.get(platform.machine().lower())
+_FUTEX_WAIT = 0
+_FUTEX_WAKE = 1
+_libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") and _SYS_FUTEX else None
+HAS_FUTEX = _libc is not None and hasattr(_libc, "syscall")
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+def _futex_wait(addr: int, expected: int, timeout: float) -> bool:
+    """Sleep while the int32 at ``addr`` equals ``expected`` (at most ``timeout`` s). True if it timed out."""
+    timeout = max(timeout, 0.0)
+    ts = _Timespec(int(timeout), int((timeout % 1.0) * 1e9))
+    r = _libc.syscall(ctypes.c_long(_SYS_FUTEX), ctypes.c_void_p(addr), ctypes.c_int(_FUTEX_WAIT),
+                      ctypes.c_int(expected), ctypes.byref(ts), None, ctypes.c_int(0))
+    return r != 0 and ctypes.get_errno() == errno.ETIMEDOUT  # else woken, EAGAIN (value changed) or EINTR
+
+
+def _futex_wake(addr: int) -> None:
+    """Wake the waiters on the int32 at ``addr`` (a bad address only makes the syscall fail)."""
+    _libc.syscall(ctypes.c_long(_SYS_FUTEX), ctypes.c_void_p(addr), ctypes.c_int(_FUTEX_WAKE),
+                  ctypes.c_int(1 << 30), None, None, ctypes.c_int(0))
+
+
 # ----------------------------------------------------------------------------- ring buffer
 
 
 class ShmRingBuffer:
     """``max_chunks`` chunks of ``max_chunk_bytes`` plus per-chunk flags, in one ``/dev/shm`` segment.
 
-    Layout (byte offsets)::
+    Layout (byte offsets; D = max_chunks * max_chunk_bytes, a multiple of 64)::
 
-        [0, D)              data: chunk i at i * max_chunk_bytes        (D = max_chunks * max_chunk_bytes)
-        [D, D + M)          metadata: row i at D + i * (1 + n_reader): written, read_0 .. read_{n-1}
-        [D + M, D + M + n)  one "asleep" byte per reader               (M = max_chunks * (1 + n_reader))
-        [D + M + n]         "closed": set by the writer's close(), after its last publish
+        [0, D)                data: chunk i at i * max_chunk_bytes
+        [D, D + 4n)           int32 "asleep" word per reader (futex words)          -> words[0 .. n-1]
+        [D + 4n, D + 4n + 4)  int32 "asleep" word of the writer (ring full)          -> words[n]
+        [D + 4n + 4, +4)      int32 "closed": set by the writer's close() after its last publish -> words[n+1]
+        [D + 4n + 8, +M)      metadata: row i = written, read_0 .. read_{n-1}  (M = max_chunks * (1 + n))
 
     ``name=None`` creates a new segment owned (and unlinked) by this object; a name attaches to an
     existing one, which is never unlinked by the attaching side.
@@ -209,7 +252,11 @@ class ShmRingBuffer:
         self.data_bytes = max_chunk_bytes * max_chunks
         self.row_bytes = 1 + n_reader
         self.meta_bytes = self.row_bytes * max_chunks
-        self.total_bytes = self.data_bytes + self.meta_bytes + n_reader + 1
+        self.words_offset = self.data_bytes
+        self.meta_offset = self.words_offset + 4 * (n_reader + 2)
+        self.total_bytes = self.meta_offset + self.meta_bytes
+        self.writer_word = n_reader
+        self.closed_word = n_reader + 1
         self.is_owner = name is None
         self._unlinked = not self.is_owner
         if name is None:
@@ -234,11 +281,14 @@ class ShmRingBuffer:
             raise
         finally:
             os.close(fd)
+        anchor = ctypes.c_char.from_buffer(self._mmap)
+        self._address = ctypes.addressof(anchor)  # only for futex syscalls, which fail safely once unmapped
+        del anchor  # no exported buffer may outlive close()
         self._buf = memoryview(self._mmap)
         self.data = self._buf[: self.data_bytes]
-        self.meta = self._buf[self.data_bytes : self.data_bytes + self.meta_bytes]
-        self.asleep = self._buf[self.data_bytes + self.meta_bytes : self.total_bytes - 1]
-        self.closed = self._buf[self.total_bytes - 1 :]
+        self.words = self._buf[self.words_offset : self.meta_offset].cast("i")
+        self.reader_words = self._buf[self.words_offset : self.words_offset + 4 * n_reader]  # bytes view
+        self.meta = self._buf[self.meta_offset :]
         self._finalizer = None
         if self.is_owner:
             # Runs on garbage collection and at interpreter / multiprocessing-child exit.
@@ -273,6 +323,10 @@ class ShmRingBuffer:
         """Offset of chunk ``i``'s metadata row in :attr:`meta` (written flag; read flags follow)."""
         return i * self.row_bytes
 
+    def word_address(self, k: int) -> int:
+        """Virtual address of ``words[k]`` in this process (for futex calls)."""
+        return self._address + self.words_offset + 4 * k
+
     def unlink(self) -> None:
         """Remove the segment's name (owner only; idempotent). Existing mappings stay valid."""
         if self.is_owner and not self._unlinked:
@@ -286,7 +340,7 @@ class ShmRingBuffer:
         self.unlink()
         if self._mmap.closed:
             return
-        for mv in (self.data, self.meta, self.asleep, self.closed, self._buf):
+        for mv in (self.data, self.words, self.reader_words, self.meta, self._buf):
             mv.release()
         self._mmap.close()
 
@@ -371,6 +425,9 @@ class MessageQueue:
     """How long ``close()`` lets queued ZMQ data (overflow / remote) drain to live readers."""
     remote_hwm: int = 64
     """Messages queued per remote reader (on each side of the connection) before ``enqueue`` waits."""
+    use_futex: bool = HAS_FUTEX
+    """Writer's choice of wake-up mechanism for local readers: futex words in the segment (Linux), or a
+    ZMQ ping socket. Readers follow the writer (the handle says which)."""
 
     def __init__(
         self,
@@ -406,12 +463,14 @@ class MessageQueue:
                 self._ring = ShmRingBuffer(n_local_reader, max_chunk_bytes, max_chunks)
                 self._zero_reads = bytes(n_local_reader)
                 self._all_read = b"\x01" * n_local_reader
-                self._no_sleepers = bytes(n_local_reader)
-                # Wake-up pings: losing one when a queue is full is harmless (the reader then has
-                # pending pings and will wake anyway), so the high-water mark is small.
-                self._wake = self._socket(zmq.XPUB, sndhwm=64, linger=0)
-                wake_addr = f"ipc://@omni-mq-{self._unique}-wake"
-                self._wake.bind(wake_addr)
+                self._no_sleepers = bytes(4 * n_local_reader)
+                self._futex = self.use_futex
+                if not self._futex:
+                    # Wake-up pings: losing one when a queue is full is harmless (the reader then has
+                    # pending pings and will wake anyway), so the high-water mark is small.
+                    self._wake = self._socket(zmq.XPUB, sndhwm=64, linger=0)
+                    wake_addr = f"ipc://@omni-mq-{self._unique}-wake"
+                    self._wake.bind(wake_addr)
                 # Overflow payloads: never dropped (their number is bounded by max_chunks anyway).
                 self._overflow = self._socket(zmq.XPUB, sndhwm=0, linger=self.close_linger_ms)
                 overflow_addr = f"ipc://@omni-mq-{self._unique}-data"
@@ -445,6 +504,7 @@ class MessageQueue:
         self._ctx = zmq.Context(io_threads=1)
         self._sockets: list[zmq.Socket] = []
         self._ring: ShmRingBuffer | None = None
+        self._futex = False
         self._wake: zmq.Socket | None = None
         self._overflow: zmq.Socket | None = None
         self._remote: zmq.Socket | None = None
@@ -502,15 +562,19 @@ class MessageQueue:
         try:
             if self._local:
                 self._reader_index = self.local_reader_ranks.index(rank)
-                if handle.buffer_name is None or handle.local_wake_addr is None or handle.local_overflow_addr is None:
+                if handle.buffer_name is None or handle.local_overflow_addr is None:
                     raise ValueError(f"handle has no shared-memory ring, but rank={rank} is a local reader")
+                self._futex = handle.local_wake_addr is None
+                if self._futex and not HAS_FUTEX:
+                    raise RuntimeError("the writer wakes readers with futex(2), which this platform lacks")
                 # Attach before subscribing: the writer unlinks the name once every subscription arrived.
                 self._ring = ShmRingBuffer(self.n_local_reader, handle.max_chunk_bytes, handle.max_chunks,
                                            name=handle.buffer_name)
                 self._read_flag = 1 + self._reader_index
-                self._wake = self._socket(zmq.SUB, rcvhwm=64)
-                self._wake.setsockopt(zmq.SUBSCRIBE, b"")
-                self._wake.connect(handle.local_wake_addr)
+                if not self._futex:
+                    self._wake = self._socket(zmq.SUB, rcvhwm=64)
+                    self._wake.setsockopt(zmq.SUBSCRIBE, b"")
+                    self._wake.connect(handle.local_wake_addr)
                 self._overflow = self._socket(zmq.SUB, rcvhwm=0)
                 self._overflow.setsockopt(zmq.SUBSCRIBE, b"")
                 self._overflow.connect(handle.local_overflow_addr)
@@ -602,9 +666,7 @@ class MessageQueue:
             return
         deadline = _deadline(timeout)
         if self._is_writer:
-            expected = []
-            if self._wake is not None:
-                expected += [(self._wake, self.n_local_reader), (self._overflow, self.n_local_reader)]
+            expected = [(sock, self.n_local_reader) for sock in (self._wake, self._overflow) if sock is not None]
             if self._remote is not None:
                 expected.append((self._remote, self.n_remote_reader))
             for sock, n in expected:
@@ -737,12 +799,23 @@ class MessageQueue:
         meta[row + 1 : row + 1 + ring.n_reader] = self._zero_reads
         meta[row] = 1  # publish
         _fence()
-        if ring.asleep != self._no_sleepers:
+        if ring.reader_words != self._no_sleepers:
+            self._wake_readers()
+        self._idx = (idx + 1) % ring.max_chunks
+
+    def _wake_readers(self) -> None:
+        ring = self._ring
+        if self._futex:
+            words = ring.words
+            for i in range(ring.n_reader):
+                if words[i]:
+                    words[i] = 0  # the reader re-arms it before it checks the ring again
+                    _futex_wake(ring.word_address(i))
+        else:
             try:
                 self._wake.send(b"", zmq.NOBLOCK)
             except zmq.Again:
                 pass  # a full ping queue already wakes that reader
-        self._idx = (idx + 1) % ring.max_chunks
 
     def _chunk_free(self, row: int) -> bool:
         meta = self._ring.meta
@@ -754,21 +827,22 @@ class MessageQueue:
             return
         start = time.monotonic()
         spin_until = start + self.spin_seconds
+        while time.monotonic() < spin_until:
+            os.sched_yield()
+            if self._chunk_free(row):
+                return
+            self._check_cancelled()
+        self.num_blocks += 1
+        if self._futex:
+            self._sleep_until_chunk_free(idx, row, start, deadline)
+            return
         next_warn = start + self.warn_interval
         delay = 50e-6
         while not self._chunk_free(row):
             self._check_cancelled()
             now = time.monotonic()
-            if now < spin_until:
-                os.sched_yield()
-                continue
-            if delay == 50e-6:
-                self.num_blocks += 1
             if deadline is not None and now >= deadline:
-                raise MessageQueueTimeout(
-                    f"enqueue: timed out after {now - start:.1f}s: chunk {idx} has not been read by reader "
-                    f"rank(s) {self._laggards(row)} (a reader that died or stopped dequeuing blocks the writer)"
-                )
+                raise MessageQueueTimeout(self._full_ring_message(idx, row, now - start))
             if deadline is None and now >= next_warn:
                 logger.warning("enqueue: still waiting after %.0fs for reader rank(s) %s to read chunk %d",
                                now - start, self._laggards(row), idx)
@@ -778,6 +852,34 @@ class MessageQueue:
             if deadline is not None:
                 delay = min(delay, max(0.0, deadline - now))
             self._cancel.wait(delay)
+
+    def _sleep_until_chunk_free(self, idx: int, row: int, start: float, deadline: float | None) -> None:
+        """Futex mode: sleep on the writer's word; a reader that releases a chunk wakes us."""
+        ring = self._ring
+        word = ring.writer_word
+        addr = ring.word_address(word)
+        next_warn = start + self.warn_interval
+        ring.words[word] = 1
+        _fence()
+        try:
+            while not self._chunk_free(row):
+                self._check_cancelled()
+                now = time.monotonic()
+                if deadline is not None and now >= deadline:
+                    raise MessageQueueTimeout(self._full_ring_message(idx, row, now - start))
+                if deadline is None and now >= next_warn:
+                    logger.warning("enqueue: still waiting after %.0fs for reader rank(s) %s to read chunk %d",
+                                   now - start, self._laggards(row), idx)
+                    next_warn += self.warn_interval
+                _futex_wait(addr, 1, min(1.0, next_warn - now) if deadline is None else min(1.0, deadline - now))
+                ring.words[word] = 1  # re-arm (a waking reader cleared it), then re-check
+                _fence()
+        finally:
+            ring.words[word] = 0
+
+    def _full_ring_message(self, idx: int, row: int, waited: float) -> str:
+        return (f"enqueue: timed out after {waited:.1f}s: chunk {idx} has not been read by reader "
+                f"rank(s) {self._laggards(row)} (a reader that died or stopped dequeuing blocks the writer)")
 
     def _laggards(self, row: int) -> list[int]:
         meta = self._ring.meta
@@ -832,6 +934,12 @@ class MessageQueue:
             chunk.release()
             ring.meta[row + self._read_flag] = 1  # release the chunk for this reader
             self._idx = (idx + 1) % ring.max_chunks
+            if self._futex:
+                _fence()
+                words = ring.words
+                if words[ring.writer_word]:  # the writer sleeps on a full ring
+                    words[ring.writer_word] = 0
+                    _futex_wake(ring.word_address(ring.writer_word))
         return serde.decode(frames)
 
     def _chunk_ready(self, row: int) -> bool:
@@ -848,26 +956,31 @@ class MessageQueue:
             if self._chunk_ready(row):
                 return
             self._check_cancelled()
-        # Block: announce we sleep, fence, then drain pings -> re-check -> poll (see module docstring).
+        # Block: announce we sleep, fence, then (drain pings ->) re-check -> sleep (see module docstring).
         self.num_blocks += 1
-        asleep = self._ring.asleep
+        ring = self._ring
+        words = ring.words
         me = self._reader_index
-        poller = zmq.Poller()
-        poller.register(self._wake, zmq.POLLIN)
-        poller.register(self._cancel_rx, zmq.POLLIN)
+        addr = ring.word_address(me)
+        poller = None
+        if not self._futex:
+            poller = zmq.Poller()
+            poller.register(self._wake, zmq.POLLIN)
+            poller.register(self._cancel_rx, zmq.POLLIN)
         next_warn = start + self.warn_interval
         next_liveness = start + 1.0
-        asleep[me] = 1
+        words[me] = 1
         _fence()
         poll_timed_out = False
         try:
             while True:
-                try:
-                    while True:
-                        self._wake.recv(zmq.NOBLOCK)
-                except zmq.Again:
-                    pass
-                closed = self._ring.closed[0]  # load before the chunk flags: all publishes before close are seen
+                if poller is not None:
+                    try:
+                        while True:
+                            self._wake.recv(zmq.NOBLOCK)
+                    except zmq.Again:
+                        pass
+                closed = words[ring.closed_word]  # load before the chunk flags: all publishes before close are seen
                 if self._chunk_ready(row):
                     self.num_late_wakeups += poll_timed_out
                     return
@@ -883,10 +996,15 @@ class MessageQueue:
                 if now >= next_liveness:
                     self._check_writer_alive()
                     next_liveness = now + 1.0
-                wait = 1.0 if deadline is None else min(1.0, deadline - now)
-                poll_timed_out = not poller.poll(max(0, int(wait * 1000) + 1))
+                wait = min(1.0, next_warn - now) if deadline is None else min(1.0, deadline - now)
+                if poller is None:
+                    poll_timed_out = _futex_wait(addr, 1, wait)
+                    words[me] = 1  # re-arm (the writer cleared it to wake us), then re-check
+                    _fence()
+                else:
+                    poll_timed_out = not poller.poll(max(0, int(wait * 1000) + 1))
         finally:
-            asleep[me] = 0
+            words[me] = 0
 
     # ------------------------------------------------------------------ both
 
@@ -901,19 +1019,31 @@ class MessageQueue:
         """Cancel any blocked or future ``enqueue``/``dequeue`` (callable from any thread)."""
         self._cancel.set()
         with self._cancel_lock:
-            if not self._closed and self._cancel_tx is not None:
-                try:
-                    self._cancel_tx.send(b"", zmq.NOBLOCK)
-                except zmq.ZMQError:
-                    pass
+            if self._closed:
+                return
+            try:
+                self._cancel_tx.send(b"", zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+            ring = self._ring
+            if self._futex and ring is not None:
+                word = ring.writer_word if self._is_writer else self._reader_index
+                ring.words[word] = 0  # the sleeper re-arms, re-checks and sees the cancellation
+                _futex_wake(ring.word_address(word))
 
     def _announce_close(self) -> None:
         """Tell blocked readers that nothing more will come (after everything already published)."""
         try:
-            if self._ring is not None:
-                self._ring.closed[0] = 1
+            ring = self._ring
+            if ring is not None:
+                ring.words[ring.closed_word] = 1
                 _fence()
-                self._wake.send(b"", zmq.NOBLOCK)
+                if self._futex:
+                    for i in range(ring.n_reader):
+                        ring.words[i] = 0
+                        _futex_wake(ring.word_address(i))
+                else:
+                    self._wake.send(b"", zmq.NOBLOCK)
             if self._remote is not None:
                 self._remote.send(_CLOSED, zmq.NOBLOCK)
         except zmq.ZMQError:

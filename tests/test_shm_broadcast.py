@@ -23,6 +23,7 @@ import torch
 from spawn import run_workers
 
 from comm.shm_broadcast import (
+    HAS_FUTEX,
     Handle,
     MessageQueue,
     MessageQueueCancelled,
@@ -54,9 +55,13 @@ def _share_handle(mq: MessageQueue | None) -> Handle:
 
 
 def _open(rank: int, world_size: int, n_local: int, instance: str, chunk_bytes: int = 1 << 12,
-          chunks: int = 8) -> MessageQueue:
-    """Writer on rank 0; ranks 1..n_local read the ring; the rest are remote (tcp on 127.0.0.1)."""
+          chunks: int = 8, wake: str = "futex") -> MessageQueue:
+    """Writer on rank 0; ranks 1..n_local read the ring; the rest are remote (tcp on 127.0.0.1).
+
+    ``wake`` picks the writer's wake-up mechanism for sleeping local readers: "futex" or "zmq".
+    """
     os.environ["OMNI_RUNTIME_INSTANCE"] = instance
+    MessageQueue.use_futex = wake == "futex"
     if rank == 0:
         mq = MessageQueue(world_size - 1, n_local, list(range(1, n_local + 1)), chunk_bytes, chunks,
                           connect_ip="127.0.0.1")
@@ -69,6 +74,16 @@ def _open(rank: int, world_size: int, n_local: int, instance: str, chunk_bytes: 
 
 def _segments(instance: str) -> list[str]:
     return sorted(n for n in os.listdir(SHM) if n.startswith(f"omni_{instance}_"))
+
+
+WAKE = [pytest.param("futex", marks=pytest.mark.skipif(not HAS_FUTEX, reason="no futex(2) here")), "zmq"]
+
+
+@pytest.fixture(params=WAKE)
+def wake(request, monkeypatch):
+    """Run a test with each wake-up mechanism for sleeping local readers (and a writer on a full ring)."""
+    monkeypatch.setattr(MessageQueue, "use_futex", request.param == "futex")
+    return request.param
 
 
 @pytest.fixture
@@ -93,8 +108,8 @@ def test_handle_roundtrips_through_msgspec(instance, monkeypatch):
         seg = SHM / h.buffer_name
         assert h.buffer_name.startswith(f"omni_{instance}_")
         assert seg.stat().st_mode & 0o777 == 0o600
-        # data + one row (written + 2 read flags) per chunk + one asleep byte per local reader + closed
-        assert seg.stat().st_size == 3 * 1024 + 3 * 3 + 2 + 1  # + the "closed" byte
+        # data + int32 words (2 readers, writer, closed) + one row (written + 2 read flags) per chunk
+        assert seg.stat().st_size == 3 * 1024 + 4 * (2 + 2) + 3 * 3
     assert _segments(instance) == []
 
 
@@ -116,7 +131,7 @@ def test_bad_arguments_name_the_field(instance, monkeypatch):
     assert _segments(instance) == []
 
 
-def test_writer_blocked_on_full_ring_is_cancelled_and_times_out(instance, monkeypatch, caplog):
+def test_writer_blocked_on_full_ring_is_cancelled_and_times_out(instance, wake, monkeypatch, caplog):
     """Threads in one process: a reader that never reads fills the ring; timeout names it; shutdown cancels."""
     monkeypatch.setenv("OMNI_RUNTIME_INSTANCE", instance)
     monkeypatch.setattr(MessageQueue, "warn_interval", 0.1)
@@ -136,8 +151,8 @@ def test_writer_blocked_on_full_ring_is_cancelled_and_times_out(instance, monkey
     w.enqueue(2, timeout=1)
     w.enqueue(3, timeout=1)
     timer = threading.Timer(0.35, w.shutdown)
-    timer.start()
     t0 = time.monotonic()
+    timer.start()
     with caplog.at_level("WARNING", logger="comm.shm_broadcast"), pytest.raises(MessageQueueCancelled):
         w.enqueue(4)  # timeout=None: waits, warning every warn_interval, until shutdown()
     assert 0.35 <= time.monotonic() - t0 < 1.35  # raised within 1 s of shutdown()
@@ -148,7 +163,7 @@ def test_writer_blocked_on_full_ring_is_cancelled_and_times_out(instance, monkey
     r.close()
 
 
-def test_tensors_round_trip_inline_and_overflow(instance, monkeypatch):
+def test_tensors_round_trip_inline_and_overflow(instance, wake, monkeypatch):
     """Local (ring, inline and overflow) and remote readers get bit-exact tensors and arrays back."""
     import numpy as np
 
@@ -241,9 +256,9 @@ def _payload(i: int, chunk_bytes: int) -> dict:
     return {"i": i, "t": torch.arange(n, dtype=torch.float32) + i, "tag": "big" if big else "small"}
 
 
-def _overflow_worker(rank, world_size, n_local, n_messages, instance):
+def _overflow_worker(rank, world_size, n_local, n_messages, instance, wake):
     chunk = 1024
-    mq = _open(rank, world_size, n_local, instance, chunk_bytes=chunk, chunks=4)
+    mq = _open(rank, world_size, n_local, instance, chunk_bytes=chunk, chunks=4, wake=wake)
     rng = random.Random(0)
     if rank == 0:
         for i in range(n_messages):
@@ -268,15 +283,16 @@ def _overflow_worker(rank, world_size, n_local, n_messages, instance):
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_overflow_payloads_and_random_sleeps(instance):
+@pytest.mark.parametrize("wake", WAKE)
+def test_overflow_payloads_and_random_sleeps(instance, wake):
     n = 300
-    out = run_workers(_overflow_worker, 5, args=(3, n, instance), timeout=120, init_process_group=True)
+    out = run_workers(_overflow_worker, 5, args=(3, n, instance, wake), timeout=120, init_process_group=True)
     assert [o["ok"] for o in out[1:]] == [n] * 4
     # Local readers passed from spinning to blocking and back: some waits blocked, not all of them.
     for o in out[1:4]:
         assert 0 < o["blocks"] < n, o
         assert o["late"] == 0, o  # every blocked wait was ended by the writer's ping, never by the poll timeout
-    print("\nper-reader p50 latency with random gaps (us):", [round(o["p50_us"]) for o in out[1:]])
+    print(f"\n{wake}: per-reader p50 latency with random gaps (us):", [round(o["p50_us"]) for o in out[1:]])
 
 
 # ----------------------------------------------------------------------------- a dead reader
@@ -355,10 +371,10 @@ def test_killed_reader_makes_writer_time_out_with_clear_error(instance):
 # ----------------------------------------------------------------------------- shutdown, idle CPU
 
 
-def _shutdown_worker(rank, world_size, instance):
+def _shutdown_worker(rank, world_size, instance, wake):
     import torch.distributed as dist
 
-    mq = _open(rank, world_size, 1, instance)
+    mq = _open(rank, world_size, 1, instance, wake=wake)
     result = {}
     if rank != 0:
         stamp = {}
@@ -387,12 +403,13 @@ def _shutdown_worker(rank, world_size, instance):
 
 
 @pytest.mark.distributed
-def test_shutdown_cancels_a_blocked_dequeue(instance):
-    out = run_workers(_shutdown_worker, 3, args=(instance,), timeout=60, init_process_group=True)
+@pytest.mark.parametrize("wake", WAKE)
+def test_shutdown_cancels_a_blocked_dequeue(instance, wake):
+    out = run_workers(_shutdown_worker, 3, args=(instance, wake), timeout=60, init_process_group=True)
     for o in out[1:]:  # one local, one remote reader
         assert o["raised"] == "cancelled" and o["after"] == "cancelled"
         assert o["latency"] < 1.0, o
-    print("\nshutdown -> Cancelled latency (ms):", [round(o["latency"] * 1e3, 2) for o in out[1:]])
+    print(f"\n{wake}: shutdown -> Cancelled latency (ms):", [round(o["latency"] * 1e3, 2) for o in out[1:]])
 
 
 def _writer_close_worker(rank, world_size, instance, n):
@@ -422,12 +439,13 @@ def test_readers_drain_then_learn_that_the_writer_closed(instance):
         assert o["got"] == list(range(n))
         assert o["err"] == "the writer closed the queue; no more messages will arrive"
         assert o["took"] < 5.0, o
+    print("\nreader learned of close after (s):", [round(o["took"], 3) for o in out[1:]])
 
 
-def _idle_worker(rank, world_size, instance, idle_s):
+def _idle_worker(rank, world_size, instance, idle_s, wake):
     import psutil
 
-    mq = _open(rank, world_size, 2, instance)
+    mq = _open(rank, world_size, 2, instance, wake=wake)
     if rank == 0:
         time.sleep(idle_s)
         mq.enqueue(time.monotonic())
@@ -446,14 +464,15 @@ def _idle_worker(rank, world_size, instance, idle_s):
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_idle_reader_uses_almost_no_cpu(instance):
-    idle = 2.0
-    out = run_workers(_idle_worker, 4, args=(instance, idle), timeout=60, init_process_group=True)
+@pytest.mark.parametrize("wake", WAKE)
+def test_idle_reader_uses_almost_no_cpu(instance, wake):
+    idle = 2.5  # not a multiple of the 1 s safety poll, so the ping (not the poll timeout) must wake it
+    out = run_workers(_idle_worker, 4, args=(instance, idle, wake), timeout=60, init_process_group=True)
     for o in out[1:]:  # two local readers, one remote
         assert o["wall"] >= idle * 0.9
         assert o["cpu_frac"] < 0.02 and o["psutil_frac"] < 0.02, o
         assert o["late"] == 0 and o["wake_ms"] < 500, o  # woken by the writer's ping, not the 1 s poll
-    print("\nidle CPU (% of a core):", [round(o["cpu_frac"] * 100, 3) for o in out[1:]],
+    print(f"\n{wake}: idle CPU (% of a core):", [round(o["cpu_frac"] * 100, 3) for o in out[1:]],
           "wake-up latency (ms):", [round(o["wake_ms"], 2) for o in out[1:]])
 
 
