@@ -62,7 +62,7 @@ handle; :attr:`MessageQueue.use_futex`):
   between the re-check and the sleep is never missed. The reader is woken directly by the kernel (about
   half the latency of a ZMQ ping, which crosses two I/O threads). The writer sleeps on its own word when
   the ring is full, and a reader that releases a chunk wakes it.
-- **zmq**: the writer sends an empty message on an ``ipc://`` XPUB socket; the reader ``poll``\ s it.
+- **zmq**: the writer sends an empty message on an ``ipc://`` XPUB socket; the reader polls it.
   Readers drain pending pings *before* re-checking the ring, so a ping consumed always belongs to a
   chunk the re-check can see. A writer on a full ring sleeps with exponential backoff (50 µs up to 1 ms;
   20 ms after the first second).
