@@ -264,7 +264,13 @@ class ShmRingBuffer:
         else:
             if not _NAME_RE.match(name):
                 raise ValueError(f"buffer_name={name!r} is not a ring-buffer segment name of ours")
-            fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR | os.O_NOFOLLOW)
+            try:
+                fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR | os.O_NOFOLLOW)
+            except FileNotFoundError:
+                raise FileNotFoundError(
+                    f"shm segment {name!r} does not exist: the writer unlinks it in wait_until_ready() once "
+                    f"every local reader attached (or it exited); create every reader before that"
+                ) from None
         self.name = name
         try:
             if not self.is_owner:

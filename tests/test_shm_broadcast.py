@@ -128,6 +128,11 @@ def test_bad_arguments_name_the_field(instance, monkeypatch):
             MessageQueue.create_from_handle(mq.export_handle(), 5)
         with pytest.raises(RuntimeError, match="only available on readers"):
             mq.dequeue()
+        with pytest.raises(RuntimeError, match=r"enqueue\(\) before wait_until_ready\(\)"):
+            mq.enqueue(1)
+        mq._ring.unlink()  # what wait_until_ready() does once every reader attached
+        with pytest.raises(FileNotFoundError, match="create every reader before that"):
+            MessageQueue.create_from_handle(mq.export_handle(), 0)
     assert _segments(instance) == []
 
 
