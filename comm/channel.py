@@ -1,0 +1,402 @@
+"""ZMQ channels between the orchestrator and stage drivers: serde frames, zero copy, bounded queues.
+
+Patterns
+--------
+Both directions are one-way PUSH -> PULL pipes:
+
+- **work into a stage driver**: the driver's :class:`Receiver` (PULL) binds its endpoint; the
+  orchestrator holds one :class:`Sender` (PUSH) per replica, connected to that endpoint. One socket
+  per replica because the orchestrator itself picks the least-loaded replica (a PUSH socket with
+  several peers would round-robin behind its back). PUSH/PULL rather than DEALER/ROUTER because
+  nothing needs a reply on the same socket or a peer identity: the request id lives in the message.
+- **results back to the orchestrator**: the orchestrator's :class:`Receiver` (PULL) binds one
+  endpoint; the output rank of every replica connects a :class:`Sender` (PUSH) to it (fan-in).
+
+The side that lives longer binds, so a restarted driver just connects/binds again. ``bind=`` flips
+either default.
+
+Queue bounds: ``sndhwm``/``rcvhwm`` are ZMQ high-water marks, counted in *messages*. When the
+bounds are reached ``send`` waits (async) or blocks/times out (sync): backpressure, never drops.
+
+Zero copy: ``send`` passes :func:`comm.serde.encode` frames with ``copy=False`` (pyzmq still copies
+frames smaller than its ``copy_threshold``, 64 KiB by default, which is cheaper for small ones), so
+a sent tensor must not be modified until ZMQ is done with it: ``sent()``/``wait_sent()`` (sync) or
+``drain()`` (async) tell when. ``recv`` takes ``copy=False`` frames and decodes tensors as views of
+them.
+
+Endpoints: :func:`ipc_endpoint` on one node (a unix socket under a per-runtime-instance directory),
+:func:`tcp_endpoint` across nodes (port 0 binds a free port; read it back from ``.endpoint``).
+Sockets close with ``linger=0`` (``close(linger=s)`` to drain at shutdown); a channel that bound an ipc endpoint removes its socket file.
+
+:class:`Sender`/:class:`Receiver` are for asyncio (zmq.asyncio; uvloop works), and
+:class:`SyncSender`/:class:`SyncReceiver` for plain worker loops such as the stage driver.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import tempfile
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from comm import serde
+from comm.shm_tensor import instance_id
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "ChannelClosed",
+    "ChannelTimeout",
+    "Receiver",
+    "Sender",
+    "SyncReceiver",
+    "SyncSender",
+    "ipc_dir",
+    "ipc_endpoint",
+    "tcp_endpoint",
+]
+
+DEFAULT_HWM = 1000
+_IPC_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_MAX_UNIX_PATH = 107  # sizeof(sockaddr_un.sun_path) - 1 on Linux
+
+
+class ChannelTimeout(TimeoutError):
+    """A send or receive did not complete within its timeout."""
+
+
+class ChannelClosed(RuntimeError):
+    """The channel was used after ``close()``."""
+
+
+# ----------------------------------------------------------------------------- endpoints
+
+
+def ipc_dir() -> str:
+    """Directory (mode 0700) that holds this runtime instance's ipc sockets."""
+    path = os.path.join(tempfile.gettempdir(), f"omni-{instance_id()}")
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    return path
+
+
+def ipc_endpoint(name: str) -> str:
+    """``ipc://`` endpoint named ``name``, unique to this runtime instance (env ``OMNI_RUNTIME_INSTANCE``)."""
+    if not _IPC_NAME_RE.match(name):
+        raise ValueError(f"ipc endpoint name={name!r} is not allowed: use 1-64 characters from [A-Za-z0-9_.-]")
+    path = os.path.join(ipc_dir(), f"{name}.sock")
+    if len(path.encode()) > _MAX_UNIX_PATH:
+        raise ValueError(
+            f"ipc socket path {path!r} is {len(path.encode())} bytes; unix sockets allow at most "
+            f"{_MAX_UNIX_PATH}: use a shorter name or TMPDIR"
+        )
+    return f"ipc://{path}"
+
+
+def tcp_endpoint(host: str, port: int) -> str:
+    """``tcp://`` endpoint; ``port=0`` binds a free port (``.endpoint`` then tells which)."""
+    if not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ValueError(f"tcp port={port!r} is not allowed: use an integer in 0..65535 (0 = any free port)")
+    if not host or any(c in host for c in "/ "):
+        raise ValueError(f"tcp host={host!r} is not allowed: use a host name or an IPv4/IPv6 address")
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"tcp://{host}:{port if port else '*'}"
+
+
+def _ipc_path(endpoint: str) -> str | None:
+    return endpoint[len("ipc://"):] if endpoint.startswith("ipc://") else None
+
+
+def _check_hwm(name: str, value: int) -> int:
+    if not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name}={value!r} is not allowed: use an integer >= 0 (messages; 0 = unbounded)")
+    return value
+
+
+def _zero_copy_parts(frames: list[Any], threshold: int) -> tuple[list[Any], zmq.MessageTracker | None]:
+    """Wrap frames that pyzmq will not copy (>= ``threshold`` bytes) so the last of them is tracked.
+
+    Messages on one socket leave in order, so when the last zero-copy frame of the latest message
+    is released every earlier zero-copy frame is released too: one tracker covers them all.
+    """
+    last = -1
+    for i, f in enumerate(frames):
+        if memoryview(f).nbytes >= threshold:
+            last = i
+    if last < 0:
+        return frames, None
+    parts = list(frames)
+    parts[last] = zmq.Frame(frames[last], copy=False, track=True)
+    return parts, parts[last].tracker
+
+
+# ----------------------------------------------------------------------------- common socket setup
+
+
+class _Channel:
+    _socket_type: int = -1
+    _bind_default: bool = False
+
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        bind: bool | None,
+        sndhwm: int,
+        rcvhwm: int,
+        ctx: zmq.Context,
+    ) -> None:
+        if not isinstance(endpoint, str) or not endpoint.startswith(("ipc://", "tcp://", "inproc://")):
+            raise ValueError(f"endpoint={endpoint!r} is not allowed: use ipc://, tcp:// or inproc://")
+        self.bound = self._bind_default if bind is None else bind
+        self.socket = ctx.socket(self._socket_type)
+        self._ipc_file: str | None = None
+        try:
+            self.socket.setsockopt(zmq.SNDHWM, _check_hwm("sndhwm", sndhwm))
+            self.socket.setsockopt(zmq.RCVHWM, _check_hwm("rcvhwm", rcvhwm))
+            self.socket.setsockopt(zmq.LINGER, 0)
+            if endpoint.startswith("tcp://["):
+                self.socket.setsockopt(zmq.IPV6, 1)
+            if self.bound:
+                self.socket.bind(endpoint)
+                self._ipc_file = _ipc_path(endpoint)
+                self.endpoint: str = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+            else:
+                self.socket.connect(endpoint)
+                self.endpoint = endpoint
+        except BaseException:
+            self.socket.close(linger=0)
+            raise
+        self._closed = False
+        self._tracker: zmq.MessageTracker | None = None
+        logger.debug("%s %s %s", type(self).__name__, "bound" if self.bound else "connected", self.endpoint)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ChannelClosed(f"{type(self).__name__} on {self.endpoint} is closed")
+
+    def sent(self) -> bool:
+        """True once ZMQ has released every zero-copy frame sent so far (written to the transport,
+        or dropped): from then on the sent tensors may be modified or freed."""
+        return self._tracker is None or self._tracker.done
+
+    def wait_sent(self, timeout: float | None = None) -> bool:
+        """Block until :meth:`sent` (at most ``timeout`` seconds); returns whether it is."""
+        if self._tracker is None or self._tracker.done:
+            return True
+        try:
+            self._tracker.wait(timeout=-1 if timeout is None else timeout)
+        except zmq.NotDone:
+            return False
+        return True
+
+    def close(self, linger: float = 0.0) -> None:
+        """Close and remove a bound ipc file.
+
+        By default at once: linger 0, so unsent messages are dropped and close never hangs on an
+        absent peer. ``linger=s`` first waits up to ``s`` seconds for queued messages to go out (a
+        graceful last send at shutdown). ZMQ's own close is asynchronous: a process that exits
+        right after sending large tensors must ``close(linger=...)`` (or :meth:`wait_sent`), else
+        the tensors can be freed while the I/O thread still reads them.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        if linger > 0:
+            if not self.wait_sent(linger):
+                logger.warning("%r: zero-copy frames still queued after linger=%ss; dropping them", self, linger)
+        self.socket.close(linger=max(0, int(linger * 1000)))
+        if self._ipc_file is not None:
+            try:
+                os.unlink(self._ipc_file)
+            except FileNotFoundError:
+                pass
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else ("bound" if self.bound else "connected")
+        return f"{type(self).__name__}({self.endpoint!r}, {state})"
+
+
+# ----------------------------------------------------------------------------- asyncio
+
+
+class Sender(_Channel):
+    """Async PUSH end. ``await send(obj)`` waits while the peer's queue is full (backpressure).
+
+    Connects by default (``bind=True`` to bind).
+    """
+
+    _socket_type = zmq.PUSH
+
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        bind: bool | None = None,
+        sndhwm: int = DEFAULT_HWM,
+        rcvhwm: int = DEFAULT_HWM,
+        ctx: zmq.asyncio.Context | None = None,
+    ) -> None:
+        super().__init__(endpoint, bind=bind, sndhwm=sndhwm, rcvhwm=rcvhwm,
+                         ctx=ctx or zmq.asyncio.Context.instance())
+
+    async def send(self, obj: Any, *, timeout: float | None = None) -> None:
+        """Encode ``obj`` with serde and send it as one multipart message, zero copy."""
+        await self.send_frames(serde.encode(obj), timeout=timeout)
+
+    async def send_frames(self, frames: list[Any], *, timeout: float | None = None) -> None:
+        """Send raw frames as one multipart message, zero copy for frames >= ``copy_threshold``."""
+        self._check_open()
+        parts, tracker = _zero_copy_parts(frames, self.socket.copy_threshold)
+        fut = self.socket.send_multipart(parts, copy=False)
+        del parts
+        try:
+            await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError as e:
+            raise ChannelTimeout(f"send to {self.endpoint} did not complete in {timeout}s "
+                                 f"(peer absent or its queue full)") from e
+        if tracker is not None:
+            self._tracker = tracker
+
+    async def drain(self, timeout: float | None = None, poll_interval: float = 0.001) -> bool:
+        """Wait (without blocking the loop) until every zero-copy frame sent so far is released."""
+        deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
+        while not self.sent():
+            if deadline is not None and asyncio.get_running_loop().time() >= deadline:
+                return False
+            await asyncio.sleep(poll_interval)
+        return True
+
+    async def __aenter__(self) -> Sender:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Receiver(_Channel):
+    """Async PULL end. ``await recv(type)`` returns the decoded object; tensors are frame views.
+
+    Binds by default (``bind=False`` to connect).
+    """
+
+    _socket_type = zmq.PULL
+    _bind_default = True
+
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        bind: bool | None = None,
+        sndhwm: int = DEFAULT_HWM,
+        rcvhwm: int = DEFAULT_HWM,
+        ctx: zmq.asyncio.Context | None = None,
+    ) -> None:
+        super().__init__(endpoint, bind=bind, sndhwm=sndhwm, rcvhwm=rcvhwm,
+                         ctx=ctx or zmq.asyncio.Context.instance())
+
+    async def recv_frames(self, *, timeout: float | None = None) -> list[zmq.Frame]:
+        """The next message's raw frames (``zmq.Frame``, not copied)."""
+        self._check_open()
+        try:
+            return await asyncio.wait_for(self.socket.recv_multipart(copy=False), timeout)
+        except asyncio.TimeoutError as e:
+            raise ChannelTimeout(f"nothing received on {self.endpoint} in {timeout}s") from e
+
+    async def recv(self, type: Any = Any, *, timeout: float | None = None) -> Any:  # noqa: A002
+        """Receive and decode the next message into ``type``; raises ``serde.SerdeError`` if malformed."""
+        return serde.decode(await self.recv_frames(timeout=timeout), type)
+
+    async def __aenter__(self) -> Receiver:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+
+# ----------------------------------------------------------------------------- blocking
+
+
+def _ms(timeout: float | None) -> int:
+    return -1 if timeout is None else max(0, int(timeout * 1000))
+
+
+class SyncSender(_Channel):
+    """Blocking PUSH end for processes without an event loop. Connects by default."""
+
+    _socket_type = zmq.PUSH
+
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        bind: bool | None = None,
+        sndhwm: int = DEFAULT_HWM,
+        rcvhwm: int = DEFAULT_HWM,
+        ctx: zmq.Context | None = None,
+    ) -> None:
+        super().__init__(endpoint, bind=bind, sndhwm=sndhwm, rcvhwm=rcvhwm, ctx=ctx or zmq.Context.instance())
+
+    def send(self, obj: Any, *, timeout: float | None = None) -> None:
+        """Encode and send ``obj``; blocks while the queue is full, up to ``timeout`` seconds."""
+        self.send_frames(serde.encode(obj), timeout=timeout)
+
+    def send_frames(self, frames: list[Any], *, timeout: float | None = None) -> None:
+        """Send raw frames as one multipart message, zero copy for frames >= ``copy_threshold``."""
+        self._check_open()
+        if timeout is not None and not self.socket.poll(_ms(timeout), zmq.POLLOUT):
+            raise ChannelTimeout(f"send to {self.endpoint} did not complete in {timeout}s "
+                                 f"(peer absent or its queue full)")
+        parts, tracker = _zero_copy_parts(frames, self.socket.copy_threshold)
+        self.socket.send_multipart(parts, copy=False)
+        if tracker is not None:
+            self._tracker = tracker
+
+    def __enter__(self) -> SyncSender:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class SyncReceiver(_Channel):
+    """Blocking PULL end for processes without an event loop (the stage driver). Binds by default."""
+
+    _socket_type = zmq.PULL
+    _bind_default = True
+
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        bind: bool | None = None,
+        sndhwm: int = DEFAULT_HWM,
+        rcvhwm: int = DEFAULT_HWM,
+        ctx: zmq.Context | None = None,
+    ) -> None:
+        super().__init__(endpoint, bind=bind, sndhwm=sndhwm, rcvhwm=rcvhwm, ctx=ctx or zmq.Context.instance())
+
+    def recv_frames(self, *, timeout: float | None = None) -> list[zmq.Frame]:
+        self._check_open()
+        if timeout is not None and not self.socket.poll(_ms(timeout), zmq.POLLIN):
+            raise ChannelTimeout(f"nothing received on {self.endpoint} in {timeout}s")
+        return self.socket.recv_multipart(copy=False)
+
+    def recv(self, type: Any = Any, *, timeout: float | None = None) -> Any:  # noqa: A002
+        """Receive and decode the next message (``timeout=0`` polls); tensors are frame views."""
+        return serde.decode(self.recv_frames(timeout=timeout), type)
+
+    def __enter__(self) -> SyncReceiver:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
