@@ -74,8 +74,11 @@ def _shard_seq(t: torch.Tensor, dim: int, auto_pad: bool, ctx: SPForwardContext)
     if n in ctx.padded_lengths:
         padded = ctx.padded_lengths[n]
         per = padded // world
+        ctx.record_layout((per,) * world)
         return _pad(t, dim, padded).narrow(dim, rank * per, per)
-    return t.narrow(dim, shard_offset(n, world, rank), shard_sizes(n, world)[rank])
+    sizes = shard_sizes(n, world)
+    ctx.record_layout(tuple(sizes))
+    return t.narrow(dim, shard_offset(n, world, rank), sizes[rank])
 
 
 def _text_len(p: SequenceParallelPartialInput, values: dict[str, Any], ctx: SPForwardContext, where: str) -> int:

@@ -112,6 +112,7 @@ LENGTHS = (16, 13)
 
 def plan_worker(rank: int, world: int, ulysses: int, ring: int) -> dict:
     from parallel import state
+    from parallel.attention.comm_ops import get_comm_stats
     from parallel.sp_hooks import apply_sequence_parallel, remove_sequence_parallel
     from parallel.sp_sharding import sp_gather, sp_shard, sp_shard_with_padding
 
@@ -121,9 +122,13 @@ def plan_worker(rank: int, world: int, ulysses: int, ring: int) -> dict:
         res: dict = {}
         model = make_model()
         apply_sequence_parallel(model, state.SequenceParallelConfig(ulysses_degree=ulysses, ring_degree=ring))
+        stats = get_comm_stats()
+        stats.reset()
         with torch.no_grad():
             for n in LENGTHS:
                 res[f"plain{n}"] = model(*make_inputs(n)).tolist()
+        # the hooks recorded the shard layout, so attention never had to exchange lengths
+        res["attention_calls"] = dict(stats.calls)
         remove_sequence_parallel(model)
         padded = dict(PLAN, **{"": {"hidden_states": SequenceParallelInput(split_dim=1, expected_dims=3,
                                                                            auto_pad=True)}})
@@ -190,6 +195,8 @@ def test_toy_dual_stream_model_matches_unsharded(ulysses: int, ring: int) -> Non
                 err = float((got - ref).norm() / ref.norm())
                 assert err <= 1e-5, (rank, kind, n, err)
         assert "sharded but never gathered: ['sequence']" in res["missing_gather"]
+        calls = res["attention_calls"]
+        assert "meta" not in calls and (calls.get("all_to_all", 0) + calls.get("ring_send", 0)) > 0, calls
         assert res["shard_len"] == shard_sizes(11, world)[rank]
         assert res["roundtrip"] and res["pad_roundtrip"]
         assert res["pad"] == (-11) % world

@@ -5,9 +5,10 @@ Layouts are (batch, seq, heads, head_dim). q/k/v are this rank's sequence shard;
 ("front") or after ("rear") the image tokens in the output. Text keys are counted
 exactly once in every strategy; text queries attend to every image key too.
 
-Local lengths may differ between ranks. Every sharded call first all-gathers
-``(local_len, has_mask)`` over the SP group, so that every rank pads and masks the
-same way (one tiny collective per call).
+Local lengths may differ between ranks. When the sp_plan hooks split exactly one
+sequence layout in this forward, every rank already knows all lengths; otherwise a
+sharded call first all-gathers ``(local_len, has_mask)`` over the SP group, so that
+every rank pads and masks the same way (one tiny collective per call).
 """
 
 from __future__ import annotations
@@ -164,6 +165,24 @@ def _exchange_lengths(mesh: SPMesh, local_len: int, has_mask: bool, device: torc
     return lens, any(int(p[1]) for p in parts)
 
 
+def _lengths_from_context(mesh: SPMesh, local_len: int) -> list[int] | None:
+    """Every rank's length from the hooks' record, when the forward split exactly one sequence layout.
+
+    The record is identical on all ranks, so all of them take this path or all exchange. A mask is
+    then assumed to be passed on all ranks or on none (model code is the same on every rank).
+    """
+    ctx = get_sp_forward_context()
+    if ctx is None or len(ctx.shard_layouts) != 1 or len(ctx.shard_layouts[0]) != mesh.sp.world_size:
+        return None
+    lens = list(ctx.shard_layouts[0])
+    if lens[mesh.sp.rank_in_group] != local_len:
+        raise SPAttentionError(
+            f"sp_attention got local_seq={local_len} on SP rank {mesh.sp.rank_in_group}, but the sequence the "
+            f"sp_plan split has shards {lens}; attention over a sequence that is not this shard needs "
+            "Attention(sequence_parallel=False) or a plan entry that splits it")
+    return lens
+
+
 def sp_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -202,7 +221,11 @@ def sp_attention(
         text_out, out, text_lse, lse = _local_inner(q, k, v, key_padding_mask, joint_q, joint_k, joint_v,
                                                     scale=scale, return_lse=return_lse, backend=backend)
     else:
-        lens, any_mask = _exchange_lengths(mesh, q.shape[1], key_padding_mask is not None, q.device)
+        lens = _lengths_from_context(mesh, q.shape[1])
+        if lens is not None:  # the sp_plan hooks split this sequence: every rank knows all lengths
+            any_mask = key_padding_mask is not None
+        else:
+            lens, any_mask = _exchange_lengths(mesh, q.shape[1], key_padding_mask is not None, q.device)
         needs_mask = any_mask or len(set(lens)) > 1
         if needs_mask and key_padding_mask is None:
             key_padding_mask = torch.ones(q.shape[:2], dtype=torch.bool, device=q.device)

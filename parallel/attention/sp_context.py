@@ -3,7 +3,8 @@
 ``auto_pad`` pads a sequence to a multiple of the SP degree; the hooks record here the
 local key-padding mask (True = real token) so that :func:`sp_attention` ignores the
 pad when the caller passes no explicit mask, and the lengths so that the output
-gather can strip the pad again. ``values`` keeps the sizes of the model's forward
+gather can strip the pad again, and the shard sizes of every rank so that attention
+needs no length exchange. ``values`` keeps the sizes of the model's forward
 arguments for ``SequenceParallelPartialInput.text_len_source``.
 """
 
@@ -30,6 +31,13 @@ class SPForwardContext:
     key_padding_mask: torch.Tensor | None = None
     # forward arguments of the model (name -> value) for text_len_source lookups
     values: dict[str, Any] = field(default_factory=dict)
+    # every distinct split of a sequence the hooks made: the shard size of each SP rank. With exactly one,
+    # attention knows every rank's length without asking (the same on all ranks, by construction)
+    shard_layouts: list[tuple[int, ...]] = field(default_factory=list)
+
+    def record_layout(self, sizes: tuple[int, ...]) -> None:
+        if sizes not in self.shard_layouts:
+            self.shard_layouts.append(sizes)
 
 
 _STACK: list[SPForwardContext] = []
