@@ -17,7 +17,8 @@ Copies
   or negative-bit views and non-CPU tensors are copied once (unavoidable); a contiguous tensor is
   never copied.
 - Receive side: decoded tensors/arrays are views of the received frames (``torch.frombuffer`` /
-  ``np.frombuffer``). They keep their frame alive. A tensor decoded from a read-only frame
+  ``np.frombuffer``). They keep their frame alive. The one exception: a tensor whose bytes are not
+  aligned to its element size (16 at most) is copied, since torch kernels may assume alignment. A tensor decoded from a read-only frame
   (``bytes``, a ZMQ frame) must be treated as read-only; pass a ``bytearray`` to get a writable one.
 
 ``encode_to_bytes``/``decode_from_bytes`` wrap the same frames into one buffer: a header
@@ -281,6 +282,10 @@ def _decode_tensor(data: memoryview) -> torch.Tensor:
         u8 = torch.frombuffer(raw, dtype=torch.uint8)
     if dtype == torch.bool and bool((u8 > 1).any()):
         raise SerdeError("bool tensor holds bytes other than 0 and 1")
+    if u8.data_ptr() % min(itemsize, 16):
+        # torch kernels may assume element alignment; a misaligned buffer (a sliced memoryview, or
+        # complex128 in an 8-byte aligned ZMQ frame) is copied once instead of viewed
+        u8 = u8.clone()
     return u8.view(dtype).view(shape)
 
 

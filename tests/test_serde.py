@@ -313,3 +313,85 @@ def test_fuzz_body_frames_only_raise_serde_error():
             except SerdeError:
                 errors += 1
     assert errors > 1000
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128, torch.bfloat16, torch.int32], ids=str)
+def test_misaligned_buffers_decode_exactly_and_aligned(dtype):
+    x = random_tensor(dtype, (300,), 11)
+    for shift in range(1, 4):
+        buf = bytearray(b"\0" * shift + encode_to_bytes(x))
+        y = decode_from_bytes(memoryview(buf)[shift:])
+        assert_bit_exact(x, y)
+        assert y.data_ptr() % min(dtype.itemsize, 16) == 0
+
+
+def test_aligned_buffers_stay_views():
+    x = random_tensor(torch.complex128, (300,), 12)
+    buf = bytearray(encode_to_bytes(x))
+    start, n = address(buf)
+    y = decode_from_bytes(buf)
+    assert start <= y.data_ptr() < start + n  # bytearray storage is 16-aligned, frames 64-aligned within
+
+
+# ----------------------------------------------------------------------------- property tests (hypothesis)
+# hypothesis is a test-only dependency; without it these two tests are reported as skipped.
+
+try:
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+except ImportError:  # pragma: no cover
+    st = None
+
+if st is None:  # pragma: no cover
+
+    @pytest.mark.skip(reason="hypothesis is not installed (pip install hypothesis)")
+    def test_property_tests_need_hypothesis():
+        pass
+
+else:
+    _DTYPE_NAMES = sorted(serde.TORCH_DTYPES)
+
+
+    @st.composite
+    def _tensors(draw):
+        dtype = serde.TORCH_DTYPES[draw(st.sampled_from(_DTYPE_NAMES))]
+        shape = tuple(draw(st.lists(st.integers(0, 9), max_size=3)))
+        t = random_tensor(dtype, shape, seed=draw(st.integers(0, 10_000)))
+        if t.dim() >= 2 and draw(st.booleans()):
+            t = t.transpose(0, 1)
+        return t
+
+
+    _leaves = st.one_of(st.none(), st.booleans(), st.integers(-(2**63), 2**64 - 1), st.text(max_size=8),
+                        st.binary(max_size=8), st.floats(allow_nan=False), _tensors())
+    _trees = st.recursive(_leaves, lambda kids: st.one_of(st.lists(kids, max_size=4),
+                                                         st.dictionaries(st.text(max_size=4), kids, max_size=4)),
+                          max_leaves=12)
+
+
+    def _same(a, b) -> bool:
+        if isinstance(a, torch.Tensor):
+            return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and bits(a) == bits(b)
+        if isinstance(a, (list, tuple)):
+            return isinstance(b, list) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+        if isinstance(a, dict):
+            return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+        return type(a) is type(b) and a == b
+
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(_trees)
+    def test_property_any_tree_round_trips(tree):
+        assert _same(tree, decode(encode(tree)))
+        assert _same(tree, decode_from_bytes(encode_to_bytes(tree)))
+
+
+    @settings(max_examples=500, deadline=None)
+    @given(st.binary(max_size=200), st.lists(st.binary(max_size=64), max_size=3))
+    def test_property_random_bytes_only_raise_serde_error(body, rest):
+        for call in (lambda: decode([body, *rest]), lambda: decode([body, *rest], Msg),
+                     lambda: decode_from_bytes(body), lambda: decode_from_bytes(b"OMS1" + body)):
+            try:
+                call()
+            except SerdeError:
+                pass
