@@ -85,7 +85,8 @@ class SDPABackend:
     def supports(self, q: torch.Tensor, *, need_lse: bool, has_mask: bool) -> bool:
         return not need_lse
 
-    def __call__(self, q, k, v, *, key_mask, scale, return_lse):
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_mask: torch.Tensor | None,
+                 scale: float, return_lse: bool) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if return_lse:
             raise AttentionBackendError("backend 'sdpa' cannot return the log-sum-exp; use 'flash_cpu', "
                                         "'flash_attn' or 'math'")
@@ -114,7 +115,8 @@ class CPUFlashBackend:
         return q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64, torch.bfloat16,
                                                       torch.float16)
 
-    def __call__(self, q, k, v, *, key_mask, scale, return_lse):
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_mask: torch.Tensor | None,
+                 scale: float, return_lse: bool) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if q.shape[1] == 0 or k.shape[1] == 0:
             return _empty_result(q, v, return_lse)
         mask = None
@@ -138,7 +140,8 @@ class FlashAttnBackend:
         return (_flash_attn_func is not None and q.is_cuda and not has_mask
                 and q.dtype in (torch.float16, torch.bfloat16))
 
-    def __call__(self, q, k, v, *, key_mask, scale, return_lse):
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_mask: torch.Tensor | None,
+                 scale: float, return_lse: bool) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if _flash_attn_func is None:
             raise AttentionBackendError("backend 'flash_attn' needs the flash-attn package, which is not importable")
         if key_mask is not None:
@@ -161,7 +164,8 @@ class MathBackend:
     def supports(self, q: torch.Tensor, *, need_lse: bool, has_mask: bool) -> bool:
         return True
 
-    def __call__(self, q, k, v, *, key_mask, scale, return_lse):
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_mask: torch.Tensor | None,
+                 scale: float, return_lse: bool) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if q.shape[1] == 0 or k.shape[1] == 0:
             return _empty_result(q, v, return_lse)
         ct = lse_dtype(q.dtype)
