@@ -58,6 +58,7 @@ __all__ = [
     "SyncSender",
     "ipc_dir",
     "ipc_endpoint",
+    "remove_ipc_dir",
     "tcp_endpoint",
 ]
 
@@ -77,11 +78,39 @@ class ChannelClosed(RuntimeError):
 # ----------------------------------------------------------------------------- endpoints
 
 
+def _ipc_dir_path(instance: str | None = None) -> str:
+    return os.path.join(tempfile.gettempdir(), f"omni-{instance or instance_id()}")
+
+
 def ipc_dir() -> str:
     """Directory (mode 0700) that holds this runtime instance's ipc sockets."""
-    path = os.path.join(tempfile.gettempdir(), f"omni-{instance_id()}")
+    path = _ipc_dir_path()
     os.makedirs(path, mode=0o700, exist_ok=True)
     return path
+
+
+def remove_ipc_dir(instance: str | None = None) -> list[str]:
+    """Remove a runtime instance's ipc directory and the socket files left in it (by processes
+    that were killed before they could close). Call once, when the whole instance shuts down.
+    Returns the removed socket paths."""
+    path = _ipc_dir_path(instance)
+    removed = []
+    try:
+        names = os.listdir(path)
+    except FileNotFoundError:
+        return removed
+    for name in names:
+        if name.endswith(".sock"):
+            try:
+                os.unlink(os.path.join(path, name))
+                removed.append(os.path.join(path, name))
+            except FileNotFoundError:
+                pass
+    try:
+        os.rmdir(path)
+    except OSError as e:  # something else lives there, or another process re-created a socket
+        logger.warning("ipc directory %s not removed: %s", path, e)
+    return removed
 
 
 def ipc_endpoint(name: str) -> str:

@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import signal
+import subprocess
+import sys
 from typing import Any
 
 import msgspec
@@ -24,8 +27,17 @@ from comm.channel import (
     SyncReceiver,
     SyncSender,
     ipc_endpoint,
+    remove_ipc_dir,
     tcp_endpoint,
 )
+
+
+@pytest.fixture(autouse=True)
+def _own_instance(monkeypatch):
+    """Each test gets its own runtime instance (ipc directory), and must leave no socket behind."""
+    monkeypatch.setenv("OMNI_RUNTIME_INSTANCE", f"chtest{os.getpid()}")
+    yield
+    assert remove_ipc_dir() == []
 
 
 class Work(msgspec.Struct):
@@ -103,14 +115,15 @@ def _check_round_trip(out: list[dict], n: int) -> None:
 
 @pytest.mark.distributed
 @pytest.mark.timeout(120)
-def test_ipc_round_trip_two_processes(monkeypatch):
-    monkeypatch.setenv("OMNI_RUNTIME_INSTANCE", f"chtest{os.getpid()}")
+def test_ipc_round_trip_two_processes():
     work_ep, result_ep = ipc_endpoint("work-ipc"), ipc_endpoint("results-ipc")
     n = 30
     out = run_workers(_role, 2, args=(work_ep, result_ep, n, 8 << 20), timeout=90)  # 16 MiB bf16 first
     _check_round_trip(out, n)
     for ep in (work_ep, result_ep):
         assert not os.path.exists(ep[len("ipc://"):])
+    assert remove_ipc_dir() == []  # nothing left behind but the (now removed) directory
+    assert not os.path.exists(os.path.dirname(work_ep[len("ipc://"):]))
 
 
 @pytest.mark.distributed
@@ -243,3 +256,25 @@ def test_endpoint_validation():
         SyncSender("http://x")
     a, b = ipc_endpoint("same"), ipc_endpoint("same")
     assert a == b and os.environ["OMNI_RUNTIME_INSTANCE"] in a
+
+
+@pytest.mark.timeout(60)
+def test_remove_ipc_dir_sweeps_sockets_of_a_killed_process(monkeypatch):
+    monkeypatch.setenv("OMNI_RUNTIME_INSTANCE", f"chkill{os.getpid()}")
+    ep = ipc_endpoint("victim")
+    path = ep[len("ipc://"):]
+    code = (f"import sys; sys.path.insert(0, {os.getcwd()!r}); from comm.channel import SyncReceiver; "
+            f"r = SyncReceiver({ep!r}); print('bound', flush=True); import time; time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "bound"
+        assert os.path.exists(path)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        assert os.path.exists(path)  # a SIGKILLed binder cannot clean up
+        assert remove_ipc_dir() == [path]
+        assert not os.path.exists(os.path.dirname(path))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
