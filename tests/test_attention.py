@@ -118,6 +118,7 @@ def mesh_worker(rank: int, world: int, ulysses: int, ring: int) -> list[dict]:
     try:
         expected = {(2, 1): "ulysses", (4, 1): "ulysses", (1, 2): "ring", (1, 4): "ring", (2, 2): "hybrid"}
         assert current_mesh().strategy == expected[(ulysses, ring)], current_mesh()
+        assert Attention().strategy == expected[(ulysses, ring)]
         comm_stats = get_comm_stats()
         comm_stats.reset()
         results = []
