@@ -207,6 +207,28 @@ def test_unencodable_objects_raise_serde_error():
         encode(torch.quantize_per_tensor(torch.ones(4), 0.1, 0, torch.quint8))
 
 
+def test_meta_tensor_raises_serde_error():
+    with pytest.raises(SerdeError):
+        encode({"t": torch.empty(3, device="meta")})
+
+
+def test_threads_encode_and_decode_independently():
+    from concurrent.futures import ThreadPoolExecutor
+
+    def work(seed: int) -> bool:
+        ok = True
+        for i in range(200):
+            t = random_tensor(torch.float32, (64 + seed,), seed * 1000 + i)
+            msg = Msg(str(seed), t, extras={"k": t[:3]}, arrays=[np.full(100, seed)])
+            out = decode(encode(msg), Msg)
+            ok &= out.request_id == str(seed) and bits(out.latents) == bits(t)
+            ok &= bits(out.extras["k"]) == bits(t[:3]) and out.arrays[0].tolist() == [seed] * 100
+        return ok
+
+    with ThreadPoolExecutor(4) as pool:
+        assert list(pool.map(work, range(8))) == [True] * 8
+
+
 def _ext(code: int, payload: Any) -> bytes:
     return msgspec.msgpack.encode(msgspec.msgpack.Ext(code, msgspec.msgpack.encode(payload)))
 
