@@ -12,8 +12,9 @@ Both directions are one-way PUSH -> PULL pipes:
 - **results back to the orchestrator**: the orchestrator's :class:`Receiver` (PULL) binds one
   endpoint; the output rank of every replica connects a :class:`Sender` (PUSH) to it (fan-in).
 
-The side that lives longer binds, so a restarted driver just connects/binds again. ``bind=`` flips
-either default.
+Receivers bind and senders connect by default (``bind=`` flips either): a connected PUSH queues
+messages until its peer appears (up to the HWM), so start order does not matter, and when a crashed
+driver is restarted on the same ipc path the orchestrator's PUSH reconnects by itself.
 
 Queue bounds: ``sndhwm``/``rcvhwm`` are ZMQ high-water marks, counted in *messages*. When the
 bounds are reached ``send`` waits (async) or blocks/times out (sync): backpressure, never drops.
@@ -26,7 +27,10 @@ them.
 
 Endpoints: :func:`ipc_endpoint` on one node (a unix socket under a per-runtime-instance directory),
 :func:`tcp_endpoint` across nodes (port 0 binds a free port; read it back from ``.endpoint``).
-Sockets close with ``linger=0`` (``close(linger=s)`` to drain at shutdown); a channel that bound an ipc endpoint removes its socket file.
+Sockets close with ``linger=0`` (``close(linger=s)`` drains first, for a last send at shutdown); a
+channel that bound an ipc endpoint removes its socket file, and :func:`remove_ipc_dir` sweeps what
+killed processes left. A process that exits right after sending large tensors must drain first:
+ZMQ's I/O thread reads them after ``send`` returns, and interpreter teardown would free them.
 
 :class:`Sender`/:class:`Receiver` are for asyncio (zmq.asyncio; uvloop works), and
 :class:`SyncSender`/:class:`SyncReceiver` for plain worker loops such as the stage driver.
