@@ -1,30 +1,18 @@
 """Bad checkpoints give a CheckpointError that names the file or key (and loading good ones stays strict)."""
 
 import json
-import os
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-from make_tiny_model import make_tiny_model  # noqa: E402
-
 from stages.errors import CheckpointError  # noqa: E402
 from stages.models.flux import FluxTransformer  # noqa: E402
 from stages.weights import component_dir, load_safetensors, read_model_index  # noqa: E402
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model", preset="tiny", seed=0)
 
 
 @pytest.fixture

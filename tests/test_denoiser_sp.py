@@ -8,19 +8,11 @@ silently did not shard.
 
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
-
-from make_tiny_model import make_tiny_model  # noqa: E402
 from spawn import run_workers  # noqa: E402
 
 # (prompt, negative prompt or None, seed, height, width, true_cfg_scale)
@@ -78,11 +70,6 @@ def _sp_worker(rank: int, world_size: int, model_dir: str, out_dir: str, ulysses
     finally:
         destroy_model_parallel()
         destroy_distributed_environment()
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model", preset="tiny", seed=0)
 
 
 @pytest.fixture(scope="module")

@@ -1,24 +1,12 @@
 """stages/models/flux.py: our Flux transformer equals diffusers' FluxTransformer2DModel for the same weights."""
 
 import json
-import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-from make_tiny_model import make_tiny_model  # noqa: E402
-
 from stages.models.flux import FluxConfig, FluxTransformer, rope  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model", preset="tiny", seed=0)
 
 
 def _img_ids(h: int, w: int) -> torch.Tensor:

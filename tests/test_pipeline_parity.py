@@ -7,29 +7,17 @@ other dims, layer and head counts, no guidance embedding and a static ``shift`` 
 
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
-
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel  # noqa: E402
-from make_tiny_model import make_tiny_model  # noqa: E402
 
 from stages import Pipeline  # noqa: E402
 
 LATENT_RTOL = 1e-4
 IMAGE_ATOL = 1
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model", preset="tiny", seed=0)
 
 
 @pytest.fixture(scope="module")

@@ -3,21 +3,14 @@ VAE decode and postprocessing; request errors that name the field and what is al
 
 from __future__ import annotations
 
-import os
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
-
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline  # noqa: E402
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift as diffusers_calculate_shift  # noqa: E402
-from make_tiny_model import make_tiny_model  # noqa: E402
 
 from stages import DenoiseRequest, DenoiserStage, Pipeline, TextEncoderStage, VaeDecoderStage  # noqa: E402
 from stages.errors import CheckpointError, RequestError  # noqa: E402
@@ -29,11 +22,6 @@ from stages.latents import (  # noqa: E402
     unpack_latents,
 )
 from stages.schedule import FlowMatchSchedule, calculate_shift, euler_step  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model", preset="tiny", seed=0)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,49 @@
+"""Shared test setup: offline hub, tools/ importable, one tiny model per session, and a leak check.
+
+The session fails if it leaves any ``/dev/shm/omni_*`` segment behind: every segment a test or the runtime
+creates has an owner that must unlink it, also after a crash.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+TESTS = Path(__file__).resolve().parent
+sys.path.insert(0, str(TESTS.parent / "tools"))
+sys.path.insert(0, str(TESTS))
+
+SHM = Path("/dev/shm")
+
+
+def _our_segments() -> set[str]:
+    return {p.name for p in SHM.glob("omni_*")} if SHM.is_dir() else set()
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    session.config._omni_shm_before = _our_segments()  # type: ignore[attr-defined]
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    before = getattr(session.config, "_omni_shm_before", set())
+    leaked = sorted(_our_segments() - before)
+    if leaked:
+        for name in leaked:
+            (SHM / name).unlink(missing_ok=True)
+        session.config.get_terminal_writer().line(
+            f"LEAK: the test session left {len(leaked)} /dev/shm segment(s) behind: {leaked[:10]}", red=True)
+        if exitstatus == 0:
+            session.exitstatus = 1
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The embedded tiny FLUX model of tools/make_tiny_model.py, written once per test session."""
+    from make_tiny_model import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model", preset="tiny", seed=0)
