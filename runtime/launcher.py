@@ -60,7 +60,9 @@ class ReplicaProcs:
         port = free_port()
         parallel = (msgspec.structs.asdict(cfg.stages.denoiser.parallel) if self.stage == "denoiser"
                     else {"patch": cfg.stages.vae.parallel.patch} if self.stage == "vae" else {})
-        threads = max(1, (os.cpu_count() or 1) // max(1, self.launcher.total_ranks))
+        # One request passes the stages one after another, so each stage may use every core (split among its
+        # own ranks); under load the stages overlap and share them.
+        threads = max(1, (os.cpu_count() or 1) // ws)
         self.procs = []
         for rank in range(ws):
             spec = WorkerSpec(
