@@ -144,10 +144,16 @@ def _device(cfg: RuntimeConfig, stage: str, index: int) -> str:
 class Launcher:
     """All replicas of all stages of one runtime instance."""
 
+    _count = 0
+
     def __init__(self, cfg: RuntimeConfig) -> None:
         self.cfg = cfg
-        self.instance = os.environ.get("OMNI_RUNTIME_INSTANCE") or f"rt{os.getpid()}-{secrets.token_hex(3)}"
-        os.environ["OMNI_RUNTIME_INSTANCE"] = self.instance
+        # Every launcher gets its own instance id (children get it through their spec), so the final sweep of
+        # one runtime never touches the segments of another one living in the same process or shell.
+        # ``OMNI_RUNTIME_INSTANCE`` in the environment, if set, is used as the id's prefix.
+        Launcher._count += 1
+        base = os.environ.get("OMNI_RUNTIME_INSTANCE") or f"rt{os.getpid()}"
+        self.instance = f"{base}-{Launcher._count}.{secrets.token_hex(2)}"
         self.run_dir = Path(tempfile.mkdtemp(prefix="omni-rt-"))
         self.result_addr = f"ipc://{self.run_dir}/results"
         self.replicas: dict[str, list[ReplicaProcs]] = {

@@ -177,6 +177,12 @@ def serve(cfg: RuntimeConfig) -> int:
     """Run the server until SIGINT/SIGTERM; returns the exit code."""
     import uvicorn
 
+    try:
+        import setproctitle
+
+        setproctitle.setproctitle(f"omni-runtime: frontend {cfg.server.host}:{cfg.server.port}")
+    except ImportError:  # pragma: no cover - it is a dependency
+        pass
     app = create_app(cfg)
     loop = "uvloop"
     try:

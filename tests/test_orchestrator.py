@@ -49,7 +49,7 @@ def test_a_stage_that_cannot_load_fails_start_naming_it(tmp_path, monkeypatch):
     while _ours() and time.monotonic() < deadline:
         time.sleep(0.2)
     assert _ours() == []
-    assert [n for n in os.listdir("/dev/shm") if n.startswith(f"omni_orchtest{os.getpid()}_")] == []
+    assert [n for n in os.listdir("/dev/shm") if n.startswith(f"omni_orchtest{os.getpid()}-")] == []
 
 
 @pytest.mark.slow
@@ -79,5 +79,5 @@ def test_deadline_fails_the_request_and_serving_continues(monkeypatch):
                 break
             except DeadlineExceeded:
                 assert time.monotonic() < end
-    assert [n for n in os.listdir("/dev/shm") if n.startswith(f"omni_orchdl{os.getpid()}_")] == []
+    assert [n for n in os.listdir("/dev/shm") if n.startswith(f"omni_orchdl{os.getpid()}-")] == []
     assert _ours() == []

@@ -149,19 +149,23 @@ def _queue_depths(server):
 
 
 def test_full_queue_gives_429_and_disconnected_clients_are_cancelled(server):
-    slow = {"prompt": "slow", "seed": 1, "size": "128x128", "num_inference_steps": 40, "n": 10}
+    slow = {"prompt": "slow", "seed": 1, "size": "256x256", "num_inference_steps": 40, "n": 10}
     errors = []
 
     def give_up_after_a_second():
         try:
-            _post(server, slow, timeout=httpx.Timeout(5, read=1.5))
+            _post(server, slow, timeout=httpx.Timeout(5, read=2.5))
         except httpx.ReadTimeout as e:
             errors.append(type(e).__name__)
 
     threads = [threading.Thread(target=give_up_after_a_second) for _ in range(2)]
     for t in threads:
         t.start()
-    time.sleep(0.7)  # both admitted: 20 items <= max_queue 24
+    end = time.monotonic() + 3.5
+    # both admitted (20 items); once more than 14 of them wait for one stage, 10 more exceed its max_queue 24
+    while max(_queue_depths(server)) < 15:
+        assert time.monotonic() < end, _queue_depths(server)
+        time.sleep(0.05)
     r = _post(server, slow)
     assert r.status_code == 429 and r.headers["Retry-After"] == "1", r.text
     assert r.json()["error"]["code"] == "queue_full" and "max_queue 24" in r.json()["error"]["message"]

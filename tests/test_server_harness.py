@@ -77,7 +77,7 @@ class Server:
         return out
 
     def shm_entries(self) -> list[str]:
-        return sorted(n for n in os.listdir("/dev/shm") if n.startswith(f"omni_{self.instance}_"))
+        return sorted(n for n in os.listdir("/dev/shm") if n.startswith(f"omni_{self.instance}-"))
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
         """Signal the server, wait for it; kill it (and every descendant) if it does not exit."""
