@@ -7,6 +7,8 @@ import multiprocessing as mp
 import os
 import secrets
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -397,8 +399,11 @@ def test_pool_round_trips_between_processes(instance, tmp_path):
 
 @pytest.mark.distributed
 def test_sweep_treats_an_unreaped_zombie_as_dead(instance, tmp_path):
-    p = _CTX.Process(target=_put_then_sigkill, args=(instance, str(tmp_path)), daemon=True)
-    p.start()
+    # A direct child (not a forkserver one): nobody reaps it until we wait, so it stays a zombie.
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import test_shm_tensor as t; "
+            "t._put_then_sigkill(sys.argv[2], sys.argv[3])")
+    p = subprocess.Popen([sys.executable, "-c", code, str(Path(__file__).parent), instance, str(tmp_path)],
+                         cwd=str(Path(__file__).parent.parent))
     try:
         h = msgspec.msgpack.decode(_wait_file(tmp_path / "handle"), type=ShmHandle)
         deadline = time.monotonic() + 30
@@ -408,4 +413,4 @@ def test_sweep_treats_an_unreaped_zombie_as_dead(instance, tmp_path):
         assert shm_tensor.sweep(shm_tensor.instance_prefix(instance), pids=[p.pid]) == [h.name]
     finally:
         p.kill()
-        p.join(10)
+        p.wait(10)

@@ -92,7 +92,10 @@ def _barrier_missing_rank(rank, world_size):
     try:
         pg.barrier(timeout=2.0)
     except RuntimeError as e:
-        return {"error": str(e), "elapsed": time.monotonic() - t0}
+        elapsed = time.monotonic() - t0
+        if rank == 0:
+            time.sleep(2.0)  # rank 0 hosts the store: outlive the others' timeouts so they see theirs
+        return {"error": str(e), "elapsed": elapsed}
     return {"error": None}
 
 
