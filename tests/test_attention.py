@@ -264,3 +264,23 @@ def test_attention_module_without_mesh_and_argument_errors() -> None:
         sp_attention(q, k, v, joint_strategy="front")
     with pytest.raises(SPAttentionError, match="key_padding_mask"):
         sp_attention(q, k, v, key_padding_mask=torch.ones(1, 9))
+
+
+def test_local_layer_ignores_the_auto_pad_mask_of_the_sharded_sequence() -> None:
+    """An auto_pad mask recorded by the sp_plan hooks covers the image shard; a layer kept local
+    (text-only attention, say) must neither apply it nor refuse a sequence of another length."""
+    from parallel.attention.sp_context import SPForwardContext, sp_forward_context
+
+    g = torch.Generator().manual_seed(4)
+    ctx = SPForwardContext(key_padding_mask=torch.tensor([True, True, False, False]))
+    local, sharded = Attention(sequence_parallel=False), Attention()
+    for n in (4, 7):
+        q, k, v = (torch.randn(1, n, 2, 8, generator=g) for _ in range(3))
+        ref = reference(q, k, v, None, None, None, None, "none")[0]
+        with sp_forward_context(ctx):
+            assert rel(local(q, k, v), ref) <= 1e-6, n
+    # the model's own (sharded) attention does honour it, single process included
+    q, k, v = (torch.randn(1, 4, 2, 8, generator=g) for _ in range(3))
+    with sp_forward_context(ctx):
+        out = sharded(q, k, v)
+    assert rel(out, reference(q, k, v, ctx.key_padding_mask[None], None, None, None, "none")[0]) <= 1e-6

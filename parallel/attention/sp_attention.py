@@ -206,7 +206,8 @@ def sp_attention(
     the live mesh (tests, benchmarks); ``convert_to_fp32`` overrides the config's flag.
     """
     _check_args(q, k, v, joint_q, joint_k, joint_v, joint_strategy, key_padding_mask)
-    if key_padding_mask is None:
+    # the auto_pad mask belongs to the sharded sequence: a layer kept local (LOCAL_MESH) never sees it
+    if key_padding_mask is None and mesh is not LOCAL_MESH:
         key_padding_mask = _context_mask(q)
     if scale is None:
         scale = default_scale(q.shape[-1])
