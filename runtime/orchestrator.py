@@ -92,6 +92,7 @@ class Orchestrator:
         self.tasks: list[asyncio.Task] = []
         self.closed = False
         self.started_at = time.time()
+        self.results: zmq.asyncio.Socket | None = None
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -154,7 +155,8 @@ class Orchestrator:
             for r in reps:
                 if r.sock is not None:
                     r.sock.close(linger=0)
-        self.results.close(linger=0)
+        if self.results is not None:
+            self.results.close(linger=0)
         self.ctx.term()
         logger.info("orchestrator stopped")
 

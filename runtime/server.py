@@ -142,6 +142,11 @@ def create_app(cfg: RuntimeConfig, orchestrator: Orchestrator | None = None) -> 
         except ServingError as e:
             headers = {"Retry-After": str(e.retry_after)} if hasattr(e, "retry_after") else None
             return error_response(e.status, str(e), e.kind, None, e.code, headers)
+        except Exception as e:  # a bug of ours: still an OpenAI-style body, and the server keeps serving
+            logger.exception("request failed")
+            metrics.errors.labels(stage="http", kind="internal_error").inc()
+            return error_response(500, f"internal error: {type(e).__name__}: {e}", "server_error", None,
+                                  "internal_error")
         finally:
             if not task.done():
                 task.cancel()
