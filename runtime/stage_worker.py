@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -80,6 +81,8 @@ def _init_distributed(spec: WorkerSpec) -> None:
 def worker_main(spec_bytes: bytes) -> None:
     """Entry point of a rank process (``multiprocessing`` target); ``spec_bytes`` is a msgspec-encoded spec."""
     spec = msgspec.msgpack.decode(spec_bytes, type=WorkerSpec)
+    # Ctrl-C in a terminal reaches the whole process group; the frontend decides how the stages stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.environ["OMNI_RUNTIME_INSTANCE"] = spec.instance
     name = title(spec)
     try:
