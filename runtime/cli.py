@@ -64,9 +64,12 @@ def _add_request_args(p: argparse.ArgumentParser) -> None:
 
 def _cmd_check(args: argparse.Namespace) -> int:
     from runtime.layout import format_layout
+    from runtime.model_store import model_status
 
     cfg = load_config(args.config)
+    status = model_status(cfg.model.path)
     print(format_layout(cfg))
+    print(f"model directory: {status}")
     print("config OK")
     return EXIT_OK
 

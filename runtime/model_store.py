@@ -35,16 +35,25 @@ def _load_generator():
     return module.make_tiny_model
 
 
+def model_status(path: str) -> str:
+    """What ``omni-runtime check`` says about ``model.path``; raises :class:`ConfigError` if it cannot work."""
+    p = Path(path)
+    if (p / "model_index.json").exists():
+        return "present"
+    if p.name in GENERATED_NAMES:
+        return f"missing: the embedded {GENERATED_NAMES[p.name]} model is created there on first use"
+    raise ConfigError(f"model.path = {path!r}: no diffusers model there (model_index.json missing); "
+                      f"allowed: a diffusers-format directory, or a path ending in "
+                      f"{' / '.join(sorted(GENERATED_NAMES))} to have the embedded model created")
+
+
 def ensure_model(path: str) -> Path:
     """Return ``path`` as a model directory, creating the embedded tiny model there if it is one and missing."""
     p = Path(path)
     if (p / "model_index.json").exists():
         return p
-    preset = GENERATED_NAMES.get(p.name)
-    if preset is None:
-        raise ConfigError(f"model.path = {path!r}: no diffusers model there (model_index.json missing); "
-                          f"allowed: a diffusers-format directory, or a path ending in "
-                          f"{' / '.join(sorted(GENERATED_NAMES))} to have the embedded model created")
+    model_status(path)  # raises for a missing path we cannot create
+    preset = GENERATED_NAMES[p.name]
     p.parent.mkdir(parents=True, exist_ok=True)
     with open(p.parent / f".{p.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)

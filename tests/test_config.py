@@ -78,6 +78,8 @@ def test_cli_check_exit_codes_and_layout(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "server.bogus: unknown key" in err
     assert main(["check", str(tmp_path / "missing.toml")]) == 2
+    assert main(["check", str(_write(tmp_path, BASE))]) == 2  # models/m does not exist and is not ours to make
+    assert "model.path = " in capsys.readouterr().err
     assert main(["check", str(ROOT / "configs" / "usp4.toml")]) == 0
     out = capsys.readouterr().out
     assert "denoiser[0] rank 3/4 on cpu: world=[0, 1, 2, 3] sp=[0, 1, 2, 3] ulysses=[2, 3] ring=[1, 3]" in out
