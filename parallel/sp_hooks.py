@@ -30,6 +30,7 @@ from parallel.sp_plan import (
     validate_sp_plan,
 )
 from parallel.sp_sharding import ShardingValidator, shard_offset, shard_sizes, sp_gather
+from parallel.utils import pad_dim
 
 logger = logging.getLogger(__name__)
 
@@ -52,14 +53,6 @@ def _group():
     return get_sp_group()
 
 
-def _pad(t: torch.Tensor, dim: int, length: int) -> torch.Tensor:
-    if t.shape[dim] >= length:
-        return t
-    shape = list(t.shape)
-    shape[dim] = length - t.shape[dim]
-    return torch.cat([t, t.new_zeros(shape)], dim=dim)
-
-
 def _shard_seq(t: torch.Tensor, dim: int, auto_pad: bool, ctx: SPForwardContext) -> torch.Tensor:
     group = _group()
     world, rank = group.world_size, group.rank_in_group
@@ -75,7 +68,7 @@ def _shard_seq(t: torch.Tensor, dim: int, auto_pad: bool, ctx: SPForwardContext)
         padded = ctx.padded_lengths[n]
         per = padded // world
         ctx.record_layout((per,) * world)
-        return _pad(t, dim, padded).narrow(dim, rank * per, per)
+        return pad_dim(t, dim, padded).narrow(dim, rank * per, per)
     sizes = shard_sizes(n, world)
     ctx.record_layout(tuple(sizes))
     return t.narrow(dim, shard_offset(n, world, rank), sizes[rank])

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from parallel.utils import pad_dim
+
 logger = logging.getLogger(__name__)
 
 
@@ -77,11 +79,7 @@ def sp_shard_with_padding(tensor: torch.Tensor, dim: int, pad_value: float = 0.0
     dim = _norm_dim(tensor, dim)
     n = tensor.shape[dim]
     pad = (-n) % world
-    if pad:
-        shape = list(tensor.shape)
-        shape[dim] = pad
-        tensor = torch.cat([tensor, tensor.new_full(shape, pad_value)], dim=dim)
-    return sp_shard(tensor, dim, validate=True), pad
+    return sp_shard(pad_dim(tensor, dim, n + pad, pad_value), dim, validate=True), pad
 
 
 def sp_gather(tensor: torch.Tensor, dim: int, validate: bool = True) -> torch.Tensor:
@@ -106,12 +104,7 @@ def sp_gather(tensor: torch.Tensor, dim: int, validate: bool = True) -> torch.Te
                                     f"{tuple(shapes_l[0])}; only dim {dim} may differ")
     sizes = [s[dim] for s in shapes_l]
     m = max(sizes)
-    x = tensor
-    if x.shape[dim] < m:
-        pad_shape = list(x.shape)
-        pad_shape[dim] = m - x.shape[dim]
-        x = torch.cat([x, x.new_zeros(pad_shape)], dim=dim)
-    full = group.all_gather(x.contiguous(), dim=dim)
+    full = group.all_gather(pad_dim(tensor, dim, m).contiguous(), dim=dim)
     if all(s == m for s in sizes):
         return full
     parts = [full.narrow(dim, r * m, sizes[r]) for r in range(world)]

@@ -1,8 +1,8 @@
 """Small arithmetic helpers for splitting work across ranks.
 
 ``divide`` / ``ensure_divisibility`` guard integer splits, ``split_tensor_along_last_dim``
-cuts a tensor into equal chunks, and ``get_pp_indices`` assigns transformer layers to
-pipeline stages.
+cuts a tensor into equal chunks, ``pad_dim`` pads one dim up to a length (uneven shards),
+and ``get_pp_indices`` assigns transformer layers to pipeline stages.
 """
 
 from __future__ import annotations
@@ -39,6 +39,15 @@ def split_tensor_along_last_dim(
     if contiguous_split_chunks:
         return tuple(chunk.contiguous() for chunk in chunks)
     return chunks
+
+
+def pad_dim(tensor: torch.Tensor, dim: int, length: int, value: float | bool = 0) -> torch.Tensor:
+    """``tensor`` extended along ``dim`` to ``length`` with ``value`` (the tensor itself when long enough)."""
+    if tensor.shape[dim] >= length:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = length - tensor.shape[dim]
+    return torch.cat([tensor, tensor.new_full(shape, value)], dim=dim)
 
 
 def get_pp_indices(num_layers: int, pp_rank: int, pp_size: int) -> tuple[int, int]:

@@ -10,7 +10,7 @@ from spawn import run_workers
 
 from parallel import state
 from parallel.parallel_config import ParallelConfig, ParallelConfigError, SequenceParallelConfig
-from parallel.utils import divide, ensure_divisibility, get_pp_indices, split_tensor_along_last_dim
+from parallel.utils import divide, ensure_divisibility, get_pp_indices, pad_dim, split_tensor_along_last_dim
 
 S8 = [[r] for r in range(8)]
 S4 = [[r] for r in range(4)]
@@ -332,3 +332,12 @@ def test_divide_and_split():
     assert all(c.is_contiguous() for c in chunks)
     with pytest.raises(ValueError):
         split_tensor_along_last_dim(x, 5)
+
+
+def test_pad_dim_extends_one_dim_with_the_value() -> None:
+    x = torch.arange(6.0).reshape(2, 3)
+    assert pad_dim(x, 1, 3) is x and pad_dim(x, 0, 1) is x
+    assert torch.equal(pad_dim(x, 1, 5, -1.0), torch.tensor([[0.0, 1, 2, -1, -1], [3, 4, 5, -1, -1]]))
+    assert torch.equal(pad_dim(x, 0, 3), torch.cat([x, torch.zeros(1, 3)]))
+    m = pad_dim(torch.ones(1, 2, dtype=torch.bool), 1, 4, False)
+    assert m.dtype == torch.bool and m.tolist() == [[True, True, False, False]]

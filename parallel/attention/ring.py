@@ -17,16 +17,9 @@ import torch
 from parallel.attention.backends import attention_block
 from parallel.attention.comm_ops import CountingRingComm
 from parallel.attention.lse_merge import merge_partial
+from parallel.utils import pad_dim
 
 logger = logging.getLogger(__name__)
-
-
-def _pad_seq(x: torch.Tensor, length: int, value: float | bool = 0) -> torch.Tensor:
-    if x.shape[1] == length:
-        return x
-    pad_shape = list(x.shape)
-    pad_shape[1] = length - x.shape[1]
-    return torch.cat([x, x.new_full(pad_shape, value)], dim=1)
 
 
 def ring_attention(
@@ -60,10 +53,10 @@ def ring_attention(
         acc_dtype = torch.float32 if convert_to_fp32 else q.dtype
 
     s_max = max(lens)
-    kv = torch.stack([_pad_seq(k, s_max), _pad_seq(v, s_max)]).contiguous()
+    kv = torch.stack([pad_dim(k, 1, s_max), pad_dim(v, 1, s_max)]).contiguous()
     mask = None
     if key_mask is not None:
-        mask = _pad_seq(key_mask, s_max, False).to(torch.uint8).contiguous()
+        mask = pad_dim(key_mask, 1, s_max, False).to(torch.uint8).contiguous()
 
     comm = CountingRingComm(group.device_group)
     spare_kv = torch.empty_like(kv)

@@ -19,19 +19,12 @@ from collections.abc import Callable
 import torch
 
 from parallel.attention.comm_ops import all_gather_dim0, all_to_all_out, all_to_all_qkv
+from parallel.utils import pad_dim
 
 logger = logging.getLogger(__name__)
 
 # inner(q, k, v, key_mask, joint_q, joint_k, joint_v) -> (text_out, image_out, text_lse, image_lse)
 InnerAttention = Callable[..., tuple]
-
-
-def _pad_dim(x: torch.Tensor, dim: int, length: int, value: float | bool = 0) -> torch.Tensor:
-    if x.shape[dim] == length:
-        return x
-    shape = list(x.shape)
-    shape[dim] = length - x.shape[dim]
-    return torch.cat([x, x.new_full(shape, value)], dim=dim)
 
 
 def ulysses_attention(
@@ -62,19 +55,19 @@ def ulysses_attention(
     hp = hc * world
 
     # (b, s, 3, H, D) padded to (b, s_max, 3, hp, D) -> (b, U*s_max, 3, hc, D)
-    qkv = _pad_dim(_pad_dim(torch.stack([q, k, v], dim=2), 1, s_max), 3, hp)
+    qkv = pad_dim(pad_dim(torch.stack([q, k, v], dim=2), 1, s_max), 3, hp)
     got = all_to_all_qkv(qkv, pg, world)
     fq, fk, fv = got.unbind(2)
 
     full_mask = None
     if key_mask is not None:
-        m = _pad_dim(key_mask, 1, s_max, False).to(torch.uint8)
+        m = pad_dim(key_mask, 1, s_max, False).to(torch.uint8)
         full_mask = all_gather_dim0(m, pg, world).permute(1, 0, 2).reshape(b, world * s_max).bool()
 
     jq = jk = jv = None
     if joint_q is not None:
         sl = slice(me * hc, (me + 1) * hc)
-        jq, jk, jv = (_pad_dim(t, 2, hp)[:, :, sl] for t in (joint_q, joint_k, joint_v))
+        jq, jk, jv = (pad_dim(t, 2, hp)[:, :, sl] for t in (joint_q, joint_k, joint_v))
 
     text_out, image_out, text_lse, image_lse = inner(fq, fk, fv, full_mask, jq, jk, jv)
 
