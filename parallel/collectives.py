@@ -144,6 +144,12 @@ def all_to_all_5D(
     return out.reshape(world * shard_hc, seq // world, bs, three, hd).permute(2, 1, 3, 0, 4).contiguous()
 
 
+def _reverse_all_to_all(ctx: Any, grad_output: torch.Tensor) -> tuple[None, torch.Tensor, None, None, None]:
+    """Backward of both SeqAllToAll Functions: the same all-to-all with scatter and gather swapped."""
+    grad = ctx.function.apply(ctx.group, grad_output, ctx.gather_idx, ctx.scatter_idx, ctx.use_sync)
+    return None, grad, None, None, None
+
+
 class SeqAllToAll4D(torch.autograd.Function):
     """Differentiable :func:`all_to_all_4D`; the gradient goes back through the reverse all-to-all."""
 
@@ -156,13 +162,11 @@ class SeqAllToAll4D(torch.autograd.Function):
         gather_idx: int,
         use_sync: bool = False,
     ) -> torch.Tensor:
-        ctx.group, ctx.scatter_idx, ctx.gather_idx, ctx.use_sync = group, scatter_idx, gather_idx, use_sync
+        ctx.function, ctx.group, ctx.scatter_idx, ctx.gather_idx, ctx.use_sync = (
+            SeqAllToAll4D, group, scatter_idx, gather_idx, use_sync)
         return all_to_all_4D(input, scatter_idx, gather_idx, group=group, use_sync=use_sync)
 
-    @staticmethod
-    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[None, torch.Tensor, None, None, None]:
-        grad = SeqAllToAll4D.apply(ctx.group, grad_output, ctx.gather_idx, ctx.scatter_idx, ctx.use_sync)
-        return None, grad, None, None, None
+    backward = staticmethod(_reverse_all_to_all)
 
 
 class SeqAllToAll5D(torch.autograd.Function):
@@ -177,13 +181,11 @@ class SeqAllToAll5D(torch.autograd.Function):
         gather_idx: int = 1,
         use_sync: bool = False,
     ) -> torch.Tensor:
-        ctx.group, ctx.scatter_idx, ctx.gather_idx, ctx.use_sync = group, scatter_idx, gather_idx, use_sync
+        ctx.function, ctx.group, ctx.scatter_idx, ctx.gather_idx, ctx.use_sync = (
+            SeqAllToAll5D, group, scatter_idx, gather_idx, use_sync)
         return all_to_all_5D(input, scatter_idx, gather_idx, group=group, use_sync=use_sync)
 
-    @staticmethod
-    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[None, torch.Tensor, None, None, None]:
-        grad = SeqAllToAll5D.apply(ctx.group, grad_output, ctx.gather_idx, ctx.scatter_idx, ctx.use_sync)
-        return None, grad, None, None, None
+    backward = staticmethod(_reverse_all_to_all)
 
 
 class RingComm:
