@@ -279,9 +279,10 @@ def test_attention_module_without_mesh_and_argument_errors() -> None:
         sp_attention(q, k, v, key_padding_mask=torch.ones(1, 9))
 
 
-def test_local_layer_ignores_the_auto_pad_mask_of_the_sharded_sequence() -> None:
+def test_auto_pad_mask_reaches_sharded_layers_only() -> None:
     """An auto_pad mask recorded by the sp_plan hooks covers the image shard; a layer kept local
-    (text-only attention, say) must neither apply it nor refuse a sequence of another length."""
+    (text-only attention, say) must neither apply it nor refuse a sequence of another length;
+    a sharded layer applies it, combined with a mask the caller passes."""
     from parallel.attention.sp_context import SPForwardContext, sp_forward_context
 
     g = torch.Generator().manual_seed(4)
@@ -297,3 +298,8 @@ def test_local_layer_ignores_the_auto_pad_mask_of_the_sharded_sequence() -> None
     with sp_forward_context(ctx):
         out = sharded(q, k, v)
     assert rel(out, reference(q, k, v, ctx.key_padding_mask[None], None, None, None, "none")[0]) <= 1e-6
+    # a mask of the caller's own is combined with it: the pad stays masked
+    own = torch.tensor([[False, True, True, True]])
+    with sp_forward_context(ctx):
+        out = sharded(q, k, v, key_padding_mask=own)
+    assert rel(out, reference(q, k, v, own & ctx.key_padding_mask, None, None, None, "none")[0]) <= 1e-6

@@ -118,17 +118,26 @@ def _check_args(q, k, v, joint_q, joint_k, joint_v, joint_strategy, key_padding_
                                    f"{key_padding_mask.dtype} {tuple(key_padding_mask.shape)}")
 
 
-def _context_mask(q: torch.Tensor) -> torch.Tensor | None:
+def _context_mask(q: torch.Tensor, explicit: torch.Tensor | None) -> torch.Tensor | None:
+    """The key mask to use: the caller's, with the pad that auto_pad added to this shard masked too.
+
+    Without an explicit mask the auto_pad mask must cover this call's local sequence (else the
+    call is over a sequence the plan did not pad: an error, not a guess). An explicit mask of
+    another length is taken as it is.
+    """
     ctx = get_sp_forward_context()
     if ctx is None or ctx.key_padding_mask is None:
-        return None
+        return explicit
     m = ctx.key_padding_mask
     if m.shape[-1] != q.shape[1]:
+        if explicit is not None:
+            return explicit
         raise SPAttentionError(
             f"the auto_pad key-padding mask covers {m.shape[-1]} local tokens but this attention call has "
             f"local_seq={q.shape[1]}; pass key_padding_mask explicitly for sequences the plan did not pad")
     m = m.to(q.device)
-    return m.expand(q.shape[0], -1) if m.dim() == 1 else m
+    m = m.expand(q.shape[0], -1) if m.dim() == 1 else m
+    return m if explicit is None else explicit & m
 
 
 def _local_inner(q, k, v, key_mask, jq, jk, jv, *, scale, return_lse, backend):
@@ -207,8 +216,8 @@ def sp_attention(
     """
     _check_args(q, k, v, joint_q, joint_k, joint_v, joint_strategy, key_padding_mask)
     # the auto_pad mask belongs to the sharded sequence: a layer kept local (LOCAL_MESH) never sees it
-    if key_padding_mask is None and mesh is not LOCAL_MESH:
-        key_padding_mask = _context_mask(q)
+    if mesh is not LOCAL_MESH:
+        key_padding_mask = _context_mask(q, key_padding_mask)
     if scale is None:
         scale = default_scale(q.shape[-1])
     if joint_strategy == "none":

@@ -2,7 +2,7 @@
 
 ``auto_pad`` pads a sequence to a multiple of the SP degree; the hooks record here the
 local key-padding mask (True = real token) so that :func:`sp_attention` ignores the
-pad when the caller passes no explicit mask, and the lengths so that the output
+pad (also when the caller passes a mask of its own: the two are combined), and the lengths so that the output
 gather can strip the pad again, and the shard sizes of every rank so that attention
 needs no length exchange. ``values`` keeps the sizes of the model's forward
 arguments for ``SequenceParallelPartialInput.text_len_source``.
