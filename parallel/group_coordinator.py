@@ -340,17 +340,22 @@ class GroupCoordinator:
         dist.send(size, dst=self.ranks[dst], group=self.cpu_group)
         dist.send(torch.frombuffer(bytearray(payload), dtype=torch.uint8), dst=self.ranks[dst], group=self.cpu_group)
 
-    def recv_object(self, src: int) -> Any:
-        """Receive an object that group rank ``src`` sent with :meth:`send_object`."""
-        self._require_peers("recv_object")
+    def _recv_bytes(self, src: int) -> memoryview:
+        """The payload of one :meth:`send_object` from group rank ``src`` (its size first, then the bytes)."""
         self._check_group_rank("src", src)
         if src == self.rank_in_group:
-            raise ValueError(f"recv_object: src {src} is this rank")
+            raise ValueError(f"receive: src {src} is this rank of group {self.group_name}; a rank cannot receive "
+                             "from itself")
         size = torch.empty(1, dtype=torch.int64)
         dist.recv(size, src=self.ranks[src], group=self.cpu_group)
         buf = torch.empty(int(size.item()), dtype=torch.uint8)
         dist.recv(buf, src=self.ranks[src], group=self.cpu_group)
-        return _decode_bytes(memoryview(buf.numpy()))
+        return memoryview(buf.numpy())
+
+    def recv_object(self, src: int) -> Any:
+        """Receive an object that group rank ``src`` sent with :meth:`send_object`."""
+        self._require_peers("recv_object")
+        return _decode_bytes(self._recv_bytes(src))
 
     # ------------------------------------------------------------------ tensor dicts
     @staticmethod
@@ -427,12 +432,7 @@ class GroupCoordinator:
             return None
         if src is None:
             src = (self.rank_in_group - 1) % self.world_size
-        self._check_group_rank("src", src)
-        size = torch.empty(1, dtype=torch.int64)
-        dist.recv(size, src=self.ranks[src], group=self.cpu_group)
-        buf = torch.empty(int(size.item()), dtype=torch.uint8)
-        dist.recv(buf, src=self.ranks[src], group=self.cpu_group)
-        entries = _decode_bytes(memoryview(buf.numpy()), type=list[DictEntry])
+        entries = _decode_bytes(self._recv_bytes(src), type=list[DictEntry])
         out: dict[Any, Any] = {}
         for entry in entries:
             if entry.tensor is None:

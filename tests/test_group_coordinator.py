@@ -131,6 +131,10 @@ def _dict_worker(rank: int, world_size: int, workdir: str) -> dict:
             o = dp.recv_object(src=0)
             out["recv_object"] = {"hello": o["hello"], "t": o["t"].tolist()}
             out["recv_tensor"] = dp.recv(torch.Size([2, 3]), torch.int32, src=0).tolist()
+        try:  # refused before any communication: it would wait forever
+            dp.recv_tensor_dict(src=dp.rank_in_group)
+        except ValueError as e:
+            out["recv_self"] = str(e)
 
         # barrier: nobody passes before everyone has written its marker
         if rank == 3:
@@ -155,6 +159,8 @@ def test_tensor_dicts_objects_and_barrier(tmp_path):
         if rank in (2, 3):
             assert r["recv_object"] == {"hello": peer, "t": [float(peer)] * 2}
             assert r["recv_tensor"] == (torch.arange(6).reshape(2, 3) * (peer + 1)).tolist()
+        assert r["recv_self"] == (f"receive: src {rank // 2} is this rank of group dp; a rank cannot receive "
+                                  "from itself")
         assert r["markers_after_barrier"] == [f"marker{i}" for i in range(4)]
         assert r["same_node"] == [True] * 4
 
