@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from parallel.state import get_sequence_parallel_world_size
+from stages.device import resolve_device, resolve_dtype
 from stages.errors import RequestError
 from stages.latents import (
     check_image_size,
@@ -32,7 +33,6 @@ from stages.latents import (
     unpack_latents,
 )
 from stages.schedule import FlowMatchSchedule, euler_step
-from stages.text_encoder import resolve_device, resolve_dtype
 from stages.weights import component_dir, read_config
 
 logger = logging.getLogger(__name__)

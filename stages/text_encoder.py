@@ -9,35 +9,13 @@ from typing import Any
 import torch
 import transformers
 
+from stages.device import resolve_device, resolve_dtype
 from stages.errors import CheckpointError, RequestError
 from stages.weights import component_dir, read_model_index
 
 logger = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
-
 MAX_T5_SEQUENCE_LENGTH = 512
-
-
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    """A config dtype name ("float32", "bfloat16", ...) or a torch dtype -> torch dtype."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype={dtype!r} is not supported; allowed: {sorted(_DTYPES)}")
-    return _DTYPES[dtype]
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """"cpu" or "cuda:N" (or a torch device) -> torch device."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"device={device!r} is not a device; allowed: 'cpu', 'cuda', 'cuda:N'") from e
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"device={device!r} is not supported; allowed: 'cpu', 'cuda', 'cuda:N'")
-    return dev
 
 
 # What each component of a FLUX.1 directory may be (the class named in model_index.json).

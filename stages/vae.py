@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from stages.device import resolve_device, resolve_dtype
 from stages.errors import CheckpointError
 from stages.latents import check_image_size, unpack_latents
-from stages.text_encoder import resolve_device, resolve_dtype
 from stages.weights import component_dir, read_config
 
 logger = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline  # noqa: E40
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift as diffusers_calculate_shift  # noqa: E402
 
 from stages import DenoiseRequest, DenoiserStage, Pipeline, TextEncoderStage, VaeDecoderStage  # noqa: E402
-from stages.errors import CheckpointError, RequestError  # noqa: E402
+from stages.errors import CheckpointError, ConfigError, RequestError  # noqa: E402
 from stages.latents import (  # noqa: E402
     check_image_size,
     initial_noise,
@@ -212,11 +212,29 @@ def test_missing_component_is_a_checkpoint_error_naming_it(tiny_dir: Path, tmp_p
         stage.from_pretrained(broken, "float32", "cpu")
 
 
-def test_bad_dtype_and_device_name_the_value(tiny_dir: Path) -> None:
-    with pytest.raises(ValueError, match="dtype='float8'.*allowed"):
-        VaeDecoderStage.from_pretrained(tiny_dir, "float8", "cpu")
-    with pytest.raises(ValueError, match="device='tpu:0'.*allowed"):
-        VaeDecoderStage.from_pretrained(tiny_dir, "float32", "tpu:0")
+@pytest.mark.parametrize("stage", [TextEncoderStage, DenoiserStage, VaeDecoderStage])
+def test_bad_dtype_and_device_are_config_errors_naming_the_value(tiny_dir: Path, stage: type) -> None:
+    with pytest.raises(ConfigError, match=r"dtype='float8' is not supported; allowed: \['bf16', 'bfloat16'"):
+        stage.from_pretrained(tiny_dir, "float8", "cpu")
+    with pytest.raises(ConfigError, match=r"dtype=torch.int8 is not supported"):
+        stage.from_pretrained(tiny_dir, torch.int8, "cpu")
+    with pytest.raises(ConfigError, match="device='tpu:0'.*allowed: 'cpu', 'cuda', 'cuda:N'"):
+        stage.from_pretrained(tiny_dir, "float32", "tpu:0")
+
+
+def test_cuda_device_must_exist(monkeypatch: pytest.MonkeyPatch) -> None:
+    from stages.device import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="device='cuda:0' is not available: this machine has no CUDA device"):
+        resolve_device("cuda:0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda:1") and resolve_device("cuda") == torch.device("cuda")
+    with pytest.raises(ConfigError, match=r"device='cuda:2' .* has 2 CUDA device\(s\); allowed: 'cpu', 'cuda:0' "
+                                          r"to 'cuda:1'"):
+        resolve_device("cuda:2")
+    assert resolve_device("cpu") == torch.device("cpu")
 
 
 def test_progress_bar_only_when_asked(ours: Pipeline, capsys: pytest.CaptureFixture[str]) -> None:

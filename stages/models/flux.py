@@ -28,7 +28,8 @@ from torch import nn
 
 from parallel.attention import sp_attention
 from parallel.sp_plan import SequenceParallelInput, SequenceParallelModelPlan, SequenceParallelOutput
-from stages.errors import CheckpointError, ConfigError
+from stages.device import resolve_device, resolve_dtype
+from stages.errors import CheckpointError
 from stages.weights import (
     DIFFUSERS_WEIGHTS,
     MODEL_INDEX,
@@ -413,7 +414,7 @@ class FluxTransformer(nn.Module):
         if not path.is_dir():
             raise CheckpointError(f"{path}: transformer directory not found")
         config = FluxConfig.from_dict(read_config(path, allowed_classes=CLASS_NAMES), path / "config.json")
-        torch_dtype = _as_dtype(dtype)
+        torch_dtype, device = resolve_dtype(dtype), resolve_device(device)
         with torch.device("meta"):
             model = cls(config)
         state = load_safetensors(path, DIFFUSERS_WEIGHTS, device=device, dtype=torch_dtype)
@@ -421,12 +422,3 @@ class FluxTransformer(nn.Module):
         logger.info("loaded FluxTransformer from %s (%d tensors, %s, %s)", path, len(state), torch_dtype, device)
         return model.eval().requires_grad_(False)
 
-
-def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    allowed = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-               "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-    if dtype not in allowed:
-        raise ConfigError(f"dtype={dtype!r} is not supported; allowed: {sorted(allowed)}")
-    return allowed[dtype]
