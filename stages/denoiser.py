@@ -78,20 +78,24 @@ def load_transformer(path: str | Path, dtype: torch.dtype, device: torch.device)
     return FluxTransformer.from_pretrained(component_dir(path, "transformer"), dtype=dtype, device=device)
 
 
-def _as_2d(t: torch.Tensor, field: str) -> torch.Tensor:
-    if t.dim() == 3 and t.shape[0] == 1:
+def _unbatched(t: object, field: str, ndim: int) -> torch.Tensor:
+    """``t`` with ``ndim`` dims, or with a leading batch dim of 1 that is dropped; anything else names the field."""
+    if not isinstance(t, torch.Tensor):
+        raise RequestError(f"{field} is a {type(t).__name__}; expected a tensor")
+    if t.dim() == ndim + 1 and t.shape[0] == 1:
         return t[0]
-    if t.dim() != 2:
-        raise RequestError(f"{field} has shape {tuple(t.shape)}; expected (seq, dim) or (1, seq, dim)")
+    if t.dim() != ndim:
+        expected = "(seq, dim) or (1, seq, dim)" if ndim == 2 else "(dim,) or (1, dim)"
+        raise RequestError(f"{field} has shape {tuple(t.shape)}; expected {expected}")
     return t
 
 
-def _as_1d(t: torch.Tensor, field: str) -> torch.Tensor:
-    if t.dim() == 2 and t.shape[0] == 1:
-        return t[0]
-    if t.dim() != 1:
-        raise RequestError(f"{field} has shape {tuple(t.shape)}; expected (dim,) or (1, dim)")
-    return t
+def _as_2d(t: object, field: str) -> torch.Tensor:
+    return _unbatched(t, field, 2)
+
+
+def _as_1d(t: object, field: str) -> torch.Tensor:
+    return _unbatched(t, field, 1)
 
 
 class DenoiserStage:
@@ -149,6 +153,11 @@ class DenoiserStage:
                 raise RequestError("negative_pooled_prompt_embeds is missing; it is required with "
                                    "negative_prompt_embeds")
             pairs.append(("negative_prompt_embeds", "negative_pooled_prompt_embeds"))
+            n_pos = _as_2d(req.prompt_embeds, "prompt_embeds").shape[0]
+            n_neg = _as_2d(req.negative_prompt_embeds, "negative_prompt_embeds").shape[0]
+            if n_neg != n_pos:
+                raise RequestError(f"negative_prompt_embeds has {n_neg} tokens and prompt_embeds {n_pos}; they must "
+                                   f"be equal (encode both with the same max_sequence_length), as in diffusers")
         for seq_name, pooled_name in pairs:
             seq = _as_2d(getattr(req, seq_name), seq_name)
             pooled = _as_1d(getattr(req, pooled_name), pooled_name)
@@ -162,9 +171,8 @@ class DenoiserStage:
     @staticmethod
     def batch_key(req: DenoiseRequest) -> tuple:
         """Requests with equal keys run in one forward."""
-        neg_len = _as_2d(req.negative_prompt_embeds, "negative_prompt_embeds").shape[0] if req.do_true_cfg else -1
         return (req.height, req.width, req.num_inference_steps,
-                _as_2d(req.prompt_embeds, "prompt_embeds").shape[0], req.do_true_cfg, neg_len)
+                _as_2d(req.prompt_embeds, "prompt_embeds").shape[0], req.do_true_cfg)
 
     @torch.no_grad()
     def denoise(self, requests: list[DenoiseRequest], *, unpack: bool = False,
@@ -208,15 +216,11 @@ class DenoiserStage:
         if self.guidance_embeds:
             guidance = torch.tensor([float(r.guidance_scale) for r in reqs], device=self.device,
                                     dtype=torch.float32)
-        cfg_scale: float | torch.Tensor = 1.0
         if do_cfg:
             # Positive and negative halves run in one forward: [cond..., uncond...].
             neg_embeds, neg_pooled = self._stack(reqs, "negative_prompt_embeds", "negative_pooled_prompt_embeds")
             embeds, pooled = torch.cat([embeds, neg_embeds]), torch.cat([pooled, neg_pooled])
             guidance = torch.cat([guidance, guidance]) if guidance is not None else None
-            scales = [float(r.true_cfg_scale) for r in reqs]
-            cfg_scale = scales[0] if len(set(scales)) == 1 else torch.tensor(
-                scales, device=self.device, dtype=self.dtype).view(b, 1, 1)
 
         timesteps, sigmas = self.schedule.sigmas(steps, image_seq_len(h, w, self.vae_scale_factor), self.device)
         for i, t in enumerate(tqdm(timesteps, total=steps, disable=not progress, desc="denoise", leave=False)):
@@ -228,7 +232,12 @@ class DenoiserStage:
             if not isinstance(pred, torch.Tensor):  # a diffusers-style output object
                 pred = pred[0]
             if do_cfg:
-                cond, uncond = pred[:b], pred[b:]
-                pred = uncond + cfg_scale * (cond - uncond)
+                pred = true_cfg(pred[:b], pred[b:], [r.true_cfg_scale for r in reqs])
             latents = euler_step(latents, pred, sigmas[i], sigmas[i + 1])
         return latents
+
+
+def true_cfg(cond: torch.Tensor, uncond: torch.Tensor, scales: list[float]) -> torch.Tensor:
+    """FluxPipeline's true CFG, ``uncond + scale * (cond - uncond)``, row by row with each request's scale as a
+    Python number (as diffusers applies it), so a batch mixing scales rounds each row as its single run does."""
+    return torch.stack([u + float(s) * (c - u) for c, u, s in zip(cond, uncond, scales, strict=True)])

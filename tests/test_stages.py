@@ -138,7 +138,9 @@ def test_size_error_through_the_stages(ours: Pipeline) -> None:
     ("seed", 1.5, "seed=1.5"),
     ("guidance_scale", float("nan"), "guidance_scale=nan .* finite"),
     ("prompt_embeds", torch.zeros(8, 31), "prompt_embeds has width 31; this model takes 32"),
-    ("pooled_prompt_embeds", torch.zeros(2, 32), "pooled_prompt_embeds has shape \\(2, 32\\)"),
+    ("pooled_prompt_embeds", torch.zeros(2, 32), "pooled_prompt_embeds has shape \\(2, 32\\); expected \\(dim,\\)"),
+    ("prompt_embeds", torch.zeros(2, 8, 32), "prompt_embeds has shape \\(2, 8, 32\\); expected \\(seq, dim\\)"),
+    ("prompt_embeds", [[0.0] * 32], "prompt_embeds is a list; expected a tensor"),
 ])
 def test_bad_request_fields_are_request_errors(ours: Pipeline, field: str, value: object, match: str) -> None:
     kw = dict(prompt_embeds=torch.zeros(8, 32), pooled_prompt_embeds=torch.zeros(32), height=64, width=64,
@@ -298,3 +300,51 @@ def test_denoise_unpack_returns_vae_layout(ours: Pipeline) -> None:
     for p, u in zip(packed, unpacked, strict=True):
         assert p.shape == (24, 64) and u.shape == (16, 12, 8)
         assert torch.equal(u, unpack_latents(p[None], 96, 64, 8)[0])
+
+
+class _RowwiseModel(torch.nn.Module):
+    """A stand-in denoiser whose every output row depends only on its own inputs, through elementwise ops (so a
+    batch is bit-identical to single runs), and on the last text token (so the text length matters)."""
+
+    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                pooled_projections: torch.Tensor, timestep: torch.Tensor, img_ids: torch.Tensor,
+                txt_ids: torch.Tensor, guidance: torch.Tensor | None = None) -> torch.Tensor:
+        assert txt_ids.shape == (encoder_hidden_states.shape[1], 3)
+        text = encoder_hidden_states[:, -1:, :1] + pooled_projections[:, None, :1]
+        return hidden_states * 0.75 + text - timestep[:, None, None]
+
+
+def _rowwise_stage(dtype: torch.dtype) -> DenoiserStage:
+    config = {"in_channels": 64, "guidance_embeds": False, "joint_attention_dim": 32, "pooled_projection_dim": 32}
+    return DenoiserStage(_RowwiseModel(), config, FlowMatchSchedule(shift=3.0), 8, dtype, torch.device("cpu"))
+
+
+def _cfg_request(seed: int, scale: float, neg_len: int = 8) -> DenoiseRequest:
+    g = torch.Generator().manual_seed(100 + seed)
+    return DenoiseRequest(
+        prompt_embeds=torch.randn(8, 32, generator=g), pooled_prompt_embeds=torch.randn(32, generator=g),
+        negative_prompt_embeds=torch.randn(neg_len, 32, generator=g),
+        negative_pooled_prompt_embeds=torch.randn(32, generator=g), seed=seed, height=64, width=48,
+        num_inference_steps=3, true_cfg_scale=scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batch_mixing_true_cfg_scales_is_bit_identical_to_single_runs(dtype: torch.dtype) -> None:
+    """Each row's scale is applied as diffusers applies it (a Python number), not rounded to the latent dtype
+    (3.3 is 3.296875 in bfloat16)."""
+    stage = _rowwise_stage(dtype)
+    reqs = [_cfg_request(0, 3.3), _cfg_request(1, 1.7), _cfg_request(2, 3.3)]
+    batched = stage.denoise(reqs)
+    for req, got in zip(reqs, batched, strict=True):
+        single = stage.denoise([req])[0]
+        assert got.dtype == dtype and torch.equal(got, single)
+    assert not torch.equal(batched[0], batched[2])  # the seeds reach the rows
+
+
+def test_negative_prompt_of_another_length_is_a_request_error() -> None:
+    """diffusers rejects prompt and negative embeddings of different shapes; so do we, naming both lengths."""
+    stage = _rowwise_stage(torch.float32)
+    with pytest.raises(RequestError, match="negative_prompt_embeds has 5 tokens and prompt_embeds 8; they must be "
+                                           "equal"):
+        stage.denoise([_cfg_request(0, 2.5, neg_len=5)])
+    stage.denoise([_cfg_request(0, 1.0, neg_len=5)])  # without true CFG the negative is unused, as in diffusers
