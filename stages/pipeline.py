@@ -54,10 +54,11 @@ class Pipeline:
         if not isinstance(prompts, list) or not prompts:
             raise RequestError(f"prompt={prompt!r} is not allowed; give a string or a non-empty list of strings")
         n = len(prompts)
-        if isinstance(seed, list):
+        if isinstance(seed, (list, tuple)):
             if len(seed) != n:
-                raise RequestError(f"seed has {len(seed)} values for {n} prompts; give one seed per prompt")
-            seeds = seed
+                raise RequestError(f"seed={list(seed)!r} has {len(seed)} values for {n} prompts; give one integer, "
+                                   f"or a list of {n} integers (one seed per prompt)")
+            seeds = list(seed)
         else:
             seeds = [seed] * n
         negatives = _as_list(negative_prompt, n, "negative_prompt")
@@ -86,7 +87,5 @@ class Pipeline:
                              num_inference_steps=num_inference_steps, height=height, width=width,
                              guidance_scale=guidance_scale, true_cfg_scale=true_cfg_scale,
                              max_sequence_length=max_sequence_length)
-        for r in reqs:
-            self.denoiser.validate(r)
         latents = self.denoiser.denoise(reqs, progress=progress)
         return self.vae.decode(torch.stack(latents), height, width)

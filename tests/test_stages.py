@@ -151,8 +151,16 @@ def test_bad_request_fields_are_request_errors(ours: Pipeline, field: str, value
 
 
 def test_pipeline_argument_errors(ours: Pipeline) -> None:
-    with pytest.raises(RequestError, match="seed has 1 values for 2 prompts"):
+    with pytest.raises(RequestError, match=r"seed=\[1\] has 1 values for 2 prompts; .* a list of 2 integers"):
         ours(["a", "b"], seed=[1], height=64, width=64, num_inference_steps=1)
+    with pytest.raises(RequestError, match=r"seed=\[1, 2, 3\] has 3 values for 1 prompts"):
+        ours("a", seed=[1, 2, 3], height=64, width=64, num_inference_steps=1)
+    with pytest.raises(RequestError, match=r"prompt=\[\] is not allowed; give a string or a non-empty list"):
+        ours([], height=64, width=64, num_inference_steps=1)
+    with pytest.raises(RequestError, match=r"prompt=\['a', 3\] is not allowed"):
+        ours(["a", 3], seed=[1, 2], height=64, width=64, num_inference_steps=1)
+    with pytest.raises(RequestError, match=r"seed='7' is not allowed"):
+        ours(["a", "b"], seed=[1, "7"], height=64, width=64, num_inference_steps=1)
     with pytest.raises(RequestError, match="max_sequence_length=513 .* from 1 to 512"):
         ours("a", height=64, width=64, num_inference_steps=1, max_sequence_length=513)
     with pytest.raises(RequestError, match=r"negative_prompt=.* \(one per prompt\)"):
