@@ -1,26 +1,15 @@
 """tools/make_tiny_model.py: a complete, deterministic FLUX.1-style diffusers directory that diffusers itself loads."""
 
 import json
-import os
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from make_tiny_model import PRESETS, main, make_tiny_model
 from safetensors.torch import load_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-from make_tiny_model import PRESETS, main, make_tiny_model  # noqa: E402
-
 COMPONENTS = ["scheduler", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "transformer", "vae"]
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model", preset="tiny", seed=0)
 
 
 def _weights(d: Path) -> dict[str, torch.Tensor]:
@@ -58,7 +47,10 @@ def test_layout_and_model_index(tiny_dir):
 
 
 def test_weights_are_deterministic_from_the_seed(tiny_dir, tmp_path):
+    torch.manual_seed(1234)
+    before = torch.random.get_rng_state()
     again = make_tiny_model(tmp_path / "again", seed=0)
+    assert torch.equal(torch.random.get_rng_state(), before)  # the caller's RNG is left alone
     other = make_tiny_model(tmp_path / "other", seed=1)
     a, b, c = _weights(tiny_dir), _weights(again), _weights(other)
     assert sorted(a) == sorted(b) == sorted(c)
@@ -110,3 +102,32 @@ def test_cli_writes_the_same_model(tiny_dir, tmp_path):
 def test_unknown_preset_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match=r"preset='huge'.*allowed: \['small', 'tiny'\]"):
         make_tiny_model(tmp_path / "x", preset="huge")
+
+
+def test_small_preset_is_larger_and_our_transformer_matches_diffusers(tiny_dir, tmp_path):
+    """The benchmark preset: more layers, heads and width than tiny, and it loads in our model as in diffusers'."""
+    from diffusers import FluxTransformer2DModel
+
+    from stages.models.flux import FluxTransformer
+
+    small = make_tiny_model(tmp_path / "small", preset="small", seed=0)
+    cfg = json.loads((small / "transformer" / "config.json").read_text())
+    p, t = PRESETS["small"], PRESETS["tiny"]
+    assert (cfg["num_layers"], cfg["num_single_layers"], cfg["num_attention_heads"], cfg["attention_head_dim"]) == (
+        p.num_layers, p.num_single_layers, p.num_attention_heads, p.attention_head_dim)
+    n_small = sum(v.numel() for v in _weights(small / "transformer").values())
+    n_tiny = sum(v.numel() for v in _weights(tiny_dir / "transformer").values())
+    assert n_small > 50 * n_tiny and t.num_attention_heads * t.attention_head_dim < cfg["num_attention_heads"] * cfg[
+        "attention_head_dim"]
+    g = torch.Generator().manual_seed(0)
+    inputs = dict(hidden_states=torch.randn(1, 16, 64, generator=g),
+                  encoder_hidden_states=torch.randn(1, 8, cfg["joint_attention_dim"], generator=g),
+                  pooled_projections=torch.randn(1, cfg["pooled_projection_dim"], generator=g),
+                  timestep=torch.tensor([0.7]), guidance=torch.tensor([3.5]),
+                  img_ids=torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(4.0), torch.arange(4.0),
+                                                     indexing="ij"), -1).reshape(16, 3),
+                  txt_ids=torch.zeros(8, 3))
+    with torch.no_grad():
+        want = FluxTransformer2DModel.from_pretrained(small / "transformer").eval()(**inputs, return_dict=False)[0]
+        got = FluxTransformer.from_pretrained(small)(**inputs)
+    assert ((got - want).abs().max() / want.abs().max()).item() <= 1e-5

@@ -214,10 +214,11 @@ def make_tiny_model(path: str | Path, preset: str = "tiny", seed: int = 0) -> Pa
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     (clip_tok, clip_vocab, clip_merges), t5_tok = _clip_tokenizer(), _t5_tokenizer()
-    torch.manual_seed(seed)
-    transformer = _transformer(p)
-    vae = _vae(p)
-    clip, t5 = _text_encoders(p, clip_tok, t5_tok)
+    with torch.random.fork_rng(devices=[]):  # the caller's global RNG state is left as it was
+        torch.manual_seed(seed)
+        transformer = _transformer(p)
+        vae = _vae(p)
+        clip, t5 = _text_encoders(p, clip_tok, t5_tok)
     pipe = FluxPipeline(
         scheduler=_scheduler(), vae=vae, text_encoder=clip, tokenizer=clip_tok, text_encoder_2=t5,
         tokenizer_2=t5_tok, transformer=transformer,
