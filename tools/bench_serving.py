@@ -94,7 +94,8 @@ class _Server:
     def post(self, body: dict) -> float:
         t0 = time.perf_counter()
         r = httpx.post(self.url + "/v1/images/generations", json=body, timeout=600)
-        r.raise_for_status()
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {r.text[:2000]}")
         return time.perf_counter() - t0
 
     def metrics(self) -> dict[tuple[str, str], float]:
