@@ -165,7 +165,8 @@ def _ring_inner(q, k, v, key_mask, jq, jk, jv, *, ring_lens, group, scale, retur
                           backend=backend)
 
 
-def _exchange_lengths(mesh: SPMesh, local_len: int, has_mask: bool, device: torch.device) -> tuple[list[int], bool]:
+def _exchange_lengths(mesh: SPMesh, local_len: int, has_mask: bool) -> tuple[list[int], bool]:
+    """Every SP rank's local length, and whether any rank has a key mask (one tiny gather on the cpu group)."""
     meta = torch.tensor([local_len, int(has_mask)], dtype=torch.int64)
     parts = [torch.empty_like(meta) for _ in range(mesh.sp.world_size)]
     dist.all_gather(parts, meta, group=mesh.sp.cpu_group)
@@ -235,7 +236,7 @@ def sp_attention(
         if lens is not None:  # the sp_plan hooks split this sequence: every rank knows all lengths
             any_mask = key_padding_mask is not None
         else:
-            lens, any_mask = _exchange_lengths(mesh, q.shape[1], key_padding_mask is not None, q.device)
+            lens, any_mask = _exchange_lengths(mesh, q.shape[1], key_padding_mask is not None)
         needs_mask = any_mask or len(set(lens)) > 1
         if needs_mask and key_padding_mask is None:
             key_padding_mask = torch.ones(q.shape[:2], dtype=torch.bool, device=q.device)
