@@ -117,7 +117,7 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from itertools import count
 from typing import Any
 
@@ -125,7 +125,7 @@ import msgspec
 import zmq
 
 from comm import serde
-from comm.shm_tensor import instance_prefix
+from comm.shm_tensor import instance_prefix, pid_alive
 
 logger = logging.getLogger(__name__)
 
@@ -389,20 +389,41 @@ def _inline_size(lengths: Sequence[int]) -> int:
     return pos
 
 
-def _pid_alive(pid: int) -> bool:
-    """True if ``pid`` is running (a zombie counts as dead)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        return False
-    except OSError:
-        return True
-    return data[data.rindex(b")") + 2 : data.rindex(b")") + 3] not in (b"Z", b"X")
-
-
 def _deadline(timeout: float | None) -> float | None:
     return None if timeout is None else time.monotonic() + timeout
+
+
+class _Wait:
+    """Bookkeeping of one blocking wait: cancellation, the deadline, and a warning every ``warn_interval``
+    while it waits without one. :meth:`tick` is called before every sleep and says how long it may last."""
+
+    def __init__(self, mq: MessageQueue, start: float, deadline: float | None) -> None:
+        self.mq = mq
+        self.start = start
+        self.deadline = deadline
+        self.next_warn = start + mq.warn_interval
+        self.delay = 50e-6
+
+    def tick(self, timeout_message: Callable[[float], str], warning: Callable[[float], str]) -> float:
+        """Raise if cancelled or past the deadline (``timeout_message(waited)``), log ``warning(waited)``
+        when due; returns the longest sleep until something is due again (at most 1 s)."""
+        self.mq._check_cancelled()
+        now = time.monotonic()
+        if self.deadline is not None:
+            if now >= self.deadline:
+                raise MessageQueueTimeout(timeout_message(now - self.start))
+            return min(1.0, self.deadline - now)
+        if now >= self.next_warn:
+            logger.warning("%s", warning(now - self.start))
+            self.next_warn += self.mq.warn_interval
+        return min(1.0, self.next_warn - now)
+
+    def backoff(self, limit: float) -> None:
+        """Sleep (cancellable) with exponential backoff: 50 µs doubling up to 1 ms, 20 ms after the first
+        second, never past ``limit`` seconds (what :meth:`tick` returned)."""
+        cap = 1e-3 if time.monotonic() - self.start < 1.0 else 20e-3
+        self.delay = min(self.delay * 2, cap, max(0.0, limit))
+        self.mq._cancel.wait(self.delay)
 
 
 # ----------------------------------------------------------------------------- message queue
@@ -520,6 +541,8 @@ class MessageQueue:
         self._idx = 0
         self.num_blocks = 0  # times a reader (or the writer) stopped spinning and blocked; for tests/metrics
         self.num_late_wakeups = 0  # a blocked reader found a message only after its poll timed out (no ping)
+        self._local = False  # a reader of the shared-memory ring
+        self._writer_pid = 0  # local readers: the writer's pid, watched while they wait (0: not watched)
         self._cancel = threading.Event()
         self._cancel_lock = threading.Lock()
         addr = f"inproc://omni-mq-cancel-{id(self)}-{secrets.token_hex(4)}"
@@ -563,8 +586,10 @@ class MessageQueue:
         self.max_chunks = handle.max_chunks
         self.rank = rank
         self._local = rank in self.local_reader_ranks
-        # Watch the writer's pid only if it is visible from here (same pid namespace).
-        self._writer_pid = handle.writer_pid if handle.writer_pid > 0 and _pid_alive(handle.writer_pid) else 0
+        # Local readers watch the writer's pid if it is visible from here (same pid namespace). Remote readers
+        # do not: on another node that number may belong to any process.
+        if self._local and handle.writer_pid > 0 and pid_alive(handle.writer_pid):
+            self._writer_pid = handle.writer_pid
         try:
             if self._local:
                 self._reader_index = self.local_reader_ranks.index(rank)
@@ -696,24 +721,33 @@ class MessageQueue:
         self._ready = True
 
     def _poll_one(self, sock: zmq.Socket, deadline: float | None, what: str, waiting_for: str) -> None:
-        """Block until ``sock`` is readable; honours cancellation, the deadline and the warn interval."""
+        """Block until ``sock`` is readable; honours cancellation, the deadline and the warn interval.
+
+        A local reader also gives up (:class:`MessageQueueCancelled`) once the writer process is gone: an
+        overflow payload announced in the ring but not yet delivered when the writer was killed never comes.
+        """
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(self._cancel_rx, zmq.POLLIN)
-        start = time.monotonic()
-        next_warn = start + self.warn_interval
+        w = _Wait(self, time.monotonic(), deadline)
         while True:
-            self._check_cancelled()
-            now = time.monotonic()
-            if deadline is not None and now >= deadline:
-                raise MessageQueueTimeout(f"{what}: timed out after {now - start:.1f}s waiting for {waiting_for}")
-            if deadline is None and now >= next_warn:
-                logger.warning("%s: still waiting for %s after %.0fs", what, waiting_for, now - start)
-                next_warn += self.warn_interval
-            wait = 1.0 if deadline is None else min(1.0, deadline - now)
+            wait = w.tick(lambda s: f"{what}: timed out after {s:.1f}s waiting for {waiting_for}",
+                          lambda s: f"{what}: still waiting for {waiting_for} after {s:.0f}s")
             events = dict(poller.poll(max(0, int(wait * 1000) + 1)))
             if sock in events:
                 return
+            if not events:
+                self._check_writer_alive()
+
+    def _check_usable(self, op: str, writer: bool) -> None:
+        """``op`` belongs to the writer (or to readers), needs a ready queue that is neither closed nor shut down."""
+        if self._is_writer != writer:
+            raise RuntimeError(f"{op}() is only available on {'the writer' if writer else 'readers'}")
+        if self._closed:
+            raise RuntimeError(f"{op}() on a closed MessageQueue")
+        if not self._ready:
+            raise RuntimeError(f"{op}() before wait_until_ready()")
+        self._check_cancelled()
 
     def _check_cancelled(self) -> None:
         if self._cancel.is_set():
@@ -722,7 +756,7 @@ class MessageQueue:
     def _check_writer_alive(self) -> None:
         """Local readers: a writer that exited will never publish again (checked once a second while idle)."""
         pid = self._writer_pid
-        if pid > 0 and not _pid_alive(pid):
+        if pid > 0 and not pid_alive(pid):
             raise MessageQueueCancelled(f"the writer process (pid {pid}) exited; no more messages will arrive")
 
     # ------------------------------------------------------------------ writer
@@ -733,13 +767,7 @@ class MessageQueue:
         Raises :class:`MessageQueueTimeout` naming the readers that have not consumed the oldest chunk
         when ``timeout`` seconds pass; ``timeout=None`` waits forever (warning every 60 s).
         """
-        if not self._is_writer:
-            raise RuntimeError("enqueue() is only available on the writer")
-        if self._closed:
-            raise RuntimeError("enqueue() on a closed MessageQueue")
-        if not self._ready:
-            raise RuntimeError("enqueue() before wait_until_ready()")
-        self._check_cancelled()
+        self._check_usable("enqueue", writer=True)
         frames = [_as_bytes(f) for f in serde.encode(obj)]
         deadline = _deadline(timeout)
         if self._ring is not None:
@@ -757,25 +785,12 @@ class MessageQueue:
         # A remote reader's queue is full (XPUB_NODROP: nothing was sent). PUB sockets always report
         # POLLOUT, so wait with backoff sleeps and retry.
         self.num_blocks += 1
-        start = time.monotonic()
-        next_warn = start + self.warn_interval
-        delay = 50e-6
+        w = _Wait(self, time.monotonic(), deadline)
         while True:
-            self._check_cancelled()
-            now = time.monotonic()
-            if deadline is not None and now >= deadline:
-                raise MessageQueueTimeout(
-                    f"enqueue: timed out after {now - start:.1f}s: a remote reader's queue stayed full "
-                    f"({self.remote_hwm} messages; a remote reader stopped dequeuing or is unreachable)"
-                )
-            if deadline is None and now >= next_warn:
-                logger.warning("enqueue: still waiting after %.0fs for a remote reader to drain its queue",
-                               now - start)
-                next_warn += self.warn_interval
-            delay = min(delay * 2, 1e-3 if now - start < 1.0 else 20e-3)
-            if deadline is not None:
-                delay = min(delay, max(0.0, deadline - now))
-            self._cancel.wait(delay)
+            w.backoff(w.tick(
+                lambda s: (f"enqueue: timed out after {s:.1f}s: a remote reader's queue stayed full "
+                           f"({self.remote_hwm} messages; a remote reader stopped dequeuing or is unreachable)"),
+                lambda s: f"enqueue: still waiting after {s:.0f}s for a remote reader to drain its queue"))
             try:
                 self._remote.send_multipart(frames, flags=zmq.NOBLOCK, copy=True)
                 return
@@ -827,65 +842,52 @@ class MessageQueue:
         meta = self._ring.meta
         return meta[row] == 0 or meta[row + 1 : row + 1 + self._ring.n_reader] == self._all_read
 
-    def _wait_chunk_free(self, idx: int, deadline: float | None) -> None:
-        row = self._ring.row(idx)
-        if self._chunk_free(row):
-            return
+    def _spin(self, ready: Callable[[int], bool], row: int) -> float | None:
+        """Wait for ``ready(row)`` by spinning for at most :attr:`spin_seconds`, yielding the CPU between
+        checks. Returns None once it holds, else the time the wait began (the caller then blocks)."""
+        if ready(row):
+            return None
         start = time.monotonic()
         spin_until = start + self.spin_seconds
         while time.monotonic() < spin_until:
             os.sched_yield()
-            if self._chunk_free(row):
-                return
+            if ready(row):
+                return None
             self._check_cancelled()
         self.num_blocks += 1
-        if self._futex:
-            self._sleep_until_chunk_free(idx, row, start, deadline)
-            return
-        next_warn = start + self.warn_interval
-        delay = 50e-6
-        while not self._chunk_free(row):
-            self._check_cancelled()
-            now = time.monotonic()
-            if deadline is not None and now >= deadline:
-                raise MessageQueueTimeout(self._full_ring_message(idx, row, now - start))
-            if deadline is None and now >= next_warn:
-                logger.warning("enqueue: still waiting after %.0fs for reader rank(s) %s to read chunk %d",
-                               now - start, self._laggards(row), idx)
-                next_warn += self.warn_interval
-            cap = 1e-3 if now - start < 1.0 else 20e-3
-            delay = min(delay * 2, cap)
-            if deadline is not None:
-                delay = min(delay, max(0.0, deadline - now))
-            self._cancel.wait(delay)
+        return start
 
-    def _sleep_until_chunk_free(self, idx: int, row: int, start: float, deadline: float | None) -> None:
-        """Futex mode: sleep on the writer's word; a reader that releases a chunk wakes us."""
+    def _wait_chunk_free(self, idx: int, deadline: float | None) -> None:
+        row = self._ring.row(idx)
+        start = self._spin(self._chunk_free, row)
+        if start is None:
+            return
+        w = _Wait(self, start, deadline)
+
+        def timed_out(waited: float) -> str:
+            return (f"enqueue: timed out after {waited:.1f}s: chunk {idx} has not been read by reader "
+                    f"rank(s) {self._laggards(row)} (a reader that died or stopped dequeuing blocks the writer)")
+
+        def warning(waited: float) -> str:
+            return f"enqueue: still waiting after {waited:.0f}s for reader rank(s) {self._laggards(row)} to read chunk {idx}"
+
+        if not self._futex:
+            while not self._chunk_free(row):
+                w.backoff(w.tick(timed_out, warning))
+            return
+        # Futex mode: sleep on the writer's word; a reader that releases a chunk wakes us.
         ring = self._ring
         word = ring.writer_word
         addr = ring.word_address(word)
-        next_warn = start + self.warn_interval
         ring.words[word] = 1
         _fence()
         try:
             while not self._chunk_free(row):
-                self._check_cancelled()
-                now = time.monotonic()
-                if deadline is not None and now >= deadline:
-                    raise MessageQueueTimeout(self._full_ring_message(idx, row, now - start))
-                if deadline is None and now >= next_warn:
-                    logger.warning("enqueue: still waiting after %.0fs for reader rank(s) %s to read chunk %d",
-                                   now - start, self._laggards(row), idx)
-                    next_warn += self.warn_interval
-                _futex_wait(addr, 1, min(1.0, next_warn - now) if deadline is None else min(1.0, deadline - now))
+                _futex_wait(addr, 1, w.tick(timed_out, warning))
                 ring.words[word] = 1  # re-arm (a waking reader cleared it), then re-check
                 _fence()
         finally:
             ring.words[word] = 0
-
-    def _full_ring_message(self, idx: int, row: int, waited: float) -> str:
-        return (f"enqueue: timed out after {waited:.1f}s: chunk {idx} has not been read by reader "
-                f"rank(s) {self._laggards(row)} (a reader that died or stopped dequeuing blocks the writer)")
 
     def _laggards(self, row: int) -> list[int]:
         meta = self._ring.meta
@@ -899,13 +901,7 @@ class MessageQueue:
         Raises :class:`MessageQueueTimeout` after ``timeout`` seconds and :class:`MessageQueueCancelled`
         when :meth:`shutdown` is called meanwhile.
         """
-        if self._is_writer:
-            raise RuntimeError("dequeue() is only available on readers")
-        if self._closed:
-            raise RuntimeError("dequeue() on a closed MessageQueue")
-        if not self._ready:
-            raise RuntimeError("dequeue() before wait_until_ready()")
-        self._check_cancelled()
+        self._check_usable("dequeue", writer=False)
         deadline = _deadline(timeout)
         if not self._local:
             self._poll_one(self._remote, deadline, "dequeue", "the next message")
@@ -953,17 +949,10 @@ class MessageQueue:
         return meta[row] == 1 and meta[row + self._read_flag] == 0
 
     def _wait_chunk_ready(self, row: int, deadline: float | None) -> None:
-        if self._chunk_ready(row):
+        start = self._spin(self._chunk_ready, row)
+        if start is None:
             return
-        start = time.monotonic()
-        spin_until = start + self.spin_seconds
-        while time.monotonic() < spin_until:
-            os.sched_yield()
-            if self._chunk_ready(row):
-                return
-            self._check_cancelled()
         # Block: announce we sleep, fence, then (drain pings ->) re-check -> sleep (see module docstring).
-        self.num_blocks += 1
         ring = self._ring
         words = ring.words
         me = self._reader_index
@@ -973,7 +962,7 @@ class MessageQueue:
             poller = zmq.Poller()
             poller.register(self._wake, zmq.POLLIN)
             poller.register(self._cancel_rx, zmq.POLLIN)
-        next_warn = start + self.warn_interval
+        w = _Wait(self, start, deadline)
         next_liveness = start + 1.0
         words[me] = 1
         _fence()
@@ -993,16 +982,12 @@ class MessageQueue:
                 self._check_cancelled()
                 if closed:
                     raise MessageQueueCancelled("the writer closed the queue; no more messages will arrive")
+                wait = w.tick(lambda s: f"dequeue: no message within {s:.1f}s",
+                              lambda s: f"dequeue: still waiting for the next message after {s:.0f}s")
                 now = time.monotonic()
-                if deadline is not None and now >= deadline:
-                    raise MessageQueueTimeout(f"dequeue: no message within {now - start:.1f}s")
-                if deadline is None and now >= next_warn:
-                    logger.warning("dequeue: still waiting for the next message after %.0fs", now - start)
-                    next_warn += self.warn_interval
                 if now >= next_liveness:
                     self._check_writer_alive()
                     next_liveness = now + 1.0
-                wait = min(1.0, next_warn - now) if deadline is None else min(1.0, deadline - now)
                 if poller is None:
                     poll_timed_out = _futex_wait(addr, 1, wait)
                     words[me] = 1  # re-arm (the writer cleared it to wake us), then re-check

@@ -617,8 +617,8 @@ def release(handle: ShmHandle) -> bool:
 # --------------------------------------------------------------------------- sweeping
 
 
-def _pid_alive(pid: int) -> bool:
-    """True if ``pid`` runs (a zombie counts as dead: it will never unlink anything again)."""
+def pid_alive(pid: int) -> bool:
+    """True if ``pid`` runs on this node (a zombie counts as dead: it will never unlink anything again)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read()
@@ -665,7 +665,7 @@ def sweep(prefix: str | None = None, pids: Iterable[int] | None = None, *, inclu
             continue
         if not include_live:
             if pid not in alive:
-                alive[pid] = _pid_alive(pid)
+                alive[pid] = pid_alive(pid)
             if alive[pid]:
                 continue
         if _unlink(name):

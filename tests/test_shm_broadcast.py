@@ -168,6 +168,43 @@ def test_writer_blocked_on_full_ring_is_cancelled_and_times_out(instance, wake, 
     r.close()
 
 
+def test_reader_waiting_for_an_overflow_payload_notices_a_dead_writer(instance, monkeypatch):
+    """The writer dies after announcing an overflow chunk but before ZMQ delivered its payload: the local
+    reader must raise Cancelled (like any blocked reader of a dead writer) instead of waiting forever."""
+    monkeypatch.setenv("OMNI_RUNTIME_INSTANCE", instance)
+    w = MessageQueue(1, 1, max_chunk_bytes=256, max_chunks=2)
+    r = MessageQueue.create_from_handle(w.export_handle(), 0)
+    t = threading.Thread(target=r.wait_until_ready, args=(10,))
+    t.start()
+    w.wait_until_ready(timeout=10)
+    t.join()
+    assert r._writer_pid == os.getpid()  # the writer (this process) is watched while alive
+    monkeypatch.setattr(w._overflow, "send_multipart", lambda *a, **k: None)  # the payload never leaves
+    w.enqueue("x" * 1000)  # > 256 bytes: only the overflow marker reaches the ring
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait(timeout=30)
+    r._writer_pid = dead.pid  # stands in for the writer having been SIGKILLed
+    outcome: dict = {}
+
+    def read() -> None:
+        t0 = time.monotonic()
+        try:
+            outcome["got"] = r.dequeue()
+        except MessageQueueCancelled as e:
+            outcome["err"], outcome["took"] = str(e), time.monotonic() - t0
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    reader.join(10)
+    if reader.is_alive():  # the bug: blocked for good; unblock it so the test fails instead of hanging
+        r.shutdown()
+        reader.join(10)
+    assert outcome.get("err") == f"the writer process (pid {dead.pid}) exited; no more messages will arrive", outcome
+    assert outcome["took"] < 3.0
+    w.close()
+    r.close()
+
+
 def test_tensors_round_trip_inline_and_overflow(instance, wake, monkeypatch):
     """Local (ring, inline and overflow) and remote readers get bit-exact tensors and arrays back."""
     import numpy as np
