@@ -43,7 +43,7 @@ import logging
 import os
 import re
 import tempfile
-from typing import Any
+from typing import Any, TypeVar
 
 import zmq
 import zmq.asyncio
@@ -69,6 +69,7 @@ __all__ = [
 DEFAULT_HWM = 1000
 _IPC_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _MAX_UNIX_PATH = 107  # sizeof(sockaddr_un.sun_path) - 1 on Linux
+_C = TypeVar("_C", bound="_Channel")
 
 
 class ChannelTimeout(TimeoutError):
@@ -172,18 +173,30 @@ def _zero_copy_parts(frames: list[Any], threshold: int) -> tuple[list[Any], zmq.
 
 
 class _Channel:
+    """One socket (type :attr:`_socket_type`) bound or connected to ``endpoint``.
+
+    ``bind`` defaults to :attr:`_bind_default`; ``sndhwm``/``rcvhwm`` are high-water marks in messages
+    (0 = unbounded); ``ctx`` defaults to the process-wide context of the subclass's kind (asyncio or not).
+    """
+
     _socket_type: int = -1
     _bind_default: bool = False
+
+    @staticmethod
+    def _default_context() -> zmq.Context:
+        return zmq.Context.instance()
 
     def __init__(
         self,
         endpoint: str,
         *,
-        bind: bool | None,
-        sndhwm: int,
-        rcvhwm: int,
-        ctx: zmq.Context,
+        bind: bool | None = None,
+        sndhwm: int = DEFAULT_HWM,
+        rcvhwm: int = DEFAULT_HWM,
+        ctx: zmq.Context | None = None,
     ) -> None:
+        if ctx is None:
+            ctx = self._default_context()
         if not isinstance(endpoint, str) or not endpoint.startswith(("ipc://", "tcp://", "inproc://")):
             raise ValueError(f"endpoint={endpoint!r} is not allowed: use ipc://, tcp:// or inproc://")
         self.bound = self._bind_default if bind is None else bind
@@ -262,25 +275,27 @@ class _Channel:
 # ----------------------------------------------------------------------------- asyncio
 
 
-class Sender(_Channel):
+class _AsyncChannel(_Channel):
+    """A channel on a ``zmq.asyncio`` context (the process-wide one by default); ``async with`` closes it."""
+
+    @staticmethod
+    def _default_context() -> zmq.Context:
+        return zmq.asyncio.Context.instance()
+
+    async def __aenter__(self: _C) -> _C:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Sender(_AsyncChannel):
     """Async PUSH end. ``await send(obj)`` waits while the peer's queue is full (backpressure).
 
     Connects by default (``bind=True`` to bind).
     """
 
     _socket_type = zmq.PUSH
-
-    def __init__(
-        self,
-        endpoint: str,
-        *,
-        bind: bool | None = None,
-        sndhwm: int = DEFAULT_HWM,
-        rcvhwm: int = DEFAULT_HWM,
-        ctx: zmq.asyncio.Context | None = None,
-    ) -> None:
-        super().__init__(endpoint, bind=bind, sndhwm=sndhwm, rcvhwm=rcvhwm,
-                         ctx=ctx or zmq.asyncio.Context.instance())
 
     async def send(self, obj: Any, *, timeout: float | None = None) -> None:
         """Encode ``obj`` with serde and send it as one multipart message, zero copy."""
@@ -309,14 +324,8 @@ class Sender(_Channel):
             await asyncio.sleep(poll_interval)
         return True
 
-    async def __aenter__(self) -> Sender:
-        return self
 
-    async def __aexit__(self, *exc: object) -> None:
-        self.close()
-
-
-class Receiver(_Channel):
+class Receiver(_AsyncChannel):
     """Async PULL end. ``await recv(type)`` returns the decoded object; tensors are frame views.
 
     Binds by default (``bind=False`` to connect).
@@ -324,18 +333,6 @@ class Receiver(_Channel):
 
     _socket_type = zmq.PULL
     _bind_default = True
-
-    def __init__(
-        self,
-        endpoint: str,
-        *,
-        bind: bool | None = None,
-        sndhwm: int = DEFAULT_HWM,
-        rcvhwm: int = DEFAULT_HWM,
-        ctx: zmq.asyncio.Context | None = None,
-    ) -> None:
-        super().__init__(endpoint, bind=bind, sndhwm=sndhwm, rcvhwm=rcvhwm,
-                         ctx=ctx or zmq.asyncio.Context.instance())
 
     async def recv_frames(self, *, timeout: float | None = None) -> list[zmq.Frame]:
         """The next message's raw frames (``zmq.Frame``, not copied)."""
@@ -349,12 +346,6 @@ class Receiver(_Channel):
         """Receive and decode the next message into ``type``; raises ``serde.SerdeError`` if malformed."""
         return serde.decode(await self.recv_frames(timeout=timeout), type)
 
-    async def __aenter__(self) -> Receiver:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.close()
-
 
 # ----------------------------------------------------------------------------- blocking
 
@@ -363,21 +354,20 @@ def _ms(timeout: float | None) -> int:
     return -1 if timeout is None else max(0, int(timeout * 1000))
 
 
-class SyncSender(_Channel):
+class _SyncChannel(_Channel):
+    """A blocking channel on a plain ZMQ context (the process-wide one by default); ``with`` closes it."""
+
+    def __enter__(self: _C) -> _C:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class SyncSender(_SyncChannel):
     """Blocking PUSH end for processes without an event loop. Connects by default."""
 
     _socket_type = zmq.PUSH
-
-    def __init__(
-        self,
-        endpoint: str,
-        *,
-        bind: bool | None = None,
-        sndhwm: int = DEFAULT_HWM,
-        rcvhwm: int = DEFAULT_HWM,
-        ctx: zmq.Context | None = None,
-    ) -> None:
-        super().__init__(endpoint, bind=bind, sndhwm=sndhwm, rcvhwm=rcvhwm, ctx=ctx or zmq.Context.instance())
 
     def send(self, obj: Any, *, timeout: float | None = None) -> None:
         """Encode and send ``obj``; blocks while the queue is full, up to ``timeout`` seconds."""
@@ -394,29 +384,12 @@ class SyncSender(_Channel):
         if tracker is not None:
             self._tracker = tracker
 
-    def __enter__(self) -> SyncSender:
-        return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-class SyncReceiver(_Channel):
+class SyncReceiver(_SyncChannel):
     """Blocking PULL end for processes without an event loop (the stage driver). Binds by default."""
 
     _socket_type = zmq.PULL
     _bind_default = True
-
-    def __init__(
-        self,
-        endpoint: str,
-        *,
-        bind: bool | None = None,
-        sndhwm: int = DEFAULT_HWM,
-        rcvhwm: int = DEFAULT_HWM,
-        ctx: zmq.Context | None = None,
-    ) -> None:
-        super().__init__(endpoint, bind=bind, sndhwm=sndhwm, rcvhwm=rcvhwm, ctx=ctx or zmq.Context.instance())
 
     def recv_frames(self, *, timeout: float | None = None) -> list[zmq.Frame]:
         self._check_open()
@@ -427,9 +400,3 @@ class SyncReceiver(_Channel):
     def recv(self, type: Any = Any, *, timeout: float | None = None) -> Any:  # noqa: A002
         """Receive and decode the next message (``timeout=0`` polls); tensors are frame views."""
         return serde.decode(self.recv_frames(timeout=timeout), type)
-
-    def __enter__(self) -> SyncReceiver:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -30,6 +31,8 @@ from comm.channel import (
     remove_ipc_dir,
     tcp_endpoint,
 )
+
+ROOT = str(Path(__file__).resolve().parent.parent)
 
 
 @pytest.fixture(autouse=True)
@@ -263,7 +266,7 @@ def test_remove_ipc_dir_sweeps_sockets_of_a_killed_process(monkeypatch):
     monkeypatch.setenv("OMNI_RUNTIME_INSTANCE", f"chkill{os.getpid()}")
     ep = ipc_endpoint("victim")
     path = ep[len("ipc://"):]
-    code = (f"import sys; sys.path.insert(0, {os.getcwd()!r}); from comm.channel import SyncReceiver; "
+    code = (f"import sys; sys.path.insert(0, {ROOT!r}); from comm.channel import SyncReceiver; "
             f"r = SyncReceiver({ep!r}); print('bound', flush=True); import time; time.sleep(60)")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
