@@ -234,11 +234,20 @@ _dec_state = _DecodeState()
 _payload_decoder = msgspec.msgpack.Decoder(tuple[str, list[int], int | bytes])
 
 
-def _decode_payload(data: memoryview, kind: str) -> tuple[str, list[int], int | bytes]:
+def _decode_header(data: memoryview, kind: str, dtypes: dict[str, Any]) -> tuple[Any, list[int], int, memoryview]:
+    """Validate a tensor/array Ext payload: its dtype (from ``dtypes``), shape and buffer.
+
+    Returns ``(dtype, shape, numel, raw)`` where ``raw`` holds exactly ``numel`` elements' bytes.
+    """
     try:
-        return _payload_decoder.decode(data)
+        name, shape, ref = _payload_decoder.decode(data)
     except msgspec.DecodeError as e:
         raise SerdeError(f"malformed {kind} header (expected [dtype, shape, frame or bytes]): {e}") from e
+    dtype = dtypes.get(name)
+    if dtype is None:
+        raise SerdeError(f"{kind} dtype {name!r} is not allowed; allowed: {sorted(dtypes)}")
+    numel = _check_shape(shape)
+    return dtype, shape, numel, _buffer_for(ref, numel * dtype.itemsize)
 
 
 def _check_shape(shape: list[int]) -> int:
@@ -265,13 +274,7 @@ def _buffer_for(data: int | bytes, nbytes: int) -> memoryview:
 
 
 def _decode_tensor(data: memoryview) -> torch.Tensor:
-    name, shape, ref = _decode_payload(data, "tensor")
-    dtype = TORCH_DTYPES.get(name)
-    if dtype is None:
-        raise SerdeError(f"tensor dtype {name!r} is not allowed; allowed: {sorted(TORCH_DTYPES)}")
-    numel = _check_shape(shape)
-    itemsize = dtype.itemsize
-    raw = _buffer_for(ref, numel * itemsize)
+    dtype, shape, numel, raw = _decode_header(data, "tensor", TORCH_DTYPES)
     if numel == 0:
         return torch.empty(shape, dtype=dtype)
     if raw.readonly:
@@ -282,7 +285,7 @@ def _decode_tensor(data: memoryview) -> torch.Tensor:
         u8 = torch.frombuffer(raw, dtype=torch.uint8)
     if dtype == torch.bool and bool((u8 > 1).any()):
         raise SerdeError("bool tensor holds bytes other than 0 and 1")
-    if u8.data_ptr() % min(itemsize, 16):
+    if u8.data_ptr() % min(dtype.itemsize, 16):
         # torch kernels may assume element alignment; a misaligned buffer (a sliced memoryview, or
         # complex128 in an 8-byte aligned ZMQ frame) is copied once instead of viewed
         u8 = u8.clone()
@@ -290,12 +293,7 @@ def _decode_tensor(data: memoryview) -> torch.Tensor:
 
 
 def _decode_array(data: memoryview) -> np.ndarray:
-    name, shape, ref = _decode_payload(data, "array")
-    dtype = NUMPY_DTYPES.get(name)
-    if dtype is None:
-        raise SerdeError(f"array dtype {name!r} is not allowed; allowed: {sorted(NUMPY_DTYPES)}")
-    numel = _check_shape(shape)
-    raw = _buffer_for(ref, numel * dtype.itemsize)
+    dtype, shape, numel, raw = _decode_header(data, "array", NUMPY_DTYPES)
     if numel == 0:
         return np.empty(shape, dtype=dtype)
     arr = np.frombuffer(raw, dtype=np.uint8)
