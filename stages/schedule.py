@@ -9,7 +9,6 @@ dtypes so the timesteps are bit-identical.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import dataclass
@@ -20,9 +19,12 @@ import numpy as np
 import torch
 
 from stages.errors import CheckpointError
+from stages.weights import component_dir, read_config
 
 logger = logging.getLogger(__name__)
 
+CLASS_NAMES = ("FlowMatchEulerDiscreteScheduler",)
+SCHEDULER_CONFIG = "scheduler_config.json"
 _UNSUPPORTED_FLAGS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "invert_sigmas",
                       "stochastic_sampling")
 
@@ -74,16 +76,10 @@ class FlowMatchSchedule:
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> FlowMatchSchedule:
-        """Read ``<model dir>/scheduler/scheduler_config.json``."""
-        cfg_path = Path(path) / "scheduler" / "scheduler_config.json"
-        try:
-            config = json.loads(cfg_path.read_text())
-        except FileNotFoundError as e:
-            raise CheckpointError(f"{cfg_path}: missing; a diffusers model directory needs "
-                                  f"scheduler/scheduler_config.json") from e
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from e
-        return cls.from_config(config, source=str(cfg_path))
+        """Read ``<model dir>/scheduler/scheduler_config.json``, which must be a FlowMatchEulerDiscreteScheduler's."""
+        directory = component_dir(path, "scheduler")
+        config = read_config(directory, SCHEDULER_CONFIG, allowed_classes=CLASS_NAMES)
+        return cls.from_config(config, source=str(directory / SCHEDULER_CONFIG))
 
     def mu(self, image_seq_len: int) -> float:
         return calculate_shift(image_seq_len, self.base_image_seq_len, self.max_image_seq_len,

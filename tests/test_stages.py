@@ -293,6 +293,13 @@ def test_unknown_classes_are_checkpoint_errors(tiny_dir: Path, tmp_path: Path) -
     (broken / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(CheckpointError, match=r"text_encoder_2 = \['transformers', 'BertModel'\].*T5EncoderModel"):
         TextEncoderStage.from_pretrained(broken)
+    sched_path = broken / "scheduler" / "scheduler_config.json"
+    sched = json.loads(sched_path.read_text())
+    sched["_class_name"] = "DDIMScheduler"
+    sched_path.write_text(json.dumps(sched))
+    with pytest.raises(CheckpointError, match=r"scheduler_config.json: _class_name='DDIMScheduler' is not supported; "
+                                              r"allowed: \['FlowMatchEulerDiscreteScheduler'\]"):
+        DenoiserStage.from_pretrained(broken)
     cfg = json.loads((broken / "vae" / "config.json").read_text())
     cfg["_class_name"] = "AutoencoderTiny"
     (broken / "vae" / "config.json").write_text(json.dumps(cfg))
