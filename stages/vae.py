@@ -9,8 +9,8 @@ import numpy as np
 import torch
 
 from stages.device import resolve_device, resolve_dtype
-from stages.errors import CheckpointError
-from stages.latents import check_image_size, unpack_latents
+from stages.errors import CheckpointError, RequestError
+from stages.latents import check_image_size, image_seq_len, unpack_latents
 from stages.weights import component_dir, read_config
 
 logger = logging.getLogger(__name__)
@@ -26,13 +26,14 @@ def to_uint8_images(decoded: torch.Tensor) -> list[np.ndarray]:
 
 
 class VaeDecoderStage:
-    """Decodes packed latents (B, tokens, C*4) or (tokens, C*4) of one image size into images."""
+    """Decodes packed latents (B, tokens, C*4), (tokens, C*4), or a list of those, of one image size into images."""
 
     def __init__(self, vae: torch.nn.Module, dtype: torch.dtype, device: torch.device) -> None:
         self.vae = vae
         self.dtype = dtype
         self.device = device
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.latent_channels = int(vae.config.latent_channels)
         self.scaling_factor = float(vae.config.scaling_factor)
         shift = vae.config.shift_factor
         self.shift_factor = float(shift) if shift is not None else 0.0
@@ -58,9 +59,15 @@ class VaeDecoderStage:
         """Packed latents of images of ``height`` x ``width`` pixels -> list of (H, W, 3) uint8 arrays."""
         check_image_size(height, width, 2 * self.vae_scale_factor)
         if isinstance(latents, (list, tuple)):
-            latents = torch.stack([x[0] if x.dim() == 3 else x for x in latents])
-        if latents.dim() == 2:
+            if not latents:
+                return []
+            latents = torch.cat([x if x.dim() == 3 else x[None] for x in latents])
+        elif latents.dim() == 2:
             latents = latents[None]
+        expected = (image_seq_len(height, width, self.vae_scale_factor), 4 * self.latent_channels)
+        if latents.dim() != 3 or tuple(latents.shape[1:]) != expected:
+            raise RequestError(f"latents have shape {tuple(latents.shape)}; a {height}x{width} image takes packed "
+                               f"latents ({expected[0]}, {expected[1]}) or (batch, {expected[0]}, {expected[1]})")
         x = unpack_latents(latents, height, width, self.vae_scale_factor)
         x = (x / self.scaling_factor) + self.shift_factor
         x = x.to(device=self.device, dtype=self.vae.dtype)

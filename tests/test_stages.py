@@ -207,6 +207,18 @@ def test_vae_decode_equals_diffusers_decode_and_postprocess(ref: FluxPipeline, o
         assert np.array_equal(a, np.asarray(b))
     # A list of per-request latents decodes the same as the stacked batch.
     assert all(np.array_equal(a, b) for a, b in zip(ours.vae.decode(list(packed), height, width), got, strict=True))
+    # So does a list mixing a (1, tokens, C) batch and a (tokens, C) latent; every row is decoded, none dropped.
+    mixed = ours.vae.decode([packed[:1], packed[1]], height, width)
+    assert len(mixed) == 2 and all(np.array_equal(a, b) for a, b in zip(mixed, got, strict=True))
+    assert ours.vae.decode([], height, width) == []
+
+
+def test_vae_latents_that_do_not_fit_the_size_are_request_errors(ours: Pipeline) -> None:
+    with pytest.raises(RequestError, match=r"latents have shape \(1, 48, 64\); a 128x128 image takes packed latents "
+                                           r"\(64, 64\)"):
+        ours.vae.decode(torch.zeros(48, 64), 128, 128)
+    with pytest.raises(RequestError, match=r"latents have shape \(2, 64, 32\)"):
+        ours.vae.decode(torch.zeros(2, 64, 32), 128, 128)
 
 
 # -------------------------------------------------------------------------------------------- loading and progress
