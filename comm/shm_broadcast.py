@@ -765,7 +765,10 @@ class MessageQueue:
         """Broadcast ``obj`` to every reader (writer only). Blocks while the ring is full.
 
         Raises :class:`MessageQueueTimeout` naming the readers that have not consumed the oldest chunk
-        when ``timeout`` seconds pass; ``timeout=None`` waits forever (warning every 60 s).
+        when ``timeout`` seconds pass; ``timeout=None`` waits forever (warning every 60 s). The ring is
+        written before the remote socket, so a timeout on a full remote queue comes after the local
+        readers already have the message: do not retry it (they would get it twice); treat the queue as
+        broken, as after any timeout.
         """
         self._check_usable("enqueue", writer=True)
         frames = [_as_bytes(f) for f in serde.encode(obj)]
