@@ -115,10 +115,16 @@ def test_config_rejects_rope_axes_that_do_not_sum_to_head_dim():
 
 
 def test_sp_plan_is_valid_for_the_model(tiny_dir):
+    from parallel.attention import Attention
     from parallel.sp_plan import validate_sp_plan
 
     model = FluxTransformer.from_pretrained(tiny_dir)
     validate_sp_plan(FluxTransformer._sp_plan, model)
+    # Every block attends through parallel's Attention (which follows the live mesh), one per block.
+    blocks = [*model.transformer_blocks, *model.single_transformer_blocks]
+    layers = [m for m in model.modules() if isinstance(m, Attention)]
+    assert len(layers) == len(blocks) == 2 and all(b.attn.attention in layers for b in blocks)
+    assert all(layer.strategy == "none" for layer in layers)  # no mesh in this process
 
 
 SP_H, SP_W, SP_TXT = 13, 9, 7  # 117 image tokens: neither 2 nor 4 divides them

@@ -10,7 +10,7 @@ is. Differences from diffusers are only in how the computation is organised for 
   ``img_ids`` together with ``hidden_states`` shards the image rotary embeddings with them.
 
 The model holds no rank arithmetic: ``_sp_plan`` says what to split and gather and the hooks of
-``parallel.sp_hooks`` do it; attention goes through ``parallel.attention.sp_attention``, which picks the strategy
+``parallel.sp_hooks`` do it; attention goes through ``parallel.attention.Attention``, which picks the strategy
 from the current mesh (plain local attention when there is none).
 """
 
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from parallel.attention import sp_attention
+from parallel.attention import Attention
 from parallel.sp_plan import SequenceParallelInput, SequenceParallelModelPlan, SequenceParallelOutput
 from stages.device import resolve_device, resolve_dtype
 from stages.errors import CheckpointError
@@ -241,6 +241,7 @@ class FluxAttention(nn.Module):
         super().__init__()
         self.heads, self.head_dim = heads, head_dim
         inner = heads * head_dim
+        self.attention = Attention()  # no parameters: the strategy follows the live SP mesh
         self.norm_q = nn.RMSNorm(head_dim, eps=eps)
         self.norm_k = nn.RMSNorm(head_dim, eps=eps)
         self.to_q = nn.Linear(dim, inner)
@@ -269,13 +270,12 @@ class FluxAttention(nn.Module):
         k = apply_rope(self.norm_added_k(self._heads(self.add_k_proj(c))), rot)
         return q, k, self._heads(self.add_v_proj(c))
 
-
-def _joint_attention(img: tuple[torch.Tensor, ...], txt: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attend over [text, image]; returns (text output, image output), heads flattened."""
-    out = sp_attention(img[0], img[1], img[2], joint_q=txt[0], joint_k=txt[1], joint_v=txt[2], joint_strategy="front")
-    out = out.flatten(2, 3).to(img[0].dtype)
-    n_txt = txt[0].shape[1]
-    return out[:, :n_txt], out[:, n_txt:]
+    def joint(self, img: tuple[torch.Tensor, ...], txt: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attend over [text, image]; returns (text output, image output), heads flattened."""
+        out = self.attention(*img, joint_q=txt[0], joint_k=txt[1], joint_v=txt[2], joint_strategy="front")
+        out = out.flatten(2, 3).to(img[0].dtype)
+        n_txt = txt[0].shape[1]
+        return out[:, :n_txt], out[:, n_txt:]
 
 
 class FluxTransformerBlock(nn.Module):
@@ -295,7 +295,7 @@ class FluxTransformerBlock(nn.Module):
                 txt_rot: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         x, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(img, temb)
         c, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(txt, temb)
-        txt_attn, img_attn = _joint_attention(self.attn.qkv(x, img_rot), self.attn.added_qkv(c, txt_rot))
+        txt_attn, img_attn = self.attn.joint(self.attn.qkv(x, img_rot), self.attn.added_qkv(c, txt_rot))
 
         img = img + gate_msa[:, None] * self.attn.to_out[0](img_attn.contiguous())
         img = img + gate_mlp[:, None] * self.ff(_modulate(self.norm2(img), shift_mlp, scale_mlp))
@@ -326,7 +326,7 @@ class FluxSingleTransformerBlock(nn.Module):
         mlp = F.gelu(self.proj_mlp(x), approximate="tanh")
         rot = (torch.cat([txt_rot[0], img_rot[0]]), torch.cat([txt_rot[1], img_rot[1]]))
         qkv = self.attn.qkv(x, rot)
-        txt_attn, img_attn = _joint_attention(tuple(t[:, n_txt:] for t in qkv), tuple(t[:, :n_txt] for t in qkv))
+        txt_attn, img_attn = self.attn.joint(tuple(t[:, n_txt:] for t in qkv), tuple(t[:, :n_txt] for t in qkv))
         h = h + gate[:, None] * self.proj_out(torch.cat([torch.cat([txt_attn, img_attn], dim=1), mlp], dim=2))
         if h.dtype == torch.float16:
             h = h.clip(-65504, 65504)
