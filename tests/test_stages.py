@@ -227,8 +227,7 @@ def test_vae_latents_that_do_not_fit_the_size_are_request_errors(ours: Pipeline)
                                                   ("transformer", DenoiserStage), ("scheduler", DenoiserStage)])
 def test_missing_component_is_a_checkpoint_error_naming_it(tiny_dir: Path, tmp_path: Path, component: str,
                                                            stage: type) -> None:
-    broken = tmp_path / "model"
-    shutil.copytree(tiny_dir, broken)
+    broken = _broken_copy(tiny_dir, tmp_path)
     shutil.rmtree(broken / component)
     with pytest.raises(CheckpointError, match=component):
         stage.from_pretrained(broken, "float32", "cpu")
@@ -296,27 +295,32 @@ def test_truncated_weights_are_checkpoint_errors_naming_the_component(tiny_dir: 
         stage.from_pretrained(broken, "float32", "cpu")
 
 
-def test_unknown_classes_are_checkpoint_errors(tiny_dir: Path, tmp_path: Path) -> None:
+def _edit_json(path: Path, key: str, value: object) -> None:
     import json
 
+    data = json.loads(path.read_text())
+    data[key] = value
+    path.write_text(json.dumps(data))
+
+
+def test_unknown_class_in_model_index_is_a_checkpoint_error(tiny_dir: Path, tmp_path: Path) -> None:
     broken = _broken_copy(tiny_dir, tmp_path)
-    index = json.loads((broken / "model_index.json").read_text())
-    index["text_encoder_2"] = ["transformers", "BertModel"]
-    (broken / "model_index.json").write_text(json.dumps(index))
+    _edit_json(broken / "model_index.json", "text_encoder_2", ["transformers", "BertModel"])
     with pytest.raises(CheckpointError, match=r"text_encoder_2 = \['transformers', 'BertModel'\].*T5EncoderModel"):
         TextEncoderStage.from_pretrained(broken)
-    sched_path = broken / "scheduler" / "scheduler_config.json"
-    sched = json.loads(sched_path.read_text())
-    sched["_class_name"] = "DDIMScheduler"
-    sched_path.write_text(json.dumps(sched))
-    with pytest.raises(CheckpointError, match=r"scheduler_config.json: _class_name='DDIMScheduler' is not supported; "
-                                              r"allowed: \['FlowMatchEulerDiscreteScheduler'\]"):
-        DenoiserStage.from_pretrained(broken)
-    cfg = json.loads((broken / "vae" / "config.json").read_text())
-    cfg["_class_name"] = "AutoencoderTiny"
-    (broken / "vae" / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match="_class_name='AutoencoderTiny'.*AutoencoderKL"):
-        VaeDecoderStage.from_pretrained(broken)
+
+
+@pytest.mark.parametrize(("config", "found", "allowed", "stage"), [
+    ("scheduler/scheduler_config.json", "DDIMScheduler", "FlowMatchEulerDiscreteScheduler", DenoiserStage),
+    ("vae/config.json", "AutoencoderTiny", "AutoencoderKL", VaeDecoderStage),
+])
+def test_unknown_class_name_in_a_component_config_is_a_checkpoint_error(
+        tiny_dir: Path, tmp_path: Path, config: str, found: str, allowed: str, stage: type) -> None:
+    broken = _broken_copy(tiny_dir, tmp_path)
+    _edit_json(broken / config, "_class_name", found)
+    with pytest.raises(CheckpointError, match=rf"{config}: _class_name='{found}' is not supported; "
+                                              rf"allowed: \['{allowed}'\]"):
+        stage.from_pretrained(broken)
 
 
 def test_denoise_unpack_returns_vae_layout(ours: Pipeline) -> None:
