@@ -1,15 +1,19 @@
 """Shared test setup: offline hub, tools/ importable, one tiny model per session, and a leak check.
 
 The session fails if it leaves any ``/dev/shm/omni_*`` segment behind: every segment a test or the runtime
-creates has an owner that must unlink it, also after a crash.
+creates has an owner that must unlink it, also after a crash. A segment counts as this session's leak when its
+owner (the pid in its name) is dead or is a still-running process of this session; segments of other live
+processes (another test session or server on the same machine) are left alone.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -19,6 +23,7 @@ sys.path.insert(0, str(TESTS.parent / "tools"))
 sys.path.insert(0, str(TESTS))
 
 SHM = Path("/dev/shm")
+_OWNER = re.compile(r"^omni_.+_(\d+)_\d+_[0-9a-f]{8}$")
 
 
 def _our_segments() -> set[str]:
@@ -31,7 +36,16 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     before = getattr(session.config, "_omni_shm_before", set())
-    leaked = sorted(_our_segments() - before)
+    ours = {p.pid for p in psutil.Process().children(recursive=True)} | {os.getpid()}
+
+    def leaked_by_us(name: str) -> bool:
+        m = _OWNER.match(name)
+        if m is None:
+            return True
+        pid = int(m.group(1))
+        return pid in ours or not psutil.pid_exists(pid)
+
+    leaked = sorted(n for n in _our_segments() - before if leaked_by_us(n))
     if leaked:
         for name in leaked:
             (SHM / name).unlink(missing_ok=True)
