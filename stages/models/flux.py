@@ -235,7 +235,7 @@ class FeedForward(nn.Module):
 
 
 class FluxAttention(nn.Module):
-    """QK-RMSNorm attention; with ``context_dim`` it also projects the text stream (``add_*`` weights)."""
+    """QK-RMSNorm attention; with ``context=True`` it also projects the text stream (``add_*`` weights)."""
 
     def __init__(self, dim: int, heads: int, head_dim: int, *, context: bool, out_proj: bool, eps: float = 1e-6):
         super().__init__()
@@ -372,7 +372,11 @@ class FluxTransformer(nn.Module):
     def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 pooled_projections: torch.Tensor, timestep: torch.Tensor, img_ids: torch.Tensor,
                 txt_ids: torch.Tensor, guidance: torch.Tensor | None = None) -> torch.Tensor:
-        """Predict the flow for ``hidden_states``; ``timestep``/``guidance`` are in [0, 1] (scaled by 1000 here)."""
+        """Predict the flow for ``hidden_states``.
+
+        ``timestep`` is the sigma in [0, 1] and ``guidance`` the guidance scale (e.g. 3.5); both are multiplied by
+        1000 here before their sinusoidal embedding, exactly as diffusers' FluxTransformer2DModel does.
+        """
         if txt_ids.ndim == 3:
             txt_ids = txt_ids[0]
         if img_ids.ndim == 3:
