@@ -207,9 +207,10 @@ def test_vae_decode_equals_diffusers_decode_and_postprocess(ref: FluxPipeline, o
         assert np.array_equal(a, np.asarray(b))
     # A list of per-request latents decodes the same as the stacked batch.
     assert all(np.array_equal(a, b) for a, b in zip(ours.vae.decode(list(packed), height, width), got, strict=True))
-    # So does a list mixing a (1, tokens, C) batch and a (tokens, C) latent; every row is decoded, none dropped.
-    mixed = ours.vae.decode([packed[:1], packed[1]], height, width)
-    assert len(mixed) == 2 and all(np.array_equal(a, b) for a, b in zip(mixed, got, strict=True))
+    # So does a list mixing a (2, tokens, C) batch and a (tokens, C) latent; every row is decoded, none dropped.
+    mixed = ours.vae.decode([packed, packed[1]], height, width)
+    assert len(mixed) == 3  # (a batch of 3 convolves in another blocking than 2: uint8 within 1)
+    assert all(np.abs(a.astype(int) - b).max() <= 1 for a, b in zip(mixed, [*got, got[1]], strict=True))
     assert ours.vae.decode([], height, width) == []
 
 
