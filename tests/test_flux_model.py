@@ -112,6 +112,10 @@ def test_config_rejects_rope_axes_that_do_not_sum_to_head_dim():
 
     with pytest.raises(CheckpointError, match=r"axes_dims_rope=\[4, 4, 4\].*attention_head_dim=16"):
         FluxConfig.from_dict({"attention_head_dim": 16, "axes_dims_rope": [4, 4, 4]})
+    with pytest.raises(CheckpointError, match=r"config: axes_dims_rope=16; expected a list of even integers"):
+        FluxConfig.from_dict({"attention_head_dim": 16, "axes_dims_rope": 16})
+    with pytest.raises(CheckpointError, match=r"num_layers='2'; expected a non-negative integer"):
+        FluxConfig.from_dict({"num_layers": "2"})
 
 
 def test_sp_plan_is_valid_for_the_model(tiny_dir):

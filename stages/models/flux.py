@@ -71,7 +71,11 @@ class FluxConfig:
             logger.warning("%s: ignoring unknown FluxTransformer2DModel config keys %s", source, unknown)
         values = {k: v for k, v in config.items() if k in known}
         if "axes_dims_rope" in values:
-            values["axes_dims_rope"] = tuple(values["axes_dims_rope"])
+            axes = values["axes_dims_rope"]
+            if not isinstance(axes, (list, tuple)) or not all(isinstance(d, int) for d in axes):
+                raise CheckpointError(f"{source}: axes_dims_rope={axes!r}; expected a list of even integers summing "
+                                      f"to attention_head_dim")
+            values["axes_dims_rope"] = tuple(axes)
         cfg = cls(**values)
         cfg.validate(source)
         return cfg
