@@ -24,10 +24,31 @@ def _version() -> str:
         return "unknown"
 
 
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _port(text: str) -> int:
+    """``--port``: an integer 0-65535, checked before any stage process starts."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be an integer between 0 and 65535") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value}: must be between 0 and 65535 (0 picks a free port)")
+    return value
+
+
+def _log_level(text: str) -> str:
+    if text.upper() not in _LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"{text!r}: allowed values are {', '.join(_LOG_LEVELS)}")
+    return text.upper()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="omni-runtime", description="Serve diffusion transformers.")
     parser.add_argument("--version", action="version", version=f"omni-runtime {_version()}")
-    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    parser.add_argument("--log-level", type=_log_level, default="INFO",
+                        help=f"logging level: {', '.join(_LOG_LEVELS)} (default INFO)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("check", help="validate a config and print the resolved process layout")
@@ -36,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="start the stage processes and the OpenAI-compatible HTTP server")
     p.add_argument("config", help="TOML config file")
     p.add_argument("--host", default=None, help="override [server] host")
-    p.add_argument("--port", type=int, default=None, help="override [server] port")
+    p.add_argument("--port", type=_port, default=None, help="override [server] port (0-65535)")
 
     p = sub.add_parser("generate", help="generate one image offline")
     p.add_argument("--config", required=True, help="TOML config file")
@@ -110,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from runtime.requests import RequestError
 
     try:
@@ -118,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, RequestError) as e:
         print(f"omni-runtime {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as e:  # e.g. an output directory that cannot be written: a message, not a traceback
+        print(f"omni-runtime {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_FAILURE
     except KeyboardInterrupt:
         return 130
 

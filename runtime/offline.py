@@ -61,7 +61,12 @@ def _write_atomic(path: Path, data: bytes) -> None:
 def read_prompts(path: str | Path) -> list[tuple[int, GenerationRequest]]:
     """Parse and validate every line (blank lines are skipped but keep their number)."""
     reqs: list[tuple[int, GenerationRequest]] = []
-    text = Path(path).read_text(encoding="utf-8")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) else f"not UTF-8 text ({e.reason})"
+        raise RequestError(f"prompts file {str(path)!r}: cannot read it ({reason}); allowed: a UTF-8 JSONL "
+                           f"file with one JSON object per line", "prompts") from None
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -83,8 +88,11 @@ def _done_lines(manifest: Path, out_dir: Path) -> set[int]:
             entry = json.loads(line)
         except ValueError:
             continue  # a line cut short by an interruption
-        if isinstance(entry, dict) and all((out_dir / f).exists() for f in entry.get("files", [])):
-            done.add(int(entry["line"]))
+        if not isinstance(entry, dict) or not isinstance(entry.get("line"), int):
+            continue  # not one of ours: redo rather than crash
+        files = entry.get("files")
+        if isinstance(files, list) and files and all((out_dir / str(f)).exists() for f in files):
+            done.add(entry["line"])
     return done
 
 

@@ -29,6 +29,13 @@ DEFAULT_SIZE = "256x256"
 DEFAULT_STEPS = 28
 DEFAULT_GUIDANCE = 3.5
 _SIZE = re.compile(r"^\s*(\d{1,6})\s*[xX]\s*(\d{1,6})\s*$")
+_SHOW_CHARS = 80
+
+
+def show(value: Any) -> str:
+    """``repr(value)`` cut to 80 characters: an error message never echoes a megabyte the client sent."""
+    text = repr(value)
+    return text if len(text) <= _SHOW_CHARS else f"{text[:_SHOW_CHARS]}... ({len(text)} characters)"
 
 
 class RequestError(ValueError):
@@ -63,14 +70,14 @@ _FIELDS = {"prompt", "negative_prompt", "n", "size", "response_format", "user", 
 def parse_size(value: Any, param: str = "size") -> tuple[int, int]:
     """``"WxH"`` -> ``(width, height)``; both multiples of 16 between 16 and 2048."""
     if not isinstance(value, str):
-        raise RequestError(f"{param}={value!r}: must be a string 'WIDTHxHEIGHT', e.g. '256x256'", param)
+        raise RequestError(f"{param}={show(value)}: must be a string 'WIDTHxHEIGHT', e.g. '256x256'", param)
     m = _SIZE.match(value)
     if m is None:
-        raise RequestError(f"{param}={value!r}: must be 'WIDTHxHEIGHT', e.g. '256x256'", param)
+        raise RequestError(f"{param}={show(value)}: must be 'WIDTHxHEIGHT', e.g. '256x256'", param)
     w, h = int(m.group(1)), int(m.group(2))
     for side, v in (("width", w), ("height", h)):
         if not SIDE_MULTIPLE <= v <= MAX_SIDE or v % SIDE_MULTIPLE:
-            raise RequestError(f"{param}={value!r}: {side} {v} must be a multiple of {SIDE_MULTIPLE} "
+            raise RequestError(f"{param}={show(value)}: {side} {v} must be a multiple of {SIDE_MULTIPLE} "
                                f"between {SIDE_MULTIPLE} and {MAX_SIDE}", param)
     return w, h
 
@@ -80,9 +87,9 @@ def _int(raw: dict[str, Any], key: str, default: int, low: int, high: int) -> in
     if v is None:
         return default
     if isinstance(v, bool) or not isinstance(v, int):
-        raise RequestError(f"{key}={v!r}: must be an integer between {low} and {high}", key)
+        raise RequestError(f"{key}={show(v)}: must be an integer between {low} and {high}", key)
     if not low <= v <= high:
-        raise RequestError(f"{key}={v}: must be between {low} and {high}", key)
+        raise RequestError(f"{key}={show(v)}: must be between {low} and {high}", key)
     return v
 
 
@@ -91,9 +98,9 @@ def _float(raw: dict[str, Any], key: str, default: float, low: float, high: floa
     if v is None:
         return default
     if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
-        raise RequestError(f"{key}={v!r}: must be a number between {low:g} and {high:g}", key)
+        raise RequestError(f"{key}={show(v)}: must be a number between {low:g} and {high:g}", key)
     if not low <= v <= high:
-        raise RequestError(f"{key}={v}: must be between {low:g} and {high:g}", key)
+        raise RequestError(f"{key}={show(v)}: must be between {low:g} and {high:g}", key)
     return float(v)
 
 
@@ -104,7 +111,7 @@ def _str(raw: dict[str, Any], key: str, required: bool = False) -> str | None:
             raise RequestError(f"{key} is required: a non-empty string", key)
         return None
     if not isinstance(v, str):
-        raise RequestError(f"{key}={v!r}: must be a string", key)
+        raise RequestError(f"{key}={show(v)}: must be a string", key)
     if len(v) > MAX_PROMPT_CHARS:
         raise RequestError(f"{key} has {len(v)} characters: at most {MAX_PROMPT_CHARS} are allowed", key)
     return v
@@ -124,14 +131,15 @@ def parse_request(raw: Any, *, allow_unknown: bool = True) -> GenerationRequest:
         raise RequestError("prompt is empty: a non-empty string is required", "prompt")
     rf = raw.get("response_format")
     if rf is not None and rf != "b64_json":
-        raise RequestError(f"response_format={rf!r}: only 'b64_json' is supported (this server keeps no "
+        raise RequestError(f"response_format={show(rf)}: only 'b64_json' is supported (this server keeps no "
                            f"image store to serve 'url')", "response_format")
     of = raw.get("output_format")
     if of is not None and of not in OUTPUT_FORMATS:
-        raise RequestError(f"output_format={of!r}: allowed values are {', '.join(OUTPUT_FORMATS)}", "output_format")
+        raise RequestError(f"output_format={show(of)}: allowed values are {', '.join(OUTPUT_FORMATS)}",
+                           "output_format")
     user = raw.get("user")
     if user is not None and not isinstance(user, str):
-        raise RequestError(f"user={user!r}: must be a string", "user")
+        raise RequestError(f"user={show(user)}: must be a string", "user")
     width, height = parse_size(raw["size"] if raw.get("size") is not None else DEFAULT_SIZE)
     seed = raw.get("seed")
     if seed is None:

@@ -122,6 +122,9 @@ def create_app(cfg: RuntimeConfig, orchestrator: Orchestrator | None = None) -> 
         except (ValueError, UnicodeDecodeError) as e:
             return error_response(400, f"the body is not valid JSON: {e}", "invalid_request_error", None,
                                   "invalid_json")
+        except RecursionError:  # e.g. 50,000 nested '[': the parser gives up; it is still the client's mistake
+            return error_response(400, "the body is not valid JSON: nested too deeply", "invalid_request_error",
+                                  None, "invalid_json")
         try:
             req = parse_request(raw)
         except RequestError as e:
