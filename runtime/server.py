@@ -15,6 +15,7 @@ import contextlib
 import hmac
 import json
 import logging
+import socket
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -25,7 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from runtime.config import RuntimeConfig
+from runtime.config import ConfigError, RuntimeConfig
 from runtime.metrics import Metrics
 from runtime.orchestrator import Orchestrator, ServingError
 from runtime.requests import RequestError, parse_request
@@ -181,10 +182,27 @@ def create_app(cfg: RuntimeConfig, orchestrator: Orchestrator | None = None) -> 
     return app
 
 
+def check_listen(host: str, port: int) -> None:
+    """Bind ``host:port`` once and let go, before any stage starts: a busy port or a bad host is one error at
+    once instead of a failure after every stage has loaded. (uvicorn binds for real only when the stages are
+    ready, so clients are refused, not left hanging, until then.)"""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                          flags=socket.AI_PASSIVE)[0]
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+            sock.bind(addr)
+    except OSError as e:
+        raise ConfigError(f"server.host = {host!r}, server.port = {port}: cannot listen there "
+                          f"({e.strerror or e}); allowed: a free port on a local address (--host/--port "
+                          f"override the config)") from None
+
+
 def serve(cfg: RuntimeConfig) -> int:
-    """Run the server until SIGINT/SIGTERM; returns the exit code."""
+    """Run the server until SIGINT/SIGTERM; returns the exit code (1 if the stages never became ready)."""
     import uvicorn
 
+    check_listen(cfg.server.host, cfg.server.port)
     try:
         import setproctitle
 
@@ -197,6 +215,7 @@ def serve(cfg: RuntimeConfig) -> int:
         import uvloop  # noqa: F401
     except ImportError:  # pragma: no cover - Windows
         loop = "asyncio"
-    uvicorn.run(app, host=cfg.server.host, port=cfg.server.port, loop=loop, log_level="info",
-                timeout_graceful_shutdown=5)
-    return 0
+    server = uvicorn.Server(uvicorn.Config(app, host=cfg.server.host, port=cfg.server.port, loop=loop,
+                                           log_level="info", timeout_graceful_shutdown=5))
+    server.run()
+    return 0 if server.started else 1

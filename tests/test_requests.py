@@ -189,3 +189,20 @@ def test_batch_line_errors_name_the_line(tmp_path, capsys):
     assert main(["batch", "--config", DEFAULT, str(prompts), "--out-dir", str(tmp_path / "o"), "--in-process"]) == 2
     assert "p.jsonl line 2: " in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_serve_on_a_busy_port_fails_at_once_before_any_stage(capsys):
+    import socket
+    import time
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        t0 = time.monotonic()
+        assert main(["serve", DEFAULT, "--port", str(port)]) == 2
+        assert time.monotonic() - t0 < 5  # no stage was started (that takes ~10 s on the tiny model)
+    err = capsys.readouterr().err
+    assert f"server.host = '127.0.0.1', server.port = {port}: cannot listen there (Address already in use)" in err
+    assert main(["serve", DEFAULT, "--host", "no.such.host.invalid", "--port", "0"]) == 2
+    assert "server.host = 'no.such.host.invalid'" in capsys.readouterr().err
