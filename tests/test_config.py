@@ -101,3 +101,20 @@ def test_layout_replicas_and_devices(tmp_path):
                              "[stages.denoiser.parallel]\nring = 2\n"))
     den = [r for r in resolve_layout(cfg) if r.stage == "denoiser"]
     assert [[rk.device for rk in r.ranks] for r in den] == [["cuda:3", "cuda:2"], ["cuda:1", "cuda:0"]]
+
+
+def test_default_config_model_is_created_on_first_use(tmp_path, tiny_dir, capsys):
+    from runtime.model_store import ensure_model
+
+    cfg = tmp_path / "configs" / "default.toml"
+    cfg.parent.mkdir()
+    cfg.write_text((ROOT / "configs" / "default.toml").read_text())  # as in a fresh checkout: no models/ yet
+    assert main(["check", str(cfg)]) == 0
+    assert "missing: the embedded tiny model is created there on first use" in capsys.readouterr().out
+    made = ensure_model(load_config(cfg).model.path)
+    assert made == tmp_path / "models" / "tiny-flux"
+    files = sorted(p.relative_to(made) for p in made.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(tiny_dir) for p in tiny_dir.rglob("*") if p.is_file())
+    assert all((made / f).read_bytes() == (tiny_dir / f).read_bytes() for f in files)  # the same seeded model
+    assert sorted(p.name for p in made.parent.iterdir()) == [".tiny-flux.lock", "tiny-flux"]  # no temp dir left
+    assert ensure_model(str(made)) == made
