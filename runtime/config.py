@@ -8,6 +8,8 @@ and what is allowed, e.g. ``stages.denoiser.parallel.ulysses = 0: must be an int
 from __future__ import annotations
 
 import logging
+import math
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -115,6 +117,7 @@ class RuntimeConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 # --- the schema the checker walks: key -> (kind, allowed text) or a nested schema ---------------------------
 
 _INT, _FLOAT, _STR, _DEVICES = "int", "float", "str", "devices"
+_DEVICE = re.compile(r"^(cpu|cuda(:\d+)?|\d+)$")
 
 _STAGE_KEYS: dict[str, Any] = {"replicas": _INT, "max_batch_size": _INT, "batch_timeout_ms": _FLOAT,
                                "devices": _DEVICES}
@@ -153,8 +156,8 @@ def _check_types(raw: dict[str, Any], schema: dict[str, Any], prefix: tuple[str,
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ConfigError(f"{path} = {_describe(value)}: must be an integer")
         elif kind == _FLOAT:
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ConfigError(f"{path} = {_describe(value)}: must be a number")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ConfigError(f"{path} = {_describe(value)}: must be a finite number")
         elif kind == _STR:
             if not isinstance(value, str):
                 raise ConfigError(f"{path} = {_describe(value)}: must be a string")
@@ -163,6 +166,10 @@ def _check_types(raw: dict[str, Any], schema: dict[str, Any], prefix: tuple[str,
                     isinstance(d, str) or (isinstance(d, int) and not isinstance(d, bool)) for d in value):
                 raise ConfigError(f"{path} = {_describe(value)}: must be a list of device names or indices, "
                                   f'e.g. ["cuda:0", "cuda:1"] or [0, 1]')
+            for i, d in enumerate(value):
+                if not (isinstance(d, int) and d >= 0) and not (isinstance(d, str) and _DEVICE.match(d)):
+                    raise ConfigError(f"{path}[{i}] = {_describe(d)}: allowed: 'cpu', 'cuda', 'cuda:N' or a "
+                                      f"CUDA device index N >= 0")
 
 
 def _at_least(path: str, value: float, low: float, what: str = "an integer") -> None:
@@ -227,8 +234,8 @@ def config_from_dict(raw: dict[str, Any], base_dir: Path | None = None, source: 
     _check_types(raw, _SCHEMA, ())
     raw = {**raw, "stages": {k: dict(v) for k, v in raw.get("stages", {}).items()}}
     for st in raw["stages"].values():
-        if "devices" in st:
-            st["devices"] = [str(d) for d in st["devices"]]
+        if "devices" in st:  # an index N (or "N") names CUDA device N
+            st["devices"] = [f"cuda:{d}" if str(d).isdigit() else d for d in st["devices"]]
     try:
         cfg = msgspec.convert(raw, RuntimeConfig, strict=False)
     except msgspec.ValidationError as e:  # the walk above should have caught everything; keep the message

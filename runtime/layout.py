@@ -43,9 +43,8 @@ def denoiser_groups(ulysses: int, ring: int, cfg: int, pp: int) -> list[dict[str
 
 def _device_for(cfg: RuntimeConfig, stage: str, index: int) -> str:
     devices = cfg.stages.get(stage).devices
-    if devices:
-        d = devices[index]
-        return f"cuda:{d}" if d.isdigit() else d
+    if devices:  # the config has normalized indices to "cuda:N"
+        return devices[index]
     return cfg.model.device if cfg.model.device == "cpu" else f"cuda:{index}"
 
 

@@ -40,7 +40,7 @@ def test_relative_model_path_resolves_against_the_config_dir(tmp_path):
 @pytest.mark.parametrize("extra, path, value_text, allowed", [
     ("[stages.denoiser.parallel]\nulysess = 2\n", "stages.denoiser.parallel.ulysess", "2", "allowed keys here"),
     ("[server]\nport = \"80\"\n", "server.port", "'80'", "must be an integer"),
-    ("[stages.vae]\nbatch_timeout_ms = true\n", "stages.vae.batch_timeout_ms", "True", "must be a number"),
+    ("[stages.vae]\nbatch_timeout_ms = true\n", "stages.vae.batch_timeout_ms", "True", "must be a finite number"),
     ("[stages.denoiser.parallel]\nulysses = 0\n", "stages.denoiser.parallel.ulysses", "0", ">= 1"),
     ("[stages.text_encoder]\nreplicas = -1\n", "stages.text_encoder.replicas", "-1", ">= 1"),
     ("[server]\nport = 70000\n", "server.port", "70000", "between 0 and 65535"),
@@ -52,7 +52,14 @@ def test_relative_model_path_resolves_against_the_config_dir(tmp_path):
     ("[stages.denoiser.parallel]\nulysses = 2\nhsdp_shard = 3\n", "stages.denoiser.parallel.hsdp_shard", "3",
      "must equal the denoiser world size"),
     ("[stages.denoiser]\ndevices = [0]\n[stages.denoiser.parallel]\nulysses = 2\n", "stages.denoiser.devices",
-     "['0']", "need exactly 2"),
+     "['cuda:0']", "need exactly 2"),
+    ("[stages.vae]\ndevices = [0]\n", "stages.vae.devices", "['cuda:0']", "CUDA devices with model.device = 'cpu'"),
+    ("[stages.vae]\ndevices = ['cpu', 'gpu0']\n", "stages.vae.devices[1]", "'gpu0' (str)", "'cuda:N'"),
+    ("[stages.vae]\ndevices = [-1]\n", "stages.vae.devices[0]", "-1 (int)", "index N >= 0"),
+    ("[server]\nrequest_timeout_s = nan\n", "server.request_timeout_s", "nan", "must be a finite number"),
+    ("[stages.text_encoder]\nbatch_timeout_ms = inf\n", "stages.text_encoder.batch_timeout_ms", "inf", "finite"),
+    ("[server]\nport = 80.0\n", "server.port", "80.0 (float)", "must be an integer"),
+    ("[stages.denoiser]\nparallel = 2\n", "stages.denoiser.parallel", "2 (int)", "must be a table"),
 ])
 def test_each_mistake_is_one_error_naming_the_key(tmp_path, extra, path, value_text, allowed):
     with pytest.raises(ConfigError) as e:
@@ -66,6 +73,8 @@ def test_each_mistake_is_one_error_naming_the_key(tmp_path, extra, path, value_t
 
 
 def test_missing_model_path_and_unknown_table(tmp_path):
+    with pytest.raises(ConfigError, match=r"^model = 'x' \(str\): must be a table \[model\]$"):
+        load_config(_write(tmp_path, "model = 'x'\n"))
     with pytest.raises(ConfigError, match=r"^model\.path: missing"):
         load_config(_write(tmp_path, "[model]\ndtype = 'float32'\n"))
     with pytest.raises(ConfigError, match=r"^stages\.decoder: unknown key.*allowed keys here: denoiser, "
