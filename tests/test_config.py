@@ -127,3 +127,20 @@ def test_default_config_model_is_created_on_first_use(tmp_path, tiny_dir, capsys
     assert all((made / f).read_bytes() == (tiny_dir / f).read_bytes() for f in files)  # the same seeded model
     assert sorted(p.name for p in made.parent.iterdir()) == [".tiny-flux.lock", "tiny-flux"]  # no temp dir left
     assert ensure_model(str(made)) == made
+
+
+def test_usage_doc_config_block_lists_every_key_with_its_default():
+    import re
+
+    import msgspec
+    import tomllib
+
+    from runtime.config import ModelConfig, RuntimeConfig
+
+    doc = (ROOT / "docs" / "USAGE.md").read_text()
+    raw = tomllib.loads(re.search(r"```toml\n(.*?)```", doc, re.S).group(1))
+    raw["stages"]["denoiser"] = dict(raw["stages"]["text_encoder"], parallel=raw["stages"]["denoiser"]["parallel"])
+    raw["stages"]["vae"] = dict(raw["stages"]["text_encoder"], parallel=raw["stages"]["vae"]["parallel"])
+    documented = msgspec.to_builtins(msgspec.convert(raw, RuntimeConfig))
+    defaults = msgspec.to_builtins(RuntimeConfig(model=ModelConfig(path=raw["model"]["path"])))
+    assert documented == defaults  # every key of the code is in the doc, with the code's default
