@@ -206,3 +206,31 @@ def test_serve_on_a_busy_port_fails_at_once_before_any_stage(capsys):
     assert f"server.host = '127.0.0.1', server.port = {port}: cannot listen there (Address already in use)" in err
     assert main(["serve", DEFAULT, "--host", "no.such.host.invalid", "--port", "0"]) == 2
     assert "server.host = 'no.such.host.invalid'" in capsys.readouterr().err
+
+
+def test_http_maps_serving_errors_to_openai_bodies(client):
+    from runtime.orchestrator import DeadlineExceeded, Overloaded, StageUnavailable
+
+    raised = [Overloaded("stage denoiser queue is full", retry_after=3),
+              StageUnavailable("stage denoiser[0] died"), DeadlineExceeded("deadline of 600 s passed"),
+              ZeroDivisionError("a bug")]
+
+    async def failing(req):
+        raise raised.pop(0)
+
+    client.stub.generate = failing
+    got = []
+    for _ in range(4):
+        r = client.post("/v1/images/generations", json={"prompt": "x"})
+        err = r.json()["error"]
+        got.append((r.status_code, r.headers.get("retry-after"), err["type"], err["code"], err["message"]))
+    assert got == [
+        (429, "3", "rate_limit_error", "queue_full", "stage denoiser queue is full"),
+        (503, None, "server_error", "stage_unavailable", "stage denoiser[0] died"),
+        (504, None, "timeout_error", "deadline_exceeded", "deadline of 600 s passed"),
+        (500, None, "server_error", "internal_error", "internal error: ZeroDivisionError: a bug"),
+    ]
+    metrics = client.get("/metrics").text
+    for status in ("429", "503", "504", "500"):
+        assert f'omni_requests_total{{status="{status}"}} 1.0' in metrics
+    assert 'omni_errors_total{kind="internal_error",stage="http"} 1.0' in metrics
