@@ -60,9 +60,9 @@ class ReplicaProcs:
         port = free_port()
         parallel = (msgspec.structs.asdict(cfg.stages.denoiser.parallel) if self.stage == "denoiser"
                     else {"patch": cfg.stages.vae.parallel.patch} if self.stage == "vae" else {})
-        # One request passes the stages one after another, so each stage may use every core (split among its
-        # own ranks); under load the stages overlap and share them.
-        threads = max(1, (os.cpu_count() or 1) // ws)
+        threads = stage_threads(self.stage, ws, _cpus())
+        nxt = STAGE_NAMES.index(self.stage) + 1
+        pool = nxt < len(STAGE_NAMES) and cfg.stages.get(STAGE_NAMES[nxt]).world_size == 1
         self.procs = []
         for rank in range(ws):
             spec = WorkerSpec(
@@ -72,6 +72,7 @@ class ReplicaProcs:
                 in_addr=self.in_addr, out_addr=self.launcher.result_addr,
                 max_batch_size=st.max_batch_size, batch_timeout_ms=st.batch_timeout_ms,
                 instance=self.launcher.instance, parent_pid=os.getpid(), parallel=parallel, threads=threads,
+                pool_outputs=pool,
                 log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel()))
             p = _CTX.Process(target=worker_main, args=(msgspec.msgpack.encode(spec),),
                              name=f"{self.label}-rank{rank}", daemon=True)
@@ -116,6 +117,22 @@ class ReplicaProcs:
         for p in self.procs:
             p.join(timeout=max(0.0, end - time.monotonic()))
         self.kill()
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def stage_threads(stage: str, world_size: int, cpus: int) -> int:
+    """torch threads of one rank of ``stage``. The denoiser is ~90% of a request's compute: its ranks split every
+    core. The text encoder and the VAE are short and, under load, run while the denoiser does, so they get half of
+    the cores (at least one): with every stage on every core, their OpenMP teams preempt the denoiser's and a
+    stalled thread holds up its whole team at each barrier."""
+    share = max(1, cpus // world_size)
+    return share if stage == "denoiser" else max(1, share // 2)
 
 
 def _running(pid: int | None) -> bool:

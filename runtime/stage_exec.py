@@ -2,12 +2,16 @@
 inputs and outputs moved through ``comm.shm_tensor`` handles.
 
 Every rank of a replica runs :meth:`StageExecutor.run` on the same batch (their collectives pair up); only the
-driver publishes what it returns. Inputs are released (unlinked) by the driver after the batch.
+driver publishes what it returns. Inputs are released by the driver after the batch; every executor copies
+its inputs out of shm (``torch.stack``) before computing, so when the next stage has a single rank (its driver is
+the one reader) the producer may publish through a :class:`comm.shm_tensor.ShmPool` (:meth:`StageExecutor.use_pool`,
+chosen by the launcher).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -23,6 +27,13 @@ class StageExecutor:
     """Loads one stage and turns a batch into one output per item (a ShmHandle, or image bytes for the VAE)."""
 
     name = ""
+    #: How outputs go to shm: a plain ``put`` (a fresh segment per output) or a pool's ``put``.
+    put: Callable[[Any], shm_tensor.ShmHandle] = staticmethod(shm_tensor.put)
+
+    def use_pool(self, pool: shm_tensor.ShmPool) -> None:
+        """Publish outputs through ``pool`` (reused segments: no page zeroing per hop). Only valid when the next
+        stage has exactly one reader per handle, its driver, which releases it after copying it."""
+        self.put = pool.put
 
     def batch_key(self, w: Work) -> tuple:
         return ()
@@ -51,7 +62,7 @@ class TextEncoderExecutor(StageExecutor):
                 j = neg_idx.index(i)
                 d["negative_prompt_embeds"] = neg["prompt_embeds"][j]
                 d["negative_pooled_prompt_embeds"] = neg["pooled_prompt_embeds"][j]
-            outs.append(shm_tensor.put(d) if publish else None)
+            outs.append(self.put(d) if publish else None)
         return outs
 
 
@@ -81,7 +92,7 @@ class DenoiserExecutor(StageExecutor):
                 negative_prompt_embeds=t.get("negative_prompt_embeds"),
                 negative_pooled_prompt_embeds=t.get("negative_pooled_prompt_embeds")))
         latents = self.stage.denoise(reqs)
-        return [shm_tensor.put(x.contiguous()) if publish else None for x in latents]
+        return [self.put(x.contiguous()) if publish else None for x in latents]
 
 
 class VaeExecutor(StageExecutor):

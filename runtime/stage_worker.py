@@ -39,6 +39,7 @@ class WorkerSpec(msgspec.Struct, kw_only=True):
     parent_pid: int
     parallel: dict[str, int]
     threads: int = 1
+    pool_outputs: bool = False  # publish through a ShmPool (the next stage has one rank, the sole reader)
     log_level: str = "INFO"
 
 
@@ -101,10 +102,14 @@ def worker_main(spec_bytes: bytes) -> None:
     if spec.world_size > 1:
         _init_distributed(spec)
 
+    from comm import shm_tensor
     from runtime.rank_fanout import RankFanout
     from runtime.stage_exec import EXECUTORS
 
     executor = EXECUTORS[spec.stage](spec.model_path, spec.dtype, spec.device)
+    pool = shm_tensor.ShmPool(max_bytes=256 << 20) if spec.pool_outputs and spec.rank == 0 else None
+    if pool is not None:
+        executor.use_pool(pool)
     fanout = RankFanout(spec.rank, spec.world_size)
     if spec.world_size > 1:
         import torch.distributed as dist
@@ -116,8 +121,8 @@ def worker_main(spec_bytes: bytes) -> None:
     else:
         _follow(executor, fanout)
     fanout.close()
-    from comm import shm_tensor
-
+    if pool is not None:
+        pool.close()
     shm_tensor.shutdown()
     logger.info("stopped")
 

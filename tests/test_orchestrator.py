@@ -81,3 +81,37 @@ def test_deadline_fails_the_request_and_serving_continues(monkeypatch):
                 assert time.monotonic() < end
     assert [n for n in os.listdir("/dev/shm") if n.startswith(f"omni_orchdl{os.getpid()}-")] == []
     assert _ours() == []
+
+
+@pytest.mark.parametrize(("stage", "world_size", "cpus", "expected"), [
+    ("denoiser", 1, 2, 2), ("text_encoder", 1, 2, 1), ("vae", 1, 2, 1),
+    ("denoiser", 2, 16, 8), ("vae", 2, 16, 4), ("text_encoder", 1, 1, 1), ("denoiser", 4, 2, 1)])
+def test_stage_threads_give_the_denoiser_every_core_and_the_light_stages_half(stage, world_size, cpus, expected):
+    from runtime.launcher import stage_threads
+
+    assert stage_threads(stage, world_size, cpus) == expected
+
+
+def test_pooled_executor_output_reuses_its_segment_once_the_consumer_released_it():
+    import torch
+
+    from comm import shm_tensor
+    from runtime.stage_exec import StageExecutor
+
+    ex, pool = StageExecutor(), shm_tensor.ShmPool()
+    try:
+        assert ex.put is shm_tensor.put  # a plain segment per output unless the launcher asks for the pool
+        ex.use_pool(pool)
+        h1 = ex.put(torch.arange(6.0))
+        assert h1.pooled
+        assert torch.equal(shm_tensor.get(h1), torch.arange(6.0))
+        assert shm_tensor.release(h1)
+        h2 = ex.put(torch.ones(6))
+        assert (h2.name, h2.generation) == (h1.name, h1.generation + 1)
+        assert torch.equal(shm_tensor.get(h2), torch.ones(6))
+        with pytest.raises(shm_tensor.ShmHandleError, match="stale handle"):
+            shm_tensor.get(h1)
+        shm_tensor.release(h2)
+    finally:
+        pool.close()
+    assert not any(h1.name in s for s in shm_tensor.list_segments())

@@ -79,6 +79,20 @@ class Server:
     def shm_entries(self) -> list[str]:
         return sorted(n for n in os.listdir("/dev/shm") if n.startswith(f"omni_{self.instance}-"))
 
+    def held_shm_entries(self) -> list[str]:
+        """Segments still held by a request: every one but the free segments a stage's ShmPool keeps for reuse
+        (header state byte 2 = released; see ``comm.shm_tensor``)."""
+        held = []
+        for n in self.shm_entries():
+            try:
+                with open(f"/dev/shm/{n}", "rb") as f:
+                    head = f.read(5)
+            except FileNotFoundError:
+                continue
+            if head[:4] != b"OMNI" or head[4] != 2:
+                held.append(n)
+        return held
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
         """Signal the server, wait for it; kill it (and every descendant) if it does not exit."""
         if self.proc.poll() is None:
