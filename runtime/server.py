@@ -217,5 +217,13 @@ def serve(cfg: RuntimeConfig) -> int:
         loop = "asyncio"
     server = uvicorn.Server(uvicorn.Config(app, host=cfg.server.host, port=cfg.server.port, loop=loop,
                                            log_level="info", timeout_graceful_shutdown=5))
-    server.run()
-    return 0 if server.started else 1
+    try:
+        server.run()
+    except SystemExit:  # uvicorn exits with 3 when the lifespan startup (the stages) or the bind failed
+        if server.started:
+            raise
+    if not server.started:
+        logger.error("not serving: the stage processes did not become ready or %s:%d could not be bound; "
+                     "the log lines above say why", cfg.server.host, cfg.server.port)
+        return 1
+    return 0

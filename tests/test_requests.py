@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -234,3 +235,21 @@ def test_http_maps_serving_errors_to_openai_bodies(client):
     for status in ("429", "503", "504", "500"):
         assert f'omni_requests_total{{status="{status}"}} 1.0' in metrics
     assert 'omni_errors_total{kind="internal_error",stage="http"} 1.0' in metrics
+
+
+def test_serve_returns_1_with_one_line_when_the_stages_never_become_ready(monkeypatch, caplog):
+    import runtime.server
+    from runtime.orchestrator import StageUnavailable
+
+    class NeverReady(StubOrchestrator):
+        def __init__(self, cfg, metrics) -> None:
+            super().__init__()
+
+        async def start(self) -> None:
+            raise StageUnavailable("stage vae: vae[0] rank 0 exited with code 1 while starting")
+
+    monkeypatch.setattr(runtime.server, "Orchestrator", NeverReady)
+    monkeypatch.setitem(sys.modules, "setproctitle", None)  # keep pytest's own process title
+    cfg = config_from_dict({"model": {"path": "/nowhere/tiny-flux"}, "server": {"port": 0}})
+    assert runtime.server.serve(cfg) == 1  # was uvicorn's SystemExit(3)
+    assert "not serving: the stage processes did not become ready" in caplog.text
