@@ -73,7 +73,9 @@ def read_prompts(path: str | Path) -> list[tuple[int, GenerationRequest]]:
         try:
             obj = json.loads(line)
             reqs.append((lineno, parse_request(obj, allow_unknown=False)))
-        except ValueError as e:
+        except RecursionError:
+            raise RequestError(f"{path} line {lineno}: not valid JSON: nested too deeply", None) from None
+        except ValueError as e:  # bad JSON or a bad field (RequestError names it)
             param = getattr(e, "param", None)
             raise RequestError(f"{path} line {lineno}: {e}", param) from None
     return reqs

@@ -189,6 +189,9 @@ def test_batch_line_errors_name_the_line(tmp_path, capsys):
     prompts.write_text('{"prompt": "ok"}\n{"prompt": "x",\n')
     assert main(["batch", "--config", DEFAULT, str(prompts), "--out-dir", str(tmp_path / "o"), "--in-process"]) == 2
     assert "p.jsonl line 2: " in capsys.readouterr().err
+    prompts.write_text('{"prompt": "ok"}\n' + "[" * 50_000 + "\n")
+    assert main(["batch", "--config", DEFAULT, str(prompts), "--out-dir", str(tmp_path / "o"), "--in-process"]) == 2
+    assert "p.jsonl line 2: not valid JSON: nested too deeply" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 
