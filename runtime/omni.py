@@ -68,7 +68,10 @@ class Omni:
     # ------------------------------------------------------------------ generation
 
     def submit(self, req: GenerationRequest) -> concurrent.futures.Future:
-        """Start a request; the future resolves to the encoded images (``req.output_format``)."""
+        """Start a request; the future resolves to the encoded images (``req.output_format``).
+
+        In-process there is no concurrency: the request runs here, before the (already resolved) future returns.
+        """
         if self._orch is None:
             fut: concurrent.futures.Future = concurrent.futures.Future()
             try:
