@@ -59,6 +59,9 @@ class Omni:
         self._thread = threading.Thread(target=self._loop.run_forever, name="omni-loop", daemon=True)
         self._thread.start()
         self._orch = Orchestrator(self.cfg)
+        # A script that never calls close() still stops its ranks and frees their shm at exit. threading's exit
+        # hooks run before concurrent.futures refuses new work (which the shutdown needs); atexit runs after.
+        threading._register_atexit(self.close)
         try:
             asyncio.run_coroutine_threadsafe(self._orch.start(), self._loop).result()
         except BaseException:
@@ -99,7 +102,7 @@ class Omni:
     # ------------------------------------------------------------------ lifetime
 
     def close(self) -> None:
-        """Stop the stage processes (no orphans, no shm left behind)."""
+        """Stop the stage processes (no orphans, no shm left behind); also runs at interpreter exit."""
         if self._loop is not None:
             if self._orch is not None:
                 asyncio.run_coroutine_threadsafe(self._orch.shutdown(), self._loop).result(timeout=60)

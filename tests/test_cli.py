@@ -35,3 +35,31 @@ def test_generate_through_stage_processes_matches_in_process(tmp_path):
     got = np.asarray(Image.open(out))
     assert got.shape == (64, 48, 3) and np.array_equal(got, np.asarray(ref))
     assert [n for n in os.listdir("/dev/shm") if n.startswith(f"omni_{instance}-")] == []
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.timeout(200)
+def test_omni_never_closed_still_cleans_up_at_exit(tmp_path):
+    import psutil
+
+    script = tmp_path / "noclose.py"
+    script.write_text("import os\nfrom runtime import Omni\nif __name__ == '__main__':\n"
+                      "    o = Omni('configs/default.toml')\n"
+                      "    print(os.getpid(), len(o.generate('x', size='32x32', num_inference_steps=1)))\n")
+    instance = f"noclose{os.getpid()}"
+    proc = subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "OMNI_RUNTIME_INSTANCE": instance, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    pid, count = map(int, proc.stdout.split())
+    assert count == 1
+    assert [n for n in os.listdir("/dev/shm") if n.startswith(f"omni_{instance}-")] == []  # leaked 2 before
+    assert "leaked" not in proc.stderr
+    ours = []
+    for p in psutil.process_iter():
+        try:
+            if p.environ().get("OMNI_RUNTIME_INSTANCE") == instance:
+                ours.append(p.pid)
+        except psutil.Error:
+            pass
+    assert ours == []  # no rank process outlived the script
