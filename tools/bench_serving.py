@@ -132,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--quick", action="store_true", help="fewer repeats and requests")
+    p.add_argument("--max-batch", type=int, default=8, help="every stage's max_batch_size (8: the default config)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     repeats = 2 if args.quick else args.repeats
@@ -140,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     model = _ensure_model(args.preset)
     base = bench_diffusers(model, body, repeats)
     base_lat = statistics.median(base)
-    server = _Server(model, max_batch=16)
+    server = _Server(model, max_batch=args.max_batch)
     try:
         server.post(body)  # warm-up
         m0 = server.metrics()
