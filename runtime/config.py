@@ -76,6 +76,7 @@ class StageConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_batch_size: int = 8
     batch_timeout_ms: float = 5.0
     devices: list[str] = msgspec.field(default_factory=list)
+    threads: int = 0  # torch threads per rank; 0 = auto (the stage's ranks split the cores)
 
     @property
     def world_size(self) -> int:
@@ -120,7 +121,7 @@ _INT, _FLOAT, _STR, _DEVICES = "int", "float", "str", "devices"
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?|\d+)$")
 
 _STAGE_KEYS: dict[str, Any] = {"replicas": _INT, "max_batch_size": _INT, "batch_timeout_ms": _FLOAT,
-                               "devices": _DEVICES}
+                               "devices": _DEVICES, "threads": _INT}
 _SCHEMA: dict[str, Any] = {
     "model": {"path": _STR, "dtype": _STR, "device": _STR},
     "server": {"host": _STR, "port": _INT, "api_key": _STR, "max_queue": _INT, "request_timeout_s": _FLOAT},
@@ -195,6 +196,7 @@ def _check_values(cfg: RuntimeConfig) -> None:
         base = f"stages.{name}"
         _at_least(f"{base}.replicas", st.replicas, 1)
         _at_least(f"{base}.max_batch_size", st.max_batch_size, 1)
+        _at_least(f"{base}.threads", st.threads, 0)
         _at_least(f"{base}.batch_timeout_ms", st.batch_timeout_ms, 0, "a number")
     par = cfg.stages.denoiser.parallel
     for key in DenoiserParallelConfig.__struct_fields__:

@@ -60,7 +60,7 @@ class ReplicaProcs:
         port = free_port()
         parallel = (msgspec.structs.asdict(cfg.stages.denoiser.parallel) if self.stage == "denoiser"
                     else {"patch": cfg.stages.vae.parallel.patch} if self.stage == "vae" else {})
-        threads = stage_threads(self.stage, ws, _cpus())
+        threads = stage_threads(ws, _cpus(), st.threads)
         nxt = STAGE_NAMES.index(self.stage) + 1
         pool = nxt < len(STAGE_NAMES) and cfg.stages.get(STAGE_NAMES[nxt]).world_size == 1
         self.procs = []
@@ -126,13 +126,16 @@ def _cpus() -> int:
         return os.cpu_count() or 1
 
 
-def stage_threads(stage: str, world_size: int, cpus: int) -> int:
-    """torch threads of one rank of ``stage``. The denoiser is ~90% of a request's compute: its ranks split every
-    core. The text encoder and the VAE are short and, under load, run while the denoiser does, so they get half of
-    the cores (at least one): with every stage on every core, their OpenMP teams preempt the denoiser's and a
-    stalled thread holds up its whole team at each barrier."""
-    share = max(1, cpus // world_size)
-    return share if stage == "denoiser" else max(1, share // 2)
+def stage_threads(world_size: int, cpus: int, configured: int = 0) -> int:
+    """torch threads of one rank: ``stages.<name>.threads`` when set, else the stage's ranks split every core.
+
+    Every stage gets every core by default: stages mostly run one after another for a request, and on 2 cores
+    giving the text encoder and VAE one thread each cost ~50 ms of latency per request while throughput at 16
+    clients stayed within the run-to-run noise (docs/BENCHMARKS.md). Under heavy concurrent load the stages'
+    OpenMP teams can oversubscribe the cores; then set ``threads`` per stage."""
+    if configured > 0:
+        return configured
+    return max(1, cpus // world_size)
 
 
 def _running(pid: int | None) -> bool:

@@ -43,6 +43,8 @@ def test_relative_model_path_resolves_against_the_config_dir(tmp_path):
     ("[stages.vae]\nbatch_timeout_ms = true\n", "stages.vae.batch_timeout_ms", "True", "must be a finite number"),
     ("[stages.denoiser.parallel]\nulysses = 0\n", "stages.denoiser.parallel.ulysses", "0", ">= 1"),
     ("[stages.text_encoder]\nreplicas = -1\n", "stages.text_encoder.replicas", "-1", ">= 1"),
+    ("[stages.vae]\nthreads = -2\n", "stages.vae.threads", "-2", ">= 0"),
+    ("[stages.vae]\nthreads = 1.5\n", "stages.vae.threads", "1.5", "must be an integer"),
     ("[server]\nport = 70000\n", "server.port", "70000", "between 0 and 65535"),
     ("[model]\n", "model", "", "table"),  # duplicate table: TOML error is reported with the file
     ("[stages.denoiser.parallel]\ncfg = 3\n", "stages.denoiser.parallel.cfg", "3", "1 or 2"),

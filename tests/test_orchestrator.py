@@ -83,13 +83,12 @@ def test_deadline_fails_the_request_and_serving_continues(monkeypatch):
     assert _ours() == []
 
 
-@pytest.mark.parametrize(("stage", "world_size", "cpus", "expected"), [
-    ("denoiser", 1, 2, 2), ("text_encoder", 1, 2, 1), ("vae", 1, 2, 1),
-    ("denoiser", 2, 16, 8), ("vae", 2, 16, 4), ("text_encoder", 1, 1, 1), ("denoiser", 4, 2, 1)])
-def test_stage_threads_give_the_denoiser_every_core_and_the_light_stages_half(stage, world_size, cpus, expected):
+@pytest.mark.parametrize(("world_size", "cpus", "configured", "expected"), [
+    (1, 2, 0, 2), (2, 16, 0, 8), (4, 2, 0, 1), (1, 1, 0, 1), (1, 2, 1, 1), (2, 16, 3, 3)])
+def test_stage_threads_split_the_cores_unless_configured(world_size, cpus, configured, expected):
     from runtime.launcher import stage_threads
 
-    assert stage_threads(stage, world_size, cpus) == expected
+    assert stage_threads(world_size, cpus, configured) == expected
 
 
 def test_pooled_executor_output_reuses_its_segment_once_the_consumer_released_it():
