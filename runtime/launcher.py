@@ -21,7 +21,9 @@ from pathlib import Path
 import msgspec
 import psutil
 
+from comm.shm_tensor import pid_alive
 from runtime.config import STAGE_NAMES, RuntimeConfig
+from runtime.layout import device_for
 from runtime.stage_worker import WorkerSpec, worker_main
 
 logger = logging.getLogger(__name__)
@@ -68,7 +70,7 @@ class ReplicaProcs:
             spec = WorkerSpec(
                 stage=self.stage, replica=self.replica, rank=rank, world_size=ws, master_port=port,
                 model_path=cfg.model.path, dtype=cfg.model.dtype,
-                device=_device(cfg, self.stage, self.replica * ws + rank),
+                device=device_for(cfg, self.stage, self.replica * ws + rank),
                 in_addr=self.in_addr, out_addr=self.launcher.result_addr,
                 max_batch_size=st.max_batch_size, batch_timeout_ms=st.batch_timeout_ms,
                 instance=self.launcher.instance, parent_pid=os.getpid(), parallel=parallel, threads=threads,
@@ -83,7 +85,7 @@ class ReplicaProcs:
     def dead_rank(self) -> tuple[int, int | None] | None:
         """(rank, exit code) of the first rank process that is gone, or None while all run."""
         for r, p in enumerate(self.procs):
-            if p.exitcode is not None or not _running(p.pid):
+            if p.exitcode is not None or p.pid is None or not pid_alive(p.pid):
                 return r, p.exitcode
         return None
 
@@ -136,29 +138,6 @@ def stage_threads(world_size: int, cpus: int, configured: int = 0) -> int:
     if configured > 0:
         return configured
     return max(1, cpus // world_size)
-
-
-def _running(pid: int | None) -> bool:
-    """True while ``pid`` runs. Reads /proc directly: a SIGKILLed rank is a zombie until the forkserver (its
-    parent) reaps it, which on a loaded machine can take seconds; ``Process.is_alive`` waits for that."""
-    if pid is None:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        return False
-    except OSError:
-        return True
-    return data[data.rindex(b")") + 2:data.rindex(b")") + 3] not in (b"Z", b"X")
-
-
-def _device(cfg: RuntimeConfig, stage: str, index: int) -> str:
-    devices = cfg.stages.get(stage).devices
-    if devices:
-        d = devices[index]
-        return f"cuda:{d}" if d.isdigit() else d
-    return "cpu" if cfg.model.device == "cpu" else f"cuda:{index}"
 
 
 class Launcher:

@@ -41,7 +41,8 @@ def denoiser_groups(ulysses: int, ring: int, cfg: int, pp: int) -> list[dict[str
     return [{n: next(list(g) for g in all_groups[n] if r in g) for n in names} for r in range(world)]
 
 
-def _device_for(cfg: RuntimeConfig, stage: str, index: int) -> str:
+def device_for(cfg: RuntimeConfig, stage: str, index: int) -> str:
+    """The device of global rank ``index`` of ``stage`` (replica-major): what ``check`` prints and the launcher uses."""
     devices = cfg.stages.get(stage).devices
     if devices:  # the config has normalized indices to "cuda:N"
         return devices[index]
@@ -62,7 +63,7 @@ def resolve_layout(cfg: RuntimeConfig) -> list[ReplicaLayout]:
         else:
             groups = [{"world": [0]}]
         for rep in range(st.replicas):
-            ranks = [RankLayout(rank=r, device=_device_for(cfg, stage, rep * ws + r), groups=groups[r])
+            ranks = [RankLayout(rank=r, device=device_for(cfg, stage, rep * ws + r), groups=groups[r])
                      for r in range(ws)]
             out.append(ReplicaLayout(stage=stage, replica=rep, world_size=ws, ranks=ranks))
     return out
