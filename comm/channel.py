@@ -48,8 +48,8 @@ from typing import Any, TypeVar
 import zmq
 import zmq.asyncio
 
-from comm import serde
-from comm.shm_tensor import instance_id
+from omni_runtime.comm import serde
+from omni_runtime.comm.shm_tensor import instance_id
 
 logger = logging.getLogger(__name__)
 

@@ -124,8 +124,8 @@ from typing import Any
 import msgspec
 import zmq
 
-from comm import serde
-from comm.shm_tensor import instance_prefix, pid_alive
+from omni_runtime.comm import serde
+from omni_runtime.comm.shm_tensor import instance_prefix, pid_alive
 
 logger = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from comm.serde import decode_from_bytes, encode_to_bytes
+from omni_runtime.comm.serde import decode_from_bytes, encode_to_bytes
 
 logger = logging.getLogger(__name__)
 

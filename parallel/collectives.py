@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
 if TYPE_CHECKING:
-    from parallel.group_coordinator import GroupCoordinator
+    from omni_runtime.parallel.group_coordinator import GroupCoordinator
 
 logger = logging.getLogger(__name__)
 

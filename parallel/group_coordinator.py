@@ -29,9 +29,9 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
-from comm.serde import decode_from_bytes as _decode_bytes
-from comm.serde import encode_to_bytes as _encode_bytes
-from parallel.device_communicator import DeviceCommunicatorBase, all_gather_single
+from omni_runtime.comm.serde import decode_from_bytes as _decode_bytes
+from omni_runtime.comm.serde import encode_to_bytes as _encode_bytes
+from omni_runtime.parallel.device_communicator import DeviceCommunicatorBase, all_gather_single
 
 logger = logging.getLogger(__name__)
 
@@ -456,7 +456,7 @@ class GroupCoordinator:
 
         Ranks on rank 0's node read the shared-memory ring; others attach as remote (ZMQ) readers.
         """
-        from comm.shm_broadcast import MessageQueue
+        from omni_runtime.comm.shm_broadcast import MessageQueue
 
         self.mq_broadcaster = MessageQueue.create_from_process_group(self.cpu_group, writer_rank=0)
 

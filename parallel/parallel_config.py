@@ -221,7 +221,7 @@ class SequenceParallelConfig:
         With a live mesh this config becomes :func:`parallel.state.get_sequence_parallel_config`
         (so ``convert_to_fp32`` reaches the attention code).
         """
-        from parallel import state
+        from omni_runtime.parallel import state
 
         if state.model_parallel_is_initialized():
             live = (state.get_ulysses_parallel_world_size(), state.get_ring_parallel_world_size())
@@ -246,33 +246,33 @@ class SequenceParallelConfig:
             raise RuntimeError("SequenceParallelConfig.setup() has not been called")
 
     def get_world_size(self) -> int:
-        from parallel import state
+        from omni_runtime.parallel import state
 
         self._require_setup()
         return state.get_sequence_parallel_world_size()
 
     def get_rank(self) -> int:
-        from parallel import state
+        from omni_runtime.parallel import state
 
         self._require_setup()
         return state.get_sequence_parallel_rank()
 
     def get_ulysses_world_size(self) -> int:
-        from parallel import state
+        from omni_runtime.parallel import state
 
         return state.get_ulysses_parallel_world_size()
 
     def get_ulysses_rank(self) -> int:
-        from parallel import state
+        from omni_runtime.parallel import state
 
         return state.get_ulysses_parallel_rank()
 
     def get_ring_world_size(self) -> int:
-        from parallel import state
+        from omni_runtime.parallel import state
 
         return state.get_ring_parallel_world_size()
 
     def get_ring_rank(self) -> int:
-        from parallel import state
+        from omni_runtime.parallel import state
 
         return state.get_ring_parallel_rank()

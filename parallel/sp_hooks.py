@@ -18,8 +18,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from parallel.attention.sp_context import SPForwardContext, pop_sp_forward_context, push_sp_forward_context
-from parallel.sp_plan import (
+from omni_runtime.parallel.attention.sp_context import (
+    SPForwardContext,
+    pop_sp_forward_context,
+    push_sp_forward_context,
+)
+from omni_runtime.parallel.sp_plan import (
     SequenceParallelInput,
     SequenceParallelModelPlan,
     SequenceParallelOutput,
@@ -29,8 +33,8 @@ from parallel.sp_plan import (
     resolve_module_path,
     validate_sp_plan,
 )
-from parallel.sp_sharding import ShardingValidator, shard_offset, shard_sizes, sp_gather
-from parallel.utils import pad_dim
+from omni_runtime.parallel.sp_sharding import ShardingValidator, shard_offset, shard_sizes, sp_gather
+from omni_runtime.parallel.utils import pad_dim
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +52,7 @@ class _Run:
 
 
 def _group():
-    from parallel.state import get_sp_group
+    from omni_runtime.parallel.state import get_sp_group
 
     return get_sp_group()
 

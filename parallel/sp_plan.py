@@ -198,13 +198,13 @@ def validate_sp_plan(plan: SequenceParallelModelPlan, model: nn.Module | None = 
 def apply_sequence_parallel(model: nn.Module, config: object = None, plan: SequenceParallelModelPlan | None = None,
                             *, check_gathers: bool = True) -> nn.Module:
     """See :func:`parallel.sp_hooks.apply_sequence_parallel`."""
-    from parallel.sp_hooks import apply_sequence_parallel as _apply
+    from omni_runtime.parallel.sp_hooks import apply_sequence_parallel as _apply
 
     return _apply(model, config, plan, check_gathers=check_gathers)
 
 
 def remove_sequence_parallel(model: nn.Module) -> nn.Module:
     """See :func:`parallel.sp_hooks.remove_sequence_parallel`."""
-    from parallel.sp_hooks import remove_sequence_parallel as _remove
+    from omni_runtime.parallel.sp_hooks import remove_sequence_parallel as _remove
 
     return _remove(model)

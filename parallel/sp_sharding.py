@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from parallel.utils import pad_dim
+from omni_runtime.parallel.utils import pad_dim
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ def shard_offset(n: int, world: int, rank: int) -> int:
 
 
 def _sp_group():
-    from parallel.state import get_sp_group
+    from omni_runtime.parallel.state import get_sp_group
 
     return get_sp_group()
 

@@ -23,9 +23,14 @@ import os
 import torch
 import torch.distributed as dist
 
-from parallel.group_coordinator import GroupCoordinator, in_the_same_node_as
-from parallel.parallel_config import ParallelConfig, ParallelConfigError, SequenceParallelConfig
-from parallel.utils import divide, ensure_divisibility, get_pp_indices, split_tensor_along_last_dim
+from omni_runtime.parallel.group_coordinator import GroupCoordinator, in_the_same_node_as
+from omni_runtime.parallel.parallel_config import ParallelConfig, ParallelConfigError, SequenceParallelConfig
+from omni_runtime.parallel.utils import (
+    divide,
+    ensure_divisibility,
+    get_pp_indices,
+    split_tensor_along_last_dim,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Control plane: config, CLI, process launch and placement, orchestrator, HTTP server, offline API.
 
-``from runtime import Omni`` is the Python API (imported lazily: ``import runtime`` stays light for the CLI).
+``from omni_runtime.runtime import Omni`` is the Python API (imported lazily: ``import runtime`` stays light for the CLI).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ __all__ = ["Omni"]
 
 def __getattr__(name: str) -> Any:
     if name == "Omni":
-        from runtime.omni import Omni
+        from omni_runtime.runtime.omni import Omni
 
         return Omni
     raise AttributeError(f"module 'runtime' has no attribute {name!r}")

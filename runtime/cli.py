@@ -10,7 +10,7 @@ import logging
 import sys
 from importlib.metadata import PackageNotFoundError, version
 
-from runtime.config import ConfigError, load_config
+from omni_runtime.runtime.config import ConfigError, load_config
 
 logger = logging.getLogger(__name__)
 
@@ -84,8 +84,8 @@ def _add_request_args(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from runtime.layout import format_layout
-    from runtime.model_store import model_status
+    from omni_runtime.runtime.layout import format_layout
+    from omni_runtime.runtime.model_store import model_status
 
     cfg = load_config(args.config)
     status = model_status(cfg.model.path)
@@ -96,7 +96,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from runtime.server import serve
+    from omni_runtime.runtime.server import serve
 
     cfg = load_config(args.config)
     if args.host is not None:
@@ -107,7 +107,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from runtime.offline import generate_to_file
+    from omni_runtime.runtime.offline import generate_to_file
 
     cfg = load_config(args.config)
     generate_to_file(cfg, args, in_process=args.in_process)
@@ -115,7 +115,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_batch(args: argparse.Namespace) -> int:
-    from runtime.offline import run_batch
+    from omni_runtime.runtime.offline import run_batch
 
     cfg = load_config(args.config)
     run_batch(cfg, args.prompts, args.out_dir, in_process=args.in_process)
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from runtime.requests import RequestError
+    from omni_runtime.runtime.requests import RequestError
 
     try:
         return _COMMANDS[args.command](args)

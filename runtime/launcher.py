@@ -21,10 +21,10 @@ from pathlib import Path
 import msgspec
 import psutil
 
-from comm.shm_tensor import pid_alive
-from runtime.config import STAGE_NAMES, RuntimeConfig
-from runtime.layout import device_for
-from runtime.stage_worker import WorkerSpec, worker_main
+from omni_runtime.comm.shm_tensor import pid_alive
+from omni_runtime.runtime.config import STAGE_NAMES, RuntimeConfig
+from omni_runtime.runtime.layout import device_for
+from omni_runtime.runtime.stage_worker import WorkerSpec, worker_main
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ class ReplicaProcs:
 
     def kill(self) -> None:
         """SIGKILL every rank (and anything they started), reap them, sweep their shm segments."""
-        from comm import shm_tensor
+        from omni_runtime.comm import shm_tensor
 
         victims = []
         for p in self.procs:
@@ -165,7 +165,7 @@ class Launcher:
                 r.start()
 
     def shutdown(self, timeout: float = 5.0) -> None:
-        from comm import shm_tensor
+        from omni_runtime.comm import shm_tensor
 
         for reps in self.replicas.values():
             for r in reps:

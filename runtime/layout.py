@@ -11,7 +11,7 @@ import logging
 
 import msgspec
 
-from runtime.config import STAGE_NAMES, RuntimeConfig
+from omni_runtime.runtime.config import STAGE_NAMES, RuntimeConfig
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ class ReplicaLayout(msgspec.Struct, kw_only=True):
 def denoiser_groups(ulysses: int, ring: int, cfg: int, pp: int) -> list[dict[str, list[int]]]:
     """For each rank of a ``ulysses x ring x pp x cfg`` mesh, the global ranks of each of its groups
     (``parallel.parallel_config.ParallelConfig.group_ranks``, the same arithmetic the stage processes use)."""
-    from parallel.parallel_config import ParallelConfig
+    from omni_runtime.parallel.parallel_config import ParallelConfig
 
     pc = ParallelConfig(ulysses_degree=ulysses, ring_degree=ring, cfg_parallel_size=cfg, pipeline_parallel_size=pp)
     world = ulysses * ring * cfg * pp

@@ -11,8 +11,8 @@ import logging
 
 import msgspec
 
-from comm.shm_tensor import ShmHandle
-from runtime.requests import GenerationRequest
+from omni_runtime.comm.shm_tensor import ShmHandle
+from omni_runtime.runtime.requests import GenerationRequest
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Create the embedded tiny model on first use.
 
 A config whose ``model.path`` does not exist and whose directory name is ``<preset>-flux`` for a preset of
-``tools/make_tiny_model.py`` (``tiny-flux``, ``small-flux``) gets that model written there, once: the writer
+``omni_runtime.stages.models.tiny`` (``tiny-flux``, ``small-flux``) gets that model written there, once: the writer
 holds a lock file and builds into a temporary sibling directory that is renamed into place, so concurrent
 first uses never see a half-written model. Any other missing path is an error naming ``model.path``.
 """
@@ -9,30 +9,16 @@ first uses never see a half-written model. Any other missing path is an error na
 from __future__ import annotations
 
 import fcntl
-import importlib.util
 import logging
 import os
 import shutil
-import sys
 from pathlib import Path
 
-from runtime.config import ConfigError
+from omni_runtime.runtime.config import ConfigError
 
 logger = logging.getLogger(__name__)
 
-_TOOL = Path(__file__).resolve().parent.parent / "tools" / "make_tiny_model.py"
 GENERATED_NAMES = {"tiny-flux": "tiny", "small-flux": "small"}
-
-
-def _load_generator():
-    # tools/ is a folder of scripts, not a package: load the generator by path.
-    spec = importlib.util.spec_from_file_location("omni_make_tiny_model", _TOOL)
-    if spec is None or spec.loader is None or not _TOOL.exists():
-        raise ConfigError(f"cannot create the tiny model: {_TOOL} is missing (is this a source checkout?)")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    return module.make_tiny_model
 
 
 def model_status(path: str) -> str:
@@ -62,7 +48,9 @@ def ensure_model(path: str) -> Path:
         tmp = p.parent / f".{p.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         logger.info("creating the embedded %s model at %s (first use)", preset, p)
-        _load_generator()(tmp, preset=preset, seed=0)
+        from omni_runtime.stages.models.tiny import make_tiny_model  # torch: only when a model is made
+
+        make_tiny_model(tmp, preset=preset, seed=0)
         if p.exists():
             shutil.rmtree(p)
         tmp.rename(p)

@@ -19,8 +19,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from runtime.config import RuntimeConfig
-from runtime.requests import GenerationRequest, RequestError, parse_request
+from omni_runtime.runtime.config import RuntimeConfig
+from omni_runtime.runtime.requests import GenerationRequest, RequestError, parse_request
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ def request_from_args(args: argparse.Namespace, output_format: str) -> Generatio
 
 
 def generate_to_file(cfg: RuntimeConfig, args: argparse.Namespace, in_process: bool = False) -> Path:
-    from runtime.omni import Omni
+    from omni_runtime.runtime.omni import Omni
 
     out = Path(args.output)
     fmt = _FORMAT_OF_SUFFIX.get(out.suffix.lower())
@@ -126,7 +126,7 @@ def run_batch(cfg: RuntimeConfig, prompts: str | Path, out_dir: str | Path, in_p
                     mf.write("\n")
     own = omni is None
     if own:
-        from runtime.omni import Omni
+        from omni_runtime.runtime.omni import Omni
 
         omni = Omni(cfg, in_process=in_process)
     try:

@@ -5,7 +5,7 @@ orchestrator on a background event loop (uvloop), exactly what ``serve`` runs, m
 ``in_process=True`` it runs ``stages.Pipeline`` in the calling process. Both give the same image for the same
 seed; image ``i`` of a call with ``n`` images uses seed ``seed + i``.
 
-    from runtime import Omni
+    from omni_runtime.runtime import Omni
 
     if __name__ == "__main__":  # needed in scripts: the rank processes start from a forkserver
         with Omni("configs/default.toml") as omni:
@@ -23,9 +23,9 @@ from typing import Any
 
 from PIL import Image
 
-from runtime.config import RuntimeConfig, load_config
-from runtime.images import decode_image, encode_image
-from runtime.requests import GenerationRequest, parse_request
+from omni_runtime.runtime.config import RuntimeConfig, load_config
+from omni_runtime.runtime.images import decode_image, encode_image
+from omni_runtime.runtime.requests import GenerationRequest, parse_request
 
 logger = logging.getLogger(__name__)
 
@@ -38,8 +38,8 @@ class Omni:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._orch = None
         if in_process:
-            from runtime.model_store import ensure_model
-            from stages.pipeline import Pipeline
+            from omni_runtime.runtime.model_store import ensure_model
+            from omni_runtime.stages.pipeline import Pipeline
 
             ensure_model(self.cfg.model.path)
             self._pipeline = Pipeline.from_pretrained(self.cfg.model.path, self.cfg.model.dtype,
@@ -48,7 +48,7 @@ class Omni:
             self._start_processes()
 
     def _start_processes(self) -> None:
-        from runtime.orchestrator import Orchestrator
+        from omni_runtime.runtime.orchestrator import Orchestrator
 
         try:
             import uvloop

@@ -21,12 +21,12 @@ import msgspec
 import zmq
 import zmq.asyncio
 
-from comm import shm_tensor
-from runtime.config import STAGE_NAMES, RuntimeConfig
-from runtime.launcher import Launcher, ReplicaProcs
-from runtime.messages import Cancel, Outbound, Ready, Result, Stop, Work
-from runtime.metrics import Metrics
-from runtime.requests import GenerationRequest
+from omni_runtime.comm import shm_tensor
+from omni_runtime.runtime.config import STAGE_NAMES, RuntimeConfig
+from omni_runtime.runtime.launcher import Launcher, ReplicaProcs
+from omni_runtime.runtime.messages import Cancel, Outbound, Ready, Result, Stop, Work
+from omni_runtime.runtime.metrics import Metrics
+from omni_runtime.runtime.requests import GenerationRequest
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ class Orchestrator:
 
     async def start(self, timeout: float = 600.0) -> None:
         """Launch every replica and return once all of them announced Ready (the readiness handshake)."""
-        from runtime.model_store import ensure_model
+        from omni_runtime.runtime.model_store import ensure_model
 
         await asyncio.to_thread(ensure_model, self.cfg.model.path)
         self.ready_event = {s: asyncio.Event() for s in STAGE_NAMES}

@@ -12,7 +12,7 @@ import logging
 
 import msgspec
 
-from runtime.messages import RankMessage
+from omni_runtime.runtime.messages import RankMessage
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ class RankFanout:
         self.rank, self.world_size = rank, world_size
         self.mq = None
         if world_size > 1:
-            from comm.shm_broadcast import MessageQueue
+            from omni_runtime.comm.shm_broadcast import MessageQueue
 
             self.mq = MessageQueue.create_from_process_group(None, writer_rank=0)
 

@@ -26,10 +26,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from runtime.config import ConfigError, RuntimeConfig
-from runtime.metrics import Metrics
-from runtime.orchestrator import Orchestrator, ServingError
-from runtime.requests import RequestError, parse_request
+from omni_runtime.runtime.config import ConfigError, RuntimeConfig
+from omni_runtime.runtime.metrics import Metrics
+from omni_runtime.runtime.orchestrator import Orchestrator, ServingError
+from omni_runtime.runtime.requests import RequestError, parse_request
 
 logger = logging.getLogger(__name__)
 

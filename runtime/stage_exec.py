@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
-from comm import shm_tensor
-from runtime.images import encode_image
-from runtime.messages import Work
+from omni_runtime.comm import shm_tensor
+from omni_runtime.runtime.images import encode_image
+from omni_runtime.runtime.messages import Work
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class TextEncoderExecutor(StageExecutor):
     name = "text_encoder"
 
     def __init__(self, path: str, dtype: str, device: str) -> None:
-        from stages.text_encoder import TextEncoderStage
+        from omni_runtime.stages.text_encoder import TextEncoderStage
 
         self.stage = TextEncoderStage.from_pretrained(path, dtype, device)
 
@@ -70,7 +70,7 @@ class DenoiserExecutor(StageExecutor):
     name = "denoiser"
 
     def __init__(self, path: str, dtype: str, device: str) -> None:
-        from stages.denoiser import DenoiserStage
+        from omni_runtime.stages.denoiser import DenoiserStage
 
         self.stage = DenoiserStage.from_pretrained(path, dtype, device)
 
@@ -79,7 +79,7 @@ class DenoiserExecutor(StageExecutor):
         return (p.width, p.height, p.num_inference_steps, p.negative_prompt is not None and p.true_cfg_scale > 1)
 
     def run(self, items: list[Work], publish: bool) -> list[Any]:
-        from stages.denoiser import DenoiseRequest
+        from omni_runtime.stages.denoiser import DenoiseRequest
 
         reqs = []
         for w in items:
@@ -99,7 +99,7 @@ class VaeExecutor(StageExecutor):
     name = "vae"
 
     def __init__(self, path: str, dtype: str, device: str) -> None:
-        from stages.vae import VaeDecoderStage
+        from omni_runtime.stages.vae import VaeDecoderStage
 
         self.stage = VaeDecoderStage.from_pretrained(path, dtype, device)
 

@@ -62,7 +62,7 @@ def _init_distributed(spec: WorkerSpec) -> None:
 
     init = f"tcp://127.0.0.1:{spec.master_port}"
     try:
-        from parallel import state
+        from omni_runtime.parallel import state
     except ImportError:
         state = None
     if state is not None and hasattr(state, "init_distributed_environment"):
@@ -102,9 +102,9 @@ def worker_main(spec_bytes: bytes) -> None:
     if spec.world_size > 1:
         _init_distributed(spec)
 
-    from comm import shm_tensor
-    from runtime.rank_fanout import RankFanout
-    from runtime.stage_exec import EXECUTORS
+    from omni_runtime.comm import shm_tensor
+    from omni_runtime.runtime.rank_fanout import RankFanout
+    from omni_runtime.runtime.stage_exec import EXECUTORS
 
     executor = EXECUTORS[spec.stage](spec.model_path, spec.dtype, spec.device)
     pool = shm_tensor.ShmPool(max_bytes=256 << 20) if spec.pool_outputs and spec.rank == 0 else None
@@ -128,8 +128,8 @@ def worker_main(spec_bytes: bytes) -> None:
 
 
 def _follow(executor, fanout) -> None:
-    from comm.shm_broadcast import MessageQueueCancelled
-    from runtime.messages import Stop
+    from omni_runtime.comm.shm_broadcast import MessageQueueCancelled
+    from omni_runtime.runtime.messages import Stop
 
     while True:
         try:
@@ -149,7 +149,7 @@ class _Driver:
     def __init__(self, spec: WorkerSpec, executor, fanout) -> None:
         import zmq
 
-        from runtime.messages import Inbound, Outbound
+        from omni_runtime.runtime.messages import Inbound, Outbound
 
         self.spec, self.executor, self.fanout = spec, executor, fanout
         self.ctx = zmq.Context.instance()
@@ -174,7 +174,7 @@ class _Driver:
         self.push.send(self.enc.encode(msg), copy=False)
 
     def _handle(self, raw) -> None:
-        from runtime.messages import Cancel, Stop
+        from omni_runtime.runtime.messages import Cancel, Stop
 
         try:
             msg = self.dec.decode(raw)
@@ -220,8 +220,8 @@ class _Driver:
         return batch
 
     def _drop(self, items: list, reason: str) -> None:
-        from comm import shm_tensor
-        from runtime.messages import Result
+        from omni_runtime.comm import shm_tensor
+        from omni_runtime.runtime.messages import Result
 
         for w in items:
             if w.inputs is not None:
@@ -230,8 +230,8 @@ class _Driver:
                               ok=False, error=reason))
 
     def loop(self) -> None:
-        from comm import shm_tensor
-        from runtime.messages import Batch, Ready, Result, Stop
+        from omni_runtime.comm import shm_tensor
+        from omni_runtime.runtime.messages import Batch, Ready, Result, Stop
 
         self._send(Ready(stage=self.spec.stage, replica=self.spec.replica, pids=[os.getpid()]))
         while not self.stopping:
@@ -252,7 +252,7 @@ class _Driver:
                 outs = self.executor.run(batch, publish=True)
                 err, user = "", False
             except Exception as e:
-                from stages.errors import OmniUserError
+                from omni_runtime.stages.errors import OmniUserError
 
                 user = isinstance(e, OmniUserError)
                 if not user:

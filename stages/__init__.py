@@ -8,11 +8,11 @@ from typing import Any
 
 # Exports load on first use, so ``import stages.errors`` (the frontend does) does not import transformers.
 _EXPORTS = {
-    "DenoiseRequest": "stages.denoiser",
-    "DenoiserStage": "stages.denoiser",
-    "Pipeline": "stages.pipeline",
-    "TextEncoderStage": "stages.text_encoder",
-    "VaeDecoderStage": "stages.vae",
+    "DenoiseRequest": "omni_runtime.stages.denoiser",
+    "DenoiserStage": "omni_runtime.stages.denoiser",
+    "Pipeline": "omni_runtime.stages.pipeline",
+    "TextEncoderStage": "omni_runtime.stages.text_encoder",
+    "VaeDecoderStage": "omni_runtime.stages.vae",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -22,18 +22,18 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from parallel.state import get_sequence_parallel_world_size
-from stages.device import resolve_device, resolve_dtype
-from stages.errors import RequestError
-from stages.latents import (
+from omni_runtime.parallel.state import get_sequence_parallel_world_size
+from omni_runtime.stages.device import resolve_device, resolve_dtype
+from omni_runtime.stages.errors import RequestError
+from omni_runtime.stages.latents import (
     check_image_size,
     image_seq_len,
     initial_noise,
     latent_image_ids,
     unpack_latents,
 )
-from stages.schedule import FlowMatchSchedule, euler_step
-from stages.weights import component_dir, read_config
+from omni_runtime.stages.schedule import FlowMatchSchedule, euler_step
+from omni_runtime.stages.weights import component_dir, read_config
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def vae_scale_factor_of(path: str | Path) -> int:
 
 def load_transformer(path: str | Path, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
     """Load ``<path>/transformer`` as a Flux transformer (forward signature of diffusers' FluxTransformer2DModel)."""
-    from stages.models.flux import FluxTransformer
+    from omni_runtime.stages.models.flux import FluxTransformer
 
     return FluxTransformer.from_pretrained(component_dir(path, "transformer"), dtype=dtype, device=device)
 
@@ -125,7 +125,7 @@ class DenoiserStage:
         model = load_transformer(path, torch_dtype, dev)
         sp = get_sequence_parallel_world_size()
         if sp > 1:
-            from parallel.sp_plan import apply_sequence_parallel
+            from omni_runtime.parallel.sp_plan import apply_sequence_parallel
 
             apply_sequence_parallel(model)
             logger.info("denoiser: sequence parallel over %d ranks", sp)

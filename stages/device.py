@@ -10,7 +10,7 @@ import logging
 
 import torch
 
-from stages.errors import ConfigError
+from omni_runtime.stages.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import logging
 
 import torch
 
-from stages.errors import RequestError
+from omni_runtime.stages.errors import RequestError
 
 logger = logging.getLogger(__name__)
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stages.denoiser import DenoiseRequest, DenoiserStage
-from stages.errors import RequestError
-from stages.text_encoder import MAX_T5_SEQUENCE_LENGTH, TextEncoderStage
-from stages.vae import VaeDecoderStage
+from omni_runtime.stages.denoiser import DenoiseRequest, DenoiserStage
+from omni_runtime.stages.errors import RequestError
+from omni_runtime.stages.text_encoder import MAX_T5_SEQUENCE_LENGTH, TextEncoderStage
+from omni_runtime.stages.vae import VaeDecoderStage
 
 logger = logging.getLogger(__name__)
 

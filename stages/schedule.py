@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from stages.errors import CheckpointError
-from stages.weights import component_dir, read_config
+from omni_runtime.stages.errors import CheckpointError
+from omni_runtime.stages.weights import component_dir, read_config
 
 logger = logging.getLogger(__name__)
 

@@ -9,9 +9,9 @@ from typing import Any
 import torch
 import transformers
 
-from stages.device import resolve_device, resolve_dtype
-from stages.errors import CheckpointError, RequestError
-from stages.weights import component_dir, read_model_index
+from omni_runtime.stages.device import resolve_device, resolve_dtype
+from omni_runtime.stages.errors import CheckpointError, RequestError
+from omni_runtime.stages.weights import component_dir, read_model_index
 
 logger = logging.getLogger(__name__)
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stages.device import resolve_device, resolve_dtype
-from stages.errors import CheckpointError, RequestError
-from stages.latents import check_image_size, image_seq_len, unpack_latents
-from stages.weights import component_dir, read_config
+from omni_runtime.stages.device import resolve_device, resolve_dtype
+from omni_runtime.stages.errors import CheckpointError, RequestError
+from omni_runtime.stages.latents import check_image_size, image_seq_len, unpack_latents
+from omni_runtime.stages.weights import component_dir, read_config
 
 logger = logging.getLogger(__name__)
 

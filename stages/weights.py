@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from stages.errors import CheckpointError
+from omni_runtime.stages.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 

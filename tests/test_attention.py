@@ -14,11 +14,11 @@ import pytest
 import torch
 from spawn import run_workers
 
-from parallel.attention import Attention, current_mesh, sp_attention
-from parallel.attention.backends import AttentionBackendError, attention_block, select_backend
-from parallel.attention.comm_ops import get_comm_stats
-from parallel.attention.lse_merge import merge_partial
-from parallel.attention.sp_attention import SPAttentionError
+from omni_runtime.parallel.attention import Attention, current_mesh, sp_attention
+from omni_runtime.parallel.attention.backends import AttentionBackendError, attention_block, select_backend
+from omni_runtime.parallel.attention.comm_ops import get_comm_stats
+from omni_runtime.parallel.attention.lse_merge import merge_partial
+from omni_runtime.parallel.attention.sp_attention import SPAttentionError
 
 TEXT = 13
 HEAD_DIM = 16
@@ -124,7 +124,7 @@ def run_case(case: dict, rank: int, world: int, convert_to_fp32: bool | None = N
 
 
 def mesh_worker(rank: int, world: int, ulysses: int, ring: int) -> list[dict]:
-    from parallel import state
+    from omni_runtime.parallel import state
 
     state.init_distributed_environment()
     state.initialize_model_parallel(ulysses_degree=ulysses, ring_degree=ring)
@@ -283,7 +283,7 @@ def test_auto_pad_mask_reaches_sharded_layers_only() -> None:
     """An auto_pad mask recorded by the sp_plan hooks covers the image shard; a layer kept local
     (text-only attention, say) must neither apply it nor refuse a sequence of another length;
     a sharded layer applies it, combined with a mask the caller passes."""
-    from parallel.attention.sp_context import SPForwardContext, sp_forward_context
+    from omni_runtime.parallel.attention.sp_context import SPForwardContext, sp_forward_context
 
     g = torch.Generator().manual_seed(4)
     ctx = SPForwardContext(key_padding_mask=torch.tensor([True, True, False, False]))

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from runtime.cli import main
-from runtime.config import load_config
-from runtime.offline import run_batch
+from omni_runtime.runtime.cli import main
+from omni_runtime.runtime.config import load_config
+from omni_runtime.runtime.offline import run_batch
 
 ROOT = Path(__file__).resolve().parent.parent
 LINES = [{"prompt": f"item {i}", "seed": i, "size": "32x32", "num_inference_steps": 1} for i in range(4)]
@@ -20,7 +20,7 @@ LINES[2]["n"] = 2
 
 @pytest.fixture(scope="module")
 def omni():
-    from runtime import Omni
+    from omni_runtime.runtime import Omni
 
     with Omni(ROOT / "configs" / "default.toml", in_process=True) as o:
         yield o

@@ -19,8 +19,8 @@ import uvloop
 import zmq
 from spawn import free_port, run_workers
 
-from comm import serde
-from comm.channel import (
+from omni_runtime.comm import serde
+from omni_runtime.comm.channel import (
     ChannelClosed,
     ChannelTimeout,
     Receiver,
@@ -266,7 +266,7 @@ def test_remove_ipc_dir_sweeps_sockets_of_a_killed_process(monkeypatch):
     monkeypatch.setenv("OMNI_RUNTIME_INSTANCE", f"chkill{os.getpid()}")
     ep = ipc_endpoint("victim")
     path = ep[len("ipc://"):]
-    code = (f"import sys; sys.path.insert(0, {ROOT!r}); from comm.channel import SyncReceiver; "
+    code = (f"import sys; sys.path.insert(0, {ROOT!r}); from omni_runtime.comm.channel import SyncReceiver; "
             f"r = SyncReceiver({ep!r}); print('bound', flush=True); import time; time.sleep(60)")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:

@@ -18,12 +18,12 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.mark.distributed
 @pytest.mark.timeout(240)
 def test_generate_through_stage_processes_matches_in_process(tmp_path):
-    from runtime import Omni
+    from omni_runtime.runtime import Omni
 
     out = tmp_path / "fox.png"
     instance = f"clitest{os.getpid()}"
     proc = subprocess.run(
-        [sys.executable, "-m", "runtime.cli", "--log-level", "WARNING", "generate", "--config",
+        [sys.executable, "-m", "omni_runtime.runtime.cli", "--log-level", "WARNING", "generate", "--config",
          str(ROOT / "configs" / "default.toml"), "--prompt", "a fox", "--negative-prompt", "blurry", "--seed", "9",
          "--steps", "2", "--size", "48x64", "--true-cfg-scale", "2.0", "--guidance", "4.0", "-o", str(out)],
         cwd=ROOT, env={**os.environ, "OMNI_RUNTIME_INSTANCE": instance}, capture_output=True, text=True, timeout=200)
@@ -44,7 +44,7 @@ def test_omni_never_closed_still_cleans_up_at_exit(tmp_path):
     import psutil
 
     script = tmp_path / "noclose.py"
-    script.write_text("import os\nfrom runtime import Omni\nif __name__ == '__main__':\n"
+    script.write_text("import os\nfrom omni_runtime.runtime import Omni\nif __name__ == '__main__':\n"
                       "    o = Omni('configs/default.toml')\n"
                       "    print(os.getpid(), len(o.generate('x', size='32x32', num_inference_steps=1)))\n")
     instance = f"noclose{os.getpid()}"

@@ -7,8 +7,14 @@ import torch
 import torch.distributed as dist
 from spawn import run_workers
 
-from parallel import state
-from parallel.collectives import RingComm, SeqAllToAll4D, SeqAllToAll5D, all_to_all_4D, all_to_all_5D
+from omni_runtime.parallel import state
+from omni_runtime.parallel.collectives import (
+    RingComm,
+    SeqAllToAll4D,
+    SeqAllToAll5D,
+    all_to_all_4D,
+    all_to_all_5D,
+)
 
 
 def _full(shape: tuple[int, ...], seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:

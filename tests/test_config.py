@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from runtime.cli import main
-from runtime.config import ConfigError, load_config
-from runtime.layout import denoiser_groups, resolve_layout
+from omni_runtime.runtime.cli import main
+from omni_runtime.runtime.config import ConfigError, load_config
+from omni_runtime.runtime.layout import denoiser_groups, resolve_layout
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = """
@@ -115,7 +115,7 @@ def test_layout_replicas_and_devices(tmp_path):
 
 
 def test_default_config_model_is_created_on_first_use(tmp_path, tiny_dir, capsys):
-    from runtime.model_store import ensure_model
+    from omni_runtime.runtime.model_store import ensure_model
 
     cfg = tmp_path / "configs" / "default.toml"
     cfg.parent.mkdir()
@@ -137,7 +137,7 @@ def test_usage_doc_config_block_lists_every_key_with_its_default():
     import msgspec
     import tomllib
 
-    from runtime.config import ModelConfig, RuntimeConfig
+    from omni_runtime.runtime.config import ModelConfig, RuntimeConfig
 
     doc = (ROOT / "docs" / "USAGE.md").read_text()
     raw = tomllib.loads(re.search(r"```toml\n(.*?)```", doc, re.S).group(1))

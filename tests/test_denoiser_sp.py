@@ -28,8 +28,8 @@ MAX_SEQ = 16
 
 def _run_cases(model_dir: str, out_dir: str | None, tag: str) -> dict:
     """Encode, denoise (all CASES in one call: shape groups batch) and, on rank 0, decode."""
-    from parallel.state import get_sequence_parallel_world_size
-    from stages import DenoiseRequest, DenoiserStage, TextEncoderStage, VaeDecoderStage
+    from omni_runtime.parallel.state import get_sequence_parallel_world_size
+    from omni_runtime.stages import DenoiseRequest, DenoiserStage, TextEncoderStage, VaeDecoderStage
 
     te = TextEncoderStage.from_pretrained(model_dir, "float32", "cpu")
     den = DenoiserStage.from_pretrained(model_dir, "float32", "cpu")
@@ -56,7 +56,7 @@ def _run_cases(model_dir: str, out_dir: str | None, tag: str) -> dict:
 
 
 def _sp_worker(rank: int, world_size: int, model_dir: str, out_dir: str, ulysses: int, ring: int) -> dict:
-    from parallel.state import (
+    from omni_runtime.parallel.state import (
         destroy_distributed_environment,
         destroy_model_parallel,
         init_distributed_environment,

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages.models.flux import FluxConfig, FluxTransformer, rope  # noqa: E402
+from omni_runtime.stages.models.flux import FluxConfig, FluxTransformer, rope  # noqa: E402
 
 
 def _img_ids(h: int, w: int) -> torch.Tensor:
@@ -101,14 +101,14 @@ def test_guidance_mismatch_is_a_clear_error(tiny_dir):
 
 
 def test_unknown_dtype_is_a_config_error(tiny_dir):
-    from stages.errors import ConfigError
+    from omni_runtime.stages.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"dtype='float8' is not supported; allowed: \['bf16', 'bfloat16'"):
         FluxTransformer.from_pretrained(tiny_dir, dtype="float8")
 
 
 def test_config_rejects_rope_axes_that_do_not_sum_to_head_dim():
-    from stages.errors import CheckpointError
+    from omni_runtime.stages.errors import CheckpointError
 
     with pytest.raises(CheckpointError, match=r"axes_dims_rope=\[4, 4, 4\].*attention_head_dim=16"):
         FluxConfig.from_dict({"attention_head_dim": 16, "axes_dims_rope": [4, 4, 4]})
@@ -119,8 +119,8 @@ def test_config_rejects_rope_axes_that_do_not_sum_to_head_dim():
 
 
 def test_sp_plan_is_valid_for_the_model(tiny_dir):
-    from parallel.attention import Attention
-    from parallel.sp_plan import validate_sp_plan
+    from omni_runtime.parallel.attention import Attention
+    from omni_runtime.parallel.sp_plan import validate_sp_plan
 
     model = FluxTransformer.from_pretrained(tiny_dir)
     validate_sp_plan(FluxTransformer._sp_plan, model)
@@ -135,8 +135,8 @@ SP_H, SP_W, SP_TXT = 13, 9, 7  # 117 image tokens: neither 2 nor 4 divides them
 
 
 def _sp_worker(rank: int, world_size: int, model_dir: str, ulysses: int, ring: int) -> dict:
-    from parallel import state
-    from parallel.sp_plan import apply_sequence_parallel
+    from omni_runtime.parallel import state
+    from omni_runtime.parallel.sp_plan import apply_sequence_parallel
 
     state.init_distributed_environment(world_size=world_size, rank=rank, backend="gloo")
     state.initialize_model_parallel(ulysses_degree=ulysses, ring_degree=ring, backend="gloo")
@@ -168,7 +168,7 @@ def test_sequence_parallel_forward_equals_single_process(tiny_dir, ulysses, ring
     results = run_workers(_sp_worker, world, args=(str(tiny_dir), ulysses, ring), timeout=120,
                           init_process_group=False)
     # every rank really processed only its own slice of the image tokens
-    from parallel.sp_sharding import shard_sizes
+    from omni_runtime.parallel.sp_sharding import shard_sizes
 
     local = [r["local_tokens"][0] for r in results]
     assert local == shard_sizes(SP_H * SP_W, world) and sum(local) == SP_H * SP_W and len(set(local)) > 1

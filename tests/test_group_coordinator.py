@@ -10,8 +10,8 @@ import torch
 import torch.distributed as dist
 from spawn import run_workers
 
-from parallel import state
-from parallel.group_coordinator import GroupCoordinator
+from omni_runtime.parallel import state
+from omni_runtime.parallel.group_coordinator import GroupCoordinator
 
 
 def _x(rank: int) -> torch.Tensor:
@@ -166,8 +166,8 @@ def test_tensor_dicts_objects_and_barrier(tmp_path):
 
 
 def _same_node_worker(rank: int, world_size: int, port: int) -> list:
-    from comm.stateless_pg import StatelessProcessGroup
-    from parallel import group_coordinator
+    from omni_runtime.comm.stateless_pg import StatelessProcessGroup
+    from omni_runtime.parallel import group_coordinator
 
     stateless = StatelessProcessGroup.create("127.0.0.1", port, rank, world_size)
     out = [state.in_the_same_node_as(stateless, source_rank=1),

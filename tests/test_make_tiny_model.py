@@ -6,8 +6,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from make_tiny_model import PRESETS, main, make_tiny_model
+from make_tiny_model import main
 from safetensors.torch import load_file
+
+from omni_runtime.stages.models.tiny import PRESETS, make_tiny_model
 
 COMPONENTS = ["scheduler", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "transformer", "vae"]
 
@@ -108,7 +110,7 @@ def test_small_preset_is_larger_and_our_transformer_matches_diffusers(tiny_dir, 
     """The benchmark preset: more layers, heads and width than tiny, and it loads in our model as in diffusers'."""
     from diffusers import FluxTransformer2DModel
 
-    from stages.models.flux import FluxTransformer
+    from omni_runtime.stages.models.flux import FluxTransformer
 
     small = make_tiny_model(tmp_path / "small", preset="small", seed=0)
     cfg = json.loads((small / "transformer" / "config.json").read_text())

@@ -10,9 +10,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from runtime.config import config_from_dict
-from runtime.model_store import ensure_model
-from runtime.orchestrator import StageUnavailable
+from omni_runtime.runtime.config import config_from_dict
+from omni_runtime.runtime.model_store import ensure_model
+from omni_runtime.runtime.orchestrator import StageUnavailable
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,7 +32,7 @@ def _ours() -> list[str]:
 @pytest.mark.distributed
 @pytest.mark.timeout(180)
 def test_a_stage_that_cannot_load_fails_start_naming_it(tmp_path, monkeypatch):
-    from runtime import Omni
+    from omni_runtime.runtime import Omni
 
     good = ensure_model(str(ROOT / "models" / "tiny-flux"))
     bad = tmp_path / "broken-model"
@@ -56,9 +56,9 @@ def test_a_stage_that_cannot_load_fails_start_naming_it(tmp_path, monkeypatch):
 @pytest.mark.distributed
 @pytest.mark.timeout(180)
 def test_deadline_fails_the_request_and_serving_continues(monkeypatch):
-    from runtime import Omni
-    from runtime.orchestrator import DeadlineExceeded
-    from runtime.requests import parse_request
+    from omni_runtime.runtime import Omni
+    from omni_runtime.runtime.orchestrator import DeadlineExceeded
+    from omni_runtime.runtime.requests import parse_request
 
     monkeypatch.setenv("OMNI_RUNTIME_INSTANCE", f"orchdl{os.getpid()}")
     cfg = config_from_dict({"model": {"path": str(ROOT / "models" / "tiny-flux")},
@@ -86,7 +86,7 @@ def test_deadline_fails_the_request_and_serving_continues(monkeypatch):
 @pytest.mark.parametrize(("world_size", "cpus", "configured", "expected"), [
     (1, 2, 0, 2), (2, 16, 0, 8), (4, 2, 0, 1), (1, 1, 0, 1), (1, 2, 1, 1), (2, 16, 3, 3)])
 def test_stage_threads_split_the_cores_unless_configured(world_size, cpus, configured, expected):
-    from runtime.launcher import stage_threads
+    from omni_runtime.runtime.launcher import stage_threads
 
     assert stage_threads(world_size, cpus, configured) == expected
 
@@ -94,8 +94,8 @@ def test_stage_threads_split_the_cores_unless_configured(world_size, cpus, confi
 def test_pooled_executor_output_reuses_its_segment_once_the_consumer_released_it():
     import torch
 
-    from comm import shm_tensor
-    from runtime.stage_exec import StageExecutor
+    from omni_runtime.comm import shm_tensor
+    from omni_runtime.runtime.stage_exec import StageExecutor
 
     ex, pool = StageExecutor(), shm_tensor.ShmPool()
     try:

@@ -8,9 +8,15 @@ import torch
 import torch.distributed as dist
 from spawn import run_workers
 
-from parallel import state
-from parallel.parallel_config import ParallelConfig, ParallelConfigError, SequenceParallelConfig
-from parallel.utils import divide, ensure_divisibility, get_pp_indices, pad_dim, split_tensor_along_last_dim
+from omni_runtime.parallel import state
+from omni_runtime.parallel.parallel_config import ParallelConfig, ParallelConfigError, SequenceParallelConfig
+from omni_runtime.parallel.utils import (
+    divide,
+    ensure_divisibility,
+    get_pp_indices,
+    pad_dim,
+    split_tensor_along_last_dim,
+)
 
 S8 = [[r] for r in range(8)]
 S4 = [[r] for r in range(4)]

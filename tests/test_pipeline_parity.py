@@ -14,7 +14,7 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel  # noqa: E402
 
-from stages import Pipeline  # noqa: E402
+from omni_runtime.stages import Pipeline  # noqa: E402
 
 LATENT_RTOL = 1e-4
 IMAGE_ATOL = 1

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from runtime.cli import main
-from runtime.config import config_from_dict
-from runtime.requests import MAX_SEED, RequestError, parse_request
-from runtime.server import create_app
+from omni_runtime.runtime.cli import main
+from omni_runtime.runtime.config import config_from_dict
+from omni_runtime.runtime.requests import MAX_SEED, RequestError, parse_request
+from omni_runtime.runtime.server import create_app
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT = str(ROOT / "configs" / "default.toml")
@@ -213,7 +213,7 @@ def test_serve_on_a_busy_port_fails_at_once_before_any_stage(capsys):
 
 
 def test_http_maps_serving_errors_to_openai_bodies(client):
-    from runtime.orchestrator import DeadlineExceeded, Overloaded, StageUnavailable
+    from omni_runtime.runtime.orchestrator import DeadlineExceeded, Overloaded, StageUnavailable
 
     raised = [Overloaded("stage denoiser queue is full", retry_after=3),
               StageUnavailable("stage denoiser[0] died"), DeadlineExceeded("deadline of 600 s passed"),
@@ -241,8 +241,8 @@ def test_http_maps_serving_errors_to_openai_bodies(client):
 
 
 def test_serve_returns_1_with_one_line_when_the_stages_never_become_ready(monkeypatch, caplog):
-    import runtime.server
-    from runtime.orchestrator import StageUnavailable
+    from omni_runtime.runtime import server
+    from omni_runtime.runtime.orchestrator import StageUnavailable
 
     class NeverReady(StubOrchestrator):
         def __init__(self, cfg, metrics) -> None:
@@ -251,8 +251,8 @@ def test_serve_returns_1_with_one_line_when_the_stages_never_become_ready(monkey
         async def start(self) -> None:
             raise StageUnavailable("stage vae: vae[0] rank 0 exited with code 1 while starting")
 
-    monkeypatch.setattr(runtime.server, "Orchestrator", NeverReady)
+    monkeypatch.setattr(server, "Orchestrator", NeverReady)
     monkeypatch.setitem(sys.modules, "setproctitle", None)  # keep pytest's own process title
     cfg = config_from_dict({"model": {"path": "/nowhere/tiny-flux"}, "server": {"port": 0}})
-    assert runtime.server.serve(cfg) == 1  # was uvicorn's SystemExit(3)
+    assert server.serve(cfg) == 1  # was uvicorn's SystemExit(3)
     assert "not serving: the stage processes did not become ready" in caplog.text

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from comm import serde
-from comm.serde import SerdeError, decode, decode_from_bytes, encode, encode_to_bytes
+from omni_runtime.comm import serde
+from omni_runtime.comm.serde import SerdeError, decode, decode_from_bytes, encode, encode_to_bytes
 
 ALL_DTYPES = list(serde.TORCH_DTYPES.values())
 

@@ -60,7 +60,7 @@ def test_openai_client_n2_and_seed_rule(server):
 
 
 def test_raw_http_is_reproducible_and_matches_the_in_process_pipeline(server):
-    from runtime import Omni
+    from omni_runtime.runtime import Omni
 
     body = {"prompt": "a lighthouse at dusk", "seed": 5, "response_format": "b64_json", **SMALL}
     r1, r2 = _post(server, body), _post(server, body)

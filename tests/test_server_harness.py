@@ -41,7 +41,7 @@ class Server:
         env = {**os.environ, "OMNI_RUNTIME_INSTANCE": self.instance}
         self.log = open(tmp / "server.log", "w")  # noqa: SIM115 (closed in stop)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "runtime.cli", "serve", str(cfg), "--port", str(self.port)],
+            [sys.executable, "-m", "omni_runtime.runtime.cli", "serve", str(cfg), "--port", str(self.port)],
             cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         self.headers = {"Authorization": f"Bearer {api_key}"}
         end = time.monotonic() + timeout

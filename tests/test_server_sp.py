@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.distributed, pytest.mark.timeout(300
 
 @pytest.mark.parametrize("config", ["sp2.toml"])
 def test_ulysses2_serve_matches_in_process_pipeline(tmp_path, config):
-    from runtime import Omni
+    from omni_runtime.runtime import Omni
 
     server = Server(tmp_path, base_config=config)
     try:

@@ -22,7 +22,7 @@ import pytest
 import torch
 from spawn import run_workers
 
-from comm.shm_broadcast import (
+from omni_runtime.comm.shm_broadcast import (
     HAS_FUTEX,
     Handle,
     MessageQueue,
@@ -158,7 +158,7 @@ def test_writer_blocked_on_full_ring_is_cancelled_and_times_out(instance, wake, 
     timer = threading.Timer(0.35, w.shutdown)
     t0 = time.monotonic()
     timer.start()
-    with caplog.at_level("WARNING", logger="comm.shm_broadcast"), pytest.raises(MessageQueueCancelled):
+    with caplog.at_level("WARNING", logger="omni_runtime.comm.shm_broadcast"), pytest.raises(MessageQueueCancelled):
         w.enqueue(4)  # timeout=None: waits, warning every warn_interval, until shutdown()
     assert 0.35 <= time.monotonic() - t0 < 1.35  # raised within 1 s of shutdown()
     warnings = [r.getMessage() for r in caplog.records if "still waiting" in r.getMessage()]
@@ -343,7 +343,7 @@ def test_overflow_payloads_and_random_sleeps(instance, wake):
 _DOOMED_READER = """
 import sys
 import msgspec
-from comm.shm_broadcast import Handle, MessageQueue
+from omni_runtime.comm.shm_broadcast import Handle, MessageQueue
 h = msgspec.msgpack.decode(bytes.fromhex(sys.argv[1]), type=Handle)
 mq = MessageQueue.create_from_handle(h, 1)
 mq.wait_until_ready(timeout=60)
@@ -590,7 +590,7 @@ def test_slow_remote_reader_applies_back_pressure_without_loss(instance, monkeyp
 _DOOMED_WRITER = """
 import sys
 import msgspec
-from comm.shm_broadcast import MessageQueue
+from omni_runtime.comm.shm_broadcast import MessageQueue
 mq = MessageQueue(1, 1, [1], max_chunk_bytes=256, max_chunks=4)
 print(msgspec.msgpack.encode(mq.export_handle()).hex(), flush=True)
 mq.wait_until_ready(timeout=60)

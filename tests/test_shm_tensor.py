@@ -18,8 +18,8 @@ import pytest
 import torch
 from spawn import run_workers
 
-from comm import shm_tensor
-from comm.shm_tensor import INSTANCE_ENV, ShmHandle, ShmHandleError, TensorMeta
+from omni_runtime.comm import shm_tensor
+from omni_runtime.comm.shm_tensor import INSTANCE_ENV, ShmHandle, ShmHandleError, TensorMeta
 
 _CTX = mp.get_context("forkserver")
 

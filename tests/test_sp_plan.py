@@ -8,8 +8,8 @@ import torch
 from spawn import run_workers
 from torch import nn
 
-from parallel.attention import Attention
-from parallel.sp_plan import (
+from omni_runtime.parallel.attention import Attention
+from omni_runtime.parallel.sp_plan import (
     SequenceParallelInput,
     SequenceParallelOutput,
     SequenceParallelPartialInput,
@@ -17,7 +17,7 @@ from parallel.sp_plan import (
     resolve_module_path,
     validate_sp_plan,
 )
-from parallel.sp_sharding import ShardingError, ShardingValidator, shard_sizes
+from omni_runtime.parallel.sp_sharding import ShardingError, ShardingValidator, shard_sizes
 
 DIM, HEADS, HEAD_DIM, TEXT = 24, 3, 8, 5
 
@@ -111,10 +111,10 @@ LENGTHS = (16, 13)
 
 
 def plan_worker(rank: int, world: int, ulysses: int, ring: int) -> dict:
-    from parallel import state
-    from parallel.attention.comm_ops import get_comm_stats
-    from parallel.sp_hooks import apply_sequence_parallel, remove_sequence_parallel
-    from parallel.sp_sharding import sp_gather, sp_shard, sp_shard_with_padding
+    from omni_runtime.parallel import state
+    from omni_runtime.parallel.attention.comm_ops import get_comm_stats
+    from omni_runtime.parallel.sp_hooks import apply_sequence_parallel, remove_sequence_parallel
+    from omni_runtime.parallel.sp_sharding import sp_gather, sp_shard, sp_shard_with_padding
 
     state.init_distributed_environment()
     state.initialize_model_parallel(ulysses_degree=ulysses, ring_degree=ring)

@@ -12,16 +12,16 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline  # noqa: E402
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift as diffusers_calculate_shift  # noqa: E402
 
-from stages import DenoiseRequest, DenoiserStage, Pipeline, TextEncoderStage, VaeDecoderStage  # noqa: E402
-from stages.errors import CheckpointError, ConfigError, RequestError  # noqa: E402
-from stages.latents import (  # noqa: E402
+from omni_runtime.stages import DenoiseRequest, DenoiserStage, Pipeline, TextEncoderStage, VaeDecoderStage  # noqa: E402
+from omni_runtime.stages.errors import CheckpointError, ConfigError, RequestError  # noqa: E402
+from omni_runtime.stages.latents import (  # noqa: E402
     check_image_size,
     initial_noise,
     latent_image_ids,
     pack_latents,
     unpack_latents,
 )
-from stages.schedule import FlowMatchSchedule, calculate_shift, euler_step  # noqa: E402
+from omni_runtime.stages.schedule import FlowMatchSchedule, calculate_shift, euler_step  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -245,7 +245,7 @@ def test_bad_dtype_and_device_are_config_errors_naming_the_value(tiny_dir: Path,
 
 
 def test_cuda_device_must_exist(monkeypatch: pytest.MonkeyPatch) -> None:
-    from stages.device import resolve_device
+    from omni_runtime.stages.device import resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ConfigError, match="device='cuda:0' is not available: this machine has no CUDA device"):

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from spawn import run_workers
 
-from comm.stateless_pg import (
+from omni_runtime.comm.stateless_pg import (
     StatelessProcessGroup,
     stateless_destroy_torch_distributed_process_group,
     stateless_init_torch_distributed_process_group,

@@ -74,9 +74,9 @@ def _worker(rank: int, world: int, port: int, outdir: str, seqs: list[int], head
     dist.init_process_group("gloo", rank=rank, world_size=world)
     from diffusers.models.attention_dispatch import AttentionBackendName, dispatch_attention_fn
 
-    from parallel.attention import SPMesh, sp_attention
-    from parallel.attention.comm_ops import get_comm_stats
-    from parallel.group_coordinator import GroupCoordinator
+    from omni_runtime.parallel.attention import SPMesh, sp_attention
+    from omni_runtime.parallel.attention.comm_ops import get_comm_stats
+    from omni_runtime.parallel.group_coordinator import GroupCoordinator
 
     everyone = GroupCoordinator([list(range(world))], rank, "gloo", group_name="bench_sp")
     # hybrid: ulysses groups contiguous, ring groups strided, as in parallel.state

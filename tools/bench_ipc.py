@@ -41,8 +41,8 @@ import psutil  # noqa: E402
 import torch  # noqa: E402
 import zmq  # noqa: E402
 
-from comm import shm_tensor  # noqa: E402
-from comm.shm_broadcast import Handle, MessageQueue  # noqa: E402
+from omni_runtime.comm import shm_tensor  # noqa: E402
+from omni_runtime.comm.shm_broadcast import Handle, MessageQueue  # noqa: E402
 
 logger = logging.getLogger("bench_ipc")
 
@@ -425,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    _CTX.set_forkserver_preload(["torch", "zmq", "msgspec", "comm.shm_broadcast", "comm.shm_tensor"])
+    _CTX.set_forkserver_preload(["torch", "zmq", "msgspec", "omni_runtime.comm.shm_broadcast", "omni_runtime.comm.shm_tensor"])
 
     quick = args.quick
     lat_msgs, warmup = (200, 20) if quick else (2000, 100)

@@ -42,7 +42,7 @@ def _free_port() -> int:
 
 def _ensure_model(preset: str) -> Path:
     sys.path.insert(0, str(ROOT))
-    from runtime.model_store import ensure_model
+    from omni_runtime.runtime.model_store import ensure_model
 
     return ensure_model(str(ROOT / "models" / f"{preset}-flux"))
 
@@ -76,7 +76,7 @@ class _Server:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(Path(self.tmp.name) / "server.log", "w")  # noqa: SIM115 (closed in stop)
-        self.proc = subprocess.Popen([sys.executable, "-m", "runtime.cli", "--log-level", "WARNING", "serve",
+        self.proc = subprocess.Popen([sys.executable, "-m", "omni_runtime.runtime.cli", "--log-level", "WARNING", "serve",
                                       str(cfg), "--port", str(self.port)], cwd=ROOT, stdout=self.log,
                                      stderr=subprocess.STDOUT)
         end = time.monotonic() + 300

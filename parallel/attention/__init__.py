@@ -1,10 +1,18 @@
 """Parallel attention: one ``Attention`` = backend (SDPA, CPU flash with LSE, flash-attn) × strategy
 (none, Ulysses, Ring, Ulysses×Ring) chosen from the mesh. ``sp_attention`` is the functional form."""
 
-from parallel.attention.backends import AttentionBackendError, attention_block, flash_attn_available
-from parallel.attention.layer import Attention
-from parallel.attention.sp_attention import SPAttentionError, SPMesh, current_mesh, sp_attention
-from parallel.attention.sp_context import SPForwardContext, get_sp_forward_context, sp_forward_context
+from omni_runtime.parallel.attention.backends import (
+    AttentionBackendError,
+    attention_block,
+    flash_attn_available,
+)
+from omni_runtime.parallel.attention.layer import Attention
+from omni_runtime.parallel.attention.sp_attention import SPAttentionError, SPMesh, current_mesh, sp_attention
+from omni_runtime.parallel.attention.sp_context import (
+    SPForwardContext,
+    get_sp_forward_context,
+    sp_forward_context,
+)
 
 __all__ = [
     "Attention", "AttentionBackendError", "SPAttentionError", "SPForwardContext", "SPMesh", "attention_block",

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from parallel.collectives import RingComm, all_to_all_4D, all_to_all_5D
+from omni_runtime.parallel.collectives import RingComm, all_to_all_4D, all_to_all_5D
 
 logger = logging.getLogger(__name__)
 

@@ -7,8 +7,8 @@ import logging
 import torch
 from torch import nn
 
-from parallel.attention.backends import BACKEND_NAMES, AttentionBackendError
-from parallel.attention.sp_attention import LOCAL_MESH, SPMesh, current_mesh, sp_attention
+from omni_runtime.parallel.attention.backends import BACKEND_NAMES, AttentionBackendError
+from omni_runtime.parallel.attention.sp_attention import LOCAL_MESH, SPMesh, current_mesh, sp_attention
 
 logger = logging.getLogger(__name__)
 

@@ -14,10 +14,10 @@ import logging
 
 import torch
 
-from parallel.attention.backends import attention_block
-from parallel.attention.comm_ops import CountingRingComm
-from parallel.attention.lse_merge import merge_partial
-from parallel.utils import pad_dim
+from omni_runtime.parallel.attention.backends import attention_block
+from omni_runtime.parallel.attention.comm_ops import CountingRingComm
+from omni_runtime.parallel.attention.lse_merge import merge_partial
+from omni_runtime.parallel.utils import pad_dim
 
 logger = logging.getLogger(__name__)
 

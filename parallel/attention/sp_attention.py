@@ -20,11 +20,11 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
-from parallel.attention.backends import attention_block, default_scale
-from parallel.attention.comm_ops import get_comm_stats
-from parallel.attention.ring import ring_attention
-from parallel.attention.sp_context import get_sp_forward_context
-from parallel.attention.ulysses import ulysses_attention
+from omni_runtime.parallel.attention.backends import attention_block, default_scale
+from omni_runtime.parallel.attention.comm_ops import get_comm_stats
+from omni_runtime.parallel.attention.ring import ring_attention
+from omni_runtime.parallel.attention.sp_context import get_sp_forward_context
+from omni_runtime.parallel.attention.ulysses import ulysses_attention
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ LOCAL_MESH = SPMesh(sp=_LocalGroup(), ulysses=_LocalGroup(), ring=_LocalGroup())
 def current_mesh() -> SPMesh | None:
     """The live SP mesh from ``parallel.state``, or None when there is none (or it has size 1)."""
     try:
-        from parallel import state
+        from omni_runtime.parallel import state
     except ImportError:  # the mesh module is optional for single-process use
         return None
     if not state.model_parallel_is_initialized():

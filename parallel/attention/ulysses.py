@@ -18,8 +18,8 @@ from collections.abc import Callable
 
 import torch
 
-from parallel.attention.comm_ops import all_gather_dim0, all_to_all_out, all_to_all_qkv
-from parallel.utils import pad_dim
+from omni_runtime.parallel.attention.comm_ops import all_gather_dim0, all_to_all_out, all_to_all_qkv
+from omni_runtime.parallel.utils import pad_dim
 
 logger = logging.getLogger(__name__)
 

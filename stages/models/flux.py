@@ -26,11 +26,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from parallel.attention import Attention
-from parallel.sp_plan import SequenceParallelInput, SequenceParallelModelPlan, SequenceParallelOutput
-from stages.device import resolve_device, resolve_dtype
-from stages.errors import CheckpointError
-from stages.weights import (
+from omni_runtime.parallel.attention import Attention
+from omni_runtime.parallel.sp_plan import (
+    SequenceParallelInput,
+    SequenceParallelModelPlan,
+    SequenceParallelOutput,
+)
+from omni_runtime.stages.device import resolve_device, resolve_dtype
+from omni_runtime.stages.errors import CheckpointError
+from omni_runtime.stages.weights import (
     DIFFUSERS_WEIGHTS,
     MODEL_INDEX,
     component_dir,

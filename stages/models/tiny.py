@@ -1,0 +1,229 @@
+"""Write a complete diffusers-format FLUX.1-style model directory with deterministic random weights.
+
+No machine of this project can download weights, so tests, benchmarks and the default config use what this
+script writes. The result loads with diffusers' own ``FluxPipeline.from_pretrained(dir)``:
+
+    model_index.json
+    transformer/      FluxTransformer2DModel   (config.json + diffusion_pytorch_model.safetensors)
+    vae/              AutoencoderKL            (16 latent channels, downsamples by 8, FLUX scaling/shift)
+    text_encoder/     CLIPTextModel            tokenizer/    CLIPTokenizer (byte-level BPE built here)
+    text_encoder_2/   T5EncoderModel           tokenizer_2/  T5TokenizerFast (Unigram built here)
+    scheduler/        FlowMatchEulerDiscreteScheduler (FLUX shift, dynamic shifting)
+
+From the shell: ``python tools/make_tiny_model.py OUT_DIR [--preset tiny|small] [--seed N]``; the runtime calls
+:func:`make_tiny_model` to create the default model on first use (also from a wheel install).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import string
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Sizes of every component; ``tiny`` is for tests, ``small`` makes compute dominate for benchmarks."""
+
+    # transformer
+    num_layers: int
+    num_single_layers: int
+    num_attention_heads: int
+    attention_head_dim: int
+    axes_dims_rope: tuple[int, int, int]
+    guidance_embeds: bool
+    # vae
+    vae_block_out_channels: tuple[int, ...]
+    vae_norm_num_groups: int
+    # text encoders
+    clip_hidden: int
+    clip_layers: int
+    clip_heads: int
+    t5_d_model: int
+    t5_layers: int
+    t5_heads: int
+    t5_d_kv: int
+    t5_d_ff: int
+
+
+PRESETS: dict[str, Preset] = {
+    "tiny": Preset(
+        num_layers=1, num_single_layers=1, num_attention_heads=2, attention_head_dim=16,
+        axes_dims_rope=(4, 6, 6), guidance_embeds=True,
+        vae_block_out_channels=(8, 16, 16, 16), vae_norm_num_groups=4,
+        clip_hidden=32, clip_layers=1, clip_heads=2,
+        t5_d_model=32, t5_layers=1, t5_heads=2, t5_d_kv=16, t5_d_ff=64,
+    ),
+    "small": Preset(
+        num_layers=2, num_single_layers=4, num_attention_heads=6, attention_head_dim=64,
+        axes_dims_rope=(16, 24, 24), guidance_embeds=True,
+        vae_block_out_channels=(16, 32, 32, 32), vae_norm_num_groups=8,
+        clip_hidden=64, clip_layers=2, clip_heads=2,
+        t5_d_model=128, t5_layers=2, t5_heads=4, t5_d_kv=32, t5_d_ff=256,
+    ),
+}
+
+CLIP_MAX_LENGTH = 77
+# FLUX.1 VAE latent statistics.
+VAE_SCALING_FACTOR = 0.3611
+VAE_SHIFT_FACTOR = 0.1159
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """The byte -> printable-character table of byte-level BPE (GPT-2/CLIP), so every byte has a token."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
+        range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {b: chr(c) for b, c in zip(printable, chars, strict=True)}
+
+
+def _clip_tokenizer():
+    """A byte-level BPE CLIP tokenizer whose vocabulary is every byte (alone and word-final) plus a few merges."""
+    from transformers import CLIPTokenizer
+
+    symbols = list(_bytes_to_unicode().values())
+    vocab: dict[str, int] = {}
+    for s in symbols:
+        vocab[s] = len(vocab)
+    for s in symbols:
+        vocab[s + "</w>"] = len(vocab)
+    merges: list[tuple[str, str]] = []
+    # A handful of merges so common words become fewer tokens: "th", "the</w>", "an", "a</w>" style pairs.
+    for left, right in [("t", "h"), ("th", "e</w>"), ("a", "n"), ("i", "n"), ("e", "r"), ("o", "n")]:
+        merged = left + right
+        if merged not in vocab:
+            vocab[merged] = len(vocab)
+        merges.append((left, right))
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab[special] = len(vocab)
+    tok = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=CLIP_MAX_LENGTH)
+    return tok, vocab, merges
+
+
+def _write_clip_vocab_files(tokenizer_dir: Path, vocab: dict[str, int], merges: list[tuple[str, str]]) -> None:
+    """Also write ``vocab.json`` + ``merges.txt`` (what real CLIP checkpoints ship), so tokenizer classes that do
+    not read ``tokenizer.json`` (transformers 4's slow ``CLIPTokenizer``) load the same tokenizer."""
+    (tokenizer_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (tokenizer_dir / "merges.txt").write_text(
+        "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
+
+
+def _t5_tokenizer():
+    """A Unigram T5 tokenizer: ``<pad>``=0, ``</s>``=1, ``<unk>``=2, then single characters and word starts."""
+    from transformers import T5TokenizerFast
+
+    pieces: list[tuple[str, float]] = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    alphabet = string.ascii_letters + string.digits + string.punctuation
+    for ch in alphabet:
+        pieces.append(("▁" + ch, -4.0))
+    for ch in alphabet:
+        pieces.append((ch, -5.0))
+    for word in ("a", "the", "of", "and", "cat", "dog", "photo", "in", "on", "with"):
+        if ("▁" + word, -4.0) not in pieces:
+            pieces.append(("▁" + word, -3.0))
+    return T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=512)
+
+
+def _text_encoders(p: Preset, clip_tok, t5_tok):
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    clip_cfg = CLIPTextConfig(
+        vocab_size=len(clip_tok), hidden_size=p.clip_hidden, intermediate_size=4 * p.clip_hidden,
+        num_hidden_layers=p.clip_layers, num_attention_heads=p.clip_heads,
+        max_position_embeddings=CLIP_MAX_LENGTH, projection_dim=p.clip_hidden, hidden_act="quick_gelu",
+        bos_token_id=clip_tok.bos_token_id, eos_token_id=clip_tok.eos_token_id, pad_token_id=clip_tok.pad_token_id,
+    )
+    clip = CLIPTextModel(clip_cfg)
+    t5_cfg = T5Config(
+        vocab_size=len(t5_tok), d_model=p.t5_d_model, d_kv=p.t5_d_kv, d_ff=p.t5_d_ff, num_layers=p.t5_layers,
+        num_heads=p.t5_heads, relative_attention_num_buckets=8, relative_attention_max_distance=32,
+        feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False, tie_word_embeddings=False,
+        pad_token_id=t5_tok.pad_token_id, eos_token_id=t5_tok.eos_token_id, decoder_start_token_id=0,
+    )
+    t5 = T5EncoderModel(t5_cfg)
+    return clip.eval(), t5.eval()
+
+
+def _transformer(p: Preset):
+    from diffusers import FluxTransformer2DModel
+
+    assert sum(p.axes_dims_rope) == p.attention_head_dim
+    return FluxTransformer2DModel(
+        patch_size=1, in_channels=64, out_channels=None, num_layers=p.num_layers,
+        num_single_layers=p.num_single_layers, attention_head_dim=p.attention_head_dim,
+        num_attention_heads=p.num_attention_heads, joint_attention_dim=p.t5_d_model,
+        pooled_projection_dim=p.clip_hidden, guidance_embeds=p.guidance_embeds,
+        axes_dims_rope=p.axes_dims_rope,
+    ).eval()
+
+
+def _vae(p: Preset):
+    from diffusers import AutoencoderKL
+
+    n = len(p.vae_block_out_channels)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=p.vae_block_out_channels,
+        layers_per_block=1, act_fn="silu", latent_channels=16, norm_num_groups=p.vae_norm_num_groups,
+        sample_size=256, scaling_factor=VAE_SCALING_FACTOR, shift_factor=VAE_SHIFT_FACTOR,
+        use_quant_conv=False, use_post_quant_conv=False, force_upcast=True,
+    ).eval()
+
+
+def _scheduler():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+        base_image_seq_len=256, max_image_seq_len=4096,
+    )
+
+
+def _name_fast_t5_tokenizer(model_index: Path) -> None:
+    """Record ``tokenizer_2`` as ``T5TokenizerFast`` (what FLUX.1 checkpoints name) rather than the class alias
+    transformers 5 resolves it to, so the directory also loads with transformers 4 (where the slow
+    ``T5Tokenizer`` would need a sentencepiece file)."""
+    index = json.loads(model_index.read_text())
+    index["tokenizer_2"] = ["transformers", "T5TokenizerFast"]
+    model_index.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def make_tiny_model(path: str | Path, preset: str = "tiny", seed: int = 0) -> Path:
+    """Write a FLUX.1-style diffusers model directory at ``path`` and return it.
+
+    Weights are a function of ``(preset, seed)`` only. ``preset`` is one of ``PRESETS`` (``tiny``, ``small``).
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"preset={preset!r} is not known; allowed: {sorted(PRESETS)}")
+    from diffusers import FluxPipeline
+
+    p = PRESETS[preset]
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    (clip_tok, clip_vocab, clip_merges), t5_tok = _clip_tokenizer(), _t5_tokenizer()
+    with torch.random.fork_rng(devices=[]):  # the caller's global RNG state is left as it was
+        torch.manual_seed(seed)
+        transformer = _transformer(p)
+        vae = _vae(p)
+        clip, t5 = _text_encoders(p, clip_tok, t5_tok)
+    pipe = FluxPipeline(
+        scheduler=_scheduler(), vae=vae, text_encoder=clip, tokenizer=clip_tok, text_encoder_2=t5,
+        tokenizer_2=t5_tok, transformer=transformer,
+    )
+    pipe.save_pretrained(out, safe_serialization=True)
+    _name_fast_t5_tokenizer(out / "model_index.json")
+    _write_clip_vocab_files(out / "tokenizer", clip_vocab, clip_merges)
+    logger.info("wrote %s model (seed %d) to %s", preset, seed, out)
+    return out
