@@ -249,54 +249,6 @@ def get_tensor_model_parallel_rank() -> int:
     return get_tp_group().rank_in_group
 
 
-def get_sequence_parallel_world_size() -> int:
-    return get_sp_group().world_size
-
-
-def get_sequence_parallel_rank() -> int:
-    return get_sp_group().rank_in_group
-
-
-def get_ulysses_parallel_world_size() -> int:
-    return get_ulysses_group().world_size
-
-
-def get_ulysses_parallel_rank() -> int:
-    return get_ulysses_group().rank_in_group
-
-
-def get_ring_parallel_world_size() -> int:
-    return get_ring_group().world_size
-
-
-def get_ring_parallel_rank() -> int:
-    return get_ring_group().rank_in_group
-
-
-def get_pipeline_parallel_world_size() -> int:
-    return get_pp_group().world_size
-
-
-def get_pipeline_parallel_rank() -> int:
-    return get_pp_group().rank_in_group
-
-
-def get_classifier_free_guidance_world_size() -> int:
-    return get_cfg_group().world_size
-
-
-def get_classifier_free_guidance_rank() -> int:
-    return get_cfg_group().rank_in_group
-
-
-def get_data_parallel_world_size() -> int:
-    return get_dp_group().world_size
-
-
-def get_data_parallel_rank() -> int:
-    return get_dp_group().rank_in_group
-
-
 def get_fully_shard_world_size() -> int:
     return get_hsdp_shard_group().world_size
 

@@ -67,6 +67,7 @@ def _init_distributed(spec: WorkerSpec):
     from omni_runtime.parallel.parallel_spec import ParallelSpec
 
     pspec = _msgspec.convert(spec.parallel, ParallelSpec)
+    pspec.check_world_size(spec.world_size)
     device = torch.device(spec.device if spec.device != "cuda" else f"cuda:{spec.rank}")
     return Mesh.build(pspec, spec.rank, f"tcp://127.0.0.1:{spec.master_port}", device)
 

@@ -164,20 +164,15 @@ def test_defaults_without_torch_distributed():
     assert not dist.is_initialized()
     assert not state.model_parallel_is_initialized()
     assert state.get_parallel_spec() == ParallelSpec()
-    sizes = [state.get_sequence_parallel_world_size(), state.get_ulysses_parallel_world_size(),
-             state.get_ring_parallel_world_size(), state.get_pipeline_parallel_world_size(),
-             state.get_classifier_free_guidance_world_size(), state.get_data_parallel_world_size(),
-             state.get_world_group().world_size]
-    ranks = [state.get_sequence_parallel_rank(), state.get_ulysses_parallel_rank(), state.get_ring_parallel_rank(),
-             state.get_pipeline_parallel_rank(), state.get_classifier_free_guidance_rank(),
-             state.get_data_parallel_rank()]
-    assert sizes == [1] * 7 and ranks == [0] * 6
+    groups = [getattr(state, f"get_{k}_group")() for k in (*KINDS, "world", "tp", "ep", "pipeline_model_parallel")]
+    assert [(g.world_size, g.rank_in_group, g.ranks) for g in groups] == [(1, 0, [0])] * len(groups)
+    assert (state.get_tensor_model_parallel_world_size(), state.get_tensor_model_parallel_rank(),
+            state.get_fully_shard_world_size()) == (1, 0, 1)
     x = torch.arange(6.0).reshape(2, 3)
     g = state.get_sp_group()
     assert g.ranks == [0]
     assert g.all_gather(x, dim=0) is x and g.all_reduce(x) is x and g.broadcast(x) is x
     assert g.broadcast_object({"a": 1}) == {"a": 1}
-    assert state.get_ep_group().ranks == [0] and state.get_tensor_model_parallel_world_size() == 1
 
 
 # ---------------------------------------------------------------------- real processes
@@ -195,13 +190,9 @@ def _mesh_worker(rank: int, world_size: int, names: list[str]) -> dict:
                 "ranks": {k: g.ranks for k, g in groups.items()},
                 "rank_in_group": {k: g.rank_in_group for k, g in groups.items()},
                 "world_size": {k: g.world_size for k, g in groups.items()},
-                "helpers": [state.get_sequence_parallel_world_size(), state.get_sequence_parallel_rank(),
-                            state.get_ulysses_parallel_world_size(), state.get_ulysses_parallel_rank(),
-                            state.get_ring_parallel_world_size(), state.get_ring_parallel_rank(),
-                            state.get_pipeline_parallel_world_size(), state.get_pipeline_parallel_rank(),
-                            state.get_classifier_free_guidance_world_size(),
-                            state.get_classifier_free_guidance_rank(),
-                            state.get_data_parallel_world_size(), state.get_data_parallel_rank()],
+                "helpers": [state.get_fully_shard_world_size(), state.get_tensor_model_parallel_world_size(),
+                            state.get_tensor_model_parallel_rank(), state.get_pipeline_model_parallel_group().ranks,
+                            state.current_mesh().groups_report()],
                 # each group really communicates: the sum of global ranks over the group
                 "sums": {k: int(g.all_reduce(torch.tensor([rank])).item()) for k, g in groups.items()},
             }
@@ -226,9 +217,8 @@ def _check_mesh_results(results: list[dict], names: list[str]) -> None:
                 assert got["world_size"][kind] == len(group), (name, kind, rank)
                 assert got["sums"][kind] == sum(group), (name, kind, rank)
             h = got["helpers"]
-            pairs = [(h[i], h[i + 1]) for i in range(0, 12, 2)]
-            assert pairs == [(got["world_size"][k], got["rank_in_group"][k])
-                             for k in ("sp", "ulysses", "ring", "pp", "cfg", "dp")], (name, rank)
+            assert h[:4] == [got["world_size"]["hsdp_shard"], 1, 0, got["ranks"]["pp"]], (name, rank)
+            assert h[4] == ParallelSpec(**MESHES[name][1]).groups_of(rank), (name, rank)
         assert [r["world_ranks"] for r in results] == [list(range(len(results)))] * len(results)
 
 
@@ -261,7 +251,7 @@ def _lifecycle_worker(rank: int, world_size: int) -> dict:
         except ParallelSpecError as e:
             out["mismatch"] = "differs from the requested" in str(e)
         state.destroy_model_parallel()
-        out["after_destroy"] = [state.get_sequence_parallel_world_size(), state.get_sp_group().ranks]
+        out["after_destroy"] = [state.get_sp_group().world_size, state.get_sp_group().ranks]
         try:
             state.initialize_model_parallel(ulysses_degree=2, ring_degree=3)
         except ParallelSpecError as e:

@@ -252,3 +252,17 @@ def test_wildcard_paths_resolve() -> None:
 def test_validate_sp_plan_rejects_bad_plans(plan: dict, message: str) -> None:
     with pytest.raises(SPPlanError, match=message):
         validate_sp_plan(plan, make_model())
+
+
+def test_process_wide_sharding_validator() -> None:
+    from omni_runtime.parallel.sp_sharding import get_sharding_validator
+
+    v = get_sharding_validator()
+    assert v is get_sharding_validator()
+    x = torch.arange(6.0).view(1, 6)
+    with v.track():
+        v.gather(v.shard(x, "h", 1), "h", 1)  # one process: identity, but recorded
+        v.validate()
+        v.shard(x, "e", 1)
+        with pytest.raises(ShardingError, match=r"sharded but never gathered: \['e'\]"):
+            v.validate()
