@@ -205,33 +205,7 @@ class GroupCoordinator:
         return (f"GroupCoordinator({self.unique_name}, ranks={self.ranks}, rank={self.rank}, "
                 f"rank_in_group={self.rank_in_group})")
 
-    # ------------------------------------------------------------------ neighbours
-    @property
-    def first_rank(self) -> int:
-        return self.ranks[0]
-
-    @property
-    def last_rank(self) -> int:
-        return self.ranks[-1]
-
-    @property
-    def is_first_rank(self) -> bool:
-        return self.rank == self.first_rank
-
-    @property
-    def is_last_rank(self) -> bool:
-        return self.rank == self.last_rank
-
-    @property
-    def next_rank(self) -> int:
-        """Global rank of the next rank in the group (wrapping)."""
-        return self.ranks[(self.rank_in_group + 1) % self.world_size]
-
-    @property
-    def prev_rank(self) -> int:
-        """Global rank of the previous rank in the group (wrapping)."""
-        return self.ranks[(self.rank_in_group - 1) % self.world_size]
-
+    # ------------------------------------------------------------------ argument checks
     def _check_group_rank(self, name: str, value: int) -> None:
         if not 0 <= value < self.world_size:
             raise ValueError(f"{name}={value} is not a rank of group {self.group_name} (size {self.world_size})")

@@ -16,6 +16,8 @@ from typing import Any
 
 import msgspec
 
+from omni_runtime.parallel.parallel_spec import ParallelSpec, ParallelSpecError
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
@@ -25,6 +27,10 @@ logger = logging.getLogger(__name__)
 
 STAGE_NAMES = ("text_encoder", "denoiser", "vae")
 
+# The parallel keys of each stage's ``[stages.<name>.parallel]`` table (they parse straight into
+# ``parallel.parallel_spec.ParallelSpec``; the VAE's ``patch`` is the spec's ``vae_patch``).
+DENOISER_PARALLEL_KEYS = ("ulysses", "ring", "cfg", "pp", "dp", "tp", "hsdp_shard", "hsdp_replicate", "ep")
+VAE_PARALLEL_KEYS = ("patch",)
 # Degrees whose implementation exists in ``parallel``/``stages`` and is wired into the stage processes.
 # Anything else > 1 is rejected with "not supported yet" instead of silently running unsharded.
 SUPPORTED_DENOISER_DEGREES = frozenset({"ulysses", "ring"})
@@ -49,28 +55,6 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     request_timeout_s: float = 600.0
 
 
-class DenoiserParallelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    ulysses: int = 1
-    ring: int = 1
-    cfg: int = 1
-    pp: int = 1
-    hsdp_shard: int = 1
-    hsdp_replicate: int = 1
-
-    @property
-    def world_size(self) -> int:
-        """Ranks in one denoiser replica: the product of the mesh degrees (HSDP shards within them)."""
-        return self.ulysses * self.ring * self.cfg * self.pp
-
-
-class VaeParallelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    patch: int = 1
-
-    @property
-    def world_size(self) -> int:
-        return self.patch
-
-
 class StageConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     replicas: int = 1
     max_batch_size: int = 8
@@ -84,7 +68,7 @@ class StageConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class DenoiserStageConfig(StageConfig, kw_only=True):
-    parallel: DenoiserParallelConfig = msgspec.field(default_factory=DenoiserParallelConfig)
+    parallel: ParallelSpec = msgspec.field(default_factory=ParallelSpec)
 
     @property
     def world_size(self) -> int:
@@ -92,7 +76,7 @@ class DenoiserStageConfig(StageConfig, kw_only=True):
 
 
 class VaeStageConfig(StageConfig, kw_only=True):
-    parallel: VaeParallelConfig = msgspec.field(default_factory=VaeParallelConfig)
+    parallel: ParallelSpec = msgspec.field(default_factory=ParallelSpec)
 
     @property
     def world_size(self) -> int:
@@ -127,8 +111,8 @@ _SCHEMA: dict[str, Any] = {
     "server": {"host": _STR, "port": _INT, "api_key": _STR, "max_queue": _INT, "request_timeout_s": _FLOAT},
     "stages": {
         "text_encoder": dict(_STAGE_KEYS),
-        "denoiser": {**_STAGE_KEYS, "parallel": dict.fromkeys(DenoiserParallelConfig.__struct_fields__, _INT)},
-        "vae": {**_STAGE_KEYS, "parallel": {"patch": _INT}},
+        "denoiser": {**_STAGE_KEYS, "parallel": dict.fromkeys(DENOISER_PARALLEL_KEYS, _INT)},
+        "vae": {**_STAGE_KEYS, "parallel": dict.fromkeys(VAE_PARALLEL_KEYS, _INT)},
     },
 }
 _REQUIRED = {("model",): ["path"], (): ["model"]}
@@ -178,6 +162,39 @@ def _at_least(path: str, value: float, low: float, what: str = "an integer") -> 
         raise ConfigError(f"{path} = {value!r}: must be {what} >= {low}")
 
 
+def _check_parallel(raw: dict[str, Any]) -> None:
+    """The ``[stages.<name>.parallel]`` tables (types already checked), before they become ``ParallelSpec``s."""
+    stages = raw.get("stages", {})
+    for name, keys, supported in (("denoiser", DENOISER_PARALLEL_KEYS, SUPPORTED_DENOISER_DEGREES),
+                                  ("vae", VAE_PARALLEL_KEYS, SUPPORTED_VAE_DEGREES)):
+        par = {k: 1 for k in keys} | stages.get(name, {}).get("parallel", {})
+        base = f"stages.{name}.parallel"
+        for key in keys:
+            _at_least(f"{base}.{key}", par[key], 1)
+        if name == "vae":
+            if par["patch"] > 1 and "patch" not in supported:
+                raise ConfigError(f"{base}.patch = {par['patch']}: not supported yet; this build runs the VAE "
+                                  f"on one rank (set patch = 1)")
+            continue
+        if par["tp"] > 1:
+            raise ConfigError(f"{base}.tp = {par['tp']}: tensor parallelism is reserved; allowed value: 1")
+        world = par["ulysses"] * par["ring"] * par["cfg"] * par["pp"] * par["dp"]
+        hsdp = par["hsdp_shard"] * par["hsdp_replicate"]
+        if hsdp > 1 and hsdp != world:
+            raise ConfigError(
+                f"{base}.hsdp_shard = {par['hsdp_shard']} with hsdp_replicate = {par['hsdp_replicate']}: "
+                f"hsdp_shard x hsdp_replicate = {hsdp} must equal the denoiser world size ulysses x ring x cfg x "
+                f"pp x dp = {par['ulysses']} x {par['ring']} x {par['cfg']} x {par['pp']} x {par['dp']} = {world}")
+        if par["cfg"] > 2:
+            raise ConfigError(f"{base}.cfg = {par['cfg']}: CFG parallelism splits the conditional and "
+                              f"unconditional branch, allowed values are 1 or 2")
+        for key in keys:
+            if par[key] > 1 and key not in supported:
+                hint = " (more replicas give data parallelism: set replicas instead)" if key == "dp" else ""
+                raise ConfigError(f"{base}.{key} = {par[key]}: not supported yet; this build implements only "
+                                  f"{', '.join(sorted(supported))} (set {key} = 1){hint}")
+
+
 def _check_values(cfg: RuntimeConfig) -> None:
     if cfg.model.dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"model.dtype = {cfg.model.dtype!r}: allowed values are 'float32', 'bfloat16', 'float16'")
@@ -198,27 +215,6 @@ def _check_values(cfg: RuntimeConfig) -> None:
         _at_least(f"{base}.max_batch_size", st.max_batch_size, 1)
         _at_least(f"{base}.threads", st.threads, 0)
         _at_least(f"{base}.batch_timeout_ms", st.batch_timeout_ms, 0, "a number")
-    par = cfg.stages.denoiser.parallel
-    for key in DenoiserParallelConfig.__struct_fields__:
-        _at_least(f"stages.denoiser.parallel.{key}", getattr(par, key), 1)
-    _at_least("stages.vae.parallel.patch", cfg.stages.vae.parallel.patch, 1)
-    hsdp = par.hsdp_shard * par.hsdp_replicate
-    if hsdp > 1 and hsdp != par.world_size:
-        raise ConfigError(
-            f"stages.denoiser.parallel.hsdp_shard = {par.hsdp_shard} with hsdp_replicate = {par.hsdp_replicate}: "
-            f"hsdp_shard x hsdp_replicate = {hsdp} must equal the denoiser world size "
-            f"ulysses x ring x cfg x pp = {par.ulysses} x {par.ring} x {par.cfg} x {par.pp} = {par.world_size}")
-    if par.cfg > 2:
-        raise ConfigError(f"stages.denoiser.parallel.cfg = {par.cfg}: CFG parallelism splits the conditional "
-                          f"and unconditional branch, allowed values are 1 or 2")
-    for key in DenoiserParallelConfig.__struct_fields__:
-        value = getattr(par, key)
-        if value > 1 and key not in SUPPORTED_DENOISER_DEGREES:
-            raise ConfigError(f"stages.denoiser.parallel.{key} = {value}: not supported yet; this build "
-                              f"implements only {', '.join(sorted(SUPPORTED_DENOISER_DEGREES))} (set {key} = 1)")
-    if cfg.stages.vae.parallel.patch > 1 and "patch" not in SUPPORTED_VAE_DEGREES:
-        raise ConfigError(f"stages.vae.parallel.patch = {cfg.stages.vae.parallel.patch}: not supported yet; "
-                          f"this build runs the VAE on one rank (set patch = 1)")
     for name in STAGE_NAMES:
         st = cfg.stages.get(name)
         need = st.world_size * st.replicas
@@ -234,13 +230,14 @@ def _check_values(cfg: RuntimeConfig) -> None:
 def config_from_dict(raw: dict[str, Any], base_dir: Path | None = None, source: str = "") -> RuntimeConfig:
     """Check ``raw`` (a parsed TOML document) and build the config; relative paths resolve against ``base_dir``."""
     _check_types(raw, _SCHEMA, ())
+    _check_parallel(raw)
     raw = {**raw, "stages": {k: dict(v) for k, v in raw.get("stages", {}).items()}}
     for st in raw["stages"].values():
         if "devices" in st:  # an index N (or "N") names CUDA device N
             st["devices"] = [f"cuda:{d}" if str(d).isdigit() else d for d in st["devices"]]
     try:
         cfg = msgspec.convert(raw, RuntimeConfig, strict=False)
-    except msgspec.ValidationError as e:  # the walk above should have caught everything; keep the message
+    except (msgspec.ValidationError, ParallelSpecError) as e:  # the walks above should catch everything
         raise ConfigError(f"invalid config: {e}") from None
     _check_values(cfg)
     path = Path(cfg.model.path).expanduser()

@@ -60,8 +60,8 @@ class ReplicaProcs:
         ws = st.world_size
         self.generation += 1
         port = free_port()
-        parallel = (msgspec.structs.asdict(cfg.stages.denoiser.parallel) if self.stage == "denoiser"
-                    else {"patch": cfg.stages.vae.parallel.patch} if self.stage == "vae" else {})
+        # the stage's ParallelSpec with its config key names; the worker converts it back (stage_worker)
+        parallel = msgspec.to_builtins(getattr(st, "parallel", None) or {})
         threads = stage_threads(ws, _cpus(), st.threads)
         nxt = STAGE_NAMES.index(self.stage) + 1
         pool = nxt < len(STAGE_NAMES) and cfg.stages.get(STAGE_NAMES[nxt]).world_size == 1

@@ -4,9 +4,10 @@ from pathlib import Path
 
 import pytest
 
+from omni_runtime.parallel.parallel_spec import ParallelSpec
 from omni_runtime.runtime.cli import main
 from omni_runtime.runtime.config import ConfigError, load_config
-from omni_runtime.runtime.layout import denoiser_groups, resolve_layout
+from omni_runtime.runtime.layout import rank_groups, resolve_layout
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = """
@@ -62,6 +63,17 @@ def test_relative_model_path_resolves_against_the_config_dir(tmp_path):
     ("[stages.text_encoder]\nbatch_timeout_ms = inf\n", "stages.text_encoder.batch_timeout_ms", "inf", "finite"),
     ("[server]\nport = 80.0\n", "server.port", "80.0 (float)", "must be an integer"),
     ("[stages.denoiser]\nparallel = 2\n", "stages.denoiser.parallel", "2 (int)", "must be a table"),
+    ("[stages.denoiser.parallel]\nep = 2\n", "stages.denoiser.parallel.ep", "2", "not supported yet"),
+    ("[stages.denoiser.parallel]\nep = 0\n", "stages.denoiser.parallel.ep", "0", ">= 1"),
+    ("[stages.denoiser.parallel]\ndp = 2\n", "stages.denoiser.parallel.dp", "2", "set replicas instead"),
+    ("[stages.denoiser.parallel]\ndp = 0\n", "stages.denoiser.parallel.dp", "0", ">= 1"),
+    ("[stages.denoiser.parallel]\ntp = 2\n", "stages.denoiser.parallel.tp", "2", "tensor parallelism is reserved"),
+    ("[stages.denoiser.parallel]\ntp = 'x'\n", "stages.denoiser.parallel.tp", "'x'", "must be an integer"),
+    ("[stages.denoiser.parallel]\nhsdp_replicate = 2\n", "stages.denoiser.parallel.hsdp_shard", "2",
+     "must equal the denoiser world size"),
+    ("[stages.denoiser.parallel]\npatch = 2\n", "stages.denoiser.parallel.patch", "2", "allowed keys here"),
+    ("[stages.vae.parallel]\nulysses = 2\n", "stages.vae.parallel.ulysses", "2", "allowed keys here: patch"),
+    ("[stages.vae.parallel]\npatch = 0\n", "stages.vae.parallel.patch", "0", ">= 1"),
 ])
 def test_each_mistake_is_one_error_naming_the_key(tmp_path, extra, path, value_text, allowed):
     with pytest.raises(ConfigError) as e:
@@ -99,11 +111,19 @@ def test_cli_check_exit_codes_and_layout(tmp_path, capsys):
 
 def test_group_membership_is_exact():
     # ulysses contiguous, ring strided, then pp, then cfg (rank order tp-sp-pp-cfg-dp)
-    g = denoiser_groups(ulysses=2, ring=2, cfg=2, pp=1)
+    g = rank_groups(ParallelSpec(ulysses=2, ring=2, cfg=2))
     assert [x["ulysses"] for x in g] == [[0, 1], [0, 1], [2, 3], [2, 3], [4, 5], [4, 5], [6, 7], [6, 7]]
     assert [x["ring"] for x in g] == [[0, 2], [1, 3], [0, 2], [1, 3], [4, 6], [5, 7], [4, 6], [5, 7]]
     assert [x["cfg"] for x in g] == [[0, 4], [1, 5], [2, 6], [3, 7], [0, 4], [1, 5], [2, 6], [3, 7]]
     assert g[5]["sp"] == [4, 5, 6, 7]
+
+
+def test_parallel_tables_parse_into_parallel_spec(tmp_path):
+    cfg = load_config(_write(tmp_path, BASE + "[stages.denoiser.parallel]\nulysses = 2\nring = 2\n"
+                                              "[stages.vae.parallel]\npatch = 1\n"))
+    assert cfg.stages.denoiser.parallel == ParallelSpec(ulysses=2, ring=2)
+    assert cfg.stages.vae.parallel == ParallelSpec(vae_patch=1)
+    assert cfg.stages.denoiser.world_size == 4 and cfg.stages.vae.world_size == 1
 
 
 def test_layout_replicas_and_devices(tmp_path):
