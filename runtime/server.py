@@ -248,6 +248,9 @@ def create_app(cfg: RuntimeConfig, orchestrator: Orchestrator | None = None) -> 
             schema = get_openapi(title=app.title, version=app.version, description=app.description,
                                  routes=app.routes)
             schema.setdefault("components", {})["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+            # FastAPI's OpenAPI model holds bounds as floats (2**63 - 10 would become 2**63): put the table's in
+            body = schema["paths"]["/v1/images/generations"]["post"]["requestBody"]["content"][JSON_MEDIA_TYPE]
+            body["schema"] = openapi_request_schema()
             app.openapi_schema = schema
         return app.openapi_schema
 
