@@ -175,6 +175,8 @@ def _check_field(f: Field, v: Any) -> Any:
     """``v`` (not None) checked against ``f``; returns the value to use."""
     key = f.name
     if f.kind == "integer":
+        if isinstance(v, float) and v.is_integer():  # JSON (and its schema) has numbers: 176.0 is the integer 176
+            v = int(v)
         if isinstance(v, bool) or not isinstance(v, int):
             raise RequestError(f"{key}={show(v)}: must be an integer between {f.minimum} and {f.maximum}", key)
         if not f.minimum <= v <= f.maximum:  # type: ignore[operator]
