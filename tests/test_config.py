@@ -62,6 +62,17 @@ def test_relative_model_path_resolves_against_the_config_dir(tmp_path):
     ("[stages.text_encoder]\nbatch_timeout_ms = inf\n", "stages.text_encoder.batch_timeout_ms", "inf", "finite"),
     ("[server]\nport = 80.0\n", "server.port", "80.0 (float)", "must be an integer"),
     ("[stages.denoiser]\nparallel = 2\n", "stages.denoiser.parallel", "2 (int)", "must be a table"),
+    ('[server]\napi_key = "sk-\u00e9t\u00e9"\n', "server.api_key", "'\u00e9'", "printable ASCII"),
+    ('[server]\napi_key = "sk test"\n', "server.api_key", "' '", "without spaces"),
+    ("[server]\nmax_pixels_steps = -1\n", "server.max_pixels_steps", "-1", ">= 0"),
+    ("[server]\nmetrics_require_key = 1\n", "server.metrics_require_key", "1 (int)", "true or false"),
+    ("[server]\nheader_timeout_s = 0\n", "server.header_timeout_s", "0", "> 0"),
+    ("[server]\nbody_timeout_s = -1.5\n", "server.body_timeout_s", "-1.5", "> 0"),
+    ("[server]\nkeep_alive_timeout_s = inf\n", "server.keep_alive_timeout_s", "inf", "finite"),
+    ("[server]\nmax_connections = 0\n", "server.max_connections", "0", ">= 1"),
+    ("[stages.vae]\nmax_batch_pixels = -4\n", "stages.vae.max_batch_pixels", "-4", ">= 0"),
+    ("[stages.text_encoder]\nmax_batch_pixels = 4\n", "stages.text_encoder.max_batch_pixels", "4",
+     "allowed keys here"),
 ])
 def test_each_mistake_is_one_error_naming_the_key(tmp_path, extra, path, value_text, allowed):
     with pytest.raises(ConfigError) as e:
