@@ -153,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # e.g. an output directory that cannot be written: a message, not a traceback
         print(f"omni-runtime {args.command}: error: {e}", file=sys.stderr)
         return EXIT_FAILURE
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # Ctrl-C: one line, no traceback (batch says how far it got)
+        print(f"omni-runtime {args.command}: {e or 'interrupted'}", file=sys.stderr)
         return 130
 
 

@@ -106,6 +106,10 @@ def _file_names(lineno: int, req: GenerationRequest) -> list[str]:
     return [f"{lineno:05d}-{k}.{ext}" for k in range(req.n)]
 
 
+class BatchInterrupted(KeyboardInterrupt):
+    """Ctrl-C during ``batch``: the message says how far it got; the CLI prints it as its one line."""
+
+
 def run_batch(cfg: RuntimeConfig, prompts: str | Path, out_dir: str | Path, in_process: bool = False,
               max_in_flight: int = 16, omni: Any = None) -> dict[str, int]:
     """Generate every line not done yet; returns ``{"total", "skipped", "generated"}``."""
@@ -126,11 +130,11 @@ def run_batch(cfg: RuntimeConfig, prompts: str | Path, out_dir: str | Path, in_p
                 with open(manifest, "a", encoding="utf-8") as mf:
                     mf.write("\n")
     own = omni is None
-    if own:
-        from omni_runtime.runtime.omni import Omni
-
-        omni = Omni(cfg, in_process=in_process)
     try:
+        if own:
+            from omni_runtime.runtime.omni import Omni
+
+            omni = Omni(cfg, in_process=in_process)
         with open(manifest, "a", encoding="utf-8") as mf, tqdm(total=len(items), initial=stats["skipped"],
                                                                desc="batch", unit="line") as bar:
             pending: dict[concurrent.futures.Future, tuple[int, GenerationRequest]] = {}
@@ -152,7 +156,15 @@ def run_batch(cfg: RuntimeConfig, prompts: str | Path, out_dir: str | Path, in_p
                     os.fsync(mf.fileno())
                     stats["generated"] += 1
                     bar.update(1)
+    except KeyboardInterrupt:
+        interrupted = True
+    else:
+        interrupted = False
     finally:
-        if own:
-            omni.close()
+        if own and omni is not None:
+            omni.close()  # stops the stage processes; work in flight is dropped (its lines are not in the manifest)
+    if interrupted:
+        done_now = stats["skipped"] + stats["generated"]
+        raise BatchInterrupted(f"interrupted: {done_now} of {stats['total']} line(s) done in {manifest}; the same "
+                               f"command resumes with the rest")
     return stats
