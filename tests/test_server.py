@@ -132,7 +132,8 @@ def test_malformed_requests_get_400_naming_the_field(server):
     got = []
     for body, _ in MALFORMED:
         if isinstance(body, str):
-            r = httpx.post(server.url + "/v1/images/generations", content=body, headers=server.headers)
+            r = httpx.post(server.url + "/v1/images/generations", content=body,
+                           headers={**server.headers, "content-type": "application/json"})
         else:
             r = _post(server, body)
         err = r.json()["error"]
