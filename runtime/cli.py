@@ -98,7 +98,6 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from omni_runtime.runtime.preflight import preflight
     from omni_runtime.runtime.server import serve
 
     cfg = load_config(args.config)
@@ -106,8 +105,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         cfg.server.host = args.host
     if args.port is not None:
         cfg.server.port = args.port
-    preflight(cfg)  # before any stage starts
-    return serve(cfg)
+    return serve(cfg)  # runs the preflight before any stage starts
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:

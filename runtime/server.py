@@ -290,9 +290,14 @@ def uvicorn_config(app: FastAPI, cfg: RuntimeConfig, loop: str = "auto") -> Any:
 
 
 def serve(cfg: RuntimeConfig) -> int:
-    """Run the server until SIGINT/SIGTERM; returns the exit code (1 if the stages never became ready)."""
+    """Run the server until SIGINT/SIGTERM; returns the exit code (1 if the stages never became ready). Runs the
+    preflight and a bind check first: a problem there raises ``ConfigError``/``CheckpointError`` (CLI exit 2)."""
     import uvicorn
 
+    from omni_runtime.runtime.preflight import preflight
+
+    for line in preflight(cfg):  # machine, host, model directory: one error before any stage starts
+        logger.info("preflight: %s", line)
     check_listen(cfg.server.host, cfg.server.port)
     try:
         import setproctitle
