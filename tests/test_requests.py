@@ -173,6 +173,12 @@ def test_cli_flag_errors_exit_2_from_argparse(argv, says, capsys):
      "guidance_scale=nan"),
     (["generate", "--config", DEFAULT, "--prompt", "x", "--in-process", "-o", "x.gif"],
      "the suffix must be one of .png"),
+    (["generate", "--config", DEFAULT, "--prompt", "x", "--steps", "201", "--in-process", "-o", "x.png"],
+     "num_inference_steps=201: must be between 1 and 200"),
+    (["generate", "--config", DEFAULT, "--prompt", "x", "--size", "2048x2048", "--steps", "100", "--in-process",
+      "-o", "x.png"], "1 x 2048 x 2048 x 100 = 419430400: at most 67108864 is allowed ([server] max_pixels_steps)"),
+    (["generate", "--config", DEFAULT, "--prompt", "x\udc80", "--in-process", "-o", "x.png"],
+     "lone UTF-16 surrogate"),
     (["batch", "--config", DEFAULT, str(ROOT / "missing.jsonl"), "--out-dir", "o", "--in-process"],
      "missing.jsonl': cannot read it (No such file or directory)"),
     (["batch", "--config", DEFAULT, str(ROOT), "--out-dir", "o", "--in-process"], "cannot read it (Is a directory)"),
@@ -185,6 +191,15 @@ def test_cli_value_errors_exit_2_with_one_line(argv, says, capsys, tmp_path, mon
     assert list(tmp_path.iterdir()) == []  # nothing written, no model loaded
 
 
+def test_cli_flags_come_from_the_request_table(capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "num_inference_steps: an integer from 1 to 200, default 28" in out
+    assert "guidance_scale: a number from 0 to 100, default 3.5" in out
+    assert "seed: an integer from 0 to 9223372036854775798" in out
+
+
 def test_batch_line_errors_name_the_line(tmp_path, capsys):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text(json.dumps({"prompt": "ok"}) + "\n\n" + '{"prompt": "x", "n": 0}\n')
@@ -193,6 +208,10 @@ def test_batch_line_errors_name_the_line(tmp_path, capsys):
     prompts.write_text('{"prompt": "ok"}\n{"prompt": "x",\n')
     assert main(["batch", "--config", DEFAULT, str(prompts), "--out-dir", str(tmp_path / "o"), "--in-process"]) == 2
     assert "p.jsonl line 2: " in capsys.readouterr().err
+    prompts.write_text('{"prompt": "ok"}\n{"prompt": "big", "n": 2, "size": "2048x2048"}\n')
+    assert main(["batch", "--config", DEFAULT, str(prompts), "--out-dir", str(tmp_path / "o"), "--in-process"]) == 2
+    assert "p.jsonl line 2: n x width x height = 2 x 2048 x 2048 = 8388608 pixels: at most 4194304" in \
+        capsys.readouterr().err
     prompts.write_text('{"prompt": "ok"}\n' + "[" * 50_000 + "\n")
     assert main(["batch", "--config", DEFAULT, str(prompts), "--out-dir", str(tmp_path / "o"), "--in-process"]) == 2
     assert "p.jsonl line 2: not valid JSON: nested too deeply" in capsys.readouterr().err
