@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from http_stub_server import StubOrchestrator
 
 from omni_runtime.runtime.cli import main
 from omni_runtime.runtime.config import config_from_dict
@@ -18,28 +19,6 @@ from omni_runtime.runtime.server import create_app
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT = str(ROOT / "configs" / "default.toml")
-
-
-class StubOrchestrator:
-    """Answers each request with ``b"<prompt>:<seed>"`` per image; records what reached it."""
-
-    started_at = 1_700_000_000.0
-
-    def __init__(self) -> None:
-        self.seen: list = []
-
-    async def start(self) -> None:
-        pass
-
-    async def shutdown(self) -> None:
-        pass
-
-    def health(self) -> dict[str, list[bool]]:
-        return {"text_encoder": [True], "denoiser": [True], "vae": [True]}
-
-    async def generate(self, req):
-        self.seen.append(req)
-        return [f"{req.prompt}:{s}".encode() for s in req.seeds()]
 
 
 @pytest.fixture()
