@@ -158,10 +158,10 @@ def parse_size(value: Any, param: str = "size") -> tuple[int, int]:
     """``"WxH"`` -> ``(width, height)``; both multiples of 16 between 16 and 2048 (:data:`SIZE_PATTERN`)."""
     if not isinstance(value, str):
         raise RequestError(f"{param}={show(value)}: must be a string 'WIDTHxHEIGHT', e.g. '256x256'", param)
-    m = _SIZE.match(value)
+    m = _SIZE.fullmatch(value)  # not .match: "$" would also match before a trailing newline
     if m is not None:
         return int(m.group(1)), int(m.group(2))
-    loose = _SIZE_LOOSE.match(value)
+    loose = _SIZE_LOOSE.fullmatch(value)
     if loose is None:
         raise RequestError(f"{param}={show(value)}: must be 'WIDTHxHEIGHT', e.g. '256x256'", param)
     for side, text in (("width", loose.group(1)), ("height", loose.group(2))):

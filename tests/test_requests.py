@@ -42,6 +42,7 @@ def client():
     ({"prompt": "x\ud800"}, "prompt", "prompt: character 1 is a lone UTF-16 surrogate"),
     ({"prompt": "x", "negative_prompt": "\udfff"}, "negative_prompt", "lone UTF-16 surrogate"),
     ({"prompt": "x", "size": "0016x16"}, "size", "no leading zeros"),
+    ({"prompt": "x", "size": "16x16\n"}, "size", "must be 'WIDTHxHEIGHT'"),  # the schema's pattern refuses it too
     ({"prompt": "x", "model": 3}, "model", "model=3: must be a string"),
     ({"prompt": "x", "seed": 1.5}, "seed", "must be an integer"),
     ({"prompt": {"text": "x"}}, "prompt", "must be a string"),
