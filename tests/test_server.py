@@ -77,6 +77,10 @@ def test_auth_and_side_routes(server):
     assert _post(server, {"prompt": "x", **SMALL}, headers={}).status_code == 401
     bad = _post(server, {"prompt": "x", **SMALL}, headers={"Authorization": "Bearer nope"})
     assert bad.status_code == 401 and bad.json()["error"]["code"] == "invalid_api_key"
+    assert bad.headers["www-authenticate"].startswith("Bearer")
+    form = httpx.post(server.url + "/v1/images/generations", content=b'{"prompt": "x"}',  # a cross-site form post
+                      headers={**server.headers, "content-type": "text/plain"})
+    assert form.status_code == 415 and form.json()["error"]["code"] == "unsupported_media_type"
     assert httpx.get(server.url + "/v1/models").status_code == 401
     h = httpx.get(server.url + "/health").json()
     assert h == {"status": "ok", "stages": {"text_encoder": [True], "denoiser": [True], "vae": [True]}}
