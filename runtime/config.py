@@ -26,6 +26,9 @@ else:  # pragma: no cover - Python 3.10
 logger = logging.getLogger(__name__)
 
 STAGE_NAMES = ("text_encoder", "denoiser", "vae")
+PIXEL_STAGES = ("denoiser", "vae")  # the stages whose batches have a max_batch_pixels cap
+DEFAULT_MAX_PIXELS_STEPS = 1 << 26  # [server] max_pixels_steps
+DEFAULT_MAX_BATCH_PIXELS = 1 << 22  # [stages.denoiser|vae] max_batch_pixels: one 2048x2048, 64 x 256x256
 
 # The parallel keys of each stage's ``[stages.<name>.parallel]`` table (they parse straight into
 # ``parallel.parallel_spec.ParallelSpec``; the VAE's ``patch`` is the spec's ``vae_patch``).
@@ -53,6 +56,15 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     api_key: str = ""
     max_queue: int = 64
     request_timeout_s: float = 600.0
+    # Work caps (0 = no cap): n x W x H x steps of one request. 2**26 = 1024 x 1024 x 64, ~5 s of the tiny
+    # model's denoiser on 2 CPU cores (docs/USAGE.md, "Work caps").
+    max_pixels_steps: int = DEFAULT_MAX_PIXELS_STEPS
+    metrics_require_key: bool = False  # GET /metrics needs the api_key too
+    # uvicorn/h11 connection limits (docs/USAGE.md, "Connection limits").
+    keep_alive_timeout_s: float = 5.0  # an idle keep-alive connection is closed after this
+    header_timeout_s: float = 10.0  # a connection must send a request's complete headers within this
+    body_timeout_s: float = 30.0  # ... and its complete body within this after the headers
+    max_connections: int = 256  # open connections (and requests in flight) beyond this get 503
 
 
 class StageConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -61,6 +73,8 @@ class StageConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     batch_timeout_ms: float = 5.0
     devices: list[str] = msgspec.field(default_factory=list)
     threads: int = 0  # torch threads per rank; 0 = auto (the stage's ranks split the cores)
+    # n x W x H summed over one batch (denoiser and vae; not a key of [stages.text_encoder]); 0 = no cap.
+    max_batch_pixels: int = DEFAULT_MAX_BATCH_PIXELS
 
     @property
     def world_size(self) -> int:
@@ -101,18 +115,21 @@ class RuntimeConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 # --- the schema the checker walks: key -> (kind, allowed text) or a nested schema ---------------------------
 
-_INT, _FLOAT, _STR, _DEVICES = "int", "float", "str", "devices"
+_INT, _FLOAT, _STR, _DEVICES, _BOOL = "int", "float", "str", "devices", "bool"
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?|\d+)$")
 
 _STAGE_KEYS: dict[str, Any] = {"replicas": _INT, "max_batch_size": _INT, "batch_timeout_ms": _FLOAT,
                                "devices": _DEVICES, "threads": _INT}
+_PIXEL_STAGE_KEYS: dict[str, Any] = {**_STAGE_KEYS, "max_batch_pixels": _INT}
 _SCHEMA: dict[str, Any] = {
     "model": {"path": _STR, "dtype": _STR, "device": _STR},
-    "server": {"host": _STR, "port": _INT, "api_key": _STR, "max_queue": _INT, "request_timeout_s": _FLOAT},
+    "server": {"host": _STR, "port": _INT, "api_key": _STR, "max_queue": _INT, "request_timeout_s": _FLOAT,
+               "max_pixels_steps": _INT, "metrics_require_key": _BOOL, "keep_alive_timeout_s": _FLOAT,
+               "header_timeout_s": _FLOAT, "body_timeout_s": _FLOAT, "max_connections": _INT},
     "stages": {
         "text_encoder": dict(_STAGE_KEYS),
-        "denoiser": {**_STAGE_KEYS, "parallel": dict.fromkeys(DENOISER_PARALLEL_KEYS, _INT)},
-        "vae": {**_STAGE_KEYS, "parallel": dict.fromkeys(VAE_PARALLEL_KEYS, _INT)},
+        "denoiser": {**_PIXEL_STAGE_KEYS, "parallel": dict.fromkeys(DENOISER_PARALLEL_KEYS, _INT)},
+        "vae": {**_PIXEL_STAGE_KEYS, "parallel": dict.fromkeys(VAE_PARALLEL_KEYS, _INT)},
     },
 }
 _REQUIRED = {("model",): ["path"], (): ["model"]}
@@ -146,6 +163,9 @@ def _check_types(raw: dict[str, Any], schema: dict[str, Any], prefix: tuple[str,
         elif kind == _STR:
             if not isinstance(value, str):
                 raise ConfigError(f"{path} = {_describe(value)}: must be a string")
+        elif kind == _BOOL:
+            if not isinstance(value, bool):
+                raise ConfigError(f"{path} = {_describe(value)}: must be true or false")
         elif kind == _DEVICES:
             if not isinstance(value, list) or not all(
                     isinstance(d, str) or (isinstance(d, int) and not isinstance(d, bool)) for d in value):
@@ -206,8 +226,16 @@ def _check_values(cfg: RuntimeConfig) -> None:
     if not 0 <= s.port <= 65535:
         raise ConfigError(f"server.port = {s.port!r}: must be between 0 and 65535 (0 picks a free port)")
     _at_least("server.max_queue", s.max_queue, 1)
-    if s.request_timeout_s <= 0:
-        raise ConfigError(f"server.request_timeout_s = {s.request_timeout_s!r}: must be a number > 0")
+    _at_least("server.max_pixels_steps", s.max_pixels_steps, 0)
+    _at_least("server.max_connections", s.max_connections, 1)
+    for key in ("request_timeout_s", "keep_alive_timeout_s", "header_timeout_s", "body_timeout_s"):
+        if getattr(s, key) <= 0:
+            raise ConfigError(f"server.{key} = {getattr(s, key)!r}: must be a number > 0")
+    bad = next((i for i, ch in enumerate(s.api_key) if not "!" <= ch <= "~"), None)
+    if bad is not None:  # it travels in an HTTP header, which carries ASCII only: it could never match
+        raise ConfigError(f"server.api_key: character {bad} ({s.api_key[bad]!r}) is not allowed; allowed: "
+                          f"printable ASCII without spaces ('!' to '~'), as an HTTP Authorization header "
+                          f"carries it")
     for name in STAGE_NAMES:
         st = cfg.stages.get(name)
         base = f"stages.{name}"
@@ -215,6 +243,7 @@ def _check_values(cfg: RuntimeConfig) -> None:
         _at_least(f"{base}.max_batch_size", st.max_batch_size, 1)
         _at_least(f"{base}.threads", st.threads, 0)
         _at_least(f"{base}.batch_timeout_ms", st.batch_timeout_ms, 0, "a number")
+        _at_least(f"{base}.max_batch_pixels", st.max_batch_pixels, 0)
     for name in STAGE_NAMES:
         st = cfg.stages.get(name)
         need = st.world_size * st.replicas

@@ -74,6 +74,17 @@ def test_relative_model_path_resolves_against_the_config_dir(tmp_path):
     ("[stages.denoiser.parallel]\npatch = 2\n", "stages.denoiser.parallel.patch", "2", "allowed keys here"),
     ("[stages.vae.parallel]\nulysses = 2\n", "stages.vae.parallel.ulysses", "2", "allowed keys here: patch"),
     ("[stages.vae.parallel]\npatch = 0\n", "stages.vae.parallel.patch", "0", ">= 1"),
+    ('[server]\napi_key = "sk-\u00e9t\u00e9"\n', "server.api_key", "'\u00e9'", "printable ASCII"),
+    ('[server]\napi_key = "sk test"\n', "server.api_key", "' '", "without spaces"),
+    ("[server]\nmax_pixels_steps = -1\n", "server.max_pixels_steps", "-1", ">= 0"),
+    ("[server]\nmetrics_require_key = 1\n", "server.metrics_require_key", "1 (int)", "true or false"),
+    ("[server]\nheader_timeout_s = 0\n", "server.header_timeout_s", "0", "> 0"),
+    ("[server]\nbody_timeout_s = -1.5\n", "server.body_timeout_s", "-1.5", "> 0"),
+    ("[server]\nkeep_alive_timeout_s = inf\n", "server.keep_alive_timeout_s", "inf", "finite"),
+    ("[server]\nmax_connections = 0\n", "server.max_connections", "0", ">= 1"),
+    ("[stages.vae]\nmax_batch_pixels = -4\n", "stages.vae.max_batch_pixels", "-4", ">= 0"),
+    ("[stages.text_encoder]\nmax_batch_pixels = 4\n", "stages.text_encoder.max_batch_pixels", "4",
+     "allowed keys here"),
 ])
 def test_each_mistake_is_one_error_naming_the_key(tmp_path, extra, path, value_text, allowed):
     with pytest.raises(ConfigError) as e:
@@ -161,8 +172,16 @@ def test_usage_doc_config_block_lists_every_key_with_its_default():
 
     doc = (ROOT / "docs" / "USAGE.md").read_text()
     raw = tomllib.loads(re.search(r"```toml\n(.*?)```", doc, re.S).group(1))
-    raw["stages"]["denoiser"] = dict(raw["stages"]["text_encoder"], parallel=raw["stages"]["denoiser"]["parallel"])
-    raw["stages"]["vae"] = dict(raw["stages"]["text_encoder"], parallel=raw["stages"]["vae"]["parallel"])
+    pixel_keys = {k: v for k, v in raw["stages"]["denoiser"].items() if k != "parallel"}  # denoiser and vae
+    raw["stages"]["denoiser"] = dict(raw["stages"]["text_encoder"], **pixel_keys,
+                                     parallel=raw["stages"]["denoiser"]["parallel"])
+    raw["stages"]["vae"] = dict(raw["stages"]["text_encoder"], **pixel_keys, parallel=raw["stages"]["vae"]["parallel"])
     documented = msgspec.to_builtins(msgspec.convert(raw, RuntimeConfig))
     defaults = msgspec.to_builtins(RuntimeConfig(model=ModelConfig(path=raw["model"]["path"])))
-    assert documented == defaults  # every key of the code is in the doc, with the code's default
+    assert documented == defaults  # every documented key has the code's default
+
+    def keys(d, prefix=""):
+        return {prefix + k for k in d} | {x for k, v in d.items() if isinstance(v, dict) for x in keys(v, k + ".")}
+
+    # and every key of the code is documented (text_encoder has no pixels: max_batch_pixels is no key there)
+    assert keys(raw) >= keys(defaults) - {"source", "text_encoder.max_batch_pixels"}
