@@ -19,13 +19,18 @@ import re
 import shutil
 import stat
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 from omni_runtime.comm.processes import pid_alive, start_time
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["INSTANCE_ENV", "RUN_DIR_PREFIX", "instance_id", "owner_alive", "run_dir", "run_dir_path", "sweep_dead"]
+__all__ = [
+    "INSTANCE_ENV", "RUN_DIR_PREFIX", "exit_with_parent", "instance_id", "owner_alive", "run_dir", "run_dir_path",
+    "sweep_dead",
+]
 
 INSTANCE_ENV = "OMNI_RUNTIME_INSTANCE"
 RUN_DIR_PREFIX = "omni-rt-"
@@ -133,3 +138,24 @@ def sweep_dead() -> tuple[list[str], list[str]]:
     if segments or dirs:
         logger.info("swept %d shm segment(s) and %d run dir(s) of dead runtime instances", len(segments), len(dirs))
     return segments, dirs
+
+
+def exit_with_parent(parent_pid: int, interval: float = 0.1) -> threading.Thread:
+    """Start a daemon thread that, once ``parent_pid`` is gone (or a zombie), unlinks the shared-memory
+    segments this process owns and exits it at once (``os._exit``; no other cleanup can be trusted then).
+
+    A rank must never outlive the frontend that launched it, nor leave its segments behind when it goes."""
+
+    def watch() -> None:
+        from omni_runtime.comm import shm_tensor
+
+        while pid_alive(parent_pid):
+            time.sleep(interval)
+        try:
+            shm_tensor.shutdown()
+        finally:
+            os._exit(0)
+
+    t = threading.Thread(target=watch, name="exit-with-parent", daemon=True)
+    t.start()
+    return t

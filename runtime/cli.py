@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import tempfile
 from importlib.metadata import PackageNotFoundError, version
 
-from omni_runtime.runtime.config import ConfigError, load_config
+from omni_runtime.runtime.config import STAGE_NAMES, ConfigError, RuntimeConfig, load_config
 
 logger = logging.getLogger(__name__)
 
@@ -83,13 +85,39 @@ def _add_request_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--true-cfg-scale", type=float, default=None)
 
 
+def describe(cfg: RuntimeConfig) -> str:
+    """What ``check`` prints: the config summary, then the Placement (nodes, endpoints, rendezvous, devices, local
+    ranks, groups) exactly as :func:`runtime.placement.compute_placement` gives it to the launcher."""
+    from omni_runtime.comm.instance import RUN_DIR_PREFIX
+    from omni_runtime.runtime.placement import compute_placement
+
+    lines = [f"config: {cfg.source or '(in code)'}",
+             f"model: {cfg.model.path} ({cfg.model.dtype} on {cfg.model.device})",
+             f"server: http://{cfg.server.host}:{cfg.server.port} (auth: {'on' if cfg.server.api_key else 'off'}, "
+             f"max_queue {cfg.server.max_queue}/stage, timeout {cfg.server.request_timeout_s:g}s)"]
+    for stage in STAGE_NAMES:
+        st = cfg.stages.get(stage)
+        extra = ""
+        if stage == "denoiser":
+            p = cfg.stages.denoiser.parallel
+            extra = (f", ulysses {p.ulysses} x ring {p.ring} x pp {p.pp} x cfg {p.cfg}"
+                     f", hsdp {p.hsdp_shard}x{p.hsdp_replicate}")
+        elif stage == "vae":
+            extra = f", patch {cfg.stages.vae.parallel.patch}"
+        lines.append(f"stage {stage}: {st.replicas} replica(s) x {st.world_size} rank(s), "
+                     f"max_batch_size {st.max_batch_size}, batch_timeout_ms {st.batch_timeout_ms:g}{extra}")
+    # the run directory's name carries the instance id, made when serve starts
+    run_dir = os.path.join(tempfile.gettempdir(), f"{RUN_DIR_PREFIX}<instance>")
+    lines.append(compute_placement(cfg, run_dir).format())
+    return "\n".join(lines)
+
+
 def _cmd_check(args: argparse.Namespace) -> int:
-    from omni_runtime.runtime.layout import format_layout
     from omni_runtime.runtime.model_store import model_status
 
     cfg = load_config(args.config)
     status = model_status(cfg.model.path)
-    print(format_layout(cfg))
+    print(describe(cfg))
     print(f"model directory: {status}")
     print("config OK")
     return EXIT_OK

@@ -41,6 +41,11 @@ class WorkerSpec(msgspec.Struct, kw_only=True):
     threads: int = 1
     pool_outputs: bool = False  # publish through a ShmPool (the next stage has one rank, the sole reader)
     log_level: str = "INFO"
+    # From the Placement (runtime/placement.py); defaults keep older callers working.
+    rendezvous: str = ""            # torch.distributed init_method ("file://<run dir>/..." on one node)
+    local_rank: int = -1            # index on its node (-1: same as rank)
+    node: str = ""                  # the node it runs on
+    tensor_transport: str = "shm"   # how this replica's outputs reach the next stage: "shm" | "frames"
 
 
 def title(spec: WorkerSpec) -> str:
@@ -60,7 +65,7 @@ def _watch_parent(parent_pid: int) -> None:
 def _init_distributed(spec: WorkerSpec) -> None:
     import torch.distributed as dist
 
-    init = f"tcp://127.0.0.1:{spec.master_port}"
+    init = spec.rendezvous or f"tcp://127.0.0.1:{spec.master_port}"
     try:
         from omni_runtime.parallel import state
     except ImportError:
