@@ -96,7 +96,9 @@ class Placement(msgspec.Struct, frozen=True, kw_only=True):
     def nodes(self) -> list[str]:
         seen = [self.frontend_node]
         for rep in self.replicas:
-            seen += [rk.node for rk in rep.ranks if rk.node not in seen]
+            for rk in rep.ranks:
+                if rk.node not in seen:
+                    seen.append(rk.node)
         return seen
 
     @property
