@@ -73,6 +73,7 @@ __all__ = [
     "ipc_endpoint",
     "make_socket",
     "new_context",
+    "shared_context",
     "poll",
     "remove_ipc_dir",
     "unlink_ipc",
@@ -206,6 +207,12 @@ def _zero_copy_parts(frames: list[Any], threshold: int) -> tuple[list[Any], zmq.
 # ----------------------------------------------------------------------------- the socket factory
 
 
+def shared_context(asyncio: bool = False) -> zmq.Context:
+    """The process-wide ZMQ context channels use by default (``asyncio=True``: the ``zmq.asyncio`` one, whose
+    sockets' ``recv``/``send``/``poll`` are awaitable)."""
+    return zmq.asyncio.Context.instance() if asyncio else zmq.Context.instance()
+
+
 def new_context(io_threads: int = 1) -> zmq.Context:
     """A private ZMQ context (the owner terminates it); channels use the process-wide one by default."""
     return zmq.Context(io_threads=io_threads)
@@ -229,7 +236,7 @@ def make_socket(
     sockets pass every subscription (``XPUB_VERBOSE``). ``bind`` with ``tcp://host:*`` picks a free port:
     read it back from ``LAST_ENDPOINT``. The socket is closed again if any step fails.
     """
-    ctx = zmq.Context.instance() if ctx is None else ctx
+    ctx = shared_context() if ctx is None else ctx
     sock = ctx.socket(kind)
     try:
         sock.setsockopt(zmq.SNDHWM, _check_hwm("sndhwm", sndhwm))
@@ -275,7 +282,7 @@ class _Channel:
 
     @staticmethod
     def _default_context() -> zmq.Context:
-        return zmq.Context.instance()
+        return shared_context()
 
     def __init__(
         self,
@@ -362,7 +369,7 @@ class _AsyncChannel(_Channel):
 
     @staticmethod
     def _default_context() -> zmq.Context:
-        return zmq.asyncio.Context.instance()
+        return shared_context(asyncio=True)
 
     async def __aenter__(self: _C) -> _C:
         return self

@@ -94,7 +94,7 @@ class TensorSlot(msgspec.Struct, frozen=True, array_like=True):
         return self.meta.nbytes
 
 
-class ShmHandle(msgspec.Struct, frozen=True):
+class ShmHandle(msgspec.Struct, frozen=True, tag="shm"):
     """What the consumer needs to map a segment. Small; send it over any msgspec channel."""
 
     name: str
