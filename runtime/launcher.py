@@ -118,7 +118,8 @@ class ReplicaProcs:
             pool_outputs=pool and self.place.tensor_transport == "shm",
             log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel()),
             rendezvous=rendezvous, local_rank=rk.local_rank, node=rk.node,
-            tensor_transport=self.place.tensor_transport) for rk in self.place.ranks]
+            tensor_transport=self.place.tensor_transport,
+            tensor_endpoint=self.place.tensor_endpoint(self.generation)) for rk in self.place.ranks]
 
     def start(self) -> None:
         self.generation += 1

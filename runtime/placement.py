@@ -59,6 +59,7 @@ class ReplicaPlacement(msgspec.Struct, frozen=True, kw_only=True):
     rendezvous_template: str         # torch.distributed init_method ({generation} filled at start)
     env: dict[str, str]              # environment of every rank of the replica
     tensor_transport: str            # how this replica's outputs reach the next stage: "shm" | "frames"
+    tensor_endpoint_template: str    # where its tensor server binds when the transport is "frames"
     ranks: list[RankPlacement]
 
     @property
@@ -74,6 +75,9 @@ class ReplicaPlacement(msgspec.Struct, frozen=True, kw_only=True):
 
     def rendezvous(self, generation: int) -> str:
         return self.rendezvous_template.replace("{generation}", str(generation))
+
+    def tensor_endpoint(self, generation: int) -> str:
+        return self.tensor_endpoint_template.replace("{generation}", str(generation))
 
 
 class Placement(msgspec.Struct, frozen=True, kw_only=True):
@@ -112,8 +116,11 @@ class Placement(msgspec.Struct, frozen=True, kw_only=True):
                  f"  frontend on {self.frontend_node}: results {self.result_endpoint}"]
         for rep in self.replicas:
             env = " ".join(f"{k}={v}" for k, v in sorted(rep.env.items())) or "-"
+            out = rep.tensor_transport
+            if out == "frames":
+                out += f" from {rep.tensor_endpoint_template}"
             lines.append(f"  {rep.label} on {rep.node}: work {rep.work_endpoint_template}, "
-                         f"rendezvous {rep.rendezvous_template}, env {env}, outputs by {rep.tensor_transport}")
+                         f"rendezvous {rep.rendezvous_template}, env {env}, outputs by {out}")
             for rk in rep.ranks:
                 groups = " ".join(f"{k}={v}" for k, v in rk.groups.items())
                 lines.append(f"  {rep.label} rank {rk.rank}/{rep.world_size} on {rk.device}: {groups} "
@@ -209,8 +216,11 @@ def compute_placement(cfg: RuntimeConfig, run_dir: str,
                 transport = setting
             else:
                 transport = "shm" if consumers == {driver} else "frames"
+            # the output rank (the driver) serves frames: over ipc to consumers on its node, tcp to others
+            tensors = f"ipc://{run_dir}/{base}.tensors" if consumers == {driver} else f"tcp://{driver}:*"
             replicas.append(ReplicaPlacement(
                 stage=stage, replica=rep, world_size=ws, node=driver, work_endpoint_template=work,
-                rendezvous_template=rendezvous, env=env, tensor_transport=transport, ranks=ranks))
+                rendezvous_template=rendezvous, env=env, tensor_transport=transport,
+                tensor_endpoint_template=tensors, ranks=ranks))
     return Placement(run_dir=run_dir, frontend_node=frontend, result_endpoint=result_endpoint,
                      tensor_transport=setting, replicas=replicas)

@@ -46,6 +46,7 @@ class WorkerSpec(msgspec.Struct, kw_only=True):
     local_rank: int = -1            # index on its node (-1: same as rank)
     node: str = ""                  # the node it runs on
     tensor_transport: str = "shm"   # how this replica's outputs reach the next stage: "shm" | "frames"
+    tensor_endpoint: str = ""       # "frames": where the output rank's tensor server binds
 
 
 def title(spec: WorkerSpec) -> str:
