@@ -3,7 +3,8 @@
 Two processes are on the same node when they see the same hostname, the same kernel boot id and the same
 ``/dev/shm`` mount (device number). A container with its own ``/dev/shm`` is therefore another node, even on the
 same host: handles into its shared memory would not resolve. Used by ``in_the_same_node_as``, the
-MessageQueue's local/remote split, the placement and the tensor transport's ``auto`` choice.
+MessageQueue's local/remote split and the frame transport (a dead producer on this node is noticed at once);
+the placement names nodes by :func:`node_name`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import socket
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["node_id"]
+__all__ = ["node_id", "node_name"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -27,10 +28,15 @@ def _boot_id() -> str:
         return "?"
 
 
+def node_name() -> str:
+    """The name other nodes reach this one by (its host name); the first field of :func:`node_id`."""
+    return socket.gethostname()
+
+
 def node_id() -> str:
     """``hostname|boot_id|shm_dev`` of this process (equal strings = same shared-memory domain)."""
     try:
         shm_dev = str(os.stat("/dev/shm").st_dev)
     except OSError:
         shm_dev = "?"
-    return f"{socket.gethostname()}|{_boot_id()}|{shm_dev}"
+    return f"{node_name()}|{_boot_id()}|{shm_dev}"

@@ -27,11 +27,11 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 from collections.abc import Mapping, Sequence
 
 import msgspec
 
+from omni_runtime.comm.node import node_name
 from omni_runtime.runtime.config import STAGE_NAMES, TENSOR_TRANSPORTS, ConfigError, RuntimeConfig
 
 logger = logging.getLogger(__name__)
@@ -162,7 +162,7 @@ def _transport_setting(cfg: RuntimeConfig) -> str:
 
 
 def this_node() -> str:
-    return socket.gethostname()
+    return node_name()
 
 
 def compute_placement(cfg: RuntimeConfig, run_dir: str,
