@@ -5,10 +5,8 @@ Every process of one runtime (the frontend and all its ranks) shares an instance
 its ipc sockets, rendezvous files and an ``owner`` record: the pid, start time and boot id of the process that
 created it. Shared-memory segments of the instance are named ``omni_<instance>_<pid>_...`` (comm.shm_tensor).
 
-An instance is dead when its owner is (a reused pid has another start time; a reboot another boot id).
-:func:`sweep_dead` removes the run directories and segments of dead instances, and segments of any of our
-instances whose creating process is dead: every start of the runtime calls it, so a SIGKILLed ``serve``
-leaves nothing behind once the next one starts.
+An instance is dead when its owner is (a reused pid has another start time; a reboot another boot id);
+:mod:`comm.cleanup` removes what dead instances left.
 """
 
 from __future__ import annotations
@@ -16,11 +14,8 @@ from __future__ import annotations
 import logging
 import os
 import re
-import shutil
 import stat
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 from omni_runtime.comm.processes import pid_alive, start_time
@@ -28,8 +23,8 @@ from omni_runtime.comm.processes import pid_alive, start_time
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "INSTANCE_ENV", "RUN_DIR_PREFIX", "exit_with_parent", "instance_id", "owner_alive", "run_dir", "run_dir_path",
-    "sweep_dead",
+    "INSTANCE_ENV", "RUN_DIR_PREFIX", "check_instance", "instance_id", "owner_alive", "run_dir", "run_dir_path",
+    "valid_instance",
 ]
 
 INSTANCE_ENV = "OMNI_RUNTIME_INSTANCE"
@@ -109,53 +104,5 @@ def owner_alive(path: Path) -> bool | None:
     return start_s == "None" or str(start_time(pid)) == start_s
 
 
-def sweep_dead() -> tuple[list[str], list[str]]:
-    """Remove what dead instances left: run directories (and all their segments) whose owner is dead, and
-    segments of any instance whose creating process is dead. Returns (segments removed, directories removed)."""
-    from omni_runtime.comm import shm_tensor
-
-    segments: list[str] = []
-    dirs: list[str] = []
-    tmp = Path(tempfile.gettempdir())
-    try:
-        entries = list(tmp.glob(f"{RUN_DIR_PREFIX}*"))
-    except OSError:
-        entries = []
-    for path in entries:
-        inst = path.name[len(RUN_DIR_PREFIX):]
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            continue
-        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or not _INSTANCE_RE.match(inst):
-            continue
-        if owner_alive(path) is not False:
-            continue
-        segments += shm_tensor.sweep(shm_tensor.instance_prefix(inst), include_live=True)
-        shutil.rmtree(path, ignore_errors=True)
-        dirs.append(str(path))
-    segments += shm_tensor.sweep("omni_")  # any instance: segments whose creating process is dead
-    if segments or dirs:
-        logger.info("swept %d shm segment(s) and %d run dir(s) of dead runtime instances", len(segments), len(dirs))
-    return segments, dirs
-
-
-def exit_with_parent(parent_pid: int, interval: float = 0.1) -> threading.Thread:
-    """Start a daemon thread that, once ``parent_pid`` is gone (or a zombie), unlinks the shared-memory
-    segments this process owns and exits it at once (``os._exit``; no other cleanup can be trusted then).
-
-    A rank must never outlive the frontend that launched it, nor leave its segments behind when it goes."""
-
-    def watch() -> None:
-        from omni_runtime.comm import shm_tensor
-
-        while pid_alive(parent_pid):
-            time.sleep(interval)
-        try:
-            shm_tensor.shutdown()
-        finally:
-            os._exit(0)
-
-    t = threading.Thread(target=watch, name="exit-with-parent", daemon=True)
-    t.start()
-    return t
+def valid_instance(inst: str) -> bool:
+    return isinstance(inst, str) and _INSTANCE_RE.match(inst) is not None

@@ -6,7 +6,7 @@ nodes (Ray) implements the same methods over the same placement.
 
 :class:`LocalLauncher`:
 
-- sweeps what dead runtime instances left (``comm.instance.sweep_dead``: run directories, shm segments) before
+- sweeps what dead runtime instances left (``comm.cleanup.sweep_dead``: run directories, shm segments) before
   anything starts;
 - gives the instance an id (exported as ``OMNI_RUNTIME_INSTANCE`` so every shm segment of this runtime shares a
   prefix) and its 0700 run directory (ipc sockets, rendezvous stores), owned by this process;
@@ -32,8 +32,8 @@ from typing import Protocol
 
 import msgspec
 
+from omni_runtime.comm import cleanup, shm_tensor
 from omni_runtime.comm import instance as rt_instance
-from omni_runtime.comm import shm_tensor
 from omni_runtime.comm.processes import kill_tree, pid_alive
 from omni_runtime.runtime.config import STAGE_NAMES, ConfigError, RuntimeConfig
 from omni_runtime.runtime.placement import Placement, ReplicaPlacement, compute_placement
@@ -54,7 +54,7 @@ def free_port() -> int:
 def _rank_main(spec_bytes: bytes, env: dict[str, str], parent_pid: int) -> None:
     """Entry point of a rank process: the placement's environment, the parent watchdog, then the worker."""
     os.environ.update(env)
-    rt_instance.exit_with_parent(parent_pid)
+    cleanup.exit_with_parent(parent_pid)
     worker_main(spec_bytes)
 
 
@@ -190,7 +190,7 @@ class LocalLauncher:
 
     def __init__(self, cfg: RuntimeConfig) -> None:
         self.cfg = cfg
-        rt_instance.sweep_dead()
+        cleanup.sweep_dead()
         # Every launcher gets its own instance id (children get it through their environment), so the final sweep
         # of one runtime never touches the segments of another one living in the same process or shell.
         # ``OMNI_RUNTIME_INSTANCE`` in the environment, if set, is used as the id's prefix.

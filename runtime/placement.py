@@ -139,7 +139,7 @@ def device_for(cfg: RuntimeConfig, stage: str, index: int) -> str:
 
 def _stage_groups(cfg: RuntimeConfig, stage: str) -> list[dict[str, list[int]]]:
     """For each rank of one replica of ``stage``, its groups (the arithmetic of runtime/layout.py)."""
-    from omni_runtime.runtime import layout
+    import omni_runtime.runtime.layout as layout
 
     ws = cfg.stages.get(stage).world_size
     if stage == "denoiser":

@@ -19,6 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from omni_runtime.comm import cleanup
 from omni_runtime.comm import instance as rt_instance
 from omni_runtime.runtime.cli import describe
 from omni_runtime.runtime.config import ConfigError, config_from_dict
@@ -144,7 +145,7 @@ def test_start_sweeps_what_a_dead_instance_left(monkeypatch):
         assert not run_dir.exists()
         assert shm_tensor.list_segments(shm_tensor.instance_prefix(dead)) == []
         assert rt_instance.owner_alive(launcher.run_dir) is True  # ours is alive: a later start leaves it alone
-        rt_instance.sweep_dead()
+        cleanup.sweep_dead()
         assert launcher.run_dir.exists()
     finally:
         launcher.shutdown()
