@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"logging level: {', '.join(_LOG_LEVELS)} (default INFO)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("check", help="validate a config and print the resolved process layout")
+    p = sub.add_parser("check", help="validate a config and print the placement: nodes, endpoints, rendezvous, devices and groups")
     p.add_argument("config", help="TOML config file")
 
     p = sub.add_parser("serve", help="start the stage processes and the OpenAI-compatible HTTP server")
