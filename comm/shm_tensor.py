@@ -166,6 +166,9 @@ def _unlink(name: str) -> bool:
         return True
     except FileNotFoundError:
         return False
+    except PermissionError:  # another user's segment in the sticky /dev/shm: not ours to remove
+        logger.debug("shm segment %s belongs to another user; left alone", name)
+        return False
 
 
 def shutdown() -> None:
