@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import tempfile
 from importlib.metadata import PackageNotFoundError, version
 
-from omni_runtime.runtime.config import ConfigError, load_config
+from omni_runtime.runtime.config import STAGE_NAMES, ConfigError, RuntimeConfig, load_config
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"logging level: {', '.join(_LOG_LEVELS)} (default INFO)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("check", help="validate a config and print the resolved process layout")
+    p = sub.add_parser("check", help="validate a config and print the placement: nodes, endpoints, rendezvous, devices and groups")
     p.add_argument("config", help="TOML config file")
 
     p = sub.add_parser("serve", help="start the stage processes and the OpenAI-compatible HTTP server")
@@ -85,13 +87,34 @@ def _add_request_args(p: argparse.ArgumentParser) -> None:
                        help=f"{f.name}: {f.allowed()}{default}")
 
 
+def describe(cfg: RuntimeConfig) -> str:
+    """What ``check`` prints: the config summary, then the Placement (nodes, endpoints, rendezvous, devices, local
+    ranks, groups) exactly as :func:`runtime.placement.compute_placement` gives it to the launcher."""
+    from omni_runtime.comm.instance import RUN_DIR_PREFIX
+    from omni_runtime.runtime.placement import compute_placement
+
+    lines = [f"config: {cfg.source or '(in code)'}",
+             f"model: {cfg.model.path} ({cfg.model.dtype} on {cfg.model.device})",
+             f"server: http://{cfg.server.host}:{cfg.server.port} (auth: {'on' if cfg.server.api_key else 'off'}, "
+             f"max_queue {cfg.server.max_queue}/stage, timeout {cfg.server.request_timeout_s:g}s)"]
+    for stage in STAGE_NAMES:
+        st = cfg.stages.get(stage)
+        spec = getattr(st, "parallel", None)
+        extra = f", parallel: {spec.describe()}" if spec is not None else ""
+        lines.append(f"stage {stage}: {st.replicas} replica(s) x {st.world_size} rank(s), "
+                     f"max_batch_size {st.max_batch_size}, batch_timeout_ms {st.batch_timeout_ms:g}{extra}")
+    # the run directory's name carries the instance id, made when serve starts
+    run_dir = os.path.join(tempfile.gettempdir(), f"{RUN_DIR_PREFIX}<instance>")
+    lines.append(compute_placement(cfg, run_dir).format())
+    return "\n".join(lines)
+
+
 def _cmd_check(args: argparse.Namespace) -> int:
-    from omni_runtime.runtime.layout import format_layout
     from omni_runtime.runtime.preflight import preflight
 
     cfg = load_config(args.config)
     lines = preflight(cfg)  # machine, host, model: the first problem is the one error line (exit 2)
-    print(format_layout(cfg))
+    print(describe(cfg))
     print("\n".join(lines))
     print("config OK")
     return EXIT_OK

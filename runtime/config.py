@@ -106,10 +106,19 @@ class StagesConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         return getattr(self, name)
 
 
+TENSOR_TRANSPORTS = ("auto", "shm", "frames")
+
+
+class PlacementConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    # How tensors travel between stages: "auto" (shm handles on one node, ZMQ frames across nodes), or forced.
+    tensor_transport: str = "auto"
+
+
 class RuntimeConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     model: ModelConfig
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     stages: StagesConfig = msgspec.field(default_factory=StagesConfig)
+    placement: PlacementConfig = msgspec.field(default_factory=PlacementConfig)
     source: str = ""  # the file it came from ("" when built in code)
 
 
@@ -131,6 +140,7 @@ _SCHEMA: dict[str, Any] = {
         "denoiser": {**_PIXEL_STAGE_KEYS, "parallel": dict.fromkeys(DENOISER_PARALLEL_KEYS, _INT)},
         "vae": {**_PIXEL_STAGE_KEYS, "parallel": dict.fromkeys(VAE_PARALLEL_KEYS, _INT)},
     },
+    "placement": {"tensor_transport": _STR},
 }
 _REQUIRED = {("model",): ["path"], (): ["model"]}
 
@@ -222,6 +232,9 @@ def _check_values(cfg: RuntimeConfig) -> None:
         raise ConfigError(f"model.device = {cfg.model.device!r}: allowed values are 'cpu', 'cuda'")
     if not cfg.model.path:
         raise ConfigError("model.path = '': must name a diffusers-format model directory")
+    if cfg.placement.tensor_transport not in TENSOR_TRANSPORTS:
+        raise ConfigError(f"placement.tensor_transport = {cfg.placement.tensor_transport!r}: allowed values are "
+                          f"{', '.join(repr(t) for t in TENSOR_TRANSPORTS)}")
     s = cfg.server
     if not 0 <= s.port <= 65535:
         raise ConfigError(f"server.port = {s.port!r}: must be between 0 and 65535 (0 picks a free port)")

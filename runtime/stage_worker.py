@@ -41,6 +41,12 @@ class WorkerSpec(msgspec.Struct, kw_only=True):
     threads: int = 1
     pool_outputs: bool = False  # publish through a ShmPool (the next stage has one rank, the sole reader)
     log_level: str = "INFO"
+    # From the Placement (runtime/placement.py); defaults keep older callers working.
+    rendezvous: str = ""            # torch.distributed init_method ("file://<run dir>/..." on one node)
+    local_rank: int = -1            # index on its node (-1: same as rank)
+    node: str = ""                  # the node it runs on
+    tensor_transport: str = "shm"   # how this replica's outputs reach the next stage: "shm" | "frames"
+    tensor_endpoint: str = ""       # "frames": where the output rank's tensor server binds
 
 
 def title(spec: WorkerSpec) -> str:
@@ -69,7 +75,8 @@ def _init_distributed(spec: WorkerSpec):
     pspec = _msgspec.convert(spec.parallel, ParallelSpec)
     pspec.check_world_size(spec.world_size)
     device = torch.device(spec.device if spec.device != "cuda" else f"cuda:{spec.rank}")
-    return Mesh.build(pspec, spec.rank, f"tcp://127.0.0.1:{spec.master_port}", device)
+    init = spec.rendezvous or f"tcp://127.0.0.1:{spec.master_port}"
+    return Mesh.build(pspec, spec.rank, init, device)
 
 
 def worker_main(spec_bytes: bytes) -> None:

@@ -7,7 +7,8 @@ import pytest
 from omni_runtime.parallel.parallel_spec import ParallelSpec
 from omni_runtime.runtime.cli import main
 from omni_runtime.runtime.config import ConfigError, load_config
-from omni_runtime.runtime.layout import rank_groups, resolve_layout
+from omni_runtime.runtime.layout import rank_groups
+from omni_runtime.runtime.placement import compute_placement
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = """
@@ -141,7 +142,7 @@ def test_layout_replicas_and_devices(tmp_path):
     cfg = load_config(_write(tmp_path, BASE.replace("[model]", "[model]\ndevice = 'cuda'") +
                              "[stages.denoiser]\nreplicas = 2\ndevices = [3, 2, 1, 0]\n"
                              "[stages.denoiser.parallel]\nring = 2\n"))
-    den = [r for r in resolve_layout(cfg) if r.stage == "denoiser"]
+    den = compute_placement(cfg, str(tmp_path)).of_stage("denoiser")
     assert [[rk.device for rk in r.ranks] for r in den] == [["cuda:3", "cuda:2"], ["cuda:1", "cuda:0"]]
 
 
