@@ -152,9 +152,12 @@ class DeviceCommunicatorBase:
 
     def recv(self, size: torch.Size, dtype: torch.dtype, src: int | None = None) -> torch.Tensor:
         """Blocking receive from group rank ``src`` (default: the previous rank)."""
+        return self.recv_into(torch.empty(size, dtype=dtype, device=self.device), src)
+
+    def recv_into(self, tensor: torch.Tensor, src: int | None = None) -> torch.Tensor:
+        """Blocking receive into ``tensor`` (contiguous; a cpu tensor travels on the cpu group); returns it."""
         if src is None:
             src = (self.rank_in_group - 1) % self.world_size
-        tensor = torch.empty(size, dtype=dtype, device=self.device)
         dist.recv(tensor, src=self.ranks[src], group=self._group_for(tensor))
         return tensor
 

@@ -5,7 +5,8 @@ Each coordinator owns, for the group this rank belongs to:
 * ``cpu_group`` — a gloo group for metadata, objects and barriers;
 * ``device_group`` — the group tensors travel on (nccl on CUDA). With the gloo backend (CPU) the
   one gloo group serves as both: a second gloo group would only duplicate sockets;
-* a :class:`~parallel.device_communicator.DeviceCommunicatorBase` that runs the tensor collectives;
+* a :class:`~parallel.device_communicator.DeviceCommunicatorBase` that runs every exchange: the tensor
+  collectives, and the metadata bytes of the object / tensor-dict methods (cpu tensors: over the cpu group);
 * optionally a shared-memory :class:`comm.shm_broadcast.MessageQueue` for ``broadcast_object``.
 
 Objects are msgspec-encoded (``comm.serde``), never pickled. All ``src`` / ``dst`` arguments are
@@ -230,12 +231,12 @@ class GroupCoordinator:
     def _broadcast_bytes(self, payload: bytes | None, src: int) -> memoryview:
         is_src = self.rank_in_group == src
         size = torch.tensor([len(payload) if is_src else 0], dtype=torch.int64)
-        dist.broadcast(size, src=self.ranks[src], group=self.cpu_group)
+        self.device_communicator.broadcast(size, src)
         if is_src:
             buf = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
         else:
             buf = torch.empty(int(size.item()), dtype=torch.uint8)
-        dist.broadcast(buf, src=self.ranks[src], group=self.cpu_group)
+        self.device_communicator.broadcast(buf, src)
         return memoryview(buf.numpy())
 
     def broadcast_object(self, obj: Any = None, src: int = 0) -> Any:
@@ -278,8 +279,8 @@ class GroupCoordinator:
             raise ValueError(f"send_object: dst {dst} is this rank")
         payload = _encode_bytes(obj)
         size = torch.tensor([len(payload)], dtype=torch.int64)
-        dist.send(size, dst=self.ranks[dst], group=self.cpu_group)
-        dist.send(torch.frombuffer(bytearray(payload), dtype=torch.uint8), dst=self.ranks[dst], group=self.cpu_group)
+        self.device_communicator.send(size, dst)
+        self.device_communicator.send(torch.frombuffer(bytearray(payload), dtype=torch.uint8), dst)
 
     def _recv_bytes(self, src: int) -> memoryview:
         """The payload of one :meth:`send_object` from group rank ``src`` (its size first, then the bytes)."""
@@ -288,9 +289,9 @@ class GroupCoordinator:
             raise ValueError(f"receive: src {src} is this rank of group {self.group_name}; a rank cannot receive "
                              "from itself")
         size = torch.empty(1, dtype=torch.int64)
-        dist.recv(size, src=self.ranks[src], group=self.cpu_group)
+        self.device_communicator.recv_into(size, src)
         buf = torch.empty(int(size.item()), dtype=torch.uint8)
-        dist.recv(buf, src=self.ranks[src], group=self.cpu_group)
+        self.device_communicator.recv_into(buf, src)
         return memoryview(buf.numpy())
 
     def recv_object(self, src: int) -> Any:
@@ -318,9 +319,6 @@ class GroupCoordinator:
         device = torch.device("cpu") if meta.device_type == "cpu" else self.device
         return torch.empty(meta.shape, dtype=meta.torch_dtype(), device=device)
 
-    def _tensor_group(self, tensor: torch.Tensor) -> ProcessGroup:
-        return self.cpu_group if tensor.device.type == "cpu" else self.device_group
-
     def broadcast_tensor_dict(self, tensor_dict: dict[Any, Any] | None = None, src: int = 0) -> dict[Any, Any]:
         """Broadcast a dict of tensors and plain values from group rank ``src``.
 
@@ -339,17 +337,13 @@ class GroupCoordinator:
         else:
             entries = _decode_bytes(self._broadcast_bytes(None, src), type=list[DictEntry])
             tensors = [self._alloc(e.tensor) for e in entries if e.tensor is not None]
-        works = []
         for i, tensor in enumerate(tensors):
             if tensor.numel() == 0:
                 continue
             if is_src:
                 tensor = tensor.contiguous()
                 tensors[i] = tensor
-            works.append(dist.broadcast(tensor, src=self.ranks[src], group=self._tensor_group(tensor),
-                                        async_op=True))
-        for work in works:
-            work.wait()
+            self.device_communicator.broadcast(tensor, src)
         if is_src:
             return tensor_dict
         it = iter(tensors)
@@ -365,7 +359,7 @@ class GroupCoordinator:
         self.send_object(entries, dst)
         for tensor in tensors:
             if tensor.numel():
-                dist.send(tensor.contiguous(), dst=self.ranks[dst], group=self._tensor_group(tensor))
+                self.device_communicator.send(tensor.contiguous(), dst)
 
     def recv_tensor_dict(self, src: int | None = None) -> dict[Any, Any] | None:
         """Receive a dict that group rank ``src`` (default: previous rank) sent with ``send_tensor_dict``."""
@@ -381,7 +375,7 @@ class GroupCoordinator:
                 continue
             tensor = self._alloc(entry.tensor)
             if tensor.numel():
-                dist.recv(tensor, src=self.ranks[src], group=self._tensor_group(tensor))
+                self.device_communicator.recv_into(tensor, src)
             out[entry.key] = tensor
         return out
 
