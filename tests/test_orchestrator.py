@@ -91,26 +91,28 @@ def test_stage_threads_split_the_cores_unless_configured(world_size, cpus, confi
     assert stage_threads(world_size, cpus, configured) == expected
 
 
-def test_pooled_executor_output_reuses_its_segment_once_the_consumer_released_it():
+def test_pooled_publisher_reuses_its_segment_once_the_consumer_released_it():
     import torch
 
     from omni_runtime.comm import shm_tensor
-    from omni_runtime.runtime.stage_exec import StageExecutor
+    from omni_runtime.runtime import tensor_handoff
 
-    ex, pool = StageExecutor(), shm_tensor.ShmPool()
+    plain = tensor_handoff.Publisher()
+    h0 = plain.publish(torch.arange(3.0))
+    assert not h0.pooled  # a plain segment per output unless the launcher asks for the pool
+    tensor_handoff.release(h0)
+    pub = tensor_handoff.Publisher(pooled=True)
     try:
-        assert ex.put is shm_tensor.put  # a plain segment per output unless the launcher asks for the pool
-        ex.use_pool(pool)
-        h1 = ex.put(torch.arange(6.0))
+        h1 = pub.publish(torch.arange(6.0))
         assert h1.pooled
-        assert torch.equal(shm_tensor.get(h1), torch.arange(6.0))
-        assert shm_tensor.release(h1)
-        h2 = ex.put(torch.ones(6))
+        assert torch.equal(tensor_handoff.fetch(h1), torch.arange(6.0))
+        tensor_handoff.release(h1)
+        h2 = pub.publish(torch.ones(6))
         assert (h2.name, h2.generation) == (h1.name, h1.generation + 1)
-        assert torch.equal(shm_tensor.get(h2), torch.ones(6))
+        assert torch.equal(tensor_handoff.fetch(h2), torch.ones(6))
         with pytest.raises(shm_tensor.ShmHandleError, match="stale handle"):
-            shm_tensor.get(h1)
-        shm_tensor.release(h2)
+            tensor_handoff.fetch(h1)
+        tensor_handoff.release(h2)
     finally:
-        pool.close()
+        pub.close()
     assert not any(h1.name in s for s in shm_tensor.list_segments())
