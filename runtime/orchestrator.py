@@ -72,15 +72,16 @@ class Orchestrator:
     """Owns the stage clients and every in-flight item. Use ``await start()`` / ``await shutdown()``.
 
     ``in_process=True`` runs the engines in this process (``Omni(in_process=True)``); otherwise every replica is a
-    group of rank processes. ``on_fatal(reason)`` is called once if the orchestrator can no longer serve."""
+    group of rank processes; ``stages`` gives the clients explicitly instead. ``on_fatal(reason)`` is called once
+    if the orchestrator can no longer serve."""
 
     def __init__(self, cfg: RuntimeConfig, metrics: Metrics | None = None, *, in_process: bool = False,
-                 on_fatal: Callable[[str], None] | None = None) -> None:
+                 stages: StageSet | None = None, on_fatal: Callable[[str], None] | None = None) -> None:
         self.cfg = cfg
         self.metrics = metrics or Metrics()
         self.in_process = in_process
         self.on_fatal = on_fatal
-        self.stages: StageSet | None = None
+        self.stages: StageSet | None = stages
         self.replicas: dict[str, list[StageClient]] = {s: [] for s in STAGE_NAMES}
         self.waiting: dict[str, int] = dict.fromkeys(STAGE_NAMES, 0)
         self.ready_event: dict[str, asyncio.Event] = {}
@@ -100,7 +101,8 @@ class Orchestrator:
 
         await asyncio.to_thread(ensure_model, self.cfg.model.path)
         self.ready_event = {s: asyncio.Event() for s in STAGE_NAMES}
-        self.stages = await in_process_stages(self.cfg) if self.in_process else zmq_stages(self.cfg)
+        if self.stages is None:
+            self.stages = await in_process_stages(self.cfg) if self.in_process else zmq_stages(self.cfg)
         self.replicas = self.stages.clients
         for reps in self.replicas.values():
             for c in reps:
