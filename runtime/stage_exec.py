@@ -228,9 +228,12 @@ class DriverLoop:
             self.send(failed)
 
     def _stop_hook(self, batch: list[Pending]) -> Callable[[int], Sequence[int]]:
+        gone: set[int] = set()
+
         def stop(step: int) -> Sequence[int]:
             self.receive(0)  # a Cancel may have arrived since the last step
-            drop = self.executor.stop_now(batch)
+            drop = [i for i in self.executor.stop_now(batch) if i not in gone]
+            gone.update(drop)
             if self.broadcast is not None:
                 self.broadcast(StepDecision(drop=drop))
             if drop:

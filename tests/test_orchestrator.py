@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
@@ -55,30 +56,33 @@ def test_a_stage_that_cannot_load_fails_start_naming_it(tmp_path, monkeypatch):
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.timeout(180)
-def test_deadline_fails_the_request_and_serving_continues(monkeypatch):
+def test_an_expired_request_leaves_the_running_denoiser_batch_at_the_next_step(monkeypatch):
+    """Issue 14's repro, scaled down: a request of ~a minute of denoiser work expires (504) and the denoiser is
+    free within a step or two: a small request sent right after it succeeds within seconds. Before, the running
+    batch always finished (about a minute here), and the small request got 504 meanwhile."""
     from omni_runtime.runtime import Omni
     from omni_runtime.runtime.orchestrator import DeadlineExceeded
     from omni_runtime.runtime.requests import parse_request
 
     monkeypatch.setenv("OMNI_RUNTIME_INSTANCE", f"orchdl{os.getpid()}")
     cfg = config_from_dict({"model": {"path": str(ROOT / "models" / "tiny-flux")},
-                            "server": {"request_timeout_s": 1.5}})
+                            "server": {"request_timeout_s": 3.0}})
     with Omni(cfg) as omni:
+        warm = parse_request({"prompt": "warm", "seed": 1, "size": "32x32", "num_inference_steps": 1})
+        omni.generate_encoded(warm)
         t0 = time.monotonic()
         slow = parse_request({"prompt": "slow", "seed": 1, "size": "512x512", "num_inference_steps": 200})
-        with pytest.raises(DeadlineExceeded, match="request_timeout_s=1.5 in stage denoiser"):
+        with pytest.raises(DeadlineExceeded, match="request_timeout_s=3 in stage denoiser"):
             omni.generate_encoded(slow)
-        assert time.monotonic() - t0 < 4
-        # A batch already running is not preempted: the denoiser finishes it, then serves the next request
-        # (which may itself time out while it waits for that).
+        assert time.monotonic() - t0 < 5
+        t1 = time.monotonic()
         fast = parse_request({"prompt": "fast", "seed": 1, "size": "32x32", "num_inference_steps": 1})
-        end = time.monotonic() + 90
-        while True:
-            try:
-                assert omni.generate_encoded(fast)[0][:8] == b"\x89PNG\r\n\x1a\n"
-                break
-            except DeadlineExceeded:
-                assert time.monotonic() < end
+        image = None
+        while image is None and time.monotonic() - t1 < 10:  # a try may run out of its 3 s on a loaded machine
+            with contextlib.suppress(DeadlineExceeded):
+                image = omni.generate_encoded(fast)[0]
+        # the 200-step batch would hold the denoiser for about a minute if it ran to the end
+        assert image is not None and image[:8] == b"\x89PNG\r\n\x1a\n", time.monotonic() - t1
     assert [n for n in os.listdir("/dev/shm") if n.startswith(f"omni_orchdl{os.getpid()}-")] == []
     assert _ours() == []
 
