@@ -232,7 +232,9 @@ class DriverLoop:
 
         def stop(step: int) -> Sequence[int]:
             self.receive(0)  # a Cancel may have arrived since the last step
-            drop = [i for i in self.executor.stop_now(batch) if i not in gone]
+            # on Stop (shutdown) the orchestrator has already failed every item: end the batch now
+            now = range(len(batch)) if self.stopping else self.executor.stop_now(batch)
+            drop = [i for i in now if i not in gone]
             gone.update(drop)
             if self.broadcast is not None:
                 self.broadcast(StepDecision(drop=drop))

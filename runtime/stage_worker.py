@@ -38,7 +38,7 @@ class WorkerSpec(msgspec.Struct, kw_only=True):
     parent_pid: int
     parallel: dict[str, int]
     threads: int = 1
-    pool_outputs: bool = False  # publish through a ShmPool (the next stage has one rank, the sole reader)
+    pool_outputs: bool = False  # publish through reused segments (the next stage has one rank, the sole reader)
     log_level: str = "INFO"
 
 
