@@ -188,21 +188,29 @@ class Orchestrator:
                     if id(c) in self.restarting:
                         continue
                     dead = c.dead()
-                    if dead is None:
-                        continue
-                    rank, code = dead
-                    msg = self._died(c, rank, code) + "; the replica is being restarted, retry the request"
-                    logger.error(msg)
-                    self.metrics.errors.labels(stage=c.stage, kind="stage_died").inc()
-                    c.fail_inflight(StageUnavailable(msg))
-                    if not c.restartable:
-                        self.fail(msg)
-                        return
-                    # a replica that dies before it ever got ready again is crash-looping: back off
-                    n = self.crash_loop[id(c)] = self.crash_loop.get(id(c), 0) + 1 if not c.ready else 0
-                    c.ready = False
-                    self.restarting.add(id(c))
-                    self.tasks.append(asyncio.create_task(self._restart(c, min(30.0, 2.0 ** n - 1))))
+                    if dead is not None:
+                        self._on_death(c, *dead)
+                        if self.failure is not None:
+                            return
+
+    def _on_death(self, c: StageClient, rank: int, code: int | None) -> str:
+        """A rank of ``c`` is gone: fail what is in flight there, take the replica out of routing and restart it
+        (once: later calls for the same death only return the message)."""
+        msg = self._died(c, rank, code) + "; the replica is being restarted, retry the request"
+        if id(c) in self.restarting:
+            return msg
+        logger.error(msg)
+        self.metrics.errors.labels(stage=c.stage, kind="stage_died").inc()
+        c.fail_inflight(StageUnavailable(msg))
+        if not c.restartable:
+            self.fail(msg)
+            return msg
+        # a replica that dies before it ever got ready again is crash-looping: back off
+        n = self.crash_loop[id(c)] = self.crash_loop.get(id(c), 0) + 1 if not c.ready else 0
+        c.ready = False
+        self.restarting.add(id(c))
+        self.tasks.append(asyncio.create_task(self._restart(c, min(30.0, 2.0 ** n - 1))))
+        return msg
 
     @staticmethod
     def _died(c: StageClient, rank: int, code: int | None) -> str:
@@ -303,7 +311,7 @@ class Orchestrator:
         while True:
             dead = c.dead()
             if dead is not None:
-                return StageUnavailable(self._died(c, *dead) + "; the replica is being restarted, retry the request")
+                return StageUnavailable(self._on_death(c, *dead))
             if time.monotonic() > end:
                 return None
             await asyncio.sleep(0.02)
