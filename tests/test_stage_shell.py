@@ -112,3 +112,13 @@ def test_a_cancel_for_a_queued_item_drops_it_before_it_runs(driver):
     inbox.send(_work("r"))
     got = _results(results, 2)
     assert got["q"].error == DROPPED and got["r"].ok and got["r"].batch_size == 1
+
+
+def test_an_item_that_expires_mid_batch_leaves_it_and_the_other_goes_on(driver):
+    engine, inbox, results = driver
+    inbox.send(_work("soon", deadline=time.time() + 0.15))  # the batch takes STEPS x 10 ms = 0.4 s
+    inbox.send(_work("later"))
+    got = _results(results, 2)
+    assert not got["soon"].ok and got["soon"].error == DROPPED
+    assert got["later"].ok and got["later"].batch_size == 2
+    assert engine.asked == list(range(STEPS))
