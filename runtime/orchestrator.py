@@ -1,11 +1,19 @@
 """The control hub (asyncio): request ids, routing, backpressure, deadlines, cancellation and stage health.
 
 A request of ``n`` images becomes ``n`` items (item ``i`` uses seed ``seed + i``); each item hops
-text_encoder -> denoiser -> vae, each hop to the least-loaded ready replica of that stage. Tensors stay in shared
-memory: a hop's result carries a ``comm.shm_tensor`` handle that the orchestrator passes on (and releases itself
-only when an item is abandoned). When a rank process dies, the items in flight on its replica fail at once with
-:class:`StageUnavailable` (HTTP 503 naming the stage), the replica is killed, swept and restarted, and items that
-had not reached it wait for the restart.
+text_encoder -> denoiser -> vae, each hop to the least-loaded ready replica of that stage. The orchestrator reaches
+a replica only through its :class:`~runtime.stage_client.StageClient` (rank processes over ZMQ, or the same
+engines in this process). Tensors never pass through here: a hop's result carries a
+``runtime.tensor_handoff`` ref that the orchestrator passes on (and releases itself only when an item is
+abandoned).
+
+Admission is atomic: a request of ``n`` images is admitted only if every stage has room for ``n`` more items
+(``server.max_queue``), and the room is taken in the same step (no await between check and count); an item gives
+its place at a stage back when it leaves that stage. When a rank process dies, the items in flight on its replica
+fail at once with :class:`StageUnavailable` (HTTP 503 naming the stage and the rank), the replica is killed,
+swept and restarted, and items that had not reached it wait for the restart. If a task the frontend cannot serve
+without (the result listener, the health watch) ends, :attr:`Orchestrator.failure` says why, ``health()`` reports
+it, every waiting item fails, and ``on_fatal`` is called (``serve`` then exits non-zero).
 """
 
 from __future__ import annotations
@@ -15,22 +23,19 @@ import contextlib
 import logging
 import time
 import uuid
-from dataclasses import dataclass, field
+from collections.abc import Callable
 
-import msgspec
-import zmq
-import zmq.asyncio
-
-from omni_runtime.comm import shm_tensor
+from omni_runtime.runtime import tensor_handoff
 from omni_runtime.runtime.config import STAGE_NAMES, RuntimeConfig
-from omni_runtime.runtime.launcher import Launcher, ReplicaProcs
-from omni_runtime.runtime.messages import Cancel, Outbound, Ready, Result, Stop, Work
+from omni_runtime.runtime.messages import Result, Work
 from omni_runtime.runtime.metrics import Metrics
 from omni_runtime.runtime.requests import GenerationRequest
+from omni_runtime.runtime.stage_client import StageClient, StageSet
 
 logger = logging.getLogger(__name__)
 
 HEALTH_POLL_S = 0.1
+DEAD_RANK_GRACE_S = 1.0  # after a failed batch, how long to look for the dead rank that caused it
 
 
 class ServingError(Exception):
@@ -63,79 +68,100 @@ class BadRequestInStage(ServingError):
     status, code, kind = 400, "invalid_request", "invalid_request_error"
 
 
-@dataclass
-class _Replica:
-    procs: ReplicaProcs
-    sock: zmq.asyncio.Socket | None = None
-    ready: bool = False
-    outstanding: int = 0
-    inflight: dict[tuple[str, int], asyncio.Future] = field(default_factory=dict)
-    restarts: int = 0
-    restarting: bool = False
-    crash_loop: int = 0
-
-
 class Orchestrator:
-    """Owns the launcher, the sockets and every in-flight item. Use ``await start()`` / ``await shutdown()``."""
+    """Owns the stage clients and every in-flight item. Use ``await start()`` / ``await shutdown()``.
 
-    def __init__(self, cfg: RuntimeConfig, metrics: Metrics | None = None) -> None:
+    ``in_process=True`` runs the engines in this process (``Omni(in_process=True)``); otherwise every replica is a
+    group of rank processes; ``stages`` gives the clients explicitly instead. ``on_fatal(reason)`` is called once
+    if the orchestrator can no longer serve."""
+
+    def __init__(self, cfg: RuntimeConfig, metrics: Metrics | None = None, *, in_process: bool = False,
+                 stages: StageSet | None = None, on_fatal: Callable[[str], None] | None = None) -> None:
         self.cfg = cfg
         self.metrics = metrics or Metrics()
-        self.launcher = Launcher(cfg)
-        self.ctx = zmq.asyncio.Context()
-        self.replicas: dict[str, list[_Replica]] = {
-            s: [_Replica(p) for p in self.launcher.replicas[s]] for s in STAGE_NAMES}
+        self.in_process = in_process
+        self.on_fatal = on_fatal
+        self.stages: StageSet | None = stages
+        self.replicas: dict[str, list[StageClient]] = {s: [] for s in STAGE_NAMES}
         self.waiting: dict[str, int] = dict.fromkeys(STAGE_NAMES, 0)
         self.ready_event: dict[str, asyncio.Event] = {}
-        self.enc = msgspec.msgpack.Encoder()
-        self.dec = msgspec.msgpack.Decoder(Outbound)
         self.tasks: list[asyncio.Task] = []
+        self.restarting: set[int] = set()
+        self.crash_loop: dict[int, int] = {}
         self.closed = False
+        self.failure: str | None = None
         self.started_at = time.time()
-        self.results: zmq.asyncio.Socket | None = None
 
     # ---------------------------------------------------------------- lifecycle
 
     async def start(self, timeout: float = 600.0) -> None:
-        """Launch every replica and return once all of them announced Ready (the readiness handshake)."""
+        """Start every replica and return once all of them announced Ready (the readiness handshake)."""
         from omni_runtime.runtime.model_store import ensure_model
+        from omni_runtime.runtime.stage_client import in_process_stages, zmq_stages
 
         await asyncio.to_thread(ensure_model, self.cfg.model.path)
         self.ready_event = {s: asyncio.Event() for s in STAGE_NAMES}
-        self.results = self.ctx.socket(zmq.PULL)
-        self.results.setsockopt(zmq.LINGER, 0)
-        self.results.setsockopt(zmq.RCVHWM, 100_000)
-        self.results.bind(self.launcher.result_addr)
-        self.tasks.append(asyncio.create_task(self._listen(), name="omni-results"))
+        if self.stages is None:
+            self.stages = await in_process_stages(self.cfg) if self.in_process else zmq_stages(self.cfg)
+        self.replicas = self.stages.clients
         for reps in self.replicas.values():
-            for r in reps:
-                self._start_replica(r)
+            for c in reps:
+                c.on_ready = self._on_ready
+        for coro in await self.stages.open():
+            self._critical(coro, "omni-results")
         end = time.monotonic() + timeout
         for s in STAGE_NAMES:
-            while not all(r.ready for r in self.replicas[s]):
-                for r in self.replicas[s]:
-                    dead = r.procs.dead_rank()
+            while not all(c.ready for c in self.replicas[s]):
+                for c in self.replicas[s]:
+                    dead = c.dead()
                     if dead is not None:
-                        raise StageUnavailable(f"stage {s}: {r.procs.label} rank {dead[0]} exited with code "
+                        raise StageUnavailable(f"stage {s}: {c.label} rank {dead[0]} exited with code "
                                                f"{dead[1]} while starting (its log lines above say why)")
+                if self.failure is not None:
+                    raise StageUnavailable(f"the orchestrator failed while starting: {self.failure}")
                 if time.monotonic() > end:
                     raise StageUnavailable(f"stage {s} did not become ready within {timeout:.0f}s")
                 await asyncio.sleep(0.05)
-        self.tasks.append(asyncio.create_task(self._watch(), name="omni-health"))
+        self._critical(self._watch(), "omni-health")
         logger.info("all stages ready")
 
-    def _start_replica(self, r: _Replica) -> None:
-        r.ready = False
-        if r.sock is not None:
-            r.sock.close(linger=0)
-        r.procs.start()
-        r.sock = self.ctx.socket(zmq.PUSH)
-        r.sock.setsockopt(zmq.LINGER, 0)
-        r.sock.setsockopt(zmq.SNDHWM, 100_000)
-        r.sock.connect(r.procs.in_addr)
+    def _on_ready(self, c: StageClient) -> None:
+        if c.stage in self.ready_event:
+            self.ready_event[c.stage].set()
+
+    def _critical(self, coro, name: str) -> None:
+        """Run a task the frontend cannot serve without: if it ends while not shutting down, fail."""
+        task = asyncio.create_task(coro, name=name)
+        task.add_done_callback(self._critical_done)
+        self.tasks.append(task)
+
+    def _critical_done(self, task: asyncio.Task) -> None:
+        if self.closed or task.cancelled():
+            return
+        exc = task.exception()
+        why = f"{type(exc).__name__}: {exc}" if exc is not None else "it returned"
+        self.fail(f"the task {task.get_name()} ended ({why})", exc)
+
+    def fail(self, reason: str, exc: BaseException | None = None) -> None:
+        """The orchestrator can no longer serve: record why, fail everything waiting, tell ``on_fatal``."""
+        if self.failure is not None:
+            return
+        self.failure = reason
+        logger.critical("the orchestrator cannot serve any more: %s", reason, exc_info=exc)
+        err = StageUnavailable(f"the server cannot serve any more: {reason}")
+        for reps in self.replicas.values():
+            for c in reps:
+                c.fail_inflight(err)
+        for ev in self.ready_event.values():
+            ev.set()
+        if self.on_fatal is not None:
+            try:
+                self.on_fatal(reason)
+            except Exception:
+                logger.exception("on_fatal failed")
 
     async def shutdown(self) -> None:
-        """Stop every replica gracefully (then kill), fail what is in flight, sweep shm, close the sockets."""
+        """Stop every replica gracefully (then kill), fail what is in flight, sweep shm, close the channels."""
         if self.closed:
             return
         self.closed = True
@@ -143,115 +169,90 @@ class Orchestrator:
             if t.get_name() == "omni-health":
                 t.cancel()
         for reps in self.replicas.values():
-            for r in reps:
-                self._fail_inflight(r, StageUnavailable(f"stage {r.procs.label} is shutting down"))
-                if r.sock is not None:
-                    with contextlib.suppress(zmq.ZMQError):
-                        await r.sock.send(self.enc.encode(Stop()))
-        await asyncio.to_thread(self.launcher.shutdown, 5.0)
+            for c in reps:
+                c.fail_inflight(StageUnavailable(f"stage {c.label} is shutting down"))
+        if self.stages is not None:
+            await self.stages.close(5.0)
         for t in self.tasks:
             t.cancel()
-        for reps in self.replicas.values():
-            for r in reps:
-                if r.sock is not None:
-                    r.sock.close(linger=0)
-        if self.results is not None:
-            self.results.close(linger=0)
-        self.ctx.term()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
         logger.info("orchestrator stopped")
 
     # ---------------------------------------------------------------- health
-
-    def _fail_inflight(self, r: _Replica, exc: Exception) -> None:
-        for fut in r.inflight.values():
-            if not fut.done():
-                fut.set_exception(exc)
-        r.inflight.clear()
 
     async def _watch(self) -> None:
         while True:
             await asyncio.sleep(HEALTH_POLL_S)
             for reps in self.replicas.values():
-                for r in reps:
-                    if r.restarting:
+                for c in reps:
+                    if id(c) in self.restarting:
                         continue
-                    dead = r.procs.dead_rank()
-                    if dead is None:
-                        continue
-                    rank, code = dead
-                    label = r.procs.label
-                    msg = (f"stage {r.procs.stage} failed: {label} rank {rank} died (exit code {code}); "
-                           f"the replica is being restarted, retry the request")
-                    logger.error(msg)
-                    self.metrics.errors.labels(stage=r.procs.stage, kind="stage_died").inc()
-                    # a replica that dies before it ever got ready again is crash-looping: back off
-                    r.crash_loop = r.crash_loop + 1 if not r.ready else 0
-                    r.ready = False
-                    r.restarting = True
-                    self._fail_inflight(r, StageUnavailable(msg))
-                    self.tasks.append(asyncio.create_task(self._restart(r, min(30.0, 2.0 ** r.crash_loop - 1))))
+                    dead = c.dead()
+                    if dead is not None:
+                        self._on_death(c, *dead)
+                        if self.failure is not None:
+                            return
 
-    async def _restart(self, r: _Replica, delay: float) -> None:
+    def _on_death(self, c: StageClient, rank: int, code: int | None) -> str:
+        """A rank of ``c`` is gone: fail what is in flight there, take the replica out of routing and restart it
+        (once: later calls for the same death only return the message)."""
+        msg = self._died(c, rank, code) + "; the replica is being restarted, retry the request"
+        if id(c) in self.restarting:
+            return msg
+        logger.error(msg)
+        self.metrics.errors.labels(stage=c.stage, kind="stage_died").inc()
+        c.fail_inflight(StageUnavailable(msg))
+        if not c.restartable:
+            self.fail(msg)
+            return msg
+        # a replica that dies before it ever got ready again is crash-looping: back off
+        n = self.crash_loop[id(c)] = self.crash_loop.get(id(c), 0) + 1 if not c.ready else 0
+        c.ready = False
+        self.restarting.add(id(c))
+        self.tasks.append(asyncio.create_task(self._restart(c, min(30.0, 2.0 ** n - 1))))
+        return msg
+
+    @staticmethod
+    def _died(c: StageClient, rank: int, code: int | None) -> str:
+        return f"stage {c.stage} failed: {c.label} rank {rank} died (exit code {code})"
+
+    async def _restart(self, c: StageClient, delay: float) -> None:
         try:
-            await asyncio.to_thread(r.procs.kill)
-            if delay:
-                logger.warning("%s keeps dying while starting; restarting in %.0fs", r.procs.label, delay)
-                await asyncio.sleep(delay)
             if not self.closed:
-                r.restarts += 1
-                self._start_replica(r)
+                await c.restart(delay)
         finally:
-            r.restarting = False
-
-    # ---------------------------------------------------------------- results
-
-    async def _listen(self) -> None:
-        while True:
-            frames = await self.results.recv_multipart(copy=False)
-            try:
-                msg = self.dec.decode(frames[0].buffer)
-            except msgspec.DecodeError as e:
-                logger.error("dropped an undecodable result: %s", e)
-                continue
-            if isinstance(msg, Ready):
-                r = self.replicas[msg.stage][msg.replica]
-                r.ready = True
-                self.ready_event[msg.stage].set()
-                logger.info("%s ready (generation %d)", r.procs.label, r.procs.generation)
-                continue
-            self._on_result(msg)
-
-    def _on_result(self, res: Result) -> None:
-        r = self.replicas[res.stage][res.replica]
-        fut = r.inflight.pop((res.req_id, res.index), None)
-        if res.first_in_batch and res.ok:
-            self.metrics.batch_size.labels(stage=res.stage).observe(res.batch_size)
-        if res.ok:
-            self.metrics.compute.labels(stage=res.stage).observe(res.compute_s)
-            self.metrics.queue_wait.labels(stage=res.stage).observe(res.queue_s)
-        if fut is None or fut.done():
-            if res.output is not None:  # nobody waits for it any more (cancelled, timed out)
-                shm_tensor.release(res.output)
-            return
-        fut.set_result(res)
+            self.restarting.discard(id(c))
 
     # ---------------------------------------------------------------- requests
 
     def health(self) -> dict[str, list[bool]]:
-        return {s: [r.ready for r in reps] for s, reps in self.replicas.items()}
+        """Readiness of every replica by stage; when the orchestrator has failed, also ``"orchestrator": [False]``."""
+        out = {s: [c.ready for c in reps] for s, reps in self.replicas.items()}
+        if self.failure is not None:
+            out["orchestrator"] = [False]
+        return out
 
-    def _check_admission(self, n: int) -> None:
+    def _admit(self, n: int) -> None:
+        """Take room for ``n`` items at every stage, or raise :class:`Overloaded` taking none (no await here:
+        check and count are one step for the event loop)."""
+        limit = self.cfg.server.max_queue
         for s in STAGE_NAMES:
-            if self.waiting[s] + n > self.cfg.server.max_queue:
+            if self.waiting[s] + n > limit:
                 self.metrics.errors.labels(stage=s, kind="queue_full").inc()
-                raise Overloaded(f"stage {s} has {self.waiting[s]} items queued (max_queue "
-                                 f"{self.cfg.server.max_queue}); retry later", retry_after=1)
+                raise Overloaded(f"stage {s} has {self.waiting[s]} items queued (max_queue {limit}); "
+                                 f"retry later", retry_after=1)
+        for s in STAGE_NAMES:
+            self._count(s, n)
+
+    def _count(self, stage: str, delta: int) -> None:
+        self.waiting[stage] += delta
+        self.metrics.queue_depth.labels(stage=stage).set(self.waiting[stage])
 
     async def generate(self, req: GenerationRequest) -> list[bytes]:
         """Run one request end to end; returns the encoded images in seed order."""
-        if self.closed:
-            raise StageUnavailable("the runtime is shutting down")
-        self._check_admission(req.n)
+        if self.closed or self.failure is not None:
+            raise StageUnavailable(f"the runtime is {'shutting down' if self.closed else 'failed: ' + self.failure}")
+        self._admit(req.n)
         rid = uuid.uuid4().hex
         deadline = time.time() + self.cfg.server.request_timeout_s
         t0 = time.monotonic()
@@ -267,20 +268,32 @@ class Orchestrator:
         return list(images)
 
     async def _item(self, rid: str, index: int, req: GenerationRequest, deadline: float) -> bytes:
+        """One image through every stage; it holds a place at each stage it has not left yet."""
         handle = None
-        for stage in STAGE_NAMES:
-            work = Work(req_id=rid, index=index, seed=req.seed + index, params=req, inputs=handle,
-                        deadline=deadline)
-            res = await self._hop(stage, work)
-            handle = res.output
+        left = 0
+        try:
+            for stage in STAGE_NAMES:
+                work = Work(req_id=rid, index=index, seed=req.seed + index, params=req, inputs=handle,
+                            deadline=deadline)
+                try:
+                    res = await self._hop(stage, work)
+                finally:
+                    self._count(stage, -1)
+                    left += 1
+                handle = res.output
+        finally:
+            for stage in STAGE_NAMES[left:]:
+                self._count(stage, -1)
         assert res.image is not None
         return res.image
 
-    async def _pick(self, stage: str, deadline: float) -> _Replica:
+    async def _pick(self, stage: str, deadline: float) -> StageClient:
         while True:
-            ready = [r for r in self.replicas[stage] if r.ready]
+            if self.failure is not None:
+                raise StageUnavailable(f"the server cannot serve any more: {self.failure}")
+            ready = [c for c in self.replicas[stage] if c.ready]
             if ready:
-                return min(ready, key=lambda r: r.outstanding)
+                return min(ready, key=lambda c: c.outstanding)
             if self.closed:
                 raise StageUnavailable(f"stage {stage} is shutting down")
             ev = self.ready_event[stage]
@@ -291,47 +304,54 @@ class Orchestrator:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(ev.wait(), min(left, 0.5))
 
+    async def _dead_rank_of(self, c: StageClient) -> StageUnavailable | None:
+        """After a batch failed: if a rank of the replica died (its peers' collectives then fail with raw
+        transport errors), the error to report is that death."""
+        end = time.monotonic() + DEAD_RANK_GRACE_S
+        while True:
+            dead = c.dead()
+            if dead is not None:
+                return StageUnavailable(self._on_death(c, *dead))
+            if time.monotonic() > end:
+                return None
+            await asyncio.sleep(0.02)
+
     async def _hop(self, stage: str, work: Work) -> Result:
-        key = (work.req_id, work.index)
-        self.waiting[stage] += 1
-        self.metrics.queue_depth.labels(stage=stage).set(self.waiting[stage])
         t0 = time.monotonic()
         sent = False
         try:
-            r = await self._pick(stage, work.deadline)
-            fut = asyncio.get_running_loop().create_future()
-            r.inflight[key] = fut
-            r.outstanding += 1
+            c = await self._pick(stage, work.deadline)
+            work.sent_at = time.time()
+            fut = await c.submit(work)
+            sent = True
             try:
-                work.sent_at = time.time()
-                await r.sock.send(self.enc.encode(work))
-                sent = True
-                left = work.deadline - time.time()
-                try:
-                    res = await asyncio.wait_for(fut, max(0.0, left))
-                except asyncio.TimeoutError:
-                    raise DeadlineExceeded(f"the request exceeded request_timeout_s="
-                                           f"{self.cfg.server.request_timeout_s:g} in stage {stage}") from None
+                res = await asyncio.wait_for(asyncio.shield(fut), max(0.0, work.deadline - time.time()))
+            except asyncio.TimeoutError:
+                raise DeadlineExceeded(f"the request exceeded request_timeout_s="
+                                       f"{self.cfg.server.request_timeout_s:g} in stage {stage}") from None
             finally:
-                r.outstanding -= 1
-                if r.inflight.get(key) is fut:
-                    del r.inflight[key]
-                    if sent and r.sock is not None:  # abandoned while the stage has it: tell the driver
-                        with contextlib.suppress(zmq.ZMQError):
-                            await r.sock.send(self.enc.encode(Cancel(work.req_id)))
+                if not fut.done():  # abandoned while the stage has it: tell the stage
+                    await c.cancel(work)
+            if not res.ok and not res.user_error:
+                died = await self._dead_rank_of(c)
+                if died is not None:
+                    raise died
         except BaseException as e:
             # A live driver that got the work releases its inputs itself (after running or dropping it);
             # otherwise nobody else will release the previous stage's output.
             if work.inputs is not None and (not sent or isinstance(e, StageUnavailable)):
-                shm_tensor.release(work.inputs)
+                with contextlib.suppress(Exception):
+                    tensor_handoff.release(work.inputs)
             if isinstance(e, ServingError):
                 self.metrics.errors.labels(stage=stage, kind=e.code).inc()
             raise
-        finally:
-            self.waiting[stage] -= 1
-            self.metrics.queue_depth.labels(stage=stage).set(self.waiting[stage])
         self.metrics.stage_latency.labels(stage=stage).observe(time.monotonic() - t0)
-        if not res.ok:
+        if res.first_in_batch and res.ok:
+            self.metrics.batch_size.labels(stage=stage).observe(res.batch_size)
+        if res.ok:
+            self.metrics.compute.labels(stage=stage).observe(res.compute_s)
+            self.metrics.queue_wait.labels(stage=stage).observe(res.queue_s)
+        else:
             if res.user_error:
                 raise BadRequestInStage(f"stage {stage} rejected the request: {res.error}")
             self.metrics.errors.labels(stage=stage, kind="stage_failed").inc()

@@ -1,9 +1,10 @@
-"""Driver rank -> the other ranks of its replica: each batch the driver formed, in order.
+"""Driver rank -> the other ranks of its replica: each batch the driver formed, then its per-step decisions.
 
 A ``comm.shm_broadcast.MessageQueue`` built collectively over the replica's gloo world: the driver enqueues each
-batch once into a shared-memory ring and every other rank dequeues it. The batch travels as msgspec msgpack bytes
-(typed decode on the reader, never pickle). When the driver dies, a blocked follower's ``dequeue`` raises
-``MessageQueueCancelled`` and the follower exits.
+message once into a shared-memory ring and every other rank dequeues it. A message is encoded once, by the
+queue (``comm.serde``, msgpack: no pickle); the reader converts the decoded value into the typed
+:data:`~runtime.messages.RankMessage` union (a typed check, not a second decode of bytes). When the driver dies,
+a blocked follower's ``dequeue`` raises ``MessageQueueCancelled`` and the follower exits.
 """
 
 from __future__ import annotations
@@ -15,9 +16,6 @@ import msgspec
 from omni_runtime.runtime.messages import RankMessage
 
 logger = logging.getLogger(__name__)
-
-_encoder = msgspec.msgpack.Encoder()
-_decoder = msgspec.msgpack.Decoder(RankMessage)
 
 
 class RankFanout:
@@ -31,14 +29,17 @@ class RankFanout:
 
             self.mq = MessageQueue.create_from_process_group(None, writer_rank=0)
 
+    @property
+    def has_followers(self) -> bool:
+        return self.mq is not None
+
     def send(self, msg: RankMessage) -> None:
         if self.mq is not None:
-            self.mq.enqueue(_encoder.encode(msg))
+            self.mq.enqueue(msg)
 
     def recv(self) -> RankMessage:
         assert self.mq is not None
-        data = self.mq.dequeue()
-        return _decoder.decode(data)
+        return msgspec.convert(self.mq.dequeue(), RankMessage)
 
     def close(self) -> None:
         if self.mq is not None:

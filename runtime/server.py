@@ -121,6 +121,14 @@ def create_app(cfg: RuntimeConfig, orchestrator: Orchestrator | None = None) -> 
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         orch = orchestrator or Orchestrator(cfg, metrics)
         app.state.orch = orch
+
+        def fatal(reason: str) -> None:  # the orchestrator cannot serve any more: stop serving, exit non-zero
+            app.state.fatal = reason
+            request_exit = getattr(app.state, "request_exit", None)
+            if request_exit is not None:
+                request_exit()
+
+        orch.on_fatal = fatal
         try:
             await orch.start()
             yield
@@ -290,7 +298,8 @@ def uvicorn_config(app: FastAPI, cfg: RuntimeConfig, loop: str = "auto") -> Any:
 
 
 def serve(cfg: RuntimeConfig) -> int:
-    """Run the server until SIGINT/SIGTERM; returns the exit code (1 if the stages never became ready). Runs the
+    """Run the server until SIGINT/SIGTERM; returns the exit code (1 if the stages never became ready, or if the
+    frontend failed while serving: then it stops at once instead of answering 504 forever). Runs the
     preflight and a bind check first: a problem there raises ``ConfigError``/``CheckpointError`` (CLI exit 2)."""
     import uvicorn
 
@@ -312,6 +321,7 @@ def serve(cfg: RuntimeConfig) -> int:
     except ImportError:  # pragma: no cover - Windows
         loop = "asyncio"
     server = uvicorn.Server(uvicorn_config(app, cfg, loop))
+    app.state.request_exit = lambda: setattr(server, "should_exit", True)
     try:
         server.run()
     except SystemExit:  # uvicorn exits with 3 when the lifespan startup (the stages) or the bind failed
@@ -320,5 +330,9 @@ def serve(cfg: RuntimeConfig) -> int:
     if not server.started:
         logger.error("not serving: the stage processes did not become ready or %s:%d could not be bound; "
                      "the log lines above say why", cfg.server.host, cfg.server.port)
+        return 1
+    fatal = getattr(app.state, "fatal", None)
+    if fatal:
+        logger.error("stopped serving because the frontend failed: %s", fatal)
         return 1
     return 0

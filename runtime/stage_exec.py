@@ -1,117 +1,267 @@
-"""What a stage replica runs on one batch of :class:`~runtime.messages.Work`: the ``stages`` classes, with the
-inputs and outputs moved through ``comm.shm_tensor`` handles.
+"""The part of a stage replica that is neither compute nor sockets: queueing, batching, cancellation and results.
 
-Every rank of a replica runs :meth:`StageExecutor.run` on the same batch (their collectives pair up); only the
-driver publishes what it returns. Inputs are released by the driver after the batch; every executor copies
-its inputs out of shm (``torch.stack``) before computing, so when the next stage has a single rank (its driver is
-the one reader) the producer may publish through a :class:`comm.shm_tensor.ShmPool` (:meth:`StageExecutor.use_pool`,
-chosen by the launcher).
+A :class:`StageExecutor` wraps one engine (``stages.engine``). It is fed :class:`~runtime.messages.Work` and
+:class:`~runtime.messages.Cancel` messages (``offer``), forms batches (same ``batch_key``, up to
+``max_batch_size``, waiting at most ``batch_timeout_ms`` after the first item; ``take_batch``), runs a batch with a
+stop hook that takes cancelled or expired items out between denoising steps (``run``) and turns the outputs into
+:class:`~runtime.messages.Result` messages: tensors are published through ``runtime.tensor_handoff``, images are
+encoded. :class:`DriverLoop` is the driver's loop around it with the I/O left abstract: the process shell
+(``runtime.stage_shell``) fills it with channels, the in-process client (``runtime.stage_client``) with a queue,
+so a stage behaves the same in both.
+
+Inputs: ``offer`` fetches an item's input tensors (views) at once; the executor releases them when the item is
+done (ran, failed or dropped). Every engine copies its inputs before computing, so a pooled producer may reuse
+the segment after that release.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-import torch
+import numpy as np
 
-from omni_runtime.comm import shm_tensor
+from omni_runtime.runtime import tensor_handoff
 from omni_runtime.runtime.images import encode_image
-from omni_runtime.runtime.messages import Work
+from omni_runtime.runtime.messages import Batch, Cancel, RankMessage, Result, StepDecision, Stop, Work
+from omni_runtime.stages.engine import Engine, StageItem
+from omni_runtime.stages.errors import OmniUserError
 
 logger = logging.getLogger(__name__)
 
+DROPPED = "cancelled or past its deadline"
+MAX_REMEMBERED_CANCELS = 100_000
+
+
+@dataclass
+class Pending:
+    """A Work the executor holds, with its inputs fetched and its batch key."""
+
+    work: Work
+    item: StageItem
+    key: Hashable
+
+
+def item_of(work: Work) -> StageItem:
+    """The engine's item for a Work: the request, the image's seed and the fetched input tensors."""
+    inputs = tensor_handoff.fetch(work.inputs) if work.inputs is not None else None
+    return StageItem(params=work.params, seed=work.seed, inputs=inputs)
+
 
 class StageExecutor:
-    """Loads one stage and turns a batch into one output per item (a ShmHandle, or image bytes for the VAE)."""
+    """Batches Work for one engine and runs it. Not thread-safe: one driver thread owns it."""
 
-    name = ""
-    #: How outputs go to shm: a plain ``put`` (a fresh segment per output) or a pool's ``put``.
-    put: Callable[[Any], shm_tensor.ShmHandle] = staticmethod(shm_tensor.put)
+    def __init__(self, engine: Engine, stage: str, replica: int, *, max_batch_size: int, batch_timeout_ms: float,
+                 publisher: tensor_handoff.Publisher | None = None) -> None:
+        self.engine, self.stage, self.replica = engine, stage, replica
+        self.max_batch_size = max_batch_size
+        self.batch_timeout_s = batch_timeout_ms / 1000
+        self.publisher = publisher or tensor_handoff.Publisher()
+        self.pending: deque[Pending] = deque()
+        self.cancelled: set[str] = set()
 
-    def use_pool(self, pool: shm_tensor.ShmPool) -> None:
-        """Publish outputs through ``pool`` (reused segments: no page zeroing per hop). Only valid when the next
-        stage has exactly one reader per handle, its driver, which releases it after copying it."""
-        self.put = pool.put
+    # ------------------------------------------------------------------ input
 
-    def batch_key(self, w: Work) -> tuple:
-        return ()
+    def offer(self, msg: Work | Cancel) -> Result | None:
+        """Take a Work (queued) or a Cancel (remembered). Returns a failure Result for a Work that cannot even be
+        queued (its inputs cannot be fetched), to send back at once."""
+        if isinstance(msg, Cancel):
+            self.cancelled.add(msg.req_id)
+            if len(self.cancelled) > MAX_REMEMBERED_CANCELS:
+                self.cancelled.clear()
+            return None
+        try:
+            item = item_of(msg)
+            key = self.engine.batch_key(item)
+        except Exception as e:  # a stale/forged ref or inputs that do not fit: this item fails, the stage goes on
+            logger.error("%s: cannot queue item %s/%d: %s", self.stage, msg.req_id, msg.index, e)
+            self._release(msg)
+            return self._result(msg, ok=False, error=f"{type(e).__name__}: {e}")
+        self.pending.append(Pending(msg, item, key))
+        return None
 
-    def run(self, items: list[Work], publish: bool) -> list[Any]:
+    def take_batch(self, wait: Callable[[float], None]) -> list[Pending]:
+        """The next batch: the items with the first pending item's key, up to ``max_batch_size``. While fewer
+        are there it calls ``wait(seconds)`` (which should ``offer`` what arrives) until the window closes."""
+        key = self.pending[0].key
+        window_end = time.monotonic() + self.batch_timeout_s
+        while True:
+            same = sum(1 for p in self.pending if p.key == key)
+            left = window_end - time.monotonic()
+            if same >= self.max_batch_size or left <= 0:
+                break
+            wait(left)
+        batch: list[Pending] = []
+        rest: deque[Pending] = deque()
+        for p in self.pending:
+            if len(batch) < self.max_batch_size and p.key == key:
+                batch.append(p)
+            else:
+                rest.append(p)
+        self.pending = rest
+        return batch
+
+    def is_dropped(self, w: Work, now: float | None = None) -> bool:
+        """Cancelled by the orchestrator, or past its deadline."""
+        now = time.time() if now is None else now
+        return w.req_id in self.cancelled or bool(w.deadline and now > w.deadline)
+
+    def drop_dead(self, batch: list[Pending]) -> tuple[list[Pending], list[Result]]:
+        """Split a batch into the items to run and failure Results for those already cancelled or expired."""
+        now = time.time()
+        alive, gone = [], []
+        for p in batch:
+            (gone if self.is_dropped(p.work, now) else alive).append(p)
+        return alive, [self._fail(p.work, DROPPED) for p in gone]
+
+    def drop_all(self, reason: str) -> list[Result]:
+        """Fail every queued item (shutdown)."""
+        out = [self._fail(p.work, reason) for p in self.pending]
+        self.pending.clear()
+        return out
+
+    def stop_now(self, batch: Sequence[Pending]) -> list[int]:
+        """Indices of the batch's items that must leave it now."""
+        now = time.time()
+        return [i for i, p in enumerate(batch) if self.is_dropped(p.work, now)]
+
+    # ------------------------------------------------------------------ running
+
+    def run(self, batch: list[Pending], stop: Callable[[int], Sequence[int]] | None = None) -> list[Result]:
+        """Run ``batch`` on the engine (``stop``: the per-step hook), publish the outputs, release the inputs;
+        one Result per item, in order."""
+        t0 = time.time()
+        err, user = "", False
+        try:
+            outs = self.engine.step([p.item for p in batch], stop=stop)
+        except Exception as e:
+            user = isinstance(e, OmniUserError)
+            if not user:
+                logger.exception("%s: batch of %d failed", self.stage, len(batch))
+            outs, err = [None] * len(batch), f"{type(e).__name__}: {e}"
+        dt = time.time() - t0
+        results = []
+        for i, (p, out) in enumerate(zip(batch, outs, strict=True)):
+            w = p.work
+            p.item.inputs = None
+            self._release(w)
+            if err:
+                res = self._result(w, ok=False, error=err, user_error=user)
+            elif out is None:
+                res = self._result(w, ok=False, error=DROPPED)
+            else:
+                res = self._result(w)
+                try:
+                    self._attach(res, out, w)
+                except Exception as e:
+                    logger.exception("%s: cannot hand on the output of %s/%d", self.stage, w.req_id, w.index)
+                    res = self._result(w, ok=False, error=f"{type(e).__name__}: {e}")
+            res.batch_size, res.first_in_batch = len(batch), i == 0
+            res.queue_s, res.compute_s = max(0.0, t0 - w.sent_at), dt
+            results.append(res)
+        return results
+
+    def _attach(self, res: Result, out: Any, w: Work) -> None:
+        if isinstance(out, np.ndarray):  # the last stage: an image
+            res.image = encode_image(out, w.params.output_format)
+        else:
+            res.output = self.publisher.publish(out)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _release(self, w: Work) -> None:
+        if w.inputs is not None:
+            try:
+                tensor_handoff.release(w.inputs)
+            except Exception as e:  # a forged ref: nothing of ours to free
+                logger.warning("%s: could not release the inputs of %s/%d: %s", self.stage, w.req_id, w.index, e)
+
+    def _result(self, w: Work, ok: bool = True, error: str = "", user_error: bool = False) -> Result:
+        return Result(req_id=w.req_id, index=w.index, stage=self.stage, replica=self.replica, ok=ok, error=error,
+                      user_error=user_error)
+
+    def _fail(self, w: Work, reason: str) -> Result:
+        self._release(w)
+        return self._result(w, ok=False, error=reason)
+
+    def close(self) -> None:
+        self.publisher.close()
+
+
+def follow(engine: Engine, works: list[Work], stop: Callable[[int], Sequence[int]] | None) -> None:
+    """What a follower rank does with a batch its driver broadcast: the same compute (its collectives pair up
+    with the driver's), outputs discarded. The driver releases the inputs."""
+    engine.step([item_of(w) for w in works], stop=stop)
+
+
+class DriverLoop:
+    """The driver of a replica: take messages in, batch, run with the per-step stop hook, send Results.
+
+    Subclasses provide :meth:`receive` (wait up to ``timeout_s`` for messages and :meth:`take` each) and
+    :meth:`send`; ``broadcast`` (the driver -> followers fan-out) gets every batch and every step decision when
+    the replica has other ranks."""
+
+    idle_poll_s = 0.5
+
+    def __init__(self, executor: StageExecutor, broadcast: Callable[[RankMessage], None] | None = None) -> None:
+        self.executor = executor
+        self.broadcast = broadcast
+        self.stopping = False
+
+    def receive(self, timeout_s: float) -> None:
         raise NotImplementedError
 
+    def send(self, res: Result) -> None:
+        raise NotImplementedError
 
-class TextEncoderExecutor(StageExecutor):
-    name = "text_encoder"
+    def take(self, msg: Work | Cancel | Stop) -> None:
+        if isinstance(msg, Stop):
+            self.stopping = True
+            return
+        failed = self.executor.offer(msg)
+        if failed is not None:
+            self.send(failed)
 
-    def __init__(self, path: str, dtype: str, device: str, mesh: Any = None) -> None:
-        from omni_runtime.stages.text_encoder import TextEncoderStage
+    def _stop_hook(self, batch: list[Pending]) -> Callable[[int], Sequence[int]]:
+        gone: set[int] = set()
 
-        self.stage = TextEncoderStage.from_pretrained(path, dtype, device)
+        def stop(step: int) -> Sequence[int]:
+            self.receive(0)  # a Cancel may have arrived since the last step
+            # on Stop (shutdown) the orchestrator has already failed every item: end the batch now
+            now = range(len(batch)) if self.stopping else self.executor.stop_now(batch)
+            drop = [i for i in now if i not in gone]
+            gone.update(drop)
+            if self.broadcast is not None:
+                self.broadcast(StepDecision(drop=drop))
+            if drop:
+                logger.info("%s step %d: %d item(s) leave the running batch (cancelled or past the deadline)",
+                            self.executor.stage, step, len(drop))
+            return drop
+        return stop
 
-    def run(self, items: list[Work], publish: bool) -> list[Any]:
-        enc = self.stage.encode([w.params.prompt for w in items])
-        neg_idx = [i for i, w in enumerate(items) if w.params.negative_prompt is not None
-                   and w.params.true_cfg_scale > 1]
-        neg = (self.stage.encode([items[i].params.negative_prompt for i in neg_idx]) if neg_idx else None)
-        outs: list[Any] = []
-        for i in range(len(items)):
-            d = {"prompt_embeds": enc["prompt_embeds"][i], "pooled_prompt_embeds": enc["pooled_prompt_embeds"][i]}
-            if neg is not None and i in neg_idx:
-                j = neg_idx.index(i)
-                d["negative_prompt_embeds"] = neg["prompt_embeds"][j]
-                d["negative_pooled_prompt_embeds"] = neg["pooled_prompt_embeds"][j]
-            outs.append(self.put(d) if publish else None)
-        return outs
-
-
-class DenoiserExecutor(StageExecutor):
-    name = "denoiser"
-
-    def __init__(self, path: str, dtype: str, device: str, mesh: Any = None) -> None:
-        from omni_runtime.stages.denoiser import DenoiserStage
-
-        self.stage = DenoiserStage.from_pretrained(path, dtype, device, mesh=mesh)
-
-    def batch_key(self, w: Work) -> tuple:
-        p = w.params
-        return (p.width, p.height, p.num_inference_steps, p.negative_prompt is not None and p.true_cfg_scale > 1)
-
-    def run(self, items: list[Work], publish: bool) -> list[Any]:
-        from omni_runtime.stages.denoiser import DenoiseRequest
-
-        reqs = []
-        for w in items:
-            t = shm_tensor.get(w.inputs)
-            p = w.params
-            reqs.append(DenoiseRequest(
-                prompt_embeds=t["prompt_embeds"], pooled_prompt_embeds=t["pooled_prompt_embeds"], seed=w.seed,
-                height=p.height, width=p.width, num_inference_steps=p.num_inference_steps,
-                guidance_scale=p.guidance_scale, true_cfg_scale=p.true_cfg_scale,
-                negative_prompt_embeds=t.get("negative_prompt_embeds"),
-                negative_pooled_prompt_embeds=t.get("negative_pooled_prompt_embeds")))
-        latents = self.stage.denoise(reqs)
-        return [self.put(x.contiguous()) if publish else None for x in latents]
-
-
-class VaeExecutor(StageExecutor):
-    name = "vae"
-
-    def __init__(self, path: str, dtype: str, device: str, mesh: Any = None) -> None:
-        from omni_runtime.stages.vae import VaeDecoderStage
-
-        self.stage = VaeDecoderStage.from_pretrained(path, dtype, device)
-
-    def batch_key(self, w: Work) -> tuple:
-        return (w.params.width, w.params.height)
-
-    def run(self, items: list[Work], publish: bool) -> list[Any]:
-        lat = torch.stack([shm_tensor.get(w.inputs) for w in items])
-        p = items[0].params
-        images = self.stage.decode(lat, p.height, p.width)
-        return [encode_image(img, w.params.output_format) if publish else None for img, w in zip(images, items, strict=True)]
-
-
-EXECUTORS: dict[str, type[StageExecutor]] = {
-    "text_encoder": TextEncoderExecutor, "denoiser": DenoiserExecutor, "vae": VaeExecutor}
+    def loop(self) -> None:
+        """Run until a ``Stop`` arrives; then fail what is still queued."""
+        ex = self.executor
+        while not self.stopping:
+            if not ex.pending:
+                self.receive(self.idle_poll_s)
+                continue
+            batch, dropped = ex.drop_dead(ex.take_batch(self.receive))
+            for res in dropped:
+                self.send(res)
+            if not batch:
+                continue
+            if self.broadcast is not None:
+                self.broadcast(Batch(items=[p.work for p in batch]))
+            for res in ex.run(batch, stop=self._stop_hook(batch)):
+                self.send(res)
+        for res in ex.drop_all("the stage is shutting down"):
+            self.send(res)
+        if self.broadcast is not None:
+            self.broadcast(Stop())
+        logger.debug("driver loop of %s[%d] (pid %d) ended", ex.stage, ex.replica, os.getpid())

@@ -10,7 +10,8 @@ from typing import Any
 _EXPORTS = {
     "DenoiseRequest": "omni_runtime.stages.denoiser",
     "DenoiserStage": "omni_runtime.stages.denoiser",
-    "Pipeline": "omni_runtime.stages.pipeline",
+    "StageItem": "omni_runtime.stages.engine",
+    "load_engine": "omni_runtime.stages.engine",
     "TextEncoderStage": "omni_runtime.stages.text_encoder",
     "VaeDecoderStage": "omni_runtime.stages.vae",
 }

@@ -10,12 +10,17 @@ The stage knows nothing about processes. It loads on a :class:`parallel.mesh.Mes
 Under sequence parallelism (an sp group of more than one rank) every rank runs this same loop on the same inputs;
 ``SequenceParallel(mesh).apply(model)`` at load binds the mesh into the attention layers and installs the
 ``_sp_plan`` hooks, which split the image tokens across ranks and gather the output.
+
+Request fields are validated once, at the API edge (``runtime.requests``); this stage only asserts what it relies
+on. What it checks itself is what depends on the model: the image size against the VAE scale factor and the
+embedding widths. A ``stop`` hook, asked before every step, lets a caller take requests out of a running batch
+(cancelled or expired); the others go on unchanged.
 """
 
 from __future__ import annotations
 
 import logging
-import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,8 +44,9 @@ from omni_runtime.stages.weights import component_dir, read_config
 
 logger = logging.getLogger(__name__)
 
-MAX_STEPS = 1000
-SEED_RANGE = (0, 2**64 - 1)
+#: Asked before denoising step ``i`` (``stop(i)``): the indices (into the requests passed to ``denoise``) to take
+#: out of the batch now. Every rank of a replica must get the same answer.
+StopHook = Callable[[int], Sequence[int]]
 
 
 @dataclass
@@ -136,20 +142,11 @@ class DenoiserStage:
         return cls(model, config, schedule, vae_scale_factor_of(path), torch_dtype, dev, mesh)
 
     def validate(self, req: DenoiseRequest) -> None:
-        """Raise :class:`RequestError` naming the field for anything this stage cannot run."""
+        """Raise :class:`RequestError` naming the field for what this model cannot run (image size, embeddings).
+        The numbers of a request (steps, seed, guidance) were validated at the API edge; they are only asserted."""
+        assert isinstance(req.num_inference_steps, int) and req.num_inference_steps >= 1, req.num_inference_steps
+        assert isinstance(req.seed, int) and req.seed >= 0, req.seed
         check_image_size(req.height, req.width, 2 * self.vae_scale_factor)
-        steps = req.num_inference_steps
-        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
-            raise RequestError(f"num_inference_steps={steps!r} is not allowed; it must be an integer from 1 "
-                               f"to {MAX_STEPS}")
-        seed = req.seed
-        if isinstance(seed, bool) or not isinstance(seed, int) or not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
-            raise RequestError(f"seed={seed!r} is not allowed; it must be an integer from {SEED_RANGE[0]} "
-                               f"to 2**64-1")
-        for name in ("guidance_scale", "true_cfg_scale"):
-            v = getattr(req, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise RequestError(f"{name}={v!r} is not allowed; it must be a finite number")
         pairs = [("prompt_embeds", "pooled_prompt_embeds")]
         if req.do_true_cfg:
             if req.negative_pooled_prompt_embeds is None:
@@ -178,10 +175,10 @@ class DenoiserStage:
                 _as_2d(req.prompt_embeds, "prompt_embeds").shape[0], req.do_true_cfg)
 
     @torch.no_grad()
-    def denoise(self, requests: list[DenoiseRequest], *, unpack: bool = False,
-                progress: bool = False) -> list[torch.Tensor]:
+    def denoise(self, requests: list[DenoiseRequest], *, unpack: bool = False, progress: bool = False,
+                stop: StopHook | None = None) -> list[torch.Tensor | None]:
         """Denoise every request; returns, in order, packed latents (tokens, C*4) per request, or unpacked
-        (C, H/8, W/8) with ``unpack=True``."""
+        (C, H/8, W/8) with ``unpack=True``. A request that ``stop`` took out of the batch gets ``None``."""
         for req in requests:
             self.validate(req)
         groups: dict[tuple, list[int]] = {}
@@ -190,12 +187,18 @@ class DenoiserStage:
         out: list[torch.Tensor | None] = [None] * len(requests)
         for idx in groups.values():
             group = [requests[i] for i in idx]
-            latents = self._denoise_group(group, progress=progress)
+            local_stop = None
+            if stop is not None:
+                def local_stop(step: int, idx: list[int] = idx) -> list[int]:
+                    return [idx.index(g) for g in stop(step) if g in idx]
+            latents, kept = self._denoise_group(group, progress=progress, stop=local_stop)
+            if latents is None:
+                continue
             if unpack:
                 latents = unpack_latents(latents, group[0].height, group[0].width, self.vae_scale_factor)
-            for j, i in enumerate(idx):
-                out[i] = latents[j]
-        return out  # type: ignore[return-value]
+            for j, k in enumerate(kept):
+                out[idx[k]] = latents[j]
+        return out
 
     __call__ = denoise
 
@@ -204,7 +207,10 @@ class DenoiserStage:
         pooled = torch.stack([_as_1d(getattr(r, pooled_name), pooled_name) for r in reqs])
         return seq.to(self.device, self.dtype), pooled.to(self.device, self.dtype)
 
-    def _denoise_group(self, reqs: list[DenoiseRequest], *, progress: bool) -> torch.Tensor:
+    def _denoise_group(self, reqs: list[DenoiseRequest], *, progress: bool,
+                       stop: StopHook | None = None) -> tuple[torch.Tensor | None, list[int]]:
+        """The loop for requests of one batch key; returns the latents of the requests still in the batch at the
+        end and their indices in ``reqs`` (all of them unless ``stop`` took some out; ``None`` if it took all)."""
         first = reqs[0]
         h, w, steps, do_cfg = first.height, first.width, first.num_inference_steps, first.do_true_cfg
         b = len(reqs)
@@ -225,8 +231,22 @@ class DenoiserStage:
             embeds, pooled = torch.cat([embeds, neg_embeds]), torch.cat([pooled, neg_pooled])
             guidance = torch.cat([guidance, guidance]) if guidance is not None else None
 
+        kept = list(range(b))
         timesteps, sigmas = self.schedule.sigmas(steps, image_seq_len(h, w, self.vae_scale_factor), self.device)
         for i, t in enumerate(tqdm(timesteps, total=steps, disable=not progress, desc="denoise", leave=False)):
+            if stop is not None:
+                drop = {kept.index(k) for k in stop(i) if k in kept}
+                if drop:
+                    rows = [j for j in range(b) if j not in drop]
+                    kept = [kept[j] for j in rows]
+                    if not kept:
+                        return None, []
+                    sel = torch.tensor(rows, device=self.device)
+                    both = torch.cat([sel, sel + b]) if do_cfg else sel
+                    latents, embeds, pooled = latents[sel], embeds[both], pooled[both]
+                    guidance = guidance[both] if guidance is not None else None
+                    b = len(kept)
+                    logger.debug("step %d: %d request(s) left the batch, %d go on", i, len(drop), b)
             model_in = torch.cat([latents, latents]) if do_cfg else latents
             timestep = t.expand(model_in.shape[0]).to(latents.dtype)
             pred = self.model(hidden_states=model_in, timestep=timestep / 1000, guidance=guidance,
@@ -235,9 +255,9 @@ class DenoiserStage:
             if not isinstance(pred, torch.Tensor):  # a diffusers-style output object
                 pred = pred[0]
             if do_cfg:
-                pred = true_cfg(pred[:b], pred[b:], [r.true_cfg_scale for r in reqs])
+                pred = true_cfg(pred[:b], pred[b:], [reqs[k].true_cfg_scale for k in kept])
             latents = euler_step(latents, pred, sigmas[i], sigmas[i + 1])
-        return latents
+        return latents, kept
 
 
 def true_cfg(cond: torch.Tensor, uncond: torch.Tensor, scales: list[float]) -> torch.Tensor:

@@ -74,8 +74,9 @@ class TextEncoderStage:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: str | torch.dtype = "float32",
-                        device: str | torch.device = "cpu") -> TextEncoderStage:
-        """Load ``tokenizer``/``text_encoder`` (CLIP) and ``tokenizer_2``/``text_encoder_2`` (T5) from a model dir."""
+                        device: str | torch.device = "cpu", mesh: Any = None) -> TextEncoderStage:
+        """Load ``tokenizer``/``text_encoder`` (CLIP) and ``tokenizer_2``/``text_encoder_2`` (T5) from a model dir.
+        ``mesh`` is accepted for a uniform loader signature; the text encoder runs on one rank."""
         torch_dtype, dev = resolve_dtype(dtype), resolve_device(device)
         index = read_model_index(path)
         tok = _load_component(path, index, "tokenizer")

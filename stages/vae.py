@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,8 +41,9 @@ class VaeDecoderStage:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: str | torch.dtype = "float32",
-                        device: str | torch.device = "cpu") -> VaeDecoderStage:
-        """Load ``<path>/vae`` with diffusers' AutoencoderKL."""
+                        device: str | torch.device = "cpu", mesh: Any = None) -> VaeDecoderStage:
+        """Load ``<path>/vae`` with diffusers' AutoencoderKL. ``mesh`` is accepted for a uniform loader signature
+        (VAE patch parallelism will use it)."""
         from diffusers import AutoencoderKL
 
         torch_dtype, dev = resolve_dtype(dtype), resolve_device(device)

@@ -1,4 +1,4 @@
-"""``omni-runtime generate`` through the stage processes gives the in-process Pipeline's image for the seed."""
+"""``omni-runtime generate`` through the stage processes gives the in-process (Omni(in_process=True)) image for the seed."""
 
 from __future__ import annotations
 

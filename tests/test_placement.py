@@ -271,8 +271,6 @@ def _served_image(tmp_path: Path, body: dict) -> tuple[bytes, str]:
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.timeout(600)
-@pytest.mark.xfail(strict=True, reason="until the shell's tensor seam publishes with WorkerSpec.tensor_transport "
-                                       "through comm.tensor_transport (then remove this marker)")
 def test_forced_frames_give_the_same_image_as_shm(tmp_path, monkeypatch):
     body = {"prompt": "a lighthouse at dusk", "seed": 5, "size": "64x64", "num_inference_steps": 2}
     monkeypatch.setenv(TRANSPORT_ENV, "frames")

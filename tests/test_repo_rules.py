@@ -24,7 +24,6 @@ PICKLE = re.compile(r"^\s*(import\s+(c?pickle|cloudpickle|dill)|from\s+(c?pickle
                     re.M)
 # Files of the runtime that still build their own ZMQ sockets; issue 8 section 4 moves them onto comm/channel.py,
 # after which this set must be empty (the test fails on any other file, and on an entry that no longer offends).
-ZMQ_NOT_YET_ON_CHANNEL = frozenset({"runtime/orchestrator.py", "runtime/stage_worker.py"})
 
 
 def _sources(*pkgs):
@@ -163,24 +162,25 @@ def import_cycles(root: Path, packages: list[str], function_level: bool = False)
     return sorted(cycles)
 
 
-def zmq_socket_sites(root: Path, packages: list[str]) -> dict[str, list[int]]:
-    """Files (relative paths) outside comm/ that make a ZMQ context or socket, with the lines.
+_ZMQ_CONTEXT_CALLS = {"zmq.Context", "zmq.asyncio.Context", "zmq.Context.instance", "zmq.asyncio.Context.instance"}
 
-    Caught: ``zmq.Context`` / ``zmq.asyncio.Context`` (any use), ``from zmq import Context``, and any
-    ``<x>.socket(zmq.<TYPE>)`` call.
+
+def zmq_socket_sites(root: Path, packages: list[str]) -> dict[str, list[int]]:
+    """Files (relative paths) other than comm/channel.py, the one socket factory, that make a ZMQ context or
+    socket, with the lines.
+
+    Caught: a call of ``zmq.Context`` / ``zmq.asyncio.Context`` (or their ``.instance``), ``from zmq import
+    Context``, and any ``<x>.socket(zmq.<TYPE>)`` call (a ``zmq.Context`` type annotation is no socket).
     """
     sites: dict[str, list[int]] = {}
     for pkg in packages:
-        if pkg == "comm":
-            continue
         for path in sorted((root / pkg).rglob("*.py")):
+            if path.relative_to(root).as_posix() == "comm/channel.py":
+                continue
             lines = []
             for node in ast.walk(ast.parse(path.read_text(), str(path))):
-                if isinstance(node, ast.Attribute) and node.attr == "Context":
-                    v = node.value
-                    if (isinstance(v, ast.Name) and v.id == "zmq") or (
-                            isinstance(v, ast.Attribute) and isinstance(v.value, ast.Name) and v.value.id == "zmq"):
-                        lines.append(node.lineno)
+                if isinstance(node, ast.Call) and ast.unparse(node.func) in _ZMQ_CONTEXT_CALLS:
+                    lines.append(node.lineno)
                 elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("zmq"):
                     if any(a.name == "Context" for a in node.names):
                         lines.append(node.lineno)
@@ -222,10 +222,8 @@ def test_graph_sees_the_real_imports():
     assert ("parallel.attention", "parallel.attention.layer", True) in pairs    # package __init__
 
 
-def test_zmq_sockets_only_in_comm():
-    sites = zmq_socket_sites(ROOT, PACKAGES)
-    assert set(sites) <= ZMQ_NOT_YET_ON_CHANNEL, {k: v for k, v in sites.items() if k not in ZMQ_NOT_YET_ON_CHANNEL}
-    assert set(sites) == ZMQ_NOT_YET_ON_CHANNEL, "a file moved onto comm/channel.py: drop it from the allow list"
+def test_zmq_sockets_only_in_comm_channel():
+    assert zmq_socket_sites(ROOT, [*PACKAGES, "tools"]) == {}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -279,10 +277,13 @@ def test_circle_rule_catches_a_circle_and_ignores_function_level_imports(tmp_pat
 
 def test_zmq_rule_catches_sockets_outside_comm(tmp_path):
     root = _tree(tmp_path, {
-        "comm/channel.py": "import zmq\nctx = zmq.Context()\ns = ctx.socket(zmq.PUSH)\n",  # allowed in comm
+        "comm/channel.py": "import zmq\nctx = zmq.Context()\ns = ctx.socket(zmq.PUSH)\n",  # the one factory
+        "comm/other.py": "import zmq\nctx = zmq.asyncio.Context()\n",
+        "comm/typed.py": "import zmq\nctx: zmq.Context | None = None\n",  # an annotation makes no socket
         "runtime/a.py": "import zmq\nctx = zmq.Context.instance()\n",
         "runtime/b.py": "import zmq\ndef f(ctx):\n    return ctx.socket(zmq.PULL)\n",
         "stages/c.py": "from zmq.asyncio import Context\n",
         "runtime/d.py": "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_STREAM)\n",  # not zmq: fine
     })
-    assert zmq_socket_sites(root, PACKAGES) == {"runtime/a.py": [2], "runtime/b.py": [3], "stages/c.py": [1]}
+    assert zmq_socket_sites(root, PACKAGES) == {"comm/other.py": [2], "runtime/a.py": [2], "runtime/b.py": [3],
+                                                "stages/c.py": [1]}

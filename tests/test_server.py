@@ -50,7 +50,7 @@ def test_openai_client_n2_and_seed_rule(server):
     assert a.shape == b.shape == (64, 64, 3)
     assert not np.array_equal(a, b)
     # image 1 of a request with seed 11 is the image of a request with seed 12, up to the last bit of rounding:
-    # a batch of 2 and a batch of 1 sum their GEMMs in a different order (the in-process Pipeline does the same)
+    # a batch of 2 and a batch of 1 sum their GEMMs in a different order (the in-process runtime does the same)
     single = _png(_post(server, {"prompt": "a red fox", "seed": 12, **SMALL}).json()["data"][0]["b64_json"])
     diff = np.abs(single.astype(int) - b.astype(int))
     assert diff.max() <= 1 and (diff > 0).mean() < 0.01, (diff.max(), (diff > 0).mean())

@@ -1,4 +1,4 @@
-"""A denoiser replica of 2 ranks (Ulysses 2), through ``serve``, returns the in-process Pipeline's image."""
+"""A denoiser replica of 2 ranks (Ulysses 2), through ``serve``, returns the in-process (Omni(in_process=True)) image."""
 
 from __future__ import annotations
 

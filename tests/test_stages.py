@@ -11,8 +11,9 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline  # noqa: E402
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift as diffusers_calculate_shift  # noqa: E402
+from stage_refs import denoise_requests, load_stages  # noqa: E402
 
-from omni_runtime.stages import DenoiseRequest, DenoiserStage, Pipeline, TextEncoderStage, VaeDecoderStage  # noqa: E402
+from omni_runtime.stages import DenoiseRequest, DenoiserStage, TextEncoderStage, VaeDecoderStage  # noqa: E402
 from omni_runtime.stages.errors import CheckpointError, ConfigError, RequestError  # noqa: E402
 from omni_runtime.stages.latents import (  # noqa: E402
     check_image_size,
@@ -32,8 +33,8 @@ def ref(tiny_dir: Path) -> FluxPipeline:
 
 
 @pytest.fixture(scope="module")
-def ours(tiny_dir: Path) -> Pipeline:
-    return Pipeline.from_pretrained(tiny_dir)
+def ours(tiny_dir: Path):
+    return load_stages(tiny_dir)
 
 
 # ---------------------------------------------------------------------------------------------------------- schedule
@@ -121,9 +122,7 @@ def test_size_not_multiple_of_16_names_size_and_nearest(height: int, width: int,
     assert f"{field}={value}" in msg and "multiple of 16" in msg and msg.endswith(f"nearest valid {field}: {nearest}")
 
 
-def test_size_error_through_the_stages(ours: Pipeline) -> None:
-    with pytest.raises(RequestError, match=r"width=200 .* nearest valid width: 192 or 208"):
-        ours("a cat", height=128, width=200, num_inference_steps=1)
+def test_size_error_through_the_stages(ours) -> None:
     req = DenoiseRequest(prompt_embeds=torch.zeros(8, 32), pooled_prompt_embeds=torch.zeros(32), height=100,
                          width=128)
     with pytest.raises(RequestError, match=r"height=100 .* nearest valid height: 96 or 112"):
@@ -133,16 +132,12 @@ def test_size_error_through_the_stages(ours: Pipeline) -> None:
 
 
 @pytest.mark.parametrize(("field", "value", "match"), [
-    ("num_inference_steps", 0, "num_inference_steps=0 .* from 1 to 1000"),
-    ("seed", -1, "seed=-1 .* from 0 to 2\\*\\*64-1"),
-    ("seed", 1.5, "seed=1.5"),
-    ("guidance_scale", float("nan"), "guidance_scale=nan .* finite"),
     ("prompt_embeds", torch.zeros(8, 31), "prompt_embeds has width 31; this model takes 32"),
     ("pooled_prompt_embeds", torch.zeros(2, 32), "pooled_prompt_embeds has shape \\(2, 32\\); expected \\(dim,\\)"),
     ("prompt_embeds", torch.zeros(2, 8, 32), "prompt_embeds has shape \\(2, 8, 32\\); expected \\(seq, dim\\)"),
     ("prompt_embeds", [[0.0] * 32], "prompt_embeds is a list; expected a tensor"),
 ])
-def test_bad_request_fields_are_request_errors(ours: Pipeline, field: str, value: object, match: str) -> None:
+def test_bad_request_fields_are_request_errors(ours, field: str, value: object, match: str) -> None:
     kw = dict(prompt_embeds=torch.zeros(8, 32), pooled_prompt_embeds=torch.zeros(32), height=64, width=64,
               num_inference_steps=1)
     kw[field] = value
@@ -150,27 +145,20 @@ def test_bad_request_fields_are_request_errors(ours: Pipeline, field: str, value
         ours.denoiser.denoise([DenoiseRequest(**kw)])
 
 
-def test_pipeline_argument_errors(ours: Pipeline) -> None:
-    with pytest.raises(RequestError, match=r"seed=\[1\] has 1 values for 2 prompts; .* a list of 2 integers"):
-        ours(["a", "b"], seed=[1], height=64, width=64, num_inference_steps=1)
-    with pytest.raises(RequestError, match=r"seed=\[1, 2, 3\] has 3 values for 1 prompts"):
-        ours("a", seed=[1, 2, 3], height=64, width=64, num_inference_steps=1)
-    with pytest.raises(RequestError, match=r"prompt=\[\] is not allowed; give a string or a non-empty list"):
-        ours([], height=64, width=64, num_inference_steps=1)
-    with pytest.raises(RequestError, match=r"prompt=\['a', 3\] is not allowed"):
-        ours(["a", 3], seed=[1, 2], height=64, width=64, num_inference_steps=1)
-    with pytest.raises(RequestError, match=r"seed='7' is not allowed"):
-        ours(["a", "b"], seed=[1, "7"], height=64, width=64, num_inference_steps=1)
+def test_request_numbers_are_not_revalidated_by_the_denoiser(ours) -> None:
+    """Steps, seed and guidance are validated once, at the API edge (runtime.requests); the stage only asserts."""
+    kw = dict(prompt_embeds=torch.zeros(8, 32), pooled_prompt_embeds=torch.zeros(32), height=64, width=64)
+    for field, value in (("num_inference_steps", 0), ("seed", -1)):
+        with pytest.raises(AssertionError):
+            ours.denoiser.denoise([DenoiseRequest(**{**kw, "num_inference_steps": 1, field: value})])
     with pytest.raises(RequestError, match="max_sequence_length=513 .* from 1 to 512"):
-        ours("a", height=64, width=64, num_inference_steps=1, max_sequence_length=513)
-    with pytest.raises(RequestError, match=r"negative_prompt=.* \(one per prompt\)"):
-        ours(["a", "b"], negative_prompt=["x"], true_cfg_scale=2.0, height=64, width=64, num_inference_steps=1)
+        ours.text_encoder.encode("a", max_sequence_length=513)
 
 
 # ------------------------------------------------------------------------------------------------------ text encoder
 
 @pytest.mark.parametrize("max_sequence_length", [512, 77, 7])
-def test_text_encoder_equals_encode_prompt(ref: FluxPipeline, ours: Pipeline, max_sequence_length: int) -> None:
+def test_text_encoder_equals_encode_prompt(ref: FluxPipeline, ours, max_sequence_length: int) -> None:
     prompts = ["a photo of a cat", "", "the dog " * 60]  # empty, and one longer than CLIP's 77 tokens
     with torch.no_grad():
         want_embeds, want_pooled, want_ids = ref.encode_prompt(prompts, prompt_2=None,
@@ -191,7 +179,7 @@ def test_text_encoder_equals_encode_prompt(ref: FluxPipeline, ours: Pipeline, ma
 
 # --------------------------------------------------------------------------------------------------------------- VAE
 
-def test_vae_decode_equals_diffusers_decode_and_postprocess(ref: FluxPipeline, ours: Pipeline) -> None:
+def test_vae_decode_equals_diffusers_decode_and_postprocess(ref: FluxPipeline, ours) -> None:
     height, width = 128, 96
     g = torch.Generator().manual_seed(3)
     packed = torch.randn(2, (height // 16) * (width // 16), 64, generator=g) * 1.5
@@ -214,7 +202,7 @@ def test_vae_decode_equals_diffusers_decode_and_postprocess(ref: FluxPipeline, o
     assert ours.vae.decode([], height, width) == []
 
 
-def test_vae_latents_that_do_not_fit_the_size_are_request_errors(ours: Pipeline) -> None:
+def test_vae_latents_that_do_not_fit_the_size_are_request_errors(ours) -> None:
     with pytest.raises(RequestError, match=r"latents have shape \(1, 48, 64\); a 128x128 image takes packed latents "
                                            r"\(64, 64\)"):
         ours.vae.decode(torch.zeros(48, 64), 128, 128)
@@ -259,19 +247,14 @@ def test_cuda_device_must_exist(monkeypatch: pytest.MonkeyPatch) -> None:
     assert resolve_device("cpu") == torch.device("cpu")
 
 
-def test_progress_bar_only_when_asked(ours: Pipeline, capsys: pytest.CaptureFixture[str]) -> None:
-    reqs = ours.requests("a cat", height=64, width=64, num_inference_steps=2, max_sequence_length=8)
+def test_progress_bar_only_when_asked(ours, capsys: pytest.CaptureFixture[str]) -> None:
+    reqs = denoise_requests(ours, "a cat", height=64, width=64, num_inference_steps=2, max_sequence_length=8)
     quiet = ours.denoiser.denoise(reqs)
     assert "denoise" not in capsys.readouterr().err
     loud = ours.denoiser.denoise(reqs, progress=True)
     err = capsys.readouterr().err
     assert "denoise" in err and "0/2" in err
     assert torch.equal(quiet[0], loud[0])
-
-
-def test_true_cfg_scale_of_wrong_type_is_a_request_error(ours: Pipeline) -> None:
-    with pytest.raises(RequestError, match="true_cfg_scale='2'"):
-        ours("a", negative_prompt="b", true_cfg_scale="2", height=64, width=64, num_inference_steps=1)
 
 
 def _broken_copy(tiny_dir: Path, tmp_path: Path) -> Path:
@@ -324,9 +307,9 @@ def test_unknown_class_name_in_a_component_config_is_a_checkpoint_error(
         stage.from_pretrained(broken)
 
 
-def test_denoise_unpack_returns_vae_layout(ours: Pipeline) -> None:
-    reqs = ours.requests(["a cat", "a dog"], seed=[4, 5], height=96, width=64, num_inference_steps=1,
-                         max_sequence_length=8)
+def test_denoise_unpack_returns_vae_layout(ours) -> None:
+    reqs = denoise_requests(ours, ["a cat", "a dog"], seed=[4, 5], height=96, width=64, num_inference_steps=1,
+                            max_sequence_length=8)
     packed = ours.denoiser.denoise(reqs)
     unpacked = ours.denoiser.denoise(reqs, unpack=True)
     for p, u in zip(packed, unpacked, strict=True):
@@ -380,3 +363,25 @@ def test_negative_prompt_of_another_length_is_a_request_error() -> None:
                                            "equal"):
         stage.denoise([_cfg_request(0, 2.5, neg_len=5)])
     stage.denoise([_cfg_request(0, 1.0, neg_len=5)])  # without true CFG the negative is unused, as in diffusers
+
+
+def test_stop_hook_takes_requests_out_between_steps_and_the_others_are_unchanged() -> None:
+    """A request the hook names leaves the batch before the next step (None out, no more model rows for it);
+    the requests that stay give exactly their solo result (row-wise model: bit-identical)."""
+    stage = _rowwise_stage(torch.float32)
+    rows: list[int] = []
+    stage.model.register_forward_pre_hook(lambda _m, args, kwargs: rows.append(kwargs["hidden_states"].shape[0]),
+                                          with_kwargs=True)
+    reqs = [_cfg_request(0, 2.0), _cfg_request(1, 3.0), _cfg_request(2, 2.0)]
+    asked: list[int] = []
+
+    def stop(step: int) -> list[int]:
+        asked.append(step)
+        return [1] if step == 1 else ([0] if step == 2 else [])
+
+    out = stage.denoise(reqs, stop=stop)
+    assert asked == [0, 1, 2]
+    assert rows == [6, 4, 2]  # true CFG doubles the rows: 3 requests, then 2, then 1
+    assert out[0] is None and out[1] is None
+    assert torch.equal(out[2], stage.denoise([reqs[2]])[0])
+    assert stage.denoise(reqs, stop=lambda step: [0, 1, 2]) == [None, None, None]

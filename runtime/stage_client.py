@@ -1,0 +1,391 @@
+"""How the orchestrator reaches one stage replica: a :class:`StageClient`.
+
+A client takes :class:`~runtime.messages.Work` (``await submit(work)`` returns a future that resolves to the
+item's :class:`~runtime.messages.Result`), takes it back (``await cancel(work)``), and says whether the replica is
+``ready`` and whether it is ``dead()``. Two kinds:
+
+- :class:`ZmqStageClient`: a replica of rank processes (``runtime.launcher``), work over a ``comm.channel``
+  PUSH channel; results come back through the one :class:`ResultListener` of the frontend, which routes each
+  ``Ready``/``Result`` to its client and survives any message it receives.
+- :class:`InProcessStageClient`: the same engine and the same driver loop (``runtime.stage_exec``) on a thread
+  of this process (``Omni(in_process=True)``, tests).
+
+:func:`zmq_stages` and :func:`in_process_stages` build every client of a config as a :class:`StageSet`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from omni_runtime.comm import serde
+from omni_runtime.comm.channel import ChannelClosed, Receiver, Sender
+from omni_runtime.runtime import tensor_handoff
+from omni_runtime.runtime.config import STAGE_NAMES, RuntimeConfig
+from omni_runtime.runtime.messages import Cancel, Outbound, Ready, Result, Stop, Work
+from omni_runtime.runtime.stage_exec import DriverLoop, StageExecutor
+
+logger = logging.getLogger(__name__)
+
+HWM = 100_000
+
+
+class StageClient(Protocol):
+    stage: str
+    replica: int
+    ready: bool                 # accepting work (announced Ready, not restarting)
+    outstanding: int            # items submitted and not yet answered
+    generation: int             # 1 for the first start, +1 per restart
+    restartable: bool
+    on_ready: Callable[[StageClient], None] | None
+
+    @property
+    def label(self) -> str: ...
+
+    async def start(self) -> None: ...
+
+    def dead(self) -> tuple[int, int | None] | None: ...   # (rank, exit code) of a gone rank, or None
+
+    async def submit(self, work: Work) -> asyncio.Future: ...
+
+    async def cancel(self, work: Work) -> None: ...
+
+    def fail_inflight(self, exc: BaseException) -> None: ...
+
+    async def restart(self, delay: float) -> None: ...
+
+    async def stop(self) -> None: ...                      # ask it to finish (graceful); close() after
+
+    def close(self) -> None: ...
+
+
+class _Futures:
+    """The items in flight on one client, by (req_id, index)."""
+
+    def __init__(self) -> None:
+        self.inflight: dict[tuple[str, int], asyncio.Future] = {}
+        self.outstanding = 0
+
+    def add(self, work: Work) -> asyncio.Future:
+        fut = asyncio.get_running_loop().create_future()
+        self.inflight[(work.req_id, work.index)] = fut
+        self.outstanding += 1
+        fut.add_done_callback(self._done)
+        return fut
+
+    def _done(self, _: asyncio.Future) -> None:
+        self.outstanding -= 1
+
+    def forget(self, work: Work) -> bool:
+        """Stop waiting for ``work``; True if it was still awaited."""
+        fut = self.inflight.pop((work.req_id, work.index), None)
+        if fut is None:
+            return False
+        if not fut.done():
+            fut.cancel()
+        return True
+
+    def resolve(self, res: Result) -> None:
+        fut = self.inflight.pop((res.req_id, res.index), None)
+        if fut is None or fut.done():
+            if res.output is not None:  # nobody waits for it any more (cancelled, timed out)
+                tensor_handoff.release(res.output)
+            return
+        fut.set_result(res)
+
+    def fail(self, exc: BaseException) -> None:
+        for fut in self.inflight.values():
+            if not fut.done():
+                fut.set_exception(exc)
+        self.inflight.clear()
+
+
+# ------------------------------------------------------------------------------------------------ processes
+
+
+class ZmqStageClient(_Futures):
+    """One replica of rank processes. ``procs`` is the launcher's handle on them (start/kill/dead_rank)."""
+
+    restartable = True
+
+    def __init__(self, procs: Any) -> None:
+        super().__init__()
+        self.procs = procs
+        self.stage, self.replica = procs.stage, procs.replica
+        self.ready = False
+        self.on_ready: Callable[[StageClient], None] | None = None
+        self.sender: Sender | None = None
+        self.restarts = 0
+
+    @property
+    def label(self) -> str:
+        return self.procs.label
+
+    @property
+    def generation(self) -> int:
+        return self.procs.generation
+
+    async def start(self) -> None:
+        self.ready = False
+        if self.sender is not None:
+            self.sender.close()
+        self.procs.start()
+        self.sender = Sender(self.procs.in_addr, sndhwm=HWM)
+
+    def dead(self) -> tuple[int, int | None] | None:
+        return self.procs.dead_rank()
+
+    def announce_ready(self) -> None:
+        self.ready = True
+        logger.info("%s ready (generation %d)", self.label, self.generation)
+        if self.on_ready is not None:
+            self.on_ready(self)
+
+    async def submit(self, work: Work) -> asyncio.Future:
+        fut = self.add(work)
+        try:
+            await self.sender.send(work)
+        except BaseException:
+            self.forget(work)
+            raise
+        return fut
+
+    async def cancel(self, work: Work) -> None:
+        if self.forget(work) and self.sender is not None and not self.sender.closed:
+            with contextlib.suppress(Exception):
+                await self.sender.send(Cancel(work.req_id))
+
+    def fail_inflight(self, exc: BaseException) -> None:
+        self.fail(exc)
+
+    async def restart(self, delay: float) -> None:
+        self.ready = False
+        await asyncio.to_thread(self.procs.kill)
+        if delay:
+            logger.warning("%s keeps dying while starting; restarting in %.0fs", self.label, delay)
+            await asyncio.sleep(delay)
+        self.restarts += 1
+        await self.start()
+
+    async def stop(self) -> None:
+        if self.sender is not None and not self.sender.closed:
+            with contextlib.suppress(Exception):
+                await self.sender.send(Stop(), timeout=1.0)
+
+    def close(self) -> None:
+        if self.sender is not None:
+            self.sender.close()
+
+
+class ResultListener:
+    """The frontend's one result channel: routes each ``Ready``/``Result`` to its client. A message it cannot
+    decode, or one naming a stage or replica it does not know, is logged and ignored; ``run()`` ends only when
+    cancelled or when the channel is closed."""
+
+    def __init__(self, addr: str, clients: dict[str, list[ZmqStageClient]]) -> None:
+        self.clients = clients
+        self.receiver = Receiver(addr, rcvhwm=HWM)
+        self.ignored = 0
+
+    def _client(self, msg: Ready | Result) -> ZmqStageClient | None:
+        reps = self.clients.get(msg.stage)
+        if reps is None or not 0 <= msg.replica < len(reps):
+            return None
+        return reps[msg.replica]
+
+    def handle(self, frames: list) -> None:
+        """Route one message (any exception is the message's fault: logged, never raised)."""
+        try:
+            msg = serde.decode(frames, Outbound)
+            client = self._client(msg)
+            if client is None:
+                self.ignored += 1
+                logger.warning("ignored a %s for stage=%r replica=%r: no such stage replica",
+                               type(msg).__name__, msg.stage, msg.replica)
+            elif isinstance(msg, Ready):
+                client.announce_ready()
+            else:
+                client.resolve(msg)
+        except serde.SerdeError as e:
+            self.ignored += 1
+            logger.error("dropped an undecodable result message: %s", e)
+        except Exception:
+            self.ignored += 1
+            logger.exception("ignored a result message that could not be handled")
+
+    async def run(self) -> None:
+        while True:
+            try:
+                frames = await self.receiver.recv_frames()
+            except ChannelClosed:
+                return
+            self.handle(frames)
+
+    def close(self) -> None:
+        self.receiver.close()
+
+
+# ------------------------------------------------------------------------------------------------ in process
+
+
+class _QueueDriver(DriverLoop):
+    """The driver loop fed from a ``queue.Queue``; results go to the event loop's thread."""
+
+    def __init__(self, executor: StageExecutor, inbox: queue.Queue, deliver: Callable[[Result], None]) -> None:
+        super().__init__(executor)
+        self.inbox, self.deliver = inbox, deliver
+
+    def receive(self, timeout_s: float) -> None:
+        try:
+            self.take(self.inbox.get(timeout=timeout_s) if timeout_s > 0 else self.inbox.get_nowait())
+        except queue.Empty:
+            return
+        while True:
+            try:
+                self.take(self.inbox.get_nowait())
+            except queue.Empty:
+                return
+
+    def send(self, res: Result) -> None:
+        self.deliver(res)
+
+
+class InProcessStageClient(_Futures):
+    """A stage engine on a thread of this process, behind the same driver loop as a stage process."""
+
+    restartable = False
+    generation = 1
+
+    def __init__(self, engine: Any, stage: str, replica: int, *, max_batch_size: int,
+                 batch_timeout_ms: float) -> None:
+        super().__init__()
+        self.stage, self.replica = stage, replica
+        self.ready = False
+        self.on_ready: Callable[[StageClient], None] | None = None
+        self.executor = StageExecutor(engine, stage, replica, max_batch_size=max_batch_size,
+                                      batch_timeout_ms=batch_timeout_ms)
+        self.inbox: queue.Queue = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._crash: BaseException | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.stage}[{self.replica}] (in process)"
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        driver = _QueueDriver(self.executor, self.inbox,
+                              lambda res: loop.call_soon_threadsafe(self.resolve, res))
+        self._thread = threading.Thread(target=self._run, args=(driver,), name=f"omni-{self.stage}", daemon=True)
+        self._thread.start()
+        self.ready = True
+        if self.on_ready is not None:
+            self.on_ready(self)
+
+    def _run(self, driver: _QueueDriver) -> None:
+        try:
+            driver.loop()
+        except BaseException as e:  # a bug of ours: the client reports itself dead
+            logger.exception("%s: the driver thread died", self.label)
+            self._crash = e
+
+    def dead(self) -> tuple[int, int | None] | None:
+        return (0, None) if self._crash is not None else None
+
+    async def submit(self, work: Work) -> asyncio.Future:
+        fut = self.add(work)
+        self.inbox.put(work)
+        return fut
+
+    async def cancel(self, work: Work) -> None:
+        if self.forget(work):
+            self.inbox.put(Cancel(work.req_id))
+
+    def fail_inflight(self, exc: BaseException) -> None:
+        self.fail(exc)
+
+    async def restart(self, delay: float) -> None:
+        raise RuntimeError(f"{self.label} cannot be restarted")
+
+    async def stop(self) -> None:
+        self.ready = False
+        self.inbox.put(Stop())
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 30)
+
+    def close(self) -> None:
+        self.executor.close()
+
+
+# ------------------------------------------------------------------------------------------------ sets
+
+
+class StageSet:
+    """Every client of a runtime, by stage, plus what they share (a launcher and result listener, or nothing)."""
+
+    def __init__(self, clients: dict[str, list[StageClient]]) -> None:
+        self.clients = clients
+
+    async def open(self) -> list[Any]:
+        """Start every client; returns the coroutines that must keep running (the orchestrator watches them)."""
+        for reps in self.clients.values():
+            for c in reps:
+                await c.start()
+        return []
+
+    async def close(self, timeout: float) -> None:
+        for reps in self.clients.values():
+            for c in reps:
+                await c.stop()
+        for reps in self.clients.values():
+            for c in reps:
+                c.close()
+
+
+class ZmqStageSet(StageSet):
+    def __init__(self, cfg: RuntimeConfig) -> None:
+        from omni_runtime.runtime.launcher import Launcher
+
+        self.launcher = Launcher(cfg)
+        self.zmq_clients = {s: [ZmqStageClient(p) for p in self.launcher.replicas[s]] for s in STAGE_NAMES}
+        super().__init__(self.zmq_clients)  # type: ignore[arg-type]
+        self.listener: ResultListener | None = None
+
+    async def open(self) -> list[Any]:
+        self.listener = ResultListener(self.launcher.result_addr, self.zmq_clients)
+        await super().open()
+        return [self.listener.run()]
+
+    async def close(self, timeout: float) -> None:
+        for reps in self.zmq_clients.values():
+            for c in reps:
+                await c.stop()
+        await asyncio.to_thread(self.launcher.shutdown, timeout)
+        for reps in self.zmq_clients.values():
+            for c in reps:
+                c.close()
+        if self.listener is not None:
+            self.listener.close()
+
+
+def zmq_stages(cfg: RuntimeConfig) -> ZmqStageSet:
+    """A client per replica of every stage, each a group of rank processes."""
+    return ZmqStageSet(cfg)
+
+
+async def in_process_stages(cfg: RuntimeConfig) -> StageSet:
+    """One in-process client per stage (engines loaded here, on this process's device)."""
+    from omni_runtime.stages.engine import load_engine
+
+    clients: dict[str, list[StageClient]] = {}
+    for s in STAGE_NAMES:
+        st = cfg.stages.get(s)
+        engine = await asyncio.to_thread(load_engine, s, cfg.model.path, cfg.model.dtype, cfg.model.device)
+        clients[s] = [InProcessStageClient(engine, s, 0, max_batch_size=st.max_batch_size,
+                                           batch_timeout_ms=st.batch_timeout_ms)]
+    return StageSet(clients)

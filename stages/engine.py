@@ -1,0 +1,164 @@
+"""Stage engines: what one stage computes for a batch, as pure compute over typed items.
+
+An engine is loaded once per rank (on the stage's mesh) and then only asked two things:
+
+- ``batch_key(item)``: items with equal keys may run in one ``step``;
+- ``step(items, stop=None)``: one output per item, in order. ``stop`` (the denoiser asks it before every
+  denoising step) names items to take out of a running batch; their output is ``None``.
+
+Engines do no I/O: no sockets, no shared memory, no processes. The runtime's process shell (or its in-process
+client) moves items in and outputs out; both run these same engines, so there is one pipeline.
+
+An item carries the request (anything with the fields of :class:`RequestParams`, e.g. the runtime's
+``GenerationRequest``, validated at the API edge), the seed of this image, and the previous stage's output.
+Outputs: the text encoder gives a dict of embeddings per item, the denoiser packed latents (tokens, C*4), the VAE
+an (H, W, 3) uint8 array.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Hashable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from omni_runtime.stages.denoiser import DenoiseRequest, DenoiserStage, StopHook
+from omni_runtime.stages.text_encoder import TextEncoderStage
+from omni_runtime.stages.vae import VaeDecoderStage
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ENGINES", "DenoiserEngine", "Engine", "RequestParams", "StageItem", "StopHook", "TextEncoderEngine",
+           "VaeEngine", "load_engine"]
+
+
+class RequestParams(Protocol):
+    """The request fields the engines read (``runtime.requests.GenerationRequest`` has them)."""
+
+    prompt: str
+    negative_prompt: str | None
+    width: int
+    height: int
+    num_inference_steps: int
+    guidance_scale: float
+    true_cfg_scale: float
+
+
+@dataclass
+class StageItem:
+    """One image of one request at one stage."""
+
+    params: RequestParams
+    seed: int
+    inputs: Any = None  # the previous stage's output for this image (tensors), None for the first stage
+
+
+def uses_true_cfg(p: RequestParams) -> bool:
+    """FluxPipeline's rule: true CFG runs when ``true_cfg_scale > 1`` and a negative prompt is given."""
+    return p.negative_prompt is not None and p.true_cfg_scale > 1
+
+
+class Engine(Protocol):
+    name: str
+
+    def batch_key(self, item: StageItem) -> Hashable: ...
+
+    def step(self, items: list[StageItem], stop: StopHook | None = None) -> list[Any]: ...
+
+
+class TextEncoderEngine:
+    """Prompts -> ``{"prompt_embeds", "pooled_prompt_embeds"[, "negative_prompt_embeds",
+    "negative_pooled_prompt_embeds"]}`` per item (negatives only for items that use true CFG)."""
+
+    name = "text_encoder"
+
+    def __init__(self, stage: TextEncoderStage) -> None:
+        self.stage = stage
+
+    @classmethod
+    def load(cls, path: str | Path, dtype: str, device: str, mesh: Any = None) -> TextEncoderEngine:
+        return cls(TextEncoderStage.from_pretrained(path, dtype, device, mesh=mesh))
+
+    def batch_key(self, item: StageItem) -> Hashable:
+        return ()
+
+    def step(self, items: list[StageItem], stop: StopHook | None = None) -> list[dict[str, torch.Tensor]]:
+        enc = self.stage.encode([it.params.prompt for it in items])
+        neg_idx = [i for i, it in enumerate(items) if uses_true_cfg(it.params)]
+        neg = self.stage.encode([items[i].params.negative_prompt for i in neg_idx]) if neg_idx else None
+        outs = []
+        for i in range(len(items)):
+            d = {"prompt_embeds": enc["prompt_embeds"][i], "pooled_prompt_embeds": enc["pooled_prompt_embeds"][i]}
+            if neg is not None and i in neg_idx:
+                j = neg_idx.index(i)
+                d["negative_prompt_embeds"] = neg["prompt_embeds"][j]
+                d["negative_pooled_prompt_embeds"] = neg["pooled_prompt_embeds"][j]
+            outs.append(d)
+        return outs
+
+
+class DenoiserEngine:
+    """Embeddings -> packed latents per item; items leave a running batch between steps when ``stop`` says so."""
+
+    name = "denoiser"
+
+    def __init__(self, stage: DenoiserStage) -> None:
+        self.stage = stage
+
+    @classmethod
+    def load(cls, path: str | Path, dtype: str, device: str, mesh: Any = None) -> DenoiserEngine:
+        return cls(DenoiserStage.from_pretrained(path, dtype, device, mesh=mesh))
+
+    @staticmethod
+    def request(item: StageItem) -> DenoiseRequest:
+        """The denoiser's view of an item: the request's numbers joined with the text encoder's tensors."""
+        t, p = item.inputs, item.params
+        cfg = uses_true_cfg(p)
+        return DenoiseRequest(
+            prompt_embeds=t["prompt_embeds"], pooled_prompt_embeds=t["pooled_prompt_embeds"], seed=item.seed,
+            height=p.height, width=p.width, num_inference_steps=p.num_inference_steps,
+            guidance_scale=p.guidance_scale, true_cfg_scale=p.true_cfg_scale,
+            negative_prompt_embeds=t.get("negative_prompt_embeds") if cfg else None,
+            negative_pooled_prompt_embeds=t.get("negative_pooled_prompt_embeds") if cfg else None)
+
+    def batch_key(self, item: StageItem) -> Hashable:
+        return self.stage.batch_key(self.request(item))
+
+    def step(self, items: list[StageItem], stop: StopHook | None = None) -> list[torch.Tensor | None]:
+        latents = self.stage.denoise([self.request(it) for it in items], stop=stop)
+        return [x.contiguous() if x is not None else None for x in latents]
+
+
+class VaeEngine:
+    """Packed latents -> (H, W, 3) uint8 images; one step decodes items of one size."""
+
+    name = "vae"
+
+    def __init__(self, stage: VaeDecoderStage) -> None:
+        self.stage = stage
+
+    @classmethod
+    def load(cls, path: str | Path, dtype: str, device: str, mesh: Any = None) -> VaeEngine:
+        return cls(VaeDecoderStage.from_pretrained(path, dtype, device, mesh=mesh))
+
+    def batch_key(self, item: StageItem) -> Hashable:
+        return (item.params.width, item.params.height)
+
+    def step(self, items: list[StageItem], stop: StopHook | None = None) -> list[np.ndarray]:
+        p = items[0].params
+        assert all((it.params.width, it.params.height) == (p.width, p.height) for it in items)
+        return self.stage.decode(torch.stack([it.inputs for it in items]), p.height, p.width)
+
+
+ENGINES: dict[str, type[TextEncoderEngine] | type[DenoiserEngine] | type[VaeEngine]] = {
+    "text_encoder": TextEncoderEngine, "denoiser": DenoiserEngine, "vae": VaeEngine}
+
+
+def load_engine(stage: str, path: str | Path, dtype: str, device: str, mesh: Any = None) -> Engine:
+    """Load the engine of ``stage`` (one of :data:`ENGINES`) on ``mesh`` (None: one process)."""
+    return ENGINES[stage].load(path, dtype, device, mesh=mesh)
+

@@ -1,0 +1,39 @@
+"""Helper for tests (no tests here): the three stages of a model, and DenoiseRequests built from prompts, to check
+each stage's numbers against diffusers. Serving (batching, handoff, cancellation) is the runtime's, tested
+through ``Omni`` and ``serve``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from omni_runtime.stages import DenoiseRequest, DenoiserStage, TextEncoderStage, VaeDecoderStage
+
+
+def load_stages(path: str | Path, dtype: str = "float32") -> SimpleNamespace:
+    return SimpleNamespace(text_encoder=TextEncoderStage.from_pretrained(path, dtype, "cpu"),
+                           denoiser=DenoiserStage.from_pretrained(path, dtype, "cpu"),
+                           vae=VaeDecoderStage.from_pretrained(path, dtype, "cpu"))
+
+
+def denoise_requests(stages: SimpleNamespace, prompt: str | list[str], *, negative_prompt: str | None = None,
+                     seed: int | list[int] = 0, num_inference_steps: int = 28, height: int = 1024,
+                     width: int = 1024, guidance_scale: float = 3.5, true_cfg_scale: float = 1.0,
+                     max_sequence_length: int = 512) -> list[DenoiseRequest]:
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    seeds = seed if isinstance(seed, list) else [seed] * len(prompts)
+    enc = stages.text_encoder.encode(prompts, max_sequence_length=max_sequence_length)
+    do_cfg = negative_prompt is not None and true_cfg_scale > 1
+    neg = (stages.text_encoder.encode([negative_prompt] * len(prompts), max_sequence_length=max_sequence_length)
+           if do_cfg else None)
+    return [DenoiseRequest(
+        prompt_embeds=enc["prompt_embeds"][i], pooled_prompt_embeds=enc["pooled_prompt_embeds"][i], seed=seeds[i],
+        height=height, width=width, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+        true_cfg_scale=true_cfg_scale, negative_prompt_embeds=neg["prompt_embeds"][i] if neg else None,
+        negative_pooled_prompt_embeds=neg["pooled_prompt_embeds"][i] if neg else None) for i in range(len(prompts))]
+
+
+def decode(stages: SimpleNamespace, latents: list[torch.Tensor], height: int, width: int) -> list:
+    return stages.vae.decode(torch.stack(latents), height, width)
