@@ -114,6 +114,7 @@ class ReplicaProcs:
             model_path=cfg.model.path, dtype=cfg.model.dtype, device=rk.device,
             in_addr=self.in_addr, out_addr=self.launcher.result_addr,
             max_batch_size=st.max_batch_size, batch_timeout_ms=st.batch_timeout_ms,
+            max_batch_pixels=st.max_batch_pixels,
             instance=self.launcher.instance, parent_pid=os.getpid(), parallel=parallel, threads=threads,
             pool_outputs=pool and self.place.tensor_transport == "shm",
             log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel()),

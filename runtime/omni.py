@@ -26,7 +26,7 @@ from PIL import Image
 
 from omni_runtime.runtime.config import RuntimeConfig, load_config
 from omni_runtime.runtime.images import decode_image
-from omni_runtime.runtime.requests import GenerationRequest, parse_request
+from omni_runtime.runtime.requests import GenerationRequest, WorkCaps, check_work, parse_request
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,10 @@ class Omni:
 
     def _start(self) -> None:
         from omni_runtime.runtime.orchestrator import Orchestrator
+        from omni_runtime.runtime.preflight import check_machine
 
+        self.caps = WorkCaps.from_config(self.cfg)  # the Python API is an edge too: the same caps as HTTP
+        check_machine(self.cfg)  # ConfigError naming the key before any process starts
         try:
             import uvloop
 
@@ -67,6 +70,7 @@ class Omni:
         future cancels the request (its items leave the stages, also a running denoiser batch)."""
         if self._orch is None:
             raise RuntimeError("this Omni is closed")
+        check_work(req, self.caps)
         return asyncio.run_coroutine_threadsafe(self._orch.generate(req), self._loop)
 
     def generate_encoded(self, req: GenerationRequest) -> list[bytes]:

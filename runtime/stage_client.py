@@ -262,13 +262,13 @@ class InProcessStageClient(_Futures):
     generation = 1
 
     def __init__(self, engine: Any, stage: str, replica: int, *, max_batch_size: int,
-                 batch_timeout_ms: float) -> None:
+                 batch_timeout_ms: float, max_batch_pixels: int = 0) -> None:
         super().__init__()
         self.stage, self.replica = stage, replica
         self.ready = False
         self.on_ready: Callable[[StageClient], None] | None = None
         self.executor = StageExecutor(engine, stage, replica, max_batch_size=max_batch_size,
-                                      batch_timeout_ms=batch_timeout_ms)
+                                      batch_timeout_ms=batch_timeout_ms, max_batch_pixels=max_batch_pixels)
         self.inbox: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
         self._crash: BaseException | None = None
@@ -387,5 +387,6 @@ async def in_process_stages(cfg: RuntimeConfig) -> StageSet:
         st = cfg.stages.get(s)
         engine = await asyncio.to_thread(load_engine, s, cfg.model.path, cfg.model.dtype, cfg.model.device)
         clients[s] = [InProcessStageClient(engine, s, 0, max_batch_size=st.max_batch_size,
-                                           batch_timeout_ms=st.batch_timeout_ms)]
+                                           batch_timeout_ms=st.batch_timeout_ms,
+                                           max_batch_pixels=st.max_batch_pixels)]
     return StageSet(clients)

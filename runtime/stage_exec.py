@@ -57,9 +57,10 @@ class StageExecutor:
     """Batches Work for one engine and runs it. Not thread-safe: one driver thread owns it."""
 
     def __init__(self, engine: Engine, stage: str, replica: int, *, max_batch_size: int, batch_timeout_ms: float,
-                 publisher: tensor_handoff.Publisher | None = None) -> None:
+                 publisher: tensor_handoff.Publisher | None = None, max_batch_pixels: int = 0) -> None:
         self.engine, self.stage, self.replica = engine, stage, replica
         self.max_batch_size = max_batch_size
+        self.max_batch_pixels = max_batch_pixels  # 0: no cap; else width x height summed over a batch
         self.batch_timeout_s = batch_timeout_ms / 1000
         self.publisher = publisher or tensor_handoff.Publisher()
         self.pending: deque[Pending] = deque()
@@ -89,22 +90,32 @@ class StageExecutor:
         """The next batch: the items with the first pending item's key, up to ``max_batch_size``. While fewer
         are there it calls ``wait(seconds)`` (which should ``offer`` what arrives) until the window closes."""
         key = self.pending[0].key
+        limit = self.batch_limit(self.pending[0].work)
         window_end = time.monotonic() + self.batch_timeout_s
         while True:
             same = sum(1 for p in self.pending if p.key == key)
             left = window_end - time.monotonic()
-            if same >= self.max_batch_size or left <= 0:
+            if same >= limit or left <= 0:
                 break
             wait(left)
         batch: list[Pending] = []
         rest: deque[Pending] = deque()
         for p in self.pending:
-            if len(batch) < self.max_batch_size and p.key == key:
+            if len(batch) < limit and p.key == key:
                 batch.append(p)
             else:
                 rest.append(p)
         self.pending = rest
         return batch
+
+    def batch_limit(self, w: Work) -> int:
+        """Items of ``w``'s batch key per batch: ``max_batch_size``, and with ``max_batch_pixels`` no more images of
+        ``w``'s size than fit under it (the denoiser's and the VAE's batch keys include the size; one image always
+        runs: a request over the cap was refused at the edge)."""
+        if not self.max_batch_pixels:
+            return self.max_batch_size
+        pixels = w.params.width * w.params.height
+        return max(1, min(self.max_batch_size, self.max_batch_pixels // pixels))
 
     def is_dropped(self, w: Work, now: float | None = None) -> bool:
         """Cancelled by the orchestrator, or past its deadline."""

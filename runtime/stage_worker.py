@@ -36,6 +36,7 @@ class WorkerSpec(msgspec.Struct, kw_only=True):
     out_addr: str           # the orchestrator's result socket
     max_batch_size: int
     batch_timeout_ms: float
+    max_batch_pixels: int = 0       # width x height summed over one batch (0: no cap)
     instance: str
     parent_pid: int
     parallel: dict[str, int]
@@ -104,7 +105,7 @@ def worker_main(spec_bytes: bytes) -> None:
     logger.info("loaded; %s", "driver" if spec.rank == 0 else "follower")
     if spec.rank == 0:
         executor = StageExecutor(engine, spec.stage, spec.replica, max_batch_size=spec.max_batch_size,
-                                 batch_timeout_ms=spec.batch_timeout_ms,
+                                 batch_timeout_ms=spec.batch_timeout_ms, max_batch_pixels=spec.max_batch_pixels,
                                  publisher=tensor_handoff.Publisher(
                                      pooled=spec.pool_outputs, transport=spec.tensor_transport,
                                      endpoint=spec.tensor_endpoint))
