@@ -65,8 +65,9 @@ def test_an_expired_request_leaves_the_running_denoiser_batch_at_the_next_step(m
     from omni_runtime.runtime.requests import parse_request
 
     monkeypatch.setenv("OMNI_RUNTIME_INSTANCE", f"orchdl{os.getpid()}")
+    # the work caps off: this test wants a request long enough to expire mid-batch (4 x 512x512 x 200 steps)
     cfg = config_from_dict({"model": {"path": str(ROOT / "models" / "tiny-flux")},
-                            "server": {"request_timeout_s": 600.0}})
+                            "server": {"request_timeout_s": 600.0, "max_pixels_steps": 0}})
     fast = parse_request({"prompt": "fast", "seed": 1, "size": "32x32", "num_inference_steps": 1})
     big = {"prompt": "slow", "seed": 1, "size": "512x512", "n": 4}
     with Omni(cfg) as omni:
