@@ -10,6 +10,8 @@ address peers by global rank.
 from __future__ import annotations
 
 import logging
+import math
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -116,3 +118,74 @@ class DeviceCommunicatorBase:
 
     def destroy(self) -> None:
         """Release communicator resources (the base class holds none beyond the groups)."""
+        self.destroy_all2all_manager()
+
+    # ------------------------------------------------------------------ expert parallelism (all2all seam)
+    # Everything below is additive: the MoE all2all manager plugged into this communicator, the
+    # variable-size all-to-all it runs on, and the byte counters the tests and the benchmark read.
+
+    #: the MoE token exchange of this group (``parallel.all2all``), set by ``parallel.all2all.attach_all2all_manager``
+    all2all_manager: Any = None
+
+    def _count_bytes(self, op: str, nbytes: int) -> None:
+        """Add ``nbytes`` sent by this rank to other ranks under ``op`` (``bytes_sent`` is per communicator)."""
+        if "bytes_sent" not in self.__dict__:
+            self.bytes_sent: dict[str, int] = {}
+        self.bytes_sent[op] = self.bytes_sent.get(op, 0) + int(nbytes)
+
+    def reset_byte_counters(self) -> None:
+        """Forget the bytes counted so far."""
+        self.bytes_sent = {}
+
+    def all_to_allv(self, input_: torch.Tensor, output_split_sizes: list[int], input_split_sizes: list[int],
+                    op: str = "all_to_allv") -> torch.Tensor:
+        """Rows ``input_split_sizes[i]`` of ``input_`` (dim 0, in order) go to group rank ``i``; the result holds
+        ``output_split_sizes[j]`` rows from each rank ``j``, in rank order. Counts the bytes sent to *other*
+        ranks (the own chunk is a local copy) under ``op``."""
+        if len(output_split_sizes) != self.world_size or len(input_split_sizes) != self.world_size:
+            raise ValueError(f"all_to_allv: {len(input_split_sizes)} input / {len(output_split_sizes)} output split "
+                             f"sizes for a group of {self.world_size}")
+        if sum(input_split_sizes) != input_.shape[0]:
+            raise ValueError(f"all_to_allv: input split sizes {input_split_sizes} do not sum to {input_.shape[0]} rows")
+        input_ = input_.contiguous()
+        out = torch.empty((sum(output_split_sizes), *input_.shape[1:]), dtype=input_.dtype, device=input_.device)
+        row = math.prod(input_.shape[1:]) * input_.element_size()
+        sent = sum(n for i, n in enumerate(input_split_sizes) if i != self.rank_in_group)
+        self._count_bytes(op, sent * row)
+        dist.all_to_all_single(out, input_, [int(n) for n in output_split_sizes],
+                               [int(n) for n in input_split_sizes], group=self._group_for(input_))
+        return out
+
+    def dispatch(self, hidden_states: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                 is_sequence_parallel: bool = False, extra_tensors: list[torch.Tensor] | None = None) -> tuple:
+        """Send each token to the ranks of its experts, through the group's all2all manager."""
+        return self._require_all2all("dispatch").dispatch(hidden_states, topk_weights, topk_ids,
+                                                          is_sequence_parallel, extra_tensors)
+
+    def dispatch_router_logits(self, hidden_states: torch.Tensor, router_logits: torch.Tensor,
+                               is_sequence_parallel: bool = False,
+                               extra_tensors: list[torch.Tensor] | None = None) -> tuple:
+        """Gather tokens and their router logits, through the group's all2all manager."""
+        return self._require_all2all("dispatch_router_logits").dispatch_router_logits(
+            hidden_states, router_logits, is_sequence_parallel, extra_tensors)
+
+    def combine(self, hidden_states: torch.Tensor, is_sequence_parallel: bool = False) -> torch.Tensor:
+        """Return the expert outputs of the last ``dispatch`` to the ranks that own the tokens."""
+        return self._require_all2all("combine").combine(hidden_states, is_sequence_parallel)
+
+    def prepare_communication_buffer_for_model(self, model: torch.nn.Module) -> None:
+        """Let the all2all manager size its buffers from the model (no-op without a manager)."""
+        if self.all2all_manager is not None:
+            self.all2all_manager.prepare_communication_buffer_for_model(model)
+
+    def _require_all2all(self, op: str) -> Any:
+        if self.all2all_manager is None:
+            raise RuntimeError(f"{op}: group {self.unique_name!r} has no all2all manager; only the expert-parallel "
+                               "group gets one (parallel.all2all.attach_all2all_manager)")
+        return self.all2all_manager
+
+    def destroy_all2all_manager(self) -> None:
+        """Destroy the all2all manager, if any (idempotent)."""
+        if self.all2all_manager is not None:
+            self.all2all_manager.destroy()
+            self.all2all_manager = None
