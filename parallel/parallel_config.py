@@ -45,6 +45,8 @@ GROUP_DIMS: dict[str, tuple[str, ...]] = {
     "pp": ("pp",),
     "cfg": ("cfg",),
     "dp": ("dp",),
+    # expert parallelism spans the data-parallel x sequence-parallel ranks (vLLM's rule)
+    "ep": ("ulysses", "ring", "dp"),
 }
 
 GROUP_NAMES: tuple[str, ...] = (*GROUP_DIMS, "hsdp_shard", "hsdp_replicate")

@@ -27,7 +27,12 @@ STAGE_NAMES = ("text_encoder", "denoiser", "vae")
 
 # Degrees whose implementation exists in ``parallel``/``stages`` and is wired into the stage processes.
 # Anything else > 1 is rejected with "not supported yet" instead of silently running unsharded.
-SUPPORTED_DENOISER_DEGREES = frozenset({"ulysses", "ring"})
+SUPPORTED_DENOISER_DEGREES = frozenset({"ulysses", "ring", "ep"})
+# ``[stages.denoiser.parallel] all2all_backend``: parallel.all2all.ALL2ALL_BACKENDS (kept here so the config
+# check needs no torch; tests/test_ep_config.py asserts they agree). The first three run on any device.
+ALL2ALL_BACKENDS = ("naive", "agrs", "alltoallv", "deepep_high_throughput", "deepep_low_latency",
+                    "flashinfer_nvlink_one_sided", "flashinfer_nvlink_two_sided", "nixl_ep")
+CPU_ALL2ALL_BACKENDS = ("naive", "agrs", "alltoallv")
 SUPPORTED_VAE_DEGREES: frozenset[str] = frozenset()
 
 
@@ -56,11 +61,22 @@ class DenoiserParallelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only
     pp: int = 1
     hsdp_shard: int = 1
     hsdp_replicate: int = 1
+    # expert parallelism (MoE models): the EP group spans the data-parallel x sequence-parallel ranks (vLLM's
+    # rule), so ep is 1 or a multiple of ulysses x ring; ep > ulysses x ring adds ep / (ulysses x ring)
+    # data-parallel ranks that run the same batch and split the experts
+    ep: int = 1
+    all2all_backend: str = "agrs"
+
+    @property
+    def ep_data_parallel(self) -> int:
+        """The data-parallel degree expert parallelism adds to the replica (1 without EP)."""
+        sp = self.ulysses * self.ring
+        return self.ep // sp if self.ep > 1 and self.ep % sp == 0 else 1
 
     @property
     def world_size(self) -> int:
         """Ranks in one denoiser replica: the product of the mesh degrees (HSDP shards within them)."""
-        return self.ulysses * self.ring * self.cfg * self.pp
+        return self.ulysses * self.ring * self.cfg * self.pp * self.ep_data_parallel
 
 
 class VaeParallelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -127,7 +143,8 @@ _SCHEMA: dict[str, Any] = {
     "server": {"host": _STR, "port": _INT, "api_key": _STR, "max_queue": _INT, "request_timeout_s": _FLOAT},
     "stages": {
         "text_encoder": dict(_STAGE_KEYS),
-        "denoiser": {**_STAGE_KEYS, "parallel": dict.fromkeys(DenoiserParallelConfig.__struct_fields__, _INT)},
+        "denoiser": {**_STAGE_KEYS, "parallel": {**dict.fromkeys(DenoiserParallelConfig.__struct_fields__, _INT),
+                                                   "all2all_backend": _STR}},
         "vae": {**_STAGE_KEYS, "parallel": {"patch": _INT}},
     },
 }
@@ -178,6 +195,23 @@ def _at_least(path: str, value: float, low: float, what: str = "an integer") -> 
         raise ConfigError(f"{path} = {value!r}: must be {what} >= {low}")
 
 
+def _check_expert_parallel(cfg: RuntimeConfig) -> None:
+    par = cfg.stages.denoiser.parallel
+    base = "stages.denoiser.parallel"
+    if par.all2all_backend not in ALL2ALL_BACKENDS:
+        raise ConfigError(f"{base}.all2all_backend = {par.all2all_backend!r}: allowed values are "
+                          f"{', '.join(repr(b) for b in ALL2ALL_BACKENDS)}")
+    sp = par.ulysses * par.ring
+    if par.ep > 1 and par.ep % sp != 0:
+        raise ConfigError(f"{base}.ep = {par.ep}: the expert-parallel group spans the data-parallel x "
+                          f"sequence-parallel ranks, so ep must be 1 or a multiple of ulysses x ring = "
+                          f"{par.ulysses} x {par.ring} = {sp}")
+    if par.ep > 1 and cfg.model.device == "cpu" and par.all2all_backend not in CPU_ALL2ALL_BACKENDS:
+        raise ConfigError(f"{base}.all2all_backend = {par.all2all_backend!r}: needs CUDA GPUs and its kernel "
+                          f"library, but model.device = 'cpu'; allowed on CPU: "
+                          f"{', '.join(repr(b) for b in CPU_ALL2ALL_BACKENDS)}")
+
+
 def _check_values(cfg: RuntimeConfig) -> None:
     if cfg.model.dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"model.dtype = {cfg.model.dtype!r}: allowed values are 'float32', 'bfloat16', 'float16'")
@@ -199,8 +233,10 @@ def _check_values(cfg: RuntimeConfig) -> None:
         _at_least(f"{base}.threads", st.threads, 0)
         _at_least(f"{base}.batch_timeout_ms", st.batch_timeout_ms, 0, "a number")
     par = cfg.stages.denoiser.parallel
-    for key in DenoiserParallelConfig.__struct_fields__:
+    degrees = [k for k in DenoiserParallelConfig.__struct_fields__ if k != "all2all_backend"]
+    for key in degrees:
         _at_least(f"stages.denoiser.parallel.{key}", getattr(par, key), 1)
+    _check_expert_parallel(cfg)
     _at_least("stages.vae.parallel.patch", cfg.stages.vae.parallel.patch, 1)
     hsdp = par.hsdp_shard * par.hsdp_replicate
     if hsdp > 1 and hsdp != par.world_size:
@@ -211,7 +247,7 @@ def _check_values(cfg: RuntimeConfig) -> None:
     if par.cfg > 2:
         raise ConfigError(f"stages.denoiser.parallel.cfg = {par.cfg}: CFG parallelism splits the conditional "
                           f"and unconditional branch, allowed values are 1 or 2")
-    for key in DenoiserParallelConfig.__struct_fields__:
+    for key in degrees:
         value = getattr(par, key)
         if value > 1 and key not in SUPPORTED_DENOISER_DEGREES:
             raise ConfigError(f"stages.denoiser.parallel.{key} = {value}: not supported yet; this build "

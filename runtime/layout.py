@@ -29,15 +29,18 @@ class ReplicaLayout(msgspec.Struct, kw_only=True):
     ranks: list[RankLayout]
 
 
-def denoiser_groups(ulysses: int, ring: int, cfg: int, pp: int) -> list[dict[str, list[int]]]:
-    """For each rank of a ``ulysses x ring x pp x cfg`` mesh, the global ranks of each of its groups
+def denoiser_groups(ulysses: int, ring: int, cfg: int, pp: int, ep: int = 1) -> list[dict[str, list[int]]]:
+    """For each rank of a ``ulysses x ring x pp x cfg`` mesh (times ``ep / (ulysses x ring)`` data-parallel ranks
+    with expert parallelism), the global ranks of each of its groups
     (``parallel.parallel_config.ParallelConfig.group_ranks``, the same arithmetic the stage processes use)."""
     from omni_runtime.parallel.parallel_config import ParallelConfig
 
-    pc = ParallelConfig(ulysses_degree=ulysses, ring_degree=ring, cfg_parallel_size=cfg, pipeline_parallel_size=pp)
-    world = ulysses * ring * cfg * pp
+    dp = ep // (ulysses * ring) if ep > 1 else 1
+    pc = ParallelConfig(ulysses_degree=ulysses, ring_degree=ring, cfg_parallel_size=cfg, pipeline_parallel_size=pp,
+                        data_parallel_size=dp)
+    world = ulysses * ring * cfg * pp * dp
     all_groups = pc.group_ranks(world)
-    names = ("world", "sp", "ulysses", "ring", "pp", "cfg")
+    names = ("world", "sp", "ulysses", "ring", "pp", "cfg") + (("dp", "ep") if ep > 1 else ())
     return [{n: next(list(g) for g in all_groups[n] if r in g) for n in names} for r in range(world)]
 
 
@@ -57,7 +60,7 @@ def resolve_layout(cfg: RuntimeConfig) -> list[ReplicaLayout]:
         ws = st.world_size
         if stage == "denoiser":
             p = cfg.stages.denoiser.parallel
-            groups = denoiser_groups(p.ulysses, p.ring, p.cfg, p.pp)
+            groups = denoiser_groups(p.ulysses, p.ring, p.cfg, p.pp, p.ep)
         elif stage == "vae":
             groups = [{"world": list(range(ws)), "patch": list(range(ws))} for _ in range(ws)]
         else:
@@ -83,7 +86,8 @@ def format_layout(cfg: RuntimeConfig) -> str:
             if rep.stage == "denoiser":
                 p = cfg.stages.denoiser.parallel
                 extra = (f", ulysses {p.ulysses} x ring {p.ring} x pp {p.pp} x cfg {p.cfg}"
-                         f", hsdp {p.hsdp_shard}x{p.hsdp_replicate}")
+                         f", hsdp {p.hsdp_shard}x{p.hsdp_replicate}"
+                         + (f", ep {p.ep} ({p.all2all_backend})" if p.ep > 1 else ""))
             elif rep.stage == "vae":
                 extra = f", patch {cfg.stages.vae.parallel.patch}"
             lines.append(f"stage {rep.stage}: {st.replicas} replica(s) x {rep.world_size} rank(s), "

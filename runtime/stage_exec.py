@@ -69,10 +69,10 @@ class TextEncoderExecutor(StageExecutor):
 class DenoiserExecutor(StageExecutor):
     name = "denoiser"
 
-    def __init__(self, path: str, dtype: str, device: str) -> None:
+    def __init__(self, path: str, dtype: str, device: str, ep_group: Any = None) -> None:
         from omni_runtime.stages.denoiser import DenoiserStage
 
-        self.stage = DenoiserStage.from_pretrained(path, dtype, device)
+        self.stage = DenoiserStage.from_pretrained(path, dtype, device, ep_group=ep_group)
 
     def batch_key(self, w: Work) -> tuple:
         p = w.params

@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from collections import deque
+from typing import Any
 
 import msgspec
 
@@ -37,7 +38,7 @@ class WorkerSpec(msgspec.Struct, kw_only=True):
     batch_timeout_ms: float
     instance: str
     parent_pid: int
-    parallel: dict[str, int]
+    parallel: dict[str, int | str]
     threads: int = 1
     pool_outputs: bool = False  # publish through a ShmPool (the next stage has one rank, the sole reader)
     log_level: str = "INFO"
@@ -55,6 +56,31 @@ def _watch_parent(parent_pid: int) -> None:
             os.kill(parent_pid, 0)
         except ProcessLookupError:
             os._exit(0)
+
+
+def _init_expert_parallel(spec: WorkerSpec) -> Any:
+    """--- expert parallelism (issue 13), to be ported onto Mesh: ``mesh.group("ep")`` + attach the manager ---
+
+    The denoiser's EP group spans its data-parallel x sequence-parallel ranks (``ParallelConfig`` group "ep");
+    ranks with the same sequence-parallel index hold identical tokens (the data-parallel ranks run the same
+    batch), so they are the manager's replica groups and split those tokens among themselves. Returns the EP
+    ``GroupCoordinator`` with its all2all manager attached, or ``None`` without EP.
+    """
+    p = spec.parallel
+    ep = int(p.get("ep", 1))
+    if spec.stage != "denoiser" or ep <= 1:
+        return None
+    from omni_runtime.parallel.all2all import attach_all2all_manager
+    from omni_runtime.parallel.group_coordinator import GroupCoordinator
+    from omni_runtime.parallel.parallel_config import ParallelConfig
+
+    sp = int(p.get("ulysses", 1)) * int(p.get("ring", 1))
+    groups = ParallelConfig(ulysses_degree=int(p.get("ulysses", 1)), ring_degree=int(p.get("ring", 1))
+                            ).group_ranks(spec.world_size)["ep"]
+    group = GroupCoordinator(groups, spec.rank, "gloo", group_name="ep")
+    replicas = [[i for i in range(ep) if i % sp == s] for s in range(sp)]
+    attach_all2all_manager(group, str(p.get("all2all_backend", "agrs")), replicas)
+    return group
 
 
 def _init_distributed(spec: WorkerSpec) -> None:
@@ -99,14 +125,19 @@ def worker_main(spec_bytes: bytes) -> None:
     import torch
 
     torch.set_num_threads(max(1, spec.threads))
+    ep_group = None
     if spec.world_size > 1:
         _init_distributed(spec)
+        ep_group = _init_expert_parallel(spec)
 
     from omni_runtime.comm import shm_tensor
     from omni_runtime.runtime.rank_fanout import RankFanout
     from omni_runtime.runtime.stage_exec import EXECUTORS
 
-    executor = EXECUTORS[spec.stage](spec.model_path, spec.dtype, spec.device)
+    if ep_group is not None:
+        executor = EXECUTORS[spec.stage](spec.model_path, spec.dtype, spec.device, ep_group=ep_group)
+    else:
+        executor = EXECUTORS[spec.stage](spec.model_path, spec.dtype, spec.device)
     pool = shm_tensor.ShmPool(max_bytes=256 << 20) if spec.pool_outputs and spec.rank == 0 else None
     if pool is not None:
         executor.use_pool(pool)

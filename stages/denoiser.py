@@ -71,11 +71,15 @@ def vae_scale_factor_of(path: str | Path) -> int:
     return 2 ** (len(read_config(vae_dir)["block_out_channels"]) - 1)
 
 
-def load_transformer(path: str | Path, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
-    """Load ``<path>/transformer`` as a Flux transformer (forward signature of diffusers' FluxTransformer2DModel)."""
+def load_transformer(path: str | Path, dtype: torch.dtype, device: torch.device,
+                     ep_group: Any = None) -> torch.nn.Module:
+    """Load ``<path>/transformer`` as a Flux transformer (forward signature of diffusers' FluxTransformer2DModel).
+
+    ``ep_group``: the expert-parallel group of an MoE model (this rank then loads only its experts)."""
     from omni_runtime.stages.models.flux import FluxTransformer
 
-    return FluxTransformer.from_pretrained(component_dir(path, "transformer"), dtype=dtype, device=device)
+    return FluxTransformer.from_pretrained(component_dir(path, "transformer"), dtype=dtype, device=device,
+                                           ep_group=ep_group)
 
 
 def _unbatched(t: object, field: str, ndim: int) -> torch.Tensor:
@@ -117,12 +121,17 @@ class DenoiserStage:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: str | torch.dtype = "float32",
-                        device: str | torch.device = "cpu") -> DenoiserStage:
+                        device: str | torch.device = "cpu", ep_group: Any = None) -> DenoiserStage:
         """Load transformer + scheduler config; apply the model's ``_sp_plan`` when the SP world is > 1."""
         torch_dtype, dev = resolve_dtype(dtype), resolve_device(device)
         config = read_config(component_dir(path, "transformer"))
         schedule = FlowMatchSchedule.from_pretrained(path)
-        model = load_transformer(path, torch_dtype, dev)
+        model = load_transformer(path, torch_dtype, dev, ep_group)
+        if getattr(ep_group, "device_communicator", None) is not None:
+            ep_group.device_communicator.prepare_communication_buffer_for_model(model)
+            experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+            logger.info("denoiser: expert parallel rank %d/%d, %d expert parameters of %d in all", ep_group.rank_in_group,
+                        ep_group.world_size, experts, sum(p.numel() for p in model.parameters()))
         sp = get_sequence_parallel_world_size()
         if sp > 1:
             from omni_runtime.parallel.sp_plan import apply_sequence_parallel
