@@ -144,9 +144,8 @@ def main(argv: list[str] | None = None) -> int:
             for b in BACKENDS:
                 rs = by[b]
                 ms = statistics.mean(r["ms"] for r in rs)
-                mb = lambda key: statistics.mean(r[key] for r in rs) / 2**20  # noqa: E731
-                print(f"| {world} | {n} | {b} | {ms:.2f} | {ms / base:.2f} | {mb('sent'):.2f} | {mb('theory'):.2f} | "
-                      f"{mb('bound'):.2f} |")
+                sent, theory, bound = (statistics.mean(r[k] for r in rs) / 2**20 for k in ("sent", "theory", "bound"))
+                print(f"| {world} | {n} | {b} | {ms:.2f} | {ms / base:.2f} | {sent:.2f} | {theory:.2f} | {bound:.2f} |")
         sys.stdout.flush()
     return 0
 
