@@ -162,7 +162,12 @@ class DeepEPHTAll2AllManager(DeepEPAll2AllManagerBase):
 
 
 class DeepEPLLAll2AllManager(DeepEPAll2AllManagerBase):
-    """DeepEP low-latency kernels (RDMA/NVLink, CUDA-graph friendly). Unverified: never ran here."""
+    """DeepEP low-latency kernels (RDMA/NVLink, CUDA-graph friendly). Unverified: never ran here.
+
+    Unlike the other managers its ``dispatch`` returns DeepEP's expert-major layout, not per-token rows:
+    ``(recv_x (local experts, max tokens, hidden), recv_count (local experts,), topk_ids)``; ``combine`` applies
+    the top-k weights. ``MoEFeedForward.experts_forward`` does not consume that layout (no caller uses it yet).
+    """
 
     backend = "deepep_low_latency"
 
