@@ -1,16 +1,20 @@
 """Tensor collectives of one rank group, on torch.distributed (gloo on CPU, nccl on CUDA).
 
-``DeviceCommunicatorBase`` is the seam where a platform communicator (custom all-reduce, pynccl,
-symmetric memory ...) can replace the plain ``torch.distributed`` calls: ``GroupCoordinator`` sends
-every tensor collective through one of these. All ``src`` / ``dst`` arguments are ranks *in the
-group*; they are mapped to global ranks here because gloo's point-to-point and rooted collectives
-address peers by global rank.
+``DeviceCommunicatorBase`` is the one communication seam: every tensor collective of the project goes through
+one of these — ``GroupCoordinator``'s gathers and broadcasts, the Ulysses all-to-all (``parallel.collectives``),
+the Ring's batched point-to-point exchange (``RingComm``). A platform communicator (custom all-reduce, pynccl,
+symmetric memory) or an MoE all2all manager replaces the plain ``torch.distributed`` calls here, once.
+All ``src`` / ``dst`` arguments are ranks *in the group*; they are mapped to global ranks here because gloo's
+point-to-point and rooted collectives address peers by global rank.
+
+Each communicator counts the bytes this rank sends through it (:class:`CommStats`, ``communicator.stats``).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -22,6 +26,44 @@ logger = logging.getLogger(__name__)
 # torch >= 2.10 renamed the single-tensor collectives; the old names still work but warn.
 all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+@dataclass
+class CommStats:
+    """Bytes this rank sent through one communicator, in all and per kind, and calls per kind, since the last
+    :meth:`reset`.
+
+    A collective counts what leaves this rank: for an all-to-all the part a rank keeps for itself is not counted,
+    for an all-gather ``(world - 1)`` copies of the input, for a point-to-point send its tensor. ``kind`` is the
+    collective's name, or the label its caller gives (:meth:`DeviceCommunicatorBase.all_to_allv`: the all2all
+    managers count ``dispatch``, ``combine``, ``meta``... separately).
+    """
+
+    bytes_sent: int = 0
+    calls: dict[str, int] = field(default_factory=dict)
+    bytes_by_kind: dict[str, int] = field(default_factory=dict)
+
+    def add(self, kind: str, nbytes: int) -> None:
+        self.bytes_sent += int(nbytes)
+        self.calls[kind] = self.calls.get(kind, 0) + 1
+        self.bytes_by_kind[kind] = self.bytes_by_kind.get(kind, 0) + int(nbytes)
+
+    def reset(self) -> None:
+        self.bytes_sent = 0
+        self.calls.clear()
+        self.bytes_by_kind.clear()
+
+    def merged(self, other: CommStats) -> CommStats:
+        calls, by_kind = dict(self.calls), dict(self.bytes_by_kind)
+        for kind, n in other.calls.items():
+            calls[kind] = calls.get(kind, 0) + n
+        for kind, n in other.bytes_by_kind.items():
+            by_kind[kind] = by_kind.get(kind, 0) + n
+        return CommStats(self.bytes_sent + other.bytes_sent, calls, by_kind)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
 
 
 class DeviceCommunicatorBase:
@@ -46,6 +88,7 @@ class DeviceCommunicatorBase:
         self.rank = dist.get_rank()
         self.rank_in_group = dist.get_rank(cpu_group)
         self.world_size = dist.get_world_size(cpu_group)
+        self.stats = CommStats()
 
     def _group_for(self, tensor: torch.Tensor) -> ProcessGroup:
         # A CPU tensor cannot go through nccl: use the gloo group for it.
@@ -54,6 +97,7 @@ class DeviceCommunicatorBase:
     def all_reduce(self, input_: torch.Tensor) -> torch.Tensor:
         """Sum over the group, out of place: ``input_`` is left untouched."""
         out = input_.clone(memory_format=torch.contiguous_format)
+        self.stats.add("all_reduce", 2 * _nbytes(out) * (self.world_size - 1) // self.world_size)
         dist.all_reduce(out, group=self._group_for(out))
         return out
 
@@ -62,6 +106,7 @@ class DeviceCommunicatorBase:
         dim = dim % input_.dim() if input_.dim() else 0
         # flat buffers: the backends split the output along dim 0, one equal chunk per rank
         flat = torch.empty(self.world_size * input_.numel(), dtype=input_.dtype, device=input_.device)
+        self.stats.add("all_gather", _nbytes(input_) * (self.world_size - 1))
         all_gather_single(flat, input_.contiguous().reshape(-1), group=self._group_for(input_))
         stacked = flat.view(self.world_size, *input_.shape)
         if input_.dim() == 0:
@@ -79,6 +124,7 @@ class DeviceCommunicatorBase:
             )
         moved = input_.movedim(dim, 0).contiguous()
         out = torch.empty(moved.numel() // self.world_size, dtype=input_.dtype, device=input_.device)
+        self.stats.add("reduce_scatter", _nbytes(moved) * (self.world_size - 1) // self.world_size)
         reduce_scatter_single(out, moved.reshape(-1), group=self._group_for(input_))
         out = out.view(moved.shape[0] // self.world_size, *moved.shape[1:])
         return out.movedim(0, dim).contiguous()
@@ -87,6 +133,8 @@ class DeviceCommunicatorBase:
         """Concatenate along ``dim`` on group rank ``dst``; other ranks get ``None``."""
         dim = dim % input_.dim()
         is_dst = self.rank_in_group == dst
+        if not is_dst:
+            self.stats.add("gather", _nbytes(input_))
         gather_list = [torch.empty_like(input_, memory_format=torch.contiguous_format)
                        for _ in range(self.world_size)] if is_dst else None
         dist.gather(input_.contiguous(), gather_list, dst=self.ranks[dst], group=self._group_for(input_))
@@ -94,11 +142,14 @@ class DeviceCommunicatorBase:
 
     def broadcast(self, input_: torch.Tensor, src: int = 0) -> torch.Tensor:
         """In place: every rank's ``input_`` becomes group rank ``src``'s; returns it."""
+        if self.rank_in_group == src:
+            self.stats.add("broadcast", _nbytes(input_) * (self.world_size - 1))
         dist.broadcast(input_, src=self.ranks[src], group=self._group_for(input_))
         return input_
 
     def all_to_all_single(self, output: torch.Tensor, input_: torch.Tensor) -> torch.Tensor:
         """Chunk ``i`` of ``input_`` (dim 0) goes to group rank ``i``; chunk ``j`` of ``output`` comes from ``j``."""
+        self.stats.add("all_to_all", _nbytes(input_) * (self.world_size - 1) // self.world_size)
         dist.all_to_all_single(output, input_, group=self._group_for(input_))
         return output
 
@@ -106,6 +157,7 @@ class DeviceCommunicatorBase:
         """Blocking send to group rank ``dst`` (default: the next rank)."""
         if dst is None:
             dst = (self.rank_in_group + 1) % self.world_size
+        self.stats.add("send", _nbytes(tensor))
         dist.send(tensor.contiguous(), dst=self.ranks[dst], group=self._group_for(tensor))
 
     def recv(self, size: torch.Size, dtype: torch.dtype, src: int | None = None) -> torch.Tensor:
@@ -116,32 +168,39 @@ class DeviceCommunicatorBase:
         dist.recv(tensor, src=self.ranks[src], group=self._group_for(tensor))
         return tensor
 
+    def batch_send_recv(self, ops: list[tuple[str, torch.Tensor, int]]) -> list[dist.Work]:
+        """Launch point-to-point operations together; returns their works (wait on each).
+
+        ``ops``: ``("send", tensor, dst)`` / ``("recv", tensor, src)`` with group ranks. A sent tensor must be
+        contiguous and must not change until its work completes; a received one is filled in place.
+        """
+        p2p = []
+        for kind, tensor, peer in ops:
+            if kind == "send":
+                self.stats.add("p2p_send", _nbytes(tensor))
+                p2p.append(dist.P2POp(dist.isend, tensor, self.ranks[peer], group=self._group_for(tensor)))
+            elif kind == "recv":
+                p2p.append(dist.P2POp(dist.irecv, tensor, self.ranks[peer], group=self._group_for(tensor)))
+            else:
+                raise ValueError(f"batch_send_recv: op kind {kind!r} is not 'send' or 'recv'")
+        return dist.batch_isend_irecv(p2p) if p2p else []
+
     def destroy(self) -> None:
         """Release communicator resources (the base class holds none beyond the groups)."""
         self.destroy_all2all_manager()
 
     # ------------------------------------------------------------------ expert parallelism (all2all seam)
-    # Everything below is additive: the MoE all2all manager plugged into this communicator, the
-    # variable-size all-to-all it runs on, and the byte counters the tests and the benchmark read.
+    # The MoE all2all manager plugged into this communicator and the variable-size all-to-all it runs on.
 
     #: the MoE token exchange of this group (``parallel.all2all``), set by ``parallel.all2all.attach_all2all_manager``
     all2all_manager: Any = None
 
-    def _count_bytes(self, op: str, nbytes: int) -> None:
-        """Add ``nbytes`` sent by this rank to other ranks under ``op`` (``bytes_sent`` is per communicator)."""
-        if "bytes_sent" not in self.__dict__:
-            self.bytes_sent: dict[str, int] = {}
-        self.bytes_sent[op] = self.bytes_sent.get(op, 0) + int(nbytes)
-
-    def reset_byte_counters(self) -> None:
-        """Forget the bytes counted so far."""
-        self.bytes_sent = {}
-
     def all_to_allv(self, input_: torch.Tensor, output_split_sizes: list[int], input_split_sizes: list[int],
-                    op: str = "all_to_allv") -> torch.Tensor:
+                    kind: str = "all_to_allv") -> torch.Tensor:
         """Rows ``input_split_sizes[i]`` of ``input_`` (dim 0, in order) go to group rank ``i``; the result holds
-        ``output_split_sizes[j]`` rows from each rank ``j``, in rank order. Counts the bytes sent to *other*
-        ranks (the own chunk is a local copy) under ``op``."""
+        ``output_split_sizes[j]`` rows from each rank ``j``, in rank order (split sizes may differ per rank and be
+        0). Counts the bytes sent to *other* ranks (the own chunk is a local copy) in :attr:`stats` under
+        ``kind``."""
         if len(output_split_sizes) != self.world_size or len(input_split_sizes) != self.world_size:
             raise ValueError(f"all_to_allv: {len(input_split_sizes)} input / {len(output_split_sizes)} output split "
                              f"sizes for a group of {self.world_size}")
@@ -151,7 +210,7 @@ class DeviceCommunicatorBase:
         out = torch.empty((sum(output_split_sizes), *input_.shape[1:]), dtype=input_.dtype, device=input_.device)
         row = math.prod(input_.shape[1:]) * input_.element_size()
         sent = sum(n for i, n in enumerate(input_split_sizes) if i != self.rank_in_group)
-        self._count_bytes(op, sent * row)
+        self.stats.add(kind, sent * row)
         dist.all_to_all_single(out, input_, [int(n) for n in output_split_sizes],
                                [int(n) for n in input_split_sizes], group=self._group_for(input_))
         return out

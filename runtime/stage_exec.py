@@ -45,7 +45,7 @@ class StageExecutor:
 class TextEncoderExecutor(StageExecutor):
     name = "text_encoder"
 
-    def __init__(self, path: str, dtype: str, device: str) -> None:
+    def __init__(self, path: str, dtype: str, device: str, mesh: Any = None) -> None:
         from omni_runtime.stages.text_encoder import TextEncoderStage
 
         self.stage = TextEncoderStage.from_pretrained(path, dtype, device)
@@ -69,10 +69,13 @@ class TextEncoderExecutor(StageExecutor):
 class DenoiserExecutor(StageExecutor):
     name = "denoiser"
 
-    def __init__(self, path: str, dtype: str, device: str, ep_group: Any = None) -> None:
+    def __init__(self, path: str, dtype: str, device: str, mesh: Any = None) -> None:
+        from omni_runtime.parallel.all2all import init_expert_parallel
         from omni_runtime.stages.denoiser import DenoiserStage
 
-        self.stage = DenoiserStage.from_pretrained(path, dtype, device, ep_group=ep_group)
+        # expert parallelism: the mesh's EP group with its all2all manager (None without ep)
+        self.stage = DenoiserStage.from_pretrained(path, dtype, device, mesh=mesh,
+                                                   ep_group=init_expert_parallel(mesh))
 
     def batch_key(self, w: Work) -> tuple:
         p = w.params
@@ -98,7 +101,7 @@ class DenoiserExecutor(StageExecutor):
 class VaeExecutor(StageExecutor):
     name = "vae"
 
-    def __init__(self, path: str, dtype: str, device: str) -> None:
+    def __init__(self, path: str, dtype: str, device: str, mesh: Any = None) -> None:
         from omni_runtime.stages.vae import VaeDecoderStage
 
         self.stage = VaeDecoderStage.from_pretrained(path, dtype, device)

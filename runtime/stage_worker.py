@@ -16,7 +16,6 @@ import sys
 import threading
 import time
 from collections import deque
-from typing import Any
 
 import msgspec
 
@@ -42,6 +41,12 @@ class WorkerSpec(msgspec.Struct, kw_only=True):
     threads: int = 1
     pool_outputs: bool = False  # publish through a ShmPool (the next stage has one rank, the sole reader)
     log_level: str = "INFO"
+    # From the Placement (runtime/placement.py); defaults keep older callers working.
+    rendezvous: str = ""            # torch.distributed init_method ("file://<run dir>/..." on one node)
+    local_rank: int = -1            # index on its node (-1: same as rank)
+    node: str = ""                  # the node it runs on
+    tensor_transport: str = "shm"   # how this replica's outputs reach the next stage: "shm" | "frames"
+    tensor_endpoint: str = ""       # "frames": where the output rank's tensor server binds
 
 
 def title(spec: WorkerSpec) -> str:
@@ -58,51 +63,20 @@ def _watch_parent(parent_pid: int) -> None:
             os._exit(0)
 
 
-def _init_expert_parallel(spec: WorkerSpec) -> Any:
-    """--- expert parallelism (issue 13), to be ported onto Mesh: ``mesh.group("ep")`` + attach the manager ---
+def _init_distributed(spec: WorkerSpec):
+    """Build this rank's :class:`~parallel.mesh.Mesh` (torch.distributed included; the backend follows the device:
+    nccl for CUDA, gloo for CPU) from the stage's parallel degrees. Returns the mesh."""
+    import msgspec as _msgspec
+    import torch
 
-    The denoiser's EP group spans its data-parallel x sequence-parallel ranks (``ParallelConfig`` group "ep");
-    ranks with the same sequence-parallel index hold identical tokens (the data-parallel ranks run the same
-    batch), so they are the manager's replica groups and split those tokens among themselves. Returns the EP
-    ``GroupCoordinator`` with its all2all manager attached, or ``None`` without EP.
-    """
-    p = spec.parallel
-    ep = int(p.get("ep", 1))
-    if spec.stage != "denoiser" or ep <= 1:
-        return None
-    from omni_runtime.parallel.all2all import attach_all2all_manager
-    from omni_runtime.parallel.group_coordinator import GroupCoordinator
-    from omni_runtime.parallel.parallel_config import ParallelConfig
+    from omni_runtime.parallel.mesh import Mesh
+    from omni_runtime.parallel.parallel_spec import ParallelSpec
 
-    sp = int(p.get("ulysses", 1)) * int(p.get("ring", 1))
-    groups = ParallelConfig(ulysses_degree=int(p.get("ulysses", 1)), ring_degree=int(p.get("ring", 1))
-                            ).group_ranks(spec.world_size)["ep"]
-    group = GroupCoordinator(groups, spec.rank, "gloo", group_name="ep")
-    replicas = [[i for i in range(ep) if i % sp == s] for s in range(sp)]
-    attach_all2all_manager(group, str(p.get("all2all_backend", "agrs")), replicas)
-    return group
-
-
-def _init_distributed(spec: WorkerSpec) -> None:
-    import torch.distributed as dist
-
-    init = f"tcp://127.0.0.1:{spec.master_port}"
-    try:
-        from omni_runtime.parallel import state
-    except ImportError:
-        state = None
-    if state is not None and hasattr(state, "init_distributed_environment"):
-        state.init_distributed_environment(world_size=spec.world_size, rank=spec.rank,
-                                           distributed_init_method=init, local_rank=spec.rank, backend="gloo")
-        if spec.stage == "denoiser":
-            p = spec.parallel
-            state.initialize_model_parallel(ulysses_degree=p.get("ulysses", 1), ring_degree=p.get("ring", 1),
-                                            backend="gloo")
-    else:
-        dist.init_process_group("gloo", init_method=init, rank=spec.rank, world_size=spec.world_size)
-        if spec.stage == "denoiser" and spec.world_size > 1:
-            raise RuntimeError("the denoiser is configured with sequence parallelism but parallel/state.py is "
-                               "not available in this build")
+    pspec = _msgspec.convert(spec.parallel, ParallelSpec)
+    pspec.check_world_size(spec.world_size)
+    device = torch.device(spec.device if spec.device != "cuda" else f"cuda:{spec.rank}")
+    init = spec.rendezvous or f"tcp://127.0.0.1:{spec.master_port}"
+    return Mesh.build(pspec, spec.rank, init, device)
 
 
 def worker_main(spec_bytes: bytes) -> None:
@@ -125,19 +99,13 @@ def worker_main(spec_bytes: bytes) -> None:
     import torch
 
     torch.set_num_threads(max(1, spec.threads))
-    ep_group = None
-    if spec.world_size > 1:
-        _init_distributed(spec)
-        ep_group = _init_expert_parallel(spec)
+    mesh = _init_distributed(spec) if spec.world_size > 1 else None
 
     from omni_runtime.comm import shm_tensor
     from omni_runtime.runtime.rank_fanout import RankFanout
     from omni_runtime.runtime.stage_exec import EXECUTORS
 
-    if ep_group is not None:
-        executor = EXECUTORS[spec.stage](spec.model_path, spec.dtype, spec.device, ep_group=ep_group)
-    else:
-        executor = EXECUTORS[spec.stage](spec.model_path, spec.dtype, spec.device)
+    executor = EXECUTORS[spec.stage](spec.model_path, spec.dtype, spec.device, mesh=mesh)
     pool = shm_tensor.ShmPool(max_bytes=256 << 20) if spec.pool_outputs and spec.rank == 0 else None
     if pool is not None:
         executor.use_pool(pool)

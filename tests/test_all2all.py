@@ -25,6 +25,7 @@ from omni_runtime.parallel.all2all import (
     FlashInferNVLinkTwoSidedManager,
     NixlEPAll2AllManager,
     attach_all2all_manager,
+    init_expert_parallel,
     local_expert_range,
 )
 from omni_runtime.parallel.all2all.gpu_managers import low_latency_rdma_size_hint
@@ -88,14 +89,14 @@ def _manager_worker(rank: int, world: int, backend: str, is_sp: bool) -> dict:
         offset = sum(s[0].shape[0] for s in sets[:owner[rank]])
         tag = torch.arange(offset, offset + x.shape[0], dtype=torch.int64)
         layer = _local_layer(group)
-        comm.reset_byte_counters()
+        comm.stats.reset()
         h, dw, dids, extra = comm.dispatch(x, w, ids, is_sequence_parallel=is_sp, extra_tensors=[tag, x * 2])
         everything = torch.cat([s[0] for s in sets])
         extras_ok = bool(torch.equal(everything[extra[0]], h) and torch.equal(extra[1], h * 2))
         out = comm.combine(layer.experts_forward(h, dw, dids), is_sequence_parallel=is_sp)
         expected = _reference_layer().experts_forward(x, w, ids)
         res = {"shape": list(out.shape), "expected_shape": list(expected.shape), "rel": _rel(out, expected),
-               "extras_ok": extras_ok, "bytes": dict(comm.bytes_sent), "dispatched_rows": h.shape[0]}
+               "extras_ok": extras_ok, "bytes": dict(comm.stats.bytes_by_kind), "dispatched_rows": h.shape[0]}
         if backend == "alltoallv" and is_sp:
             per = EXPERTS // world
             mine = local_expert_range(EXPERTS, world, rank)
@@ -136,6 +137,60 @@ def test_manager_matches_single_process_moe(world: int, backend: str, is_sp: boo
         # a replica group's ranks get identical outputs, and the tokens really were split among them
         for g in REPLICA_GROUPS[world]:
             assert len({results[r]["shape"][0] for r in g}) == 1
+
+
+def _served_ep_rank(rank: int, world: int, parallel: dict) -> dict:
+    """What a served denoiser rank builds: WorkerSpec -> ``_init_distributed`` (Mesh) -> ``init_expert_parallel``."""
+    import os
+
+    import msgspec
+
+    from omni_runtime.parallel.parallel_spec import ParallelSpec
+    from omni_runtime.runtime.stage_worker import WorkerSpec, _init_distributed
+
+    spec = WorkerSpec(stage="denoiser", replica=0, rank=rank, world_size=world,
+                      master_port=int(os.environ["MASTER_PORT"]), model_path="unused", dtype="float32", device="cpu",
+                      in_addr="ipc://unused", out_addr="ipc://unused", max_batch_size=1, batch_timeout_ms=0.0,
+                      instance="test", parent_pid=os.getpid(), parallel=msgspec.to_builtins(ParallelSpec(**parallel)))
+    spec = msgspec.msgpack.decode(msgspec.msgpack.encode(spec), type=WorkerSpec)  # as the launcher hands it over
+    mesh = _init_distributed(spec)
+    try:
+        group = init_expert_parallel(mesh)
+        manager = group.device_communicator.all2all_manager
+        res = {"backend": manager.backend, "ranks": list(group.ranks), "replica_group": manager.replica_group}
+        # replicated tokens (the dp ranks run the same batch): each rank's output equals the reference
+        x, w, ids = _tokens(7, 6)
+        manager.set_num_experts(EXPERTS)
+        comm = mesh.group("ep").device_communicator
+        comm.stats.reset()
+        h, dw, dids = comm.dispatch(x, w, ids)
+        out = comm.combine(_local_layer(group).experts_forward(h, dw, dids))
+        res["rel"] = _rel(out, _reference_layer().experts_forward(x, w, ids))
+        res["counted"] = sorted(comm.stats.bytes_by_kind)
+        res["mesh_counted"] = mesh.comm_stats().bytes_by_kind == comm.stats.bytes_by_kind
+        mesh.destroy()
+        res["destroyed"] = comm.all2all_manager is None
+        return res
+    finally:
+        mesh.destroy()
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("parallel,replicas", [({"dp": 2, "ep": 2, "all2all_backend": "alltoallv"}, [[0, 1]] * 2),
+                                               ({"ulysses": 2, "ep": 2, "all2all_backend": "naive"}, [[0], [1]])])
+def test_served_rank_builds_the_ep_group_from_its_mesh(parallel: dict, replicas: list) -> None:
+    results = run_workers(_served_ep_rank, 2, args=(parallel,), timeout=60)
+    for rank, res in enumerate(results):
+        assert res["backend"] == parallel["all2all_backend"] and res["ranks"] == [0, 1]
+        assert res["replica_group"] == replicas[rank]
+        assert res["rel"] <= 1e-5, (rank, res["rel"])
+        assert "meta" in res["counted"] and res["mesh_counted"] and res["destroyed"]
+
+
+def test_no_ep_group_without_ep() -> None:
+    from omni_runtime.parallel.mesh import Mesh
+
+    assert init_expert_parallel(None) is None and init_expert_parallel(Mesh.single()) is None
 
 
 def test_unused_experts_and_zero_token_rank_are_exercised() -> None:

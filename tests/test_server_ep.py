@@ -69,7 +69,8 @@ def _expert_params(model: Path) -> tuple[int, int]:
 @pytest.mark.parametrize("backend,ulysses", [("naive", 1), ("agrs", 1), ("alltoallv", 1), ("alltoallv", 2)])
 def test_ep2_serve_matches_ep1(moe_model: Path, ep1_image: np.ndarray, tmp_path: Path, backend: str,
                                ulysses: int) -> None:
-    image, log = _serve(tmp_path, moe_model, f'ulysses = {ulysses}\nep = 2\nall2all_backend = "{backend}"')
+    image, log = _serve(tmp_path, moe_model, f'ulysses = {ulysses}\ndp = {2 // ulysses}\nep = 2\n'
+                                                 f'all2all_backend = "{backend}"')
     diff = np.abs(image.astype(int) - ep1_image.astype(int))
     assert diff.max() <= 1, (backend, ulysses, diff.max())
     experts, total = _expert_params(moe_model)

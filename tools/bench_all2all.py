@@ -73,7 +73,7 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue) -
                 order = BACKENDS[it % 3:] + BACKENDS[:it % 3]
                 for backend in order:
                     attach_all2all_manager(group, backend, num_experts=args.experts)
-                    comm.reset_byte_counters()
+                    comm.stats.reset()
                     group.barrier()
                     t0 = time.perf_counter()
                     h, dw, _ = comm.dispatch(x, w, ids, is_sequence_parallel=True)
@@ -83,7 +83,7 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue) -
                     assert out.shape == x.shape
                     if it:
                         times[backend].append(float(dt))
-                    sent[backend] = sum(v for k, v in comm.bytes_sent.items() if k != "meta")
+                    sent[backend] = sum(v for k, v in comm.stats.bytes_by_kind.items() if k != "meta")
             for backend in BACKENDS:
                 rows.append(dict(world=world, rank=rank, tokens=n, backend=backend,
                                  ms=statistics.median(times[backend]) * 1e3, sent=sent[backend],

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omni_runtime.parallel.all2all.base import All2AllError, All2AllManagerBase, local_expert_range
 from omni_runtime.parallel.all2all.cpu_managers import (
@@ -25,6 +25,11 @@ from omni_runtime.parallel.all2all.gpu_managers import (
     FlashInferNVLinkTwoSidedManager,
     NixlEPAll2AllManager,
 )
+from omni_runtime.parallel.parallel_spec import ALL2ALL_BACKEND_NAMES, CPU_ALL2ALL_BACKEND_NAMES
+
+if TYPE_CHECKING:
+    from omni_runtime.parallel.group_coordinator import GroupCoordinator
+    from omni_runtime.parallel.mesh import Mesh
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +43,10 @@ ALL2ALL_BACKENDS: dict[str, type[All2AllManagerBase]] = {
     "flashinfer_nvlink_two_sided": FlashInferNVLinkTwoSidedManager,
     "nixl_ep": NixlEPAll2AllManager,
 }
-CPU_CAPABLE_BACKENDS: tuple[str, ...] = ("naive", "agrs", "alltoallv")
+CPU_CAPABLE_BACKENDS: tuple[str, ...] = CPU_ALL2ALL_BACKEND_NAMES
+if tuple(ALL2ALL_BACKENDS) != ALL2ALL_BACKEND_NAMES:  # pragma: no cover - a programming error, caught at import
+    raise ImportError(f"parallel.all2all.ALL2ALL_BACKENDS {tuple(ALL2ALL_BACKENDS)} and "
+                      f"parallel_spec.ALL2ALL_BACKEND_NAMES {ALL2ALL_BACKEND_NAMES} disagree")
 
 
 def attach_all2all_manager(group: Any, backend: str, replica_groups: Sequence[Sequence[int]] | None = None,
@@ -58,9 +66,22 @@ def attach_all2all_manager(group: Any, backend: str, replica_groups: Sequence[Se
     return manager
 
 
+def init_expert_parallel(mesh: Mesh | None) -> GroupCoordinator | None:
+    """The EP group of ``mesh`` with the all2all manager of ``mesh.spec.all2all_backend`` attached, or ``None``
+    without expert parallelism (``ep == 1`` or no mesh). Collective-free; call it once per rank after
+    ``Mesh.build`` and pass the result as ``ep_group=`` to the denoiser loader. The manager's replica groups are
+    :meth:`ParallelSpec.ep_replica_groups` (the data-parallel ranks run the same batch: they split its tokens).
+    ``mesh.destroy()`` destroys the manager with the group's communicator."""
+    if mesh is None or mesh.spec.ep == 1:
+        return None
+    group = mesh.group("ep")
+    attach_all2all_manager(group, mesh.spec.all2all_backend, mesh.spec.ep_replica_groups())
+    return group
+
+
 __all__ = [
     "ALL2ALL_BACKENDS", "CPU_CAPABLE_BACKENDS", "AgRsAll2AllManager", "All2AllBackendUnavailable", "All2AllError",
     "All2AllManagerBase", "AllToAllVManager", "DeepEPHTAll2AllManager", "DeepEPLLAll2AllManager",
     "FlashInferNVLinkOneSidedManager", "FlashInferNVLinkTwoSidedManager", "NaiveAll2AllManager",
-    "NixlEPAll2AllManager", "attach_all2all_manager", "local_expert_range",
+    "NixlEPAll2AllManager", "attach_all2all_manager", "init_expert_parallel", "local_expert_range",
 ]

@@ -20,14 +20,14 @@ Which ranks hold which tokens:
   back so that every replica gets the whole output. Without ``replica_groups`` (the default: every rank alone)
   the two modes are the same.
 
-Counts travel as a small all-gather before each exchange (``bytes_sent["meta"]`` on the communicator); the
-payload counters are per operation name (see :meth:`DeviceCommunicatorBase.all_to_allv`).
+Counts travel as a small exchange before each dispatch (kind ``meta`` in the communicator's ``stats``); the
+payload is counted per kind too (``dispatch``, ``combine``, ``all_gatherv``...: ``stats.bytes_by_kind``, see
+:meth:`DeviceCommunicatorBase.all_to_allv`).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -51,10 +51,6 @@ def local_expert_range(num_experts: int, ep_size: int, ep_rank: int) -> range:
                            f"every EP rank must hold the same number of experts")
     per = num_experts // ep_size
     return range(ep_rank * per, (ep_rank + 1) * per)
-
-
-def _row_bytes(t: torch.Tensor) -> int:
-    return math.prod(t.shape[1:]) * t.element_size()
 
 
 class All2AllManagerBase:
@@ -115,10 +111,10 @@ class All2AllManagerBase:
 
     # ------------------------------------------------------------------ token counts
     def token_counts(self, n: int, device: torch.device) -> list[int]:
-        """Every EP rank's token count (one small all-gather)."""
-        local = torch.tensor([n], dtype=torch.int64, device=device)
-        self.communicator._count_bytes("meta", local.element_size() * (self.world_size - 1))
-        return [int(v) for v in self.communicator.all_gather(local, dim=0).tolist()]
+        """Every EP rank's token count (one small all-gather, counted as kind ``meta``)."""
+        local = torch.full((self.world_size,), n, dtype=torch.int64, device=device)
+        ones = [1] * self.world_size
+        return [int(v) for v in self.communicator.all_to_allv(local, ones, ones, kind="meta").tolist()]
 
     # ------------------------------------------------------------------ replicated tokens (not sequence parallel)
     def _take_chunk(self, tensors: list[torch.Tensor], is_sequence_parallel: bool) -> list[torch.Tensor]:
@@ -144,7 +140,7 @@ class All2AllManagerBase:
             send[r] = out.shape[0]
             recv[r] = sizes[i]
         return self.communicator.all_to_allv(out.repeat(len(self.replica_group), *([1] * (out.dim() - 1))),
-                                             recv, send, op="replica_gather")
+                                             recv, send, kind="replica_gather")
 
     # ------------------------------------------------------------------ the interface
     def dispatch(self, hidden_states: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,

@@ -20,7 +20,7 @@ import logging
 
 import torch
 
-from omni_runtime.parallel.all2all.base import All2AllManagerBase, _row_bytes
+from omni_runtime.parallel.all2all.base import All2AllManagerBase
 
 logger = logging.getLogger(__name__)
 
@@ -66,10 +66,8 @@ class NaiveAll2AllManager(_GatherAll2AllManager):
         buffer[start:start + sizes[self.rank]] = t
         offset = 0
         for src, n in enumerate(sizes):
-            if n:
+            if n:  # the communicator counts the source's slice reaching every other rank
                 comm.broadcast(buffer[offset:offset + n], src=src)
-                if src == self.rank:  # the source's slice reaches every other rank
-                    comm._count_bytes("broadcast", n * _row_bytes(t) * (self.world_size - 1))
             offset += n
         return buffer
 
@@ -77,10 +75,7 @@ class NaiveAll2AllManager(_GatherAll2AllManager):
         sizes = self._require_sizes()
         if hidden_states.shape[0] != sum(sizes):
             raise ValueError(f"combine: got {hidden_states.shape[0]} rows, the dispatch gathered {sum(sizes)}")
-        comm = self.communicator
-        total = hidden_states.numel() * hidden_states.element_size()
-        # a ring all-reduce sends 2 (W-1)/W of the buffer from every rank
-        comm._count_bytes("all_reduce", 2 * (self.world_size - 1) * total // self.world_size)
+        comm = self.communicator  # counts a ring all-reduce's 2 (W-1)/W of the buffer
         summed = comm.all_reduce(hidden_states) if hidden_states.numel() else hidden_states
         start = sum(sizes[:self.rank])
         return summed[start:start + sizes[self.rank]]
@@ -95,7 +90,7 @@ class AgRsAll2AllManager(_GatherAll2AllManager):
         n = t.shape[0]
         # all-gather-v as an all-to-all-v: this rank's rows to every rank, each rank's rows from it
         send = t.repeat(self.world_size, *([1] * (t.dim() - 1))) if n else t
-        return self.communicator.all_to_allv(send, sizes, [n] * self.world_size, op="all_gatherv")
+        return self.communicator.all_to_allv(send, sizes, [n] * self.world_size, kind="all_gatherv")
 
     def _combine(self, hidden_states: torch.Tensor) -> torch.Tensor:
         sizes = self._require_sizes()
@@ -104,7 +99,7 @@ class AgRsAll2AllManager(_GatherAll2AllManager):
         mine = sizes[self.rank]
         # reduce-scatter-v: rank j's rows go to rank j, which sums the W partials it receives
         parts = self.communicator.all_to_allv(hidden_states, [mine] * self.world_size, sizes,
-                                              op="reduce_scatterv")
+                                              kind="reduce_scatterv")
         return parts.view(self.world_size, mine, *hidden_states.shape[1:]).sum(0)
 
 
@@ -130,12 +125,12 @@ class AllToAllVManager(All2AllManagerBase):
         counts = torch.bincount(expert_of_pair, minlength=num_experts).view(self.world_size, per)
         # counts[j, e]: pairs this rank sends to rank j's local expert e; rank j receives one row of counts
         recv_counts = comm.all_to_allv(counts.to(torch.int64), [1] * self.world_size, [1] * self.world_size,
-                                       op="meta").view(self.world_size, per)
+                                       kind="meta").view(self.world_size, per)
         send_splits = counts.sum(1).tolist()
         recv_splits = recv_counts.sum(1).tolist()
         token_of_pair = pairs // top_k
         moved = [comm.all_to_allv(t[token_of_pair], recv_splits, send_splits,
-                                  op="dispatch" if i == 0 else "dispatch_extra")
+                                  kind="dispatch" if i == 0 else "dispatch_extra")
                  for i, t in enumerate((hidden_states, *extras))]
         mine = torch.arange(self.rank * per, (self.rank + 1) * per, device=topk_ids.device)
         recv_ids = torch.repeat_interleave(mine.repeat(self.world_size), recv_counts.reshape(-1).to(mine.device))
@@ -151,7 +146,7 @@ class AllToAllVManager(All2AllManagerBase):
         self._ctx = None
         if hidden_states.shape[0] != sum(recv_splits):
             raise ValueError(f"combine: got {hidden_states.shape[0]} rows, the dispatch delivered {sum(recv_splits)}")
-        back = self.communicator.all_to_allv(hidden_states, send_splits, recv_splits, op="combine")
+        back = self.communicator.all_to_allv(hidden_states, send_splits, recv_splits, kind="combine")
         per_pair = torch.zeros((n * top_k, *hidden_states.shape[1:]), dtype=back.dtype, device=back.device)
         per_pair[pairs] = back
         per_pair = per_pair.view(n, top_k, *hidden_states.shape[1:])
