@@ -13,7 +13,9 @@ Each communicator counts the bytes this rank sends through it (:class:`CommStats
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -28,28 +30,36 @@ reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.red
 
 @dataclass
 class CommStats:
-    """Bytes this rank sent through one communicator, and calls per kind, since the last :meth:`reset`.
+    """Bytes this rank sent through one communicator, in all and per kind, and calls per kind, since the last
+    :meth:`reset`.
 
     A collective counts what leaves this rank: for an all-to-all the part a rank keeps for itself is not counted,
-    for an all-gather ``(world - 1)`` copies of the input, for a point-to-point send its tensor.
+    for an all-gather ``(world - 1)`` copies of the input, for a point-to-point send its tensor. ``kind`` is the
+    collective's name, or the label its caller gives (:meth:`DeviceCommunicatorBase.all_to_allv`: the all2all
+    managers count ``dispatch``, ``combine``, ``meta``... separately).
     """
 
     bytes_sent: int = 0
     calls: dict[str, int] = field(default_factory=dict)
+    bytes_by_kind: dict[str, int] = field(default_factory=dict)
 
     def add(self, kind: str, nbytes: int) -> None:
         self.bytes_sent += int(nbytes)
         self.calls[kind] = self.calls.get(kind, 0) + 1
+        self.bytes_by_kind[kind] = self.bytes_by_kind.get(kind, 0) + int(nbytes)
 
     def reset(self) -> None:
         self.bytes_sent = 0
         self.calls.clear()
+        self.bytes_by_kind.clear()
 
     def merged(self, other: CommStats) -> CommStats:
-        calls = dict(self.calls)
+        calls, by_kind = dict(self.calls), dict(self.bytes_by_kind)
         for kind, n in other.calls.items():
             calls[kind] = calls.get(kind, 0) + n
-        return CommStats(self.bytes_sent + other.bytes_sent, calls)
+        for kind, n in other.bytes_by_kind.items():
+            by_kind[kind] = by_kind.get(kind, 0) + n
+        return CommStats(self.bytes_sent + other.bytes_sent, calls, by_kind)
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -180,3 +190,64 @@ class DeviceCommunicatorBase:
 
     def destroy(self) -> None:
         """Release communicator resources (the base class holds none beyond the groups)."""
+        self.destroy_all2all_manager()
+
+    # ------------------------------------------------------------------ expert parallelism (all2all seam)
+    # The MoE all2all manager plugged into this communicator and the variable-size all-to-all it runs on.
+
+    #: the MoE token exchange of this group (``parallel.all2all``), set by ``parallel.all2all.attach_all2all_manager``
+    all2all_manager: Any = None
+
+    def all_to_allv(self, input_: torch.Tensor, output_split_sizes: list[int], input_split_sizes: list[int],
+                    kind: str = "all_to_allv") -> torch.Tensor:
+        """Rows ``input_split_sizes[i]`` of ``input_`` (dim 0, in order) go to group rank ``i``; the result holds
+        ``output_split_sizes[j]`` rows from each rank ``j``, in rank order (split sizes may differ per rank and be
+        0). Counts the bytes sent to *other* ranks (the own chunk is a local copy) in :attr:`stats` under
+        ``kind``."""
+        if len(output_split_sizes) != self.world_size or len(input_split_sizes) != self.world_size:
+            raise ValueError(f"all_to_allv: {len(input_split_sizes)} input / {len(output_split_sizes)} output split "
+                             f"sizes for a group of {self.world_size}")
+        if sum(input_split_sizes) != input_.shape[0]:
+            raise ValueError(f"all_to_allv: input split sizes {input_split_sizes} do not sum to {input_.shape[0]} rows")
+        input_ = input_.contiguous()
+        out = torch.empty((sum(output_split_sizes), *input_.shape[1:]), dtype=input_.dtype, device=input_.device)
+        row = math.prod(input_.shape[1:]) * input_.element_size()
+        sent = sum(n for i, n in enumerate(input_split_sizes) if i != self.rank_in_group)
+        self.stats.add(kind, sent * row)
+        dist.all_to_all_single(out, input_, [int(n) for n in output_split_sizes],
+                               [int(n) for n in input_split_sizes], group=self._group_for(input_))
+        return out
+
+    def dispatch(self, hidden_states: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                 is_sequence_parallel: bool = False, extra_tensors: list[torch.Tensor] | None = None) -> tuple:
+        """Send each token to the ranks of its experts, through the group's all2all manager."""
+        return self._require_all2all("dispatch").dispatch(hidden_states, topk_weights, topk_ids,
+                                                          is_sequence_parallel, extra_tensors)
+
+    def dispatch_router_logits(self, hidden_states: torch.Tensor, router_logits: torch.Tensor,
+                               is_sequence_parallel: bool = False,
+                               extra_tensors: list[torch.Tensor] | None = None) -> tuple:
+        """Gather tokens and their router logits, through the group's all2all manager."""
+        return self._require_all2all("dispatch_router_logits").dispatch_router_logits(
+            hidden_states, router_logits, is_sequence_parallel, extra_tensors)
+
+    def combine(self, hidden_states: torch.Tensor, is_sequence_parallel: bool = False) -> torch.Tensor:
+        """Return the expert outputs of the last ``dispatch`` to the ranks that own the tokens."""
+        return self._require_all2all("combine").combine(hidden_states, is_sequence_parallel)
+
+    def prepare_communication_buffer_for_model(self, model: torch.nn.Module) -> None:
+        """Let the all2all manager size its buffers from the model (no-op without a manager)."""
+        if self.all2all_manager is not None:
+            self.all2all_manager.prepare_communication_buffer_for_model(model)
+
+    def _require_all2all(self, op: str) -> Any:
+        if self.all2all_manager is None:
+            raise RuntimeError(f"{op}: group {self.unique_name!r} has no all2all manager; only the expert-parallel "
+                               "group gets one (parallel.all2all.attach_all2all_manager)")
+        return self.all2all_manager
+
+    def destroy_all2all_manager(self) -> None:
+        """Destroy the all2all manager, if any (idempotent)."""
+        if self.all2all_manager is not None:
+            self.all2all_manager.destroy()
+            self.all2all_manager = None

@@ -1,8 +1,10 @@
 """``ParallelSpec``: every parallel degree of one stage, validated, and the rank groups they imply.
 
 One frozen object, one name per degree: ``dp``, ``cfg``, ``pp``, ``ulysses``, ``ring``, ``tp`` (reserved: must be
-1), ``hsdp_shard``, ``hsdp_replicate``, ``vae_patch`` (TOML key ``patch``) and ``ep``. A TOML table
-``[stages.<name>.parallel]`` converts straight into it (``msgspec.convert``).
+1), ``hsdp_shard``, ``hsdp_replicate``, ``vae_patch`` (TOML key ``patch``) and ``ep``; plus ``all2all_backend``,
+how the EP group moves MoE tokens (one of :data:`ALL2ALL_BACKEND_NAMES`, implemented in ``parallel.all2all``; it
+matters only with ``ep > 1``). A TOML table ``[stages.<name>.parallel]`` converts straight into it
+(``msgspec.convert``).
 
 Rank layout (pure arithmetic, see :meth:`ParallelSpec.group_ranks`):
 
@@ -15,7 +17,8 @@ Rank layout (pure arithmetic, see :meth:`ParallelSpec.group_ranks`):
 * EP (vLLM's rule): the experts of one model replica are spread over the ranks that hold the same pipeline stage
   and CFG branch, i.e. an EP group spans ``tp × ulysses × ring × dp`` ranks (vLLM: ``dp × tp``; our sequence
   ranks play the role of vLLM's tensor ranks). ``ep`` is 1 (no expert parallelism: every rank its own group) or
-  exactly that product.
+  exactly that product. Ranks of one EP group with the same ``tp × sp`` index (different ``dp`` index) run the
+  same batch, so they hold identical tokens: :meth:`ParallelSpec.ep_replica_groups`.
 * HSDP mesh, over the same ranks: ``rank = shard_i + hsdp_shard * replicate_i``; shard groups are contiguous,
   replicate groups strided. ``hsdp_shard × hsdp_replicate`` equals the world size, or both are 1 (disabled:
   every rank is its own shard and replicate group).
@@ -55,6 +58,13 @@ GROUP_NAMES: tuple[str, ...] = (*GROUP_DIMS, "hsdp_shard", "hsdp_replicate", "va
 
 DEGREES: tuple[str, ...] = ("dp", "cfg", "pp", "ulysses", "ring", "tp", "hsdp_shard", "hsdp_replicate",
                             "vae_patch", "ep")
+
+#: ``all2all_backend`` values: the keys of ``parallel.all2all.ALL2ALL_BACKENDS`` (tests/test_ep_config.py asserts
+#: they agree; kept here so that a spec validates without importing torch). The first three run on any device.
+ALL2ALL_BACKEND_NAMES: tuple[str, ...] = (
+    "naive", "agrs", "alltoallv", "deepep_high_throughput", "deepep_low_latency", "flashinfer_nvlink_one_sided",
+    "flashinfer_nvlink_two_sided", "nixl_ep")
+CPU_ALL2ALL_BACKEND_NAMES: tuple[str, ...] = ("naive", "agrs", "alltoallv")
 
 
 class ParallelSpecError(ValueError):
@@ -98,12 +108,16 @@ class ParallelSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     hsdp_replicate: int = 1
     vae_patch: int = msgspec.field(default=1, name="patch")
     ep: int = 1
+    all2all_backend: str = "agrs"  # not a degree: how the EP group exchanges MoE tokens (ep > 1)
 
     def __post_init__(self) -> None:
         for name in DEGREES:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ParallelSpecError(f"{name} must be a positive integer, got {value!r}")
+        if self.all2all_backend not in ALL2ALL_BACKEND_NAMES:
+            raise ParallelSpecError(f"all2all_backend {self.all2all_backend!r} is not known; allowed: "
+                                    f"{', '.join(ALL2ALL_BACKEND_NAMES)}")
         if self.tp != 1:
             raise ParallelSpecError(f"tp = {self.tp}: tensor parallelism is reserved; tp must be 1")
         world = self.world_size
@@ -173,6 +187,13 @@ class ParallelSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
         groups["vae_patch"] = [list(range(s, s + self.vae_patch)) for s in range(0, world, self.vae_patch)]
         return groups
 
+    def ep_replica_groups(self) -> list[list[int]]:
+        """Indices *within an EP group* of the ranks that hold identical tokens: those with the same ``tp × sp``
+        index (an EP group's index is ``tp_i + tp × (sp_i + sp × dp_i)``), i.e. the data-parallel ranks, which run
+        the same batch. The all2all manager splits such tokens among them (``is_sequence_parallel=False``)."""
+        span = self.tp * self.sp
+        return [[i for i in range(self.ep) if i % span == s] for s in range(min(span, self.ep))]
+
     def groups_of(self, rank: int) -> dict[str, list[int]]:
         """The group of each kind that global ``rank`` belongs to (``{name: ranks}``, :data:`GROUP_NAMES` order)."""
         if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < self.world_size:
@@ -182,4 +203,6 @@ class ParallelSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     def describe(self) -> str:
         """The non-trivial degrees, e.g. ``ulysses 2 × ring 2`` (``single`` when all are 1)."""
         parts = [f"{n} {getattr(self, n)}" for n in DEGREES if getattr(self, n) != 1]
+        if self.ep > 1:
+            parts[-1] += f" ({self.all2all_backend})"
         return " × ".join(parts) or "single"

@@ -16,7 +16,12 @@ from typing import Any
 
 import msgspec
 
-from omni_runtime.parallel.parallel_spec import ParallelSpec, ParallelSpecError
+from omni_runtime.parallel.parallel_spec import (
+    ALL2ALL_BACKEND_NAMES,
+    CPU_ALL2ALL_BACKEND_NAMES,
+    ParallelSpec,
+    ParallelSpecError,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -33,10 +38,14 @@ DEFAULT_MAX_BATCH_PIXELS = 1 << 22  # [stages.denoiser|vae] max_batch_pixels: on
 # The parallel keys of each stage's ``[stages.<name>.parallel]`` table (they parse straight into
 # ``parallel.parallel_spec.ParallelSpec``; the VAE's ``patch`` is the spec's ``vae_patch``).
 DENOISER_PARALLEL_KEYS = ("ulysses", "ring", "cfg", "pp", "dp", "tp", "hsdp_shard", "hsdp_replicate", "ep")
+# ... and the one key of the denoiser's table that is not a degree: how the expert-parallel group moves MoE tokens
+# (``ParallelSpec.all2all_backend``, one of ``ALL2ALL_BACKEND_NAMES``)
+DENOISER_PARALLEL_CHOICES = ("all2all_backend",)
 VAE_PARALLEL_KEYS = ("patch",)
 # Degrees whose implementation exists in ``parallel``/``stages`` and is wired into the stage processes.
 # Anything else > 1 is rejected with "not supported yet" instead of silently running unsharded.
-SUPPORTED_DENOISER_DEGREES = frozenset({"ulysses", "ring"})
+# ``dp`` > 1 only together with ``ep`` (the EP group's data-parallel ranks, see ``_check_expert_parallel``).
+SUPPORTED_DENOISER_DEGREES = frozenset({"ulysses", "ring", "ep"})
 SUPPORTED_VAE_DEGREES: frozenset[str] = frozenset()
 
 
@@ -137,7 +146,8 @@ _SCHEMA: dict[str, Any] = {
                "header_timeout_s": _FLOAT, "body_timeout_s": _FLOAT, "max_connections": _INT},
     "stages": {
         "text_encoder": dict(_STAGE_KEYS),
-        "denoiser": {**_PIXEL_STAGE_KEYS, "parallel": dict.fromkeys(DENOISER_PARALLEL_KEYS, _INT)},
+        "denoiser": {**_PIXEL_STAGE_KEYS, "parallel": {**dict.fromkeys(DENOISER_PARALLEL_KEYS, _INT),
+                                                        **dict.fromkeys(DENOISER_PARALLEL_CHOICES, _STR)}},
         "vae": {**_PIXEL_STAGE_KEYS, "parallel": dict.fromkeys(VAE_PARALLEL_KEYS, _INT)},
     },
     "placement": {"tensor_transport": _STR},
@@ -215,14 +225,35 @@ def _check_parallel(raw: dict[str, Any]) -> None:
                 f"{base}.hsdp_shard = {par['hsdp_shard']} with hsdp_replicate = {par['hsdp_replicate']}: "
                 f"hsdp_shard x hsdp_replicate = {hsdp} must equal the denoiser world size ulysses x ring x cfg x "
                 f"pp x dp = {par['ulysses']} x {par['ring']} x {par['cfg']} x {par['pp']} x {par['dp']} = {world}")
+        _check_expert_parallel(base, par)
         if par["cfg"] > 2:
             raise ConfigError(f"{base}.cfg = {par['cfg']}: CFG parallelism splits the conditional and "
                               f"unconditional branch, allowed values are 1 or 2")
         for key in keys:
+            if key == "dp" and par["ep"] > 1:  # the EP group's data-parallel ranks: checked above
+                continue
             if par[key] > 1 and key not in supported:
                 hint = " (more replicas give data parallelism: set replicas instead)" if key == "dp" else ""
                 raise ConfigError(f"{base}.{key} = {par[key]}: not supported yet; this build implements only "
                                   f"{', '.join(sorted(supported))} (set {key} = 1){hint}")
+
+
+def _check_expert_parallel(base: str, par: dict[str, Any]) -> None:
+    """``ep`` and ``all2all_backend`` of the denoiser's table (one rule, ``ParallelSpec``'s: EP spans the
+    ``tp x ulysses x ring x dp`` ranks, vLLM's data-parallel x tensor-parallel with our sequence ranks for vLLM's
+    tensor ranks)."""
+    backend = par.get("all2all_backend", "agrs")
+    if backend not in ALL2ALL_BACKEND_NAMES:
+        raise ConfigError(f"{base}.all2all_backend = {backend!r}: allowed values are "
+                          f"{', '.join(repr(b) for b in ALL2ALL_BACKEND_NAMES)}")
+    span = par["tp"] * par["ulysses"] * par["ring"] * par["dp"]
+    if par["ep"] > 1 and par["ep"] != span:
+        sp = par["ulysses"] * par["ring"]
+        hint = (f"; for ep = {par['ep']} set dp = {par['ep'] // sp} (the data-parallel ranks of the expert "
+                f"group run the same batch)" if par["ep"] % sp == 0 else "")
+        raise ConfigError(f"{base}.ep = {par['ep']}: the expert-parallel group spans the data-parallel x "
+                          f"sequence-parallel ranks, so ep must be 1 or dp x ulysses x ring = {par['dp']} x "
+                          f"{par['ulysses']} x {par['ring']} = {span}{hint}")
 
 
 def _check_values(cfg: RuntimeConfig) -> None:
@@ -257,6 +288,11 @@ def _check_values(cfg: RuntimeConfig) -> None:
         _at_least(f"{base}.threads", st.threads, 0)
         _at_least(f"{base}.batch_timeout_ms", st.batch_timeout_ms, 0, "a number")
         _at_least(f"{base}.max_batch_pixels", st.max_batch_pixels, 0)
+    par = cfg.stages.denoiser.parallel
+    if par.ep > 1 and cfg.model.device == "cpu" and par.all2all_backend not in CPU_ALL2ALL_BACKEND_NAMES:
+        raise ConfigError(f"stages.denoiser.parallel.all2all_backend = {par.all2all_backend!r}: needs CUDA GPUs "
+                          f"and its kernel library, but model.device = 'cpu'; allowed on CPU: "
+                          f"{', '.join(repr(b) for b in CPU_ALL2ALL_BACKEND_NAMES)}")
     for name in STAGE_NAMES:
         st = cfg.stages.get(name)
         need = st.world_size * st.replicas

@@ -39,7 +39,7 @@ class WorkerSpec(msgspec.Struct, kw_only=True):
     max_batch_pixels: int = 0       # width x height summed over one batch (0: no cap)
     instance: str
     parent_pid: int
-    parallel: dict[str, int]
+    parallel: dict[str, int | str]
     threads: int = 1
     pool_outputs: bool = False  # publish through reused segments (the next stage has one rank, the sole reader)
     log_level: str = "INFO"

@@ -111,7 +111,9 @@ class DenoiserEngine:
 
     @classmethod
     def load(cls, path: str | Path, dtype: str, device: str, mesh: Any = None) -> DenoiserEngine:
-        return cls(DenoiserStage.from_pretrained(path, dtype, device, mesh=mesh))
+        from omni_runtime.parallel.all2all import init_expert_parallel  # None unless the mesh has ep > 1
+
+        return cls(DenoiserStage.from_pretrained(path, dtype, device, mesh=mesh, ep_group=init_expert_parallel(mesh)))
 
     @staticmethod
     def request(item: StageItem) -> DenoiseRequest:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -171,8 +171,11 @@ def read_safetensors_header(path: str | Path) -> dict[str, dict[str, Any]]:
 
 
 def load_safetensors(component: str | Path, weights_name: str = DIFFUSERS_WEIGHTS, *,
-                     device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """All tensors of a (possibly sharded) safetensors checkpoint, cast to ``dtype`` (floating tensors only)."""
+                     device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                     skip: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
+    """All tensors of a (possibly sharded) safetensors checkpoint, cast to ``dtype`` (floating tensors only).
+
+    Keys for which ``skip(key)`` is true are not read (e.g. the experts another expert-parallel rank holds)."""
     state: dict[str, torch.Tensor] = {}
     origin: dict[str, Path] = {}
     for path, expected in safetensors_files(component, weights_name).items():
@@ -188,6 +191,8 @@ def load_safetensors(component: str | Path, weights_name: str = DIFFUSERS_WEIGHT
                 for key in keys:
                     if key in origin:
                         raise CheckpointError(f"{path}: key {key!r} is also in {origin[key]}")
+                    if skip is not None and skip(key):
+                        continue
                     t = f.get_tensor(key)
                     if dtype is not None and t.is_floating_point():
                         t = t.to(dtype)

@@ -41,6 +41,20 @@ def _build_wheel(tmp: Path) -> Path:
     return wheel
 
 
+def test_every_package_folder_is_listed_in_pyproject() -> None:
+    # setuptools' explicit ``packages`` list: a folder missing from it is silently left out of the wheel
+    # (parallel/all2all was: a wheel install could not import the expert-parallel managers)
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - Python 3.10
+        import tomli as tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {"omni_runtime." + ".".join(p.parent.relative_to(ROOT).parts)
+             for top in ("runtime", "stages", "parallel", "comm") for p in (ROOT / top).rglob("__init__.py")}
+    assert found == listed
+
+
 def test_wheel_installs_under_one_namespace_next_to_jupyter_comm(tmp_path: Path) -> None:
     # Jupyter's comm, which the test extra installs (found through its distribution: ``import comm`` here would
     # find this checkout's own comm/ folder, since pytest runs from the repo root)

@@ -1,6 +1,8 @@
 """Write a complete tiny diffusers-format FLUX.1-style model: the CLI over ``omni_runtime.stages.models.tiny``.
 
-Usage: ``python tools/make_tiny_model.py OUT_DIR [--preset tiny|small] [--seed N]``.
+Usage: ``python tools/make_tiny_model.py OUT_DIR [--preset tiny|small] [--seed N] [--moe-experts N --moe-top-k K]``.
+
+``--moe-experts`` makes the single-stream blocks' MLP a mixture of experts (our loader reads it; diffusers cannot).
 """
 
 from __future__ import annotations
@@ -17,9 +19,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out_dir", help="directory to write the model into (created if missing)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--moe-experts", type=int, default=0,
+                        help="routed experts in each single-stream block's MoE FFN (0: dense MLP)")
+    parser.add_argument("--moe-top-k", type=int, default=2, help="experts per token (with --moe-experts)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    out = make_tiny_model(args.out_dir, preset=args.preset, seed=args.seed)
+    try:
+        out = make_tiny_model(args.out_dir, preset=args.preset, seed=args.seed, moe_experts=args.moe_experts,
+                              moe_top_k=args.moe_top_k)
+    except ValueError as e:
+        parser.error(str(e).replace("moe_experts=", "--moe-experts ").replace("moe_top_k=", "--moe-top-k "))
     print(out)
     return 0
 

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from omni_runtime.parallel.attention import Attention
+from omni_runtime.parallel.moe import MoEFeedForward, is_local_expert_key
 from omni_runtime.parallel.sp_plan import (
     SequenceParallelInput,
     SequenceParallelModelPlan,
@@ -66,6 +67,12 @@ class FluxConfig:
     pooled_projection_dim: int = 768
     guidance_embeds: bool = False
     axes_dims_rope: tuple[int, ...] = (16, 56, 56)
+    # Mixture of experts in the single-stream blocks (our extension, not a diffusers key: with
+    # moe_num_experts > 0 the blocks' MLP is a parallel.moe.MoEFeedForward and diffusers cannot load the model)
+    moe_num_experts: int = 0
+    moe_top_k: int = 2
+    moe_hidden_dim: int = 0  # 0: the dense MLP's width, 4 x inner_dim
+    moe_shared_expert: bool = True
 
     @classmethod
     def from_dict(cls, config: dict[str, Any], source: str | Path = "config") -> FluxConfig:
@@ -99,6 +106,14 @@ class FluxConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise CheckpointError(f"{source}: {name}={value!r}; expected a non-negative integer")
+        if self.moe_num_experts:
+            for name in ("moe_num_experts", "moe_top_k", "moe_hidden_dim"):
+                value = getattr(self, name)
+                if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                    raise CheckpointError(f"{source}: {name}={value!r}; expected a non-negative integer")
+            if not 1 <= self.moe_top_k <= self.moe_num_experts:
+                raise CheckpointError(f"{source}: moe_top_k={self.moe_top_k!r}; expected 1 <= moe_top_k <= "
+                                      f"moe_num_experts={self.moe_num_experts}")
         if sum(self.axes_dims_rope) != self.attention_head_dim or any(d % 2 for d in self.axes_dims_rope):
             raise CheckpointError(
                 f"{source}: axes_dims_rope={list(self.axes_dims_rope)} must be even numbers summing to "
@@ -319,12 +334,20 @@ class FluxTransformerBlock(nn.Module):
 class FluxSingleTransformerBlock(nn.Module):
     """Single-stream block: text and image share weights; attention and MLP run in parallel."""
 
-    def __init__(self, dim: int, heads: int, head_dim: int, mlp_ratio: float = 4.0):
+    def __init__(self, dim: int, heads: int, head_dim: int, mlp_ratio: float = 4.0, moe: FluxConfig | None = None,
+                 ep_group: Any = None):
         super().__init__()
         mlp_dim = int(dim * mlp_ratio)
         self.norm = AdaNormZero(dim, 3)
-        self.proj_mlp = nn.Linear(dim, mlp_dim)
-        self.proj_out = nn.Linear(dim + mlp_dim, dim)
+        if moe is not None and moe.moe_num_experts:
+            # MoE variant: proj_out projects the attention only, the MoE FFN ``ff`` replaces proj_mlp
+            self.ff = MoEFeedForward(dim, moe.moe_num_experts, moe.moe_top_k, moe.moe_hidden_dim or mlp_dim,
+                                     shared_expert=moe.moe_shared_expert, ep_group=ep_group)
+            self.proj_out = nn.Linear(dim, dim)
+        else:
+            self.ff = None
+            self.proj_mlp = nn.Linear(dim, mlp_dim)
+            self.proj_out = nn.Linear(dim + mlp_dim, dim)
         self.attn = FluxAttention(dim, heads, head_dim, context=False, out_proj=False)
 
     def forward(self, img: torch.Tensor, txt: torch.Tensor, temb: torch.Tensor, img_rot: tuple[torch.Tensor, ...],
@@ -332,11 +355,15 @@ class FluxSingleTransformerBlock(nn.Module):
         n_txt = txt.shape[1]
         h = torch.cat([txt, img], dim=1)  # this rank's tokens: all text, then its image tokens
         x, gate = self.norm(h, temb)
-        mlp = F.gelu(self.proj_mlp(x), approximate="tanh")
         rot = (torch.cat([txt_rot[0], img_rot[0]]), torch.cat([txt_rot[1], img_rot[1]]))
         qkv = self.attn.qkv(x, rot)
         txt_attn, img_attn = self.attn.joint(tuple(t[:, n_txt:] for t in qkv), tuple(t[:, :n_txt] for t in qkv))
-        h = h + gate[:, None] * self.proj_out(torch.cat([torch.cat([txt_attn, img_attn], dim=1), mlp], dim=2))
+        attn = torch.cat([txt_attn, img_attn], dim=1)
+        if self.ff is not None:
+            h = h + gate[:, None] * (self.proj_out(attn) + self.ff(x))
+        else:
+            mlp = F.gelu(self.proj_mlp(x), approximate="tanh")
+            h = h + gate[:, None] * self.proj_out(torch.cat([attn, mlp], dim=2))
         if h.dtype == torch.float16:
             h = h.clip(-65504, 65504)
         return h[:, n_txt:], h[:, :n_txt]
@@ -361,7 +388,8 @@ class FluxTransformer(nn.Module):
         "proj_out": SequenceParallelOutput(gather_dim=1, expected_dims=3),
     }
 
-    def __init__(self, config: FluxConfig):
+    def __init__(self, config: FluxConfig, ep_group: Any = None):
+        """``ep_group``: the expert-parallel ``GroupCoordinator`` of an MoE model (``None``: all experts here)."""
         super().__init__()
         config.validate()
         self.config = config
@@ -374,7 +402,8 @@ class FluxTransformer(nn.Module):
         self.transformer_blocks = nn.ModuleList(
             [FluxTransformerBlock(dim, heads, head_dim) for _ in range(config.num_layers)])
         self.single_transformer_blocks = nn.ModuleList(
-            [FluxSingleTransformerBlock(dim, heads, head_dim) for _ in range(config.num_single_layers)])
+            [FluxSingleTransformerBlock(dim, heads, head_dim, moe=config, ep_group=ep_group)
+             for _ in range(config.num_single_layers)])
         self.norm_out = AdaNormOut(dim)
         self.proj_out = nn.Linear(dim, config.patch_size ** 2 * self.out_channels)
 
@@ -415,8 +444,10 @@ class FluxTransformer(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype | str = torch.float32,
-                        device: str | torch.device = "cpu") -> FluxTransformer:
+                        device: str | torch.device = "cpu", ep_group: Any = None) -> FluxTransformer:
         """Load a diffusers ``transformer/`` directory (or a model directory holding one), strictly.
+
+        With an MoE config and an ``ep_group`` of N ranks, this rank reads only its own experts' tensors.
 
         Sharded checkpoints (``diffusion_pytorch_model.safetensors.index.json``) are supported. Missing or
         unexpected keys and shape mismatches raise ``CheckpointError`` listing them.
@@ -429,8 +460,15 @@ class FluxTransformer(nn.Module):
         config = FluxConfig.from_dict(read_config(path, allowed_classes=CLASS_NAMES), path / "config.json")
         torch_dtype, device = resolve_dtype(dtype), resolve_device(device)
         with torch.device("meta"):
-            model = cls(config)
-        state = load_safetensors(path, DIFFUSERS_WEIGHTS, device=device, dtype=torch_dtype)
+            model = cls(config, ep_group=ep_group)
+        skip = None
+        ep_size = getattr(ep_group, "world_size", 1)
+        if config.moe_num_experts and ep_size > 1:
+            ep_rank = ep_group.rank_in_group
+
+            def skip(key: str) -> bool:
+                return not is_local_expert_key(key, config.moe_num_experts, ep_size, ep_rank)
+        state = load_safetensors(path, DIFFUSERS_WEIGHTS, device=device, dtype=torch_dtype, skip=skip)
         load_into(model, state, path)
         logger.info("loaded FluxTransformer from %s (%d tensors, %s, %s)", path, len(state), torch_dtype, device)
         return model.eval().requires_grad_(False)

@@ -12,6 +12,11 @@ script writes. The result loads with diffusers' own ``FluxPipeline.from_pretrain
 
 From the shell: ``python tools/make_tiny_model.py OUT_DIR [--preset tiny|small] [--seed N]``; the runtime calls
 :func:`make_tiny_model` to create the default model on first use (also from a wheel install).
+
+``--moe-experts N --moe-top-k K`` (``moe_experts=N``) makes an MoE DiT: the single-stream blocks' MLP becomes a
+``parallel.moe.MoEFeedForward`` (N routed SwiGLU experts, top-K routing, one shared expert) and ``proj_out``
+projects only the attention. The directory stays diffusers-format and our loader reads it, but diffusers itself
+cannot load that transformer (its FluxTransformer2DModel has no MoE: unexpected ``ff.*`` keys, no ``proj_mlp``).
 """
 
 from __future__ import annotations
@@ -200,13 +205,45 @@ def _name_fast_t5_tokenizer(model_index: Path) -> None:
     model_index.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
-def make_tiny_model(path: str | Path, preset: str = "tiny", seed: int = 0) -> Path:
+def _make_moe_transformer(transformer_dir: Path, experts: int, top_k: int, seed: int) -> None:
+    """Rewrite ``transformer_dir`` in place as the MoE variant: every weight the dense model shares with it is
+    kept (single-stream ``proj_out`` keeps its attention columns), the MoE FFNs get seeded random weights."""
+    from safetensors.torch import save_file
+
+    from omni_runtime.stages.models.flux import FluxConfig, FluxTransformer
+    from omni_runtime.stages.weights import load_safetensors
+
+    cfg = json.loads((transformer_dir / "config.json").read_text())
+    cfg.update(moe_num_experts=experts, moe_top_k=top_k, moe_hidden_dim=0, moe_shared_expert=True)
+    config = FluxConfig.from_dict(cfg, transformer_dir / "config.json")
+    dense = load_safetensors(transformer_dir)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)
+        state = FluxTransformer(config).state_dict()
+    dim = config.inner_dim
+    for key, value in dense.items():
+        if key.startswith("single_transformer_blocks.") and key.endswith("proj_out.weight"):
+            state[key] = value[:, :dim]
+        elif key in state:
+            state[key] = value
+    save_file({k: v.contiguous() for k, v in state.items()}, str(transformer_dir / "diffusion_pytorch_model.safetensors"))
+    (transformer_dir / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def make_tiny_model(path: str | Path, preset: str = "tiny", seed: int = 0, moe_experts: int = 0,
+                    moe_top_k: int = 2) -> Path:
     """Write a FLUX.1-style diffusers model directory at ``path`` and return it.
 
-    Weights are a function of ``(preset, seed)`` only. ``preset`` is one of ``PRESETS`` (``tiny``, ``small``).
+    Weights are a function of ``(preset, seed, moe_experts, moe_top_k)`` only. ``preset`` is one of ``PRESETS``
+    (``tiny``, ``small``). ``moe_experts > 0`` makes the MoE variant (see the module docstring).
     """
     if preset not in PRESETS:
         raise ValueError(f"preset={preset!r} is not known; allowed: {sorted(PRESETS)}")
+    if isinstance(moe_experts, bool) or not isinstance(moe_experts, int) or moe_experts < 0:
+        raise ValueError(f"moe_experts={moe_experts!r}: must be an integer >= 0 (0: no MoE)")
+    if moe_experts and (isinstance(moe_top_k, bool) or not isinstance(moe_top_k, int)
+                        or not 1 <= moe_top_k <= moe_experts):
+        raise ValueError(f"moe_top_k={moe_top_k!r}: must be an integer from 1 to moe_experts={moe_experts}")
     from diffusers import FluxPipeline
 
     p = PRESETS[preset]
@@ -225,5 +262,7 @@ def make_tiny_model(path: str | Path, preset: str = "tiny", seed: int = 0) -> Pa
     pipe.save_pretrained(out, safe_serialization=True)
     _name_fast_t5_tokenizer(out / "model_index.json")
     _write_clip_vocab_files(out / "tokenizer", clip_vocab, clip_merges)
+    if moe_experts:
+        _make_moe_transformer(out / "transformer", moe_experts, moe_top_k, seed)
     logger.info("wrote %s model (seed %d) to %s", preset, seed, out)
     return out
