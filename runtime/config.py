@@ -28,7 +28,7 @@ STAGE_NAMES = ("text_encoder", "denoiser", "vae")
 # Degrees whose implementation exists in ``parallel``/``stages`` and is wired into the stage processes.
 # Anything else > 1 is rejected with "not supported yet" instead of silently running unsharded.
 SUPPORTED_DENOISER_DEGREES = frozenset({"ulysses", "ring"})
-SUPPORTED_VAE_DEGREES: frozenset[str] = frozenset()
+SUPPORTED_VAE_DEGREES: frozenset[str] = frozenset({"patch"})
 
 
 class ConfigError(ValueError):
@@ -93,6 +93,7 @@ class DenoiserStageConfig(StageConfig, kw_only=True):
 
 class VaeStageConfig(StageConfig, kw_only=True):
     parallel: VaeParallelConfig = msgspec.field(default_factory=VaeParallelConfig)
+    tiling: bool = False  # diffusers' tiled decode: approximate, single rank; patch parallelism is the exact one
 
     @property
     def world_size(self) -> int:
@@ -117,7 +118,7 @@ class RuntimeConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 # --- the schema the checker walks: key -> (kind, allowed text) or a nested schema ---------------------------
 
-_INT, _FLOAT, _STR, _DEVICES = "int", "float", "str", "devices"
+_INT, _FLOAT, _STR, _DEVICES, _BOOL = "int", "float", "str", "devices", "bool"
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?|\d+)$")
 
 _STAGE_KEYS: dict[str, Any] = {"replicas": _INT, "max_batch_size": _INT, "batch_timeout_ms": _FLOAT,
@@ -128,7 +129,7 @@ _SCHEMA: dict[str, Any] = {
     "stages": {
         "text_encoder": dict(_STAGE_KEYS),
         "denoiser": {**_STAGE_KEYS, "parallel": dict.fromkeys(DenoiserParallelConfig.__struct_fields__, _INT)},
-        "vae": {**_STAGE_KEYS, "parallel": {"patch": _INT}},
+        "vae": {**_STAGE_KEYS, "tiling": _BOOL, "parallel": {"patch": _INT}},
     },
 }
 _REQUIRED = {("model",): ["path"], (): ["model"]}
@@ -159,6 +160,9 @@ def _check_types(raw: dict[str, Any], schema: dict[str, Any], prefix: tuple[str,
         elif kind == _FLOAT:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ConfigError(f"{path} = {_describe(value)}: must be a finite number")
+        elif kind == _BOOL:
+            if not isinstance(value, bool):
+                raise ConfigError(f"{path} = {_describe(value)}: must be true or false")
         elif kind == _STR:
             if not isinstance(value, str):
                 raise ConfigError(f"{path} = {_describe(value)}: must be a string")
@@ -219,6 +223,10 @@ def _check_values(cfg: RuntimeConfig) -> None:
     if cfg.stages.vae.parallel.patch > 1 and "patch" not in SUPPORTED_VAE_DEGREES:
         raise ConfigError(f"stages.vae.parallel.patch = {cfg.stages.vae.parallel.patch}: not supported yet; "
                           f"this build runs the VAE on one rank (set patch = 1)")
+    if cfg.stages.vae.tiling and cfg.stages.vae.parallel.patch > 1:
+        raise ConfigError(f"stages.vae.tiling = true with stages.vae.parallel.patch = {cfg.stages.vae.parallel.patch}: "
+                          "tiling is the approximate single-rank memory saver, patch parallelism the exact "
+                          "multi-rank one; allowed: one of them (tiling = false or patch = 1)")
     for name in STAGE_NAMES:
         st = cfg.stages.get(name)
         need = st.world_size * st.replicas

@@ -74,7 +74,7 @@ class ReplicaProcs:
                 in_addr=self.in_addr, out_addr=self.launcher.result_addr,
                 max_batch_size=st.max_batch_size, batch_timeout_ms=st.batch_timeout_ms,
                 instance=self.launcher.instance, parent_pid=os.getpid(), parallel=parallel, threads=threads,
-                pool_outputs=pool,
+                pool_outputs=pool, vae_tiling=self.stage == "vae" and cfg.stages.vae.tiling,
                 log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel()))
             p = _CTX.Process(target=worker_main, args=(msgspec.msgpack.encode(spec),),
                              name=f"{self.label}-rank{rank}", daemon=True)

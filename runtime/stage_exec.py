@@ -98,10 +98,11 @@ class DenoiserExecutor(StageExecutor):
 class VaeExecutor(StageExecutor):
     name = "vae"
 
-    def __init__(self, path: str, dtype: str, device: str) -> None:
+    def __init__(self, path: str, dtype: str, device: str, *, group: Any = None, tiling: bool = False) -> None:
         from omni_runtime.stages.vae import VaeDecoderStage
 
-        self.stage = VaeDecoderStage.from_pretrained(path, dtype, device)
+        # group: the patch group (every rank of it runs each batch; the driver, group rank 0, gets the images)
+        self.stage = VaeDecoderStage.from_pretrained(path, dtype, device, group=group, tiling=tiling)
 
     def batch_key(self, w: Work) -> tuple:
         return (w.params.width, w.params.height)
@@ -110,7 +111,9 @@ class VaeExecutor(StageExecutor):
         lat = torch.stack([shm_tensor.get(w.inputs) for w in items])
         p = items[0].params
         images = self.stage.decode(lat, p.height, p.width)
-        return [encode_image(img, w.params.output_format) if publish else None for img, w in zip(images, items, strict=True)]
+        if not publish:  # a patch follower: its rows went to the driver
+            return [None] * len(items)
+        return [encode_image(img, w.params.output_format) for img, w in zip(images, items, strict=True)]
 
 
 EXECUTORS: dict[str, type[StageExecutor]] = {

@@ -40,6 +40,7 @@ class WorkerSpec(msgspec.Struct, kw_only=True):
     parallel: dict[str, int]
     threads: int = 1
     pool_outputs: bool = False  # publish through a ShmPool (the next stage has one rank, the sole reader)
+    vae_tiling: bool = False  # [stages.vae] tiling (diffusers' approximate tiled decode)
     log_level: str = "INFO"
 
 
@@ -79,6 +80,24 @@ def _init_distributed(spec: WorkerSpec) -> None:
                                "not available in this build")
 
 
+def _vae_options(spec: WorkerSpec) -> dict:
+    """VAE patch parallelism: the patch group over all ranks of the replica, and the tiling flag.
+
+    Kept apart so the mesh can replace the group with ``mesh.group("vae_patch")``; the group must be built on
+    every rank of the replica (group creation is collective)."""
+    if spec.stage != "vae":
+        return {}
+    opts: dict = {"tiling": spec.vae_tiling}
+    if spec.world_size > 1:
+        from omni_runtime.parallel.group_coordinator import GroupCoordinator
+
+        cuda = spec.device.startswith("cuda")
+        local = int(spec.device.split(":")[1]) if cuda and ":" in spec.device else 0 if cuda else spec.rank
+        opts["group"] = GroupCoordinator([list(range(spec.world_size))], local, "nccl" if cuda else "gloo",
+                                         group_name="vae_patch")
+    return opts
+
+
 def worker_main(spec_bytes: bytes) -> None:
     """Entry point of a rank process (``multiprocessing`` target); ``spec_bytes`` is a msgspec-encoded spec."""
     spec = msgspec.msgpack.decode(spec_bytes, type=WorkerSpec)
@@ -106,7 +125,7 @@ def worker_main(spec_bytes: bytes) -> None:
     from omni_runtime.runtime.rank_fanout import RankFanout
     from omni_runtime.runtime.stage_exec import EXECUTORS
 
-    executor = EXECUTORS[spec.stage](spec.model_path, spec.dtype, spec.device)
+    executor = EXECUTORS[spec.stage](spec.model_path, spec.dtype, spec.device, **_vae_options(spec))
     pool = shm_tensor.ShmPool(max_bytes=256 << 20) if spec.pool_outputs and spec.rank == 0 else None
     if pool is not None:
         executor.use_pool(pool)

@@ -113,6 +113,8 @@ class VaeDecoderStage:
         if z.shape[2] < self.patch.world_size:
             logger.info("%d latent rows < %d patch ranks: decoding on the driver alone", z.shape[2],
                         self.patch.world_size)
+            # the barrier: every rank has read its inputs before the driver returns (and releases them)
+            self.patch.group.barrier()
             return self.vae.decode(z, return_dict=False)[0] if self.patch.rank == 0 else None
         return patch_decode(self.vae, z, self.patch)
 

@@ -6,9 +6,15 @@ process (fp32); tolerance: max |delta| <= 1e-5 x max |reference|.
 
 from __future__ import annotations
 
+import base64
+import io
+import signal
 import sys
+import threading
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -113,3 +119,64 @@ def test_patch_decode_refuses_fewer_rows_than_ranks(tiny_dir):
     """The mechanism itself refuses (the stage falls back before calling it, tested above)."""
     msgs = run_workers(_too_few_rows_worker, 3, args=(str(tiny_dir),), init_process_group=True, timeout=120)
     assert all("2 latent rows cannot be split over 3 patch ranks" in m for m in msgs), msgs
+
+
+# --------------------------------------------------------------------------- through serve
+
+def _b64_image(r) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"]))))
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.timeout(400)
+def test_serve_patch2_matches_patch1_and_recovers_from_a_follower_kill(tmp_path):
+    import httpx
+    from test_server_harness import Server
+
+    from omni_runtime.runtime import Omni
+
+    server = Server(tmp_path, base_config="patch2.toml")
+    try:
+        titles = sorted(" ".join(p.cmdline()).strip() for p in server.stage_procs())
+        assert "omni-runtime: vae[0] rank 1/2" in titles, titles
+        body = {"prompt": "a lighthouse", "seed": 5, "size": "208x272", "num_inference_steps": 2}
+        r = httpx.post(server.url + "/v1/images/generations", json=body, headers=server.headers, timeout=120)
+        assert r.status_code == 200, r.text
+        served = _b64_image(r)
+
+        # SIGKILL the VAE follower while it decodes: the in-flight request gets a 503 naming the VAE
+        follower = next(p for p in server.stage_procs() if "vae[0] rank 1/2" in " ".join(p.cmdline()))
+        result: dict = {}
+        big = {"prompt": "big", "seed": 1, "size": "2048x2048", "num_inference_steps": 1}
+
+        def post() -> None:
+            result["r"] = httpx.post(server.url + "/v1/images/generations", json=big, headers=server.headers,
+                                     timeout=200)
+
+        t = threading.Thread(target=post)
+        base = sum(follower.cpu_times()[:2])
+        t.start()
+        end = time.monotonic() + 150
+        while sum(follower.cpu_times()[:2]) - base < 0.3:  # the follower started decoding
+            assert time.monotonic() < end and "r" not in result, "the follower never started decoding"
+            time.sleep(0.02)
+        follower.send_signal(signal.SIGKILL)
+        t.join(60)
+        r = result["r"]
+        assert r.status_code == 503 and "vae[0] rank 1" in r.json()["error"]["message"], r.text
+        r = httpx.post(server.url + "/v1/images/generations", json=body, headers=server.headers, timeout=180)
+        assert r.status_code == 200, r.text
+        assert np.array_equal(_b64_image(r), served)
+        assert "vae[0] ready (generation 2)" in server.log_text()
+    finally:
+        server.stop()
+    assert server.shm_entries() == []
+    patch1 = tmp_path / "patch1.toml"
+    patch1.write_text(server.config_path.read_text().replace("patch = 2", "patch = 1"))
+    with Omni(patch1, in_process=True) as omni:
+        ref = np.asarray(omni.generate("a lighthouse", seed=5, size="208x272", num_inference_steps=2)[0])
+    diff = np.abs(served.astype(int) - ref.astype(int))
+    assert served.shape == ref.shape == (272, 208, 3) and diff.max() <= 1, diff.max()
