@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("check", help="validate a config and print the resolved process layout")
     p.add_argument("config", help="TOML config file")
+    p.add_argument("--size", default=None, help="WxH image the VAE patch ranks' row ranges are printed for "
+                                                "(default 256x256)")
 
     p = sub.add_parser("serve", help="start the stage processes and the OpenAI-compatible HTTP server")
     p.add_argument("config", help="TOML config file")
@@ -86,10 +88,12 @@ def _add_request_args(p: argparse.ArgumentParser) -> None:
 def _cmd_check(args: argparse.Namespace) -> int:
     from omni_runtime.runtime.layout import format_layout
     from omni_runtime.runtime.model_store import model_status
+    from omni_runtime.runtime.requests import DEFAULT_SIZE, parse_size
 
     cfg = load_config(args.config)
+    size = parse_size(args.size if args.size is not None else DEFAULT_SIZE, "--size")
     status = model_status(cfg.model.path)
-    print(format_layout(cfg))
+    print(format_layout(cfg, size))
     print(f"model directory: {status}")
     print("config OK")
     return EXIT_OK

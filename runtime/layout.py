@@ -69,8 +69,27 @@ def resolve_layout(cfg: RuntimeConfig) -> list[ReplicaLayout]:
     return out
 
 
-def format_layout(cfg: RuntimeConfig) -> str:
-    """A human-readable description of the layout, as printed by ``omni-runtime check``."""
+#: pixels per latent row of the FLUX VAE (and the tiny model's): what ``check`` assumes for the VAE row split
+VAE_SCALE_FACTOR = 8
+
+
+def vae_row_lines(patch: int, width: int, height: int, scale: int = VAE_SCALE_FACTOR) -> list[str]:
+    """One line per VAE patch rank: the latent rows and image rows it decodes for a ``width x height`` image."""
+    from omni_runtime.parallel.vae_patch_parallel import vae_row_ranges
+
+    rows = height // scale
+    ranges = vae_row_ranges(rows, patch)
+    if any(e == s for s, e in ranges):
+        return [f"  vae rows for {width}x{height}: {rows} latent rows < {patch} patch ranks, rank 0 decodes alone"]
+    out = [f"  vae rows for {width}x{height} ({rows} latent rows, {scale} pixels each):"]
+    out += [f"    rank {r}: latent rows [{s}, {e}) -> image rows [{s * scale}, {e * scale})"
+            for r, (s, e) in enumerate(ranges)]
+    return out
+
+
+def format_layout(cfg: RuntimeConfig, size: tuple[int, int] | None = None) -> str:
+    """A human-readable description of the layout, as printed by ``omni-runtime check``; ``size`` (width,
+    height) is the image the VAE patch ranks' row ranges are printed for."""
     lines = [f"config: {cfg.source or '(in code)'}",
              f"model: {cfg.model.path} ({cfg.model.dtype} on {cfg.model.device})",
              f"server: http://{cfg.server.host}:{cfg.server.port} (auth: {'on' if cfg.server.api_key else 'off'}, "
@@ -86,8 +105,12 @@ def format_layout(cfg: RuntimeConfig) -> str:
                          f", hsdp {p.hsdp_shard}x{p.hsdp_replicate}")
             elif rep.stage == "vae":
                 extra = f", patch {cfg.stages.vae.parallel.patch}"
+                if cfg.stages.vae.tiling:
+                    extra += ", tiling (approximate)"
             lines.append(f"stage {rep.stage}: {st.replicas} replica(s) x {rep.world_size} rank(s), "
                          f"max_batch_size {st.max_batch_size}, batch_timeout_ms {st.batch_timeout_ms:g}{extra}")
+            if rep.stage == "vae" and rep.world_size > 1 and size is not None:
+                lines.extend(vae_row_lines(rep.world_size, *size))
         for rk in rep.ranks:
             total += 1
             groups = " ".join(f"{k}={v}" for k, v in rk.groups.items())

@@ -43,7 +43,7 @@ class Omni:
 
             ensure_model(self.cfg.model.path)
             self._pipeline = Pipeline.from_pretrained(self.cfg.model.path, self.cfg.model.dtype,
-                                                      self.cfg.model.device)
+                                                      self.cfg.model.device, vae_tiling=self.cfg.stages.vae.tiling)
         else:
             self._start_processes()
 

@@ -39,11 +39,12 @@ class Pipeline:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: str | torch.dtype = "float32",
-                        device: str | torch.device = "cpu") -> Pipeline:
-        """Load all three stages from a diffusers-format FLUX model directory."""
+                        device: str | torch.device = "cpu", *, vae_tiling: bool = False) -> Pipeline:
+        """Load all three stages from a diffusers-format FLUX model directory (``vae_tiling``: diffusers' tiled,
+        approximate decode)."""
         return cls(TextEncoderStage.from_pretrained(path, dtype, device),
                    DenoiserStage.from_pretrained(path, dtype, device),
-                   VaeDecoderStage.from_pretrained(path, dtype, device))
+                   VaeDecoderStage.from_pretrained(path, dtype, device, tiling=vae_tiling))
 
     def requests(self, prompt: str | list[str], *, negative_prompt: str | list[str] | None = None,
                  seed: int | list[int] = 0, num_inference_steps: int = 28, height: int = 1024,

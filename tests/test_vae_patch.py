@@ -180,3 +180,60 @@ def test_serve_patch2_matches_patch1_and_recovers_from_a_follower_kill(tmp_path)
         ref = np.asarray(omni.generate("a lighthouse", seed=5, size="208x272", num_inference_steps=2)[0])
     diff = np.abs(served.astype(int) - ref.astype(int))
     assert served.shape == ref.shape == (272, 208, 3) and diff.max() <= 1, diff.max()
+
+
+# --------------------------------------------------------------------------- check and tiling
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_check_prints_each_vae_rank_row_range(capsys):
+    from omni_runtime.runtime.cli import main
+
+    assert main(["check", str(ROOT / "configs" / "patch2.toml"), "--size", "1024x272"]) == 0
+    out = capsys.readouterr().out
+    assert "rank 0: latent rows [0, 17) -> image rows [0, 136)" in out
+    assert "rank 1: latent rows [17, 34) -> image rows [136, 272)" in out
+    assert main(["check", str(ROOT / "configs" / "patch2.toml"), "--size", "1024x16"]) == 0
+    assert "rank 1: latent rows [1, 2) -> image rows [8, 16)" in capsys.readouterr().out  # 2 rows: 1 + 1
+
+
+def test_vae_row_lines_fallback_and_uneven():
+    from omni_runtime.runtime.layout import vae_row_lines
+
+    assert vae_row_lines(3, 1024, 16) == ["  vae rows for 1024x16: 2 latent rows < 3 patch ranks, rank 0 decodes alone"]
+    lines = vae_row_lines(4, 208, 272)
+    assert lines[-1] == "    rank 3: latent rows [26, 34) -> image rows [208, 272)"
+
+
+@pytest.mark.parametrize("size", ["10x10", "abc", "4096x16"])
+def test_check_rejects_a_bad_size(capsys, size):
+    from omni_runtime.runtime.cli import main
+
+    assert main(["check", str(ROOT / "configs" / "patch2.toml"), "--size", size]) == 2
+    assert f"--size='{size}'" in capsys.readouterr().err
+
+
+def test_tiling_is_diffusers_tiled_decode_and_approximate(tiny_dir):
+    from omni_runtime.stages.vae import VaeDecoderStage
+
+    exact = VaeDecoderStage.from_pretrained(tiny_dir)
+    tiled = VaeDecoderStage.from_pretrained(tiny_dir, tiling=True)
+    assert tiled.vae.use_tiling and not exact.vae.use_tiling
+    z = torch.randn(1, 16, 64, 48, generator=torch.Generator().manual_seed(3))  # 512x384: more than one tile
+    with torch.no_grad():
+        got = tiled.decode_latents(z)
+        assert torch.equal(got, tiled.vae.tiled_decode(z, return_dict=False)[0])
+        ref = exact.decode_latents(z)
+    delta = float((got - ref).abs().max())
+    assert got.shape == ref.shape and 0 < delta < 1.0, delta
+
+
+def test_tiling_with_patch_is_refused():
+    from omni_runtime.stages.vae import VaeDecoderStage
+
+    class Two:
+        world_size = 2
+
+    with pytest.raises(ValueError, match="cannot be combined"):
+        VaeDecoderStage(torch.nn.Module(), torch.float32, torch.device("cpu"), group=Two(), tiling=True)
