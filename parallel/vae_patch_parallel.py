@@ -59,11 +59,13 @@ class PatchStats:
     norm_all_reduce_bytes: int = 0
     gather_bytes: int = 0
     per_conv_halo_bytes: list[int] = field(default_factory=list)
+    per_conv_input_bytes: list[int] = field(default_factory=list)  # this rank's band, for the same convs
 
     def reset(self) -> None:
         self.halo_bytes_sent = self.halo_exchanges = self.norm_all_reduces = 0
         self.norm_all_reduce_bytes = self.gather_bytes = 0
         self.per_conv_halo_bytes.clear()
+        self.per_conv_input_bytes.clear()
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -133,9 +135,21 @@ class PatchGroup:
         above, below = self.exchange_halo(x, ph)
         self.stats.halo_exchanges += 1
         self.stats.per_conv_halo_bytes.append(self.stats.halo_bytes_sent - sent_before)
-        zeros = x.new_zeros(x.shape[0], x.shape[1], ph, x.shape[3])
-        x = torch.cat([above if above is not None else zeros, x, below if below is not None else zeros], dim=2)
-        return F.conv2d(x, conv.weight, conv.bias, stride=1, padding=(0, pw))
+        self.stats.per_conv_input_bytes.append(_nbytes(x))
+        # the interior rows need no halo: convolve the band as it is (zero rows where the halo goes), then redo
+        # the ph edge rows on each side that a neighbour's rows reach, from a thin window (no copy of the band)
+        if x.shape[2] < 2 * ph:  # a band thinner than the edge windows: pad it whole (it is small)
+            zeros = x.new_zeros(x.shape[0], x.shape[1], ph, x.shape[3])
+            x = torch.cat([zeros if above is None else above, x, zeros if below is None else below], dim=2)
+            return F.conv2d(x, conv.weight, conv.bias, stride=1, padding=(0, pw))
+        out = F.conv2d(x, conv.weight, conv.bias, stride=1, padding=(ph, pw))
+        if above is not None:
+            window = torch.cat([above, x[:, :, :2 * ph]], dim=2)
+            out[:, :, :ph] = F.conv2d(window, conv.weight, conv.bias, stride=1, padding=(0, pw))[:, :, :ph]
+        if below is not None:
+            window = torch.cat([x[:, :, -2 * ph:], below], dim=2)
+            out[:, :, -ph:] = F.conv2d(window, conv.weight, conv.bias, stride=1, padding=(0, pw))[:, :, -ph:]
+        return out
 
     # ------------------------------------------------------------------ GroupNorm
     def _sum_over_group(self, t: torch.Tensor) -> torch.Tensor:
@@ -158,14 +172,19 @@ class PatchGroup:
             return norm(x)
         count = (c // g) * total_rows * w
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        xf = x.reshape(b, g, -1).to(acc)
-        mean = self._sum_over_group(xf.sum(dim=2)) / count
-        centered = xf - mean[:, :, None]
-        var = self._sum_over_group(centered.pow(2).sum(dim=2)) / count
-        y = centered * torch.rsqrt(var + norm.eps)[:, :, None]
-        y = y.reshape(b, c, h, w)
+        # one group at a time: the temporaries are 1/g of the band, never a full fp32 copy of it
+        xg = x.reshape(b, g, -1)
+        sums = torch.stack([xg[:, i].sum(dim=1, dtype=acc) for i in range(g)], dim=1)
+        mean = self._sum_over_group(sums) / count
+        m2 = torch.stack([(xg[:, i].to(acc) - mean[:, i, None]).square_().sum(dim=1) for i in range(g)], dim=1)
+        var = self._sum_over_group(m2) / count
+        # like torch's own kernel: y = x * scale + shift with per-(image, channel) scale and shift
+        scale = torch.rsqrt(var + norm.eps).repeat_interleave(c // g, dim=1)
+        shift = -mean.repeat_interleave(c // g, dim=1) * scale
         if norm.affine:
-            y = y * norm.weight.to(acc)[None, :, None, None] + norm.bias.to(acc)[None, :, None, None]
+            scale = scale * norm.weight.to(acc)
+            shift = shift * norm.weight.to(acc) + norm.bias.to(acc)
+        y = torch.addcmul(shift[:, :, None, None], x.to(acc), scale[:, :, None, None])
         return y.to(x.dtype)
 
     # ------------------------------------------------------------------ attention
