@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -77,7 +78,7 @@ class PatchGroup:
     ``world_size``, ``rank_in_group``, ``send``, ``recv``, ``all_reduce``, ``gather`` and, for attention,
     ``ranks``/``device_group``/``cpu_group``). With a group of one rank every operation is the plain local one."""
 
-    def __init__(self, group, stats: PatchStats | None = None) -> None:
+    def __init__(self, group: Any, stats: PatchStats | None = None) -> None:
         self.group = group
         self.world_size = int(group.world_size)
         self.rank = int(group.rank_in_group)

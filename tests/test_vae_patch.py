@@ -69,6 +69,33 @@ def test_patch_decode_equals_single_rank(tiny_dir, world):
         assert all(r["none"] for r in rank_results)
 
 
+def _wider_vae_worker(rank: int, world: int, rows: int, cols: int) -> float:
+    """A VAE unlike the tiny one: 2 layers per block (3 resnets per up block), 8 groups, channel changes that
+    need the 1x1 shortcut, 4 latent channels, 4x upsampling; the same random weights on every rank."""
+    from diffusers import AutoencoderKL
+
+    from omni_runtime.stages.vae import VaeDecoderStage
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
+                        up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(16, 24, 32),
+                        layers_per_block=2, latent_channels=4, norm_num_groups=8, sample_size=64).eval()
+    stage = VaeDecoderStage(vae, torch.float32, torch.device("cpu"), group=_group(rank, world))
+    z = torch.randn(2, 4, rows, cols, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        got = stage.decode_latents(z)
+        if rank != 0:
+            return 0.0
+        ref = vae.decode(z, return_dict=False)[0]
+    assert got.shape == ref.shape == (2, 3, rows * 4, cols * 4)
+    return float((got - ref).abs().max() / ref.abs().max())
+
+
+def test_patch_decode_of_a_deeper_vae_with_uneven_rows():
+    rels = run_workers(_wider_vae_worker, 3, args=(41, 12), init_process_group=True, timeout=300)  # 14, 14, 13
+    assert rels[0] <= REL_TOL, rels
+
+
 def _norm_worker(rank: int, world: int, rows: int) -> float:
     from omni_runtime.parallel.vae_patch_parallel import PatchGroup
 
