@@ -104,8 +104,8 @@ class VaeDecoderStage:
         patch ranks other than group rank 0.
 
         Patch-parallel when the group has more ranks than 1 and every rank gets at least one latent row; with
-        fewer latent rows than ranks, group rank 0 decodes alone (the same numbers, no collectives) and the
-        others return ``None``."""
+        fewer latent rows than ranks, group rank 0 decodes alone (the single-rank numbers; the ranks only meet at a
+        barrier) and the others return ``None``."""
         if self.patch is None:
             return self.vae.decode(z, return_dict=False)[0]
         from omni_runtime.stages.vae_patch_decode import patch_decode
