@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
-import socket
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,21 +27,15 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
+from omni_runtime.comm.node import node_id
 from omni_runtime.comm.serde import decode_from_bytes as _decode_bytes
 from omni_runtime.comm.serde import encode_to_bytes as _encode_bytes
+from omni_runtime.comm.tensor_meta import TensorMeta
 from omni_runtime.parallel.device_communicator import DeviceCommunicatorBase, all_gather_single
 
 logger = logging.getLogger(__name__)
 
 _name_counter = itertools.count()
-
-
-class TensorMeta(msgspec.Struct, array_like=True, frozen=True):
-    """What a receiver needs to allocate a tensor before it arrives."""
-
-    dtype: str
-    shape: list[int]
-    device_type: str
 
 
 class DictEntry(msgspec.Struct, array_like=True):
@@ -54,31 +46,6 @@ class DictEntry(msgspec.Struct, array_like=True):
     value: Any = None
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def _dtype_from_name(name: str) -> torch.dtype:
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"unknown tensor dtype {name!r} in tensor-dict metadata")
-    return dtype
-
-
-def _node_key() -> str:
-    """Identifies the shared-memory domain of this process: host, boot and the /dev/shm mount."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            boot_id = f.read().strip()
-    except OSError:
-        boot_id = "?"
-    try:
-        shm_dev = str(os.stat("/dev/shm").st_dev)
-    except OSError:
-        shm_dev = "?"
-    return f"{socket.gethostname()}|{boot_id}|{shm_dev}"
-
-
 def in_the_same_node_as(pg: Any, source_rank: int = 0) -> list[bool]:
     """Collective over ``pg``: for each rank of ``pg``, whether it shares a node with ``source_rank``.
 
@@ -86,7 +53,7 @@ def in_the_same_node_as(pg: Any, source_rank: int = 0) -> list[bool]:
     ranks can reach each other's shared memory. ``pg`` is a torch.distributed (gloo) group or a
     :class:`comm.stateless_pg.StatelessProcessGroup`; ``source_rank`` is a rank in ``pg``.
     """
-    key = _node_key()
+    key = node_id()
     if hasattr(pg, "all_gather_obj"):  # StatelessProcessGroup: objects through its store
         keys = pg.all_gather_obj(key)
         if not 0 <= source_rank < len(keys):
@@ -205,33 +172,7 @@ class GroupCoordinator:
         return (f"GroupCoordinator({self.unique_name}, ranks={self.ranks}, rank={self.rank}, "
                 f"rank_in_group={self.rank_in_group})")
 
-    # ------------------------------------------------------------------ neighbours
-    @property
-    def first_rank(self) -> int:
-        return self.ranks[0]
-
-    @property
-    def last_rank(self) -> int:
-        return self.ranks[-1]
-
-    @property
-    def is_first_rank(self) -> bool:
-        return self.rank == self.first_rank
-
-    @property
-    def is_last_rank(self) -> bool:
-        return self.rank == self.last_rank
-
-    @property
-    def next_rank(self) -> int:
-        """Global rank of the next rank in the group (wrapping)."""
-        return self.ranks[(self.rank_in_group + 1) % self.world_size]
-
-    @property
-    def prev_rank(self) -> int:
-        """Global rank of the previous rank in the group (wrapping)."""
-        return self.ranks[(self.rank_in_group - 1) % self.world_size]
-
+    # ------------------------------------------------------------------ argument checks
     def _check_group_rank(self, name: str, value: int) -> None:
         if not 0 <= value < self.world_size:
             raise ValueError(f"{name}={value} is not a rank of group {self.group_name} (size {self.world_size})")
@@ -366,7 +307,7 @@ class GroupCoordinator:
         tensors: list[torch.Tensor] = []
         for key, value in tensor_dict.items():
             if isinstance(value, torch.Tensor):
-                meta = TensorMeta(_dtype_name(value.dtype), list(value.shape), value.device.type)
+                meta = TensorMeta.of(value)
                 entries.append(DictEntry(key, meta))
                 tensors.append(value)
             else:
@@ -375,7 +316,7 @@ class GroupCoordinator:
 
     def _alloc(self, meta: TensorMeta) -> torch.Tensor:
         device = torch.device("cpu") if meta.device_type == "cpu" else self.device
-        return torch.empty(meta.shape, dtype=_dtype_from_name(meta.dtype), device=device)
+        return torch.empty(meta.shape, dtype=meta.torch_dtype(), device=device)
 
     def _tensor_group(self, tensor: torch.Tensor) -> ProcessGroup:
         return self.cpu_group if tensor.device.type == "cpu" else self.device_group

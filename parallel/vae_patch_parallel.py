@@ -7,25 +7,28 @@ Every rank holds a contiguous band of rows (:func:`vae_row_ranges`) of every act
   top and bottom with zeros, and convolves: the same numbers as the unsplit conv.
 - GroupNorm reduces its statistics over the whole image: the fp32 sum per (image, group) is all-reduced, then the
   fp32 sum of squared deviations from that global mean (two small all-reduces; no E[x²] - E[x]² cancellation).
-- Self-attention runs through the project's sequence-parallel attention (``parallel.attention.sp_attention``,
-  Ring over the patch group; uneven shards are padded and masked there).
+- Self-attention runs through the project's sequence-parallel attention (``parallel.attention.sp_attention``
+  with an explicit ``SPMesh`` whose sp and ring groups are the patch group: Ring attention, K/V passed around by
+  the group communicator's batched p2p; uneven shards are padded and masked there).
 - The output rows are gathered to group rank 0.
 
 Nearest 2x upsampling is local: a band ``[a, b)`` becomes ``[2a, 2b)``. Everything takes the group explicitly
-(a ``GroupCoordinator``); nothing here reads global state. :class:`PatchStats` counts what crossed the wire.
+(a ``GroupCoordinator``, in the stage processes ``mesh.group("vae_patch")`` of the replica's ``parallel.mesh.Mesh``)
+and every byte goes through that group's ``DeviceCommunicatorBase`` (send/recv, all_reduce, gather, batched p2p);
+nothing here reads global state. :class:`PatchStats` counts what the decode exchanged (the communicator's own
+``CommStats`` count the bytes by kind).
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from omni_runtime.parallel.attention import SPMesh, sp_attention
-from omni_runtime.parallel.attention.sp_attention import LOCAL_MESH
+from omni_runtime.parallel.group_coordinator import GroupCoordinator
 
 logger = logging.getLogger(__name__)
 
@@ -74,11 +77,10 @@ def _nbytes(t: torch.Tensor) -> int:
 
 
 class PatchGroup:
-    """The patch-parallel operations of one rank over ``group`` (a ``GroupCoordinator``-like object with
-    ``world_size``, ``rank_in_group``, ``send``, ``recv``, ``all_reduce``, ``gather`` and, for attention,
-    ``ranks``/``device_group``/``cpu_group``). With a group of one rank every operation is the plain local one."""
+    """The patch-parallel operations of one rank over ``group`` (a ``GroupCoordinator``: ``mesh.group("vae_patch")``).
+    With a group of one rank every operation is the plain local one."""
 
-    def __init__(self, group: Any, stats: PatchStats | None = None) -> None:
+    def __init__(self, group: GroupCoordinator, stats: PatchStats | None = None) -> None:
         self.group = group
         self.world_size = int(group.world_size)
         self.rank = int(group.rank_in_group)
@@ -189,16 +191,19 @@ class PatchGroup:
         return y.to(x.dtype)
 
     # ------------------------------------------------------------------ attention
-    def _sp_mesh(self) -> SPMesh:
+    def sp_mesh(self) -> SPMesh:
+        """The attention's view of the patch group: sequence-parallel over all of it, as Ring (the Ulysses side is
+        a group of this rank alone), fp32 merging of the partial results."""
         if self._mesh is None:
-            self._mesh = SPMesh(sp=self.group, ulysses=_Solo(), ring=self.group)
+            solo = GroupCoordinator.single(self.group.rank, group_name="vae_patch_ulysses")
+            self._mesh = SPMesh(sp=self.group, ulysses=solo, ring=self.group, convert_to_fp32=True)
         return self._mesh
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         """Self-attention of this rank's queries over every rank's keys: (batch, local_seq, heads, head_dim)."""
         if self.world_size == 1:
-            return sp_attention(q, k, v, scale=scale, mesh=LOCAL_MESH)
-        return sp_attention(q, k, v, scale=scale, mesh=self._sp_mesh(), convert_to_fp32=True)
+            return sp_attention(q, k, v, scale=scale, local=True)
+        return sp_attention(q, k, v, scale=scale, mesh=self.sp_mesh())
 
     # ------------------------------------------------------------------ gather
     def gather_rows(self, x: torch.Tensor, rows: list[tuple[int, int]], dst: int = 0) -> torch.Tensor | None:
@@ -222,11 +227,3 @@ class PatchGroup:
         parts = [full[:, :, r * top: r * top + n] for r, n in enumerate(counts)]
         return torch.cat(parts, dim=2)
 
-
-class _Solo:
-    """The Ulysses side of the patch mesh: a group of one rank (attention over the patch group is Ring only)."""
-
-    world_size = 1
-    rank_in_group = 0
-    ranks = (0,)
-    device_group = cpu_group = None

@@ -45,7 +45,7 @@ class StageExecutor:
 class TextEncoderExecutor(StageExecutor):
     name = "text_encoder"
 
-    def __init__(self, path: str, dtype: str, device: str) -> None:
+    def __init__(self, path: str, dtype: str, device: str, mesh: Any = None) -> None:
         from omni_runtime.stages.text_encoder import TextEncoderStage
 
         self.stage = TextEncoderStage.from_pretrained(path, dtype, device)
@@ -69,10 +69,10 @@ class TextEncoderExecutor(StageExecutor):
 class DenoiserExecutor(StageExecutor):
     name = "denoiser"
 
-    def __init__(self, path: str, dtype: str, device: str) -> None:
+    def __init__(self, path: str, dtype: str, device: str, mesh: Any = None) -> None:
         from omni_runtime.stages.denoiser import DenoiserStage
 
-        self.stage = DenoiserStage.from_pretrained(path, dtype, device)
+        self.stage = DenoiserStage.from_pretrained(path, dtype, device, mesh=mesh)
 
     def batch_key(self, w: Work) -> tuple:
         p = w.params
@@ -98,11 +98,12 @@ class DenoiserExecutor(StageExecutor):
 class VaeExecutor(StageExecutor):
     name = "vae"
 
-    def __init__(self, path: str, dtype: str, device: str, *, group: Any = None, tiling: bool = False) -> None:
+    def __init__(self, path: str, dtype: str, device: str, mesh: Any = None, *, tiling: bool = False) -> None:
         from omni_runtime.stages.vae import VaeDecoderStage
 
-        # group: the patch group (every rank of it runs each batch; the driver, group rank 0, gets the images)
-        self.stage = VaeDecoderStage.from_pretrained(path, dtype, device, group=group, tiling=tiling)
+        # the mesh's vae_patch group decodes patch-parallel (every rank of it runs each batch; the driver, group
+        # rank 0, gets the images); tiling: diffusers' approximate tiled decode (single rank)
+        self.stage = VaeDecoderStage.from_pretrained(path, dtype, device, mesh=mesh, tiling=tiling)
 
     def batch_key(self, w: Work) -> tuple:
         return (w.params.width, w.params.height)

@@ -42,6 +42,12 @@ class WorkerSpec(msgspec.Struct, kw_only=True):
     pool_outputs: bool = False  # publish through a ShmPool (the next stage has one rank, the sole reader)
     vae_tiling: bool = False  # [stages.vae] tiling (diffusers' approximate tiled decode)
     log_level: str = "INFO"
+    # From the Placement (runtime/placement.py); defaults keep older callers working.
+    rendezvous: str = ""            # torch.distributed init_method ("file://<run dir>/..." on one node)
+    local_rank: int = -1            # index on its node (-1: same as rank)
+    node: str = ""                  # the node it runs on
+    tensor_transport: str = "shm"   # how this replica's outputs reach the next stage: "shm" | "frames"
+    tensor_endpoint: str = ""       # "frames": where the output rank's tensor server binds
 
 
 def title(spec: WorkerSpec) -> str:
@@ -58,44 +64,20 @@ def _watch_parent(parent_pid: int) -> None:
             os._exit(0)
 
 
-def _init_distributed(spec: WorkerSpec) -> None:
-    import torch.distributed as dist
+def _init_distributed(spec: WorkerSpec):
+    """Build this rank's :class:`~parallel.mesh.Mesh` (torch.distributed included; the backend follows the device:
+    nccl for CUDA, gloo for CPU) from the stage's parallel degrees. Returns the mesh."""
+    import msgspec as _msgspec
+    import torch
 
-    init = f"tcp://127.0.0.1:{spec.master_port}"
-    try:
-        from omni_runtime.parallel import state
-    except ImportError:
-        state = None
-    if state is not None and hasattr(state, "init_distributed_environment"):
-        state.init_distributed_environment(world_size=spec.world_size, rank=spec.rank,
-                                           distributed_init_method=init, local_rank=spec.rank, backend="gloo")
-        if spec.stage == "denoiser":
-            p = spec.parallel
-            state.initialize_model_parallel(ulysses_degree=p.get("ulysses", 1), ring_degree=p.get("ring", 1),
-                                            backend="gloo")
-    else:
-        dist.init_process_group("gloo", init_method=init, rank=spec.rank, world_size=spec.world_size)
-        if spec.stage == "denoiser" and spec.world_size > 1:
-            raise RuntimeError("the denoiser is configured with sequence parallelism but parallel/state.py is "
-                               "not available in this build")
+    from omni_runtime.parallel.mesh import Mesh
+    from omni_runtime.parallel.parallel_spec import ParallelSpec
 
-
-def _vae_options(spec: WorkerSpec) -> dict:
-    """VAE patch parallelism: the patch group over all ranks of the replica, and the tiling flag.
-
-    Kept apart so the mesh can replace the group with ``mesh.group("vae_patch")``; the group must be built on
-    every rank of the replica (group creation is collective)."""
-    if spec.stage != "vae":
-        return {}
-    opts: dict = {"tiling": spec.vae_tiling}
-    if spec.world_size > 1:
-        from omni_runtime.parallel.group_coordinator import GroupCoordinator
-
-        cuda = spec.device.startswith("cuda")
-        local = int(spec.device.split(":")[1]) if cuda and ":" in spec.device else 0 if cuda else spec.rank
-        opts["group"] = GroupCoordinator([list(range(spec.world_size))], local, "nccl" if cuda else "gloo",
-                                         group_name="vae_patch")
-    return opts
+    pspec = _msgspec.convert(spec.parallel, ParallelSpec)
+    pspec.check_world_size(spec.world_size)
+    device = torch.device(spec.device if spec.device != "cuda" else f"cuda:{spec.rank}")
+    init = spec.rendezvous or f"tcp://127.0.0.1:{spec.master_port}"
+    return Mesh.build(pspec, spec.rank, init, device)
 
 
 def worker_main(spec_bytes: bytes) -> None:
@@ -118,14 +100,14 @@ def worker_main(spec_bytes: bytes) -> None:
     import torch
 
     torch.set_num_threads(max(1, spec.threads))
-    if spec.world_size > 1:
-        _init_distributed(spec)
+    mesh = _init_distributed(spec) if spec.world_size > 1 else None
 
     from omni_runtime.comm import shm_tensor
     from omni_runtime.runtime.rank_fanout import RankFanout
     from omni_runtime.runtime.stage_exec import EXECUTORS
 
-    executor = EXECUTORS[spec.stage](spec.model_path, spec.dtype, spec.device, **_vae_options(spec))
+    options = {"tiling": spec.vae_tiling} if spec.stage == "vae" else {}
+    executor = EXECUTORS[spec.stage](spec.model_path, spec.dtype, spec.device, mesh=mesh, **options)
     pool = shm_tensor.ShmPool(max_bytes=256 << 20) if spec.pool_outputs and spec.rank == 0 else None
     if pool is not None:
         executor.use_pool(pool)

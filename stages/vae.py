@@ -45,7 +45,10 @@ class VaeDecoderStage:
         self.group = group if group is not None and group.world_size > 1 else None
         self.tiling = bool(tiling)
         if self.tiling and self.group is not None:
-            raise ValueError("tiling (approximate) and patch parallelism (exact) cannot be combined")
+            from omni_runtime.parallel.vae_patch_parallel import VaePatchError
+
+            raise VaePatchError("tiling = true (approximate) and patch parallelism (exact) cannot be combined; "
+                                "allowed: tiling with a group of one rank")
         if self.tiling:
             vae.enable_tiling()
         self.patch = None
@@ -63,9 +66,10 @@ class VaeDecoderStage:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: str | torch.dtype = "float32",
-                        device: str | torch.device = "cpu", *, group: Any = None,
+                        device: str | torch.device = "cpu", mesh: Any = None, *,
                         tiling: bool = False, stats: PatchStats | None = None) -> VaeDecoderStage:
-        """Load ``<path>/vae`` with diffusers' AutoencoderKL (``group`` / ``tiling``: see the class)."""
+        """Load ``<path>/vae`` with diffusers' AutoencoderKL. ``mesh`` (a ``parallel.mesh.Mesh``, None: one
+        process): its ``vae_patch`` group decodes patch-parallel; ``tiling``: see the class."""
         from diffusers import AutoencoderKL
 
         torch_dtype, dev = resolve_dtype(dtype), resolve_device(device)
@@ -76,6 +80,7 @@ class VaeDecoderStage:
         except Exception as e:  # anything a damaged checkpoint makes the loader raise (SafetensorError, ...)
             raise CheckpointError(f"{directory}: cannot load AutoencoderKL: {e}") from e
         logger.info("loaded VAE from %s (%s on %s)", path, torch_dtype, dev)
+        group = None if mesh is None else mesh.group("vae_patch")
         return cls(vae.to(dev).eval(), torch_dtype, dev, group=group, tiling=tiling, stats=stats)
 
     @torch.no_grad()

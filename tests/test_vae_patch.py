@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import signal
 import sys
 import threading
@@ -29,10 +30,16 @@ REL_TOL = 1e-5
 CASES = [(1, 256, 256), (1, 272, 208), (3, 272, 208), (1, 16, 1024)]
 
 
-def _group(rank: int, world: int):
-    from omni_runtime.parallel.group_coordinator import GroupCoordinator
+def _mesh(rank: int, world: int):
+    """The mesh of a VAE stage with ``patch = world`` (what a stage process builds), on the spawned gloo world."""
+    from omni_runtime.parallel.mesh import Mesh
+    from omni_runtime.parallel.parallel_spec import ParallelSpec
 
-    return GroupCoordinator([list(range(world))], rank, "gloo", group_name="vae_patch")
+    return Mesh.build(ParallelSpec(vae_patch=world), rank, None, "cpu")
+
+
+def _group(rank: int, world: int):
+    return _mesh(rank, world).group("vae_patch")
 
 
 def _decode_worker(rank: int, world: int, model_dir: str, cases: list) -> list:
@@ -40,19 +47,23 @@ def _decode_worker(rank: int, world: int, model_dir: str, cases: list) -> list:
     from omni_runtime.stages.vae import VaeDecoderStage
 
     stats = PatchStats()
-    stage = VaeDecoderStage.from_pretrained(model_dir, group=_group(rank, world), stats=stats)
+    mesh = _mesh(rank, world)
+    stage = VaeDecoderStage.from_pretrained(model_dir, mesh=mesh, stats=stats)
     out = []
     for batch, height, width in cases:
         gen = torch.Generator().manual_seed(height * 7 + width + batch)
         z = torch.randn(batch, 16, height // 8, width // 8, generator=gen)
         stats.reset()
+        mesh.reset_comm_stats()
         got = stage.decode_latents(z)
+        # what went through the patch group's communicator (halo sends, norm all-reduces, Ring K/V, the gather)
+        comm = {"calls": dict(mesh.comm_stats().calls)}
         if rank != 0:
-            out.append({"none": got is None, "halo": stats.halo_exchanges})
+            out.append({"none": got is None, "halo": stats.halo_exchanges, **comm})
             continue
         ref = stage.vae.decode(z, return_dict=False)[0]
         out.append({"shape": list(got.shape), "ref_shape": list(ref.shape), "halo": stats.halo_exchanges,
-                    "rel": float((got - ref).abs().max() / ref.abs().max())})
+                    "rel": float((got - ref).abs().max() / ref.abs().max()), **comm})
     return out
 
 
@@ -65,8 +76,16 @@ def test_patch_decode_equals_single_rank(tiny_dir, world):
         split = height // 8 >= world
         # the exact split really ran (halo exchanges) unless the image has fewer latent rows than ranks
         assert (res["halo"] > 0) == split, (world, height, res)
-    for rank_results in results[1:]:
-        assert all(r["none"] for r in rank_results)
+    for rank, rank_results in enumerate(results):
+        assert rank == 0 or all(r["none"] for r in rank_results)
+        for (_, height, _), res in zip(CASES, rank_results, strict=True):
+            calls = res["calls"]
+            if height // 8 < world:  # the fallback: the ranks only met at the barrier (cpu group, no tensor)
+                assert calls == {}, (rank, calls)
+                continue
+            # every exchange went through the communicator of mesh.group("vae_patch")
+            assert calls["send"] > 0 and calls["all_reduce"] > 0 and calls["p2p_send"] > 0, (rank, calls)
+            assert ("gather" in calls) == (rank != 0), (rank, calls)
 
 
 def _wider_vae_worker(rank: int, world: int, rows: int, cols: int) -> float:
@@ -134,7 +153,7 @@ def _too_few_rows_worker(rank: int, world: int, model_dir: str) -> str:
     from omni_runtime.stages.vae import VaeDecoderStage
     from omni_runtime.stages.vae_patch_decode import patch_decode
 
-    stage = VaeDecoderStage.from_pretrained(model_dir, group=_group(rank, world))
+    stage = VaeDecoderStage.from_pretrained(model_dir, mesh=_mesh(rank, world))
     try:
         patch_decode(stage.vae, torch.zeros(1, 16, 2, 4), stage.patch)
     except VaePatchError as e:
@@ -264,3 +283,32 @@ def test_tiling_with_patch_is_refused():
 
     with pytest.raises(ValueError, match="cannot be combined"):
         VaeDecoderStage(torch.nn.Module(), torch.float32, torch.device("cpu"), group=Two(), tiling=True)
+
+
+@pytest.mark.parametrize("extra, patch, tiling", [("", 2, False),
+                                                  ("[stages.vae]\ntiling = true\n", 1, True)])
+def test_launcher_gives_the_vae_ranks_their_patch_mesh_and_tiling(tmp_path, monkeypatch, extra, patch, tiling):
+    """What the VAE rank processes get from the launcher: the ParallelSpec their Mesh is built from (vae_patch),
+    one rendezvous per replica, threads split like the denoiser's ranks, and [stages.vae] tiling."""
+    import msgspec
+
+    from omni_runtime.comm import instance as rt_instance
+    from omni_runtime.parallel.parallel_spec import ParallelSpec
+    from omni_runtime.runtime.config import load_config
+    from omni_runtime.runtime.launcher import LocalLauncher, _cpus, stage_threads
+
+    monkeypatch.setenv(rt_instance.INSTANCE_ENV, f"vae{patch}p{os.getpid()}")
+    text = (ROOT / "configs" / "patch2.toml").read_text().replace("patch = 2", f"patch = {patch}")
+    path = tmp_path / "c.toml"
+    path.write_text(text.replace("[stages.vae]\n", extra or "[stages.vae]\n"))  # the model is not loaded here
+    cfg = load_config(path)
+    launcher = LocalLauncher(cfg)  # starts nothing
+    try:
+        specs = launcher.replicas["vae"][0].specs()
+        assert len(specs) == patch and [s.rank for s in specs] == list(range(patch))
+        assert all(msgspec.convert(s.parallel, ParallelSpec) == ParallelSpec(vae_patch=patch) for s in specs)
+        assert len({s.rendezvous for s in specs}) == 1
+        assert all(s.vae_tiling is tiling and s.threads == stage_threads(patch, _cpus(), 0) for s in specs)
+        assert not any(s.vae_tiling for s in launcher.replicas["denoiser"][0].specs())
+    finally:
+        launcher.shutdown()

@@ -34,7 +34,6 @@ from typing import Any
 import msgspec
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 logger = logging.getLogger("bench_parallel")
@@ -101,13 +100,13 @@ def _worker(rank: int, world: int, port: int, outdir: str, mode: str, preset: st
     from omni_runtime.stages.vae import VaeDecoderStage
 
     dev = torch.device(device if device == "cpu" else f"cuda:{rank}")
-    group = None
-    if world > 1:
-        from omni_runtime.parallel.group_coordinator import GroupCoordinator
+    group = mesh = None
+    if world > 1:  # the VAE stage's mesh, as a stage process builds it (backend from the device)
+        from omni_runtime.parallel.mesh import Mesh
+        from omni_runtime.parallel.parallel_spec import ParallelSpec
 
-        backend = "nccl" if dev.type == "cuda" else "gloo"
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-        group = GroupCoordinator([list(range(world))], rank, backend, group_name="vae_patch")
+        mesh = Mesh.build(ParallelSpec(vae_patch=world), rank, f"tcp://127.0.0.1:{port}", dev)
+        group = mesh.group("vae_patch")
     vae = make_vae(preset).to(dev)
     stats = PatchStats()
     stage = VaeDecoderStage(vae, torch.float32, dev, group=group, tiling=mode == "tiled", stats=stats)
@@ -138,9 +137,9 @@ def _worker(rank: int, world: int, port: int, outdir: str, mode: str, preset: st
             res["max_abs_delta"] = float(np.abs(arr - ref).max())
             res["max_rel_delta"] = float(np.abs(arr - ref).max() / np.abs(ref).max())
     (Path(outdir) / f"rank{rank}.json").write_bytes(msgspec.json.encode(res))
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
+    if mesh is not None:
+        group.barrier()
+        mesh.destroy()  # its groups and the torch.distributed world it initialized
 
 
 def run_phase(base: str, mode: str, world: int, threads: int, **kw: Any) -> list[dict]:

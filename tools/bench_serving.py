@@ -1,13 +1,13 @@
 """Serving benchmark: ``omni-runtime serve`` against diffusers' ``FluxPipeline`` called in-process.
 
-Same checkpoint (``tools/make_tiny_model.py --preset small`` by default), same machine, same run:
+Same checkpoint (the ``small`` preset of ``omni_runtime.stages.models.tiny`` by default), same machine, same run:
 
 (a) latency of one request through serve (HTTP + three stage processes) vs one in-process FluxPipeline call;
 (b) throughput with 1, 4 and 16 concurrent clients vs diffusers serving one request at a time;
 (c) where the time goes per stage (from the server's /metrics): queue wait (sent -> batch start), compute, and
     the rest of the hop (IPC, batching window, orchestrator).
 
-Usage: ``python tools/bench_serving.py [--preset small] [--size 256x256] [--steps 8] [--quick]``.
+Every measure alternates its phases (diffusers, serve, diffusers, serve, ...) and reports the median of the\nper-pair ratios, so a noisy neighbour on the machine hits both sides alike.\n\nUsage: ``python tools/bench_serving.py [--preset small] [--size 256x256] [--steps 8] [--repeats 5] [--rounds 3]\n[--quick]``.
 Prints a table; ratios matter, absolute times depend on the machine.
 """
 
@@ -41,28 +41,37 @@ def _free_port() -> int:
 
 
 def _ensure_model(preset: str) -> Path:
-    sys.path.insert(0, str(ROOT))
     from omni_runtime.runtime.model_store import ensure_model
 
     return ensure_model(str(ROOT / "models" / f"{preset}-flux"))
 
 
-def bench_diffusers(path: Path, body: dict, repeats: int) -> list[float]:
-    import torch
-    from diffusers import FluxPipeline
+class _Diffusers:
+    """diffusers' FluxPipeline in this process: the baseline every serve phase is paired with."""
 
-    pipe = FluxPipeline.from_pretrained(str(path), torch_dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    w, h = (int(x) for x in body["size"].split("x"))
+    def __init__(self, path: Path, body: dict) -> None:
+        import torch
+        from diffusers import FluxPipeline
 
-    def once(seed: int) -> float:
+        self.torch = torch
+        self.pipe = FluxPipeline.from_pretrained(str(path), torch_dtype=torch.float32)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.body = body
+        self.w, self.h = (int(x) for x in body["size"].split("x"))
+
+    def once(self, seed: int) -> float:
         t0 = time.perf_counter()
-        pipe(body["prompt"], height=h, width=w, num_inference_steps=body["num_inference_steps"],
-             guidance_scale=3.5, generator=torch.Generator("cpu").manual_seed(seed), output_type="np")
+        self.pipe(self.body["prompt"], height=self.h, width=self.w,
+                  num_inference_steps=self.body["num_inference_steps"], guidance_scale=3.5,
+                  generator=self.torch.Generator("cpu").manual_seed(seed), output_type="np")
         return time.perf_counter() - t0
 
-    once(0)  # warm-up
-    return [once(i) for i in range(repeats)]
+    def throughput(self, total: int) -> float:
+        """diffusers serving ``total`` requests one at a time (a loop over the pipeline)."""
+        t0 = time.perf_counter()
+        for i in range(total):
+            self.once(i)
+        return total / (time.perf_counter() - t0)
 
 
 class _Server:
@@ -130,37 +139,49 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", default="small", choices=["tiny", "small"])
     p.add_argument("--size", default="256x256")
     p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--quick", action="store_true", help="fewer repeats and requests")
+    p.add_argument("--repeats", type=int, default=5, help="alternating (diffusers, serve) latency pairs")
+    p.add_argument("--rounds", type=int, default=3, help="alternating throughput pairs per client count")
+    p.add_argument("--quick", action="store_true", help="3 latency pairs, 1 throughput round, fewer requests")
     p.add_argument("--max-batch", type=int, default=8, help="every stage's max_batch_size (8: the default config)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    repeats = 2 if args.quick else args.repeats
+    repeats, rounds = (3, 1) if args.quick else (args.repeats, args.rounds)
     body = {"prompt": "a photo of a red fox in the snow", "size": args.size, "num_inference_steps": args.steps,
             "seed": 0}
     model = _ensure_model(args.preset)
-    base = bench_diffusers(model, body, repeats)
-    base_lat = statistics.median(base)
+    base = _Diffusers(model, body)
     server = _Server(model, max_batch=args.max_batch)
     try:
-        server.post(body)  # warm-up
+        base.once(0)  # warm-up both
+        server.post(body)
         m0 = server.metrics()
-        lats = [server.post({**body, "seed": i}) for i in range(repeats)]
+        # Phases alternate (diffusers, serve, diffusers, serve, ...) so that a noisy neighbour hits both alike;
+        # each pair gives one ratio and the table reports the median of the per-pair ratios.
+        base_lats, lats = [], []
+        for i in range(repeats):
+            base_lats.append(base.once(i))
+            lats.append(server.post({**body, "seed": i}))
         m1 = server.metrics()
-        lat = statistics.median(lats)
-        rows = [("(a) latency, 1 request", f"{base_lat * 1000:.0f} ms", f"{lat * 1000:.0f} ms",
-                 f"{lat / base_lat:.2f}x time")]
-        base_tput = 1 / base_lat
+        ratios = [s / b for s, b in zip(lats, base_lats, strict=True)]
+        rows = [("(a) latency, 1 request", f"{statistics.median(base_lats) * 1000:.0f} ms",
+                 f"{statistics.median(lats) * 1000:.0f} ms", f"{statistics.median(ratios):.3f}x time",
+                 " ".join(f"{r:.3f}" for r in ratios))]
         for clients in (1, 4, 16):
             total = clients * (2 if args.quick else 4)
-            tput = _throughput(server, body, clients, total)
-            rows.append((f"(b) throughput, {clients} clients", f"{base_tput:.2f} img/s", f"{tput:.2f} img/s",
-                         f"{tput / base_tput:.2f}x"))
+            pairs = []
+            for _ in range(rounds):
+                b = base.throughput(total)
+                t = _throughput(server, body, clients, total)
+                pairs.append((b, t))
+            tr = [t / b for b, t in pairs]
+            rows.append((f"(b) throughput, {clients} clients", f"{statistics.median(b for b, _ in pairs):.2f} img/s",
+                         f"{statistics.median(t for _, t in pairs):.2f} img/s", f"{statistics.median(tr):.3f}x",
+                         " ".join(f"{r:.3f}" for r in tr)))
         print(f"\nbench_serving: preset {args.preset}, {args.size}, {args.steps} steps, {os.cpu_count()} CPUs, "
-              f"median of {repeats}")
-        print(f"{'measure':32} {'diffusers':>14} {'omni serve':>14} {'ratio':>12}")
+              f"{repeats} latency pairs, {rounds} throughput round(s), phases alternating")
+        print(f"{'measure':32} {'diffusers':>14} {'omni serve':>14} {'median ratio':>14}  per-pair ratios")
         for r in rows:
-            print(f"{r[0]:32} {r[1]:>14} {r[2]:>14} {r[3]:>12}")
+            print(f"{r[0]:32} {r[1]:>14} {r[2]:>14} {r[3]:>14}  {r[4]}")
         print("\n(c) per stage, single requests (mean per hop)")
         print(f"{'stage':14} {'queue wait':>12} {'compute':>12} {'other (IPC, window, routing)':>30}")
         for stage in ("text_encoder", "denoiser", "vae"):
