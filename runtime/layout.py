@@ -3,7 +3,8 @@
 Each replica's groups come from :func:`rank_groups`, i.e. ``ParallelSpec.group_ranks()`` (rank order
 ``tp-sp-pp-cfg-dp``, Ulysses contiguous, Ring strided, see :mod:`parallel.parallel_spec`): the same arithmetic
 ``Mesh.build`` uses in the workers, so ``omni-runtime check`` (through :func:`runtime.placement.compute_placement`)
-prints the groups the workers build.
+prints the groups the workers build. :func:`vae_row_lines` is the VAE's row split over its ``vae_patch`` group
+(``parallel.vae_patch_parallel.vae_row_ranges``), which ``check --size`` prints next to the placement.
 """
 
 from __future__ import annotations
