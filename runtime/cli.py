@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("check", help="validate a config and print the placement: nodes, endpoints, rendezvous, devices and groups")
     p.add_argument("config", help="TOML config file")
+    p.add_argument("--size", default=None, help="WxH image the VAE patch ranks' row ranges are printed for "
+                                                "(default 256x256)")
 
     p = sub.add_parser("serve", help="start the stage processes and the OpenAI-compatible HTTP server")
     p.add_argument("config", help="TOML config file")
@@ -87,10 +89,12 @@ def _add_request_args(p: argparse.ArgumentParser) -> None:
                        help=f"{f.name}: {f.allowed()}{default}")
 
 
-def describe(cfg: RuntimeConfig) -> str:
+def describe(cfg: RuntimeConfig, size: tuple[int, int] | None = None) -> str:
     """What ``check`` prints: the config summary, then the Placement (nodes, endpoints, rendezvous, devices, local
-    ranks, groups) exactly as :func:`runtime.placement.compute_placement` gives it to the launcher."""
+    ranks, groups) exactly as :func:`runtime.placement.compute_placement` gives it to the launcher. ``size``
+    (width, height): the image each VAE patch rank's row range is printed for (after the VAE stage line)."""
     from omni_runtime.comm.instance import RUN_DIR_PREFIX
+    from omni_runtime.runtime.layout import vae_row_lines
     from omni_runtime.runtime.placement import compute_placement
 
     lines = [f"config: {cfg.source or '(in code)'}",
@@ -101,8 +105,12 @@ def describe(cfg: RuntimeConfig) -> str:
         st = cfg.stages.get(stage)
         spec = getattr(st, "parallel", None)
         extra = f", parallel: {spec.describe()}" if spec is not None else ""
+        if stage == "vae" and cfg.stages.vae.tiling:
+            extra += ", tiling (approximate)"
         lines.append(f"stage {stage}: {st.replicas} replica(s) x {st.world_size} rank(s), "
                      f"max_batch_size {st.max_batch_size}, batch_timeout_ms {st.batch_timeout_ms:g}{extra}")
+        if stage == "vae" and cfg.stages.vae.parallel.vae_patch > 1 and size is not None:
+            lines.extend(vae_row_lines(cfg.stages.vae.parallel.vae_patch, *size))
     # the run directory's name carries the instance id, made when serve starts
     run_dir = os.path.join(tempfile.gettempdir(), f"{RUN_DIR_PREFIX}<instance>")
     lines.append(compute_placement(cfg, run_dir).format())
@@ -111,10 +119,12 @@ def describe(cfg: RuntimeConfig) -> str:
 
 def _cmd_check(args: argparse.Namespace) -> int:
     from omni_runtime.runtime.preflight import preflight
+    from omni_runtime.runtime.requests import DEFAULT_SIZE, parse_size
 
     cfg = load_config(args.config)
+    size = parse_size(args.size if args.size is not None else DEFAULT_SIZE, "--size")
     lines = preflight(cfg)  # machine, host, model: the first problem is the one error line (exit 2)
-    print(describe(cfg))
+    print(describe(cfg, size))
     print("\n".join(lines))
     print("config OK")
     return EXIT_OK

@@ -46,7 +46,7 @@ VAE_PARALLEL_KEYS = ("patch",)
 # Anything else > 1 is rejected with "not supported yet" instead of silently running unsharded.
 # ``dp`` > 1 only together with ``ep`` (the EP group's data-parallel ranks, see ``_check_expert_parallel``).
 SUPPORTED_DENOISER_DEGREES = frozenset({"ulysses", "ring", "ep"})
-SUPPORTED_VAE_DEGREES: frozenset[str] = frozenset()
+SUPPORTED_VAE_DEGREES: frozenset[str] = frozenset({"patch"})
 
 
 class ConfigError(ValueError):
@@ -100,6 +100,7 @@ class DenoiserStageConfig(StageConfig, kw_only=True):
 
 class VaeStageConfig(StageConfig, kw_only=True):
     parallel: ParallelSpec = msgspec.field(default_factory=ParallelSpec)
+    tiling: bool = False  # diffusers' tiled decode: approximate, single rank; patch parallelism is the exact one
 
     @property
     def world_size(self) -> int:
@@ -148,7 +149,7 @@ _SCHEMA: dict[str, Any] = {
         "text_encoder": dict(_STAGE_KEYS),
         "denoiser": {**_PIXEL_STAGE_KEYS, "parallel": {**dict.fromkeys(DENOISER_PARALLEL_KEYS, _INT),
                                                         **dict.fromkeys(DENOISER_PARALLEL_CHOICES, _STR)}},
-        "vae": {**_PIXEL_STAGE_KEYS, "parallel": dict.fromkeys(VAE_PARALLEL_KEYS, _INT)},
+        "vae": {**_PIXEL_STAGE_KEYS, "tiling": _BOOL, "parallel": dict.fromkeys(VAE_PARALLEL_KEYS, _INT)},
     },
     "placement": {"tensor_transport": _STR},
 }
@@ -180,6 +181,9 @@ def _check_types(raw: dict[str, Any], schema: dict[str, Any], prefix: tuple[str,
         elif kind == _FLOAT:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ConfigError(f"{path} = {_describe(value)}: must be a finite number")
+        elif kind == _BOOL:
+            if not isinstance(value, bool):
+                raise ConfigError(f"{path} = {_describe(value)}: must be true or false")
         elif kind == _STR:
             if not isinstance(value, str):
                 raise ConfigError(f"{path} = {_describe(value)}: must be a string")
@@ -293,6 +297,11 @@ def _check_values(cfg: RuntimeConfig) -> None:
         raise ConfigError(f"stages.denoiser.parallel.all2all_backend = {par.all2all_backend!r}: needs CUDA GPUs "
                           f"and its kernel library, but model.device = 'cpu'; allowed on CPU: "
                           f"{', '.join(repr(b) for b in CPU_ALL2ALL_BACKEND_NAMES)}")
+    if cfg.stages.vae.tiling and cfg.stages.vae.parallel.vae_patch > 1:
+        raise ConfigError(f"stages.vae.tiling = true with stages.vae.parallel.patch = "
+                          f"{cfg.stages.vae.parallel.vae_patch}: tiling is the approximate single-rank memory saver, "
+                          "patch parallelism the exact multi-rank one; allowed: one of them (tiling = false or "
+                          "patch = 1)")
     for name in STAGE_NAMES:
         st = cfg.stages.get(name)
         need = st.world_size * st.replicas

@@ -117,6 +117,7 @@ class ReplicaProcs:
             max_batch_pixels=st.max_batch_pixels,
             instance=self.launcher.instance, parent_pid=os.getpid(), parallel=parallel, threads=threads,
             pool_outputs=pool and self.place.tensor_transport == "shm",
+            vae_tiling=self.stage == "vae" and cfg.stages.vae.tiling,
             log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel()),
             rendezvous=rendezvous, local_rank=rk.local_rank, node=rk.node,
             tensor_transport=self.place.tensor_transport,

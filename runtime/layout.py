@@ -3,7 +3,8 @@
 Each replica's groups come from :func:`rank_groups`, i.e. ``ParallelSpec.group_ranks()`` (rank order
 ``tp-sp-pp-cfg-dp``, Ulysses contiguous, Ring strided, see :mod:`parallel.parallel_spec`): the same arithmetic
 ``Mesh.build`` uses in the workers, so ``omni-runtime check`` (through :func:`runtime.placement.compute_placement`)
-prints the groups the workers build.
+prints the groups the workers build. :func:`vae_row_lines` is the VAE's row split over its ``vae_patch`` group
+(``parallel.vae_patch_parallel.vae_row_ranges``), which ``check --size`` prints next to the placement.
 """
 
 from __future__ import annotations
@@ -24,3 +25,22 @@ def rank_groups(spec: ParallelSpec) -> list[dict[str, list[int]]]:
 def shown_groups(groups: dict[str, list[int]]) -> dict[str, list[int]]:
     """The groups ``check`` prints for a rank: the world group and every group of more than one rank."""
     return {k: v for k, v in groups.items() if k == "world" or len(v) > 1}
+
+
+#: pixels per latent row of the FLUX VAE (and the tiny model's): what ``check`` assumes for the VAE row split
+VAE_SCALE_FACTOR = 8
+
+
+def vae_row_lines(patch: int, width: int, height: int, scale: int = VAE_SCALE_FACTOR) -> list[str]:
+    """One line per VAE patch rank (group rank of ``vae_patch``): the latent rows and image rows it decodes for a
+    ``width x height`` image (``parallel.vae_patch_parallel.vae_row_ranges``, the split the ranks use)."""
+    from omni_runtime.parallel.vae_patch_parallel import vae_row_ranges
+
+    rows = height // scale
+    ranges = vae_row_ranges(rows, patch)
+    if any(e == s for s, e in ranges):
+        return [f"  vae rows for {width}x{height}: {rows} latent rows < {patch} patch ranks, rank 0 decodes alone"]
+    out = [f"  vae rows for {width}x{height} ({rows} latent rows, {scale} pixels each):"]
+    out += [f"    rank {r}: latent rows [{s}, {e}) -> image rows [{s * scale}, {e * scale})"
+            for r, (s, e) in enumerate(ranges)]
+    return out

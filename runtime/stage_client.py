@@ -385,7 +385,9 @@ async def in_process_stages(cfg: RuntimeConfig) -> StageSet:
     clients: dict[str, list[StageClient]] = {}
     for s in STAGE_NAMES:
         st = cfg.stages.get(s)
-        engine = await asyncio.to_thread(load_engine, s, cfg.model.path, cfg.model.dtype, cfg.model.device)
+        options = {"tiling": cfg.stages.vae.tiling} if s == "vae" else {}
+        engine = await asyncio.to_thread(load_engine, s, cfg.model.path, cfg.model.dtype, cfg.model.device,
+                                         **options)
         clients[s] = [InProcessStageClient(engine, s, 0, max_batch_size=st.max_batch_size,
                                            batch_timeout_ms=st.batch_timeout_ms,
                                            max_batch_pixels=st.max_batch_pixels)]

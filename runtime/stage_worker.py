@@ -42,6 +42,7 @@ class WorkerSpec(msgspec.Struct, kw_only=True):
     parallel: dict[str, int | str]
     threads: int = 1
     pool_outputs: bool = False  # publish through reused segments (the next stage has one rank, the sole reader)
+    vae_tiling: bool = False  # [stages.vae] tiling (diffusers' approximate tiled decode)
     log_level: str = "INFO"
     # From the Placement (runtime/placement.py); defaults keep older callers working.
     rendezvous: str = ""            # torch.distributed init_method ("file://<run dir>/..." on one node)
@@ -96,7 +97,8 @@ def worker_main(spec_bytes: bytes) -> None:
     from omni_runtime.runtime.stage_exec import StageExecutor
     from omni_runtime.stages.engine import load_engine
 
-    engine = load_engine(spec.stage, spec.model_path, spec.dtype, spec.device, mesh=mesh)
+    options = {"tiling": spec.vae_tiling} if spec.stage == "vae" else {}
+    engine = load_engine(spec.stage, spec.model_path, spec.dtype, spec.device, mesh=mesh, **options)
     fanout = RankFanout(spec.rank, spec.world_size)
     if spec.world_size > 1:
         import torch.distributed as dist

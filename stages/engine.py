@@ -144,13 +144,15 @@ class VaeEngine:
         self.stage = stage
 
     @classmethod
-    def load(cls, path: str | Path, dtype: str, device: str, mesh: Any = None) -> VaeEngine:
-        return cls(VaeDecoderStage.from_pretrained(path, dtype, device, mesh=mesh))
+    def load(cls, path: str | Path, dtype: str, device: str, mesh: Any = None, *, tiling: bool = False) -> VaeEngine:
+        """``mesh``'s ``vae_patch`` group decodes patch-parallel; ``tiling``: diffusers' approximate tiled decode."""
+        return cls(VaeDecoderStage.from_pretrained(path, dtype, device, mesh=mesh, tiling=tiling))
 
     def batch_key(self, item: StageItem) -> Hashable:
         return (item.params.width, item.params.height)
 
     def step(self, items: list[StageItem], stop: StopHook | None = None) -> list[np.ndarray]:
+        """The images on the driver; ``[]`` on the other ranks of a patch-parallel replica (rank 0 gathers)."""
         p = items[0].params
         assert all((it.params.width, it.params.height) == (p.width, p.height) for it in items)
         return self.stage.decode(torch.stack([it.inputs for it in items]), p.height, p.width)
@@ -160,7 +162,8 @@ ENGINES: dict[str, type[TextEncoderEngine] | type[DenoiserEngine] | type[VaeEngi
     "text_encoder": TextEncoderEngine, "denoiser": DenoiserEngine, "vae": VaeEngine}
 
 
-def load_engine(stage: str, path: str | Path, dtype: str, device: str, mesh: Any = None) -> Engine:
-    """Load the engine of ``stage`` (one of :data:`ENGINES`) on ``mesh`` (None: one process)."""
-    return ENGINES[stage].load(path, dtype, device, mesh=mesh)
+def load_engine(stage: str, path: str | Path, dtype: str, device: str, mesh: Any = None, **options: Any) -> Engine:
+    """Load the engine of ``stage`` (one of :data:`ENGINES`) on ``mesh`` (None: one process); ``options`` are the
+    stage's own load options (the VAE's ``tiling``)."""
+    return ENGINES[stage].load(path, dtype, device, mesh=mesh, **options)
 

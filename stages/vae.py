@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -13,6 +13,9 @@ from omni_runtime.stages.device import resolve_device, resolve_dtype
 from omni_runtime.stages.errors import CheckpointError, RequestError
 from omni_runtime.stages.latents import check_image_size, image_seq_len, unpack_latents
 from omni_runtime.stages.weights import component_dir, read_config
+
+if TYPE_CHECKING:
+    from omni_runtime.parallel.vae_patch_parallel import PatchStats
 
 logger = logging.getLogger(__name__)
 
@@ -27,12 +30,34 @@ def to_uint8_images(decoded: torch.Tensor) -> list[np.ndarray]:
 
 
 class VaeDecoderStage:
-    """Decodes packed latents (B, tokens, C*4), (tokens, C*4), or a list of those, of one image size into images."""
+    """Decodes packed latents (B, tokens, C*4), (tokens, C*4), or a list of those, of one image size into images.
 
-    def __init__(self, vae: torch.nn.Module, dtype: torch.dtype, device: torch.device) -> None:
+    ``group`` (a ``GroupCoordinator``, every rank of it calling :meth:`decode` with the same latents) with more
+    than one rank decodes patch-parallel (exact; the images come back on group rank 0, the other ranks get
+    ``[]``). ``tiling`` turns on diffusers' tiled decode (approximate: it blends overlapping tiles; single rank
+    only)."""
+
+    def __init__(self, vae: torch.nn.Module, dtype: torch.dtype, device: torch.device, *, group: Any = None,
+                 tiling: bool = False, stats: PatchStats | None = None) -> None:
         self.vae = vae
         self.dtype = dtype
         self.device = device
+        self.group = group if group is not None and group.world_size > 1 else None
+        self.tiling = bool(tiling)
+        if self.tiling and self.group is not None:
+            from omni_runtime.parallel.vae_patch_parallel import VaePatchError
+
+            raise VaePatchError("tiling = true (approximate) and patch parallelism (exact) cannot be combined; "
+                                "allowed: tiling with a group of one rank")
+        if self.tiling:
+            vae.enable_tiling()
+        self.patch = None
+        if self.group is not None:
+            from omni_runtime.parallel.vae_patch_parallel import PatchGroup
+            from omni_runtime.stages.vae_patch_decode import check_supported
+
+            check_supported(vae)
+            self.patch = PatchGroup(self.group, stats)
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.latent_channels = int(vae.config.latent_channels)
         self.scaling_factor = float(vae.config.scaling_factor)
@@ -41,9 +66,10 @@ class VaeDecoderStage:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: str | torch.dtype = "float32",
-                        device: str | torch.device = "cpu", mesh: Any = None) -> VaeDecoderStage:
-        """Load ``<path>/vae`` with diffusers' AutoencoderKL. ``mesh`` is accepted for a uniform loader signature
-        (VAE patch parallelism will use it)."""
+                        device: str | torch.device = "cpu", mesh: Any = None, *,
+                        tiling: bool = False, stats: PatchStats | None = None) -> VaeDecoderStage:
+        """Load ``<path>/vae`` with diffusers' AutoencoderKL. ``mesh`` (a ``parallel.mesh.Mesh``, None: one
+        process): its ``vae_patch`` group decodes patch-parallel; ``tiling``: see the class."""
         from diffusers import AutoencoderKL
 
         torch_dtype, dev = resolve_dtype(dtype), resolve_device(device)
@@ -54,7 +80,8 @@ class VaeDecoderStage:
         except Exception as e:  # anything a damaged checkpoint makes the loader raise (SafetensorError, ...)
             raise CheckpointError(f"{directory}: cannot load AutoencoderKL: {e}") from e
         logger.info("loaded VAE from %s (%s on %s)", path, torch_dtype, dev)
-        return cls(vae.to(dev).eval(), torch_dtype, dev)
+        group = None if mesh is None else mesh.group("vae_patch")
+        return cls(vae.to(dev).eval(), torch_dtype, dev, group=group, tiling=tiling, stats=stats)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor | list[torch.Tensor], height: int, width: int) -> list[np.ndarray]:
@@ -73,7 +100,27 @@ class VaeDecoderStage:
         x = unpack_latents(latents, height, width, self.vae_scale_factor)
         x = (x / self.scaling_factor) + self.shift_factor
         x = x.to(device=self.device, dtype=self.vae.dtype)
-        decoded = self.vae.decode(x, return_dict=False)[0]
-        return to_uint8_images(decoded)
+        decoded = self.decode_latents(x)
+        return [] if decoded is None else to_uint8_images(decoded)
+
+    @torch.no_grad()
+    def decode_latents(self, z: torch.Tensor) -> torch.Tensor | None:
+        """Scaled, unpacked latents (B, C, rows, cols) -> decoded (B, 3, H, W) in [-1, 1]; ``None`` on the
+        patch ranks other than group rank 0.
+
+        Patch-parallel when the group has more ranks than 1 and every rank gets at least one latent row; with
+        fewer latent rows than ranks, group rank 0 decodes alone (the single-rank numbers; the ranks only meet at a
+        barrier) and the others return ``None``."""
+        if self.patch is None:
+            return self.vae.decode(z, return_dict=False)[0]
+        from omni_runtime.stages.vae_patch_decode import patch_decode
+
+        if z.shape[2] < self.patch.world_size:
+            logger.info("%d latent rows < %d patch ranks: decoding on the driver alone", z.shape[2],
+                        self.patch.world_size)
+            # the barrier: every rank has read its inputs before the driver returns (and releases them)
+            self.patch.group.barrier()
+            return self.vae.decode(z, return_dict=False)[0] if self.patch.rank == 0 else None
+        return patch_decode(self.vae, z, self.patch)
 
     __call__ = decode

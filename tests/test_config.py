@@ -52,7 +52,11 @@ def test_relative_model_path_resolves_against_the_config_dir(tmp_path):
     ("[stages.denoiser.parallel]\ncfg = 3\n", "stages.denoiser.parallel.cfg", "3", "1 or 2"),
     ("[stages.denoiser.parallel]\npp = 2\n", "stages.denoiser.parallel.pp", "2", "not supported yet"),
     ("[stages.denoiser.parallel]\ncfg = 2\n", "stages.denoiser.parallel.cfg", "2", "not supported yet"),
-    ("[stages.vae.parallel]\npatch = 2\n", "stages.vae.parallel.patch", "2", "not supported yet"),
+    ("[stages.vae.parallel]\npatch = 0\n", "stages.vae.parallel.patch", "0", ">= 1"),
+    ("[stages.vae]\ntiling = 1\n", "stages.vae.tiling", "1 (int)", "must be true or false"),
+    ("[stages.vae]\ntiling = 'yes'\n", "stages.vae.tiling", "'yes' (str)", "must be true or false"),
+    ("[stages.vae]\ntiling = true\n[stages.vae.parallel]\npatch = 2\n", "stages.vae.tiling", "true",
+     "allowed: one of them"),
     ("[stages.denoiser.parallel]\nulysses = 2\nhsdp_shard = 3\n", "stages.denoiser.parallel.hsdp_shard", "3",
      "must equal the denoiser world size"),
     ("[stages.denoiser]\ndevices = [0]\n[stages.denoiser.parallel]\nulysses = 2\n", "stages.denoiser.devices",
@@ -178,7 +182,7 @@ def test_usage_doc_config_block_lists_every_key_with_its_default():
     pixel_keys = {k: v for k, v in raw["stages"]["denoiser"].items() if k != "parallel"}  # denoiser and vae
     raw["stages"]["denoiser"] = dict(raw["stages"]["text_encoder"], **pixel_keys,
                                      parallel=raw["stages"]["denoiser"]["parallel"])
-    raw["stages"]["vae"] = dict(raw["stages"]["text_encoder"], **pixel_keys, parallel=raw["stages"]["vae"]["parallel"])
+    raw["stages"]["vae"] = dict(raw["stages"]["text_encoder"], **pixel_keys, **raw["stages"]["vae"])  # + tiling
     documented = msgspec.to_builtins(msgspec.convert(raw, RuntimeConfig))
     defaults = msgspec.to_builtins(RuntimeConfig(model=ModelConfig(path=raw["model"]["path"])))
     assert documented == defaults  # every documented key has the code's default
