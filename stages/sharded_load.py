@@ -3,9 +3,11 @@
 The model is built with its parameters on the meta device (:func:`init_params_on_meta`; buffers stay real, so
 non-persistent ones such as CLIP's ``position_ids`` keep their values), sharded with
 :func:`parallel.hsdp.apply_hsdp_to_model` while still on meta, then :func:`load_sharded_weights` allocates only
-this rank's shards and reads into each exactly its rows of the tensor, ``safe_open(...).get_slice(key)[start:stop]``
-(the file is memory-mapped; the pages of other ranks' rows are never touched). Peak memory at load is this rank's
-shards plus the one slice being copied, instead of the whole model per rank.
+this rank's shards and reads into each exactly its rows of the tensor. A row range of a C-ordered tensor is one
+contiguous byte range of the safetensors file, so it is read with one plain ``readinto`` straight into the shard's
+memory (through one temporary of the rows when the dtype or device differs). No mmap: neither the other ranks'
+rows nor the file's pages ever count towards this process's memory. Peak memory at load is this rank's shards
+(plus one tensor's rows when casting), instead of the whole model per rank.
 
 Checkpoint problems (missing / unexpected keys, shape mismatches, unreadable files) raise ``CheckpointError``
 naming the file and keys, as :mod:`stages.weights` does for the unsharded path.
@@ -13,16 +15,16 @@ naming the file and keys, as :mod:`stages.weights` does for the unsharded path.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
@@ -84,25 +86,100 @@ def _row_range(t: DTensor, rows: int) -> tuple[int, int]:
     return start, stop
 
 
-def _headers(files: dict[Path, list[str] | None], stack: ExitStack) -> dict[str, tuple[Any, Path]]:
-    """key -> (open safetensors handle, file) for every key of every file, checking the index lists."""
-    where: dict[str, tuple[Any, Path]] = {}
-    for path, expected in files.items():
+_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+_MAX_HEADER = 100 << 20
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor's bytes are in a safetensors file (C order, little endian)."""
+
+    path: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int  # absolute byte offset of the first element in the file
+
+    @property
+    def row_bytes(self) -> int:
+        return math.prod(self.shape[1:]) * self.dtype.itemsize if self.shape else self.dtype.itemsize
+
+
+def read_safetensors_index(path: Path) -> dict[str, TensorEntry]:
+    """Parse a safetensors header: every tensor's dtype, shape and byte offset, checked against the file size."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            raw = fh.read(8)
+            if len(raw) < 8:
+                raise CheckpointError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+            n = int.from_bytes(raw, "little")
+            if not 0 < n <= min(_MAX_HEADER, size - 8):
+                raise CheckpointError(f"{path}: header length {n} does not fit a file of {size} bytes")
+            header = json.loads(fh.read(n))
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from e
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: the safetensors header is not valid JSON ({e})") from e
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: the safetensors header is not a JSON object")
+    base = 8 + n
+    entries: dict[str, TensorEntry] = {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
         try:
-            f = stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
-            keys = list(f.keys())
-        except Exception as e:  # safetensors raises its own error type for truncated/corrupt files
-            raise CheckpointError(f"{path}: cannot read safetensors file ({type(e).__name__}: {e})") from e
+            dtype = _DTYPES[info["dtype"]]
+            shape = tuple(int(d) for d in info["shape"])
+            begin, end = (int(x) for x in info["data_offsets"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: tensor {key!r} has a malformed header entry {info!r} "
+                                  f"(dtype one of {sorted(_DTYPES)}, shape, data_offsets)") from e
+        nbytes = math.prod(shape) * dtype.itemsize
+        if any(d < 0 for d in shape) or end - begin != nbytes or begin < 0 or base + end > size:
+            raise CheckpointError(f"{path}: tensor {key!r} ({info['dtype']} {list(shape)}) claims bytes "
+                                  f"[{begin}, {end}) but needs {nbytes} inside the file's {size - base} data bytes")
+        entries[key] = TensorEntry(path, dtype, shape, base + begin)
+    return entries
+
+
+def _headers(files: dict[Path, list[str] | None]) -> dict[str, TensorEntry]:
+    """key -> its entry for every key of every file, checking the index lists."""
+    where: dict[str, TensorEntry] = {}
+    for path, expected in files.items():
+        entries = read_safetensors_index(path)
         if expected is not None:
-            absent = sorted(set(expected) - set(keys))
+            absent = sorted(set(expected) - set(entries))
             if absent:
                 raise CheckpointError(f"{path}: the index lists {len(absent)} key(s) this shard does not hold: "
                                       f"{absent[:20]}")
-        for key in keys:
+        for key, entry in entries.items():
             if key in where:
-                raise CheckpointError(f"{path}: key {key!r} is also in {where[key][1]}")
-            where[key] = (f, path)
+                raise CheckpointError(f"{path}: key {key!r} is also in {where[key].path}")
+            where[key] = entry
     return where
+
+
+def _read_rows(fh: Any, entry: TensorEntry, start: int, stop: int, into: torch.Tensor) -> int:
+    """Copy rows ``[start, stop)`` of ``entry`` into ``into`` (its shape); reads straight into ``into``'s memory
+    when it is a contiguous CPU tensor of the file's dtype, else through one temporary of the rows.
+    Returns the bytes read."""
+    nbytes = (stop - start) * entry.row_bytes
+    if nbytes == 0:
+        return 0
+    fh.seek(entry.offset + start * entry.row_bytes)
+    direct = into.device.type == "cpu" and into.dtype == entry.dtype and into.is_contiguous()
+    buf = into if direct else torch.empty(into.shape, dtype=entry.dtype)
+    view = memoryview(buf.reshape(-1).view(torch.uint8).numpy())
+    got = fh.readinto(view)
+    if got != nbytes:
+        raise CheckpointError(f"{entry.path}: truncated: read {got} of {nbytes} bytes")
+    if not direct:
+        into.copy_(buf)
+    return nbytes
 
 
 def _checkpoint_key(name: str, where: dict[str, Any], prefixes: tuple[str, ...]) -> str | None:
@@ -119,59 +196,58 @@ def load_sharded_weights(model: nn.Module, component: str | Path, weights_name: 
 
     ``key_prefixes``: alternative checkpoint prefixes for a parameter name (e.g. ``"text_model."`` for CLIP
     checkpoints written by older transformers). Tied parameters (one tensor under two names) are read once.
-    Collective-free: each rank reads its own rows independently."""
+    Collective-free: each rank reads its own rows independently (plain reads, no mmap: the file's pages never
+    count towards this process's memory)."""
     stats = ShardedLoadStats()
-    files = safetensors_files(component, weights_name)
-    with ExitStack() as stack:
-        where = _headers(files, stack)
-        # Every tensor of the model under each of its names; a tied tensor needs one of its names in the file.
-        tensors: dict[int, list[str]] = {}
-        objects: dict[int, torch.Tensor] = {}
-        persistent = set(model.state_dict().keys())
-        for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
-            if name in persistent:
-                tensors.setdefault(id(t), []).append(name)
-                objects[id(t)] = t
-        chosen: dict[int, str] = {}
-        used: set[str] = set()
-        expected: dict[str, torch.Size] = {}
-        for tid, names in tensors.items():
-            found = [(n, k) for n in names if (k := _checkpoint_key(n, where, key_prefixes)) is not None]
-            name, key = found[0] if found else (names[0], names[0])
-            chosen[tid] = key
-            used.update(k for _, k in found)
-            expected[key] = objects[tid].shape
-        shapes = {k: torch.empty(where[k][0].get_slice(k).get_shape(), device="meta") for k in where}
-        unused = {k: v for k, v in shapes.items() if k not in used}
-        check_state_dict(expected, {**{k: shapes[k] for k in expected if k in shapes}, **unused}, component)
+    where = _headers(safetensors_files(component, weights_name))
+    # Every tensor of the model under each of its names; a tied tensor needs one of its names in the file.
+    tensors: dict[int, list[str]] = {}
+    objects: dict[int, torch.Tensor] = {}
+    persistent = set(model.state_dict().keys())
+    for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+        if name in persistent:
+            tensors.setdefault(id(t), []).append(name)
+            objects[id(t)] = t
+    chosen: dict[int, str] = {}
+    used: set[str] = set()
+    expected: dict[str, torch.Size] = {}
+    for tid, names in tensors.items():
+        found = [(n, k) for n in names if (k := _checkpoint_key(n, where, key_prefixes)) is not None]
+        _, key = found[0] if found else (names[0], names[0])
+        chosen[tid] = key
+        used.update(k for _, k in found)
+        expected[key] = objects[tid].shape
+    shapes = {k: torch.empty(e.shape, device="meta") for k, e in where.items()}
+    check_state_dict(expected, {k: v for k, v in shapes.items() if k in expected or k not in used}, component)
 
-        buffers = {name: b.detach().clone() for name, b in model.named_buffers() if b.device.type != "meta"}
-        model.to_empty(device=device)  # allocates this rank's shards only (FSDP2 keeps parameters sharded)
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers() if b.device.type != "meta"}
+    model.to_empty(device=device)  # allocates this rank's shards only (FSDP2 keeps parameters sharded)
+    handles: dict[Path, Any] = {}
+    try:
         with torch.no_grad():
             for name, b in model.named_buffers():
                 if name in buffers:
                     b.copy_(buffers[name])
             for tid, key in chosen.items():
-                t = objects[tid]
-                f, path = where[key]
-                sl = f.get_slice(key)
-                try:
-                    if isinstance(t, DTensor):
-                        local = t.to_local()
-                        start, stop = _row_range(t, t.shape[0]) if t.dim() else (0, 0)
-                        if local.dim() and local.shape[0] != stop - start:
-                            raise RuntimeError(f"local shard has {local.shape[0]} rows, expected {stop - start}")
-                        src = sl[start:stop] if local.dim() else sl[:]
-                    else:
-                        local, src = t, sl[:]
-                except CheckpointError:
-                    raise
-                except Exception as e:
-                    raise CheckpointError(f"{path}: cannot read {key!r} ({type(e).__name__}: {e})") from e
-                local.copy_(src.to(local.dtype) if local.is_floating_point() else src)
+                t, entry = objects[tid], where[key]
+                fh = handles.get(entry.path)
+                if fh is None:
+                    fh = handles[entry.path] = open(entry.path, "rb")  # noqa: SIM115 (closed below)
+                if isinstance(t, DTensor) and t.dim():
+                    local = t.to_local()
+                    start, stop = _row_range(t, t.shape[0])
+                    if local.shape[0] != stop - start:
+                        raise RuntimeError(f"{key}: local shard has {local.shape[0]} rows, expected {stop - start}")
+                else:
+                    local = t.to_local() if isinstance(t, DTensor) else t
+                    start, stop = 0, (t.shape[0] if t.dim() else 1)
+                stats.bytes_read += _read_rows(fh, entry, start, stop, local)
                 stats.tensors += 1
-                stats.bytes_read += src.numel() * src.element_size()
-                del src
+    except OSError as e:
+        raise CheckpointError(f"{component}: cannot read weights ({e})") from e
+    finally:
+        for fh in handles.values():
+            fh.close()
     for p in model.parameters():
         local = p.to_local() if isinstance(p, DTensor) else p
         stats.local_param_bytes += local.numel() * local.element_size()
