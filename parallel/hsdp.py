@@ -120,12 +120,17 @@ def build_hsdp_device_mesh(shard_size: int, replicate_size: int = 1, device_type
     return DeviceMesh(device_type, hsdp_rank_layout(shard_size, replicate_size), mesh_dim_names=MESH_DIM_NAMES)
 
 
-def hsdp_device_mesh_from_groups(replicate_group: dist.ProcessGroup, shard_group: dist.ProcessGroup,
+def hsdp_device_mesh_from_groups(replicate_group: dist.ProcessGroup | None, shard_group: dist.ProcessGroup,
                                  shard_size: int, replicate_size: int, device_type: str = "cpu") -> DeviceMesh:
-    """A ``(replicate, shard)`` DeviceMesh over existing process groups (no new groups are created).
+    """A DeviceMesh over existing process groups (no new groups are created): ``(replicate, shard)``, or the 1-D
+    ``shard`` mesh when ``replicate_size == 1`` (``replicate_group`` is then not used).
 
     The groups must follow :func:`hsdp_rank_layout` (e.g. a ``Mesh``'s ``hsdp_replicate`` / ``hsdp_shard`` device
     groups); ``shard_size × replicate_size`` must be the default world's size."""
+    if replicate_size == 1:
+        return DeviceMesh.from_group(shard_group, device_type, mesh_dim_names=MESH_DIM_NAMES[1:])
+    if replicate_group is None:
+        raise HSDPConfigError(f"hsdp_replicate {replicate_size} needs the replicate process group")
     return DeviceMesh.from_group([replicate_group, shard_group], device_type,
                                  mesh=hsdp_rank_layout(shard_size, replicate_size), mesh_dim_names=MESH_DIM_NAMES)
 
@@ -169,18 +174,19 @@ def apply_hsdp_to_model(model: nn.Module, hsdp_config: HSDPInferenceConfig) -> n
     device (then :func:`stages.sharded_load` fills each rank's shards). Every rank of the mesh must call this
     with the same model structure (collective).
     """
+    name = type(model).__name__  # fully_shard renames the class (FSDP<name>)
     mesh = _mesh_for(model, hsdp_config)
     conditions = shard_conditions_of(model, hsdp_config)
     units = hsdp_units(model, conditions)
     if not units:
         logger.warning("%s declares no _hsdp_shard_conditions (or none matched): the whole model is one HSDP unit "
-                       "and every forward all-gathers all of its weights at once", type(model).__name__)
+                       "and every forward all-gathers all of its weights at once", name)
     kwargs = dict(mesh=mesh, reshard_after_forward=hsdp_config.reshard_after_forward,
                   mp_policy=hsdp_config.mp_policy)
     for _, module in units:
         fully_shard(module, **kwargs)
     fully_shard(model, **kwargs)
-    logger.info("HSDP: %s sharded over %s (shard %d x replicate %d), %d units + root", type(model).__name__,
+    logger.info("HSDP: %s sharded over %s (shard %d x replicate %d), %d units + root", name,
                 mesh.mesh.tolist(), hsdp_config.hsdp_shard_size, hsdp_config.hsdp_replicate_size, len(units))
     return model
 

@@ -27,7 +27,7 @@ STAGE_NAMES = ("text_encoder", "denoiser", "vae")
 
 # Degrees whose implementation exists in ``parallel``/``stages`` and is wired into the stage processes.
 # Anything else > 1 is rejected with "not supported yet" instead of silently running unsharded.
-SUPPORTED_DENOISER_DEGREES = frozenset({"ulysses", "ring"})
+SUPPORTED_DENOISER_DEGREES = frozenset({"ulysses", "ring", "hsdp_shard", "hsdp_replicate"})
 SUPPORTED_VAE_DEGREES: frozenset[str] = frozenset()
 
 
@@ -58,9 +58,29 @@ class DenoiserParallelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only
     hsdp_replicate: int = 1
 
     @property
-    def world_size(self) -> int:
-        """Ranks in one denoiser replica: the product of the mesh degrees (HSDP shards within them)."""
+    def model_size(self) -> int:
+        """``ulysses × ring × cfg × pp``: the ranks the computation is split over."""
         return self.ulysses * self.ring * self.cfg * self.pp
+
+    @property
+    def hsdp_size(self) -> int:
+        return self.hsdp_shard * self.hsdp_replicate
+
+    @property
+    def world_size(self) -> int:
+        """Ranks in one denoiser replica: the product of the mesh degrees, HSDP sharding the weights across the
+        same ranks; with no other degree > 1, ``hsdp_shard × hsdp_replicate`` ranks (every rank runs the batch)."""
+        return self.model_size if self.model_size > 1 else self.hsdp_size
+
+
+class TextEncoderParallelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    hsdp_shard: int = 1
+    hsdp_replicate: int = 1
+
+    @property
+    def world_size(self) -> int:
+        """Ranks in one text encoder replica: each rank holds 1/hsdp_shard of the encoders' weights."""
+        return self.hsdp_shard * self.hsdp_replicate
 
 
 class VaeParallelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -83,6 +103,14 @@ class StageConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         return 1
 
 
+class TextEncoderStageConfig(StageConfig, kw_only=True):
+    parallel: TextEncoderParallelConfig = msgspec.field(default_factory=TextEncoderParallelConfig)
+
+    @property
+    def world_size(self) -> int:
+        return self.parallel.world_size
+
+
 class DenoiserStageConfig(StageConfig, kw_only=True):
     parallel: DenoiserParallelConfig = msgspec.field(default_factory=DenoiserParallelConfig)
 
@@ -100,7 +128,7 @@ class VaeStageConfig(StageConfig, kw_only=True):
 
 
 class StagesConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    text_encoder: StageConfig = msgspec.field(default_factory=StageConfig)
+    text_encoder: TextEncoderStageConfig = msgspec.field(default_factory=TextEncoderStageConfig)
     denoiser: DenoiserStageConfig = msgspec.field(default_factory=DenoiserStageConfig)
     vae: VaeStageConfig = msgspec.field(default_factory=VaeStageConfig)
 
@@ -126,7 +154,8 @@ _SCHEMA: dict[str, Any] = {
     "model": {"path": _STR, "dtype": _STR, "device": _STR},
     "server": {"host": _STR, "port": _INT, "api_key": _STR, "max_queue": _INT, "request_timeout_s": _FLOAT},
     "stages": {
-        "text_encoder": dict(_STAGE_KEYS),
+        "text_encoder": {**_STAGE_KEYS,
+                         "parallel": dict.fromkeys(TextEncoderParallelConfig.__struct_fields__, _INT)},
         "denoiser": {**_STAGE_KEYS, "parallel": dict.fromkeys(DenoiserParallelConfig.__struct_fields__, _INT)},
         "vae": {**_STAGE_KEYS, "parallel": {"patch": _INT}},
     },
@@ -202,12 +231,16 @@ def _check_values(cfg: RuntimeConfig) -> None:
     for key in DenoiserParallelConfig.__struct_fields__:
         _at_least(f"stages.denoiser.parallel.{key}", getattr(par, key), 1)
     _at_least("stages.vae.parallel.patch", cfg.stages.vae.parallel.patch, 1)
-    hsdp = par.hsdp_shard * par.hsdp_replicate
-    if hsdp > 1 and hsdp != par.world_size:
+    hsdp = par.hsdp_size
+    if hsdp > 1 and par.model_size > 1 and hsdp != par.model_size:
         raise ConfigError(
             f"stages.denoiser.parallel.hsdp_shard = {par.hsdp_shard} with hsdp_replicate = {par.hsdp_replicate}: "
             f"hsdp_shard x hsdp_replicate = {hsdp} must equal the denoiser world size "
-            f"ulysses x ring x cfg x pp = {par.ulysses} x {par.ring} x {par.cfg} x {par.pp} = {par.world_size}")
+            f"ulysses x ring x cfg x pp = {par.ulysses} x {par.ring} x {par.cfg} x {par.pp} = {par.model_size} "
+            f"(HSDP shards the weights across the same ranks; or set the other degrees to 1)")
+    te = cfg.stages.text_encoder.parallel
+    for key in TextEncoderParallelConfig.__struct_fields__:
+        _at_least(f"stages.text_encoder.parallel.{key}", getattr(te, key), 1)
     if par.cfg > 2:
         raise ConfigError(f"stages.denoiser.parallel.cfg = {par.cfg}: CFG parallelism splits the conditional "
                           f"and unconditional branch, allowed values are 1 or 2")

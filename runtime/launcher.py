@@ -60,7 +60,8 @@ class ReplicaProcs:
         ws = st.world_size
         self.generation += 1
         port = free_port()
-        parallel = (msgspec.structs.asdict(cfg.stages.denoiser.parallel) if self.stage == "denoiser"
+        parallel = (msgspec.structs.asdict(cfg.stages.get(self.stage).parallel)
+                    if self.stage in ("denoiser", "text_encoder")
                     else {"patch": cfg.stages.vae.parallel.patch} if self.stage == "vae" else {})
         threads = stage_threads(ws, _cpus(), st.threads)
         nxt = STAGE_NAMES.index(self.stage) + 1

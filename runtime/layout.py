@@ -29,16 +29,30 @@ class ReplicaLayout(msgspec.Struct, kw_only=True):
     ranks: list[RankLayout]
 
 
-def denoiser_groups(ulysses: int, ring: int, cfg: int, pp: int) -> list[dict[str, list[int]]]:
-    """For each rank of a ``ulysses x ring x pp x cfg`` mesh, the global ranks of each of its groups
-    (``parallel.parallel_config.ParallelConfig.group_ranks``, the same arithmetic the stage processes use)."""
+def denoiser_groups(ulysses: int, ring: int, cfg: int, pp: int, hsdp_shard: int = 1,
+                    hsdp_replicate: int = 1) -> list[dict[str, list[int]]]:
+    """For each rank of a ``ulysses x ring x pp x cfg`` mesh (HSDP sharding across the same ranks, or alone), the
+    global ranks of each of its groups (``parallel.parallel_config.ParallelConfig.group_ranks``, the same
+    arithmetic the stage processes use)."""
     from omni_runtime.parallel.parallel_config import ParallelConfig
 
-    pc = ParallelConfig(ulysses_degree=ulysses, ring_degree=ring, cfg_parallel_size=cfg, pipeline_parallel_size=pp)
-    world = ulysses * ring * cfg * pp
+    pc = ParallelConfig(ulysses_degree=ulysses, ring_degree=ring, cfg_parallel_size=cfg, pipeline_parallel_size=pp,
+                        hsdp_shard_size=hsdp_shard, hsdp_replicate_size=hsdp_replicate)
+    world = max(ulysses * ring * cfg * pp, hsdp_shard * hsdp_replicate)
     all_groups = pc.group_ranks(world)
     names = ("world", "sp", "ulysses", "ring", "pp", "cfg")
+    if hsdp_shard * hsdp_replicate > 1:
+        names += ("hsdp_shard", "hsdp_replicate")
     return [{n: next(list(g) for g in all_groups[n] if r in g) for n in names} for r in range(world)]
+
+
+def hsdp_groups(hsdp_shard: int, hsdp_replicate: int) -> list[dict[str, list[int]]]:
+    """For each rank of a stage whose only degree is HSDP (the text encoder), its world and HSDP groups."""
+    world = hsdp_shard * hsdp_replicate
+    return [{"world": list(range(world)),
+             "hsdp_shard": [r // hsdp_shard * hsdp_shard + i for i in range(hsdp_shard)],
+             "hsdp_replicate": [r % hsdp_shard + j * hsdp_shard for j in range(hsdp_replicate)]}
+            for r in range(world)]
 
 
 def device_for(cfg: RuntimeConfig, stage: str, index: int) -> str:
@@ -57,11 +71,12 @@ def resolve_layout(cfg: RuntimeConfig) -> list[ReplicaLayout]:
         ws = st.world_size
         if stage == "denoiser":
             p = cfg.stages.denoiser.parallel
-            groups = denoiser_groups(p.ulysses, p.ring, p.cfg, p.pp)
+            groups = denoiser_groups(p.ulysses, p.ring, p.cfg, p.pp, p.hsdp_shard, p.hsdp_replicate)
         elif stage == "vae":
             groups = [{"world": list(range(ws)), "patch": list(range(ws))} for _ in range(ws)]
         else:
-            groups = [{"world": [0]}]
+            te = cfg.stages.text_encoder.parallel
+            groups = hsdp_groups(te.hsdp_shard, te.hsdp_replicate) if ws > 1 else [{"world": [0]}]
         for rep in range(st.replicas):
             ranks = [RankLayout(rank=r, device=device_for(cfg, stage, rep * ws + r), groups=groups[r])
                      for r in range(ws)]
@@ -86,6 +101,9 @@ def format_layout(cfg: RuntimeConfig) -> str:
                          f", hsdp {p.hsdp_shard}x{p.hsdp_replicate}")
             elif rep.stage == "vae":
                 extra = f", patch {cfg.stages.vae.parallel.patch}"
+            elif rep.world_size > 1:
+                te = cfg.stages.text_encoder.parallel
+                extra = f", hsdp {te.hsdp_shard}x{te.hsdp_replicate}"
             lines.append(f"stage {rep.stage}: {st.replicas} replica(s) x {rep.world_size} rank(s), "
                          f"max_batch_size {st.max_batch_size}, batch_timeout_ms {st.batch_timeout_ms:g}{extra}")
         for rk in rep.ranks:

@@ -45,10 +45,10 @@ class StageExecutor:
 class TextEncoderExecutor(StageExecutor):
     name = "text_encoder"
 
-    def __init__(self, path: str, dtype: str, device: str) -> None:
+    def __init__(self, path: str, dtype: str, device: str, hsdp: Any = None) -> None:
         from omni_runtime.stages.text_encoder import TextEncoderStage
 
-        self.stage = TextEncoderStage.from_pretrained(path, dtype, device)
+        self.stage = TextEncoderStage.from_pretrained(path, dtype, device, hsdp=hsdp)
 
     def run(self, items: list[Work], publish: bool) -> list[Any]:
         enc = self.stage.encode([w.params.prompt for w in items])
@@ -69,10 +69,10 @@ class TextEncoderExecutor(StageExecutor):
 class DenoiserExecutor(StageExecutor):
     name = "denoiser"
 
-    def __init__(self, path: str, dtype: str, device: str) -> None:
+    def __init__(self, path: str, dtype: str, device: str, hsdp: Any = None) -> None:
         from omni_runtime.stages.denoiser import DenoiserStage
 
-        self.stage = DenoiserStage.from_pretrained(path, dtype, device)
+        self.stage = DenoiserStage.from_pretrained(path, dtype, device, hsdp=hsdp)
 
     def batch_key(self, w: Work) -> tuple:
         p = w.params

@@ -71,12 +71,43 @@ def _init_distributed(spec: WorkerSpec) -> None:
         if spec.stage == "denoiser":
             p = spec.parallel
             state.initialize_model_parallel(ulysses_degree=p.get("ulysses", 1), ring_degree=p.get("ring", 1),
-                                            backend="gloo")
+                                            hsdp_shard_size=p.get("hsdp_shard", 1),
+                                            hsdp_replicate_size=p.get("hsdp_replicate", 1), backend="gloo")
     else:
         dist.init_process_group("gloo", init_method=init, rank=spec.rank, world_size=spec.world_size)
         if spec.stage == "denoiser" and spec.world_size > 1:
             raise RuntimeError("the denoiser is configured with sequence parallelism but parallel/state.py is "
                                "not available in this build")
+
+
+def _hsdp_config(spec: WorkerSpec):
+    """The HSDP config of this rank's stage (None when its weights are not sharded).
+
+    HSDP needs: the degrees ``hsdp_shard`` / ``hsdp_replicate`` (from ``spec.parallel``), and a DeviceMesh over
+    the ranks of the replica laid out ``rank = shard_i + hsdp_shard * replicate_i``. The denoiser's comes from
+    the mesh's ``hsdp_replicate`` / ``hsdp_shard`` device groups; the text encoder (no other degree) lays one
+    out over its whole world."""
+    shard, replicate = spec.parallel.get("hsdp_shard", 1), spec.parallel.get("hsdp_replicate", 1)
+    if shard <= 1 or spec.stage not in ("denoiser", "text_encoder"):
+        return None
+    import torch
+
+    from omni_runtime.parallel.hsdp import (
+        HSDPInferenceConfig,
+        build_hsdp_device_mesh,
+        hsdp_device_mesh_from_groups,
+    )
+
+    device_type = torch.device(spec.device).type
+    if spec.stage == "denoiser":
+        from omni_runtime.parallel import state
+
+        mesh = hsdp_device_mesh_from_groups(state.get_hsdp_replicate_group().device_group,
+                                            state.get_hsdp_shard_group().device_group, shard, replicate, device_type)
+    else:
+        mesh = build_hsdp_device_mesh(shard, replicate, device_type)
+    return HSDPInferenceConfig(hsdp_shard_size=shard, hsdp_replicate_size=replicate, device_mesh=mesh,
+                               device_type=device_type)
 
 
 def worker_main(spec_bytes: bytes) -> None:
@@ -106,7 +137,9 @@ def worker_main(spec_bytes: bytes) -> None:
     from omni_runtime.runtime.rank_fanout import RankFanout
     from omni_runtime.runtime.stage_exec import EXECUTORS
 
-    executor = EXECUTORS[spec.stage](spec.model_path, spec.dtype, spec.device)
+    hsdp = _hsdp_config(spec) if spec.world_size > 1 else None
+    executor = EXECUTORS[spec.stage](spec.model_path, spec.dtype, spec.device,
+                                     **({"hsdp": hsdp} if hsdp is not None else {}))
     pool = shm_tensor.ShmPool(max_bytes=256 << 20) if spec.pool_outputs and spec.rank == 0 else None
     if pool is not None:
         executor.use_pool(pool)

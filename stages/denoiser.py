@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from omni_runtime.parallel.hsdp import HSDPInferenceConfig
 from omni_runtime.parallel.state import get_sequence_parallel_world_size
 from omni_runtime.stages.device import resolve_device, resolve_dtype
 from omni_runtime.stages.errors import RequestError
@@ -71,11 +72,13 @@ def vae_scale_factor_of(path: str | Path) -> int:
     return 2 ** (len(read_config(vae_dir)["block_out_channels"]) - 1)
 
 
-def load_transformer(path: str | Path, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
-    """Load ``<path>/transformer`` as a Flux transformer (forward signature of diffusers' FluxTransformer2DModel)."""
+def load_transformer(path: str | Path, dtype: torch.dtype, device: torch.device,
+                     hsdp: HSDPInferenceConfig | None = None) -> torch.nn.Module:
+    """Load ``<path>/transformer`` as a Flux transformer (forward signature of diffusers' FluxTransformer2DModel);
+    with ``hsdp`` its weights are sharded over the HSDP mesh, each rank loading only its shards."""
     from omni_runtime.stages.models.flux import FluxTransformer
 
-    return FluxTransformer.from_pretrained(component_dir(path, "transformer"), dtype=dtype, device=device)
+    return FluxTransformer.from_pretrained(component_dir(path, "transformer"), dtype=dtype, device=device, hsdp=hsdp)
 
 
 def _unbatched(t: object, field: str, ndim: int) -> torch.Tensor:
@@ -117,12 +120,14 @@ class DenoiserStage:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: str | torch.dtype = "float32",
-                        device: str | torch.device = "cpu") -> DenoiserStage:
-        """Load transformer + scheduler config; apply the model's ``_sp_plan`` when the SP world is > 1."""
+                        device: str | torch.device = "cpu", hsdp: HSDPInferenceConfig | None = None
+                        ) -> DenoiserStage:
+        """Load transformer + scheduler config; apply the model's ``_sp_plan`` when the SP world is > 1; with
+        ``hsdp`` (shard degree > 1) the weights are sharded (FSDP2) and loaded shard by shard."""
         torch_dtype, dev = resolve_dtype(dtype), resolve_device(device)
         config = read_config(component_dir(path, "transformer"))
         schedule = FlowMatchSchedule.from_pretrained(path)
-        model = load_transformer(path, torch_dtype, dev)
+        model = load_transformer(path, torch_dtype, dev, hsdp)
         sp = get_sequence_parallel_world_size()
         if sp > 1:
             from omni_runtime.parallel.sp_plan import apply_sequence_parallel

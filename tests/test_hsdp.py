@@ -267,3 +267,49 @@ def test_sharded_load_peak_memory(tmp_path: Path) -> None:
     full = run_workers(_unsharded_memory_worker, 1, args=(str(tmp_path / "transformer"),), timeout=200)[0]
     full_grew = full["peak"] - full["before"]
     assert full_grew > 0.9 * weights, ("the RSS measurement does not see an unsharded load", full_grew / weights)
+
+
+# ------------------------------------------------------------------------------------------- served
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_served_hsdp_denoiser_and_text_encoder_match_the_default_pipeline(tmp_path: Path) -> None:
+    """``serve`` with the denoiser and the text encoders each sharded over 2 ranks (configs/hsdp2.toml), through
+    the official openai client: the image for a seed equals the single-process pipeline's (max |delta| <= 1/255)."""
+    import base64
+    import io
+
+    import numpy as np
+    from openai import OpenAI
+    from PIL import Image
+    from test_server_harness import API_KEY, Server
+
+    from omni_runtime.runtime import Omni
+
+    prompt, seed, small = "a castle on a hill", 21, {"size": "64x64", "num_inference_steps": 3}
+    server = Server(tmp_path, base_config="hsdp2.toml")
+    try:
+        titles = sorted(" ".join(p.cmdline()).strip() for p in server.stage_procs())
+        assert titles == ["omni-runtime: denoiser[0] rank 0/2", "omni-runtime: denoiser[0] rank 1/2",
+                          "omni-runtime: text_encoder[0] rank 0/2", "omni-runtime: text_encoder[0] rank 1/2",
+                          "omni-runtime: vae[0] rank 0/1"]
+        client = OpenAI(base_url=server.url + "/v1", api_key=API_KEY)
+        out = client.images.generate(model="tiny-flux", prompt=prompt, n=1, size=small["size"],
+                                     response_format="b64_json",
+                                     extra_body={"seed": seed, "num_inference_steps": small["num_inference_steps"]})
+        served = np.asarray(Image.open(io.BytesIO(base64.b64decode(out.data[0].b64_json))))
+        log = server.log_text()
+        # the weights really were sharded, on both ranks of both stages
+        for stage in ("denoiser", "text_encoder"):
+            for rank in (0, 1):
+                assert f"{stage}[0] rank {rank}/2" in log
+        assert log.count("loaded FluxTransformer from") == 2 and log.count("sharded over 2 ranks") == 2, log[-3000:]
+        assert log.count("HSDP: T5EncoderModel sharded") == 2 and log.count("HSDP: CLIPTextModel sharded") == 2
+    finally:
+        server.stop()
+    assert server.shm_entries() == []
+    with Omni(server.config_path, in_process=True) as omni:
+        ref = np.asarray(omni.generate(prompt, seed=seed, **small)[0])
+    diff = np.abs(served.astype(int) - ref.astype(int))
+    assert diff.max() <= 1, (diff.max(), (diff > 0).mean())
