@@ -313,3 +313,46 @@ def test_served_hsdp_denoiser_and_text_encoder_match_the_default_pipeline(tmp_pa
         ref = np.asarray(omni.generate(prompt, seed=seed, **small)[0])
     diff = np.abs(served.astype(int) - ref.astype(int))
     assert diff.max() <= 1, (diff.max(), (diff > 0).mean())
+
+
+# ------------------------------------------------------------------------------------------- config
+
+
+def _config(stages: dict) -> object:
+    from omni_runtime.runtime.config import config_from_dict
+
+    return config_from_dict({"model": {"path": "/nonexistent/model"}, "stages": stages})
+
+
+@pytest.mark.parametrize("stages, world", [
+    ({"denoiser": {"parallel": {"hsdp_shard": 2}}}, {"denoiser": 2, "text_encoder": 1}),
+    ({"denoiser": {"parallel": {"hsdp_shard": 2, "hsdp_replicate": 2}}}, {"denoiser": 4, "text_encoder": 1}),
+    ({"denoiser": {"parallel": {"ulysses": 2, "hsdp_shard": 2}}}, {"denoiser": 2, "text_encoder": 1}),
+    ({"text_encoder": {"parallel": {"hsdp_shard": 2}}}, {"denoiser": 1, "text_encoder": 2}),
+    ({"text_encoder": {"parallel": {"hsdp_shard": 2, "hsdp_replicate": 3}}}, {"denoiser": 1, "text_encoder": 6}),
+])
+def test_config_accepts_hsdp_and_sizes_the_replica(stages: dict, world: dict) -> None:
+    cfg = _config(stages)
+    assert {name: cfg.stages.get(name).world_size for name in world} == world  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("stages, message", [
+    ({"denoiser": {"parallel": {"ulysses": 2, "hsdp_shard": 4}}},
+     r"stages.denoiser.parallel.hsdp_shard = 4 with hsdp_replicate = 1: hsdp_shard x hsdp_replicate = 4 must "
+     r"equal the denoiser world size ulysses x ring x cfg x pp = 2 x 1 x 1 x 1 = 2"),
+    ({"denoiser": {"parallel": {"ulysses": 2, "hsdp_shard": 2, "hsdp_replicate": 2}}},
+     r"hsdp_shard x hsdp_replicate = 4 must equal the denoiser world size .* = 2"),
+    ({"text_encoder": {"parallel": {"hsdp_shard": 0}}}, r"stages.text_encoder.parallel.hsdp_shard = 0: must be .*>= 1"),
+    ({"text_encoder": {"parallel": {"hsdp_replicate": -2}}},
+     r"stages.text_encoder.parallel.hsdp_replicate = -2: must be .*>= 1"),
+    ({"text_encoder": {"parallel": {"hsdp_shard": "2"}}},
+     r"stages.text_encoder.parallel.hsdp_shard = '2' \(str\): must be an integer"),
+    ({"text_encoder": {"parallel": {"ulysses": 2}}},
+     r"stages.text_encoder.parallel.ulysses: unknown key .*allowed keys here: hsdp_replicate, hsdp_shard"),
+    ({"text_encoder": {"parallel": 2}}, r"stages.text_encoder.parallel = 2 \(int\): must be a table"),
+])
+def test_config_rejects_bad_hsdp_values_naming_the_key(stages: dict, message: str) -> None:
+    from omni_runtime.runtime.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        _config(stages)
