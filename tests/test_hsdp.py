@@ -272,11 +272,26 @@ def test_sharded_load_peak_memory(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------- served
 
 
+SERVED = {
+    # config: (stage titles, log lines that prove the sharding happened, each on every rank of its stage)
+    "hsdp2.toml": (["denoiser[0] rank 0/2", "denoiser[0] rank 1/2", "text_encoder[0] rank 0/2",
+                    "text_encoder[0] rank 1/2", "vae[0] rank 0/1"],
+                   {"sharded over 2 ranks": 2, "HSDP: FluxTransformer sharded": 2,
+                    "HSDP: T5EncoderModel sharded": 2, "HSDP: CLIPTextModel sharded": 2}),
+    "sp2_hsdp2.toml": (["denoiser[0] rank 0/2", "denoiser[0] rank 1/2", "text_encoder[0] rank 0/1",
+                        "vae[0] rank 0/1"],
+                       {"sharded over 2 ranks": 2, "HSDP: FluxTransformer sharded": 2,
+                        "sequence parallel over 2 ranks": 2}),
+}
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(400)
-def test_served_hsdp_denoiser_and_text_encoder_match_the_default_pipeline(tmp_path: Path) -> None:
-    """``serve`` with the denoiser and the text encoders each sharded over 2 ranks (configs/hsdp2.toml), through
-    the official openai client: the image for a seed equals the single-process pipeline's (max |delta| <= 1/255)."""
+@pytest.mark.parametrize("config", sorted(SERVED))
+def test_served_hsdp_matches_the_default_pipeline(tmp_path: Path, config: str) -> None:
+    """``serve`` with HSDP, through the official openai client: the image for a seed equals the single-process
+    pipeline's (max |delta| <= 1/255). hsdp2.toml: the denoiser and the text encoders each sharded over 2 ranks;
+    sp2_hsdp2.toml: Ulysses 2 and hsdp_shard 2 on the same 2 denoiser ranks."""
     import base64
     import io
 
@@ -287,25 +302,20 @@ def test_served_hsdp_denoiser_and_text_encoder_match_the_default_pipeline(tmp_pa
 
     from omni_runtime.runtime import Omni
 
+    titles, proofs = SERVED[config]
     prompt, seed, small = "a castle on a hill", 21, {"size": "64x64", "num_inference_steps": 3}
-    server = Server(tmp_path, base_config="hsdp2.toml")
+    server = Server(tmp_path, base_config=config)
     try:
-        titles = sorted(" ".join(p.cmdline()).strip() for p in server.stage_procs())
-        assert titles == ["omni-runtime: denoiser[0] rank 0/2", "omni-runtime: denoiser[0] rank 1/2",
-                          "omni-runtime: text_encoder[0] rank 0/2", "omni-runtime: text_encoder[0] rank 1/2",
-                          "omni-runtime: vae[0] rank 0/1"]
+        assert sorted(" ".join(p.cmdline()).strip() for p in server.stage_procs()) == [
+            f"omni-runtime: {t}" for t in titles]
         client = OpenAI(base_url=server.url + "/v1", api_key=API_KEY)
         out = client.images.generate(model="tiny-flux", prompt=prompt, n=1, size=small["size"],
                                      response_format="b64_json",
                                      extra_body={"seed": seed, "num_inference_steps": small["num_inference_steps"]})
         served = np.asarray(Image.open(io.BytesIO(base64.b64decode(out.data[0].b64_json))))
         log = server.log_text()
-        # the weights really were sharded, on both ranks of both stages
-        for stage in ("denoiser", "text_encoder"):
-            for rank in (0, 1):
-                assert f"{stage}[0] rank {rank}/2" in log
-        assert log.count("loaded FluxTransformer from") == 2 and log.count("sharded over 2 ranks") == 2, log[-3000:]
-        assert log.count("HSDP: T5EncoderModel sharded") == 2 and log.count("HSDP: CLIPTextModel sharded") == 2
+        for line, count in proofs.items():
+            assert log.count(line) == count, (line, log[-3000:])
     finally:
         server.stop()
     assert server.shm_entries() == []
