@@ -21,6 +21,7 @@ import logging
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 
 import torch
 import torch.distributed as dist
@@ -60,7 +61,9 @@ class HSDPInferenceConfig:
 
     ``hsdp_shard_size`` ranks split each parameter; ``hsdp_replicate_size`` such groups each hold a full copy; their
     product is the number of ranks the model spans. ``param_dtype`` / ``reduce_dtype`` form the FSDP2
-    ``MixedPrecisionPolicy`` (None keeps the loaded dtype). ``device_mesh`` is the 2-D ``(replicate, shard)`` mesh
+    ``MixedPrecisionPolicy`` (None keeps the loaded dtype). ``forward_prefetch``: each unit starts the all-gather
+    of the next one (in model order) before it computes, so communication can overlap compute where the backend
+    runs collectives asynchronously (NCCL streams; see docs/BENCHMARKS.md for gloo). ``device_mesh`` is the 2-D ``(replicate, shard)`` mesh
     (a 1-D ``shard`` mesh is accepted when ``hsdp_replicate_size == 1``); when None, :func:`apply_hsdp_to_model`
     builds one over the default process group. ``shard_conditions`` overrides the model's
     ``_hsdp_shard_conditions``.
@@ -71,6 +74,7 @@ class HSDPInferenceConfig:
     param_dtype: torch.dtype | None = None
     reduce_dtype: torch.dtype | None = None
     reshard_after_forward: bool = True
+    forward_prefetch: bool = False
     device_mesh: DeviceMesh | None = None
     shard_conditions: Sequence[ShardCondition] | None = None
     device_type: str = "cpu"
@@ -178,6 +182,7 @@ def apply_hsdp_to_model(model: nn.Module, hsdp_config: HSDPInferenceConfig) -> n
     mesh = _mesh_for(model, hsdp_config)
     conditions = shard_conditions_of(model, hsdp_config)
     units = hsdp_units(model, conditions)
+    order = {n: i for i, (n, _) in enumerate(model.named_modules())}
     if not units:
         logger.warning("%s declares no _hsdp_shard_conditions (or none matched): the whole model is one HSDP unit "
                        "and every forward all-gathers all of its weights at once", name)
@@ -186,6 +191,10 @@ def apply_hsdp_to_model(model: nn.Module, hsdp_config: HSDPInferenceConfig) -> n
     for _, module in units:
         fully_shard(module, **kwargs)
     fully_shard(model, **kwargs)
+    if hsdp_config.forward_prefetch and len(units) > 1:
+        in_order = [m for _, m in sorted(units, key=lambda nm: order[nm[0]])]
+        for current, following in pairwise(in_order):
+            current.set_modules_to_forward_prefetch([following])
     logger.info("HSDP: %s sharded over %s (shard %d x replicate %d), %d units + root", name,
                 mesh.mesh.tolist(), hsdp_config.hsdp_shard_size, hsdp_config.hsdp_replicate_size, len(units))
     return model

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
@@ -68,8 +67,9 @@ def _flux_worker(rank: int, world_size: int, model_dir: str, replicate: int, how
     inputs = _flux_inputs(ref.config)
     with torch.no_grad():
         want = ref(**inputs)
-    cfg = HSDPInferenceConfig(hsdp_shard_size=shard, hsdp_replicate_size=replicate)
-    if how == "apply":  # weights loaded whole, then sharded
+    cfg = HSDPInferenceConfig(hsdp_shard_size=shard, hsdp_replicate_size=replicate,
+                              forward_prefetch=how == "prefetch")
+    if how in ("apply", "prefetch"):  # weights loaded whole, then sharded
         model = apply_hsdp_to_model(FluxTransformer.from_pretrained(Path(model_dir) / "transformer"), cfg)
     else:  # meta init, each rank reads its rows
         model = FluxTransformer.from_pretrained(Path(model_dir) / "transformer", hsdp=cfg)
@@ -92,7 +92,7 @@ def _flux_worker(rank: int, world_size: int, model_dir: str, replicate: int, how
 
 
 @pytest.mark.parametrize("world_size,replicate,how", [
-    (2, 1, "apply"), (2, 1, "load"), (4, 2, "apply"), (4, 2, "load")])
+    (2, 1, "apply"), (2, 1, "load"), (2, 1, "prefetch"), (4, 2, "apply"), (4, 2, "load")])
 def test_flux_hsdp_matches_unsharded(tiny_dir: Path, world_size: int, replicate: int, how: str) -> None:
     results = run_workers(_flux_worker, world_size, args=(str(tiny_dir), replicate, how),
                           init_process_group=True, timeout=240)
@@ -182,28 +182,6 @@ def test_config_errors_show_the_arithmetic() -> None:
 
 # ------------------------------------------------------------------------------------------- load memory
 
-BIG = dict(num_layers=2, num_single_layers=4, num_attention_heads=10, attention_head_dim=64,
-           axes_dims_rope=[16, 24, 24], joint_attention_dim=32, pooled_projection_dim=32, in_channels=64,
-           guidance_embeds=True)
-
-
-def make_big_transformer(out: Path, seed: int = 0) -> int:
-    """A transformer-only directory of FLUX layout with ~216 MB of fp32 weights; returns the weight bytes."""
-    from safetensors.torch import save_file
-
-    from omni_runtime.stages.models.flux import FluxConfig, FluxTransformer
-
-    cfg = FluxConfig(**{**BIG, "axes_dims_rope": tuple(BIG["axes_dims_rope"])})
-    with torch.device("meta"):
-        shapes = {k: v.shape for k, v in FluxTransformer(cfg).state_dict().items()}
-    g = torch.Generator().manual_seed(seed)
-    state = {k: torch.randn(s, generator=g) * 0.02 for k, s in shapes.items()}
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(out / "diffusion_pytorch_model.safetensors"))
-    (out / "config.json").write_text(json.dumps({"_class_name": "FluxTransformer2DModel", **BIG}))
-    return sum(t.numel() * t.element_size() for t in state.values())
-
-
 def _status_kb(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -255,6 +233,8 @@ def _unsharded_memory_worker(rank: int, world_size: int, path: str) -> dict:
 def test_sharded_load_peak_memory(tmp_path: Path) -> None:
     if not Path("/proc/self/clear_refs").exists():
         pytest.skip("needs Linux /proc/self/clear_refs to reset the RSS high-water mark")
+    from omni_runtime.stages.models.tiny import make_big_transformer
+
     weights = make_big_transformer(tmp_path / "transformer")
     assert weights >= 200e6
     results = run_workers(_memory_worker, 2, args=(str(tmp_path / "transformer"),), init_process_group=True,
