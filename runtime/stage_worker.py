@@ -110,6 +110,15 @@ def _hsdp_config(spec: WorkerSpec):
                                device_type=device_type)
 
 
+def _collective_failed(e: BaseException) -> bool:
+    """Whether ``e`` is a torch.distributed collective failing because a peer went away (gloo raises a plain
+    RuntimeError naming its transport; NCCL a DistBackendError)."""
+    import torch.distributed as dist
+
+    text = str(e)
+    return isinstance(e, dist.DistError) or ("gloo" in text and ("Connection" in text or "Read error" in text))
+
+
 def worker_main(spec_bytes: bytes) -> None:
     """Entry point of a rank process (``multiprocessing`` target); ``spec_bytes`` is a msgspec-encoded spec."""
     spec = msgspec.msgpack.decode(spec_bytes, type=WorkerSpec)
@@ -287,6 +296,13 @@ class _Driver:
             except Exception as e:
                 from omni_runtime.stages.errors import OmniUserError
 
+                if self.spec.world_size > 1 and _collective_failed(e):
+                    # A peer rank is gone (its collective partner closed the connection): this replica's process
+                    # group is broken for good. Exit, so the orchestrator reports the dead replica (503 naming it)
+                    # and restarts it, instead of answering 500 and waiting on a group that can never pair up.
+                    logger.error("a collective with the other ranks failed (%s: %s); exiting so the replica is "
+                                 "restarted", type(e).__name__, e)
+                    os._exit(70)
                 user = isinstance(e, OmniUserError)
                 if not user:
                     logger.exception("batch of %d failed", len(batch))
