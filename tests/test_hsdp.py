@@ -258,6 +258,8 @@ SERVED = {
                     "text_encoder[0] rank 1/2", "vae[0] rank 0/1"],
                    {"sharded over 2 ranks": 2, "HSDP: FluxTransformer sharded": 2,
                     "HSDP: T5EncoderModel sharded": 2, "HSDP: CLIPTextModel sharded": 2}),
+    "hsdp2x2.toml": ([f"denoiser[0] rank {r}/4" for r in range(4)] + ["text_encoder[0] rank 0/1", "vae[0] rank 0/1"],
+                     {"sharded over 2 ranks": 4, "HSDP: FluxTransformer sharded over [[0, 1], [2, 3]]": 4}),
     "sp2_hsdp2.toml": (["denoiser[0] rank 0/2", "denoiser[0] rank 1/2", "text_encoder[0] rank 0/1",
                         "vae[0] rank 0/1"],
                        {"sharded over 2 ranks": 2, "HSDP: FluxTransformer sharded": 2,
@@ -271,7 +273,7 @@ SERVED = {
 def test_served_hsdp_matches_the_default_pipeline(tmp_path: Path, config: str) -> None:
     """``serve`` with HSDP, through the official openai client: the image for a seed equals the single-process
     pipeline's (max |delta| <= 1/255). hsdp2.toml: the denoiser and the text encoders each sharded over 2 ranks;
-    sp2_hsdp2.toml: Ulysses 2 and hsdp_shard 2 on the same 2 denoiser ranks."""
+    hsdp2x2.toml: 4 denoiser ranks, shard 2 x replicate 2; sp2_hsdp2.toml: Ulysses 2 and hsdp_shard 2 on the same 2 denoiser ranks."""
     import base64
     import io
 
