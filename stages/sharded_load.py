@@ -208,13 +208,13 @@ def load_sharded_weights(model: nn.Module, component: str | Path, weights_name: 
         if name in persistent:
             tensors.setdefault(id(t), []).append(name)
             objects[id(t)] = t
-    chosen: dict[int, str] = {}
+    chosen: dict[str, str] = {}  # one module name of each tensor -> its checkpoint key
     used: set[str] = set()
     expected: dict[str, torch.Size] = {}
     for tid, names in tensors.items():
         found = [(n, k) for n in names if (k := _checkpoint_key(n, where, key_prefixes)) is not None]
         _, key = found[0] if found else (names[0], names[0])
-        chosen[tid] = key
+        chosen[names[0]] = key
         used.update(k for _, k in found)
         expected[key] = objects[tid].shape
     shapes = {k: torch.empty(e.shape, device="meta") for k, e in where.items()}
@@ -222,14 +222,16 @@ def load_sharded_weights(model: nn.Module, component: str | Path, weights_name: 
 
     buffers = {name: b.detach().clone() for name, b in model.named_buffers() if b.device.type != "meta"}
     model.to_empty(device=device)  # allocates this rank's shards only (FSDP2 keeps parameters sharded)
+    # to_empty may replace tensors (it does for modules FSDP2 does not manage): look them up again by name
+    live = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers(remove_duplicate=False))
     handles: dict[Path, Any] = {}
     try:
         with torch.no_grad():
             for name, b in model.named_buffers():
                 if name in buffers:
                     b.copy_(buffers[name])
-            for tid, key in chosen.items():
-                t, entry = objects[tid], where[key]
+            for name, key in chosen.items():
+                t, entry = live[name], where[key]
                 fh = handles.get(entry.path)
                 if fh is None:
                     fh = handles[entry.path] = open(entry.path, "rb")  # noqa: SIM115 (closed below)

@@ -390,3 +390,77 @@ def test_sigkill_of_a_sharded_denoiser_rank_gives_503_then_recovers(tmp_path: Pa
     finally:
         server.stop()
     assert server.shm_entries() == []
+
+
+# ------------------------------------------------------------------------------------------- checkpoint errors
+
+
+class _Two(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(3, 5)
+        self.b = torch.nn.Linear(5, 2)
+
+
+def _write(path: Path, tensors: dict[str, torch.Tensor]) -> Path:
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path / "model.safetensors"))
+    return path
+
+
+def _meta_two() -> torch.nn.Module:
+    from omni_runtime.stages.sharded_load import init_params_on_meta
+
+    with init_params_on_meta():
+        return _Two()
+
+
+def test_sharded_reader_reads_rows_and_casts_like_the_unsharded_loader(tmp_path: Path) -> None:
+    from omni_runtime.stages.sharded_load import load_sharded_weights
+
+    torch.manual_seed(0)
+    ref = _Two()
+    comp = _write(tmp_path / "c", {k: v.double() for k, v in ref.state_dict().items()})  # F64 file, fp32 model
+    model = _meta_two()
+    assert all(p.device.type == "meta" for p in model.parameters())
+    stats = load_sharded_weights(model, comp, "model", device=torch.device("cpu"))
+    for k, v in ref.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v.double().float()), k
+    assert stats.tensors == 4 and stats.bytes_read == sum(v.numel() * 8 for v in ref.state_dict().values())
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda raw: (10**9).to_bytes(8, "little") + raw[8:], r"header length 1000000000 does not fit a file of"),
+    (lambda raw: raw[:8] + b"{" * (int.from_bytes(raw[:8], "little")) + raw[8 + int.from_bytes(raw[:8], "little"):],
+     r"the safetensors header is not valid JSON"),
+    (lambda raw: raw[:-8], r"claims bytes \[\d+, \d+\) but needs \d+ inside the file's \d+ data bytes"),
+    (lambda raw: raw.replace(b'"F32"', b'"X32"', 1), r"malformed header entry .*dtype one of"),
+    (lambda raw: raw[:5], r"shorter than its 8-byte header length"),
+])
+def test_sharded_reader_rejects_a_damaged_file_naming_it(tmp_path: Path, mutate, message: str) -> None:
+    from omni_runtime.stages.errors import CheckpointError
+    from omni_runtime.stages.sharded_load import load_sharded_weights
+
+    comp = _write(tmp_path / "c", _Two().state_dict())
+    f = comp / "model.safetensors"
+    f.write_bytes(mutate(f.read_bytes()))
+    with pytest.raises(CheckpointError, match=message) as e:
+        load_sharded_weights(_meta_two(), comp, "model", device=torch.device("cpu"))
+    assert str(f) in str(e.value)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda sd: {k: v for k, v in sd.items() if k != "b.bias"}, r"missing keys \(1\): b.bias"),
+    (lambda sd: {**sd, "c.weight": torch.zeros(1)}, r"unexpected keys \(1\): c.weight"),
+    (lambda sd: {**sd, "a.weight": torch.zeros(4, 3)}, r"shape mismatches \(1\): a.weight: checkpoint \(4, 3\) vs "
+                                                       r"model \(5, 3\)"),
+])
+def test_sharded_reader_rejects_a_checkpoint_that_does_not_fit(tmp_path: Path, edit, message: str) -> None:
+    from omni_runtime.stages.errors import CheckpointError
+    from omni_runtime.stages.sharded_load import load_sharded_weights
+
+    comp = _write(tmp_path / "c", edit(_Two().state_dict()))
+    with pytest.raises(CheckpointError, match=message):
+        load_sharded_weights(_meta_two(), comp, "model", device=torch.device("cpu"))
