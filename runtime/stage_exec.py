@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from omni_runtime.comm import shm_tensor
 from omni_runtime.runtime.images import encode_image
 from omni_runtime.runtime.messages import Work
+
+if TYPE_CHECKING:
+    from omni_runtime.parallel.hsdp import HSDPInferenceConfig
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +48,7 @@ class StageExecutor:
 class TextEncoderExecutor(StageExecutor):
     name = "text_encoder"
 
-    def __init__(self, path: str, dtype: str, device: str, hsdp: Any = None) -> None:
+    def __init__(self, path: str, dtype: str, device: str, hsdp: HSDPInferenceConfig | None = None) -> None:
         from omni_runtime.stages.text_encoder import TextEncoderStage
 
         self.stage = TextEncoderStage.from_pretrained(path, dtype, device, hsdp=hsdp)
@@ -69,7 +72,7 @@ class TextEncoderExecutor(StageExecutor):
 class DenoiserExecutor(StageExecutor):
     name = "denoiser"
 
-    def __init__(self, path: str, dtype: str, device: str, hsdp: Any = None) -> None:
+    def __init__(self, path: str, dtype: str, device: str, hsdp: HSDPInferenceConfig | None = None) -> None:
         from omni_runtime.stages.denoiser import DenoiserStage
 
         self.stage = DenoiserStage.from_pretrained(path, dtype, device, hsdp=hsdp)

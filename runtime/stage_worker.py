@@ -16,8 +16,12 @@ import sys
 import threading
 import time
 from collections import deque
+from typing import TYPE_CHECKING
 
 import msgspec
+
+if TYPE_CHECKING:
+    from omni_runtime.parallel.hsdp import HSDPInferenceConfig
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +84,7 @@ def _init_distributed(spec: WorkerSpec) -> None:
                                "not available in this build")
 
 
-def _hsdp_config(spec: WorkerSpec):
+def _hsdp_config(spec: WorkerSpec) -> HSDPInferenceConfig | None:
     """The HSDP config of this rank's stage (None when its weights are not sharded).
 
     HSDP needs: the degrees ``hsdp_shard`` / ``hsdp_replicate`` (from ``spec.parallel``), and a DeviceMesh over
