@@ -25,7 +25,16 @@ a sent tensor must not be modified until ZMQ is done with it: ``sent()``/``wait_
 ``drain()`` (async) tell when. ``recv`` takes ``copy=False`` frames and decodes tensors as views of
 them.
 
-Endpoints: :func:`ipc_endpoint` on one node (a unix socket under a per-runtime-instance directory),
+Socket factory: this module makes every ZMQ socket of the product (a repo rule test enforces it). The
+channels below cover the stage pipes; :func:`make_socket` makes any other kind (the MessageQueue's XPUB/SUB,
+the tensor server's ROUTER/DEALER) with the same policy, and :func:`new_context` a private context.
+
+One HWM/linger policy for every socket: high-water marks of :data:`DEFAULT_HWM` messages per direction unless
+the caller has a reason to bound otherwise (and says so where it does); ``linger=0`` at close unless a last
+message must go out (``close(linger=s)``), so no close ever hangs on an absent peer.
+
+Endpoints: :func:`ipc_endpoint` on one node (a unix socket in the instance's 0700 run directory,
+:func:`comm.instance.run_dir`),
 :func:`tcp_endpoint` across nodes (port 0 binds a free port; read it back from ``.endpoint``).
 Sockets close with ``linger=0`` (``close(linger=s)`` drains first, for a last send at shutdown); a
 channel that bound an ipc endpoint removes its socket file, and :func:`remove_ipc_dir` sweeps what
@@ -42,14 +51,14 @@ import asyncio
 import logging
 import os
 import re
-import tempfile
+from collections.abc import Sequence
 from typing import Any, TypeVar
 
 import zmq
 import zmq.asyncio
 
 from omni_runtime.comm import serde
-from omni_runtime.comm.shm_tensor import instance_id
+from omni_runtime.comm.instance import run_dir, run_dir_path
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +71,12 @@ __all__ = [
     "SyncSender",
     "ipc_dir",
     "ipc_endpoint",
+    "make_socket",
+    "new_context",
+    "shared_context",
+    "poll",
     "remove_ipc_dir",
+    "unlink_ipc",
     "tcp_endpoint",
 ]
 
@@ -83,28 +97,24 @@ class ChannelClosed(RuntimeError):
 # ----------------------------------------------------------------------------- endpoints
 
 
-def _ipc_dir_path(instance: str | None = None) -> str:
-    return os.path.join(tempfile.gettempdir(), f"omni-{instance or instance_id()}")
-
-
 def ipc_dir() -> str:
-    """Directory (mode 0700) that holds this runtime instance's ipc sockets."""
-    path = _ipc_dir_path()
-    os.makedirs(path, mode=0o700, exist_ok=True)
-    return path
+    """Directory (mode 0700) that holds this runtime instance's ipc sockets: its run directory."""
+    return str(run_dir())
 
 
 def remove_ipc_dir(instance: str | None = None) -> list[str]:
-    """Remove a runtime instance's ipc directory and the socket files left in it (by processes
-    that were killed before they could close). Call once, when the whole instance shuts down.
-    Returns the removed socket paths."""
-    path = _ipc_dir_path(instance)
+    """Remove the socket files left in a runtime instance's run directory (by processes that were killed
+    before they could close), then the directory if nothing else is in it (its ``owner`` record aside).
+    Call once, when the whole instance shuts down. Returns the removed socket paths."""
+    path = str(run_dir_path(instance))
     removed = []
     try:
         names = os.listdir(path)
     except FileNotFoundError:
         return removed
     for name in names:
+        if name == "owner":
+            continue
         if name.endswith(".sock"):
             try:
                 os.unlink(os.path.join(path, name))
@@ -112,7 +122,11 @@ def remove_ipc_dir(instance: str | None = None) -> list[str]:
             except FileNotFoundError:
                 pass
     try:
+        if set(os.listdir(path)) <= {"owner"}:
+            os.unlink(os.path.join(path, "owner"))
         os.rmdir(path)
+    except FileNotFoundError:
+        pass
     except OSError as e:  # something else lives there, or another process re-created a socket
         logger.warning("ipc directory %s not removed: %s", path, e)
     return removed
@@ -129,6 +143,27 @@ def ipc_endpoint(name: str) -> str:
             f"{_MAX_UNIX_PATH}: use a shorter name or TMPDIR"
         )
     return f"ipc://{path}"
+
+
+def unlink_ipc(endpoint: str) -> None:
+    """Remove the socket file of a bound ``ipc://`` endpoint (no-op for other endpoints), and the run
+    directory too when this process owns it and nothing but its ``owner`` record is left."""
+    path = _ipc_path(endpoint)
+    if path is None:
+        return
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    d = os.path.dirname(path)
+    try:
+        if set(os.listdir(d)) <= {"owner"}:
+            with open(os.path.join(d, "owner")) as f:
+                if int(f.read().split()[0]) == os.getpid():
+                    os.unlink(os.path.join(d, "owner"))
+                    os.rmdir(d)
+    except (OSError, ValueError, IndexError):
+        pass
 
 
 def tcp_endpoint(host: str, port: int) -> str:
@@ -169,6 +204,69 @@ def _zero_copy_parts(frames: list[Any], threshold: int) -> tuple[list[Any], zmq.
     return parts, parts[last].tracker
 
 
+# ----------------------------------------------------------------------------- the socket factory
+
+
+def shared_context(asyncio: bool = False) -> zmq.Context:
+    """The process-wide ZMQ context channels use by default (``asyncio=True``: the ``zmq.asyncio`` one, whose
+    sockets' ``recv``/``send``/``poll`` are awaitable)."""
+    return zmq.asyncio.Context.instance() if asyncio else zmq.Context.instance()
+
+
+def new_context(io_threads: int = 1) -> zmq.Context:
+    """A private ZMQ context (the owner terminates it); channels use the process-wide one by default."""
+    return zmq.Context(io_threads=io_threads)
+
+
+def make_socket(
+    kind: int,
+    *,
+    ctx: zmq.Context | None = None,
+    sndhwm: int = DEFAULT_HWM,
+    rcvhwm: int = DEFAULT_HWM,
+    linger: int = 0,
+    bind: str | None = None,
+    connect: str | None = None,
+    options: dict[int, int | bytes] | None = None,
+) -> zmq.Socket:
+    """Make a ZMQ socket of ``kind`` with the house policy, optionally bound or connected.
+
+    ``sndhwm``/``rcvhwm`` are high-water marks in messages (0 = unbounded), ``linger`` is in milliseconds
+    (0: close never waits), ``options`` further ``setsockopt`` values (set before bind/connect). XPUB
+    sockets pass every subscription (``XPUB_VERBOSE``). ``bind`` with ``tcp://host:*`` picks a free port:
+    read it back from ``LAST_ENDPOINT``. The socket is closed again if any step fails.
+    """
+    ctx = shared_context() if ctx is None else ctx
+    sock = ctx.socket(kind)
+    try:
+        sock.setsockopt(zmq.SNDHWM, _check_hwm("sndhwm", sndhwm))
+        sock.setsockopt(zmq.RCVHWM, _check_hwm("rcvhwm", rcvhwm))
+        sock.setsockopt(zmq.LINGER, linger)
+        if kind == zmq.XPUB:
+            sock.setsockopt(zmq.XPUB_VERBOSE, 1)
+        for opt, value in (options or {}).items():
+            sock.setsockopt(opt, value)
+        for ep in (bind, connect):
+            if ep is not None and ep.startswith("tcp://["):
+                sock.setsockopt(zmq.IPV6, 1)
+        if bind is not None:
+            sock.bind(bind)
+        if connect is not None:
+            sock.connect(connect)
+    except BaseException:
+        sock.close(linger=0)
+        raise
+    return sock
+
+
+def poll(sockets: Sequence[zmq.Socket], timeout: float | None) -> list[zmq.Socket]:
+    """The sockets of ``sockets`` that have a message to read, waiting at most ``timeout`` seconds."""
+    poller = zmq.Poller()
+    for s in sockets:
+        poller.register(s, zmq.POLLIN)
+    return [s for s, _ in poller.poll(None if timeout is None else max(0, int(timeout * 1000)))]
+
+
 # ----------------------------------------------------------------------------- common socket setup
 
 
@@ -184,7 +282,7 @@ class _Channel:
 
     @staticmethod
     def _default_context() -> zmq.Context:
-        return zmq.Context.instance()
+        return shared_context()
 
     def __init__(
         self,
@@ -200,24 +298,15 @@ class _Channel:
         if not isinstance(endpoint, str) or not endpoint.startswith(("ipc://", "tcp://", "inproc://")):
             raise ValueError(f"endpoint={endpoint!r} is not allowed: use ipc://, tcp:// or inproc://")
         self.bound = self._bind_default if bind is None else bind
-        self.socket = ctx.socket(self._socket_type)
         self._ipc_file: str | None = None
-        try:
-            self.socket.setsockopt(zmq.SNDHWM, _check_hwm("sndhwm", sndhwm))
-            self.socket.setsockopt(zmq.RCVHWM, _check_hwm("rcvhwm", rcvhwm))
-            self.socket.setsockopt(zmq.LINGER, 0)
-            if endpoint.startswith("tcp://["):
-                self.socket.setsockopt(zmq.IPV6, 1)
-            if self.bound:
-                self.socket.bind(endpoint)
-                self._ipc_file = _ipc_path(endpoint)
-                self.endpoint: str = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
-            else:
-                self.socket.connect(endpoint)
-                self.endpoint = endpoint
-        except BaseException:
-            self.socket.close(linger=0)
-            raise
+        self.socket = make_socket(self._socket_type, ctx=ctx, sndhwm=sndhwm, rcvhwm=rcvhwm, linger=0,
+                                  bind=endpoint if self.bound else None,
+                                  connect=None if self.bound else endpoint)
+        if self.bound:
+            self._ipc_file = _ipc_path(endpoint)
+            self.endpoint: str = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        else:
+            self.endpoint = endpoint
         self._closed = False
         self._tracker: zmq.MessageTracker | None = None
         logger.debug("%s %s %s", type(self).__name__, "bound" if self.bound else "connected", self.endpoint)
@@ -280,7 +369,7 @@ class _AsyncChannel(_Channel):
 
     @staticmethod
     def _default_context() -> zmq.Context:
-        return zmq.asyncio.Context.instance()
+        return shared_context(asyncio=True)
 
     async def __aenter__(self: _C) -> _C:
         return self

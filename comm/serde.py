@@ -5,7 +5,8 @@ Wire format
 ``encode(obj)`` returns a list of frames: frame 0 is the msgpack body, frames 1.. are the raw
 bytes of tensors and numpy arrays (out-of-band). Inside the body every tensor/array is a msgpack
 Ext value (code 1 = ``torch.Tensor``, code 2 = ``numpy.ndarray``) whose payload is itself a small
-msgpack array ``[dtype_name, shape, data]``; ``data`` is either the index of an out-of-band frame
+msgpack array ``[meta, data]`` (``meta`` a
+:class:`comm.tensor_meta.TensorMeta`, ``[dtype_name, shape]``); ``data`` is either the index of an out-of-band frame
 or, for tensors smaller than :data:`INLINE_MAX_BYTES`, the bytes themselves. Because they are Ext
 values they round-trip anywhere: as fields of Structs annotated ``torch.Tensor``/``np.ndarray``,
 inside dicts and lists, or untyped (``type=Any``).
@@ -36,7 +37,6 @@ from __future__ import annotations
 
 import builtins
 import logging
-import math
 import struct
 import threading
 import warnings
@@ -46,6 +46,9 @@ from typing import Any
 import msgspec
 import numpy as np
 import torch
+
+from omni_runtime.comm.dtypes import TORCH_DTYPES as _DTYPES
+from omni_runtime.comm.tensor_meta import TensorMeta
 
 logger = logging.getLogger(__name__)
 
@@ -64,8 +67,6 @@ INLINE_MAX_BYTES = 256
 EXT_TORCH = 1
 EXT_NUMPY = 2
 
-_MAX_NDIM = 64
-_MAX_DIM = 1 << 48
 _MAGIC = b"OMS1"
 _ALIGN = 64
 _MAX_FRAMES = 1 << 20
@@ -76,22 +77,8 @@ class SerdeError(ValueError):
     that cannot be encoded."""
 
 
-def _torch_dtypes() -> dict[str, torch.dtype]:
-    names = [
-        "bool", "uint8", "int8", "int16", "int32", "int64", "uint16", "uint32", "uint64",
-        "float16", "bfloat16", "float32", "float64", "complex32", "complex64", "complex128",
-        "float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz", "float8_e8m0fnu",
-    ]
-    table = {}
-    for name in names:
-        dt = getattr(torch, name, None)
-        if isinstance(dt, torch.dtype):
-            table[name] = dt
-    return table
-
-
-TORCH_DTYPES: dict[str, torch.dtype] = _torch_dtypes()
-"""Allow-list of tensor dtypes that travel on the wire, by name (``str(dtype)`` minus ``torch.``)."""
+TORCH_DTYPES: dict[str, torch.dtype] = _DTYPES
+"""Allow-list of tensor dtypes that travel on the wire: :data:`comm.dtypes.TORCH_DTYPES`."""
 _TORCH_DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in TORCH_DTYPES.items()}
 
 NUMPY_DTYPES: dict[str, np.dtype] = {
@@ -159,11 +146,11 @@ def _enc_hook(obj: Any) -> Any:
     if isinstance(obj, torch.Tensor):
         name = _TORCH_DTYPE_NAMES.get(obj.dtype)
         raw = tensor_bytes(obj)
-        payload = (name, tuple(obj.shape), _add_buffer(raw))
+        payload = (TensorMeta(name, tuple(obj.shape)), _add_buffer(raw))
         return msgspec.msgpack.Ext(EXT_TORCH, _payload_encoder.encode(payload))
     if isinstance(obj, np.ndarray):
         a, raw = array_bytes(obj)
-        payload = (a.dtype.name, a.shape, _add_buffer(raw))
+        payload = (TensorMeta(a.dtype.name, tuple(a.shape)), _add_buffer(raw))
         return msgspec.msgpack.Ext(EXT_NUMPY, _payload_encoder.encode(payload))
     if isinstance(obj, torch.dtype):
         name = _TORCH_DTYPE_NAMES.get(obj)
@@ -231,7 +218,7 @@ class _DecodeState(threading.local):
 
 _dec_state = _DecodeState()
 
-_payload_decoder = msgspec.msgpack.Decoder(tuple[str, list[int], int | bytes])
+_payload_decoder = msgspec.msgpack.Decoder(tuple[TensorMeta, int | bytes])
 
 
 def _decode_header(data: memoryview, kind: str, dtypes: dict[str, Any]) -> tuple[Any, list[int], int, memoryview]:
@@ -240,23 +227,17 @@ def _decode_header(data: memoryview, kind: str, dtypes: dict[str, Any]) -> tuple
     Returns ``(dtype, shape, numel, raw)`` where ``raw`` holds exactly ``numel`` elements' bytes.
     """
     try:
-        name, shape, ref = _payload_decoder.decode(data)
+        meta, ref = _payload_decoder.decode(data)
     except msgspec.DecodeError as e:
-        raise SerdeError(f"malformed {kind} header (expected [dtype, shape, frame or bytes]): {e}") from e
-    dtype = dtypes.get(name)
-    if dtype is None:
-        raise SerdeError(f"{kind} dtype {name!r} is not allowed; allowed: {sorted(dtypes)}")
-    numel = _check_shape(shape)
+        raise SerdeError(f"malformed {kind} header (expected [[dtype, shape], frame or bytes]): {e}") from e
+    try:
+        meta.validate(dtypes)
+    except ValueError as e:
+        raise SerdeError(f"{kind} {e}") from None
+    dtype = dtypes[meta.dtype]
+    shape = list(meta.shape)
+    numel = meta.numel
     return dtype, shape, numel, _buffer_for(ref, numel * dtype.itemsize)
-
-
-def _check_shape(shape: list[int]) -> int:
-    if len(shape) > _MAX_NDIM:
-        raise SerdeError(f"tensor has {len(shape)} dimensions; at most {_MAX_NDIM} are allowed")
-    for d in shape:
-        if d < 0 or d >= _MAX_DIM:
-            raise SerdeError(f"tensor dimension {d} out of range [0, {_MAX_DIM})")
-    return math.prod(shape)
 
 
 def _buffer_for(data: int | bytes, nbytes: int) -> memoryview:

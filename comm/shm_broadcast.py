@@ -125,6 +125,15 @@ import msgspec
 import zmq
 
 from omni_runtime.comm import serde
+from omni_runtime.comm.channel import (
+    DEFAULT_HWM,
+    ipc_endpoint,
+    make_socket,
+    new_context,
+    tcp_endpoint,
+    unlink_ipc,
+)
+from omni_runtime.comm.node import node_id
 from omni_runtime.comm.shm_tensor import instance_prefix, pid_alive
 
 logger = logging.getLogger(__name__)
@@ -495,23 +504,17 @@ class MessageQueue:
                 if not self._futex:
                     # Wake-up pings: losing one when a queue is full is harmless (the reader then has
                     # pending pings and will wake anyway), so the high-water mark is small.
-                    self._wake = self._socket(zmq.XPUB, sndhwm=64, linger=0)
-                    wake_addr = f"ipc://@omni-mq-{self._unique}-wake"
-                    self._wake.bind(wake_addr)
+                    wake_addr = ipc_endpoint(f"mq-{self._unique}-wake")
+                    self._wake = self._socket(zmq.XPUB, sndhwm=64, linger=0, bind=wake_addr)
                 # Overflow payloads: never dropped (their number is bounded by max_chunks anyway).
-                self._overflow = self._socket(zmq.XPUB, sndhwm=0, linger=self.close_linger_ms)
-                overflow_addr = f"ipc://@omni-mq-{self._unique}-data"
-                self._overflow.bind(overflow_addr)
+                overflow_addr = ipc_endpoint(f"mq-{self._unique}-data")
+                self._overflow = self._socket(zmq.XPUB, sndhwm=0, linger=self.close_linger_ms, bind=overflow_addr)
             if self.n_remote_reader > 0:
                 ip = connect_ip or _default_connect_ip()
                 # Bounded queue per remote reader, and no silent drops: a full queue makes enqueue wait.
-                self._remote = self._socket(zmq.XPUB, sndhwm=self.remote_hwm, linger=self.close_linger_ms)
-                self._remote.setsockopt(zmq.XPUB_NODROP, 1)
-                host = f"[{ip}]" if ":" in ip else ip
-                if ":" in ip:
-                    self._remote.setsockopt(zmq.IPV6, 1)
-                port = self._remote.bind_to_random_port(f"tcp://{host}")
-                remote_addr = f"tcp://{host}:{port}"
+                self._remote = self._socket(zmq.XPUB, sndhwm=self.remote_hwm, linger=self.close_linger_ms,
+                                            options={zmq.XPUB_NODROP: 1}, bind=tcp_endpoint(ip, 0))
+                remote_addr = self._remote.getsockopt_string(zmq.LAST_ENDPOINT)
         except BaseException:
             self.close()
             raise
@@ -528,8 +531,9 @@ class MessageQueue:
         )
 
     def _common_init(self) -> None:
-        self._ctx = zmq.Context(io_threads=1)
+        self._ctx = new_context(io_threads=1)
         self._sockets: list[zmq.Socket] = []
+        self._bound_ipc: list[str] = []
         self._ring: ShmRingBuffer | None = None
         self._futex = False
         self._wake: zmq.Socket | None = None
@@ -546,21 +550,19 @@ class MessageQueue:
         self._cancel = threading.Event()
         self._cancel_lock = threading.Lock()
         addr = f"inproc://omni-mq-cancel-{id(self)}-{secrets.token_hex(4)}"
-        self._cancel_rx = self._ctx.socket(zmq.PAIR)
-        self._cancel_rx.bind(addr)
-        self._cancel_tx = self._ctx.socket(zmq.PAIR)
-        self._cancel_tx.connect(addr)
+        self._cancel_rx = make_socket(zmq.PAIR, ctx=self._ctx, bind=addr)
+        self._cancel_tx = make_socket(zmq.PAIR, ctx=self._ctx, connect=addr)
 
-    def _socket(self, kind: int, *, sndhwm: int | None = None, rcvhwm: int | None = None, linger: int = 0) -> zmq.Socket:
-        s = self._ctx.socket(kind)
-        if sndhwm is not None:
-            s.setsockopt(zmq.SNDHWM, sndhwm)
-        if rcvhwm is not None:
-            s.setsockopt(zmq.RCVHWM, rcvhwm)
-        s.setsockopt(zmq.LINGER, linger)
-        if kind == zmq.XPUB:
-            s.setsockopt(zmq.XPUB_VERBOSE, 1)  # pass every reader's subscription, not just the first
+    def _socket(self, kind: int, *, sndhwm: int = DEFAULT_HWM, rcvhwm: int = DEFAULT_HWM, linger: int = 0,
+                options: dict[int, int | bytes] | None = None, bind: str | None = None,
+                connect: str | None = None) -> zmq.Socket:
+        # The queue's own bounds (64 wake-ups, unbounded overflow, remote_hwm) are part of its protocol; the
+        # rest is the house policy of comm.channel.make_socket.
+        s = make_socket(kind, ctx=self._ctx, sndhwm=sndhwm, rcvhwm=rcvhwm, linger=linger, options=options,
+                        bind=bind, connect=connect)
         self._sockets.append(s)
+        if bind is not None and bind.startswith("ipc://"):
+            self._bound_ipc.append(bind)
         return s
 
     # ------------------------------------------------------------------ construction (reader side)
@@ -603,21 +605,18 @@ class MessageQueue:
                                            name=handle.buffer_name)
                 self._read_flag = 1 + self._reader_index
                 if not self._futex:
-                    self._wake = self._socket(zmq.SUB, rcvhwm=64)
-                    self._wake.setsockopt(zmq.SUBSCRIBE, b"")
-                    self._wake.connect(handle.local_wake_addr)
-                self._overflow = self._socket(zmq.SUB, rcvhwm=0)
-                self._overflow.setsockopt(zmq.SUBSCRIBE, b"")
-                self._overflow.connect(handle.local_overflow_addr)
+                    self._wake = self._socket(zmq.SUB, rcvhwm=64, options={zmq.SUBSCRIBE: b""},
+                                              connect=handle.local_wake_addr)
+                self._overflow = self._socket(zmq.SUB, rcvhwm=0, options={zmq.SUBSCRIBE: b""},
+                                              connect=handle.local_overflow_addr)
             else:
                 if handle.remote_addr is None:
                     raise ValueError(
                         f"rank={rank} is not in local_reader_ranks={list(self.local_reader_ranks)} and the "
                         f"queue has no remote readers"
                     )
-                self._remote = self._socket(zmq.SUB, rcvhwm=self.remote_hwm)
-                self._remote.setsockopt(zmq.SUBSCRIBE, b"")
-                self._remote.connect(handle.remote_addr)
+                self._remote = self._socket(zmq.SUB, rcvhwm=self.remote_hwm, options={zmq.SUBSCRIBE: b""},
+                                            connect=handle.remote_addr)
         except BaseException:
             self.close()
             raise
@@ -637,7 +636,7 @@ class MessageQueue:
 
         ``group=None`` means the default (world) group. ``writer_rank`` is a rank *in the group*;
         readers use their group rank. Ranks on the writer's
-        node (same hostname and boot id) become local readers, the others remote. The handle travels as
+        node (:func:`comm.node.node_id`: hostname, boot id, /dev/shm mount) become local readers, the others remote. The handle travels as
         msgspec bytes in a tensor broadcast (no pickle). Returns a ready queue on every rank.
         """
         import hashlib
@@ -651,15 +650,10 @@ class MessageQueue:
         me = ranks.index(dist.get_rank())
         if not 0 <= writer_rank < len(ranks):
             raise ValueError(f"writer_rank={writer_rank} is not allowed: the group has ranks 0..{len(ranks) - 1}")
-        node = socket.gethostname()
-        try:
-            with open("/proc/sys/kernel/random/boot_id") as f:
-                node += f.read().strip()
-        except OSError:
-            pass
-        node_id = int.from_bytes(hashlib.sha256(node.encode()).digest()[:8], "little", signed=True)
+        node = node_id()
+        node_hash = int.from_bytes(hashlib.sha256(node.encode()).digest()[:8], "little", signed=True)
         ids = [torch.zeros(1, dtype=torch.int64) for _ in ranks]
-        dist.all_gather(ids, torch.tensor([node_id], dtype=torch.int64), group=group)
+        dist.all_gather(ids, torch.tensor([node_hash], dtype=torch.int64), group=group)
         writer_node = int(ids[writer_rank])
         local = [r for r in range(len(ranks)) if r != writer_rank and int(ids[r]) == writer_node]
         src = ranks[writer_rank]
@@ -1061,6 +1055,8 @@ class MessageQueue:
         self._cancel_tx.close(linger=0)
         self._cancel_rx.close(linger=0)
         self._ctx.term()
+        for ep in self._bound_ipc:
+            unlink_ipc(ep)
         if self._ring is not None:
             self._ring.close()
 

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import atexit
 import logging
-import math
 import mmap
 import multiprocessing.util
 import os
@@ -56,13 +55,17 @@ from collections.abc import Iterable, Mapping
 import msgspec
 import torch
 
+from omni_runtime.comm.dtypes import TORCH_DTYPES
+from omni_runtime.comm.dtypes import dtype_name as dtype_name_or_raise
+from omni_runtime.comm.instance import INSTANCE_ENV, check_instance, instance_id  # noqa: F401 (re-exported)
+from omni_runtime.comm.processes import pid_alive  # noqa: F401 (re-exported)
+from omni_runtime.comm.tensor_meta import TensorMeta
+
 logger = logging.getLogger(__name__)
 
 SHM_DIR = "/dev/shm"
 ALIGNMENT = 64
 HEADER_BYTES = 64
-INSTANCE_ENV = "OMNI_RUNTIME_INSTANCE"
-_MAX_DIMS = 64
 _MAX_TENSORS = 4096
 
 # Segment header: magic, state, generation. The consumer flips the state to _FREE on release of a pooled
@@ -73,53 +76,31 @@ _STATE_OFFSET = 4
 _IN_USE = 1
 _FREE = 2
 
-_INSTANCE_RE = re.compile(r"^[A-Za-z0-9.-]{1,64}$")
 _NAME_RE = re.compile(r"^omni_([A-Za-z0-9.-]{1,64})_(\d{1,10})_(\d{1,20})_([0-9a-f]{8})$")
-
-#: dtypes that may travel through shared memory, by their wire name.
-DTYPES: dict[str, torch.dtype] = {
-    "bool": torch.bool,
-    "uint8": torch.uint8,
-    "int8": torch.int8,
-    "int16": torch.int16,
-    "uint16": torch.uint16,
-    "int32": torch.int32,
-    "uint32": torch.uint32,
-    "int64": torch.int64,
-    "uint64": torch.uint64,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float32": torch.float32,
-    "float64": torch.float64,
-    "complex64": torch.complex64,
-    "complex128": torch.complex128,
-    "float8_e4m3fn": torch.float8_e4m3fn,
-    "float8_e5m2": torch.float8_e5m2,
-}
-_DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-
 
 class ShmHandleError(ValueError):
     """A handle that does not describe a valid live segment (forged, corrupt, or already released)."""
 
 
-class TensorMeta(msgspec.Struct, frozen=True, array_like=True):
-    """Where one tensor lies inside a segment."""
+class TensorSlot(msgspec.Struct, frozen=True, array_like=True):
+    """Where one tensor (``meta``: :class:`comm.tensor_meta.TensorMeta`) lies inside a segment."""
 
     key: str
-    dtype: str
-    shape: tuple[int, ...]
+    meta: TensorMeta
     offset: int
-    nbytes: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.meta.nbytes
 
 
-class ShmHandle(msgspec.Struct, frozen=True):
+class ShmHandle(msgspec.Struct, frozen=True, tag="shm"):
     """What the consumer needs to map a segment. Small; send it over any msgspec channel."""
 
     name: str
     owner_pid: int
     total_bytes: int
-    tensors: tuple[TensorMeta, ...]
+    tensors: tuple[TensorSlot, ...]
     is_dict: bool = False
     generation: int = 0
     pooled: bool = False
@@ -128,24 +109,9 @@ class ShmHandle(msgspec.Struct, frozen=True):
 # --------------------------------------------------------------------------- names
 
 
-def instance_id() -> str:
-    """This runtime instance's id (env ``OMNI_RUNTIME_INSTANCE``; derived from the pid and exported if unset)."""
-    inst = os.environ.get(INSTANCE_ENV)
-    if inst is None:
-        inst = f"p{os.getpid()}"
-        os.environ[INSTANCE_ENV] = inst
-    if not _INSTANCE_RE.match(inst):
-        raise ValueError(
-            f"{INSTANCE_ENV}={inst!r} is not allowed: use 1-64 characters from [A-Za-z0-9.-]"
-        )
-    return inst
-
-
 def instance_prefix(instance: str | None = None) -> str:
     """Name prefix of every segment of a runtime instance (default: this one), e.g. ``omni_p1234_``."""
-    inst = instance_id() if instance is None else instance
-    if not _INSTANCE_RE.match(inst):
-        raise ValueError(f"instance={inst!r} is not allowed: use 1-64 characters from [A-Za-z0-9.-]")
+    inst = instance_id() if instance is None else check_instance(instance)
     return f"omni_{inst}_"
 
 
@@ -199,6 +165,9 @@ def _unlink(name: str) -> bool:
         os.unlink(_path(name))
         return True
     except FileNotFoundError:
+        return False
+    except PermissionError:  # another user's segment in the sticky /dev/shm: not ours to remove
+        logger.debug("shm segment %s belongs to another user; left alone", name)
         return False
 
 
@@ -265,32 +234,33 @@ def _mmap(fd: int, size: int) -> mmap.mmap:
     return mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
 
 
-def _view(buf: mmap.mmap, meta: TensorMeta) -> torch.Tensor:
-    dtype = DTYPES[meta.dtype]
-    if meta.nbytes == 0:
-        return torch.empty(meta.shape, dtype=dtype)
-    flat = torch.frombuffer(buf, dtype=torch.uint8, count=meta.nbytes, offset=meta.offset)
-    return flat.view(dtype).view(meta.shape)
+def _view(buf: mmap.mmap, slot: TensorSlot) -> torch.Tensor:
+    dtype, shape, nbytes = slot.meta.torch_dtype(), slot.meta.shape, slot.nbytes
+    if nbytes == 0:
+        return torch.empty(shape, dtype=dtype)
+    flat = torch.frombuffer(buf, dtype=torch.uint8, count=nbytes, offset=slot.offset)
+    return flat.view(dtype).view(shape)
 
 
-def _layout(items: list[tuple[str, torch.Tensor]]) -> tuple[list[TensorMeta], int]:
-    """Offsets of each tensor after the segment header; returns the metas and the segment size."""
-    metas: list[TensorMeta] = []
+def _layout(items: list[tuple[str, torch.Tensor]]) -> tuple[list[TensorSlot], int]:
+    """Offsets of each tensor after the segment header; returns the slots and the segment size."""
+    metas: list[TensorSlot] = []
     offset = HEADER_BYTES
     for key, t in items:
-        name = _DTYPE_NAMES.get(t.dtype)
-        if name is None:
+        try:
+            meta = TensorMeta(dtype_name_or_raise(t.dtype), tuple(t.shape))
+        except ValueError:
             raise TypeError(
-                f"put: tensor {key!r} has dtype {t.dtype}; allowed dtypes are {sorted(DTYPES)}"
-            )
-        nbytes = t.numel() * t.element_size()
-        metas.append(TensorMeta(key, name, tuple(t.shape), offset, nbytes))
+                f"put: tensor {key!r} has dtype {t.dtype}; allowed dtypes are {sorted(TORCH_DTYPES)}"
+            ) from None
+        nbytes = meta.nbytes
+        metas.append(TensorSlot(key, meta, offset))
         offset = _align(offset + nbytes)
     return metas, offset
 
 
 @torch.no_grad()
-def _fill(buf: mmap.mmap, metas: list[TensorMeta], items: list[tuple[str, torch.Tensor]]) -> None:
+def _fill(buf: mmap.mmap, metas: list[TensorSlot], items: list[tuple[str, torch.Tensor]]) -> None:
     for meta, (_, t) in zip(metas, items, strict=True):
         if meta.nbytes:
             _view(buf, meta).copy_(t)
@@ -494,22 +464,16 @@ def _check_handle(handle: ShmHandle) -> None:
         raise ShmHandleError(f"a single-tensor handle must describe 1 tensor, not {len(handle.tensors)}")
     keys = set()
     for meta in handle.tensors:
-        if not isinstance(meta, TensorMeta) or not all(
-            isinstance(x, int) for x in (meta.offset, meta.nbytes)
-        ) or not isinstance(meta.key, str) or not isinstance(meta.dtype, str):
+        if not isinstance(meta, TensorSlot) or not isinstance(meta.offset, int) or not isinstance(meta.key, str) \
+                or not isinstance(meta.meta, TensorMeta) or not isinstance(meta.meta.dtype, str):
             raise ShmHandleError(f"handle.tensors holds a malformed entry: {meta!r}")
-        if meta.dtype not in DTYPES:
-            raise ShmHandleError(f"tensor {meta.key!r}: dtype={meta.dtype!r} is not one of {sorted(DTYPES)}")
-        if len(meta.shape) > _MAX_DIMS or any(not isinstance(d, int) or d < 0 for d in meta.shape):
+        if meta.meta.dtype not in TORCH_DTYPES:
             raise ShmHandleError(
-                f"tensor {meta.key!r}: shape={meta.shape!r} must be at most {_MAX_DIMS} non-negative ints"
-            )
-        itemsize = DTYPES[meta.dtype].itemsize
-        expected = math.prod(meta.shape) * itemsize
-        if meta.nbytes != expected:
-            raise ShmHandleError(
-                f"tensor {meta.key!r}: nbytes={meta.nbytes} but shape {meta.shape} of {meta.dtype} needs {expected}"
-            )
+                f"tensor {meta.key!r}: dtype={meta.meta.dtype!r} is not one of {sorted(TORCH_DTYPES)}")
+        try:
+            meta.meta.validate()
+        except ValueError as e:
+            raise ShmHandleError(f"tensor {meta.key!r}: {e}") from None
         if meta.offset < HEADER_BYTES or meta.offset % ALIGNMENT or meta.offset + meta.nbytes > handle.total_bytes:
             raise ShmHandleError(
                 f"tensor {meta.key!r}: offset={meta.offset} nbytes={meta.nbytes} must be {ALIGNMENT}-aligned, "
@@ -615,26 +579,6 @@ def release(handle: ShmHandle) -> bool:
 
 
 # --------------------------------------------------------------------------- sweeping
-
-
-def pid_alive(pid: int) -> bool:
-    """True if ``pid`` runs on this node (a zombie counts as dead: it will never unlink anything again)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-        state = data[data.rindex(b")") + 2 : data.rindex(b")") + 3]
-        return state not in (b"Z", b"X")
-    except FileNotFoundError:
-        return False
-    except OSError:
-        pass
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def list_segments(prefix: str | None = None) -> list[str]:

@@ -11,10 +11,11 @@
 
 Sequence chunks are ordered by rank in the group: rank ``i`` holds sequence rows
 ``[i*seq/P, (i+1)*seq/P)`` and, after the forward all-to-all, heads ``[i*hc/P, (i+1)*hc/P)``.
-``group`` is a ProcessGroup, ``None`` (the default world group) or a ``GroupCoordinator`` (its
-``device_group`` is used). A group of one rank (or no torch.distributed at all) makes every function
-the identity. Prefer passing the coordinator: the one-rank groups that stand in for an uninitialized
-mesh have no process group, and ``coordinator.device_group`` (None) would mean "the world".
+Every exchange goes through the group's :class:`~parallel.device_communicator.DeviceCommunicatorBase` (the one
+communication seam, which also counts the bytes). ``group`` is a ``GroupCoordinator`` (its communicator is used),
+a ProcessGroup or ``None`` (the default world group; a communicator is made for the call). A group of one rank (or
+no torch.distributed at all) makes every function the identity. Prefer passing the coordinator: the one-rank
+groups of a ``Mesh`` have no process group, and ``coordinator.device_group`` (None) would mean "the world".
 """
 
 from __future__ import annotations
@@ -26,25 +27,28 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
+from omni_runtime.parallel.device_communicator import DeviceCommunicatorBase
+
 if TYPE_CHECKING:
     from omni_runtime.parallel.group_coordinator import GroupCoordinator
 
 logger = logging.getLogger(__name__)
 
 
-def _resolve(group: Any) -> tuple[ProcessGroup | None, int]:
-    """``(process group, size)`` for a ProcessGroup, None (the world) or a GroupCoordinator.
+def communicator_of(group: Any) -> DeviceCommunicatorBase | None:
+    """The communicator of a GroupCoordinator, ProcessGroup or None (the world); None for a group of one rank.
 
-    A GroupCoordinator is read through its ``world_size`` first: a one-rank coordinator may have no
-    process group at all, and must not fall back to the world.
+    A GroupCoordinator is read through its ``world_size`` first: a one-rank coordinator has no process group
+    and must not fall back to the world.
     """
-    if hasattr(group, "device_group") and hasattr(group, "world_size"):
-        if group.world_size == 1:
-            return None, 1
-        return group.device_group, group.world_size
+    if hasattr(group, "device_communicator") and hasattr(group, "world_size"):
+        return group.device_communicator if group.world_size > 1 else None
     if not dist.is_initialized():
-        return group, 1
-    return group, dist.get_world_size(group)
+        return None
+    pg = group if group is not None else dist.group.WORLD
+    if dist.get_world_size(pg) == 1:
+        return None
+    return DeviceCommunicatorBase(cpu_group=pg, device_group=pg)
 
 
 def _sync(tensor: torch.Tensor, use_sync: bool) -> None:
@@ -57,12 +61,10 @@ def _check_divisible(what: str, size: int, world: int) -> None:
         raise ValueError(f"all-to-all: {what} {size} is not divisible by the group size {world}")
 
 
-def _all_to_all_dim0(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
+def _all_to_all_dim0(x: torch.Tensor, comm: DeviceCommunicatorBase) -> torch.Tensor:
     """Chunk ``i`` of ``x`` along dim 0 goes to rank ``i``; chunk ``j`` of the result came from rank ``j``."""
     x = x.contiguous()
-    out = torch.empty_like(x)
-    dist.all_to_all_single(out, x, group=group)
-    return out
+    return comm.all_to_all_single(torch.empty_like(x), x)
 
 
 def all_to_all_4D(
@@ -80,7 +82,8 @@ def all_to_all_4D(
     """
     if input.dim() != 4:
         raise ValueError(f"all_to_all_4D expects a 4-d tensor (bs, seq, heads, head_dim), got shape {tuple(input.shape)}")
-    group, world = _resolve(group)
+    comm = communicator_of(group)
+    world = 1 if comm is None else comm.world_size
     if (scatter_idx, gather_idx) not in ((2, 1), (1, 2)):
         raise ValueError(f"all_to_all_4D supports (scatter_idx, gather_idx) = (2, 1) or (1, 2), "
                          f"got ({scatter_idx}, {gather_idx})")
@@ -91,7 +94,7 @@ def all_to_all_4D(
         _check_divisible("head count", hc, world)
         # (bs, s/P, P, hc/P, hd) -> (P, s/P, bs, hc/P, hd): chunk p = heads for rank p
         x = input.reshape(bs, shard_seq, world, hc // world, hd).permute(2, 1, 0, 3, 4)
-        out = _all_to_all_dim0(x, group)
+        out = _all_to_all_dim0(x, comm)
         _sync(out, use_sync)
         # dim 0 is now the source rank = the sequence chunk index
         return out.reshape(world * shard_seq, bs, hc // world, hd).transpose(0, 1).contiguous()
@@ -99,7 +102,7 @@ def all_to_all_4D(
     _check_divisible("sequence length", seq, world)
     # (bs, P, s/P, hc/P, hd) -> (P, hc/P, s/P, bs, hd): chunk p = sequence rows for rank p
     x = input.reshape(bs, world, seq // world, shard_hc, hd).permute(1, 3, 2, 0, 4)
-    out = _all_to_all_dim0(x, group)
+    out = _all_to_all_dim0(x, comm)
     _sync(out, use_sync)
     # dim 0 is now the source rank = the head chunk index
     return out.reshape(world * shard_hc, seq // world, bs, hd).permute(2, 1, 0, 3).contiguous()
@@ -120,7 +123,8 @@ def all_to_all_5D(
     if input.dim() != 5:
         raise ValueError(f"all_to_all_5D expects a 5-d tensor (bs, seq, 3, heads, head_dim), got shape "
                          f"{tuple(input.shape)}")
-    group, world = _resolve(group)
+    comm = communicator_of(group)
+    world = 1 if comm is None else comm.world_size
     if (scatter_idx, gather_idx) not in ((3, 1), (1, 3)):
         raise ValueError(f"all_to_all_5D supports (scatter_idx, gather_idx) = (3, 1) or (1, 3), "
                          f"got ({scatter_idx}, {gather_idx})")
@@ -131,14 +135,14 @@ def all_to_all_5D(
         _check_divisible("head count", hc, world)
         # (bs, s/P, 3, P, hc/P, hd) -> (P, s/P, bs, 3, hc/P, hd)
         x = input.reshape(bs, shard_seq, three, world, hc // world, hd).permute(3, 1, 0, 2, 4, 5)
-        out = _all_to_all_dim0(x, group)
+        out = _all_to_all_dim0(x, comm)
         _sync(out, use_sync)
         return out.reshape(world * shard_seq, bs, three, hc // world, hd).transpose(0, 1).contiguous()
     bs, seq, three, shard_hc, hd = input.shape
     _check_divisible("sequence length", seq, world)
     # (bs, P, s/P, 3, hc/P, hd) -> (P, hc/P, s/P, bs, 3, hd)
     x = input.reshape(bs, world, seq // world, three, shard_hc, hd).permute(1, 4, 2, 0, 3, 5)
-    out = _all_to_all_dim0(x, group)
+    out = _all_to_all_dim0(x, comm)
     _sync(out, use_sync)
     # (P*hc/P, s/P, bs, 3, hd) -> (bs, s/P, 3, hc, hd)
     return out.reshape(world * shard_hc, seq // world, bs, three, hd).permute(2, 1, 3, 0, 4).contiguous()
@@ -195,29 +199,27 @@ class RingComm:
 
         comm = RingComm(group)
         next_k = comm.send_recv(k)      # queue: send k, receive into a new tensor
-        comm.commit()                   # launch all queued ops together
+        comm.commit()                   # launch all queued ops together (the communicator's batched p2p)
         ...compute with k...
         comm.wait()                     # next_k is now filled
 
-    ``process_group`` is a ProcessGroup, None (the world) or a GroupCoordinator. Peers are addressed
-    by *global* rank (gloo's P2P needs them), mapped from group ranks here.
+    ``process_group`` is a GroupCoordinator (preferred), a ProcessGroup or None (the world). ``rank`` and
+    ``world_size`` are in the group; ``send_rank`` / ``recv_rank`` are the peers' *global* ranks.
     """
 
     def __init__(self, process_group: ProcessGroup | GroupCoordinator | None) -> None:
-        if hasattr(process_group, "device_group") and hasattr(process_group, "world_size"):
-            if process_group.world_size == 1:
-                raise ValueError(f"RingComm needs a group of at least 2 ranks, got {process_group!r}")
-            process_group = process_group.device_group
-        self._process_group = process_group
-        self._ops: list[dist.P2POp] = []
+        comm = communicator_of(process_group)
+        if comm is None:
+            raise ValueError(f"RingComm needs a group of at least 2 ranks, got {process_group!r}")
+        self._comm = comm
+        self._ops: list[tuple[str, torch.Tensor, int]] = []
         self._reqs: list[Any] | None = None
-        self.rank = dist.get_rank(process_group)
-        self.world_size = dist.get_world_size(process_group)
-        self.send_rank = (self.rank + 1) % self.world_size
-        self.recv_rank = (self.rank - 1) % self.world_size
-        if process_group is not None:
-            self.send_rank = dist.get_global_rank(process_group, self.send_rank)
-            self.recv_rank = dist.get_global_rank(process_group, self.recv_rank)
+        self.rank = comm.rank_in_group
+        self.world_size = comm.world_size
+        self._next = (self.rank + 1) % self.world_size
+        self._prev = (self.rank - 1) % self.world_size
+        self.send_rank = comm.ranks[self._next]
+        self.recv_rank = comm.ranks[self._prev]
 
     def send_recv(self, to_send: torch.Tensor, recv_tensor: torch.Tensor | None = None) -> torch.Tensor:
         """Queue sending ``to_send`` to the next rank and receiving the previous rank's tensor.
@@ -230,15 +232,15 @@ class RingComm:
         elif recv_tensor.shape != to_send.shape or recv_tensor.dtype != to_send.dtype:
             raise ValueError(f"recv_tensor {tuple(recv_tensor.shape)} {recv_tensor.dtype} does not match "
                              f"to_send {tuple(to_send.shape)} {to_send.dtype}")
-        self._ops.append(dist.P2POp(dist.isend, to_send.contiguous(), self.send_rank, group=self._process_group))
-        self._ops.append(dist.P2POp(dist.irecv, recv_tensor, self.recv_rank, group=self._process_group))
+        self._ops.append(("send", to_send.contiguous(), self._next))
+        self._ops.append(("recv", recv_tensor, self._prev))
         return recv_tensor
 
     def commit(self) -> None:
         """Launch every queued send/receive."""
         if self._reqs is not None:
             raise RuntimeError("RingComm.commit() called twice without wait()")
-        self._reqs = dist.batch_isend_irecv(self._ops) if self._ops else []
+        self._reqs = self._comm.batch_send_recv(self._ops)
 
     def wait(self) -> None:
         """Wait for the launched operations; afterwards the tensors from :meth:`send_recv` are filled."""

@@ -5,7 +5,8 @@ Each coordinator owns, for the group this rank belongs to:
 * ``cpu_group`` — a gloo group for metadata, objects and barriers;
 * ``device_group`` — the group tensors travel on (nccl on CUDA). With the gloo backend (CPU) the
   one gloo group serves as both: a second gloo group would only duplicate sockets;
-* a :class:`~parallel.device_communicator.DeviceCommunicatorBase` that runs the tensor collectives;
+* a :class:`~parallel.device_communicator.DeviceCommunicatorBase` that runs every exchange: the tensor
+  collectives, and the metadata bytes of the object / tensor-dict methods (cpu tensors: over the cpu group);
 * optionally a shared-memory :class:`comm.shm_broadcast.MessageQueue` for ``broadcast_object``.
 
 Objects are msgspec-encoded (``comm.serde``), never pickled. All ``src`` / ``dst`` arguments are
@@ -19,8 +20,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
-import socket
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,21 +28,15 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
+from omni_runtime.comm.node import node_id
 from omni_runtime.comm.serde import decode_from_bytes as _decode_bytes
 from omni_runtime.comm.serde import encode_to_bytes as _encode_bytes
+from omni_runtime.comm.tensor_meta import TensorMeta
 from omni_runtime.parallel.device_communicator import DeviceCommunicatorBase, all_gather_single
 
 logger = logging.getLogger(__name__)
 
 _name_counter = itertools.count()
-
-
-class TensorMeta(msgspec.Struct, array_like=True, frozen=True):
-    """What a receiver needs to allocate a tensor before it arrives."""
-
-    dtype: str
-    shape: list[int]
-    device_type: str
 
 
 class DictEntry(msgspec.Struct, array_like=True):
@@ -54,31 +47,6 @@ class DictEntry(msgspec.Struct, array_like=True):
     value: Any = None
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def _dtype_from_name(name: str) -> torch.dtype:
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"unknown tensor dtype {name!r} in tensor-dict metadata")
-    return dtype
-
-
-def _node_key() -> str:
-    """Identifies the shared-memory domain of this process: host, boot and the /dev/shm mount."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            boot_id = f.read().strip()
-    except OSError:
-        boot_id = "?"
-    try:
-        shm_dev = str(os.stat("/dev/shm").st_dev)
-    except OSError:
-        shm_dev = "?"
-    return f"{socket.gethostname()}|{boot_id}|{shm_dev}"
-
-
 def in_the_same_node_as(pg: Any, source_rank: int = 0) -> list[bool]:
     """Collective over ``pg``: for each rank of ``pg``, whether it shares a node with ``source_rank``.
 
@@ -86,7 +54,7 @@ def in_the_same_node_as(pg: Any, source_rank: int = 0) -> list[bool]:
     ranks can reach each other's shared memory. ``pg`` is a torch.distributed (gloo) group or a
     :class:`comm.stateless_pg.StatelessProcessGroup`; ``source_rank`` is a rank in ``pg``.
     """
-    key = _node_key()
+    key = node_id()
     if hasattr(pg, "all_gather_obj"):  # StatelessProcessGroup: objects through its store
         keys = pg.all_gather_obj(key)
         if not 0 <= source_rank < len(keys):
@@ -205,33 +173,7 @@ class GroupCoordinator:
         return (f"GroupCoordinator({self.unique_name}, ranks={self.ranks}, rank={self.rank}, "
                 f"rank_in_group={self.rank_in_group})")
 
-    # ------------------------------------------------------------------ neighbours
-    @property
-    def first_rank(self) -> int:
-        return self.ranks[0]
-
-    @property
-    def last_rank(self) -> int:
-        return self.ranks[-1]
-
-    @property
-    def is_first_rank(self) -> bool:
-        return self.rank == self.first_rank
-
-    @property
-    def is_last_rank(self) -> bool:
-        return self.rank == self.last_rank
-
-    @property
-    def next_rank(self) -> int:
-        """Global rank of the next rank in the group (wrapping)."""
-        return self.ranks[(self.rank_in_group + 1) % self.world_size]
-
-    @property
-    def prev_rank(self) -> int:
-        """Global rank of the previous rank in the group (wrapping)."""
-        return self.ranks[(self.rank_in_group - 1) % self.world_size]
-
+    # ------------------------------------------------------------------ argument checks
     def _check_group_rank(self, name: str, value: int) -> None:
         if not 0 <= value < self.world_size:
             raise ValueError(f"{name}={value} is not a rank of group {self.group_name} (size {self.world_size})")
@@ -289,12 +231,12 @@ class GroupCoordinator:
     def _broadcast_bytes(self, payload: bytes | None, src: int) -> memoryview:
         is_src = self.rank_in_group == src
         size = torch.tensor([len(payload) if is_src else 0], dtype=torch.int64)
-        dist.broadcast(size, src=self.ranks[src], group=self.cpu_group)
+        self.device_communicator.broadcast(size, src)
         if is_src:
             buf = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
         else:
             buf = torch.empty(int(size.item()), dtype=torch.uint8)
-        dist.broadcast(buf, src=self.ranks[src], group=self.cpu_group)
+        self.device_communicator.broadcast(buf, src)
         return memoryview(buf.numpy())
 
     def broadcast_object(self, obj: Any = None, src: int = 0) -> Any:
@@ -337,8 +279,8 @@ class GroupCoordinator:
             raise ValueError(f"send_object: dst {dst} is this rank")
         payload = _encode_bytes(obj)
         size = torch.tensor([len(payload)], dtype=torch.int64)
-        dist.send(size, dst=self.ranks[dst], group=self.cpu_group)
-        dist.send(torch.frombuffer(bytearray(payload), dtype=torch.uint8), dst=self.ranks[dst], group=self.cpu_group)
+        self.device_communicator.send(size, dst)
+        self.device_communicator.send(torch.frombuffer(bytearray(payload), dtype=torch.uint8), dst)
 
     def _recv_bytes(self, src: int) -> memoryview:
         """The payload of one :meth:`send_object` from group rank ``src`` (its size first, then the bytes)."""
@@ -347,9 +289,9 @@ class GroupCoordinator:
             raise ValueError(f"receive: src {src} is this rank of group {self.group_name}; a rank cannot receive "
                              "from itself")
         size = torch.empty(1, dtype=torch.int64)
-        dist.recv(size, src=self.ranks[src], group=self.cpu_group)
+        self.device_communicator.recv_into(size, src)
         buf = torch.empty(int(size.item()), dtype=torch.uint8)
-        dist.recv(buf, src=self.ranks[src], group=self.cpu_group)
+        self.device_communicator.recv_into(buf, src)
         return memoryview(buf.numpy())
 
     def recv_object(self, src: int) -> Any:
@@ -366,7 +308,7 @@ class GroupCoordinator:
         tensors: list[torch.Tensor] = []
         for key, value in tensor_dict.items():
             if isinstance(value, torch.Tensor):
-                meta = TensorMeta(_dtype_name(value.dtype), list(value.shape), value.device.type)
+                meta = TensorMeta.of(value)
                 entries.append(DictEntry(key, meta))
                 tensors.append(value)
             else:
@@ -375,10 +317,7 @@ class GroupCoordinator:
 
     def _alloc(self, meta: TensorMeta) -> torch.Tensor:
         device = torch.device("cpu") if meta.device_type == "cpu" else self.device
-        return torch.empty(meta.shape, dtype=_dtype_from_name(meta.dtype), device=device)
-
-    def _tensor_group(self, tensor: torch.Tensor) -> ProcessGroup:
-        return self.cpu_group if tensor.device.type == "cpu" else self.device_group
+        return torch.empty(meta.shape, dtype=meta.torch_dtype(), device=device)
 
     def broadcast_tensor_dict(self, tensor_dict: dict[Any, Any] | None = None, src: int = 0) -> dict[Any, Any]:
         """Broadcast a dict of tensors and plain values from group rank ``src``.
@@ -398,17 +337,13 @@ class GroupCoordinator:
         else:
             entries = _decode_bytes(self._broadcast_bytes(None, src), type=list[DictEntry])
             tensors = [self._alloc(e.tensor) for e in entries if e.tensor is not None]
-        works = []
         for i, tensor in enumerate(tensors):
             if tensor.numel() == 0:
                 continue
             if is_src:
                 tensor = tensor.contiguous()
                 tensors[i] = tensor
-            works.append(dist.broadcast(tensor, src=self.ranks[src], group=self._tensor_group(tensor),
-                                        async_op=True))
-        for work in works:
-            work.wait()
+            self.device_communicator.broadcast(tensor, src)
         if is_src:
             return tensor_dict
         it = iter(tensors)
@@ -424,7 +359,7 @@ class GroupCoordinator:
         self.send_object(entries, dst)
         for tensor in tensors:
             if tensor.numel():
-                dist.send(tensor.contiguous(), dst=self.ranks[dst], group=self._tensor_group(tensor))
+                self.device_communicator.send(tensor.contiguous(), dst)
 
     def recv_tensor_dict(self, src: int | None = None) -> dict[Any, Any] | None:
         """Receive a dict that group rank ``src`` (default: previous rank) sent with ``send_tensor_dict``."""
@@ -440,7 +375,7 @@ class GroupCoordinator:
                 continue
             tensor = self._alloc(entry.tensor)
             if tensor.numel():
-                dist.recv(tensor, src=self.ranks[src], group=self._tensor_group(tensor))
+                self.device_communicator.recv_into(tensor, src)
             out[entry.key] = tensor
         return out
 

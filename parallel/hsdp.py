@@ -10,9 +10,10 @@ Which submodules become units is the model's choice: next to its ``_sp_plan`` a 
 one holds is wrapped, bottom-up, then the root (which keeps every parameter no unit took). A model that declares
 nothing is one unit (the whole model all-gathered at once) and a warning says so.
 
-Nothing here reads process-global state: the mesh is an argument (:func:`hsdp_device_mesh_from_groups` turns
-existing process groups, e.g. a ``Mesh``'s ``hsdp_replicate`` / ``hsdp_shard`` device groups, into one;
-:func:`build_hsdp_device_mesh` lays one out over the default world, shard groups contiguous, replicate strided).
+Nothing here reads process-global state: the mesh is an argument. :func:`hsdp_config_from_mesh` is the one
+place a stage's :class:`~parallel.mesh.Mesh` becomes an :class:`HSDPInferenceConfig` (its ``hsdp_replicate`` /
+``hsdp_shard`` device groups turned into a DeviceMesh by :func:`hsdp_device_mesh_from_groups`, no new process
+groups); :func:`build_hsdp_device_mesh` lays one out over the default world (tests, benchmarks).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -29,6 +31,9 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
+
+if TYPE_CHECKING:
+    from omni_runtime.parallel.mesh import Mesh
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +142,23 @@ def hsdp_device_mesh_from_groups(replicate_group: dist.ProcessGroup | None, shar
         raise HSDPConfigError(f"hsdp_replicate {replicate_size} needs the replicate process group")
     return DeviceMesh.from_group([replicate_group, shard_group], device_type,
                                  mesh=hsdp_rank_layout(shard_size, replicate_size), mesh_dim_names=MESH_DIM_NAMES)
+
+
+def hsdp_config_from_mesh(mesh: Mesh, **options: object) -> HSDPInferenceConfig | None:
+    """The HSDP config of a stage rank built on ``mesh``: its spec's ``hsdp_shard`` / ``hsdp_replicate`` degrees
+    and a DeviceMesh over the mesh's ``hsdp_replicate`` / ``hsdp_shard`` device groups (backend of the mesh's
+    device). None when the spec does not shard the weights (``hsdp_shard == 1``). ``options`` are further
+    :class:`HSDPInferenceConfig` fields (``param_dtype``, ``forward_prefetch``, ...). Not collective: the groups
+    exist already (``Mesh.build`` made them)."""
+    shard, replicate = mesh.spec.hsdp_shard, mesh.spec.hsdp_replicate
+    if shard <= 1:
+        return None
+    device_type = mesh.device.type
+    replicate_group = mesh.group("hsdp_replicate").device_group if replicate > 1 else None
+    device_mesh = hsdp_device_mesh_from_groups(replicate_group, mesh.group("hsdp_shard").device_group, shard,
+                                               replicate, device_type)
+    return HSDPInferenceConfig(hsdp_shard_size=shard, hsdp_replicate_size=replicate, device_mesh=device_mesh,
+                               device_type=device_type, **options)  # type: ignore[arg-type]
 
 
 def _mesh_for(model: nn.Module, cfg: HSDPInferenceConfig) -> DeviceMesh:

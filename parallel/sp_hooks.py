@@ -1,8 +1,9 @@
 """Applying an ``_sp_plan``: forward hooks that shard inputs and gather outputs over the SP group.
 
-``apply_sequence_parallel(model, config, plan)`` validates the plan against the model and
+``apply_sequence_parallel(model, group, plan)`` validates the plan against the model and
 registers, for every module the plan names, a forward pre-hook (split inputs) and/or a
-forward hook (split outputs with ``split_output=True``, gather ``SequenceParallelOutput``).
+forward hook (split outputs with ``split_output=True``, gather ``SequenceParallelOutput``), over the SP
+``group`` it is given (``mesh.group("sp")``; :class:`parallel.strategies.SequenceParallel` calls it at load).
 A pre-hook on the model opens an :class:`SPForwardContext` for the pass (auto_pad masks,
 padded lengths, the model's arguments for ``text_len_source``); the model's last hook
 closes it and checks that what the plan sharded was gathered.
@@ -46,19 +47,13 @@ _SEQ = "sequence"
 class _Run:
     """The state of the current forward pass of one SP-enabled model."""
 
+    group: Any
     ctx: SPForwardContext | None = None
     validator: ShardingValidator = field(default_factory=ShardingValidator)
     check_gathers: bool = True
 
 
-def _group():
-    from omni_runtime.parallel.state import get_sp_group
-
-    return get_sp_group()
-
-
-def _shard_seq(t: torch.Tensor, dim: int, auto_pad: bool, ctx: SPForwardContext) -> torch.Tensor:
-    group = _group()
+def _shard_seq(t: torch.Tensor, dim: int, auto_pad: bool, ctx: SPForwardContext, group: Any) -> torch.Tensor:
     world, rank = group.world_size, group.rank_in_group
     n = t.shape[dim]
     if auto_pad:
@@ -108,9 +103,9 @@ def _split(value: Any, p: SequenceParallelInput | SequenceParallelPartialInput, 
         if not 0 <= t <= value.shape[dim]:
             raise SPPlanError(f"{where}: text length {t} does not fit dim {dim} of size {value.shape[dim]}")
         text = value.narrow(dim, 0, t)
-        image = _shard_seq(value.narrow(dim, t, value.shape[dim] - t), dim, False, ctx)
+        image = _shard_seq(value.narrow(dim, t, value.shape[dim] - t), dim, False, ctx, run.group)
         return torch.cat([text, image], dim=dim)
-    return _shard_seq(value, dim, p.auto_pad, ctx)
+    return _shard_seq(value, dim, p.auto_pad, ctx, run.group)
 
 
 def _gather(value: Any, p: SequenceParallelOutput, run: _Run, where: str) -> Any:
@@ -120,7 +115,7 @@ def _gather(value: Any, p: SequenceParallelOutput, run: _Run, where: str) -> Any
         logger.warning("%s: expected %d dims, got shape %s; not gathered", where, p.expected_dims, tuple(value.shape))
         return value
     dim = p.gather_dim % value.dim()
-    full = sp_gather(value, dim)
+    full = sp_gather(value, dim, group=run.group)
     run.validator.record_gather(_SEQ)
     if run.ctx is not None:
         for orig, padded in run.ctx.padded_lengths.items():
@@ -195,16 +190,19 @@ def _make_output_hook(path: str, split_entries: dict, gathers: list | None, run:
 
 def apply_sequence_parallel(
     model: nn.Module,
-    config: Any = None,
+    group: Any,
     plan: SequenceParallelModelPlan | None = None,
     *,
     check_gathers: bool = True,
 ) -> nn.Module:
-    """Register the hooks of ``plan`` (default: ``model._sp_plan``) on ``model``; returns the model.
+    """Register the hooks of ``plan`` (default: ``model._sp_plan``) on ``model``, over the SP ``group`` (a
+    ``GroupCoordinator``); returns the model.
 
-    ``config`` (a ``SequenceParallelConfig`` or None) must match the live SP group's size.
     ``check_gathers``: raise after a forward in which the plan sharded inputs but gathered nothing.
     """
+    if not hasattr(group, "world_size") or not hasattr(group, "rank_in_group"):
+        raise SPPlanError(f"apply_sequence_parallel: group={group!r} is not a GroupCoordinator "
+                          "(pass mesh.group('sp'))")
     if getattr(model, _HANDLES_ATTR, None):
         raise SPPlanError(f"{type(model).__name__} already has sequence parallel hooks; "
                           "call remove_sequence_parallel first")
@@ -212,13 +210,8 @@ def apply_sequence_parallel(
     if plan is None:
         raise SPPlanError(f"{type(model).__name__} declares no _sp_plan and none was passed")
     validate_sp_plan(plan, model)
-    world = _group().world_size
-    if config is not None:
-        size = getattr(config, "sequence_parallel_size", None)
-        if size is not None and size != world:
-            raise SPPlanError(f"config sequence_parallel_size={size} (ulysses {config.ulysses_degree} × ring "
-                              f"{config.ring_degree}) does not match the SP group size {world}")
-    run = _Run(check_gathers=check_gathers)
+    world = group.world_size
+    run = _Run(group=group, check_gathers=check_gathers)
     handles: list = []
 
     def open_ctx(module: nn.Module, args: tuple, kwargs: dict):

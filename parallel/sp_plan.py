@@ -190,21 +190,3 @@ def validate_sp_plan(plan: SequenceParallelModelPlan, model: nn.Module | None = 
         else:
             raise SPPlanError(f"{where} = {value!r} must be a dict of input plans, a SequenceParallelOutput, "
                               "or a list/tuple of SequenceParallelOutput")
-
-
-
-# The hooks that apply a plan live in parallel.sp_hooks (which imports this module); these thin
-# wrappers give the documented import path without an import cycle.
-def apply_sequence_parallel(model: nn.Module, config: object = None, plan: SequenceParallelModelPlan | None = None,
-                            *, check_gathers: bool = True) -> nn.Module:
-    """See :func:`parallel.sp_hooks.apply_sequence_parallel`."""
-    from omni_runtime.parallel.sp_hooks import apply_sequence_parallel as _apply
-
-    return _apply(model, config, plan, check_gathers=check_gathers)
-
-
-def remove_sequence_parallel(model: nn.Module) -> nn.Module:
-    """See :func:`parallel.sp_hooks.remove_sequence_parallel`."""
-    from omni_runtime.parallel.sp_hooks import remove_sequence_parallel as _remove
-
-    return _remove(model)

@@ -3,6 +3,9 @@
 Uneven lengths follow one rule everywhere: the first ranks get ``ceil(n / world)``
 elements, the last rank(s) what is left (possibly fewer, possibly none). ``sp_gather``
 exchanges the shard sizes first, so it is exact for uneven shards too.
+
+Every function takes the SP ``group`` (a ``GroupCoordinator``, e.g. ``mesh.group("sp")``); ``group=None`` is the
+seed-compatible default, the sp group of the current mesh (:func:`parallel.state.get_sp_group`).
 """
 
 from __future__ import annotations
@@ -11,10 +14,11 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
-import torch.distributed as dist
 
+from omni_runtime.parallel.state import get_sp_group
 from omni_runtime.parallel.utils import pad_dim
 
 logger = logging.getLogger(__name__)
@@ -36,10 +40,8 @@ def shard_offset(n: int, world: int, rank: int) -> int:
     return min(n, rank * -(-n // world))
 
 
-def _sp_group():
-    from omni_runtime.parallel.state import get_sp_group
-
-    return get_sp_group()
+def _sp_group(group: Any) -> Any:
+    return group if group is not None else get_sp_group()
 
 
 def _norm_dim(tensor: torch.Tensor, dim: int) -> int:
@@ -48,13 +50,13 @@ def _norm_dim(tensor: torch.Tensor, dim: int) -> int:
     return dim % tensor.dim()
 
 
-def sp_shard(tensor: torch.Tensor, dim: int, validate: bool = True) -> torch.Tensor:
+def sp_shard(tensor: torch.Tensor, dim: int, validate: bool = True, group: Any = None) -> torch.Tensor:
     """This rank's shard of ``tensor`` along ``dim``.
 
     ``validate=True`` requires the size to be divisible by the SP world size; with
     ``validate=False`` the shards follow the ceil rule (last rank shorter).
     """
-    group = _sp_group()
+    group = _sp_group(group)
     world = group.world_size
     if world == 1:
         return tensor
@@ -69,33 +71,33 @@ def sp_shard(tensor: torch.Tensor, dim: int, validate: bool = True) -> torch.Ten
     return tensor.narrow(dim, shard_offset(n, world, rank), sizes[rank])
 
 
-def sp_shard_with_padding(tensor: torch.Tensor, dim: int, pad_value: float = 0.0) -> tuple[torch.Tensor, int]:
+def sp_shard_with_padding(tensor: torch.Tensor, dim: int, pad_value: float = 0.0,
+                          group: Any = None) -> tuple[torch.Tensor, int]:
     """Pad ``dim`` up to a multiple of the SP size with ``pad_value``, then shard evenly.
 
     Returns ``(shard, pad)``; after ``sp_gather`` remove the last ``pad`` elements of ``dim``.
     """
-    group = _sp_group()
+    group = _sp_group(group)
     world = group.world_size
     dim = _norm_dim(tensor, dim)
     n = tensor.shape[dim]
     pad = (-n) % world
-    return sp_shard(pad_dim(tensor, dim, n + pad, pad_value), dim, validate=True), pad
+    return sp_shard(pad_dim(tensor, dim, n + pad, pad_value), dim, validate=True, group=group), pad
 
 
-def sp_gather(tensor: torch.Tensor, dim: int, validate: bool = True) -> torch.Tensor:
+def sp_gather(tensor: torch.Tensor, dim: int, validate: bool = True, group: Any = None) -> torch.Tensor:
     """Concatenate every rank's shard along ``dim`` (shards may have different sizes along ``dim``).
 
     The shapes are exchanged first; with ``validate=True`` shards that differ in any other
     dimension raise :class:`ShardingError`.
     """
-    group = _sp_group()
+    group = _sp_group(group)
     world = group.world_size
     if world == 1:
         return tensor
     dim = _norm_dim(tensor, dim)
-    shape = torch.tensor(list(tensor.shape), dtype=torch.int64)
-    shapes = [torch.empty_like(shape) for _ in range(world)]
-    dist.all_gather(shapes, shape, group=group.cpu_group)
+    shape = torch.tensor([list(tensor.shape)], dtype=torch.int64)
+    shapes = group.all_gather(shape, dim=0)  # a cpu tensor: it travels on the gloo group
     shapes_l = [[int(x) for x in s] for s in shapes]
     if validate:
         for r, s in enumerate(shapes_l):
@@ -137,15 +139,16 @@ class ShardingValidator:
         if self._enabled:
             self._gathered.add(name)
 
-    def shard(self, tensor: torch.Tensor, name: str, dim: int, validate_divisible: bool = True) -> torch.Tensor:
-        out = sp_shard(tensor, dim, validate=validate_divisible)
+    def shard(self, tensor: torch.Tensor, name: str, dim: int, validate_divisible: bool = True,
+              group: Any = None) -> torch.Tensor:
+        out = sp_shard(tensor, dim, validate=validate_divisible, group=group)
         self.record_shard(name)
         return out
 
-    def gather(self, tensor: torch.Tensor, name: str, dim: int) -> torch.Tensor:
+    def gather(self, tensor: torch.Tensor, name: str, dim: int, group: Any = None) -> torch.Tensor:
         if self._enabled and name not in self._sharded:
             raise ShardingError(f"gather of {name!r}, which was never sharded; sharded so far: {sorted(self._sharded)}")
-        out = sp_gather(tensor, dim)
+        out = sp_gather(tensor, dim, group=group)
         self.record_gather(name)
         return out
 

@@ -1,18 +1,17 @@
-"""The process-wide parallel mesh of one stage: which groups this rank belongs to.
+"""The seed-compatible facade over the current :class:`~parallel.mesh.Mesh`: the getters the reference API names.
 
-Lifecycle::
+New code receives its ``Mesh`` explicitly (``Mesh.build``, strategies bind it into models at load). Code written
+against the reference API asks this module instead; every getter answers from the one current mesh
+(:func:`parallel.mesh.current_mesh`, set by ``Mesh.build`` / ``set_current_mesh``). This module holds no copy of any
+group or degree. Without a current mesh every group is {this process}: sizes 1, ranks 0, and single-process model
+code runs unchanged, without torch.distributed.
 
-    init_distributed_environment()               # torch.distributed + the world GroupCoordinator
-    initialize_model_parallel(ulysses_degree=2,  # one GroupCoordinator per group kind
-                              ring_degree=2, cfg_parallel_size=2)
-    get_sp_group().all_gather(x, dim=1)          # use
+Reference lifecycle (each call builds or destroys a Mesh)::
+
+    init_distributed_environment()                 # torch.distributed + a mesh with only the world group
+    initialize_model_parallel(ulysses_degree=2)    # the mesh of these degrees (dp inferred), now current
+    get_sp_group().all_gather(x, dim=1)
     destroy_model_parallel(); destroy_distributed_environment()
-
-The layout (rank order ``tp-sp-pp-cfg-dp``, Ulysses contiguous / Ring strided inside sp, and the
-independent HSDP mesh) is defined by :class:`parallel.parallel_config.ParallelConfig`.
-
-Before ``initialize_model_parallel`` every getter returns a group holding only this process, so
-sizes are 1 and ranks 0: single-process model code runs unchanged, without torch.distributed.
 """
 
 from __future__ import annotations
@@ -24,7 +23,8 @@ import torch
 import torch.distributed as dist
 
 from omni_runtime.parallel.group_coordinator import GroupCoordinator, in_the_same_node_as
-from omni_runtime.parallel.parallel_config import ParallelConfig, ParallelConfigError, SequenceParallelConfig
+from omni_runtime.parallel.mesh import Mesh, current_mesh, set_current_mesh
+from omni_runtime.parallel.parallel_spec import ParallelSpec, ParallelSpecError
 from omni_runtime.parallel.utils import (
     divide,
     ensure_divisibility,
@@ -35,35 +35,21 @@ from omni_runtime.parallel.utils import (
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "GroupCoordinator", "ParallelConfig", "ParallelConfigError", "SequenceParallelConfig",
+    "GroupCoordinator", "Mesh", "ParallelSpec", "ParallelSpecError", "current_mesh", "set_current_mesh",
     "divide", "ensure_divisibility", "get_pp_indices", "split_tensor_along_last_dim", "in_the_same_node_as",
     "init_distributed_environment", "initialize_model_parallel", "ensure_model_parallel_initialized",
     "model_parallel_is_initialized", "destroy_model_parallel", "destroy_distributed_environment",
-    "get_parallel_config", "get_sequence_parallel_config", "get_world_group", "get_sp_group", "get_ulysses_group", "get_ring_group",
-    "get_pp_group", "get_cfg_group", "get_dp_group", "get_hsdp_shard_group", "get_hsdp_replicate_group",
+    "get_parallel_spec", "get_world_group", "get_tp_group", "get_sp_group", "get_ulysses_group", "get_ring_group",
+    "get_pp_group", "get_pipeline_model_parallel_group", "get_cfg_group", "get_dp_group", "get_ep_group",
+    "get_hsdp_shard_group", "get_hsdp_replicate_group",
 ]
 
-# Group kinds created by initialize_model_parallel, in creation order (identical on every rank).
-MODEL_GROUPS: tuple[str, ...] = ("sp", "ulysses", "ring", "pp", "cfg", "dp", "hsdp_shard", "hsdp_replicate")
-
-_WORLD: GroupCoordinator | None = None
-_GROUPS: dict[str, GroupCoordinator] = {}
-_PARALLEL_CONFIG: ParallelConfig | None = None
-_SINGLE: dict[tuple[str, int], GroupCoordinator] = {}
-_SP_CONFIG: SequenceParallelConfig | None = None
+# The world-only mesh of init_distributed_environment, which destroy_model_parallel makes current again.
+_BASE: list[Mesh] = []
 
 
-def _default_backend() -> str:
-    return "nccl" if torch.cuda.is_available() else "gloo"
-
-
-def _single(name: str) -> GroupCoordinator:
-    """The trivial group {this process}, used while the mesh is not initialized."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    key = (name, rank)
-    if key not in _SINGLE:
-        _SINGLE[key] = GroupCoordinator.single(rank, group_name=name)
-    return _SINGLE[key]
+def _base() -> Mesh | None:
+    return _BASE[0] if _BASE else None
 
 
 # ---------------------------------------------------------------------- initialization
@@ -74,41 +60,37 @@ def init_distributed_environment(
     local_rank: int = -1,
     backend: str | None = None,
 ) -> None:
-    """Initialize torch.distributed (unless already done) and the world ``GroupCoordinator``.
+    """Initialize torch.distributed (unless already done) and make a mesh of just the world group current.
 
-    ``world_size`` / ``rank`` / ``local_rank`` default to the ``WORLD_SIZE`` / ``RANK`` /
-    ``LOCAL_RANK`` environment variables. The backend defaults to nccl when CUDA is available,
-    gloo otherwise. A world of one with ``env://`` and no ``MASTER_ADDR`` uses an in-process store,
-    so a single process needs no rendezvous port.
+    ``world_size`` / ``rank`` / ``local_rank`` default to the ``WORLD_SIZE`` / ``RANK`` / ``LOCAL_RANK``
+    environment variables. The backend defaults to nccl when CUDA is available, gloo otherwise. A world of one with
+    ``env://`` and no ``MASTER_ADDR`` uses an in-process store, so a single process needs no rendezvous port.
     """
-    global _WORLD
-    if not dist.is_initialized():
-        backend = backend or _default_backend()
+    if dist.is_initialized():
+        if world_size not in (-1, dist.get_world_size()):
+            raise ValueError(f"world_size={world_size} but torch.distributed is already initialized "
+                             f"with world size {dist.get_world_size()}")
+        world_size, rank = dist.get_world_size(), dist.get_rank()
+        backend = backend or str(dist.get_backend())
+    else:
         if world_size == -1:
             world_size = int(os.environ.get("WORLD_SIZE", "1"))
         if rank == -1:
             rank = int(os.environ.get("RANK", "0"))
-        logger.debug("init torch.distributed: world_size=%d rank=%d backend=%s method=%s",
-                     world_size, rank, backend, distributed_init_method)
-        if world_size == 1 and distributed_init_method == "env://" and "MASTER_ADDR" not in os.environ:
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-        else:
-            dist.init_process_group(backend, init_method=distributed_init_method,
-                                    world_size=world_size, rank=rank)
-    else:
-        backend = backend or str(dist.get_backend())
-        if world_size not in (-1, dist.get_world_size()):
-            raise ValueError(f"world_size={world_size} but torch.distributed is already initialized "
-                             f"with world size {dist.get_world_size()}")
-    world_size = dist.get_world_size()
+        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if local_rank == -1:
-        local_rank = int(os.environ.get("LOCAL_RANK", dist.get_rank()))
-    if "nccl" in backend and torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-    if _WORLD is None:
-        _WORLD = GroupCoordinator([list(range(world_size))], local_rank, backend, group_name="world")
-    elif _WORLD.world_size != world_size:
-        raise RuntimeError(f"world group has size {_WORLD.world_size}, torch.distributed has {world_size}")
+        local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    device = torch.device(f"cuda:{local_rank}") if "nccl" in backend else torch.device("cpu")
+    method: str | None = distributed_init_method
+    if world_size == 1 and method == "env://" and "MASTER_ADDR" not in os.environ:
+        method = None  # in-process store
+    base = _base()
+    if base is not None:
+        if base.world_size != world_size:
+            raise RuntimeError(f"the world group has size {base.world_size}, torch.distributed has {world_size}")
+        return
+    mesh = Mesh.build(ParallelSpec(dp=world_size), rank, method, device)
+    _BASE[:] = [mesh]
 
 
 def initialize_model_parallel(
@@ -121,41 +103,33 @@ def initialize_model_parallel(
     backend: str | None = None,
     tensor_parallel_size: int = 1,
 ) -> None:
-    """Create every group of the mesh. Collective: all ranks call it with the same degrees.
+    """Build the mesh of these degrees (the data-parallel degree is what the world size leaves) and make it current.
 
-    The data-parallel degree is inferred: ``world_size / (ulysses × ring × cfg × pp)``. HSDP is an
-    independent mesh over the same ranks: ``hsdp_shard × hsdp_replicate`` must equal the world size,
-    or both be 1 (disabled). Errors (``ParallelConfigError``) show the arithmetic.
+    Collective: every rank calls it with the same degrees. Errors (:class:`ParallelSpecError`) show the arithmetic.
     """
-    global _PARALLEL_CONFIG
-    config = ParallelConfig(
-        ulysses_degree=ulysses_degree, ring_degree=ring_degree, cfg_parallel_size=cfg_parallel_size,
-        pipeline_parallel_size=pipeline_parallel_size, tensor_parallel_size=tensor_parallel_size,
-        hsdp_shard_size=hsdp_shard_size, hsdp_replicate_size=hsdp_replicate_size,
-    )
+    if tensor_parallel_size != 1:
+        ParallelSpec(tp=tensor_parallel_size)  # raises the reserved-tp error
     if not dist.is_initialized():
         raise RuntimeError("torch.distributed is not initialized: call init_distributed_environment() first")
     if model_parallel_is_initialized():
         raise RuntimeError("model parallel groups are already initialized: call destroy_model_parallel() first, "
                            "or ensure_model_parallel_initialized() to accept the existing mesh")
-    world_size = dist.get_world_size()
-    config = config.resolve(world_size)
-    if _WORLD is None:
+    if _base() is None:
         init_distributed_environment(backend=backend)
-    backend = backend or str(dist.get_backend())
-    local_rank = _WORLD.local_rank
-    all_groups = config.group_ranks(world_size)
-    try:
-        for name in MODEL_GROUPS:
-            _GROUPS[name] = GroupCoordinator(all_groups[name], local_rank, backend, group_name=name)
-    except BaseException:
-        destroy_model_parallel()
-        raise
-    _PARALLEL_CONFIG = config
-    SequenceParallelConfig(config.ulysses_degree, config.ring_degree).setup(
-        dist.get_rank(), world_size, _GROUPS["sp"].device)
-    logger.info("rank %d: mesh %s -> sp %s, ulysses %s, ring %s, pp %s, cfg %s, dp %s", dist.get_rank(), config,
-                *(_GROUPS[n].ranks for n in ("sp", "ulysses", "ring", "pp", "cfg", "dp")))
+    spec = _spec_for(dist.get_world_size(), ulysses_degree, ring_degree, cfg_parallel_size, pipeline_parallel_size,
+                     hsdp_shard_size, hsdp_replicate_size)
+    Mesh.build(spec, dist.get_rank(), None, _base().device)
+
+
+def _spec_for(world_size: int, ulysses: int, ring: int, cfg: int, pp: int, hsdp_shard: int,
+              hsdp_replicate: int) -> ParallelSpec:
+    """The spec of these degrees with dp = world / (ulysses × ring × cfg × pp)."""
+    model = ParallelSpec(ulysses=ulysses, ring=ring, cfg=cfg, pp=pp)  # checks each degree
+    if world_size % model.world_size:
+        raise ParallelSpecError(f"ulysses {ulysses} × ring {ring} × cfg {cfg} × pp {pp} = {model.world_size} "
+                                f"does not divide world size {world_size}")
+    return ParallelSpec(ulysses=ulysses, ring=ring, cfg=cfg, pp=pp, dp=world_size // model.world_size,
+                        hsdp_shard=hsdp_shard, hsdp_replicate=hsdp_replicate)
 
 
 def ensure_model_parallel_initialized(
@@ -167,183 +141,116 @@ def ensure_model_parallel_initialized(
     hsdp_replicate_size: int = 1,
     backend: str | None = None,
 ) -> None:
-    """Initialize the mesh if needed; if it exists, check it has exactly these degrees."""
+    """Initialize the mesh if needed; if one is current, check it has exactly these degrees."""
     if not model_parallel_is_initialized():
         initialize_model_parallel(ulysses_degree, ring_degree, cfg_parallel_size, pipeline_parallel_size,
                                   hsdp_shard_size, hsdp_replicate_size, backend)
         return
-    wanted = ParallelConfig(
-        ulysses_degree=ulysses_degree, ring_degree=ring_degree, cfg_parallel_size=cfg_parallel_size,
-        pipeline_parallel_size=pipeline_parallel_size, hsdp_shard_size=hsdp_shard_size,
-        hsdp_replicate_size=hsdp_replicate_size,
-    ).resolve(dist.get_world_size())
-    if wanted != _PARALLEL_CONFIG:
-        raise ParallelConfigError(f"model parallel is already initialized as {_PARALLEL_CONFIG}, "
-                                  f"which differs from the requested {wanted}")
+    wanted = _spec_for(dist.get_world_size(), ulysses_degree, ring_degree, cfg_parallel_size,
+                       pipeline_parallel_size, hsdp_shard_size, hsdp_replicate_size)
+    if wanted != get_parallel_spec():
+        raise ParallelSpecError(f"model parallel is already initialized as {get_parallel_spec()}, "
+                                f"which differs from the requested {wanted}")
 
 
 def model_parallel_is_initialized() -> bool:
-    return bool(_GROUPS)
+    """Whether a model mesh (not just the world mesh of ``init_distributed_environment``) is current."""
+    mesh = current_mesh()
+    return mesh is not None and mesh is not _base()
 
 
-def get_sequence_parallel_config() -> SequenceParallelConfig | None:
-    """The live sequence-parallel config (``convert_to_fp32`` etc.), or None without a mesh.
-
-    ``initialize_model_parallel`` installs a default one (``convert_to_fp32=True``); calling
-    ``SequenceParallelConfig(..., convert_to_fp32=False).setup(...)`` afterwards replaces it.
-    """
-    return _SP_CONFIG
-
-
-def _set_sequence_parallel_config(config: SequenceParallelConfig | None) -> None:
-    global _SP_CONFIG
-    _SP_CONFIG = config
-
-
-def get_parallel_config() -> ParallelConfig:
-    """The resolved degrees of the live mesh (all 1 when it is not initialized)."""
-    return _PARALLEL_CONFIG or ParallelConfig(data_parallel_size=1)
+def get_parallel_spec() -> ParallelSpec:
+    """The degrees of the current mesh (all 1 without one)."""
+    mesh = current_mesh()
+    return mesh.spec if mesh is not None else ParallelSpec()
 
 
 # ---------------------------------------------------------------------- teardown
 def destroy_model_parallel() -> None:
-    """Destroy every model-parallel group; getters fall back to single-process groups."""
-    global _PARALLEL_CONFIG, _SP_CONFIG
-    groups = list(_GROUPS.values())
-    _GROUPS.clear()
-    _PARALLEL_CONFIG = None
-    _SP_CONFIG = None
-    for group in groups:
-        group.destroy()
+    """Destroy the current model mesh; the world mesh (if any) is current again."""
+    mesh = current_mesh()
+    if mesh is not None and mesh is not _base():
+        mesh.destroy()
+    set_current_mesh(_base())
 
 
 def destroy_distributed_environment() -> None:
-    """Destroy the mesh, the world group, and torch.distributed's default group."""
-    global _WORLD
+    """Destroy the current mesh, the world mesh and torch.distributed's default group."""
     destroy_model_parallel()
-    if _WORLD is not None:
-        _WORLD.destroy()
-        _WORLD = None
-    _SINGLE.clear()
+    base = _base()
+    _BASE.clear()
+    if base is not None:
+        base.destroy()
+    set_current_mesh(None)
     if dist.is_initialized():
         dist.destroy_process_group()
 
 
 # ---------------------------------------------------------------------- getters
-def _get(name: str) -> GroupCoordinator:
-    group = _GROUPS.get(name)
-    return group if group is not None else _single(name)
+def _group(name: str) -> GroupCoordinator:
+    mesh = current_mesh()
+    if mesh is not None:
+        return mesh.group(name)
+    return GroupCoordinator.single(dist.get_rank() if dist.is_initialized() else 0, group_name=name)
 
 
 def get_world_group() -> GroupCoordinator:
-    return _WORLD if _WORLD is not None else _single("world")
+    return _group("world")
+
+
+def get_tp_group() -> GroupCoordinator:
+    return _group("tp")
 
 
 def get_sp_group() -> GroupCoordinator:
-    return _get("sp")
+    return _group("sp")
 
 
 def get_ulysses_group() -> GroupCoordinator:
-    return _get("ulysses")
+    return _group("ulysses")
 
 
 def get_ring_group() -> GroupCoordinator:
-    return _get("ring")
+    return _group("ring")
 
 
 def get_pp_group() -> GroupCoordinator:
-    return _get("pp")
-
-
-def get_cfg_group() -> GroupCoordinator:
-    return _get("cfg")
-
-
-def get_dp_group() -> GroupCoordinator:
-    return _get("dp")
-
-
-def get_hsdp_shard_group() -> GroupCoordinator:
-    return _get("hsdp_shard")
-
-
-def get_hsdp_replicate_group() -> GroupCoordinator:
-    return _get("hsdp_replicate")
+    return _group("pp")
 
 
 get_pipeline_model_parallel_group = get_pp_group
 
 
-def get_sequence_parallel_world_size() -> int:
-    return get_sp_group().world_size
+def get_cfg_group() -> GroupCoordinator:
+    return _group("cfg")
 
 
-def get_sequence_parallel_rank() -> int:
-    return get_sp_group().rank_in_group
+def get_dp_group() -> GroupCoordinator:
+    return _group("dp")
 
 
-def get_ulysses_parallel_world_size() -> int:
-    return get_ulysses_group().world_size
+def get_ep_group() -> GroupCoordinator:
+    return _group("ep")
 
 
-def get_ulysses_parallel_rank() -> int:
-    return get_ulysses_group().rank_in_group
+def get_hsdp_shard_group() -> GroupCoordinator:
+    return _group("hsdp_shard")
 
 
-def get_ring_parallel_world_size() -> int:
-    return get_ring_group().world_size
+def get_hsdp_replicate_group() -> GroupCoordinator:
+    return _group("hsdp_replicate")
 
 
-def get_ring_parallel_rank() -> int:
-    return get_ring_group().rank_in_group
+def get_tensor_model_parallel_world_size() -> int:
+    return get_tp_group().world_size
 
 
-def get_pipeline_parallel_world_size() -> int:
-    return get_pp_group().world_size
+def get_tensor_model_parallel_rank() -> int:
+    return get_tp_group().rank_in_group
 
 
-def get_pipeline_parallel_rank() -> int:
-    return get_pp_group().rank_in_group
-
-
-def get_classifier_free_guidance_world_size() -> int:
-    return get_cfg_group().world_size
-
-
-def get_classifier_free_guidance_rank() -> int:
-    return get_cfg_group().rank_in_group
-
-
-def get_data_parallel_world_size() -> int:
-    return get_dp_group().world_size
-
-
-def get_data_parallel_rank() -> int:
-    return get_dp_group().rank_in_group
-
-
-def get_hsdp_shard_world_size() -> int:
+def get_fully_shard_world_size() -> int:
     return get_hsdp_shard_group().world_size
 
 
-def get_hsdp_shard_rank() -> int:
-    return get_hsdp_shard_group().rank_in_group
-
-
-def get_hsdp_replicate_world_size() -> int:
-    return get_hsdp_replicate_group().world_size
-
-
-def get_hsdp_replicate_rank() -> int:
-    return get_hsdp_replicate_group().rank_in_group
-
-
-get_fully_shard_world_size = get_hsdp_shard_world_size
-
-
-def get_world_size() -> int:
-    return get_world_group().world_size
-
-
-def get_world_rank() -> int:
-    return get_world_group().rank_in_group
+__all__ += [name for name in dir() if name.startswith("get_") and name not in __all__]

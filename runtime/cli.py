@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import tempfile
 from importlib.metadata import PackageNotFoundError, version
 
-from omni_runtime.runtime.config import ConfigError, load_config
+from omni_runtime.runtime.config import STAGE_NAMES, ConfigError, RuntimeConfig, load_config
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"logging level: {', '.join(_LOG_LEVELS)} (default INFO)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("check", help="validate a config and print the resolved process layout")
+    p = sub.add_parser("check", help="validate a config and print the placement: nodes, endpoints, rendezvous, devices and groups")
     p.add_argument("config", help="TOML config file")
 
     p = sub.add_parser("serve", help="start the stage processes and the OpenAI-compatible HTTP server")
@@ -74,23 +76,46 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_request_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--negative-prompt", default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--steps", type=int, default=None, help="num_inference_steps")
-    p.add_argument("--size", default=None, help="WxH, e.g. 64x64")
-    p.add_argument("--guidance", type=float, default=None, help="guidance_scale")
-    p.add_argument("--true-cfg-scale", type=float, default=None)
+    """One flag per request field that has one in ``runtime.requests.FIELDS``; the values are checked there."""
+    from omni_runtime.runtime.requests import FIELDS
+
+    for f in FIELDS.values():
+        if f.cli_flag is None:
+            continue
+        default = "" if f.default is None else f", default {f.default}"
+        p.add_argument(f.cli_flag, dest=f.name, type=f.cli_type or str, default=None, required=f.required,
+                       help=f"{f.name}: {f.allowed()}{default}")
+
+
+def describe(cfg: RuntimeConfig) -> str:
+    """What ``check`` prints: the config summary, then the Placement (nodes, endpoints, rendezvous, devices, local
+    ranks, groups) exactly as :func:`runtime.placement.compute_placement` gives it to the launcher."""
+    from omni_runtime.comm.instance import RUN_DIR_PREFIX
+    from omni_runtime.runtime.placement import compute_placement
+
+    lines = [f"config: {cfg.source or '(in code)'}",
+             f"model: {cfg.model.path} ({cfg.model.dtype} on {cfg.model.device})",
+             f"server: http://{cfg.server.host}:{cfg.server.port} (auth: {'on' if cfg.server.api_key else 'off'}, "
+             f"max_queue {cfg.server.max_queue}/stage, timeout {cfg.server.request_timeout_s:g}s)"]
+    for stage in STAGE_NAMES:
+        st = cfg.stages.get(stage)
+        spec = getattr(st, "parallel", None)
+        extra = f", parallel: {spec.describe()}" if spec is not None else ""
+        lines.append(f"stage {stage}: {st.replicas} replica(s) x {st.world_size} rank(s), "
+                     f"max_batch_size {st.max_batch_size}, batch_timeout_ms {st.batch_timeout_ms:g}{extra}")
+    # the run directory's name carries the instance id, made when serve starts
+    run_dir = os.path.join(tempfile.gettempdir(), f"{RUN_DIR_PREFIX}<instance>")
+    lines.append(compute_placement(cfg, run_dir).format())
+    return "\n".join(lines)
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from omni_runtime.runtime.layout import format_layout
-    from omni_runtime.runtime.model_store import model_status
+    from omni_runtime.runtime.preflight import preflight
 
     cfg = load_config(args.config)
-    status = model_status(cfg.model.path)
-    print(format_layout(cfg))
-    print(f"model directory: {status}")
+    lines = preflight(cfg)  # machine, host, model: the first problem is the one error line (exit 2)
+    print(describe(cfg))
+    print("\n".join(lines))
     print("config OK")
     return EXIT_OK
 
@@ -103,21 +128,27 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         cfg.server.host = args.host
     if args.port is not None:
         cfg.server.port = args.port
-    return serve(cfg)
+    return serve(cfg)  # runs the preflight before any stage starts
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     from omni_runtime.runtime.offline import generate_to_file
+    from omni_runtime.runtime.preflight import check_machine, check_model
 
     cfg = load_config(args.config)
+    check_machine(cfg)
+    check_model(cfg)
     generate_to_file(cfg, args, in_process=args.in_process)
     return EXIT_OK
 
 
 def _cmd_batch(args: argparse.Namespace) -> int:
     from omni_runtime.runtime.offline import run_batch
+    from omni_runtime.runtime.preflight import check_machine, check_model
 
     cfg = load_config(args.config)
+    check_machine(cfg)
+    check_model(cfg)
     run_batch(cfg, args.prompts, args.out_dir, in_process=args.in_process)
     return EXIT_OK
 
@@ -133,16 +164,18 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from omni_runtime.runtime.requests import RequestError
+    from omni_runtime.stages.errors import OmniUserError
 
     try:
         return _COMMANDS[args.command](args)
-    except (ConfigError, RequestError) as e:
+    except (ConfigError, RequestError, OmniUserError) as e:  # OmniUserError: a checkpoint problem, ...
         print(f"omni-runtime {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except OSError as e:  # e.g. an output directory that cannot be written: a message, not a traceback
         print(f"omni-runtime {args.command}: error: {e}", file=sys.stderr)
         return EXIT_FAILURE
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # Ctrl-C: one line, no traceback (batch says how far it got)
+        print(f"omni-runtime {args.command}: {e or 'interrupted'}", file=sys.stderr)
         return 130
 
 

@@ -16,6 +16,8 @@ from typing import Any
 
 import msgspec
 
+from omni_runtime.parallel.parallel_spec import ParallelSpec, ParallelSpecError
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
@@ -24,10 +26,19 @@ else:  # pragma: no cover - Python 3.10
 logger = logging.getLogger(__name__)
 
 STAGE_NAMES = ("text_encoder", "denoiser", "vae")
+PIXEL_STAGES = ("denoiser", "vae")  # the stages whose batches have a max_batch_pixels cap
+DEFAULT_MAX_PIXELS_STEPS = 1 << 26  # [server] max_pixels_steps
+DEFAULT_MAX_BATCH_PIXELS = 1 << 22  # [stages.denoiser|vae] max_batch_pixels: one 2048x2048, 64 x 256x256
 
+# The parallel keys of each stage's ``[stages.<name>.parallel]`` table (they parse straight into
+# ``parallel.parallel_spec.ParallelSpec``; the VAE's ``patch`` is the spec's ``vae_patch``).
+DENOISER_PARALLEL_KEYS = ("ulysses", "ring", "cfg", "pp", "dp", "tp", "hsdp_shard", "hsdp_replicate", "ep")
+VAE_PARALLEL_KEYS = ("patch",)
+TEXT_ENCODER_PARALLEL_KEYS = ("hsdp_shard", "hsdp_replicate")
 # Degrees whose implementation exists in ``parallel``/``stages`` and is wired into the stage processes.
 # Anything else > 1 is rejected with "not supported yet" instead of silently running unsharded.
 SUPPORTED_DENOISER_DEGREES = frozenset({"ulysses", "ring", "hsdp_shard", "hsdp_replicate"})
+SUPPORTED_TEXT_ENCODER_DEGREES = frozenset(TEXT_ENCODER_PARALLEL_KEYS)
 SUPPORTED_VAE_DEGREES: frozenset[str] = frozenset()
 
 
@@ -47,48 +58,15 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     api_key: str = ""
     max_queue: int = 64
     request_timeout_s: float = 600.0
-
-
-class DenoiserParallelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    ulysses: int = 1
-    ring: int = 1
-    cfg: int = 1
-    pp: int = 1
-    hsdp_shard: int = 1
-    hsdp_replicate: int = 1
-
-    @property
-    def model_size(self) -> int:
-        """``ulysses × ring × cfg × pp``: the ranks the computation is split over."""
-        return self.ulysses * self.ring * self.cfg * self.pp
-
-    @property
-    def hsdp_size(self) -> int:
-        return self.hsdp_shard * self.hsdp_replicate
-
-    @property
-    def world_size(self) -> int:
-        """Ranks in one denoiser replica: the product of the mesh degrees, HSDP sharding the weights across the
-        same ranks; with no other degree > 1, ``hsdp_shard × hsdp_replicate`` ranks (every rank runs the batch)."""
-        return self.model_size if self.model_size > 1 else self.hsdp_size
-
-
-class TextEncoderParallelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    hsdp_shard: int = 1
-    hsdp_replicate: int = 1
-
-    @property
-    def world_size(self) -> int:
-        """Ranks in one text encoder replica: each rank holds 1/hsdp_shard of the encoders' weights."""
-        return self.hsdp_shard * self.hsdp_replicate
-
-
-class VaeParallelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    patch: int = 1
-
-    @property
-    def world_size(self) -> int:
-        return self.patch
+    # Work caps (0 = no cap): n x W x H x steps of one request. 2**26 = 1024 x 1024 x 64, ~5 s of the tiny
+    # model's denoiser on 2 CPU cores (docs/USAGE.md, "Work caps").
+    max_pixels_steps: int = DEFAULT_MAX_PIXELS_STEPS
+    metrics_require_key: bool = False  # GET /metrics needs the api_key too
+    # uvicorn/h11 connection limits (docs/USAGE.md, "Connection limits").
+    keep_alive_timeout_s: float = 5.0  # an idle keep-alive connection is closed after this
+    header_timeout_s: float = 10.0  # a connection must send a request's complete headers within this
+    body_timeout_s: float = 30.0  # ... and its complete body within this after the headers
+    max_connections: int = 256  # open connections (and requests in flight) beyond this get 503
 
 
 class StageConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -97,6 +75,8 @@ class StageConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     batch_timeout_ms: float = 5.0
     devices: list[str] = msgspec.field(default_factory=list)
     threads: int = 0  # torch threads per rank; 0 = auto (the stage's ranks split the cores)
+    # n x W x H summed over one batch (denoiser and vae; not a key of [stages.text_encoder]); 0 = no cap.
+    max_batch_pixels: int = DEFAULT_MAX_BATCH_PIXELS
 
     @property
     def world_size(self) -> int:
@@ -104,7 +84,9 @@ class StageConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class TextEncoderStageConfig(StageConfig, kw_only=True):
-    parallel: TextEncoderParallelConfig = msgspec.field(default_factory=TextEncoderParallelConfig)
+    # Only the HSDP degrees: a replica of hsdp_shard x hsdp_replicate ranks, each holding 1/hsdp_shard of the
+    # encoders' weights, every rank encoding the whole batch.
+    parallel: ParallelSpec = msgspec.field(default_factory=ParallelSpec)
 
     @property
     def world_size(self) -> int:
@@ -112,7 +94,7 @@ class TextEncoderStageConfig(StageConfig, kw_only=True):
 
 
 class DenoiserStageConfig(StageConfig, kw_only=True):
-    parallel: DenoiserParallelConfig = msgspec.field(default_factory=DenoiserParallelConfig)
+    parallel: ParallelSpec = msgspec.field(default_factory=ParallelSpec)
 
     @property
     def world_size(self) -> int:
@@ -120,7 +102,7 @@ class DenoiserStageConfig(StageConfig, kw_only=True):
 
 
 class VaeStageConfig(StageConfig, kw_only=True):
-    parallel: VaeParallelConfig = msgspec.field(default_factory=VaeParallelConfig)
+    parallel: ParallelSpec = msgspec.field(default_factory=ParallelSpec)
 
     @property
     def world_size(self) -> int:
@@ -136,29 +118,41 @@ class StagesConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         return getattr(self, name)
 
 
+TENSOR_TRANSPORTS = ("auto", "shm", "frames")
+
+
+class PlacementConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    # How tensors travel between stages: "auto" (shm handles on one node, ZMQ frames across nodes), or forced.
+    tensor_transport: str = "auto"
+
+
 class RuntimeConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     model: ModelConfig
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     stages: StagesConfig = msgspec.field(default_factory=StagesConfig)
+    placement: PlacementConfig = msgspec.field(default_factory=PlacementConfig)
     source: str = ""  # the file it came from ("" when built in code)
 
 
 # --- the schema the checker walks: key -> (kind, allowed text) or a nested schema ---------------------------
 
-_INT, _FLOAT, _STR, _DEVICES = "int", "float", "str", "devices"
+_INT, _FLOAT, _STR, _DEVICES, _BOOL = "int", "float", "str", "devices", "bool"
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?|\d+)$")
 
 _STAGE_KEYS: dict[str, Any] = {"replicas": _INT, "max_batch_size": _INT, "batch_timeout_ms": _FLOAT,
                                "devices": _DEVICES, "threads": _INT}
+_PIXEL_STAGE_KEYS: dict[str, Any] = {**_STAGE_KEYS, "max_batch_pixels": _INT}
 _SCHEMA: dict[str, Any] = {
     "model": {"path": _STR, "dtype": _STR, "device": _STR},
-    "server": {"host": _STR, "port": _INT, "api_key": _STR, "max_queue": _INT, "request_timeout_s": _FLOAT},
+    "server": {"host": _STR, "port": _INT, "api_key": _STR, "max_queue": _INT, "request_timeout_s": _FLOAT,
+               "max_pixels_steps": _INT, "metrics_require_key": _BOOL, "keep_alive_timeout_s": _FLOAT,
+               "header_timeout_s": _FLOAT, "body_timeout_s": _FLOAT, "max_connections": _INT},
     "stages": {
-        "text_encoder": {**_STAGE_KEYS,
-                         "parallel": dict.fromkeys(TextEncoderParallelConfig.__struct_fields__, _INT)},
-        "denoiser": {**_STAGE_KEYS, "parallel": dict.fromkeys(DenoiserParallelConfig.__struct_fields__, _INT)},
-        "vae": {**_STAGE_KEYS, "parallel": {"patch": _INT}},
+        "text_encoder": {**_STAGE_KEYS, "parallel": dict.fromkeys(TEXT_ENCODER_PARALLEL_KEYS, _INT)},
+        "denoiser": {**_PIXEL_STAGE_KEYS, "parallel": dict.fromkeys(DENOISER_PARALLEL_KEYS, _INT)},
+        "vae": {**_PIXEL_STAGE_KEYS, "parallel": dict.fromkeys(VAE_PARALLEL_KEYS, _INT)},
     },
+    "placement": {"tensor_transport": _STR},
 }
 _REQUIRED = {("model",): ["path"], (): ["model"]}
 
@@ -191,6 +185,9 @@ def _check_types(raw: dict[str, Any], schema: dict[str, Any], prefix: tuple[str,
         elif kind == _STR:
             if not isinstance(value, str):
                 raise ConfigError(f"{path} = {_describe(value)}: must be a string")
+        elif kind == _BOOL:
+            if not isinstance(value, bool):
+                raise ConfigError(f"{path} = {_describe(value)}: must be true or false")
         elif kind == _DEVICES:
             if not isinstance(value, list) or not all(
                     isinstance(d, str) or (isinstance(d, int) and not isinstance(d, bool)) for d in value):
@@ -207,6 +204,48 @@ def _at_least(path: str, value: float, low: float, what: str = "an integer") -> 
         raise ConfigError(f"{path} = {value!r}: must be {what} >= {low}")
 
 
+def _check_parallel(raw: dict[str, Any]) -> None:
+    """The ``[stages.<name>.parallel]`` tables (types already checked), before they become ``ParallelSpec``s."""
+    stages = raw.get("stages", {})
+    for name, keys, supported in (("text_encoder", TEXT_ENCODER_PARALLEL_KEYS, SUPPORTED_TEXT_ENCODER_DEGREES),
+                                  ("denoiser", DENOISER_PARALLEL_KEYS, SUPPORTED_DENOISER_DEGREES),
+                                  ("vae", VAE_PARALLEL_KEYS, SUPPORTED_VAE_DEGREES)):
+        par = {k: 1 for k in keys} | stages.get(name, {}).get("parallel", {})
+        base = f"stages.{name}.parallel"
+        for key in keys:
+            _at_least(f"{base}.{key}", par[key], 1)
+        if name == "vae":
+            if par["patch"] > 1 and "patch" not in supported:
+                raise ConfigError(f"{base}.patch = {par['patch']}: not supported yet; this build runs the VAE "
+                                  f"on one rank (set patch = 1)")
+            continue
+        if par["hsdp_replicate"] > 1 and par["hsdp_shard"] == 1:
+            raise ConfigError(f"{base}.hsdp_replicate = {par['hsdp_replicate']} with hsdp_shard = 1: nothing would "
+                              f"be sharded (every rank would hold the whole model); allowed: hsdp_shard > 1 to "
+                              f"split the weights, or more copies through replicas")
+        if name == "text_encoder":  # HSDP alone: the replica is hsdp_shard x hsdp_replicate ranks
+            continue
+        if par["tp"] > 1:
+            raise ConfigError(f"{base}.tp = {par['tp']}: tensor parallelism is reserved; allowed value: 1")
+        world = par["ulysses"] * par["ring"] * par["cfg"] * par["pp"] * par["dp"]
+        hsdp = par["hsdp_shard"] * par["hsdp_replicate"]
+        if hsdp > 1 and world > 1 and hsdp != world:  # HSDP alone (world 1) makes the replica hsdp ranks
+            raise ConfigError(
+                f"{base}.hsdp_shard = {par['hsdp_shard']} with hsdp_replicate = {par['hsdp_replicate']}: "
+                f"hsdp_shard x hsdp_replicate = {hsdp} must equal the denoiser world size ulysses x ring x cfg x "
+                f"pp x dp = {par['ulysses']} x {par['ring']} x {par['cfg']} x {par['pp']} x {par['dp']} = {world} "
+                f"(HSDP shards the weights over the same ranks; or set the other degrees to 1 and the replica is "
+                f"hsdp_shard x hsdp_replicate ranks)")
+        if par["cfg"] > 2:
+            raise ConfigError(f"{base}.cfg = {par['cfg']}: CFG parallelism splits the conditional and "
+                              f"unconditional branch, allowed values are 1 or 2")
+        for key in keys:
+            if par[key] > 1 and key not in supported:
+                hint = " (more replicas give data parallelism: set replicas instead)" if key == "dp" else ""
+                raise ConfigError(f"{base}.{key} = {par[key]}: not supported yet; this build implements only "
+                                  f"{', '.join(sorted(supported))} (set {key} = 1){hint}")
+
+
 def _check_values(cfg: RuntimeConfig) -> None:
     if cfg.model.dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"model.dtype = {cfg.model.dtype!r}: allowed values are 'float32', 'bfloat16', 'float16'")
@@ -214,12 +253,23 @@ def _check_values(cfg: RuntimeConfig) -> None:
         raise ConfigError(f"model.device = {cfg.model.device!r}: allowed values are 'cpu', 'cuda'")
     if not cfg.model.path:
         raise ConfigError("model.path = '': must name a diffusers-format model directory")
+    if cfg.placement.tensor_transport not in TENSOR_TRANSPORTS:
+        raise ConfigError(f"placement.tensor_transport = {cfg.placement.tensor_transport!r}: allowed values are "
+                          f"{', '.join(repr(t) for t in TENSOR_TRANSPORTS)}")
     s = cfg.server
     if not 0 <= s.port <= 65535:
         raise ConfigError(f"server.port = {s.port!r}: must be between 0 and 65535 (0 picks a free port)")
     _at_least("server.max_queue", s.max_queue, 1)
-    if s.request_timeout_s <= 0:
-        raise ConfigError(f"server.request_timeout_s = {s.request_timeout_s!r}: must be a number > 0")
+    _at_least("server.max_pixels_steps", s.max_pixels_steps, 0)
+    _at_least("server.max_connections", s.max_connections, 1)
+    for key in ("request_timeout_s", "keep_alive_timeout_s", "header_timeout_s", "body_timeout_s"):
+        if getattr(s, key) <= 0:
+            raise ConfigError(f"server.{key} = {getattr(s, key)!r}: must be a number > 0")
+    bad = next((i for i, ch in enumerate(s.api_key) if not "!" <= ch <= "~"), None)
+    if bad is not None:  # it travels in an HTTP header, which carries ASCII only: it could never match
+        raise ConfigError(f"server.api_key: character {bad} ({s.api_key[bad]!r}) is not allowed; allowed: "
+                          f"printable ASCII without spaces ('!' to '~'), as an HTTP Authorization header "
+                          f"carries it")
     for name in STAGE_NAMES:
         st = cfg.stages.get(name)
         base = f"stages.{name}"
@@ -227,31 +277,7 @@ def _check_values(cfg: RuntimeConfig) -> None:
         _at_least(f"{base}.max_batch_size", st.max_batch_size, 1)
         _at_least(f"{base}.threads", st.threads, 0)
         _at_least(f"{base}.batch_timeout_ms", st.batch_timeout_ms, 0, "a number")
-    par = cfg.stages.denoiser.parallel
-    for key in DenoiserParallelConfig.__struct_fields__:
-        _at_least(f"stages.denoiser.parallel.{key}", getattr(par, key), 1)
-    _at_least("stages.vae.parallel.patch", cfg.stages.vae.parallel.patch, 1)
-    hsdp = par.hsdp_size
-    if hsdp > 1 and par.model_size > 1 and hsdp != par.model_size:
-        raise ConfigError(
-            f"stages.denoiser.parallel.hsdp_shard = {par.hsdp_shard} with hsdp_replicate = {par.hsdp_replicate}: "
-            f"hsdp_shard x hsdp_replicate = {hsdp} must equal the denoiser world size "
-            f"ulysses x ring x cfg x pp = {par.ulysses} x {par.ring} x {par.cfg} x {par.pp} = {par.model_size} "
-            f"(HSDP shards the weights across the same ranks; or set the other degrees to 1)")
-    te = cfg.stages.text_encoder.parallel
-    for key in TextEncoderParallelConfig.__struct_fields__:
-        _at_least(f"stages.text_encoder.parallel.{key}", getattr(te, key), 1)
-    if par.cfg > 2:
-        raise ConfigError(f"stages.denoiser.parallel.cfg = {par.cfg}: CFG parallelism splits the conditional "
-                          f"and unconditional branch, allowed values are 1 or 2")
-    for key in DenoiserParallelConfig.__struct_fields__:
-        value = getattr(par, key)
-        if value > 1 and key not in SUPPORTED_DENOISER_DEGREES:
-            raise ConfigError(f"stages.denoiser.parallel.{key} = {value}: not supported yet; this build "
-                              f"implements only {', '.join(sorted(SUPPORTED_DENOISER_DEGREES))} (set {key} = 1)")
-    if cfg.stages.vae.parallel.patch > 1 and "patch" not in SUPPORTED_VAE_DEGREES:
-        raise ConfigError(f"stages.vae.parallel.patch = {cfg.stages.vae.parallel.patch}: not supported yet; "
-                          f"this build runs the VAE on one rank (set patch = 1)")
+        _at_least(f"{base}.max_batch_pixels", st.max_batch_pixels, 0)
     for name in STAGE_NAMES:
         st = cfg.stages.get(name)
         need = st.world_size * st.replicas
@@ -267,13 +293,14 @@ def _check_values(cfg: RuntimeConfig) -> None:
 def config_from_dict(raw: dict[str, Any], base_dir: Path | None = None, source: str = "") -> RuntimeConfig:
     """Check ``raw`` (a parsed TOML document) and build the config; relative paths resolve against ``base_dir``."""
     _check_types(raw, _SCHEMA, ())
+    _check_parallel(raw)
     raw = {**raw, "stages": {k: dict(v) for k, v in raw.get("stages", {}).items()}}
     for st in raw["stages"].values():
         if "devices" in st:  # an index N (or "N") names CUDA device N
             st["devices"] = [f"cuda:{d}" if str(d).isdigit() else d for d in st["devices"]]
     try:
         cfg = msgspec.convert(raw, RuntimeConfig, strict=False)
-    except msgspec.ValidationError as e:  # the walk above should have caught everything; keep the message
+    except (msgspec.ValidationError, ParallelSpecError) as e:  # the walks above should catch everything
         raise ConfigError(f"invalid config: {e}") from None
     _check_values(cfg)
     path = Path(cfg.model.path).expanduser()

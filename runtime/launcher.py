@@ -1,9 +1,21 @@
-"""Start, watch and stop the rank processes of every stage replica.
+"""Start, watch and stop the rank processes of every stage replica, as the :class:`~runtime.placement.Placement` says.
 
-Each replica is ``world_size`` processes from a ``forkserver`` context (the forkserver imports torch once; a
-plain fork after torch has run threads can deadlock), with its own torch.distributed world on a free port. The
-launcher exports ``OMNI_RUNTIME_INSTANCE`` so every shm segment of this runtime shares a prefix, and sweeps the
-segments of children that died (``comm.shm_tensor.sweep``) and, at shutdown, all of them.
+:class:`StageLauncher` is the small interface the orchestrator needs (start a replica, tell a dead rank, kill,
+stop, shut down); :class:`LocalLauncher` implements it for ranks on this node, and a launcher for several
+nodes (Ray) implements the same methods over the same placement.
+
+:class:`LocalLauncher`:
+
+- sweeps what dead runtime instances left (``comm.cleanup.sweep_dead``: run directories, shm segments) before
+  anything starts;
+- gives the instance an id (exported as ``OMNI_RUNTIME_INSTANCE`` so every shm segment of this runtime shares a
+  prefix) and its 0700 run directory (ipc sockets, rendezvous stores), owned by this process;
+- starts each replica as ``world_size`` processes from a ``forkserver`` context (the forkserver imports torch once;
+  a plain fork after torch has run threads can deadlock), each with the replica's environment from the placement
+  (``GLOO_SOCKET_IFNAME=lo`` on one node) and a parent watchdog that unlinks the rank's segments and exits it when
+  the frontend dies;
+- kills a replica's whole process tree (``comm.processes.kill_tree``) and sweeps its segments; at shutdown,
+  sweeps every segment of the instance and removes the run directory.
 """
 
 from __future__ import annotations
@@ -14,16 +26,17 @@ import os
 import secrets
 import shutil
 import socket
-import tempfile
 import time
 from pathlib import Path
+from typing import Protocol
 
 import msgspec
-import psutil
 
-from omni_runtime.comm.shm_tensor import pid_alive
-from omni_runtime.runtime.config import STAGE_NAMES, RuntimeConfig
-from omni_runtime.runtime.layout import device_for
+from omni_runtime.comm import cleanup, shm_tensor
+from omni_runtime.comm import instance as rt_instance
+from omni_runtime.comm.processes import kill_tree, pid_alive
+from omni_runtime.runtime.config import STAGE_NAMES, ConfigError, RuntimeConfig
+from omni_runtime.runtime.placement import Placement, ReplicaPlacement, compute_placement
 from omni_runtime.runtime.stage_worker import WorkerSpec, worker_main
 
 logger = logging.getLogger(__name__)
@@ -38,50 +51,89 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class ReplicaProcs:
-    """The rank processes of one replica of one stage."""
+def _rank_main(spec_bytes: bytes, env: dict[str, str], parent_pid: int) -> None:
+    """Entry point of a rank process: the placement's environment, the parent watchdog, then the worker."""
+    os.environ.update(env)
+    cleanup.exit_with_parent(parent_pid)
+    worker_main(spec_bytes)
 
-    def __init__(self, launcher: Launcher, stage: str, replica: int) -> None:
-        self.launcher, self.stage, self.replica = launcher, stage, replica
+
+class StageLauncher(Protocol):
+    """What the orchestrator needs from a launcher, whatever starts the processes."""
+
+    placement: Placement
+
+    def start_replica(self, stage: str, replica: int) -> str:
+        """Start (or restart) every rank of a replica; returns its driver's work endpoint."""
+        ...
+
+    def dead_rank(self, stage: str, replica: int) -> tuple[int, int | None] | None:
+        """(rank, exit code) of the first rank of the replica that is gone, or None while all run."""
+        ...
+
+    def kill(self, stage: str, replica: int) -> None: ...
+
+    def stop(self, stage: str, replica: int, timeout: float) -> None: ...
+
+    def shutdown(self, timeout: float = 5.0) -> None: ...
+
+
+class ReplicaProcs:
+    """The rank processes of one replica of one stage, on this node."""
+
+    def __init__(self, launcher: LocalLauncher, place: ReplicaPlacement) -> None:
+        self.launcher, self.place = launcher, place
+        self.stage, self.replica = place.stage, place.replica
         self.procs: list[mp.process.BaseProcess] = []
         self.generation = 0
 
     @property
     def label(self) -> str:
-        return f"{self.stage}[{self.replica}]"
+        return self.place.label
 
     @property
     def in_addr(self) -> str:
-        return f"ipc://{self.launcher.run_dir}/{self.stage}-{self.replica}-g{self.generation}.in"
+        return self.place.work_endpoint(self.generation)
 
-    def start(self) -> None:
+    def specs(self) -> list[WorkerSpec]:
+        """The spec of every rank for the current generation (what :meth:`start` hands each process)."""
         cfg = self.launcher.cfg
         st = cfg.stages.get(self.stage)
-        ws = st.world_size
-        self.generation += 1
-        port = free_port()
-        parallel = (msgspec.structs.asdict(cfg.stages.get(self.stage).parallel)
-                    if self.stage in ("denoiser", "text_encoder")
-                    else {"patch": cfg.stages.vae.parallel.patch} if self.stage == "vae" else {})
+        ws = self.place.world_size
+        # the stage's ParallelSpec with its config key names; the worker converts it back (stage_worker)
+        parallel = msgspec.to_builtins(getattr(st, "parallel", None) or {})
         threads = stage_threads(ws, _cpus(), st.threads)
         nxt = STAGE_NAMES.index(self.stage) + 1
         pool = nxt < len(STAGE_NAMES) and cfg.stages.get(STAGE_NAMES[nxt]).world_size == 1
+        rendezvous = self.place.rendezvous(self.generation)
+        port = free_port() if ws > 1 and not rendezvous.startswith("file://") else 0
+        if port:
+            rendezvous = rendezvous.replace(":*", f":{port}")
+        return [WorkerSpec(
+            stage=self.stage, replica=self.replica, rank=rk.rank, world_size=ws, master_port=port,
+            model_path=cfg.model.path, dtype=cfg.model.dtype, device=rk.device,
+            in_addr=self.in_addr, out_addr=self.launcher.result_addr,
+            max_batch_size=st.max_batch_size, batch_timeout_ms=st.batch_timeout_ms,
+            instance=self.launcher.instance, parent_pid=os.getpid(), parallel=parallel, threads=threads,
+            pool_outputs=pool and self.place.tensor_transport == "shm",
+            log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel()),
+            rendezvous=rendezvous, local_rank=rk.local_rank, node=rk.node,
+            tensor_transport=self.place.tensor_transport,
+            tensor_endpoint=self.place.tensor_endpoint(self.generation)) for rk in self.place.ranks]
+
+    def start(self) -> None:
+        self.generation += 1
+        store = self.place.rendezvous(self.generation)
+        if store.startswith("file://"):
+            Path(store[len("file://"):]).unlink(missing_ok=True)  # a FileStore must start empty
+        env = {**self.place.env, rt_instance.INSTANCE_ENV: self.launcher.instance}
         self.procs = []
-        for rank in range(ws):
-            spec = WorkerSpec(
-                stage=self.stage, replica=self.replica, rank=rank, world_size=ws, master_port=port,
-                model_path=cfg.model.path, dtype=cfg.model.dtype,
-                device=device_for(cfg, self.stage, self.replica * ws + rank),
-                in_addr=self.in_addr, out_addr=self.launcher.result_addr,
-                max_batch_size=st.max_batch_size, batch_timeout_ms=st.batch_timeout_ms,
-                instance=self.launcher.instance, parent_pid=os.getpid(), parallel=parallel, threads=threads,
-                pool_outputs=pool,
-                log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel()))
-            p = _CTX.Process(target=worker_main, args=(msgspec.msgpack.encode(spec),),
-                             name=f"{self.label}-rank{rank}", daemon=True)
+        for spec in self.specs():
+            p = _CTX.Process(target=_rank_main, args=(msgspec.msgpack.encode(spec), env, os.getpid()),
+                             name=f"{self.label}-rank{spec.rank}", daemon=True)
             p.start()
             self.procs.append(p)
-        logger.info("started %s: pids %s", self.label, [p.pid for p in self.procs])
+        logger.info("started %s (generation %d): pids %s", self.label, self.generation, [p.pid for p in self.procs])
 
     def dead_rank(self) -> tuple[int, int | None] | None:
         """(rank, exit code) of the first rank process that is gone, or None while all run."""
@@ -91,28 +143,18 @@ class ReplicaProcs:
         return None
 
     def kill(self) -> None:
-        """SIGKILL every rank (and anything they started), reap them, sweep their shm segments."""
-        from omni_runtime.comm import shm_tensor
-
-        victims = []
-        for p in self.procs:
-            try:
-                ps = psutil.Process(p.pid)
-                victims += ps.children(recursive=True) + [ps]
-            except (psutil.NoSuchProcess, TypeError):
-                pass
-        for v in victims:
-            try:
-                v.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(victims, timeout=5)
+        """SIGKILL every rank (and anything they started), reap them, sweep their shm segments and store."""
+        kill_tree([p.pid for p in self.procs])
         for p in self.procs:
             p.join(timeout=5)
         pids = [p.pid for p in self.procs if p.pid is not None]
         swept = shm_tensor.sweep(shm_tensor.instance_prefix(self.launcher.instance), pids=pids)
         if swept:
             logger.info("swept %d shm segment(s) of %s", len(swept), self.label)
+        if self.generation:
+            store = self.place.rendezvous(self.generation)
+            if store.startswith("file://"):
+                Path(store[len("file://"):]).unlink(missing_ok=True)
 
     def stop(self, timeout: float) -> None:
         """Wait up to ``timeout`` for a graceful exit (after a Stop message), then kill."""
@@ -141,24 +183,46 @@ def stage_threads(world_size: int, cpus: int, configured: int = 0) -> int:
     return max(1, cpus // world_size)
 
 
-class Launcher:
-    """All replicas of all stages of one runtime instance."""
+class LocalLauncher:
+    """All replicas of all stages of one runtime instance, on this node (implements :class:`StageLauncher`)."""
 
     _count = 0
 
     def __init__(self, cfg: RuntimeConfig) -> None:
         self.cfg = cfg
-        # Every launcher gets its own instance id (children get it through their spec), so the final sweep of
-        # one runtime never touches the segments of another one living in the same process or shell.
+        cleanup.sweep_dead()
+        # Every launcher gets its own instance id (children get it through their environment), so the final sweep
+        # of one runtime never touches the segments of another one living in the same process or shell.
         # ``OMNI_RUNTIME_INSTANCE`` in the environment, if set, is used as the id's prefix.
-        Launcher._count += 1
-        base = os.environ.get("OMNI_RUNTIME_INSTANCE") or f"rt{os.getpid()}"
-        self.instance = f"{base}-{Launcher._count}.{secrets.token_hex(2)}"
-        self.run_dir = Path(tempfile.mkdtemp(prefix="omni-rt-"))
-        self.result_addr = f"ipc://{self.run_dir}/results"
+        LocalLauncher._count += 1
+        base = os.environ.get(rt_instance.INSTANCE_ENV) or f"rt{os.getpid()}"
+        self.instance = f"{base}-{LocalLauncher._count}.{secrets.token_hex(2)}"
+        self.run_dir = rt_instance.run_dir(self.instance)
+        self.placement = compute_placement(cfg, str(self.run_dir))
+        if len(self.placement.nodes) > 1:
+            raise ConfigError(f"the placement spans nodes {self.placement.nodes}; the local launcher starts "
+                              f"processes on this node ({self.placement.frontend_node}) only")
+        self.result_addr = self.placement.result_endpoint
         self.replicas: dict[str, list[ReplicaProcs]] = {
-            s: [ReplicaProcs(self, s, i) for i in range(cfg.stages.get(s).replicas)] for s in STAGE_NAMES}
-        self.total_ranks = sum(cfg.stages.get(s).world_size * cfg.stages.get(s).replicas for s in STAGE_NAMES)
+            s: [ReplicaProcs(self, rp) for rp in self.placement.of_stage(s)] for s in STAGE_NAMES}
+        self.total_ranks = self.placement.total_ranks
+
+    def _procs(self, stage: str, replica: int) -> ReplicaProcs:
+        return self.replicas[stage][replica]
+
+    def start_replica(self, stage: str, replica: int) -> str:
+        r = self._procs(stage, replica)
+        r.start()
+        return r.in_addr
+
+    def dead_rank(self, stage: str, replica: int) -> tuple[int, int | None] | None:
+        return self._procs(stage, replica).dead_rank()
+
+    def kill(self, stage: str, replica: int) -> None:
+        self._procs(stage, replica).kill()
+
+    def stop(self, stage: str, replica: int, timeout: float) -> None:
+        self._procs(stage, replica).stop(timeout)
 
     def start_all(self) -> None:
         for reps in self.replicas.values():
@@ -166,8 +230,6 @@ class Launcher:
                 r.start()
 
     def shutdown(self, timeout: float = 5.0) -> None:
-        from omni_runtime.comm import shm_tensor
-
         for reps in self.replicas.values():
             for r in reps:
                 r.stop(timeout)
@@ -175,3 +237,7 @@ class Launcher:
         if swept:
             logger.info("swept %d leftover shm segment(s)", len(swept))
         shutil.rmtree(self.run_dir, ignore_errors=True)
+
+
+Launcher = LocalLauncher
+"""The name the orchestrator has used so far."""

@@ -20,7 +20,7 @@ from typing import Any
 from tqdm import tqdm
 
 from omni_runtime.runtime.config import RuntimeConfig
-from omni_runtime.runtime.requests import GenerationRequest, RequestError, parse_request
+from omni_runtime.runtime.requests import FIELDS, GenerationRequest, RequestError, WorkCaps, parse_request
 
 logger = logging.getLogger(__name__)
 
@@ -28,11 +28,12 @@ _EXT = {"png": "png", "jpeg": "jpg", "webp": "webp"}
 _FORMAT_OF_SUFFIX = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
 
 
-def request_from_args(args: argparse.Namespace, output_format: str) -> GenerationRequest:
-    raw: dict[str, Any] = {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "seed": args.seed,
-                           "num_inference_steps": args.steps, "size": args.size, "guidance_scale": args.guidance,
-                           "true_cfg_scale": args.true_cfg_scale, "output_format": output_format}
-    return parse_request({k: v for k, v in raw.items() if v is not None})
+def request_from_args(args: argparse.Namespace, output_format: str, caps: WorkCaps | None = None
+                      ) -> GenerationRequest:
+    """The request the CLI flags describe (one flag per field of ``requests.FIELDS`` that has one)."""
+    raw: dict[str, Any] = {f.name: getattr(args, f.name, None) for f in FIELDS.values() if f.cli_flag}
+    raw["output_format"] = output_format
+    return parse_request({k: v for k, v in raw.items() if v is not None}, caps=caps)
 
 
 def generate_to_file(cfg: RuntimeConfig, args: argparse.Namespace, in_process: bool = False) -> Path:
@@ -43,7 +44,7 @@ def generate_to_file(cfg: RuntimeConfig, args: argparse.Namespace, in_process: b
     if fmt is None:
         raise RequestError(f"--output {str(out)!r}: the suffix must be one of {', '.join(_FORMAT_OF_SUFFIX)}",
                            "output")
-    req = request_from_args(args, fmt)
+    req = request_from_args(args, fmt, WorkCaps.from_config(cfg))
     with Omni(cfg, in_process=in_process) as omni:
         data = omni.generate_encoded(req)[0]
     _write_atomic(out, data)
@@ -58,8 +59,8 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def read_prompts(path: str | Path) -> list[tuple[int, GenerationRequest]]:
-    """Parse and validate every line (blank lines are skipped but keep their number)."""
+def read_prompts(path: str | Path, caps: WorkCaps | None = None) -> list[tuple[int, GenerationRequest]]:
+    """Parse and validate every line (blank lines are skipped but keep their number); ``caps`` bound the work."""
     reqs: list[tuple[int, GenerationRequest]] = []
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -72,7 +73,7 @@ def read_prompts(path: str | Path) -> list[tuple[int, GenerationRequest]]:
             continue
         try:
             obj = json.loads(line)
-            reqs.append((lineno, parse_request(obj, allow_unknown=False)))
+            reqs.append((lineno, parse_request(obj, allow_unknown=False, caps=caps)))
         except RecursionError:
             raise RequestError(f"{path} line {lineno}: not valid JSON: nested too deeply", None) from None
         except ValueError as e:  # bad JSON or a bad field (RequestError names it)
@@ -105,10 +106,14 @@ def _file_names(lineno: int, req: GenerationRequest) -> list[str]:
     return [f"{lineno:05d}-{k}.{ext}" for k in range(req.n)]
 
 
+class BatchInterrupted(KeyboardInterrupt):
+    """Ctrl-C during ``batch``: the message says how far it got; the CLI prints it as its one line."""
+
+
 def run_batch(cfg: RuntimeConfig, prompts: str | Path, out_dir: str | Path, in_process: bool = False,
               max_in_flight: int = 16, omni: Any = None) -> dict[str, int]:
     """Generate every line not done yet; returns ``{"total", "skipped", "generated"}``."""
-    items = read_prompts(prompts)
+    items = read_prompts(prompts, WorkCaps.from_config(cfg))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     manifest = out / "manifest.jsonl"
@@ -125,11 +130,11 @@ def run_batch(cfg: RuntimeConfig, prompts: str | Path, out_dir: str | Path, in_p
                 with open(manifest, "a", encoding="utf-8") as mf:
                     mf.write("\n")
     own = omni is None
-    if own:
-        from omni_runtime.runtime.omni import Omni
-
-        omni = Omni(cfg, in_process=in_process)
     try:
+        if own:
+            from omni_runtime.runtime.omni import Omni
+
+            omni = Omni(cfg, in_process=in_process)
         with open(manifest, "a", encoding="utf-8") as mf, tqdm(total=len(items), initial=stats["skipped"],
                                                                desc="batch", unit="line") as bar:
             pending: dict[concurrent.futures.Future, tuple[int, GenerationRequest]] = {}
@@ -151,7 +156,15 @@ def run_batch(cfg: RuntimeConfig, prompts: str | Path, out_dir: str | Path, in_p
                     os.fsync(mf.fileno())
                     stats["generated"] += 1
                     bar.update(1)
+    except KeyboardInterrupt:
+        interrupted = True
+    else:
+        interrupted = False
     finally:
-        if own:
-            omni.close()
+        if own and omni is not None:
+            omni.close()  # stops the stage processes; work in flight is dropped (its lines are not in the manifest)
+    if interrupted:
+        done_now = stats["skipped"] + stats["generated"]
+        raise BatchInterrupted(f"interrupted: {done_now} of {stats['total']} line(s) done in {manifest}; the same "
+                               f"command resumes with the rest")
     return stats

@@ -1,11 +1,17 @@
-"""One image-generation request, validated: the fields of the OpenAI images API plus our extensions.
+"""One image-generation request, validated once at the API edge: the fields of the OpenAI images API plus ours.
 
-The same checks serve the HTTP body, the CLI flags and each line of a ``batch`` JSONL file. A bad value raises
+:data:`FIELDS` is the one table of limits. The same table drives the validation of the HTTP body, the CLI flags,
+each line of a ``batch`` JSONL file and :meth:`Omni.generate`, and :func:`openapi_request_schema` generates the
+HTTP schema from it, so the documented bounds and the checked bounds cannot drift. A bad value raises
 :class:`RequestError` naming the field (``param``), the value and what is allowed; HTTP maps it to a 400 with an
-OpenAI-style error body.
+OpenAI-style error body. The stages behind the edge trust a :class:`GenerationRequest` (they may assert).
 
 Seeds: a request without ``seed`` gets a random one. Image ``i`` of a request with ``n`` images uses
 ``seed + i``, so one request with ``n = 2, seed = 7`` gives the same images as two requests with seeds 7 and 8.
+The largest request seed is ``MAX_SEED - (MAX_N - 1)``, so every image seed stays below ``2**63``.
+
+Work caps (``[server] max_pixels_steps``, ``[stages.denoiser|vae] max_batch_pixels``) depend on the config, not
+on the request alone: :class:`WorkCaps` carries them and :func:`check_work` applies them.
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ from __future__ import annotations
 import logging
 import random
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -20,16 +28,29 @@ import msgspec
 logger = logging.getLogger(__name__)
 
 MAX_PROMPT_CHARS = 4000
+MIN_SIDE = 16
 MAX_SIDE = 2048
 SIDE_MULTIPLE = 16
+MAX_N = 10
 MAX_STEPS = 200
-MAX_SEED = 2**63 - 1
+MAX_GUIDANCE = 100.0
+MAX_IMAGE_SEED = 2**63 - 1  # the seed of one image (the denoiser's torch.Generator takes up to 2**63 - 1)
+MAX_SEED = MAX_IMAGE_SEED - (MAX_N - 1)  # the seed of a request: seed + n - 1 never passes MAX_IMAGE_SEED
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
+RESPONSE_FORMATS = ("b64_json",)
 DEFAULT_SIZE = "256x256"
 DEFAULT_STEPS = 28
 DEFAULT_GUIDANCE = 3.5
-_SIZE = re.compile(r"^\s*(\d{1,6})\s*[xX]\s*(\d{1,6})\s*$")
 _SHOW_CHARS = 80
+
+_SIDES = "|".join(str(v) for v in range(MAX_SIDE, MIN_SIDE - 1, -SIDE_MULTIPLE))
+# Exactly the accepted sizes (used by the validation and written into the OpenAPI schema).
+SIZE_PATTERN = f"^ *({_SIDES}) *[xX] *({_SIDES}) *$"
+_SIZE = re.compile(SIZE_PATTERN)
+# "non-empty": at least one character that is not ASCII white space (the same in Python's and ECMA's regex).
+NON_BLANK_PATTERN = "[^ \\t\\n\\r\\f\\v]"
+_NON_BLANK = re.compile(NON_BLANK_PATTERN)
+_SIZE_LOOSE = re.compile(r"^ *(\d{1,6}) *[xX] *(\d{1,6}) *$")
 
 
 def show(value: Any) -> str:
@@ -62,102 +83,218 @@ class GenerationRequest(msgspec.Struct, kw_only=True, frozen=True):
         """The seed of each of the ``n`` images: ``seed, seed + 1, ...``."""
         return [self.seed + i for i in range(self.n)]
 
+    @property
+    def pixels(self) -> int:
+        """``n x width x height``: what this request puts into a denoiser or VAE batch."""
+        return self.n * self.width * self.height
 
-_FIELDS = {"prompt", "negative_prompt", "n", "size", "response_format", "user", "num_inference_steps",
-           "guidance_scale", "true_cfg_scale", "seed", "output_format", "model", "quality", "style"}
+    @property
+    def pixels_steps(self) -> int:
+        """``n x width x height x num_inference_steps``: the denoiser work of this request."""
+        return self.pixels * self.num_inference_steps
+
+
+# --- the one table of limits ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Field:
+    """One request field: its JSON type, default, bounds, and (if any) the CLI flag that sets it."""
+
+    name: str
+    kind: str  # "string", "integer", "number", "size", "enum", "ignored"
+    description: str
+    default: Any = None
+    minimum: Any = None  # int for integer fields, float for numbers
+    maximum: Any = None
+    max_chars: int | None = None
+    non_empty: bool = False
+    choices: tuple[str, ...] = ()
+    required: bool = False
+    cli_flag: str | None = None
+    cli_type: Callable[[str], Any] | None = None
+
+    def allowed(self) -> str:
+        """What is allowed, in words (CLI help, docs)."""
+        if self.kind == "integer":
+            return f"an integer from {self.minimum} to {self.maximum}"
+        if self.kind == "number":
+            return f"a number from {self.minimum:g} to {self.maximum:g}"
+        if self.kind == "size":
+            return f"'WxH', each side a multiple of {SIDE_MULTIPLE} from {MIN_SIDE} to {MAX_SIDE}"
+        if self.kind == "enum":
+            return "one of " + ", ".join(self.choices)
+        if self.max_chars is not None:
+            return f"a {'non-empty ' if self.non_empty else ''}string of at most {self.max_chars} characters"
+        return "a string"
+
+
+FIELDS: dict[str, Field] = {f.name: f for f in (
+    Field("prompt", "string", "what to draw", required=True, max_chars=MAX_PROMPT_CHARS, non_empty=True,
+          cli_flag="--prompt"),
+    Field("negative_prompt", "string", "used only with true_cfg_scale > 1", max_chars=MAX_PROMPT_CHARS,
+          cli_flag="--negative-prompt"),
+    Field("n", "integer", "number of images; image i uses seed + i", default=1, minimum=1, maximum=MAX_N),
+    Field("size", "size", "'WIDTHxHEIGHT'", default=DEFAULT_SIZE, cli_flag="--size"),
+    Field("response_format", "enum", "this server keeps no image store to serve 'url'",
+          default="b64_json", choices=RESPONSE_FORMATS),
+    Field("user", "string", "accepted, not used", max_chars=MAX_PROMPT_CHARS),
+    Field("num_inference_steps", "integer", "denoising steps", default=DEFAULT_STEPS, minimum=1,
+          maximum=MAX_STEPS, cli_flag="--steps", cli_type=int),
+    Field("guidance_scale", "number", "the embedded guidance of Flux-dev-style models", default=DEFAULT_GUIDANCE,
+          minimum=0.0, maximum=MAX_GUIDANCE, cli_flag="--guidance", cli_type=float),
+    Field("true_cfg_scale", "number", "true classifier-free guidance runs when > 1 and negative_prompt is given",
+          default=1.0, minimum=1.0, maximum=MAX_GUIDANCE, cli_flag="--true-cfg-scale", cli_type=float),
+    Field("seed", "integer", "random when absent; image i uses seed + i", minimum=0, maximum=MAX_SEED,
+          cli_flag="--seed", cli_type=int),
+    Field("output_format", "enum", "the encoding of the images", default="png", choices=OUTPUT_FORMATS),
+    Field("model", "ignored", "accepted, not used (OpenAI clients send it)"),
+    Field("quality", "ignored", "accepted, not used"),
+    Field("style", "ignored", "accepted, not used"),
+)}
 
 
 def parse_size(value: Any, param: str = "size") -> tuple[int, int]:
-    """``"WxH"`` -> ``(width, height)``; both multiples of 16 between 16 and 2048."""
+    """``"WxH"`` -> ``(width, height)``; both multiples of 16 between 16 and 2048 (:data:`SIZE_PATTERN`)."""
     if not isinstance(value, str):
         raise RequestError(f"{param}={show(value)}: must be a string 'WIDTHxHEIGHT', e.g. '256x256'", param)
-    m = _SIZE.match(value)
-    if m is None:
+    m = _SIZE.fullmatch(value)  # not .match: "$" would also match before a trailing newline
+    if m is not None:
+        return int(m.group(1)), int(m.group(2))
+    loose = _SIZE_LOOSE.fullmatch(value)
+    if loose is None:
         raise RequestError(f"{param}={show(value)}: must be 'WIDTHxHEIGHT', e.g. '256x256'", param)
-    w, h = int(m.group(1)), int(m.group(2))
-    for side, v in (("width", w), ("height", h)):
-        if not SIDE_MULTIPLE <= v <= MAX_SIDE or v % SIDE_MULTIPLE:
-            raise RequestError(f"{param}={show(value)}: {side} {v} must be a multiple of {SIDE_MULTIPLE} "
-                               f"between {SIDE_MULTIPLE} and {MAX_SIDE}", param)
-    return w, h
+    for side, text in (("width", loose.group(1)), ("height", loose.group(2))):
+        if not re.fullmatch(f"({_SIDES})", text):
+            raise RequestError(f"{param}={show(value)}: {side} {text} must be a multiple of {SIDE_MULTIPLE} "
+                               f"between {MIN_SIDE} and {MAX_SIDE} (no leading zeros)", param)
+    raise RequestError(f"{param}={show(value)}: must be 'WIDTHxHEIGHT', e.g. '256x256'", param)  # pragma: no cover
 
 
-def _int(raw: dict[str, Any], key: str, default: int, low: int, high: int) -> int:
-    v = raw.get(key)
-    if v is None:
-        return default
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise RequestError(f"{key}={show(v)}: must be an integer between {low} and {high}", key)
-    if not low <= v <= high:
-        raise RequestError(f"{key}={show(v)}: must be between {low} and {high}", key)
-    return v
-
-
-def _float(raw: dict[str, Any], key: str, default: float, low: float, high: float) -> float:
-    v = raw.get(key)
-    if v is None:
-        return default
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
-        raise RequestError(f"{key}={show(v)}: must be a number between {low:g} and {high:g}", key)
-    if not low <= v <= high:
-        raise RequestError(f"{key}={show(v)}: must be between {low:g} and {high:g}", key)
-    return float(v)
-
-
-def _str(raw: dict[str, Any], key: str, required: bool = False) -> str | None:
-    v = raw.get(key)
-    if v is None:
-        if required:
-            raise RequestError(f"{key} is required: a non-empty string", key)
-        return None
-    if not isinstance(v, str):
+def _check_field(f: Field, v: Any) -> Any:
+    """``v`` (not None) checked against ``f``; returns the value to use."""
+    key = f.name
+    if f.kind == "integer":
+        if isinstance(v, float) and v.is_integer():  # JSON (and its schema) has numbers: 176.0 is the integer 176
+            v = int(v)
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise RequestError(f"{key}={show(v)}: must be an integer between {f.minimum} and {f.maximum}", key)
+        if not f.minimum <= v <= f.maximum:  # type: ignore[operator]
+            raise RequestError(f"{key}={show(v)}: must be between {f.minimum} and {f.maximum}", key)
+        return v
+    if f.kind == "number":
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
+            raise RequestError(f"{key}={show(v)}: must be a number between {f.minimum:g} and {f.maximum:g}", key)
+        if not f.minimum <= v <= f.maximum:  # type: ignore[operator]
+            raise RequestError(f"{key}={show(v)}: must be between {f.minimum:g} and {f.maximum:g}", key)
+        return float(v)
+    if f.kind == "size":
+        return parse_size(v, key)
+    if f.kind == "enum":
+        if not isinstance(v, str) or v not in f.choices:
+            if len(f.choices) == 1:
+                raise RequestError(f"{key}={show(v)}: only {f.choices[0]!r} is supported ({f.description})", key)
+            raise RequestError(f"{key}={show(v)}: allowed values are {', '.join(f.choices)}", key)
+        return v
+    if not isinstance(v, str):  # string and ignored
         raise RequestError(f"{key}={show(v)}: must be a string", key)
-    if len(v) > MAX_PROMPT_CHARS:
-        raise RequestError(f"{key} has {len(v)} characters: at most {MAX_PROMPT_CHARS} are allowed", key)
+    if f.max_chars is not None and len(v) > f.max_chars:
+        raise RequestError(f"{key} has {len(v)} characters: at most {f.max_chars} are allowed", key)
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone UTF-16 surrogate ("\ud800") decodes from JSON but is no text
+        raise RequestError(f"{key}: character {e.start} is a lone UTF-16 surrogate "
+                           f"({show(v[e.start:e.end])}); allowed: valid Unicode text", key) from None
+    if f.non_empty and not _NON_BLANK.search(v):
+        raise RequestError(f"{key} is empty: a non-empty string is required", key)
     return v
 
 
-def parse_request(raw: Any, *, allow_unknown: bool = True) -> GenerationRequest:
-    """Validate a JSON object (HTTP body or JSONL line) into a :class:`GenerationRequest`."""
+@dataclass(frozen=True)
+class WorkCaps:
+    """The config's caps on the work of one request (0 = no cap)."""
+
+    max_pixels_steps: int = 0  # [server] max_pixels_steps: n x W x H x steps
+    max_batch_pixels: int = 0  # the smallest [stages.denoiser|vae] max_batch_pixels: n x W x H
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> WorkCaps:
+        """The caps of a :class:`~omni_runtime.runtime.config.RuntimeConfig`."""
+        batch = [b for b in (cfg.stages.denoiser.max_batch_pixels, cfg.stages.vae.max_batch_pixels) if b > 0]
+        return cls(max_pixels_steps=cfg.server.max_pixels_steps, max_batch_pixels=min(batch, default=0))
+
+
+def check_work(req: GenerationRequest, caps: WorkCaps) -> None:
+    """Raise :class:`RequestError` naming the fields and the cap when ``req`` is more work than ``caps`` allow."""
+    if caps.max_batch_pixels and req.pixels > caps.max_batch_pixels:
+        raise RequestError(f"n x width x height = {req.n} x {req.width} x {req.height} = {req.pixels} pixels: "
+                           f"at most {caps.max_batch_pixels} are allowed (max_batch_pixels of the config); "
+                           f"ask for fewer or smaller images", "size")
+    if caps.max_pixels_steps and req.pixels_steps > caps.max_pixels_steps:
+        raise RequestError(f"n x width x height x num_inference_steps = {req.n} x {req.width} x {req.height} x "
+                           f"{req.num_inference_steps} = {req.pixels_steps}: at most {caps.max_pixels_steps} "
+                           f"is allowed ([server] max_pixels_steps)", "num_inference_steps")
+
+
+def parse_request(raw: Any, *, allow_unknown: bool = True, caps: WorkCaps | None = None) -> GenerationRequest:
+    """Validate a JSON object (HTTP body, JSONL line, CLI flags, ``Omni.generate`` fields) against :data:`FIELDS`
+    into a :class:`GenerationRequest`; with ``caps``, also :func:`check_work`. ``None`` means "absent"."""
     if not isinstance(raw, dict):
         raise RequestError(f"the request body must be a JSON object, got {type(raw).__name__}", None)
     if not allow_unknown:
-        unknown = sorted(set(raw) - _FIELDS)
+        unknown = sorted(k for k in raw if k not in FIELDS)
         if unknown:
-            raise RequestError(f"{unknown[0]}: unknown field; allowed: {', '.join(sorted(_FIELDS))}", unknown[0])
-    prompt = _str(raw, "prompt", required=True)
-    assert prompt is not None
-    if not prompt.strip():
-        raise RequestError("prompt is empty: a non-empty string is required", "prompt")
-    rf = raw.get("response_format")
-    if rf is not None and rf != "b64_json":
-        raise RequestError(f"response_format={show(rf)}: only 'b64_json' is supported (this server keeps no "
-                           f"image store to serve 'url')", "response_format")
-    of = raw.get("output_format")
-    if of is not None and of not in OUTPUT_FORMATS:
-        raise RequestError(f"output_format={show(of)}: allowed values are {', '.join(OUTPUT_FORMATS)}",
-                           "output_format")
-    user = raw.get("user")
-    if user is not None and not isinstance(user, str):
-        raise RequestError(f"user={show(user)}: must be a string", "user")
-    width, height = parse_size(raw["size"] if raw.get("size") is not None else DEFAULT_SIZE)
-    seed = raw.get("seed")
-    if seed is None:
-        seed = random.randrange(0, 2**31)
-    else:
-        seed = _int(raw, "seed", 0, 0, MAX_SEED)
-    n = _int(raw, "n", 1, 1, 10)
-    if seed + n - 1 > MAX_SEED:
-        raise RequestError(f"seed={seed}: seed + n - 1 must be at most {MAX_SEED}", "seed")
-    return GenerationRequest(
-        prompt=prompt,
-        negative_prompt=_str(raw, "negative_prompt"),
-        n=n,
-        width=width,
-        height=height,
-        num_inference_steps=_int(raw, "num_inference_steps", DEFAULT_STEPS, 1, MAX_STEPS),
-        guidance_scale=_float(raw, "guidance_scale", DEFAULT_GUIDANCE, 0.0, 100.0),
-        true_cfg_scale=_float(raw, "true_cfg_scale", 1.0, 1.0, 100.0),
-        seed=seed,
-        output_format=of or "png",
-    )
+            raise RequestError(f"{unknown[0]}: unknown field; allowed: {', '.join(sorted(FIELDS))}", unknown[0])
+    got: dict[str, Any] = {}
+    for name, f in FIELDS.items():
+        v = raw.get(name)
+        if v is None:
+            if f.required:
+                raise RequestError(f"{name} is required: {f.allowed()}", name)
+            got[name] = f.default
+        else:
+            got[name] = _check_field(f, v)
+    width, height = got["size"] if isinstance(got["size"], tuple) else parse_size(got["size"])
+    seed = got["seed"] if got["seed"] is not None else random.randrange(0, 2**31)
+    req = GenerationRequest(
+        prompt=got["prompt"], negative_prompt=got["negative_prompt"], n=got["n"], width=width, height=height,
+        num_inference_steps=got["num_inference_steps"], guidance_scale=float(got["guidance_scale"]),
+        true_cfg_scale=float(got["true_cfg_scale"]), seed=seed, output_format=got["output_format"])
+    if caps is not None:
+        check_work(req, caps)
+    return req
+
+
+# --- the OpenAPI schema, generated from the table -------------------------------------------------------------
+
+
+def openapi_request_schema() -> dict[str, Any]:
+    """The JSON schema of the request body, generated from :data:`FIELDS` (OpenAPI 3.1: ``null`` = absent)."""
+    props: dict[str, Any] = {}
+    for f in FIELDS.values():
+        s: dict[str, Any] = {"description": f.description}
+        if f.kind in ("string", "ignored", "size", "enum"):
+            s["type"] = "string"
+        else:
+            s["type"] = f.kind
+        if f.kind in ("integer", "number"):
+            s["minimum"], s["maximum"] = f.minimum, f.maximum
+        if f.max_chars is not None:
+            s["maxLength"] = f.max_chars
+        if f.non_empty:
+            s["minLength"], s["pattern"] = 1, NON_BLANK_PATTERN
+        if f.kind == "size":
+            s["pattern"], s["example"] = SIZE_PATTERN, DEFAULT_SIZE
+        if f.kind == "enum":
+            s["enum"] = list(f.choices)
+        if f.default is not None:
+            s["default"] = f.default
+        if not f.required:  # an explicit null means "absent"
+            s["type"] = [s["type"], "null"]
+            if "enum" in s:
+                s["enum"] = [*s["enum"], None]
+        props[f.name] = s
+    return {"type": "object", "required": [f.name for f in FIELDS.values() if f.required], "properties": props,
+            "additionalProperties": True,
+            "description": "Fields not listed are accepted and ignored. The config also caps the work of one "
+                           "request (n x W x H x steps, n x W x H): beyond it the answer is 400."}

@@ -2,7 +2,9 @@
 
 Routes: ``POST /v1/images/generations``, ``GET /v1/models``, ``GET /health``, ``GET /metrics``, ``/docs``.
 Errors use the OpenAI body ``{"error": {"message", "type", "param", "code"}}``; request mistakes are 400, a
-missing/wrong API key 401, a full queue 429 with ``Retry-After``, a dead stage 503, a deadline 504.
+missing/wrong API key 401 (with ``WWW-Authenticate: Bearer``), a body over 1 MiB 413, a body not sent as
+``application/json`` 415, a full queue 429 with ``Retry-After``, a dead stage 503, a deadline 504. The request
+schema in ``/openapi.json`` is generated from ``runtime.requests.FIELDS``, the table the validation uses.
 The stage processes start in the lifespan hook, so uvicorn accepts connections only once every stage is ready;
 SIGINT/SIGTERM stop uvicorn, whose lifespan shutdown stops the stages and sweeps their shared memory.
 """
@@ -23,31 +25,81 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from omni_runtime.runtime.config import ConfigError, RuntimeConfig
 from omni_runtime.runtime.metrics import Metrics
 from omni_runtime.runtime.orchestrator import Orchestrator, ServingError
-from omni_runtime.runtime.requests import RequestError, parse_request
+from omni_runtime.runtime.requests import RequestError, WorkCaps, openapi_request_schema, parse_request, show
 
 logger = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 1 << 20
+JSON_MEDIA_TYPE = "application/json"
 
-_REQUEST_SCHEMA: dict[str, Any] = {
-    "type": "object", "required": ["prompt"],
-    "properties": {
-        "prompt": {"type": "string"}, "n": {"type": "integer", "minimum": 1, "maximum": 10, "default": 1},
-        "size": {"type": "string", "example": "256x256"},
-        "response_format": {"type": "string", "enum": ["b64_json"]}, "user": {"type": "string"},
-        "model": {"type": "string"}, "negative_prompt": {"type": "string"},
-        "num_inference_steps": {"type": "integer", "minimum": 1}, "guidance_scale": {"type": "number"},
-        "true_cfg_scale": {"type": "number"},
-        "seed": {"type": "integer", "description": "image i of the request uses seed + i"},
-        "output_format": {"type": "string", "enum": ["png", "jpeg", "webp"]},
-    },
+_ERROR_SCHEMA: dict[str, Any] = {
+    "type": "object", "required": ["error"],
+    "properties": {"error": {"type": "object", "required": ["message", "type", "param", "code"], "properties": {
+        "message": {"type": "string"}, "type": {"type": "string"}, "param": {"type": ["string", "null"]},
+        "code": {"type": ["string", "null"]}}}},
 }
+_IMAGES_SCHEMA: dict[str, Any] = {
+    "type": "object", "required": ["created", "data"],
+    "properties": {"created": {"type": "integer"}, "data": {"type": "array", "items": {
+        "type": "object", "required": ["b64_json", "seed"], "properties": {
+            "b64_json": {"type": "string"}, "revised_prompt": {"type": "null"}, "seed": {"type": "integer"}}}}},
+}
+# Every answer of POST /v1/images/generations but the client-disconnect 499 (nobody reads that one).
+_ERRORS = {
+    400: "invalid_json / invalid_request: the body or a field is wrong (param names it), or the request is more "
+         "work than the config's caps allow",
+    401: "invalid_api_key: api_key is set and 'Authorization: Bearer <key>' is missing or wrong",
+    413: "body_too_large: the body is over 1 MiB",
+    415: "unsupported_media_type: the body is not sent as Content-Type: application/json",
+    429: "queue_full: a stage queue is full; see Retry-After",
+    500: "internal_error / stage_failed: a bug; the server keeps serving",
+    503: "stage_unavailable: a stage process died, or the connection limit was reached",
+    504: "deadline_exceeded: request_timeout_s passed",
+}
+
+
+def generations_responses() -> dict[int | str, dict[str, Any]]:
+    """The documented responses of the generations route (OpenAPI)."""
+    out: dict[int | str, dict[str, Any]] = {
+        200: {"description": "the images", "content": {JSON_MEDIA_TYPE: {"schema": _IMAGES_SCHEMA}}}}
+    for status, text in _ERRORS.items():
+        out[status] = {"description": text, "content": {JSON_MEDIA_TYPE: {"schema": _ERROR_SCHEMA}}}
+    out[429]["headers"] = {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds"}}
+    out[401]["headers"] = {"WWW-Authenticate": {"schema": {"type": "string"}, "description": "Bearer"}}
+    return out
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
+    """The request body, read chunk by chunk; raises :class:`BodyTooLarge` as soon as it passes ``limit`` bytes
+    (a declared Content-Length over it is refused before reading anything; a chunked body is never held whole)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge(f"request body of {declared} bytes: at most {limit} are allowed")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(f"request body of more than {limit} bytes: at most {limit} are allowed")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def is_json_content_type(value: str | None) -> bool:
+    """``application/json``, optionally with parameters (``; charset=utf-8``)."""
+    return bool(value) and value.split(";", 1)[0].strip().lower() == JSON_MEDIA_TYPE  # type: ignore[union-attr]
 
 
 def error_response(status: int, message: str, kind: str, param: str | None = None, code: str | None = None,
@@ -63,6 +115,7 @@ def _model_id(cfg: RuntimeConfig) -> str:
 def create_app(cfg: RuntimeConfig, orchestrator: Orchestrator | None = None) -> FastAPI:
     """The app; its lifespan starts (and at exit stops) an :class:`Orchestrator` for ``cfg``."""
     metrics = Metrics()
+    caps = WorkCaps.from_config(cfg)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -95,11 +148,15 @@ def create_app(cfg: RuntimeConfig, orchestrator: Orchestrator | None = None) -> 
         got = request.headers.get("authorization", "")
         if not got.startswith("Bearer ") or not hmac.compare_digest(got[7:].encode(), key.encode()):
             return error_response(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
-                                  "invalid_request_error", None, "invalid_api_key")
+                                  "invalid_request_error", None, "invalid_api_key",
+                                  {"WWW-Authenticate": 'Bearer realm="omni-runtime"'})
         return None
 
-    @app.post("/v1/images/generations", openapi_extra={
-        "requestBody": {"required": True, "content": {"application/json": {"schema": _REQUEST_SCHEMA}}}})
+    security = [{"bearer": []}] if cfg.server.api_key else []
+
+    @app.post("/v1/images/generations", responses=generations_responses(), openapi_extra={
+        "security": security,
+        "requestBody": {"required": True, "content": {JSON_MEDIA_TYPE: {"schema": openapi_request_schema()}}}})
     async def generations(request: Request) -> Response:
         denied = _auth(request)
         if denied is not None:
@@ -110,14 +167,18 @@ def create_app(cfg: RuntimeConfig, orchestrator: Orchestrator | None = None) -> 
         return resp
 
     async def _generations(request: Request) -> Response:
-        declared = request.headers.get("content-length", "0")
-        if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-            return error_response(400, f"request body of {declared} bytes: at most {MAX_BODY_BYTES} allowed",
-                                  "invalid_request_error", None, "body_too_large")
-        body = await request.body()
-        if len(body) > MAX_BODY_BYTES:
-            return error_response(400, f"request body of {len(body)} bytes: at most {MAX_BODY_BYTES} allowed",
-                                  "invalid_request_error", None, "body_too_large")
+        # A cross-site form post can send text/plain without a CORS preflight; JSON it cannot (issue 14, #10).
+        if not is_json_content_type(request.headers.get("content-type")):
+            return error_response(415, f"Content-Type {show(request.headers.get('content-type'))}: the body must be "
+                                  f"sent as {JSON_MEDIA_TYPE}", "invalid_request_error", None,
+                                  "unsupported_media_type")
+        try:
+            body = await read_body(request)
+        except BodyTooLarge as e:
+            return error_response(413, str(e), "invalid_request_error", None, "body_too_large",
+                                  {"Connection": "close"})
+        except ClientDisconnect:
+            return Response(status_code=499)
         try:
             raw = json.loads(body)
         except (ValueError, UnicodeDecodeError) as e:
@@ -127,7 +188,7 @@ def create_app(cfg: RuntimeConfig, orchestrator: Orchestrator | None = None) -> 
             return error_response(400, "the body is not valid JSON: nested too deeply", "invalid_request_error",
                                   None, "invalid_json")
         try:
-            req = parse_request(raw)
+            req = parse_request(raw, caps=caps)
         except RequestError as e:
             metrics.errors.labels(stage="http", kind="invalid_request").inc()
             return error_response(400, str(e), "invalid_request_error", e.param, "invalid_request")
@@ -175,9 +236,25 @@ def create_app(cfg: RuntimeConfig, orchestrator: Orchestrator | None = None) -> 
                             status_code=200 if ok else 503)
 
     @app.get("/metrics")
-    async def metrics_route() -> Response:
+    async def metrics_route(request: Request) -> Response:
+        if cfg.server.metrics_require_key:
+            denied = _auth(request)
+            if denied is not None:
+                return denied
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                                 routes=app.routes)
+            schema.setdefault("components", {})["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+            # FastAPI's OpenAPI model holds bounds as floats (2**63 - 10 would become 2**63): put the table's in
+            body = schema["paths"]["/v1/images/generations"]["post"]["requestBody"]["content"][JSON_MEDIA_TYPE]
+            body["schema"] = openapi_request_schema()
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     app.state.metrics = metrics
     return app
 
@@ -198,10 +275,29 @@ def check_listen(host: str, port: int) -> None:
                           f"override the config)") from None
 
 
-def serve(cfg: RuntimeConfig) -> int:
-    """Run the server until SIGINT/SIGTERM; returns the exit code (1 if the stages never became ready)."""
+def uvicorn_config(app: FastAPI, cfg: RuntimeConfig, loop: str = "auto") -> Any:
+    """uvicorn's settings from ``[server]``: h11 with header/body read deadlines, the keep-alive timeout and the
+    connection limit (beyond it uvicorn answers 503)."""
     import uvicorn
 
+    from omni_runtime.runtime.http_protocol import guarded_h11_protocol
+
+    s = cfg.server
+    return uvicorn.Config(app, host=s.host, port=s.port, loop=loop, log_level="info", timeout_graceful_shutdown=5,
+                          http=guarded_h11_protocol(s.header_timeout_s, s.body_timeout_s),
+                          timeout_keep_alive=s.keep_alive_timeout_s,  # type: ignore[arg-type]
+                          limit_concurrency=s.max_connections)
+
+
+def serve(cfg: RuntimeConfig) -> int:
+    """Run the server until SIGINT/SIGTERM; returns the exit code (1 if the stages never became ready). Runs the
+    preflight and a bind check first: a problem there raises ``ConfigError``/``CheckpointError`` (CLI exit 2)."""
+    import uvicorn
+
+    from omni_runtime.runtime.preflight import preflight
+
+    for line in preflight(cfg):  # machine, host, model directory: one error before any stage starts
+        logger.info("preflight: %s", line)
     check_listen(cfg.server.host, cfg.server.port)
     try:
         import setproctitle
@@ -215,8 +311,7 @@ def serve(cfg: RuntimeConfig) -> int:
         import uvloop  # noqa: F401
     except ImportError:  # pragma: no cover - Windows
         loop = "asyncio"
-    server = uvicorn.Server(uvicorn.Config(app, host=cfg.server.host, port=cfg.server.port, loop=loop,
-                                           log_level="info", timeout_graceful_shutdown=5))
+    server = uvicorn.Server(uvicorn_config(app, cfg, loop))
     try:
         server.run()
     except SystemExit:  # uvicorn exits with 3 when the lifespan startup (the stages) or the bind failed

@@ -48,7 +48,8 @@ class StageExecutor:
 class TextEncoderExecutor(StageExecutor):
     name = "text_encoder"
 
-    def __init__(self, path: str, dtype: str, device: str, hsdp: HSDPInferenceConfig | None = None) -> None:
+    def __init__(self, path: str, dtype: str, device: str, mesh: Any = None,
+                 hsdp: HSDPInferenceConfig | None = None) -> None:
         from omni_runtime.stages.text_encoder import TextEncoderStage
 
         self.stage = TextEncoderStage.from_pretrained(path, dtype, device, hsdp=hsdp)
@@ -72,10 +73,11 @@ class TextEncoderExecutor(StageExecutor):
 class DenoiserExecutor(StageExecutor):
     name = "denoiser"
 
-    def __init__(self, path: str, dtype: str, device: str, hsdp: HSDPInferenceConfig | None = None) -> None:
+    def __init__(self, path: str, dtype: str, device: str, mesh: Any = None,
+                 hsdp: HSDPInferenceConfig | None = None) -> None:
         from omni_runtime.stages.denoiser import DenoiserStage
 
-        self.stage = DenoiserStage.from_pretrained(path, dtype, device, hsdp=hsdp)
+        self.stage = DenoiserStage.from_pretrained(path, dtype, device, mesh=mesh, hsdp=hsdp)
 
     def batch_key(self, w: Work) -> tuple:
         p = w.params
@@ -101,7 +103,7 @@ class DenoiserExecutor(StageExecutor):
 class VaeExecutor(StageExecutor):
     name = "vae"
 
-    def __init__(self, path: str, dtype: str, device: str) -> None:
+    def __init__(self, path: str, dtype: str, device: str, mesh: Any = None) -> None:
         from omni_runtime.stages.vae import VaeDecoderStage
 
         self.stage = VaeDecoderStage.from_pretrained(path, dtype, device)

@@ -16,12 +16,8 @@ import sys
 import threading
 import time
 from collections import deque
-from typing import TYPE_CHECKING
 
 import msgspec
-
-if TYPE_CHECKING:
-    from omni_runtime.parallel.hsdp import HSDPInferenceConfig
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +41,12 @@ class WorkerSpec(msgspec.Struct, kw_only=True):
     threads: int = 1
     pool_outputs: bool = False  # publish through a ShmPool (the next stage has one rank, the sole reader)
     log_level: str = "INFO"
+    # From the Placement (runtime/placement.py); defaults keep older callers working.
+    rendezvous: str = ""            # torch.distributed init_method ("file://<run dir>/..." on one node)
+    local_rank: int = -1            # index on its node (-1: same as rank)
+    node: str = ""                  # the node it runs on
+    tensor_transport: str = "shm"   # how this replica's outputs reach the next stage: "shm" | "frames"
+    tensor_endpoint: str = ""       # "frames": where the output rank's tensor server binds
 
 
 def title(spec: WorkerSpec) -> str:
@@ -61,62 +63,28 @@ def _watch_parent(parent_pid: int) -> None:
             os._exit(0)
 
 
-def _init_distributed(spec: WorkerSpec) -> None:
-    import torch.distributed as dist
-
-    init = f"tcp://127.0.0.1:{spec.master_port}"
-    try:
-        from omni_runtime.parallel import state
-    except ImportError:
-        state = None
-    if state is not None and hasattr(state, "init_distributed_environment"):
-        state.init_distributed_environment(world_size=spec.world_size, rank=spec.rank,
-                                           distributed_init_method=init, local_rank=spec.rank, backend="gloo")
-        if spec.stage == "denoiser":
-            p = spec.parallel
-            state.initialize_model_parallel(ulysses_degree=p.get("ulysses", 1), ring_degree=p.get("ring", 1),
-                                            hsdp_shard_size=p.get("hsdp_shard", 1),
-                                            hsdp_replicate_size=p.get("hsdp_replicate", 1), backend="gloo")
-    else:
-        dist.init_process_group("gloo", init_method=init, rank=spec.rank, world_size=spec.world_size)
-        if spec.stage == "denoiser" and spec.world_size > 1:
-            raise RuntimeError("the denoiser is configured with sequence parallelism but parallel/state.py is "
-                               "not available in this build")
-
-
-def _hsdp_config(spec: WorkerSpec) -> HSDPInferenceConfig | None:
-    """The HSDP config of this rank's stage (None when its weights are not sharded).
-
-    HSDP needs: the degrees ``hsdp_shard`` / ``hsdp_replicate`` (from ``spec.parallel``), and a DeviceMesh over
-    the ranks of the replica laid out ``rank = shard_i + hsdp_shard * replicate_i``. The denoiser's comes from
-    the mesh's ``hsdp_replicate`` / ``hsdp_shard`` device groups; the text encoder (no other degree) lays one
-    out over its whole world."""
-    shard, replicate = spec.parallel.get("hsdp_shard", 1), spec.parallel.get("hsdp_replicate", 1)
-    if shard <= 1 or spec.stage not in ("denoiser", "text_encoder"):
-        return None
+def _init_distributed(spec: WorkerSpec):
+    """Build this rank's :class:`~parallel.mesh.Mesh` (torch.distributed included; the backend follows the device:
+    nccl for CUDA, gloo for CPU) from the stage's parallel degrees. Returns the mesh."""
+    import msgspec as _msgspec
     import torch
 
-    from omni_runtime.parallel.hsdp import (
-        HSDPInferenceConfig,
-        build_hsdp_device_mesh,
-        hsdp_device_mesh_from_groups,
-    )
+    from omni_runtime.parallel.mesh import Mesh
+    from omni_runtime.parallel.parallel_spec import ParallelSpec
 
-    device_type = torch.device(spec.device).type
-    if spec.stage == "denoiser":
-        from omni_runtime.parallel import state
-
-        mesh = hsdp_device_mesh_from_groups(state.get_hsdp_replicate_group().device_group,
-                                            state.get_hsdp_shard_group().device_group, shard, replicate, device_type)
-    else:
-        mesh = build_hsdp_device_mesh(shard, replicate, device_type)
-    return HSDPInferenceConfig(hsdp_shard_size=shard, hsdp_replicate_size=replicate, device_mesh=mesh,
-                               device_type=device_type)
+    pspec = _msgspec.convert(spec.parallel, ParallelSpec)
+    pspec.check_world_size(spec.world_size)
+    device = torch.device(spec.device if spec.device != "cuda" else f"cuda:{spec.rank}")
+    init = spec.rendezvous or f"tcp://127.0.0.1:{spec.master_port}"
+    return Mesh.build(pspec, spec.rank, init, device)
 
 
 def _collective_failed(e: BaseException) -> bool:
     """Whether ``e`` is a torch.distributed collective failing because a peer went away (gloo raises a plain
-    RuntimeError naming its transport; NCCL a DistBackendError)."""
+    RuntimeError naming its transport; NCCL a DistBackendError).
+
+    Stopgap of this (old) worker only: the process shell (runtime/stage_shell.py + the orchestrator's
+    ``_dead_rank_of``) reports a failed batch whose replica lost a rank as 503 itself; this goes with this file."""
     import torch.distributed as dist
 
     text = str(e)
@@ -143,15 +111,19 @@ def worker_main(spec_bytes: bytes) -> None:
     import torch
 
     torch.set_num_threads(max(1, spec.threads))
-    if spec.world_size > 1:
-        _init_distributed(spec)
+    mesh = _init_distributed(spec) if spec.world_size > 1 else None
 
     from omni_runtime.comm import shm_tensor
     from omni_runtime.runtime.rank_fanout import RankFanout
     from omni_runtime.runtime.stage_exec import EXECUTORS
 
-    hsdp = _hsdp_config(spec) if spec.world_size > 1 else None
-    executor = EXECUTORS[spec.stage](spec.model_path, spec.dtype, spec.device,
+    # HSDP: the stage's weights sharded over the mesh's hsdp_replicate x hsdp_shard groups (None: not sharded)
+    hsdp = None
+    if mesh is not None and spec.stage in ("text_encoder", "denoiser"):
+        from omni_runtime.parallel.hsdp import hsdp_config_from_mesh
+
+        hsdp = hsdp_config_from_mesh(mesh)
+    executor = EXECUTORS[spec.stage](spec.model_path, spec.dtype, spec.device, mesh=mesh,
                                      **({"hsdp": hsdp} if hsdp is not None else {}))
     pool = shm_tensor.ShmPool(max_bytes=256 << 20) if spec.pool_outputs and spec.rank == 0 else None
     if pool is not None:
@@ -301,9 +273,9 @@ class _Driver:
                 from omni_runtime.stages.errors import OmniUserError
 
                 if self.spec.world_size > 1 and _collective_failed(e):
-                    # A peer rank is gone (its collective partner closed the connection): this replica's process
-                    # group is broken for good. Exit, so the orchestrator reports the dead replica (503 naming it)
-                    # and restarts it, instead of answering 500 and waiting on a group that can never pair up.
+                    # A peer rank is gone: this replica's process group is broken for good. Exit, so the
+                    # orchestrator's watchdog reports the dead replica (503 naming it) and restarts it, instead of
+                    # answering 500 and waiting on a group that can never pair up.
                     logger.error("a collective with the other ranks failed (%s: %s); exiting so the replica is "
                                  "restarted", type(e).__name__, e)
                     os._exit(70)

@@ -6,9 +6,10 @@ guidance embedding when the model has one and applies true CFG when a request ha
 ``true_cfg_scale > 1``. Requests of the same shape run in one forward; every request has its own generator, so
 batching does not change any result.
 
-The stage knows nothing about processes. Under sequence parallelism (an SP mesh with more than one rank in
-``parallel.state``) every rank runs this same loop on the same inputs; the model's ``_sp_plan`` hooks, applied at
-load, split the image tokens across ranks and gather the output.
+The stage knows nothing about processes. It loads on a :class:`parallel.mesh.Mesh` (``mesh=None``: one process).
+Under sequence parallelism (an sp group of more than one rank) every rank runs this same loop on the same inputs;
+``SequenceParallel(mesh).apply(model)`` at load binds the mesh into the attention layers and installs the
+``_sp_plan`` hooks, which split the image tokens across ranks and gather the output.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ import torch
 from tqdm.auto import tqdm
 
 from omni_runtime.parallel.hsdp import HSDPInferenceConfig
-from omni_runtime.parallel.state import get_sequence_parallel_world_size
+from omni_runtime.parallel.mesh import Mesh
+from omni_runtime.parallel.strategies import SequenceParallel
 from omni_runtime.stages.device import resolve_device, resolve_dtype
 from omni_runtime.stages.errors import RequestError
 from omni_runtime.stages.latents import (
@@ -105,8 +107,9 @@ class DenoiserStage:
     """Runs the denoising loop of a Flux transformer. ``denoise(requests)`` returns one latent per request."""
 
     def __init__(self, model: torch.nn.Module, config: dict[str, Any], schedule: FlowMatchSchedule,
-                 vae_scale_factor: int, dtype: torch.dtype, device: torch.device) -> None:
+                 vae_scale_factor: int, dtype: torch.dtype, device: torch.device, mesh: Mesh | None = None) -> None:
         self.model = model
+        self.mesh = mesh if mesh is not None else Mesh.single(device)
         self.config = config
         self.schedule = schedule
         self.vae_scale_factor = vae_scale_factor
@@ -120,22 +123,23 @@ class DenoiserStage:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: str | torch.dtype = "float32",
-                        device: str | torch.device = "cpu", hsdp: HSDPInferenceConfig | None = None
-                        ) -> DenoiserStage:
-        """Load transformer + scheduler config; apply the model's ``_sp_plan`` when the SP world is > 1; with
-        ``hsdp`` (shard degree > 1) the weights are sharded (FSDP2) and loaded shard by shard."""
+                        device: str | torch.device = "cpu", mesh: Mesh | None = None,
+                        hsdp: HSDPInferenceConfig | None = None) -> DenoiserStage:
+        """Load transformer + scheduler config on ``mesh`` (None: ``Mesh.single()``); with an sp group of more
+        than one rank, apply :class:`SequenceParallel` to the model; with ``hsdp`` (shard degree > 1, e.g.
+        ``parallel.hsdp.hsdp_config_from_mesh(mesh)``) the weights are sharded (FSDP2) and loaded shard by
+        shard."""
         torch_dtype, dev = resolve_dtype(dtype), resolve_device(device)
+        mesh = mesh if mesh is not None else Mesh.single(dev)
         config = read_config(component_dir(path, "transformer"))
         schedule = FlowMatchSchedule.from_pretrained(path)
         model = load_transformer(path, torch_dtype, dev, hsdp)
-        sp = get_sequence_parallel_world_size()
+        sp = mesh.size("sp")
         if sp > 1:
-            from omni_runtime.parallel.sp_plan import apply_sequence_parallel
-
-            apply_sequence_parallel(model)
+            SequenceParallel(mesh).apply(model)
             logger.info("denoiser: sequence parallel over %d ranks", sp)
         logger.info("loaded denoiser from %s (%s on %s)", path, torch_dtype, dev)
-        return cls(model, config, schedule, vae_scale_factor_of(path), torch_dtype, dev)
+        return cls(model, config, schedule, vae_scale_factor_of(path), torch_dtype, dev, mesh)
 
     def validate(self, req: DenoiseRequest) -> None:
         """Raise :class:`RequestError` naming the field for anything this stage cannot run."""

@@ -20,13 +20,29 @@ logger = logging.getLogger(__name__)
 MAX_T5_SEQUENCE_LENGTH = 512
 
 
-# What each component of a FLUX.1 directory may be (the class named in model_index.json).
+# What each model component of a FLUX.1 directory may be (the class named in model_index.json).
 ALLOWED_CLASSES: dict[str, tuple[str, ...]] = {
-    "tokenizer": ("CLIPTokenizer", "CLIPTokenizerFast"),
     "text_encoder": ("CLIPTextModel",),
-    "tokenizer_2": ("T5Tokenizer", "T5TokenizerFast"),
     "text_encoder_2": ("T5EncoderModel",),
 }
+# The tokenizer slots take any tokenizer class transformers knows (CLIPTokenizer, T5TokenizerFast, a generic
+# PreTrainedTokenizerFast / TokenizersBackend as diffusers saves it, ...): they load through AutoTokenizer.
+TOKENIZER_SLOTS = ("tokenizer", "tokenizer_2")
+
+
+def check_component_class(model_dir: str | Path, name: str, library: str, cls_name: str) -> None:
+    """Raise ``CheckpointError`` unless ``[library, cls_name]`` from model_index.json can fill slot ``name``."""
+    where = f"{Path(model_dir) / 'model_index.json'}: {name} = [{library!r}, {cls_name!r}]"
+    if name in TOKENIZER_SLOTS:
+        cls = getattr(transformers, cls_name, None) if library == "transformers" else None
+        if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedTokenizerBase)):
+            raise CheckpointError(f"{where} is not supported; allowed: a tokenizer class of transformers "
+                                  f"{transformers.__version__} (e.g. CLIPTokenizer, T5TokenizerFast, "
+                                  f"PreTrainedTokenizerFast)")
+        return
+    allowed = ALLOWED_CLASSES[name]
+    if library != "transformers" or cls_name not in allowed or not hasattr(transformers, cls_name):
+        raise CheckpointError(f"{where} is not supported; allowed: transformers {list(allowed)}")
 
 
 # HSDP units of the text encoders (the ``_hsdp_shard_conditions`` of classes we do not own): each CLIP encoder
@@ -53,21 +69,18 @@ def _load_sharded(cls: Any, directory: Path, dtype: torch.dtype, device: torch.d
 
 def _load_component(path: str | Path, index: dict[str, tuple[str, str]], name: str,
                     hsdp: HSDPInferenceConfig | None = None, **kwargs: Any) -> Any:
-    """Load one transformers component with the class ``model_index.json`` names, which must be an allowed one.
+    """Load one transformers component with the class ``model_index.json`` names, which must fit the slot.
 
     With ``hsdp`` (shard degree > 1) a text encoder is loaded straight into its FSDP2 shards."""
-    allowed = ALLOWED_CLASSES[name]
     directory = component_dir(path, name)
     library, cls_name = index[name]
-    if library != "transformers" or cls_name not in allowed or not hasattr(transformers, cls_name):
-        raise CheckpointError(f"{Path(path) / 'model_index.json'}: {name} = [{library!r}, {cls_name!r}] is not "
-                              f"supported; allowed: transformers {list(allowed)}")
-    cls = getattr(transformers, cls_name)
+    check_component_class(path, name, library, cls_name)
+    loader = transformers.AutoTokenizer if name in TOKENIZER_SLOTS else getattr(transformers, cls_name)
     try:
         if hsdp is not None and hsdp.enabled and cls_name in HSDP_SHARD_CONDITIONS:
-            return _load_sharded(cls, directory, kwargs["dtype"], kwargs["device"], hsdp)
+            return _load_sharded(loader, directory, kwargs["dtype"], kwargs["device"], hsdp)
         kwargs.pop("device", None)
-        return cls.from_pretrained(str(directory), local_files_only=True, **kwargs)
+        return loader.from_pretrained(str(directory), local_files_only=True, **kwargs)
     except CheckpointError:
         raise
     except Exception as e:  # anything a damaged checkpoint makes the loader raise (SafetensorError, ...)

@@ -113,6 +113,63 @@ def safetensors_files(component: str | Path, weights_name: str = DIFFUSERS_WEIGH
         + (f" (found {present})" if present else ""))
 
 
+# Bytes per element of each safetensors dtype (the format's spec); a header naming another dtype is corrupt.
+SAFETENSORS_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1, "I16": 2,
+                           "U16": 2, "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8,
+                           "F64": 8, "C64": 8}
+MAX_SAFETENSORS_HEADER = 100 << 20  # the reference implementation's limit
+
+
+def read_safetensors_header(path: str | Path) -> dict[str, dict[str, Any]]:
+    """The tensor table of a safetensors file, checked against the file's size, reading the header only.
+
+    Returns ``{name: {"dtype", "shape", "data_offsets"}}``; a truncated file, a header that is not JSON, an unknown
+    dtype, or offsets that do not fit the shape or the file are a ``CheckpointError`` naming the file.
+    """
+    p = Path(path)
+    try:
+        size = p.stat().st_size
+        with open(p, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if n < 2 or n > MAX_SAFETENSORS_HEADER or 8 + n > size:
+                raise CheckpointError(f"{p}: not a safetensors file (header length {n} does not fit a file of "
+                                      f"{size} bytes)")
+            raw = f.read(n)
+    except OSError as e:
+        raise CheckpointError(f"{p}: cannot read it ({e.strerror or e})") from None
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{p}: corrupted safetensors header (not JSON: {e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{p}: corrupted safetensors header (a JSON {type(header).__name__}, not an object)")
+    data_size = size - 8 - n
+    tensors: dict[str, dict[str, Any]] = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(entry, dict):
+            raise CheckpointError(f"{p}: corrupted safetensors header (entry {name!r} is not an object)")
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if dtype not in SAFETENSORS_DTYPE_BYTES:
+            raise CheckpointError(f"{p}: corrupted safetensors header (tensor {name!r}: unknown dtype {dtype!r})")
+        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)
+                and isinstance(offsets, list) and len(offsets) == 2
+                and all(isinstance(o, int) and o >= 0 for o in offsets)):
+            raise CheckpointError(f"{p}: corrupted safetensors header (tensor {name!r}: shape {shape!r}, "
+                                  f"data_offsets {offsets!r})")
+        numel = 1
+        for d in shape:
+            numel *= d
+        begin, end = offsets
+        if end - begin != numel * SAFETENSORS_DTYPE_BYTES[dtype] or end > data_size:
+            raise CheckpointError(f"{p}: corrupted or truncated safetensors file (tensor {name!r}: bytes "
+                                  f"{begin}..{end} for {dtype} {shape}, the file holds {data_size} data bytes)")
+        tensors[name] = entry
+    return tensors
+
+
 def load_safetensors(component: str | Path, weights_name: str = DIFFUSERS_WEIGHTS, *,
                      device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """All tensors of a (possibly sharded) safetensors checkpoint, cast to ``dtype`` (floating tensors only)."""

@@ -32,7 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-import psutil
+
+from omni_runtime.comm.processes import kill_tree
 
 _CTX = mp.get_context("forkserver")
 _CTX.set_forkserver_preload(["torch", "torch.distributed"])
@@ -78,21 +79,7 @@ def _child(fn, rank, world_size, port, workdir, args, init_pg, backend, threads)
 
 
 def _kill_tree(procs: Sequence[mp.process.BaseProcess]) -> None:
-    victims: list[psutil.Process] = []
-    for p in procs:
-        if p.pid is None:
-            continue
-        try:
-            ps = psutil.Process(p.pid)
-            victims += ps.children(recursive=True) + [ps]
-        except psutil.NoSuchProcess:
-            pass
-    for v in victims:
-        try:
-            v.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(victims, timeout=5)
+    kill_tree([p.pid for p in procs])
     for p in procs:
         p.join(timeout=5)
 

@@ -14,9 +14,8 @@ import pytest
 import torch
 from spawn import run_workers
 
-from omni_runtime.parallel.attention import Attention, current_mesh, sp_attention
+from omni_runtime.parallel.attention import Attention, SPMesh, sp_attention
 from omni_runtime.parallel.attention.backends import AttentionBackendError, attention_block, select_backend
-from omni_runtime.parallel.attention.comm_ops import get_comm_stats
 from omni_runtime.parallel.attention.lse_merge import merge_partial
 from omni_runtime.parallel.attention.sp_attention import SPAttentionError
 
@@ -81,7 +80,8 @@ def cases(world: int) -> list[dict]:
     return out
 
 
-def run_case(case: dict, rank: int, world: int, convert_to_fp32: bool | None = None) -> dict:
+def run_case(case: dict, rank: int, world: int, convert_to_fp32: bool | None = None,
+             mesh: SPMesh | None = None) -> dict:
     dtype = getattr(torch, case["dtype"])
     lens, heads = case["lens"], case["heads"]
     n = sum(lens)
@@ -102,6 +102,7 @@ def run_case(case: dict, rank: int, world: int, convert_to_fp32: bool | None = N
     kw = {}
     if joint != "none":
         kw = dict(joint_q=jq, joint_k=jk, joint_v=jv, joint_strategy=joint)
+    kw["mesh"] = mesh
     out, lse = sp_attention(q[:, sl], k[:, sl], v[:, sl], key_padding_mask=None if mask is None else mask[:, sl],
                             return_lse=True, convert_to_fp32=convert_to_fp32, **kw)
     assert lse.dtype == torch.float32, lse.dtype
@@ -130,13 +131,17 @@ def mesh_worker(rank: int, world: int, ulysses: int, ring: int) -> list[dict]:
     state.initialize_model_parallel(ulysses_degree=ulysses, ring_degree=ring)
     try:
         expected = {(2, 1): "ulysses", (4, 1): "ulysses", (1, 2): "ring", (1, 4): "ring", (2, 2): "hybrid"}
-        assert current_mesh().strategy == expected[(ulysses, ring)], current_mesh()
-        assert Attention().strategy == expected[(ulysses, ring)]
-        comm_stats = get_comm_stats()
-        comm_stats.reset()
+        mesh = state.current_mesh()
+        sp_mesh = SPMesh.from_mesh(mesh)
+        assert sp_mesh.strategy == expected[(ulysses, ring)], sp_mesh
+        assert Attention().strategy == "none"  # nothing is read from globals: local until a mesh is bound
+        bound = Attention()
+        bound.bind_mesh(sp_mesh)
+        assert bound.strategy == expected[(ulysses, ring)]
+        mesh.reset_comm_stats()
         results = []
         for case in cases(world):
-            r = run_case(case, rank, world)
+            r = run_case(case, rank, world, mesh=sp_mesh)
             r.update(lname=case["lname"], heads=case["heads"], joint=case["joint"], mask=case["mask"],
                      dtype=case["dtype"])
             results.append(r)
@@ -144,13 +149,17 @@ def mesh_worker(rank: int, world: int, ulysses: int, ring: int) -> list[dict]:
         g = torch.Generator().manual_seed(3)
         q, k, v = (torch.randn(1, 11, 2, 8, generator=g) for _ in range(3))
         local = Attention(sequence_parallel=False)
+        local.bind_mesh(sp_mesh)
         assert local.strategy == "none"
         assert rel(local(q, k, v), reference(q, k, v, None, None, None, None, "none")[0]) <= 1e-6
-        assert comm_stats.bytes_sent > 0  # the strategy really communicated
+        stats = mesh.comm_stats()
+        assert stats.bytes_sent > 0  # the strategy really communicated, through the groups' communicators
+        assert (stats.calls.get("all_to_all", 0) > 0) == (ulysses > 1), stats
+        assert (stats.calls.get("p2p_send", 0) > 0) == (ring > 1), stats
         if ring > 1:
             # convert_to_fp32=False merges the ring blocks in bf16: still close, but not the same numbers
             case = dict(lens=[64] * world, lname="64", heads=6, joint="front", mask=True, dtype="bfloat16", seed=7)
-            r32, r16 = run_case(case, rank, world, True), run_case(case, rank, world, False)
+            r32, r16 = run_case(case, rank, world, True, sp_mesh), run_case(case, rank, world, False, sp_mesh)
             results.append(dict(r16, lname="64", heads=6, joint="none", mask=True, dtype="bf16-acc",
                                 fp32_acc_out=r32["out"], differs=r32["checksum"] != r16["checksum"]))
         return results

@@ -89,3 +89,45 @@ def test_generate_cli_in_process_writes_the_seeded_image(tmp_path, omni):
     assert got.shape == (32, 48, 3) and np.array_equal(got, ref)
     assert main(["generate", "--config", str(ROOT / "configs" / "default.toml"), "--prompt", "a", "--size",
                  "17x17", "--in-process", "-o", str(out)]) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.timeout(400)
+def test_ctrl_c_with_work_in_flight_exits_with_one_line(tmp_path):
+    """Ctrl-C as a terminal sends it: SIGINT to the whole process group of ``batch`` and its stage processes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"p{i}", "seed": i, "size": "128x128",
+                                           "num_inference_steps": 8}) + "\n" for i in range(64)))
+    out = tmp_path / "out"
+    instance = f"batchint{os.getpid()}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "omni_runtime.runtime.cli", "--log-level", "WARNING", "batch", "--config",
+         str(ROOT / "configs" / "default.toml"), str(prompts), "--out-dir", str(out)],
+        cwd=ROOT, env={**os.environ, "OMNI_RUNTIME_INSTANCE": instance}, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        manifest = out / "manifest.jsonl"
+        end = time.monotonic() + 300
+        while time.monotonic() < end and not (manifest.exists() and manifest.stat().st_size):
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGINT)  # lines are still in flight: 16 submitted, one done
+        _, err = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    line = [x for x in err.splitlines() if x.startswith("omni-runtime batch: ")]
+    assert len(line) == 1 and "interrupted: " in line[0] and "of 64 line(s) done" in line[0], err[-3000:]
+    done = [json.loads(x) for x in manifest.read_text().splitlines()]  # every manifest line is whole
+    assert 1 <= len(done) < 64
+    assert [n for n in os.listdir("/dev/shm") if n.startswith(f"omni_{instance}-")] == []

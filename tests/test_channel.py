@@ -281,3 +281,41 @@ def test_remove_ipc_dir_sweeps_sockets_of_a_killed_process(monkeypatch):
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=10)
+
+
+# ----------------------------------------------------------------------------- the one socket factory
+
+# Files of the process shell that still build their own sockets until its rewrite ports them onto
+# comm.channel ("shell" owns them); remove each entry when it does. Nothing else may be added here.
+_NOT_YET_PORTED = {"runtime/orchestrator.py", "runtime/stage_worker.py"}
+
+
+def _zmq_socket_makers(path: Path) -> list[str]:
+    """``zmq.Context(...)``, ``<x>.Context.instance()`` and ``<ctx>.socket(...)`` calls (not stdlib ``socket.socket``)."""
+    import ast
+
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
+            continue
+        f = node.func
+        text = ast.unparse(f)
+        if f.attr == "socket" and text != "socket.socket":
+            found.append(f"{path}:{node.lineno}: {text}(...)")
+        elif f.attr == "Context" or (f.attr == "instance" and text.endswith("Context.instance")):
+            found.append(f"{path}:{node.lineno}: {text}(...)")
+    return found
+
+
+def test_no_zmq_socket_is_made_outside_comm_channel():
+    root = Path(__file__).resolve().parent.parent
+    offenders = []
+    for top in ("comm", "parallel", "stages", "runtime", "tools"):
+        for path in sorted((root / top).rglob("*.py")):
+            rel = str(path.relative_to(root))
+            if rel == "comm/channel.py" or rel in _NOT_YET_PORTED:
+                continue
+            offenders += _zmq_socket_makers(path)
+    assert offenders == []
+    # and the probe does find them where they are
+    assert any("ctx.socket" in x for x in _zmq_socket_makers(root / "comm" / "channel.py"))

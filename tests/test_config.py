@@ -4,9 +4,11 @@ from pathlib import Path
 
 import pytest
 
+from omni_runtime.parallel.parallel_spec import ParallelSpec
 from omni_runtime.runtime.cli import main
 from omni_runtime.runtime.config import ConfigError, load_config
-from omni_runtime.runtime.layout import denoiser_groups, resolve_layout
+from omni_runtime.runtime.layout import rank_groups
+from omni_runtime.runtime.placement import compute_placement
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = """
@@ -62,6 +64,34 @@ def test_relative_model_path_resolves_against_the_config_dir(tmp_path):
     ("[stages.text_encoder]\nbatch_timeout_ms = inf\n", "stages.text_encoder.batch_timeout_ms", "inf", "finite"),
     ("[server]\nport = 80.0\n", "server.port", "80.0 (float)", "must be an integer"),
     ("[stages.denoiser]\nparallel = 2\n", "stages.denoiser.parallel", "2 (int)", "must be a table"),
+    ("[stages.denoiser.parallel]\nep = 2\n", "stages.denoiser.parallel.ep", "2", "not supported yet"),
+    ("[stages.denoiser.parallel]\nep = 0\n", "stages.denoiser.parallel.ep", "0", ">= 1"),
+    ("[stages.denoiser.parallel]\ndp = 2\n", "stages.denoiser.parallel.dp", "2", "set replicas instead"),
+    ("[stages.denoiser.parallel]\ndp = 0\n", "stages.denoiser.parallel.dp", "0", ">= 1"),
+    ("[stages.denoiser.parallel]\ntp = 2\n", "stages.denoiser.parallel.tp", "2", "tensor parallelism is reserved"),
+    ("[stages.denoiser.parallel]\ntp = 'x'\n", "stages.denoiser.parallel.tp", "'x'", "must be an integer"),
+    ("[stages.denoiser.parallel]\nhsdp_replicate = 2\n", "stages.denoiser.parallel.hsdp_replicate", "2",
+     "hsdp_shard > 1"),
+    ("[stages.denoiser.parallel]\nulysses = 2\nhsdp_shard = 4\n", "stages.denoiser.parallel.hsdp_shard", "4",
+     "hsdp_shard x hsdp_replicate = 4 must equal the denoiser world size"),
+    ("[stages.text_encoder.parallel]\nhsdp_replicate = 3\n", "stages.text_encoder.parallel.hsdp_replicate",
+     "3", "hsdp_shard > 1"),
+    ("[stages.text_encoder.parallel]\ncfg = 2\n", "stages.text_encoder.parallel.cfg", "2",
+     "allowed keys here: hsdp_replicate, hsdp_shard"),
+    ("[stages.denoiser.parallel]\npatch = 2\n", "stages.denoiser.parallel.patch", "2", "allowed keys here"),
+    ("[stages.vae.parallel]\nulysses = 2\n", "stages.vae.parallel.ulysses", "2", "allowed keys here: patch"),
+    ("[stages.vae.parallel]\npatch = 0\n", "stages.vae.parallel.patch", "0", ">= 1"),
+    ('[server]\napi_key = "sk-\u00e9t\u00e9"\n', "server.api_key", "'\u00e9'", "printable ASCII"),
+    ('[server]\napi_key = "sk test"\n', "server.api_key", "' '", "without spaces"),
+    ("[server]\nmax_pixels_steps = -1\n", "server.max_pixels_steps", "-1", ">= 0"),
+    ("[server]\nmetrics_require_key = 1\n", "server.metrics_require_key", "1 (int)", "true or false"),
+    ("[server]\nheader_timeout_s = 0\n", "server.header_timeout_s", "0", "> 0"),
+    ("[server]\nbody_timeout_s = -1.5\n", "server.body_timeout_s", "-1.5", "> 0"),
+    ("[server]\nkeep_alive_timeout_s = inf\n", "server.keep_alive_timeout_s", "inf", "finite"),
+    ("[server]\nmax_connections = 0\n", "server.max_connections", "0", ">= 1"),
+    ("[stages.vae]\nmax_batch_pixels = -4\n", "stages.vae.max_batch_pixels", "-4", ">= 0"),
+    ("[stages.text_encoder]\nmax_batch_pixels = 4\n", "stages.text_encoder.max_batch_pixels", "4",
+     "allowed keys here"),
 ])
 def test_each_mistake_is_one_error_naming_the_key(tmp_path, extra, path, value_text, allowed):
     with pytest.raises(ConfigError) as e:
@@ -99,18 +129,26 @@ def test_cli_check_exit_codes_and_layout(tmp_path, capsys):
 
 def test_group_membership_is_exact():
     # ulysses contiguous, ring strided, then pp, then cfg (rank order tp-sp-pp-cfg-dp)
-    g = denoiser_groups(ulysses=2, ring=2, cfg=2, pp=1)
+    g = rank_groups(ParallelSpec(ulysses=2, ring=2, cfg=2))
     assert [x["ulysses"] for x in g] == [[0, 1], [0, 1], [2, 3], [2, 3], [4, 5], [4, 5], [6, 7], [6, 7]]
     assert [x["ring"] for x in g] == [[0, 2], [1, 3], [0, 2], [1, 3], [4, 6], [5, 7], [4, 6], [5, 7]]
     assert [x["cfg"] for x in g] == [[0, 4], [1, 5], [2, 6], [3, 7], [0, 4], [1, 5], [2, 6], [3, 7]]
     assert g[5]["sp"] == [4, 5, 6, 7]
 
 
+def test_parallel_tables_parse_into_parallel_spec(tmp_path):
+    cfg = load_config(_write(tmp_path, BASE + "[stages.denoiser.parallel]\nulysses = 2\nring = 2\n"
+                                              "[stages.vae.parallel]\npatch = 1\n"))
+    assert cfg.stages.denoiser.parallel == ParallelSpec(ulysses=2, ring=2)
+    assert cfg.stages.vae.parallel == ParallelSpec(vae_patch=1)
+    assert cfg.stages.denoiser.world_size == 4 and cfg.stages.vae.world_size == 1
+
+
 def test_layout_replicas_and_devices(tmp_path):
     cfg = load_config(_write(tmp_path, BASE.replace("[model]", "[model]\ndevice = 'cuda'") +
                              "[stages.denoiser]\nreplicas = 2\ndevices = [3, 2, 1, 0]\n"
                              "[stages.denoiser.parallel]\nring = 2\n"))
-    den = [r for r in resolve_layout(cfg) if r.stage == "denoiser"]
+    den = compute_placement(cfg, str(tmp_path)).of_stage("denoiser")
     assert [[rk.device for rk in r.ranks] for r in den] == [["cuda:3", "cuda:2"], ["cuda:1", "cuda:0"]]
 
 
@@ -141,8 +179,16 @@ def test_usage_doc_config_block_lists_every_key_with_its_default():
 
     doc = (ROOT / "docs" / "USAGE.md").read_text()
     raw = tomllib.loads(re.search(r"```toml\n(.*?)```", doc, re.S).group(1))
-    raw["stages"]["denoiser"] = dict(raw["stages"]["text_encoder"], parallel=raw["stages"]["denoiser"]["parallel"])
-    raw["stages"]["vae"] = dict(raw["stages"]["text_encoder"], parallel=raw["stages"]["vae"]["parallel"])
+    pixel_keys = {k: v for k, v in raw["stages"]["denoiser"].items() if k != "parallel"}  # denoiser and vae
+    raw["stages"]["denoiser"] = dict(raw["stages"]["text_encoder"], **pixel_keys,
+                                     parallel=raw["stages"]["denoiser"]["parallel"])
+    raw["stages"]["vae"] = dict(raw["stages"]["text_encoder"], **pixel_keys, parallel=raw["stages"]["vae"]["parallel"])
     documented = msgspec.to_builtins(msgspec.convert(raw, RuntimeConfig))
     defaults = msgspec.to_builtins(RuntimeConfig(model=ModelConfig(path=raw["model"]["path"])))
-    assert documented == defaults  # every key of the code is in the doc, with the code's default
+    assert documented == defaults  # every documented key has the code's default
+
+    def keys(d, prefix=""):
+        return {prefix + k for k in d} | {x for k, v in d.items() if isinstance(v, dict) for x in keys(v, k + ".")}
+
+    # and every key of the code is documented (text_encoder has no pixels: max_batch_pixels is no key there)
+    assert keys(raw) >= keys(defaults) - {"source", "text_encoder.max_batch_pixels"}

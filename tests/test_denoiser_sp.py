@@ -26,13 +26,12 @@ STEPS = 2
 MAX_SEQ = 16
 
 
-def _run_cases(model_dir: str, out_dir: str | None, tag: str) -> dict:
+def _run_cases(model_dir: str, out_dir: str | None, tag: str, mesh=None) -> dict:
     """Encode, denoise (all CASES in one call: shape groups batch) and, on rank 0, decode."""
-    from omni_runtime.parallel.state import get_sequence_parallel_world_size
     from omni_runtime.stages import DenoiseRequest, DenoiserStage, TextEncoderStage, VaeDecoderStage
 
     te = TextEncoderStage.from_pretrained(model_dir, "float32", "cpu")
-    den = DenoiserStage.from_pretrained(model_dir, "float32", "cpu")
+    den = DenoiserStage.from_pretrained(model_dir, "float32", "cpu", mesh=mesh)
     seen: list[int] = []
     den.model.transformer_blocks[0].register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[1]))
     reqs = []
@@ -45,7 +44,7 @@ def _run_cases(model_dir: str, out_dir: str | None, tag: str) -> dict:
             negative_prompt_embeds=nenc["prompt_embeds"][0] if nenc else None,
             negative_pooled_prompt_embeds=nenc["pooled_prompt_embeds"][0] if nenc else None))
     latents = den.denoise(reqs)
-    result = {"sp": get_sequence_parallel_world_size(), "tokens_seen": sorted(set(seen)),
+    result = {"sp": den.mesh.size("sp"), "tokens_seen": sorted(set(seen)),
               "latents": [x.flatten().tolist() for x in latents]}
     if out_dir is not None:
         vae = VaeDecoderStage.from_pretrained(model_dir, "float32", "cpu")
@@ -56,20 +55,18 @@ def _run_cases(model_dir: str, out_dir: str | None, tag: str) -> dict:
 
 
 def _sp_worker(rank: int, world_size: int, model_dir: str, out_dir: str, ulysses: int, ring: int) -> dict:
-    from omni_runtime.parallel.state import (
-        destroy_distributed_environment,
-        destroy_model_parallel,
-        init_distributed_environment,
-        initialize_model_parallel,
-    )
+    import os
 
-    init_distributed_environment(world_size=world_size, rank=rank, backend="gloo")
-    initialize_model_parallel(ulysses_degree=ulysses, ring_degree=ring, backend="gloo")
+    from omni_runtime.parallel.mesh import Mesh
+    from omni_runtime.parallel.parallel_spec import ParallelSpec
+
+    # a file:// rendezvous (what the launcher uses on one node: no TCP store listens)
+    store = Path(out_dir) / f"store-{ulysses}x{ring}-{os.environ['MASTER_PORT']}"
+    mesh = Mesh.build(ParallelSpec(ulysses=ulysses, ring=ring), rank, f"file://{store}", "cpu")
     try:
-        return _run_cases(model_dir, out_dir if rank == 0 else None, f"sp{ulysses}x{ring}")
+        return _run_cases(model_dir, out_dir if rank == 0 else None, f"sp{ulysses}x{ring}", mesh)
     finally:
-        destroy_model_parallel()
-        destroy_distributed_environment()
+        mesh.destroy()
 
 
 @pytest.fixture(scope="module")

@@ -124,7 +124,7 @@ def test_sp_plan_is_valid_for_the_model(tiny_dir):
 
     model = FluxTransformer.from_pretrained(tiny_dir)
     validate_sp_plan(FluxTransformer._sp_plan, model)
-    # Every block attends through parallel's Attention (which follows the live mesh), one per block.
+    # Every block attends through parallel's Attention (local until a strategy binds a mesh), one per block.
     blocks = [*model.transformer_blocks, *model.single_transformer_blocks]
     layers = [m for m in model.modules() if isinstance(m, Attention)]
     assert len(layers) == len(blocks) == 2 and all(b.attn.attention in layers for b in blocks)
@@ -135,23 +135,25 @@ SP_H, SP_W, SP_TXT = 13, 9, 7  # 117 image tokens: neither 2 nor 4 divides them
 
 
 def _sp_worker(rank: int, world_size: int, model_dir: str, ulysses: int, ring: int) -> dict:
-    from omni_runtime.parallel import state
-    from omni_runtime.parallel.sp_plan import apply_sequence_parallel
+    import os
 
-    state.init_distributed_environment(world_size=world_size, rank=rank, backend="gloo")
-    state.initialize_model_parallel(ulysses_degree=ulysses, ring_degree=ring, backend="gloo")
+    from omni_runtime.parallel.mesh import Mesh
+    from omni_runtime.parallel.parallel_spec import ParallelSpec
+    from omni_runtime.parallel.strategies import SequenceParallel
+
+    mesh = Mesh.build(ParallelSpec(ulysses=ulysses, ring=ring), rank,
+                      f"tcp://127.0.0.1:{os.environ['MASTER_PORT']}", "cpu")
     try:
         model = FluxTransformer.from_pretrained(model_dir)
         seen: list[int] = []
         model.transformer_blocks[0].register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[1]))
-        apply_sequence_parallel(model)
+        SequenceParallel(mesh).apply(model)
         cfg = json.loads((Path(model_dir) / "transformer" / "config.json").read_text())
         with torch.no_grad():
             out = model(**_inputs(cfg, batch=2, h=SP_H, w=SP_W, n_txt=SP_TXT, guidance=True, seed=5))
         return {"out": out.flatten().tolist(), "shape": list(out.shape), "local_tokens": seen}
     finally:
-        state.destroy_model_parallel()
-        state.destroy_distributed_environment()
+        mesh.destroy()
 
 
 @pytest.mark.distributed

@@ -173,7 +173,7 @@ def _same_node_worker(rank: int, world_size: int, port: int) -> list:
     out = [state.in_the_same_node_as(stateless, source_rank=1),
            state.in_the_same_node_as(dist.group.WORLD, source_rank=0)]
     # pretend ranks 0 and 1 live on one node and rank 2 on another
-    group_coordinator._node_key = lambda: "node-a" if rank < 2 else "node-b"
+    group_coordinator.node_id = lambda: "node-a" if rank < 2 else "node-b"
     for pg in (stateless, dist.group.WORLD):
         out.append([state.in_the_same_node_as(pg, source_rank=1), state.in_the_same_node_as(pg, source_rank=2)])
     return out

@@ -180,6 +180,122 @@ def test_config_errors_show_the_arithmetic() -> None:
     assert HSDPInferenceConfig(hsdp_shard_size=2, hsdp_replicate_size=2).world_size == 4
 
 
+# ------------------------------------------------------------------------------------------- the mesh
+
+
+def test_parallel_spec_hsdp_alone_is_the_world_and_prints_its_arithmetic() -> None:
+    """HSDP with no model degree: the world is hsdp_shard x hsdp_replicate ranks that all run the batch (the same
+    rule as a VAE stage's patch ranks), shard groups contiguous, replicate groups strided."""
+    from omni_runtime.parallel.parallel_spec import ParallelSpec, ParallelSpecError
+
+    spec = ParallelSpec(hsdp_shard=2, hsdp_replicate=2)
+    assert spec.world_size == 4 and spec.model_size == 1
+    groups = spec.group_ranks()
+    assert groups["hsdp_shard"] == [[0, 1], [2, 3]] and groups["hsdp_replicate"] == [[0, 2], [1, 3]]
+    assert groups["world"] == [[0, 1, 2, 3]]
+    assert all(groups[n] == [[r] for r in range(4)] for n in ("sp", "cfg", "pp", "dp", "ep", "vae_patch"))
+    assert ParallelSpec(hsdp_shard=3).world_size == 3
+    assert ParallelSpec(ulysses=2, hsdp_shard=2).world_size == 2  # weights sharded over the SP ranks
+    with pytest.raises(ParallelSpecError, match=r"hsdp_shard 4 × hsdp_replicate 1 = 4 does not equal the world "
+                                                r"size tp 1 × ulysses 2 × ring 1 × pp 1 × cfg 1 × dp 1 = 2"):
+        ParallelSpec(ulysses=2, hsdp_shard=4)
+    with pytest.raises(ParallelSpecError, match=r"hsdp_shard 2 × hsdp_replicate 1 = 2 does not equal the world "
+                                                r"size max\(vae_patch 4, hsdp_shard 2 × hsdp_replicate 1\)"):
+        ParallelSpec(vae_patch=4, hsdp_shard=2)
+
+
+def _printed(out: str, stage: str) -> dict[int, dict[str, list[int]]]:
+    import re
+
+    got = {}
+    for m in re.finditer(rf"^  {stage}\[0\] rank (\d+)/\d+ on \S+: (.*)$", out, re.M):
+        got[int(m.group(1))] = {k: [int(x) for x in v.split(", ")]
+                                for k, v in re.findall(r"(\w+)=\[([\d, ]+)\]", m.group(2))}
+    return got
+
+
+def test_check_prints_the_hsdp_groups_of_both_stages(capsys) -> None:
+    from omni_runtime.runtime.cli import main
+
+    configs = Path(__file__).resolve().parent.parent / "configs"
+    assert main(["check", str(configs / "hsdp2.toml")]) == 0
+    out = capsys.readouterr().out
+    for stage in ("text_encoder", "denoiser"):
+        assert _printed(out, stage) == {r: {"world": [0, 1], "hsdp_shard": [0, 1]} for r in (0, 1)}, out
+    assert main(["check", str(configs / "hsdp2x2.toml")]) == 0
+    printed = _printed(capsys.readouterr().out, "denoiser")
+    assert printed[3] == {"world": [0, 1, 2, 3], "hsdp_shard": [2, 3], "hsdp_replicate": [1, 3]}
+
+
+class _Blocks(torch.nn.Module):
+    _hsdp_shard_conditions = [lambda name, m: name.startswith("blocks.") and name.count(".") == 1]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = torch.nn.ModuleList([torch.nn.Linear(8, 8) for _ in range(3)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for b in self.blocks:
+            x = torch.tanh(b(x))
+        return x
+
+
+def _mesh_worker(rank: int, world_size: int, stage: str, parallel: dict) -> dict:
+    """What a served rank does: its Mesh from the WorkerSpec (stage_worker._init_distributed), then the HSDP config
+    from the mesh's groups (the one served wiring), then a sharded forward against the unsharded module."""
+    import os
+
+    from omni_runtime.parallel.hsdp import apply_hsdp_to_model, hsdp_config_from_mesh, local_parameter_bytes
+    from omni_runtime.runtime.stage_worker import WorkerSpec, _init_distributed
+
+    spec = WorkerSpec(stage=stage, replica=0, rank=rank, world_size=world_size,
+                      master_port=int(os.environ["MASTER_PORT"]), model_path="unused", dtype="float32",
+                      device="cpu", in_addr="ipc://unused", out_addr="ipc://unused", max_batch_size=1,
+                      batch_timeout_ms=0.0, instance="test", parent_pid=os.getpid(), parallel=parallel)
+    mesh = _init_distributed(spec)
+    try:
+        cfg = hsdp_config_from_mesh(mesh)
+        torch.manual_seed(0)
+        ref = _Blocks()
+        model = _Blocks()
+        model.load_state_dict(ref.state_dict())
+        x = torch.randn(4, 8)
+        with torch.no_grad():
+            want = ref(x)
+            got = apply_hsdp_to_model(model, cfg)(x)
+        dm = cfg.device_mesh
+        return {"groups": {n: mesh.groups_report()[n] for n in ("hsdp_shard", "hsdp_replicate")},
+                "device_mesh": dm.mesh.tolist(), "dims": list(dm.mesh_dim_names), "rel": _rel(got, want),
+                "local": local_parameter_bytes(model), "full": sum(p.numel() * 4 for p in ref.parameters())}
+    finally:
+        mesh.destroy()
+
+
+@pytest.mark.parametrize("stage, parallel, world, device_mesh, dims", [
+    ("denoiser", {"hsdp_shard": 2, "hsdp_replicate": 2}, 4, [[0, 1], [2, 3]], ["replicate", "shard"]),
+    ("denoiser", {"ulysses": 2, "hsdp_shard": 2}, 2, [0, 1], ["shard"]),
+    ("text_encoder", {"hsdp_shard": 2}, 2, [0, 1], ["shard"]),
+])
+def test_hsdp_config_from_the_workers_mesh(stage: str, parallel: dict, world: int, device_mesh: list,
+                                           dims: list) -> None:
+    from omni_runtime.parallel.parallel_spec import ParallelSpec
+
+    spec = ParallelSpec(**parallel)
+    results = run_workers(_mesh_worker, world, args=(stage, parallel), timeout=120)
+    for r, res in enumerate(results):
+        assert res["groups"] == {n: spec.groups_of(r)[n] for n in ("hsdp_shard", "hsdp_replicate")}, r
+        assert res["device_mesh"] == device_mesh and res["dims"] == dims, (r, res)
+        assert res["rel"] <= REL_TOL, (r, res)
+        assert res["local"] == res["full"] // 2, (r, res)  # 8-row tensors: exactly half each
+
+
+def test_hsdp_config_from_a_mesh_without_sharding_is_none() -> None:
+    from omni_runtime.parallel.hsdp import hsdp_config_from_mesh
+    from omni_runtime.parallel.mesh import Mesh
+
+    assert hsdp_config_from_mesh(Mesh.single()) is None
+
+
 # ------------------------------------------------------------------------------------------- load memory
 
 def _status_kb(field: str) -> int:
@@ -331,7 +447,7 @@ def test_config_accepts_hsdp_and_sizes_the_replica(stages: dict, world: dict) ->
 @pytest.mark.parametrize("stages, message", [
     ({"denoiser": {"parallel": {"ulysses": 2, "hsdp_shard": 4}}},
      r"stages.denoiser.parallel.hsdp_shard = 4 with hsdp_replicate = 1: hsdp_shard x hsdp_replicate = 4 must "
-     r"equal the denoiser world size ulysses x ring x cfg x pp = 2 x 1 x 1 x 1 = 2"),
+     r"equal the denoiser world size ulysses x ring x cfg x pp x dp = 2 x 1 x 1 x 1 x 1 = 2"),
     ({"denoiser": {"parallel": {"ulysses": 2, "hsdp_shard": 2, "hsdp_replicate": 2}}},
      r"hsdp_shard x hsdp_replicate = 4 must equal the denoiser world size .* = 2"),
     ({"text_encoder": {"parallel": {"hsdp_shard": 0}}}, r"stages.text_encoder.parallel.hsdp_shard = 0: must be .*>= 1"),

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from http_stub_server import StubOrchestrator
 
 from omni_runtime.runtime.cli import main
 from omni_runtime.runtime.config import config_from_dict
@@ -18,28 +19,6 @@ from omni_runtime.runtime.server import create_app
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT = str(ROOT / "configs" / "default.toml")
-
-
-class StubOrchestrator:
-    """Answers each request with ``b"<prompt>:<seed>"`` per image; records what reached it."""
-
-    started_at = 1_700_000_000.0
-
-    def __init__(self) -> None:
-        self.seen: list = []
-
-    async def start(self) -> None:
-        pass
-
-    async def shutdown(self) -> None:
-        pass
-
-    def health(self) -> dict[str, list[bool]]:
-        return {"text_encoder": [True], "denoiser": [True], "vae": [True]}
-
-    async def generate(self, req):
-        self.seen.append(req)
-        return [f"{req.prompt}:{s}".encode() for s in req.seeds()]
 
 
 @pytest.fixture()
@@ -57,9 +36,14 @@ def client():
     ({"prompt": "x", "guidance_scale": math.nan}, "guidance_scale", "guidance_scale=nan: must be a number"),
     ({"prompt": "x", "guidance_scale": math.inf}, "guidance_scale", "guidance_scale=inf: must be between 0 and 100"),
     ({"prompt": "x", "true_cfg_scale": -math.inf}, "true_cfg_scale", "must be between 1 and 100"),
-    ({"prompt": "x", "seed": -1}, "seed", "seed=-1: must be between 0 and 9223372036854775807"),
+    ({"prompt": "x", "seed": -1}, "seed", "seed=-1: must be between 0 and 9223372036854775798"),
     ({"prompt": "x", "seed": 2**63}, "seed", "seed=9223372036854775808: must be between 0 and"),
-    ({"prompt": "x", "seed": MAX_SEED, "n": 2}, "seed", "seed + n - 1 must be at most"),
+    ({"prompt": "x", "seed": MAX_SEED + 1}, "seed", "must be between 0 and 9223372036854775798"),
+    ({"prompt": "x\ud800"}, "prompt", "prompt: character 1 is a lone UTF-16 surrogate"),
+    ({"prompt": "x", "negative_prompt": "\udfff"}, "negative_prompt", "lone UTF-16 surrogate"),
+    ({"prompt": "x", "size": "0016x16"}, "size", "no leading zeros"),
+    ({"prompt": "x", "size": "16x16\n"}, "size", "must be 'WIDTHxHEIGHT'"),  # the schema's pattern refuses it too
+    ({"prompt": "x", "model": 3}, "model", "model=3: must be a string"),
     ({"prompt": "x", "seed": 1.5}, "seed", "must be an integer"),
     ({"prompt": {"text": "x"}}, "prompt", "must be a string"),
     ({"prompt": "x", "size": {"w": 16, "h": 16}}, "size", "must be a string 'WIDTHxHEIGHT'"),
@@ -119,9 +103,9 @@ def test_http_malformed_bodies_are_400_openai_errors(client, content, param, cod
     assert client.stub.seen == []
 
 
-def test_http_huge_body_is_400_and_server_keeps_serving(client):
+def test_http_huge_body_is_413_and_server_keeps_serving(client):
     r = client.post("/v1/images/generations", json={"prompt": "x" * (2 << 20)})
-    assert r.status_code == 400 and r.json()["error"]["code"] == "body_too_large"
+    assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
     r = client.post("/v1/images/generations", json={"prompt": "a fox", "n": 2, "seed": 7, "model": "dall-e-3",
                                                     "response_format": "b64_json", "output_format": "webp"})
     assert r.status_code == 200
@@ -169,6 +153,12 @@ def test_cli_flag_errors_exit_2_from_argparse(argv, says, capsys):
      "guidance_scale=nan"),
     (["generate", "--config", DEFAULT, "--prompt", "x", "--in-process", "-o", "x.gif"],
      "the suffix must be one of .png"),
+    (["generate", "--config", DEFAULT, "--prompt", "x", "--steps", "201", "--in-process", "-o", "x.png"],
+     "num_inference_steps=201: must be between 1 and 200"),
+    (["generate", "--config", DEFAULT, "--prompt", "x", "--size", "2048x2048", "--steps", "100", "--in-process",
+      "-o", "x.png"], "1 x 2048 x 2048 x 100 = 419430400: at most 67108864 is allowed ([server] max_pixels_steps)"),
+    (["generate", "--config", DEFAULT, "--prompt", "x\udc80", "--in-process", "-o", "x.png"],
+     "lone UTF-16 surrogate"),
     (["batch", "--config", DEFAULT, str(ROOT / "missing.jsonl"), "--out-dir", "o", "--in-process"],
      "missing.jsonl': cannot read it (No such file or directory)"),
     (["batch", "--config", DEFAULT, str(ROOT), "--out-dir", "o", "--in-process"], "cannot read it (Is a directory)"),
@@ -181,6 +171,15 @@ def test_cli_value_errors_exit_2_with_one_line(argv, says, capsys, tmp_path, mon
     assert list(tmp_path.iterdir()) == []  # nothing written, no model loaded
 
 
+def test_cli_flags_come_from_the_request_table(capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "num_inference_steps: an integer from 1 to 200, default 28" in out
+    assert "guidance_scale: a number from 0 to 100, default 3.5" in out
+    assert "seed: an integer from 0 to 9223372036854775798" in out
+
+
 def test_batch_line_errors_name_the_line(tmp_path, capsys):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text(json.dumps({"prompt": "ok"}) + "\n\n" + '{"prompt": "x", "n": 0}\n')
@@ -189,6 +188,10 @@ def test_batch_line_errors_name_the_line(tmp_path, capsys):
     prompts.write_text('{"prompt": "ok"}\n{"prompt": "x",\n')
     assert main(["batch", "--config", DEFAULT, str(prompts), "--out-dir", str(tmp_path / "o"), "--in-process"]) == 2
     assert "p.jsonl line 2: " in capsys.readouterr().err
+    prompts.write_text('{"prompt": "ok"}\n{"prompt": "big", "n": 2, "size": "2048x2048"}\n')
+    assert main(["batch", "--config", DEFAULT, str(prompts), "--out-dir", str(tmp_path / "o"), "--in-process"]) == 2
+    assert "p.jsonl line 2: n x width x height = 2 x 2048 x 2048 = 8388608 pixels: at most 4194304" in \
+        capsys.readouterr().err
     prompts.write_text('{"prompt": "ok"}\n' + "[" * 50_000 + "\n")
     assert main(["batch", "--config", DEFAULT, str(prompts), "--out-dir", str(tmp_path / "o"), "--in-process"]) == 2
     assert "p.jsonl line 2: not valid JSON: nested too deeply" in capsys.readouterr().err

@@ -230,6 +230,8 @@ def test_threads_encode_and_decode_independently():
 
 
 def _ext(code: int, payload: Any) -> bytes:
+    if isinstance(payload, list) and len(payload) == 3:  # [dtype, shape, data] -> the wire's [[dtype, shape], data]
+        payload = [payload[:2], payload[2]]
     return msgspec.msgpack.encode(msgspec.msgpack.Ext(code, msgspec.msgpack.encode(payload)))
 
 

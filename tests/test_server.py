@@ -77,6 +77,10 @@ def test_auth_and_side_routes(server):
     assert _post(server, {"prompt": "x", **SMALL}, headers={}).status_code == 401
     bad = _post(server, {"prompt": "x", **SMALL}, headers={"Authorization": "Bearer nope"})
     assert bad.status_code == 401 and bad.json()["error"]["code"] == "invalid_api_key"
+    assert bad.headers["www-authenticate"].startswith("Bearer")
+    form = httpx.post(server.url + "/v1/images/generations", content=b'{"prompt": "x"}',  # a cross-site form post
+                      headers={**server.headers, "content-type": "text/plain"})
+    assert form.status_code == 415 and form.json()["error"]["code"] == "unsupported_media_type"
     assert httpx.get(server.url + "/v1/models").status_code == 401
     h = httpx.get(server.url + "/health").json()
     assert h == {"status": "ok", "stages": {"text_encoder": [True], "denoiser": [True], "vae": [True]}}
@@ -132,7 +136,8 @@ def test_malformed_requests_get_400_naming_the_field(server):
     got = []
     for body, _ in MALFORMED:
         if isinstance(body, str):
-            r = httpx.post(server.url + "/v1/images/generations", content=body, headers=server.headers)
+            r = httpx.post(server.url + "/v1/images/generations", content=body,
+                           headers={**server.headers, "content-type": "application/json"})
         else:
             r = _post(server, body)
         err = r.json()["error"]

@@ -10,7 +10,9 @@ from __future__ import annotations
 import os
 import random
 import secrets
+import shutil
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -22,6 +24,7 @@ import pytest
 import torch
 from spawn import run_workers
 
+from omni_runtime.comm.instance import run_dir_path
 from omni_runtime.comm.shm_broadcast import (
     HAS_FUTEX,
     Handle,
@@ -91,6 +94,8 @@ def instance():
     inst = f"mqtest{secrets.token_hex(4)}"
     yield inst
     assert _segments(inst) == []
+    # sockets a killed writer left in the instance's run directory (a live runtime's sweep_dead does this)
+    shutil.rmtree(run_dir_path(inst), ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- in-process tests
@@ -111,6 +116,23 @@ def test_handle_roundtrips_through_msgspec(instance, monkeypatch):
         # data + int32 words (2 readers, writer, closed) + one row (written + 2 read flags) per chunk
         assert seg.stat().st_size == 3 * 1024 + 4 * (2 + 2) + 3 * 3
     assert _segments(instance) == []
+
+
+def test_local_sockets_live_in_the_instance_run_dir(instance, monkeypatch):
+    # issue 14 #16: no abstract-namespace socket (any local user could connect); a path in a 0700 directory
+    monkeypatch.setenv("OMNI_RUNTIME_INSTANCE", instance)
+    monkeypatch.setattr(MessageQueue, "use_futex", False)  # the zmq wake-up socket exists too
+    run_dir = run_dir_path(instance)
+    with MessageQueue(1, 1) as mq:
+        h = mq.export_handle()
+        for addr in (h.local_wake_addr, h.local_overflow_addr):
+            assert addr.startswith(f"ipc://{run_dir}/"), addr
+            assert "@" not in addr
+            assert stat.S_ISSOCK(os.stat(addr[len("ipc://"):]).st_mode)
+        st = os.stat(run_dir)
+        assert stat.S_IMODE(st.st_mode) == 0o700 and st.st_uid == os.getuid()
+    assert not os.path.exists(h.local_wake_addr[len("ipc://"):])
+    assert not run_dir.exists()  # the writer created it, so it removed it once empty
 
 
 def test_bad_arguments_name_the_field(instance, monkeypatch):

@@ -112,35 +112,42 @@ LENGTHS = (16, 13)
 
 def plan_worker(rank: int, world: int, ulysses: int, ring: int) -> dict:
     from omni_runtime.parallel import state
-    from omni_runtime.parallel.attention.comm_ops import get_comm_stats
     from omni_runtime.parallel.sp_hooks import apply_sequence_parallel, remove_sequence_parallel
     from omni_runtime.parallel.sp_sharding import sp_gather, sp_shard, sp_shard_with_padding
+    from omni_runtime.parallel.strategies import SequenceParallel
 
     state.init_distributed_environment()
     state.initialize_model_parallel(ulysses_degree=ulysses, ring_degree=ring)
     try:
         res: dict = {}
+        mesh = state.current_mesh()
+        sp_group = mesh.group("sp")
         model = make_model()
-        apply_sequence_parallel(model, state.SequenceParallelConfig(ulysses_degree=ulysses, ring_degree=ring))
-        stats = get_comm_stats()
-        stats.reset()
+        strategy = SequenceParallel(mesh)
+        strategy.apply(model)
+        res["bound"] = sorted({m.strategy for m in model.modules() if isinstance(m, Attention)})
+        mesh.reset_comm_stats()
         with torch.no_grad():
             for n in LENGTHS:
                 res[f"plain{n}"] = model(*make_inputs(n)).tolist()
-        # the hooks recorded the shard layout, so attention never had to exchange lengths
-        res["attention_calls"] = dict(stats.calls)
-        remove_sequence_parallel(model)
+        # the hooks recorded the shard layout, so attention never had to exchange lengths: the only gathers on
+        # the sp group are the output gather's (its shapes, then its data), two per forward
+        res["sp_calls"] = dict(sp_group.device_communicator.stats.calls)
+        res["mesh_calls"] = dict(mesh.comm_stats().calls)
+        strategy.remove(model)
+        res["unbound"] = sorted({m.strategy for m in model.modules() if isinstance(m, Attention)})
         padded = dict(PLAN, **{"": {"hidden_states": SequenceParallelInput(split_dim=1, expected_dims=3,
                                                                            auto_pad=True)}})
-        apply_sequence_parallel(model, None, padded)
+        strategy = SequenceParallel(mesh, plan=padded)
+        strategy.apply(model)
         with torch.no_grad():
             for n in LENGTHS:
                 res[f"autopad{n}"] = model(*make_inputs(n)).tolist()
-        remove_sequence_parallel(model)
+        strategy.remove(model)
 
         # a plan that shards but never gathers is caught at the end of the forward
         no_gather = {k: v for k, v in PLAN.items() if k != "proj_out"}
-        apply_sequence_parallel(model, None, no_gather)
+        apply_sequence_parallel(model, sp_group, no_gather)
         try:
             with torch.no_grad():
                 model(*make_inputs(16))
@@ -195,8 +202,11 @@ def test_toy_dual_stream_model_matches_unsharded(ulysses: int, ring: int) -> Non
                 err = float((got - ref).norm() / ref.norm())
                 assert err <= 1e-5, (rank, kind, n, err)
         assert "sharded but never gathered: ['sequence']" in res["missing_gather"]
-        calls = res["attention_calls"]
-        assert "meta" not in calls and (calls.get("all_to_all", 0) + calls.get("ring_send", 0)) > 0, calls
+        assert res["bound"] == [{(1, 2): "ring", (2, 2): "hybrid"}[(ulysses, ring)]]
+        assert res["unbound"] == ["none"]
+        assert res["sp_calls"]["all_gather"] == 2 * len(LENGTHS), res["sp_calls"]
+        calls = res["mesh_calls"]
+        assert (calls.get("all_to_all", 0) > 0) == (ulysses > 1) and calls.get("p2p_send", 0) > 0, calls
         assert res["shard_len"] == shard_sizes(11, world)[rank]
         assert res["roundtrip"] and res["pad_roundtrip"]
         assert res["pad"] == (-11) % world
@@ -242,3 +252,17 @@ def test_wildcard_paths_resolve() -> None:
 def test_validate_sp_plan_rejects_bad_plans(plan: dict, message: str) -> None:
     with pytest.raises(SPPlanError, match=message):
         validate_sp_plan(plan, make_model())
+
+
+def test_process_wide_sharding_validator() -> None:
+    from omni_runtime.parallel.sp_sharding import get_sharding_validator
+
+    v = get_sharding_validator()
+    assert v is get_sharding_validator()
+    x = torch.arange(6.0).view(1, 6)
+    with v.track():
+        v.gather(v.shard(x, "h", 1), "h", 1)  # one process: identity, but recorded
+        v.validate()
+        v.shard(x, "e", 1)
+        with pytest.raises(ShardingError, match=r"sharded but never gathered: \['e'\]"):
+            v.validate()

@@ -47,8 +47,12 @@ def test_wheel_installs_under_one_namespace_next_to_jupyter_comm(tmp_path: Path)
     jupyter_comm = Path(importlib.metadata.distribution("comm").locate_file("comm"))
     assert (jupyter_comm / "__init__.py").is_file()
     wheel = _build_wheel(tmp_path)
-    tops = {n.split("/")[0] for n in zipfile.ZipFile(wheel).namelist()}
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {n.split("/")[0] for n in names}
     assert {t for t in tops if not t.startswith("omni_runtime")} == set(), tops
+    # every module of the four folders is in the wheel (a package missing from pyproject's list would not be)
+    ours = {f"omni_runtime/{p.relative_to(ROOT).as_posix()}" for pkg in SOURCES[2:] for p in (ROOT / pkg).rglob("*.py")}
+    assert ours - set(names) == set()
 
     target = tmp_path / "site"
     shutil.copytree(jupyter_comm, target / "comm")  # Jupyter's comm is already there

@@ -75,7 +75,6 @@ def _worker(rank: int, world: int, port: int, outdir: str, seqs: list[int], head
     from diffusers.models.attention_dispatch import AttentionBackendName, dispatch_attention_fn
 
     from omni_runtime.parallel.attention import SPMesh, sp_attention
-    from omni_runtime.parallel.attention.comm_ops import get_comm_stats
     from omni_runtime.parallel.group_coordinator import GroupCoordinator
 
     everyone = GroupCoordinator([list(range(world))], rank, "gloo", group_name="bench_sp")
@@ -100,7 +99,8 @@ def _worker(rank: int, world: int, port: int, outdir: str, seqs: list[int], head
             derrors[kind] = f"{type(e).__name__}: {e}"
 
     results: dict[str, Any] = {"world": world, "threads": threads, "seqs": {}}
-    stats = get_comm_stats()
+    # bytes sent are counted by each group's communicator (the one communication seam)
+    counters = [c.device_communicator.stats for c in (everyone, hyb_u, hyb_r) if c.device_communicator is not None]
     for seq in seqs:
         g = torch.Generator().manual_seed(seq)
         q, k, v = (torch.randn(1, seq, heads, head_dim, generator=g) for _ in range(3))
@@ -143,11 +143,12 @@ def _worker(rank: int, world: int, port: int, outdir: str, seqs: list[int], head
                     continue
                 try:
                     dist.barrier()
-                    stats.reset()
+                    for c in counters:
+                        c.reset()
                     t0 = time.perf_counter()
                     outs[name] = fn()
                     times.setdefault(name, []).append(time.perf_counter() - t0)
-                    sent[name] = stats.bytes_sent
+                    sent[name] = sum(c.bytes_sent for c in counters)
                     dist.barrier()
                 except Exception as e:
                     errors[name] = f"{type(e).__name__}: {str(e)[:300]}"

@@ -10,8 +10,10 @@ Everything is measured in one run on one machine, each next to a baseline from t
     - throughput of 1 MiB messages sent back to back, delivered to every reader.
     Compared: ``comm.shm_broadcast.MessageQueue``; one ``multiprocessing.Queue`` per reader (the
     stdlib pickles inside ``put``; that is the baseline's cost); plain ZMQ PUB/SUB with msgspec.
-(b) Stage handoff: ``shm_tensor.put`` in a producer process, handle sent over a pipe, ``get`` and a
-    full read (``sum``) in a consumer process, ``release``. Effective GB/s = bytes / (put start ->
+(b) Stage handoff through ``comm.tensor_transport``: ``publish`` in a producer process, the reference sent
+    over a pipe, ``fetch`` and a full read (``sum``) in a consumer process, ``release``. Three roads: a fresh
+    shm segment per handoff, a ``ShmPool`` segment, and ZMQ frames from the producer's tensor server (the
+    road between nodes, here over an ipc socket). Effective GB/s = bytes / (put start ->
     read done), next to ``dst.copy_(src)`` (torch memcpy into a warm buffer) in this process.
 (c) CPU time of 3 idle MessageQueue readers blocked in ``dequeue`` over ``--idle-s`` seconds.
 
@@ -41,7 +43,8 @@ import psutil  # noqa: E402
 import torch  # noqa: E402
 import zmq  # noqa: E402
 
-from omni_runtime.comm import shm_tensor  # noqa: E402
+from omni_runtime.comm import shm_tensor, tensor_transport  # noqa: E402
+from omni_runtime.comm.channel import make_socket, new_context, remove_ipc_dir  # noqa: E402
 from omni_runtime.comm.shm_broadcast import Handle, MessageQueue  # noqa: E402
 
 logger = logging.getLogger("bench_ipc")
@@ -105,12 +108,8 @@ def _make_receiver(kind: str, setup: Any, rank: int):
         mq.wait_until_ready(timeout=60)
         return mq.dequeue, mq.close
     if kind == "zmq":
-        ctx = zmq.Context()
-        sub = ctx.socket(zmq.SUB)
-        sub.setsockopt(zmq.RCVHWM, QUEUE_DEPTH)
-        sub.setsockopt(zmq.LINGER, 0)
-        sub.setsockopt(zmq.SUBSCRIBE, b"")
-        sub.connect(setup)
+        ctx = new_context()
+        sub = make_socket(zmq.SUB, ctx=ctx, rcvhwm=QUEUE_DEPTH, options={zmq.SUBSCRIBE: b""}, connect=setup)
         dec = msgspec.msgpack.Decoder()
 
         def recv() -> dict:
@@ -170,14 +169,12 @@ class _Writer:
             self.mq = MessageQueue(n_readers, n_readers, max_chunk_bytes=max_chunk_bytes, max_chunks=QUEUE_DEPTH)
             setups = [msgspec.msgpack.encode(self.mq.export_handle())] * n_readers
         elif kind == "zmq":
-            self.ctx = zmq.Context()
-            self.pub = self.ctx.socket(zmq.PUB)
-            self.pub.setsockopt(zmq.SNDHWM, QUEUE_DEPTH)
-            self.pub.setsockopt(zmq.XPUB_NODROP, 1)  # block (EAGAIN) instead of dropping at the HWM
-            self.pub.setsockopt(zmq.LINGER, 0)
+            self.ctx = new_context()
             self._tmp = tempfile.TemporaryDirectory(prefix="omni-bench-")
             addr = f"ipc://{self._tmp.name}/pub"
-            self.pub.bind(addr)
+            # XPUB_NODROP: block (EAGAIN) instead of dropping at the HWM
+            self.pub = make_socket(zmq.PUB, ctx=self.ctx, sndhwm=QUEUE_DEPTH, options={zmq.XPUB_NODROP: 1},
+                                   bind=addr)
             setups = [addr] * n_readers
         elif kind == "mpq":
             self.queues = [_CTX.Queue(maxsize=QUEUE_DEPTH) for _ in range(n_readers)]
@@ -298,12 +295,13 @@ def _timed(f) -> float:
     return (time.perf_counter_ns() - t0) / 1e9
 
 
-def _producer_main(instance: str, pooled: bool, sizes: list[int], reps: int, peer: Connection,
+def _producer_main(instance: str, mode: str, sizes: list[int], reps: int, peer: Connection,
                    out: Connection) -> None:
-    """Before every put, times the memcpy baselines in this same process, so both see the same load."""
+    """Before every publish, times the memcpy baselines in this same process, so both see the same load."""
     os.environ[shm_tensor.INSTANCE_ENV] = instance
     rows = []
-    pool = shm_tensor.ShmPool() if pooled else None
+    pool = shm_tensor.ShmPool() if mode == "pooled" else None
+    transport = "frames" if mode == "frames" else "shm"
     for nbytes in sizes:
         src = torch.rand(nbytes // 4, dtype=torch.float32)
         dst = torch.empty_like(src)
@@ -312,7 +310,7 @@ def _producer_main(instance: str, pooled: bool, sizes: list[int], reps: int, pee
             memcpy_s = _timed(lambda: dst.copy_(src))  # noqa: B023 (called at once)
             memcpy_new_s = _timed(lambda: torch.empty_like(src).copy_(src))  # noqa: B023
             t0 = time.perf_counter_ns()
-            h = pool.put(src) if pool is not None else shm_tensor.put(src)
+            h = tensor_transport.publish(src, transport, pool=pool)
             t1 = time.perf_counter_ns()
             peer.send_bytes(msgspec.msgpack.encode({"t0": t0, "h": h, "expect": float(src[-1])}))
             peer.recv_bytes()  # consumer done (and released)
@@ -321,6 +319,7 @@ def _producer_main(instance: str, pooled: bool, sizes: list[int], reps: int, pee
     _send_msg(out, rows)
     if pool is not None:
         pool.close()
+    tensor_transport.close()
     shm_tensor.shutdown()
 
 
@@ -329,29 +328,31 @@ def _consumer_main(instance: str, n_total: int, peer: Connection, out: Connectio
     rows = []
     for _ in range(n_total):
         msg = msgspec.msgpack.decode(peer.recv_bytes())
-        h = msgspec.convert(msg["h"], shm_tensor.ShmHandle)
+        h = msgspec.convert(msg["h"], tensor_transport.TensorRef)
         t1 = time.perf_counter_ns()
-        t = shm_tensor.get(h)
+        t = tensor_transport.fetch(h)
         t2 = time.perf_counter_ns()
         checksum = float(t.sum())  # read every byte
         t3 = time.perf_counter_ns()
         if float(t[-1]) != msg["expect"]:
             raise RuntimeError("handoff delivered wrong data")
         del t
-        shm_tensor.release(h)
-        rows.append({"bytes": h.total_bytes, "total_s": (t3 - msg["t0"]) / 1e9, "get_s": (t2 - t1) / 1e9,
+        tensor_transport.release(h)
+        rows.append({"bytes": getattr(h, "total_bytes", 0) or h.nbytes, "total_s": (t3 - msg["t0"]) / 1e9, "get_s": (t2 - t1) / 1e9,
                      "read_s": (t3 - t2) / 1e9, "checksum": checksum})
         peer.send_bytes(b"ok")
     _send_msg(out, rows)
+    tensor_transport.close()
 
 
-def bench_handoff(sizes: list[int], reps: int, pooled: bool) -> list[dict]:
+def bench_handoff(sizes: list[int], reps: int, mode: str) -> list[dict]:
+    """``mode``: "fresh" (a new shm segment each time), "pooled" (a ShmPool) or "frames" (ZMQ frames)."""
     instance = f"bench{os.getpid()}"
     a, b = _CTX.Pipe()
     pout, pin = _CTX.Pipe(duplex=False)
     cout, cin = _CTX.Pipe(duplex=False)
     procs = [
-        _CTX.Process(target=_producer_main, args=(instance, pooled, sizes, reps, a, pin), daemon=True, name="producer"),
+        _CTX.Process(target=_producer_main, args=(instance, mode, sizes, reps, a, pin), daemon=True, name="producer"),
         _CTX.Process(target=_consumer_main, args=(instance, len(sizes) * (reps + 1), b, cin), daemon=True,
                      name="consumer"),
     ]
@@ -365,6 +366,7 @@ def bench_handoff(sizes: list[int], reps: int, pooled: bool) -> list[dict]:
     finally:
         _join_all(procs)
         shm_tensor.sweep(shm_tensor.instance_prefix(instance), include_live=True)
+        remove_ipc_dir(instance)
 
     out = []
     med = statistics.median
@@ -373,7 +375,7 @@ def bench_handoff(sizes: list[int], reps: int, pooled: bool) -> list[dict]:
         total = med(c["total_s"] for _, c in mine)
         memcpy = med(p["memcpy_s"] for p, _ in mine)
         out.append({
-            "bytes": nbytes, "pooled": pooled,
+            "bytes": nbytes, "mode": mode,
             "handoff_gbps": nbytes / total / 1e9,
             "memcpy_gbps": nbytes / memcpy / 1e9,
             "memcpy_new_gbps": nbytes / med(p["memcpy_new_s"] for p, _ in mine) / 1e9,
@@ -425,7 +427,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    _CTX.set_forkserver_preload(["torch", "zmq", "msgspec", "omni_runtime.comm.shm_broadcast", "omni_runtime.comm.shm_tensor"])
+    _CTX.set_forkserver_preload(["torch", "zmq", "msgspec", "omni_runtime.comm.shm_broadcast", "omni_runtime.comm.shm_tensor",
+                                "omni_runtime.comm.tensor_transport"])
 
     quick = args.quick
     lat_msgs, warmup = (200, 20) if quick else (2000, 100)
@@ -480,10 +483,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'segment':<9}{'size':>8}{'put ms':>9}{'get ms':>9}{'read ms':>9}{'total ms':>10}{'GB/s':>8}"
           f"{'memcpy':>8}{'new':>7}{'ratio':>7}")
     hand = []
-    for pooled in (False, True):
-        for r in bench_handoff(sizes, reps, pooled):
+    for mode in ("fresh", "pooled", "frames"):
+        for r in bench_handoff(sizes, reps, mode):
             hand.append(r)
-            print(f"{'pooled' if pooled else 'fresh':<9}{_fmt_bytes(r['bytes']):>8}{r['put_ms']:>9.2f}"
+            print(f"{mode:<9}{_fmt_bytes(r['bytes']):>8}{r['put_ms']:>9.2f}"
                   f"{r['get_ms']:>9.2f}{r['read_ms']:>9.2f}{r['total_ms']:>10.2f}{r['handoff_gbps']:>8.2f}"
                   f"{r['memcpy_gbps']:>8.2f}{r['memcpy_new_gbps']:>7.2f}{r['ratio']:>7.2f}", flush=True)
     results["handoff"] = hand
@@ -502,7 +505,9 @@ def main(argv: list[str] | None = None) -> int:
                         f"{mp3 / mq3:.1f}x ({mq3:.0f} us vs {mp3:.0f} us)", mp3 / mq3 >= 3.0))
     for r in hand:
         if r["bytes"] == 64 * MIB:
-            seg = "pooled segment" if r["pooled"] else "fresh segment"
+            if r["mode"] == "frames":  # the cross-node road, measured on one node: no target, recorded
+                continue
+            seg = f"{r['mode']} segment"
             targets.append((f"64 MiB handoff >= 0.5x memcpy ({seg})", f"{r['ratio']:.2f}x", r["ratio"] >= 0.5))
     targets.append(("3 idle readers <= 2% of one core", f"{idle['total_pct']:.2f}%", idle["total_pct"] <= 2.0))
     print("\ntargets")

@@ -1,5 +1,5 @@
 """Parallel attention: one ``Attention`` = backend (SDPA, CPU flash with LSE, flash-attn) × strategy
-(none, Ulysses, Ring, Ulysses×Ring) chosen from the mesh. ``sp_attention`` is the functional form."""
+(none, Ulysses, Ring, Ulysses×Ring) over the mesh a strategy bound into it. ``sp_attention`` is the functional form."""
 
 from omni_runtime.parallel.attention.backends import (
     AttentionBackendError,
@@ -7,7 +7,7 @@ from omni_runtime.parallel.attention.backends import (
     flash_attn_available,
 )
 from omni_runtime.parallel.attention.layer import Attention
-from omni_runtime.parallel.attention.sp_attention import SPAttentionError, SPMesh, current_mesh, sp_attention
+from omni_runtime.parallel.attention.sp_attention import SPAttentionError, SPMesh, sp_attention
 from omni_runtime.parallel.attention.sp_context import (
     SPForwardContext,
     get_sp_forward_context,
@@ -16,5 +16,5 @@ from omni_runtime.parallel.attention.sp_context import (
 
 __all__ = [
     "Attention", "AttentionBackendError", "SPAttentionError", "SPForwardContext", "SPMesh", "attention_block",
-    "current_mesh", "flash_attn_available", "get_sp_forward_context", "sp_attention", "sp_forward_context",
+    "flash_attn_available", "get_sp_forward_context", "sp_attention", "sp_forward_context",
 ]

@@ -1,4 +1,4 @@
-"""``Attention``: the module models use — a backend × a strategy chosen from the live mesh."""
+"""``Attention``: the module models use — a backend × the sequence-parallel mesh a strategy bound into it."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from omni_runtime.parallel.attention.backends import BACKEND_NAMES, AttentionBackendError
-from omni_runtime.parallel.attention.sp_attention import LOCAL_MESH, SPMesh, current_mesh, sp_attention
+from omni_runtime.parallel.attention.sp_attention import SPMesh, sp_attention
 
 logger = logging.getLogger(__name__)
 
@@ -16,11 +16,12 @@ logger = logging.getLogger(__name__)
 class Attention(nn.Module):
     """Scaled dot-product attention over (batch, seq, heads, head_dim) shards.
 
-    With no mesh initialized (or SP size 1) this is plain local attention; otherwise the
-    strategy (Ulysses, Ring, hybrid) follows the mesh's degrees. ``backend`` pins a backend
-    (``sdpa``, ``flash_cpu``, ``flash_attn``, ``math``); None picks the fastest that fits.
-    ``sequence_parallel=False`` keeps this layer local even under a mesh (for inputs that are
-    not sequence shards, e.g. text-only attention).
+    Like a diffusers attention processor, the layer holds its parallel state: until a strategy binds a mesh
+    (:meth:`bind_mesh`, done by ``parallel.strategies.SequenceParallel.apply`` at load) it is plain local
+    attention; with a bound :class:`SPMesh` the strategy (Ulysses, Ring, hybrid) follows that mesh's degrees.
+    ``backend`` pins a backend (``sdpa``, ``flash_cpu``, ``flash_attn``, ``math``); None picks the fastest that
+    fits. ``sequence_parallel=False`` keeps this layer local under a mesh (for inputs that are not sequence shards,
+    e.g. text-only attention): strategies do not bind it.
     """
 
     def __init__(self, backend: str | None = None, scale: float | None = None,
@@ -32,13 +33,15 @@ class Attention(nn.Module):
         self.backend = backend
         self.scale = scale
         self.convert_to_fp32 = convert_to_fp32
+        self.sp_mesh: SPMesh | None = None
+
+    def bind_mesh(self, sp_mesh: SPMesh | None) -> None:
+        """Run over ``sp_mesh`` from now on (None: local again). Layers with ``sequence_parallel=False`` stay local."""
+        self.sp_mesh = sp_mesh if self.sequence_parallel else None
 
     @property
     def strategy(self) -> str:
-        if not self.sequence_parallel:
-            return "none"
-        mesh: SPMesh | None = current_mesh()
-        return "none" if mesh is None else mesh.strategy
+        return "none" if self.sp_mesh is None else self.sp_mesh.strategy
 
     def forward(
         self,
@@ -54,7 +57,7 @@ class Attention(nn.Module):
         return sp_attention(q, k, v, joint_q=joint_q, joint_k=joint_k, joint_v=joint_v,
                             joint_strategy=joint_strategy, key_padding_mask=key_padding_mask, scale=self.scale,
                             backend=self.backend, convert_to_fp32=self.convert_to_fp32,
-                            mesh=None if self.sequence_parallel else LOCAL_MESH)
+                            mesh=self.sp_mesh, local=not self.sequence_parallel)
 
     def extra_repr(self) -> str:
         return f"backend={self.backend or 'auto'}, sequence_parallel={self.sequence_parallel}"

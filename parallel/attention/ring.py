@@ -15,8 +15,8 @@ import logging
 import torch
 
 from omni_runtime.parallel.attention.backends import attention_block
-from omni_runtime.parallel.attention.comm_ops import CountingRingComm
 from omni_runtime.parallel.attention.lse_merge import merge_partial
+from omni_runtime.parallel.collectives import RingComm
 from omni_runtime.parallel.utils import pad_dim
 
 logger = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ def ring_attention(
     convert_to_fp32: bool = True,
     backend: str | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Ring attention over ``group`` (a GroupCoordinator-like object).
+    """Ring attention over ``group`` (a GroupCoordinator; K/V travel through its communicator's batched p2p).
 
     q/k/v: (batch, local_seq, heads, head_dim). ``lens``: the local K length of each ring
     rank, by rank in group. ``key_mask`` (batch, local_seq) bool or None; it must be given
@@ -58,7 +58,7 @@ def ring_attention(
     if key_mask is not None:
         mask = pad_dim(key_mask, 1, s_max, False).to(torch.uint8).contiguous()
 
-    comm = CountingRingComm(group.device_group)
+    comm = RingComm(group)
     spare_kv = torch.empty_like(kv)
     spare_mask = None if mask is None else torch.empty_like(mask)
     out = lse = None

@@ -1,4 +1,7 @@
-"""``sp_attention``: the functional entry point; picks none / Ulysses / Ring / hybrid from the mesh.
+"""``sp_attention``: the functional entry point; runs none / Ulysses / Ring / hybrid over the ``SPMesh`` it is given.
+
+The mesh is passed explicitly (an ``Attention`` layer holds the one its strategy bound at load); ``mesh=None`` is
+plain local attention. Nothing is read from globals.
 
 Layouts are (batch, seq, heads, head_dim). q/k/v are this rank's sequence shard;
 ``joint_*`` are replicated text tokens, identical on all ranks, placed before
@@ -16,12 +19,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from omni_runtime.parallel.attention.backends import attention_block, default_scale
-from omni_runtime.parallel.attention.comm_ops import get_comm_stats
 from omni_runtime.parallel.attention.ring import ring_attention
 from omni_runtime.parallel.attention.sp_context import get_sp_forward_context
 from omni_runtime.parallel.attention.ulysses import ulysses_attention
@@ -37,12 +39,18 @@ class SPAttentionError(ValueError):
 
 @dataclass(frozen=True)
 class SPMesh:
-    """The groups attention needs (GroupCoordinator-like objects) and the fp32 flag."""
+    """The groups attention needs (GroupCoordinators) and the fp32 flag: the attention's view of a ``Mesh``."""
 
     sp: object
     ulysses: object
     ring: object
     convert_to_fp32: bool = True
+
+    @classmethod
+    def from_mesh(cls, mesh: Any, convert_to_fp32: bool = True) -> SPMesh:
+        """The sp / ulysses / ring groups of a :class:`parallel.mesh.Mesh`."""
+        return cls(sp=mesh.group("sp"), ulysses=mesh.group("ulysses"), ring=mesh.group("ring"),
+                   convert_to_fp32=convert_to_fp32)
 
     @property
     def strategy(self) -> str:
@@ -54,38 +62,6 @@ class SPMesh:
         if r > 1:
             return "ring"
         return "none"
-
-
-class _LocalGroup:
-    """A group of just this process (world size 1), for forcing local attention under a mesh."""
-
-    world_size = 1
-    rank_in_group = 0
-    ranks = (0,)
-    device_group = cpu_group = None
-
-
-LOCAL_MESH = SPMesh(sp=_LocalGroup(), ulysses=_LocalGroup(), ring=_LocalGroup())
-
-
-def current_mesh() -> SPMesh | None:
-    """The live SP mesh from ``parallel.state``, or None when there is none (or it has size 1)."""
-    try:
-        from omni_runtime.parallel import state
-    except ImportError:  # the mesh module is optional for single-process use
-        return None
-    if not state.model_parallel_is_initialized():
-        return None
-    sp = state.get_sp_group()
-    if sp.world_size == 1:
-        return None
-    convert = True
-    getter = getattr(state, "get_sequence_parallel_config", None)
-    if getter is not None:
-        cfg = getter()
-        if cfg is not None:
-            convert = bool(getattr(cfg, "convert_to_fp32", True))
-    return SPMesh(sp=sp, ulysses=state.get_ulysses_group(), ring=state.get_ring_group(), convert_to_fp32=convert)
 
 
 def _check_args(q, k, v, joint_q, joint_k, joint_v, joint_strategy, key_padding_mask) -> None:
@@ -167,10 +143,8 @@ def _ring_inner(q, k, v, key_mask, jq, jk, jv, *, ring_lens, group, scale, retur
 
 def _exchange_lengths(mesh: SPMesh, local_len: int, has_mask: bool) -> tuple[list[int], bool]:
     """Every SP rank's local length, and whether any rank has a key mask (one tiny gather on the cpu group)."""
-    meta = torch.tensor([local_len, int(has_mask)], dtype=torch.int64)
-    parts = [torch.empty_like(meta) for _ in range(mesh.sp.world_size)]
-    dist.all_gather(parts, meta, group=mesh.sp.cpu_group)
-    get_comm_stats().add("meta", meta.numel() * meta.element_size() * (mesh.sp.world_size - 1))
+    meta = torch.tensor([[local_len, int(has_mask)]], dtype=torch.int64)
+    parts = mesh.sp.all_gather(meta, dim=0)  # a cpu tensor: the communicator sends it over the gloo group
     lens = [int(p[0]) for p in parts]
     return lens, any(int(p[1]) for p in parts)
 
@@ -208,23 +182,25 @@ def sp_attention(
     backend: str | None = None,
     mesh: SPMesh | None = None,
     convert_to_fp32: bool | None = None,
+    local: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Sequence-parallel attention; see the module docstring for layouts.
+    """Sequence-parallel attention over ``mesh`` (None: local attention); see the module docstring for layouts.
 
     ``return_lse=True`` also returns the log-sum-exp (batch, out_seq, heads) in float32
-    (float64 for float64 inputs), in the same token order as ``out``. ``mesh`` overrides
-    the live mesh (tests, benchmarks); ``convert_to_fp32`` overrides the config's flag.
+    (float64 for float64 inputs), in the same token order as ``out``. ``convert_to_fp32``
+    overrides the mesh's flag. ``local=True``: the inputs are not sequence shards (e.g. text-only attention); the
+    call ignores ``mesh`` and the auto_pad mask the sp_plan hooks recorded.
     """
     _check_args(q, k, v, joint_q, joint_k, joint_v, joint_strategy, key_padding_mask)
-    # the auto_pad mask belongs to the sharded sequence: a layer kept local (LOCAL_MESH) never sees it
-    if mesh is not LOCAL_MESH:
+    # the auto_pad mask belongs to the sharded sequence: a local call never sees it
+    if local:
+        mesh = None
+    else:
         key_padding_mask = _context_mask(q, key_padding_mask)
     if scale is None:
         scale = default_scale(q.shape[-1])
     if joint_strategy == "none":
         joint_q = joint_k = joint_v = None
-    if mesh is None:
-        mesh = current_mesh()
     strategy = "none" if mesh is None else mesh.strategy
     fp32 = convert_to_fp32 if convert_to_fp32 is not None else (True if mesh is None else mesh.convert_to_fp32)
 

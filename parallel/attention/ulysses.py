@@ -18,13 +18,18 @@ from collections.abc import Callable
 
 import torch
 
-from omni_runtime.parallel.attention.comm_ops import all_gather_dim0, all_to_all_out, all_to_all_qkv
+from omni_runtime.parallel.collectives import all_to_all_4D, all_to_all_5D
 from omni_runtime.parallel.utils import pad_dim
 
 logger = logging.getLogger(__name__)
 
 # inner(q, k, v, key_mask, joint_q, joint_k, joint_v) -> (text_out, image_out, text_lse, image_lse)
 InnerAttention = Callable[..., tuple]
+
+
+def _gather_dim0(x: torch.Tensor, group) -> torch.Tensor:
+    """Stack of ``x`` from every rank of the group: (world, *x.shape), through the group's communicator."""
+    return group.all_gather(x.contiguous().unsqueeze(0), dim=0)
 
 
 def ulysses_attention(
@@ -41,14 +46,13 @@ def ulysses_attention(
     joint_v: torch.Tensor | None = None,
     return_lse: bool = False,
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Ulysses over ``group`` (GroupCoordinator-like: ``device_group``, ``world_size``, ``rank_in_group``).
+    """Ulysses over ``group`` (a GroupCoordinator: its communicator runs the all-to-alls and gathers).
 
     ``lens``: local sequence length of each group member, by rank in group. ``key_mask`` must
     be given on every rank or on none. Returns ``(text_out, image_out, text_lse, image_lse)``
     in the caller's layout (batch, seq, heads[, head_dim]).
     """
     world, me = group.world_size, group.rank_in_group
-    pg = group.device_group
     b, s_local, heads, d = q.shape
     s_max = max(lens)
     hc = -(-heads // world)
@@ -56,13 +60,13 @@ def ulysses_attention(
 
     # (b, s, 3, H, D) padded to (b, s_max, 3, hp, D) -> (b, U*s_max, 3, hc, D)
     qkv = pad_dim(pad_dim(torch.stack([q, k, v], dim=2), 1, s_max), 3, hp)
-    got = all_to_all_qkv(qkv, pg, world)
+    got = all_to_all_5D(qkv, scatter_idx=3, gather_idx=1, group=group)
     fq, fk, fv = got.unbind(2)
 
     full_mask = None
     if key_mask is not None:
         m = pad_dim(key_mask, 1, s_max, False).to(torch.uint8)
-        full_mask = all_gather_dim0(m, pg, world).permute(1, 0, 2).reshape(b, world * s_max).bool()
+        full_mask = _gather_dim0(m, group).permute(1, 0, 2).reshape(b, world * s_max).bool()
 
     jq = jk = jv = None
     if joint_q is not None:
@@ -72,15 +76,16 @@ def ulysses_attention(
     text_out, image_out, text_lse, image_lse = inner(fq, fk, fv, full_mask, jq, jk, jv)
 
     # (b, U*s_max, hc, D) -> (b, s_max, hp, D), then drop the pad rows and heads
-    out = all_to_all_out(image_out.contiguous(), pg, world)[:, :s_local, :heads]
+    out = all_to_all_4D(image_out.contiguous(), scatter_idx=1, gather_idx=2, group=group)[:, :s_local, :heads]
     lse_out = None
     if return_lse:
-        lse_out = all_to_all_out(image_lse.unsqueeze(-1).contiguous(), pg, world)[:, :s_local, :heads, 0]
+        lse_out = all_to_all_4D(image_lse.unsqueeze(-1).contiguous(), scatter_idx=1, gather_idx=2,
+                                group=group)[:, :s_local, :heads, 0]
 
     t_out = t_lse = None
     if text_out is not None:
         t = text_out.shape[1]
-        t_out = all_gather_dim0(text_out, pg, world).permute(1, 2, 0, 3, 4).reshape(b, t, hp, d)[:, :, :heads]
+        t_out = _gather_dim0(text_out, group).permute(1, 2, 0, 3, 4).reshape(b, t, hp, d)[:, :, :heads]
         if return_lse:
-            t_lse = all_gather_dim0(text_lse, pg, world).permute(1, 2, 0, 3).reshape(b, t, hp)[:, :, :heads]
+            t_lse = _gather_dim0(text_lse, group).permute(1, 2, 0, 3).reshape(b, t, hp)[:, :, :heads]
     return t_out, out, t_lse, lse_out

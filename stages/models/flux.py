@@ -10,8 +10,9 @@ is. Differences from diffusers are only in how the computation is organised for 
   ``img_ids`` together with ``hidden_states`` shards the image rotary embeddings with them.
 
 The model holds no rank arithmetic: ``_sp_plan`` says what to split and gather and the hooks of
-``parallel.sp_hooks`` do it; attention goes through ``parallel.attention.Attention``, which picks the strategy
-from the current mesh (plain local attention when there is none).
+``parallel.sp_hooks`` do it; attention goes through ``parallel.attention.Attention``, into which
+``parallel.strategies.SequenceParallel(mesh).apply(model)`` binds the mesh at load (plain local attention until
+then). The model reads no global parallel state.
 """
 
 from __future__ import annotations
@@ -250,7 +251,7 @@ class FluxAttention(nn.Module):
         super().__init__()
         self.heads, self.head_dim = heads, head_dim
         inner = heads * head_dim
-        self.attention = Attention()  # no parameters: the strategy follows the live SP mesh
+        self.attention = Attention()  # no parameters: local until a strategy binds a mesh into it
         self.norm_q = nn.RMSNorm(head_dim, eps=eps)
         self.norm_k = nn.RMSNorm(head_dim, eps=eps)
         self.to_q = nn.Linear(dim, inner)

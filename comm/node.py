@@ -1,0 +1,42 @@
+"""The one identity of a node: which processes can reach each other's shared memory.
+
+Two processes are on the same node when they see the same hostname, the same kernel boot id and the same
+``/dev/shm`` mount (device number). A container with its own ``/dev/shm`` is therefore another node, even on the
+same host: handles into its shared memory would not resolve. Used by ``in_the_same_node_as``, the
+MessageQueue's local/remote split and the frame transport (a dead producer on this node is noticed at once);
+the placement names nodes by :func:`node_name`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import socket
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["node_id", "node_name"]
+
+
+@functools.lru_cache(maxsize=1)
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return "?"
+
+
+def node_name() -> str:
+    """The name other nodes reach this one by (its host name); the first field of :func:`node_id`."""
+    return socket.gethostname()
+
+
+def node_id() -> str:
+    """``hostname|boot_id|shm_dev`` of this process (equal strings = same shared-memory domain)."""
+    try:
+        shm_dev = str(os.stat("/dev/shm").st_dev)
+    except OSError:
+        shm_dev = "?"
+    return f"{node_name()}|{_boot_id()}|{shm_dev}"

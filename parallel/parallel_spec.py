@@ -1,0 +1,193 @@
+"""``ParallelSpec``: every parallel degree of one stage, validated, and the rank groups they imply.
+
+One frozen object, one name per degree: ``dp``, ``cfg``, ``pp``, ``ulysses``, ``ring``, ``tp`` (reserved: must be
+1), ``hsdp_shard``, ``hsdp_replicate``, ``vae_patch`` (TOML key ``patch``) and ``ep``. A TOML table
+``[stages.<name>.parallel]`` converts straight into it (``msgspec.convert``).
+
+Rank layout (pure arithmetic, see :meth:`ParallelSpec.group_ranks`):
+
+* model mesh, order ``tp-sp-pp-cfg-dp`` with the first dimension varying fastest::
+
+      rank = tp_i + tp * (sp_i + sp * (pp_i + pp * (cfg_i + cfg * dp_i)))
+
+  and inside sp, ``sp_i = ulysses_i + ulysses * ring_i`` (Ulysses fastest): Ulysses groups are contiguous ranks
+  (the all-to-all runs on the nearest links) and Ring groups are strided.
+* EP (vLLM's rule): the experts of one model replica are spread over the ranks that hold the same pipeline stage
+  and CFG branch, i.e. an EP group spans ``tp × ulysses × ring × dp`` ranks (vLLM: ``dp × tp``; our sequence
+  ranks play the role of vLLM's tensor ranks). ``ep`` is 1 (no expert parallelism: every rank its own group) or
+  exactly that product.
+* HSDP mesh, over the same ranks: ``rank = shard_i + hsdp_shard * replicate_i``; shard groups are contiguous,
+  replicate groups strided. ``hsdp_shard × hsdp_replicate`` equals the world size, or both are 1 (disabled:
+  every rank is its own shard and replicate group).
+* VAE patch groups are contiguous blocks of ``vae_patch`` ranks; ``vae_patch`` must divide the world size.
+* World size: the model mesh's ranks. A stage with no model degree (every rank runs the whole batch: the VAE
+  stage, or HSDP alone on a denoiser or the text encoder) has as many ranks as its weight/patch degrees span,
+  ``max(vae_patch, hsdp_shard × hsdp_replicate)`` (the rules above then say which combinations fit).
+
+Every error is a :class:`ParallelSpecError` whose message prints the arithmetic.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+
+import msgspec
+
+logger = logging.getLogger(__name__)
+
+# Model mesh dimensions, fastest-varying first.
+MESH_DIMS: tuple[str, ...] = ("tp", "ulysses", "ring", "pp", "cfg", "dp")
+
+# Which model-mesh dimensions each named group spans.
+GROUP_DIMS: dict[str, tuple[str, ...]] = {
+    "world": MESH_DIMS,
+    "tp": ("tp",),
+    "sp": ("ulysses", "ring"),
+    "ulysses": ("ulysses",),
+    "ring": ("ring",),
+    "pp": ("pp",),
+    "cfg": ("cfg",),
+    "dp": ("dp",),
+    "ep": ("tp", "ulysses", "ring", "dp"),
+}
+
+#: Every group name a :class:`ParallelSpec` (and a ``Mesh``) knows, in creation order (identical on all ranks).
+GROUP_NAMES: tuple[str, ...] = (*GROUP_DIMS, "hsdp_shard", "hsdp_replicate", "vae_patch")
+
+DEGREES: tuple[str, ...] = ("dp", "cfg", "pp", "ulysses", "ring", "tp", "hsdp_shard", "hsdp_replicate",
+                            "vae_patch", "ep")
+
+
+class ParallelSpecError(ValueError):
+    """A parallel degree is invalid or the degrees do not fit together; the message shows the arithmetic."""
+
+
+def _mesh_groups(sizes: dict[str, int], members: tuple[str, ...]) -> list[list[int]]:
+    """All groups of ranks that vary only along ``members`` (the other dimensions fixed).
+
+    ``sizes`` maps each dimension to its degree, fastest-varying first. Ranks inside a group ascend (a rank's
+    index is its rank in the group); groups are ordered by their first rank.
+    """
+    names = list(sizes)
+    strides: dict[str, int] = {}
+    stride = 1
+    for name in names:
+        strides[name] = stride
+        stride *= sizes[name]
+    member_dims = [n for n in names if n in members]
+    other_dims = [n for n in names if n not in members]
+
+    def offsets(dims: list[str]) -> list[int]:
+        ranges = [range(sizes[d]) for d in reversed(dims)]  # slowest outermost: ascending offsets
+        return [sum(i * strides[d] for i, d in zip(idx, reversed(dims), strict=True))
+                for idx in itertools.product(*ranges)]
+
+    groups = [[base + off for off in offsets(member_dims)] for base in offsets(other_dims)]
+    return sorted(groups, key=lambda g: g[0])
+
+
+class ParallelSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Every parallel degree of one stage; construction validates them (:class:`ParallelSpecError`)."""
+
+    dp: int = 1
+    cfg: int = 1
+    pp: int = 1
+    ulysses: int = 1
+    ring: int = 1
+    tp: int = 1
+    hsdp_shard: int = 1
+    hsdp_replicate: int = 1
+    vae_patch: int = msgspec.field(default=1, name="patch")
+    ep: int = 1
+
+    def __post_init__(self) -> None:
+        for name in DEGREES:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ParallelSpecError(f"{name} must be a positive integer, got {value!r}")
+        if self.tp != 1:
+            raise ParallelSpecError(f"tp = {self.tp}: tensor parallelism is reserved; tp must be 1")
+        world = self.world_size
+        if world % self.vae_patch:
+            raise ParallelSpecError(f"vae_patch {self.vae_patch} does not divide the world size "
+                                    f"{self._product_text()} = {world}")
+        hsdp = self.hsdp_shard * self.hsdp_replicate
+        if hsdp != 1 and hsdp != world:
+            raise ParallelSpecError(
+                f"hsdp_shard {self.hsdp_shard} × hsdp_replicate {self.hsdp_replicate} = {hsdp} does not equal "
+                f"the world size {self._product_text()} = {world} (set both to 1 to disable HSDP)")
+        ep_span = self.tp * self.ulysses * self.ring * self.dp
+        if self.ep not in (1, ep_span):
+            raise ParallelSpecError(
+                f"ep {self.ep} must be 1 or equal the ranks an expert group spans, tp {self.tp} × ulysses "
+                f"{self.ulysses} × ring {self.ring} × dp {self.dp} = {ep_span}")
+
+    # ------------------------------------------------------------------ sizes
+    @property
+    def sp(self) -> int:
+        """Sequence-parallel size: ``ulysses × ring``."""
+        return self.ulysses * self.ring
+
+    @property
+    def model_size(self) -> int:
+        """Ranks of the model mesh: ``tp × ulysses × ring × pp × cfg × dp``."""
+        return self.tp * self.sp * self.pp * self.cfg * self.dp
+
+    @property
+    def world_size(self) -> int:
+        """Ranks of the stage: the model mesh, or for a stage with no model degree the ranks its other degrees
+        span, ``max(vae_patch, hsdp_shard × hsdp_replicate)``: these ranks cooperate on every batch."""
+        if self.model_size > 1:
+            return self.model_size
+        return max(self.vae_patch, self.hsdp_shard * self.hsdp_replicate)
+
+    def _product_text(self) -> str:
+        if self.model_size == 1 and self.world_size > 1:
+            return (f"max(vae_patch {self.vae_patch}, hsdp_shard {self.hsdp_shard} × hsdp_replicate "
+                    f"{self.hsdp_replicate}) (no model degree)")
+        return (f"tp {self.tp} × ulysses {self.ulysses} × ring {self.ring} × pp {self.pp} × cfg {self.cfg} "
+                f"× dp {self.dp}")
+
+    def check_world_size(self, world_size: int) -> None:
+        """Raise unless the stage's process count equals :attr:`world_size` (the message shows the product)."""
+        if world_size != self.world_size:
+            raise ParallelSpecError(f"{self._product_text()} = {self.world_size} does not equal the world size "
+                                    f"{world_size}")
+
+    # ------------------------------------------------------------------ groups
+    def group_ranks(self) -> dict[str, list[list[int]]]:
+        """Every group of every kind, as global ranks: ``{name: [[ranks of group 0], ...]}`` for every name of
+        :data:`GROUP_NAMES`. Pure (no processes). Within a group, a rank's index is its rank in the group."""
+        world = self.world_size
+        if self.model_size > 1:
+            sizes = {"tp": self.tp, "ulysses": self.ulysses, "ring": self.ring, "pp": self.pp, "cfg": self.cfg,
+                     "dp": self.dp}
+        else:  # no model degree (VAE patch, HSDP alone): every model dimension is 1, the ranks cooperate
+            sizes = {"tp": 1, "ulysses": 1, "ring": 1, "pp": 1, "cfg": 1, "dp": world}
+        groups = {name: _mesh_groups(sizes, dims) for name, dims in GROUP_DIMS.items()}
+        if self.model_size == 1:
+            groups["dp"] = [[r] for r in range(world)]  # the ranks cooperate; they are not replicas
+            groups["ep"] = [[r] for r in range(world)]
+        if self.ep == 1:
+            groups["ep"] = [[r] for r in range(world)]
+        if self.hsdp_shard * self.hsdp_replicate > 1:
+            hsdp = {"shard": self.hsdp_shard, "replicate": self.hsdp_replicate}
+            groups["hsdp_shard"] = _mesh_groups(hsdp, ("shard",))
+            groups["hsdp_replicate"] = _mesh_groups(hsdp, ("replicate",))
+        else:
+            groups["hsdp_shard"] = [[r] for r in range(world)]
+            groups["hsdp_replicate"] = [[r] for r in range(world)]
+        groups["vae_patch"] = [list(range(s, s + self.vae_patch)) for s in range(0, world, self.vae_patch)]
+        return groups
+
+    def groups_of(self, rank: int) -> dict[str, list[int]]:
+        """The group of each kind that global ``rank`` belongs to (``{name: ranks}``, :data:`GROUP_NAMES` order)."""
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < self.world_size:
+            raise ParallelSpecError(f"rank {rank!r} is not a rank of a world of {self.world_size}")
+        return {name: next(g for g in groups if rank in g) for name, groups in self.group_ranks().items()}
+
+    def describe(self) -> str:
+        """The non-trivial degrees, e.g. ``ulysses 2 × ring 2`` (``single`` when all are 1)."""
+        parts = [f"{n} {getattr(self, n)}" for n in DEGREES if getattr(self, n) != 1]
+        return " × ".join(parts) or "single"

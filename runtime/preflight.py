@@ -1,0 +1,118 @@
+"""Checks that run before any stage process starts: ``omni-runtime check`` prints them, ``serve``, ``generate`` and
+``batch`` run them first, so a problem is one line naming the key or file instead of tracebacks from the stages.
+
+- **The machine** (:func:`check_machine`): the keys that set process and thread counts are bounded by what this
+  machine has. On CPU every rank is a process: the ranks of all stages together (``replicas x world size`` per
+  stage) and each stage's ``threads`` are at most ``CPU cores x OVERSUBSCRIPTION``. On CUDA each stage's ranks
+  need a device each (``replicas x world size <= CUDA devices``; a ``devices`` entry must name one that exists).
+- **The host** (:func:`check_host`): ``server.host`` resolves.
+- **The model** (:func:`check_model`): ``stages.model_check.check_model_dir`` (configs, tokenizers, safetensors
+  headers), unless the directory is the embedded tiny model that is created on first use.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from pathlib import Path
+
+from omni_runtime.runtime.config import STAGE_NAMES, ConfigError, RuntimeConfig
+
+logger = logging.getLogger(__name__)
+
+# Rank processes and torch threads per CPU core that a config may ask for. The default config runs 3 ranks, the
+# shipped usp4 config 6; 4 per core leaves room for replicas while a typo (threads = 100000, ulysses = 1000) stays
+# far from exhausting the machine's process limit.
+OVERSUBSCRIPTION = 4
+
+
+def cpu_cores() -> int:
+    """The cores this process may run on (its affinity mask, as the launcher counts them)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def cuda_devices() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _uses_cuda(cfg: RuntimeConfig) -> bool:
+    return cfg.model.device == "cuda" or any(
+        d.startswith("cuda") for name in STAGE_NAMES for d in cfg.stages.get(name).devices)
+
+
+def check_machine(cfg: RuntimeConfig, cores: int | None = None, gpus: int | None = None) -> str:
+    """Raise :class:`ConfigError` naming the key, its value and the limit with its arithmetic when ``cfg`` asks
+    for more processes, threads or devices than this machine has; returns a one-line summary."""
+    cores = cpu_cores() if cores is None else cores
+    limit = cores * OVERSUBSCRIPTION
+    why = f"{cores} CPU core(s) x oversubscription factor {OVERSUBSCRIPTION}"
+    ranks: dict[str, int] = {}
+    for name in STAGE_NAMES:
+        st = cfg.stages.get(name)
+        if st.threads > limit:
+            raise ConfigError(f"stages.{name}.threads = {st.threads}: at most {limit} on this machine ({why})")
+        if st.replicas > limit:
+            raise ConfigError(f"stages.{name}.replicas = {st.replicas}: at most {limit} on this machine ({why})")
+        ranks[name] = st.replicas * st.world_size
+        if ranks[name] > limit:
+            raise ConfigError(f"stages.{name}: replicas x world size = {st.replicas} x {st.world_size} = "
+                              f"{ranks[name]} rank processes (see its parallel degrees); at most {limit} on this "
+                              f"machine ({why})")
+    total = sum(ranks.values())
+    if total > limit:
+        terms = " + ".join(f"{n} {r}" for n, r in ranks.items())
+        raise ConfigError(f"stages.*.replicas and parallel degrees: {terms} = {total} rank processes in all; at "
+                          f"most {limit} on this machine ({why})")
+    summary = f"machine: {total} rank process(es) of at most {limit} ({why})"
+    if _uses_cuda(cfg):
+        gpus = cuda_devices() if gpus is None else gpus
+        for name in STAGE_NAMES:
+            st = cfg.stages.get(name)
+            for i, d in enumerate(st.devices):
+                if d.startswith("cuda:") and int(d[5:]) >= gpus:
+                    raise ConfigError(f"stages.{name}.devices[{i}] = {d!r}: this machine has {gpus} CUDA "
+                                      f"device(s)" + (f"; allowed: cuda:0 to cuda:{gpus - 1}" if gpus else ""))
+            if not st.devices and cfg.model.device == "cuda" and ranks[name] > gpus:
+                raise ConfigError(f"stages.{name}: replicas x world size = {st.replicas} x {st.world_size} = "
+                                  f"{ranks[name]} ranks on model.device = 'cuda' need one CUDA device each; this "
+                                  f"machine has {gpus}")
+        summary += f", {gpus} CUDA device(s)"
+    return summary
+
+
+def check_host(cfg: RuntimeConfig) -> str:
+    """``server.host`` must resolve (binding is tried by ``serve`` itself, just before it starts the stages)."""
+    host = cfg.server.host
+    try:
+        addrs = socket.getaddrinfo(host, cfg.server.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (OSError, UnicodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise ConfigError(f"server.host = {host!r}: cannot be resolved ({reason}); allowed: an address or a "
+                          f"name of this machine, e.g. '127.0.0.1'") from None
+    return f"server.host {host!r} resolves to {addrs[0][4][0]}"
+
+
+def check_model(cfg: RuntimeConfig) -> list[str]:
+    """The model directory (configs, tokenizers, safetensors headers); a ``CheckpointError`` names the file."""
+    from omni_runtime.runtime.model_store import model_status
+
+    status = model_status(cfg.model.path)
+    if status != "present":
+        return [f"model directory: {status}"]
+    from omni_runtime.stages.model_check import check_model_dir
+
+    return ["model directory: present"] + [f"  {line}" for line in check_model_dir(Path(cfg.model.path))]
+
+
+def preflight(cfg: RuntimeConfig, model: bool = True) -> list[str]:
+    """Every check above, machine first; returns the lines ``check`` prints. Raises on the first problem."""
+    lines = [check_machine(cfg), check_host(cfg)]
+    if model:
+        lines += check_model(cfg)
+    return lines
