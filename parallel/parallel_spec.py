@@ -22,8 +22,10 @@ Rank layout (pure arithmetic, see :meth:`ParallelSpec.group_ranks`):
 * HSDP mesh, over the same ranks: ``rank = shard_i + hsdp_shard * replicate_i``; shard groups are contiguous,
   replicate groups strided. ``hsdp_shard × hsdp_replicate`` equals the world size, or both are 1 (disabled:
   every rank is its own shard and replicate group).
-* VAE patch groups are contiguous blocks of ``vae_patch`` ranks. A stage with no model degree (the VAE stage)
-  has exactly ``vae_patch`` ranks; otherwise ``vae_patch`` must divide the world size.
+* VAE patch groups are contiguous blocks of ``vae_patch`` ranks; ``vae_patch`` must divide the world size.
+* World size: the model mesh's ranks. A stage with no model degree (every rank runs the whole batch: the VAE
+  stage, or HSDP alone on a denoiser or the text encoder) has as many ranks as its weight/patch degrees span,
+  ``max(vae_patch, hsdp_shard × hsdp_replicate)`` (the rules above then say which combinations fit).
 
 Every error is a :class:`ParallelSpecError` whose message prints the arithmetic.
 """
@@ -148,10 +150,16 @@ class ParallelSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
 
     @property
     def world_size(self) -> int:
-        """Ranks of the stage: the model mesh, or ``vae_patch`` for a stage with no model degree."""
-        return self.model_size if self.model_size > 1 else self.vae_patch
+        """Ranks of the stage: the model mesh, or for a stage with no model degree the ranks its other degrees
+        span, ``max(vae_patch, hsdp_shard × hsdp_replicate)``: these ranks cooperate on every batch."""
+        if self.model_size > 1:
+            return self.model_size
+        return max(self.vae_patch, self.hsdp_shard * self.hsdp_replicate)
 
     def _product_text(self) -> str:
+        if self.model_size == 1 and self.world_size > 1:
+            return (f"max(vae_patch {self.vae_patch}, hsdp_shard {self.hsdp_shard} × hsdp_replicate "
+                    f"{self.hsdp_replicate}) (no model degree)")
         return (f"tp {self.tp} × ulysses {self.ulysses} × ring {self.ring} × pp {self.pp} × cfg {self.cfg} "
                 f"× dp {self.dp}")
 
@@ -169,11 +177,11 @@ class ParallelSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
         if self.model_size > 1:
             sizes = {"tp": self.tp, "ulysses": self.ulysses, "ring": self.ring, "pp": self.pp, "cfg": self.cfg,
                      "dp": self.dp}
-        else:  # a VAE stage: every model dimension is 1 and the ranks are the patch group
+        else:  # no model degree (VAE patch, HSDP alone): every model dimension is 1, the ranks cooperate
             sizes = {"tp": 1, "ulysses": 1, "ring": 1, "pp": 1, "cfg": 1, "dp": world}
         groups = {name: _mesh_groups(sizes, dims) for name, dims in GROUP_DIMS.items()}
         if self.model_size == 1:
-            groups["dp"] = [[r] for r in range(world)]  # the patch ranks cooperate; they are not replicas
+            groups["dp"] = [[r] for r in range(world)]  # the ranks cooperate; they are not replicas
             groups["ep"] = [[r] for r in range(world)]
         if self.ep == 1:
             groups["ep"] = [[r] for r in range(world)]

@@ -42,10 +42,12 @@ DENOISER_PARALLEL_KEYS = ("ulysses", "ring", "cfg", "pp", "dp", "tp", "hsdp_shar
 # (``ParallelSpec.all2all_backend``, one of ``ALL2ALL_BACKEND_NAMES``)
 DENOISER_PARALLEL_CHOICES = ("all2all_backend",)
 VAE_PARALLEL_KEYS = ("patch",)
+TEXT_ENCODER_PARALLEL_KEYS = ("hsdp_shard", "hsdp_replicate")
 # Degrees whose implementation exists in ``parallel``/``stages`` and is wired into the stage processes.
 # Anything else > 1 is rejected with "not supported yet" instead of silently running unsharded.
 # ``dp`` > 1 only together with ``ep`` (the EP group's data-parallel ranks, see ``_check_expert_parallel``).
-SUPPORTED_DENOISER_DEGREES = frozenset({"ulysses", "ring", "ep"})
+SUPPORTED_DENOISER_DEGREES = frozenset({"ulysses", "ring", "ep", "hsdp_shard", "hsdp_replicate"})
+SUPPORTED_TEXT_ENCODER_DEGREES = frozenset(TEXT_ENCODER_PARALLEL_KEYS)
 SUPPORTED_VAE_DEGREES: frozenset[str] = frozenset({"patch"})
 
 
@@ -90,6 +92,16 @@ class StageConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         return 1
 
 
+class TextEncoderStageConfig(StageConfig, kw_only=True):
+    # Only the HSDP degrees: a replica of hsdp_shard x hsdp_replicate ranks, each holding 1/hsdp_shard of the
+    # encoders' weights, every rank encoding the whole batch.
+    parallel: ParallelSpec = msgspec.field(default_factory=ParallelSpec)
+
+    @property
+    def world_size(self) -> int:
+        return self.parallel.world_size
+
+
 class DenoiserStageConfig(StageConfig, kw_only=True):
     parallel: ParallelSpec = msgspec.field(default_factory=ParallelSpec)
 
@@ -108,7 +120,7 @@ class VaeStageConfig(StageConfig, kw_only=True):
 
 
 class StagesConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    text_encoder: StageConfig = msgspec.field(default_factory=StageConfig)
+    text_encoder: TextEncoderStageConfig = msgspec.field(default_factory=TextEncoderStageConfig)
     denoiser: DenoiserStageConfig = msgspec.field(default_factory=DenoiserStageConfig)
     vae: VaeStageConfig = msgspec.field(default_factory=VaeStageConfig)
 
@@ -146,7 +158,7 @@ _SCHEMA: dict[str, Any] = {
                "max_pixels_steps": _INT, "metrics_require_key": _BOOL, "keep_alive_timeout_s": _FLOAT,
                "header_timeout_s": _FLOAT, "body_timeout_s": _FLOAT, "max_connections": _INT},
     "stages": {
-        "text_encoder": dict(_STAGE_KEYS),
+        "text_encoder": {**_STAGE_KEYS, "parallel": dict.fromkeys(TEXT_ENCODER_PARALLEL_KEYS, _INT)},
         "denoiser": {**_PIXEL_STAGE_KEYS, "parallel": {**dict.fromkeys(DENOISER_PARALLEL_KEYS, _INT),
                                                         **dict.fromkeys(DENOISER_PARALLEL_CHOICES, _STR)}},
         "vae": {**_PIXEL_STAGE_KEYS, "tiling": _BOOL, "parallel": dict.fromkeys(VAE_PARALLEL_KEYS, _INT)},
@@ -209,7 +221,8 @@ def _at_least(path: str, value: float, low: float, what: str = "an integer") -> 
 def _check_parallel(raw: dict[str, Any]) -> None:
     """The ``[stages.<name>.parallel]`` tables (types already checked), before they become ``ParallelSpec``s."""
     stages = raw.get("stages", {})
-    for name, keys, supported in (("denoiser", DENOISER_PARALLEL_KEYS, SUPPORTED_DENOISER_DEGREES),
+    for name, keys, supported in (("text_encoder", TEXT_ENCODER_PARALLEL_KEYS, SUPPORTED_TEXT_ENCODER_DEGREES),
+                                  ("denoiser", DENOISER_PARALLEL_KEYS, SUPPORTED_DENOISER_DEGREES),
                                   ("vae", VAE_PARALLEL_KEYS, SUPPORTED_VAE_DEGREES)):
         par = {k: 1 for k in keys} | stages.get(name, {}).get("parallel", {})
         base = f"stages.{name}.parallel"
@@ -220,16 +233,28 @@ def _check_parallel(raw: dict[str, Any]) -> None:
                 raise ConfigError(f"{base}.patch = {par['patch']}: not supported yet; this build runs the VAE "
                                   f"on one rank (set patch = 1)")
             continue
+        if par["hsdp_replicate"] > 1 and par["hsdp_shard"] == 1:
+            raise ConfigError(f"{base}.hsdp_replicate = {par['hsdp_replicate']} with hsdp_shard = 1: nothing would "
+                              f"be sharded (every rank would hold the whole model); allowed: hsdp_shard > 1 to "
+                              f"split the weights, or more copies through replicas")
+        if name == "text_encoder":  # HSDP alone: the replica is hsdp_shard x hsdp_replicate ranks
+            continue
         if par["tp"] > 1:
             raise ConfigError(f"{base}.tp = {par['tp']}: tensor parallelism is reserved; allowed value: 1")
         world = par["ulysses"] * par["ring"] * par["cfg"] * par["pp"] * par["dp"]
         hsdp = par["hsdp_shard"] * par["hsdp_replicate"]
-        if hsdp > 1 and hsdp != world:
+        if hsdp > 1 and world > 1 and hsdp != world:  # HSDP alone (world 1) makes the replica hsdp ranks
             raise ConfigError(
                 f"{base}.hsdp_shard = {par['hsdp_shard']} with hsdp_replicate = {par['hsdp_replicate']}: "
                 f"hsdp_shard x hsdp_replicate = {hsdp} must equal the denoiser world size ulysses x ring x cfg x "
-                f"pp x dp = {par['ulysses']} x {par['ring']} x {par['cfg']} x {par['pp']} x {par['dp']} = {world}")
+                f"pp x dp = {par['ulysses']} x {par['ring']} x {par['cfg']} x {par['pp']} x {par['dp']} = {world} "
+                f"(HSDP shards the weights over the same ranks; or set the other degrees to 1 and the replica is "
+                f"hsdp_shard x hsdp_replicate ranks)")
         _check_expert_parallel(base, par)
+        if par["ep"] > 1 and hsdp > 1:
+            raise ConfigError(f"{base}.ep = {par['ep']} with hsdp_shard = {par['hsdp_shard']}: expert parallelism "
+                              f"and HSDP sharding together are not supported yet; allowed: one of them (ep = 1 or "
+                              f"hsdp_shard = 1)")
         if par["cfg"] > 2:
             raise ConfigError(f"{base}.cfg = {par['cfg']}: CFG parallelism splits the conditional and "
                               f"unconditional branch, allowed values are 1 or 2")

@@ -29,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from omni_runtime.parallel.group_coordinator import GroupCoordinator
+from omni_runtime.parallel.hsdp import HSDPInferenceConfig
 from omni_runtime.parallel.mesh import Mesh
 from omni_runtime.parallel.strategies import SequenceParallel
 from omni_runtime.stages.device import resolve_device, resolve_dtype
@@ -81,14 +82,16 @@ def vae_scale_factor_of(path: str | Path) -> int:
 
 
 def load_transformer(path: str | Path, dtype: torch.dtype, device: torch.device,
-                     ep_group: GroupCoordinator | None = None) -> torch.nn.Module:
+                     ep_group: GroupCoordinator | None = None,
+                     hsdp: HSDPInferenceConfig | None = None) -> torch.nn.Module:
     """Load ``<path>/transformer`` as a Flux transformer (forward signature of diffusers' FluxTransformer2DModel).
 
-    ``ep_group``: the expert-parallel group of an MoE model (this rank then loads only its experts)."""
+    ``ep_group``: the expert-parallel group of an MoE model (this rank then loads only its experts); ``hsdp``: its
+    weights are sharded over the HSDP mesh, each rank loading only its shards."""
     from omni_runtime.stages.models.flux import FluxTransformer
 
     return FluxTransformer.from_pretrained(component_dir(path, "transformer"), dtype=dtype, device=device,
-                                           ep_group=ep_group)
+                                           ep_group=ep_group, hsdp=hsdp)
 
 
 def _unbatched(t: object, field: str, ndim: int) -> torch.Tensor:
@@ -132,18 +135,20 @@ class DenoiserStage:
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: str | torch.dtype = "float32",
                         device: str | torch.device = "cpu", mesh: Mesh | None = None,
-                        ep_group: GroupCoordinator | None = None) -> DenoiserStage:
+                        ep_group: GroupCoordinator | None = None,
+                        hsdp: HSDPInferenceConfig | None = None) -> DenoiserStage:
         """Load transformer + scheduler config on ``mesh`` (None: ``Mesh.single()``); with an sp group of more
         than one rank, apply :class:`SequenceParallel` to the model.
 
         ``ep_group``: the expert-parallel group with its all2all manager attached
         (``parallel.all2all.init_expert_parallel(mesh)``); an MoE model then holds and loads only this rank's
-        experts, and the manager sizes its buffers from the model."""
+        experts, and the manager sizes its buffers from the model. ``hsdp`` (shard degree > 1, e.g.
+        ``parallel.hsdp.hsdp_config_from_mesh(mesh)``): the weights are sharded (FSDP2) and loaded shard by shard."""
         torch_dtype, dev = resolve_dtype(dtype), resolve_device(device)
         mesh = mesh if mesh is not None else Mesh.single(dev)
         config = read_config(component_dir(path, "transformer"))
         schedule = FlowMatchSchedule.from_pretrained(path)
-        model = load_transformer(path, torch_dtype, dev, ep_group)
+        model = load_transformer(path, torch_dtype, dev, ep_group, hsdp)
         if ep_group is not None and ep_group.device_communicator is not None:
             ep_group.device_communicator.prepare_communication_buffer_for_model(model)
             experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)

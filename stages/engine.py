@@ -81,7 +81,10 @@ class TextEncoderEngine:
 
     @classmethod
     def load(cls, path: str | Path, dtype: str, device: str, mesh: Any = None) -> TextEncoderEngine:
-        return cls(TextEncoderStage.from_pretrained(path, dtype, device, mesh=mesh))
+        from omni_runtime.parallel.hsdp import hsdp_config_from_mesh  # None unless the mesh shards weights
+
+        hsdp = hsdp_config_from_mesh(mesh) if mesh is not None else None
+        return cls(TextEncoderStage.from_pretrained(path, dtype, device, mesh=mesh, hsdp=hsdp))
 
     def batch_key(self, item: StageItem) -> Hashable:
         return ()
@@ -112,8 +115,11 @@ class DenoiserEngine:
     @classmethod
     def load(cls, path: str | Path, dtype: str, device: str, mesh: Any = None) -> DenoiserEngine:
         from omni_runtime.parallel.all2all import init_expert_parallel  # None unless the mesh has ep > 1
+        from omni_runtime.parallel.hsdp import hsdp_config_from_mesh  # None unless the mesh shards weights
 
-        return cls(DenoiserStage.from_pretrained(path, dtype, device, mesh=mesh, ep_group=init_expert_parallel(mesh)))
+        hsdp = hsdp_config_from_mesh(mesh) if mesh is not None else None
+        return cls(DenoiserStage.from_pretrained(path, dtype, device, mesh=mesh, ep_group=init_expert_parallel(mesh),
+                                                 hsdp=hsdp))
 
     @staticmethod
     def request(item: StageItem) -> DenoiseRequest:

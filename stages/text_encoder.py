@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 import torch
 import transformers
 
+from omni_runtime.parallel.hsdp import HSDPInferenceConfig, ShardCondition, block_list_condition
 from omni_runtime.stages.device import resolve_device, resolve_dtype
 from omni_runtime.stages.errors import CheckpointError, RequestError
 from omni_runtime.stages.weights import component_dir, read_model_index
@@ -43,14 +45,44 @@ def check_component_class(model_dir: str | Path, name: str, library: str, cls_na
         raise CheckpointError(f"{where} is not supported; allowed: transformers {list(allowed)}")
 
 
-def _load_component(path: str | Path, index: dict[str, tuple[str, str]], name: str, **kwargs: Any) -> Any:
-    """Load one transformers component with the class ``model_index.json`` names, which must fit the slot."""
+# HSDP units of the text encoders (the ``_hsdp_shard_conditions`` of classes we do not own): each CLIP encoder
+# layer and each T5 block; embeddings and final norms stay in the root unit. ``text_model.`` is the prefix of
+# checkpoints written by transformers 4.
+HSDP_SHARD_CONDITIONS: dict[str, list[ShardCondition]] = {
+    "CLIPTextModel": [block_list_condition("encoder.layers", "text_model.encoder.layers")],
+    "T5EncoderModel": [block_list_condition("encoder.block")],
+}
+_CHECKPOINT_PREFIXES: dict[str, tuple[str, ...]] = {"CLIPTextModel": ("text_model.",)}
+
+
+def _load_sharded(cls: Any, directory: Path, dtype: torch.dtype, device: torch.device,
+                  hsdp: HSDPInferenceConfig) -> torch.nn.Module:
+    """Build ``cls`` from its config with parameters on meta, shard it and read only this rank's rows."""
+    from omni_runtime.stages.sharded_load import build_sharded_model
+    from omni_runtime.stages.weights import TRANSFORMERS_WEIGHTS
+
+    config = cls.config_class.from_pretrained(str(directory), local_files_only=True)
+    cfg = dataclasses.replace(hsdp, shard_conditions=HSDP_SHARD_CONDITIONS[cls.__name__])
+    return build_sharded_model(lambda: cls(config), directory, TRANSFORMERS_WEIGHTS, cfg, device=device,
+                               dtype=dtype, key_prefixes=_CHECKPOINT_PREFIXES.get(cls.__name__, ()))
+
+
+def _load_component(path: str | Path, index: dict[str, tuple[str, str]], name: str,
+                    hsdp: HSDPInferenceConfig | None = None, **kwargs: Any) -> Any:
+    """Load one transformers component with the class ``model_index.json`` names, which must fit the slot.
+
+    With ``hsdp`` (shard degree > 1) a text encoder is loaded straight into its FSDP2 shards."""
     directory = component_dir(path, name)
     library, cls_name = index[name]
     check_component_class(path, name, library, cls_name)
     loader = transformers.AutoTokenizer if name in TOKENIZER_SLOTS else getattr(transformers, cls_name)
     try:
+        if hsdp is not None and hsdp.enabled and cls_name in HSDP_SHARD_CONDITIONS:
+            return _load_sharded(loader, directory, kwargs["dtype"], kwargs["device"], hsdp)
+        kwargs.pop("device", None)
         return loader.from_pretrained(str(directory), local_files_only=True, **kwargs)
+    except CheckpointError:
+        raise
     except Exception as e:  # anything a damaged checkpoint makes the loader raise (SafetensorError, ...)
         raise CheckpointError(f"{directory}: cannot load {cls_name}: {e}") from e
 
@@ -74,15 +106,19 @@ class TextEncoderStage:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: str | torch.dtype = "float32",
-                        device: str | torch.device = "cpu", mesh: Any = None) -> TextEncoderStage:
+                        device: str | torch.device = "cpu", mesh: Any = None,
+                        hsdp: HSDPInferenceConfig | None = None) -> TextEncoderStage:
         """Load ``tokenizer``/``text_encoder`` (CLIP) and ``tokenizer_2``/``text_encoder_2`` (T5) from a model dir.
-        ``mesh`` is accepted for a uniform loader signature; the text encoder runs on one rank."""
+
+        ``mesh`` is accepted for a uniform loader signature (the encoders need no group of their own). With ``hsdp``
+        (shard degree > 1) both encoders are sharded over its mesh, each rank loading only its rows (collective:
+        every rank of the mesh calls this)."""
         torch_dtype, dev = resolve_dtype(dtype), resolve_device(device)
         index = read_model_index(path)
         tok = _load_component(path, index, "tokenizer")
-        enc = _load_component(path, index, "text_encoder", dtype=torch_dtype)
+        enc = _load_component(path, index, "text_encoder", hsdp, dtype=torch_dtype, device=dev)
         tok2 = _load_component(path, index, "tokenizer_2")
-        enc2 = _load_component(path, index, "text_encoder_2", dtype=torch_dtype)
+        enc2 = _load_component(path, index, "text_encoder_2", hsdp, dtype=torch_dtype, device=dev)
         logger.info("loaded text encoders from %s (%s on %s)", path, torch_dtype, dev)
         return cls(tok, enc.to(dev).eval(), tok2, enc2.to(dev).eval(), dev)
 

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from omni_runtime.parallel.attention import Attention
+from omni_runtime.parallel.hsdp import HSDPInferenceConfig, ShardCondition, block_list_condition
 from omni_runtime.parallel.moe import MoEFeedForward, is_local_expert_key
 from omni_runtime.parallel.sp_plan import (
     SequenceParallelInput,
@@ -387,6 +388,10 @@ class FluxTransformer(nn.Module):
         },
         "proj_out": SequenceParallelOutput(gather_dim=1, expected_dims=3),
     }
+    # HSDP: every double- and single-stream block is one FSDP unit (its weights are all-gathered just before it
+    # runs and freed after); the embedders and the output head stay in the root unit.
+    _hsdp_shard_conditions: list[ShardCondition] = [
+        block_list_condition("transformer_blocks", "single_transformer_blocks")]
 
     def __init__(self, config: FluxConfig, ep_group: Any = None):
         """``ep_group``: the expert-parallel ``GroupCoordinator`` of an MoE model (``None``: all experts here)."""
@@ -444,13 +449,16 @@ class FluxTransformer(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype | str = torch.float32,
-                        device: str | torch.device = "cpu", ep_group: Any = None) -> FluxTransformer:
+                        device: str | torch.device = "cpu", ep_group: Any = None,
+                        hsdp: HSDPInferenceConfig | None = None) -> FluxTransformer:
         """Load a diffusers ``transformer/`` directory (or a model directory holding one), strictly.
 
         With an MoE config and an ``ep_group`` of N ranks, this rank reads only its own experts' tensors.
 
         Sharded checkpoints (``diffusion_pytorch_model.safetensors.index.json``) are supported. Missing or
-        unexpected keys and shape mismatches raise ``CheckpointError`` listing them.
+        unexpected keys and shape mismatches raise ``CheckpointError`` listing them. With ``hsdp`` (shard degree
+        > 1) the model is sharded with FSDP2 and each rank reads only its own rows of every tensor
+        (:mod:`stages.sharded_load`); collective over ``hsdp``'s mesh.
         """
         path = Path(path)
         if (path / MODEL_INDEX).is_file():
@@ -459,6 +467,14 @@ class FluxTransformer(nn.Module):
             raise CheckpointError(f"{path}: transformer directory not found")
         config = FluxConfig.from_dict(read_config(path, allowed_classes=CLASS_NAMES), path / "config.json")
         torch_dtype, device = resolve_dtype(dtype), resolve_device(device)
+        if hsdp is not None and hsdp.enabled:
+            from omni_runtime.stages.sharded_load import build_sharded_model
+
+            model = build_sharded_model(lambda: cls(config, ep_group=ep_group), path, DIFFUSERS_WEIGHTS, hsdp, device=device,
+                                        dtype=torch_dtype)
+            logger.info("loaded FluxTransformer from %s sharded over %d ranks (%s, %s)", path,
+                        hsdp.hsdp_shard_size, torch_dtype, device)
+            return model
         with torch.device("meta"):
             model = cls(config, ep_group=ep_group)
         skip = None

@@ -266,3 +266,32 @@ def make_tiny_model(path: str | Path, preset: str = "tiny", seed: int = 0, moe_e
         _make_moe_transformer(out / "transformer", moe_experts, moe_top_k, seed)
     logger.info("wrote %s model (seed %d) to %s", preset, seed, out)
     return out
+
+
+# A transformer-only directory big enough to see memory effects (~216 MB of fp32 weights): the tiny model's layout
+# with its dims raised. Used by the HSDP load-memory test and tools/bench_parallel.py.
+BIG_TRANSFORMER: dict = dict(num_layers=2, num_single_layers=4, num_attention_heads=10, attention_head_dim=64,
+                             axes_dims_rope=[16, 24, 24], joint_attention_dim=32, pooled_projection_dim=32,
+                             in_channels=64, guidance_embeds=True)
+
+
+def make_big_transformer(path: str | Path, seed: int = 0, **dims: int) -> int:
+    """Write ``path/config.json`` + ``diffusion_pytorch_model.safetensors`` of a FLUX transformer with
+    :data:`BIG_TRANSFORMER`'s dims (``dims`` override them) and random weights (std 0.02); returns the weight bytes.
+
+    Faster than :func:`make_tiny_model` for big sizes: no diffusers model is built, only the tensors."""
+    from safetensors.torch import save_file
+
+    from omni_runtime.stages.models.flux import FluxConfig, FluxTransformer
+
+    config = {**BIG_TRANSFORMER, **dims}
+    cfg = FluxConfig(**{**config, "axes_dims_rope": tuple(config["axes_dims_rope"])})
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in FluxTransformer(cfg).state_dict().items()}
+    g = torch.Generator().manual_seed(seed)
+    state = {k: torch.randn(s, generator=g) * 0.02 for k, s in shapes.items()}
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(out / "diffusion_pytorch_model.safetensors"))
+    (out / "config.json").write_text(json.dumps({"_class_name": "FluxTransformer2DModel", **config}))
+    return sum(t.numel() * t.element_size() for t in state.values())
