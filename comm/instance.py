@@ -18,6 +18,7 @@ import stat
 import tempfile
 from pathlib import Path
 
+from omni_runtime.comm.node import boot_id
 from omni_runtime.comm.processes import pid_alive, start_time
 
 logger = logging.getLogger(__name__)
@@ -55,14 +56,6 @@ def run_dir_path(instance: str | None = None) -> Path:
     return Path(tempfile.gettempdir()) / f"{RUN_DIR_PREFIX}{inst}"
 
 
-def _boot_id() -> str:
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            return f.read().strip()
-    except OSError:
-        return "?"
-
-
 def run_dir(instance: str | None = None) -> Path:
     """The run directory of ``instance`` (default: this one), created mode 0700 if missing.
 
@@ -82,7 +75,7 @@ def run_dir(instance: str | None = None) -> Path:
     if not owner.exists():
         pid = os.getpid()
         tmp = path / f".owner.{pid}"
-        tmp.write_text(f"{pid} {start_time(pid)} {_boot_id()}\n")
+        tmp.write_text(f"{pid} {start_time(pid)} {boot_id()}\n")
         try:
             os.link(tmp, owner)  # atomic, and never replaces a record another process wrote first
         except FileExistsError:
@@ -99,7 +92,7 @@ def owner_alive(path: Path) -> bool | None:
         pid = int(pid_s)
     except (OSError, ValueError):
         return None
-    if boot != _boot_id() or not pid_alive(pid):
+    if boot != boot_id() or not pid_alive(pid):
         return False
     return start_s == "None" or str(start_time(pid)) == start_s
 

@@ -20,7 +20,8 @@ __all__ = ["node_id", "node_name"]
 
 
 @functools.lru_cache(maxsize=1)
-def _boot_id() -> str:
+def boot_id() -> str:
+    """This machine's boot id (changes at every boot: a pid recorded before a reboot names another process)."""
     try:
         with open("/proc/sys/kernel/random/boot_id") as f:
             return f.read().strip()
@@ -39,4 +40,4 @@ def node_id() -> str:
         shm_dev = str(os.stat("/dev/shm").st_dev)
     except OSError:
         shm_dev = "?"
-    return f"{node_name()}|{_boot_id()}|{shm_dev}"
+    return f"{node_name()}|{boot_id()}|{shm_dev}"
