@@ -121,9 +121,13 @@ def test_a_dead_follower_rank_is_503_stage_unavailable_naming_stage_and_rank(sp_
     from omni_runtime.runtime.orchestrator import StageUnavailable
 
     follower = _rank_proc("omni-runtime: denoiser[0] rank 1/2")
-    slow = parse_request({"prompt": "slow", "seed": 3, "size": SIZE, "num_inference_steps": 200})
+    # long enough on a quiet machine too (a 64x64 200-step request finished in under 3 s there): 4 x 256x256
+    slow = parse_request({"prompt": "slow", "seed": 3, "size": "256x256", "n": 4, "num_inference_steps": 200})
+    busy_from = follower.cpu_times().user
     fut = sp_omni.submit(slow)
-    time.sleep(3.0)
+    end = time.monotonic() + 60
+    while follower.cpu_times().user - busy_from < 1.0 and time.monotonic() < end:  # the follower is denoising
+        time.sleep(0.05)
     assert not fut.done(), "the request finished before the kill; make it slower"
     killed_at = time.monotonic()
     follower.send_signal(signal.SIGKILL)
