@@ -471,34 +471,18 @@ def test_config_rejects_bad_hsdp_values_naming_the_key(stages: dict, message: st
 def test_sigkill_of_a_sharded_denoiser_rank_gives_503_then_recovers(tmp_path: Path) -> None:
     """A sharded follower rank dies mid-request (its peer waits in an all-gather of the weights): the request
     fails fast with a 503 naming the denoiser, the replica restarts, and the next request succeeds."""
-    import signal
-    import threading
-    import time
 
     import httpx
-    from test_server_harness import Server
+    from test_server_harness import Server, post_and_kill
 
     server = Server(tmp_path, base_config="hsdp2.toml")
     try:
         victim = [p for p in server.stage_procs() if "denoiser[0] rank 1/2" in " ".join(p.cmdline())]
         assert len(victim) == 1
-        result: dict = {}
-
-        def slow() -> None:
-            r = httpx.post(server.url + "/v1/images/generations", headers=server.headers, timeout=120,
-                           json={"prompt": "slow", "seed": 3, "size": "512x512", "num_inference_steps": 200})
-            result["t"], result["r"] = time.monotonic(), r
-
-        t = threading.Thread(target=slow)
-        t.start()
-        time.sleep(2.0)
-        assert "r" not in result, "the request finished before the kill; make it slower"
-        killed_at = time.monotonic()
-        victim[0].send_signal(signal.SIGKILL)
-        t.join(60)
-        r = result["r"]
+        r, after_kill = post_and_kill(server, victim[0], {"prompt": "slow", "seed": 3, "size": "512x512",
+                                                          "num_inference_steps": 200})
         assert r.status_code == 503 and "denoiser" in r.json()["error"]["message"], r.text
-        assert result["t"] - killed_at < 5.0
+        assert after_kill < 5.0
         after = httpx.post(server.url + "/v1/images/generations", headers=server.headers, timeout=120,
                            json={"prompt": "after the crash", "seed": 1, "size": "64x64", "num_inference_steps": 2})
         assert after.status_code == 200, after.text

@@ -16,7 +16,7 @@ import numpy as np
 import psutil
 import pytest
 from PIL import Image
-from test_server_harness import API_KEY, Server
+from test_server_harness import API_KEY, Server, post_and_kill
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed, pytest.mark.timeout(300)]
 
@@ -191,23 +191,10 @@ def test_full_queue_gives_429_and_disconnected_clients_are_cancelled(server):
 def test_sigkill_of_a_denoiser_rank_fails_in_flight_fast_then_recovers(server):
     den = [p for p in server.stage_procs() if "denoiser[0] rank 0/1" in " ".join(p.cmdline())]
     assert len(den) == 1
-    result: dict = {}
-
-    def slow():
-        r = _post(server, {"prompt": "slow", "seed": 3, "size": "512x512", "num_inference_steps": 200},
-                  timeout=120)
-        result["t"], result["r"] = time.monotonic(), r
-
-    t = threading.Thread(target=slow)
-    t.start()
-    time.sleep(1.5)
-    assert "r" not in result, "the request finished before the kill; make it slower"
-    killed_at = time.monotonic()
-    den[0].send_signal(signal.SIGKILL)
-    t.join(30)
-    r = result["r"]
+    r, after_kill = post_and_kill(server, den[0], {"prompt": "slow", "seed": 3, "size": "512x512",
+                                                   "num_inference_steps": 200})
     assert r.status_code == 503 and "denoiser" in r.json()["error"]["message"], r.text
-    assert result["t"] - killed_at < 2.0
+    assert after_kill < 2.0
     # sent at once, while the denoiser restarts: it waits for the new replica instead of failing
     assert httpx.get(server.url + "/health").status_code == 503
     assert _post(server, {"prompt": "after the crash", "seed": 1, **SMALL}, timeout=120).status_code == 200

@@ -116,3 +116,28 @@ class Server:
             self.leftover = [p.pid for p in alive]
         self.log.close()
         return self.proc.returncode
+
+
+def post_and_kill(server: Server, victim: psutil.Process, body: dict, timeout: float = 120.0,
+                  busy_cpu_s: float = 1.0) -> tuple[httpx.Response, float]:
+    """POST ``body`` and SIGKILL ``victim`` once it has spent ``busy_cpu_s`` of CPU on the request (so the kill lands
+    mid-compute whether the machine is busy or quiet); returns the response and the seconds from the kill to it."""
+    import threading
+
+    result: dict = {}
+
+    def post() -> None:
+        r = httpx.post(server.url + "/v1/images/generations", json=body, headers=server.headers, timeout=timeout)
+        result["t"], result["r"] = time.monotonic(), r
+
+    busy_from = victim.cpu_times().user
+    t = threading.Thread(target=post)
+    t.start()
+    end = time.monotonic() + timeout / 2
+    while victim.cpu_times().user - busy_from < busy_cpu_s and time.monotonic() < end:
+        time.sleep(0.05)
+    assert "r" not in result, "the request finished before the kill; make it slower"
+    killed_at = time.monotonic()
+    victim.send_signal(signal.SIGKILL)
+    t.join(timeout)
+    return result["r"], result["t"] - killed_at
