@@ -32,6 +32,7 @@ from omni_runtime.parallel.group_coordinator import GroupCoordinator
 from omni_runtime.parallel.hsdp import HSDPInferenceConfig
 from omni_runtime.parallel.mesh import Mesh
 from omni_runtime.parallel.strategies import SequenceParallel
+from omni_runtime.parallel.strategies.row_forward import RowForward, RowInfo, row_forward_for
 from omni_runtime.stages.device import resolve_device, resolve_dtype
 from omni_runtime.stages.errors import RequestError
 from omni_runtime.stages.latents import (
@@ -131,6 +132,8 @@ class DenoiserStage:
         self.guidance_embeds = bool(config.get("guidance_embeds", False))
         self.joint_attention_dim = config.get("joint_attention_dim")
         self.pooled_projection_dim = config.get("pooled_projection_dim")
+        #: how one step's rows are computed on this mesh (``parallel.strategies.row_forward``)
+        self.forward_rows: RowForward = row_forward_for(self.mesh)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: str | torch.dtype = "float32",
@@ -270,11 +273,13 @@ class DenoiserStage:
                     logger.debug("step %d: %d request(s) left the batch, %d go on", i, len(drop), b)
             model_in = torch.cat([latents, latents]) if do_cfg else latents
             timestep = t.expand(model_in.shape[0]).to(latents.dtype)
-            pred = self.model(hidden_states=model_in, timestep=timestep / 1000, guidance=guidance,
-                              pooled_projections=pooled, encoder_hidden_states=embeds, txt_ids=txt_ids,
-                              img_ids=img_ids)
-            if not isinstance(pred, torch.Tensor):  # a diffusers-style output object
-                pred = pred[0]
+            branches = 2 if do_cfg else 1
+            info = [RowInfo(request=k, branch=br, branches=branches, step=i) for br in range(branches) for k in kept]
+            pred = self.forward_rows(
+                self.model,
+                {"hidden_states": model_in, "timestep": timestep / 1000, "guidance": guidance,
+                 "pooled_projections": pooled, "encoder_hidden_states": embeds},
+                {"txt_ids": txt_ids, "img_ids": img_ids}, info)
             if do_cfg:
                 pred = true_cfg(pred[:b], pred[b:], [reqs[k].true_cfg_scale for k in kept])
             latents = euler_step(latents, pred, sigmas[i], sigmas[i + 1])
