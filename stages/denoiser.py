@@ -175,7 +175,11 @@ class DenoiserStage:
             SequenceParallel(mesh).apply(model)
             logger.info("denoiser: sequence parallel over %d ranks", sp)
         logger.info("loaded denoiser from %s (%s on %s)", path, torch_dtype, dev)
-        return cls(model, config, schedule, vae_scale_factor_of(path), torch_dtype, dev, mesh)
+        stage = cls(model, config, schedule, vae_scale_factor_of(path), torch_dtype, dev, mesh)
+        if mesh.size("cfg") > 1:
+            logger.info("denoiser: CFG parallel over %d ranks (cfg rank %d), rows by %r", mesh.size("cfg"),
+                        mesh.rank("cfg"), stage.forward_rows)
+        return stage
 
     def validate(self, req: DenoiseRequest) -> None:
         """Raise :class:`RequestError` naming the field for what this model cannot run (image size, embeddings).

@@ -63,6 +63,9 @@ def model_output(out: Any) -> torch.Tensor:
 class LocalForward:
     """All rows in one forward of the local model."""
 
+    def __repr__(self) -> str:
+        return "LocalForward()"
+
     def __call__(self, model: nn.Module, rows: Mapping[str, torch.Tensor | None], shared: Mapping[str, Any],
                  info: list[RowInfo]) -> torch.Tensor:
         return model_output(model(**rows, **shared))
