@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -255,7 +256,16 @@ def _flux_cases(model_dir: str, mesh=None) -> dict:
             negative_prompt_embeds=nenc["prompt_embeds"][0] if nenc else None,
             negative_pooled_prompt_embeds=nenc["pooled_prompt_embeds"][0] if nenc else None))
     latents = den.denoise(reqs)
-    return {"rows_seen": seen, "latents": [x.flatten().tolist() for x in latents]}
+    rows_seen = list(seen)
+    # a true-CFG batch of 2 that loses request 0 before step 1 (cancelled): 4 rows, then 2
+    pair = [dataclasses.replace(reqs[1], seed=11, true_cfg_scale=6.0, num_inference_steps=3),
+            dataclasses.replace(reqs[1], num_inference_steps=3)]
+    seen.clear()
+    stopped = den.denoise(pair, stop=lambda step: [0] if step == 1 else [])
+    rows_seen.append(sum(seen))
+    assert stopped[0] is None
+    return {"rows_seen": rows_seen, "latents": [x.flatten().tolist() for x in latents],
+            "stopped": stopped[1].flatten().tolist()}
 
 
 def _flux_worker(rank: int, world_size: int, model_dir: str, store: str) -> dict:
@@ -277,15 +287,18 @@ def test_flux_denoiser_on_cfg2_equals_the_single_process_run(tiny_dir: Path, tmp
     # batches (one forward each, 2 steps): 208x144 true CFG (1 req), 128x128 true CFG (1), 208x144 plain (2),
     # 128x128 plain (1). Single process: 2, 2, 2, 1 rows per forward; cfg 2: every rank 1 row, but the lone plain
     # 128x128 request runs on rank 0 only.
-    assert ref["rows_seen"] == [2, 2, 2, 2, 2, 2, 1, 1]
-    assert results[0]["rows_seen"] == [1] * 8
-    assert results[1]["rows_seen"] == [1] * 6
+    assert ref["rows_seen"] == [2, 2, 2, 2, 2, 2, 1, 1, 4 + 2 + 2]  # last: the stopped pair's rows, 3 steps
+    assert results[0]["rows_seen"] == [1] * 8 + [2 + 1 + 1]
+    assert results[1]["rows_seen"] == [1] * 6 + [2 + 1 + 1]
     for rank, res in enumerate(results):
         assert res["latents"] == results[0]["latents"], f"rank {rank} latents differ from rank 0"
     for i, case in enumerate(FLUX_CASES):
         got, want = torch.tensor(results[0]["latents"][i]), torch.tensor(ref["latents"][i])
         rel = ((got - want).abs().max() / want.abs().max()).item()
         assert rel <= 1e-5, f"case {case}: latent relative error {rel:.3g}"
+    got, want = torch.tensor(results[0]["stopped"]), torch.tensor(ref["stopped"])
+    assert results[1]["stopped"] == results[0]["stopped"]
+    assert ((got - want).abs().max() / want.abs().max()).item() <= 1e-5
 
 
 # ------------------------------------------------------------------------------------------- config
