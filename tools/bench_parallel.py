@@ -26,8 +26,19 @@ Section ``hsdp`` (:func:`bench_hsdp`), 2 ranks on gloo, a transformer of >= 200 
 - bytes all-gathered per step (counted at ``torch.distributed.all_gather_single``, FSDP2's collective) against the
   model size.
 
+Section ``cfg`` (:func:`bench_cfg`): CFG parallel on the ``--preset`` Flux model (``small`` by default), in fresh
+processes per phase, the phases alternated per round:
+
+- ``cfg1``: one rank with ``--cores`` threads (the baseline); ``cfg2``: 2 gloo ranks (cfg 2), ``cores / 2`` threads
+  each. Workloads: true-CFG requests (negative prompt, batch 1 and 2) and requests without a negative branch
+  (batch 2: data parallel over the cfg ranks; batch 1: one cfg rank has no row and waits in the gather).
+- per workload: denoise latency (median of the rounds) and the median of the per-round ratios cfg2 / cfg1;
+- bytes each rank sends per step (counted by the communicators' ``CommStats``) against the minimum: the predictions
+  of the rows the rank computed, to the cfg - 1 peers.
+
     python tools/bench_parallel.py vae --sizes 1024 2048 --repeats 1 --preset tiny
     python tools/bench_parallel.py hsdp [--tokens 256] [--pairs 3] [--threads 1]
+    python tools/bench_parallel.py cfg [--size 256] [--steps 4] [--rounds 3] [--cores 2] [--preset small]
 """
 
 from __future__ import annotations
@@ -354,6 +365,114 @@ def bench_hsdp(tokens: int = 256, pairs: int = 3, threads: int = 1, layers: int 
             "ratios": ratios, "gathered": gathered}
 
 
+#: cfg section workloads: (name, requests, true CFG)
+CFG_WORKLOADS: list[tuple[str, int, bool]] = [("true CFG, batch 1", 1, True), ("true CFG, batch 2", 2, True),
+                                              ("no negative, batch 2", 2, False), ("no negative, batch 1", 1, False)]
+
+
+def _cfg_rank(rank: int, world: int, port: int, path: str, out: str, tag: str, size: int, steps: int,
+              threads: int) -> None:
+    import torch
+
+    from omni_runtime.parallel.mesh import Mesh
+    from omni_runtime.parallel.parallel_spec import ParallelSpec
+    from omni_runtime.stages import DenoiseRequest, DenoiserStage
+
+    torch.set_num_threads(threads)
+    mesh = (Mesh.build(ParallelSpec(cfg=world), rank, f"tcp://127.0.0.1:{port}", "cpu") if world > 1
+            else Mesh.single("cpu"))
+    den = DenoiserStage.from_pretrained(path, "float32", "cpu", mesh=mesh)
+    g = torch.Generator().manual_seed(0)
+
+    def request(seed: int, cfg: bool) -> DenoiseRequest:
+        def emb() -> tuple[torch.Tensor, torch.Tensor]:
+            return (torch.randn(16, den.joint_attention_dim, generator=g),
+                    torch.randn(den.pooled_projection_dim, generator=g))
+        pos, neg = emb(), emb()
+        return DenoiseRequest(prompt_embeds=pos[0], pooled_prompt_embeds=pos[1], seed=seed, height=size, width=size,
+                              num_inference_steps=steps, true_cfg_scale=4.0 if cfg else 1.0,
+                              negative_prompt_embeds=neg[0] if cfg else None,
+                              negative_pooled_prompt_embeds=neg[1] if cfg else None)
+
+    den.denoise([request(0, True)])  # warm-up
+    result: dict[str, Any] = {}
+    for name, n, cfg in CFG_WORKLOADS:
+        reqs = [request(i, cfg) for i in range(n)]
+        if world > 1:
+            mesh.group("world").barrier()
+        mesh.reset_comm_stats()
+        t0 = time.perf_counter()
+        den.denoise(reqs)
+        elapsed = time.perf_counter() - t0
+        stats = mesh.comm_stats()
+        row_bytes = (size // 16) ** 2 * den.in_channels * 4
+        rows = n * (2 if cfg else 1)
+        from omni_runtime.parallel.strategies.cfg_parallel import assign_rows
+        from omni_runtime.stages.guidance import TRUE_CFG, UNGUIDED
+
+        mine = len(assign_rows((TRUE_CFG if cfg else UNGUIDED).rows(list(range(n)), 0), world)[mesh.rank("cfg")])
+        result[name] = {"s": elapsed, "sent_per_step": stats.bytes_sent / steps,
+                        "gathers_per_step": stats.calls.get("all_gather", 0) / steps,
+                        "min_per_step": mine * row_bytes * (world - 1), "rows": rows}
+    Path(out, f"{tag}-rank{rank}.json").write_text(json.dumps(result))
+    mesh.destroy()
+
+
+def _run_cfg(tag: str, world: int, path: str, out: str, size: int, steps: int, threads: int,
+             timeout: float = 600) -> list[dict]:
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=_cfg_rank, args=(r, world, port, path, out, tag, size, steps, threads))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    end = time.monotonic() + timeout
+    for p in procs:
+        p.join(max(1.0, end - time.monotonic()))
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    if any(p.exitcode != 0 for p in procs):
+        raise RuntimeError(f"phase {tag} failed: exit codes {[p.exitcode for p in procs]}")
+    return [json.loads(Path(out, f"{tag}-rank{r}.json").read_text()) for r in range(world)]
+
+
+def bench_cfg(size: int = 256, steps: int = 4, rounds: int = 3, cores: int = 2, preset: str = "small"
+              ) -> dict[str, Any]:
+    """cfg 2 (``cores / 2`` threads per rank) vs cfg 1 (``cores`` threads); prints a table, returns the numbers."""
+    from omni_runtime.stages.models.tiny import make_tiny_model
+
+    per_rank = max(1, cores // 2)
+    times: dict[str, dict[str, list[float]]] = {w[0]: {"cfg1": [], "cfg2": []} for w in CFG_WORKLOADS}
+    comm: dict[str, list[dict]] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-cfg-") as tmp:
+        path = str(make_tiny_model(Path(tmp) / "model", preset=preset))
+        for i in range(rounds):
+            order = [("cfg1", 1, cores), ("cfg2", 2, per_rank)]
+            for tag, world, threads in order if i % 2 == 0 else order[::-1]:  # alternate which goes first
+                res = _run_cfg(f"{tag}-{i}", world, path, tmp, size, steps, threads)
+                print(f"round {i} {tag}: " + ", ".join(f"{max(r[n]['s'] for r in res):.3f}" for n in times) + " s",
+                      flush=True)
+                for name in times:
+                    times[name][tag].append(max(r[name]["s"] for r in res))
+                if tag == "cfg2":
+                    comm = {name: [r[name] for r in res] for name in times}
+    print(f"CFG parallel, Flux preset {preset!r}, {size}x{size} ({(size // 16) ** 2} image tokens), {steps} steps, "
+          f"{rounds} alternated rounds: cfg 1 x {cores} thread(s) vs cfg 2 x {per_rank} thread(s) per rank")
+    print(f"{'workload':24s}{'cfg1 (s)':>10s}{'cfg2 (s)':>10s}{'ratio':>8s}{'sent/step/rank':>16s}"
+          f"{'minimum':>10s}{'gathers/step':>14s}   (bytes: mean over the cfg ranks)")
+    ratios = {}
+    for name, t in times.items():
+        ratios[name] = statistics.median(b / a for a, b in zip(t["cfg1"], t["cfg2"], strict=True))
+        sent = statistics.mean(r["sent_per_step"] for r in comm[name])  # every rank sends the padded share
+        minimum = statistics.mean(r["min_per_step"] for r in comm[name])
+        gathers = max(r["gathers_per_step"] for r in comm[name])
+        print(f"{name:24s}{statistics.median(t['cfg1']):10.3f}{statistics.median(t['cfg2']):10.3f}"
+              f"{ratios[name]:8.2f}{sent / 1024:13.1f} KiB{minimum / 1024:7.1f} KiB{gathers:14.1f}")
+    return {"times": times, "ratios": ratios, "comm": comm}
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="section", required=True)
@@ -370,10 +489,18 @@ def main(argv: list[str] | None = None) -> None:
     hs.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2), help="torch threads per rank")
     hs.add_argument("--layers", type=int, default=2, help="double-stream blocks (2 -> ~216 MB with 4 single)")
     hs.add_argument("--single-layers", type=int, default=4, help="single-stream blocks")
+    cf = sub.add_parser("cfg", help="CFG parallel: cfg 2 vs cfg 1 on the same cores, latency and bytes per step")
+    cf.add_argument("--size", type=int, default=256, help="square image side (pixels)")
+    cf.add_argument("--steps", type=int, default=4)
+    cf.add_argument("--rounds", type=int, default=3, help="alternated rounds (median over them)")
+    cf.add_argument("--cores", type=int, default=2, help="threads of cfg 1; cfg 2 runs cores / 2 per rank")
+    cf.add_argument("--preset", choices=("tiny", "small"), default="small", help="Flux model preset")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if args.section == "vae":
         print("\n".join(vae_section(args)))
+    elif args.section == "cfg":
+        bench_cfg(args.size, args.steps, args.rounds, args.cores, args.preset)
     else:
         bench_hsdp(args.tokens, args.pairs, args.threads, args.layers, args.single_layers)
 
