@@ -5,6 +5,7 @@ predictions and its scales. The denoising loop asks it for the step's rows (:met
 ``[branch 0 of every request..., branch 1 of every request..., ...]``, the layout the row strategies of
 ``parallel.strategies.row_forward`` receive) and for the combined prediction (:meth:`Guidance.apply`). How the rows
 are computed (one forward, CFG parallel over N ranks, a pipeline) is the row strategy's business, not this file's.
+A step whose requests have different guidance (continuous batching) uses :func:`mixed_rows` / :func:`mixed_apply`.
 
 Instances:
 
@@ -32,7 +33,8 @@ from omni_runtime.parallel.strategies.row_forward import RowInfo
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TEXT_IMAGE_GUIDANCE", "TRUE_CFG", "UNGUIDED", "Combine", "Guidance", "composable_guidance"]
+__all__ = ["TEXT_IMAGE_GUIDANCE", "TRUE_CFG", "UNGUIDED", "Combine", "Guidance", "composable_guidance", "mixed_apply",
+           "mixed_rows"]
 
 #: ``combine(preds, scales) -> prediction``: one request's N branch predictions (each without a batch dim, in
 #: branch order) and its scales, to the one prediction the scheduler steps with.
@@ -77,6 +79,30 @@ class Guidance:
             return pred
         return torch.stack([self.combine([pred[k * b + j] for k in range(self.branches)], scales[j])
                             for j in range(b)])
+
+
+def mixed_rows(requests: Sequence[int], guides: Sequence[Guidance], step: int) -> list[RowInfo]:
+    """The rows of a step whose requests may have different guidance (``guides[j]`` for ``requests[j]``):
+    branch-major, branch ``k`` of every request that has it (for one guidance this is :meth:`Guidance.rows`).
+    ``[requests.index(row.request) for row in rows]`` maps each row to its request's inputs."""
+    most = max((g.branches for g in guides), default=0)
+    return [RowInfo(request=r, branch=k, branches=g.branches, step=step)
+            for k in range(most) for r, g in zip(requests, guides, strict=True) if k < g.branches]
+
+
+def mixed_apply(pred: torch.Tensor, rows: Sequence[RowInfo], requests: Sequence[int], guides: Sequence[Guidance],
+                scales: Sequence[Sequence[float]]) -> torch.Tensor:
+    """The combined prediction of each of ``requests`` (in order) from ``pred`` (one row per entry of ``rows``, any
+    order), each with its own guidance and scales."""
+    where = {(row.request, row.branch): j for j, row in enumerate(rows)}
+    if len(where) != len(rows) or pred.shape[0] != len(rows):
+        raise ValueError(f"mixed guidance: {pred.shape[0]} prediction rows for {len(rows)} rows "
+                         f"({len(where)} distinct (request, branch) pairs)")
+    out = []
+    for r, g, s in zip(requests, guides, scales, strict=True):
+        preds = [pred[where[(r, k)]] for k in range(g.branches)]
+        out.append(preds[0] if g.branches == 1 else g.combine(preds, s))
+    return torch.stack(out)
 
 
 def _unguided(preds: Sequence[torch.Tensor], scales: Sequence[float]) -> torch.Tensor:

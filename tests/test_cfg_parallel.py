@@ -379,3 +379,27 @@ def test_check_prints_every_ranks_cfg_group(capsys) -> None:
     for rank, sp, cfg in ((0, [0, 1], [0, 2]), (1, [0, 1], [1, 3]), (2, [2, 3], [0, 2]), (3, [2, 3], [1, 3])):
         assert f"denoiser[0] rank {rank}/4 on cpu: world=[0, 1, 2, 3] sp={sp} ulysses={sp} cfg={cfg} (node" in out
     assert "total processes: 6 rank(s) + 1 frontend" in out
+
+
+def test_mixed_guidance_rows_combine_like_each_guidance_alone():
+    from omni_runtime.stages.guidance import mixed_apply, mixed_rows
+
+    guides = [TRUE_CFG, UNGUIDED, composable_guidance(4), TRUE_CFG]
+    requests, scales = [10, 11, 12, 13], [(4.0,), (), (2.0, 0.5, 1.5), (1.5,)]
+    rows = mixed_rows(requests, guides, step=3)
+    assert [(r.request, r.branch) for r in rows] == [(10, 0), (11, 0), (12, 0), (13, 0), (10, 1), (12, 1), (13, 1),
+                                                     (12, 2), (12, 3)]
+    assert all(r.step == 3 for r in rows) and [r.branches for r in rows][:4] == [2, 1, 4, 2]
+    g = torch.Generator().manual_seed(3)
+    pred = torch.randn(len(rows), 5, 4, generator=g)
+    got = mixed_apply(pred, rows, requests, guides, scales)
+    for j, (r, guide, s) in enumerate(zip(requests, guides, scales, strict=True)):
+        mine = torch.stack([pred[i] for i, row in enumerate(rows) if row.request == r])  # branch order
+        assert torch.equal(got[j], guide.apply(mine, [s])[0]), r
+    # rows in another order (as a strategy may return them internally) map back by (request, branch)
+    perm = torch.randperm(len(rows), generator=g)
+    assert torch.equal(mixed_apply(pred[perm], [rows[i] for i in perm], requests, guides, scales), got)
+    # one guidance: the same layout as Guidance.rows
+    assert mixed_rows([4, 5], [TRUE_CFG, TRUE_CFG], 0) == TRUE_CFG.rows([4, 5], 0)
+    with pytest.raises(ValueError, match="8 prediction rows for 9 rows"):
+        mixed_apply(pred[:8], rows, requests, guides, scales)

@@ -371,12 +371,16 @@ CFG_WORKLOADS: list[tuple[str, int, bool]] = [("true CFG, batch 1", 1, True), ("
 
 
 def _cfg_rank(rank: int, world: int, port: int, path: str, out: str, tag: str, size: int, steps: int,
-              threads: int) -> None:
+              threads: int, ready: Any, go: list[Any], done: list[Any]) -> None:
+    """One rank of phase ``tag``: load, warm up, set ``ready``; then per round wait for ``go[i]``, run every
+    workload once, write the numbers, set ``done[i]`` (the parent lets one phase run at a time)."""
     import torch
 
     from omni_runtime.parallel.mesh import Mesh
     from omni_runtime.parallel.parallel_spec import ParallelSpec
+    from omni_runtime.parallel.strategies.cfg_parallel import assign_rows
     from omni_runtime.stages import DenoiseRequest, DenoiserStage
+    from omni_runtime.stages.guidance import TRUE_CFG, UNGUIDED
 
     torch.set_num_threads(threads)
     mesh = (Mesh.build(ParallelSpec(cfg=world), rank, f"tcp://127.0.0.1:{port}", "cpu") if world > 1
@@ -385,91 +389,108 @@ def _cfg_rank(rank: int, world: int, port: int, path: str, out: str, tag: str, s
     g = torch.Generator().manual_seed(0)
 
     def request(seed: int, cfg: bool) -> DenoiseRequest:
-        def emb() -> tuple[torch.Tensor, torch.Tensor]:
-            return (torch.randn(16, den.joint_attention_dim, generator=g),
-                    torch.randn(den.pooled_projection_dim, generator=g))
-        pos, neg = emb(), emb()
+        pos = (torch.randn(16, den.joint_attention_dim, generator=g), torch.randn(den.pooled_projection_dim, generator=g))
+        neg = (torch.randn(16, den.joint_attention_dim, generator=g), torch.randn(den.pooled_projection_dim, generator=g))
         return DenoiseRequest(prompt_embeds=pos[0], pooled_prompt_embeds=pos[1], seed=seed, height=size, width=size,
                               num_inference_steps=steps, true_cfg_scale=4.0 if cfg else 1.0,
                               negative_prompt_embeds=neg[0] if cfg else None,
                               negative_pooled_prompt_embeds=neg[1] if cfg else None)
 
     den.denoise([request(0, True)])  # warm-up
-    result: dict[str, Any] = {}
-    for name, n, cfg in CFG_WORKLOADS:
-        reqs = [request(i, cfg) for i in range(n)]
-        if world > 1:
-            mesh.group("world").barrier()
-        mesh.reset_comm_stats()
-        t0 = time.perf_counter()
-        den.denoise(reqs)
-        elapsed = time.perf_counter() - t0
-        stats = mesh.comm_stats()
-        row_bytes = (size // 16) ** 2 * den.in_channels * 4
-        rows = n * (2 if cfg else 1)
-        from omni_runtime.parallel.strategies.cfg_parallel import assign_rows
-        from omni_runtime.stages.guidance import TRUE_CFG, UNGUIDED
-
-        mine = len(assign_rows((TRUE_CFG if cfg else UNGUIDED).rows(list(range(n)), 0), world)[mesh.rank("cfg")])
-        result[name] = {"s": elapsed, "sent_per_step": stats.bytes_sent / steps,
-                        "gathers_per_step": stats.calls.get("all_gather", 0) / steps,
-                        "min_per_step": mine * row_bytes * (world - 1), "rows": rows}
-    Path(out, f"{tag}-rank{rank}.json").write_text(json.dumps(result))
+    ready.set()
+    row_bytes = (size // 16) ** 2 * den.in_channels * 4
+    for i in range(len(go)):
+        go[i].wait()
+        result: dict[str, Any] = {}
+        for name, n, cfg in CFG_WORKLOADS:
+            reqs = [request(j, cfg) for j in range(n)]
+            if world > 1:
+                mesh.group("world").barrier()
+            mesh.reset_comm_stats()
+            t0 = time.perf_counter()
+            den.denoise(reqs)
+            elapsed = time.perf_counter() - t0
+            stats = mesh.comm_stats()
+            mine = len(assign_rows((TRUE_CFG if cfg else UNGUIDED).rows(list(range(n)), 0), world)[mesh.rank("cfg")])
+            result[name] = {"s": elapsed, "sent_per_step": stats.bytes_sent / steps,
+                            "gathers_per_step": stats.calls.get("all_gather", 0) / steps,
+                            "min_per_step": mine * row_bytes * (world - 1)}
+        Path(out, f"{tag}-{i}-rank{rank}.json").write_text(json.dumps(result))
+        done[i].set()
     mesh.destroy()
 
 
-def _run_cfg(tag: str, world: int, path: str, out: str, size: int, steps: int, threads: int,
-             timeout: float = 600) -> list[dict]:
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_cfg_rank, args=(r, world, port, path, out, tag, size, steps, threads))
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    end = time.monotonic() + timeout
-    for p in procs:
-        p.join(max(1.0, end - time.monotonic()))
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join()
-    if any(p.exitcode != 0 for p in procs):
-        raise RuntimeError(f"phase {tag} failed: exit codes {[p.exitcode for p in procs]}")
-    return [json.loads(Path(out, f"{tag}-rank{r}.json").read_text()) for r in range(world)]
-
-
-def bench_cfg(size: int = 256, steps: int = 4, rounds: int = 3, cores: int = 2, preset: str = "small"
-              ) -> dict[str, Any]:
-    """cfg 2 (``cores / 2`` threads per rank) vs cfg 1 (``cores`` threads); prints a table, returns the numbers."""
+def bench_cfg(size: int = 256, steps: int = 4, rounds: int = 3, cores: int = 2, preset: str = "small",
+              timeout: float = 600) -> dict[str, Any]:
+    """cfg 2 (``cores / 2`` threads per rank) vs cfg 1 (``cores`` threads, the baseline; and ``cores / 2``, the same
+    threads as one cfg rank). Every phase's processes start (and warm up) once; then the phases take turns, one at a
+    time, their order rotating per round. Prints a table, returns the numbers."""
     from omni_runtime.stages.models.tiny import make_tiny_model
 
-    per_rank = max(1, cores // 2)
-    times: dict[str, dict[str, list[float]]] = {w[0]: {"cfg1": [], "cfg2": []} for w in CFG_WORKLOADS}
+    half = max(1, cores // 2)
+    phases = [("cfg1", 1, cores), ("cfg1_half", 1, half), ("cfg2", 2, half)]
+    ctx = mp.get_context("spawn")
+    times: dict[str, dict[str, list[float]]] = {w[0]: {t: [] for t, _, _ in phases} for w in CFG_WORKLOADS}
     comm: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-cfg-") as tmp:
         path = str(make_tiny_model(Path(tmp) / "model", preset=preset))
-        for i in range(rounds):
-            order = [("cfg1", 1, cores), ("cfg2", 2, per_rank)]
-            for tag, world, threads in order if i % 2 == 0 else order[::-1]:  # alternate which goes first
-                res = _run_cfg(f"{tag}-{i}", world, path, tmp, size, steps, threads)
-                print(f"round {i} {tag}: " + ", ".join(f"{max(r[n]['s'] for r in res):.3f}" for n in times) + " s",
-                      flush=True)
-                for name in times:
-                    times[name][tag].append(max(r[name]["s"] for r in res))
-                if tag == "cfg2":
-                    comm = {name: [r[name] for r in res] for name in times}
+        events = {tag: ([ctx.Event() for _ in range(world)], [ctx.Event() for _ in range(rounds)],
+                        [[ctx.Event() for _ in range(rounds)] for _ in range(world)]) for tag, world, _ in phases}
+        procs = []
+        for tag, world, threads in phases:
+            port = _free_port()
+            ready, go, done = events[tag]
+            procs += [ctx.Process(target=_cfg_rank, args=(r, world, port, path, tmp, tag, size, steps, threads,
+                                                          ready[r], go, done[r])) for r in range(world)]
+        try:
+            for p in procs:
+                p.start()
+            end = time.monotonic() + timeout
+
+            def wait(event: Any, what: str) -> None:
+                while not event.wait(1.0):
+                    if time.monotonic() > end or any(p.exitcode not in (None, 0) for p in procs):
+                        raise RuntimeError(f"cfg bench: {what} did not finish; exit codes "
+                                           f"{[p.exitcode for p in procs]}")
+
+            for tag, world, _ in phases:
+                for r in range(world):
+                    wait(events[tag][0][r], f"{tag} rank {r} start")
+            for i in range(rounds):
+                for tag, world, _ in phases[i % 3:] + phases[:i % 3]:
+                    events[tag][1][i].set()
+                    for r in range(world):
+                        wait(events[tag][2][r][i], f"{tag} round {i} rank {r}")
+                    res = [json.loads(Path(tmp, f"{tag}-{i}-rank{r}.json").read_text()) for r in range(world)]
+                    for name in times:
+                        times[name][tag].append(max(x[name]["s"] for x in res))
+                    if tag == "cfg2":
+                        comm = {name: [x[name] for x in res] for name in times}
+                print(f"round {i}: " + "; ".join(f"{t} " + ", ".join(f"{times[n][t][-1]:.3f}" for n in times)
+                                                 for t, _, _ in phases) + " s", flush=True)
+            for p in procs:
+                p.join(max(1.0, end - time.monotonic()))
+        finally:
+            for p in procs:
+                if p.is_alive():
+                    p.kill()
+                    p.join()
     print(f"CFG parallel, Flux preset {preset!r}, {size}x{size} ({(size // 16) ** 2} image tokens), {steps} steps, "
-          f"{rounds} alternated rounds: cfg 1 x {cores} thread(s) vs cfg 2 x {per_rank} thread(s) per rank")
-    print(f"{'workload':24s}{'cfg1 (s)':>10s}{'cfg2 (s)':>10s}{'ratio':>8s}{'sent/step/rank':>16s}"
-          f"{'minimum':>10s}{'gathers/step':>14s}   (bytes: mean over the cfg ranks)")
-    ratios = {}
+          f"{rounds} rounds (phases one at a time, order rotated): cfg 1 x {cores} thread(s) (baseline), cfg 1 x "
+          f"{half} thread(s), cfg 2 x {half} thread(s) per rank; latency = median, ratio = median of per-round ratios")
+    print(f"{'workload':22s}{'cfg1 (s)':>9s}{'cfg1/' + str(half) + 't':>9s}{'cfg2 (s)':>9s}{'cfg2/cfg1':>10s}"
+          f"{'cfg2/cfg1_' + str(half) + 't':>13s}{'sent/step/rank':>16s}{'minimum':>10s}{'gathers/step':>13s}")
+    ratios: dict[str, tuple[float, float]] = {}
     for name, t in times.items():
-        ratios[name] = statistics.median(b / a for a, b in zip(t["cfg1"], t["cfg2"], strict=True))
+        ratios[name] = tuple(statistics.median(b / a for a, b in zip(t[base], t["cfg2"], strict=True))
+                             for base in ("cfg1", "cfg1_half"))
         sent = statistics.mean(r["sent_per_step"] for r in comm[name])  # every rank sends the padded share
         minimum = statistics.mean(r["min_per_step"] for r in comm[name])
         gathers = max(r["gathers_per_step"] for r in comm[name])
-        print(f"{name:24s}{statistics.median(t['cfg1']):10.3f}{statistics.median(t['cfg2']):10.3f}"
-              f"{ratios[name]:8.2f}{sent / 1024:13.1f} KiB{minimum / 1024:7.1f} KiB{gathers:14.1f}")
+        print(f"{name:22s}{statistics.median(t['cfg1']):9.3f}{statistics.median(t['cfg1_half']):9.3f}"
+              f"{statistics.median(t['cfg2']):9.3f}{ratios[name][0]:10.2f}{ratios[name][1]:13.2f}"
+              f"{sent / 1024:12.1f} KiB{minimum / 1024:6.1f} KiB{gathers:13.1f}")
+    print("bytes: mean over the cfg ranks; minimum = the predictions of the rank's own rows to the cfg - 1 peers")
     return {"times": times, "ratios": ratios, "comm": comm}
 
 
