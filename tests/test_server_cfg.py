@@ -109,3 +109,31 @@ def test_sigkill_of_a_cfg_rank_gives_503_naming_it_then_recovers(tmp_path: Path)
     finally:
         server.stop()
     assert server.shm_entries() == []
+
+
+@pytest.mark.timeout(400)
+def test_batch_cli_on_cfg2_matches_the_default_pipeline(tmp_path: Path) -> None:
+    """``omni-runtime batch`` (stage processes) on cfg2.toml: a true-CFG line and a line of n = 2 without a
+    negative prompt (two requests, split over the cfg ranks when the driver batches them) give the default pipeline's
+    images."""
+    import json
+
+    from PIL import Image
+
+    from omni_runtime.runtime import Omni
+    from omni_runtime.runtime.cli import main
+
+    lines = [{"prompt": PROMPT, "negative_prompt": NEGATIVE, "true_cfg_scale": 4.0, "seed": 5, "size": "64x48",
+              "num_inference_steps": 3},
+             {"prompt": "a boat", "n": 2, "seed": 8, "size": "64x64", "num_inference_steps": 3}]
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    out = tmp_path / "out"
+    assert main(["batch", "--config", str(ROOT / "configs" / "cfg2.toml"), str(prompts), "--out-dir", str(out)]) == 0
+    with Omni(ROOT / "configs" / "default.toml", in_process=True) as omni:
+        refs = {"00001.png": omni.generate(**lines[0])[0]}
+        refs.update(zip(("00002-0.png", "00002-1.png"), omni.generate(**lines[1]), strict=True))
+    assert sorted(p.name for p in out.glob("*.png")) == sorted(refs)
+    for name, ref in refs.items():
+        diff = np.abs(np.asarray(Image.open(out / name)).astype(int) - np.asarray(ref).astype(int))
+        assert diff.max() <= 1, (name, diff.max())
