@@ -46,7 +46,10 @@ TEXT_ENCODER_PARALLEL_KEYS = ("hsdp_shard", "hsdp_replicate")
 # Degrees whose implementation exists in ``parallel``/``stages`` and is wired into the stage processes.
 # Anything else > 1 is rejected with "not supported yet" instead of silently running unsharded.
 # ``dp`` > 1 only together with ``ep`` (the EP group's data-parallel ranks, see ``_check_expert_parallel``).
-SUPPORTED_DENOISER_DEGREES = frozenset({"ulysses", "ring", "ep", "hsdp_shard", "hsdp_replicate"})
+SUPPORTED_DENOISER_DEGREES = frozenset({"ulysses", "ring", "cfg", "ep", "hsdp_shard", "hsdp_replicate"})
+# Branches a Flux request runs per denoising step at most (true CFG: conditional + unconditional); with
+# ``max_batch_size`` requests a step has at most this many rows per request to spread over the cfg ranks.
+DENOISER_MAX_BRANCHES = 2
 SUPPORTED_TEXT_ENCODER_DEGREES = frozenset(TEXT_ENCODER_PARALLEL_KEYS)
 SUPPORTED_VAE_DEGREES: frozenset[str] = frozenset({"patch"})
 
@@ -255,9 +258,7 @@ def _check_parallel(raw: dict[str, Any]) -> None:
             raise ConfigError(f"{base}.ep = {par['ep']} with hsdp_shard = {par['hsdp_shard']}: expert parallelism "
                               f"and HSDP sharding together are not supported yet; allowed: one of them (ep = 1 or "
                               f"hsdp_shard = 1)")
-        if par["cfg"] > 2:
-            raise ConfigError(f"{base}.cfg = {par['cfg']}: CFG parallelism splits the conditional and "
-                              f"unconditional branch, allowed values are 1 or 2")
+        _check_cfg_parallel(base, par)
         for key in keys:
             if key == "dp" and par["ep"] > 1:  # the EP group's data-parallel ranks: checked above
                 continue
@@ -265,6 +266,20 @@ def _check_parallel(raw: dict[str, Any]) -> None:
                 hint = " (more replicas give data parallelism: set replicas instead)" if key == "dp" else ""
                 raise ConfigError(f"{base}.{key} = {par[key]}: not supported yet; this build implements only "
                                   f"{', '.join(sorted(supported))} (set {key} = 1){hint}")
+
+
+def _check_cfg_parallel(base: str, par: dict[str, Any]) -> None:
+    """``cfg`` with the other degrees of the denoiser's table. The cfg ranks compute different rows (and a rank may
+    have none in a step), so nothing that needs every rank of a group in each forward may span them."""
+    if par["cfg"] == 1:
+        return
+    if par["hsdp_shard"] > 1:
+        raise ConfigError(f"{base}.cfg = {par['cfg']} with hsdp_shard = {par['hsdp_shard']}: not supported yet; "
+                          f"HSDP's weight all-gathers would span the cfg ranks, which compute different rows (a rank "
+                          f"can have none in a step); allowed: one of them (cfg = 1 or hsdp_shard = 1)")
+    if par["ep"] > 1:
+        raise ConfigError(f"{base}.cfg = {par['cfg']} with ep = {par['ep']}: not supported yet; allowed: one of "
+                          f"them (cfg = 1 or ep = 1)")
 
 
 def _check_expert_parallel(base: str, par: dict[str, Any]) -> None:
@@ -318,6 +333,13 @@ def _check_values(cfg: RuntimeConfig) -> None:
         _at_least(f"{base}.batch_timeout_ms", st.batch_timeout_ms, 0, "a number")
         _at_least(f"{base}.max_batch_pixels", st.max_batch_pixels, 0)
     par = cfg.stages.denoiser.parallel
+    rows = DENOISER_MAX_BRANCHES * cfg.stages.denoiser.max_batch_size
+    if par.cfg > rows:
+        raise ConfigError(f"stages.denoiser.parallel.cfg = {par.cfg} with stages.denoiser.max_batch_size = "
+                          f"{cfg.stages.denoiser.max_batch_size}: a denoising step has at most "
+                          f"{DENOISER_MAX_BRANCHES} branches (true CFG) x {cfg.stages.denoiser.max_batch_size} "
+                          f"request(s) = {rows} rows, so cfg rank(s) {rows} to {par.cfg - 1} would never compute; "
+                          f"allowed: cfg <= {rows} (or a larger max_batch_size)")
     if par.ep > 1 and cfg.model.device == "cpu" and par.all2all_backend not in CPU_ALL2ALL_BACKEND_NAMES:
         raise ConfigError(f"stages.denoiser.parallel.all2all_backend = {par.all2all_backend!r}: needs CUDA GPUs "
                           f"and its kernel library, but model.device = 'cpu'; allowed on CPU: "

@@ -32,9 +32,10 @@ from omni_runtime.parallel.group_coordinator import GroupCoordinator
 from omni_runtime.parallel.hsdp import HSDPInferenceConfig
 from omni_runtime.parallel.mesh import Mesh
 from omni_runtime.parallel.strategies import SequenceParallel
-from omni_runtime.parallel.strategies.row_forward import RowForward, RowInfo, row_forward_for
+from omni_runtime.parallel.strategies.row_forward import RowForward, row_forward_for
 from omni_runtime.stages.device import resolve_device, resolve_dtype
 from omni_runtime.stages.errors import RequestError
+from omni_runtime.stages.guidance import TRUE_CFG, UNGUIDED, Guidance
 from omni_runtime.stages.latents import (
     check_image_size,
     image_seq_len,
@@ -72,6 +73,17 @@ class DenoiseRequest:
     def do_true_cfg(self) -> bool:
         """FluxPipeline's rule: true CFG runs when ``true_cfg_scale > 1`` and a negative prompt is given."""
         return self.true_cfg_scale > 1 and self.negative_prompt_embeds is not None
+
+    @property
+    def guidance(self) -> Guidance:
+        """The request's branches and their combine: :data:`stages.guidance.TRUE_CFG` (cond, uncond) under true
+        CFG, else :data:`stages.guidance.UNGUIDED`."""
+        return TRUE_CFG if self.do_true_cfg else UNGUIDED
+
+    @property
+    def guidance_scales(self) -> tuple[float, ...]:
+        """The scales :attr:`guidance`'s combine takes."""
+        return (self.true_cfg_scale,) if self.do_true_cfg else ()
 
 
 def vae_scale_factor_of(path: str | Path) -> int:
@@ -163,7 +175,11 @@ class DenoiserStage:
             SequenceParallel(mesh).apply(model)
             logger.info("denoiser: sequence parallel over %d ranks", sp)
         logger.info("loaded denoiser from %s (%s on %s)", path, torch_dtype, dev)
-        return cls(model, config, schedule, vae_scale_factor_of(path), torch_dtype, dev, mesh)
+        stage = cls(model, config, schedule, vae_scale_factor_of(path), torch_dtype, dev, mesh)
+        if mesh.size("cfg") > 1:
+            logger.info("denoiser: CFG parallel over %d ranks (cfg rank %d), rows by %r", mesh.size("cfg"),
+                        mesh.rank("cfg"), stage.forward_rows)
+        return stage
 
     def validate(self, req: DenoiseRequest) -> None:
         """Raise :class:`RequestError` naming the field for what this model cannot run (image size, embeddings).
@@ -237,6 +253,7 @@ class DenoiserStage:
         end and their indices in ``reqs`` (all of them unless ``stop`` took some out; ``None`` if it took all)."""
         first = reqs[0]
         h, w, steps, do_cfg = first.height, first.width, first.num_inference_steps, first.do_true_cfg
+        guide = first.guidance  # one per batch key
         b = len(reqs)
         latents = torch.cat([
             initial_noise(r.seed, self.num_channels_latents, h, w, self.vae_scale_factor, self.dtype, self.device)
@@ -266,27 +283,20 @@ class DenoiserStage:
                     if not kept:
                         return None, []
                     sel = torch.tensor(rows, device=self.device)
-                    both = torch.cat([sel, sel + b]) if do_cfg else sel
+                    both = guide.row_index(sel, b)
                     latents, embeds, pooled = latents[sel], embeds[both], pooled[both]
                     guidance = guidance[both] if guidance is not None else None
                     b = len(kept)
                     logger.debug("step %d: %d request(s) left the batch, %d go on", i, len(drop), b)
-            model_in = torch.cat([latents, latents]) if do_cfg else latents
+            model_in = guide.repeat(latents)
             timestep = t.expand(model_in.shape[0]).to(latents.dtype)
-            branches = 2 if do_cfg else 1
-            info = [RowInfo(request=k, branch=br, branches=branches, step=i) for br in range(branches) for k in kept]
+            info = guide.rows(kept, i)
             pred = self.forward_rows(
                 self.model,
                 {"hidden_states": model_in, "timestep": timestep / 1000, "guidance": guidance,
                  "pooled_projections": pooled, "encoder_hidden_states": embeds},
                 {"txt_ids": txt_ids, "img_ids": img_ids}, info)
-            if do_cfg:
-                pred = true_cfg(pred[:b], pred[b:], [reqs[k].true_cfg_scale for k in kept])
+            pred = guide.apply(pred, [reqs[k].guidance_scales for k in kept])
             latents = euler_step(latents, pred, sigmas[i], sigmas[i + 1])
         return latents, kept
 
-
-def true_cfg(cond: torch.Tensor, uncond: torch.Tensor, scales: list[float]) -> torch.Tensor:
-    """FluxPipeline's true CFG, ``uncond + scale * (cond - uncond)``, row by row with each request's scale as a
-    Python number (as diffusers applies it), so a batch mixing scales rounds each row as its single run does."""
-    return torch.stack([u + float(s) * (c - u) for c, u, s in zip(cond, uncond, scales, strict=True)])

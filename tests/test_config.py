@@ -49,9 +49,10 @@ def test_relative_model_path_resolves_against_the_config_dir(tmp_path):
     ("[stages.vae]\nthreads = 1.5\n", "stages.vae.threads", "1.5", "must be an integer"),
     ("[server]\nport = 70000\n", "server.port", "70000", "between 0 and 65535"),
     ("[model]\n", "model", "", "table"),  # duplicate table: TOML error is reported with the file
-    ("[stages.denoiser.parallel]\ncfg = 3\n", "stages.denoiser.parallel.cfg", "3", "1 or 2"),
+    ("[stages.denoiser]\nmax_batch_size = 1\n[stages.denoiser.parallel]\ncfg = 3\n", "stages.denoiser.parallel.cfg",
+     "3 with stages.denoiser.max_batch_size = 1", "allowed: cfg <= 2"),
     ("[stages.denoiser.parallel]\npp = 2\n", "stages.denoiser.parallel.pp", "2", "not supported yet"),
-    ("[stages.denoiser.parallel]\ncfg = 2\n", "stages.denoiser.parallel.cfg", "2", "not supported yet"),
+    ("[stages.denoiser.parallel]\ncfg = 0\n", "stages.denoiser.parallel.cfg", "0", ">= 1"),
     ("[stages.vae.parallel]\npatch = 0\n", "stages.vae.parallel.patch", "0", ">= 1"),
     ("[stages.vae]\ntiling = 1\n", "stages.vae.tiling", "1 (int)", "must be true or false"),
     ("[stages.vae]\ntiling = 'yes'\n", "stages.vae.tiling", "'yes' (str)", "must be true or false"),

@@ -26,8 +26,19 @@ Section ``hsdp`` (:func:`bench_hsdp`), 2 ranks on gloo, a transformer of >= 200 
 - bytes all-gathered per step (counted at ``torch.distributed.all_gather_single``, FSDP2's collective) against the
   model size.
 
+Section ``cfg`` (:func:`bench_cfg`): CFG parallel on the ``--preset`` Flux model (``small`` by default), in fresh
+processes per phase, the phases alternated per round:
+
+- ``cfg1``: one rank with ``--cores`` threads (the baseline); ``cfg2``: 2 gloo ranks (cfg 2), ``cores / 2`` threads
+  each. Workloads: true-CFG requests (negative prompt, batch 1 and 2) and requests without a negative branch
+  (batch 2: data parallel over the cfg ranks; batch 1: one cfg rank has no row and waits in the gather).
+- per workload: denoise latency (median of the rounds) and the median of the per-round ratios cfg2 / cfg1;
+- bytes each rank sends per step (counted by the communicators' ``CommStats``) against the minimum: the predictions
+  of the rows the rank computed, to the cfg - 1 peers.
+
     python tools/bench_parallel.py vae --sizes 1024 2048 --repeats 1 --preset tiny
     python tools/bench_parallel.py hsdp [--tokens 256] [--pairs 3] [--threads 1]
+    python tools/bench_parallel.py cfg [--size 256] [--steps 4] [--rounds 3] [--cores 2] [--preset small]
 """
 
 from __future__ import annotations
@@ -354,6 +365,135 @@ def bench_hsdp(tokens: int = 256, pairs: int = 3, threads: int = 1, layers: int 
             "ratios": ratios, "gathered": gathered}
 
 
+#: cfg section workloads: (name, requests, true CFG)
+CFG_WORKLOADS: list[tuple[str, int, bool]] = [("true CFG, batch 1", 1, True), ("true CFG, batch 2", 2, True),
+                                              ("no negative, batch 2", 2, False), ("no negative, batch 1", 1, False)]
+
+
+def _cfg_rank(rank: int, world: int, port: int, path: str, out: str, tag: str, size: int, steps: int,
+              threads: int, ready: Any, go: list[Any], done: list[Any]) -> None:
+    """One rank of phase ``tag``: load, warm up, set ``ready``; then per round wait for ``go[i]``, run every
+    workload once, write the numbers, set ``done[i]`` (the parent lets one phase run at a time)."""
+    import torch
+
+    from omni_runtime.parallel.mesh import Mesh
+    from omni_runtime.parallel.parallel_spec import ParallelSpec
+    from omni_runtime.parallel.strategies.cfg_parallel import assign_rows
+    from omni_runtime.stages import DenoiseRequest, DenoiserStage
+    from omni_runtime.stages.guidance import TRUE_CFG, UNGUIDED
+
+    torch.set_num_threads(threads)
+    mesh = (Mesh.build(ParallelSpec(cfg=world), rank, f"tcp://127.0.0.1:{port}", "cpu") if world > 1
+            else Mesh.single("cpu"))
+    den = DenoiserStage.from_pretrained(path, "float32", "cpu", mesh=mesh)
+    g = torch.Generator().manual_seed(0)
+
+    def request(seed: int, cfg: bool) -> DenoiseRequest:
+        pos = (torch.randn(16, den.joint_attention_dim, generator=g), torch.randn(den.pooled_projection_dim, generator=g))
+        neg = (torch.randn(16, den.joint_attention_dim, generator=g), torch.randn(den.pooled_projection_dim, generator=g))
+        return DenoiseRequest(prompt_embeds=pos[0], pooled_prompt_embeds=pos[1], seed=seed, height=size, width=size,
+                              num_inference_steps=steps, true_cfg_scale=4.0 if cfg else 1.0,
+                              negative_prompt_embeds=neg[0] if cfg else None,
+                              negative_pooled_prompt_embeds=neg[1] if cfg else None)
+
+    den.denoise([request(0, True)])  # warm-up
+    ready.set()
+    row_bytes = (size // 16) ** 2 * den.in_channels * 4
+    for i in range(len(go)):
+        go[i].wait()
+        result: dict[str, Any] = {}
+        for name, n, cfg in CFG_WORKLOADS:
+            reqs = [request(j, cfg) for j in range(n)]
+            if world > 1:
+                mesh.group("world").barrier()
+            mesh.reset_comm_stats()
+            t0 = time.perf_counter()
+            den.denoise(reqs)
+            elapsed = time.perf_counter() - t0
+            stats = mesh.comm_stats()
+            mine = len(assign_rows((TRUE_CFG if cfg else UNGUIDED).rows(list(range(n)), 0), world)[mesh.rank("cfg")])
+            result[name] = {"s": elapsed, "sent_per_step": stats.bytes_sent / steps,
+                            "gathers_per_step": stats.calls.get("all_gather", 0) / steps,
+                            "min_per_step": mine * row_bytes * (world - 1)}
+        Path(out, f"{tag}-{i}-rank{rank}.json").write_text(json.dumps(result))
+        done[i].set()
+    mesh.destroy()
+
+
+def bench_cfg(size: int = 256, steps: int = 4, rounds: int = 3, cores: int = 2, preset: str = "small",
+              timeout: float = 600) -> dict[str, Any]:
+    """cfg 2 (``cores / 2`` threads per rank) vs cfg 1 (``cores`` threads, the baseline; and ``cores / 2``, the same
+    threads as one cfg rank). Every phase's processes start (and warm up) once; then the phases take turns, one at a
+    time, their order rotating per round. Prints a table, returns the numbers."""
+    from omni_runtime.stages.models.tiny import make_tiny_model
+
+    half = max(1, cores // 2)
+    phases = [("cfg1", 1, cores), ("cfg1_half", 1, half), ("cfg2", 2, half)]
+    ctx = mp.get_context("spawn")
+    times: dict[str, dict[str, list[float]]] = {w[0]: {t: [] for t, _, _ in phases} for w in CFG_WORKLOADS}
+    comm: dict[str, list[dict]] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-cfg-") as tmp:
+        path = str(make_tiny_model(Path(tmp) / "model", preset=preset))
+        events = {tag: ([ctx.Event() for _ in range(world)], [ctx.Event() for _ in range(rounds)],
+                        [[ctx.Event() for _ in range(rounds)] for _ in range(world)]) for tag, world, _ in phases}
+        procs = []
+        for tag, world, threads in phases:
+            port = _free_port()
+            ready, go, done = events[tag]
+            procs += [ctx.Process(target=_cfg_rank, args=(r, world, port, path, tmp, tag, size, steps, threads,
+                                                          ready[r], go, done[r])) for r in range(world)]
+        try:
+            for p in procs:
+                p.start()
+            end = time.monotonic() + timeout
+
+            def wait(event: Any, what: str) -> None:
+                while not event.wait(1.0):
+                    if time.monotonic() > end or any(p.exitcode not in (None, 0) for p in procs):
+                        raise RuntimeError(f"cfg bench: {what} did not finish; exit codes "
+                                           f"{[p.exitcode for p in procs]}")
+
+            for tag, world, _ in phases:
+                for r in range(world):
+                    wait(events[tag][0][r], f"{tag} rank {r} start")
+            for i in range(rounds):
+                for tag, world, _ in phases[i % 3:] + phases[:i % 3]:
+                    events[tag][1][i].set()
+                    for r in range(world):
+                        wait(events[tag][2][r][i], f"{tag} round {i} rank {r}")
+                    res = [json.loads(Path(tmp, f"{tag}-{i}-rank{r}.json").read_text()) for r in range(world)]
+                    for name in times:
+                        times[name][tag].append(max(x[name]["s"] for x in res))
+                    if tag == "cfg2":
+                        comm = {name: [x[name] for x in res] for name in times}
+                print(f"round {i}: " + "; ".join(f"{t} " + ", ".join(f"{times[n][t][-1]:.3f}" for n in times)
+                                                 for t, _, _ in phases) + " s", flush=True)
+            for p in procs:
+                p.join(max(1.0, end - time.monotonic()))
+        finally:
+            for p in procs:
+                if p.is_alive():
+                    p.kill()
+                    p.join()
+    print(f"CFG parallel, Flux preset {preset!r}, {size}x{size} ({(size // 16) ** 2} image tokens), {steps} steps, "
+          f"{rounds} rounds (phases one at a time, order rotated): cfg 1 x {cores} thread(s) (baseline), cfg 1 x "
+          f"{half} thread(s), cfg 2 x {half} thread(s) per rank; latency = median, ratio = median of per-round ratios")
+    print(f"{'workload':22s}{'cfg1 (s)':>9s}{'cfg1/' + str(half) + 't':>9s}{'cfg2 (s)':>9s}{'cfg2/cfg1':>10s}"
+          f"{'cfg2/cfg1_' + str(half) + 't':>13s}{'sent/step/rank':>16s}{'minimum':>10s}{'gathers/step':>13s}")
+    ratios: dict[str, tuple[float, float]] = {}
+    for name, t in times.items():
+        ratios[name] = tuple(statistics.median(b / a for a, b in zip(t[base], t["cfg2"], strict=True))
+                             for base in ("cfg1", "cfg1_half"))
+        sent = statistics.mean(r["sent_per_step"] for r in comm[name])  # every rank sends the padded share
+        minimum = statistics.mean(r["min_per_step"] for r in comm[name])
+        gathers = max(r["gathers_per_step"] for r in comm[name])
+        print(f"{name:22s}{statistics.median(t['cfg1']):9.3f}{statistics.median(t['cfg1_half']):9.3f}"
+              f"{statistics.median(t['cfg2']):9.3f}{ratios[name][0]:10.2f}{ratios[name][1]:13.2f}"
+              f"{sent / 1024:12.1f} KiB{minimum / 1024:6.1f} KiB{gathers:13.1f}")
+    print("bytes: mean over the cfg ranks; minimum = the predictions of the rank's own rows to the cfg - 1 peers")
+    return {"times": times, "ratios": ratios, "comm": comm}
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="section", required=True)
@@ -370,10 +510,18 @@ def main(argv: list[str] | None = None) -> None:
     hs.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2), help="torch threads per rank")
     hs.add_argument("--layers", type=int, default=2, help="double-stream blocks (2 -> ~216 MB with 4 single)")
     hs.add_argument("--single-layers", type=int, default=4, help="single-stream blocks")
+    cf = sub.add_parser("cfg", help="CFG parallel: cfg 2 vs cfg 1 on the same cores, latency and bytes per step")
+    cf.add_argument("--size", type=int, default=256, help="square image side (pixels)")
+    cf.add_argument("--steps", type=int, default=4)
+    cf.add_argument("--rounds", type=int, default=3, help="alternated rounds (median over them)")
+    cf.add_argument("--cores", type=int, default=2, help="threads of cfg 1; cfg 2 runs cores / 2 per rank")
+    cf.add_argument("--preset", choices=("tiny", "small"), default="small", help="Flux model preset")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if args.section == "vae":
         print("\n".join(vae_section(args)))
+    elif args.section == "cfg":
+        bench_cfg(args.size, args.steps, args.rounds, args.cores, args.preset)
     else:
         bench_hsdp(args.tokens, args.pairs, args.threads, args.layers, args.single_layers)
 

@@ -10,8 +10,9 @@ How the rows are computed is the parallel strategy's business, not the loop's:
 
 * :class:`LocalForward` runs them in one forward of the local model (one process, or sequence parallel, whose
   hooks live inside the model);
-* CFG parallel spreads the rows over the cfg group and gathers the predictions; pipeline parallel sends them
-  through the pp ranks in micro-batches. Each is one strategy file that implements :class:`RowForward`.
+* CFG parallel (:class:`parallel.strategies.cfg_parallel.CFGParallel`) spreads the rows over the cfg group and
+  gathers the predictions; pipeline parallel sends them through the pp ranks in micro-batches. Each is one
+  strategy file that implements :class:`RowForward`; an outer one hands its share of the rows to an inner one.
 
 :func:`row_forward_for` picks the strategy from the mesh's degrees.
 """
@@ -25,6 +26,8 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
+
+from omni_runtime.parallel.strategies.cfg_parallel import CFGParallel
 
 logger = logging.getLogger(__name__)
 
@@ -60,11 +63,20 @@ def model_output(out: Any) -> torch.Tensor:
 class LocalForward:
     """All rows in one forward of the local model."""
 
+    def __repr__(self) -> str:
+        return "LocalForward()"
+
     def __call__(self, model: nn.Module, rows: Mapping[str, torch.Tensor | None], shared: Mapping[str, Any],
                  info: list[RowInfo]) -> torch.Tensor:
         return model_output(model(**rows, **shared))
 
 
 def row_forward_for(mesh: Any) -> RowForward:
-    """The row strategy for a denoiser replica on ``mesh`` (sequence parallelism needs none of its own)."""
-    return LocalForward()
+    """The row strategy for a denoiser replica on ``mesh`` (sequence parallelism needs none of its own).
+
+    Strategies compose outside in: CFG parallel (``cfg > 1``) spreads the rows over the cfg group and hands each
+    rank's share to the inner strategy (the local forward; pipeline parallel plugs in there)."""
+    inner: RowForward = LocalForward()
+    if mesh.size("cfg") > 1:
+        return CFGParallel(mesh.group("cfg"), inner)
+    return inner
