@@ -7,7 +7,10 @@ Same checkpoint (the ``small`` preset of ``omni_runtime.stages.models.tiny`` by 
 (c) where the time goes per stage (from the server's /metrics): queue wait (sent -> batch start), compute, and
     the rest of the hop (IPC, batching window, orchestrator).
 
-Every measure alternates its phases (diffusers, serve, diffusers, serve, ...) and reports the median of the\nper-pair ratios, so a noisy neighbour on the machine hits both sides alike.\n\nUsage: ``python tools/bench_serving.py [--preset small] [--size 256x256] [--steps 8] [--repeats 5] [--rounds 3]\n[--quick]``.
+Every measure alternates its phases (diffusers, serve, diffusers, serve, ...) and reports the median of the
+per-pair ratios, so a noisy neighbour on the machine hits both sides alike.
+
+Usage: ``python tools/bench_serving.py [--preset small] [--size 256x256] [--steps 8] [--repeats 5] [--rounds 3]\n[--quick]``.
 Prints a table; ratios matter, absolute times depend on the machine.
 """
 
