@@ -174,9 +174,11 @@ def _stage_main(conn: Any, spec_json: str, env: dict[str, str], parent_pid: int)
 
 def _spawn_main(conn: Any, spec_json: str, parent_pid: int) -> None:
     from omni_runtime.comm import cleanup
+    from omni_runtime.runtime import allocator
     from omni_runtime.runtime.launcher import _cpus, stage_threads
 
     cleanup.exit_with_parent(parent_pid)
+    allocator.keep_freed_memory()
     torch.set_num_threads(stage_threads(1, _cpus(), json.loads(spec_json).get("threads", 0)))
     _child_loop(conn, spec_json, via_shm=True)
 
