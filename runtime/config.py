@@ -84,7 +84,7 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 class StageConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     replicas: int = 1
     max_batch_size: int = 8
-    batch_timeout_ms: float = 5.0
+    batch_timeout_ms: float = 0.0  # the most a busy stage waits to top up a batch; an idle one never waits
     devices: list[str] = msgspec.field(default_factory=list)
     threads: int = 0  # torch threads per rank; 0 = auto (the stage's ranks split the cores)
     # n x W x H summed over one batch (denoiser and vae; not a key of [stages.text_encoder]); 0 = no cap.

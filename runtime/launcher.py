@@ -12,7 +12,8 @@ nodes (Ray) implements the same methods over the same placement.
   prefix) and its 0700 run directory (ipc sockets, rendezvous stores), owned by this process;
 - starts each replica as ``world_size`` processes from a ``forkserver`` context (the forkserver imports torch once;
   a plain fork after torch has run threads can deadlock), each with the replica's environment from the placement
-  (``GLOO_SOCKET_IFNAME=lo`` on one node) and a parent watchdog that unlinks the rank's segments and exits it when
+  (``GLOO_SOCKET_IFNAME=lo`` on one node), glibc's allocator set to keep freed activation memory
+  (``runtime.allocator``) and a parent watchdog that unlinks the rank's segments and exits it when
   the frontend dies;
 - kills a replica's whole process tree (``comm.processes.kill_tree``) and sweeps its segments; at shutdown,
   sweeps every segment of the instance and removes the run directory.
@@ -35,6 +36,7 @@ import msgspec
 from omni_runtime.comm import cleanup, shm_tensor
 from omni_runtime.comm import instance as rt_instance
 from omni_runtime.comm.processes import kill_tree, pid_alive
+from omni_runtime.runtime import allocator
 from omni_runtime.runtime.config import STAGE_NAMES, ConfigError, RuntimeConfig
 from omni_runtime.runtime.placement import Placement, ReplicaPlacement, compute_placement
 from omni_runtime.runtime.stage_worker import WorkerSpec, worker_main
@@ -52,9 +54,11 @@ def free_port() -> int:
 
 
 def _rank_main(spec_bytes: bytes, env: dict[str, str], parent_pid: int) -> None:
-    """Entry point of a rank process: the placement's environment, the parent watchdog, then the worker."""
+    """Entry point of a rank process: the placement's environment, the parent watchdog, the allocator settings
+    (``runtime.allocator``), then the worker."""
     os.environ.update(env)
     cleanup.exit_with_parent(parent_pid)
+    allocator.keep_freed_memory()
     worker_main(spec_bytes)
 
 

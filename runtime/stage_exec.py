@@ -2,7 +2,8 @@
 
 A :class:`StageExecutor` wraps one engine (``stages.engine``). It is fed :class:`~runtime.messages.Work` and
 :class:`~runtime.messages.Cancel` messages (``offer``), forms batches (same ``batch_key``, up to
-``max_batch_size``, waiting at most ``batch_timeout_ms`` after the first item; ``take_batch``), runs a batch with a
+``max_batch_size``; ``take_batch``: an idle stage dispatches a lone item at once, a batch is what arrived while the
+stage was busy, topped up for at most ``batch_timeout_ms``, vLLM's way), runs a batch with a
 stop hook that takes cancelled or expired items out between denoising steps (``run``) and turns the outputs into
 :class:`~runtime.messages.Result` messages: tensors are published through ``runtime.tensor_handoff``, images are
 encoded. :class:`DriverLoop` is the driver's loop around it with the I/O left abstract: the process shell
@@ -61,7 +62,8 @@ class StageExecutor:
         self.engine, self.stage, self.replica = engine, stage, replica
         self.max_batch_size = max_batch_size
         self.max_batch_pixels = max_batch_pixels  # 0: no cap; else width x height summed over a batch
-        self.batch_timeout_s = batch_timeout_ms / 1000
+        self.batch_timeout_s = batch_timeout_ms / 1000  # the most a busy stage waits to top up a batch
+        self.clock: Callable[[], float] = time.monotonic  # the batching window's clock (tests set a fake one)
         self.publisher = publisher or tensor_handoff.Publisher()
         self.pending: deque[Pending] = deque()
         self.cancelled: set[str] = set()
@@ -86,15 +88,22 @@ class StageExecutor:
         self.pending.append(Pending(msg, item, key))
         return None
 
-    def take_batch(self, wait: Callable[[float], None]) -> list[Pending]:
-        """The next batch: the items with the first pending item's key, up to ``max_batch_size``. While fewer
-        are there it calls ``wait(seconds)`` (which should ``offer`` what arrives) until the window closes."""
+    def take_batch(self, wait: Callable[[float], None], busy: bool = False) -> list[Pending]:
+        """The next batch: the items with the first pending item's key, up to ``batch_limit``.
+
+        ``wait(seconds)`` takes in what arrives (it should ``offer`` it); ``wait(0)`` first takes in what has
+        already arrived. An idle stage (``busy=False``: the first pending item arrived while nothing ran)
+        dispatches at once, a lone item too: no batching window delays it. A busy stage (``busy=True``: the
+        driver comes straight from running a batch, so these items queued while it ran) takes what queued and,
+        when that is short of the limit, waits at most ``batch_timeout_ms`` for more (0, the default: never)."""
+        wait(0)
         key = self.pending[0].key
         limit = self.batch_limit(self.pending[0].work)
-        window_end = time.monotonic() + self.batch_timeout_s
-        while True:
+        window = self.batch_timeout_s if busy else 0.0
+        window_end = self.clock() + window
+        while window > 0:
             same = sum(1 for p in self.pending if p.key == key)
-            left = window_end - time.monotonic()
+            left = window_end - self.clock()
             if same >= limit or left <= 0:
                 break
             wait(left)
@@ -258,11 +267,13 @@ class DriverLoop:
     def loop(self) -> None:
         """Run until a ``Stop`` arrives; then fail what is still queued."""
         ex = self.executor
+        busy = False  # True right after a batch ran: what is pending queued while the stage was busy
         while not self.stopping:
             if not ex.pending:
+                busy = False
                 self.receive(self.idle_poll_s)
                 continue
-            batch, dropped = ex.drop_dead(ex.take_batch(self.receive))
+            batch, dropped = ex.drop_dead(ex.take_batch(self.receive, busy=busy))
             for res in dropped:
                 self.send(res)
             if not batch:
@@ -271,6 +282,7 @@ class DriverLoop:
                 self.broadcast(Batch(items=[p.work for p in batch]))
             for res in ex.run(batch, stop=self._stop_hook(batch)):
                 self.send(res)
+            busy = True
         for res in ex.drop_all("the stage is shutting down"):
             self.send(res)
         if self.broadcast is not None:

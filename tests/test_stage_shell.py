@@ -30,6 +30,7 @@ class StepEngine:
     def __init__(self) -> None:
         self.started = threading.Event()
         self.asked: list[int] = []
+        self.busy_until_queued: tuple[StageExecutor, int] | None = None  # see _while_busy
 
     def batch_key(self, item) -> tuple:
         return (item.params.width, item.params.height)
@@ -37,6 +38,14 @@ class StepEngine:
     def step(self, items, stop=None):
         alive = set(range(len(items)))
         self.started.set()
+        if self.busy_until_queued is not None:  # the busy batch: it runs until the driver holds n queued items
+            ex, n = self.busy_until_queued
+            self.busy_until_queued = None
+            end = time.monotonic() + 10
+            while len(ex.pending) < n and time.monotonic() < end:
+                stop(0)  # the driver takes in what arrived
+                time.sleep(0.005)
+            return [np.zeros((16, 16, 3), np.uint8) for _ in items]
         for i in range(STEPS):
             if stop is not None:
                 self.asked.append(i)
@@ -61,6 +70,7 @@ def driver(tmp_path):
     t = threading.Thread(target=d.run, daemon=True)
     t.start()
     assert isinstance(results.recv(Outbound, timeout=10), Ready)
+    engine.executor = ex
     yield engine, inbox, results
     inbox.send(Stop())
     t.join(10)
@@ -93,14 +103,24 @@ def test_bad_bytes_forged_refs_and_expired_items_fail_alone(driver):
     assert got["good"].ok and got["good"].image[:4] == b"\x89PNG"
 
 
+def _while_busy(engine, inbox, n: int) -> None:
+    """Make the stage busy (a batch of another size runs until the driver holds the ``n`` items sent next), so
+    those items queue and form one batch: an idle stage dispatches a lone item at once."""
+    engine.busy_until_queued = (engine.executor, n)
+    inbox.send(Work(req_id="busy", index=0, seed=1, params=parse_request({"prompt": "x", "size": "32x32"})))
+    assert engine.started.wait(10)
+    engine.started.clear()
+
+
 def test_a_cancel_takes_an_item_out_of_the_running_batch_at_the_next_step(driver):
     engine, inbox, results = driver
+    _while_busy(engine, inbox, 2)
     inbox.send(_work("a"))
     inbox.send(_work("b"))
     assert engine.started.wait(10)
     time.sleep(0.05)
     inbox.send(Cancel("a"))
-    got = _results(results, 2)
+    got = _results(results, 3)
     assert not got["a"].ok and got["a"].error == DROPPED
     assert got["b"].ok and got["b"].batch_size == 2  # they ran as one batch; b went on to the end
     assert engine.asked == list(range(STEPS))
@@ -117,9 +137,10 @@ def test_a_cancel_for_a_queued_item_drops_it_before_it_runs(driver):
 
 def test_an_item_that_expires_mid_batch_leaves_it_and_the_other_goes_on(driver):
     engine, inbox, results = driver
+    _while_busy(engine, inbox, 2)
     inbox.send(_work("soon", deadline=time.time() + 0.15))  # the batch takes STEPS x 10 ms = 0.4 s
     inbox.send(_work("later"))
-    got = _results(results, 2)
+    got = _results(results, 3)
     assert not got["soon"].ok and got["soon"].error == DROPPED
     assert got["later"].ok and got["later"].batch_size == 2
     assert engine.asked == list(range(STEPS))

@@ -5,9 +5,17 @@ Same checkpoint (the ``small`` preset of ``omni_runtime.stages.models.tiny`` by 
 (a) latency of one request through serve (HTTP + three stage processes) vs one in-process FluxPipeline call;
 (b) throughput with 1, 4 and 16 concurrent clients vs diffusers serving one request at a time;
 (c) where the time goes per stage (from the server's /metrics): queue wait (sent -> batch start), compute, and
-    the rest of the hop (IPC, batching window, orchestrator).
+    the rest of the hop (IPC, batching window, orchestrator), and the CPU time per image of every process
+    (frontend, each stage rank) for single requests and under each client count;
+(d) overlap under load: for each serve throughput phase, the denoiser's busy share (its batch compute time over
+    the phase's wall time; 1.0 when text encoding and VAE decoding of other requests run while it computes) and
+    the stages' concurrency (every stage's compute time over the wall time; above 1 when stages overlap).
 
-Every measure alternates its phases (diffusers, serve, diffusers, serve, ...) and reports the median of the\nper-pair ratios, so a noisy neighbour on the machine hits both sides alike.\n\nUsage: ``python tools/bench_serving.py [--preset small] [--size 256x256] [--steps 8] [--repeats 5] [--rounds 3]\n[--quick]``.
+Every measure alternates its phases (diffusers, serve, diffusers, serve, ...) and reports the median of the
+per-pair ratios, so a noisy neighbour on the machine hits both sides alike.
+
+Usage: ``python tools/bench_serving.py [--preset small] [--size 256x256] [--steps 8] [--repeats 5] [--rounds 3]
+[--quick]``. The recorded run (docs/BENCHMARKS.md) is the plain command with its defaults.
 Prints a table; ratios matter, absolute times depend on the machine.
 """
 
@@ -28,6 +36,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +123,25 @@ class _Server:
             out[(f"{m.group(1)}_{m.group(2)}", m.group(3))] = float(m.group(4))
         return out
 
+    def cpu(self) -> dict[str, float]:
+        """CPU seconds (user + system, every thread) so far of the frontend and of every stage rank, by name."""
+        out = {}
+        front = psutil.Process(self.proc.pid)
+        for proc in [front, *front.children(recursive=True)]:
+            try:
+                title = " ".join(proc.cmdline()).strip()
+                t = proc.cpu_times()
+            except psutil.Error:
+                continue
+            if proc is front:
+                name = "frontend"
+            elif title.startswith("omni-runtime: "):
+                name = title.removeprefix("omni-runtime: ").split()[0]
+            else:
+                continue  # the forkserver
+            out[name] = out.get(name, 0.0) + t.user + t.system
+        return out
+
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
         try:
@@ -124,14 +152,45 @@ class _Server:
         self.tmp.cleanup()
 
 
-def _throughput(server: _Server, body: dict, clients: int, total: int) -> float:
+STAGES = ("text_encoder", "denoiser", "vae")
+
+
+def _delta(a: dict, b: dict) -> dict:
+    return {k: b[k] - a.get(k, 0.0) for k in b}
+
+
+def _throughput(server: _Server, body: dict, clients: int, total: int, load: dict | None = None) -> float:
+    """Images per second of ``total`` requests from ``clients`` concurrent clients. ``load`` (if given) gets the
+    phase's wall time, the change of the server's metrics and of every process's CPU time."""
     def one(i: int) -> float:
         return server.post({**body, "seed": i})
 
+    m0, c0 = (server.metrics(), server.cpu()) if load is not None else ({}, {})
     t0 = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(clients) as ex:
         list(ex.map(one, range(total)))
-    return total / (time.perf_counter() - t0)
+    wall = time.perf_counter() - t0
+    if load is not None:
+        load.update(wall=wall, images=total, metrics=_delta(m0, server.metrics()), cpu=_delta(c0, server.cpu()))
+    return total / wall
+
+
+def _overlap(load: dict) -> tuple[float, float]:
+    """(denoiser busy share, stage concurrency) of one throughput phase: batch compute time over wall time."""
+    comp = {s: load["metrics"].get(("omni_stage_compute_seconds_sum", s), 0.0) for s in STAGES}
+    return comp["denoiser"] / load["wall"], sum(comp.values()) / load["wall"]
+
+
+def _process_order(name: str) -> tuple[int, str]:
+    """frontend first, then the stage ranks in pipeline order."""
+    if name == "frontend":
+        return 0, name
+    return 1 + next((i for i, s in enumerate(STAGES) if name.startswith(s)), len(STAGES)), name
+
+
+def _requests(clients: int, quick: bool) -> int:
+    """Requests per throughput phase: 4 per client up to 4 clients, 2 per client at 16 (32: every client twice)."""
+    return clients * (2 if quick or clients > 4 else 4)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -154,25 +213,28 @@ def main(argv: list[str] | None = None) -> int:
     try:
         base.once(0)  # warm-up both
         server.post(body)
-        m0 = server.metrics()
+        m0, c0 = server.metrics(), server.cpu()
         # Phases alternate (diffusers, serve, diffusers, serve, ...) so that a noisy neighbour hits both alike;
         # each pair gives one ratio and the table reports the median of the per-pair ratios.
         base_lats, lats = [], []
         for i in range(repeats):
             base_lats.append(base.once(i))
             lats.append(server.post({**body, "seed": i}))
-        m1 = server.metrics()
+        m1, cpu_single = server.metrics(), _delta(c0, server.cpu())
         ratios = [s / b for s, b in zip(lats, base_lats, strict=True)]
         rows = [("(a) latency, 1 request", f"{statistics.median(base_lats) * 1000:.0f} ms",
                  f"{statistics.median(lats) * 1000:.0f} ms", f"{statistics.median(ratios):.3f}x time",
                  " ".join(f"{r:.3f}" for r in ratios))]
+        loads: dict[int, list[dict]] = {}
         for clients in (1, 4, 16):
-            total = clients * (2 if args.quick else 4)
+            total = _requests(clients, args.quick)
             pairs = []
             for _ in range(rounds):
                 b = base.throughput(total)
-                t = _throughput(server, body, clients, total)
+                load: dict = {}
+                t = _throughput(server, body, clients, total, load)
                 pairs.append((b, t))
+                loads.setdefault(clients, []).append(load)
             tr = [t / b for b, t in pairs]
             rows.append((f"(b) throughput, {clients} clients", f"{statistics.median(b for b, _ in pairs):.2f} img/s",
                          f"{statistics.median(t for _, t in pairs):.2f} img/s", f"{statistics.median(tr):.3f}x",
@@ -184,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{r[0]:32} {r[1]:>14} {r[2]:>14} {r[3]:>14}  {r[4]}")
         print("\n(c) per stage, single requests (mean per hop)")
         print(f"{'stage':14} {'queue wait':>12} {'compute':>12} {'other (IPC, window, routing)':>30}")
-        for stage in ("text_encoder", "denoiser", "vae"):
+        for stage in STAGES:
             def mean(name: str, stage: str = stage) -> float:
                 n = m1[(f"{name}_count", stage)] - m0.get((f"{name}_count", stage), 0)
                 return (m1[(f"{name}_sum", stage)] - m0.get((f"{name}_sum", stage), 0)) / max(n, 1)
@@ -192,6 +254,18 @@ def main(argv: list[str] | None = None) -> int:
             q, c = mean("omni_stage_queue_wait_seconds"), mean("omni_stage_compute_seconds")
             hop = mean("omni_stage_latency_seconds")
             print(f"{stage:14} {q * 1000:>10.1f}ms {c * 1000:>10.1f}ms {(hop - q - c) * 1000:>28.1f}ms")
+        names = sorted(cpu_single, key=_process_order)
+        print("\n(c) CPU time per image, by process (ms; user + system, every thread)")
+        print(f"{'phase':22} " + " ".join(f"{n:>17}" for n in names))
+        print(f"{'single requests':22} " + " ".join(f"{cpu_single[n] / repeats * 1000:>17.0f}" for n in names))
+        for clients, ls in loads.items():
+            imgs = sum(x["images"] for x in ls)
+            print(f"{f'{clients} clients':22} " + " ".join(
+                f"{sum(x['cpu'].get(n, 0.0) for x in ls) / imgs * 1000:>17.0f}" for n in names))
+        print("\n(d) overlap under load (serve phases): denoiser busy share | stage concurrency (compute / wall)")
+        for clients, ls in loads.items():
+            ov = [_overlap(x) for x in ls]
+            print(f"{clients:>3} clients: " + "  ".join(f"{d:.3f} | {c:.3f}" for d, c in ov))
     finally:
         server.stop()
     return 0
