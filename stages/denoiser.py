@@ -84,15 +84,17 @@ def vae_scale_factor_of(path: str | Path) -> int:
 
 def load_transformer(path: str | Path, dtype: torch.dtype, device: torch.device,
                      ep_group: GroupCoordinator | None = None,
-                     hsdp: HSDPInferenceConfig | None = None) -> torch.nn.Module:
+                     hsdp: HSDPInferenceConfig | None = None,
+                     pp_group: GroupCoordinator | None = None) -> torch.nn.Module:
     """Load ``<path>/transformer`` as a Flux transformer (forward signature of diffusers' FluxTransformer2DModel).
 
     ``ep_group``: the expert-parallel group of an MoE model (this rank then loads only its experts); ``hsdp``: its
-    weights are sharded over the HSDP mesh, each rank loading only its shards."""
+    weights are sharded over the HSDP mesh, each rank loading only its shards; ``pp_group`` (more than one rank):
+    this rank loads only its pipeline stage's blocks (``parallel.strategies.pipeline_parallel``)."""
     from omni_runtime.stages.models.flux import FluxTransformer
 
     return FluxTransformer.from_pretrained(component_dir(path, "transformer"), dtype=dtype, device=device,
-                                           ep_group=ep_group, hsdp=hsdp)
+                                           ep_group=ep_group, hsdp=hsdp, pp_group=pp_group)
 
 
 def _unbatched(t: object, field: str, ndim: int) -> torch.Tensor:
@@ -151,7 +153,8 @@ class DenoiserStage:
         mesh = mesh if mesh is not None else Mesh.single(dev)
         config = read_config(component_dir(path, "transformer"))
         schedule = FlowMatchSchedule.from_pretrained(path)
-        model = load_transformer(path, torch_dtype, dev, ep_group, hsdp)
+        pp = mesh.size("pp")
+        model = load_transformer(path, torch_dtype, dev, ep_group, hsdp, mesh.group("pp") if pp > 1 else None)
         if ep_group is not None and ep_group.device_communicator is not None:
             ep_group.device_communicator.prepare_communication_buffer_for_model(model)
             experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
@@ -159,8 +162,8 @@ class DenoiserStage:
                         ep_group.rank_in_group, ep_group.world_size, experts,
                         sum(p.numel() for p in model.parameters()))
         sp = mesh.size("sp")
-        if sp > 1:
-            SequenceParallel(mesh).apply(model)
+        if sp > 1:  # a pipeline stage without the head gathers nothing: its activations go on sharded
+            SequenceParallel(mesh, check_gathers=pp == 1 or mesh.rank("pp") == pp - 1).apply(model)
             logger.info("denoiser: sequence parallel over %d ranks", sp)
         logger.info("loaded denoiser from %s (%s on %s)", path, torch_dtype, dev)
         return cls(model, config, schedule, vae_scale_factor_of(path), torch_dtype, dev, mesh)

@@ -66,5 +66,16 @@ class LocalForward:
 
 
 def row_forward_for(mesh: Any) -> RowForward:
-    """The row strategy for a denoiser replica on ``mesh`` (sequence parallelism needs none of its own)."""
+    """The row strategy for a denoiser replica on ``mesh`` (sequence parallelism needs none of its own). pp > 1:
+    ``pipeline_parallel.PipelineForward`` (``pp_mode = "layer"``) or ``pipefusion.PipeFusionForward``."""
+    if mesh is not None and mesh.size("pp") > 1:
+        spec = mesh.spec
+        if spec.pp_mode == "pipefusion":
+            from omni_runtime.parallel.strategies.pipefusion import PipeFusionForward
+
+            return PipeFusionForward(mesh.group("pp"), patches=spec.pipefusion_patches or spec.pp,
+                                     warmup=spec.pipefusion_warmup)
+        from omni_runtime.parallel.strategies.pipeline_parallel import PipelineForward
+
+        return PipelineForward(mesh.group("pp"), microbatches=spec.pp_microbatches)
     return LocalForward()
