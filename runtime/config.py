@@ -295,8 +295,6 @@ def _check_pipeline(base: str, par: dict[str, Any], given: dict[str, Any]) -> No
     if mode == "pipefusion" and given.get("pipefusion_patches") == 1:
         raise ConfigError(f"{base}.pipefusion_patches = 1: PipeFusion needs at least 2 patches; allowed: 0 (the "
                           f"pp degree, {par['pp']}) or an integer >= 2")
-    if mode == "pipefusion":  # PIPEFUSION-PENDING
-        raise ConfigError(f"{base}.pp_mode = 'pipefusion': not supported yet; allowed: 'layer'")
 
 
 def _check_expert_parallel(base: str, par: dict[str, Any]) -> None:

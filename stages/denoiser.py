@@ -174,6 +174,13 @@ class DenoiserStage:
         assert isinstance(req.num_inference_steps, int) and req.num_inference_steps >= 1, req.num_inference_steps
         assert isinstance(req.seed, int) and req.seed >= 0, req.seed
         check_image_size(req.height, req.width, 2 * self.vae_scale_factor)
+        spec = self.mesh.spec
+        if spec.pp > 1 and spec.pp_mode == "pipefusion":  # PipeFusion's patches are whole token rows
+            patches, rows = spec.pipefusion_patches or spec.pp, req.height // (2 * self.vae_scale_factor)
+            if patches > rows:
+                raise RequestError(f"height={req.height}: {req.height} / {2 * self.vae_scale_factor} = {rows} token "
+                                   f"row(s) < stages.denoiser.parallel.pipefusion_patches = {patches} (0: pp = "
+                                   f"{spec.pp}); allowed: height >= {patches * 2 * self.vae_scale_factor}")
         pairs = [("prompt_embeds", "pooled_prompt_embeds")]
         if req.do_true_cfg:
             if req.negative_pooled_prompt_embeds is None:

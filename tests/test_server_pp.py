@@ -79,3 +79,27 @@ def test_pp_serve_matches_default_config(tmp_path, reference, layout):
         assert got.shape == want.shape
         diff = np.abs(got.astype(int) - want.astype(int)).max()
         assert diff <= 1, f"{req['size']} {req['extra_body']}: max |delta| {diff} > 1/255"
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
+
+
+def test_pipefusion_serve_is_bounded_by_psnr(tmp_path, reference):
+    server = Server(tmp_path, base_config="pipefusion2.toml", timeout=240)
+    try:
+        served = _images(server)
+        assert "pipefusion: 1 attention layers on this stage, 2 patches, 1 warm-up step(s)" in server.log_text()
+        # 64x16: one token row, fewer than the 2 patches: a 400 naming the key and the arithmetic
+        r = httpx.post(server.url + "/v1/images/generations", headers=server.headers, timeout=120,
+                       json={"prompt": "flat", "size": "64x16", "num_inference_steps": 2})
+        assert r.status_code == 400, r.text
+        assert "16 / 16 = 1 token row(s) < stages.denoiser.parallel.pipefusion_patches = 2" in r.text, r.text
+    finally:
+        server.stop()
+    assert server.shm_entries() == []
+    for req, got, want in zip(REQUESTS, served, reference, strict=True):
+        value = _psnr(got, want)
+        assert value >= 30.0, f"{req['size']} {req['extra_body']}: PSNR {value:.2f} dB < 30 dB"
+        assert value < 200, "identical to the exact image: the stale K/V path never ran"
