@@ -26,8 +26,14 @@ Section ``hsdp`` (:func:`bench_hsdp`), 2 ranks on gloo, a transformer of >= 200 
 - bytes all-gathered per step (counted at ``torch.distributed.all_gather_single``, FSDP2's collective) against the
   model size.
 
+Section ``pp`` (``tools/bench_pp.py``): layer pipeline parallelism (2 ranks x 1 thread) against one rank with 2
+threads, throughput at each batch and the measured bubble against the GPipe bound; PipeFusion against layer PP
+(latency, PSNR); bytes sent per step per rank against the minimum.
+
     python tools/bench_parallel.py vae --sizes 1024 2048 --repeats 1 --preset tiny
     python tools/bench_parallel.py hsdp [--tokens 256] [--pairs 3] [--threads 1]
+    python tools/bench_parallel.py pp [--batches 4 8] [--size 256] [--steps 4] [--repeats 1]
+    python tools/bench_parallel.py pp-accuracy [--steps 4 8 16] [--size 128] [--warmup 1]
 """
 
 from __future__ import annotations
@@ -370,10 +376,28 @@ def main(argv: list[str] | None = None) -> None:
     hs.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2), help="torch threads per rank")
     hs.add_argument("--layers", type=int, default=2, help="double-stream blocks (2 -> ~216 MB with 4 single)")
     hs.add_argument("--single-layers", type=int, default=4, help="single-stream blocks")
+    pp = sub.add_parser("pp", help="layer PP and PipeFusion vs one rank: throughput, bubble, latency, PSNR, bytes")
+    pp.add_argument("--batches", type=int, nargs="+", default=[4, 8], help="requests per denoise call")
+    pp.add_argument("--size", type=int, default=256, help="square image side (pixels, a multiple of 16)")
+    pp.add_argument("--steps", type=int, default=4)
+    pp.add_argument("--repeats", type=int, default=1)
+    pp.add_argument("--threads", type=int, default=2, help="threads of the one-rank baseline (pp ranks: half each)")
+    acc = sub.add_parser("pp-accuracy", help="PipeFusion vs the exact run: PSNR and max |delta| per step count")
+    acc.add_argument("--steps", type=int, nargs="+", default=[4, 8, 16])
+    acc.add_argument("--size", type=int, default=128)
+    acc.add_argument("--warmup", type=int, default=1)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if args.section == "vae":
         print("\n".join(vae_section(args)))
+    elif args.section == "pp":
+        from bench_pp import pp_section  # tools/ is this script's directory
+
+        print("\n".join(pp_section(args.batches, args.size, args.steps, args.repeats, args.threads)))
+    elif args.section == "pp-accuracy":
+        from bench_pp import accuracy_section
+
+        print("\n".join(accuracy_section(args.steps, args.size, args.warmup)))
     else:
         bench_hsdp(args.tokens, args.pairs, args.threads, args.layers, args.single_layers)
 

@@ -490,6 +490,8 @@ class FluxTransformer(nn.Module):
         config = FluxConfig.from_dict(read_config(path, allowed_classes=CLASS_NAMES), path / "config.json")
         torch_dtype, device = resolve_dtype(dtype), resolve_device(device)
         if hsdp is not None and hsdp.enabled:
+            if pp_group is not None and pp_group.world_size > 1:
+                raise ValueError("HSDP sharding and pipeline parallelism together are not supported")
             from omni_runtime.stages.sharded_load import build_sharded_model
 
             model = build_sharded_model(lambda: cls(config, ep_group=ep_group), path, DIFFUSERS_WEIGHTS, hsdp, device=device,
