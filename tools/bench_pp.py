@@ -143,7 +143,9 @@ def pp_section(batches: list[int], size: int, steps: int, repeats: int, threads:
         lay, pf = np.load(Path(tmp) / "pp2-1.npy"), np.load(Path(tmp) / "pipefusion2-1.npy")
         imgs = _images(model, np.concatenate([ref, lay, pf]), size)
         run = results[("pipefusion2", 1)][-1]
-        pf_min = (tokens + 2 * (TEXT_TOKENS + 1)) * dim * 4
+        # the first step is synchronous (one unit: image + text + conditioning), the others send the text and the
+        # conditioning once per patch (2 patches)
+        pf_min = ((tokens + TEXT_TOKENS + 1) + (steps - 1) * (tokens + 2 * (TEXT_TOKENS + 1))) * dim * 4 // steps
         lines.append(f"  batch 1 latency: pp1 {med[('pp1', 1)]:.3f} s, layer pp2 {med[('pp2', 1)]:.3f} s, "
                      f"pipefusion2 {med[('pipefusion2', 1)]:.3f} s ({med[('pipefusion2', 1)] / med[('pp2', 1)]:.2f}x "
                      f"layer pp2)")
