@@ -349,8 +349,19 @@ class GroupCoordinator:
         it = iter(tensors)
         return {e.key: (next(it) if e.tensor is not None else e.value) for e in entries}
 
-    def send_tensor_dict(self, tensor_dict: dict[Any, Any], dst: int | None = None) -> None:
-        """Send a dict of tensors and plain values to group rank ``dst`` (default: next rank)."""
+    @staticmethod
+    def _sliced(numel: int, all_gather_group: GroupCoordinator | None) -> bool:
+        """Whether a tensor of ``numel`` elements travels as one slice per rank of ``all_gather_group``."""
+        return all_gather_group is not None and all_gather_group.world_size > 1 and numel > 0 \
+            and numel % all_gather_group.world_size == 0
+
+    def send_tensor_dict(self, tensor_dict: dict[Any, Any], dst: int | None = None,
+                         all_gather_group: GroupCoordinator | None = None) -> None:
+        """Send a dict of tensors and plain values to group rank ``dst`` (default: next rank).
+
+        ``all_gather_group`` (vLLM's meaning): every rank of that group sends the same dict to its own peer, so each
+        sends only its ``1 / size`` slice of every tensor whose element count the size divides, and the receivers
+        (who pass their own ``all_gather_group`` of the same size to :meth:`recv_tensor_dict`) all-gather them."""
         if self.world_size == 1:
             return
         if dst is None:
@@ -358,11 +369,17 @@ class GroupCoordinator:
         entries, tensors = self._split_tensor_dict(tensor_dict)
         self.send_object(entries, dst)
         for tensor in tensors:
-            if tensor.numel():
-                self.device_communicator.send(tensor.contiguous(), dst)
+            if not tensor.numel():
+                continue
+            if self._sliced(tensor.numel(), all_gather_group):
+                n = all_gather_group.world_size
+                tensor = tensor.contiguous().reshape(n, -1)[all_gather_group.rank_in_group]
+            self.device_communicator.send(tensor.contiguous(), dst)
 
-    def recv_tensor_dict(self, src: int | None = None) -> dict[Any, Any] | None:
-        """Receive a dict that group rank ``src`` (default: previous rank) sent with ``send_tensor_dict``."""
+    def recv_tensor_dict(self, src: int | None = None,
+                         all_gather_group: GroupCoordinator | None = None) -> dict[Any, Any] | None:
+        """Receive a dict that group rank ``src`` (default: previous rank) sent with ``send_tensor_dict`` (with the
+        same ``all_gather_group`` size: sliced tensors are all-gathered over it)."""
         if self.world_size == 1:
             return None
         if src is None:
@@ -374,7 +391,11 @@ class GroupCoordinator:
                 out[entry.key] = entry.value
                 continue
             tensor = self._alloc(entry.tensor)
-            if tensor.numel():
+            if self._sliced(tensor.numel(), all_gather_group):
+                part = tensor.new_empty(tensor.numel() // all_gather_group.world_size)
+                self.device_communicator.recv_into(part, src)
+                tensor = all_gather_group.all_gather(part, dim=0).reshape(tensor.shape)
+            elif tensor.numel():
                 self.device_communicator.recv_into(tensor, src)
             out[entry.key] = tensor
         return out

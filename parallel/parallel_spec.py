@@ -68,6 +68,11 @@ ALL2ALL_BACKEND_NAMES: tuple[str, ...] = (
     "flashinfer_nvlink_two_sided", "nixl_ep")
 CPU_ALL2ALL_BACKEND_NAMES: tuple[str, ...] = ("naive", "agrs", "alltoallv")
 
+#: ``pp_mode`` values: layer pipeline parallelism (exact) or PipeFusion (stale K/V, approximate).
+PP_MODES: tuple[str, ...] = ("layer", "pipefusion")
+#: the pipeline's count settings (0 means the default), integers >= 0
+PP_COUNTS: tuple[str, ...] = ("pp_microbatches", "pipefusion_patches", "pipefusion_warmup")
+
 
 class ParallelSpecError(ValueError):
     """A parallel degree is invalid or the degrees do not fit together; the message shows the arithmetic."""
@@ -111,6 +116,11 @@ class ParallelSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     vae_patch: int = msgspec.field(default=1, name="patch")
     ep: int = 1
     all2all_backend: str = "agrs"  # not a degree: how the EP group exchanges MoE tokens (ep > 1)
+    # Not degrees: how pp > 1 runs (``parallel.strategies.pipeline_parallel``). ``pp_mode``: one of PP_MODES.
+    pp_mode: str = "layer"
+    pp_microbatches: int = 0  # layer PP: micro-batches per step (0: one per row)
+    pipefusion_patches: int = 0  # PipeFusion: image-token patches (0: the pp degree)
+    pipefusion_warmup: int = 1  # PipeFusion: first steps run synchronously (exact) before stale K/V is used
 
     def __post_init__(self) -> None:
         for name in DEGREES:
@@ -122,6 +132,12 @@ class ParallelSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
                                     f"{', '.join(ALL2ALL_BACKEND_NAMES)}")
         if self.tp != 1:
             raise ParallelSpecError(f"tp = {self.tp}: tensor parallelism is reserved; tp must be 1")
+        if self.pp_mode not in PP_MODES:
+            raise ParallelSpecError(f"pp_mode {self.pp_mode!r} is not known; allowed: {', '.join(PP_MODES)}")
+        for name in PP_COUNTS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ParallelSpecError(f"{name} must be an integer >= 0 (0: the default), got {value!r}")
         world = self.world_size
         if world % self.vae_patch:
             raise ParallelSpecError(f"vae_patch {self.vae_patch} does not divide the world size "
@@ -213,4 +229,9 @@ class ParallelSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
         parts = [f"{n} {getattr(self, n)}" for n in DEGREES if getattr(self, n) != 1]
         if self.ep > 1:
             parts[-1] += f" ({self.all2all_backend})"
+        if self.pp > 1:
+            i = next(i for i, p in enumerate(parts) if p.startswith("pp "))
+            parts[i] += (f" (layer, micro-batches: {self.pp_microbatches or 'one per row'})" if self.pp_mode == "layer"
+                         else f" (pipefusion, {self.pipefusion_patches or self.pp} patches, "
+                              f"{self.pipefusion_warmup} warm-up steps)")
         return " × ".join(parts) or "single"

@@ -96,6 +96,7 @@ def describe(cfg: RuntimeConfig, size: tuple[int, int] | None = None) -> str:
     from omni_runtime.comm.instance import RUN_DIR_PREFIX
     from omni_runtime.runtime.layout import vae_row_lines
     from omni_runtime.runtime.placement import compute_placement
+    from omni_runtime.runtime.preflight import pipeline_lines
 
     lines = [f"config: {cfg.source or '(in code)'}",
              f"model: {cfg.model.path} ({cfg.model.dtype} on {cfg.model.device})",
@@ -109,6 +110,8 @@ def describe(cfg: RuntimeConfig, size: tuple[int, int] | None = None) -> str:
             extra += ", tiling (approximate)"
         lines.append(f"stage {stage}: {st.replicas} replica(s) x {st.world_size} rank(s), "
                      f"max_batch_size {st.max_batch_size}, batch_timeout_ms {st.batch_timeout_ms:g}{extra}")
+        if stage == "denoiser" and st.parallel.pp > 1:
+            lines.extend(pipeline_lines(cfg))
         if stage == "vae" and cfg.stages.vae.parallel.vae_patch > 1 and size is not None:
             lines.extend(vae_row_lines(cfg.stages.vae.parallel.vae_patch, *size))
     # the run directory's name carries the instance id, made when serve starts

@@ -19,6 +19,7 @@ import msgspec
 from omni_runtime.parallel.parallel_spec import (
     ALL2ALL_BACKEND_NAMES,
     CPU_ALL2ALL_BACKEND_NAMES,
+    PP_MODES,
     ParallelSpec,
     ParallelSpecError,
 )
@@ -40,16 +41,18 @@ DEFAULT_MAX_BATCH_PIXELS = 1 << 22  # [stages.denoiser|vae] max_batch_pixels: on
 DENOISER_PARALLEL_KEYS = ("ulysses", "ring", "cfg", "pp", "dp", "tp", "hsdp_shard", "hsdp_replicate", "ep")
 # ... and the one key of the denoiser's table that is not a degree: how the expert-parallel group moves MoE tokens
 # (``ParallelSpec.all2all_backend``, one of ``ALL2ALL_BACKEND_NAMES``)
-DENOISER_PARALLEL_CHOICES = ("all2all_backend",)
+DENOISER_PARALLEL_CHOICES = ("all2all_backend", "pp_mode")
+# ... and its pipeline counts (integers >= 0, 0 = the default; ``ParallelSpec.pp_microbatches`` etc.)
+DENOISER_PARALLEL_COUNTS = ("pp_microbatches", "pipefusion_patches", "pipefusion_warmup")
 VAE_PARALLEL_KEYS = ("patch",)
 TEXT_ENCODER_PARALLEL_KEYS = ("hsdp_shard", "hsdp_replicate")
-# Degrees whose implementation exists in ``parallel``/``stages`` and is wired into the stage processes.
-# Anything else > 1 is rejected with "not supported yet" instead of silently running unsharded.
-# ``dp`` > 1 only together with ``ep`` (the EP group's data-parallel ranks, see ``_check_expert_parallel``).
-SUPPORTED_DENOISER_DEGREES = frozenset({"ulysses", "ring", "cfg", "ep", "hsdp_shard", "hsdp_replicate"})
 # Branches a Flux request runs per denoising step at most (true CFG: conditional + unconditional); with
 # ``max_batch_size`` requests a step has at most this many rows per request to spread over the cfg ranks.
 DENOISER_MAX_BRANCHES = 2
+# Degrees whose implementation exists in ``parallel``/``stages`` and is wired into the stage processes.
+# Anything else > 1 is rejected with "not supported yet" instead of silently running unsharded.
+# ``dp`` > 1 only together with ``ep`` (the EP group's data-parallel ranks, see ``_check_expert_parallel``).
+SUPPORTED_DENOISER_DEGREES = frozenset({"ulysses", "ring", "cfg", "pp", "ep", "hsdp_shard", "hsdp_replicate"})
 SUPPORTED_TEXT_ENCODER_DEGREES = frozenset(TEXT_ENCODER_PARALLEL_KEYS)
 SUPPORTED_VAE_DEGREES: frozenset[str] = frozenset({"patch"})
 
@@ -163,7 +166,8 @@ _SCHEMA: dict[str, Any] = {
     "stages": {
         "text_encoder": {**_STAGE_KEYS, "parallel": dict.fromkeys(TEXT_ENCODER_PARALLEL_KEYS, _INT)},
         "denoiser": {**_PIXEL_STAGE_KEYS, "parallel": {**dict.fromkeys(DENOISER_PARALLEL_KEYS, _INT),
-                                                        **dict.fromkeys(DENOISER_PARALLEL_CHOICES, _STR)}},
+                                                        **dict.fromkeys(DENOISER_PARALLEL_CHOICES, _STR),
+                                                        **dict.fromkeys(DENOISER_PARALLEL_COUNTS, _INT)}},
         "vae": {**_PIXEL_STAGE_KEYS, "tiling": _BOOL, "parallel": dict.fromkeys(VAE_PARALLEL_KEYS, _INT)},
     },
     "placement": {"tensor_transport": _STR},
@@ -254,6 +258,7 @@ def _check_parallel(raw: dict[str, Any]) -> None:
                 f"(HSDP shards the weights over the same ranks; or set the other degrees to 1 and the replica is "
                 f"hsdp_shard x hsdp_replicate ranks)")
         _check_expert_parallel(base, par)
+        _check_pipeline(base, par, raw.get("stages", {}).get(name, {}).get("parallel", {}))
         if par["ep"] > 1 and hsdp > 1:
             raise ConfigError(f"{base}.ep = {par['ep']} with hsdp_shard = {par['hsdp_shard']}: expert parallelism "
                               f"and HSDP sharding together are not supported yet; allowed: one of them (ep = 1 or "
@@ -280,6 +285,31 @@ def _check_cfg_parallel(base: str, par: dict[str, Any]) -> None:
     if par["ep"] > 1:
         raise ConfigError(f"{base}.cfg = {par['cfg']} with ep = {par['ep']}: not supported yet; allowed: one of "
                           f"them (cfg = 1 or ep = 1)")
+
+
+def _check_pipeline(base: str, par: dict[str, Any], given: dict[str, Any]) -> None:
+    """``pp`` and its settings: the mode, the counts, and what pipeline parallelism does not combine with. (``pp``
+    against the model's block count is checked where the model is read: ``check`` and the load.)"""
+    mode = par.get("pp_mode", "layer")
+    if mode not in PP_MODES:
+        raise ConfigError(f"{base}.pp_mode = {mode!r}: allowed values are {', '.join(repr(m) for m in PP_MODES)}")
+    for key in DENOISER_PARALLEL_COUNTS:
+        if key in given:
+            _at_least(f"{base}.{key}", given[key], 0, "an integer (0: the default)")
+    if par["pp"] == 1:
+        return
+    for key in ("hsdp_shard", "ep"):
+        if par[key] > 1:
+            raise ConfigError(f"{base}.pp = {par['pp']} with {key} = {par[key]}: pipeline parallelism and "
+                              f"{'HSDP sharding' if key == 'hsdp_shard' else 'expert parallelism'} together are not "
+                              f"supported; allowed: one of them (pp = 1 or {key} = 1)")
+    if mode == "pipefusion" and par["ulysses"] * par["ring"] > 1:
+        raise ConfigError(f"{base}.pp_mode = 'pipefusion' with ulysses x ring = {par['ulysses']} x {par['ring']}: "
+                          f"PipeFusion runs on pp ranks alone; allowed: ulysses = ring = 1, or pp_mode = 'layer' "
+                          f"(which combines with sequence parallelism)")
+    if mode == "pipefusion" and given.get("pipefusion_patches") == 1:
+        raise ConfigError(f"{base}.pipefusion_patches = 1: PipeFusion needs at least 2 patches; allowed: 0 (the "
+                          f"pp degree, {par['pp']}) or an integer >= 2")
 
 
 def _check_expert_parallel(base: str, par: dict[str, Any]) -> None:

@@ -44,3 +44,26 @@ def vae_row_lines(patch: int, width: int, height: int, scale: int = VAE_SCALE_FA
     out += [f"    rank {r}: latent rows [{s}, {e}) -> image rows [{s * scale}, {e * scale})"
             for r, (s, e) in enumerate(ranges)]
     return out
+
+
+def pp_block_lines(spec: ParallelSpec, num_layers: int, num_single_layers: int) -> list[str]:
+    """One line per pipeline stage of a denoiser replica: its ranks, the blocks it holds (``get_pp_indices`` over
+    the ``num_layers`` double- then ``num_single_layers`` single-stream blocks, the split the ranks load) and the
+    embedders / head. A :class:`parallel.strategies.pipeline_parallel.PipelineError` names ``pp`` when there are
+    fewer blocks than stages."""
+    from omni_runtime.parallel.strategies.pipeline_parallel import block_ranges
+
+    total = num_layers + num_single_layers
+    ranges = block_ranges(total, spec.pp)
+    stages = spec.group_ranks()["pp"]
+    out = [f"  pp stages ({total} blocks: {num_layers} double-stream + {num_single_layers} single-stream):"]
+    for s, (a, b) in enumerate(ranges):
+        ranks = sorted(g[s] for g in stages)
+        parts = []
+        if a < num_layers:
+            parts.append(f"transformer_blocks[{a}:{min(b, num_layers)}]")
+        if b > num_layers:
+            parts.append(f"single_transformer_blocks[{max(a, num_layers) - num_layers}:{b - num_layers}]")
+        extra = (" + embedders" if s == 0 else "") + (" + head" if s == spec.pp - 1 else "")
+        out.append(f"    pp rank {s} (ranks {ranks}): blocks [{a}, {b}) = {' + '.join(parts)}{extra}")
+    return out

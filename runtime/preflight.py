@@ -6,12 +6,15 @@
   stage) and each stage's ``threads`` are at most ``CPU cores x OVERSUBSCRIPTION``. On CUDA each stage's ranks
   need a device each (``replicas x world size <= CUDA devices``; a ``devices`` entry must name one that exists).
 - **The host** (:func:`check_host`): ``server.host`` resolves.
+- **The pipeline** (:func:`pipeline_lines`): with ``pp > 1``, each pp rank's block range; more stages than the
+  model has blocks is an error naming ``stages.denoiser.parallel.pp``.
 - **The model** (:func:`check_model`): ``stages.model_check.check_model_dir`` (configs, tokenizers, safetensors
   headers), unless the directory is the embedded tiny model that is created on first use.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -110,9 +113,35 @@ def check_model(cfg: RuntimeConfig) -> list[str]:
     return ["model directory: present"] + [f"  {line}" for line in check_model_dir(Path(cfg.model.path))]
 
 
+def pipeline_lines(cfg: RuntimeConfig) -> list[str]:
+    """Each pp rank's block range, from the model's transformer config (the embedded preset's when the model is
+    still to be created); a model with fewer blocks than ``pp`` is a :class:`ConfigError` naming the key."""
+    from omni_runtime.parallel.strategies.pipeline_parallel import PipelineError
+    from omni_runtime.runtime.layout import pp_block_lines
+    from omni_runtime.runtime.model_store import GENERATED_NAMES
+
+    config_path = Path(cfg.model.path) / "transformer" / "config.json"
+    if config_path.is_file():
+        tc = json.loads(config_path.read_text())
+        layers, single = int(tc.get("num_layers", 19)), int(tc.get("num_single_layers", 38))
+    elif Path(cfg.model.path).name in GENERATED_NAMES:
+        from omni_runtime.stages.models.tiny import PRESETS
+
+        preset = PRESETS[GENERATED_NAMES[Path(cfg.model.path).name]]
+        layers, single = preset.num_layers, preset.num_single_layers
+    else:
+        return ["  pp stages: the model's transformer config is not readable; block ranges unknown"]
+    try:
+        return pp_block_lines(cfg.stages.denoiser.parallel, layers, single)
+    except PipelineError as e:
+        raise ConfigError(str(e)) from None
+
+
 def preflight(cfg: RuntimeConfig, model: bool = True) -> list[str]:
     """Every check above, machine first; returns the lines ``check`` prints. Raises on the first problem."""
     lines = [check_machine(cfg), check_host(cfg)]
     if model:
         lines += check_model(cfg)
+    if cfg.stages.denoiser.parallel.pp > 1:
+        pipeline_lines(cfg)  # raises for more stages than blocks; ``check`` prints the ranges with the placement
     return lines

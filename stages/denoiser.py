@@ -96,15 +96,17 @@ def vae_scale_factor_of(path: str | Path) -> int:
 
 def load_transformer(path: str | Path, dtype: torch.dtype, device: torch.device,
                      ep_group: GroupCoordinator | None = None,
-                     hsdp: HSDPInferenceConfig | None = None) -> torch.nn.Module:
+                     hsdp: HSDPInferenceConfig | None = None,
+                     pp_group: GroupCoordinator | None = None) -> torch.nn.Module:
     """Load ``<path>/transformer`` as a Flux transformer (forward signature of diffusers' FluxTransformer2DModel).
 
     ``ep_group``: the expert-parallel group of an MoE model (this rank then loads only its experts); ``hsdp``: its
-    weights are sharded over the HSDP mesh, each rank loading only its shards."""
+    weights are sharded over the HSDP mesh, each rank loading only its shards; ``pp_group`` (more than one rank):
+    this rank loads only its pipeline stage's blocks (``parallel.strategies.pipeline_parallel``)."""
     from omni_runtime.stages.models.flux import FluxTransformer
 
     return FluxTransformer.from_pretrained(component_dir(path, "transformer"), dtype=dtype, device=device,
-                                           ep_group=ep_group, hsdp=hsdp)
+                                           ep_group=ep_group, hsdp=hsdp, pp_group=pp_group)
 
 
 def _unbatched(t: object, field: str, ndim: int) -> torch.Tensor:
@@ -163,7 +165,8 @@ class DenoiserStage:
         mesh = mesh if mesh is not None else Mesh.single(dev)
         config = read_config(component_dir(path, "transformer"))
         schedule = FlowMatchSchedule.from_pretrained(path)
-        model = load_transformer(path, torch_dtype, dev, ep_group, hsdp)
+        pp = mesh.size("pp")
+        model = load_transformer(path, torch_dtype, dev, ep_group, hsdp, mesh.group("pp") if pp > 1 else None)
         if ep_group is not None and ep_group.device_communicator is not None:
             ep_group.device_communicator.prepare_communication_buffer_for_model(model)
             experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
@@ -171,8 +174,8 @@ class DenoiserStage:
                         ep_group.rank_in_group, ep_group.world_size, experts,
                         sum(p.numel() for p in model.parameters()))
         sp = mesh.size("sp")
-        if sp > 1:
-            SequenceParallel(mesh).apply(model)
+        if sp > 1:  # a pipeline stage without the head gathers nothing: its activations go on sharded
+            SequenceParallel(mesh, check_gathers=pp == 1 or mesh.rank("pp") == pp - 1).apply(model)
             logger.info("denoiser: sequence parallel over %d ranks", sp)
         logger.info("loaded denoiser from %s (%s on %s)", path, torch_dtype, dev)
         stage = cls(model, config, schedule, vae_scale_factor_of(path), torch_dtype, dev, mesh)
@@ -187,6 +190,13 @@ class DenoiserStage:
         assert isinstance(req.num_inference_steps, int) and req.num_inference_steps >= 1, req.num_inference_steps
         assert isinstance(req.seed, int) and req.seed >= 0, req.seed
         check_image_size(req.height, req.width, 2 * self.vae_scale_factor)
+        spec = self.mesh.spec
+        if spec.pp > 1 and spec.pp_mode == "pipefusion":  # PipeFusion's patches are whole token rows
+            patches, rows = spec.pipefusion_patches or spec.pp, req.height // (2 * self.vae_scale_factor)
+            if patches > rows:
+                raise RequestError(f"height={req.height}: {req.height} / {2 * self.vae_scale_factor} = {rows} token "
+                                   f"row(s) < stages.denoiser.parallel.pipefusion_patches = {patches} (0: pp = "
+                                   f"{spec.pp}); allowed: height >= {patches * 2 * self.vae_scale_factor}")
         pairs = [("prompt_embeds", "pooled_prompt_embeds")]
         if req.do_true_cfg:
             if req.negative_pooled_prompt_embeds is None:

@@ -136,6 +136,20 @@ def _dict_worker(rank: int, world_size: int, workdir: str) -> dict:
         except ValueError as e:
             out["recv_self"] = str(e)
 
+        # all_gather_group: ranks 0 and 1 (a ulysses group) hold the same dict; each sends half of every tensor
+        # whose size 2 divides to its dp peer (2, 3), which all-gather the halves over their ulysses group
+        comm = dp.device_communicator
+        if dp.rank_in_group == 0:
+            sent = []
+            for group in (None, ul):
+                comm.stats.reset()
+                dp.send_tensor_dict(_mixed_dict(0), dst=1, all_gather_group=group)
+                sent.append(comm.stats.bytes_by_kind["send"])
+            out["ag_saved"] = sent[0] - sent[1]
+        else:
+            dp.recv_tensor_dict(src=0)
+            out["ag_dict"] = _describe(dp.recv_tensor_dict(src=0, all_gather_group=ul))
+
         # barrier: nobody passes before everyone has written its marker
         if rank == 3:
             time.sleep(0.3)
@@ -162,6 +176,11 @@ def test_tensor_dicts_objects_and_barrier(tmp_path):
         assert r["recv_self"] == (f"receive: src {rank // 2} is this rank of group dp; a rank cannot receive "
                                   "from itself")
         assert r["markers_after_barrier"] == [f"marker{i}" for i in range(4)]
+        if rank in (2, 3):
+            assert r["ag_dict"] == _describe(_mixed_dict(0))
+        else:  # x (12 x 4 B) and ids (6 x 8 B) travel as halves; bf (5), flag (3), scalar (1) whole: 2 does not
+            # divide their element counts; the metadata is the same
+            assert r["ag_saved"] == (48 + 48) // 2
         assert r["same_node"] == [True] * 4
 
 

@@ -27,8 +27,12 @@ def free_port() -> int:
 
 class Server:
     def __init__(self, tmp: Path, base_config: str = "default.toml", extra: str = "", api_key: str = API_KEY,
-                 timeout: float = 180.0, max_queue: int = 64) -> None:
+                 timeout: float = 180.0, max_queue: int = 64, edits: dict[str, str] | None = None) -> None:
+        """``edits``: exact text replacements in the base config (each must occur), e.g. a parallel degree."""
         text = (ROOT / "configs" / base_config).read_text()
+        for old, new in (edits or {}).items():
+            assert old in text, f"{old!r} not in {base_config}"
+            text = text.replace(old, new)
         text = text.replace('path = "../models/tiny-flux"', f'path = "{ROOT / "models" / "tiny-flux"}"')
         text = text.replace('api_key = ""', f'api_key = "{api_key}"')
         text = text.replace("max_queue = 64", f"max_queue = {max_queue}")

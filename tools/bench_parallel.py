@@ -36,9 +36,15 @@ processes per phase, the phases alternated per round:
 - bytes each rank sends per step (counted by the communicators' ``CommStats``) against the minimum: the predictions
   of the rows the rank computed, to the cfg - 1 peers.
 
+Section ``pp`` (``tools/bench_pp.py``): layer pipeline parallelism (2 ranks x 1 thread) against one rank with 2
+threads, throughput at each batch and the measured bubble against the GPipe bound; PipeFusion against layer PP
+(latency, PSNR); bytes sent per step per rank against the minimum.
+
     python tools/bench_parallel.py vae --sizes 1024 2048 --repeats 1 --preset tiny
     python tools/bench_parallel.py hsdp [--tokens 256] [--pairs 3] [--threads 1]
     python tools/bench_parallel.py cfg [--size 256] [--steps 4] [--rounds 3] [--cores 2] [--preset small]
+    python tools/bench_parallel.py pp [--batches 4 8] [--size 256] [--steps 4] [--repeats 1]
+    python tools/bench_parallel.py pp-accuracy [--steps 4 8 16] [--size 128] [--warmup 1]
 """
 
 from __future__ import annotations
@@ -516,12 +522,30 @@ def main(argv: list[str] | None = None) -> None:
     cf.add_argument("--rounds", type=int, default=3, help="alternated rounds (median over them)")
     cf.add_argument("--cores", type=int, default=2, help="threads of cfg 1; cfg 2 runs cores / 2 per rank")
     cf.add_argument("--preset", choices=("tiny", "small"), default="small", help="Flux model preset")
+    pp = sub.add_parser("pp", help="layer PP and PipeFusion vs one rank: throughput, bubble, latency, PSNR, bytes")
+    pp.add_argument("--batches", type=int, nargs="+", default=[4, 8], help="requests per denoise call")
+    pp.add_argument("--size", type=int, default=256, help="square image side (pixels, a multiple of 16)")
+    pp.add_argument("--steps", type=int, default=4)
+    pp.add_argument("--repeats", type=int, default=1)
+    pp.add_argument("--threads", type=int, default=2, help="threads of the one-rank baseline (pp ranks: half each)")
+    acc = sub.add_parser("pp-accuracy", help="PipeFusion vs the exact run: PSNR and max |delta| per step count")
+    acc.add_argument("--steps", type=int, nargs="+", default=[4, 8, 16])
+    acc.add_argument("--size", type=int, default=128)
+    acc.add_argument("--warmup", type=int, default=1)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if args.section == "vae":
         print("\n".join(vae_section(args)))
     elif args.section == "cfg":
         bench_cfg(args.size, args.steps, args.rounds, args.cores, args.preset)
+    elif args.section == "pp":
+        from bench_pp import pp_section  # tools/ is this script's directory
+
+        print("\n".join(pp_section(args.batches, args.size, args.steps, args.repeats, args.threads)))
+    elif args.section == "pp-accuracy":
+        from bench_pp import accuracy_section
+
+        print("\n".join(accuracy_section(args.steps, args.size, args.warmup)))
     else:
         bench_hsdp(args.tokens, args.pairs, args.threads, args.layers, args.single_layers)
 

@@ -74,9 +74,22 @@ class LocalForward:
 def row_forward_for(mesh: Any) -> RowForward:
     """The row strategy for a denoiser replica on ``mesh`` (sequence parallelism needs none of its own).
 
-    Strategies compose outside in: CFG parallel (``cfg > 1``) spreads the rows over the cfg group and hands each
-    rank's share to the inner strategy (the local forward; pipeline parallel plugs in there)."""
+    Strategies compose outside in: CFG parallel (``cfg > 1``, :class:`CFGParallel`) spreads the rows over the cfg
+    group and hands each rank's share to the inner strategy: with ``pp > 1`` layer PP
+    (``pipeline_parallel.PipelineForward``, ``pp_mode = "layer"``) or PipeFusion (``pipefusion.PipeFusionForward``),
+    else the local forward. Every pp rank of a cfg index holds the same share, so the pipeline sees equal rows."""
     inner: RowForward = LocalForward()
-    if mesh.size("cfg") > 1:
+    if mesh is not None and mesh.size("pp") > 1:
+        spec = mesh.spec
+        if spec.pp_mode == "pipefusion":
+            from omni_runtime.parallel.strategies.pipefusion import PipeFusionForward
+
+            inner = PipeFusionForward(mesh.group("pp"), patches=spec.pipefusion_patches or spec.pp,
+                                      warmup=spec.pipefusion_warmup)
+        else:
+            from omni_runtime.parallel.strategies.pipeline_parallel import PipelineForward
+
+            inner = PipelineForward(mesh.group("pp"), microbatches=spec.pp_microbatches)
+    if mesh is not None and mesh.size("cfg") > 1:
         return CFGParallel(mesh.group("cfg"), inner)
     return inner

@@ -35,6 +35,7 @@ from omni_runtime.parallel.sp_plan import (
     SequenceParallelModelPlan,
     SequenceParallelOutput,
 )
+from omni_runtime.parallel.strategies.pipeline_parallel import PipelinePlan, is_missing, partition_model
 from omni_runtime.stages.device import resolve_device, resolve_dtype
 from omni_runtime.stages.errors import CheckpointError
 from omni_runtime.stages.weights import (
@@ -392,6 +393,12 @@ class FluxTransformer(nn.Module):
     # runs and freed after); the embedders and the output head stay in the root unit.
     _hsdp_shard_conditions: list[ShardCondition] = [
         block_list_condition("transformer_blocks", "single_transformer_blocks")]
+    # Pipeline parallelism: the double- then single-stream blocks are split over the pp ranks; the embedders run
+    # on the first stage, the output head on the last (``pos_embed`` has no weights: every stage computes its
+    # rotary embeddings). Between stages travel ``img``, ``txt`` and ``temb`` (see ``forward``'s ``intermediate``).
+    _pp_plan = PipelinePlan(pre=("time_text_embed", "context_embedder", "x_embedder"),
+                            blocks=("transformer_blocks", "single_transformer_blocks"),
+                            head=("norm_out", "proj_out"))
 
     def __init__(self, config: FluxConfig, ep_group: Any = None):
         """``ep_group``: the expert-parallel ``GroupCoordinator`` of an MoE model (``None``: all experts here)."""
@@ -414,11 +421,17 @@ class FluxTransformer(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 pooled_projections: torch.Tensor, timestep: torch.Tensor, img_ids: torch.Tensor,
-                txt_ids: torch.Tensor, guidance: torch.Tensor | None = None) -> torch.Tensor:
+                txt_ids: torch.Tensor, guidance: torch.Tensor | None = None,
+                intermediate: dict[str, torch.Tensor] | None = None) -> torch.Tensor | dict[str, torch.Tensor]:
         """Predict the flow for ``hidden_states``.
 
         ``timestep`` is the sigma in [0, 1] and ``guidance`` the guidance scale (e.g. 3.5); both are multiplied by
         1000 here before their sinusoidal embedding, exactly as diffusers' FluxTransformer2DModel does.
+
+        A pipeline stage (``parallel.strategies.pipeline_parallel.partition_model``) runs only the blocks it holds:
+        it starts from ``intermediate`` (``{"img", "txt", "temb"}``, what the previous stage returned) instead of
+        the embedders when it does not hold them, and returns that dict instead of the prediction when it does not
+        hold the head.
         """
         if txt_ids.ndim == 3:
             txt_ids = txt_ids[0]
@@ -433,24 +446,31 @@ class FluxTransformer(nn.Module):
         if img_ids.shape[0] != hidden_states.shape[1] or img_ids.ndim != 2:
             raise ValueError(f"img_ids {tuple(img_ids.shape)} must be (image tokens={hidden_states.shape[1]}, "
                              f"n_axes) to match hidden_states {tuple(hidden_states.shape)}")
-        img = self.x_embedder(hidden_states)
-        timestep = timestep.to(img.dtype) * 1000
-        if guidance is not None:
-            guidance = guidance.to(img.dtype) * 1000
-        temb = self.time_text_embed(timestep, guidance, pooled_projections)
-        txt = self.context_embedder(encoder_hidden_states)
+        if intermediate is None:
+            img = self.x_embedder(hidden_states)
+            timestep = timestep.to(img.dtype) * 1000
+            if guidance is not None:
+                guidance = guidance.to(img.dtype) * 1000
+            temb = self.time_text_embed(timestep, guidance, pooled_projections)
+            txt = self.context_embedder(encoder_hidden_states)
+        else:
+            img, txt, temb = intermediate["img"], intermediate["txt"], intermediate["temb"]
         img_rot, txt_rot = self.pos_embed(img_ids), self.pos_embed(txt_ids)
 
         for block in self.transformer_blocks:
-            img, txt = block(img, txt, temb, img_rot, txt_rot)
+            if not is_missing(block):
+                img, txt = block(img, txt, temb, img_rot, txt_rot)
         for block in self.single_transformer_blocks:
-            img, txt = block(img, txt, temb, img_rot, txt_rot)
+            if not is_missing(block):
+                img, txt = block(img, txt, temb, img_rot, txt_rot)
+        if is_missing(self.proj_out):
+            return {"img": img, "txt": txt, "temb": temb}
         return self.proj_out(self.norm_out(img, temb))
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype | str = torch.float32,
                         device: str | torch.device = "cpu", ep_group: Any = None,
-                        hsdp: HSDPInferenceConfig | None = None) -> FluxTransformer:
+                        hsdp: HSDPInferenceConfig | None = None, pp_group: Any = None) -> FluxTransformer:
         """Load a diffusers ``transformer/`` directory (or a model directory holding one), strictly.
 
         With an MoE config and an ``ep_group`` of N ranks, this rank reads only its own experts' tensors.
@@ -458,7 +478,9 @@ class FluxTransformer(nn.Module):
         Sharded checkpoints (``diffusion_pytorch_model.safetensors.index.json``) are supported. Missing or
         unexpected keys and shape mismatches raise ``CheckpointError`` listing them. With ``hsdp`` (shard degree
         > 1) the model is sharded with FSDP2 and each rank reads only its own rows of every tensor
-        (:mod:`stages.sharded_load`); collective over ``hsdp``'s mesh.
+        (:mod:`stages.sharded_load`); collective over ``hsdp``'s mesh. With a ``pp_group`` of N ranks (the mesh's
+        pp group) this rank builds and reads only its pipeline stage: its blocks (``get_pp_indices`` over the
+        double- then single-stream blocks), plus the embedders on the first and the head on the last.
         """
         path = Path(path)
         if (path / MODEL_INDEX).is_file():
@@ -468,6 +490,8 @@ class FluxTransformer(nn.Module):
         config = FluxConfig.from_dict(read_config(path, allowed_classes=CLASS_NAMES), path / "config.json")
         torch_dtype, device = resolve_dtype(dtype), resolve_device(device)
         if hsdp is not None and hsdp.enabled:
+            if pp_group is not None and pp_group.world_size > 1:
+                raise ValueError("HSDP sharding and pipeline parallelism together are not supported")
             from omni_runtime.stages.sharded_load import build_sharded_model
 
             model = build_sharded_model(lambda: cls(config, ep_group=ep_group), path, DIFFUSERS_WEIGHTS, hsdp, device=device,
@@ -484,6 +508,12 @@ class FluxTransformer(nn.Module):
 
             def skip(key: str) -> bool:
                 return not is_local_expert_key(key, config.moe_num_experts, ep_size, ep_rank)
+        if pp_group is not None and pp_group.world_size > 1:
+            partition_model(model, pp_group.rank_in_group, pp_group.world_size)
+            wanted, other_skip = set(model.state_dict()), skip
+
+            def skip(key: str) -> bool:  # another stage's tensor (or another rank's expert)
+                return key not in wanted or (other_skip is not None and other_skip(key))
         state = load_safetensors(path, DIFFUSERS_WEIGHTS, device=device, dtype=torch_dtype, skip=skip)
         load_into(model, state, path)
         logger.info("loaded FluxTransformer from %s (%d tensors, %s, %s)", path, len(state), torch_dtype, device)
