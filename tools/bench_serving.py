@@ -7,7 +7,8 @@ Same checkpoint (the ``small`` preset of ``omni_runtime.stages.models.tiny`` by 
 (c) where the time goes per stage (from the server's /metrics): queue wait (sent -> batch start), compute, and
     the rest of the hop (IPC, batching window, orchestrator).
 
-Every measure alternates its phases (diffusers, serve, diffusers, serve, ...) and reports the median of the\nper-pair ratios, so a noisy neighbour on the machine hits both sides alike.\n\nUsage: ``python tools/bench_serving.py [--preset small] [--size 256x256] [--steps 8] [--repeats 5] [--rounds 3]\n[--quick]``.
+Every measure alternates its phases (diffusers, serve, diffusers, serve, ...) and reports the median of the\nper-pair ratios, so a noisy neighbour on the machine hits both sides alike.\n\nUsage: ``python tools/bench_serving.py [--preset small] [--size 256x256] [--steps 8] [--repeats 5] [--rounds 3]\n[--quick]``; ``python tools/bench_serving.py arrivals --help``: Poisson arrivals, step-level vs request-level
+denoiser scheduling (tools/bench_arrivals.py).
 Prints a table; ratios matter, absolute times depend on the machine.
 """
 
@@ -197,5 +198,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def arrivals_main(argv: list[str]) -> int:
+    """``bench_serving.py arrivals ...``: the arrival-process benchmark (tools/bench_arrivals.py)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_arrivals import main as arrivals
+
+    return arrivals(argv)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(arrivals_main(sys.argv[2:]) if sys.argv[1:2] == ["arrivals"] else main())
