@@ -19,6 +19,7 @@ embedding widths. A ``stop`` hook, asked before every step, lets a caller take r
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -132,6 +133,7 @@ class DenoiserStage:
         self.forward_rows: RowForward = row_forward_for(self.mesh)
         #: one forward per request (bit-identical to its solo run) instead of one per join group
         self.batch_invariant = batch_invariant
+        self._request_ids = itertools.count(1 << 40)  # request-level batches (step-level slots count from 0)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: str | torch.dtype = "float32",
@@ -232,20 +234,23 @@ class DenoiserStage:
         batch at the end and their indices in ``reqs`` (all of them unless ``stop`` took some out; ``None`` if it
         took all)."""
         running = RunningSet(self, batch_invariant=self.batch_invariant)
-        for k, req in enumerate(reqs):
-            running.admit(k, req)
+        # ids unique over this stage's life (row strategies key per-request state by them); every rank of a
+        # replica runs the same batches, so they agree
+        ids = [next(self._request_ids) for _ in reqs]
+        for rid, req in zip(ids, reqs, strict=True):
+            running.admit(rid, req)
         out: dict[int, torch.Tensor] = {}
         steps = max(r.num_inference_steps for r in reqs)
         for i in tqdm(range(steps), disable=not progress, desc="denoise", leave=False):
             if stop is not None:
-                drop = [k for k in stop(i) if running.drop(k)]
+                drop = [k for k in stop(i) if 0 <= k < len(ids) and running.drop(ids[k])]
                 if drop:
                     logger.debug("step %d: %d request(s) left the batch, %d go on", i, len(drop), len(running))
             if not running:
                 break
             out.update(running.step())
-        kept = sorted(out)
-        return (torch.stack([out[k] for k in kept]) if kept else None), kept
+        kept = [k for k, rid in enumerate(ids) if rid in out]
+        return (torch.stack([out[ids[k]] for k in kept]) if kept else None), kept
 
     def join_key(self, req: DenoiseRequest) -> tuple:
         """Requests with equal keys can share one forward whatever their step counts and CFG: their rows stack
