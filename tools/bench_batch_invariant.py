@@ -47,9 +47,9 @@ def main(argv: list[str] | None = None) -> int:
                               pooled_prompt_embeds=torch.randn(int(stage.pooled_projection_dim or dim), generator=g),
                               seed=i, height=h, width=w, num_inference_steps=args.steps)
 
-    def run(k: int, invariant: bool) -> tuple[float, dict[int, torch.Tensor]]:
+    def run(k: int, invariant: bool, only: int | None = None) -> tuple[float, dict[int, torch.Tensor]]:
         rs = RunningSet(stage, batch_invariant=invariant)
-        for i in range(k):
+        for i in range(k) if only is None else (only,):
             rs.admit(i, req(i))
         out: dict[int, torch.Tensor] = {}
         t0 = time.perf_counter()
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
             out.update(rs.step())
         return (time.perf_counter() - t0) / args.steps, out
 
-    solo = {i: run(1, True)[1][0] for i in range(max(int(k) for k in args.k.split(",")))}
+    solo = {i: run(1, True, only=i)[1][i] for i in range(max(int(k) for k in args.k.split(",")))}
     print(f"\nbench_batch_invariant: preset {args.preset}, {args.size}, {args.steps} steps, {args.threads} threads, "
           f"{args.rounds} alternating rounds")
     print(f"{'k':>3} {'batched ms/step':>16} {'invariant ms/step':>18} {'invariant/batched':>18} "
