@@ -405,12 +405,13 @@ class DriverLoop:
             dt = time.time() - t0
             step += 1
             progress = []
-            for s, out in outs.items():
+            for j, (s, out) in enumerate(outs.items()):
                 p = running.pop(s)
                 total = p.work.params.num_inference_steps
                 progress.append(ItemProgress(p.work.req_id, p.work.index, total, total))
                 res = ex.finish(p, out)
-                res.batch_size, res.first_in_batch = active, False
+                # omni_batch_size: the items of the last step, once per step that finished any
+                res.batch_size, res.first_in_batch = active, j == 0
                 self.send(res)
             progress += [ItemProgress(p.work.req_id, p.work.index, *engine.progress(s)) for s, p in running.items()]
             self.send(StepReport(stage=ex.stage, replica=ex.replica, step_s=dt, active=active, admitted=len(admit),
