@@ -108,8 +108,16 @@ class TextEncoderStageConfig(StageConfig, kw_only=True):
         return self.parallel.world_size
 
 
+SCHEDULING = ("step", "request")  # [stages.denoiser] scheduling
+
+
 class DenoiserStageConfig(StageConfig, kw_only=True):
     parallel: ParallelSpec = msgspec.field(default_factory=ParallelSpec)
+    # "step": requests join and leave the running set at every denoising step (continuous batching);
+    # "request": a batch of one size, step count and CFG flag runs from its first step to its last.
+    scheduling: str = "step"
+    batch_invariant: bool = False  # one forward per request: bit-identical to its solo run, no batching gain
+    priority_aging_s: float = 10.0  # a waiting request's priority rises by 1 per this many seconds (step-level)
 
     @property
     def world_size(self) -> int:
@@ -165,7 +173,8 @@ _SCHEMA: dict[str, Any] = {
                "header_timeout_s": _FLOAT, "body_timeout_s": _FLOAT, "max_connections": _INT},
     "stages": {
         "text_encoder": {**_STAGE_KEYS, "parallel": dict.fromkeys(TEXT_ENCODER_PARALLEL_KEYS, _INT)},
-        "denoiser": {**_PIXEL_STAGE_KEYS, "parallel": {**dict.fromkeys(DENOISER_PARALLEL_KEYS, _INT),
+        "denoiser": {**_PIXEL_STAGE_KEYS, "scheduling": _STR, "batch_invariant": _BOOL,
+                     "priority_aging_s": _FLOAT, "parallel": {**dict.fromkeys(DENOISER_PARALLEL_KEYS, _INT),
                                                         **dict.fromkeys(DENOISER_PARALLEL_CHOICES, _STR),
                                                         **dict.fromkeys(DENOISER_PARALLEL_COUNTS, _INT)}},
         "vae": {**_PIXEL_STAGE_KEYS, "tiling": _BOOL, "parallel": dict.fromkeys(VAE_PARALLEL_KEYS, _INT)},
@@ -362,6 +371,13 @@ def _check_values(cfg: RuntimeConfig) -> None:
         _at_least(f"{base}.threads", st.threads, 0)
         _at_least(f"{base}.batch_timeout_ms", st.batch_timeout_ms, 0, "a number")
         _at_least(f"{base}.max_batch_pixels", st.max_batch_pixels, 0)
+    den = cfg.stages.denoiser
+    if den.scheduling not in SCHEDULING:
+        raise ConfigError(f"stages.denoiser.scheduling = {den.scheduling!r}: allowed values are "
+                          f"{', '.join(repr(s) for s in SCHEDULING)}")
+    if den.priority_aging_s <= 0:
+        raise ConfigError(f"stages.denoiser.priority_aging_s = {den.priority_aging_s!r}: must be a number > 0 "
+                          f"(seconds of waiting that raise a request's priority by 1)")
     par = cfg.stages.denoiser.parallel
     rows = DENOISER_MAX_BRANCHES * cfg.stages.denoiser.max_batch_size
     if par.cfg > rows:

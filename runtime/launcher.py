@@ -122,6 +122,8 @@ class ReplicaProcs:
             instance=self.launcher.instance, parent_pid=os.getpid(), parallel=parallel, threads=threads,
             pool_outputs=pool and self.place.tensor_transport == "shm",
             vae_tiling=self.stage == "vae" and cfg.stages.vae.tiling,
+            scheduling=cfg.stages.denoiser.scheduling, batch_invariant=cfg.stages.denoiser.batch_invariant,
+            priority_aging_s=cfg.stages.denoiser.priority_aging_s,
             log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel()),
             rendezvous=rendezvous, local_rank=rk.local_rank, node=rk.node,
             tensor_transport=self.place.tensor_transport,

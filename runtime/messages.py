@@ -1,7 +1,8 @@
 """Messages between the orchestrator and the stage processes (msgspec msgpack, never pickle).
 
 Inbound to a stage driver: :class:`Work` (one image of one request), :class:`Cancel`, :class:`Stop`.
-Outbound from a driver: :class:`Ready` (the readiness handshake) and :class:`Result`.
+Outbound from a driver: :class:`Ready` (the readiness handshake), :class:`Result` and, from the denoiser, one
+:class:`StepReport` per denoising step (progress and step metrics).
 Driver to the other ranks of its replica: :class:`Batch`, then one :class:`StepDecision` per denoising step, and
 :class:`Stop`.
 Tensors never travel inside these messages: they are :data:`~runtime.tensor_handoff.TensorRef` refs the consumer
@@ -44,11 +45,24 @@ class Batch(msgspec.Struct, tag="batch"):
     items: list[Work]
 
 
+class Admit(msgspec.Struct):
+    """An item that joins the running set as ``slot`` (an id unique while it runs)."""
+
+    slot: int
+    work: Work
+
+
 class StepDecision(msgspec.Struct, tag="step"):
-    """Before each denoising step of a batch, the driver tells the other ranks which items leave the batch now
-    (cancelled or past their deadline): every rank takes the same items out."""
+    """Before each denoising step the driver tells the other ranks what changes, so every rank runs the same plan.
+
+    Request-level batches (``plan = False``): ``drop`` lists the indices into the batch of the items that leave it
+    now (cancelled or past their deadline). Step-level scheduling (``plan = True``): the step plan of the running
+    set; ``drop`` lists the slots that leave it (cancelled, expired, or failed), ``admit`` the items that join,
+    then every rank runs one step (items that did their last step leave on every rank alike)."""
 
     drop: list[int]
+    admit: list[Admit] = []
+    plan: bool = False
 
 
 Inbound = Work | Cancel | Stop
@@ -59,6 +73,26 @@ class Ready(msgspec.Struct, tag="ready", kw_only=True):
     stage: str
     replica: int
     pids: list[int]
+
+
+class ItemProgress(msgspec.Struct, array_like=True):
+    req_id: str
+    index: int
+    done: int     # denoising steps done
+    total: int    # its number of steps
+
+
+class StepReport(msgspec.Struct, tag="steps", kw_only=True):
+    """What a denoiser driver reports after each step (metrics, ``GET /v1/requests/{id}`` progress)."""
+
+    stage: str
+    replica: int
+    step_s: float = 0.0        # the step's compute time
+    active: int = 0            # items in the step
+    admitted: int = 0          # joined at this step boundary
+    retired: int = 0           # left (finished, cancelled, expired) since the previous report
+    padding_waste: float = 0.0  # fraction of the step's tokens that were padding
+    progress: list[ItemProgress] = []
 
 
 class Result(msgspec.Struct, tag="result", kw_only=True):
@@ -77,4 +111,4 @@ class Result(msgspec.Struct, tag="result", kw_only=True):
     compute_s: float = 0.0
 
 
-Outbound = Ready | Result
+Outbound = Ready | Result | StepReport

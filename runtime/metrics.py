@@ -31,6 +31,29 @@ class Metrics:
         self.errors = Counter("omni_errors", "Errors by stage (or 'http') and kind", ["stage", "kind"],
                               registry=r)
         self.requests = Counter("omni_requests", "HTTP image requests by status code", ["status"], registry=r)
+        # the denoiser's steps (step-level scheduling reports every step; request-level batches too)
+        self.step_active = Histogram("omni_denoiser_step_active", "Items in one denoising step", ["replica"],
+                                     buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64), registry=r)
+        self.step_admitted = Histogram("omni_denoiser_step_admitted", "Items that joined the running set at one "
+                                       "step boundary", ["replica"], buckets=(0, 1, 2, 4, 8, 16, 32), registry=r)
+        self.step_retired = Histogram("omni_denoiser_step_retired", "Items that left the running set (finished, "
+                                      "cancelled, expired) at one step", ["replica"], buckets=(0, 1, 2, 4, 8, 16, 32),
+                                      registry=r)
+        self.step_seconds = Histogram("omni_denoiser_step_seconds", "Compute time of one denoising step",
+                                      ["replica"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.step_padding = Histogram("omni_denoiser_step_padding_waste", "Fraction of one step's image tokens that "
+                                      "were padding", ["replica"], buckets=(0, 0.05, 0.1, 0.2, 0.3, 0.5, 1),
+                                      registry=r)
+
+    def observe_step(self, replica: int, step_s: float, active: int, admitted: int, retired: int,
+                     padding_waste: float) -> None:
+        """One denoising step of a denoiser replica."""
+        rep = str(replica)
+        self.step_seconds.labels(replica=rep).observe(step_s)
+        self.step_active.labels(replica=rep).observe(active)
+        self.step_admitted.labels(replica=rep).observe(admitted)
+        self.step_retired.labels(replica=rep).observe(retired)
+        self.step_padding.labels(replica=rep).observe(padding_waste)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

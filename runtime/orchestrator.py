@@ -27,8 +27,9 @@ from collections.abc import Callable
 
 from omni_runtime.runtime import tensor_handoff
 from omni_runtime.runtime.config import STAGE_NAMES, RuntimeConfig
-from omni_runtime.runtime.messages import Result, Work
+from omni_runtime.runtime.messages import Result, StepReport, Work
 from omni_runtime.runtime.metrics import Metrics
+from omni_runtime.runtime.progress import ProgressBook
 from omni_runtime.runtime.requests import GenerationRequest
 from omni_runtime.runtime.stage_client import StageClient, StageSet
 
@@ -68,6 +69,10 @@ class BadRequestInStage(ServingError):
     status, code, kind = 400, "invalid_request", "invalid_request_error"
 
 
+class DuplicateRequestId(ServingError):
+    status, code, kind = 409, "duplicate_request_id", "invalid_request_error"
+
+
 class Orchestrator:
     """Owns the stage clients and every in-flight item. Use ``await start()`` / ``await shutdown()``.
 
@@ -91,6 +96,7 @@ class Orchestrator:
         self.closed = False
         self.failure: str | None = None
         self.started_at = time.time()
+        self.progress = ProgressBook()  # GET /v1/requests/{id}
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -107,6 +113,7 @@ class Orchestrator:
         for reps in self.replicas.values():
             for c in reps:
                 c.on_ready = self._on_ready
+                c.on_report = self._on_report
         for coro in await self.stages.open():
             self._critical(coro, "omni-results")
         end = time.monotonic() + timeout
@@ -124,6 +131,12 @@ class Orchestrator:
                 await asyncio.sleep(0.05)
         self._critical(self._watch(), "omni-health")
         logger.info("all stages ready")
+
+    def _on_report(self, msg: StepReport) -> None:
+        """A denoiser step: progress of its items, step metrics."""
+        self.progress.report(msg)
+        self.metrics.observe_step(msg.replica, msg.step_s, msg.active, msg.admitted, msg.retired,
+                                  msg.padding_waste)
 
     def _on_ready(self, c: StageClient) -> None:
         if c.stage in self.ready_event:
@@ -248,22 +261,30 @@ class Orchestrator:
         self.waiting[stage] += delta
         self.metrics.queue_depth.labels(stage=stage).set(self.waiting[stage])
 
-    async def generate(self, req: GenerationRequest) -> list[bytes]:
-        """Run one request end to end; returns the encoded images in seed order."""
+    async def generate(self, req: GenerationRequest, request_id: str | None = None) -> list[bytes]:
+        """Run one request end to end; returns the encoded images in seed order. ``request_id``: the id its
+        progress is known by (``progress.get``; checked by the caller with ``progress.valid_request_id``), a new
+        one if None; :class:`DuplicateRequestId` while another request with that id is in flight."""
         if self.closed or self.failure is not None:
             raise StageUnavailable(f"the runtime is {'shutting down' if self.closed else 'failed: ' + self.failure}")
+        rid = request_id or uuid.uuid4().hex
+        if self.progress.busy(rid):
+            raise DuplicateRequestId(f"request id {rid!r} is in use by a request in flight; allowed: an id no "
+                                     f"running request has")
         self._admit(req.n)
-        rid = uuid.uuid4().hex
+        self.progress.open(rid, req.n, req.num_inference_steps, getattr(req, "priority", 0))
         deadline = time.time() + self.cfg.server.request_timeout_s
         t0 = time.monotonic()
         tasks = [asyncio.ensure_future(self._item(rid, i, req, deadline)) for i in range(req.n)]
         try:
             images = await asyncio.gather(*tasks)
-        except BaseException:
+        except BaseException as e:
+            self.progress.close(rid, "cancelled" if isinstance(e, asyncio.CancelledError) else "failed")
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
+        self.progress.close(rid, "completed")
         self.metrics.request_latency.observe(time.monotonic() - t0)
         return list(images)
 
@@ -281,6 +302,8 @@ class Orchestrator:
                     self._count(stage, -1)
                     left += 1
                 handle = res.output
+                if stage == "denoiser":
+                    self.progress.denoised(rid, index)
         finally:
             for stage in STAGE_NAMES[left:]:
                 self._count(stage, -1)

@@ -41,6 +41,7 @@ RESPONSE_FORMATS = ("b64_json",)
 DEFAULT_SIZE = "256x256"
 DEFAULT_STEPS = 28
 DEFAULT_GUIDANCE = 3.5
+MIN_PRIORITY, MAX_PRIORITY = -10, 10  # the priority extension field; higher is admitted first
 _SHOW_CHARS = 80
 
 _SIDES = "|".join(str(v) for v in range(MAX_SIDE, MIN_SIDE - 1, -SIDE_MULTIPLE))
@@ -78,6 +79,7 @@ class GenerationRequest(msgspec.Struct, kw_only=True, frozen=True):
     true_cfg_scale: float = 1.0
     seed: int = 0
     output_format: str = "png"
+    priority: int = 0  # extension: admission order of the denoiser's step-level scheduling (aged while waiting)
 
     def seeds(self) -> list[int]:
         """The seed of each of the ``n`` images: ``seed, seed + 1, ...``."""
@@ -148,6 +150,9 @@ FIELDS: dict[str, Field] = {f.name: f for f in (
     Field("seed", "integer", "random when absent; image i uses seed + i", minimum=0, maximum=MAX_SEED,
           cli_flag="--seed", cli_type=int),
     Field("output_format", "enum", "the encoding of the images", default="png", choices=OUTPUT_FORMATS),
+    Field("priority", "integer", "extension: higher is admitted to the denoiser first; a waiting request's "
+          "priority rises by 1 every [stages.denoiser] priority_aging_s seconds, so none starves",
+          default=0, minimum=MIN_PRIORITY, maximum=MAX_PRIORITY, cli_flag="--priority", cli_type=int),
     Field("model", "ignored", "accepted, not used (OpenAI clients send it)"),
     Field("quality", "ignored", "accepted, not used"),
     Field("style", "ignored", "accepted, not used"),
@@ -259,7 +264,8 @@ def parse_request(raw: Any, *, allow_unknown: bool = True, caps: WorkCaps | None
     req = GenerationRequest(
         prompt=got["prompt"], negative_prompt=got["negative_prompt"], n=got["n"], width=width, height=height,
         num_inference_steps=got["num_inference_steps"], guidance_scale=float(got["guidance_scale"]),
-        true_cfg_scale=float(got["true_cfg_scale"]), seed=seed, output_format=got["output_format"])
+        true_cfg_scale=float(got["true_cfg_scale"]), seed=seed, output_format=got["output_format"],
+        priority=got["priority"])
     if caps is not None:
         check_work(req, caps)
     return req

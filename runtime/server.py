@@ -1,6 +1,8 @@
 """``omni-runtime serve``: an OpenAI-compatible images API on FastAPI + uvicorn (uvloop).
 
-Routes: ``POST /v1/images/generations``, ``GET /v1/models``, ``GET /health``, ``GET /metrics``, ``/docs``.
+Routes: ``POST /v1/images/generations``, ``GET /v1/requests/{id}`` (a request's progress: denoising steps done /
+total; the id is the ``X-Request-Id`` header the client sent, or the one the answer carries), ``GET /v1/models``,
+``GET /health``, ``GET /metrics``, ``/docs``.
 Errors use the OpenAI body ``{"error": {"message", "type", "param", "code"}}``; request mistakes are 400, a
 missing/wrong API key 401 (with ``WWW-Authenticate: Bearer``), a body over 1 MiB 413, a body not sent as
 ``application/json`` 415, a full queue 429 with ``Retry-After``, a dead stage 503, a deadline 504. The request
@@ -19,6 +21,7 @@ import json
 import logging
 import socket
 import time
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -33,11 +36,13 @@ from starlette.requests import ClientDisconnect
 from omni_runtime.runtime.config import ConfigError, RuntimeConfig
 from omni_runtime.runtime.metrics import Metrics
 from omni_runtime.runtime.orchestrator import Orchestrator, ServingError
+from omni_runtime.runtime.progress import valid_request_id
 from omni_runtime.runtime.requests import RequestError, WorkCaps, openapi_request_schema, parse_request, show
 
 logger = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 1 << 20
+REQUEST_ID_HEADER = "X-Request-Id"  # the client's id for GET /v1/requests/{id}; echoed in the answer
 JSON_MEDIA_TYPE = "application/json"
 
 _ERROR_SCHEMA: dict[str, Any] = {
@@ -58,6 +63,7 @@ _ERRORS = {
          "work than the config's caps allow",
     401: "invalid_api_key: api_key is set and 'Authorization: Bearer <key>' is missing or wrong",
     413: "body_too_large: the body is over 1 MiB",
+    409: "duplicate_request_id: a request with this X-Request-Id is in flight",
     415: "unsupported_media_type: the body is not sent as Content-Type: application/json",
     429: "queue_full: a stage queue is full; see Retry-After",
     500: "internal_error / stage_failed: a bug; the server keeps serving",
@@ -200,8 +206,15 @@ def create_app(cfg: RuntimeConfig, orchestrator: Orchestrator | None = None) -> 
         except RequestError as e:
             metrics.errors.labels(stage="http", kind="invalid_request").inc()
             return error_response(400, str(e), "invalid_request_error", e.param, "invalid_request")
+        rid = request.headers.get(REQUEST_ID_HEADER)
+        if rid is not None and not valid_request_id(rid):
+            metrics.errors.labels(stage="http", kind="invalid_request").inc()
+            return error_response(400, f"{REQUEST_ID_HEADER}={show(rid)}: allowed: 1 to 64 characters of A-Z, a-z, "
+                                  f"0-9, '.', '_', '-'", "invalid_request_error", REQUEST_ID_HEADER,
+                                  "invalid_request")
+        rid = rid or uuid.uuid4().hex
         orch: Orchestrator = request.app.state.orch
-        task = asyncio.ensure_future(orch.generate(req))
+        task = asyncio.ensure_future(orch.generate(req, rid))
         try:
             while not task.done():
                 await asyncio.wait({task}, timeout=0.1)
@@ -225,7 +238,22 @@ def create_app(cfg: RuntimeConfig, orchestrator: Orchestrator | None = None) -> 
                 task.cancel()
         return JSONResponse({"created": int(time.time()),
                              "data": [{"b64_json": base64.b64encode(img).decode("ascii"), "revised_prompt": None,
-                                       "seed": seed} for img, seed in zip(images, req.seeds(), strict=True)]})
+                                       "seed": seed} for img, seed in zip(images, req.seeds(), strict=True)]},
+                            headers={REQUEST_ID_HEADER: rid})
+
+    @app.get("/v1/requests/{request_id}")
+    async def request_progress(request_id: str, request: Request) -> Response:
+        """A request's progress: ``status`` (queued, running, completed, failed, cancelled), ``steps_done`` /
+        ``steps_total`` (denoising steps over its images) and the same per image; kept for the last 1024
+        finished requests."""
+        denied = _auth(request)
+        if denied is not None:
+            return denied
+        p = request.app.state.orch.progress.get(request_id)
+        if p is None:
+            return error_response(404, f"no request with id {show(request_id)} is in flight or recently finished",
+                                  "invalid_request_error", "request_id", "not_found")
+        return JSONResponse(p.as_json())
 
     @app.get("/v1/models")
     async def models(request: Request) -> Response:

@@ -27,7 +27,7 @@ from omni_runtime.comm import serde
 from omni_runtime.comm.channel import ChannelClosed, Receiver, Sender
 from omni_runtime.runtime import tensor_handoff
 from omni_runtime.runtime.config import STAGE_NAMES, RuntimeConfig
-from omni_runtime.runtime.messages import Cancel, Outbound, Ready, Result, Stop, Work
+from omni_runtime.runtime.messages import Cancel, Outbound, Ready, Result, StepReport, Stop, Work
 from omni_runtime.runtime.stage_exec import DriverLoop, StageExecutor
 
 logger = logging.getLogger(__name__)
@@ -43,6 +43,7 @@ class StageClient(Protocol):
     generation: int             # 1 for the first start, +1 per restart
     restartable: bool
     on_ready: Callable[[StageClient], None] | None
+    on_report: Callable[[StepReport], None] | None
 
     @property
     def label(self) -> str: ...
@@ -70,6 +71,19 @@ class _Futures:
     def __init__(self) -> None:
         self.inflight: dict[tuple[str, int], asyncio.Future] = {}
         self.outstanding = 0
+        #: called with each :class:`~runtime.messages.StepReport` of the replica (the orchestrator's progress)
+        self.on_report: Callable[[StepReport], None] | None = None
+
+    def report(self, msg: StepReport) -> None:
+        if self.on_report is not None:
+            self.on_report(msg)
+
+    def deliver(self, msg: Result | StepReport) -> None:
+        """A Result resolves its future; a StepReport goes to ``on_report``."""
+        if isinstance(msg, StepReport):
+            self.report(msg)
+        else:
+            self.resolve(msg)
 
     def add(self, work: Work) -> asyncio.Future:
         fut = asyncio.get_running_loop().create_future()
@@ -210,7 +224,7 @@ class ResultListener:
             elif isinstance(msg, Ready):
                 client.announce_ready()
             else:
-                client.resolve(msg)
+                client.deliver(msg)
         except serde.SerdeError as e:
             self.ignored += 1
             logger.error("dropped an undecodable result message: %s", e)
@@ -236,7 +250,8 @@ class ResultListener:
 class _QueueDriver(DriverLoop):
     """The driver loop fed from a ``queue.Queue``; results go to the event loop's thread."""
 
-    def __init__(self, executor: StageExecutor, inbox: queue.Queue, deliver: Callable[[Result], None]) -> None:
+    def __init__(self, executor: StageExecutor, inbox: queue.Queue,
+                 deliver: Callable[[Result | StepReport], None]) -> None:
         super().__init__(executor)
         self.inbox, self.deliver = inbox, deliver
 
@@ -251,7 +266,7 @@ class _QueueDriver(DriverLoop):
             except queue.Empty:
                 return
 
-    def send(self, res: Result) -> None:
+    def send(self, res: Result | StepReport) -> None:
         self.deliver(res)
 
 
@@ -262,13 +277,15 @@ class InProcessStageClient(_Futures):
     generation = 1
 
     def __init__(self, engine: Any, stage: str, replica: int, *, max_batch_size: int,
-                 batch_timeout_ms: float, max_batch_pixels: int = 0) -> None:
+                 batch_timeout_ms: float, max_batch_pixels: int = 0, scheduling: str = "request",
+                 priority_aging_s: float = 10.0) -> None:
         super().__init__()
         self.stage, self.replica = stage, replica
         self.ready = False
         self.on_ready: Callable[[StageClient], None] | None = None
         self.executor = StageExecutor(engine, stage, replica, max_batch_size=max_batch_size,
-                                      batch_timeout_ms=batch_timeout_ms, max_batch_pixels=max_batch_pixels)
+                                      batch_timeout_ms=batch_timeout_ms, max_batch_pixels=max_batch_pixels,
+                                      scheduling=scheduling, priority_aging_s=priority_aging_s)
         self.inbox: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
         self._crash: BaseException | None = None
@@ -280,7 +297,7 @@ class InProcessStageClient(_Futures):
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         driver = _QueueDriver(self.executor, self.inbox,
-                              lambda res: loop.call_soon_threadsafe(self.resolve, res))
+                              lambda res: loop.call_soon_threadsafe(self.deliver, res))
         self._thread = threading.Thread(target=self._run, args=(driver,), name=f"omni-{self.stage}", daemon=True)
         self._thread.start()
         self.ready = True
@@ -380,15 +397,18 @@ def zmq_stages(cfg: RuntimeConfig) -> ZmqStageSet:
 
 async def in_process_stages(cfg: RuntimeConfig) -> StageSet:
     """One in-process client per stage (engines loaded here, on this process's device)."""
+    from omni_runtime.runtime.stage_worker import stage_options
     from omni_runtime.stages.engine import load_engine
 
     clients: dict[str, list[StageClient]] = {}
     for s in STAGE_NAMES:
         st = cfg.stages.get(s)
-        options = {"tiling": cfg.stages.vae.tiling} if s == "vae" else {}
+        den = cfg.stages.denoiser
+        options = stage_options(s, cfg.stages.vae.tiling, den.batch_invariant)
         engine = await asyncio.to_thread(load_engine, s, cfg.model.path, cfg.model.dtype, cfg.model.device,
                                          **options)
         clients[s] = [InProcessStageClient(engine, s, 0, max_batch_size=st.max_batch_size,
                                            batch_timeout_ms=st.batch_timeout_ms,
-                                           max_batch_pixels=st.max_batch_pixels)]
+                                           max_batch_pixels=st.max_batch_pixels, scheduling=den.scheduling,
+                                           priority_aging_s=den.priority_aging_s)]
     return StageSet(clients)

@@ -29,7 +29,19 @@ import numpy as np
 
 from omni_runtime.runtime import tensor_handoff
 from omni_runtime.runtime.images import encode_image
-from omni_runtime.runtime.messages import Batch, Cancel, RankMessage, Result, StepDecision, Stop, Work
+from omni_runtime.runtime.messages import (
+    Admit,
+    Batch,
+    Cancel,
+    ItemProgress,
+    RankMessage,
+    Result,
+    StepDecision,
+    StepReport,
+    Stop,
+    Work,
+)
+from omni_runtime.runtime.step_scheduler import Candidate, StepScheduler
 from omni_runtime.stages.engine import Engine, StageItem
 from omni_runtime.stages.errors import OmniUserError
 
@@ -37,6 +49,7 @@ logger = logging.getLogger(__name__)
 
 DROPPED = "cancelled or past its deadline"
 MAX_REMEMBERED_CANCELS = 100_000
+SCHEDULING = ("step", "request")  # [stages.denoiser] scheduling
 
 
 @dataclass
@@ -46,6 +59,13 @@ class Pending:
     work: Work
     item: StageItem
     key: Hashable
+    arrived: float = 0.0   # time.time() when the driver queued it
+    started: float = 0.0   # time.time() when it joined a running set (step-level)
+
+    def candidate(self) -> Candidate:
+        p = self.work.params
+        return Candidate(key=self.key, pixels=p.width * p.height, priority=getattr(p, "priority", 0),
+                         arrived=self.arrived)
 
 
 def item_of(work: Work) -> StageItem:
@@ -58,8 +78,18 @@ class StageExecutor:
     """Batches Work for one engine and runs it. Not thread-safe: one driver thread owns it."""
 
     def __init__(self, engine: Engine, stage: str, replica: int, *, max_batch_size: int, batch_timeout_ms: float,
-                 publisher: tensor_handoff.Publisher | None = None, max_batch_pixels: int = 0) -> None:
+                 publisher: tensor_handoff.Publisher | None = None, max_batch_pixels: int = 0,
+                 scheduling: str = "request", priority_aging_s: float = 10.0) -> None:
+        """``scheduling = "step"``: an engine with a running set (``run_step``, the denoiser) admits and retires
+        items at every step boundary (:meth:`DriverLoop.step_loop`); ``"request"``, and every other engine: a
+        batch runs from its first to its last step."""
+        if scheduling not in SCHEDULING:
+            raise ValueError(f"scheduling = {scheduling!r}: allowed values are {', '.join(map(repr, SCHEDULING))}")
         self.engine, self.stage, self.replica = engine, stage, replica
+        #: the step-level admission policy, or None (request-level batches)
+        self.scheduler = (StepScheduler(max_batch_size=max_batch_size, max_batch_pixels=max_batch_pixels,
+                                        aging_s=priority_aging_s)
+                          if scheduling == "step" and hasattr(engine, "run_step") else None)
         self.max_batch_size = max_batch_size
         self.max_batch_pixels = max_batch_pixels  # 0: no cap; else width x height summed over a batch
         self.batch_timeout_s = batch_timeout_ms / 1000  # the most a busy stage waits to top up a batch
@@ -80,12 +110,12 @@ class StageExecutor:
             return None
         try:
             item = item_of(msg)
-            key = self.engine.batch_key(item)
+            key = self.engine.join_key(item) if self.scheduler is not None else self.engine.batch_key(item)
         except Exception as e:  # a stale/forged ref or inputs that do not fit: this item fails, the stage goes on
             logger.error("%s: cannot queue item %s/%d: %s", self.stage, msg.req_id, msg.index, e)
             self._release(msg)
             return self._result(msg, ok=False, error=f"{type(e).__name__}: {e}")
-        self.pending.append(Pending(msg, item, key))
+        self.pending.append(Pending(msg, item, key, arrived=time.time()))
         return None
 
     def take_batch(self, wait: Callable[[float], None], busy: bool = False) -> list[Pending]:
@@ -186,6 +216,25 @@ class StageExecutor:
             results.append(res)
         return results
 
+    def finish(self, p: Pending, out: Any, error: str = "", user_error: bool = False) -> Result:
+        """The Result of one item of a running set (step-level): its output published, or the error (``out`` None
+        and no error: it was dropped); its inputs released."""
+        w = p.work
+        p.item.inputs = None
+        self._release(w)
+        if error:
+            return self._result(w, ok=False, error=error, user_error=user_error)
+        if out is None:
+            return self._result(w, ok=False, error=DROPPED)
+        res = self._result(w)
+        try:
+            self._attach(res, out, w)
+        except Exception as e:
+            logger.exception("%s: cannot hand on the output of %s/%d", self.stage, w.req_id, w.index)
+            return self._result(w, ok=False, error=f"{type(e).__name__}: {e}")
+        res.queue_s, res.compute_s = max(0.0, p.started - w.sent_at), time.time() - p.started
+        return res
+
     def _attach(self, res: Result, out: Any, w: Work) -> None:
         if isinstance(out, np.ndarray):  # the last stage: an image
             res.image = encode_image(out, w.params.output_format)
@@ -249,8 +298,16 @@ class DriverLoop:
 
     def _stop_hook(self, batch: list[Pending]) -> Callable[[int], Sequence[int]]:
         gone: set[int] = set()
+        last = [time.time()]
 
         def stop(step: int) -> Sequence[int]:
+            if step:  # progress and step metrics of the step just done (the denoiser's batches)
+                now = time.time()
+                self.send(StepReport(stage=self.executor.stage, replica=self.executor.replica,
+                                     step_s=now - last[0], active=len(batch) - len(gone), progress=[
+                                         ItemProgress(p.work.req_id, p.work.index, step, p.work.params.num_inference_steps)
+                                         for i, p in enumerate(batch) if i not in gone]))
+                last[0] = now
             self.receive(0)  # a Cancel may have arrived since the last step
             # on Stop (shutdown) the orchestrator has already failed every item: end the batch now
             now = range(len(batch)) if self.stopping else self.executor.stop_now(batch)
@@ -267,6 +324,9 @@ class DriverLoop:
     def loop(self) -> None:
         """Run until a ``Stop`` arrives; then fail what is still queued."""
         ex = self.executor
+        if ex.scheduler is not None:
+            self.step_loop()
+            return
         busy = False  # True right after a batch ran: what is pending queued while the stage was busy
         while not self.stopping:
             if not ex.pending:
@@ -288,3 +348,104 @@ class DriverLoop:
         if self.broadcast is not None:
             self.broadcast(Stop())
         logger.debug("driver loop of %s[%d] (pid %d) ended", ex.stage, ex.replica, os.getpid())
+
+    # ------------------------------------------------------------------ step-level scheduling
+
+    def step_loop(self) -> None:
+        """Step-level scheduling (``executor.scheduler``): at every step boundary retire the cancelled and expired
+        items, admit waiting ones (the scheduler's policy), broadcast that plan, run one step of the running set and
+        answer the items that finished. Runs until a ``Stop`` arrives; then fails what is running or queued."""
+        ex, engine = self.executor, self.executor.engine
+        assert ex.scheduler is not None
+        running: dict[int, Pending] = {}
+        failed: list[int] = []  # slots a failed step left on the other ranks: dropped with the next plan
+        next_slot = step = 0
+        while not self.stopping:
+            if not running and not ex.pending:
+                self.receive(self.idle_poll_s)
+                continue
+            self.receive(0)  # Work and Cancel that arrived during the last step
+            if self.stopping:
+                break
+            now = time.time()
+            drop = [s for s, p in running.items() if ex.is_dropped(p.work, now)]
+            for s in drop:
+                engine.drop(s)
+                self.send(ex.finish(running.pop(s), None))
+            if drop:
+                logger.info("%s step %d: %d item(s) leave the running batch (cancelled or past the deadline)",
+                            ex.stage, step, len(drop))
+            alive, dead = ex.drop_dead(list(ex.pending))
+            for res in dead:
+                self.send(res)
+            chosen = set(ex.scheduler.admit([p.candidate() for p in alive], [p.candidate() for p in running.values()],
+                                            now))
+            ex.pending = deque(p for i, p in enumerate(alive) if i not in chosen)
+            admit = []
+            for i in sorted(chosen, key=lambda i: alive[i].arrived):
+                admit.append((next_slot, alive[i]))
+                next_slot += 1
+            if self.broadcast is not None and (drop or failed or admit or running):
+                self.broadcast(StepDecision(drop=drop + failed, admit=[Admit(s, p.work) for s, p in admit],
+                                            plan=True))
+            failed = []
+            for s, p in admit:
+                try:
+                    engine.admit(s, p.item)
+                except Exception as e:  # what the model cannot run (e.g. an image size): this item fails
+                    user = isinstance(e, OmniUserError)
+                    if not user:
+                        logger.exception("%s: cannot admit %s/%d", ex.stage, p.work.req_id, p.work.index)
+                    self.send(ex.finish(p, None, f"{type(e).__name__}: {e}", user_error=user))
+                    continue
+                p.started = now
+                running[s] = p
+            if not running:
+                continue
+            active = len(running)
+            t0 = time.time()
+            try:
+                outs = engine.run_step()
+            except Exception as e:
+                logger.exception("%s: a step of %d item(s) failed", ex.stage, active)
+                for s, p in running.items():
+                    engine.drop(s)
+                    self.send(ex.finish(p, None, f"{type(e).__name__}: {e}"))
+                failed = list(running)
+                running.clear()
+                continue
+            dt = time.time() - t0
+            step += 1
+            progress = []
+            for j, (s, out) in enumerate(outs.items()):
+                p = running.pop(s)
+                total = p.work.params.num_inference_steps
+                progress.append(ItemProgress(p.work.req_id, p.work.index, total, total))
+                res = ex.finish(p, out)
+                # omni_batch_size: the items of the last step, once per step that finished any
+                res.batch_size, res.first_in_batch = active, j == 0
+                self.send(res)
+            progress += [ItemProgress(p.work.req_id, p.work.index, *engine.progress(s)) for s, p in running.items()]
+            self.send(StepReport(stage=ex.stage, replica=ex.replica, step_s=dt, active=active, admitted=len(admit),
+                                 retired=len(drop) + len(outs), progress=progress))
+        for p in running.values():
+            self.send(ex.finish(p, None, "the stage is shutting down"))
+        for res in ex.drop_all("the stage is shutting down"):
+            self.send(res)
+        if self.broadcast is not None:
+            self.broadcast(Stop())
+        logger.debug("step loop of %s[%d] (pid %d) ended", ex.stage, ex.replica, os.getpid())
+
+
+def follow_plan(engine: Engine, plan: StepDecision) -> None:
+    """What a follower rank does with a step plan its driver broadcast (step-level scheduling): the same drops and
+    admissions, then the same step of the running set (its collectives pair up with the driver's)."""
+    for s in plan.drop:
+        engine.drop(s)  # type: ignore[attr-defined]
+    for a in plan.admit:
+        try:
+            engine.admit(a.slot, item_of(a.work))  # type: ignore[attr-defined]
+        except Exception as e:  # the driver failed it too (the same validation)
+            logger.debug("follower: item %s/%d not admitted: %s", a.work.req_id, a.work.index, e)
+    if len(engine.running):  # type: ignore[attr-defined]
+        engine.run_step()  # type: ignore[attr-defined]

@@ -8,7 +8,9 @@ leave the batch (cancelled or expired) and broadcasts that :class:`~runtime.mess
 ranks, so every rank takes the same items out.
 
 Followers (rank > 0): receive each :class:`~runtime.messages.Batch` (and the step decisions) through the
-:class:`~runtime.rank_fanout.RankFanout` and run the same engine step, so their collectives pair up.
+:class:`~runtime.rank_fanout.RankFanout` and run the same engine step, so their collectives pair up. Under
+step-level scheduling there are no batches: each step plan (a ``StepDecision`` with ``plan``: drops and admissions)
+is applied to the follower's running set, then it runs the same step (``stage_exec.follow_plan``).
 
 Channels come from ``comm.channel`` (the one socket factory); tensors only through ``runtime.tensor_handoff``.
 """
@@ -22,9 +24,9 @@ from collections.abc import Sequence
 from omni_runtime.comm import serde
 from omni_runtime.comm.channel import ChannelTimeout, SyncReceiver, SyncSender
 from omni_runtime.comm.shm_broadcast import MessageQueueCancelled
-from omni_runtime.runtime.messages import Inbound, Ready, Result, StepDecision, Stop
+from omni_runtime.runtime.messages import Inbound, Ready, Result, StepDecision, StepReport, Stop
 from omni_runtime.runtime.rank_fanout import RankFanout
-from omni_runtime.runtime.stage_exec import DriverLoop, StageExecutor, follow
+from omni_runtime.runtime.stage_exec import DriverLoop, StageExecutor, follow, follow_plan
 from omni_runtime.stages.engine import Engine
 
 logger = logging.getLogger(__name__)
@@ -41,7 +43,7 @@ class Driver(DriverLoop):
         self.inbox = SyncReceiver(in_addr, rcvhwm=HWM)
         self.outbox = SyncSender(out_addr, sndhwm=HWM)
 
-    def send(self, msg: Ready | Result) -> None:
+    def send(self, msg: Ready | Result | StepReport) -> None:
         self.outbox.send(msg)
 
     def _take_frames(self, frames: list) -> None:
@@ -103,8 +105,16 @@ def follow_loop(engine: Engine, fanout: RankFanout) -> None:
                 return
         if isinstance(msg, Stop):
             return
-        if isinstance(msg, StepDecision):  # left over from a batch this rank failed
-            continue
+        if isinstance(msg, StepDecision):
+            if msg.plan:  # step-level scheduling: the plan of the next step of the running set
+                try:
+                    follow_plan(engine, msg)
+                except MessageQueueCancelled:
+                    logger.info("the driver is gone; exiting")
+                    return
+                except Exception:  # the driver's step failed too: it drops the running set with its next plan
+                    logger.exception("a step failed on a follower rank")
+            continue  # else left over from a batch this rank failed
         try:
             follow(engine, msg.items, stop)
         except _Interrupted as e:

@@ -43,6 +43,9 @@ class WorkerSpec(msgspec.Struct, kw_only=True):
     threads: int = 1
     pool_outputs: bool = False  # publish through reused segments (the next stage has one rank, the sole reader)
     vae_tiling: bool = False  # [stages.vae] tiling (diffusers' approximate tiled decode)
+    scheduling: str = "request"     # [stages.denoiser] scheduling ("step" | "request")
+    batch_invariant: bool = False   # [stages.denoiser] batch_invariant
+    priority_aging_s: float = 10.0  # [stages.denoiser] priority_aging_s
     log_level: str = "INFO"
     # From the Placement (runtime/placement.py); defaults keep older callers working.
     rendezvous: str = ""            # torch.distributed init_method ("file://<run dir>/..." on one node)
@@ -50,6 +53,15 @@ class WorkerSpec(msgspec.Struct, kw_only=True):
     node: str = ""                  # the node it runs on
     tensor_transport: str = "shm"   # how this replica's outputs reach the next stage: "shm" | "frames"
     tensor_endpoint: str = ""       # "frames": where the output rank's tensor server binds
+
+
+def stage_options(stage: str, vae_tiling: bool = False, batch_invariant: bool = False) -> dict[str, bool]:
+    """The engine load options of ``stage`` (``stages.engine.load_engine``)."""
+    if stage == "vae":
+        return {"tiling": vae_tiling}
+    if stage == "denoiser":
+        return {"batch_invariant": batch_invariant}
+    return {}
 
 
 def title(spec: WorkerSpec) -> str:
@@ -97,7 +109,7 @@ def worker_main(spec_bytes: bytes) -> None:
     from omni_runtime.runtime.stage_exec import StageExecutor
     from omni_runtime.stages.engine import load_engine
 
-    options = {"tiling": spec.vae_tiling} if spec.stage == "vae" else {}
+    options = stage_options(spec.stage, spec.vae_tiling, spec.batch_invariant)
     engine = load_engine(spec.stage, spec.model_path, spec.dtype, spec.device, mesh=mesh, **options)
     fanout = RankFanout(spec.rank, spec.world_size)
     if spec.world_size > 1:
@@ -108,6 +120,7 @@ def worker_main(spec_bytes: bytes) -> None:
     if spec.rank == 0:
         executor = StageExecutor(engine, spec.stage, spec.replica, max_batch_size=spec.max_batch_size,
                                  batch_timeout_ms=spec.batch_timeout_ms, max_batch_pixels=spec.max_batch_pixels,
+                                 scheduling=spec.scheduling, priority_aging_s=spec.priority_aging_s,
                                  publisher=tensor_handoff.Publisher(
                                      pooled=spec.pool_outputs, transport=spec.tensor_transport,
                                      endpoint=spec.tensor_endpoint))

@@ -19,6 +19,7 @@ embedding widths. A ``stop`` hook, asked before every step, lets a caller take r
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -36,14 +37,9 @@ from omni_runtime.parallel.strategies.row_forward import RowForward, row_forward
 from omni_runtime.stages.device import resolve_device, resolve_dtype
 from omni_runtime.stages.errors import RequestError
 from omni_runtime.stages.guidance import TRUE_CFG, UNGUIDED, Guidance
-from omni_runtime.stages.latents import (
-    check_image_size,
-    image_seq_len,
-    initial_noise,
-    latent_image_ids,
-    unpack_latents,
-)
-from omni_runtime.stages.schedule import FlowMatchSchedule, euler_step
+from omni_runtime.stages.latents import check_image_size, unpack_latents
+from omni_runtime.stages.schedule import FlowMatchSchedule
+from omni_runtime.stages.step_batch import RunningSet
 from omni_runtime.stages.weights import component_dir, read_config
 
 logger = logging.getLogger(__name__)
@@ -133,7 +129,8 @@ class DenoiserStage:
     """Runs the denoising loop of a Flux transformer. ``denoise(requests)`` returns one latent per request."""
 
     def __init__(self, model: torch.nn.Module, config: dict[str, Any], schedule: FlowMatchSchedule,
-                 vae_scale_factor: int, dtype: torch.dtype, device: torch.device, mesh: Mesh | None = None) -> None:
+                 vae_scale_factor: int, dtype: torch.dtype, device: torch.device, mesh: Mesh | None = None,
+                 *, batch_invariant: bool = False) -> None:
         self.model = model
         self.mesh = mesh if mesh is not None else Mesh.single(device)
         self.config = config
@@ -148,12 +145,15 @@ class DenoiserStage:
         self.pooled_projection_dim = config.get("pooled_projection_dim")
         #: how one step's rows are computed on this mesh (``parallel.strategies.row_forward``)
         self.forward_rows: RowForward = row_forward_for(self.mesh)
+        #: one forward per request (bit-identical to its solo run) instead of one per join group
+        self.batch_invariant = batch_invariant
+        self._request_ids = itertools.count(1 << 40)  # request-level batches (step-level slots count from 0)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: str | torch.dtype = "float32",
                         device: str | torch.device = "cpu", mesh: Mesh | None = None,
                         ep_group: GroupCoordinator | None = None,
-                        hsdp: HSDPInferenceConfig | None = None) -> DenoiserStage:
+                        hsdp: HSDPInferenceConfig | None = None, batch_invariant: bool = False) -> DenoiserStage:
         """Load transformer + scheduler config on ``mesh`` (None: ``Mesh.single()``); with an sp group of more
         than one rank, apply :class:`SequenceParallel` to the model.
 
@@ -178,7 +178,8 @@ class DenoiserStage:
             SequenceParallel(mesh, check_gathers=pp == 1 or mesh.rank("pp") == pp - 1).apply(model)
             logger.info("denoiser: sequence parallel over %d ranks", sp)
         logger.info("loaded denoiser from %s (%s on %s)", path, torch_dtype, dev)
-        stage = cls(model, config, schedule, vae_scale_factor_of(path), torch_dtype, dev, mesh)
+        stage = cls(model, config, schedule, vae_scale_factor_of(path), torch_dtype, dev, mesh,
+                    batch_invariant=batch_invariant)
         if mesh.size("cfg") > 1:
             logger.info("denoiser: CFG parallel over %d ranks (cfg rank %d), rows by %r", mesh.size("cfg"),
                         mesh.rank("cfg"), stage.forward_rows)
@@ -252,61 +253,37 @@ class DenoiserStage:
 
     __call__ = denoise
 
-    def _stack(self, reqs: list[DenoiseRequest], seq_name: str, pooled_name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        seq = torch.stack([_as_2d(getattr(r, seq_name), seq_name) for r in reqs])
-        pooled = torch.stack([_as_1d(getattr(r, pooled_name), pooled_name) for r in reqs])
-        return seq.to(self.device, self.dtype), pooled.to(self.device, self.dtype)
-
     def _denoise_group(self, reqs: list[DenoiseRequest], *, progress: bool,
                        stop: StopHook | None = None) -> tuple[torch.Tensor | None, list[int]]:
-        """The loop for requests of one batch key; returns the latents of the requests still in the batch at the
-        end and their indices in ``reqs`` (all of them unless ``stop`` took some out; ``None`` if it took all)."""
-        first = reqs[0]
-        h, w, steps, do_cfg = first.height, first.width, first.num_inference_steps, first.do_true_cfg
-        guide = first.guidance  # one per batch key
-        b = len(reqs)
-        latents = torch.cat([
-            initial_noise(r.seed, self.num_channels_latents, h, w, self.vae_scale_factor, self.dtype, self.device)
-            for r in reqs
-        ])
-        img_ids = latent_image_ids(h, w, self.vae_scale_factor, self.device, self.dtype)
-        embeds, pooled = self._stack(reqs, "prompt_embeds", "pooled_prompt_embeds")
-        txt_ids = torch.zeros(embeds.shape[1], 3, device=self.device, dtype=self.dtype)
-        guidance = None
-        if self.guidance_embeds:
-            guidance = torch.tensor([float(r.guidance_scale) for r in reqs], device=self.device,
-                                    dtype=torch.float32)
-        if do_cfg:
-            # Positive and negative halves run in one forward: [cond..., uncond...].
-            neg_embeds, neg_pooled = self._stack(reqs, "negative_prompt_embeds", "negative_pooled_prompt_embeds")
-            embeds, pooled = torch.cat([embeds, neg_embeds]), torch.cat([pooled, neg_pooled])
-            guidance = torch.cat([guidance, guidance]) if guidance is not None else None
-
-        kept = list(range(b))
-        timesteps, sigmas = self.schedule.sigmas(steps, image_seq_len(h, w, self.vae_scale_factor), self.device)
-        for i, t in enumerate(tqdm(timesteps, total=steps, disable=not progress, desc="denoise", leave=False)):
+        """The loop for requests of one batch key (the request-level policy: the batch runs from its first step to
+        its last over a :class:`~stages.step_batch.RunningSet`); returns the latents of the requests still in the
+        batch at the end and their indices in ``reqs`` (all of them unless ``stop`` took some out; ``None`` if it
+        took all)."""
+        running = RunningSet(self, batch_invariant=self.batch_invariant)
+        # ids unique over this stage's life (row strategies key per-request state by them); every rank of a
+        # replica runs the same batches, so they agree
+        ids = [next(self._request_ids) for _ in reqs]
+        for rid, req in zip(ids, reqs, strict=True):
+            running.admit(rid, req)
+        out: dict[int, torch.Tensor] = {}
+        steps = max(r.num_inference_steps for r in reqs)
+        for i in tqdm(range(steps), disable=not progress, desc="denoise", leave=False):
             if stop is not None:
-                drop = {kept.index(k) for k in stop(i) if k in kept}
+                drop = [k for k in stop(i) if 0 <= k < len(ids) and running.drop(ids[k])]
                 if drop:
-                    rows = [j for j in range(b) if j not in drop]
-                    kept = [kept[j] for j in rows]
-                    if not kept:
-                        return None, []
-                    sel = torch.tensor(rows, device=self.device)
-                    both = guide.row_index(sel, b)
-                    latents, embeds, pooled = latents[sel], embeds[both], pooled[both]
-                    guidance = guidance[both] if guidance is not None else None
-                    b = len(kept)
-                    logger.debug("step %d: %d request(s) left the batch, %d go on", i, len(drop), b)
-            model_in = guide.repeat(latents)
-            timestep = t.expand(model_in.shape[0]).to(latents.dtype)
-            info = guide.rows(kept, i)
-            pred = self.forward_rows(
-                self.model,
-                {"hidden_states": model_in, "timestep": timestep / 1000, "guidance": guidance,
-                 "pooled_projections": pooled, "encoder_hidden_states": embeds},
-                {"txt_ids": txt_ids, "img_ids": img_ids}, info)
-            pred = guide.apply(pred, [reqs[k].guidance_scales for k in kept])
-            latents = euler_step(latents, pred, sigmas[i], sigmas[i + 1])
-        return latents, kept
+                    logger.debug("step %d: %d request(s) left the batch, %d go on", i, len(drop), len(running))
+            if not running:
+                break
+            out.update(running.step())
+        kept = [k for k, rid in enumerate(ids) if rid in out]
+        return (torch.stack([out[ids[k]] for k in kept]) if kept else None), kept
+
+    def join_key(self, req: DenoiseRequest) -> tuple:
+        """Requests with equal keys can share one forward whatever their step counts and CFG: their rows stack
+        (same image size, same text length)."""
+        return (req.height, req.width, _as_2d(req.prompt_embeds, "prompt_embeds").shape[0])
+
+    def embeddings(self, req: DenoiseRequest, seq_name: str, pooled_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """One branch's (sequence, pooled) embeddings of ``req``, unbatched."""
+        return _as_2d(getattr(req, seq_name), seq_name), _as_1d(getattr(req, pooled_name), pooled_name)
 

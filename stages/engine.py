@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from omni_runtime.stages.denoiser import DenoiseRequest, DenoiserStage, StopHook
+from omni_runtime.stages.step_batch import RunningSet
 from omni_runtime.stages.text_encoder import TextEncoderStage
 from omni_runtime.stages.vae import VaeDecoderStage
 
@@ -111,15 +112,19 @@ class DenoiserEngine:
 
     def __init__(self, stage: DenoiserStage) -> None:
         self.stage = stage
+        #: the step-level running set (``admit`` / ``drop`` / ``run_step``), the same on every rank
+        self.running = RunningSet(stage, batch_invariant=stage.batch_invariant)
 
     @classmethod
-    def load(cls, path: str | Path, dtype: str, device: str, mesh: Any = None) -> DenoiserEngine:
+    def load(cls, path: str | Path, dtype: str, device: str, mesh: Any = None, *,
+             batch_invariant: bool = False) -> DenoiserEngine:
+        """``batch_invariant``: one forward per request, bit-identical to its solo run (``stages.step_batch``)."""
         from omni_runtime.parallel.all2all import init_expert_parallel  # None unless the mesh has ep > 1
         from omni_runtime.parallel.hsdp import hsdp_config_from_mesh  # None unless the mesh shards weights
 
         hsdp = hsdp_config_from_mesh(mesh) if mesh is not None else None
         return cls(DenoiserStage.from_pretrained(path, dtype, device, mesh=mesh, ep_group=init_expert_parallel(mesh),
-                                                 hsdp=hsdp))
+                                                 hsdp=hsdp, batch_invariant=batch_invariant))
 
     @staticmethod
     def request(item: StageItem) -> DenoiseRequest:
@@ -139,6 +144,27 @@ class DenoiserEngine:
     def step(self, items: list[StageItem], stop: StopHook | None = None) -> list[torch.Tensor | None]:
         latents = self.stage.denoise([self.request(it) for it in items], stop=stop)
         return [x.contiguous() if x is not None else None for x in latents]
+
+    # --- step level: the runtime admits and retires items between steps (runtime.stage_exec) ------------------
+
+    def join_key(self, item: StageItem) -> Hashable:
+        """Items with equal keys can run in one step-level forward (any step counts, with or without CFG)."""
+        return self.stage.join_key(self.request(item))
+
+    def admit(self, slot: int, item: StageItem) -> None:
+        """Add ``item`` to the running set as ``slot``; raises (``RequestError`` for what the model cannot run)
+        before it joins. Its input tensors are copied."""
+        self.running.admit(slot, self.request(item))
+
+    def drop(self, slot: int) -> bool:
+        return self.running.drop(slot)
+
+    def progress(self, slot: int) -> tuple[int, int]:
+        return self.running.progress(slot)
+
+    def run_step(self) -> dict[int, torch.Tensor]:
+        """One step of every running item; the outputs (packed latents) of those that finished, by slot."""
+        return {k: v.contiguous() for k, v in self.running.step().items()}
 
 
 class VaeEngine:

@@ -1,10 +1,10 @@
 """Guidance: how many branches one request runs per denoising step, and how their predictions combine.
 
 A :class:`Guidance` is a small declaration: ``branches`` (N >= 1) and ``combine``, a function of one request's N
-predictions and its scales. The denoising loop asks it for the step's rows (:meth:`Guidance.rows`: branch-major,
-``[branch 0 of every request..., branch 1 of every request..., ...]``, the layout the row strategies of
-``parallel.strategies.row_forward`` receive) and for the combined prediction (:meth:`Guidance.apply`). How the rows
-are computed (one forward, CFG parallel over N ranks, a pipeline) is the row strategy's business, not this file's.
+predictions and its scales. The denoising loop (``stages.step_batch``) runs one row per (request, branch) through the
+row strategy of ``parallel.strategies.row_forward`` (:func:`mixed_rows`: requests of different guidance share one
+forward) and combines each request's predictions with its guidance (:func:`mixed_apply`). How the rows are computed (one forward, CFG parallel over N ranks, a pipeline) is the
+row strategy's business, not this file's.
 A step whose requests have different guidance (continuous batching) uses :func:`mixed_rows` / :func:`mixed_apply`.
 
 Instances:
@@ -55,39 +55,14 @@ class Guidance:
         if self.branches < 1:
             raise ValueError(f"guidance {self.name!r}: branches = {self.branches}; must be >= 1")
 
-    def rows(self, requests: Sequence[int], step: int) -> list[RowInfo]:
-        """The :class:`RowInfo` of a step's rows for ``requests`` (ids), branch-major."""
-        return [RowInfo(request=r, branch=k, branches=self.branches, step=step)
-                for k in range(self.branches) for r in requests]
 
-    def repeat(self, t: torch.Tensor) -> torch.Tensor:
-        """``t`` (one row per request) once per branch, branch-major: the rows' input for a per-request tensor."""
-        return t if self.branches == 1 else torch.cat([t] * self.branches)
-
-    def row_index(self, keep: torch.Tensor, batch: int) -> torch.Tensor:
-        """Indices of the rows of requests ``keep`` (indices into a batch of ``batch`` requests), branch-major."""
-        return torch.cat([keep + k * batch for k in range(self.branches)]) if self.branches > 1 else keep
-
-    def apply(self, pred: torch.Tensor, scales: Sequence[Sequence[float]]) -> torch.Tensor:
-        """The combined prediction per request from ``pred`` (``branches × len(scales)`` rows, branch-major);
-        ``scales[j]``: request ``j``'s scales."""
-        b = len(scales)
-        if pred.shape[0] != self.branches * b:
-            raise ValueError(f"guidance {self.name!r}: {pred.shape[0]} prediction rows for {b} request(s) of "
-                             f"{self.branches} branch(es)")
-        if self.branches == 1:
-            return pred
-        return torch.stack([self.combine([pred[k * b + j] for k in range(self.branches)], scales[j])
-                            for j in range(b)])
-
-
-def mixed_rows(requests: Sequence[int], guides: Sequence[Guidance], step: int) -> list[RowInfo]:
-    """The rows of a step whose requests may have different guidance (``guides[j]`` for ``requests[j]``):
-    branch-major, branch ``k`` of every request that has it (for one guidance this is :meth:`Guidance.rows`).
+def mixed_rows(requests: Sequence[int], guides: Sequence[Guidance], steps: Sequence[int]) -> list[RowInfo]:
+    """The rows of a step whose requests may have different guidance (``guides[j]`` for ``requests[j]``, which is
+    at its own denoising step ``steps[j]``): branch-major, branch ``k`` of every request that has it.
     ``[requests.index(row.request) for row in rows]`` maps each row to its request's inputs."""
     most = max((g.branches for g in guides), default=0)
-    return [RowInfo(request=r, branch=k, branches=g.branches, step=step)
-            for k in range(most) for r, g in zip(requests, guides, strict=True) if k < g.branches]
+    return [RowInfo(request=r, branch=k, branches=g.branches, step=i)
+            for k in range(most) for r, g, i in zip(requests, guides, steps, strict=True) if k < g.branches]
 
 
 def mixed_apply(pred: torch.Tensor, rows: Sequence[RowInfo], requests: Sequence[int], guides: Sequence[Guidance],

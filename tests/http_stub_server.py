@@ -19,7 +19,11 @@ class StubOrchestrator:
     started_at = 1_700_000_000.0
 
     def __init__(self) -> None:
+        from omni_runtime.runtime.progress import ProgressBook
+
         self.seen: list = []
+        self.ids: list = []
+        self.progress = ProgressBook()
 
     async def start(self) -> None:
         pass
@@ -30,8 +34,11 @@ class StubOrchestrator:
     def health(self) -> dict[str, list[bool]]:
         return {"text_encoder": [True], "denoiser": [True], "vae": [True]}
 
-    async def generate(self, req):
+    async def generate(self, req, request_id=None):
         self.seen.append(req)
+        self.ids.append(request_id)
+        self.progress.open(request_id, req.n, req.num_inference_steps, req.priority)
+        self.progress.close(request_id, "completed")
         return [f"{req.prompt}:{s}".encode() for s in req.seeds()]
 
 

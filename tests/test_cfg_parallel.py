@@ -70,29 +70,47 @@ def test_cfg_parallel_of_one_rank_is_the_local_forward():
 # ------------------------------------------------------------------------------------------- combines
 
 
+def _repeat(guide: Guidance, t: torch.Tensor) -> torch.Tensor:
+    """``t`` (one row per request) once per branch, branch-major (the synthetic loop's row layout)."""
+    return t if guide.branches == 1 else torch.cat([t] * guide.branches)
+
+
+def _row_info(guide: Guidance, requests: list[int], step: int) -> list[RowInfo]:
+    return [RowInfo(request=r, branch=k, branches=guide.branches, step=step)
+            for k in range(guide.branches) for r in requests]
+
+
+def _apply(guide: Guidance, pred: torch.Tensor, scales: list[tuple[float, ...]]) -> torch.Tensor:
+    """Each request's combined prediction from branch-major rows."""
+    b = len(scales)
+    assert pred.shape[0] == guide.branches * b
+    if guide.branches == 1:
+        return pred
+    return torch.stack([guide.combine([pred[k * b + j] for k in range(guide.branches)], scales[j])
+                        for j in range(b)])
+
+
 def test_true_cfg_is_fluxpipelines_formula_row_by_row():
     g = torch.Generator().manual_seed(0)
     cond, uncond = torch.randn(3, 5, 4, generator=g), torch.randn(3, 5, 4, generator=g)
     scales = [4.0, 1.5, 7.25]
-    got = TRUE_CFG.apply(torch.cat([cond, uncond]), [(s,) for s in scales])
+    got = _apply(TRUE_CFG, torch.cat([cond, uncond]), [(s,) for s in scales])
     want = torch.stack([u + s * (c - u) for c, u, s in zip(cond, uncond, scales, strict=True)])
     assert torch.equal(got, want)  # bit for bit: the served true-CFG image must not move
-    assert torch.equal(UNGUIDED.apply(cond, [(), (), ()]), cond)
+    assert UNGUIDED.branches == 1 and torch.equal(UNGUIDED.combine([cond[0]], ()), cond[0])
 
 
 def test_multi_branch_combines():
     g = torch.Generator().manual_seed(1)
     p = torch.randn(4, 2, 3, generator=g, dtype=torch.float64)  # one request, 4 branches
     c1, c2, c3, u = p
-    got = composable_guidance(4).apply(p, [(2.0, 0.5, -1.0)])[0]
+    got = _apply(composable_guidance(4), p, [(2.0, 0.5, -1.0)])[0]
     assert torch.allclose(got, u + 2.0 * (c1 - u) + 0.5 * (c2 - u) - 1.0 * (c3 - u))
     ti, im, un = p[:3]
-    got = TEXT_IMAGE_GUIDANCE.apply(p[:3], [(7.5, 1.5)])[0]
+    got = _apply(TEXT_IMAGE_GUIDANCE, p[:3], [(7.5, 1.5)])[0]
     assert torch.allclose(got, un + 1.5 * (im - un) + 7.5 * (ti - im))
-    with pytest.raises(ValueError, match="5 prediction rows for 2 request"):
-        TRUE_CFG.apply(p[:1].repeat(5, 1, 1), [(1.0,), (2.0,)])
     with pytest.raises(ValueError, match="2 scale"):
-        composable_guidance(4).apply(p, [(1.0, 2.0)])
+        _apply(composable_guidance(4), p, [(1.0, 2.0)])
     with pytest.raises(ValueError, match="branches = 1"):
         composable_guidance(1)
     with pytest.raises(ValueError, match="branches = 0"):
@@ -133,9 +151,9 @@ def _conditioning(requests: int, branches: int) -> torch.Tensor:
 
 def _rows(model: _Synth, requests: int, guide: Guidance) -> tuple[dict, dict, list[RowInfo]]:
     lat = torch.randn(requests, TOKENS, CHANNELS, generator=torch.Generator().manual_seed(5))
-    rows = {"hidden_states": guide.repeat(lat), "timestep": torch.full((guide.branches * requests,), 0.5),
+    rows = {"hidden_states": _repeat(guide, lat), "timestep": torch.full((guide.branches * requests,), 0.5),
             "encoder_hidden_states": _conditioning(requests, guide.branches)}
-    return rows, {"offset": torch.full((TOKENS, CHANNELS), 0.01)}, guide.rows(list(range(requests)), 0)
+    return rows, {"offset": torch.full((TOKENS, CHANNELS), 0.01)}, _row_info(guide, list(range(requests)), 0)
 
 
 #: (guidance, scales per request, steps): N = 3 and N = 4, one and several requests, and no guidance (rows < cfg)
@@ -171,10 +189,10 @@ def _synth_denoise(forward, guide: Guidance, scales: list[tuple[float, ...]], st
     with torch.no_grad():
         for i in range(steps):
             t = 1.0 - i / steps
-            rows = {"hidden_states": guide.repeat(latents), "timestep": torch.full((guide.branches * b,), t),
+            rows = {"hidden_states": _repeat(guide, latents), "timestep": torch.full((guide.branches * b,), t),
                     "encoder_hidden_states": cond}
-            pred = forward(model, rows, {"offset": offset}, guide.rows(list(range(b)), i))
-            latents = latents - (1.0 / steps) * guide.apply(pred, scales)
+            pred = forward(model, rows, {"offset": offset}, _row_info(guide, list(range(b)), i))
+            latents = latents - (1.0 / steps) * _apply(guide, pred, scales)
     return latents
 
 
@@ -211,7 +229,7 @@ def test_multi_branch_cfg_parallel_equals_the_single_process_run(tmp_path: Path,
         guide = GUIDES[name]
         want = _synth_denoise(LocalForward(), guide, scales, steps)
         n_rows = guide.branches * len(scales)
-        shares = assign_rows(guide.rows(list(range(len(scales))), 0), cfg)
+        shares = assign_rows(_row_info(guide, list(range(len(scales))), 0), cfg)
         for rank, res in enumerate(results):
             case = res["cases"][c]
             got = torch.tensor(case["latents"]).view_as(want)
@@ -386,7 +404,7 @@ def test_mixed_guidance_rows_combine_like_each_guidance_alone():
 
     guides = [TRUE_CFG, UNGUIDED, composable_guidance(4), TRUE_CFG]
     requests, scales = [10, 11, 12, 13], [(4.0,), (), (2.0, 0.5, 1.5), (1.5,)]
-    rows = mixed_rows(requests, guides, step=3)
+    rows = mixed_rows(requests, guides, [3] * len(requests))
     assert [(r.request, r.branch) for r in rows] == [(10, 0), (11, 0), (12, 0), (13, 0), (10, 1), (12, 1), (13, 1),
                                                      (12, 2), (12, 3)]
     assert all(r.step == 3 for r in rows) and [r.branches for r in rows][:4] == [2, 1, 4, 2]
@@ -395,11 +413,12 @@ def test_mixed_guidance_rows_combine_like_each_guidance_alone():
     got = mixed_apply(pred, rows, requests, guides, scales)
     for j, (r, guide, s) in enumerate(zip(requests, guides, scales, strict=True)):
         mine = torch.stack([pred[i] for i, row in enumerate(rows) if row.request == r])  # branch order
-        assert torch.equal(got[j], guide.apply(mine, [s])[0]), r
+        assert torch.equal(got[j], _apply(guide, mine, [s])[0]), r
     # rows in another order (as a strategy may return them internally) map back by (request, branch)
     perm = torch.randperm(len(rows), generator=g)
     assert torch.equal(mixed_apply(pred[perm], [rows[i] for i in perm], requests, guides, scales), got)
-    # one guidance: the same layout as Guidance.rows
-    assert mixed_rows([4, 5], [TRUE_CFG, TRUE_CFG], 0) == TRUE_CFG.rows([4, 5], 0)
+    # one guidance: the branch-major layout of the synthetic loop; each row carries its own request's step
+    assert mixed_rows([4, 5], [TRUE_CFG, TRUE_CFG], [0, 0]) == _row_info(TRUE_CFG, [4, 5], 0)
+    assert [r.step for r in mixed_rows([4, 5], [TRUE_CFG, UNGUIDED], [2, 7])] == [2, 7, 2]
     with pytest.raises(ValueError, match="8 prediction rows for 9 rows"):
         mixed_apply(pred[:8], rows, requests, guides, scales)

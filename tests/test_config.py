@@ -199,8 +199,10 @@ def test_usage_doc_config_block_lists_every_key_with_its_default():
 
     doc = (ROOT / "docs" / "USAGE.md").read_text()
     raw = tomllib.loads(re.search(r"```toml\n(.*?)```", doc, re.S).group(1))
-    pixel_keys = {k: v for k, v in raw["stages"]["denoiser"].items() if k != "parallel"}  # denoiser and vae
-    raw["stages"]["denoiser"] = dict(raw["stages"]["text_encoder"], **pixel_keys,
+    den = raw["stages"]["denoiser"]
+    pixel_keys = {"max_batch_pixels": den["max_batch_pixels"]}  # denoiser and vae
+    den_only = {k: v for k, v in den.items() if k not in ("parallel", "max_batch_pixels")}  # scheduling, ...
+    raw["stages"]["denoiser"] = dict(raw["stages"]["text_encoder"], **pixel_keys, **den_only,
                                      parallel=raw["stages"]["denoiser"]["parallel"])
     raw["stages"]["vae"] = dict(raw["stages"]["text_encoder"], **pixel_keys, **raw["stages"]["vae"])  # + tiling
     documented = msgspec.to_builtins(msgspec.convert(raw, RuntimeConfig))

@@ -16,6 +16,8 @@ per-pair ratios, so a noisy neighbour on the machine hits both sides alike.
 
 Usage: ``python tools/bench_serving.py [--preset small] [--size 256x256] [--steps 8] [--repeats 5] [--rounds 3]
 [--quick]``. The recorded run (docs/BENCHMARKS.md) is the plain command with its defaults.
+``python tools/bench_serving.py arrivals --help``: Poisson arrivals, step-level vs request-level denoiser scheduling
+(tools/bench_arrivals.py).
 Prints a table; ratios matter, absolute times depend on the machine.
 """
 
@@ -271,5 +273,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def arrivals_main(argv: list[str]) -> int:
+    """``bench_serving.py arrivals ...``: the arrival-process benchmark (tools/bench_arrivals.py)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_arrivals import main as arrivals
+
+    return arrivals(argv)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(arrivals_main(sys.argv[2:]) if sys.argv[1:2] == ["arrivals"] else main())

@@ -1,0 +1,166 @@
+"""The running set of the denoiser: requests that join and leave between denoising steps.
+
+A :class:`RunningSet` holds every request being denoised, each with its own state: its latents, its own
+timestep/sigma schedule (its own step count and the shift of its own image size), its guidance and its number of
+guidance branches. :meth:`RunningSet.step` advances every request by one of *its own* steps in one model forward
+per join group (requests whose rows fit one tensor: same image size and text length): each (request, branch) pair
+is one row of :meth:`DenoiserStage.forward_rows` (``parallel.strategies.row_forward``), with its own timestep,
+guidance and embeddings, so requests with and without true CFG, and with different step counts, share a forward.
+A request that has done its last step leaves the set and ``step`` returns its latents.
+
+The request-level policy (a batch runs from its first to its last step) and the step-level policy (the runtime
+admits and retires requests at every step boundary) both run this one loop, so a request's result depends on who
+shared its steps only through the rounding of a batched matmul (latents rel <= 1e-4). With ``batch_invariant``
+every request runs its own forward (all of its branches, as its solo run does), which makes it bit-identical to its
+solo run at the cost of batching (docs/BENCHMARKS.md).
+
+Every rank of a replica holds the same running set: the runtime broadcasts each admit/drop, and ``step`` retires
+the finished requests on every rank alike.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Hashable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from omni_runtime.stages.guidance import mixed_apply, mixed_rows
+from omni_runtime.stages.latents import image_seq_len, initial_noise, latent_image_ids
+from omni_runtime.stages.schedule import euler_step
+
+if TYPE_CHECKING:
+    from omni_runtime.stages.denoiser import DenoiseRequest, DenoiserStage
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Running", "RunningSet"]
+
+
+@dataclass
+class Running:
+    """One request in the running set. ``embeds``/``pooled`` hold one entry per branch (0 = conditional)."""
+
+    id: int
+    req: DenoiseRequest
+    latents: torch.Tensor      # (1, tokens, C*4)
+    timesteps: torch.Tensor    # (steps,)
+    sigmas: torch.Tensor       # (steps + 1,)
+    embeds: torch.Tensor       # (branches, txt, d)
+    pooled: torch.Tensor       # (branches, d_pooled)
+    img_ids: torch.Tensor      # (tokens, 3)
+    txt_ids: torch.Tensor      # (txt, 3)
+    key: Hashable
+    done: int = 0              # steps done
+
+    @property
+    def total(self) -> int:
+        return self.req.num_inference_steps
+
+    @property
+    def branches(self) -> int:
+        return self.embeds.shape[0]
+
+    @property
+    def tokens(self) -> int:
+        return self.latents.shape[1]
+
+
+class RunningSet:
+    """The requests being denoised on one rank, by id (an int the caller picks, unique while the request runs:
+    the row strategies key per-request state by it)."""
+
+    def __init__(self, stage: DenoiserStage, *, batch_invariant: bool = False) -> None:
+        self.stage = stage
+        self.batch_invariant = batch_invariant
+        self.running: dict[int, Running] = {}
+
+    def __len__(self) -> int:
+        return len(self.running)
+
+    def __contains__(self, rid: object) -> bool:
+        return rid in self.running
+
+    def __iter__(self) -> Iterator[Running]:
+        return iter(self.running.values())
+
+    def join_key(self, req: DenoiseRequest) -> Hashable:
+        """Requests with equal keys can share a forward (their rows stack): image size and text length."""
+        return self.stage.join_key(req)
+
+    def admit(self, rid: int, req: DenoiseRequest) -> None:
+        """Add ``req`` as ``rid`` (validated here; a bad request raises before it joins). Its tensors are copied:
+        the caller may release the inputs once every rank has admitted it."""
+        if rid in self.running:
+            raise ValueError(f"request id {rid} is already running")
+        st = self.stage
+        st.validate(req)
+        h, w = req.height, req.width
+        dev, dt = st.device, st.dtype
+        embeds, pooled = [st.embeddings(req, "prompt_embeds", "pooled_prompt_embeds")], None
+        if req.do_true_cfg:
+            embeds.append(st.embeddings(req, "negative_prompt_embeds", "negative_pooled_prompt_embeds"))
+        seq = torch.stack([e[0] for e in embeds]).to(dev, dt, copy=True)
+        pooled = torch.stack([e[1] for e in embeds]).to(dev, dt, copy=True)
+        timesteps, sigmas = st.schedule.sigmas(req.num_inference_steps, image_seq_len(h, w, st.vae_scale_factor),
+                                               dev)
+        self.running[rid] = Running(
+            id=rid, req=req,
+            latents=initial_noise(req.seed, st.num_channels_latents, h, w, st.vae_scale_factor, dt, dev),
+            timesteps=timesteps, sigmas=sigmas, embeds=seq, pooled=pooled,
+            img_ids=latent_image_ids(h, w, st.vae_scale_factor, dev, dt),
+            txt_ids=torch.zeros(seq.shape[1], 3, device=dev, dtype=dt), key=self.join_key(req))
+
+    def drop(self, rid: int) -> bool:
+        """Take ``rid`` out (cancelled, expired); False if it is not running."""
+        return self.running.pop(rid, None) is not None
+
+    def progress(self, rid: int) -> tuple[int, int]:
+        """(steps done, steps in all) of a running request."""
+        r = self.running[rid]
+        return r.done, r.total
+
+    @torch.no_grad()
+    def step(self) -> dict[int, torch.Tensor]:
+        """One denoising step of every running request (each at its own step index). Returns the packed latents
+        (tokens, C*4) of the requests that just did their last step; they have left the set."""
+        groups: dict[Hashable, list[Running]] = {}
+        for r in self.running.values():
+            groups.setdefault(r.key, []).append(r)
+        for members in groups.values():
+            if self.batch_invariant:  # one forward per request: the same shapes as its solo run
+                for r in members:
+                    self._advance([r])
+            else:
+                self._advance(members)
+        done = {}
+        for rid, r in list(self.running.items()):
+            if r.done >= r.total:
+                done[rid] = self.running.pop(rid).latents[0]
+        return done
+
+    def _advance(self, members: list[Running]) -> None:
+        """One step of ``members`` (one join group) in one forward: rows branch-major, i.e. the conditional row of
+        every request, then the second branch of every request with two, and so on."""
+        st = self.stage
+        guides = [r.req.guidance for r in members]
+        info = mixed_rows([r.id for r in members], guides, [r.done for r in members])
+        by_id = {r.id: r for r in members}
+        rows = [(by_id[row.request], row.branch) for row in info]
+        ts = torch.stack([r.timesteps[r.done] for r, _ in rows]).to(members[0].latents.dtype)
+        guidance = None
+        if st.guidance_embeds:
+            guidance = torch.tensor([float(r.req.guidance_scale) for r, _ in rows], device=st.device,
+                                    dtype=torch.float32)
+        pred = st.forward_rows(
+            st.model,
+            {"hidden_states": torch.cat([r.latents for r, _ in rows]), "timestep": ts / 1000, "guidance": guidance,
+             "pooled_projections": torch.stack([r.pooled[b] for r, b in rows]),
+             "encoder_hidden_states": torch.stack([r.embeds[b] for r, b in rows])},
+            {"txt_ids": members[0].txt_ids, "img_ids": members[0].img_ids}, info)
+        velocity = mixed_apply(pred, info, [r.id for r in members], guides, [r.req.guidance_scales for r in members])
+        for j, r in enumerate(members):
+            r.latents = euler_step(r.latents, velocity[j:j + 1], r.sigmas[r.done], r.sigmas[r.done + 1])
+            r.done += 1
