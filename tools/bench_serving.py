@@ -84,7 +84,7 @@ class _Diffusers:
 
 
 class _Server:
-    def __init__(self, model: Path, max_batch: int) -> None:
+    def __init__(self, model: Path, max_batch: int, env: dict[str, str] | None = None) -> None:
         text = (ROOT / "configs" / "default.toml").read_text()
         text = text.replace('path = "../models/tiny-flux"', f'path = "{model}"')
         text = re.sub(r"max_batch_size = \d+", f"max_batch_size = {max_batch}", text)
@@ -96,7 +96,7 @@ class _Server:
         self.log = open(Path(self.tmp.name) / "server.log", "w")  # noqa: SIM115 (closed in stop)
         self.proc = subprocess.Popen([sys.executable, "-m", "omni_runtime.runtime.cli", "--log-level", "WARNING", "serve",
                                       str(cfg), "--port", str(self.port)], cwd=ROOT, stdout=self.log,
-                                     stderr=subprocess.STDOUT)
+                                     stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
         end = time.monotonic() + 300
         while time.monotonic() < end:
             if self.proc.poll() is not None:
@@ -202,14 +202,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="alternating throughput pairs per client count")
     p.add_argument("--quick", action="store_true", help="3 latency pairs, 1 throughput round, fewer requests")
     p.add_argument("--max-batch", type=int, default=8, help="every stage's max_batch_size (8: the default config)")
+    p.add_argument("--server-env", action="append", default=[], metavar="K=V",
+                   help="environment of the server only (its stage ranks too), e.g. GOMP_SPINCOUNT=300000 for "
+                        "libgomp's default spinning instead of the ranks' OMP_WAIT_POLICY=PASSIVE")
     args = p.parse_args(argv)
+    bad = [kv for kv in args.server_env if "=" not in kv]
+    if bad:
+        p.error(f"--server-env {bad[0]!r}: expected K=V")
     logging.basicConfig(level=logging.WARNING)
     repeats, rounds = (3, 1) if args.quick else (args.repeats, args.rounds)
     body = {"prompt": "a photo of a red fox in the snow", "size": args.size, "num_inference_steps": args.steps,
             "seed": 0}
     model = _ensure_model(args.preset)
     base = _Diffusers(model, body)
-    server = _Server(model, max_batch=args.max_batch)
+    server = _Server(model, max_batch=args.max_batch, env=dict(kv.split("=", 1) for kv in args.server_env))
     try:
         base.once(0)  # warm-up both
         server.post(body)
