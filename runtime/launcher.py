@@ -11,10 +11,10 @@ nodes (Ray) implements the same methods over the same placement.
 - gives the instance an id (exported as ``OMNI_RUNTIME_INSTANCE`` so every shm segment of this runtime shares a
   prefix) and its 0700 run directory (ipc sockets, rendezvous stores), owned by this process;
 - starts each replica as ``world_size`` processes from a ``forkserver`` context (the forkserver imports torch once;
-  a plain fork after torch has run threads can deadlock), each with the replica's environment from the placement
-  (``GLOO_SOCKET_IFNAME=lo`` on one node), glibc's allocator set to keep freed activation memory
-  (``runtime.allocator``) and a parent watchdog that unlinks the rank's segments and exits it when
-  the frontend dies;
+  a plain fork after torch has run threads can deadlock; it starts with :data:`RANK_OMP_ENV`), each with the
+  replica's environment from the placement (``GLOO_SOCKET_IFNAME=lo`` on one node), glibc's allocator set to keep
+  freed activation memory (``runtime.allocator``) and a parent watchdog that unlinks the rank's segments and
+  exits it when the frontend dies;
 - kills a replica's whole process tree (``comm.processes.kill_tree``) and sweeps its segments; at shutdown,
   sweeps every segment of the instance and removes the run directory.
 """
@@ -45,6 +45,33 @@ logger = logging.getLogger(__name__)
 
 _CTX = mp.get_context("forkserver")
 _CTX.set_forkserver_preload(["torch"])
+
+RANK_OMP_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+"""OpenMP settings of every rank process: an idle OpenMP thread sleeps at once instead of spinning (libgomp's
+default spins ~300k rounds after every parallel region). Stages that compute at the same time on shared cores
+then do not burn each other's cores: a denoiser batch next to two busy neighbour processes took 10x less wall
+time and 8x less CPU with it (docs/BENCHMARKS.md, issue 16). ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` set in the
+environment wins."""
+
+
+def _start_forkserver() -> None:
+    """Start the forkserver every rank is forked from (once per process) with :data:`RANK_OMP_ENV` in its
+    environment. libgomp reads its settings when the forkserver imports torch, so the ranks' own environment,
+    applied after the fork, would come too late. This process's environment is left as it was."""
+    from multiprocessing import forkserver
+
+    user = any(k in os.environ for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"))
+    extra = {} if user else RANK_OMP_ENV
+    saved = {k: os.environ.get(k) for k in extra}
+    os.environ.update(extra)
+    try:
+        forkserver.ensure_running()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def free_port() -> int:
@@ -135,6 +162,7 @@ class ReplicaProcs:
         if store.startswith("file://"):
             Path(store[len("file://"):]).unlink(missing_ok=True)  # a FileStore must start empty
         env = {**self.place.env, rt_instance.INSTANCE_ENV: self.launcher.instance}
+        _start_forkserver()
         self.procs = []
         for spec in self.specs():
             p = _CTX.Process(target=_rank_main, args=(msgspec.msgpack.encode(spec), env, os.getpid()),

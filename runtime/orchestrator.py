@@ -369,10 +369,10 @@ class Orchestrator:
                 self.metrics.errors.labels(stage=stage, kind=e.code).inc()
             raise
         self.metrics.stage_latency.labels(stage=stage).observe(time.monotonic() - t0)
-        if res.first_in_batch and res.ok:
+        if res.first_in_batch and res.ok:  # once per batch: its size and its compute time
             self.metrics.batch_size.labels(stage=stage).observe(res.batch_size)
-        if res.ok:
             self.metrics.compute.labels(stage=stage).observe(res.compute_s)
+        if res.ok:
             self.metrics.queue_wait.labels(stage=stage).observe(res.queue_s)
         else:
             if res.user_error:

@@ -86,7 +86,7 @@ class _Diffusers:
 
 
 class _Server:
-    def __init__(self, model: Path, max_batch: int) -> None:
+    def __init__(self, model: Path, max_batch: int, env: dict[str, str] | None = None) -> None:
         text = (ROOT / "configs" / "default.toml").read_text()
         text = text.replace('path = "../models/tiny-flux"', f'path = "{model}"')
         text = re.sub(r"max_batch_size = \d+", f"max_batch_size = {max_batch}", text)
@@ -98,7 +98,7 @@ class _Server:
         self.log = open(Path(self.tmp.name) / "server.log", "w")  # noqa: SIM115 (closed in stop)
         self.proc = subprocess.Popen([sys.executable, "-m", "omni_runtime.runtime.cli", "--log-level", "WARNING", "serve",
                                       str(cfg), "--port", str(self.port)], cwd=ROOT, stdout=self.log,
-                                     stderr=subprocess.STDOUT)
+                                     stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
         end = time.monotonic() + 300
         while time.monotonic() < end:
             if self.proc.poll() is not None:
@@ -120,9 +120,13 @@ class _Server:
 
     def metrics(self) -> dict[tuple[str, str], float]:
         out = {}
-        for m in re.finditer(r'^(omni_stage_\w+_seconds)_(sum|count){stage="(\w+)"} (\S+)$',
-                             httpx.get(self.url + "/metrics").text, re.M):
+        text = httpx.get(self.url + "/metrics").text
+        for m in re.finditer(r'^(omni_stage_\w+_seconds)_(sum|count){stage="(\w+)"} (\S+)$', text, re.M):
             out[(f"{m.group(1)}_{m.group(2)}", m.group(3))] = float(m.group(4))
+        # the step-level denoiser's busy time: its steps' compute (a finished item's compute_s is its residence)
+        for m in re.finditer(r'^omni_denoiser_step_seconds_sum{replica="\d+"} (\S+)$', text, re.M):
+            key = ("omni_denoiser_step_seconds_sum", "denoiser")
+            out[key] = out.get(key, 0.0) + float(m.group(1))
         return out
 
     def cpu(self) -> dict[str, float]:
@@ -180,6 +184,9 @@ def _throughput(server: _Server, body: dict, clients: int, total: int, load: dic
 def _overlap(load: dict) -> tuple[float, float]:
     """(denoiser busy share, stage concurrency) of one throughput phase: batch compute time over wall time."""
     comp = {s: load["metrics"].get(("omni_stage_compute_seconds_sum", s), 0.0) for s in STAGES}
+    steps = load["metrics"].get(("omni_denoiser_step_seconds_sum", "denoiser"), 0.0)
+    if steps > 0:  # step-level scheduling: the denoiser is busy while its steps run
+        comp["denoiser"] = steps
     return comp["denoiser"] / load["wall"], sum(comp.values()) / load["wall"]
 
 
@@ -204,14 +211,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="alternating throughput pairs per client count")
     p.add_argument("--quick", action="store_true", help="3 latency pairs, 1 throughput round, fewer requests")
     p.add_argument("--max-batch", type=int, default=8, help="every stage's max_batch_size (8: the default config)")
+    p.add_argument("--server-env", action="append", default=[], metavar="K=V",
+                   help="environment of the server only (its stage ranks too), e.g. GOMP_SPINCOUNT=300000 for "
+                        "libgomp's default spinning instead of the ranks' OMP_WAIT_POLICY=PASSIVE")
     args = p.parse_args(argv)
+    bad = [kv for kv in args.server_env if "=" not in kv]
+    if bad:
+        p.error(f"--server-env {bad[0]!r}: expected K=V")
     logging.basicConfig(level=logging.WARNING)
     repeats, rounds = (3, 1) if args.quick else (args.repeats, args.rounds)
     body = {"prompt": "a photo of a red fox in the snow", "size": args.size, "num_inference_steps": args.steps,
             "seed": 0}
     model = _ensure_model(args.preset)
     base = _Diffusers(model, body)
-    server = _Server(model, max_batch=args.max_batch)
+    server = _Server(model, max_batch=args.max_batch, env=dict(kv.split("=", 1) for kv in args.server_env))
     try:
         base.once(0)  # warm-up both
         server.post(body)

@@ -1,0 +1,86 @@
+"""How a rank process is set up for compute (issue 16), checked by counts and settings, never by time:
+
+- it keeps freed activation memory (runtime.allocator): a step that allocates and frees the same blocks as the
+  previous one takes no new page faults, where glibc's defaults trim the heap and fault it in again;
+- its OpenMP threads sleep when idle (launcher.RANK_OMP_ENV, given to the forkserver), unless the user set a
+  policy; the frontend's own environment is left alone."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from omni_runtime.runtime.launcher import _rank_main
+
+PROBE = """
+import resource, sys
+import numpy as np
+from omni_runtime.runtime import allocator
+if sys.argv[1] == "keep":
+    assert allocator.keep_freed_memory()
+def step():  # 8 x 4 MiB live at once, every page written, then all freed: one step's activations
+    blocks = [np.ones(1 << 20, np.float32) for _ in range(8)]
+    del blocks
+step()
+f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
+    step()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+"""
+PAGES = 10 * 8 * (4 << 20) // 4096  # pages the ten steps write
+
+
+def _faults(mode: str) -> int:
+    out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, timeout=120,
+                         check=True)
+    return int(out.stdout.split()[-1])
+
+
+def test_kept_memory_is_not_faulted_in_again_each_step():
+    default, kept = _faults("default"), _faults("keep")
+    assert default > PAGES // 4, (default, PAGES)  # glibc's defaults: the freed heap top is trimmed every step
+    assert kept < PAGES // 100, (kept, PAGES)
+
+
+def test_every_rank_process_applies_it():
+    import inspect
+
+    assert "allocator.keep_freed_memory()" in inspect.getsource(_rank_main)
+
+
+OMP_PROBE = """
+import os
+from omni_runtime.runtime import launcher
+
+def report(q):
+    q.put(os.environ.get("OMP_WAIT_POLICY", "-"))
+
+if __name__ == "__main__":
+    launcher._CTX.set_forkserver_preload([])  # the setting, not torch, is under test
+    launcher._start_forkserver()
+    q = launcher._CTX.Queue()
+    p = launcher._CTX.Process(target=report, args=(q,))
+    p.start()
+    print(q.get(timeout=120), os.environ.get("OMP_WAIT_POLICY", "-"))
+    p.join(30)
+"""
+
+
+def _omp_policy(tmp_path, env: dict[str, str]) -> list[str]:
+    script = tmp_path / "omp_probe.py"
+    script.write_text(OMP_PROBE)
+    base = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, check=True,
+                         env={**base, **env})
+    return out.stdout.split()
+
+
+def test_ranks_get_the_passive_omp_wait_policy_and_the_frontend_keeps_its_environment(tmp_path):
+    # the rank (a forkserver child) has it from the forkserver's start; the frontend's environment is unchanged
+    assert _omp_policy(tmp_path, {}) == ["PASSIVE", "-"]
+
+
+def test_a_wait_policy_the_user_set_wins(tmp_path):
+    assert _omp_policy(tmp_path, {"OMP_WAIT_POLICY": "ACTIVE"}) == ["ACTIVE", "ACTIVE"]
+    assert _omp_policy(tmp_path, {"GOMP_SPINCOUNT": "1000"}) == ["-", "-"]
