@@ -111,6 +111,15 @@ def describe(cfg: RuntimeConfig, size: tuple[int, int] | None = None) -> str:
                      f"max_batch_size {st.max_batch_size}, batch_timeout_ms {st.batch_timeout_ms:g}{extra}")
         if stage == "vae" and cfg.stages.vae.parallel.vae_patch > 1 and size is not None:
             lines.extend(vae_row_lines(cfg.stages.vae.parallel.vae_patch, *size))
+    if cfg.placement.launcher == "ray":  # connect, let Ray place every replica, start nothing
+        from omni_runtime.runtime.ray_launcher import ray_placement
+
+        placement, took = ray_placement(cfg)
+        where = repr(cfg.placement.ray_address) if cfg.placement.ray_address else "a private instance (stopped again)"
+        lines.append(f"ray: connected to {where} in {took:.1f}s; the nodes below are where Ray placed each rank's "
+                     f"bundle")
+        lines.append(placement.format())
+        return "\n".join(lines)
     # the run directory's name carries the instance id, made when serve starts
     run_dir = os.path.join(tempfile.gettempdir(), f"{RUN_DIR_PREFIX}<instance>")
     lines.append(compute_placement(cfg, run_dir).format())

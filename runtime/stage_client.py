@@ -134,11 +134,14 @@ class ZmqStageClient(_Futures):
         self.ready = False
         if self.sender is not None:
             self.sender.close()
-        self.procs.start()
+        await asyncio.to_thread(self.procs.start)  # a Ray launcher waits for its actors: not on the loop
         self.sender = Sender(self.procs.in_addr, sndhwm=HWM)
 
     def dead(self) -> tuple[int, int | None] | None:
         return self.procs.dead_rank()
+
+    def rank_node(self, rank: int) -> str:
+        return self.procs.rank_node(rank)
 
     def announce_ready(self) -> None:
         self.ready = True
