@@ -74,20 +74,40 @@ def _split_address(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])  # + an empty SETTINGS
+
+
 def probe_ray_address(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
-    """Raise :class:`ConfigError` (one line, naming the key) when a ``host:port`` Ray address does not accept a
-    tcp connection within ``timeout``; ``""`` and ``"auto"`` are not probed (``ray.init`` says it at once)."""
+    """Raise :class:`ConfigError` (one line, naming the key) unless a ``host:port`` Ray address answers like a
+    Ray head within ``timeout``: it accepts a tcp connection and speaks gRPC (its HTTP/2 SETTINGS answer the
+    client preface). ``ray.init`` itself retries an address that accepts tcp but is no Ray head for minutes.
+    ``""`` and ``"auto"`` are not probed (``ray.init`` says at once that it found no cluster)."""
     if address in ("", "auto"):
         return
     host, port = _split_address(address)
+
+    def fail(reason: str) -> ConfigError:
+        return ConfigError(f"placement.ray_address = {address!r}: cannot reach a Ray head at {host}:{port} "
+                           f"({reason}); start one with 'ray start --head' there, or set ray_address = '' for a "
+                           f"private instance")
+
+    deadline = time.monotonic() + timeout
     try:
-        with socket.create_connection((host, port), timeout=timeout):
-            pass
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            sock.settimeout(max(0.1, deadline - time.monotonic()))
+            sock.sendall(_H2_PREFACE)
+            head = b""
+            while len(head) < 9:
+                chunk = sock.recv(9 - len(head))
+                if not chunk:
+                    raise fail("it closed the connection without speaking gRPC")
+                head += chunk
+    except TimeoutError:
+        raise fail(f"no gRPC answer within {timeout:g}s") from None
     except OSError as e:
-        reason = e.strerror or str(e) or type(e).__name__
-        raise ConfigError(f"placement.ray_address = {address!r}: cannot reach a Ray head at {host}:{port} "
-                          f"({reason}); start one with 'ray start --head' there, or set ray_address = '' for a "
-                          f"private instance") from None
+        raise fail(e.strerror or str(e) or type(e).__name__) from None
+    if head[3] != 4:  # the first frame of an HTTP/2 server is its SETTINGS (type 4)
+        raise fail("it does not speak gRPC")
 
 
 # ----------------------------------------------------------------------------------------------- the rank actor
@@ -312,6 +332,7 @@ class RayLauncher:
         except BaseException:
             self.shutdown()
             raise
+        logger.info("Ray placed every replica:\n%s", self.placement.format())
         ip = self.placement.address(self.placement.frontend_node)
         self.result_addr = fill_port(self.placement.result_endpoint, _free_ports(ip, 1)[0])
         for rep in self.placement.replicas:
@@ -340,7 +361,8 @@ class RayLauncher:
                 for k, v in bundle.items():
                     if k not in ("CPU", "GPU"):
                         custom[k] = custom.get(k, 0) + v * n
-            kwargs.update(num_cpus=int(max(_cpus(), need_cpu)), resources=custom or None)
+            # "local": always a new instance, never a cluster this machine happens to run
+            kwargs.update(address="local", num_cpus=int(max(_cpus(), need_cpu)), resources=custom or None)
         else:
             probe_ray_address(address)
             kwargs.pop("include_dashboard")
