@@ -166,3 +166,24 @@ def test_probe_of_a_port_that_is_no_ray_head_fails_within_its_timeout():
         assert time.monotonic() - t0 < 5
         for conn, _ in held:
             conn.close()
+
+
+@pytest.mark.parametrize("command", ["check", "serve"])
+def test_check_and_serve_with_an_unreachable_ray_address_exit_2_with_one_line_within_30s(tmp_path, command):
+    import subprocess
+    import sys
+    import time
+
+    address = f"127.0.0.1:{_closed_port()}"
+    cfg = tmp_path / "ray.toml"
+    cfg.write_text(f'[model]\npath = "{ROOT / "models" / "tiny-flux"}"\n\n'
+                   f'[placement]\nlauncher = "ray"\nray_address = "{address}"\n')
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "omni_runtime.runtime.cli", command, str(cfg)], capture_output=True,
+                       text=True, timeout=60, cwd=ROOT)
+    assert time.monotonic() - t0 < 30
+    assert r.returncode == 2, (r.stdout[-2000:], r.stderr[-2000:])
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and r.stdout == "", (r.stdout, r.stderr)
+    assert lines[0].startswith(f"omni-runtime {command}: error: placement.ray_address = '{address}': cannot reach "
+                               f"a Ray head at 127.0.0.1:"), lines[0]
