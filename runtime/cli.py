@@ -131,6 +131,10 @@ def _cmd_check(args: argparse.Namespace) -> int:
     from omni_runtime.runtime.requests import DEFAULT_SIZE, parse_size
 
     cfg = load_config(args.config)
+    if cfg.placement.launcher == "ray":  # an unreachable cluster is one line at once
+        from omni_runtime.runtime.ray_connect import probe_ray_address
+
+        probe_ray_address(cfg.placement.ray_address)
     size = parse_size(args.size if args.size is not None else DEFAULT_SIZE, "--size")
     lines = preflight(cfg)  # machine, host, model: the first problem is the one error line (exit 2)
     print(describe(cfg, size))
@@ -140,9 +144,13 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    if cfg.placement.launcher == "ray":  # an unreachable cluster is one line at once, before the server's imports
+        from omni_runtime.runtime.ray_connect import probe_ray_address
+
+        probe_ray_address(cfg.placement.ray_address)
     from omni_runtime.runtime.server import serve
 
-    cfg = load_config(args.config)
     if args.host is not None:
         cfg.server.host = args.host
     if args.port is not None:

@@ -52,7 +52,7 @@ def check_machine(cfg: RuntimeConfig, cores: int | None = None, gpus: int | None
     """Raise :class:`ConfigError` naming the key, its value and the limit with its arithmetic when ``cfg`` asks
     for more processes, threads or devices than this machine has; returns a one-line summary."""
     if cfg.placement.launcher == "ray":  # the ranks run where Ray places them, not necessarily on this machine
-        from omni_runtime.runtime.ray_launcher import import_ray, probe_ray_address
+        from omni_runtime.runtime.ray_connect import import_ray, probe_ray_address
 
         import_ray()
         probe_ray_address(cfg.placement.ray_address)

@@ -45,69 +45,18 @@ from omni_runtime.comm.node import NODE_ID_ENV, boot_id, node_name
 from omni_runtime.runtime.config import STAGE_NAMES, ConfigError, RuntimeConfig
 from omni_runtime.runtime.launcher import ReplicaProcs, _cpus
 from omni_runtime.runtime.placement import Placement, ReplicaPlacement, compute_placement, fill_port
+from omni_runtime.runtime.ray_connect import import_ray, probe_ray_address
 from omni_runtime.runtime.stage_worker import worker_main
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["NAMESPACE", "RankShell", "RayLauncher", "RayReplica", "probe_ray_address", "ray_placement"]
+__all__ = ["NAMESPACE", "RankShell", "RayLauncher", "RayReplica", "ray_placement"]
 
 NAMESPACE = "omni-runtime"
 HOST_IP_ENV = "OMNI_HOST_IP"  # where a MessageQueue writer's remote readers connect (comm.shm_broadcast)
-CONNECT_TIMEOUT_S = 10.0      # reaching a cluster's head (tcp probe before ray.init)
 PLACE_TIMEOUT_S = 120.0       # Ray placing the placement groups
 ACTOR_TIMEOUT_S = 180.0       # a rank actor starting and reporting (a fresh Python process on a loaded node)
 KILL_WAIT_S = 10.0
-
-
-def import_ray() -> Any:
-    try:
-        import ray
-    except ImportError:
-        raise ConfigError("placement.launcher = 'ray': the ray package is not installed; allowed: 'local', or "
-                          "install it with pip install 'omni-runtime[ray]'") from None
-    return ray
-
-
-def _split_address(address: str) -> tuple[str, int]:
-    hostport = address[len("ray://"):] if address.startswith("ray://") else address
-    host, _, port = hostport.rpartition(":")
-    return host.strip("[]"), int(port)
-
-
-_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])  # + an empty SETTINGS
-
-
-def probe_ray_address(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
-    """Raise :class:`ConfigError` (one line, naming the key) unless a ``host:port`` Ray address answers like a
-    Ray head within ``timeout``: it accepts a tcp connection and speaks gRPC (its HTTP/2 SETTINGS answer the
-    client preface). ``ray.init`` itself retries an address that accepts tcp but is no Ray head for minutes.
-    ``""`` and ``"auto"`` are not probed (``ray.init`` says at once that it found no cluster)."""
-    if address in ("", "auto"):
-        return
-    host, port = _split_address(address)
-
-    def fail(reason: str) -> ConfigError:
-        return ConfigError(f"placement.ray_address = {address!r}: cannot reach a Ray head at {host}:{port} "
-                           f"({reason}); start one with 'ray start --head' there, or set ray_address = '' for a "
-                           f"private instance")
-
-    deadline = time.monotonic() + timeout
-    try:
-        with socket.create_connection((host, port), timeout=timeout) as sock:
-            sock.settimeout(max(0.1, deadline - time.monotonic()))
-            sock.sendall(_H2_PREFACE)
-            head = b""
-            while len(head) < 9:
-                chunk = sock.recv(9 - len(head))
-                if not chunk:
-                    raise fail("it closed the connection without speaking gRPC")
-                head += chunk
-    except TimeoutError:
-        raise fail(f"no gRPC answer within {timeout:g}s") from None
-    except OSError as e:
-        raise fail(e.strerror or str(e) or type(e).__name__) from None
-    if head[3] != 4:  # the first frame of an HTTP/2 server is its SETTINGS (type 4)
-        raise fail("it does not speak gRPC")
 
 
 # ----------------------------------------------------------------------------------------------- the rank actor

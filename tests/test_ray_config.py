@@ -136,7 +136,7 @@ def _closed_port() -> int:
 
 
 def test_probe_of_an_unreachable_ray_address_is_one_config_error():
-    from omni_runtime.runtime.ray_launcher import probe_ray_address
+    from omni_runtime.runtime.ray_connect import probe_ray_address
 
     address = f"127.0.0.1:{_closed_port()}"
     with pytest.raises(ConfigError) as e:
@@ -147,12 +147,25 @@ def test_probe_of_an_unreachable_ray_address_is_one_config_error():
     probe_ray_address("")  # a private instance: nothing to probe
 
 
+def test_auto_without_a_cluster_on_this_node_is_one_config_error(tmp_path, monkeypatch):
+    from omni_runtime.runtime.ray_connect import probe_ray_address
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    with pytest.raises(ConfigError, match=r"^placement.ray_address = 'auto': no Ray cluster found on this node"):
+        probe_ray_address("auto")
+    (tmp_path / "ray").mkdir()
+    (tmp_path / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{_closed_port()}")
+    with pytest.raises(ConfigError, match=r"^placement.ray_address = 'auto': cannot reach a Ray head at 127.0.0.1:"):
+        probe_ray_address("auto")  # the recorded cluster is gone
+
+
 def test_probe_of_a_port_that_is_no_ray_head_fails_within_its_timeout():
     """Something listens but never speaks gRPC: ray.init would retry for minutes; the probe gives up in time."""
     import threading
     import time
 
-    from omni_runtime.runtime.ray_launcher import probe_ray_address
+    from omni_runtime.runtime.ray_connect import probe_ray_address
 
     with socket.socket() as srv:
         srv.bind(("127.0.0.1", 0))
