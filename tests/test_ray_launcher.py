@@ -189,8 +189,10 @@ def test_served_across_nodes_matches_the_local_pipeline(served, cluster, referen
     # denoiser -> VAE: frames exactly when its driver is not on the VAE's node
     same = nodes[("denoiser", 0)] == nodes[("vae", 0)]
     assert roads["denoiser"] == ("shm" if same else "frames")
-    # the follower on the other node read the broadcast as a remote reader; the world spans both nodes
+    # the follower on the other node reads the driver's batch broadcast as a remote reader (tcp)
     assert "sequence parallel over 2 ranks" in log
+    assert re.search(r"denoiser\[0\] rank 0/2 omni_runtime\.runtime\.rank_fanout: batch broadcast to 0 local "
+                     r"reader\(s\) \(shm ring\) and 1 remote reader\(s\) \(tcp\)", log), "no remote reader"
 
 
 def test_a_killed_rank_actor_is_503_naming_stage_rank_and_node_then_restarts(served):
