@@ -3,7 +3,7 @@
 :class:`StageLauncher` is the small interface the orchestrator needs (start a replica, tell a dead rank and its
 node, kill, stop, shut down); :class:`LocalLauncher` implements it for ranks on this node, and
 ``runtime.ray_launcher.RayLauncher`` (``[placement] launcher = "ray"``) the same methods over the same placement
-for ranks on any node of a Ray cluster. :func:`Launcher` returns the one the config names.
+for ranks on any node of a Ray cluster. ``runtime.stage_client.make_launcher`` makes the one the config names.
 
 :class:`LocalLauncher`:
 
@@ -253,11 +253,5 @@ class LocalLauncher:
         shutil.rmtree(self.run_dir, ignore_errors=True)
 
 
-def Launcher(cfg: RuntimeConfig) -> LocalLauncher:  # noqa: N802 - the name the stage set has always used
-    """The launcher ``[placement] launcher`` names: :class:`LocalLauncher`, or ``runtime.ray_launcher.RayLauncher``
-    (same interface; imported only when asked for, as Ray is an optional dependency)."""
-    if cfg.placement.launcher == "ray":
-        from omni_runtime.runtime.ray_launcher import RayLauncher
-
-        return RayLauncher(cfg)  # type: ignore[return-value]
-    return LocalLauncher(cfg)
+Launcher = LocalLauncher
+"""The name the orchestrator has used so far (``stage_client.make_launcher`` picks the launcher the config names)."""
