@@ -8,7 +8,8 @@ Everything in one run, each next to a baseline from the same run, phases alterna
     consumer from the request to the bytes in hand; ratio = plain time / frames time per repetition (median).
     Target >= 0.8x.
 (e) One small request through ``Omni`` (what ``serve`` runs, minus HTTP) with the Ray launcher on a private
-    instance vs the local launcher, on this one machine: both runtimes up at once, requests alternating.
+    instance vs the local launcher, on this one machine: both runtimes up at once, requests alternating, one
+    torch thread per rank in both.
     Target: Ray p50 <= 1.1x local p50. Also reported: Ray start-up (``ray.init`` of the private instance) and
     stage start-up (constructing ``Omni`` until every stage is ready, Ray's start-up excluded) for both.
 """
@@ -111,7 +112,11 @@ def bench_tcp_handoff(nbytes: int = 64 * MIB, reps: int = 5) -> dict[str, Any]:
 def _config(launcher: str) -> Any:
     from omni_runtime.runtime.config import config_from_dict
 
-    raw: dict[str, Any] = {"model": {"path": str(ROOT / "models" / "tiny-flux")}}
+    # one torch thread per rank in both: the Ray launcher's default (a bundle of threads CPUs); the local launcher
+    # would otherwise give every rank all cores, and the comparison would measure OpenMP oversubscription
+    one = {"threads": 1}
+    raw: dict[str, Any] = {"model": {"path": str(ROOT / "models" / "tiny-flux")},
+                           "stages": {"text_encoder": dict(one), "denoiser": dict(one), "vae": dict(one)}}
     if launcher == "ray":
         raw["placement"] = {"launcher": "ray", "ray_address": ""}
     return config_from_dict(raw)
