@@ -238,6 +238,33 @@ def test_shutdown_leaves_no_actor_placement_group_or_stage_process(served, clust
     assert alive == [], alive
 
 
+def test_omni_on_the_cluster_reports_its_placement_and_close_removes_every_actor_and_group(cluster, reference):
+    """The Python API in a process that already is a Ray driver: the launcher uses that connection (and leaves it
+    open), reports where each rank runs, and ``Omni.close()`` removes every actor and placement group it made."""
+    from ray.util.placement_group import placement_group_table
+
+    from omni_runtime.runtime import Omni
+    from omni_runtime.runtime.config import config_from_dict
+    from omni_runtime.runtime.config import tomllib as toml
+
+    cfg = config_from_dict(toml.loads(_config(cluster.address)))
+    before = set(placement_group_table())
+    with Omni(cfg) as omni:
+        report = omni._orch.stages.launcher.report()
+        image = np.asarray(omni.generate(PROMPT, seed=SEED, size=SIZE, num_inference_steps=STEPS)[0])
+        pids = [rk["pid"] for rep in report["replicas"] for rk in rep["ranks"]]
+    assert np.abs(image.astype(int) - reference.astype(int)).max() <= 1
+    by_stage = {rep["stage"]: [rk["node"][:8] for rk in rep["ranks"]] for rep in report["replicas"]}
+    assert by_stage["text_encoder"] == [cluster.labels["small"]] and by_stage["vae"] == [cluster.labels["big"]]
+    assert sorted(by_stage["denoiser"]) == sorted(cluster.labels.values())
+    assert ray.is_initialized()  # not ours to shut down
+    assert [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("omni-")] == []
+    new = {k: v for k, v in placement_group_table().items() if k not in before}
+    assert len(new) == 3 and {g["state"] for g in new.values()} == {"REMOVED"}, new
+    _, alive = psutil.wait_procs([psutil.Process(p) for p in pids if psutil.pid_exists(p)], timeout=30)
+    assert alive == [], alive
+
+
 def test_check_prints_where_ray_would_put_each_rank_and_starts_none(cluster, tmp_path):
     from ray.util.placement_group import placement_group_table
 
@@ -274,9 +301,9 @@ def test_private_instance_serves_the_same_image_and_stops_every_ray_process(clus
         image = _openai_image(server)
         log = server.log_text()
     finally:
-        rc = server.stop()
+        rc = server.stop(signal.SIGINT)  # Ctrl-C: the same graceful shutdown as SIGTERM
     try:
-        assert rc in (0, -signal.SIGTERM)
+        assert rc in (0, 130, -signal.SIGINT), rc  # 130: the CLI's exit status after Ctrl-C
         diff = np.abs(image.astype(int) - reference.astype(int))
         assert diff.max() <= 1, f"max |delta| {diff.max()}/255"
         nodes, roads = _reported(log)
