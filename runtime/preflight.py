@@ -6,7 +6,7 @@
   stage) and each stage's ``threads`` are at most ``CPU cores x OVERSUBSCRIPTION``. On CUDA each stage's ranks
   need a device each (``replicas x world size <= CUDA devices``; a ``devices`` entry must name one that exists).
   With ``[placement] launcher = "ray"`` Ray places the ranks instead: the check is that Ray is installed and that
-  ``ray_address`` (``host:port``) accepts a connection.
+  ``ray_address`` answers as a Ray head (``runtime.ray_connect.probe_ray_address``).
 - **The host** (:func:`check_host`): ``server.host`` resolves.
 - **The model** (:func:`check_model`): ``stages.model_check.check_model_dir`` (configs, tokenizers, safetensors
   headers), unless the directory is the embedded tiny model that is created on first use.
