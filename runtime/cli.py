@@ -114,6 +114,15 @@ def describe(cfg: RuntimeConfig, size: tuple[int, int] | None = None) -> str:
             lines.extend(pipeline_lines(cfg))
         if stage == "vae" and cfg.stages.vae.parallel.vae_patch > 1 and size is not None:
             lines.extend(vae_row_lines(cfg.stages.vae.parallel.vae_patch, *size))
+    if cfg.placement.launcher == "ray":  # connect, let Ray place every replica, start nothing
+        from omni_runtime.runtime.ray_launcher import ray_placement
+
+        placement, took = ray_placement(cfg)
+        where = repr(cfg.placement.ray_address) if cfg.placement.ray_address else "a private instance (stopped again)"
+        lines.append(f"ray: connected to {where} in {took:.1f}s; the nodes below are where Ray placed each rank's "
+                     f"bundle")
+        lines.append(placement.format())
+        return "\n".join(lines)
     # the run directory's name carries the instance id, made when serve starts
     run_dir = os.path.join(tempfile.gettempdir(), f"{RUN_DIR_PREFIX}<instance>")
     lines.append(compute_placement(cfg, run_dir).format())
@@ -125,6 +134,10 @@ def _cmd_check(args: argparse.Namespace) -> int:
     from omni_runtime.runtime.requests import DEFAULT_SIZE, parse_size
 
     cfg = load_config(args.config)
+    if cfg.placement.launcher == "ray":  # an unreachable cluster is one line at once
+        from omni_runtime.runtime.ray_connect import probe_ray_address
+
+        probe_ray_address(cfg.placement.ray_address)
     size = parse_size(args.size if args.size is not None else DEFAULT_SIZE, "--size")
     lines = preflight(cfg)  # machine, host, model: the first problem is the one error line (exit 2)
     print(describe(cfg, size))
@@ -134,9 +147,13 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    if cfg.placement.launcher == "ray":  # an unreachable cluster is one line at once, before the server's imports
+        from omni_runtime.runtime.ray_connect import probe_ray_address
+
+        probe_ray_address(cfg.placement.ray_address)
     from omni_runtime.runtime.server import serve
 
-    cfg = load_config(args.config)
     if args.host is not None:
         cfg.server.host = args.host
     if args.port is not None:

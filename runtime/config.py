@@ -92,6 +92,10 @@ class StageConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     threads: int = 0  # torch threads per rank; 0 = auto (the stage's ranks split the cores)
     # n x W x H summed over one batch (denoiser and vae; not a key of [stages.text_encoder]); 0 = no cap.
     max_batch_pixels: int = DEFAULT_MAX_BATCH_PIXELS
+    # [placement] launcher = "ray" only: the strategy of each replica's placement group, and extra Ray resources
+    # every rank of the stage asks for (custom node labels, e.g. {"big_node" = 1}, pin the stage to such nodes).
+    ray_strategy: str = "PACK"
+    ray_resources: dict[str, float] = msgspec.field(default_factory=dict)
 
     @property
     def world_size(self) -> int:
@@ -143,11 +147,20 @@ class StagesConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 TENSOR_TRANSPORTS = ("auto", "shm", "frames")
+LAUNCHERS = ("local", "ray")
+RAY_STRATEGIES = ("STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD")
+# Resources Ray sets from other keys: a rank's CPUs are its threads, its GPU comes from model.device.
+RAY_RESERVED_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
+_RAY_ADDRESS = re.compile(r"^(ray://)?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})$")
 
 
 class PlacementConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # How tensors travel between stages: "auto" (shm handles on one node, ZMQ frames across nodes), or forced.
     tensor_transport: str = "auto"
+    # Who starts the rank processes: "local" (processes on this node) or "ray" (Ray actors, on any node).
+    launcher: str = "local"
+    # launcher = "ray": "" starts a private Ray instance for this run; "auto" or "host:port" joins a cluster.
+    ray_address: str = ""
 
 
 class RuntimeConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -160,11 +173,12 @@ class RuntimeConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 # --- the schema the checker walks: key -> (kind, allowed text) or a nested schema ---------------------------
 
-_INT, _FLOAT, _STR, _DEVICES, _BOOL = "int", "float", "str", "devices", "bool"
+_INT, _FLOAT, _STR, _DEVICES, _BOOL, _RESOURCES = "int", "float", "str", "devices", "bool", "resources"
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?|\d+)$")
 
 _STAGE_KEYS: dict[str, Any] = {"replicas": _INT, "max_batch_size": _INT, "batch_timeout_ms": _FLOAT,
-                               "devices": _DEVICES, "threads": _INT}
+                               "devices": _DEVICES, "threads": _INT, "ray_strategy": _STR,
+                               "ray_resources": _RESOURCES}
 _PIXEL_STAGE_KEYS: dict[str, Any] = {**_STAGE_KEYS, "max_batch_pixels": _INT}
 _SCHEMA: dict[str, Any] = {
     "model": {"path": _STR, "dtype": _STR, "device": _STR},
@@ -179,7 +193,7 @@ _SCHEMA: dict[str, Any] = {
                                                         **dict.fromkeys(DENOISER_PARALLEL_COUNTS, _INT)}},
         "vae": {**_PIXEL_STAGE_KEYS, "tiling": _BOOL, "parallel": dict.fromkeys(VAE_PARALLEL_KEYS, _INT)},
     },
-    "placement": {"tensor_transport": _STR},
+    "placement": {"tensor_transport": _STR, "launcher": _STR, "ray_address": _STR},
 }
 _REQUIRED = {("model",): ["path"], (): ["model"]}
 
@@ -199,7 +213,9 @@ def _check_types(raw: dict[str, Any], schema: dict[str, Any], prefix: tuple[str,
             allowed = ", ".join(sorted(schema))
             raise ConfigError(f"{path}: unknown key (value {value!r}); allowed keys here: {allowed}")
         kind = schema[key]
-        if isinstance(kind, dict):
+        if kind == _RESOURCES:  # a table of free-form names: checked here, not walked as a schema
+            _check_resources(path, value)
+        elif isinstance(kind, dict):
             if not isinstance(value, dict):
                 raise ConfigError(f"{path} = {_describe(value)}: must be a table [{path}]")
             _check_types(value, kind, prefix + (key,))
@@ -227,6 +243,22 @@ def _check_types(raw: dict[str, Any], schema: dict[str, Any], prefix: tuple[str,
                 if not (isinstance(d, int) and d >= 0) and not (isinstance(d, str) and _DEVICE.match(d)):
                     raise ConfigError(f"{path}[{i}] = {_describe(d)}: allowed: 'cpu', 'cuda', 'cuda:N' or a "
                                       f"CUDA device index N >= 0")
+
+
+def _check_resources(path: str, value: Any) -> None:
+    """``stages.<name>.ray_resources``: Ray resource names -> amounts per rank (finite numbers > 0)."""
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path} = {_describe(value)}: must be a table of Ray resource names to amounts, "
+                          f'e.g. {{"big_node" = 1}}')
+    for name, amount in value.items():
+        if not name or name in RAY_RESERVED_RESOURCES:
+            raise ConfigError(f"{path}.{name} = {amount!r}: not allowed here; a rank's CPUs are its threads "
+                              f"(stages.<name>.threads) and its GPU comes from model.device; allowed: custom "
+                              f"resource names other than {', '.join(RAY_RESERVED_RESOURCES)}")
+        if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not math.isfinite(amount) \
+                or amount <= 0:
+            raise ConfigError(f"{path}.{name} = {_describe(amount)}: must be a finite number > 0 (the amount of "
+                              f"the resource each rank of the stage takes)")
 
 
 def _at_least(path: str, value: float, low: float, what: str = "an integer") -> None:
@@ -349,6 +381,7 @@ def _check_values(cfg: RuntimeConfig) -> None:
     if cfg.placement.tensor_transport not in TENSOR_TRANSPORTS:
         raise ConfigError(f"placement.tensor_transport = {cfg.placement.tensor_transport!r}: allowed values are "
                           f"{', '.join(repr(t) for t in TENSOR_TRANSPORTS)}")
+    _check_ray(cfg)
     s = cfg.server
     if not 0 <= s.port <= 65535:
         raise ConfigError(f"server.port = {s.port!r}: must be between 0 and 65535 (0 picks a free port)")
@@ -405,6 +438,28 @@ def _check_values(cfg: RuntimeConfig) -> None:
         if cfg.model.device == "cpu" and any(d.startswith("cuda") for d in st.devices):
             raise ConfigError(f"stages.{name}.devices = {st.devices!r}: CUDA devices with model.device = 'cpu'; "
                               f"allowed: 'cpu' entries or set model.device = 'cuda'")
+
+
+def _check_ray(cfg: RuntimeConfig) -> None:
+    """``[placement] launcher / ray_address`` and every stage's ``ray_strategy``."""
+    p = cfg.placement
+    if p.launcher not in LAUNCHERS:
+        raise ConfigError(f"placement.launcher = {p.launcher!r}: allowed values are "
+                          f"{', '.join(repr(x) for x in LAUNCHERS)}")
+    if p.ray_address not in ("", "auto"):
+        m = _RAY_ADDRESS.match(p.ray_address)
+        if m is None or not 1 <= int(m.group(3)) <= 65535:
+            raise ConfigError(f"placement.ray_address = {p.ray_address!r}: allowed: '' (a private Ray instance for "
+                              f"this run), 'auto' (the cluster this node joined) or 'host:port' of a Ray head "
+                              f"(port 1-65535, e.g. '10.0.0.1:6379')")
+    for name in STAGE_NAMES:
+        st = cfg.stages.get(name)
+        if st.ray_strategy not in RAY_STRATEGIES:
+            raise ConfigError(f"stages.{name}.ray_strategy = {st.ray_strategy!r}: allowed values are "
+                              f"{', '.join(repr(x) for x in RAY_STRATEGIES)}")
+        if p.launcher == "ray" and st.devices:
+            raise ConfigError(f"stages.{name}.devices = {st.devices!r} with placement.launcher = 'ray': Ray assigns "
+                              f"each rank its GPU (its bundle); allowed: leave devices empty")
 
 
 def config_from_dict(raw: dict[str, Any], base_dir: Path | None = None, source: str = "") -> RuntimeConfig:

@@ -1,8 +1,9 @@
 """Start, watch and stop the rank processes of every stage replica, as the :class:`~runtime.placement.Placement` says.
 
-:class:`StageLauncher` is the small interface the orchestrator needs (start a replica, tell a dead rank, kill,
-stop, shut down); :class:`LocalLauncher` implements it for ranks on this node, and a launcher for several
-nodes (Ray) implements the same methods over the same placement.
+:class:`StageLauncher` is the small interface the orchestrator needs (start a replica, tell a dead rank and its
+node, kill, stop, shut down); :class:`LocalLauncher` implements it for ranks on this node, and
+``runtime.ray_launcher.RayLauncher`` (``[placement] launcher = "ray"``) the same methods over the same placement
+for ranks on any node of a Ray cluster. ``runtime.stage_client.make_launcher`` makes the one the config names.
 
 :class:`LocalLauncher`:
 
@@ -102,6 +103,10 @@ class StageLauncher(Protocol):
         """(rank, exit code) of the first rank of the replica that is gone, or None while all run."""
         ...
 
+    def rank_node(self, stage: str, replica: int, rank: int) -> str:
+        """The node a rank of the replica runs on."""
+        ...
+
     def kill(self, stage: str, replica: int) -> None: ...
 
     def stop(self, stage: str, replica: int, timeout: float) -> None: ...
@@ -170,6 +175,10 @@ class ReplicaProcs:
             p.start()
             self.procs.append(p)
         logger.info("started %s (generation %d): pids %s", self.label, self.generation, [p.pid for p in self.procs])
+
+    def rank_node(self, rank: int) -> str:
+        """The node rank ``rank`` runs on (named in the error when it dies)."""
+        return self.place.ranks[rank].node
 
     def dead_rank(self) -> tuple[int, int | None] | None:
         """(rank, exit code) of the first rank process that is gone, or None while all run."""
@@ -254,6 +263,9 @@ class LocalLauncher:
     def dead_rank(self, stage: str, replica: int) -> tuple[int, int | None] | None:
         return self._procs(stage, replica).dead_rank()
 
+    def rank_node(self, stage: str, replica: int, rank: int) -> str:
+        return self._procs(stage, replica).rank_node(rank)
+
     def kill(self, stage: str, replica: int) -> None:
         self._procs(stage, replica).kill()
 
@@ -276,4 +288,4 @@ class LocalLauncher:
 
 
 Launcher = LocalLauncher
-"""The name the orchestrator has used so far."""
+"""The name the orchestrator has used so far (``stage_client.make_launcher`` picks the launcher the config names)."""

@@ -227,7 +227,9 @@ class Orchestrator:
 
     @staticmethod
     def _died(c: StageClient, rank: int, code: int | None) -> str:
-        return f"stage {c.stage} failed: {c.label} rank {rank} died (exit code {code})"
+        node = getattr(c, "rank_node", None)  # clients of rank processes know the node (local or Ray)
+        where = f" on node {node(rank)}" if node is not None else ""
+        return f"stage {c.stage} failed: {c.label} rank {rank} died (exit code {code}){where}"
 
     async def _restart(self, c: StageClient, delay: float) -> None:
         try:

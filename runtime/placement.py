@@ -21,6 +21,10 @@ Addresses follow one rule: **nothing of ours listens on a non-loopback address o
 
 Endpoints and stores that must be fresh after a restart carry ``{generation}``: use
 :meth:`ReplicaPlacement.work_endpoint` and :meth:`ReplicaPlacement.rendezvous`.
+
+Across nodes a launcher fills the ``*`` of a ``tcp://<address>:*`` template with a port its process on that node
+reported (:func:`fill_port`; the Ray launcher's rank actors report free ports of their node). Node names and
+addresses may differ (``addresses``): Ray names a node by its id, and several Ray nodes may share one address.
 """
 
 from __future__ import annotations
@@ -37,7 +41,8 @@ from omni_runtime.runtime.layout import rank_groups, shown_groups
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TRANSPORT_ENV", "Placement", "RankPlacement", "ReplicaPlacement", "compute_placement", "device_for"]
+__all__ = ["TRANSPORT_ENV", "Placement", "RankPlacement", "ReplicaPlacement", "compute_placement", "device_for",
+           "fill_port"]
 
 TRANSPORT_ENV = "OMNI_TENSOR_TRANSPORT"
 """Environment override of ``[placement] tensor_transport`` ("auto", "shm" or "frames"), for tests."""
@@ -71,14 +76,21 @@ class ReplicaPlacement(msgspec.Struct, frozen=True, kw_only=True):
     def single_node(self) -> bool:
         return all(r.node == self.node for r in self.ranks)
 
-    def work_endpoint(self, generation: int) -> str:
-        return self.work_endpoint_template.replace("{generation}", str(generation))
+    def work_endpoint(self, generation: int, port: int = 0) -> str:
+        return fill_port(self.work_endpoint_template.replace("{generation}", str(generation)), port)
 
-    def rendezvous(self, generation: int) -> str:
-        return self.rendezvous_template.replace("{generation}", str(generation))
+    def rendezvous(self, generation: int, port: int = 0) -> str:
+        return fill_port(self.rendezvous_template.replace("{generation}", str(generation)), port)
 
-    def tensor_endpoint(self, generation: int) -> str:
-        return self.tensor_endpoint_template.replace("{generation}", str(generation))
+    def tensor_endpoint(self, generation: int, port: int = 0) -> str:
+        return fill_port(self.tensor_endpoint_template.replace("{generation}", str(generation)), port)
+
+
+def fill_port(endpoint: str, port: int) -> str:
+    """``tcp://host:*`` with ``port`` (> 0) in place of ``*``; any other endpoint, or ``port`` 0, unchanged."""
+    if port and endpoint.startswith("tcp://") and endpoint.endswith(":*"):
+        return f"{endpoint[:-1]}{port}"
+    return endpoint
 
 
 class Placement(msgspec.Struct, frozen=True, kw_only=True):
@@ -87,6 +99,11 @@ class Placement(msgspec.Struct, frozen=True, kw_only=True):
     result_endpoint: str              # the frontend binds it; every replica's output rank connects
     tensor_transport: str             # the setting it was computed with: "auto" | "shm" | "frames"
     replicas: list[ReplicaPlacement]
+    launcher: str = "local"           # who starts the ranks: "local" | "ray"
+    addresses: dict[str, str] = {}    # node -> the address its tcp endpoints use (absent: the node name)
+
+    def address(self, node: str) -> str:
+        return self.addresses.get(node, node)
 
     def replica(self, stage: str, index: int) -> ReplicaPlacement:
         for r in self.replicas:
@@ -113,8 +130,11 @@ class Placement(msgspec.Struct, frozen=True, kw_only=True):
     def format(self) -> str:
         """The placement and every rank's groups, as ``omni-runtime check`` prints them."""
         lines = [f"placement: {len(self.nodes)} node(s) {self.nodes}, run dir {self.run_dir}, "
-                 f"tensor transport {self.tensor_transport}",
+                 f"tensor transport {self.tensor_transport}, launcher {self.launcher}",
                  f"  frontend on {self.frontend_node}: results {self.result_endpoint}"]
+        for node in self.nodes:
+            if node in self.addresses:
+                lines.append(f"  node {node} at {self.addresses[node]}")
         for rep in self.replicas:
             env = " ".join(f"{k}={v}" for k, v in sorted(rep.env.items())) or "-"
             out = rep.tensor_transport
@@ -161,14 +181,22 @@ def this_node() -> str:
 
 
 def compute_placement(cfg: RuntimeConfig, run_dir: str,
-                      nodes: Mapping[str, Sequence[str]] | None = None) -> Placement:
+                      nodes: Mapping[str, Sequence[str]] | None = None, *,
+                      addresses: Mapping[str, str] | None = None, frontend: str | None = None,
+                      devices: Mapping[str, Sequence[str]] | None = None) -> Placement:
     """The placement of every rank of every replica of ``cfg``.
 
     ``run_dir`` is the instance's run directory (``comm.instance.run_dir``). ``nodes`` maps a stage to the node
     of each of its global ranks (replica-major, like ``devices``); by default every rank runs on this node, next
-    to the frontend (what :class:`runtime.launcher.LocalLauncher` starts).
+    to the frontend (what :class:`runtime.launcher.LocalLauncher` starts). ``frontend`` names the frontend's node
+    (default: this host's name), ``addresses`` the address of each node for its tcp endpoints (default: its
+    name), ``devices`` each stage's rank devices when the launcher assigns them (Ray: ``cuda:0`` of each actor).
+
+    The run directory exists on the frontend's node only: a ``file://`` rendezvous is used when every rank of
+    the replica is there, else a tcp store on the driver's address.
     """
-    frontend = this_node()
+    frontend = frontend or this_node()
+    addr = dict(addresses or {})
     setting = _transport_setting(cfg)
     stage_nodes: dict[str, list[str]] = {}
     for stage in STAGE_NAMES:
@@ -181,7 +209,7 @@ def compute_placement(cfg: RuntimeConfig, run_dir: str,
         stage_nodes[stage] = given
     all_nodes = {frontend} | {n for ns in stage_nodes.values() for n in ns}
     one_node = len(all_nodes) == 1
-    result_endpoint = f"ipc://{run_dir}/results" if one_node else f"tcp://{frontend}:*"
+    result_endpoint = f"ipc://{run_dir}/results" if one_node else f"tcp://{addr.get(frontend, frontend)}:*"
     replicas: list[ReplicaPlacement] = []
     for si, stage in enumerate(STAGE_NAMES):
         st = cfg.stages.get(stage)
@@ -195,27 +223,31 @@ def compute_placement(cfg: RuntimeConfig, run_dir: str,
             for r in range(ws):
                 local = seen.get(rnodes[r], 0)
                 seen[rnodes[r]] = local + 1
-                ranks.append(RankPlacement(rank=r, local_rank=local, node=rnodes[r],
-                                           device=device_for(cfg, stage, rep * ws + r), groups=groups[r]))
+                dev = devices[stage][rep * ws + r] if devices else device_for(cfg, stage, rep * ws + r)
+                ranks.append(RankPlacement(rank=r, local_rank=local, node=rnodes[r], device=dev, groups=groups[r]))
             driver = rnodes[0]
+            host = addr.get(driver, driver)
             base = f"{stage}-{rep}-g{{generation}}"
-            work = f"ipc://{run_dir}/{base}.in" if driver == frontend else f"tcp://{driver}:*"
+            work = f"ipc://{run_dir}/{base}.in" if driver == frontend else f"tcp://{host}:*"
             if len(set(rnodes)) == 1:
-                rendezvous = f"file://{run_dir}/{base}.store"  # the run dir has the same path on every node
+                # the run directory (a file store) exists on the frontend's node; elsewhere a tcp store
+                rendezvous = f"file://{run_dir}/{base}.store" if driver == frontend else f"tcp://{host}:*"
                 env = {"GLOO_SOCKET_IFNAME": "lo"}
                 if any(rk.device.startswith("cuda") for rk in ranks):
                     env["NCCL_SOCKET_IFNAME"] = "lo"
             else:
-                rendezvous, env = f"tcp://{driver}:*", {}
+                rendezvous, env = f"tcp://{host}:*", {}
             if setting != "auto":
                 transport = setting
             else:
                 transport = "shm" if consumers == {driver} else "frames"
             # the output rank (the driver) serves frames: over ipc to consumers on its node, tcp to others
-            tensors = f"ipc://{run_dir}/{base}.tensors" if consumers == {driver} else f"tcp://{driver}:*"
+            tensors = (f"ipc://{run_dir}/{base}.tensors" if consumers == {driver} == {frontend}
+                       else f"tcp://{host}:*")
             replicas.append(ReplicaPlacement(
                 stage=stage, replica=rep, world_size=ws, node=driver, work_endpoint_template=work,
                 rendezvous_template=rendezvous, env=env, tensor_transport=transport,
                 tensor_endpoint_template=tensors, ranks=ranks))
     return Placement(run_dir=run_dir, frontend_node=frontend, result_endpoint=result_endpoint,
-                     tensor_transport=setting, replicas=replicas)
+                     tensor_transport=setting, replicas=replicas, launcher=cfg.placement.launcher,
+                     addresses={n: a for n, a in addr.items() if n in all_nodes and a != n})

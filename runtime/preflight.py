@@ -5,6 +5,8 @@
   machine has. On CPU every rank is a process: the ranks of all stages together (``replicas x world size`` per
   stage) and each stage's ``threads`` are at most ``CPU cores x OVERSUBSCRIPTION``. On CUDA each stage's ranks
   need a device each (``replicas x world size <= CUDA devices``; a ``devices`` entry must name one that exists).
+  With ``[placement] launcher = "ray"`` Ray places the ranks instead: the check is that Ray is installed and that
+  ``ray_address`` answers as a Ray head (``runtime.ray_connect.probe_ray_address``).
 - **The host** (:func:`check_host`): ``server.host`` resolves.
 - **The pipeline** (:func:`pipeline_lines`): with ``pp > 1``, each pp rank's block range; more stages than the
   model has blocks is an error naming ``stages.denoiser.parallel.pp``.
@@ -52,6 +54,14 @@ def _uses_cuda(cfg: RuntimeConfig) -> bool:
 def check_machine(cfg: RuntimeConfig, cores: int | None = None, gpus: int | None = None) -> str:
     """Raise :class:`ConfigError` naming the key, its value and the limit with its arithmetic when ``cfg`` asks
     for more processes, threads or devices than this machine has; returns a one-line summary."""
+    if cfg.placement.launcher == "ray":  # the ranks run where Ray places them, not necessarily on this machine
+        from omni_runtime.runtime.ray_connect import import_ray, probe_ray_address
+
+        import_ray()
+        probe_ray_address(cfg.placement.ray_address)
+        total = sum(cfg.stages.get(n).replicas * cfg.stages.get(n).world_size for n in STAGE_NAMES)
+        where = repr(cfg.placement.ray_address) if cfg.placement.ray_address else "a private instance"
+        return f"machine: {total} rank(s) as Ray actors on {where} (Ray places them; no per-machine limits here)"
     cores = cpu_cores() if cores is None else cores
     limit = cores * OVERSUBSCRIPTION
     why = f"{cores} CPU core(s) x oversubscription factor {OVERSUBSCRIPTION}"

@@ -28,6 +28,9 @@ class RankFanout:
             from omni_runtime.comm.shm_broadcast import MessageQueue
 
             self.mq = MessageQueue.create_from_process_group(None, writer_rank=0)
+            if rank == 0:  # ranks on another node than the driver read over tcp (the placement says where)
+                logger.info("batch broadcast to %d local reader(s) (shm ring) and %d remote reader(s) (tcp)",
+                            self.mq.n_local_reader, self.mq.n_remote_reader)
 
     @property
     def has_followers(self) -> bool:

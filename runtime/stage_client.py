@@ -148,11 +148,14 @@ class ZmqStageClient(_Futures):
         self.ready = False
         if self.sender is not None:
             self.sender.close()
-        self.procs.start()
+        await asyncio.to_thread(self.procs.start)  # a Ray launcher waits for its actors: not on the loop
         self.sender = Sender(self.procs.in_addr, sndhwm=HWM)
 
     def dead(self) -> tuple[int, int | None] | None:
         return self.procs.dead_rank()
+
+    def rank_node(self, rank: int) -> str:
+        return self.procs.rank_node(rank)
 
     def announce_ready(self) -> None:
         self.ready = True
@@ -366,9 +369,7 @@ class StageSet:
 
 class ZmqStageSet(StageSet):
     def __init__(self, cfg: RuntimeConfig) -> None:
-        from omni_runtime.runtime.launcher import Launcher
-
-        self.launcher = Launcher(cfg)
+        self.launcher = make_launcher(cfg)
         self.zmq_clients = {s: [ZmqStageClient(p) for p in self.launcher.replicas[s]] for s in STAGE_NAMES}
         super().__init__(self.zmq_clients)  # type: ignore[arg-type]
         self.listener: ResultListener | None = None
@@ -388,6 +389,19 @@ class ZmqStageSet(StageSet):
                 c.close()
         if self.listener is not None:
             self.listener.close()
+
+
+def make_launcher(cfg: RuntimeConfig) -> Any:
+    """The launcher ``[placement] launcher`` names: ``runtime.launcher.LocalLauncher`` (processes on this node) or
+    ``runtime.ray_launcher.RayLauncher`` (Ray actors on any node; imported only then: Ray is optional). Both
+    implement ``runtime.launcher.StageLauncher`` and give every replica a handle with the same surface."""
+    if cfg.placement.launcher == "ray":
+        from omni_runtime.runtime.ray_launcher import RayLauncher
+
+        return RayLauncher(cfg)
+    from omni_runtime.runtime.launcher import LocalLauncher
+
+    return LocalLauncher(cfg)
 
 
 def zmq_stages(cfg: RuntimeConfig) -> ZmqStageSet:

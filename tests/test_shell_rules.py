@@ -17,8 +17,8 @@ def _py(folder: str) -> list[Path]:
 
 
 def test_only_the_handoff_seam_and_the_launcher_touch_shm_tensors_in_runtime():
-    # the launcher sweeps the segments of dead ranks (process lifetime, not tensor handoff)
-    allowed = {"runtime/tensor_handoff.py", "runtime/launcher.py"}
+    # the launchers sweep the segments of dead ranks (process lifetime, not tensor handoff)
+    allowed = {"runtime/tensor_handoff.py", "runtime/launcher.py", "runtime/ray_launcher.py"}
     users = {str(p.relative_to(ROOT)) for p in _py("runtime") if SHM.search(p.read_text())}
     assert users - allowed == set()
 
