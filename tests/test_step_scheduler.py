@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import pytest
 
@@ -185,3 +187,42 @@ def test_mixed_sizes_config_defaults_and_cfg_parallel() -> None:
     d = config_from_dict({"model": {"path": "/m"}, "stages": {"denoiser": {
         "mixed_sizes": True, "max_padding_waste": 0, "parallel": {"cfg": 2}}}}).stages.denoiser
     assert d.mixed_sizes and d.max_padding_waste == 0.0
+
+
+class _SizeEngine:
+    """A step-level engine stub: join key = text length only (mixed sizes), 16 x 16 pixels per image token."""
+
+    def __init__(self) -> None:
+        self.asked = 0
+
+    def join_key(self, item):
+        return ("t8",)
+
+    def row_tokens(self, item):
+        self.asked += 1
+        p = item.params
+        return p.width * p.height // 256, 2 if p.true_cfg_scale > 1 else 1
+
+    def run_step(self):  # marks it a step-level engine
+        return {}
+
+
+def test_the_executor_gives_the_policy_each_items_tokens_and_rows_with_mixed_sizes() -> None:
+    from omni_runtime.runtime.messages import Work
+    from omni_runtime.runtime.stage_exec import StageExecutor
+
+    def offer(ex, size, **kw):
+        ex.offer(Work(req_id=size, index=0, seed=0, params=parse_request({"prompt": "x", "size": size, **kw})))
+
+    ex = StageExecutor(_SizeEngine(), "denoiser", 0, max_batch_size=8, batch_timeout_ms=0, scheduling="step",
+                       max_padding_waste=0.1)
+    for size in ("256x256", "272x208", "128x128"):
+        offer(ex, size)
+    cands = [p.candidate() for p in ex.pending]
+    assert [(c.tokens, c.rows) for c in cands] == [(256, 1), (221, 1), (64, 1)]
+    assert ex.scheduler.admit(cands, [], now=time.time()) == [0, 1]  # 64 tokens would waste 0.3 > 0.1
+    # without the switch the engine is not asked (its join key keeps sizes apart)
+    engine = _SizeEngine()
+    ex = StageExecutor(engine, "denoiser", 0, max_batch_size=8, batch_timeout_ms=0, scheduling="step")
+    offer(ex, "256x256")
+    assert engine.asked == 0 and ex.scheduler.max_padding_waste is None
