@@ -184,16 +184,17 @@ class RunningSet:
                     "pooled_projections": torch.stack([r.pooled[b] for r, b in rows]),
                     "encoder_hidden_states": torch.stack([r.embeds[b] for r, b in rows])}
         shared = {"txt_ids": members[0].txt_ids}
-        if all(r.tokens == longest for r in members):  # one image size: no padding, ids shared by every row
+        if len({(r.req.height, r.req.width) for r in members}) == 1:  # one size: ids shared by every row
             row_args["hidden_states"] = torch.cat([r.latents for r, _ in rows])
             shared["img_ids"] = members[0].img_ids
-        else:  # mixed sizes: pad each row to the longest, own positions, padding masked out of attention
+        else:  # mixed sizes: each row its own positions (equal token counts may still be other sizes)
             row_args["hidden_states"] = torch.stack([_pad(r.latents[0], longest) for r, _ in rows])
             row_args["img_ids"] = torch.stack([_pad(r.img_ids, longest) for r, _ in rows])
-            mask = torch.zeros(len(rows), longest, dtype=torch.bool, device=st.device)
-            for j, (r, _) in enumerate(rows):
-                mask[j, :r.tokens] = True
-            row_args["key_padding_mask"] = mask
+            if any(r.tokens < longest for r in members):  # pad to the longest, padding masked out of attention
+                mask = torch.zeros(len(rows), longest, dtype=torch.bool, device=st.device)
+                for j, (r, _) in enumerate(rows):
+                    mask[j, :r.tokens] = True
+                row_args["key_padding_mask"] = mask
         pred = st.forward_rows(st.model, row_args, shared, info)
         velocity = mixed_apply(pred, info, [r.id for r in members], guides, [r.req.guidance_scales for r in members])
         for j, r in enumerate(members):

@@ -125,3 +125,13 @@ def test_padding_waste() -> None:
     assert padding_waste([]) == 0.0
     assert padding_waste([10, 10]) == 0.0
     assert padding_waste([10, 5]) == pytest.approx(0.25)
+
+
+def test_sizes_with_equal_token_counts_keep_their_own_positions(stage: DenoiserStage) -> None:
+    # 256x128 and 128x256 both have 128 image tokens but other rotary positions: no padding, per-row img_ids
+    reqs = [_req(5, 2, False, (256, 128)), _req(6, 2, True, (128, 256))]
+    solo = [_solo(stage, r) for r in reqs]
+    got, forwards, waste = _together(stage, reqs)
+    assert forwards == 2 and waste == [0.0, 0.0]
+    for k, r in enumerate(solo):
+        assert _rel(got[k], r) <= REL, (k, _rel(got[k], r))
