@@ -133,6 +133,9 @@ class DenoiserStage:
                  *, batch_invariant: bool = False, mixed_sizes: bool = False) -> None:
         self.model = model
         self.mesh = mesh if mesh is not None else Mesh.single(device)
+        if mixed_sizes and (self.mesh.size("sp") > 1 or self.mesh.size("pp") > 1):
+            raise ValueError(f"mixed_sizes needs sp = pp = 1 (the padded rows are not split over ranks); this mesh "
+                             f"has sp = {self.mesh.size('sp')}, pp = {self.mesh.size('pp')}")
         self.config = config
         self.schedule = schedule
         self.vae_scale_factor = vae_scale_factor
@@ -149,9 +152,6 @@ class DenoiserStage:
         self.batch_invariant = batch_invariant
         #: requests of different image sizes share a step's forward (padded and masked, ``stages.step_batch``)
         self.mixed_sizes = mixed_sizes
-        if mixed_sizes and (self.mesh.size("sp") > 1 or self.mesh.size("pp") > 1):
-            raise ValueError(f"mixed_sizes needs sp = pp = 1 (the padded rows are not split over ranks); this mesh "
-                             f"has sp = {self.mesh.size('sp')}, pp = {self.mesh.size('pp')}")
         self._request_ids = itertools.count(1 << 40)  # request-level batches (step-level slots count from 0)
 
     @classmethod

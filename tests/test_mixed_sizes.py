@@ -135,3 +135,21 @@ def test_sizes_with_equal_token_counts_keep_their_own_positions(stage: DenoiserS
     assert forwards == 2 and waste == [0.0, 0.0]
     for k, r in enumerate(solo):
         assert _rel(got[k], r) <= REL, (k, _rel(got[k], r))
+
+
+class _Mesh:
+    """Just the degrees the stage asks of a mesh."""
+
+    def __init__(self, **sizes: int) -> None:
+        self.sizes = sizes
+
+    def size(self, axis: str) -> int:
+        return self.sizes.get(axis, 1)
+
+
+@pytest.mark.parametrize("axis", ["sp", "pp"])
+def test_the_stage_refuses_mixed_sizes_over_sequence_or_pipeline_ranks(stage: DenoiserStage, axis: str) -> None:
+    # the config refuses it first (tests/test_step_scheduler.py); this guards direct users of the stage
+    with pytest.raises(ValueError, match=f"mixed_sizes needs sp = pp = 1.*{axis} = 2"):
+        DenoiserStage(stage.model, stage.config, stage.schedule, stage.vae_scale_factor, stage.dtype, stage.device,
+                      _Mesh(**{axis: 2}), mixed_sizes=True)
