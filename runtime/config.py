@@ -122,6 +122,10 @@ class DenoiserStageConfig(StageConfig, kw_only=True):
     scheduling: str = "step"
     batch_invariant: bool = False  # one forward per request: bit-identical to its solo run, no batching gain
     priority_aging_s: float = 10.0  # a waiting request's priority rises by 1 per this many seconds (step-level)
+    # step-level: requests of different image sizes (same text length) share a forward, padded to the longest row
+    # and the padding masked out of attention, while the padded fraction of its image tokens <= max_padding_waste
+    mixed_sizes: bool = False
+    max_padding_waste: float = 0.25
 
     @property
     def world_size(self) -> int:
@@ -188,7 +192,8 @@ _SCHEMA: dict[str, Any] = {
     "stages": {
         "text_encoder": {**_STAGE_KEYS, "parallel": dict.fromkeys(TEXT_ENCODER_PARALLEL_KEYS, _INT)},
         "denoiser": {**_PIXEL_STAGE_KEYS, "scheduling": _STR, "batch_invariant": _BOOL,
-                     "priority_aging_s": _FLOAT, "parallel": {**dict.fromkeys(DENOISER_PARALLEL_KEYS, _INT),
+                     "priority_aging_s": _FLOAT, "mixed_sizes": _BOOL,
+                     "max_padding_waste": _FLOAT, "parallel": {**dict.fromkeys(DENOISER_PARALLEL_KEYS, _INT),
                                                         **dict.fromkeys(DENOISER_PARALLEL_CHOICES, _STR),
                                                         **dict.fromkeys(DENOISER_PARALLEL_COUNTS, _INT)}},
         "vae": {**_PIXEL_STAGE_KEYS, "tiling": _BOOL, "parallel": dict.fromkeys(VAE_PARALLEL_KEYS, _INT)},
@@ -411,6 +416,21 @@ def _check_values(cfg: RuntimeConfig) -> None:
     if den.priority_aging_s <= 0:
         raise ConfigError(f"stages.denoiser.priority_aging_s = {den.priority_aging_s!r}: must be a number > 0 "
                           f"(seconds of waiting that raise a request's priority by 1)")
+    if not 0 <= den.max_padding_waste <= 1:
+        raise ConfigError(f"stages.denoiser.max_padding_waste = {den.max_padding_waste!r}: must be a number between "
+                          f"0 and 1 (the padded fraction of a step's image tokens)")
+    if den.mixed_sizes:
+        sp = {k: getattr(den.parallel, k) for k in ("ulysses", "ring", "pp")}
+        big = {k: v for k, v in sp.items() if v > 1}
+        if big:
+            raise ConfigError(f"stages.denoiser.mixed_sizes = true with "
+                              f"{', '.join(f'stages.denoiser.parallel.{k} = {v}' for k, v in big.items())}: not "
+                              f"supported (padded rows are not split over sequence or pipeline ranks); allowed: "
+                              f"mixed_sizes = false, or ulysses = ring = pp = 1 (cfg, ep, hsdp are fine)")
+        if den.scheduling != "step":
+            raise ConfigError(f"stages.denoiser.mixed_sizes = true with stages.denoiser.scheduling = "
+                              f"{den.scheduling!r}: mixed sizes share a forward only under step-level scheduling; "
+                              f"allowed: scheduling = 'step' or mixed_sizes = false")
     par = cfg.stages.denoiser.parallel
     rows = DENOISER_MAX_BRANCHES * cfg.stages.denoiser.max_batch_size
     if par.cfg > rows:

@@ -156,6 +156,8 @@ class ReplicaProcs:
             vae_tiling=self.stage == "vae" and cfg.stages.vae.tiling,
             scheduling=cfg.stages.denoiser.scheduling, batch_invariant=cfg.stages.denoiser.batch_invariant,
             priority_aging_s=cfg.stages.denoiser.priority_aging_s,
+            mixed_sizes=self.stage == "denoiser" and cfg.stages.denoiser.mixed_sizes,
+            max_padding_waste=cfg.stages.denoiser.max_padding_waste,
             log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel()),
             rendezvous=rendezvous, local_rank=rk.local_rank, node=rk.node,
             tensor_transport=self.place.tensor_transport,

@@ -281,14 +281,15 @@ class InProcessStageClient(_Futures):
 
     def __init__(self, engine: Any, stage: str, replica: int, *, max_batch_size: int,
                  batch_timeout_ms: float, max_batch_pixels: int = 0, scheduling: str = "request",
-                 priority_aging_s: float = 10.0) -> None:
+                 priority_aging_s: float = 10.0, max_padding_waste: float | None = None) -> None:
         super().__init__()
         self.stage, self.replica = stage, replica
         self.ready = False
         self.on_ready: Callable[[StageClient], None] | None = None
         self.executor = StageExecutor(engine, stage, replica, max_batch_size=max_batch_size,
                                       batch_timeout_ms=batch_timeout_ms, max_batch_pixels=max_batch_pixels,
-                                      scheduling=scheduling, priority_aging_s=priority_aging_s)
+                                      scheduling=scheduling, priority_aging_s=priority_aging_s,
+                                      max_padding_waste=max_padding_waste)
         self.inbox: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
         self._crash: BaseException | None = None
@@ -418,11 +419,12 @@ async def in_process_stages(cfg: RuntimeConfig) -> StageSet:
     for s in STAGE_NAMES:
         st = cfg.stages.get(s)
         den = cfg.stages.denoiser
-        options = stage_options(s, cfg.stages.vae.tiling, den.batch_invariant)
+        options = stage_options(s, cfg.stages.vae.tiling, den.batch_invariant, den.mixed_sizes)
         engine = await asyncio.to_thread(load_engine, s, cfg.model.path, cfg.model.dtype, cfg.model.device,
                                          **options)
         clients[s] = [InProcessStageClient(engine, s, 0, max_batch_size=st.max_batch_size,
                                            batch_timeout_ms=st.batch_timeout_ms,
                                            max_batch_pixels=st.max_batch_pixels, scheduling=den.scheduling,
-                                           priority_aging_s=den.priority_aging_s)]
+                                           priority_aging_s=den.priority_aging_s,
+                                           max_padding_waste=den.max_padding_waste if den.mixed_sizes else None)]
     return StageSet(clients)

@@ -61,11 +61,13 @@ class Pending:
     key: Hashable
     arrived: float = 0.0   # time.time() when the driver queued it
     started: float = 0.0   # time.time() when it joined a running set (step-level)
+    tokens: int = 0        # image tokens per row in a step's forward (mixed sizes: the padding waste)
+    rows: int = 1          # its rows (branches) in a step's forward
 
     def candidate(self) -> Candidate:
         p = self.work.params
         return Candidate(key=self.key, pixels=p.width * p.height, priority=getattr(p, "priority", 0),
-                         arrived=self.arrived)
+                         arrived=self.arrived, tokens=self.tokens, rows=self.rows)
 
 
 def item_of(work: Work) -> StageItem:
@@ -79,16 +81,18 @@ class StageExecutor:
 
     def __init__(self, engine: Engine, stage: str, replica: int, *, max_batch_size: int, batch_timeout_ms: float,
                  publisher: tensor_handoff.Publisher | None = None, max_batch_pixels: int = 0,
-                 scheduling: str = "request", priority_aging_s: float = 10.0) -> None:
+                 scheduling: str = "request", priority_aging_s: float = 10.0,
+                 max_padding_waste: float | None = None) -> None:
         """``scheduling = "step"``: an engine with a running set (``run_step``, the denoiser) admits and retires
         items at every step boundary (:meth:`DriverLoop.step_loop`); ``"request"``, and every other engine: a
-        batch runs from its first to its last step."""
+        batch runs from its first to its last step. ``max_padding_waste``: the engine runs mixed image sizes in
+        one forward (``[stages.denoiser] mixed_sizes``) and a step's padding waste stays at most this."""
         if scheduling not in SCHEDULING:
             raise ValueError(f"scheduling = {scheduling!r}: allowed values are {', '.join(map(repr, SCHEDULING))}")
         self.engine, self.stage, self.replica = engine, stage, replica
         #: the step-level admission policy, or None (request-level batches)
         self.scheduler = (StepScheduler(max_batch_size=max_batch_size, max_batch_pixels=max_batch_pixels,
-                                        aging_s=priority_aging_s)
+                                        aging_s=priority_aging_s, max_padding_waste=max_padding_waste)
                           if scheduling == "step" and hasattr(engine, "run_step") else None)
         self.max_batch_size = max_batch_size
         self.max_batch_pixels = max_batch_pixels  # 0: no cap; else width x height summed over a batch
@@ -111,11 +115,14 @@ class StageExecutor:
         try:
             item = item_of(msg)
             key = self.engine.join_key(item) if self.scheduler is not None else self.engine.batch_key(item)
+            tokens, rows = 0, 1
+            if self.scheduler is not None and self.scheduler.max_padding_waste is not None:
+                tokens, rows = self.engine.row_tokens(item)  # type: ignore[attr-defined]
         except Exception as e:  # a stale/forged ref or inputs that do not fit: this item fails, the stage goes on
             logger.error("%s: cannot queue item %s/%d: %s", self.stage, msg.req_id, msg.index, e)
             self._release(msg)
             return self._result(msg, ok=False, error=f"{type(e).__name__}: {e}")
-        self.pending.append(Pending(msg, item, key, arrived=time.time()))
+        self.pending.append(Pending(msg, item, key, arrived=time.time(), tokens=tokens, rows=rows))
         return None
 
     def take_batch(self, wait: Callable[[float], None], busy: bool = False) -> list[Pending]:
@@ -427,7 +434,8 @@ class DriverLoop:
                 self.send(res)
             progress += [ItemProgress(p.work.req_id, p.work.index, *engine.progress(s)) for s, p in running.items()]
             self.send(StepReport(stage=ex.stage, replica=ex.replica, step_s=dt, active=active, admitted=len(admit),
-                                 retired=len(drop) + len(outs), progress=progress))
+                                 retired=len(drop) + len(outs), padding_waste=getattr(engine, "padding_waste", 0.0),
+                                 progress=progress))
         for p in running.values():
             self.send(ex.finish(p, None, "the stage is shutting down"))
         for res in ex.drop_all("the stage is shutting down"):

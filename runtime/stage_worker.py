@@ -46,6 +46,8 @@ class WorkerSpec(msgspec.Struct, kw_only=True):
     scheduling: str = "request"     # [stages.denoiser] scheduling ("step" | "request")
     batch_invariant: bool = False   # [stages.denoiser] batch_invariant
     priority_aging_s: float = 10.0  # [stages.denoiser] priority_aging_s
+    mixed_sizes: bool = False       # [stages.denoiser] mixed_sizes
+    max_padding_waste: float = 0.25  # [stages.denoiser] max_padding_waste
     log_level: str = "INFO"
     # From the Placement (runtime/placement.py); defaults keep older callers working.
     rendezvous: str = ""            # torch.distributed init_method ("file://<run dir>/..." on one node)
@@ -55,12 +57,13 @@ class WorkerSpec(msgspec.Struct, kw_only=True):
     tensor_endpoint: str = ""       # "frames": where the output rank's tensor server binds
 
 
-def stage_options(stage: str, vae_tiling: bool = False, batch_invariant: bool = False) -> dict[str, bool]:
+def stage_options(stage: str, vae_tiling: bool = False, batch_invariant: bool = False,
+                  mixed_sizes: bool = False) -> dict[str, bool]:
     """The engine load options of ``stage`` (``stages.engine.load_engine``)."""
     if stage == "vae":
         return {"tiling": vae_tiling}
     if stage == "denoiser":
-        return {"batch_invariant": batch_invariant}
+        return {"batch_invariant": batch_invariant, "mixed_sizes": mixed_sizes}
     return {}
 
 
@@ -109,7 +112,7 @@ def worker_main(spec_bytes: bytes) -> None:
     from omni_runtime.runtime.stage_exec import StageExecutor
     from omni_runtime.stages.engine import load_engine
 
-    options = stage_options(spec.stage, spec.vae_tiling, spec.batch_invariant)
+    options = stage_options(spec.stage, spec.vae_tiling, spec.batch_invariant, spec.mixed_sizes)
     engine = load_engine(spec.stage, spec.model_path, spec.dtype, spec.device, mesh=mesh, **options)
     fanout = RankFanout(spec.rank, spec.world_size)
     if spec.world_size > 1:
@@ -121,6 +124,7 @@ def worker_main(spec_bytes: bytes) -> None:
         executor = StageExecutor(engine, spec.stage, spec.replica, max_batch_size=spec.max_batch_size,
                                  batch_timeout_ms=spec.batch_timeout_ms, max_batch_pixels=spec.max_batch_pixels,
                                  scheduling=spec.scheduling, priority_aging_s=spec.priority_aging_s,
+                                 max_padding_waste=spec.max_padding_waste if spec.mixed_sizes else None,
                                  publisher=tensor_handoff.Publisher(
                                      pooled=spec.pool_outputs, transport=spec.tensor_transport,
                                      endpoint=spec.tensor_endpoint))

@@ -37,7 +37,7 @@ from omni_runtime.parallel.strategies.row_forward import RowForward, row_forward
 from omni_runtime.stages.device import resolve_device, resolve_dtype
 from omni_runtime.stages.errors import RequestError
 from omni_runtime.stages.guidance import TRUE_CFG, UNGUIDED, Guidance
-from omni_runtime.stages.latents import check_image_size, unpack_latents
+from omni_runtime.stages.latents import check_image_size, image_seq_len, unpack_latents
 from omni_runtime.stages.schedule import FlowMatchSchedule
 from omni_runtime.stages.step_batch import RunningSet
 from omni_runtime.stages.weights import component_dir, read_config
@@ -130,9 +130,12 @@ class DenoiserStage:
 
     def __init__(self, model: torch.nn.Module, config: dict[str, Any], schedule: FlowMatchSchedule,
                  vae_scale_factor: int, dtype: torch.dtype, device: torch.device, mesh: Mesh | None = None,
-                 *, batch_invariant: bool = False) -> None:
+                 *, batch_invariant: bool = False, mixed_sizes: bool = False) -> None:
         self.model = model
         self.mesh = mesh if mesh is not None else Mesh.single(device)
+        if mixed_sizes and (self.mesh.size("sp") > 1 or self.mesh.size("pp") > 1):
+            raise ValueError(f"mixed_sizes needs sp = pp = 1 (the padded rows are not split over ranks); this mesh "
+                             f"has sp = {self.mesh.size('sp')}, pp = {self.mesh.size('pp')}")
         self.config = config
         self.schedule = schedule
         self.vae_scale_factor = vae_scale_factor
@@ -147,13 +150,16 @@ class DenoiserStage:
         self.forward_rows: RowForward = row_forward_for(self.mesh)
         #: one forward per request (bit-identical to its solo run) instead of one per join group
         self.batch_invariant = batch_invariant
+        #: requests of different image sizes share a step's forward (padded and masked, ``stages.step_batch``)
+        self.mixed_sizes = mixed_sizes
         self._request_ids = itertools.count(1 << 40)  # request-level batches (step-level slots count from 0)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: str | torch.dtype = "float32",
                         device: str | torch.device = "cpu", mesh: Mesh | None = None,
                         ep_group: GroupCoordinator | None = None,
-                        hsdp: HSDPInferenceConfig | None = None, batch_invariant: bool = False) -> DenoiserStage:
+                        hsdp: HSDPInferenceConfig | None = None, batch_invariant: bool = False,
+                        mixed_sizes: bool = False) -> DenoiserStage:
         """Load transformer + scheduler config on ``mesh`` (None: ``Mesh.single()``); with an sp group of more
         than one rank, apply :class:`SequenceParallel` to the model.
 
@@ -179,7 +185,7 @@ class DenoiserStage:
             logger.info("denoiser: sequence parallel over %d ranks", sp)
         logger.info("loaded denoiser from %s (%s on %s)", path, torch_dtype, dev)
         stage = cls(model, config, schedule, vae_scale_factor_of(path), torch_dtype, dev, mesh,
-                    batch_invariant=batch_invariant)
+                    batch_invariant=batch_invariant, mixed_sizes=mixed_sizes)
         if mesh.size("cfg") > 1:
             logger.info("denoiser: CFG parallel over %d ranks (cfg rank %d), rows by %r", mesh.size("cfg"),
                         mesh.rank("cfg"), stage.forward_rows)
@@ -280,8 +286,14 @@ class DenoiserStage:
 
     def join_key(self, req: DenoiseRequest) -> tuple:
         """Requests with equal keys can share one forward whatever their step counts and CFG: their rows stack
-        (same image size, same text length)."""
-        return (req.height, req.width, _as_2d(req.prompt_embeds, "prompt_embeds").shape[0])
+        (same image size, same text length; with :attr:`mixed_sizes` the text length alone: the image tokens are
+        padded)."""
+        text = _as_2d(req.prompt_embeds, "prompt_embeds").shape[0]
+        return (text,) if self.mixed_sizes else (req.height, req.width, text)
+
+    def row_tokens(self, req: DenoiseRequest) -> tuple[int, int]:
+        """(image tokens of one row, rows) of ``req`` in a step's forward: what its padding waste is counted by."""
+        return image_seq_len(req.height, req.width, self.vae_scale_factor), 2 if req.do_true_cfg else 1
 
     def embeddings(self, req: DenoiseRequest, seq_name: str, pooled_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """One branch's (sequence, pooled) embeddings of ``req``, unbatched."""

@@ -117,14 +117,16 @@ class DenoiserEngine:
 
     @classmethod
     def load(cls, path: str | Path, dtype: str, device: str, mesh: Any = None, *,
-             batch_invariant: bool = False) -> DenoiserEngine:
-        """``batch_invariant``: one forward per request, bit-identical to its solo run (``stages.step_batch``)."""
+             batch_invariant: bool = False, mixed_sizes: bool = False) -> DenoiserEngine:
+        """``batch_invariant``: one forward per request, bit-identical to its solo run (``stages.step_batch``);
+        ``mixed_sizes``: requests of different image sizes share a step's forward (padded and masked)."""
         from omni_runtime.parallel.all2all import init_expert_parallel  # None unless the mesh has ep > 1
         from omni_runtime.parallel.hsdp import hsdp_config_from_mesh  # None unless the mesh shards weights
 
         hsdp = hsdp_config_from_mesh(mesh) if mesh is not None else None
         return cls(DenoiserStage.from_pretrained(path, dtype, device, mesh=mesh, ep_group=init_expert_parallel(mesh),
-                                                 hsdp=hsdp, batch_invariant=batch_invariant))
+                                                 hsdp=hsdp, batch_invariant=batch_invariant,
+                                                 mixed_sizes=mixed_sizes))
 
     @staticmethod
     def request(item: StageItem) -> DenoiseRequest:
@@ -150,6 +152,15 @@ class DenoiserEngine:
     def join_key(self, item: StageItem) -> Hashable:
         """Items with equal keys can run in one step-level forward (any step counts, with or without CFG)."""
         return self.stage.join_key(self.request(item))
+
+    def row_tokens(self, item: StageItem) -> tuple[int, int]:
+        """(image tokens per row, rows) of ``item`` in a step's forward (the padding waste of mixed sizes)."""
+        return self.stage.row_tokens(self.request(item))
+
+    @property
+    def padding_waste(self) -> float:
+        """Padded image tokens / all image tokens of the last step's forwards."""
+        return self.running.padding_waste
 
     def admit(self, slot: int, item: StageItem) -> None:
         """Add ``item`` to the running set as ``slot``; raises (``RequestError`` for what the model cannot run)

@@ -14,6 +14,13 @@ shared its steps only through the rounding of a batched matmul (latents rel <= 1
 every request runs its own forward (all of its branches, as its solo run does), which makes it bit-identical to its
 solo run at the cost of batching (docs/BENCHMARKS.md).
 
+Mixed image sizes (``DenoiserStage.mixed_sizes``, ``[stages.denoiser] mixed_sizes``): the join key is then the text
+length alone, and a join group may hold requests of different image sizes. Each row's image tokens are padded (with
+zeros) to the longest row's, each row has its own ``img_ids`` (its own rotary positions) and a ``key_padding_mask``
+that takes the padding out of attention as keys; the padding's outputs are discarded. Both are *row* arguments of
+``forward_rows``, so CFG parallel splits them with the rows. :attr:`RunningSet.padding_waste` is the last step's
+padded fraction of its image tokens (the admission policy keeps it under ``max_padding_waste``).
+
 Every rank of a replica holds the same running set: the runtime broadcasts each admit/drop, and ``step`` retires
 the finished requests on every rank alike.
 """
@@ -36,7 +43,16 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Running", "RunningSet"]
+__all__ = ["Running", "RunningSet", "padding_waste"]
+
+
+def padding_waste(row_tokens: list[int]) -> float:
+    """The fraction of a forward's image tokens that are padding when rows of ``row_tokens`` image tokens each are
+    padded to the longest: padded tokens / (rows x longest); 0 for no rows."""
+    if not row_tokens:
+        return 0.0
+    longest = max(row_tokens)
+    return sum(longest - t for t in row_tokens) / (longest * len(row_tokens))
 
 
 @dataclass
@@ -76,6 +92,8 @@ class RunningSet:
         self.stage = stage
         self.batch_invariant = batch_invariant
         self.running: dict[int, Running] = {}
+        #: padded image tokens / all image tokens of the last step's forwards (mixed sizes; else 0)
+        self.padding_waste = 0.0
 
     def __len__(self) -> int:
         return len(self.running)
@@ -129,12 +147,19 @@ class RunningSet:
         groups: dict[Hashable, list[Running]] = {}
         for r in self.running.values():
             groups.setdefault(r.key, []).append(r)
+        padded = total = 0
         for members in groups.values():
             if self.batch_invariant:  # one forward per request: the same shapes as its solo run
                 for r in members:
                     self._advance([r])
+                total += sum(r.tokens * r.branches for r in members)
             else:
                 self._advance(members)
+                longest = max(r.tokens for r in members)
+                rows = sum(r.branches for r in members)
+                padded += sum((longest - r.tokens) * r.branches for r in members)
+                total += longest * rows
+        self.padding_waste = padded / total if total else 0.0
         done = {}
         for rid, r in list(self.running.items()):
             if r.done >= r.total:
@@ -154,13 +179,32 @@ class RunningSet:
         if st.guidance_embeds:
             guidance = torch.tensor([float(r.req.guidance_scale) for r, _ in rows], device=st.device,
                                     dtype=torch.float32)
-        pred = st.forward_rows(
-            st.model,
-            {"hidden_states": torch.cat([r.latents for r, _ in rows]), "timestep": ts / 1000, "guidance": guidance,
-             "pooled_projections": torch.stack([r.pooled[b] for r, b in rows]),
-             "encoder_hidden_states": torch.stack([r.embeds[b] for r, b in rows])},
-            {"txt_ids": members[0].txt_ids, "img_ids": members[0].img_ids}, info)
+        longest = max(r.tokens for r in members)
+        row_args = {"timestep": ts / 1000, "guidance": guidance,
+                    "pooled_projections": torch.stack([r.pooled[b] for r, b in rows]),
+                    "encoder_hidden_states": torch.stack([r.embeds[b] for r, b in rows])}
+        shared = {"txt_ids": members[0].txt_ids}
+        if len({(r.req.height, r.req.width) for r in members}) == 1:  # one size: ids shared by every row
+            row_args["hidden_states"] = torch.cat([r.latents for r, _ in rows])
+            shared["img_ids"] = members[0].img_ids
+        else:  # mixed sizes: each row its own positions (equal token counts may still be other sizes)
+            row_args["hidden_states"] = torch.stack([_pad(r.latents[0], longest) for r, _ in rows])
+            row_args["img_ids"] = torch.stack([_pad(r.img_ids, longest) for r, _ in rows])
+            if any(r.tokens < longest for r in members):  # pad to the longest, padding masked out of attention
+                mask = torch.zeros(len(rows), longest, dtype=torch.bool, device=st.device)
+                for j, (r, _) in enumerate(rows):
+                    mask[j, :r.tokens] = True
+                row_args["key_padding_mask"] = mask
+        pred = st.forward_rows(st.model, row_args, shared, info)
         velocity = mixed_apply(pred, info, [r.id for r in members], guides, [r.req.guidance_scales for r in members])
         for j, r in enumerate(members):
-            r.latents = euler_step(r.latents, velocity[j:j + 1], r.sigmas[r.done], r.sigmas[r.done + 1])
+            v = velocity[j:j + 1, :r.tokens]  # a shorter row's padding outputs are discarded
+            r.latents = euler_step(r.latents, v, r.sigmas[r.done], r.sigmas[r.done + 1])
             r.done += 1
+
+
+def _pad(t: torch.Tensor, length: int) -> torch.Tensor:
+    """``t`` (tokens, ...) with zero rows appended up to ``length`` tokens."""
+    if t.shape[0] == length:
+        return t
+    return torch.cat([t, t.new_zeros(length - t.shape[0], *t.shape[1:])])

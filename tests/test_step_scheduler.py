@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import pytest
 
@@ -10,7 +12,7 @@ from omni_runtime.runtime.config import ConfigError, config_from_dict
 from omni_runtime.runtime.messages import ItemProgress, StepReport
 from omni_runtime.runtime.progress import ProgressBook
 from omni_runtime.runtime.requests import FIELDS, RequestError, openapi_request_schema, parse_request
-from omni_runtime.runtime.step_scheduler import Candidate, StepScheduler
+from omni_runtime.runtime.step_scheduler import Candidate, StepScheduler, forward_waste
 
 
 def _c(key="a", pixels=100, priority=0, arrived=0.0) -> Candidate:
@@ -131,3 +133,96 @@ def test_request_id_header_and_progress_route_over_http() -> None:
         assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
         r = httpx.post(s.url + "/v1/images/generations", json={**body, "priority": 99})
         assert r.status_code == 400 and r.json()["error"]["param"] == "priority"
+
+
+# ---- mixed image sizes ([stages.denoiser] mixed_sizes, max_padding_waste)
+
+
+def _m(tokens: int, rows: int = 1, arrived: float = 0.0, key="t8") -> Candidate:
+    return Candidate(key=key, pixels=tokens, priority=0, arrived=arrived, tokens=tokens, rows=rows)
+
+
+def test_mixed_sizes_admit_while_the_padding_waste_fits() -> None:
+    s = StepScheduler(max_batch_size=8, max_padding_waste=0.25)
+    assert forward_waste([_m(256), _m(221)]) == pytest.approx(35 / 512)
+    # 256 + 221 (waste 0.07) join; 100 would make it (156 + 35) / 768 = 0.25 (fits); then 64 breaks the bound
+    waiting = [_m(256, arrived=0), _m(221, arrived=1), _m(100, arrived=2), _m(64, arrived=3), _m(256, arrived=4)]
+    assert s.admit(waiting, [], now=5) == [0, 1, 2]  # FCFS: the 64 is next, so the walk stops there
+    # the rows of a true-CFG request count twice
+    assert s.admit([_m(128, rows=2)], [_m(256)], now=0) == []  # 256 / 768 = 0.33
+    assert s.admit([_m(128, rows=1)], [_m(256), _m(256)], now=0) == [0]  # 128 / 768 = 0.17
+    # another join key (text length) still stops the walk; without the switch sizes are different keys anyway
+    assert s.admit([_m(256, key="t16")], [_m(256)], now=0) == []
+    assert StepScheduler(max_batch_size=8, max_padding_waste=0.0).admit([_m(221)], [_m(256)], now=0) == []
+    assert StepScheduler(max_batch_size=8, max_padding_waste=1.0).admit([_m(1)], [_m(256)], now=0) == [0]
+    with pytest.raises(ValueError, match="max_padding_waste = 1.5: must be between 0 and 1"):
+        StepScheduler(max_batch_size=8, max_padding_waste=1.5)
+
+
+@pytest.mark.parametrize(("den", "match"), [
+    ({"mixed_sizes": "yes"}, "stages.denoiser.mixed_sizes = 'yes' \\(str\\): must be true or false"),
+    ({"mixed_sizes": 1}, "stages.denoiser.mixed_sizes = 1 \\(int\\): must be true or false"),
+    ({"max_padding_waste": 1.5}, "stages.denoiser.max_padding_waste = 1.5: must be a number between 0 and 1"),
+    ({"max_padding_waste": -0.1}, "stages.denoiser.max_padding_waste = -0.1: must be a number between 0 and 1"),
+    ({"max_padding_waste": "x"}, "stages.denoiser.max_padding_waste = 'x' \\(str\\): must be a finite number"),
+    ({"mixed_sizes": True, "scheduling": "request"},
+     "stages.denoiser.mixed_sizes = true with stages.denoiser.scheduling = 'request'"),
+    ({"mixed_sizes": True, "parallel": {"ulysses": 2}},
+     "stages.denoiser.mixed_sizes = true with stages.denoiser.parallel.ulysses = 2: not supported"),
+    ({"mixed_sizes": True, "parallel": {"ring": 2}},
+     "stages.denoiser.mixed_sizes = true with stages.denoiser.parallel.ring = 2: not supported"),
+    ({"mixed_sizes": True, "parallel": {"pp": 2}},
+     "stages.denoiser.mixed_sizes = true with stages.denoiser.parallel.pp = 2: not supported"),
+    ({"mixed_sizes": True, "parallel": {"pp": 2, "pp_mode": "pipefusion"}},
+     "stages.denoiser.mixed_sizes = true with stages.denoiser.parallel.pp = 2: not supported"),
+])
+def test_bad_mixed_sizes_config_values_name_the_key(den, match) -> None:
+    with pytest.raises(ConfigError, match=match):
+        config_from_dict({"model": {"path": "/m"}, "stages": {"denoiser": den}})
+
+
+def test_mixed_sizes_config_defaults_and_cfg_parallel() -> None:
+    d = config_from_dict({"model": {"path": "/m"}}).stages.denoiser
+    assert d.mixed_sizes is False and d.max_padding_waste == 0.25
+    d = config_from_dict({"model": {"path": "/m"}, "stages": {"denoiser": {
+        "mixed_sizes": True, "max_padding_waste": 0, "parallel": {"cfg": 2}}}}).stages.denoiser
+    assert d.mixed_sizes and d.max_padding_waste == 0.0
+
+
+class _SizeEngine:
+    """A step-level engine stub: join key = text length only (mixed sizes), 16 x 16 pixels per image token."""
+
+    def __init__(self) -> None:
+        self.asked = 0
+
+    def join_key(self, item):
+        return ("t8",)
+
+    def row_tokens(self, item):
+        self.asked += 1
+        p = item.params
+        return p.width * p.height // 256, 2 if p.true_cfg_scale > 1 else 1
+
+    def run_step(self):  # marks it a step-level engine
+        return {}
+
+
+def test_the_executor_gives_the_policy_each_items_tokens_and_rows_with_mixed_sizes() -> None:
+    from omni_runtime.runtime.messages import Work
+    from omni_runtime.runtime.stage_exec import StageExecutor
+
+    def offer(ex, size, **kw):
+        ex.offer(Work(req_id=size, index=0, seed=0, params=parse_request({"prompt": "x", "size": size, **kw})))
+
+    ex = StageExecutor(_SizeEngine(), "denoiser", 0, max_batch_size=8, batch_timeout_ms=0, scheduling="step",
+                       max_padding_waste=0.1)
+    for size in ("256x256", "272x208", "128x128"):
+        offer(ex, size)
+    cands = [p.candidate() for p in ex.pending]
+    assert [(c.tokens, c.rows) for c in cands] == [(256, 1), (221, 1), (64, 1)]
+    assert ex.scheduler.admit(cands, [], now=time.time()) == [0, 1]  # 64 tokens would waste 0.3 > 0.1
+    # without the switch the engine is not asked (its join key keeps sizes apart)
+    engine = _SizeEngine()
+    ex = StageExecutor(engine, "denoiser", 0, max_batch_size=8, batch_timeout_ms=0, scheduling="step")
+    offer(ex, "256x256")
+    assert engine.asked == 0 and ex.scheduler.max_padding_waste is None

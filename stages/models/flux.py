@@ -127,23 +127,33 @@ class FluxConfig:
 
 
 def rope(ids: torch.Tensor, axes_dims: tuple[int, ...], theta: int = ROPE_THETA) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cos, sin), each (seq, sum(axes_dims)) float32, for position ids (seq, n_axes); FLUX's interleaved layout."""
+    """(cos, sin), each (seq, sum(axes_dims)) float32, for position ids (seq, n_axes); FLUX's interleaved layout.
+    Per-row ids (rows, seq, n_axes) give (rows, seq, sum(axes_dims))."""
     pos = ids.to(torch.float64 if ids.device.type != "mps" else torch.float32)
     cos_parts, sin_parts = [], []
     for axis, dim in enumerate(axes_dims):
         freqs = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=pos.dtype, device=ids.device) / dim))
-        angles = torch.outer(pos[:, axis], freqs)
-        cos_parts.append(angles.cos().repeat_interleave(2, dim=1).float())
-        sin_parts.append(angles.sin().repeat_interleave(2, dim=1).float())
+        angles = pos[..., axis, None] * freqs
+        cos_parts.append(angles.cos().repeat_interleave(2, dim=-1).float())
+        sin_parts.append(angles.sin().repeat_interleave(2, dim=-1).float())
     return torch.cat(cos_parts, dim=-1), torch.cat(sin_parts, dim=-1)
 
 
 def apply_rope(x: torch.Tensor, freqs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Rotate (batch, seq, heads, head_dim) pairs (2i, 2i+1) by the angles in ``freqs`` (seq, head_dim)."""
-    cos, sin = (f[None, :, None, :].to(x.device) for f in freqs)
+    """Rotate (batch, seq, heads, head_dim) pairs (2i, 2i+1) by the angles in ``freqs``: (seq, head_dim), shared by
+    every row, or (batch, seq, head_dim), one per row."""
+    cos, sin = ((f[None, :, None, :] if f.dim() == 2 else f[:, :, None, :]).to(x.device) for f in freqs)
     real, imag = x.reshape(*x.shape[:-1], -1, 2).unbind(-1)
     rotated = torch.stack([-imag, real], dim=-1).flatten(3)
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+def cat_rope(txt: tuple[torch.Tensor, ...], img: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rotary embeddings of [text, image] tokens; text's (shared) are repeated per row when image's are per row."""
+    if img[0].dim() == 2:
+        return torch.cat([txt[0], img[0]]), torch.cat([txt[1], img[1]])
+    rows = img[0].shape[0]
+    return tuple(torch.cat([t.expand(rows, *t.shape), i], dim=1) for t, i in zip(txt, img, strict=True))
 
 
 class FluxPosEmbed(nn.Module):
@@ -296,9 +306,12 @@ class FluxAttention(nn.Module):
         k = apply_rope(self.norm_added_k(self._heads(self.add_k_proj(c))), rot)
         return q, k, self._heads(self.add_v_proj(c))
 
-    def joint(self, img: tuple[torch.Tensor, ...], txt: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Attend over [text, image]; returns (text output, image output), heads flattened."""
-        out = self.attention(*img, joint_q=txt[0], joint_k=txt[1], joint_v=txt[2], joint_strategy="front")
+    def joint(self, img: tuple[torch.Tensor, ...], txt: tuple[torch.Tensor, ...],
+              key_padding_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attend over [text, image]; returns (text output, image output), heads flattened. ``key_padding_mask``
+        (batch, image tokens) bool, True = a real image token: the others are no key (text keys are all real)."""
+        out = self.attention(*img, joint_q=txt[0], joint_k=txt[1], joint_v=txt[2], joint_strategy="front",
+                             key_padding_mask=key_padding_mask)
         out = out.flatten(2, 3).to(img[0].dtype)
         n_txt = txt[0].shape[1]
         return out[:, :n_txt], out[:, n_txt:]
@@ -318,10 +331,12 @@ class FluxTransformerBlock(nn.Module):
         self.ff_context = FeedForward(dim)
 
     def forward(self, img: torch.Tensor, txt: torch.Tensor, temb: torch.Tensor, img_rot: tuple[torch.Tensor, ...],
-                txt_rot: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+                txt_rot: tuple[torch.Tensor, ...], key_padding_mask: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         x, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(img, temb)
         c, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(txt, temb)
-        txt_attn, img_attn = self.attn.joint(self.attn.qkv(x, img_rot), self.attn.added_qkv(c, txt_rot))
+        txt_attn, img_attn = self.attn.joint(self.attn.qkv(x, img_rot), self.attn.added_qkv(c, txt_rot),
+                                            key_padding_mask)
 
         img = img + gate_msa[:, None] * self.attn.to_out[0](img_attn.contiguous())
         img = img + gate_mlp[:, None] * self.ff(_modulate(self.norm2(img), shift_mlp, scale_mlp))
@@ -353,13 +368,14 @@ class FluxSingleTransformerBlock(nn.Module):
         self.attn = FluxAttention(dim, heads, head_dim, context=False, out_proj=False)
 
     def forward(self, img: torch.Tensor, txt: torch.Tensor, temb: torch.Tensor, img_rot: tuple[torch.Tensor, ...],
-                txt_rot: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+                txt_rot: tuple[torch.Tensor, ...], key_padding_mask: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         n_txt = txt.shape[1]
         h = torch.cat([txt, img], dim=1)  # this rank's tokens: all text, then its image tokens
         x, gate = self.norm(h, temb)
-        rot = (torch.cat([txt_rot[0], img_rot[0]]), torch.cat([txt_rot[1], img_rot[1]]))
-        qkv = self.attn.qkv(x, rot)
-        txt_attn, img_attn = self.attn.joint(tuple(t[:, n_txt:] for t in qkv), tuple(t[:, :n_txt] for t in qkv))
+        qkv = self.attn.qkv(x, cat_rope(txt_rot, img_rot))
+        txt_attn, img_attn = self.attn.joint(tuple(t[:, n_txt:] for t in qkv), tuple(t[:, :n_txt] for t in qkv),
+                                             key_padding_mask)
         attn = torch.cat([txt_attn, img_attn], dim=1)
         if self.ff is not None:
             h = h + gate[:, None] * (self.proj_out(attn) + self.ff(x))
@@ -422,7 +438,8 @@ class FluxTransformer(nn.Module):
     def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 pooled_projections: torch.Tensor, timestep: torch.Tensor, img_ids: torch.Tensor,
                 txt_ids: torch.Tensor, guidance: torch.Tensor | None = None,
-                intermediate: dict[str, torch.Tensor] | None = None) -> torch.Tensor | dict[str, torch.Tensor]:
+                intermediate: dict[str, torch.Tensor] | None = None,
+                key_padding_mask: torch.Tensor | None = None) -> torch.Tensor | dict[str, torch.Tensor]:
         """Predict the flow for ``hidden_states``.
 
         ``timestep`` is the sigma in [0, 1] and ``guidance`` the guidance scale (e.g. 3.5); both are multiplied by
@@ -432,19 +449,32 @@ class FluxTransformer(nn.Module):
         it starts from ``intermediate`` (``{"img", "txt", "temb"}``, what the previous stage returned) instead of
         the embedders when it does not hold them, and returns that dict instead of the prediction when it does not
         hold the head.
+
+        Rows of different image sizes in one forward (``[stages.denoiser] mixed_sizes``): ``img_ids`` may be
+        per row, (rows, image tokens, 3) (a row's padding tokens take any ids), and ``key_padding_mask`` (rows,
+        image tokens) bool marks each row's real image tokens (True); the padding is no key in attention and its
+        outputs are to be discarded. ``img_ids`` (tokens, 3) is shared by all rows, as in diffusers; (1, tokens, 3)
+        is taken as that too.
         """
         if txt_ids.ndim == 3:
             txt_ids = txt_ids[0]
-        if img_ids.ndim == 3:
+        if img_ids.ndim == 3 and img_ids.shape[0] == 1:
             img_ids = img_ids[0]
+        if img_ids.ndim == 3 and img_ids.shape[0] != hidden_states.shape[0]:
+            raise ValueError(f"img_ids {tuple(img_ids.shape)}: per-row ids need one row per hidden_states row "
+                             f"({hidden_states.shape[0]}); or pass (image tokens, n_axes) shared by all rows")
+        if key_padding_mask is not None and (key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape)
+                                             != tuple(hidden_states.shape[:2])):
+            raise ValueError(f"key_padding_mask {key_padding_mask.dtype} {tuple(key_padding_mask.shape)} must be "
+                             f"bool (rows, image tokens) = {tuple(hidden_states.shape[:2])}")
         if self.config.guidance_embeds and guidance is None:
             raise ValueError("guidance is required: this model was trained with guidance embeddings "
                              "(config guidance_embeds=true)")
         if not self.config.guidance_embeds and guidance is not None:
             raise ValueError("guidance must be None: this model has no guidance embedding "
                              "(config guidance_embeds=false)")
-        if img_ids.shape[0] != hidden_states.shape[1] or img_ids.ndim != 2:
-            raise ValueError(f"img_ids {tuple(img_ids.shape)} must be (image tokens={hidden_states.shape[1]}, "
+        if img_ids.shape[-2] != hidden_states.shape[1] or img_ids.ndim not in (2, 3):
+            raise ValueError(f"img_ids {tuple(img_ids.shape)} must be ([rows,] image tokens={hidden_states.shape[1]}, "
                              f"n_axes) to match hidden_states {tuple(hidden_states.shape)}")
         if intermediate is None:
             img = self.x_embedder(hidden_states)
@@ -459,10 +489,10 @@ class FluxTransformer(nn.Module):
 
         for block in self.transformer_blocks:
             if not is_missing(block):
-                img, txt = block(img, txt, temb, img_rot, txt_rot)
+                img, txt = block(img, txt, temb, img_rot, txt_rot, key_padding_mask)
         for block in self.single_transformer_blocks:
             if not is_missing(block):
-                img, txt = block(img, txt, temb, img_rot, txt_rot)
+                img, txt = block(img, txt, temb, img_rot, txt_rot, key_padding_mask)
         if is_missing(self.proj_out):
             return {"img": img, "txt": txt, "temb": temb}
         return self.proj_out(self.norm_out(img, temb))
