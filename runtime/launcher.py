@@ -230,29 +230,11 @@ def stage_threads(world_size: int, cpus: int, configured: int = 0) -> int:
     return max(1, cpus // world_size)
 
 
-class LocalLauncher:
-    """All replicas of all stages of one runtime instance, on this node (implements :class:`StageLauncher`)."""
+class ReplicaLauncher:
+    """The :class:`StageLauncher` methods that act on one replica, delegated to its ``ReplicaProcs`` (or a subclass:
+    the Ray launcher's replicas) in ``self.replicas[stage][replica]``; both launchers share them."""
 
-    _count = 0
-
-    def __init__(self, cfg: RuntimeConfig) -> None:
-        self.cfg = cfg
-        cleanup.sweep_dead()
-        # Every launcher gets its own instance id (children get it through their environment), so the final sweep
-        # of one runtime never touches the segments of another one living in the same process or shell.
-        # ``OMNI_RUNTIME_INSTANCE`` in the environment, if set, is used as the id's prefix.
-        LocalLauncher._count += 1
-        base = os.environ.get(rt_instance.INSTANCE_ENV) or f"rt{os.getpid()}"
-        self.instance = f"{base}-{LocalLauncher._count}.{secrets.token_hex(2)}"
-        self.run_dir = rt_instance.run_dir(self.instance)
-        self.placement = compute_placement(cfg, str(self.run_dir))
-        if len(self.placement.nodes) > 1:
-            raise ConfigError(f"the placement spans nodes {self.placement.nodes}; the local launcher starts "
-                              f"processes on this node ({self.placement.frontend_node}) only")
-        self.result_addr = self.placement.result_endpoint
-        self.replicas: dict[str, list[ReplicaProcs]] = {
-            s: [ReplicaProcs(self, rp) for rp in self.placement.of_stage(s)] for s in STAGE_NAMES}
-        self.total_ranks = self.placement.total_ranks
+    replicas: dict[str, list[ReplicaProcs]]
 
     def _procs(self, stage: str, replica: int) -> ReplicaProcs:
         return self.replicas[stage][replica]
@@ -278,6 +260,31 @@ class LocalLauncher:
         for reps in self.replicas.values():
             for r in reps:
                 r.start()
+
+
+class LocalLauncher(ReplicaLauncher):
+    """All replicas of all stages of one runtime instance, on this node (implements :class:`StageLauncher`)."""
+
+    _count = 0
+
+    def __init__(self, cfg: RuntimeConfig) -> None:
+        self.cfg = cfg
+        cleanup.sweep_dead()
+        # Every launcher gets its own instance id (children get it through their environment), so the final sweep
+        # of one runtime never touches the segments of another one living in the same process or shell.
+        # ``OMNI_RUNTIME_INSTANCE`` in the environment, if set, is used as the id's prefix.
+        LocalLauncher._count += 1
+        base = os.environ.get(rt_instance.INSTANCE_ENV) or f"rt{os.getpid()}"
+        self.instance = f"{base}-{LocalLauncher._count}.{secrets.token_hex(2)}"
+        self.run_dir = rt_instance.run_dir(self.instance)
+        self.placement = compute_placement(cfg, str(self.run_dir))
+        if len(self.placement.nodes) > 1:
+            raise ConfigError(f"the placement spans nodes {self.placement.nodes}; the local launcher starts "
+                              f"processes on this node ({self.placement.frontend_node}) only")
+        self.result_addr = self.placement.result_endpoint
+        self.replicas: dict[str, list[ReplicaProcs]] = {
+            s: [ReplicaProcs(self, rp) for rp in self.placement.of_stage(s)] for s in STAGE_NAMES}
+        self.total_ranks = self.placement.total_ranks
 
     def shutdown(self, timeout: float = 5.0) -> None:
         for reps in self.replicas.values():

@@ -43,7 +43,7 @@ from omni_runtime.comm import cleanup, shm_tensor
 from omni_runtime.comm import instance as rt_instance
 from omni_runtime.comm.node import NODE_ID_ENV, boot_id, node_name
 from omni_runtime.runtime.config import STAGE_NAMES, ConfigError, RuntimeConfig
-from omni_runtime.runtime.launcher import ReplicaProcs, _cpus
+from omni_runtime.runtime.launcher import ReplicaLauncher, ReplicaProcs, _cpus
 from omni_runtime.runtime.placement import Placement, ReplicaPlacement, compute_placement, fill_port
 from omni_runtime.runtime.ray_connect import import_ray, probe_ray_address
 from omni_runtime.runtime.stage_worker import worker_main
@@ -253,7 +253,7 @@ def _bundle(cfg: RuntimeConfig, stage: str) -> tuple[dict[str, float], int]:
     return bundle, threads
 
 
-class RayLauncher:
+class RayLauncher(ReplicaLauncher):
     """All replicas of all stages of one runtime instance, as Ray actors (implements ``StageLauncher``).
 
     Constructing it connects to Ray and places every replica (placement groups); ranks start with
@@ -266,7 +266,7 @@ class RayLauncher:
         self.ray = import_ray()
         self.owned = False
         self.pgs: dict[tuple[str, int], Any] = {}
-        self.replicas: dict[str, list[RayReplica]] = {s: [] for s in STAGE_NAMES}
+        self.replicas: dict[str, list[ReplicaProcs]] = {s: [] for s in STAGE_NAMES}
         cleanup.sweep_dead()
         RayLauncher._count += 1
         base = os.environ.get(rt_instance.INSTANCE_ENV) or f"rt{os.getpid()}"
@@ -368,31 +368,6 @@ class RayLauncher:
                                  devices=devices)
 
     # --------------------------------------------------------------------------------------- StageLauncher
-
-    def _replica(self, stage: str, replica: int) -> RayReplica:
-        return self.replicas[stage][replica]
-
-    def start_replica(self, stage: str, replica: int) -> str:
-        r = self._replica(stage, replica)
-        r.start()
-        return r.in_addr
-
-    def dead_rank(self, stage: str, replica: int) -> tuple[int, int | None] | None:
-        return self._replica(stage, replica).dead_rank()
-
-    def rank_node(self, stage: str, replica: int, rank: int) -> str:
-        return self._replica(stage, replica).rank_node(rank)
-
-    def kill(self, stage: str, replica: int) -> None:
-        self._replica(stage, replica).kill()
-
-    def stop(self, stage: str, replica: int, timeout: float) -> None:
-        self._replica(stage, replica).stop(timeout)
-
-    def start_all(self) -> None:
-        for reps in self.replicas.values():
-            for r in reps:
-                r.start()
 
     def report(self) -> dict[str, Any]:
         """Where every rank runs and how each stage's outputs travel (for ``check``, tests and operators)."""

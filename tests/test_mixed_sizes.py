@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_step_batch import _rel, _req  # one request builder for the running-set tests
 
 from omni_runtime.stages.denoiser import DenoiseRequest, DenoiserStage
 from omni_runtime.stages.latents import latent_image_ids
@@ -19,21 +20,6 @@ REL = 1e-4
 @pytest.fixture(scope="module")
 def stage(tiny_dir: Path) -> DenoiserStage:
     return DenoiserStage.from_pretrained(tiny_dir, mixed_sizes=True)
-
-
-def _req(seed: int, steps: int, cfg: bool, size: tuple[int, int]) -> DenoiseRequest:
-    g = torch.Generator().manual_seed(2000 + seed)
-    kw = {}
-    if cfg:
-        kw = dict(negative_prompt_embeds=torch.randn(8, 32, generator=g),
-                  negative_pooled_prompt_embeds=torch.randn(32, generator=g), true_cfg_scale=2.5)
-    return DenoiseRequest(prompt_embeds=torch.randn(8, 32, generator=g), pooled_prompt_embeds=torch.randn(32, generator=g),
-                          seed=seed, height=size[1], width=size[0], num_inference_steps=steps,
-                          guidance_scale=2.0 + seed, **kw)
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max())
 
 
 def _together(stage: DenoiserStage, reqs: list[DenoiseRequest]) -> tuple[dict[int, torch.Tensor], int, list[float]]:
