@@ -94,6 +94,7 @@ def describe(cfg: RuntimeConfig, size: tuple[int, int] | None = None) -> str:
     ranks, groups) exactly as :func:`runtime.placement.compute_placement` gives it to the launcher. ``size``
     (width, height): the image each VAE patch rank's row range is printed for (after the VAE stage line)."""
     from omni_runtime.comm.instance import RUN_DIR_PREFIX
+    from omni_runtime.runtime.cores import core_budget
     from omni_runtime.runtime.layout import vae_row_lines
     from omni_runtime.runtime.placement import compute_placement
     from omni_runtime.runtime.preflight import pipeline_lines
@@ -125,7 +126,9 @@ def describe(cfg: RuntimeConfig, size: tuple[int, int] | None = None) -> str:
         return "\n".join(lines)
     # the run directory's name carries the instance id, made when serve starts
     run_dir = os.path.join(tempfile.gettempdir(), f"{RUN_DIR_PREFIX}<instance>")
-    lines.append(compute_placement(cfg, run_dir).format())
+    placement = compute_placement(cfg, run_dir)
+    lines.append(placement.format())
+    lines.append(core_budget(cfg, placement).format())
     return "\n".join(lines)
 
 

@@ -152,6 +152,7 @@ class StagesConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 TENSOR_TRANSPORTS = ("auto", "shm", "frames")
 LAUNCHERS = ("local", "ray")
+CPU_SHARING = ("auto", "exclusive", "concurrent")  # runtime/cores.py
 RAY_STRATEGIES = ("STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD")
 # Resources Ray sets from other keys: a rank's CPUs are its threads, its GPU comes from model.device.
 RAY_RESERVED_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
@@ -165,6 +166,9 @@ class PlacementConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     launcher: str = "local"
     # launcher = "ray": "" starts a private Ray instance for this run; "auto" or "host:port" joins a cluster.
     ray_address: str = ""
+    # How the stages on one node share its CPU cores: "auto", "exclusive" (they take turns computing) or
+    # "concurrent" (runtime/cores.py, docs/USAGE.md "CPU cores").
+    cpu_sharing: str = "auto"
 
 
 class RuntimeConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -198,7 +202,7 @@ _SCHEMA: dict[str, Any] = {
                                                         **dict.fromkeys(DENOISER_PARALLEL_COUNTS, _INT)}},
         "vae": {**_PIXEL_STAGE_KEYS, "tiling": _BOOL, "parallel": dict.fromkeys(VAE_PARALLEL_KEYS, _INT)},
     },
-    "placement": {"tensor_transport": _STR, "launcher": _STR, "ray_address": _STR},
+    "placement": {"tensor_transport": _STR, "launcher": _STR, "ray_address": _STR, "cpu_sharing": _STR},
 }
 _REQUIRED = {("model",): ["path"], (): ["model"]}
 
@@ -386,6 +390,9 @@ def _check_values(cfg: RuntimeConfig) -> None:
     if cfg.placement.tensor_transport not in TENSOR_TRANSPORTS:
         raise ConfigError(f"placement.tensor_transport = {cfg.placement.tensor_transport!r}: allowed values are "
                           f"{', '.join(repr(t) for t in TENSOR_TRANSPORTS)}")
+    if cfg.placement.cpu_sharing not in CPU_SHARING:
+        raise ConfigError(f"placement.cpu_sharing = {cfg.placement.cpu_sharing!r}: allowed values are "
+                          f"{', '.join(repr(t) for t in CPU_SHARING)}")
     _check_ray(cfg)
     s = cfg.server
     if not 0 <= s.port <= 65535:
@@ -466,6 +473,9 @@ def _check_ray(cfg: RuntimeConfig) -> None:
     if p.launcher not in LAUNCHERS:
         raise ConfigError(f"placement.launcher = {p.launcher!r}: allowed values are "
                           f"{', '.join(repr(x) for x in LAUNCHERS)}")
+    if p.launcher == "ray" and p.cpu_sharing == "exclusive":
+        raise ConfigError("placement.cpu_sharing = 'exclusive' with placement.launcher = 'ray': the ranks of a Ray "
+                          "cluster do not take turns; allowed there: 'auto', 'concurrent'")
     if p.ray_address not in ("", "auto"):
         m = _RAY_ADDRESS.match(p.ray_address)
         if m is None or not 1 <= int(m.group(3)) <= 65535:

@@ -12,7 +12,8 @@ for ranks on any node of a Ray cluster. ``runtime.stage_client.make_launcher`` m
 - gives the instance an id (exported as ``OMNI_RUNTIME_INSTANCE`` so every shm segment of this runtime shares a
   prefix) and its 0700 run directory (ipc sockets, rendezvous stores), owned by this process;
 - starts each replica as ``world_size`` processes from a ``forkserver`` context (the forkserver imports torch once;
-  a plain fork after torch has run threads can deadlock; it starts with :data:`RANK_OMP_ENV`), each with the
+  a plain fork after torch has run threads can deadlock; it starts with the OpenMP settings of
+  ``runtime.cores.omp_env``), each with the
   replica's environment from the placement (``GLOO_SOCKET_IFNAME=lo`` on one node), glibc's allocator set to keep
   freed activation memory (``runtime.allocator``) and a parent watchdog that unlinks the rank's segments and
   exits it when the frontend dies;
@@ -37,7 +38,7 @@ import msgspec
 from omni_runtime.comm import cleanup, shm_tensor
 from omni_runtime.comm import instance as rt_instance
 from omni_runtime.comm.processes import kill_tree, pid_alive
-from omni_runtime.runtime import allocator
+from omni_runtime.runtime import allocator, cores
 from omni_runtime.runtime.config import STAGE_NAMES, ConfigError, RuntimeConfig
 from omni_runtime.runtime.placement import Placement, ReplicaPlacement, compute_placement
 from omni_runtime.runtime.stage_worker import WorkerSpec, worker_main
@@ -47,22 +48,23 @@ logger = logging.getLogger(__name__)
 _CTX = mp.get_context("forkserver")
 _CTX.set_forkserver_preload(["torch"])
 
-RANK_OMP_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
-"""OpenMP settings of every rank process: an idle OpenMP thread sleeps at once instead of spinning (libgomp's
-default spins ~300k rounds after every parallel region). Stages that compute at the same time on shared cores
-then do not burn each other's cores: a denoiser batch next to two busy neighbour processes took 10x less wall
-time and 8x less CPU with it (docs/BENCHMARKS.md, issue 16). ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` set in the
-environment wins."""
+_forkserver_env: dict[str, str] | None = None  # what this process's forkserver was started with
 
 
-def _start_forkserver() -> None:
-    """Start the forkserver every rank is forked from (once per process) with :data:`RANK_OMP_ENV` in its
-    environment. libgomp reads its settings when the forkserver imports torch, so the ranks' own environment,
-    applied after the fork, would come too late. This process's environment is left as it was."""
+def _start_forkserver(extra: dict[str, str]) -> None:
+    """Start the forkserver every rank is forked from (once per process) with ``extra`` in its environment: the
+    OpenMP settings of ``runtime.cores.omp_env``. libgomp reads them when the forkserver imports torch, so the
+    ranks' own environment, applied after the fork, would come too late. This process's environment is left as it
+    was. A second launcher in the same process that wants other settings gets the first one's (logged)."""
+    global _forkserver_env
     from multiprocessing import forkserver
 
-    user = any(k in os.environ for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"))
-    extra = {} if user else RANK_OMP_ENV
+    if _forkserver_env is not None:
+        if extra != _forkserver_env:
+            logger.warning("the rank processes keep the OpenMP settings %s of this process's first launcher, not %s",
+                           _forkserver_env or "(libgomp's defaults)", extra or "(libgomp's defaults)")
+        forkserver.ensure_running()
+        return
     saved = {k: os.environ.get(k) for k in extra}
     os.environ.update(extra)
     try:
@@ -73,6 +75,7 @@ def _start_forkserver() -> None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+    _forkserver_env = dict(extra)
 
 
 def free_port() -> int:
@@ -138,7 +141,7 @@ class ReplicaProcs:
         ws = self.place.world_size
         # the stage's ParallelSpec with its config key names; the worker converts it back (stage_worker)
         parallel = msgspec.to_builtins(getattr(st, "parallel", None) or {})
-        threads = stage_threads(ws, _cpus(), st.threads)
+        threads = cores.stage_threads(ws, cores.cpus(), st.threads)
         nxt = STAGE_NAMES.index(self.stage) + 1
         pool = nxt < len(STAGE_NAMES) and cfg.stages.get(STAGE_NAMES[nxt]).world_size == 1
         rendezvous = self.place.rendezvous(self.generation)
@@ -161,7 +164,9 @@ class ReplicaProcs:
             log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel()),
             rendezvous=rendezvous, local_rank=rk.local_rank, node=rk.node,
             tensor_transport=self.place.tensor_transport,
-            tensor_endpoint=self.place.tensor_endpoint(self.generation)) for rk in self.place.ranks]
+            tensor_endpoint=self.place.tensor_endpoint(self.generation),
+            compute_token=self.launcher.compute_token if rk.device == "cpu" else "",
+        ) for rk in self.place.ranks]
 
     def start(self) -> None:
         self.generation += 1
@@ -169,7 +174,7 @@ class ReplicaProcs:
         if store.startswith("file://"):
             Path(store[len("file://"):]).unlink(missing_ok=True)  # a FileStore must start empty
         env = {**self.place.env, rt_instance.INSTANCE_ENV: self.launcher.instance}
-        _start_forkserver()
+        _start_forkserver(self.launcher.budget.omp)
         self.procs = []
         for spec in self.specs():
             p = _CTX.Process(target=_rank_main, args=(msgspec.msgpack.encode(spec), env, os.getpid()),
@@ -211,30 +216,12 @@ class ReplicaProcs:
         self.kill()
 
 
-def _cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
-
-
-def stage_threads(world_size: int, cpus: int, configured: int = 0) -> int:
-    """torch threads of one rank: ``stages.<name>.threads`` when set, else the stage's ranks split every core.
-
-    Every stage gets every core by default: stages mostly run one after another for a request, and on 2 cores
-    giving the text encoder and VAE one thread each cost ~50 ms of latency per request while throughput at 16
-    clients stayed within the run-to-run noise (docs/BENCHMARKS.md). Under heavy concurrent load the stages'
-    OpenMP teams can oversubscribe the cores; then set ``threads`` per stage."""
-    if configured > 0:
-        return configured
-    return max(1, cpus // world_size)
-
-
 class ReplicaLauncher:
     """The :class:`StageLauncher` methods that act on one replica, delegated to its ``ReplicaProcs`` (or a subclass:
     the Ray launcher's replicas) in ``self.replicas[stage][replica]``; both launchers share them."""
 
     replicas: dict[str, list[ReplicaProcs]]
+    compute_token: str = ""  # the turn file of the CPU drivers on this node ("": none; runtime.cores)
 
     def _procs(self, stage: str, replica: int) -> ReplicaProcs:
         return self.replicas[stage][replica]
@@ -282,6 +269,10 @@ class LocalLauncher(ReplicaLauncher):
             raise ConfigError(f"the placement spans nodes {self.placement.nodes}; the local launcher starts "
                               f"processes on this node ({self.placement.frontend_node}) only")
         self.result_addr = self.placement.result_endpoint
+        self.budget = cores.core_budget(cfg, self.placement)
+        logger.info("%s", self.budget.format())
+        #: ``cpu_sharing = "exclusive"``: the turn every CPU replica's driver takes to compute (runtime.cores)
+        self.compute_token = str(self.run_dir / "compute.token") if self.budget.exclusive else ""
         self.replicas: dict[str, list[ReplicaProcs]] = {
             s: [ReplicaProcs(self, rp) for rp in self.placement.of_stage(s)] for s in STAGE_NAMES}
         self.total_ranks = self.placement.total_ranks

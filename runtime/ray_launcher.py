@@ -43,7 +43,8 @@ from omni_runtime.comm import cleanup, shm_tensor
 from omni_runtime.comm import instance as rt_instance
 from omni_runtime.comm.node import NODE_ID_ENV, boot_id, node_name
 from omni_runtime.runtime.config import STAGE_NAMES, ConfigError, RuntimeConfig
-from omni_runtime.runtime.launcher import ReplicaLauncher, ReplicaProcs, _cpus
+from omni_runtime.runtime.cores import cpus
+from omni_runtime.runtime.launcher import ReplicaLauncher, ReplicaProcs
 from omni_runtime.runtime.placement import Placement, ReplicaPlacement, compute_placement, fill_port
 from omni_runtime.runtime.ray_connect import import_ray, probe_ray_address
 from omni_runtime.runtime.stage_worker import worker_main
@@ -311,7 +312,7 @@ class RayLauncher(ReplicaLauncher):
                     if k not in ("CPU", "GPU"):
                         custom[k] = custom.get(k, 0) + v * n
             # "local": always a new instance, never a cluster this machine happens to run
-            kwargs.update(address="local", num_cpus=int(max(_cpus(), need_cpu)), resources=custom or None)
+            kwargs.update(address="local", num_cpus=int(max(cpus(), need_cpu)), resources=custom or None)
         else:
             probe_ray_address(address)
             kwargs.pop("include_dashboard")

@@ -17,6 +17,7 @@ the segment after that release.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -28,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from omni_runtime.runtime import tensor_handoff
+from omni_runtime.runtime.cores import ComputeToken
 from omni_runtime.runtime.images import encode_image
 from omni_runtime.runtime.messages import (
     Admit,
@@ -82,11 +84,12 @@ class StageExecutor:
     def __init__(self, engine: Engine, stage: str, replica: int, *, max_batch_size: int, batch_timeout_ms: float,
                  publisher: tensor_handoff.Publisher | None = None, max_batch_pixels: int = 0,
                  scheduling: str = "request", priority_aging_s: float = 10.0,
-                 max_padding_waste: float | None = None) -> None:
+                 max_padding_waste: float | None = None, token: ComputeToken | None = None) -> None:
         """``scheduling = "step"``: an engine with a running set (``run_step``, the denoiser) admits and retires
         items at every step boundary (:meth:`DriverLoop.step_loop`); ``"request"``, and every other engine: a
         batch runs from its first to its last step. ``max_padding_waste``: the engine runs mixed image sizes in
-        one forward (``[stages.denoiser] mixed_sizes``) and a step's padding waste stays at most this."""
+        one forward (``[stages.denoiser] mixed_sizes``) and a step's padding waste stays at most this. ``token``:
+        the stages on this node take turns computing (``[placement] cpu_sharing``, ``runtime.cores``)."""
         if scheduling not in SCHEDULING:
             raise ValueError(f"scheduling = {scheduling!r}: allowed values are {', '.join(map(repr, SCHEDULING))}")
         self.engine, self.stage, self.replica = engine, stage, replica
@@ -101,6 +104,11 @@ class StageExecutor:
         self.publisher = publisher or tensor_handoff.Publisher()
         self.pending: deque[Pending] = deque()
         self.cancelled: set[str] = set()
+        self.token = token
+
+    def turn(self) -> contextlib.AbstractContextManager[object]:
+        """The stage's turn to compute on the node's cores (at once when the stages do not take turns)."""
+        return self.token if self.token is not None else contextlib.nullcontext()
 
     # ------------------------------------------------------------------ input
 
@@ -189,19 +197,24 @@ class StageExecutor:
 
     # ------------------------------------------------------------------ running
 
-    def run(self, batch: list[Pending], stop: Callable[[int], Sequence[int]] | None = None) -> list[Result]:
-        """Run ``batch`` on the engine (``stop``: the per-step hook), publish the outputs, release the inputs;
-        one Result per item, in order."""
-        t0 = time.time()
+    def run(self, batch: list[Pending], stop: Callable[[int], Sequence[int]] | None = None,
+            announce: Callable[[], None] | None = None) -> list[Result]:
+        """Run ``batch`` on the engine (``stop``: the per-step hook) in the stage's :meth:`turn`, publish the
+        outputs, release the inputs; one Result per item, in order. ``announce`` is called once the turn is the
+        stage's, before computing (the driver broadcasts the batch to its followers)."""
         err, user = "", False
-        try:
-            outs = self.engine.step([p.item for p in batch], stop=stop)
-        except Exception as e:
-            user = isinstance(e, OmniUserError)
-            if not user:
-                logger.exception("%s: batch of %d failed", self.stage, len(batch))
-            outs, err = [None] * len(batch), f"{type(e).__name__}: {e}"
-        dt = time.time() - t0
+        with self.turn():
+            if announce is not None:
+                announce()
+            t0 = time.time()
+            try:
+                outs = self.engine.step([p.item for p in batch], stop=stop)
+            except Exception as e:
+                user = isinstance(e, OmniUserError)
+                if not user:
+                    logger.exception("%s: batch of %d failed", self.stage, len(batch))
+                outs, err = [None] * len(batch), f"{type(e).__name__}: {e}"
+            dt = time.time() - t0
         results = []
         for i, (p, out) in enumerate(zip(batch, outs, strict=True)):
             w = p.work
@@ -308,6 +321,8 @@ class DriverLoop:
         last = [time.time()]
 
         def stop(step: int) -> Sequence[int]:
+            if step and self.executor.token is not None:
+                self.executor.token.hand_over()  # stages waiting to compute go before the next step
             if step:  # progress and step metrics of the step just done (the denoiser's batches)
                 now = time.time()
                 self.send(StepReport(stage=self.executor.stage, replica=self.executor.replica,
@@ -345,9 +360,10 @@ class DriverLoop:
                 self.send(res)
             if not batch:
                 continue
+            announce = None
             if self.broadcast is not None:
-                self.broadcast(Batch(items=[p.work for p in batch]))
-            for res in ex.run(batch, stop=self._stop_hook(batch)):
+                announce = lambda batch=batch: self.broadcast(Batch(items=[p.work for p in batch]))  # noqa: E731
+            for res in ex.run(batch, stop=self._stop_hook(batch), announce=announce):
                 self.send(res)
             busy = True
         for res in ex.drop_all("the stage is shutting down"):
@@ -392,36 +408,37 @@ class DriverLoop:
             for i in sorted(chosen, key=lambda i: alive[i].arrived):
                 admit.append((next_slot, alive[i]))
                 next_slot += 1
-            if self.broadcast is not None and (drop or failed or admit or running):
-                self.broadcast(StepDecision(drop=drop + failed, admit=[Admit(s, p.work) for s, p in admit],
-                                            plan=True))
-            failed = []
-            for s, p in admit:
-                try:
-                    engine.admit(s, p.item)
-                except Exception as e:  # what the model cannot run (e.g. an image size): this item fails
-                    user = isinstance(e, OmniUserError)
-                    if not user:
-                        logger.exception("%s: cannot admit %s/%d", ex.stage, p.work.req_id, p.work.index)
-                    self.send(ex.finish(p, None, f"{type(e).__name__}: {e}", user_error=user))
+            with ex.turn():  # the stages on this node may take turns on its cores (runtime.cores)
+                if self.broadcast is not None and (drop or failed or admit or running):
+                    self.broadcast(StepDecision(drop=drop + failed, admit=[Admit(s, p.work) for s, p in admit],
+                                                plan=True))
+                failed = []
+                for s, p in admit:
+                    try:
+                        engine.admit(s, p.item)
+                    except Exception as e:  # what the model cannot run (e.g. an image size): this item fails
+                        user = isinstance(e, OmniUserError)
+                        if not user:
+                            logger.exception("%s: cannot admit %s/%d", ex.stage, p.work.req_id, p.work.index)
+                        self.send(ex.finish(p, None, f"{type(e).__name__}: {e}", user_error=user))
+                        continue
+                    p.started = now
+                    running[s] = p
+                if not running:
                     continue
-                p.started = now
-                running[s] = p
-            if not running:
-                continue
-            active = len(running)
-            t0 = time.time()
-            try:
-                outs = engine.run_step()
-            except Exception as e:
-                logger.exception("%s: a step of %d item(s) failed", ex.stage, active)
-                for s, p in running.items():
-                    engine.drop(s)
-                    self.send(ex.finish(p, None, f"{type(e).__name__}: {e}"))
-                failed = list(running)
-                running.clear()
-                continue
-            dt = time.time() - t0
+                active = len(running)
+                t0 = time.time()
+                try:
+                    outs = engine.run_step()
+                except Exception as e:
+                    logger.exception("%s: a step of %d item(s) failed", ex.stage, active)
+                    for s, p in running.items():
+                        engine.drop(s)
+                        self.send(ex.finish(p, None, f"{type(e).__name__}: {e}"))
+                    failed = list(running)
+                    running.clear()
+                    continue
+                dt = time.time() - t0
             step += 1
             progress = []
             for j, (s, out) in enumerate(outs.items()):

@@ -55,6 +55,7 @@ class WorkerSpec(msgspec.Struct, kw_only=True):
     node: str = ""                  # the node it runs on
     tensor_transport: str = "shm"   # how this replica's outputs reach the next stage: "shm" | "frames"
     tensor_endpoint: str = ""       # "frames": where the output rank's tensor server binds
+    compute_token: str = ""         # [placement] cpu_sharing = "exclusive": the node's turn file (runtime.cores)
 
 
 def stage_options(stage: str, vae_tiling: bool = False, batch_invariant: bool = False,
@@ -107,7 +108,7 @@ def worker_main(spec_bytes: bytes) -> None:
     torch.set_num_threads(max(1, spec.threads))
     mesh = _init_distributed(spec) if spec.world_size > 1 else None
 
-    from omni_runtime.runtime import stage_shell, tensor_handoff
+    from omni_runtime.runtime import cores, stage_shell, tensor_handoff
     from omni_runtime.runtime.rank_fanout import RankFanout
     from omni_runtime.runtime.stage_exec import StageExecutor
     from omni_runtime.stages.engine import load_engine
@@ -121,13 +122,14 @@ def worker_main(spec_bytes: bytes) -> None:
         dist.barrier()
     logger.info("loaded; %s", "driver" if spec.rank == 0 else "follower")
     if spec.rank == 0:
+        token = cores.ComputeToken(spec.compute_token) if spec.compute_token else None
         executor = StageExecutor(engine, spec.stage, spec.replica, max_batch_size=spec.max_batch_size,
                                  batch_timeout_ms=spec.batch_timeout_ms, max_batch_pixels=spec.max_batch_pixels,
                                  scheduling=spec.scheduling, priority_aging_s=spec.priority_aging_s,
                                  max_padding_waste=spec.max_padding_waste if spec.mixed_sizes else None,
                                  publisher=tensor_handoff.Publisher(
                                      pooled=spec.pool_outputs, transport=spec.tensor_transport,
-                                     endpoint=spec.tensor_endpoint))
+                                     endpoint=spec.tensor_endpoint), token=token)
         driver = stage_shell.Driver(executor, fanout, spec.in_addr, spec.out_addr)
         try:
             driver.run()

@@ -93,7 +93,7 @@ def test_an_expired_request_leaves_the_running_denoiser_batch_at_the_next_step(m
 @pytest.mark.parametrize(("world_size", "cpus", "configured", "expected"), [
     (1, 2, 0, 2), (2, 16, 0, 8), (4, 2, 0, 1), (1, 1, 0, 1), (1, 2, 1, 1), (2, 16, 3, 3)])
 def test_stage_threads_split_the_cores_unless_configured(world_size, cpus, configured, expected):
-    from omni_runtime.runtime.launcher import stage_threads
+    from omni_runtime.runtime.cores import stage_threads
 
     assert stage_threads(world_size, cpus, configured) == expected
 

@@ -2,14 +2,17 @@
 
 - it keeps freed activation memory (runtime.allocator): a step that allocates and frees the same blocks as the
   previous one takes no new page faults, where glibc's defaults trim the heap and fault it in again;
-- its OpenMP threads sleep when idle (launcher.RANK_OMP_ENV, given to the forkserver), unless the user set a
-  policy; the frontend's own environment is left alone."""
+- its OpenMP settings come from the node's core budget (runtime.cores.omp_env, given to the forkserver): threads
+  that sleep when idle for stages that compute at once on oversubscribed cores, libgomp's spinning when they take
+  turns, what the user set in any case; the frontend's own environment is left alone."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+
+import pytest
 
 from omni_runtime.runtime.launcher import _rank_main
 
@@ -50,37 +53,41 @@ def test_every_rank_process_applies_it():
 
 
 OMP_PROBE = """
-import os
-from omni_runtime.runtime import launcher
+import os, sys
+from omni_runtime.runtime import cores, launcher
+
+def setting():
+    return os.environ.get("OMP_WAIT_POLICY", os.environ.get("GOMP_SPINCOUNT", "-"))
 
 def report(q):
-    q.put(os.environ.get("OMP_WAIT_POLICY", "-"))
+    q.put(setting())
 
 if __name__ == "__main__":
     launcher._CTX.set_forkserver_preload([])  # the setting, not torch, is under test
-    launcher._start_forkserver()
+    launcher._start_forkserver(cores.omp_env(sys.argv[1], oversubscribed=True))
     q = launcher._CTX.Queue()
     p = launcher._CTX.Process(target=report, args=(q,))
     p.start()
-    print(q.get(timeout=120), os.environ.get("OMP_WAIT_POLICY", "-"))
+    print(q.get(timeout=120), setting())
     p.join(30)
 """
 
 
-def _omp_policy(tmp_path, env: dict[str, str]) -> list[str]:
+def _omp_policy(tmp_path, env: dict[str, str], sharing: str = "concurrent") -> list[str]:
     script = tmp_path / "omp_probe.py"
     script.write_text(OMP_PROBE)
     base = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
-    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, check=True,
-                         env={**base, **env})
+    out = subprocess.run([sys.executable, str(script), sharing], capture_output=True, text=True, timeout=300,
+                         check=True, env={**base, **env})
     return out.stdout.split()
 
 
-def test_ranks_get_the_passive_omp_wait_policy_and_the_frontend_keeps_its_environment(tmp_path):
+@pytest.mark.parametrize(("sharing", "rank"), [("concurrent", "PASSIVE"), ("exclusive", "10000")])
+def test_ranks_get_the_budgets_omp_wait_policy_and_the_frontend_keeps_its_environment(tmp_path, sharing, rank):
     # the rank (a forkserver child) has it from the forkserver's start; the frontend's environment is unchanged
-    assert _omp_policy(tmp_path, {}) == ["PASSIVE", "-"]
+    assert _omp_policy(tmp_path, {}, sharing) == [rank, "-"]
 
 
 def test_a_wait_policy_the_user_set_wins(tmp_path):
     assert _omp_policy(tmp_path, {"OMP_WAIT_POLICY": "ACTIVE"}) == ["ACTIVE", "ACTIVE"]
-    assert _omp_policy(tmp_path, {"GOMP_SPINCOUNT": "1000"}) == ["-", "-"]
+    assert _omp_policy(tmp_path, {"GOMP_SPINCOUNT": "1000"}, "exclusive") == ["1000", "1000"]

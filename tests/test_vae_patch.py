@@ -295,7 +295,8 @@ def test_launcher_gives_the_vae_ranks_their_patch_mesh_and_tiling(tmp_path, monk
     from omni_runtime.comm import instance as rt_instance
     from omni_runtime.parallel.parallel_spec import ParallelSpec
     from omni_runtime.runtime.config import load_config
-    from omni_runtime.runtime.launcher import LocalLauncher, _cpus, stage_threads
+    from omni_runtime.runtime.cores import cpus, stage_threads
+    from omni_runtime.runtime.launcher import LocalLauncher
 
     monkeypatch.setenv(rt_instance.INSTANCE_ENV, f"vae{patch}p{os.getpid()}")
     text = (ROOT / "configs" / "patch2.toml").read_text().replace("patch = 2", f"patch = {patch}")
@@ -308,7 +309,7 @@ def test_launcher_gives_the_vae_ranks_their_patch_mesh_and_tiling(tmp_path, monk
         assert len(specs) == patch and [s.rank for s in specs] == list(range(patch))
         assert all(msgspec.convert(s.parallel, ParallelSpec) == ParallelSpec(vae_patch=patch) for s in specs)
         assert len({s.rendezvous for s in specs}) == 1
-        assert all(s.vae_tiling is tiling and s.threads == stage_threads(patch, _cpus(), 0) for s in specs)
+        assert all(s.vae_tiling is tiling and s.threads == stage_threads(patch, cpus(), 0) for s in specs)
         assert not any(s.vae_tiling for s in launcher.replicas["denoiser"][0].specs())
     finally:
         launcher.shutdown()

@@ -17,78 +17,29 @@ from __future__ import annotations
 import argparse
 import logging
 import random
-import re
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
-import httpx
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serve_process import ServeProcess, config_text, ensure_model  # noqa: E402
 
 logger = logging.getLogger(__name__)
-
-ROOT = Path(__file__).resolve().parent.parent
 STEP_CHOICES = (4, 8, 28, 50)
 SHORT = 8  # requests with at most this many steps are "short"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class PolicyServer:
+class PolicyServer(ServeProcess):
     """``omni-runtime serve`` with ``[stages.denoiser] scheduling = <policy>`` and no per-request work cap."""
 
     def __init__(self, model: Path, policy: str, max_batch: int) -> None:
-        text = (ROOT / "configs" / "default.toml").read_text()
-        text = text.replace('path = "../models/tiny-flux"', f'path = "{model}"')
-        text = re.sub(r"max_batch_size = \d+", f"max_batch_size = {max_batch}", text)
-        text = text.replace("[stages.denoiser]\n", f'[stages.denoiser]\nscheduling = "{policy}"\n', 1)
-        text = text.replace("max_queue = 64", "max_queue = 1024")
+        def edit(text: str) -> str:
+            text = text.replace("[stages.denoiser]\n", f'[stages.denoiser]\nscheduling = "{policy}"\n', 1)
+            return text.replace("max_queue = 64", "max_queue = 1024")
+
         self.policy = policy
-        self.tmp = tempfile.TemporaryDirectory(prefix=f"omni-arrivals-{policy}-")
-        cfg = Path(self.tmp.name) / "bench.toml"
-        cfg.write_text(text)
-        self.url = f"http://127.0.0.1:{_free_port()}"
-        self.log = open(Path(self.tmp.name) / "server.log", "w")  # noqa: SIM115 (closed in stop)
-        self.proc = subprocess.Popen([sys.executable, "-m", "omni_runtime.runtime.cli", "--log-level", "WARNING",
-                                      "serve", str(cfg), "--port", self.url.rsplit(":", 1)[1]], cwd=ROOT,
-                                     stdout=self.log, stderr=subprocess.STDOUT)
-
-    def wait_ready(self, timeout: float = 300) -> None:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.policy} server exited: {Path(self.log.name).read_text()[-3000:]}")
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise RuntimeError(f"{self.policy} server not ready")
-
-    def post(self, body: dict) -> float:
-        t0 = time.perf_counter()
-        r = httpx.post(self.url + "/v1/images/generations", json=body, timeout=900)
-        if r.status_code != 200:
-            raise RuntimeError(f"HTTP {r.status_code}: {r.text[:2000]}")
-        return time.perf_counter() - t0
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self.log.close()
-        self.tmp.cleanup()
+        super().__init__(config_text(model, max_batch, edit), name=f"arrivals-{policy}")
 
 
 def trace(n: int, rate: float, seed: int) -> list[tuple[float, int]]:
@@ -142,13 +93,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    from omni_runtime.runtime.model_store import ensure_model
-
-    model = Path(ensure_model(str(ROOT / "models" / f"{args.preset}-flux")))
-    servers = {pol: PolicyServer(model, pol, args.max_batch) for pol in ("request", "step")}
+    model = ensure_model(args.preset)
+    servers: dict[str, PolicyServer] = {}
     try:
+        for pol in ("request", "step"):
+            servers[pol] = PolicyServer(model, pol, args.max_batch)
         for s in servers.values():
-            s.wait_ready()
             s.post({"prompt": "warm", "size": args.size, "num_inference_steps": 2})
         burst = [(0.0, steps) for _, steps in trace(args.requests, 1.0, args.seed)]
         caps = {}

@@ -11,8 +11,9 @@ Same checkpoint (the ``small`` preset of ``omni_runtime.stages.models.tiny`` by 
     the phase's wall time; 1.0 when text encoding and VAE decoding of other requests run while it computes) and
     the stages' concurrency (every stage's compute time over the wall time; above 1 when stages overlap).
 
-Every measure alternates its phases (diffusers, serve, diffusers, serve, ...) and reports the median of the
-per-pair ratios, so a noisy neighbour on the machine hits both sides alike.
+Every measure alternates its phases (diffusers, serve, diffusers, serve, ...), with a pause of ``PAUSE_S``
+before each, and reports the median of the per-pair ratios, so a noisy neighbour on the machine hits both sides
+alike. Requests go through a keep-alive client per client thread (``tools/serve_process.py``).
 
 Usage: ``python tools/bench_serving.py [--preset small] [--size 256x256] [--steps 8] [--repeats 5] [--rounds 3]
 [--quick]``. The recorded run (docs/BENCHMARKS.md) is the plain command with its defaults.
@@ -28,33 +29,15 @@ import concurrent.futures
 import logging
 import os
 import re
-import signal
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-import httpx
-import psutil
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serve_process import ServeProcess, config_text, ensure_model  # noqa: E402
 
 logger = logging.getLogger(__name__)
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ensure_model(preset: str) -> Path:
-    from omni_runtime.runtime.model_store import ensure_model
-
-    return ensure_model(str(ROOT / "models" / f"{preset}-flux"))
 
 
 class _Diffusers:
@@ -85,42 +68,16 @@ class _Diffusers:
         return total / (time.perf_counter() - t0)
 
 
-class _Server:
-    def __init__(self, model: Path, max_batch: int, env: dict[str, str] | None = None) -> None:
-        text = (ROOT / "configs" / "default.toml").read_text()
-        text = text.replace('path = "../models/tiny-flux"', f'path = "{model}"')
-        text = re.sub(r"max_batch_size = \d+", f"max_batch_size = {max_batch}", text)
-        self.tmp = tempfile.TemporaryDirectory(prefix="omni-bench-")
-        cfg = Path(self.tmp.name) / "bench.toml"
-        cfg.write_text(text)
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(Path(self.tmp.name) / "server.log", "w")  # noqa: SIM115 (closed in stop)
-        self.proc = subprocess.Popen([sys.executable, "-m", "omni_runtime.runtime.cli", "--log-level", "WARNING", "serve",
-                                      str(cfg), "--port", str(self.port)], cwd=ROOT, stdout=self.log,
-                                     stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
-        end = time.monotonic() + 300
-        while time.monotonic() < end:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {Path(self.log.name).read_text()[-3000:]}")
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise RuntimeError("server not ready")
+class _Server(ServeProcess):
+    def __init__(self, model: Path, max_batch: int, env: dict[str, str] | None = None, cpu_sharing: str = "") -> None:
+        def edit(text: str) -> str:  # [placement] cpu_sharing (runtime/cores.py); "": the config's
+            return text + f'\n[placement]\ncpu_sharing = "{cpu_sharing}"\n' if cpu_sharing else text
 
-    def post(self, body: dict) -> float:
-        t0 = time.perf_counter()
-        r = httpx.post(self.url + "/v1/images/generations", json=body, timeout=600)
-        if r.status_code != 200:
-            raise RuntimeError(f"HTTP {r.status_code}: {r.text[:2000]}")
-        return time.perf_counter() - t0
+        super().__init__(config_text(model, max_batch, edit), name="bench", env=env, post_timeout_s=600)
 
     def metrics(self) -> dict[tuple[str, str], float]:
         out = {}
-        text = httpx.get(self.url + "/metrics").text
+        text = self.metrics_text()
         for m in re.finditer(r'^(omni_stage_\w+_seconds)_(sum|count){stage="(\w+)"} (\S+)$', text, re.M):
             out[(f"{m.group(1)}_{m.group(2)}", m.group(3))] = float(m.group(4))
         # the step-level denoiser's busy time: its steps' compute (a finished item's compute_s is its residence)
@@ -129,36 +86,12 @@ class _Server:
             out[key] = out.get(key, 0.0) + float(m.group(1))
         return out
 
-    def cpu(self) -> dict[str, float]:
-        """CPU seconds (user + system, every thread) so far of the frontend and of every stage rank, by name."""
-        out = {}
-        front = psutil.Process(self.proc.pid)
-        for proc in [front, *front.children(recursive=True)]:
-            try:
-                title = " ".join(proc.cmdline()).strip()
-                t = proc.cpu_times()
-            except psutil.Error:
-                continue
-            if proc is front:
-                name = "frontend"
-            elif title.startswith("omni-runtime: "):
-                name = title.removeprefix("omni-runtime: ").split()[0]
-            else:
-                continue  # the forkserver
-            out[name] = out.get(name, 0.0) + t.user + t.system
-        return out
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self.log.close()
-        self.tmp.cleanup()
 
 
 STAGES = ("text_encoder", "denoiser", "vae")
+PAUSE_S = 0.1
+"""Quiet time before every timed phase: libgomp's threads spin ~10 ms after a process's last parallel region
+(diffusers' in this process, the stages' in theirs), which would otherwise land on the other side's first ms."""
 
 
 def _delta(a: dict, b: dict) -> dict:
@@ -210,10 +143,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=5, help="alternating (diffusers, serve) latency pairs")
     p.add_argument("--rounds", type=int, default=3, help="alternating throughput pairs per client count")
     p.add_argument("--quick", action="store_true", help="3 latency pairs, 1 throughput round, fewer requests")
-    p.add_argument("--max-batch", type=int, default=8, help="every stage's max_batch_size (8: the default config)")
+    p.add_argument("--max-batch", type=int, default=0,
+                   help="every stage's max_batch_size (0: the default config's, 4 for the denoiser, 8 for the others)")
     p.add_argument("--server-env", action="append", default=[], metavar="K=V",
                    help="environment of the server only (its stage ranks too), e.g. GOMP_SPINCOUNT=300000 for "
-                        "libgomp's default spinning instead of the ranks' OMP_WAIT_POLICY=PASSIVE")
+                        "libgomp's default spinning instead of the ranks' settings (runtime/cores.py)")
+    p.add_argument("--cpu-sharing", default="", choices=["", "auto", "exclusive", "concurrent"],
+                   help="the server's [placement] cpu_sharing (default: the config's, auto)")
     args = p.parse_args(argv)
     bad = [kv for kv in args.server_env if "=" not in kv]
     if bad:
@@ -222,9 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     repeats, rounds = (3, 1) if args.quick else (args.repeats, args.rounds)
     body = {"prompt": "a photo of a red fox in the snow", "size": args.size, "num_inference_steps": args.steps,
             "seed": 0}
-    model = _ensure_model(args.preset)
+    model = ensure_model(args.preset)
     base = _Diffusers(model, body)
-    server = _Server(model, max_batch=args.max_batch, env=dict(kv.split("=", 1) for kv in args.server_env))
+    server = _Server(model, max_batch=args.max_batch, env=dict(kv.split("=", 1) for kv in args.server_env),
+                     cpu_sharing=args.cpu_sharing)
     try:
         base.once(0)  # warm-up both
         server.post(body)
@@ -233,7 +170,9 @@ def main(argv: list[str] | None = None) -> int:
         # each pair gives one ratio and the table reports the median of the per-pair ratios.
         base_lats, lats = [], []
         for i in range(repeats):
+            time.sleep(PAUSE_S)
             base_lats.append(base.once(i))
+            time.sleep(PAUSE_S)
             lats.append(server.post({**body, "seed": i}))
         m1, cpu_single = server.metrics(), _delta(c0, server.cpu())
         ratios = [s / b for s, b in zip(lats, base_lats, strict=True)]
@@ -245,7 +184,9 @@ def main(argv: list[str] | None = None) -> int:
             total = _requests(clients, args.quick)
             pairs = []
             for _ in range(rounds):
+                time.sleep(PAUSE_S)
                 b = base.throughput(total)
+                time.sleep(PAUSE_S)
                 load: dict = {}
                 t = _throughput(server, body, clients, total, load)
                 pairs.append((b, t))

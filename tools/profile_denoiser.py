@@ -8,7 +8,7 @@ Phases, run in rounds, alternating (each round runs every phase once, in a rotat
 - ``inproc``: our ``DenoiserEngine.step`` in this process;
 - ``stage``: the same call in a child started exactly as the launcher starts a rank (its ``forkserver`` context
   with torch preloaded, the placement's environment, the parent watchdog, ``torch.set_num_threads`` of
-  ``launcher.stage_threads``); its inputs arrive through ``runtime.tensor_handoff`` (the shm copy), and a stop
+  ``cores.stage_threads``); its inputs arrive through ``runtime.tensor_handoff`` (the shm copy), and a stop
   hook runs before every step as the driver's does; ``stage-glibc-defaults``: the same without the rank's
   allocator settings (``runtime.allocator``), to see their share;
 - ``spawn:K=V,K=V``: the same in a freshly spawned interpreter whose environment has ``K=V`` from its start, so
@@ -162,24 +162,24 @@ def _stage_main(conn: Any, spec_json: str, env: dict[str, str], parent_pid: int)
     """As ``runtime.launcher._rank_main`` + ``runtime.stage_worker.worker_main`` set a rank up."""
     from omni_runtime.comm import cleanup
     from omni_runtime.runtime import allocator
-    from omni_runtime.runtime.launcher import _cpus, stage_threads
+    from omni_runtime.runtime.cores import cpus, stage_threads
 
     os.environ.update(env)
     cleanup.exit_with_parent(parent_pid)
     if not os.environ.get("PROFILE_GLIBC_DEFAULTS"):  # as _rank_main does; set it to see the allocator's share
         allocator.keep_freed_memory()
-    torch.set_num_threads(stage_threads(1, _cpus(), json.loads(spec_json).get("threads", 0)))
+    torch.set_num_threads(stage_threads(1, cpus(), json.loads(spec_json).get("threads", 0)))
     _child_loop(conn, spec_json, via_shm=True)
 
 
 def _spawn_main(conn: Any, spec_json: str, parent_pid: int) -> None:
     from omni_runtime.comm import cleanup
     from omni_runtime.runtime import allocator
-    from omni_runtime.runtime.launcher import _cpus, stage_threads
+    from omni_runtime.runtime.cores import cpus, stage_threads
 
     cleanup.exit_with_parent(parent_pid)
     allocator.keep_freed_memory()
-    torch.set_num_threads(stage_threads(1, _cpus(), json.loads(spec_json).get("threads", 0)))
+    torch.set_num_threads(stage_threads(1, cpus(), json.loads(spec_json).get("threads", 0)))
     _child_loop(conn, spec_json, via_shm=True)
 
 
@@ -335,9 +335,10 @@ def main(argv: list[str] | None = None) -> int:
     job = Job(model, args.size, args.steps, args.batch)
     neighbours: list[mp.process.BaseProcess] = []
     if args.neighbours != "none":
-        from omni_runtime.runtime.launcher import _CTX, _cpus
+        from omni_runtime.runtime.cores import cpus
+        from omni_runtime.runtime.launcher import _CTX
 
-        nt = args.neighbour_threads or _cpus()
+        nt = args.neighbour_threads or cpus()
         for i in range(2):
             q = _CTX.Process(target=_neighbour_main, args=(args.neighbours, nt, os.getpid()), daemon=True,
                              name=f"profile-neighbour{i}")
