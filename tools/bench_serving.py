@@ -9,13 +9,15 @@ Same checkpoint (the ``small`` preset of ``omni_runtime.stages.models.tiny`` by 
     (frontend, each stage rank) for single requests and under each client count;
 (d) overlap under load: for each serve throughput phase, the denoiser's busy share (its batch compute time over
     the phase's wall time; 1.0 when text encoding and VAE decoding of other requests run while it computes) and
-    the stages' concurrency (every stage's compute time over the wall time; above 1 when stages overlap).
+    the stages' concurrency (every stage's compute time over the wall time; above 1 when stages overlap);
+(e) the latency pairs split into the denoiser (diffusers' transformer forward calls, timed by hooks, against the
+    serve denoiser's step compute from /metrics) and the rest of each request.
 
 Every measure alternates its phases (diffusers, serve, diffusers, serve, ...), with a pause of ``PAUSE_S``
 before each, and reports the median of the per-pair ratios, so a noisy neighbour on the machine hits both sides
 alike. Requests go through a keep-alive client per client thread (``tools/serve_process.py``).
 
-Usage: ``python tools/bench_serving.py [--preset small] [--size 256x256] [--steps 8] [--repeats 5] [--rounds 3]
+Usage: ``python tools/bench_serving.py [--preset small] [--size 256x256] [--steps 8] [--repeats 9] [--rounds 3]
 [--quick]``. The recorded run (docs/BENCHMARKS.md) is the plain command with its defaults.
 ``python tools/bench_serving.py arrivals --help``: Poisson arrivals, step-level vs request-level denoiser scheduling
 (tools/bench_arrivals.py).
@@ -52,6 +54,17 @@ class _Diffusers:
         self.pipe.set_progress_bar_config(disable=True)
         self.body = body
         self.w, self.h = (int(x) for x in body["size"].split("x"))
+        self.transformer_s = 0.0  # time inside the transformer's forward calls, summed (table (e))
+        started: list[float] = []
+
+        def before(*_: object) -> None:
+            started.append(time.perf_counter())
+
+        def after(*_: object) -> None:
+            self.transformer_s += time.perf_counter() - started.pop()
+
+        self.pipe.transformer.register_forward_pre_hook(before)
+        self.pipe.transformer.register_forward_hook(after)
 
     def once(self, seed: int) -> float:
         t0 = time.perf_counter()
@@ -140,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", default="small", choices=["tiny", "small"])
     p.add_argument("--size", default="256x256")
     p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--repeats", type=int, default=5, help="alternating (diffusers, serve) latency pairs")
+    p.add_argument("--repeats", type=int, default=9, help="alternating (diffusers, serve) latency pairs")
     p.add_argument("--rounds", type=int, default=3, help="alternating throughput pairs per client count")
     p.add_argument("--quick", action="store_true", help="3 latency pairs, 1 throughput round, fewer requests")
     p.add_argument("--max-batch", type=int, default=0,
@@ -168,12 +181,17 @@ def main(argv: list[str] | None = None) -> int:
         m0, c0 = server.metrics(), server.cpu()
         # Phases alternate (diffusers, serve, diffusers, serve, ...) so that a noisy neighbour hits both alike;
         # each pair gives one ratio and the table reports the median of the per-pair ratios.
-        base_lats, lats = [], []
+        base_lats, lats, split = [], [], []
         for i in range(repeats):
             time.sleep(PAUSE_S)
+            t0 = base.transformer_s
             base_lats.append(base.once(i))
+            dn_base = base.transformer_s - t0
+            s0 = server.metrics().get(("omni_denoiser_step_seconds_sum", "denoiser"), 0.0)
             time.sleep(PAUSE_S)
             lats.append(server.post({**body, "seed": i}))
+            dn_serve = server.metrics().get(("omni_denoiser_step_seconds_sum", "denoiser"), 0.0) - s0
+            split.append((dn_base, dn_serve, base_lats[-1] - dn_base, lats[-1] - dn_serve))
         m1, cpu_single = server.metrics(), _delta(c0, server.cpu())
         ratios = [s / b for s, b in zip(lats, base_lats, strict=True)]
         rows = [("(a) latency, 1 request", f"{statistics.median(base_lats) * 1000:.0f} ms",
@@ -222,6 +240,15 @@ def main(argv: list[str] | None = None) -> int:
         for clients, ls in loads.items():
             ov = [_overlap(x) for x in ls]
             print(f"{clients:>3} clients: " + "  ".join(f"{d:.3f} | {c:.3f}" for d, c in ov))
+        if all(x[1] > 0 for x in split):  # step-level scheduling: the step metric is the denoiser's compute
+            print("\n(e) the latency pairs split: the denoiser (diffusers' transformer calls | the serve denoiser's "
+                  "steps) and the rest of the request (text encoder, VAE, and for serve: HTTP, hops, PNG)")
+            print(f"{'':22} {'diffusers':>12} {'omni serve':>12} {'median ratio':>14}  per-pair ratios")
+            for name, b, sv in (("denoiser", 0, 1), ("rest", 2, 3)):
+                r = [x[sv] / x[b] for x in split]
+                print(f"{name:22} {statistics.median(x[b] for x in split) * 1000:>10.0f}ms "
+                      f"{statistics.median(x[sv] for x in split) * 1000:>10.0f}ms {statistics.median(r):>13.3f}x  "
+                      + " ".join(f"{x:.3f}" for x in r))
     finally:
         server.stop()
     return 0
