@@ -280,6 +280,8 @@ class StageExecutor:
 
     def close(self) -> None:
         self.publisher.close()
+        if self.token is not None:
+            self.token.close()
 
 
 def follow(engine: Engine, works: list[Work], stop: Callable[[int], Sequence[int]] | None) -> None:
