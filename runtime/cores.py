@@ -9,8 +9,7 @@ do about it (:data:`CPU_SHARING`):
 - ``"exclusive"``: the stages take turns. A stage's driver holds the node's :class:`ComputeToken` while its ranks
   compute one step (a batch of the text encoder or VAE, one denoising step of the denoiser's running set) and
   hands it on at every step boundary to whichever stage waits for it. One team computes at a time, so the ranks
-  spin between parallel regions (briefly: :data:`SHORT_SPIN_ENV`), which answers the next region without a futex
-  wake-up.
+  keep libgomp's spinning between parallel regions, which answers the next region without a futex wake-up.
 - ``"concurrent"``: the stages compute at the same time. Oversubscribed, the ranks run with
   ``OMP_WAIT_POLICY=PASSIVE`` (an idle OpenMP thread sleeps at once); not oversubscribed (every rank's threads
   fit the cores: ``threads`` set per stage), they keep libgomp's default.
@@ -47,11 +46,11 @@ __all__ = ["CPU_SHARING", "ComputeToken", "CoreBudget", "core_budget", "cpus", "
            "stage_threads"]
 
 PASSIVE_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
-SHORT_SPIN_ENV = {"GOMP_SPINCOUNT": "10000"}
-"""Taking turns: an idle OpenMP thread spins ~0.3 ms before it sleeps. That still catches the next parallel region
-of a forward (a lone denoiser batch measured the same at 3 000, 30 000 and libgomp's default 300 000 spins, and 12 %
-slower with ``PASSIVE``), and a stage that hands its turn on leaves the cores at once instead of spinning ~10 ms
-on them while the next stage computes."""
+"""Stages that compute at once on oversubscribed cores: an idle OpenMP thread sleeps at once. Stages that take turns
+keep libgomp's default (~300k spins, a few ms, after each parallel region): a shorter spin (``GOMP_SPINCOUNT=10000``)
+measured the same for a lone denoiser batch in-process, but made the served text encoder 2-4x and the tiny denoiser
+2x slower (a thread that went to sleep between two regions pays a costly wake-up on this VM), and ``PASSIVE`` cost
+a lone request 12 % of denoiser time (docs/BENCHMARKS.md, issue 16)."""
 USER_OMP_KEYS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 
 
@@ -91,14 +90,12 @@ def resolve_sharing(setting: str, launcher: str, threads: Iterable[int], cores: 
 def omp_env(sharing: str, oversubscribed: bool, environ: dict[str, str] | os._Environ[str] = os.environ
             ) -> dict[str, str]:
     """The OpenMP settings the rank processes start with (given to the forkserver: libgomp reads them when torch
-    loads): a short spin (:data:`SHORT_SPIN_ENV`) for stages that take turns, ``OMP_WAIT_POLICY=PASSIVE`` for
-    oversubscribed stages that compute at once, else nothing (libgomp's default spinning). ``OMP_WAIT_POLICY`` or
-    ``GOMP_SPINCOUNT`` set by the user wins: nothing is added."""
+    loads): :data:`PASSIVE_ENV` for oversubscribed stages that compute at once, else nothing (libgomp's default
+    spinning; stages that take turns). ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` set by the user wins: nothing is
+    added."""
     if any(k in environ for k in USER_OMP_KEYS):
         return {}
-    if sharing == "exclusive":
-        return dict(SHORT_SPIN_ENV)
-    return dict(PASSIVE_ENV) if oversubscribed else {}
+    return dict(PASSIVE_ENV) if sharing == "concurrent" and oversubscribed else {}
 
 
 @dataclass(frozen=True)
@@ -116,7 +113,7 @@ class CoreBudget:
         return self.sharing == "exclusive"
 
     def format(self) -> str:
-        how = ("stages take turns computing; OpenMP threads spin briefly between regions" if self.exclusive
+        how = ("stages take turns computing; OpenMP threads spin between regions" if self.exclusive
                else "stages compute at once")
         omp = " ".join(f"{k}={v}" for k, v in self.omp.items()) or "libgomp defaults"
         return (f"cpu sharing: {self.sharing} (placement.cpu_sharing = {self.setting!r}; {self.threads} torch "

@@ -11,7 +11,8 @@ Same checkpoint (the ``small`` preset of ``omni_runtime.stages.models.tiny`` by 
     the phase's wall time; 1.0 when text encoding and VAE decoding of other requests run while it computes) and
     the stages' concurrency (every stage's compute time over the wall time; above 1 when stages overlap);
 (e) the latency pairs split into the denoiser (diffusers' transformer forward calls, timed by hooks, against the
-    serve denoiser's step compute from /metrics) and the rest of each request.
+    serve denoiser's step compute from /metrics), the text encoder (diffusers' ``encode_prompt`` against the text
+    encoder stage's compute) and the rest of each request.
 
 Every measure alternates its phases (diffusers, serve, diffusers, serve, ...), with a pause of ``PAUSE_S``
 before each, and reports the median of the per-pair ratios, so a noisy neighbour on the machine hits both sides
@@ -55,7 +56,18 @@ class _Diffusers:
         self.body = body
         self.w, self.h = (int(x) for x in body["size"].split("x"))
         self.transformer_s = 0.0  # time inside the transformer's forward calls, summed (table (e))
+        self.encode_s = 0.0  # time inside encode_prompt, summed (table (e))
         started: list[float] = []
+        encode = self.pipe.encode_prompt
+
+        def timed_encode(*args: object, **kwargs: object) -> object:
+            t0 = time.perf_counter()
+            try:
+                return encode(*args, **kwargs)
+            finally:
+                self.encode_s += time.perf_counter() - t0
+
+        self.pipe.encode_prompt = timed_encode
 
         def before(*_: object) -> None:
             started.append(time.perf_counter())
@@ -182,16 +194,19 @@ def main(argv: list[str] | None = None) -> int:
         # Phases alternate (diffusers, serve, diffusers, serve, ...) so that a noisy neighbour hits both alike;
         # each pair gives one ratio and the table reports the median of the per-pair ratios.
         base_lats, lats, split = [], [], []
+        dn_key, te_key = ("omni_denoiser_step_seconds_sum", "denoiser"), ("omni_stage_compute_seconds_sum", "text_encoder")
         for i in range(repeats):
             time.sleep(PAUSE_S)
-            t0 = base.transformer_s
+            t0, e0 = base.transformer_s, base.encode_s
             base_lats.append(base.once(i))
-            dn_base = base.transformer_s - t0
-            s0 = server.metrics().get(("omni_denoiser_step_seconds_sum", "denoiser"), 0.0)
+            dn_base, te_base = base.transformer_s - t0, base.encode_s - e0
+            ma = server.metrics()
             time.sleep(PAUSE_S)
             lats.append(server.post({**body, "seed": i}))
-            dn_serve = server.metrics().get(("omni_denoiser_step_seconds_sum", "denoiser"), 0.0) - s0
-            split.append((dn_base, dn_serve, base_lats[-1] - dn_base, lats[-1] - dn_serve))
+            mb = server.metrics()
+            dn_serve, te_serve = mb.get(dn_key, 0.0) - ma.get(dn_key, 0.0), mb.get(te_key, 0.0) - ma.get(te_key, 0.0)
+            split.append((dn_base, dn_serve, te_base, te_serve, base_lats[-1] - dn_base - te_base,
+                          lats[-1] - dn_serve - te_serve))
         m1, cpu_single = server.metrics(), _delta(c0, server.cpu())
         ratios = [s / b for s, b in zip(lats, base_lats, strict=True)]
         rows = [("(a) latency, 1 request", f"{statistics.median(base_lats) * 1000:.0f} ms",
@@ -242,9 +257,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{clients:>3} clients: " + "  ".join(f"{d:.3f} | {c:.3f}" for d, c in ov))
         if all(x[1] > 0 for x in split):  # step-level scheduling: the step metric is the denoiser's compute
             print("\n(e) the latency pairs split: the denoiser (diffusers' transformer calls | the serve denoiser's "
-                  "steps) and the rest of the request (text encoder, VAE, and for serve: HTTP, hops, PNG)")
+                  "steps), the text encoder (encode_prompt | the stage's compute) and the rest (VAE, and for serve: "
+                  "HTTP, hops, PNG)")
             print(f"{'':22} {'diffusers':>12} {'omni serve':>12} {'median ratio':>14}  per-pair ratios")
-            for name, b, sv in (("denoiser", 0, 1), ("rest", 2, 3)):
+            for name, b, sv in (("denoiser", 0, 1), ("text encoder", 2, 3), ("rest", 4, 5)):
                 r = [x[sv] / x[b] for x in split]
                 print(f"{name:22} {statistics.median(x[b] for x in split) * 1000:>10.0f}ms "
                       f"{statistics.median(x[sv] for x in split) * 1000:>10.0f}ms {statistics.median(r):>13.3f}x  "
