@@ -167,7 +167,7 @@ class PlacementConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # launcher = "ray": "" starts a private Ray instance for this run; "auto" or "host:port" joins a cluster.
     ray_address: str = ""
     # How the stages on one node share its CPU cores: "auto", "exclusive" (they take turns computing) or
-    # "concurrent" (runtime/cores.py, docs/USAGE.md "CPU cores").
+    # "concurrent" (runtime/cores.py, docs/USAGE.md "Cores on CPU").
     cpu_sharing: str = "auto"
 
 
