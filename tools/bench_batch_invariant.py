@@ -8,54 +8,27 @@ Usage: ``python tools/bench_batch_invariant.py [--preset tiny] [--size 256x256] 
 
 from __future__ import annotations
 
-import argparse
-import logging
 import statistics
 import sys
-import time
 from pathlib import Path
 
-import torch
-
-logger = logging.getLogger(__name__)
-
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from running_set_bench import drain, parser, rel_diff, request, setup  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", default="tiny", choices=["tiny", "small"])
+    p = parser(__doc__, k="1,2,4,8", rounds_help="alternating (batched, invariant) pairs")
     p.add_argument("--size", default="256x256")
-    p.add_argument("--k", default="1,2,4,8", help="requests in the running set")
-    p.add_argument("--steps", type=int, default=4, help="steps timed per phase")
-    p.add_argument("--rounds", type=int, default=3, help="alternating (batched, invariant) pairs")
-    p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    torch.set_num_threads(args.threads)
-    from omni_runtime.runtime.model_store import ensure_model
-    from omni_runtime.stages.denoiser import DenoiseRequest, DenoiserStage
+    stage = setup(args)
     from omni_runtime.stages.step_batch import RunningSet
 
-    stage = DenoiserStage.from_pretrained(ensure_model(str(ROOT / "models" / f"{args.preset}-flux")))
     w, h = (int(x) for x in args.size.split("x"))
-    txt, dim = 77, int(stage.joint_attention_dim or 32)
 
-    def req(i: int) -> DenoiseRequest:
-        g = torch.Generator().manual_seed(i)
-        return DenoiseRequest(prompt_embeds=torch.randn(txt, dim, generator=g),
-                              pooled_prompt_embeds=torch.randn(int(stage.pooled_projection_dim or dim), generator=g),
-                              seed=i, height=h, width=w, num_inference_steps=args.steps)
-
-    def run(k: int, invariant: bool, only: int | None = None) -> tuple[float, dict[int, torch.Tensor]]:
-        rs = RunningSet(stage, batch_invariant=invariant)
-        for i in range(k) if only is None else (only,):
-            rs.admit(i, req(i))
-        out: dict[int, torch.Tensor] = {}
-        t0 = time.perf_counter()
-        while len(rs):
-            out.update(rs.step())
-        return (time.perf_counter() - t0) / args.steps, out
+    def run(k: int, invariant: bool, only: int | None = None) -> tuple[float, dict]:
+        ids = range(k) if only is None else (only,)
+        return drain(RunningSet(stage, batch_invariant=invariant), {i: request(stage, i, w, h, args.steps)
+                                                                     for i in ids}, args.steps)
 
     solo = {i: run(1, True, only=i)[1][i] for i in range(max(int(k) for k in args.k.split(",")))}
     print(f"\nbench_batch_invariant: preset {args.preset}, {args.size}, {args.steps} steps, {args.threads} threads, "
@@ -70,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
                 dt, out = run(k, inv)
                 pairs.append((inv, dt))
                 for i, x in out.items():
-                    rel[inv] = max(rel[inv], float((x - solo[i]).abs().max() / solo[i].abs().max()))
+                    rel[inv] = max(rel[inv], rel_diff(x, solo[i]))
         b = statistics.median(dt for inv, dt in pairs if not inv)
         v = statistics.median(dt for inv, dt in pairs if inv)
         ratios = [pairs[2 * r + 1][1] / pairs[2 * r][1] for r in range(args.rounds)]
