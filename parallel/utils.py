@@ -2,6 +2,7 @@
 
 ``divide`` / ``ensure_divisibility`` guard integer splits, ``split_tensor_along_last_dim``
 cuts a tensor into equal chunks, ``pad_dim`` pads one dim up to a length (uneven shards),
+``cat_views`` joins slices without a copy when they are neighbours in one tensor,
 and ``get_pp_indices`` assigns transformer layers to pipeline stages.
 """
 
@@ -48,6 +49,32 @@ def pad_dim(tensor: torch.Tensor, dim: int, length: int, value: float | bool = 0
     shape = list(tensor.shape)
     shape[dim] = length - tensor.shape[dim]
     return torch.cat([tensor, tensor.new_full(shape, value)], dim=dim)
+
+
+def cat_views(tensors: Sequence[torch.Tensor], dim: int) -> torch.Tensor:
+    """``torch.cat(tensors, dim)``, but a view without a copy when the parts are neighbouring slices of one tensor
+    along ``dim`` (e.g. ``[x[:, :t], x[:, t:]]``): the model splits text and image tokens for sequence parallelism
+    and joins them again, which without sharding would copy the same bytes back into place. The result may share
+    memory with the inputs: read it, do not write into it."""
+    parts = [t for t in tensors if t.shape[dim] != 0] or list(tensors[:1])
+    if not parts:
+        raise ValueError("cat_views needs at least one tensor")
+    first = parts[0]
+    d = dim % first.dim()
+    total = first.shape[d]
+    for prev, t in zip(parts, parts[1:], strict=False):
+        if (t.dtype != first.dtype or t.device != first.device or t.dim() != first.dim()
+                or t.stride() != first.stride()
+                or any(a != b for i, (a, b) in enumerate(zip(t.shape, first.shape, strict=True)) if i != d)
+                or t.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
+                or t.storage_offset() != prev.storage_offset() + prev.shape[d] * prev.stride(d)):
+            return torch.cat(list(tensors), dim=dim)
+        total += t.shape[d]
+    if len(parts) == 1:
+        return first
+    shape = list(first.shape)
+    shape[d] = total
+    return first.as_strided(shape, first.stride(), first.storage_offset())
 
 
 def get_pp_indices(num_layers: int, pp_rank: int, pp_size: int) -> tuple[int, int]:

@@ -23,6 +23,7 @@ from omni_runtime.parallel.parallel_spec import (
     ParallelSpec,
     ParallelSpecError,
 )
+from omni_runtime.stages.cpu_linear import CPU_LINEAR
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -126,6 +127,8 @@ class DenoiserStageConfig(StageConfig, kw_only=True):
     # and the padding masked out of attention, while the padded fraction of its image tokens <= max_padding_waste
     mixed_sizes: bool = False
     max_padding_waste: float = 0.25
+    # the kernel of the transformer's linear layers on CPU in float32 (stages/cpu_linear.py): "onednn" or "torch"
+    cpu_linear: str = "onednn"
 
     @property
     def world_size(self) -> int:
@@ -196,7 +199,7 @@ _SCHEMA: dict[str, Any] = {
     "stages": {
         "text_encoder": {**_STAGE_KEYS, "parallel": dict.fromkeys(TEXT_ENCODER_PARALLEL_KEYS, _INT)},
         "denoiser": {**_PIXEL_STAGE_KEYS, "scheduling": _STR, "batch_invariant": _BOOL,
-                     "priority_aging_s": _FLOAT, "mixed_sizes": _BOOL,
+                     "priority_aging_s": _FLOAT, "mixed_sizes": _BOOL, "cpu_linear": _STR,
                      "max_padding_waste": _FLOAT, "parallel": {**dict.fromkeys(DENOISER_PARALLEL_KEYS, _INT),
                                                         **dict.fromkeys(DENOISER_PARALLEL_CHOICES, _STR),
                                                         **dict.fromkeys(DENOISER_PARALLEL_COUNTS, _INT)}},
@@ -420,6 +423,9 @@ def _check_values(cfg: RuntimeConfig) -> None:
     if den.scheduling not in SCHEDULING:
         raise ConfigError(f"stages.denoiser.scheduling = {den.scheduling!r}: allowed values are "
                           f"{', '.join(repr(s) for s in SCHEDULING)}")
+    if den.cpu_linear not in CPU_LINEAR:
+        raise ConfigError(f"stages.denoiser.cpu_linear = {den.cpu_linear!r}: allowed values are "
+                          f"{', '.join(repr(s) for s in CPU_LINEAR)}")
     if den.priority_aging_s <= 0:
         raise ConfigError(f"stages.denoiser.priority_aging_s = {den.priority_aging_s!r}: must be a number > 0 "
                           f"(seconds of waiting that raise a request's priority by 1)")

@@ -160,7 +160,7 @@ class ReplicaProcs:
             scheduling=cfg.stages.denoiser.scheduling, batch_invariant=cfg.stages.denoiser.batch_invariant,
             priority_aging_s=cfg.stages.denoiser.priority_aging_s,
             mixed_sizes=self.stage == "denoiser" and cfg.stages.denoiser.mixed_sizes,
-            max_padding_waste=cfg.stages.denoiser.max_padding_waste,
+            max_padding_waste=cfg.stages.denoiser.max_padding_waste, cpu_linear=cfg.stages.denoiser.cpu_linear,
             log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel()),
             rendezvous=rendezvous, local_rank=rk.local_rank, node=rk.node,
             tensor_transport=self.place.tensor_transport,

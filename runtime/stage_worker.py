@@ -48,6 +48,7 @@ class WorkerSpec(msgspec.Struct, kw_only=True):
     priority_aging_s: float = 10.0  # [stages.denoiser] priority_aging_s
     mixed_sizes: bool = False       # [stages.denoiser] mixed_sizes
     max_padding_waste: float = 0.25  # [stages.denoiser] max_padding_waste
+    cpu_linear: str = "onednn"      # [stages.denoiser] cpu_linear
     log_level: str = "INFO"
     # From the Placement (runtime/placement.py); defaults keep older callers working.
     rendezvous: str = ""            # torch.distributed init_method ("file://<run dir>/..." on one node)
@@ -59,12 +60,12 @@ class WorkerSpec(msgspec.Struct, kw_only=True):
 
 
 def stage_options(stage: str, vae_tiling: bool = False, batch_invariant: bool = False,
-                  mixed_sizes: bool = False) -> dict[str, bool]:
+                  mixed_sizes: bool = False, cpu_linear: str = "onednn") -> dict[str, bool | str]:
     """The engine load options of ``stage`` (``stages.engine.load_engine``)."""
     if stage == "vae":
         return {"tiling": vae_tiling}
     if stage == "denoiser":
-        return {"batch_invariant": batch_invariant, "mixed_sizes": mixed_sizes}
+        return {"batch_invariant": batch_invariant, "mixed_sizes": mixed_sizes, "cpu_linear": cpu_linear}
     return {}
 
 
@@ -113,7 +114,7 @@ def worker_main(spec_bytes: bytes) -> None:
     from omni_runtime.runtime.stage_exec import StageExecutor
     from omni_runtime.stages.engine import load_engine
 
-    options = stage_options(spec.stage, spec.vae_tiling, spec.batch_invariant, spec.mixed_sizes)
+    options = stage_options(spec.stage, spec.vae_tiling, spec.batch_invariant, spec.mixed_sizes, spec.cpu_linear)
     engine = load_engine(spec.stage, spec.model_path, spec.dtype, spec.device, mesh=mesh, **options)
     fanout = RankFanout(spec.rank, spec.world_size)
     if spec.world_size > 1:

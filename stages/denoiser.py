@@ -34,6 +34,7 @@ from omni_runtime.parallel.hsdp import HSDPInferenceConfig
 from omni_runtime.parallel.mesh import Mesh
 from omni_runtime.parallel.strategies import SequenceParallel
 from omni_runtime.parallel.strategies.row_forward import RowForward, row_forward_for
+from omni_runtime.stages.cpu_linear import CPU_LINEAR, use_onednn
 from omni_runtime.stages.device import resolve_device, resolve_dtype
 from omni_runtime.stages.errors import RequestError
 from omni_runtime.stages.guidance import TRUE_CFG, UNGUIDED, Guidance
@@ -159,14 +160,18 @@ class DenoiserStage:
                         device: str | torch.device = "cpu", mesh: Mesh | None = None,
                         ep_group: GroupCoordinator | None = None,
                         hsdp: HSDPInferenceConfig | None = None, batch_invariant: bool = False,
-                        mixed_sizes: bool = False) -> DenoiserStage:
+                        mixed_sizes: bool = False, cpu_linear: str = "onednn") -> DenoiserStage:
         """Load transformer + scheduler config on ``mesh`` (None: ``Mesh.single()``); with an sp group of more
         than one rank, apply :class:`SequenceParallel` to the model.
 
         ``ep_group``: the expert-parallel group with its all2all manager attached
         (``parallel.all2all.init_expert_parallel(mesh)``); an MoE model then holds and loads only this rank's
         experts, and the manager sizes its buffers from the model. ``hsdp`` (shard degree > 1, e.g.
-        ``parallel.hsdp.hsdp_config_from_mesh(mesh)``): the weights are sharded (FSDP2) and loaded shard by shard."""
+        ``parallel.hsdp.hsdp_config_from_mesh(mesh)``): the weights are sharded (FSDP2) and loaded shard by shard.
+        ``cpu_linear``: ``"onednn"`` runs a float32 CPU model's linear layers on oneDNN (``stages.cpu_linear``;
+        not with HSDP, whose sharded weights were not measured there), ``"torch"`` on torch's own kernel."""
+        if cpu_linear not in CPU_LINEAR:
+            raise ValueError(f"cpu_linear = {cpu_linear!r}: allowed values are {CPU_LINEAR}")
         torch_dtype, dev = resolve_dtype(dtype), resolve_device(device)
         mesh = mesh if mesh is not None else Mesh.single(dev)
         config = read_config(component_dir(path, "transformer"))
@@ -179,6 +184,10 @@ class DenoiserStage:
             logger.info("denoiser: expert parallel rank %d/%d, %d expert parameters of %d in all",
                         ep_group.rank_in_group, ep_group.world_size, experts,
                         sum(p.numel() for p in model.parameters()))
+        if cpu_linear == "onednn" and not (hsdp is not None and hsdp.enabled):
+            n = use_onednn(model, torch_dtype, dev)
+            if n:
+                logger.info("denoiser: %d linear layers on oneDNN (cpu_linear = 'onednn')", n)
         sp = mesh.size("sp")
         if sp > 1:  # a pipeline stage without the head gathers nothing: its activations go on sharded
             SequenceParallel(mesh, check_gathers=pp == 1 or mesh.rank("pp") == pp - 1).apply(model)

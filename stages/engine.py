@@ -117,16 +117,18 @@ class DenoiserEngine:
 
     @classmethod
     def load(cls, path: str | Path, dtype: str, device: str, mesh: Any = None, *,
-             batch_invariant: bool = False, mixed_sizes: bool = False) -> DenoiserEngine:
+             batch_invariant: bool = False, mixed_sizes: bool = False, cpu_linear: str = "onednn"
+             ) -> DenoiserEngine:
         """``batch_invariant``: one forward per request, bit-identical to its solo run (``stages.step_batch``);
-        ``mixed_sizes``: requests of different image sizes share a step's forward (padded and masked)."""
+        ``mixed_sizes``: requests of different image sizes share a step's forward (padded and masked);
+        ``cpu_linear``: the linear layers' kernel on CPU (``stages.cpu_linear``)."""
         from omni_runtime.parallel.all2all import init_expert_parallel  # None unless the mesh has ep > 1
         from omni_runtime.parallel.hsdp import hsdp_config_from_mesh  # None unless the mesh shards weights
 
         hsdp = hsdp_config_from_mesh(mesh) if mesh is not None else None
         return cls(DenoiserStage.from_pretrained(path, dtype, device, mesh=mesh, ep_group=init_expert_parallel(mesh),
                                                  hsdp=hsdp, batch_invariant=batch_invariant,
-                                                 mixed_sizes=mixed_sizes))
+                                                 mixed_sizes=mixed_sizes, cpu_linear=cpu_linear))
 
     @staticmethod
     def request(item: StageItem) -> DenoiseRequest:

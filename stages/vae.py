@@ -58,6 +58,13 @@ class VaeDecoderStage:
 
             check_supported(vae)
             self.patch = PatchGroup(self.group, stats)
+        # On CPU in float32 the decoder's convolutions run channels-last (oneDNN's native layout): 0.77x the time
+        # of a 256x256 decode on the 2-core VM (docs/BENCHMARKS.md, issue 16), values within float rounding of
+        # NCHW. Not for bfloat16 (its rounding then moves pixels by up to 4 levels from diffusers') and not
+        # measured on CUDA: there the layout stays as loaded.
+        self.channels_last = device.type == "cpu" and dtype == torch.float32
+        if self.channels_last:
+            vae.to(memory_format=torch.channels_last)
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.latent_channels = int(vae.config.latent_channels)
         self.scaling_factor = float(vae.config.scaling_factor)
@@ -112,6 +119,8 @@ class VaeDecoderStage:
         fewer latent rows than ranks, group rank 0 decodes alone (the single-rank numbers; the ranks only meet at a
         barrier) and the others return ``None``."""
         if self.patch is None:
+            if self.channels_last:
+                z = z.contiguous(memory_format=torch.channels_last)
             return self.vae.decode(z, return_dict=False)[0]
         from omni_runtime.stages.vae_patch_decode import patch_decode
 

@@ -11,6 +11,7 @@ from spawn import run_workers
 from omni_runtime.parallel import state
 from omni_runtime.parallel.parallel_spec import ParallelSpec, ParallelSpecError
 from omni_runtime.parallel.utils import (
+    cat_views,
     divide,
     ensure_divisibility,
     get_pp_indices,
@@ -342,3 +343,21 @@ def test_pad_dim_extends_one_dim_with_the_value() -> None:
     assert torch.equal(pad_dim(x, 0, 3), torch.cat([x, torch.zeros(1, 3)]))
     m = pad_dim(torch.ones(1, 2, dtype=torch.bool), 1, 4, False)
     assert m.dtype == torch.bool and m.tolist() == [[True, True, False, False]]
+
+
+def test_cat_views_joins_neighbouring_slices_without_a_copy_and_copies_otherwise() -> None:
+    x = torch.randn(2, 7, 3, 4)
+    ptr = x.untyped_storage().data_ptr()
+    # [text, image] split along the sequence, as the Flux blocks do: joined again as a view of x
+    for parts, dim in (([x[:, :3], x[:, 3:]], 1), ([x[:, :2], x[:, 2:5], x[:, 5:]], 1), ([x[..., :1], x[..., 1:]], -1),
+                       ([x[:, :0], x], 1), ([x[:1], x[1:]], 0)):
+        got = cat_views(parts, dim)
+        assert torch.equal(got, torch.cat(parts, dim)) and got.untyped_storage().data_ptr() == ptr
+    # not neighbours (wrong order, a gap, another tensor, another dtype): the same values as torch.cat, copied
+    y = x.clone()
+    for parts, dim in (([x[:, 3:], x[:, :3]], 1), ([x[:, :2], x[:, 3:]], 1), ([x[:, :3], y[:, 3:]], 1),
+                       ([x[:, :3], x[:, 3:].double()], 1), ([x[:, :3, :2], x[:, 3:, 1:]], 1)):
+        got = cat_views(parts, dim)
+        assert torch.equal(got, torch.cat(parts, dim)) and got.untyped_storage().data_ptr() != ptr
+    with pytest.raises(ValueError, match="at least one"):
+        cat_views([], 0)

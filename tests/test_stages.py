@@ -187,12 +187,16 @@ def test_vae_decode_equals_diffusers_decode_and_postprocess(ref: FluxPipeline, o
     lat = lat / ref.vae.config.scaling_factor + ref.vae.config.shift_factor
     with torch.no_grad():
         decoded = ref.vae.decode(lat, return_dict=False)[0]
+        # on CPU our decoder runs channels-last (faster there): the same values up to float rounding
+        assert ours.vae.channels_last and ours.vae.vae.decoder.conv_in.weight.is_contiguous(
+            memory_format=torch.channels_last)
+        torch.testing.assert_close(ours.vae.decode_latents(lat), decoded, rtol=1e-5, atol=1e-5)
     want = ref.image_processor.postprocess(decoded, output_type="pil")
     got = ours.vae.decode(packed, height, width)
     assert len(got) == 2
     for a, b in zip(got, want, strict=True):
         assert a.dtype == np.uint8 and a.shape == (height, width, 3)
-        assert np.array_equal(a, np.asarray(b))
+        assert np.abs(a.astype(int) - np.asarray(b)).max() <= 1  # a rounding edge may flip one level
     # A list of per-request latents decodes the same as the stacked batch.
     assert all(np.array_equal(a, b) for a, b in zip(ours.vae.decode(list(packed), height, width), got, strict=True))
     # So does a list mixing a (2, tokens, C) batch and a (tokens, C) latent; every row is decoded, none dropped.

@@ -19,7 +19,8 @@ before each, and reports the median of the per-pair ratios, so a noisy neighbour
 alike. Requests go through a keep-alive client per client thread (``tools/serve_process.py``).
 
 Usage: ``python tools/bench_serving.py [--preset small] [--size 256x256] [--steps 8] [--repeats 9] [--rounds 3]
-[--quick]``. The recorded run (docs/BENCHMARKS.md) is the plain command with its defaults.
+[--quick] [--cpu-linear torch]``. The recorded run (docs/BENCHMARKS.md) is the plain command with its defaults;
+``--cpu-linear torch`` gives the server torch's own linear kernel, diffusers' (the serving overhead alone).
 ``python tools/bench_serving.py arrivals --help``: Poisson arrivals, step-level vs request-level denoiser scheduling
 (tools/bench_arrivals.py).
 Prints a table; ratios matter, absolute times depend on the machine.
@@ -94,8 +95,11 @@ class _Diffusers:
 
 
 class _Server(ServeProcess):
-    def __init__(self, model: Path, max_batch: int, env: dict[str, str] | None = None, cpu_sharing: str = "") -> None:
-        def edit(text: str) -> str:  # [placement] cpu_sharing (runtime/cores.py); "": the config's
+    def __init__(self, model: Path, max_batch: int, env: dict[str, str] | None = None, cpu_sharing: str = "",
+                 cpu_linear: str = "") -> None:
+        def edit(text: str) -> str:  # [placement] cpu_sharing (runtime/cores.py), [stages.denoiser] cpu_linear
+            if cpu_linear:  # (stages/cpu_linear.py); "": the config's
+                text = text.replace("[stages.denoiser]\n", f'[stages.denoiser]\ncpu_linear = "{cpu_linear}"\n', 1)
             return text + f'\n[placement]\ncpu_sharing = "{cpu_sharing}"\n' if cpu_sharing else text
 
         super().__init__(config_text(model, max_batch, edit), name="bench", env=env, post_timeout_s=600)
@@ -175,6 +179,9 @@ def main(argv: list[str] | None = None) -> int:
                         "libgomp's default spinning instead of the ranks' settings (runtime/cores.py)")
     p.add_argument("--cpu-sharing", default="", choices=["", "auto", "exclusive", "concurrent"],
                    help="the server's [placement] cpu_sharing (default: the config's, auto)")
+    p.add_argument("--cpu-linear", default="", choices=["", "onednn", "torch"],
+                   help="the server's [stages.denoiser] cpu_linear (default: the config's, onednn); 'torch' runs "
+                        "the same linear kernel as diffusers, to see the serving overhead alone")
     args = p.parse_args(argv)
     bad = [kv for kv in args.server_env if "=" not in kv]
     if bad:
@@ -186,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     model = ensure_model(args.preset)
     base = _Diffusers(model, body)
     server = _Server(model, max_batch=args.max_batch, env=dict(kv.split("=", 1) for kv in args.server_env),
-                     cpu_sharing=args.cpu_sharing)
+                     cpu_sharing=args.cpu_sharing, cpu_linear=args.cpu_linear)
     try:
         base.once(0)  # warm-up both
         server.post(body)

@@ -27,6 +27,7 @@ from omni_runtime.parallel.attention.backends import attention_block, default_sc
 from omni_runtime.parallel.attention.ring import ring_attention
 from omni_runtime.parallel.attention.sp_context import get_sp_forward_context
 from omni_runtime.parallel.attention.ulysses import ulysses_attention
+from omni_runtime.parallel.utils import cat_views
 
 logger = logging.getLogger(__name__)
 
@@ -120,9 +121,9 @@ def _local_inner(q, k, v, key_mask, jq, jk, jv, *, scale, return_lse, backend):
     """Attention over one rank's complete key set; joint text first in keys and queries."""
     t = 0 if jq is None else jq.shape[1]
     if t:
-        q = torch.cat([jq, q], dim=1)
-        k = torch.cat([jk, k], dim=1)
-        v = torch.cat([jv, v], dim=1)
+        q = cat_views([jq, q], dim=1)  # a view when the caller split one [text, image] tensor (no copy)
+        k = cat_views([jk, k], dim=1)
+        v = cat_views([jv, v], dim=1)
         if key_mask is not None:
             key_mask = torch.cat([key_mask.new_ones(key_mask.shape[0], t), key_mask], dim=1)
     if return_lse:
@@ -238,8 +239,8 @@ def sp_attention(
 
     if text_out is not None:
         parts = [text_out, out] if joint_strategy == "front" else [out, text_out]
-        out = torch.cat(parts, dim=1)
+        out = cat_views(parts, dim=1)  # local "front": the two halves of one output again, no copy
         if return_lse:
             lparts = [text_lse, lse] if joint_strategy == "front" else [lse, text_lse]
-            lse = torch.cat(lparts, dim=1)
+            lse = cat_views(lparts, dim=1)
     return (out, lse) if return_lse else out

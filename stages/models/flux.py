@@ -36,6 +36,8 @@ from omni_runtime.parallel.sp_plan import (
     SequenceParallelOutput,
 )
 from omni_runtime.parallel.strategies.pipeline_parallel import PipelinePlan, is_missing, partition_model
+from omni_runtime.parallel.utils import cat_views
+from omni_runtime.stages.cpu_linear import linear_gelu_tanh
 from omni_runtime.stages.device import resolve_device, resolve_dtype
 from omni_runtime.stages.errors import CheckpointError
 from omni_runtime.stages.weights import (
@@ -250,7 +252,7 @@ class _GeluProj(nn.Module):
         self.proj = nn.Linear(dim, hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.gelu(self.proj(x), approximate="tanh")
+        return linear_gelu_tanh(self.proj, x)
 
 
 class FeedForward(nn.Module):
@@ -371,16 +373,18 @@ class FluxSingleTransformerBlock(nn.Module):
                 txt_rot: tuple[torch.Tensor, ...], key_padding_mask: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         n_txt = txt.shape[1]
-        h = torch.cat([txt, img], dim=1)  # this rank's tokens: all text, then its image tokens
+        # this rank's tokens: all text, then its image tokens (after the first single block a view: the previous
+        # block returned the two halves of one tensor)
+        h = cat_views([txt, img], dim=1)
         x, gate = self.norm(h, temb)
         qkv = self.attn.qkv(x, cat_rope(txt_rot, img_rot))
         txt_attn, img_attn = self.attn.joint(tuple(t[:, n_txt:] for t in qkv), tuple(t[:, :n_txt] for t in qkv),
                                              key_padding_mask)
-        attn = torch.cat([txt_attn, img_attn], dim=1)
+        attn = cat_views([txt_attn, img_attn], dim=1)
         if self.ff is not None:
             h = h + gate[:, None] * (self.proj_out(attn) + self.ff(x))
         else:
-            mlp = F.gelu(self.proj_mlp(x), approximate="tanh")
+            mlp = linear_gelu_tanh(self.proj_mlp, x)
             h = h + gate[:, None] * self.proj_out(torch.cat([attn, mlp], dim=2))
         if h.dtype == torch.float16:
             h = h.clip(-65504, 65504)
