@@ -2,8 +2,9 @@
 
 torch computes a float32 ``F.linear`` on CPU with the BLAS its wheel was built with (MKL). On the AMD EPYC VM of
 ``docs/BENCHMARKS.md`` MKL's sgemm ran the denoiser's shapes at about half the speed of oneDNN's inner product
-(the library torch ships for its ``mkldnn`` ops, and the one its inductor CPU backend lowers linears to): the
-small preset's transformer forward took 0.76x of diffusers' time with every linear on oneDNN. The values differ
+(the library torch ships for its ``mkldnn`` ops, and the one its inductor CPU backend lowers linears to): 0.46x
+the time per linear (``tools/bench_cpu_linear.py``), and the small preset's denoiser took 0.65x of diffusers'
+time with every linear on oneDNN (``tools/profile_denoiser.py``). The values differ
 from torch's by float rounding (another summation order), as a different BLAS's would.
 
 :func:`use_onednn` points the ``forward`` of every plain ``nn.Linear`` of a float32 CPU model at

@@ -5,7 +5,8 @@ Phases, run in rounds, alternating (each round runs every phase once, in a rotat
 
 - ``diffusers``: diffusers' ``FluxPipeline`` denoising loop in this process (``prompt_embeds`` given,
   ``output_type="latent"``: no text encoder, no VAE), the baseline of ``tools/bench_serving.py``;
-- ``inproc``: our ``DenoiserEngine.step`` in this process;
+- ``inproc``: our ``DenoiserEngine.step`` in this process (its linears on oneDNN, ``stages/cpu_linear.py``);
+  ``inproc:torch``: the same with ``cpu_linear = "torch"`` (torch's own linear kernel, the one diffusers runs);
 - ``stage``: the same call in a child started exactly as the launcher starts a rank (its ``forkserver`` context
   with torch preloaded, the placement's environment, the parent watchdog, ``torch.set_num_threads`` of
   ``cores.stage_threads``); its inputs arrive through ``runtime.tensor_handoff`` (the shm copy), and a stop
@@ -16,7 +17,7 @@ Phases, run in rounds, alternating (each round runs every phase once, in a rotat
   (in a forkserver child they come too late: libgomp read its environment when the forkserver imported torch).
 
 Measures per phase: wall time, CPU time of the computing process (every thread: user + system), and with
-``--torch-profile`` the top ops by self CPU time and the share of the wall time spent outside aten ops (Python and
+``--torch-profile`` the top ops by self CPU time and the share of the wall time spent outside ops (Python and
 dispatch between the ops: the per-step overhead). ``--neighbours idle|busy`` adds two processes standing in for the
 text encoder and the VAE: idle (torch loaded, thread pools warmed, then asleep) or busy (matmuls in a loop on
 ``--neighbour-threads`` threads, as when they encode/decode other requests while the denoiser runs).
@@ -58,8 +59,9 @@ def _usage() -> tuple[float, float, int]:
 
 
 def _top_ops(prof: Any, wall_s: float, n: int = 10) -> dict:
-    """Top ops by self CPU time and the share of ``wall_s`` spent outside any aten op (on the calling thread)."""
-    rows = [e for e in prof.key_averages() if e.key.startswith("aten::")]
+    """Top ops by self CPU time and the share of ``wall_s`` spent outside any op (on the calling thread); ops are
+    aten's and oneDNN's (``mkldnn::``, the linears of ``stages/cpu_linear.py``)."""
+    rows = [e for e in prof.key_averages() if e.key.startswith(("aten::", "mkldnn::"))]
     self_us = sum(e.self_cpu_time_total for e in rows)
     top = sorted(rows, key=lambda e: e.self_cpu_time_total, reverse=True)[:n]
     return {"in_ops_s": self_us / 1e6, "outside_ops_share": max(0.0, 1 - self_us / 1e6 / wall_s),
@@ -255,10 +257,10 @@ class _Diffusers:
 
 
 class _InProc:
-    def __init__(self, job: Job) -> None:
+    def __init__(self, job: Job, cpu_linear: str = "onednn") -> None:
         from omni_runtime.stages.engine import load_engine
 
-        self.engine = load_engine("denoiser", job.model, "float32", "cpu")
+        self.engine = load_engine("denoiser", job.model, "float32", "cpu", cpu_linear=cpu_linear)
         spec = job.spec()
         inputs = [{"prompt_embeds": job.embeds, "pooled_prompt_embeds": job.pooled}] * job.batch
         self.items = _items(spec, inputs)
@@ -289,8 +291,8 @@ def _phase(name: str, job: Job, args: argparse.Namespace) -> Any:
     spec_json = json.dumps(spec)
     if name == "diffusers":
         return _Diffusers(job)
-    if name == "inproc":
-        return _InProc(job)
+    if name in ("inproc", "inproc:onednn", "inproc:torch"):
+        return _InProc(job, name.partition(":")[2] or "onednn")
     if name in ("stage", "stage-glibc-defaults"):
         from omni_runtime.runtime.launcher import _CTX
 
@@ -301,8 +303,8 @@ def _phase(name: str, job: Job, args: argparse.Namespace) -> Any:
     if name.startswith("spawn"):
         env = dict(kv.split("=", 1) for kv in name.partition(":")[2].split(",") if kv)
         return _Child(name, mp.get_context("spawn"), _spawn_main, (spec_json, os.getpid()), env=env)
-    raise SystemExit(f"--phases: unknown phase {name!r}; allowed: diffusers, inproc, stage, stage-glibc-defaults, "
-                     f"spawn:K=V,...")
+    raise SystemExit(f"--phases: unknown phase {name!r}; allowed: diffusers, inproc, inproc:torch, stage, "
+                     f"stage-glibc-defaults, spawn:K=V,...")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -377,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
                 prof = res[n][-1].get("prof")
                 if not prof:
                     continue
-                print(f"\n{n}: {prof['in_ops_s'] * 1000:.0f} ms in aten ops on the calling thread, "
+                print(f"\n{n}: {prof['in_ops_s'] * 1000:.0f} ms in ops on the calling thread, "
                       f"{prof['outside_ops_share'] * 100:.1f}% of the wall time outside them (Python, dispatch)")
                 for key, s, count in prof["top"]:
                     print(f"  {key:44} {s * 1000:>8.1f} ms  x{count}")
