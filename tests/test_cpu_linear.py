@@ -3,6 +3,7 @@ torch's own linear (rtol 1e-5 per layer) and, through the served/in-process pipe
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 
@@ -104,3 +105,26 @@ def test_bad_cpu_linear_config_names_the_key(value, match) -> None:
     assert config_from_dict({"model": {"path": "/m"}}).stages.denoiser.cpu_linear == "onednn"
     with pytest.raises(ConfigError, match="stages.vae.cpu_linear: unknown key"):
         config_from_dict({"model": {"path": "/m"}, "stages": {"vae": {"cpu_linear": "torch"}}})
+
+
+def test_the_key_reaches_the_denoiser_ranks_and_the_in_process_engines(tiny_dir: Path) -> None:
+    from omni_runtime.runtime.launcher import LocalLauncher
+    from omni_runtime.runtime.stage_client import in_process_stages
+    from omni_runtime.runtime.stage_worker import stage_options
+
+    for value in CPU_LINEAR:
+        cfg = config_from_dict({"model": {"path": str(tiny_dir)}, "stages": {"denoiser": {"cpu_linear": value}}})
+        launcher = LocalLauncher(cfg)
+        try:
+            specs = [s for reps in launcher.replicas.values() for r in reps for s in r.specs()]
+            den = [s for s in specs if s.stage == "denoiser"]
+            assert den and {s.cpu_linear for s in den} == {value}
+            assert stage_options("denoiser", cpu_linear=den[0].cpu_linear)["cpu_linear"] == value
+        finally:
+            launcher.shutdown()
+    # the in-process path (Omni(in_process=True)) loads the same engines with the same option
+    for value, switched in (("torch", False), ("onednn", True)):
+        cfg = config_from_dict({"model": {"path": str(tiny_dir)}, "stages": {"denoiser": {"cpu_linear": value}}})
+        stages = asyncio.run(in_process_stages(cfg))
+        model = stages.clients["denoiser"][0].executor.engine.stage.model
+        assert any(hasattr(m, "_omni_onednn") for m in model.modules()) == switched
