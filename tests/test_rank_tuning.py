@@ -14,7 +14,6 @@ import sys
 
 import pytest
 
-from omni_runtime.runtime.launcher import _rank_main
 
 PROBE = """
 import resource, sys
@@ -46,10 +45,34 @@ def test_kept_memory_is_not_faulted_in_again_each_step():
     assert kept < PAGES // 100, (kept, PAGES)
 
 
-def test_every_rank_process_applies_it():
-    import inspect
+RANK_PROBE = """
+import os, resource, sys
+import numpy as np
+from omni_runtime.runtime import launcher
 
-    assert "allocator.keep_freed_memory()" in inspect.getsource(_rank_main)
+def worker(spec_bytes):  # stands in for the worker: what the rank's set-up left behind
+    def step():
+        blocks = [np.ones(1 << 20, np.float32) for _ in range(8)]
+        del blocks
+    step()
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(10):
+        step()
+    print(os.environ.get("OMNI_PROBE_ENV", "-"), resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+
+launcher.worker_main = worker
+launcher._rank_main(b"", {"OMNI_PROBE_ENV": "set"}, os.getppid())
+"""
+
+
+def test_every_rank_process_applies_it():
+    """The rank entry point itself, in a fresh process with the worker replaced: the placement's environment is
+    set and the steps fault in no pages again (without ``keep_freed_memory`` they would, the test above)."""
+    out = subprocess.run([sys.executable, "-c", RANK_PROBE], capture_output=True, text=True, timeout=120,
+                         check=True)
+    env, faults = out.stdout.split()[-2:]
+    assert env == "set"
+    assert int(faults) < PAGES // 100, (faults, PAGES)
 
 
 OMP_PROBE = """
