@@ -14,7 +14,6 @@ import sys
 
 import pytest
 
-
 PROBE = """
 import resource, sys
 import numpy as np
