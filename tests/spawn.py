@@ -22,7 +22,6 @@ import faulthandler
 import multiprocessing as mp
 import os
 import signal
-import socket
 import tempfile
 import time
 import traceback
@@ -34,6 +33,7 @@ from typing import Any
 import msgspec
 
 from omni_runtime.comm.processes import kill_tree
+from omni_runtime.runtime.launcher import free_port
 
 _CTX = mp.get_context("forkserver")
 _CTX.set_forkserver_preload(["torch", "torch.distributed"])
@@ -41,12 +41,6 @@ _CTX.set_forkserver_preload(["torch", "torch.distributed"])
 
 class WorkerFailed(AssertionError):
     """A worker raised, crashed, or ran out of time."""
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _child(fn, rank, world_size, port, workdir, args, init_pg, backend, threads):

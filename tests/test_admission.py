@@ -17,6 +17,7 @@ import pytest
 from fake_stages import fake_stages
 
 from omni_runtime.runtime.config import config_from_dict
+from omni_runtime.runtime.launcher import free_port
 from omni_runtime.runtime.orchestrator import Orchestrator, Overloaded, StageUnavailable
 from omni_runtime.runtime.requests import parse_request
 
@@ -154,7 +155,7 @@ def test_listener_survives_unexpected_messages_and_keeps_routing(tmp_path):
 def test_serve_exits_non_zero_when_the_result_listener_dies(tmp_path):
     """``serve`` with stage clients that answer without computing and a result listener that dies 2 s in."""
     script = tmp_path / "serve_dies.py"
-    port = _free_port()
+    port = free_port()
     script.write_text(textwrap.dedent(f"""
         import asyncio, sys
         sys.path.insert(0, {str(ROOT / "tests")!r})
@@ -194,9 +195,3 @@ def test_serve_exits_non_zero_when_the_result_listener_dies(tmp_path):
     assert "stopped serving because the frontend failed" in out
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -17,7 +17,7 @@ import pytest
 import torch
 import uvloop
 import zmq
-from spawn import free_port, run_workers
+from spawn import run_workers
 
 from omni_runtime.comm import serde
 from omni_runtime.comm.channel import (
@@ -31,6 +31,7 @@ from omni_runtime.comm.channel import (
     remove_ipc_dir,
     tcp_endpoint,
 )
+from omni_runtime.runtime.launcher import free_port
 
 ROOT = str(Path(__file__).resolve().parent.parent)
 

@@ -200,7 +200,7 @@ def _same_node_worker(rank: int, world_size: int, port: int) -> list:
 
 @pytest.mark.distributed
 def test_in_the_same_node_as_torch_and_stateless_groups():
-    from spawn import free_port
+    from omni_runtime.runtime.launcher import free_port
 
     results = run_workers(_same_node_worker, 3, args=(free_port(),), timeout=60, init_process_group=True)
     split = [[True, True, False], [False, False, True]]

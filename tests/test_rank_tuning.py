@@ -14,42 +14,11 @@ import sys
 
 import pytest
 
-PROBE = """
-import resource, sys
-import numpy as np
-from omni_runtime.runtime import allocator
-if sys.argv[1] == "keep":
-    assert allocator.keep_freed_memory()
-def step():  # 8 x 4 MiB live at once, every page written, then all freed: one step's activations
-    blocks = [np.ones(1 << 20, np.float32) for _ in range(8)]
-    del blocks
-step()
-f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(10):
-    step()
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
-"""
-PAGES = 10 * 8 * (4 << 20) // 4096  # pages the ten steps write
-
-
-def _faults(mode: str) -> int:
-    out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, timeout=120,
-                         check=True)
-    return int(out.stdout.split()[-1])
-
-
-def test_kept_memory_is_not_faulted_in_again_each_step():
-    default, kept = _faults("default"), _faults("keep")
-    assert default > PAGES // 4, (default, PAGES)  # glibc's defaults: the freed heap top is trimmed every step
-    assert kept < PAGES // 100, (kept, PAGES)
-
-
-RANK_PROBE = """
+STEPS = """
 import os, resource, sys
 import numpy as np
-from omni_runtime.runtime import launcher
 
-def worker(spec_bytes):  # stands in for the worker: what the rank's set-up left behind
+def steps():  # ten steps of 8 x 4 MiB live at once, every page written, then all freed; prints their faults
     def step():
         blocks = [np.ones(1 << 20, np.float32) for _ in range(8)]
         del blocks
@@ -58,20 +27,44 @@ def worker(spec_bytes):  # stands in for the worker: what the rank's set-up left
     for _ in range(10):
         step()
     print(os.environ.get("OMNI_PROBE_ENV", "-"), resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+"""
+PAGES = 10 * 8 * (4 << 20) // 4096  # pages the ten steps write
 
-launcher.worker_main = worker
+# the allocator call alone ("keep") or glibc's defaults
+PROBE = STEPS + """
+from omni_runtime.runtime import allocator
+if sys.argv[1] == "keep":
+    assert allocator.keep_freed_memory()
+steps()
+"""
+# the rank entry point, its worker replaced by the steps: what the rank's set-up left behind
+RANK_PROBE = STEPS + """
+from omni_runtime.runtime import launcher
+launcher.worker_main = lambda spec_bytes: steps()
 launcher._rank_main(b"", {"OMNI_PROBE_ENV": "set"}, os.getppid())
 """
+
+
+def _probe(code: str, *args: str) -> tuple[str, int]:
+    """(OMNI_PROBE_ENV as the steps saw it, their page faults)."""
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120,
+                         check=True)
+    env, faults = out.stdout.split()[-2:]
+    return env, int(faults)
+
+
+def test_kept_memory_is_not_faulted_in_again_each_step():
+    default, kept = _probe(PROBE, "default")[1], _probe(PROBE, "keep")[1]
+    assert default > PAGES // 4, (default, PAGES)  # glibc's defaults: the freed heap top is trimmed every step
+    assert kept < PAGES // 100, (kept, PAGES)
 
 
 def test_every_rank_process_applies_it():
     """The rank entry point itself, in a fresh process with the worker replaced: the placement's environment is
     set and the steps fault in no pages again (without ``keep_freed_memory`` they would, the test above)."""
-    out = subprocess.run([sys.executable, "-c", RANK_PROBE], capture_output=True, text=True, timeout=120,
-                         check=True)
-    env, faults = out.stdout.split()[-2:]
+    env, faults = _probe(RANK_PROBE)
     assert env == "set"
-    assert int(faults) < PAGES // 100, (faults, PAGES)
+    assert faults < PAGES // 100, (faults, PAGES)
 
 
 OMP_PROBE = """

@@ -12,17 +12,12 @@ from pathlib import Path
 
 import httpx
 import psutil
+from serve_process import wait_healthy  # tools/ (on the path from conftest)
+
+from omni_runtime.runtime.launcher import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 API_KEY = "sk-test-omni"
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:
@@ -48,18 +43,11 @@ class Server:
             [sys.executable, "-m", "omni_runtime.runtime.cli", "serve", str(cfg), "--port", str(self.port)],
             cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         self.headers = {"Authorization": f"Bearer {api_key}"}
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_text()[-4000:]}")
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        self.stop()
-        raise RuntimeError(f"server not ready within {timeout}s:\n{self.log_text()[-4000:]}")
+        try:
+            wait_healthy(self.proc, self.url, timeout, self.log_text, "test")
+        except BaseException:
+            self.stop()
+            raise
 
     def log_text(self) -> str:
         if not self.log.closed:

@@ -4,7 +4,6 @@ stateless gloo ProcessGroup that never creates the default group."""
 from __future__ import annotations
 
 import os
-import socket
 import time
 
 import pytest
@@ -17,6 +16,7 @@ from omni_runtime.comm.stateless_pg import (
     stateless_destroy_torch_distributed_process_group,
     stateless_init_torch_distributed_process_group,
 )
+from omni_runtime.runtime.launcher import free_port
 
 pytestmark = pytest.mark.distributed
 
@@ -140,15 +140,9 @@ def test_old_data_expires():
     assert outs[1]["trigger"] == "trigger"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _stateless_gloo(rank, world_size):
     meta = _group(rank, world_size)
-    port = meta.broadcast_obj(_free_port() if rank == 0 else None, src=0)
+    port = meta.broadcast_obj(free_port() if rank == 0 else None, src=0)
     pg = stateless_init_torch_distributed_process_group("127.0.0.1", port, rank, world_size, "gloo")
     t = torch.tensor([float(rank + 1), 10.0 * rank])
     pg.allreduce([t]).wait()

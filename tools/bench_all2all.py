@@ -16,22 +16,17 @@ import argparse
 import logging
 import multiprocessing as mp
 import os
-import socket
 import statistics
 import sys
 import time
 
 import torch
 
+from omni_runtime.runtime.launcher import free_port
+
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("naive", "agrs", "alltoallv")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _theory(backend: str, world: int, n: int, hidden: int, top_k: int, remote_pairs: int) -> int:
@@ -99,7 +94,7 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue) -
 def run_world(world: int, args: argparse.Namespace) -> list[dict]:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, world, port, args, queue)) for r in range(world)]
     for p in procs:
         p.start()

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import socket
 import statistics
 import tempfile
 import time
@@ -36,13 +35,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from omni_runtime.runtime.launcher import free_port
+
 logger = logging.getLogger("bench_attention")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def theoretical_bytes(strategy: str, s_local: int, heads: int, head_dim: int, elsize: int, u: int, r: int) -> int:
@@ -170,7 +165,7 @@ def _worker(rank: int, world: int, port: int, outdir: str, seqs: list[int], head
 
 def run_world(world: int, **kw: Any) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="bench-attn-") as outdir:
-        port = _free_port()
+        port = free_port()
         args = (world, port, outdir, kw["seqs"], kw["heads"], kw["head_dim"], kw["iters"], kw["warmup"],
                 kw["strategies"], kw["diffusers_kinds"], kw["baseline"])
         mp.start_processes(_worker, args=args, nprocs=world, start_method="spawn", join=True)

@@ -53,7 +53,6 @@ import argparse
 import json
 import logging
 import os
-import socket
 import statistics
 import tempfile
 import time
@@ -65,6 +64,8 @@ import numpy as np
 import torch
 import torch.multiprocessing as mp
 
+from omni_runtime.runtime.launcher import free_port
+
 logger = logging.getLogger("bench_parallel")
 
 
@@ -73,12 +74,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     "small": {"block_out_channels": (16, 32, 32, 32), "norm_num_groups": 8, "layers_per_block": 1},
     "flux": {"block_out_channels": (128, 256, 512, 512), "norm_num_groups": 32, "layers_per_block": 2},
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_vae(preset: str) -> torch.nn.Module:
@@ -174,7 +169,7 @@ def _worker(rank: int, world: int, port: int, outdir: str, mode: str, preset: st
 
 def run_phase(base: str, mode: str, world: int, threads: int, **kw: Any) -> list[dict]:
     outdir = tempfile.mkdtemp(dir=base)
-    args = (world, _free_port(), outdir, mode, kw["preset"], kw["height"], kw["width"], threads, kw["device"])
+    args = (world, free_port(), outdir, mode, kw["preset"], kw["height"], kw["width"], threads, kw["device"])
     mp.start_processes(_worker, args=args, nprocs=world, start_method="spawn", join=True)
     return [msgspec.json.decode((Path(outdir) / f"rank{r}.json").read_bytes()) for r in range(world)]
 
@@ -321,7 +316,7 @@ def _hsdp_rank(rank: int, world: int, port: int, path: str, out: str, phase: str
 def _run(phase: str, world: int, path: str, out: str, tokens: int, pairs: int, threads: int,
          timeout: float = 600) -> list[dict]:
     ctx = mp.get_context("spawn")
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_hsdp_rank, args=(r, world, port, path, out, phase, tokens, pairs, threads))
              for r in range(world)]
     for p in procs:
@@ -444,7 +439,7 @@ def bench_cfg(size: int = 256, steps: int = 4, rounds: int = 3, cores: int = 2, 
                         [[ctx.Event() for _ in range(rounds)] for _ in range(world)]) for tag, world, _ in phases}
         procs = []
         for tag, world, threads in phases:
-            port = _free_port()
+            port = free_port()
             ready, go, done = events[tag]
             procs += [ctx.Process(target=_cfg_rank, args=(r, world, port, path, tmp, tag, size, steps, threads,
                                                           ready[r], go, done[r])) for r in range(world)]

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import socket
 import statistics
 import tempfile
 import time
@@ -31,14 +30,10 @@ import numpy as np
 import torch
 import torch.multiprocessing as mp
 
+from omni_runtime.runtime.launcher import free_port
+
 PHASES = {"pp1": (1, "layer"), "pp2": (2, "layer"), "pipefusion2": (2, "pipefusion")}
 TEXT_TOKENS = 16
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _requests(cfg: dict, batch: int, size: int, steps: int) -> list:
@@ -87,7 +82,7 @@ def _worker(rank: int, world: int, port: int, model: str, out: str, phase: str, 
 def _run(phase: str, model: str, out: str, batch: int, size: int, steps: int, threads: int,
          warmup: int = 1) -> list[dict]:
     world = PHASES[phase][0]
-    mp.start_processes(_worker, args=(world, _free_port(), model, out, phase, batch, size, steps, threads, warmup),
+    mp.start_processes(_worker, args=(world, free_port(), model, out, phase, batch, size, steps, threads, warmup),
                        nprocs=world, start_method="spawn", join=True)
     return [json.loads(Path(out, f"{phase}-{batch}-rank{r}.json").read_text()) for r in range(world)]
 

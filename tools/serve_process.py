@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,13 +22,26 @@ from pathlib import Path
 import httpx
 import psutil
 
+from omni_runtime.runtime.launcher import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def wait_healthy(proc: subprocess.Popen, url: str, timeout_s: float, log_text: Callable[[], str],
+                 name: str = "serve") -> None:
+    """Return once ``url``'s ``/health`` answers 200; RuntimeError with the log's tail when ``proc`` exits first or
+    ``timeout_s`` passes (the caller stops the process). The benchmarks and the server tests start serve alike."""
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} server exited with {proc.returncode}:\n{log_text()[-4000:]}")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"{name} server not ready within {timeout_s:.0f}s:\n{log_text()[-4000:]}")
 
 
 def ensure_model(preset: str) -> Path:
@@ -73,17 +85,7 @@ class ServeProcess:
             raise
 
     def _wait_ready(self, timeout_s: float) -> None:
-        end = time.monotonic() + timeout_s
-        while time.monotonic() < end:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} server exited: {Path(self.log.name).read_text()[-3000:]}")
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise RuntimeError(f"{self.name} server not ready within {timeout_s:.0f}s")
+        wait_healthy(self.proc, self.url, timeout_s, lambda: Path(self.log.name).read_text(), self.name)
 
     def client(self) -> httpx.Client:
         """This thread's keep-alive client."""
