@@ -291,7 +291,7 @@ def _phase(name: str, job: Job, args: argparse.Namespace) -> Any:
     spec_json = json.dumps(spec)
     if name == "diffusers":
         return _Diffusers(job)
-    if name in ("inproc", "inproc:onednn", "inproc:torch"):
+    if name in ("inproc", "inproc:torch"):
         return _InProc(job, name.partition(":")[2] or "onednn")
     if name in ("stage", "stage-glibc-defaults"):
         from omni_runtime.runtime.launcher import _CTX
