@@ -53,9 +53,13 @@ class Attention(nn.Module):
         joint_v: torch.Tensor | None = None,
         joint_strategy: str = "none",
         key_padding_mask: torch.Tensor | None = None,
+        joint_key_padding_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """``key_padding_mask`` (batch, local_seq) / ``joint_key_padding_mask`` (batch, text_seq) bool, True = a real
+        image / text token: the others are no key (their query outputs are still returned)."""
         return sp_attention(q, k, v, joint_q=joint_q, joint_k=joint_k, joint_v=joint_v,
-                            joint_strategy=joint_strategy, key_padding_mask=key_padding_mask, scale=self.scale,
+                            joint_strategy=joint_strategy, key_padding_mask=key_padding_mask,
+                            joint_key_padding_mask=joint_key_padding_mask, scale=self.scale,
                             backend=self.backend, convert_to_fp32=self.convert_to_fp32,
                             mesh=self.sp_mesh, local=not self.sequence_parallel)
 

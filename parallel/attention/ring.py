@@ -5,7 +5,8 @@ image key too) and, over ``ring`` steps, sees every rank's K/V block. Partial
 outputs are merged with their log-sum-exp in float32 (``convert_to_fp32``) or in
 the input dtype. Uneven block lengths are padded to the ring maximum and the pad is
 masked; the mask travels with its block. Replicated text K/V form one extra block
-merged exactly once, so text keys are counted once in the softmax.
+merged exactly once, so text keys are counted once in the softmax; the text key mask
+(padding text tokens) applies to that block only and never travels.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ def ring_attention(
     joint_q: torch.Tensor | None = None,
     joint_k: torch.Tensor | None = None,
     joint_v: torch.Tensor | None = None,
+    joint_key_mask: torch.Tensor | None = None,
     scale: float,
     return_lse: bool = False,
     convert_to_fp32: bool = True,
@@ -42,7 +44,8 @@ def ring_attention(
 
     q/k/v: (batch, local_seq, heads, head_dim). ``lens``: the local K length of each ring
     rank, by rank in group. ``key_mask`` (batch, local_seq) bool or None; it must be given
-    on every rank or on none. Returns ``(text_out, image_out, text_lse, image_lse)``.
+    on every rank or on none. ``joint_key_mask`` (batch, text) bool: the real text keys of the
+    joint block (None: all). Returns ``(text_out, image_out, text_lse, image_lse)``.
     """
     world = group.world_size
     text_len = 0 if joint_q is None else joint_q.shape[1]
@@ -82,7 +85,8 @@ def ring_attention(
             if mask is not None:
                 mask, spare_mask = spare_mask, mask
     if joint_k is not None:
-        bo, bl = attention_block(queries, joint_k, joint_v, scale=scale, return_lse=True, backend=backend)
+        bo, bl = attention_block(queries, joint_k, joint_v, key_mask=joint_key_mask, scale=scale, return_lse=True,
+                                 backend=backend)
         out, lse = merge_partial(out, lse, bo, bl, acc_dtype=acc_dtype)
 
     out = out.to(q.dtype)

@@ -7,6 +7,9 @@ Layouts are (batch, seq, heads, head_dim). q/k/v are this rank's sequence shard;
 ``joint_*`` are replicated text tokens, identical on all ranks, placed before
 ("front") or after ("rear") the image tokens in the output. Text keys are counted
 exactly once in every strategy; text queries attend to every image key too.
+``joint_key_padding_mask`` (batch, text_seq) bool marks the real text tokens (True):
+the others are no key for any query in any strategy. Padding text tokens are still
+queries; their outputs are returned and are the caller's to discard.
 
 Local lengths may differ between ranks. When the sp_plan hooks split exactly one
 sequence layout in this forward, every rank already knows all lengths; otherwise a
@@ -65,7 +68,8 @@ class SPMesh:
         return "none"
 
 
-def _check_args(q, k, v, joint_q, joint_k, joint_v, joint_strategy, key_padding_mask) -> None:
+def _check_args(q, k, v, joint_q, joint_k, joint_v, joint_strategy, key_padding_mask,
+                joint_key_padding_mask=None) -> None:
     if joint_strategy not in JOINT_STRATEGIES:
         raise SPAttentionError(f"joint_strategy={joint_strategy!r} is not allowed; use one of {JOINT_STRATEGIES}")
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -93,6 +97,15 @@ def _check_args(q, k, v, joint_q, joint_k, joint_v, joint_strategy, key_padding_
         if key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != tuple(q.shape[:2]):
             raise SPAttentionError(f"key_padding_mask must be bool (batch, local_seq)={tuple(q.shape[:2])}; got "
                                    f"{key_padding_mask.dtype} {tuple(key_padding_mask.shape)}")
+    if joint_key_padding_mask is not None:
+        if joint_strategy == "none":
+            raise SPAttentionError("joint_key_padding_mask was given with joint_strategy='none' (no joint text "
+                                   "tokens); pass joint_q/joint_k/joint_v with 'front' or 'rear', or no mask")
+        want = (q.shape[0], joint_k.shape[1])
+        if joint_key_padding_mask.dtype != torch.bool or tuple(joint_key_padding_mask.shape) != want:
+            raise SPAttentionError(f"joint_key_padding_mask must be bool (batch, text_seq)={want} (True = a real "
+                                   f"text token); got {joint_key_padding_mask.dtype} "
+                                   f"{tuple(joint_key_padding_mask.shape)}")
 
 
 def _context_mask(q: torch.Tensor, explicit: torch.Tensor | None) -> torch.Tensor | None:
@@ -117,15 +130,20 @@ def _context_mask(q: torch.Tensor, explicit: torch.Tensor | None) -> torch.Tenso
     return m if explicit is None else explicit & m
 
 
-def _local_inner(q, k, v, key_mask, jq, jk, jv, *, scale, return_lse, backend):
-    """Attention over one rank's complete key set; joint text first in keys and queries."""
+def _local_inner(q, k, v, key_mask, jq, jk, jv, joint_mask=None, *, scale, return_lse, backend):
+    """Attention over one rank's complete key set; joint text first in keys and queries. ``joint_mask``
+    (batch, text) bool: the text keys that exist (None: all)."""
     t = 0 if jq is None else jq.shape[1]
     if t:
         q = cat_views([jq, q], dim=1)  # a view when the caller split one [text, image] tensor (no copy)
         k = cat_views([jk, k], dim=1)
         v = cat_views([jv, v], dim=1)
-        if key_mask is not None:
-            key_mask = torch.cat([key_mask.new_ones(key_mask.shape[0], t), key_mask], dim=1)
+        if key_mask is not None or joint_mask is not None:
+            b, n = q.shape[0], k.shape[1] - t
+            text_mask = joint_mask if joint_mask is not None else torch.ones(b, t, dtype=torch.bool,
+                                                                              device=q.device)
+            image_mask = key_mask if key_mask is not None else torch.ones(b, n, dtype=torch.bool, device=q.device)
+            key_mask = torch.cat([text_mask, image_mask], dim=1)
     if return_lse:
         out, lse = attention_block(q, k, v, key_mask=key_mask, scale=scale, return_lse=True, backend=backend)
     else:
@@ -136,10 +154,11 @@ def _local_inner(q, k, v, key_mask, jq, jk, jv, *, scale, return_lse, backend):
     return text_out, out[:, t:], text_lse, (None if lse is None else lse[:, t:])
 
 
-def _ring_inner(q, k, v, key_mask, jq, jk, jv, *, ring_lens, group, scale, return_lse, convert_to_fp32, backend):
+def _ring_inner(q, k, v, key_mask, jq, jk, jv, joint_mask=None, *, ring_lens, group, scale, return_lse,
+                convert_to_fp32, backend):
     return ring_attention(q, k, v, key_mask=key_mask, lens=ring_lens, group=group, joint_q=jq, joint_k=jk,
-                          joint_v=jv, scale=scale, return_lse=return_lse, convert_to_fp32=convert_to_fp32,
-                          backend=backend)
+                          joint_v=jv, joint_key_mask=joint_mask, scale=scale, return_lse=return_lse,
+                          convert_to_fp32=convert_to_fp32, backend=backend)
 
 
 def _exchange_lengths(mesh: SPMesh, local_len: int, has_mask: bool) -> tuple[list[int], bool]:
@@ -178,6 +197,7 @@ def sp_attention(
     joint_v: torch.Tensor | None = None,
     joint_strategy: str = "none",
     key_padding_mask: torch.Tensor | None = None,
+    joint_key_padding_mask: torch.Tensor | None = None,
     scale: float | None = None,
     return_lse: bool = False,
     backend: str | None = None,
@@ -190,9 +210,11 @@ def sp_attention(
     ``return_lse=True`` also returns the log-sum-exp (batch, out_seq, heads) in float32
     (float64 for float64 inputs), in the same token order as ``out``. ``convert_to_fp32``
     overrides the mesh's flag. ``local=True``: the inputs are not sequence shards (e.g. text-only attention); the
-    call ignores ``mesh`` and the auto_pad mask the sp_plan hooks recorded.
+    call ignores ``mesh`` and the auto_pad mask the sp_plan hooks recorded. ``joint_key_padding_mask``
+    (batch, text_seq) bool, True = a real text token: the others are no key in any strategy (the same on every
+    rank, like the text tokens).
     """
-    _check_args(q, k, v, joint_q, joint_k, joint_v, joint_strategy, key_padding_mask)
+    _check_args(q, k, v, joint_q, joint_k, joint_v, joint_strategy, key_padding_mask, joint_key_padding_mask)
     # the auto_pad mask belongs to the sharded sequence: a local call never sees it
     if local:
         mesh = None
@@ -201,13 +223,14 @@ def sp_attention(
     if scale is None:
         scale = default_scale(q.shape[-1])
     if joint_strategy == "none":
-        joint_q = joint_k = joint_v = None
+        joint_q = joint_k = joint_v = joint_key_padding_mask = None
     strategy = "none" if mesh is None else mesh.strategy
     fp32 = convert_to_fp32 if convert_to_fp32 is not None else (True if mesh is None else mesh.convert_to_fp32)
 
     if strategy == "none":
         text_out, out, text_lse, lse = _local_inner(q, k, v, key_padding_mask, joint_q, joint_k, joint_v,
-                                                    scale=scale, return_lse=return_lse, backend=backend)
+                                                    joint_key_padding_mask, scale=scale, return_lse=return_lse,
+                                                    backend=backend)
     else:
         lens = _lengths_from_context(mesh, q.shape[1])
         if lens is not None:  # the sp_plan hooks split this sequence: every rank knows all lengths
@@ -233,9 +256,11 @@ def sp_attention(
         if u > 1:
             text_out, out, text_lse, lse = ulysses_attention(
                 q, k, v, key_mask=key_padding_mask, lens=lens[ring_rank * u:(ring_rank + 1) * u], group=mesh.ulysses,
-                inner=inner, joint_q=joint_q, joint_k=joint_k, joint_v=joint_v, return_lse=return_lse)
+                inner=inner, joint_q=joint_q, joint_k=joint_k, joint_v=joint_v,
+                joint_key_mask=joint_key_padding_mask, return_lse=return_lse)
         else:
-            text_out, out, text_lse, lse = inner(q, k, v, key_padding_mask, joint_q, joint_k, joint_v)
+            text_out, out, text_lse, lse = inner(q, k, v, key_padding_mask, joint_q, joint_k, joint_v,
+                                                 joint_key_padding_mask)
 
     if text_out is not None:
         parts = [text_out, out] if joint_strategy == "front" else [out, text_out]

@@ -7,7 +7,8 @@ divide are padded with zero heads that are dropped afterwards; uneven local leng
 are padded to the group maximum inside the collective, masked as keys, and cut
 again on the way back, so no pad reaches the caller. Replicated text tokens need no
 communication on the way in (each rank slices its heads); their output is
-all-gathered over heads on the way out. Attention on the gathered sequence is done
+all-gathered over heads on the way out. The text key mask (batch, text) is the same
+for every head, so it reaches ``inner`` as it is. Attention on the gathered sequence is done
 by ``inner`` — plain local attention, or Ring attention for the hybrid.
 """
 
@@ -23,7 +24,7 @@ from omni_runtime.parallel.utils import pad_dim
 
 logger = logging.getLogger(__name__)
 
-# inner(q, k, v, key_mask, joint_q, joint_k, joint_v) -> (text_out, image_out, text_lse, image_lse)
+# inner(q, k, v, key_mask, joint_q, joint_k, joint_v, joint_key_mask) -> (text_out, image_out, text_lse, image_lse)
 InnerAttention = Callable[..., tuple]
 
 
@@ -44,12 +45,14 @@ def ulysses_attention(
     joint_q: torch.Tensor | None = None,
     joint_k: torch.Tensor | None = None,
     joint_v: torch.Tensor | None = None,
+    joint_key_mask: torch.Tensor | None = None,
     return_lse: bool = False,
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Ulysses over ``group`` (a GroupCoordinator: its communicator runs the all-to-alls and gathers).
 
     ``lens``: local sequence length of each group member, by rank in group. ``key_mask`` must
-    be given on every rank or on none. Returns ``(text_out, image_out, text_lse, image_lse)``
+    be given on every rank or on none. ``joint_key_mask`` (batch, text) bool: the real text keys
+    (None: all), identical on every rank. Returns ``(text_out, image_out, text_lse, image_lse)``
     in the caller's layout (batch, seq, heads[, head_dim]).
     """
     world, me = group.world_size, group.rank_in_group
@@ -73,7 +76,9 @@ def ulysses_attention(
         sl = slice(me * hc, (me + 1) * hc)
         jq, jk, jv = (pad_dim(t, 2, hp)[:, :, sl] for t in (joint_q, joint_k, joint_v))
 
-    text_out, image_out, text_lse, image_lse = inner(fq, fk, fv, full_mask, jq, jk, jv)
+    # the text tokens are whole here (only their heads are split): their key mask passes through unchanged
+    text_out, image_out, text_lse, image_lse = inner(fq, fk, fv, full_mask, jq, jk, jv,
+                                                     joint_key_mask if jq is not None else None)
 
     # (b, U*s_max, hc, D) -> (b, s_max, hp, D), then drop the pad rows and heads
     out = all_to_all_4D(image_out.contiguous(), scatter_idx=1, gather_idx=2, group=group)[:, :s_local, :heads]

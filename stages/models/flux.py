@@ -27,7 +27,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from omni_runtime.parallel.attention import Attention
 from omni_runtime.parallel.hsdp import HSDPInferenceConfig, ShardCondition, block_list_condition
 from omni_runtime.parallel.moe import MoEFeedForward, is_local_expert_key
 from omni_runtime.parallel.sp_plan import (
@@ -40,6 +39,15 @@ from omni_runtime.parallel.utils import cat_views
 from omni_runtime.stages.cpu_linear import linear_gelu_tanh
 from omni_runtime.stages.device import resolve_device, resolve_dtype
 from omni_runtime.stages.errors import CheckpointError
+from omni_runtime.stages.models.layers import (
+    ROPE_THETA,
+    AdaNormOut,
+    FeedForward,
+    JointAttention,
+    MLPEmbedder,
+    _modulate,
+    rope,
+)
 from omni_runtime.stages.weights import (
     DIFFUSERS_WEIGHTS,
     MODEL_INDEX,
@@ -52,7 +60,6 @@ from omni_runtime.stages.weights import (
 logger = logging.getLogger(__name__)
 
 CLASS_NAMES = ("FluxTransformer2DModel",)
-ROPE_THETA = 10000
 TIME_CHANNELS = 256
 
 
@@ -128,28 +135,6 @@ class FluxConfig:
 # rotary position embedding
 
 
-def rope(ids: torch.Tensor, axes_dims: tuple[int, ...], theta: int = ROPE_THETA) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cos, sin), each (seq, sum(axes_dims)) float32, for position ids (seq, n_axes); FLUX's interleaved layout.
-    Per-row ids (rows, seq, n_axes) give (rows, seq, sum(axes_dims))."""
-    pos = ids.to(torch.float64 if ids.device.type != "mps" else torch.float32)
-    cos_parts, sin_parts = [], []
-    for axis, dim in enumerate(axes_dims):
-        freqs = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=pos.dtype, device=ids.device) / dim))
-        angles = pos[..., axis, None] * freqs
-        cos_parts.append(angles.cos().repeat_interleave(2, dim=-1).float())
-        sin_parts.append(angles.sin().repeat_interleave(2, dim=-1).float())
-    return torch.cat(cos_parts, dim=-1), torch.cat(sin_parts, dim=-1)
-
-
-def apply_rope(x: torch.Tensor, freqs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Rotate (batch, seq, heads, head_dim) pairs (2i, 2i+1) by the angles in ``freqs``: (seq, head_dim), shared by
-    every row, or (batch, seq, head_dim), one per row."""
-    cos, sin = ((f[None, :, None, :] if f.dim() == 2 else f[:, :, None, :]).to(x.device) for f in freqs)
-    real, imag = x.reshape(*x.shape[:-1], -1, 2).unbind(-1)
-    rotated = torch.stack([-imag, real], dim=-1).flatten(3)
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
-
-
 def cat_rope(txt: tuple[torch.Tensor, ...], img: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     """The rotary embeddings of [text, image] tokens; text's (shared) are repeated per row when image's are per row."""
     if img[0].dim() == 2:
@@ -182,18 +167,6 @@ def timestep_embedding(t: torch.Tensor, channels: int = TIME_CHANNELS, max_perio
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
 
 
-class MLPEmbedder(nn.Module):
-    """Linear → SiLU → Linear (``linear_1`` / ``linear_2`` in the checkpoint)."""
-
-    def __init__(self, in_dim: int, dim: int):
-        super().__init__()
-        self.linear_1 = nn.Linear(in_dim, dim)
-        self.linear_2 = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(F.silu(self.linear_1(x)))
-
-
 class TimeTextEmbed(nn.Module):
     """The conditioning vector: timestep (+ guidance) embedding plus the projected pooled text embedding."""
 
@@ -214,10 +187,6 @@ class TimeTextEmbed(nn.Module):
 # AdaLN-Zero modulation
 
 
-def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return x * (1 + scale[:, None]) + shift[:, None]
-
-
 class AdaNormZero(nn.Module):
     """LayerNorm modulated by ``chunks`` vectors projected from the conditioning (``linear`` in the checkpoint)."""
 
@@ -233,90 +202,8 @@ class AdaNormZero(nn.Module):
         return (_modulate(self.norm(x), mods[0], mods[1]), *mods[2:])
 
 
-class AdaNormOut(nn.Module):
-    """Final norm: the projection yields (scale, shift), in that order."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.linear = nn.Linear(dim, 2 * dim)
-        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-
-    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        scale, shift = self.linear(F.silu(temb).to(x.dtype)).chunk(2, dim=1)
-        return _modulate(self.norm(x), shift, scale)
-
-
-class _GeluProj(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.proj = nn.Linear(dim, hidden)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear_gelu_tanh(self.proj, x)
-
-
-class FeedForward(nn.Module):
-    """GELU(tanh) MLP; ``net.0.proj`` and ``net.2`` as in the checkpoint (``net.1`` is a parameterless slot)."""
-
-    def __init__(self, dim: int, mult: int = 4):
-        super().__init__()
-        self.net = nn.ModuleList([_GeluProj(dim, dim * mult), nn.Identity(), nn.Linear(dim * mult, dim)])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.net:
-            x = layer(x)
-        return x
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # blocks
-
-
-class FluxAttention(nn.Module):
-    """QK-RMSNorm attention; with ``context=True`` it also projects the text stream (``add_*`` weights)."""
-
-    def __init__(self, dim: int, heads: int, head_dim: int, *, context: bool, out_proj: bool, eps: float = 1e-6):
-        super().__init__()
-        self.heads, self.head_dim = heads, head_dim
-        inner = heads * head_dim
-        self.attention = Attention()  # no parameters: local until a strategy binds a mesh into it
-        self.norm_q = nn.RMSNorm(head_dim, eps=eps)
-        self.norm_k = nn.RMSNorm(head_dim, eps=eps)
-        self.to_q = nn.Linear(dim, inner)
-        self.to_k = nn.Linear(dim, inner)
-        self.to_v = nn.Linear(dim, inner)
-        if out_proj:
-            self.to_out = nn.ModuleList([nn.Linear(inner, dim), nn.Identity()])
-        if context:
-            self.norm_added_q = nn.RMSNorm(head_dim, eps=eps)
-            self.norm_added_k = nn.RMSNorm(head_dim, eps=eps)
-            self.add_q_proj = nn.Linear(dim, inner)
-            self.add_k_proj = nn.Linear(dim, inner)
-            self.add_v_proj = nn.Linear(dim, inner)
-            self.to_add_out = nn.Linear(inner, dim)
-
-    def _heads(self, x: torch.Tensor) -> torch.Tensor:
-        return x.unflatten(-1, (-1, self.head_dim))
-
-    def qkv(self, x: torch.Tensor, rot: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        q = apply_rope(self.norm_q(self._heads(self.to_q(x))), rot)
-        k = apply_rope(self.norm_k(self._heads(self.to_k(x))), rot)
-        return q, k, self._heads(self.to_v(x))
-
-    def added_qkv(self, c: torch.Tensor, rot: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        q = apply_rope(self.norm_added_q(self._heads(self.add_q_proj(c))), rot)
-        k = apply_rope(self.norm_added_k(self._heads(self.add_k_proj(c))), rot)
-        return q, k, self._heads(self.add_v_proj(c))
-
-    def joint(self, img: tuple[torch.Tensor, ...], txt: tuple[torch.Tensor, ...],
-              key_padding_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Attend over [text, image]; returns (text output, image output), heads flattened. ``key_padding_mask``
-        (batch, image tokens) bool, True = a real image token: the others are no key (text keys are all real)."""
-        out = self.attention(*img, joint_q=txt[0], joint_k=txt[1], joint_v=txt[2], joint_strategy="front",
-                             key_padding_mask=key_padding_mask)
-        out = out.flatten(2, 3).to(img[0].dtype)
-        n_txt = txt[0].shape[1]
-        return out[:, :n_txt], out[:, n_txt:]
 
 
 class FluxTransformerBlock(nn.Module):
@@ -326,7 +213,7 @@ class FluxTransformerBlock(nn.Module):
         super().__init__()
         self.norm1 = AdaNormZero(dim, 6)
         self.norm1_context = AdaNormZero(dim, 6)
-        self.attn = FluxAttention(dim, heads, head_dim, context=True, out_proj=True)
+        self.attn = JointAttention(dim, heads, head_dim, context=True, out_proj=True)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.ff = FeedForward(dim)
         self.norm2_context = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
@@ -367,7 +254,7 @@ class FluxSingleTransformerBlock(nn.Module):
             self.ff = None
             self.proj_mlp = nn.Linear(dim, mlp_dim)
             self.proj_out = nn.Linear(dim + mlp_dim, dim)
-        self.attn = FluxAttention(dim, heads, head_dim, context=False, out_proj=False)
+        self.attn = JointAttention(dim, heads, head_dim, context=False, out_proj=False)
 
     def forward(self, img: torch.Tensor, txt: torch.Tensor, temb: torch.Tensor, img_rot: tuple[torch.Tensor, ...],
                 txt_rot: tuple[torch.Tensor, ...], key_padding_mask: torch.Tensor | None = None
