@@ -46,24 +46,26 @@ def vae_row_lines(patch: int, width: int, height: int, scale: int = VAE_SCALE_FA
     return out
 
 
-def pp_block_lines(spec: ParallelSpec, num_layers: int, num_single_layers: int) -> list[str]:
+def pp_block_lines(spec: ParallelSpec, blocks: list[tuple[str, int]]) -> list[str]:
     """One line per pipeline stage of a denoiser replica: its ranks, the blocks it holds (``get_pp_indices`` over
-    the ``num_layers`` double- then ``num_single_layers`` single-stream blocks, the split the ranks load) and the
-    embedders / head. A :class:`parallel.strategies.pipeline_parallel.PipelineError` names ``pp`` when there are
-    fewer blocks than stages."""
+    the concatenation of ``blocks``, (module list name, length) in execution order: the split the ranks load) and
+    the embedders / head. A :class:`parallel.strategies.pipeline_parallel.PipelineError` names ``pp`` when there
+    are fewer blocks than stages."""
     from omni_runtime.parallel.strategies.pipeline_parallel import block_ranges
 
-    total = num_layers + num_single_layers
+    total = sum(n for _, n in blocks)
     ranges = block_ranges(total, spec.pp)
     stages = spec.group_ranks()["pp"]
-    out = [f"  pp stages ({total} blocks: {num_layers} double-stream + {num_single_layers} single-stream):"]
+    kinds = " + ".join(f"{n} {name}" for name, n in blocks)
+    out = [f"  pp stages ({total} blocks: {kinds}):"]
     for s, (a, b) in enumerate(ranges):
         ranks = sorted(g[s] for g in stages)
-        parts = []
-        if a < num_layers:
-            parts.append(f"transformer_blocks[{a}:{min(b, num_layers)}]")
-        if b > num_layers:
-            parts.append(f"single_transformer_blocks[{max(a, num_layers) - num_layers}:{b - num_layers}]")
+        parts, start = [], 0
+        for name, n in blocks:
+            lo, hi = max(a, start), min(b, start + n)
+            if lo < hi:
+                parts.append(f"{name}[{lo - start}:{hi - start}]")
+            start += n
         extra = (" + embedders" if s == 0 else "") + (" + head" if s == spec.pp - 1 else "")
         out.append(f"    pp rank {s} (ranks {ranks}): blocks [{a}, {b}) = {' + '.join(parts)}{extra}")
     return out

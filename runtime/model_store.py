@@ -1,7 +1,8 @@
 """Create the embedded tiny model on first use.
 
-A config whose ``model.path`` does not exist and whose directory name is ``<preset>-flux`` for a preset of
-``omni_runtime.stages.models.tiny`` (``tiny-flux``, ``small-flux``) gets that model written there, once: the writer
+A config whose ``model.path`` does not exist and whose directory name is one of :data:`GENERATED_NAMES`
+(``tiny-flux``, ``small-flux``, ``tiny-qwen-image``, ``small-qwen-image``: a family's embedded preset, random
+weights) gets that model written there by the family's ``make_tiny``, once: the writer
 holds a lock file and builds into a temporary sibling directory that is renamed into place, so concurrent
 first uses never see a half-written model. Any other missing path is an error naming ``model.path``.
 """
@@ -18,7 +19,11 @@ from omni_runtime.runtime.config import ConfigError
 
 logger = logging.getLogger(__name__)
 
-GENERATED_NAMES = {"tiny-flux": "tiny", "small-flux": "small"}
+#: directory name -> (pipeline class, preset) of the embedded models made on first use
+GENERATED_NAMES: dict[str, tuple[str, str]] = {
+    "tiny-flux": ("FluxPipeline", "tiny"), "small-flux": ("FluxPipeline", "small"),
+    "tiny-qwen-image": ("QwenImagePipeline", "tiny"), "small-qwen-image": ("QwenImagePipeline", "small"),
+}
 
 
 def model_status(path: str) -> str:
@@ -27,7 +32,8 @@ def model_status(path: str) -> str:
     if (p / "model_index.json").exists():
         return "present"
     if p.name in GENERATED_NAMES:
-        return f"missing: the embedded {GENERATED_NAMES[p.name]} model is created there on first use"
+        pipeline, preset = GENERATED_NAMES[p.name]
+        return f"missing: the embedded {preset} {pipeline} model is created there on first use"
     raise ConfigError(f"model.path = {path!r}: no diffusers model there (model_index.json missing); "
                       f"allowed: a diffusers-format directory, or a path ending in "
                       f"{' / '.join(sorted(GENERATED_NAMES))} to have the embedded model created")
@@ -39,7 +45,7 @@ def ensure_model(path: str) -> Path:
     if (p / "model_index.json").exists():
         return p
     model_status(path)  # raises for a missing path we cannot create
-    preset = GENERATED_NAMES[p.name]
+    pipeline, preset = GENERATED_NAMES[p.name]
     p.parent.mkdir(parents=True, exist_ok=True)
     with open(p.parent / f".{p.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -47,10 +53,10 @@ def ensure_model(path: str) -> Path:
             return p
         tmp = p.parent / f".{p.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        logger.info("creating the embedded %s model at %s (first use)", preset, p)
-        from omni_runtime.stages.models.tiny import make_tiny_model  # torch: only when a model is made
+        logger.info("creating the embedded %s %s model at %s (first use)", preset, pipeline, p)
+        from omni_runtime.stages.models.family import family_for_class  # torch: only when a model is made
 
-        make_tiny_model(tmp, preset=preset, seed=0)
+        family_for_class(pipeline).make_tiny(tmp, preset, seed=0)
         if p.exists():
             shutil.rmtree(p)
         tmp.rename(p)

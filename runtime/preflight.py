@@ -12,6 +12,8 @@
   model has blocks is an error naming ``stages.denoiser.parallel.pp``.
 - **The model** (:func:`check_model`): ``stages.model_check.check_model_dir`` (configs, tokenizers, safetensors
   headers), unless the directory is the embedded tiny model that is created on first use.
+- **The family** (:func:`check_family`): the model family (``model_index.json`` ``_class_name``), its
+  components, parallel modes and request fields; a parallel mode the family cannot run is an error naming the key.
 """
 
 from __future__ import annotations
@@ -123,28 +125,71 @@ def check_model(cfg: RuntimeConfig) -> list[str]:
     return ["model directory: present"] + [f"  {line}" for line in check_model_dir(Path(cfg.model.path))]
 
 
+def model_family(cfg: RuntimeConfig):  # -> stages.models.family.ModelFamily (stages import torch: kept lazy)
+    """The model family of ``model.path``: from its ``model_index.json``, or the embedded model's still to make."""
+    from omni_runtime.runtime.model_store import GENERATED_NAMES
+    from omni_runtime.stages.models.family import family_for_class, family_of
+
+    path = Path(cfg.model.path)
+    if not (path / "model_index.json").is_file() and path.name in GENERATED_NAMES:
+        return family_for_class(GENERATED_NAMES[path.name][0])
+    return family_of(path)
+
+
+def _transformer_config(cfg: RuntimeConfig, family) -> dict | None:
+    from omni_runtime.runtime.model_store import GENERATED_NAMES
+
+    config_path = Path(cfg.model.path) / "transformer" / "config.json"
+    if config_path.is_file():
+        return json.loads(config_path.read_text())
+    if Path(cfg.model.path).name in GENERATED_NAMES:
+        return family.tiny_transformer_config(GENERATED_NAMES[Path(cfg.model.path).name][1])
+    return None
+
+
 def pipeline_lines(cfg: RuntimeConfig) -> list[str]:
     """Each pp rank's block range, from the model's transformer config (the embedded preset's when the model is
     still to be created); a model with fewer blocks than ``pp`` is a :class:`ConfigError` naming the key."""
     from omni_runtime.parallel.strategies.pipeline_parallel import PipelineError
     from omni_runtime.runtime.layout import pp_block_lines
-    from omni_runtime.runtime.model_store import GENERATED_NAMES
 
-    config_path = Path(cfg.model.path) / "transformer" / "config.json"
-    if config_path.is_file():
-        tc = json.loads(config_path.read_text())
-        layers, single = int(tc.get("num_layers", 19)), int(tc.get("num_single_layers", 38))
-    elif Path(cfg.model.path).name in GENERATED_NAMES:
-        from omni_runtime.stages.models.tiny import PRESETS
-
-        preset = PRESETS[GENERATED_NAMES[Path(cfg.model.path).name]]
-        layers, single = preset.num_layers, preset.num_single_layers
-    else:
+    family = model_family(cfg)
+    config = _transformer_config(cfg, family)
+    if config is None:
         return ["  pp stages: the model's transformer config is not readable; block ranges unknown"]
     try:
-        return pp_block_lines(cfg.stages.denoiser.parallel, layers, single)
+        return pp_block_lines(cfg.stages.denoiser.parallel, family.blocks(config))
     except PipelineError as e:
         raise ConfigError(str(e)) from None
+
+
+def _modes_in_use(cfg: RuntimeConfig) -> list[tuple[str, str]]:
+    """(parallel mode, the config key and value that turn it on) for every mode ``cfg`` uses."""
+    den, te, vae = cfg.stages.denoiser, cfg.stages.text_encoder, cfg.stages.vae
+    p = den.parallel
+    used = [("ulysses", f"stages.denoiser.parallel.ulysses = {p.ulysses}", p.ulysses > 1),
+            ("ring", f"stages.denoiser.parallel.ring = {p.ring}", p.ring > 1),
+            ("cfg", f"stages.denoiser.parallel.cfg = {p.cfg}", p.cfg > 1),
+            ("pp", f"stages.denoiser.parallel.pp = {p.pp}", p.pp > 1 and p.pp_mode == "layer"),
+            ("pipefusion", f"stages.denoiser.parallel.pp_mode = {p.pp_mode!r}", p.pp > 1 and p.pp_mode == "pipefusion"),
+            ("hsdp_shard", f"stages.denoiser.parallel.hsdp_shard = {p.hsdp_shard}", p.hsdp_shard > 1),
+            ("hsdp_shard", f"stages.text_encoder.parallel.hsdp_shard = {te.parallel.hsdp_shard}",
+             te.parallel.hsdp_shard > 1),
+            ("ep", f"stages.denoiser.parallel.ep = {p.ep}", p.ep > 1),
+            ("vae_patch", f"stages.vae.parallel.patch = {vae.parallel.vae_patch}", vae.parallel.vae_patch > 1),
+            ("mixed_sizes", "stages.denoiser.mixed_sizes = true", den.mixed_sizes)]
+    return [(mode, key) for mode, key, on in used if on]
+
+
+def check_family(cfg: RuntimeConfig) -> list[str]:
+    """The model family and what it supports; a parallel mode it cannot run is a :class:`ConfigError` naming the
+    key, the family and the reason."""
+    family = model_family(cfg)
+    for mode, key in _modes_in_use(cfg):
+        if mode in family.unsupported:
+            raise ConfigError(f"{key}: the {family.name} family ({', '.join(family.pipeline_classes)}) does not "
+                              f"support {mode}: {family.unsupported[mode]}")
+    return family.describe()
 
 
 def preflight(cfg: RuntimeConfig, model: bool = True) -> list[str]:
@@ -152,6 +197,7 @@ def preflight(cfg: RuntimeConfig, model: bool = True) -> list[str]:
     lines = [check_machine(cfg), check_host(cfg)]
     if model:
         lines += check_model(cfg)
+        lines += check_family(cfg)
     if cfg.stages.denoiser.parallel.pp > 1:
         pipeline_lines(cfg)  # raises for more stages than blocks; ``check`` prints the ranges with the placement
     return lines

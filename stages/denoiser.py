@@ -1,9 +1,10 @@
-"""Denoiser stage: the Flux flow-matching loop over a batch of requests.
+"""Denoiser stage: the flow-matching loop over a batch of requests, for any model family.
 
 For each request it draws the initial latents from ``torch.Generator("cpu").manual_seed(seed)`` as diffusers'
-FluxPipeline does, runs the flow-match Euler schedule of the checkpoint (``shift`` / dynamic shifting), feeds the
-guidance embedding when the model has one and applies true CFG when a request has negative embeddings and
-``true_cfg_scale > 1``. Requests of the same shape run in one forward; every request has its own generator, so
+pipelines (FluxPipeline, QwenImagePipeline) do, runs the flow-match Euler schedule of the checkpoint (``shift`` /
+dynamic shifting), feeds the guidance embedding when the model has one and applies the family's true CFG when a
+request has negative embeddings and ``true_cfg_scale > 1``. What differs between families (the conditioning
+tensors, position ids, the guidance combine) comes from the family's declaration (``stages.models.family``). Requests of the same shape run in one forward; every request has its own generator, so
 batching does not change any result.
 
 The stage knows nothing about processes. It loads on a :class:`parallel.mesh.Mesh` (``mesh=None``: one process).
@@ -37,8 +38,9 @@ from omni_runtime.parallel.strategies.row_forward import RowForward, row_forward
 from omni_runtime.stages.cpu_linear import CPU_LINEAR, use_onednn
 from omni_runtime.stages.device import resolve_device, resolve_dtype
 from omni_runtime.stages.errors import RequestError
-from omni_runtime.stages.guidance import TRUE_CFG, UNGUIDED, Guidance
+from omni_runtime.stages.guidance import UNGUIDED, Guidance
 from omni_runtime.stages.latents import check_image_size, image_seq_len, unpack_latents
+from omni_runtime.stages.models.family import ModelFamily, family_of
 from omni_runtime.stages.schedule import FlowMatchSchedule
 from omni_runtime.stages.step_batch import RunningSet
 from omni_runtime.stages.weights import component_dir, read_config
@@ -52,58 +54,40 @@ StopHook = Callable[[int], Sequence[int]]
 
 @dataclass
 class DenoiseRequest:
-    """One image to denoise. Embeddings come from :class:`stages.text_encoder.TextEncoderStage` for one prompt:
-    ``prompt_embeds`` (seq, d) or (1, seq, d), ``pooled_prompt_embeds`` (d_pooled,) or (1, d_pooled)."""
+    """One image to denoise. ``embeds`` is the text encoder's output for its prompt: the family's branch tensors
+    (:attr:`stages.models.family.ModelFamily.branch_dims`, e.g. Flux's ``prompt_embeds`` (seq, d) and
+    ``pooled_prompt_embeds`` (d_pooled,); a leading batch dim of 1 is dropped) and, for true CFG, the negative
+    prompt's under the same keys prefixed ``negative_``."""
 
-    prompt_embeds: torch.Tensor
-    pooled_prompt_embeds: torch.Tensor
+    embeds: dict[str, torch.Tensor]
     seed: int = 0
     height: int = 1024
     width: int = 1024
     num_inference_steps: int = 28
     guidance_scale: float = 3.5
     true_cfg_scale: float = 1.0
-    negative_prompt_embeds: torch.Tensor | None = None
-    negative_pooled_prompt_embeds: torch.Tensor | None = None
 
     @property
     def do_true_cfg(self) -> bool:
-        """FluxPipeline's rule: true CFG runs when ``true_cfg_scale > 1`` and a negative prompt is given."""
-        return self.true_cfg_scale > 1 and self.negative_prompt_embeds is not None
-
-    @property
-    def guidance(self) -> Guidance:
-        """The request's branches and their combine: :data:`stages.guidance.TRUE_CFG` (cond, uncond) under true
-        CFG, else :data:`stages.guidance.UNGUIDED`."""
-        return TRUE_CFG if self.do_true_cfg else UNGUIDED
+        """The pipelines' rule: true CFG runs when ``true_cfg_scale > 1`` and a negative prompt is given."""
+        return self.true_cfg_scale > 1 and any(k.startswith(NEGATIVE) for k in self.embeds)
 
     @property
     def guidance_scales(self) -> tuple[float, ...]:
-        """The scales :attr:`guidance`'s combine takes."""
+        """The scales the request's guidance combine takes."""
         return (self.true_cfg_scale,) if self.do_true_cfg else ()
 
 
-def vae_scale_factor_of(path: str | Path) -> int:
-    """2 ** (number of VAE blocks - 1), as FluxPipeline computes it (8 when the model has no ``vae/``)."""
+#: the prefix of a negative prompt's tensors in :attr:`DenoiseRequest.embeds`
+NEGATIVE = "negative_"
+
+
+def vae_scale_factor_of(path: str | Path, family: ModelFamily) -> int:
+    """Pixels per latent row of the model's VAE, as its pipeline computes it (8 when the model has no ``vae/``)."""
     vae_dir = Path(path) / "vae"
     if not vae_dir.is_dir():
         return 8
-    return 2 ** (len(read_config(vae_dir)["block_out_channels"]) - 1)
-
-
-def load_transformer(path: str | Path, dtype: torch.dtype, device: torch.device,
-                     ep_group: GroupCoordinator | None = None,
-                     hsdp: HSDPInferenceConfig | None = None,
-                     pp_group: GroupCoordinator | None = None) -> torch.nn.Module:
-    """Load ``<path>/transformer`` as a Flux transformer (forward signature of diffusers' FluxTransformer2DModel).
-
-    ``ep_group``: the expert-parallel group of an MoE model (this rank then loads only its experts); ``hsdp``: its
-    weights are sharded over the HSDP mesh, each rank loading only its shards; ``pp_group`` (more than one rank):
-    this rank loads only its pipeline stage's blocks (``parallel.strategies.pipeline_parallel``)."""
-    from omni_runtime.stages.models.flux import FluxTransformer
-
-    return FluxTransformer.from_pretrained(component_dir(path, "transformer"), dtype=dtype, device=device,
-                                           ep_group=ep_group, hsdp=hsdp, pp_group=pp_group)
+    return family.vae.scale_factor(read_config(vae_dir))
 
 
 def _unbatched(t: object, field: str, ndim: int) -> torch.Tensor:
@@ -113,30 +97,28 @@ def _unbatched(t: object, field: str, ndim: int) -> torch.Tensor:
     if t.dim() == ndim + 1 and t.shape[0] == 1:
         return t[0]
     if t.dim() != ndim:
-        expected = "(seq, dim) or (1, seq, dim)" if ndim == 2 else "(dim,) or (1, dim)"
-        raise RequestError(f"{field} has shape {tuple(t.shape)}; expected {expected}")
+        shape = ("seq", "dim")[2 - ndim:] if ndim <= 2 else tuple(f"d{i}" for i in range(ndim))
+        one = f"({', '.join(shape)}{',' if ndim == 1 else ''})"
+        raise RequestError(f"{field} has shape {tuple(t.shape)}; expected {one} or (1, {', '.join(shape)})")
     return t
 
 
-def _as_2d(t: object, field: str) -> torch.Tensor:
-    return _unbatched(t, field, 2)
-
-
-def _as_1d(t: object, field: str) -> torch.Tensor:
-    return _unbatched(t, field, 1)
-
-
 class DenoiserStage:
-    """Runs the denoising loop of a Flux transformer. ``denoise(requests)`` returns one latent per request."""
+    """Runs the denoising loop of a model family's transformer. ``denoise(requests)`` returns one latent per
+    request. What depends on the family (its conditioning rows, position ids, guidance) is read from ``family``."""
 
     def __init__(self, model: torch.nn.Module, config: dict[str, Any], schedule: FlowMatchSchedule,
                  vae_scale_factor: int, dtype: torch.dtype, device: torch.device, mesh: Mesh | None = None,
-                 *, batch_invariant: bool = False, mixed_sizes: bool = False) -> None:
+                 *, family: ModelFamily, batch_invariant: bool = False, mixed_sizes: bool = False) -> None:
         self.model = model
+        self.family = family
         self.mesh = mesh if mesh is not None else Mesh.single(device)
         if mixed_sizes and (self.mesh.size("sp") > 1 or self.mesh.size("pp") > 1):
             raise ValueError(f"mixed_sizes needs sp = pp = 1 (the padded rows are not split over ranks); this mesh "
                              f"has sp = {self.mesh.size('sp')}, pp = {self.mesh.size('pp')}")
+        if mixed_sizes and not family.mixed_sizes:
+            raise ValueError(f"mixed_sizes is not supported by the {family.name} family: "
+                             f"{family.unsupported.get('mixed_sizes', 'its rows cannot share a forward')}")
         self.config = config
         self.schedule = schedule
         self.vae_scale_factor = vae_scale_factor
@@ -145,8 +127,6 @@ class DenoiserStage:
         self.in_channels = int(config.get("in_channels", 64))
         self.num_channels_latents = self.in_channels // 4
         self.guidance_embeds = bool(config.get("guidance_embeds", False))
-        self.joint_attention_dim = config.get("joint_attention_dim")
-        self.pooled_projection_dim = config.get("pooled_projection_dim")
         #: how one step's rows are computed on this mesh (``parallel.strategies.row_forward``)
         self.forward_rows: RowForward = row_forward_for(self.mesh)
         #: one forward per request (bit-identical to its solo run) instead of one per join group
@@ -161,8 +141,8 @@ class DenoiserStage:
                         ep_group: GroupCoordinator | None = None,
                         hsdp: HSDPInferenceConfig | None = None, batch_invariant: bool = False,
                         mixed_sizes: bool = False, cpu_linear: str = "onednn") -> DenoiserStage:
-        """Load transformer + scheduler config on ``mesh`` (None: ``Mesh.single()``); with an sp group of more
-        than one rank, apply :class:`SequenceParallel` to the model.
+        """Load the family's transformer + the scheduler config on ``mesh`` (None: ``Mesh.single()``); with an sp
+        group of more than one rank, apply :class:`SequenceParallel` to the model.
 
         ``ep_group``: the expert-parallel group with its all2all manager attached
         (``parallel.all2all.init_expert_parallel(mesh)``); an MoE model then holds and loads only this rank's
@@ -174,10 +154,12 @@ class DenoiserStage:
             raise ValueError(f"cpu_linear = {cpu_linear!r}: allowed values are {CPU_LINEAR}")
         torch_dtype, dev = resolve_dtype(dtype), resolve_device(device)
         mesh = mesh if mesh is not None else Mesh.single(dev)
+        family = family_of(path)
         config = read_config(component_dir(path, "transformer"))
         schedule = FlowMatchSchedule.from_pretrained(path)
         pp = mesh.size("pp")
-        model = load_transformer(path, torch_dtype, dev, ep_group, hsdp, mesh.group("pp") if pp > 1 else None)
+        model = family.load_transformer(component_dir(path, "transformer"), torch_dtype, dev, ep_group=ep_group,
+                                        hsdp=hsdp, pp_group=mesh.group("pp") if pp > 1 else None)
         if ep_group is not None and ep_group.device_communicator is not None:
             ep_group.device_communicator.prepare_communication_buffer_for_model(model)
             experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
@@ -192,13 +174,33 @@ class DenoiserStage:
         if sp > 1:  # a pipeline stage without the head gathers nothing: its activations go on sharded
             SequenceParallel(mesh, check_gathers=pp == 1 or mesh.rank("pp") == pp - 1).apply(model)
             logger.info("denoiser: sequence parallel over %d ranks", sp)
-        logger.info("loaded denoiser from %s (%s on %s)", path, torch_dtype, dev)
-        stage = cls(model, config, schedule, vae_scale_factor_of(path), torch_dtype, dev, mesh,
-                    batch_invariant=batch_invariant, mixed_sizes=mixed_sizes)
+        logger.info("loaded %s denoiser from %s (%s on %s)", family.name, path, torch_dtype, dev)
+        stage = cls(model, config, schedule, vae_scale_factor_of(path, family), torch_dtype, dev, mesh,
+                    family=family, batch_invariant=batch_invariant, mixed_sizes=mixed_sizes)
         if mesh.size("cfg") > 1:
             logger.info("denoiser: CFG parallel over %d ranks (cfg rank %d), rows by %r", mesh.size("cfg"),
                         mesh.rank("cfg"), stage.forward_rows)
         return stage
+
+    def guidance(self, req: DenoiseRequest) -> Guidance:
+        """The request's branches and their combine: the family's true CFG (cond, uncond) when the request runs
+        it, else :data:`stages.guidance.UNGUIDED`."""
+        return self.family.true_cfg if req.do_true_cfg else UNGUIDED
+
+    def branches(self, req: DenoiseRequest) -> list[dict[str, torch.Tensor]]:
+        """The request's branch tensors, unbatched: the prompt's, then (true CFG) the negative prompt's."""
+        prefixes = ["", NEGATIVE] if req.do_true_cfg else [""]
+        out = []
+        for prefix in prefixes:
+            branch = {}
+            for key, ndim in self.family.branch_dims.items():
+                name = prefix + key
+                if name not in req.embeds:
+                    raise RequestError(f"{name} is missing; the {self.family.name} family takes "
+                                       f"{[prefix + k for k in self.family.branch_dims]}")
+                branch[key] = _unbatched(req.embeds[name], name, ndim)
+            out.append(branch)
+        return out
 
     def validate(self, req: DenoiseRequest) -> None:
         """Raise :class:`RequestError` naming the field for what this model cannot run (image size, embeddings).
@@ -213,32 +215,15 @@ class DenoiserStage:
                 raise RequestError(f"height={req.height}: {req.height} / {2 * self.vae_scale_factor} = {rows} token "
                                    f"row(s) < stages.denoiser.parallel.pipefusion_patches = {patches} (0: pp = "
                                    f"{spec.pp}); allowed: height >= {patches * 2 * self.vae_scale_factor}")
-        pairs = [("prompt_embeds", "pooled_prompt_embeds")]
-        if req.do_true_cfg:
-            if req.negative_pooled_prompt_embeds is None:
-                raise RequestError("negative_pooled_prompt_embeds is missing; it is required with "
-                                   "negative_prompt_embeds")
-            pairs.append(("negative_prompt_embeds", "negative_pooled_prompt_embeds"))
-            n_pos = _as_2d(req.prompt_embeds, "prompt_embeds").shape[0]
-            n_neg = _as_2d(req.negative_prompt_embeds, "negative_prompt_embeds").shape[0]
-            if n_neg != n_pos:
-                raise RequestError(f"negative_prompt_embeds has {n_neg} tokens and prompt_embeds {n_pos}; they must "
-                                   f"be equal (encode both with the same max_sequence_length), as in diffusers")
-        for seq_name, pooled_name in pairs:
-            seq = _as_2d(getattr(req, seq_name), seq_name)
-            pooled = _as_1d(getattr(req, pooled_name), pooled_name)
-            if self.joint_attention_dim is not None and seq.shape[-1] != self.joint_attention_dim:
-                raise RequestError(f"{seq_name} has width {seq.shape[-1]}; this model takes "
-                                   f"{self.joint_attention_dim}")
-            if self.pooled_projection_dim is not None and pooled.shape[-1] != self.pooled_projection_dim:
-                raise RequestError(f"{pooled_name} has width {pooled.shape[-1]}; this model takes "
-                                   f"{self.pooled_projection_dim}")
+        branches = self.branches(req)
+        for prefix, branch in zip(["", NEGATIVE], branches, strict=False):
+            self.family.check_branch(branch, self.config, prefix)
+        self.family.check_branches(branches)
 
-    @staticmethod
-    def batch_key(req: DenoiseRequest) -> tuple:
+    def batch_key(self, req: DenoiseRequest) -> tuple:
         """Requests with equal keys run in one forward."""
-        return (req.height, req.width, req.num_inference_steps,
-                _as_2d(req.prompt_embeds, "prompt_embeds").shape[0], req.do_true_cfg)
+        return (req.height, req.width, req.num_inference_steps, self.family.join_key(self.branches(req)),
+                req.do_true_cfg)
 
     @torch.no_grad()
     def denoise(self, requests: list[DenoiseRequest], *, unpack: bool = False, progress: bool = False,
@@ -295,16 +280,11 @@ class DenoiserStage:
 
     def join_key(self, req: DenoiseRequest) -> tuple:
         """Requests with equal keys can share one forward whatever their step counts and CFG: their rows stack
-        (same image size, same text length; with :attr:`mixed_sizes` the text length alone: the image tokens are
-        padded)."""
-        text = _as_2d(req.prompt_embeds, "prompt_embeds").shape[0]
-        return (text,) if self.mixed_sizes else (req.height, req.width, text)
+        (same image size and the family's join key, e.g. Flux's text length; with :attr:`mixed_sizes` the family's
+        key alone: the image tokens are padded)."""
+        key = self.family.join_key(self.branches(req))
+        return (key,) if self.mixed_sizes else (req.height, req.width, key)
 
     def row_tokens(self, req: DenoiseRequest) -> tuple[int, int]:
         """(image tokens of one row, rows) of ``req`` in a step's forward: what its padding waste is counted by."""
         return image_seq_len(req.height, req.width, self.vae_scale_factor), 2 if req.do_true_cfg else 1
-
-    def embeddings(self, req: DenoiseRequest, seq_name: str, pooled_name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """One branch's (sequence, pooled) embeddings of ``req``, unbatched."""
-        return _as_2d(getattr(req, seq_name), seq_name), _as_1d(getattr(req, pooled_name), pooled_name)
-

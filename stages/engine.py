@@ -11,8 +11,9 @@ client) moves items in and outputs out; both run these same engines, so there is
 
 An item carries the request (anything with the fields of :class:`RequestParams`, e.g. the runtime's
 ``GenerationRequest``, validated at the API edge), the seed of this image, and the previous stage's output.
-Outputs: the text encoder gives a dict of embeddings per item, the denoiser packed latents (tokens, C*4), the VAE
-an (H, W, 3) uint8 array.
+Outputs: the text encoder gives a dict of the family's branch tensors per item, the denoiser packed latents
+(tokens, C*4), the VAE an (H, W, 3) uint8 array. The model family (``stages.models.family``) of the directory is
+read at load; the engines themselves are the same for every family.
 """
 
 from __future__ import annotations
@@ -26,9 +27,10 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from omni_runtime.stages.denoiser import DenoiseRequest, DenoiserStage, StopHook
+from omni_runtime.stages.denoiser import NEGATIVE, DenoiseRequest, DenoiserStage, StopHook
+from omni_runtime.stages.device import resolve_device, resolve_dtype
+from omni_runtime.stages.models.family import TextEncoder, family_of
 from omni_runtime.stages.step_batch import RunningSet
-from omni_runtime.stages.text_encoder import TextEncoderStage
 from omni_runtime.stages.vae import VaeDecoderStage
 
 logger = logging.getLogger(__name__)
@@ -59,7 +61,7 @@ class StageItem:
 
 
 def uses_true_cfg(p: RequestParams) -> bool:
-    """FluxPipeline's rule: true CFG runs when ``true_cfg_scale > 1`` and a negative prompt is given."""
+    """The pipelines' rule: true CFG runs when ``true_cfg_scale > 1`` and a negative prompt is given."""
     return p.negative_prompt is not None and p.true_cfg_scale > 1
 
 
@@ -72,36 +74,33 @@ class Engine(Protocol):
 
 
 class TextEncoderEngine:
-    """Prompts -> ``{"prompt_embeds", "pooled_prompt_embeds"[, "negative_prompt_embeds",
-    "negative_pooled_prompt_embeds"]}`` per item (negatives only for items that use true CFG)."""
+    """Prompts -> the family's branch tensors per item (Flux: ``{"prompt_embeds", "pooled_prompt_embeds"}``), and
+    the negative prompt's under the same keys prefixed ``negative_`` for items that use true CFG. All prompts of a
+    step (positive and negative) are encoded in one call."""
 
     name = "text_encoder"
 
-    def __init__(self, stage: TextEncoderStage) -> None:
-        self.stage = stage
+    def __init__(self, encoder: TextEncoder) -> None:
+        self.encoder = encoder
 
     @classmethod
     def load(cls, path: str | Path, dtype: str, device: str, mesh: Any = None) -> TextEncoderEngine:
         from omni_runtime.parallel.hsdp import hsdp_config_from_mesh  # None unless the mesh shards weights
 
         hsdp = hsdp_config_from_mesh(mesh) if mesh is not None else None
-        return cls(TextEncoderStage.from_pretrained(path, dtype, device, mesh=mesh, hsdp=hsdp))
+        family = family_of(path)
+        return cls(family.load_text_encoder(Path(path), resolve_dtype(dtype), resolve_device(device), hsdp=hsdp))
 
     def batch_key(self, item: StageItem) -> Hashable:
         return ()
 
     def step(self, items: list[StageItem], stop: StopHook | None = None) -> list[dict[str, torch.Tensor]]:
-        enc = self.stage.encode([it.params.prompt for it in items])
         neg_idx = [i for i, it in enumerate(items) if uses_true_cfg(it.params)]
-        neg = self.stage.encode([items[i].params.negative_prompt for i in neg_idx]) if neg_idx else None
-        outs = []
-        for i in range(len(items)):
-            d = {"prompt_embeds": enc["prompt_embeds"][i], "pooled_prompt_embeds": enc["pooled_prompt_embeds"][i]}
-            if neg is not None and i in neg_idx:
-                j = neg_idx.index(i)
-                d["negative_prompt_embeds"] = neg["prompt_embeds"][j]
-                d["negative_pooled_prompt_embeds"] = neg["pooled_prompt_embeds"][j]
-            outs.append(d)
+        prompts = [it.params.prompt for it in items] + [items[i].params.negative_prompt for i in neg_idx]
+        enc = self.encoder.encode(prompts)
+        outs = [dict(enc[i]) for i in range(len(items))]
+        for j, i in enumerate(neg_idx):
+            outs[i].update({NEGATIVE + k: v for k, v in enc[len(items) + j].items()})
         return outs
 
 
@@ -135,12 +134,11 @@ class DenoiserEngine:
         """The denoiser's view of an item: the request's numbers joined with the text encoder's tensors."""
         t, p = item.inputs, item.params
         cfg = uses_true_cfg(p)
+        embeds = {k: v for k, v in t.items() if cfg or not k.startswith(NEGATIVE)}
         return DenoiseRequest(
-            prompt_embeds=t["prompt_embeds"], pooled_prompt_embeds=t["pooled_prompt_embeds"], seed=item.seed,
-            height=p.height, width=p.width, num_inference_steps=p.num_inference_steps,
-            guidance_scale=p.guidance_scale, true_cfg_scale=p.true_cfg_scale,
-            negative_prompt_embeds=t.get("negative_prompt_embeds") if cfg else None,
-            negative_pooled_prompt_embeds=t.get("negative_pooled_prompt_embeds") if cfg else None)
+            embeds=embeds, seed=item.seed, height=p.height, width=p.width,
+            num_inference_steps=p.num_inference_steps, guidance_scale=p.guidance_scale,
+            true_cfg_scale=p.true_cfg_scale)
 
     def batch_key(self, item: StageItem) -> Hashable:
         return self.stage.batch_key(self.request(item))

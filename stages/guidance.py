@@ -14,6 +14,8 @@ Instances:
   ``uncond + scale * (cond - uncond)``;
 * :func:`composable_guidance` ``(n)``: n - 1 conditional branches and the unconditional one last,
   ``uncond + sum_k scale_k * (cond_k - uncond)`` (composable diffusion; n = 2 is true CFG);
+* :data:`TRUE_CFG_NORM`: true CFG whose result is rescaled to the conditional prediction's norm per token
+  (``comb * |cond| / |comb|`` over the channels), as QwenImagePipeline applies it;
 * :data:`TEXT_IMAGE_GUIDANCE`: InstructPix2Pix's 3 branches (text + image, image only, unconditional),
   ``uncond + s_image * (image - uncond) + s_text * (text_image - image)``, scales ``(s_text, s_image)``.
 
@@ -33,7 +35,7 @@ from omni_runtime.parallel.strategies.row_forward import RowInfo
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TEXT_IMAGE_GUIDANCE", "TRUE_CFG", "UNGUIDED", "Combine", "Guidance", "composable_guidance", "mixed_apply",
+__all__ = ["TEXT_IMAGE_GUIDANCE", "TRUE_CFG", "TRUE_CFG_NORM", "UNGUIDED", "Combine", "Guidance", "composable_guidance", "mixed_apply",
            "mixed_rows"]
 
 #: ``combine(preds, scales) -> prediction``: one request's N branch predictions (each without a batch dim, in
@@ -94,6 +96,11 @@ def _composable(preds: Sequence[torch.Tensor], scales: Sequence[float]) -> torch
     return out
 
 
+def _composable_norm(preds: Sequence[torch.Tensor], scales: Sequence[float]) -> torch.Tensor:
+    comb = _composable(preds, scales)
+    return comb * (torch.norm(preds[0], dim=-1, keepdim=True) / torch.norm(comb, dim=-1, keepdim=True))
+
+
 def _text_image(preds: Sequence[torch.Tensor], scales: Sequence[float]) -> torch.Tensor:
     text_image, image, uncond = preds
     s_text, s_image = (float(s) for s in scales)
@@ -103,6 +110,8 @@ def _text_image(preds: Sequence[torch.Tensor], scales: Sequence[float]) -> torch
 UNGUIDED = Guidance("none", 1, _unguided)
 #: FluxPipeline's true CFG (``uncond + true_cfg_scale * (cond - uncond)``); branches (cond, uncond)
 TRUE_CFG = Guidance("true_cfg", 2, _composable, ("true_cfg_scale",))
+#: QwenImagePipeline's true CFG: the combined prediction rescaled per token to the conditional one's norm
+TRUE_CFG_NORM = Guidance("true_cfg_norm", 2, _composable_norm, ("true_cfg_scale",))
 TEXT_IMAGE_GUIDANCE = Guidance("text_image", 3, _text_image, ("text_scale", "image_scale"))
 
 

@@ -182,22 +182,29 @@ def _read_rows(fh: Any, entry: TensorEntry, start: int, stop: int, into: torch.T
     return nbytes
 
 
-def _checkpoint_key(name: str, where: dict[str, Any], prefixes: tuple[str, ...]) -> str | None:
+def _checkpoint_key(name: str, where: dict[str, Any], prefixes: tuple[str, ...],
+                    renames: tuple[tuple[str, str], ...] = ()) -> str | None:
     for prefix in ("", *prefixes):
         if prefix + name in where:
             return prefix + name
+    for module_prefix, checkpoint_prefix in renames:
+        if name.startswith(module_prefix) and checkpoint_prefix + name[len(module_prefix):] in where:
+            return checkpoint_prefix + name[len(module_prefix):]
     return None
 
 
 def load_sharded_weights(model: nn.Module, component: str | Path, weights_name: str, *, device: torch.device,
-                         key_prefixes: tuple[str, ...] = ()) -> ShardedLoadStats:
+                         key_prefixes: tuple[str, ...] = (),
+                         key_renames: tuple[tuple[str, str], ...] = ()) -> ShardedLoadStats:
     """Fill ``model`` (parameters on meta, already passed through ``apply_hsdp_to_model``) from the safetensors
     of ``component``; every rank reads only the rows of its shards. Tensors are cast to the model's dtypes.
 
     ``key_prefixes``: alternative checkpoint prefixes for a parameter name (e.g. ``"text_model."`` for CLIP
-    checkpoints written by older transformers). Tied parameters (one tensor under two names) are read once.
-    Collective-free: each rank reads its own rows independently (plain reads, no mmap: the file's pages never
-    count towards this process's memory)."""
+    checkpoints written by older transformers). ``key_renames``: ``(module prefix, checkpoint prefix)`` pairs for
+    checkpoints that store a module's parameters under another path (transformers 5 saves Qwen2.5-VL's
+    ``model.language_model.*`` as ``model.*``). A parameter's own name is tried first. Tied parameters (one
+    tensor under two names) are read once. Collective-free: each rank reads its own rows independently (plain
+    reads, no mmap: the file's pages never count towards this process's memory)."""
     stats = ShardedLoadStats()
     where = _headers(safetensors_files(component, weights_name))
     # Every tensor of the model under each of its names; a tied tensor needs one of its names in the file.
@@ -212,7 +219,7 @@ def load_sharded_weights(model: nn.Module, component: str | Path, weights_name: 
     used: set[str] = set()
     expected: dict[str, torch.Size] = {}
     for tid, names in tensors.items():
-        found = [(n, k) for n in names if (k := _checkpoint_key(n, where, key_prefixes)) is not None]
+        found = [(n, k) for n in names if (k := _checkpoint_key(n, where, key_prefixes, key_renames)) is not None]
         _, key = found[0] if found else (names[0], names[0])
         chosen[names[0]] = key
         used.update(k for _, k in found)
@@ -260,7 +267,8 @@ def load_sharded_weights(model: nn.Module, component: str | Path, weights_name: 
 
 def build_sharded_model(factory: Callable[[], nn.Module], component: str | Path, weights_name: str,
                         hsdp_config: HSDPInferenceConfig, *, device: torch.device, dtype: torch.dtype,
-                        key_prefixes: tuple[str, ...] = ()) -> nn.Module:
+                        key_prefixes: tuple[str, ...] = (),
+                        key_renames: tuple[tuple[str, str], ...] = ()) -> nn.Module:
     """``factory()`` built with parameters on meta, cast to ``dtype``, sharded with ``apply_hsdp_to_model`` and
     filled shard by shard from ``component``'s safetensors; returned in eval mode without gradients.
     Collective over the ranks of ``hsdp_config``'s mesh (the sharding step)."""
@@ -268,5 +276,6 @@ def build_sharded_model(factory: Callable[[], nn.Module], component: str | Path,
         model = factory()
     model = model.to(dtype).eval().requires_grad_(False)
     apply_hsdp_to_model(model, hsdp_config)
-    load_sharded_weights(model, component, weights_name, device=device, key_prefixes=key_prefixes)
+    load_sharded_weights(model, component, weights_name, device=device, key_prefixes=key_prefixes,
+                         key_renames=key_renames)
     return model

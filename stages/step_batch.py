@@ -34,8 +34,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from omni_runtime.stages.guidance import mixed_apply, mixed_rows
-from omni_runtime.stages.latents import image_seq_len, initial_noise, latent_image_ids
+from omni_runtime.stages.guidance import Guidance, mixed_apply, mixed_rows
+from omni_runtime.stages.latents import image_seq_len, initial_noise
 from omni_runtime.stages.schedule import euler_step
 
 if TYPE_CHECKING:
@@ -57,17 +57,17 @@ def padding_waste(row_tokens: list[int]) -> float:
 
 @dataclass
 class Running:
-    """One request in the running set. ``embeds``/``pooled`` hold one entry per branch (0 = conditional)."""
+    """One request in the running set. ``branches`` holds one dict of the family's branch tensors per guidance
+    branch (0 = conditional)."""
 
     id: int
     req: DenoiseRequest
     latents: torch.Tensor      # (1, tokens, C*4)
     timesteps: torch.Tensor    # (steps,)
     sigmas: torch.Tensor       # (steps + 1,)
-    embeds: torch.Tensor       # (branches, txt, d)
-    pooled: torch.Tensor       # (branches, d_pooled)
+    branches: list[dict[str, torch.Tensor]]
+    guidance: Guidance
     img_ids: torch.Tensor      # (tokens, 3)
-    txt_ids: torch.Tensor      # (txt, 3)
     key: Hashable
     done: int = 0              # steps done
 
@@ -76,8 +76,8 @@ class Running:
         return self.req.num_inference_steps
 
     @property
-    def branches(self) -> int:
-        return self.embeds.shape[0]
+    def rows(self) -> int:
+        return len(self.branches)
 
     @property
     def tokens(self) -> int:
@@ -117,19 +117,14 @@ class RunningSet:
         st.validate(req)
         h, w = req.height, req.width
         dev, dt = st.device, st.dtype
-        embeds, pooled = [st.embeddings(req, "prompt_embeds", "pooled_prompt_embeds")], None
-        if req.do_true_cfg:
-            embeds.append(st.embeddings(req, "negative_prompt_embeds", "negative_pooled_prompt_embeds"))
-        seq = torch.stack([e[0] for e in embeds]).to(dev, dt, copy=True)
-        pooled = torch.stack([e[1] for e in embeds]).to(dev, dt, copy=True)
+        branches = [{k: v.to(dev, dt, copy=True) for k, v in b.items()} for b in st.branches(req)]
         timesteps, sigmas = st.schedule.sigmas(req.num_inference_steps, image_seq_len(h, w, st.vae_scale_factor),
                                                dev)
         self.running[rid] = Running(
             id=rid, req=req,
             latents=initial_noise(req.seed, st.num_channels_latents, h, w, st.vae_scale_factor, dt, dev),
-            timesteps=timesteps, sigmas=sigmas, embeds=seq, pooled=pooled,
-            img_ids=latent_image_ids(h, w, st.vae_scale_factor, dev, dt),
-            txt_ids=torch.zeros(seq.shape[1], 3, device=dev, dtype=dt), key=self.join_key(req))
+            timesteps=timesteps, sigmas=sigmas, branches=branches, guidance=st.guidance(req),
+            img_ids=st.family.image_ids(h, w, st.vae_scale_factor, dev, dt), key=self.join_key(req))
 
     def drop(self, rid: int) -> bool:
         """Take ``rid`` out (cancelled, expired); False if it is not running."""
@@ -152,12 +147,12 @@ class RunningSet:
             if self.batch_invariant:  # one forward per request: the same shapes as its solo run
                 for r in members:
                     self._advance([r])
-                total += sum(r.tokens * r.branches for r in members)
+                total += sum(r.tokens * r.rows for r in members)
             else:
                 self._advance(members)
                 longest = max(r.tokens for r in members)
-                rows = sum(r.branches for r in members)
-                padded += sum((longest - r.tokens) * r.branches for r in members)
+                rows = sum(r.rows for r in members)
+                padded += sum((longest - r.tokens) * r.rows for r in members)
                 total += longest * rows
         self.padding_waste = padded / total if total else 0.0
         done = {}
@@ -170,7 +165,7 @@ class RunningSet:
         """One step of ``members`` (one join group) in one forward: rows branch-major, i.e. the conditional row of
         every request, then the second branch of every request with two, and so on."""
         st = self.stage
-        guides = [r.req.guidance for r in members]
+        guides = [r.guidance for r in members]
         info = mixed_rows([r.id for r in members], guides, [r.done for r in members])
         by_id = {r.id: r for r in members}
         rows = [(by_id[row.request], row.branch) for row in info]
@@ -181,9 +176,10 @@ class RunningSet:
                                     dtype=torch.float32)
         longest = max(r.tokens for r in members)
         row_args = {"timestep": ts / 1000, "guidance": guidance,
-                    "pooled_projections": torch.stack([r.pooled[b] for r, b in rows]),
-                    "encoder_hidden_states": torch.stack([r.embeds[b] for r, b in rows])}
-        shared = {"txt_ids": members[0].txt_ids}
+                    **st.family.row_args([r.branches[b] for r, b in rows])}
+        first = members[0].req  # the text positions of the rows (a family with mixed sizes has size-free ones)
+        shared = {"txt_ids": st.family.text_ids(row_args["encoder_hidden_states"].shape[1], first.height, first.width,
+                                                st.vae_scale_factor, st.device, st.dtype)}
         if len({(r.req.height, r.req.width) for r in members}) == 1:  # one size: ids shared by every row
             row_args["hidden_states"] = torch.cat([r.latents for r, _ in rows])
             shared["img_ids"] = members[0].img_ids

@@ -30,15 +30,20 @@ ALLOWED_CLASSES: dict[str, tuple[str, ...]] = {
 TOKENIZER_SLOTS = ("tokenizer", "tokenizer_2")
 
 
+def check_tokenizer_class(where: str, library: str, cls_name: str) -> None:
+    """Raise ``CheckpointError`` (prefixed ``where``) unless ``cls_name`` is a tokenizer class of transformers."""
+    cls = getattr(transformers, cls_name, None) if library == "transformers" else None
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedTokenizerBase)):
+        raise CheckpointError(f"{where} is not supported; allowed: a tokenizer class of transformers "
+                              f"{transformers.__version__} (e.g. CLIPTokenizer, T5TokenizerFast, "
+                              f"PreTrainedTokenizerFast)")
+
+
 def check_component_class(model_dir: str | Path, name: str, library: str, cls_name: str) -> None:
     """Raise ``CheckpointError`` unless ``[library, cls_name]`` from model_index.json can fill slot ``name``."""
     where = f"{Path(model_dir) / 'model_index.json'}: {name} = [{library!r}, {cls_name!r}]"
     if name in TOKENIZER_SLOTS:
-        cls = getattr(transformers, cls_name, None) if library == "transformers" else None
-        if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedTokenizerBase)):
-            raise CheckpointError(f"{where} is not supported; allowed: a tokenizer class of transformers "
-                                  f"{transformers.__version__} (e.g. CLIPTokenizer, T5TokenizerFast, "
-                                  f"PreTrainedTokenizerFast)")
+        check_tokenizer_class(where, library, cls_name)
         return
     allowed = ALLOWED_CLASSES[name]
     if library != "transformers" or cls_name not in allowed or not hasattr(transformers, cls_name):

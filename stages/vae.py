@@ -1,4 +1,7 @@
-"""VAE decoder stage: packed Flux latents -> uint8 HWC images, as FluxPipeline decodes and postprocesses them."""
+"""VAE decoder stage: packed latents -> uint8 HWC images, as the family's diffusers pipeline decodes and
+postprocesses them. What differs between VAE classes (latent normalisation, a frame axis, the scale factor) is a
+:class:`~stages.models.family.VaeKind` the model family declares; :class:`AutoencoderKLKind` (FLUX.1's) is here,
+since the patch-parallel decode (``stages.vae_patch_decode``) is written for it."""
 
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import torch
 from omni_runtime.stages.device import resolve_device, resolve_dtype
 from omni_runtime.stages.errors import CheckpointError, RequestError
 from omni_runtime.stages.latents import check_image_size, image_seq_len, unpack_latents
+from omni_runtime.stages.models.family import VaeKind, family_of
 from omni_runtime.stages.weights import component_dir, read_config
 
 if TYPE_CHECKING:
@@ -29,17 +33,44 @@ def to_uint8_images(decoded: torch.Tensor) -> list[np.ndarray]:
     return list(arr)
 
 
+class AutoencoderKLKind(VaeKind):
+    """diffusers' ``AutoencoderKL`` (FLUX.1's VAE): latents scaled by ``scaling_factor`` and shifted by
+    ``shift_factor``; patch parallel decode is exact (``stages.vae_patch_decode``)."""
+
+    class_name = "AutoencoderKL"
+    channels_last = True
+
+    def load(self, directory: Path, dtype: torch.dtype) -> torch.nn.Module:
+        from diffusers import AutoencoderKL
+
+        try:
+            return AutoencoderKL.from_pretrained(str(directory), dtype=dtype)
+        except Exception as e:  # anything a damaged checkpoint makes the loader raise (SafetensorError, ...)
+            raise CheckpointError(f"{directory}: cannot load AutoencoderKL: {e}") from e
+
+    def scale_factor(self, config: Any) -> int:
+        return 2 ** (len(config["block_out_channels"]) - 1)
+
+    def latent_channels(self, config: Any) -> int:
+        return int(config.get("latent_channels", 4))
+
+    def to_decoder(self, vae: torch.nn.Module, z: torch.Tensor) -> torch.Tensor:
+        shift = vae.config.shift_factor
+        return z / float(vae.config.scaling_factor) + (float(shift) if shift is not None else 0.0)
+
+
 class VaeDecoderStage:
     """Decodes packed latents (B, tokens, C*4), (tokens, C*4), or a list of those, of one image size into images.
 
     ``group`` (a ``GroupCoordinator``, every rank of it calling :meth:`decode` with the same latents) with more
     than one rank decodes patch-parallel (exact; the images come back on group rank 0, the other ranks get
     ``[]``). ``tiling`` turns on diffusers' tiled decode (approximate: it blends overlapping tiles; single rank
-    only)."""
+    only). ``kind``: the VAE class's :class:`~stages.models.family.VaeKind` (default: ``AutoencoderKL``'s)."""
 
     def __init__(self, vae: torch.nn.Module, dtype: torch.dtype, device: torch.device, *, group: Any = None,
-                 tiling: bool = False, stats: PatchStats | None = None) -> None:
+                 tiling: bool = False, stats: PatchStats | None = None, kind: VaeKind | None = None) -> None:
         self.vae = vae
+        self.kind = kind if kind is not None else AutoencoderKLKind()
         self.dtype = dtype
         self.device = device
         self.group = group if group is not None and group.world_size > 1 else None
@@ -53,8 +84,12 @@ class VaeDecoderStage:
             vae.enable_tiling()
         self.patch = None
         if self.group is not None:
-            from omni_runtime.parallel.vae_patch_parallel import PatchGroup
+            from omni_runtime.parallel.vae_patch_parallel import PatchGroup, VaePatchError
             from omni_runtime.stages.vae_patch_decode import check_supported
+
+            if self.kind.patch_refusal is not None:
+                raise VaePatchError(f"[stages.vae.parallel] patch = {self.group.world_size}: "
+                                    f"{self.kind.patch_refusal}; allowed: patch = 1")
 
             check_supported(vae)
             self.patch = PatchGroup(self.group, stats)
@@ -62,33 +97,26 @@ class VaeDecoderStage:
         # of a 256x256 decode on the 2-core VM (docs/BENCHMARKS.md, issue 16), values within float rounding of
         # NCHW. Not for bfloat16 (its rounding then moves pixels by up to 4 levels from diffusers') and not
         # measured on CUDA: there the layout stays as loaded.
-        self.channels_last = device.type == "cpu" and dtype == torch.float32
+        self.channels_last = device.type == "cpu" and dtype == torch.float32 and self.kind.channels_last
         if self.channels_last:
             vae.to(memory_format=torch.channels_last)
-        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        self.latent_channels = int(vae.config.latent_channels)
-        self.scaling_factor = float(vae.config.scaling_factor)
-        shift = vae.config.shift_factor
-        self.shift_factor = float(shift) if shift is not None else 0.0
+        self.vae_scale_factor = self.kind.scale_factor(vae.config)
+        self.latent_channels = self.kind.latent_channels(vae.config)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: str | torch.dtype = "float32",
                         device: str | torch.device = "cpu", mesh: Any = None, *,
                         tiling: bool = False, stats: PatchStats | None = None) -> VaeDecoderStage:
-        """Load ``<path>/vae`` with diffusers' AutoencoderKL. ``mesh`` (a ``parallel.mesh.Mesh``, None: one
-        process): its ``vae_patch`` group decodes patch-parallel; ``tiling``: see the class."""
-        from diffusers import AutoencoderKL
-
+        """Load ``<path>/vae`` with the VAE class the model family declares. ``mesh`` (a ``parallel.mesh.Mesh``,
+        None: one process): its ``vae_patch`` group decodes patch-parallel; ``tiling``: see the class."""
         torch_dtype, dev = resolve_dtype(dtype), resolve_device(device)
+        kind = family_of(path).vae
         directory = component_dir(path, "vae")
-        read_config(directory, allowed_classes=("AutoencoderKL",))
-        try:
-            vae = AutoencoderKL.from_pretrained(str(directory), dtype=torch_dtype)
-        except Exception as e:  # anything a damaged checkpoint makes the loader raise (SafetensorError, ...)
-            raise CheckpointError(f"{directory}: cannot load AutoencoderKL: {e}") from e
-        logger.info("loaded VAE from %s (%s on %s)", path, torch_dtype, dev)
+        read_config(directory, allowed_classes=(kind.class_name,))
+        vae = kind.load(directory, torch_dtype)
+        logger.info("loaded VAE %s from %s (%s on %s)", kind.class_name, path, torch_dtype, dev)
         group = None if mesh is None else mesh.group("vae_patch")
-        return cls(vae.to(dev).eval(), torch_dtype, dev, group=group, tiling=tiling, stats=stats)
+        return cls(vae.to(dev).eval(), torch_dtype, dev, group=group, tiling=tiling, stats=stats, kind=kind)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor | list[torch.Tensor], height: int, width: int) -> list[np.ndarray]:
@@ -105,15 +133,15 @@ class VaeDecoderStage:
             raise RequestError(f"latents have shape {tuple(latents.shape)}; a {height}x{width} image takes packed "
                                f"latents ({expected[0]}, {expected[1]}) or (batch, {expected[0]}, {expected[1]})")
         x = unpack_latents(latents, height, width, self.vae_scale_factor)
-        x = (x / self.scaling_factor) + self.shift_factor
-        x = x.to(device=self.device, dtype=self.vae.dtype)
+        x = self.kind.to_decoder(self.vae, x.to(device=self.device, dtype=self.vae.dtype))
         decoded = self.decode_latents(x)
-        return [] if decoded is None else to_uint8_images(decoded)
+        return [] if decoded is None else to_uint8_images(self.kind.from_decoder(decoded))
 
     @torch.no_grad()
     def decode_latents(self, z: torch.Tensor) -> torch.Tensor | None:
-        """Scaled, unpacked latents (B, C, rows, cols) -> decoded (B, 3, H, W) in [-1, 1]; ``None`` on the
-        patch ranks other than group rank 0.
+        """De-normalised, unpacked latents (B, C, rows, cols) (what the VAE's ``decode`` takes: ``kind.to_decoder``)
+        -> the decoder's output, (B, 3, H, W) in [-1, 1] for ``AutoencoderKL``; ``None`` on the patch ranks other
+        than group rank 0.
 
         Patch-parallel when the group has more ranks than 1 and every rank gets at least one latent row; with
         fewer latent rows than ranks, group rank 0 decodes alone (the single-rank numbers; the ranks only meet at a

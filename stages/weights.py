@@ -42,15 +42,16 @@ def read_json(path: str | Path) -> dict[str, Any]:
 def read_model_index(model_dir: str | Path) -> dict[str, tuple[str, str]]:
     """The components listed in ``model_dir/model_index.json``: ``{name: (library, class_name)}``.
 
-    Entries whose library is null (optional components left out, e.g. ``image_encoder``) are skipped.
+    Entries whose library is null (optional components left out, e.g. ``image_encoder``) are skipped, and so are
+    entries that are not a list (pipeline settings such as Wan's ``"boundary_ratio": null``).
     """
     index_path = Path(model_dir) / MODEL_INDEX
     index = read_json(index_path)
     components: dict[str, tuple[str, str]] = {}
     for name, value in index.items():
-        if name.startswith("_"):
+        if name.startswith("_") or not isinstance(value, list):
             continue
-        if not (isinstance(value, list) and len(value) == 2):
+        if len(value) != 2:
             raise CheckpointError(f"{index_path}: entry {name!r} = {value!r}; expected [library, class_name]")
         library, class_name = value
         if library is None or class_name is None:

@@ -61,3 +61,11 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from omni_runtime.stages.models.tiny import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model", preset="tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def qwen_tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Qwen-Image model (omni_runtime.stages.models.qwen_image.tiny), written once per test session."""
+    from omni_runtime.stages.models.qwen_image.tiny import make_tiny_qwen_image
+
+    return make_tiny_qwen_image(tmp_path_factory.mktemp("qwen_tiny") / "model", preset="tiny", seed=0)

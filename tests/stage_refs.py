@@ -12,6 +12,18 @@ import torch
 from omni_runtime.stages import DenoiseRequest, DenoiserStage, TextEncoderStage, VaeDecoderStage
 
 
+def flux_request(prompt_embeds: torch.Tensor, pooled_prompt_embeds: torch.Tensor,
+                 negative_prompt_embeds: torch.Tensor | None = None,
+                 negative_pooled_prompt_embeds: torch.Tensor | None = None, **kw) -> DenoiseRequest:
+    """A Flux :class:`DenoiseRequest` from its tensors (the negative ones only when given)."""
+    embeds = {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled_prompt_embeds}
+    if negative_prompt_embeds is not None:
+        embeds["negative_prompt_embeds"] = negative_prompt_embeds
+    if negative_pooled_prompt_embeds is not None:
+        embeds["negative_pooled_prompt_embeds"] = negative_pooled_prompt_embeds
+    return DenoiseRequest(embeds=embeds, **kw)
+
+
 def load_stages(path: str | Path, dtype: str = "float32") -> SimpleNamespace:
     return SimpleNamespace(text_encoder=TextEncoderStage.from_pretrained(path, dtype, "cpu"),
                            denoiser=DenoiserStage.from_pretrained(path, dtype, "cpu"),
@@ -28,7 +40,7 @@ def denoise_requests(stages: SimpleNamespace, prompt: str | list[str], *, negati
     do_cfg = negative_prompt is not None and true_cfg_scale > 1
     neg = (stages.text_encoder.encode([negative_prompt] * len(prompts), max_sequence_length=max_sequence_length)
            if do_cfg else None)
-    return [DenoiseRequest(
+    return [flux_request(
         prompt_embeds=enc["prompt_embeds"][i], pooled_prompt_embeds=enc["pooled_prompt_embeds"][i], seed=seeds[i],
         height=height, width=width, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
         true_cfg_scale=true_cfg_scale, negative_prompt_embeds=neg["prompt_embeds"][i] if neg else None,

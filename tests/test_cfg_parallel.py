@@ -258,7 +258,9 @@ FLUX_CASES = [  # (prompt, negative prompt or None, seed, height, width, true_cf
 
 
 def _flux_cases(model_dir: str, mesh=None) -> dict:
-    from omni_runtime.stages import DenoiseRequest, DenoiserStage, TextEncoderStage
+    from stage_refs import flux_request
+
+    from omni_runtime.stages import DenoiserStage, TextEncoderStage
 
     te = TextEncoderStage.from_pretrained(model_dir, "float32", "cpu")
     den = DenoiserStage.from_pretrained(model_dir, "float32", "cpu", mesh=mesh)
@@ -268,7 +270,7 @@ def _flux_cases(model_dir: str, mesh=None) -> dict:
     for prompt, neg, seed, h, w, scale in FLUX_CASES:
         enc = te.encode(prompt, max_sequence_length=16)
         nenc = te.encode(neg, max_sequence_length=16) if neg else None
-        reqs.append(DenoiseRequest(
+        reqs.append(flux_request(
             prompt_embeds=enc["prompt_embeds"][0], pooled_prompt_embeds=enc["pooled_prompt_embeds"][0], seed=seed,
             height=h, width=w, num_inference_steps=2, true_cfg_scale=scale,
             negative_prompt_embeds=nenc["prompt_embeds"][0] if nenc else None,

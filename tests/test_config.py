@@ -179,7 +179,7 @@ def test_default_config_model_is_created_on_first_use(tmp_path, tiny_dir, capsys
     cfg.parent.mkdir()
     cfg.write_text((ROOT / "configs" / "default.toml").read_text())  # as in a fresh checkout: no models/ yet
     assert main(["check", str(cfg)]) == 0
-    assert "missing: the embedded tiny model is created there on first use" in capsys.readouterr().out
+    assert "missing: the embedded tiny FluxPipeline model is created there on first use" in capsys.readouterr().out
     made = ensure_model(load_config(cfg).model.path)
     assert made == tmp_path / "models" / "tiny-flux"
     files = sorted(p.relative_to(made) for p in made.rglob("*") if p.is_file())

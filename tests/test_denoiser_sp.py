@@ -28,7 +28,9 @@ MAX_SEQ = 16
 
 def _run_cases(model_dir: str, out_dir: str | None, tag: str, mesh=None) -> dict:
     """Encode, denoise (all CASES in one call: shape groups batch) and, on rank 0, decode."""
-    from omni_runtime.stages import DenoiseRequest, DenoiserStage, TextEncoderStage, VaeDecoderStage
+    from stage_refs import flux_request
+
+    from omni_runtime.stages import DenoiserStage, TextEncoderStage, VaeDecoderStage
 
     te = TextEncoderStage.from_pretrained(model_dir, "float32", "cpu")
     den = DenoiserStage.from_pretrained(model_dir, "float32", "cpu", mesh=mesh)
@@ -38,7 +40,7 @@ def _run_cases(model_dir: str, out_dir: str | None, tag: str, mesh=None) -> dict
     for prompt, neg, seed, h, w, cfg in CASES:
         enc = te.encode(prompt, max_sequence_length=MAX_SEQ)
         nenc = te.encode(neg, max_sequence_length=MAX_SEQ) if neg else None
-        reqs.append(DenoiseRequest(
+        reqs.append(flux_request(
             prompt_embeds=enc["prompt_embeds"][0], pooled_prompt_embeds=enc["pooled_prompt_embeds"][0], seed=seed,
             height=h, width=w, num_inference_steps=STEPS, true_cfg_scale=cfg,
             negative_prompt_embeds=nenc["prompt_embeds"][0] if nenc else None,

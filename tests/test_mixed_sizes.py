@@ -71,7 +71,7 @@ def test_true_cfg_and_plain_request_of_different_sizes_equal_solo(stage: Denoise
 
 def test_without_the_switch_sizes_do_not_join(tiny_dir: Path, stage: DenoiserStage) -> None:
     plain = DenoiserStage(stage.model, stage.config, stage.schedule, stage.vae_scale_factor, stage.dtype,
-                          stage.device)
+                          stage.device, family=stage.family)
     a, b = _req(0, 3, False, (256, 256)), _req(1, 3, False, (272, 208))
     assert plain.join_key(a) != plain.join_key(b)
     assert stage.row_tokens(a) == (256, 1) and stage.row_tokens(_req(2, 3, True, (272, 208))) == (221, 2)
@@ -138,4 +138,4 @@ def test_the_stage_refuses_mixed_sizes_over_sequence_or_pipeline_ranks(stage: De
     # the config refuses it first (tests/test_step_scheduler.py); this guards direct users of the stage
     with pytest.raises(ValueError, match=f"mixed_sizes needs sp = pp = 1.*{axis} = 2"):
         DenoiserStage(stage.model, stage.config, stage.schedule, stage.vae_scale_factor, stage.dtype, stage.device,
-                      _Mesh(**{axis: 2}), mixed_sizes=True)
+                      _Mesh(**{axis: 2}), family=stage.family, mixed_sizes=True)

@@ -31,7 +31,9 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 def run_cases(model_dir: str, steps: int, mesh=None, decode: bool = True) -> dict:
     """Denoise CASES with ``steps`` steps on ``mesh``; latents and (rank 0 / one process) decoded images."""
-    from omni_runtime.stages import DenoiseRequest, DenoiserStage, TextEncoderStage, VaeDecoderStage
+    from stage_refs import flux_request
+
+    from omni_runtime.stages import DenoiserStage, TextEncoderStage, VaeDecoderStage
 
     te = TextEncoderStage.from_pretrained(model_dir, "float32", "cpu")
     den = DenoiserStage.from_pretrained(model_dir, "float32", "cpu", mesh=mesh)
@@ -39,7 +41,7 @@ def run_cases(model_dir: str, steps: int, mesh=None, decode: bool = True) -> dic
     for prompt, neg, seed, h, w, cfg in CASES:
         enc = te.encode(prompt, max_sequence_length=MAX_SEQ)
         nenc = te.encode(neg, max_sequence_length=MAX_SEQ) if neg else None
-        reqs.append(DenoiseRequest(
+        reqs.append(flux_request(
             prompt_embeds=enc["prompt_embeds"][0], pooled_prompt_embeds=enc["pooled_prompt_embeds"][0], seed=seed,
             height=h, width=w, num_inference_steps=steps, true_cfg_scale=cfg,
             negative_prompt_embeds=nenc["prompt_embeds"][0] if nenc else None,
@@ -107,14 +109,16 @@ def test_patches_are_whole_token_rows() -> None:
 
 
 def test_request_with_fewer_token_rows_than_patches_is_a_request_error(tiny_dir: Path) -> None:
+    from stage_refs import flux_request
+
     from omni_runtime.parallel.mesh import Mesh
-    from omni_runtime.stages import DenoiseRequest, DenoiserStage
+    from omni_runtime.stages import DenoiserStage
     from omni_runtime.stages.errors import RequestError
 
     den = DenoiserStage.from_pretrained(str(tiny_dir), "float32", "cpu")
     den.mesh = Mesh(ParallelSpec(pp=2, pp_mode="pipefusion", pipefusion_patches=4), 0, torch.device("cpu"),
                     Mesh.single()._groups)
-    req = DenoiseRequest(prompt_embeds=torch.zeros(4, 32), pooled_prompt_embeds=torch.zeros(32), height=48, width=64)
+    req = flux_request(prompt_embeds=torch.zeros(4, 32), pooled_prompt_embeds=torch.zeros(32), height=48, width=64)
     with pytest.raises(RequestError, match=r"height=48: 48 / 16 = 3 token row\(s\) < "
                                            r"stages.denoiser.parallel.pipefusion_patches = 4 .*allowed: height >= 64"):
         den.validate(req)

@@ -35,14 +35,16 @@ MAX_SEQ = 16
 
 
 def _requests(model_dir: str) -> list:
-    from omni_runtime.stages import DenoiseRequest, TextEncoderStage
+    from stage_refs import flux_request
+
+    from omni_runtime.stages import TextEncoderStage
 
     te = TextEncoderStage.from_pretrained(model_dir, "float32", "cpu")
     reqs = []
     for prompt, neg, seed, h, w, cfg in CASES:
         enc = te.encode(prompt, max_sequence_length=MAX_SEQ)
         nenc = te.encode(neg, max_sequence_length=MAX_SEQ) if neg else None
-        reqs.append(DenoiseRequest(
+        reqs.append(flux_request(
             prompt_embeds=enc["prompt_embeds"][0], pooled_prompt_embeds=enc["pooled_prompt_embeds"][0], seed=seed,
             height=h, width=w, num_inference_steps=STEPS, true_cfg_scale=cfg,
             negative_prompt_embeds=nenc["prompt_embeds"][0] if nenc else None,
@@ -192,7 +194,7 @@ def test_check_prints_block_ranges_and_rejects_pp_above_the_block_count(tiny_dir
                                  "stages": {"denoiser": {"parallel": {"pp": pp, "ulysses": ulysses}}}})
 
     assert pipeline_lines(cfg(2, 2)) == [
-        "  pp stages (2 blocks: 1 double-stream + 1 single-stream):",
+        "  pp stages (2 blocks: 1 transformer_blocks + 1 single_transformer_blocks):",
         "    pp rank 0 (ranks [0, 1]): blocks [0, 1) = transformer_blocks[0:1] + embedders",
         "    pp rank 1 (ranks [2, 3]): blocks [1, 2) = single_transformer_blocks[0:1] + head"]
     with pytest.raises(ConfigError, match=r"^stages.denoiser.parallel.pp = 3: the model has 2 transformer "

@@ -28,7 +28,7 @@ class Server:
         for old, new in (edits or {}).items():
             assert old in text, f"{old!r} not in {base_config}"
             text = text.replace(old, new)
-        text = text.replace('path = "../models/tiny-flux"', f'path = "{ROOT / "models" / "tiny-flux"}"')
+        text = text.replace('path = "../models/', f'path = "{ROOT / "models"}/')  # the embedded models
         text = text.replace('api_key = ""', f'api_key = "{api_key}"')
         text = text.replace("max_queue = 64", f"max_queue = {max_queue}")
         cfg = tmp / "server.toml"

@@ -11,7 +11,7 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline  # noqa: E402
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift as diffusers_calculate_shift  # noqa: E402
-from stage_refs import denoise_requests, load_stages  # noqa: E402
+from stage_refs import denoise_requests, flux_request, load_stages  # noqa: E402
 
 from omni_runtime.stages import DenoiseRequest, DenoiserStage, TextEncoderStage, VaeDecoderStage  # noqa: E402
 from omni_runtime.stages.errors import CheckpointError, ConfigError, RequestError  # noqa: E402
@@ -22,6 +22,7 @@ from omni_runtime.stages.latents import (  # noqa: E402
     pack_latents,
     unpack_latents,
 )
+from omni_runtime.stages.models.family import family_for_class  # noqa: E402
 from omni_runtime.stages.schedule import FlowMatchSchedule, calculate_shift, euler_step  # noqa: E402
 
 
@@ -123,7 +124,7 @@ def test_size_not_multiple_of_16_names_size_and_nearest(height: int, width: int,
 
 
 def test_size_error_through_the_stages(ours) -> None:
-    req = DenoiseRequest(prompt_embeds=torch.zeros(8, 32), pooled_prompt_embeds=torch.zeros(32), height=100,
+    req = flux_request(prompt_embeds=torch.zeros(8, 32), pooled_prompt_embeds=torch.zeros(32), height=100,
                          width=128)
     with pytest.raises(RequestError, match=r"height=100 .* nearest valid height: 96 or 112"):
         ours.denoiser.denoise([req])
@@ -142,7 +143,7 @@ def test_bad_request_fields_are_request_errors(ours, field: str, value: object, 
               num_inference_steps=1)
     kw[field] = value
     with pytest.raises(RequestError, match=match):
-        ours.denoiser.denoise([DenoiseRequest(**kw)])
+        ours.denoiser.denoise([flux_request(**kw)])
 
 
 def test_request_numbers_are_not_revalidated_by_the_denoiser(ours) -> None:
@@ -150,7 +151,7 @@ def test_request_numbers_are_not_revalidated_by_the_denoiser(ours) -> None:
     kw = dict(prompt_embeds=torch.zeros(8, 32), pooled_prompt_embeds=torch.zeros(32), height=64, width=64)
     for field, value in (("num_inference_steps", 0), ("seed", -1)):
         with pytest.raises(AssertionError):
-            ours.denoiser.denoise([DenoiseRequest(**{**kw, "num_inference_steps": 1, field: value})])
+            ours.denoiser.denoise([flux_request(**{**kw, "num_inference_steps": 1, field: value})])
     with pytest.raises(RequestError, match="max_sequence_length=513 .* from 1 to 512"):
         ours.text_encoder.encode("a", max_sequence_length=513)
 
@@ -335,12 +336,13 @@ class _RowwiseModel(torch.nn.Module):
 
 def _rowwise_stage(dtype: torch.dtype) -> DenoiserStage:
     config = {"in_channels": 64, "guidance_embeds": False, "joint_attention_dim": 32, "pooled_projection_dim": 32}
-    return DenoiserStage(_RowwiseModel(), config, FlowMatchSchedule(shift=3.0), 8, dtype, torch.device("cpu"))
+    return DenoiserStage(_RowwiseModel(), config, FlowMatchSchedule(shift=3.0), 8, dtype, torch.device("cpu"),
+                         family=family_for_class("FluxPipeline"))
 
 
 def _cfg_request(seed: int, scale: float, neg_len: int = 8) -> DenoiseRequest:
     g = torch.Generator().manual_seed(100 + seed)
-    return DenoiseRequest(
+    return flux_request(
         prompt_embeds=torch.randn(8, 32, generator=g), pooled_prompt_embeds=torch.randn(32, generator=g),
         negative_prompt_embeds=torch.randn(neg_len, 32, generator=g),
         negative_pooled_prompt_embeds=torch.randn(32, generator=g), seed=seed, height=64, width=48,

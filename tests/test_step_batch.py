@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from stage_refs import flux_request
 
 from omni_runtime.stages.denoiser import DenoiseRequest, DenoiserStage
 from omni_runtime.stages.step_batch import RunningSet
@@ -25,7 +26,7 @@ def _req(seed: int, steps: int, cfg: bool, size: tuple[int, int] = (64, 64)) -> 
     if cfg:
         kw = dict(negative_prompt_embeds=torch.randn(8, 32, generator=g),
                   negative_pooled_prompt_embeds=torch.randn(32, generator=g), true_cfg_scale=2.5)
-    return DenoiseRequest(prompt_embeds=torch.randn(8, 32, generator=g), pooled_prompt_embeds=torch.randn(32, generator=g),
+    return flux_request(prompt_embeds=torch.randn(8, 32, generator=g), pooled_prompt_embeds=torch.randn(32, generator=g),
                           seed=seed, height=size[1], width=size[0], num_inference_steps=steps,
                           guidance_scale=2.0 + seed, **kw)
 
@@ -65,7 +66,7 @@ def test_mixed_steps_and_cfg_joining_at_different_steps_equal_solo(stage: Denois
 
 def test_batch_invariant_is_bit_identical_to_solo(tiny_dir: Path, stage: DenoiserStage) -> None:
     inv = DenoiserStage(stage.model, stage.config, stage.schedule, stage.vae_scale_factor, stage.dtype,
-                        stage.device, batch_invariant=True)
+                        stage.device, family=stage.family, batch_invariant=True)
     reqs = [_req(0, 3, False), _req(1, 7, True), _req(2, 5, False)]
     solo = [inv.denoise([r])[0] for r in reqs]
     got = _staggered(inv, reqs, joins=[0, 1, 2], invariant=True)

@@ -390,12 +390,13 @@ def _cfg_rank(rank: int, world: int, port: int, path: str, out: str, tag: str, s
     g = torch.Generator().manual_seed(0)
 
     def request(seed: int, cfg: bool) -> DenoiseRequest:
-        pos = (torch.randn(16, den.joint_attention_dim, generator=g), torch.randn(den.pooled_projection_dim, generator=g))
-        neg = (torch.randn(16, den.joint_attention_dim, generator=g), torch.randn(den.pooled_projection_dim, generator=g))
-        return DenoiseRequest(prompt_embeds=pos[0], pooled_prompt_embeds=pos[1], seed=seed, height=size, width=size,
-                              num_inference_steps=steps, true_cfg_scale=4.0 if cfg else 1.0,
-                              negative_prompt_embeds=neg[0] if cfg else None,
-                              negative_pooled_prompt_embeds=neg[1] if cfg else None)
+        text, pooled = den.config["joint_attention_dim"], den.config["pooled_projection_dim"]
+        embeds = {"prompt_embeds": torch.randn(16, text, generator=g),
+                  "pooled_prompt_embeds": torch.randn(pooled, generator=g)}
+        neg = {"negative_prompt_embeds": torch.randn(16, text, generator=g),
+               "negative_pooled_prompt_embeds": torch.randn(pooled, generator=g)}
+        return DenoiseRequest(embeds={**embeds, **(neg if cfg else {})}, seed=seed, height=size, width=size,
+                              num_inference_steps=steps, true_cfg_scale=4.0 if cfg else 1.0)
 
     den.denoise([request(0, True)])  # warm-up
     ready.set()

@@ -40,9 +40,9 @@ def _requests(cfg: dict, batch: int, size: int, steps: int) -> list:
     from omni_runtime.stages import DenoiseRequest
 
     g = torch.Generator().manual_seed(0)
-    return [DenoiseRequest(prompt_embeds=torch.randn(TEXT_TOKENS, cfg["joint_attention_dim"], generator=g),
-                           pooled_prompt_embeds=torch.randn(cfg["pooled_projection_dim"], generator=g), seed=i,
-                           height=size, width=size, num_inference_steps=steps) for i in range(batch)]
+    return [DenoiseRequest(embeds={"prompt_embeds": torch.randn(TEXT_TOKENS, cfg["joint_attention_dim"], generator=g),
+                                   "pooled_prompt_embeds": torch.randn(cfg["pooled_projection_dim"], generator=g)},
+                           seed=i, height=size, width=size, num_inference_steps=steps) for i in range(batch)]
 
 
 def _worker(rank: int, world: int, port: int, model: str, out: str, phase: str, batch: int, size: int, steps: int,

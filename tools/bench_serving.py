@@ -1,8 +1,10 @@
-"""Serving benchmark: ``omni-runtime serve`` against diffusers' ``FluxPipeline`` called in-process.
+"""Serving benchmark: ``omni-runtime serve`` against the model family's diffusers pipeline called in-process.
 
-Same checkpoint (the ``small`` preset of ``omni_runtime.stages.models.tiny`` by default), same machine, same run:
+Same checkpoint (the embedded ``small`` preset of ``--family`` flux by default; ``--family qwen-image`` for
+Qwen-Image), same machine, same run; the baseline is the pipeline class the directory's ``model_index.json`` names
+(``FluxPipeline``, ``QwenImagePipeline``), loaded with diffusers' ``DiffusionPipeline.from_pretrained``:
 
-(a) latency of one request through serve (HTTP + three stage processes) vs one in-process FluxPipeline call;
+(a) latency of one request through serve (HTTP + three stage processes) vs one in-process pipeline call;
 (b) throughput with 1, 4 and 16 concurrent clients vs diffusers serving one request at a time;
 (c) where the time goes per stage (from the server's /metrics): queue wait (sent -> batch start), compute, and
     the rest of the hop (IPC, batching window, orchestrator), and the CPU time per image of every process
@@ -18,7 +20,7 @@ Every measure alternates its phases (diffusers, serve, diffusers, serve, ...), w
 before each, and reports the median of the per-pair ratios, so a noisy neighbour on the machine hits both sides
 alike. Requests go through a keep-alive client per client thread (``tools/serve_process.py``).
 
-Usage: ``python tools/bench_serving.py [--preset small] [--size 256x256] [--steps 8] [--repeats 9] [--rounds 3]
+Usage: ``python tools/bench_serving.py [--family flux|qwen-image] [--preset small] [--size 256x256] [--steps 8] [--repeats 9] [--rounds 3]
 [--quick] [--cpu-linear torch]``. The recorded run (docs/BENCHMARKS.md) is the plain command with its defaults;
 ``--cpu-linear torch`` gives the server torch's own linear kernel, diffusers' (the serving overhead alone).
 ``python tools/bench_serving.py arrivals --help``: Poisson arrivals, step-level vs request-level denoiser scheduling
@@ -45,14 +47,16 @@ logger = logging.getLogger(__name__)
 
 
 class _Diffusers:
-    """diffusers' FluxPipeline in this process: the baseline every serve phase is paired with."""
+    """The family's diffusers pipeline in this process: the baseline every serve phase is paired with."""
 
     def __init__(self, path: Path, body: dict) -> None:
         import torch
-        from diffusers import FluxPipeline
+        from diffusers import DiffusionPipeline
 
         self.torch = torch
-        self.pipe = FluxPipeline.from_pretrained(str(path), torch_dtype=torch.float32)
+        self.pipe = DiffusionPipeline.from_pretrained(str(path), dtype=torch.float32)
+        # the request's guidance_scale where the model has a guidance embedding (serve passes it the same way)
+        self.guidance = {"guidance_scale": 3.5} if self.pipe.transformer.config.get("guidance_embeds") else {}
         self.pipe.set_progress_bar_config(disable=True)
         self.body = body
         self.w, self.h = (int(x) for x in body["size"].split("x"))
@@ -82,7 +86,7 @@ class _Diffusers:
     def once(self, seed: int) -> float:
         t0 = time.perf_counter()
         self.pipe(self.body["prompt"], height=self.h, width=self.w,
-                  num_inference_steps=self.body["num_inference_steps"], guidance_scale=3.5,
+                  num_inference_steps=self.body["num_inference_steps"], **self.guidance,
                   generator=self.torch.Generator("cpu").manual_seed(seed), output_type="np")
         return time.perf_counter() - t0
 
@@ -167,6 +171,8 @@ def _requests(clients: int, quick: bool) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="small", choices=["tiny", "small"])
+    p.add_argument("--family", default="flux", choices=["flux", "qwen-image"],
+                   help="the embedded model <preset>-<family> and, as the baseline, its diffusers pipeline")
     p.add_argument("--size", default="256x256")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--repeats", type=int, default=9, help="alternating (diffusers, serve) latency pairs")
@@ -190,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     repeats, rounds = (3, 1) if args.quick else (args.repeats, args.rounds)
     body = {"prompt": "a photo of a red fox in the snow", "size": args.size, "num_inference_steps": args.steps,
             "seed": 0}
-    model = ensure_model(args.preset)
+    model = ensure_model(args.preset, args.family)
     base = _Diffusers(model, body)
     server = _Server(model, max_batch=args.max_batch, env=dict(kv.split("=", 1) for kv in args.server_env),
                      cpu_sharing=args.cpu_sharing, cpu_linear=args.cpu_linear)
@@ -235,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append((f"(b) throughput, {clients} clients", f"{statistics.median(b for b, _ in pairs):.2f} img/s",
                          f"{statistics.median(t for _, t in pairs):.2f} img/s", f"{statistics.median(tr):.3f}x",
                          " ".join(f"{r:.3f}" for r in tr)))
-        print(f"\nbench_serving: preset {args.preset}, {args.size}, {args.steps} steps, {os.cpu_count()} CPUs, "
+        print(f"\nbench_serving: {args.preset}-{args.family} ({type(base.pipe).__name__}), {args.size}, {args.steps} steps, {os.cpu_count()} CPUs, "
               f"{repeats} latency pairs, {rounds} throughput round(s), phases alternating")
         print(f"{'measure':32} {'diffusers':>14} {'omni serve':>14} {'median ratio':>14}  per-pair ratios")
         for r in rows:

@@ -1,8 +1,12 @@
-"""Write a complete tiny diffusers-format FLUX.1-style model: the CLI over ``omni_runtime.stages.models.tiny``.
+"""Write a complete tiny diffusers-format model: the CLI over ``omni_runtime.stages.models.tiny`` (FLUX.1) and
+``omni_runtime.stages.models.qwen_image.tiny`` (Qwen-Image).
 
-Usage: ``python tools/make_tiny_model.py OUT_DIR [--preset tiny|small] [--seed N] [--moe-experts N --moe-top-k K]``.
+Usage: ``python tools/make_tiny_model.py OUT_DIR [--family flux|qwen_image] [--preset tiny|small] [--seed N]
+[--moe-experts N --moe-top-k K]``.
 
-``--moe-experts`` makes the single-stream blocks' MLP a mixture of experts (our loader reads it; diffusers cannot).
+``--family`` picks the model family (default ``flux``, a ``FluxPipeline`` directory; ``qwen_image`` writes a
+``QwenImagePipeline`` one). ``--moe-experts`` (flux only) makes the single-stream blocks' MLP a mixture of experts
+(our loader reads it; diffusers cannot).
 """
 
 from __future__ import annotations
@@ -11,22 +15,33 @@ import argparse
 import logging
 import sys
 
+from omni_runtime.stages.models.qwen_image.tiny import PRESETS as QWEN_IMAGE_PRESETS
+from omni_runtime.stages.models.qwen_image.tiny import make_tiny_qwen_image
 from omni_runtime.stages.models.tiny import PRESETS, make_tiny_model
+
+FAMILIES = ("flux", "qwen_image")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", help="directory to write the model into (created if missing)")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    parser.add_argument("--family", choices=FAMILIES, default="flux",
+                        help="model family: flux (FluxPipeline) or qwen_image (QwenImagePipeline)")
+    parser.add_argument("--preset", choices=sorted(set(PRESETS) | set(QWEN_IMAGE_PRESETS)), default="tiny")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--moe-experts", type=int, default=0,
-                        help="routed experts in each single-stream block's MoE FFN (0: dense MLP)")
+                        help="routed experts in each single-stream block's MoE FFN (0: dense MLP; flux only)")
     parser.add_argument("--moe-top-k", type=int, default=2, help="experts per token (with --moe-experts)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.family == "qwen_image" and args.moe_experts:
+        parser.error("--moe-experts is for --family flux only (the Qwen-Image transformer has no MoE variant)")
     try:
-        out = make_tiny_model(args.out_dir, preset=args.preset, seed=args.seed, moe_experts=args.moe_experts,
-                              moe_top_k=args.moe_top_k)
+        if args.family == "qwen_image":
+            out = make_tiny_qwen_image(args.out_dir, preset=args.preset, seed=args.seed)
+        else:
+            out = make_tiny_model(args.out_dir, preset=args.preset, seed=args.seed, moe_experts=args.moe_experts,
+                                  moe_top_k=args.moe_top_k)
     except ValueError as e:
         parser.error(str(e).replace("moe_experts=", "--moe-experts ").replace("moe_top_k=", "--moe-top-k "))
     print(out)

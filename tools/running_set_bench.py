@@ -42,9 +42,10 @@ def request(stage: Any, i: int, width: int, height: int, steps: int) -> Any:
     from omni_runtime.stages.denoiser import DenoiseRequest
 
     g = torch.Generator().manual_seed(i)
-    dim = int(stage.joint_attention_dim or 32)
-    return DenoiseRequest(prompt_embeds=torch.randn(TEXT_TOKENS, dim, generator=g),
-                          pooled_prompt_embeds=torch.randn(int(stage.pooled_projection_dim or dim), generator=g),
+    dim = int(stage.config.get("joint_attention_dim") or 32)
+    pooled = int(stage.config.get("pooled_projection_dim") or dim)
+    return DenoiseRequest(embeds={"prompt_embeds": torch.randn(TEXT_TOKENS, dim, generator=g),
+                                  "pooled_prompt_embeds": torch.randn(pooled, generator=g)},
                           seed=i, height=height, width=width, num_inference_steps=steps)
 
 

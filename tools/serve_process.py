@@ -44,11 +44,12 @@ def wait_healthy(proc: subprocess.Popen, url: str, timeout_s: float, log_text: C
     raise RuntimeError(f"{name} server not ready within {timeout_s:.0f}s:\n{log_text()[-4000:]}")
 
 
-def ensure_model(preset: str) -> Path:
-    """The tiny-model preset's directory under ``models/``, made on first use (no download)."""
+def ensure_model(preset: str, family: str = "flux") -> Path:
+    """The embedded model ``<preset>-<family>`` (e.g. ``small-flux``, ``tiny-qwen-image``: the names of
+    ``runtime.model_store.GENERATED_NAMES``) under ``models/``, made on first use (no download)."""
     from omni_runtime.runtime.model_store import ensure_model as ensure
 
-    return ensure(str(ROOT / "models" / f"{preset}-flux"))
+    return ensure(str(ROOT / "models" / f"{preset}-{family}"))
 
 
 def config_text(model: Path, max_batch: int = 0, edit: Callable[[str], str] | None = None) -> str:

@@ -1,0 +1,230 @@
+"""Model families: everything the three stages need from a checkpoint, declared once per family.
+
+A family is one folder under ``stages/models/`` (``flux/``, ``qwen_image/``) whose ``__init__`` defines ``FAMILY``, an
+instance of a :class:`ModelFamily` subclass, and one line in :data:`REGISTRY` (the pipeline class names of
+``model_index.json`` it serves). Engines, the running set, the row strategies, sequence parallel, HSDP, the VAE
+stage, the runtime and the HTTP layer read these declarations and never branch on a family's name.
+
+What a family declares:
+
+- **components**: the slots of its ``model_index.json`` and the classes each may hold (``check`` and the loaders);
+- **text**: ``load_text_encoder`` returns an object whose ``encode(prompts)`` gives one dict of tensors per prompt:
+  the *branch* tensors (:attr:`ModelFamily.branch_dims`) the denoiser takes for that prompt; a negative prompt's
+  dict travels under the same keys prefixed ``negative_``;
+- **denoiser**: ``load_transformer`` (with its ``_sp_plan`` / ``_pp_plan`` / HSDP shard conditions on the model),
+  :meth:`~ModelFamily.row_args` (how the branches of a step's rows become the model's keyword arguments),
+  :meth:`~ModelFamily.join_key` (which rows can share one forward), the rotary position ids, and the true-CFG
+  :class:`~stages.guidance.Guidance` (which branches, how they combine);
+- **vae**: a :class:`VaeKind` (load, scale factor, latent normalisation, decode, patch-parallel support);
+- **support**: :attr:`~ModelFamily.unsupported` names each parallel mode the family cannot run and why, and
+  :attr:`~ModelFamily.fields` says per request field what the family does with it.
+
+The family of a directory is picked from ``model_index.json``'s ``_class_name`` (:func:`family_of`); an unknown or
+unsupported pipeline class is a ``CheckpointError`` naming it and listing the supported ones, never a fallback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from omni_runtime.stages.errors import CheckpointError, RequestError
+from omni_runtime.stages.guidance import Guidance
+from omni_runtime.stages.weights import MODEL_INDEX, read_json
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["REGISTRY", "Component", "ModelFamily", "TextEncoder", "VaeKind", "family_of", "family_for_class",
+           "supported_pipelines"]
+
+#: pipeline class (``model_index.json`` ``_class_name``) -> the module whose ``FAMILY`` serves it
+REGISTRY: dict[str, str] = {
+    "FluxPipeline": "omni_runtime.stages.models.flux_family",
+    "QwenImagePipeline": "omni_runtime.stages.models.qwen_image.family",
+}
+
+#: pipeline classes whose directories look like a served family's but need what is not served yet: the reason
+NOT_SERVED: dict[str, str] = {
+    "FluxKontextPipeline": "an image-edit model (it conditions on an input image); image edits are not served yet",
+    "QwenImageEditPipeline": "an image-edit model (it conditions on an input image); image edits are not served yet",
+    "QwenImageEditPlusPipeline": "an image-edit model; image edits are not served yet",
+    "WanPipeline": "a text-to-video model; video generation is not served yet",
+    "WanImageToVideoPipeline": "an image-to-video model; video generation is not served yet",
+}
+
+
+@dataclass(frozen=True)
+class Component:
+    """One slot of ``model_index.json``: its library, the classes it may hold (empty for a tokenizer slot: any
+    tokenizer class of transformers), its config file and its weights' file stem (None: no weights)."""
+
+    library: str
+    classes: tuple[str, ...] = ()
+    config: str = "config.json"
+    weights: str | None = None
+    tokenizer: bool = False
+
+
+class TextEncoder(Protocol):
+    """What a family's text encoder is to the text-encoder engine."""
+
+    def encode(self, prompts: list[str]) -> list[dict[str, torch.Tensor]]: ...
+
+
+class VaeKind:
+    """A VAE class as the VAE stage uses it. Subclasses implement :meth:`load`, :meth:`scale_factor`,
+    :meth:`latent_channels`, :meth:`to_decoder` and may refuse patch parallelism with :attr:`patch_refusal`."""
+
+    class_name: str = ""
+    #: why patch parallel decode cannot run for this VAE (None: it can, exactly)
+    patch_refusal: str | None = None
+    #: decode channels-last on CPU float32 (measured faster for 2D convolutions; docs/BENCHMARKS.md issue 16)
+    channels_last: bool = False
+
+    def load(self, directory: Path, dtype: torch.dtype) -> nn.Module:
+        raise NotImplementedError  # abstract
+
+    def scale_factor(self, config: Mapping[str, Any]) -> int:
+        """Pixels per latent row, from the VAE's config.json (the denoiser reads it without loading the VAE)."""
+        raise NotImplementedError  # abstract
+
+    def latent_channels(self, config: Mapping[str, Any]) -> int:
+        raise NotImplementedError  # abstract
+
+    def to_decoder(self, vae: nn.Module, z: torch.Tensor) -> torch.Tensor:
+        """Unpacked denoiser latents (B, C, rows, cols) -> what the decoder's ``decode`` takes (de-normalised)."""
+        raise NotImplementedError  # abstract
+
+    def from_decoder(self, decoded: torch.Tensor) -> torch.Tensor:
+        """The decoder's output -> images (B, 3, H, W) in [-1, 1]."""
+        return decoded
+
+
+class ModelFamily:
+    """The declarations of one family (see the module docstring). Subclasses set the class attributes and
+    implement the loaders; the defaults suit a dual-stream DiT whose text tokens precede the image tokens."""
+
+    name: str = ""
+    pipeline_classes: tuple[str, ...] = ()
+    components: Mapping[str, Component] = {}
+    #: the text encoder's tensors per prompt (one branch of a row) and the dims of each
+    branch_dims: Mapping[str, int] = {"prompt_embeds": 2}
+    #: the guidance of a request with a negative prompt and ``true_cfg_scale > 1``
+    true_cfg: Guidance
+    #: the transformer's block lists in execution order (what pipeline parallelism splits): module list name ->
+    #: (the config key of its length, the length diffusers assumes when the key is absent)
+    block_keys: Mapping[str, tuple[str, int]] = {}
+    #: the embedded tiny models' presets (``make_tiny``)
+    tiny_presets: tuple[str, ...] = ()
+    vae: VaeKind
+    #: parallel modes this family cannot run, each with the reason (``check`` and the config checks print it)
+    unsupported: Mapping[str, str] = {}
+    #: request field -> what the family does with it (USAGE and ``check``)
+    fields: Mapping[str, str] = {}
+    #: rows of different image sizes may share one forward (their text positions do not depend on the size)
+    mixed_sizes: bool = False
+
+    # --- loaders -----------------------------------------------------------------------------------------------
+
+    def load_text_encoder(self, path: Path, dtype: torch.dtype, device: torch.device,
+                          hsdp: Any = None) -> TextEncoder:
+        raise NotImplementedError  # abstract
+
+    def load_transformer(self, path: Path, dtype: torch.dtype, device: torch.device, *, ep_group: Any = None,
+                         hsdp: Any = None, pp_group: Any = None) -> nn.Module:
+        raise NotImplementedError  # abstract
+
+    # --- the denoiser's rows -----------------------------------------------------------------------------------
+
+    def text_len(self, branch: Mapping[str, torch.Tensor]) -> int:
+        return int(branch["prompt_embeds"].shape[0])
+
+    def check_branch(self, branch: Mapping[str, torch.Tensor], config: Mapping[str, Any], prefix: str = "") -> None:
+        """Raise :class:`RequestError` naming the tensor when a branch does not fit the transformer's config."""
+        name = prefix + "prompt_embeds"
+        seq = branch.get("prompt_embeds")
+        if not isinstance(seq, torch.Tensor) or seq.dim() != 2 or seq.shape[0] < 1:
+            shape = tuple(seq.shape) if isinstance(seq, torch.Tensor) else type(seq).__name__
+            raise RequestError(f"{name} is {shape}; expected a (tokens, width) tensor with tokens >= 1")
+        width = config.get("joint_attention_dim")
+        if width is not None and seq.shape[-1] != width:
+            raise RequestError(f"{name} has width {seq.shape[-1]}; this model takes {width}")
+
+    def check_branches(self, branches: Sequence[Mapping[str, torch.Tensor]]) -> None:
+        """Rules between the branches of one request (e.g. equal text lengths); none by default."""
+
+    def join_key(self, branches: Sequence[Mapping[str, torch.Tensor]]) -> Hashable:
+        """Requests with equal keys (and equal image sizes) may share a forward; their rows stack."""
+        return ()
+
+    def row_args(self, branches: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor | None]:
+        """The per-row keyword arguments of the transformer for rows whose branch tensors are ``branches``."""
+        raise NotImplementedError  # abstract
+
+    def image_ids(self, height: int, width: int, vae_scale_factor: int, device: torch.device,
+                  dtype: torch.dtype) -> torch.Tensor:
+        """(image tokens, 3) rotary position ids of an image's packed tokens."""
+        raise NotImplementedError  # abstract
+
+    def text_ids(self, text_len: int, height: int, width: int, vae_scale_factor: int, device: torch.device,
+                 dtype: torch.dtype) -> torch.Tensor:
+        """(text tokens, 3) rotary position ids of the text tokens of rows of an image of ``height x width``."""
+        raise NotImplementedError  # abstract
+
+    def blocks(self, transformer_config: Mapping[str, Any]) -> list[tuple[str, int]]:
+        """The block lists pipeline parallelism splits: (module list name, length) in execution order."""
+        return [(name, int(transformer_config.get(key, default))) for name, (key, default) in
+                self.block_keys.items()]
+
+    def make_tiny(self, path: Path, preset: str, seed: int = 0) -> Path:
+        """Write the embedded model of ``preset`` (random weights, no download) at ``path``."""
+        raise NotImplementedError  # abstract
+
+    def tiny_transformer_config(self, preset: str) -> dict[str, Any]:
+        """The transformer config.json of ``preset`` before it is written (``check`` of a model still to make)."""
+        raise NotImplementedError  # abstract
+
+    def describe(self) -> list[str]:
+        """What ``check`` prints about the family."""
+        lines = [f"family: {self.name} (pipeline {', '.join(self.pipeline_classes)})"]
+        lines.append("  components: " + ", ".join(f"{k} ({'tokenizer' if c.tokenizer else '/'.join(c.classes)})"
+                                                   for k, c in self.components.items()))
+        modes = [m for m in PARALLEL_MODES if m not in self.unsupported]
+        lines.append("  parallel modes: " + ", ".join(modes))
+        for mode, why in self.unsupported.items():
+            lines.append(f"  not supported: {mode}: {why}")
+        lines.extend(f"  request field {k}: {v}" for k, v in self.fields.items())
+        return lines
+
+
+#: the parallel modes a family may support (config keys of ``[stages.*.parallel]`` and denoiser options)
+PARALLEL_MODES = ("ulysses", "ring", "cfg", "pp", "pipefusion", "hsdp_shard", "ep", "vae_patch", "mixed_sizes")
+
+
+def supported_pipelines() -> list[str]:
+    return sorted(REGISTRY)
+
+
+def family_for_class(class_name: Any, where: str = MODEL_INDEX) -> ModelFamily:
+    """The family serving pipeline class ``class_name``; an error naming it and the supported ones otherwise."""
+    if class_name not in REGISTRY:
+        supported = ", ".join(supported_pipelines())
+        if isinstance(class_name, str) and class_name in NOT_SERVED:
+            raise CheckpointError(f"{where}: _class_name = {class_name!r} is {NOT_SERVED[class_name]}; supported "
+                                  f"pipeline classes: {supported}")
+        raise CheckpointError(f"{where}: _class_name = {class_name!r} is not a supported pipeline class; supported: "
+                              f"{supported}")
+    return importlib.import_module(REGISTRY[class_name]).FAMILY
+
+
+def family_of(model_dir: str | Path) -> ModelFamily:
+    """The family of a diffusers model directory, from its ``model_index.json`` ``_class_name``."""
+    path = Path(model_dir) / MODEL_INDEX
+    return family_for_class(read_json(path).get("_class_name"), str(path))

@@ -1,0 +1,1 @@
+"""Qwen-Image (diffusers ``QwenImagePipeline``): the second DiT family next to Flux."""
