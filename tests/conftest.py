@@ -57,8 +57,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The embedded tiny FLUX model (omni_runtime.stages.models.tiny), written once per test session."""
-    from omni_runtime.stages.models.tiny import make_tiny_model
+    """The embedded tiny FLUX model (omni_runtime.stages.models.flux.tiny), written once per test session."""
+    from omni_runtime.stages.models.flux.tiny import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model", preset="tiny", seed=0)
 

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from omni_runtime.stages.errors import CheckpointError  # noqa: E402
-from omni_runtime.stages.models.flux import FluxTransformer  # noqa: E402
+from omni_runtime.stages.models.flux.transformer import FluxTransformer  # noqa: E402
 from omni_runtime.stages.weights import component_dir, load_safetensors, read_model_index  # noqa: E402
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"

@@ -1,4 +1,4 @@
-"""stages/models/flux.py: our Flux transformer equals diffusers' FluxTransformer2DModel for the same weights."""
+"""stages/models/flux/transformer.py: our Flux transformer equals diffusers' FluxTransformer2DModel for the same weights."""
 
 import json
 from pathlib import Path
@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from omni_runtime.stages.models.flux import FluxConfig, FluxTransformer, rope  # noqa: E402
+from omni_runtime.stages.models.flux.transformer import FluxConfig, FluxTransformer, rope  # noqa: E402
 
 
 def _img_ids(h: int, w: int) -> torch.Tensor:

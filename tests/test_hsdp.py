@@ -60,7 +60,7 @@ def _flux_worker(rank: int, world_size: int, model_dir: str, replicate: int, how
         get_fully_shard_world_size,
         local_parameter_bytes,
     )
-    from omni_runtime.stages.models.flux import FluxTransformer
+    from omni_runtime.stages.models.flux.transformer import FluxTransformer
 
     shard = world_size // replicate
     ref = FluxTransformer.from_pretrained(Path(model_dir) / "transformer")
@@ -328,7 +328,7 @@ def _touched(model: torch.nn.Module) -> torch.nn.Module:
 
 def _memory_worker(rank: int, world_size: int, path: str) -> dict:
     from omni_runtime.parallel.hsdp import HSDPInferenceConfig, apply_hsdp_to_model, local_parameter_bytes
-    from omni_runtime.stages.models.flux import FluxTransformer
+    from omni_runtime.stages.models.flux.transformer import FluxTransformer
 
     # The process baseline includes the distributed setup: the device mesh, its gloo groups and what the first
     # fully_shard call imports (~40 MB here, whatever the model size); a tiny model pays it before measuring.
@@ -339,7 +339,7 @@ def _memory_worker(rank: int, world_size: int, path: str) -> dict:
 
 
 def _unsharded_memory_worker(rank: int, world_size: int, path: str) -> dict:
-    from omni_runtime.stages.models.flux import FluxTransformer
+    from omni_runtime.stages.models.flux.transformer import FluxTransformer
 
     before, peak, _ = peak_rss_during(lambda: _touched(FluxTransformer.from_pretrained(path)))
     return {"before": before, "peak": peak}
@@ -349,7 +349,7 @@ def _unsharded_memory_worker(rank: int, world_size: int, path: str) -> dict:
 def test_sharded_load_peak_memory(tmp_path: Path) -> None:
     if not Path("/proc/self/clear_refs").exists():
         pytest.skip("needs Linux /proc/self/clear_refs to reset the RSS high-water mark")
-    from omni_runtime.stages.models.tiny import make_big_transformer
+    from omni_runtime.stages.models.flux.tiny import make_big_transformer
 
     weights = make_big_transformer(tmp_path / "transformer")
     assert weights >= 200e6

@@ -9,7 +9,7 @@ import torch
 from make_tiny_model import main
 from safetensors.torch import load_file
 
-from omni_runtime.stages.models.tiny import PRESETS, make_tiny_model
+from omni_runtime.stages.models.flux.tiny import PRESETS, make_tiny_model
 
 COMPONENTS = ["scheduler", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "transformer", "vae"]
 
@@ -110,7 +110,7 @@ def test_small_preset_is_larger_and_our_transformer_matches_diffusers(tiny_dir, 
     """The benchmark preset: more layers, heads and width than tiny, and it loads in our model as in diffusers'."""
     from diffusers import FluxTransformer2DModel
 
-    from omni_runtime.stages.models.flux import FluxTransformer
+    from omni_runtime.stages.models.flux.transformer import FluxTransformer
 
     small = make_tiny_model(tmp_path / "small", preset="small", seed=0)
     cfg = json.loads((small / "transformer" / "config.json").read_text())

@@ -101,7 +101,7 @@ def _inputs(cfg: dict) -> dict:
 
 def _model_worker(rank: int, world: int, path: str, backend: str) -> dict:
     from omni_runtime.parallel.group_coordinator import GroupCoordinator
-    from omni_runtime.stages.models.flux import FluxTransformer
+    from omni_runtime.stages.models.flux.transformer import FluxTransformer
 
     group = GroupCoordinator([list(range(world))], rank, "gloo", group_name="ep")
     try:
@@ -122,7 +122,7 @@ def _model_worker(rank: int, world: int, path: str, backend: str) -> dict:
 @pytest.mark.distributed
 @pytest.mark.parametrize("backend", CPU_CAPABLE_BACKENDS)
 def test_tiny_moe_model_expert_parallel_matches_one_rank(moe_dir: Path, backend: str) -> None:
-    from omni_runtime.stages.models.flux import FluxTransformer
+    from omni_runtime.stages.models.flux.transformer import FluxTransformer
 
     full = FluxTransformer.from_pretrained(moe_dir)
     cfg = json.loads((moe_dir / "transformer" / "config.json").read_text())
@@ -171,7 +171,7 @@ def test_make_tiny_model_rejects_bad_moe_flags(tmp_path: Path, capsys, argv: lis
     ("moe_hidden_dim", -2, "moe_hidden_dim=-2; expected a non-negative integer"),
 ])
 def test_flux_config_rejects_bad_moe_keys(field: str, value: int, message: str) -> None:
-    from omni_runtime.stages.models.flux import FluxConfig
+    from omni_runtime.stages.models.flux.transformer import FluxConfig
 
     cfg = {"num_attention_heads": 2, "attention_head_dim": 16, "axes_dims_rope": [4, 6, 6], "moe_num_experts": 4,
            field: value}

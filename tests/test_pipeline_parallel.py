@@ -124,7 +124,7 @@ def _check_params(results: list[dict], ref: dict, pp: int, ulysses: int) -> None
                          ids=["pp2", "pp2-mb2", "pp2xulysses2"])
 def test_layer_pp_equals_single_process(tiny_dir: Path, single: dict, tmp_path: Path, pp: int, ulysses: int,
                                         microbatches: int) -> None:
-    from omni_runtime.stages.models.flux import FluxTransformer
+    from omni_runtime.stages.models.flux.transformer import FluxTransformer
 
     full = FluxTransformer.from_pretrained(tiny_dir / "transformer")
     ref = {**single, "numels": {n: p.numel() for n, p in full.named_parameters()}}
@@ -167,7 +167,7 @@ def test_partitioned_model_loads_only_its_share(tiny_dir: Path) -> None:
     """One process, a fake pp group: the meta model is cut before loading, so the loader reads only the keys of
     the stage (the tensors of the other stage are never read: their keys are not in the state dict)."""
     from omni_runtime.parallel.group_coordinator import GroupCoordinator
-    from omni_runtime.stages.models.flux import FluxTransformer
+    from omni_runtime.stages.models.flux.transformer import FluxTransformer
 
     full = FluxTransformer.from_pretrained(tiny_dir / "transformer")
     total = sum(p.numel() for p in full.parameters())

@@ -59,7 +59,7 @@ def ep1_image(moe_model: Path, tmp_path_factory: pytest.TempPathFactory) -> np.n
 
 
 def _expert_params(model: Path) -> tuple[int, int]:
-    from omni_runtime.stages.models.flux import FluxTransformer
+    from omni_runtime.stages.models.flux.transformer import FluxTransformer
 
     full = FluxTransformer.from_pretrained(model)
     return (sum(p.numel() for n, p in full.named_parameters() if ".experts." in n),

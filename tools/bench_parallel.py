@@ -256,7 +256,7 @@ def _hsdp_rank(rank: int, world: int, port: int, path: str, out: str, phase: str
     import torch.distributed as dist
 
     from omni_runtime.parallel.hsdp import HSDPInferenceConfig, apply_hsdp_to_model, local_parameter_bytes
-    from omni_runtime.stages.models.flux import FluxTransformer
+    from omni_runtime.stages.models.flux.transformer import FluxTransformer
 
     torch.set_num_threads(threads)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -336,7 +336,7 @@ def _run(phase: str, world: int, path: str, out: str, tokens: int, pairs: int, t
 def bench_hsdp(tokens: int = 256, pairs: int = 3, threads: int = 1, layers: int = 2, single_layers: int = 4
                ) -> dict[str, Any]:
     """HSDP on 2 gloo ranks vs the unsharded model; prints a table and returns the numbers."""
-    from omni_runtime.stages.models.tiny import make_big_transformer
+    from omni_runtime.stages.models.flux.tiny import make_big_transformer
 
     world = 2
     with tempfile.TemporaryDirectory(prefix="bench-hsdp-") as tmp:
@@ -427,7 +427,7 @@ def bench_cfg(size: int = 256, steps: int = 4, rounds: int = 3, cores: int = 2, 
     """cfg 2 (``cores / 2`` threads per rank) vs cfg 1 (``cores`` threads, the baseline; and ``cores / 2``, the same
     threads as one cfg rank). Every phase's processes start (and warm up) once; then the phases take turns, one at a
     time, their order rotating per round. Prints a table, returns the numbers."""
-    from omni_runtime.stages.models.tiny import make_tiny_model
+    from omni_runtime.stages.models.flux.tiny import make_tiny_model
 
     half = max(1, cores // 2)
     phases = [("cfg1", 1, cores), ("cfg1_half", 1, half), ("cfg2", 2, half)]

@@ -101,7 +101,7 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 def pp_section(batches: list[int], size: int, steps: int, repeats: int, threads: int = 2) -> list[str]:
     """Run the phases and return the table's lines."""
-    from omni_runtime.stages.models.tiny import make_tiny_model
+    from omni_runtime.stages.models.flux.tiny import make_tiny_model
 
     tokens = (size // 16) ** 2
     lines = [f"pipeline parallel, preset small, fp32 on CPU, {size}x{size} ({tokens} image + {TEXT_TOKENS} text "
@@ -156,7 +156,7 @@ def pp_section(batches: list[int], size: int, steps: int, repeats: int, threads:
 def accuracy_section(steps_list: list[int], size: int = 128, warmup: int = 1, preset: str = "tiny") -> list[str]:
     """PipeFusion (2 ranks, 2 patches, ``warmup`` warm-up steps) against the exact one-rank run, per step count:
     PSNR and max |delta| of the decoded images (4 requests with random embeddings, seeds 0..3)."""
-    from omni_runtime.stages.models.tiny import make_tiny_model
+    from omni_runtime.stages.models.flux.tiny import make_tiny_model
 
     lines = [f"PipeFusion accuracy, preset {preset}, {size}x{size}, 2 ranks, 2 patches, {warmup} warm-up step(s), "
              f"4 images; against the exact one-rank run"]

@@ -1,4 +1,4 @@
-"""Write a complete tiny diffusers-format model: the CLI over ``omni_runtime.stages.models.tiny`` (FLUX.1) and
+"""Write a complete tiny diffusers-format model: the CLI over ``omni_runtime.stages.models.flux.tiny`` (FLUX.1) and
 ``omni_runtime.stages.models.qwen_image.tiny`` (Qwen-Image).
 
 Usage: ``python tools/make_tiny_model.py OUT_DIR [--family flux|qwen_image] [--preset tiny|small] [--seed N]
@@ -15,9 +15,9 @@ import argparse
 import logging
 import sys
 
+from omni_runtime.stages.models.flux.tiny import PRESETS, make_tiny_model
 from omni_runtime.stages.models.qwen_image.tiny import PRESETS as QWEN_IMAGE_PRESETS
 from omni_runtime.stages.models.qwen_image.tiny import make_tiny_qwen_image
-from omni_runtime.stages.models.tiny import PRESETS, make_tiny_model
 
 FAMILIES = ("flux", "qwen_image")
 

@@ -1,6 +1,6 @@
 """Model families: everything the three stages need from a checkpoint, declared once per family.
 
-A family is one folder under ``stages/models/`` (``flux/``, ``qwen_image/``) whose ``__init__`` defines ``FAMILY``, an
+A family is one folder under ``stages/models/`` (``flux/``, ``qwen_image/``) whose ``family.py`` defines ``FAMILY``, an
 instance of a :class:`ModelFamily` subclass, and one line in :data:`REGISTRY` (the pipeline class names of
 ``model_index.json`` it serves). Engines, the running set, the row strategies, sequence parallel, HSDP, the VAE
 stage, the runtime and the HTTP layer read these declarations and never branch on a family's name.
@@ -46,7 +46,7 @@ __all__ = ["REGISTRY", "Component", "ModelFamily", "TextEncoder", "VaeKind", "fa
 
 #: pipeline class (``model_index.json`` ``_class_name``) -> the module whose ``FAMILY`` serves it
 REGISTRY: dict[str, str] = {
-    "FluxPipeline": "omni_runtime.stages.models.flux_family",
+    "FluxPipeline": "omni_runtime.stages.models.flux.family",
     "QwenImagePipeline": "omni_runtime.stages.models.qwen_image.family",
 }
 

@@ -1,6 +1,6 @@
 """Write a complete diffusers-format Qwen-Image model directory with deterministic random weights.
 
-The Qwen-Image counterpart of :mod:`omni_runtime.stages.models.tiny` (the FLUX maker): no machine of this project
+The Qwen-Image counterpart of :mod:`omni_runtime.stages.models.flux.tiny` (the FLUX maker): no machine of this project
 can download weights, so tests and benchmarks use what this writes. The result loads with diffusers' own
 ``QwenImagePipeline.from_pretrained(dir)``:
 
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from omni_runtime.stages.models.tiny import _bytes_to_unicode
+from omni_runtime.stages.models.byte_bpe import bytes_to_unicode
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ _PROMPT_WORDS = (" a", " photo", " cat", " dog", " red", " in", " on", " with")
 def _qwen2_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
     """The tiny byte-level BPE: every byte, then the merges (and their tokens) that build each whole word from
     its first byte left to right, then the special tokens. Returns ``(vocab, merges)``."""
-    byte_chars = _bytes_to_unicode()
+    byte_chars = bytes_to_unicode()
     vocab: dict[str, int] = {}
     for ch in byte_chars.values():
         vocab[ch] = len(vocab)

@@ -2,7 +2,7 @@
 
 Parameter names mirror diffusers' ``QwenImageTransformer2DModel`` so a diffusers ``transformer/`` checkpoint loads as
 it is, and the forward computes what diffusers' does. Differences are only in how the computation is organised for
-sequence parallelism, as in ``stages/models/flux.py``:
+sequence parallelism, as in ``stages/models/flux/transformer.py``:
 
 - text and image tokens stay separate tensors through attention: the image tokens are the (possibly sharded)
   ``q/k/v`` and the text tokens the replicated ``joint`` tokens in front (Qwen-Image attends over [text, image]);

@@ -64,18 +64,18 @@ class FluxFamily(ModelFamily):
 
     def load_transformer(self, path: Path, dtype: torch.dtype, device: torch.device, *, ep_group: Any = None,
                          hsdp: Any = None, pp_group: Any = None) -> nn.Module:
-        from omni_runtime.stages.models.flux import FluxTransformer
+        from omni_runtime.stages.models.flux.transformer import FluxTransformer
 
         return FluxTransformer.from_pretrained(path, dtype=dtype, device=device, ep_group=ep_group, hsdp=hsdp,
                                                pp_group=pp_group)
 
     def make_tiny(self, path: Path, preset: str, seed: int = 0) -> Path:
-        from omni_runtime.stages.models.tiny import make_tiny_model
+        from omni_runtime.stages.models.flux.tiny import make_tiny_model
 
         return make_tiny_model(path, preset=preset, seed=seed)
 
     def tiny_transformer_config(self, preset: str) -> dict[str, Any]:
-        from omni_runtime.stages.models.tiny import PRESETS
+        from omni_runtime.stages.models.flux.tiny import PRESETS
 
         p = PRESETS[preset]
         return {"num_layers": p.num_layers, "num_single_layers": p.num_single_layers}

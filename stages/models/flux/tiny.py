@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from omni_runtime.stages.models.byte_bpe import bytes_to_unicode
+
 logger = logging.getLogger(__name__)
 
 
@@ -80,25 +82,11 @@ VAE_SCALING_FACTOR = 0.3611
 VAE_SHIFT_FACTOR = 0.1159
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """The byte -> printable-character table of byte-level BPE (GPT-2/CLIP), so every byte has a token."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
-        range(ord("®"), ord("ÿ") + 1))
-    chars = printable[:]
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return {b: chr(c) for b, c in zip(printable, chars, strict=True)}
-
-
 def _clip_tokenizer():
     """A byte-level BPE CLIP tokenizer whose vocabulary is every byte (alone and word-final) plus a few merges."""
     from transformers import CLIPTokenizer
 
-    symbols = list(_bytes_to_unicode().values())
+    symbols = list(bytes_to_unicode().values())
     vocab: dict[str, int] = {}
     for s in symbols:
         vocab[s] = len(vocab)
@@ -210,7 +198,7 @@ def _make_moe_transformer(transformer_dir: Path, experts: int, top_k: int, seed:
     kept (single-stream ``proj_out`` keeps its attention columns), the MoE FFNs get seeded random weights."""
     from safetensors.torch import save_file
 
-    from omni_runtime.stages.models.flux import FluxConfig, FluxTransformer
+    from omni_runtime.stages.models.flux.transformer import FluxConfig, FluxTransformer
     from omni_runtime.stages.weights import load_safetensors
 
     cfg = json.loads((transformer_dir / "config.json").read_text())
@@ -282,7 +270,7 @@ def make_big_transformer(path: str | Path, seed: int = 0, **dims: int) -> int:
     Faster than :func:`make_tiny_model` for big sizes: no diffusers model is built, only the tensors."""
     from safetensors.torch import save_file
 
-    from omni_runtime.stages.models.flux import FluxConfig, FluxTransformer
+    from omni_runtime.stages.models.flux.transformer import FluxConfig, FluxTransformer
 
     config = {**BIG_TRANSFORMER, **dims}
     cfg = FluxConfig(**{**config, "axes_dims_rope": tuple(config["axes_dims_rope"])})
