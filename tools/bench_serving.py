@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import inspect
 import logging
 import os
 import re
@@ -55,8 +56,11 @@ class _Diffusers:
 
         self.torch = torch
         self.pipe = DiffusionPipeline.from_pretrained(str(path), dtype=torch.float32)
-        # the request's guidance_scale where the model has a guidance embedding (serve passes it the same way)
+        # the request's guidance_scale where the model has a guidance embedding (serve passes it the same way), and
+        # the request's true_cfg_scale (1: no negative prompt) where the pipeline takes one
         self.guidance = {"guidance_scale": 3.5} if self.pipe.transformer.config.get("guidance_embeds") else {}
+        if "true_cfg_scale" in inspect.signature(self.pipe.__call__).parameters:
+            self.guidance["true_cfg_scale"] = 1.0
         self.pipe.set_progress_bar_config(disable=True)
         self.body = body
         self.w, self.h = (int(x) for x in body["size"].split("x"))
