@@ -85,8 +85,10 @@ def _add_request_args(p: argparse.ArgumentParser) -> None:
         if f.cli_flag is None:
             continue
         default = "" if f.default is None else f", default {f.default}"
+        many = f.kind == "lora"  # --lora NAME[:SCALE], repeatable
         p.add_argument(f.cli_flag, dest=f.name, type=f.cli_type or str, default=None, required=f.required,
-                       help=f"{f.name}: {f.allowed()}{default}")
+                       action="append" if many else "store",
+                       help=f"{f.name}: {f.allowed()}{default}" + (" (repeat the flag; NAME[:SCALE])" if many else ""))
 
 
 def describe(cfg: RuntimeConfig, size: tuple[int, int] | None = None) -> str:
@@ -102,7 +104,9 @@ def describe(cfg: RuntimeConfig, size: tuple[int, int] | None = None) -> str:
     lines = [f"config: {cfg.source or '(in code)'}",
              f"model: {cfg.model.path} ({cfg.model.dtype} on {cfg.model.device})",
              f"server: http://{cfg.server.host}:{cfg.server.port} (auth: {'on' if cfg.server.api_key else 'off'}, "
-             f"max_queue {cfg.server.max_queue}/stage, timeout {cfg.server.request_timeout_s:g}s)"]
+             f"max_queue {cfg.server.max_queue}/stage, timeout {cfg.server.request_timeout_s:g}s, "
+             f"stall_timeout {cfg.server.stall_timeout_s:g}s" + (" (hang detection off)" if not
+                                                                  cfg.server.stall_timeout_s else "") + ")"]
     for stage in STAGE_NAMES:
         st = cfg.stages.get(stage)
         spec = getattr(st, "parallel", None)
@@ -115,6 +119,7 @@ def describe(cfg: RuntimeConfig, size: tuple[int, int] | None = None) -> str:
             lines.extend(pipeline_lines(cfg))
         if stage == "vae" and cfg.stages.vae.parallel.vae_patch > 1 and size is not None:
             lines.extend(vae_row_lines(cfg.stages.vae.parallel.vae_patch, *size))
+    lines.append(lora_line(cfg))
     if cfg.placement.launcher == "ray":  # connect, let Ray place every replica, start nothing
         from omni_runtime.runtime.ray_launcher import ray_placement
 
@@ -130,6 +135,16 @@ def describe(cfg: RuntimeConfig, size: tuple[int, int] | None = None) -> str:
     lines.append(placement.format())
     lines.append(core_budget(cfg, placement).format())
     return "\n".join(lines)
+
+
+def lora_line(cfg: RuntimeConfig) -> str:
+    """``check``'s line about ``[lora]`` (issue 25)."""
+    lo = cfg.lora
+    names = ", ".join(sorted(lo.adapters)) or "none"
+    http = ("POST /v1/loras from " + ", ".join(lo.allowed_roots)) if lo.allowed_roots else \
+        "POST /v1/loras off (no allowed_roots)"
+    return (f"lora: {len(lo.adapters)} adapter(s) at start ({names}); max_loaded {lo.max_loaded} per denoiser rank "
+            f"(replicated on every rank; pp: each rank its layers' only); {http}")
 
 
 def _cmd_check(args: argparse.Namespace) -> int:

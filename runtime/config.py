@@ -83,6 +83,9 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     header_timeout_s: float = 10.0  # a connection must send a request's complete headers within this
     body_timeout_s: float = 30.0  # ... and its complete body within this after the headers
     max_connections: int = 256  # open connections (and requests in flight) beyond this get 503
+    # A rank silent (no heartbeat) or in one step/collective this long is hung: its replica is killed and
+    # restarted (docs/USAGE.md, "Hung ranks"); 0 turns the watch off.
+    stall_timeout_s: float = 30.0
 
 
 class StageConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -174,17 +177,27 @@ class PlacementConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     cpu_sharing: str = "auto"
 
 
+class LoraConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    # name -> adapter file in diffusers' LoRA layout (stages/lora.py), checked against the model at start
+    adapters: dict[str, str] = msgspec.field(default_factory=dict)
+    max_loaded: int = 8  # adapters each denoiser rank keeps in memory; the least recently used unused one leaves
+    # directories POST /v1/loras may load from (a path outside all of them: 403); empty: loading over HTTP is off
+    allowed_roots: list[str] = msgspec.field(default_factory=list)
+
+
 class RuntimeConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     model: ModelConfig
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     stages: StagesConfig = msgspec.field(default_factory=StagesConfig)
     placement: PlacementConfig = msgspec.field(default_factory=PlacementConfig)
+    lora: LoraConfig = msgspec.field(default_factory=LoraConfig)
     source: str = ""  # the file it came from ("" when built in code)
 
 
 # --- the schema the checker walks: key -> (kind, allowed text) or a nested schema ---------------------------
 
 _INT, _FLOAT, _STR, _DEVICES, _BOOL, _RESOURCES = "int", "float", "str", "devices", "bool", "resources"
+_STRS, _STR_TABLE = "strs", "str_table"  # a list of strings; a table of names -> strings
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?|\d+)$")
 
 _STAGE_KEYS: dict[str, Any] = {"replicas": _INT, "max_batch_size": _INT, "batch_timeout_ms": _FLOAT,
@@ -195,7 +208,8 @@ _SCHEMA: dict[str, Any] = {
     "model": {"path": _STR, "dtype": _STR, "device": _STR},
     "server": {"host": _STR, "port": _INT, "api_key": _STR, "max_queue": _INT, "request_timeout_s": _FLOAT,
                "max_pixels_steps": _INT, "metrics_require_key": _BOOL, "keep_alive_timeout_s": _FLOAT,
-               "header_timeout_s": _FLOAT, "body_timeout_s": _FLOAT, "max_connections": _INT},
+               "header_timeout_s": _FLOAT, "body_timeout_s": _FLOAT, "max_connections": _INT,
+               "stall_timeout_s": _FLOAT},
     "stages": {
         "text_encoder": {**_STAGE_KEYS, "parallel": dict.fromkeys(TEXT_ENCODER_PARALLEL_KEYS, _INT)},
         "denoiser": {**_PIXEL_STAGE_KEYS, "scheduling": _STR, "batch_invariant": _BOOL,
@@ -206,6 +220,7 @@ _SCHEMA: dict[str, Any] = {
         "vae": {**_PIXEL_STAGE_KEYS, "tiling": _BOOL, "parallel": dict.fromkeys(VAE_PARALLEL_KEYS, _INT)},
     },
     "placement": {"tensor_transport": _STR, "launcher": _STR, "ray_address": _STR, "cpu_sharing": _STR},
+    "lora": {"adapters": _STR_TABLE, "max_loaded": _INT, "allowed_roots": _STRS},
 }
 _REQUIRED = {("model",): ["path"], (): ["model"]}
 
@@ -227,6 +242,13 @@ def _check_types(raw: dict[str, Any], schema: dict[str, Any], prefix: tuple[str,
         kind = schema[key]
         if kind == _RESOURCES:  # a table of free-form names: checked here, not walked as a schema
             _check_resources(path, value)
+        elif kind == _STR_TABLE:
+            if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+                raise ConfigError(f"{path} = {_describe(value)}: must be a table of names to file paths, e.g. "
+                                  f'{{style = "loras/style.safetensors"}}')
+        elif kind == _STRS:
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"{path} = {_describe(value)}: must be a list of strings")
         elif isinstance(kind, dict):
             if not isinstance(value, dict):
                 raise ConfigError(f"{path} = {_describe(value)}: must be a table [{path}]")
@@ -403,6 +425,9 @@ def _check_values(cfg: RuntimeConfig) -> None:
     _at_least("server.max_queue", s.max_queue, 1)
     _at_least("server.max_pixels_steps", s.max_pixels_steps, 0)
     _at_least("server.max_connections", s.max_connections, 1)
+    if not (s.stall_timeout_s == 0 or 0.1 <= s.stall_timeout_s <= 86400):  # also NaN and inf
+        raise ConfigError(f"server.stall_timeout_s = {s.stall_timeout_s!r}: allowed values are 0 (no hang "
+                          f"detection) or a number of seconds from 0.1 to 86400")
     for key in ("request_timeout_s", "keep_alive_timeout_s", "header_timeout_s", "body_timeout_s"):
         if getattr(s, key) <= 0:
             raise ConfigError(f"server.{key} = {getattr(s, key)!r}: must be a number > 0")
@@ -452,10 +477,11 @@ def _check_values(cfg: RuntimeConfig) -> None:
                           f"{DENOISER_MAX_BRANCHES} branches (true CFG) x {cfg.stages.denoiser.max_batch_size} "
                           f"request(s) = {rows} rows, so cfg rank(s) {rows} to {par.cfg - 1} would never compute; "
                           f"allowed: cfg <= {rows} (or a larger max_batch_size)")
-    if par.ep > 1 and cfg.model.device == "cpu" and par.all2all_backend not in CPU_ALL2ALL_BACKEND_NAMES:
+    if cfg.model.device == "cpu" and par.all2all_backend not in CPU_ALL2ALL_BACKEND_NAMES:  # with ep = 1 too
         raise ConfigError(f"stages.denoiser.parallel.all2all_backend = {par.all2all_backend!r}: needs CUDA GPUs "
                           f"and its kernel library, but model.device = 'cpu'; allowed on CPU: "
                           f"{', '.join(repr(b) for b in CPU_ALL2ALL_BACKEND_NAMES)}")
+    _check_lora(cfg)
     if cfg.stages.vae.tiling and cfg.stages.vae.parallel.vae_patch > 1:
         raise ConfigError(f"stages.vae.tiling = true with stages.vae.parallel.patch = "
                           f"{cfg.stages.vae.parallel.vae_patch}: tiling is the approximate single-rank memory saver, "
@@ -471,6 +497,19 @@ def _check_values(cfg: RuntimeConfig) -> None:
         if cfg.model.device == "cpu" and any(d.startswith("cuda") for d in st.devices):
             raise ConfigError(f"stages.{name}.devices = {st.devices!r}: CUDA devices with model.device = 'cpu'; "
                               f"allowed: 'cpu' entries or set model.device = 'cuda'")
+
+
+def _check_lora(cfg: RuntimeConfig) -> None:
+    """``[lora]``: adapter names, the cap (the files are checked against the model at start)."""
+    from omni_runtime.runtime.requests import LORA_NAME_PATTERN
+
+    _at_least("lora.max_loaded", cfg.lora.max_loaded, 1)
+    for name, path in cfg.lora.adapters.items():
+        if not re.match(LORA_NAME_PATTERN, name):
+            raise ConfigError(f"lora.adapters.{name}: not an adapter name; allowed: 1 to 64 characters of A-Z, "
+                              f"a-z, 0-9, '.', '_', '-' (not starting with '.', '_', '-')")
+        if not path:
+            raise ConfigError(f"lora.adapters.{name} = '': must name a .safetensors LoRA file")
 
 
 def _check_ray(cfg: RuntimeConfig) -> None:
@@ -515,8 +554,15 @@ def config_from_dict(raw: dict[str, Any], base_dir: Path | None = None, source: 
     if not path.is_absolute() and base_dir is not None:
         path = (base_dir / path).resolve()
     cfg.model.path = str(path)
+    cfg.lora.adapters = {k: _resolve(v, base_dir) for k, v in cfg.lora.adapters.items()}
+    cfg.lora.allowed_roots = [_resolve(v, base_dir) for v in cfg.lora.allowed_roots]
     cfg.source = source
     return cfg
+
+
+def _resolve(path: str, base_dir: Path | None) -> str:
+    p = Path(path).expanduser()
+    return str((base_dir / p).resolve() if not p.is_absolute() and base_dir is not None else p)
 
 
 def load_config(path: str | Path) -> RuntimeConfig:

@@ -24,11 +24,14 @@ parallel region wakes sleeping threads), libgomp's spinning with stages computin
 :class:`ComputeToken` is two ``flock`` files in the instance's run directory: the kernel releases a dead holder's
 lock, so a SIGKILLed stage never leaves the others waiting. ``<token>.want`` is held shared by every stage waiting
 for its turn; the holder, when it lets go, waits until those have had theirs before it asks again (flock alone is not
-fair: the releaser would take it straight back).
+fair: the releaser would take it straight back). The holder writes its label (``denoiser[0]``) into the token file,
+so a stage that waits for its turn can say who holds it (its heartbeat reports it; a request that times out there
+names the holder: issue 31).
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 from collections.abc import Iterable
@@ -52,6 +55,7 @@ measured the same for a lone denoiser batch in-process, but made the served text
 2x slower (a thread that went to sleep between two regions pays a costly wake-up on this VM), and ``PASSIVE`` cost
 a lone request 12 % of denoiser time (docs/BENCHMARKS.md, issue 16)."""
 USER_OMP_KEYS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+HOLDER_BYTES = 64  # the holder's label at the start of the token file
 
 
 def cpus() -> int:
@@ -136,10 +140,13 @@ class ComputeToken:
 
     ``with token:`` waits for the turn and gives it up after (to every stage that waited meanwhile first);
     :meth:`hand_over` between the steps of a long batch lets waiting stages go first and takes the turn back.
-    One owner thread per instance; every process opens its own."""
+    One owner thread per instance; every process opens its own. ``label``: what :meth:`holder` says while this one
+    holds the turn; ``waiting``: True while it waits for the turn (read by the rank's heartbeat thread)."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, label: str = "") -> None:
         self.path = str(path)
+        self.label = label
+        self.waiting = False
         self._token = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             self._want = os.open(self.path + ".want", os.O_RDWR | os.O_CREAT, 0o600)
@@ -149,12 +156,26 @@ class ComputeToken:
         self.held = False
 
     def acquire(self) -> None:
-        fcntl.flock(self._want, fcntl.LOCK_SH)  # "I am waiting": a releaser lets me go before it asks again
+        self.waiting = True
         try:
-            fcntl.flock(self._token, fcntl.LOCK_EX)
+            fcntl.flock(self._want, fcntl.LOCK_SH)  # "I am waiting": a releaser lets me go before it asks again
+            try:
+                fcntl.flock(self._token, fcntl.LOCK_EX)
+            finally:
+                fcntl.flock(self._want, fcntl.LOCK_UN)
         finally:
-            fcntl.flock(self._want, fcntl.LOCK_UN)
+            self.waiting = False
         self.held = True
+        if self.label:
+            with contextlib.suppress(OSError):
+                os.pwrite(self._token, self.label.encode()[:HOLDER_BYTES].ljust(HOLDER_BYTES), 0)
+
+    def holder(self) -> str:
+        """The label of the stage that holds the turn (or held it last); "" if unknown."""
+        try:
+            return os.pread(self._token, HOLDER_BYTES, 0).decode(errors="replace").strip()
+        except OSError:
+            return ""
 
     def release(self) -> None:
         """Give the turn up; returns once every stage that was waiting for it has had it (at once if none)."""

@@ -161,11 +161,13 @@ class ReplicaProcs:
             priority_aging_s=cfg.stages.denoiser.priority_aging_s,
             mixed_sizes=self.stage == "denoiser" and cfg.stages.denoiser.mixed_sizes,
             max_padding_waste=cfg.stages.denoiser.max_padding_waste, cpu_linear=cfg.stages.denoiser.cpu_linear,
+            lora_max_loaded=cfg.lora.max_loaded,
             log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel()),
             rendezvous=rendezvous, local_rank=rk.local_rank, node=rk.node,
             tensor_transport=self.place.tensor_transport,
             tensor_endpoint=self.place.tensor_endpoint(self.generation),
             compute_token=self.launcher.compute_token if rk.device == "cpu" else "",
+            generation=self.generation, stall_timeout_s=cfg.server.stall_timeout_s,
         ) for rk in self.place.ranks]
 
     def start(self) -> None:
@@ -191,6 +193,8 @@ class ReplicaProcs:
         """(rank, exit code) of the first rank process that is gone, or None while all run."""
         for r, p in enumerate(self.procs):
             if p.exitcode is not None or p.pid is None or not pid_alive(p.pid):
+                if p.exitcode is None and p.pid is not None:
+                    p.join(timeout=0.5)  # a zombie: reap it for its exit code (-9: SIGKILL)
                 return r, p.exitcode
         return None
 

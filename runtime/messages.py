@@ -2,7 +2,7 @@
 
 Inbound to a stage driver: :class:`Work` (one image of one request), :class:`Cancel`, :class:`Stop`.
 Outbound from a driver: :class:`Ready` (the readiness handshake), :class:`Result` and, from the denoiser, one
-:class:`StepReport` per denoising step (progress and step metrics).
+:class:`StepReport` per denoising step (progress and step metrics). From every rank: :class:`Heartbeat` (liveness).
 Driver to the other ranks of its replica: :class:`Batch`, then one :class:`StepDecision` per denoising step, and
 :class:`Stop`.
 Tensors never travel inside these messages: they are :data:`~runtime.tensor_handoff.TensorRef` refs the consumer
@@ -111,4 +111,18 @@ class Result(msgspec.Struct, tag="result", kw_only=True):
     compute_s: float = 0.0
 
 
-Outbound = Ready | Result | StepReport
+class Heartbeat(msgspec.Struct, tag="beat", kw_only=True):
+    """What every rank process sends to the orchestrator's result channel a few times a second from a thread of its
+    own (``runtime.stage_shell.Heartbeat``): a stopped or frozen process sends none; ``busy_s`` says how long the
+    rank has been in its current step or collective (0 when idle or waiting for work or the node's compute turn)."""
+
+    stage: str
+    replica: int
+    rank: int
+    generation: int
+    pid: int
+    busy_s: float = 0.0
+    waiting_for: str = ""  # waiting for the node's compute turn: who holds it ("" when not waiting)
+
+
+Outbound = Ready | Result | StepReport | Heartbeat

@@ -30,6 +30,10 @@ class Metrics:
                                          buckets=_LATENCY_BUCKETS, registry=r)
         self.errors = Counter("omni_errors", "Errors by stage (or 'http') and kind", ["stage", "kind"],
                               registry=r)
+        self.replicas = Gauge("omni_replicas", "Stage replicas by state (ready, starting, hung: found hung and "
+                              "being killed, restarting: failed and loading again)", ["stage", "state"], registry=r)
+        self.replica_failures = Counter("omni_replica_failures", "Replica failures by stage and cause (died, hung)",
+                                        ["stage", "cause"], registry=r)
         self.requests = Counter("omni_requests", "HTTP image requests by status code", ["status"], registry=r)
         # the denoiser's steps (step-level scheduling reports every step; request-level batches too)
         self.step_active = Histogram("omni_denoiser_step_active", "Items in one denoising step", ["replica"],

@@ -81,6 +81,21 @@ class Omni:
         req = parse_request({"prompt": prompt, **fields, "output_format": "png"})
         return [decode_image(b) for b in self.generate_encoded(req)]
 
+    # ------------------------------------------------------------------ LoRA adapters (issue 25)
+
+    def load_lora(self, name: str, path: str | Path) -> dict[str, Any]:
+        """Register an adapter file as ``name`` (checked against the model; no ``allowed_roots`` confinement: the
+        caller is this process); requests name it in their ``lora`` field."""
+        if self._orch is None:
+            raise RuntimeError("this Omni is closed")
+        return self._orch.loras.add(name, str(path), source="python").as_json()
+
+    def list_loras(self) -> list[dict[str, Any]]:
+        return [e.as_json() for e in self._orch.loras.list()] if self._orch is not None else []
+
+    def unload_lora(self, name: str) -> bool:
+        return self._orch.loras.remove(name) if self._orch is not None else False
+
     # ------------------------------------------------------------------ lifetime
 
     def close(self) -> None:

@@ -11,7 +11,11 @@ Admission is atomic: a request of ``n`` images is admitted only if every stage h
 (``server.max_queue``), and the room is taken in the same step (no await between check and count); an item gives
 its place at a stage back when it leaves that stage. When a rank process dies, the items in flight on its replica
 fail at once with :class:`StageUnavailable` (HTTP 503 naming the stage and the rank), the replica is killed,
-swept and restarted, and items that had not reached it wait for the restart. If a task the frontend cannot serve
+swept and restarted, and items that had not reached it wait for the restart. A *hung* rank (no heartbeat, or one step
+or collective past ``[server] stall_timeout_s``: ``runtime.liveness``) fails its replica the same way, the 503 saying
+"hung"; the SIGKILL also frees what the replica held on the node (the compute token), so the other stages go on.
+:meth:`Orchestrator.replica_health` says each replica's state (``ready``, ``starting``, ``hung``, ``restarting``)
+for ``/health`` and the ``omni_replicas`` gauge. If a task the frontend cannot serve
 without (the result listener, the health watch) ends, :attr:`Orchestrator.failure` says why, ``health()`` reports
 it, every waiting item fails, and ``on_fatal`` is called (``serve`` then exits non-zero).
 """
@@ -21,21 +25,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 import time
 import uuid
 from collections.abc import Callable
 
 from omni_runtime.runtime import tensor_handoff
 from omni_runtime.runtime.config import STAGE_NAMES, RuntimeConfig
+from omni_runtime.runtime.lora_registry import LoraRegistry
 from omni_runtime.runtime.messages import Result, StepReport, Work
 from omni_runtime.runtime.metrics import Metrics
 from omni_runtime.runtime.progress import ProgressBook
-from omni_runtime.runtime.requests import GenerationRequest
+from omni_runtime.runtime.requests import GenerationRequest, RequestError
 from omni_runtime.runtime.stage_client import StageClient, StageSet
 
 logger = logging.getLogger(__name__)
 
 HEALTH_POLL_S = 0.1
+LOOP_LAG_S = 1.0  # a health tick this late means the frontend itself stalled: heartbeats are not judged on it
+REPLICA_STATES = ("ready", "starting", "hung", "restarting")
 DEAD_RANK_GRACE_S = 1.0  # after a failed batch, how long to look for the dead rank that caused it
 
 
@@ -93,10 +101,13 @@ class Orchestrator:
         self.tasks: list[asyncio.Task] = []
         self.restarting: set[int] = set()
         self.crash_loop: dict[int, int] = {}
+        self.failures: dict[int, dict[str, object]] = {}  # the last failure of a replica (by id of its client)
+        self.recovering: set[int] = set()  # failed and not ready again yet
         self.closed = False
         self.failure: str | None = None
         self.started_at = time.time()
         self.progress = ProgressBook()  # GET /v1/requests/{id}
+        self.loras = LoraRegistry(cfg)  # LoRA adapters by name ([lora], /v1/loras)
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -106,6 +117,7 @@ class Orchestrator:
         from omni_runtime.runtime.stage_client import in_process_stages, zmq_stages
 
         await asyncio.to_thread(ensure_model, self.cfg.model.path)
+        await asyncio.to_thread(self.loras.preload)  # a bad [lora] adapter stops the start, naming its key
         self.ready_event = {s: asyncio.Event() for s in STAGE_NAMES}
         if self.stages is None:
             self.stages = await in_process_stages(self.cfg) if self.in_process else zmq_stages(self.cfg)
@@ -122,14 +134,17 @@ class Orchestrator:
                 for c in self.replicas[s]:
                     dead = c.dead()
                     if dead is not None:
-                        raise StageUnavailable(f"stage {s}: {c.label} rank {dead[0]} exited with code "
-                                               f"{dead[1]} while starting (its log lines above say why)")
+                        how = (f"exited with code {dead[1]}" if dead[1] is not None and dead[1] >= 0
+                               else f"ended ({self.exit_text(dead[1])})")
+                        raise StageUnavailable(f"stage {s}: {c.label} rank {dead[0]} {how} while starting (its "
+                                               f"log lines above say why)")
                 if self.failure is not None:
                     raise StageUnavailable(f"the orchestrator failed while starting: {self.failure}")
                 if time.monotonic() > end:
                     raise StageUnavailable(f"stage {s} did not become ready within {timeout:.0f}s")
                 await asyncio.sleep(0.05)
         self._critical(self._watch(), "omni-health")
+        self.publish_states()
         logger.info("all stages ready")
 
     def _on_report(self, msg: StepReport) -> None:
@@ -139,6 +154,7 @@ class Orchestrator:
                                   msg.padding_waste)
 
     def _on_ready(self, c: StageClient) -> None:
+        self.recovering.discard(id(c))
         if c.stage in self.ready_event:
             self.ready_event[c.stage].set()
 
@@ -194,8 +210,11 @@ class Orchestrator:
     # ---------------------------------------------------------------- health
 
     async def _watch(self) -> None:
+        last = time.monotonic()
         while True:
             await asyncio.sleep(HEALTH_POLL_S)
+            now = time.monotonic()
+            lagged, last = now - last > HEALTH_POLL_S + LOOP_LAG_S, now
             for reps in self.replicas.values():
                 for c in reps:
                     if id(c) in self.restarting:
@@ -203,17 +222,36 @@ class Orchestrator:
                     dead = c.dead()
                     if dead is not None:
                         self._on_death(c, *dead)
-                        if self.failure is not None:
-                            return
+                    elif lagged:  # this process did not run: late heartbeats are not the ranks' fault
+                        watch = getattr(c, "watch", None)
+                        if watch is not None:
+                            watch.forgive()
+                    else:
+                        hung = c.hung() if hasattr(c, "hung") else None  # (test doubles may not watch heartbeats)
+                        if hung is not None:
+                            self._on_hung(c, *hung)
+                    if self.failure is not None:
+                        return
+            self.publish_states()
 
     def _on_death(self, c: StageClient, rank: int, code: int | None) -> str:
         """A rank of ``c`` is gone: fail what is in flight there, take the replica out of routing and restart it
         (once: later calls for the same death only return the message)."""
-        msg = self._died(c, rank, code) + "; the replica is being restarted, retry the request"
+        return self._fail_replica(c, rank, "died", self._died(c, rank, code))
+
+    def _on_hung(self, c: StageClient, rank: int, why: str) -> str:
+        """A rank of ``c`` is hung (``runtime.liveness``): the same as a death; the restart SIGKILLs its processes."""
+        return self._fail_replica(c, rank, "hung", f"stage {c.stage} failed: {c.label} rank {rank} hung"
+                                                   f"{self._where(c, rank)}: it {why}")
+
+    def _fail_replica(self, c: StageClient, rank: int, cause: str, what: str) -> str:
+        msg = what + "; the replica is being restarted, retry the request"
         if id(c) in self.restarting:
             return msg
         logger.error(msg)
-        self.metrics.errors.labels(stage=c.stage, kind="stage_died").inc()
+        self.metrics.errors.labels(stage=c.stage, kind="stage_died" if cause == "died" else "stage_hung").inc()
+        self.metrics.replica_failures.labels(stage=c.stage, cause=cause).inc()
+        self.failures[id(c)] = {"cause": cause, "rank": rank, "message": what, "at": time.time()}
         c.fail_inflight(StageUnavailable(msg))
         if not c.restartable:
             self.fail(msg)
@@ -221,15 +259,32 @@ class Orchestrator:
         # a replica that dies before it ever got ready again is crash-looping: back off
         n = self.crash_loop[id(c)] = self.crash_loop.get(id(c), 0) + 1 if not c.ready else 0
         c.ready = False
+        self.recovering.add(id(c))
         self.restarting.add(id(c))
         self.tasks.append(asyncio.create_task(self._restart(c, min(30.0, 2.0 ** n - 1))))
+        self.publish_states()
         return msg
 
     @staticmethod
-    def _died(c: StageClient, rank: int, code: int | None) -> str:
+    def _where(c: StageClient, rank: int) -> str:
         node = getattr(c, "rank_node", None)  # clients of rank processes know the node (local or Ray)
-        where = f" on node {node(rank)}" if node is not None else ""
-        return f"stage {c.stage} failed: {c.label} rank {rank} died (exit code {code}){where}"
+        return f" on node {node(rank)}" if node is not None else ""
+
+    @staticmethod
+    def exit_text(code: int | None) -> str:
+        """How a process ended, in words: ``exit code 1``, ``killed by signal SIGKILL`` (a negative code)."""
+        if code is None:
+            return "exit status unknown"
+        if code < 0:
+            try:
+                return f"killed by signal {signal.Signals(-code).name}"
+            except ValueError:
+                return f"killed by signal {-code}"
+        return f"exit code {code}"
+
+    @classmethod
+    def _died(cls, c: StageClient, rank: int, code: int | None) -> str:
+        return f"stage {c.stage} failed: {c.label} rank {rank} died ({cls.exit_text(code)}){cls._where(c, rank)}"
 
     async def _restart(self, c: StageClient, delay: float) -> None:
         try:
@@ -237,6 +292,31 @@ class Orchestrator:
                 await c.restart(delay)
         finally:
             self.restarting.discard(id(c))
+
+    def replica_state(self, c: StageClient) -> str:
+        """One of :data:`REPLICA_STATES`: ``ready`` (serving), ``hung`` (found hung, its processes being killed),
+        ``restarting`` (failed, its new processes loading), ``starting`` (never ready yet)."""
+        if c.ready:
+            return "ready"
+        if id(c) in self.recovering:
+            failure = self.failures.get(id(c), {})
+            return "hung" if failure.get("cause") == "hung" and getattr(c, "killing", False) else "restarting"
+        return "starting"
+
+    def replica_health(self) -> dict[str, list[dict[str, object]]]:
+        """Every replica by stage: its state, generation (starts) and last failure (cause, rank, message, at)."""
+        return {s: [{"state": self.replica_state(c), "generation": getattr(c, "generation", 1),
+                     "last_failure": self.failures.get(id(c))} for c in reps]
+                for s, reps in self.replicas.items()}
+
+    def publish_states(self) -> None:
+        """The ``omni_replicas{stage, state}`` gauge."""
+        for s, reps in self.replicas.items():
+            counts = dict.fromkeys(REPLICA_STATES, 0)
+            for c in reps:
+                counts[self.replica_state(c)] += 1
+            for state, n in counts.items():
+                self.metrics.replicas.labels(stage=s, state=state).set(n)
 
     # ---------------------------------------------------------------- requests
 
@@ -269,6 +349,10 @@ class Orchestrator:
         one if None; :class:`DuplicateRequestId` while another request with that id is in flight."""
         if self.closed or self.failure is not None:
             raise StageUnavailable(f"the runtime is {'shutting down' if self.closed else 'failed: ' + self.failure}")
+        try:
+            req = self.loras.resolve(req)  # each adapter's file and version, for every denoiser rank
+        except RequestError as e:
+            raise BadRequestInStage(str(e)) from None
         rid = request_id or uuid.uuid4().hex
         if self.progress.busy(rid):
             raise DuplicateRequestId(f"request id {rid!r} is in use by a request in flight; allowed: an id no "
@@ -352,8 +436,11 @@ class Orchestrator:
             try:
                 res = await asyncio.wait_for(asyncio.shield(fut), max(0.0, work.deadline - time.time()))
             except asyncio.TimeoutError:
+                holder = getattr(c, "waiting_for", lambda: "")()  # the replica waits for the node's compute turn
+                why = (f" (waiting for the node's compute turn, which {holder} holds; cpu_sharing = 'exclusive')"
+                       if holder else "")
                 raise DeadlineExceeded(f"the request exceeded request_timeout_s="
-                                       f"{self.cfg.server.request_timeout_s:g} in stage {stage}") from None
+                                       f"{self.cfg.server.request_timeout_s:g} in stage {stage}{why}") from None
             finally:
                 if not fut.done():  # abandoned while the stage has it: tell the stage
                     await c.cancel(work)

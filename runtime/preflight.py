@@ -8,6 +8,7 @@
   With ``[placement] launcher = "ray"`` Ray places the ranks instead: the check is that Ray is installed and that
   ``ray_address`` answers as a Ray head (``runtime.ray_connect.probe_ray_address``).
 - **The host** (:func:`check_host`): ``server.host`` resolves.
+- **The environment** (:func:`check_environment`): ``OMNI_RUNTIME_INSTANCE``, if set, is a valid instance prefix.
 - **The pipeline** (:func:`pipeline_lines`): with ``pp > 1``, each pp rank's block range; more stages than the
   model has blocks is an error naming ``stages.denoiser.parallel.pp``.
 - **The model** (:func:`check_model`): ``stages.model_check.check_model_dir`` (configs, tokenizers, safetensors
@@ -192,9 +193,23 @@ def check_family(cfg: RuntimeConfig) -> list[str]:
     return family.describe()
 
 
+def check_environment(environ: dict[str, str] | None = None) -> str:
+    """``OMNI_RUNTIME_INSTANCE`` (the prefix of this runtime's instance id, its run directory and shm segments), if
+    set, must be 1-64 characters from ``[A-Za-z0-9.-]``; returns a one-line summary."""
+    from omni_runtime.comm.instance import INSTANCE_ENV, valid_instance
+
+    value = (os.environ if environ is None else environ).get(INSTANCE_ENV)
+    if value is None:
+        return f"instance: {INSTANCE_ENV} not set (the id is derived from the pid)"
+    if not valid_instance(value):
+        raise ConfigError(f"environment variable {INSTANCE_ENV} = {value!r}: allowed values are 1-64 characters "
+                          f"from [A-Za-z0-9.-] (letters, digits, '.' and '-'), or leave it unset")
+    return f"instance: {INSTANCE_ENV} = {value!r} (the prefix of the instance id)"
+
+
 def preflight(cfg: RuntimeConfig, model: bool = True) -> list[str]:
     """Every check above, machine first; returns the lines ``check`` prints. Raises on the first problem."""
-    lines = [check_machine(cfg), check_host(cfg)]
+    lines = [check_machine(cfg), check_host(cfg), check_environment()]
     if model:
         lines += check_model(cfg)
         lines += check_family(cfg)

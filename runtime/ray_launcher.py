@@ -42,6 +42,7 @@ import msgspec
 from omni_runtime.comm import cleanup, shm_tensor
 from omni_runtime.comm import instance as rt_instance
 from omni_runtime.comm.node import NODE_ID_ENV, boot_id, node_name
+from omni_runtime.comm.processes import kill_tree
 from omni_runtime.runtime.config import STAGE_NAMES, ConfigError, RuntimeConfig
 from omni_runtime.runtime.cores import cpus
 from omni_runtime.runtime.launcher import ReplicaLauncher, ReplicaProcs
@@ -212,11 +213,15 @@ class RayReplica(ReplicaProcs):
         self.actors, self.runs = [], []
 
     def kill(self) -> None:
-        """Kill every rank actor, then sweep what they left on this host (shm segments, the file store)."""
+        """Kill every rank actor, then sweep what they left on this host (shm segments, the file store). The ranks
+        on this host that are stopped (SIGSTOP: hung) are SIGKILLed first: they cannot answer Ray's own kill request."""
         infos = self.infos
-        self._kill_actors()
         here = f"{node_name()}|{boot_id()}"
         pids = [i["pid"] for i in infos if i.get("host") == here]
+        stopped = [p for p in pids if _stopped(p)]
+        if stopped:
+            kill_tree(stopped)
+        self._kill_actors()
         if pids:
             deadline = time.monotonic() + KILL_WAIT_S  # Ray reports the death before the process is reaped
             while any(os.path.exists(f"/proc/{p}") and _alive(p) for p in pids) and time.monotonic() < deadline:
@@ -234,6 +239,16 @@ class RayReplica(ReplicaProcs):
         if self.runs:
             self.ray_launcher.ray.wait(self.runs, num_returns=len(self.runs), timeout=max(0.0, timeout))
         self.kill()
+
+
+def _stopped(pid: int) -> bool:
+    """True if ``pid`` runs on this host and is stopped (SIGSTOP, or traced)."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() in (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP)
+    except psutil.Error:
+        return False
 
 
 def _alive(pid: int) -> bool:

@@ -42,6 +42,10 @@ DEFAULT_SIZE = "256x256"
 DEFAULT_STEPS = 28
 DEFAULT_GUIDANCE = 3.5
 MIN_PRIORITY, MAX_PRIORITY = -10, 10  # the priority extension field; higher is admitted first
+MAX_LORAS = 8  # adapters in one request's lora list
+MAX_LORA_SCALE = 100.0  # |scale| of one adapter (diffusers' set_adapters weight)
+LORA_NAME_PATTERN = "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # an adapter's registered name
+_LORA_NAME = re.compile(LORA_NAME_PATTERN)
 _SHOW_CHARS = 80
 
 _SIDES = "|".join(str(v) for v in range(MAX_SIDE, MIN_SIDE - 1, -SIDE_MULTIPLE))
@@ -68,6 +72,16 @@ class RequestError(ValueError):
         self.param = param
 
 
+class LoraRef(msgspec.Struct, frozen=True, kw_only=True):
+    """One adapter of a request: its registered ``name`` and weight ``scale``. ``path`` and ``version`` are
+    filled by the orchestrator from its registry (``runtime.lora_registry``): what every denoiser rank loads."""
+
+    name: str
+    scale: float = 1.0
+    path: str = ""
+    version: int = 0
+
+
 class GenerationRequest(msgspec.Struct, kw_only=True, frozen=True):
     prompt: str
     negative_prompt: str | None = None
@@ -80,6 +94,7 @@ class GenerationRequest(msgspec.Struct, kw_only=True, frozen=True):
     seed: int = 0
     output_format: str = "png"
     priority: int = 0  # extension: admission order of the denoiser's step-level scheduling (aged while waiting)
+    lora: tuple[LoraRef, ...] = ()  # extension: per-request LoRA adapters, combined as diffusers' set_adapters
 
     def seeds(self) -> list[int]:
         """The seed of each of the ``n`` images: ``seed, seed + 1, ...``."""
@@ -96,6 +111,18 @@ class GenerationRequest(msgspec.Struct, kw_only=True, frozen=True):
         return self.pixels * self.num_inference_steps
 
 
+def lora_flag(text: str) -> dict[str, Any]:
+    """The CLI's ``--lora NAME[:SCALE]`` (repeatable) -> one item of the ``lora`` field (checked by
+    :func:`parse_lora`)."""
+    name, sep, scale = text.rpartition(":") if ":" in text else (text, "", "")
+    if not sep:
+        return {"name": text}
+    try:
+        return {"name": name, "scale": float(scale)}
+    except ValueError:
+        raise RequestError(f"--lora {show(text)}: must be NAME or NAME:SCALE with a number SCALE", "lora") from None
+
+
 # --- the one table of limits ---------------------------------------------------------------------------------
 
 
@@ -104,7 +131,7 @@ class Field:
     """One request field: its JSON type, default, bounds, and (if any) the CLI flag that sets it."""
 
     name: str
-    kind: str  # "string", "integer", "number", "size", "enum", "ignored"
+    kind: str  # "string", "integer", "number", "size", "enum", "ignored", "lora"
     description: str
     default: Any = None
     minimum: Any = None  # int for integer fields, float for numbers
@@ -126,6 +153,9 @@ class Field:
             return f"'WxH', each side a multiple of {SIDE_MULTIPLE} from {MIN_SIDE} to {MAX_SIDE}"
         if self.kind == "enum":
             return "one of " + ", ".join(self.choices)
+        if self.kind == "lora":
+            return (f"a list of at most {MAX_LORAS} {{\"name\": registered adapter, \"scale\": number from "
+                    f"{-MAX_LORA_SCALE:g} to {MAX_LORA_SCALE:g}}} objects (a name given twice adds its scales)")
         if self.max_chars is not None:
             return f"a {'non-empty ' if self.non_empty else ''}string of at most {self.max_chars} characters"
         return "a string"
@@ -153,6 +183,9 @@ FIELDS: dict[str, Field] = {f.name: f for f in (
     Field("priority", "integer", "extension: higher is admitted to the denoiser first; a waiting request's "
           "priority rises by 1 every [stages.denoiser] priority_aging_s seconds, so none starves",
           default=0, minimum=MIN_PRIORITY, maximum=MAX_PRIORITY, cli_flag="--priority", cli_type=int),
+    Field("lora", "lora", "extension: LoRA adapters registered with the server ([lora] adapters, POST /v1/loras) "
+          "and their weights, combined as diffusers' set_adapters(names, weights); each row of the denoiser's "
+          "running batch has its own", cli_flag="--lora", cli_type=lora_flag),
     Field("model", "ignored", "accepted, not used (OpenAI clients send it)"),
     Field("quality", "ignored", "accepted, not used"),
     Field("style", "ignored", "accepted, not used"),
@@ -176,6 +209,30 @@ def parse_size(value: Any, param: str = "size") -> tuple[int, int]:
     raise RequestError(f"{param}={show(value)}: must be 'WIDTHxHEIGHT', e.g. '256x256'", param)  # pragma: no cover
 
 
+def parse_lora(value: Any, param: str = "lora") -> tuple[LoraRef, ...]:
+    """The ``lora`` field: a list of ``{"name", "scale"}`` objects (scale defaults to 1); a name given twice adds
+    its scales (JSON Schema cannot say "unique by name", and the sum is what applying it twice computes)."""
+    if not isinstance(value, list) or len(value) > MAX_LORAS:
+        raise RequestError(f"{param}={show(value)}: must be a list of at most {MAX_LORAS} objects "
+                           f"{{\"name\": str, \"scale\": number}}", param)
+    out: list[LoraRef] = []
+    for i, item in enumerate(value):
+        where = f"{param}[{i}]"
+        if not isinstance(item, dict) or not set(item) <= {"name", "scale"}:
+            raise RequestError(f"{where}={show(item)}: must be an object with keys 'name' (required) and 'scale'",
+                               param)
+        name, scale = item.get("name"), item.get("scale", 1.0)
+        if not isinstance(name, str) or not _LORA_NAME.match(name):
+            raise RequestError(f"{where}.name={show(name)}: must be an adapter name of 1 to 64 characters of "
+                               f"A-Z, a-z, 0-9, '.', '_', '-' (not starting with '.', '_', '-')", param)
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not -MAX_LORA_SCALE <= scale \
+                <= MAX_LORA_SCALE:
+            raise RequestError(f"{where}.scale={show(scale)}: must be a number from {-MAX_LORA_SCALE:g} to "
+                               f"{MAX_LORA_SCALE:g}", param)
+        out.append(LoraRef(name=name, scale=float(scale)))
+    return tuple(out)
+
+
 def _check_field(f: Field, v: Any) -> Any:
     """``v`` (not None) checked against ``f``; returns the value to use."""
     key = f.name
@@ -195,6 +252,8 @@ def _check_field(f: Field, v: Any) -> Any:
         return float(v)
     if f.kind == "size":
         return parse_size(v, key)
+    if f.kind == "lora":
+        return parse_lora(v, key)
     if f.kind == "enum":
         if not isinstance(v, str) or v not in f.choices:
             if len(f.choices) == 1:
@@ -265,7 +324,7 @@ def parse_request(raw: Any, *, allow_unknown: bool = True, caps: WorkCaps | None
         prompt=got["prompt"], negative_prompt=got["negative_prompt"], n=got["n"], width=width, height=height,
         num_inference_steps=got["num_inference_steps"], guidance_scale=float(got["guidance_scale"]),
         true_cfg_scale=float(got["true_cfg_scale"]), seed=seed, output_format=got["output_format"],
-        priority=got["priority"])
+        priority=got["priority"], lora=got["lora"] or ())
     if caps is not None:
         check_work(req, caps)
     return req
@@ -279,7 +338,13 @@ def openapi_request_schema() -> dict[str, Any]:
     props: dict[str, Any] = {}
     for f in FIELDS.values():
         s: dict[str, Any] = {"description": f.description}
-        if f.kind in ("string", "ignored", "size", "enum"):
+        if f.kind == "lora":
+            s["type"], s["maxItems"] = "array", MAX_LORAS
+            s["items"] = {"type": "object", "required": ["name"], "additionalProperties": False, "properties": {
+                "name": {"type": "string", "pattern": LORA_NAME_PATTERN},
+                "scale": {"type": "number", "minimum": -MAX_LORA_SCALE, "maximum": MAX_LORA_SCALE,
+                          "default": 1.0}}}
+        elif f.kind in ("string", "ignored", "size", "enum"):
             s["type"] = "string"
         else:
             s["type"] = f.kind

@@ -29,11 +29,12 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from omni_runtime.runtime.config import ConfigError, RuntimeConfig
+from omni_runtime.runtime.lora_api import add_lora_routes
 from omni_runtime.runtime.metrics import Metrics
 from omni_runtime.runtime.orchestrator import Orchestrator, ServingError
 from omni_runtime.runtime.progress import valid_request_id
@@ -153,7 +154,9 @@ def create_app(cfg: RuntimeConfig, orchestrator: Orchestrator | None = None) -> 
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(exc.status_code, str(exc.detail), "invalid_request_error", None, None)
+        # exc.headers: the Allow header of a 405 (RFC 9110 15.5.6)
+        return error_response(exc.status_code, str(exc.detail), "invalid_request_error", None, None,
+                              exc.headers)
 
     def _auth(request: Request) -> JSONResponse | None:
         key = cfg.server.api_key
@@ -241,7 +244,10 @@ def create_app(cfg: RuntimeConfig, orchestrator: Orchestrator | None = None) -> 
                                        "seed": seed} for img, seed in zip(images, req.seeds(), strict=True)]},
                             headers={REQUEST_ID_HEADER: rid})
 
-    @app.get("/v1/requests/{request_id}")
+    @app.get("/v1/requests/{request_id}", responses={
+        401: {"description": "invalid_api_key", "content": {JSON_MEDIA_TYPE: {"schema": _ERROR_SCHEMA}}},
+        404: {"description": "not_found: no request with this id is in flight or recently finished",
+              "content": {JSON_MEDIA_TYPE: {"schema": _ERROR_SCHEMA}}}})
     async def request_progress(request_id: str, request: Request) -> Response:
         """A request's progress: ``status`` (queued, running, completed, failed, cancelled), ``steps_done`` /
         ``steps_total`` (denoising steps over its images) and the same per image; kept for the last 1024
@@ -255,7 +261,8 @@ def create_app(cfg: RuntimeConfig, orchestrator: Orchestrator | None = None) -> 
                                   "invalid_request_error", "request_id", "not_found")
         return JSONResponse(p.as_json())
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses={
+        401: {"description": "invalid_api_key", "content": {JSON_MEDIA_TYPE: {"schema": _ERROR_SCHEMA}}}})
     async def models(request: Request) -> Response:
         denied = _auth(request)
         if denied is not None:
@@ -264,14 +271,25 @@ def create_app(cfg: RuntimeConfig, orchestrator: Orchestrator | None = None) -> 
             {"id": _model_id(cfg), "object": "model", "created": int(request.app.state.orch.started_at),
              "owned_by": "omni-runtime"}]})
 
-    @app.get("/health")
+    @app.get("/health", responses={503: {"description": "a stage has no replica that can serve (hung, "
+                                                          "restarting) or the server failed"}})
     async def health(request: Request) -> Response:
-        stages = request.app.state.orch.health()
-        ok = all(all(v) for v in stages.values())
-        return JSONResponse({"status": "ok" if ok else "degraded", "stages": stages},
-                            status_code=200 if ok else 503)
+        """200 ``ok`` when every replica is ready, 200 ``degraded`` when a replica is not but every stage has one
+        that is, 503 ``unavailable`` while a stage has none; ``stages``: readiness by replica; ``replicas``: each
+        replica's state (ready, starting, hung, restarting), generation and last failure."""
+        orch = request.app.state.orch
+        stages = orch.health()
+        serving = all(any(v) for v in stages.values())
+        status = "ok" if all(all(v) for v in stages.values()) else "degraded" if serving else "unavailable"
+        body: dict[str, Any] = {"status": status, "stages": stages}
+        replica_health = getattr(orch, "replica_health", None)
+        if replica_health is not None:
+            body["replicas"] = replica_health()
+        return JSONResponse(body, status_code=200 if serving else 503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, responses={
+        401: {"description": "invalid_api_key (metrics_require_key)",
+              "content": {JSON_MEDIA_TYPE: {"schema": _ERROR_SCHEMA}}}})
     async def metrics_route(request: Request) -> Response:
         if cfg.server.metrics_require_key:
             denied = _auth(request)
@@ -292,6 +310,7 @@ def create_app(cfg: RuntimeConfig, orchestrator: Orchestrator | None = None) -> 
 
     app.openapi = openapi  # type: ignore[method-assign]
     app.state.metrics = metrics
+    add_lora_routes(app, _auth)  # POST/GET /v1/loras, DELETE /v1/loras/{name}
     return app
 
 

@@ -2,7 +2,8 @@
 
 A client takes :class:`~runtime.messages.Work` (``await submit(work)`` returns a future that resolves to the
 item's :class:`~runtime.messages.Result`), takes it back (``await cancel(work)``), and says whether the replica is
-``ready`` and whether it is ``dead()``. Two kinds:
+``ready``, whether it is ``dead()`` and whether it is ``hung()`` (its ranks' heartbeats, ``runtime.liveness``).
+Two kinds:
 
 - :class:`ZmqStageClient`: a replica of rank processes (``runtime.launcher``), work over a ``comm.channel``
   PUSH channel; results come back through the one :class:`ResultListener` of the frontend, which routes each
@@ -27,7 +28,8 @@ from omni_runtime.comm import serde
 from omni_runtime.comm.channel import ChannelClosed, Receiver, Sender
 from omni_runtime.runtime import tensor_handoff
 from omni_runtime.runtime.config import STAGE_NAMES, RuntimeConfig
-from omni_runtime.runtime.messages import Cancel, Outbound, Ready, Result, StepReport, Stop, Work
+from omni_runtime.runtime.liveness import RankWatch
+from omni_runtime.runtime.messages import Cancel, Heartbeat, Outbound, Ready, Result, StepReport, Stop, Work
 from omni_runtime.runtime.stage_exec import DriverLoop, StageExecutor
 
 logger = logging.getLogger(__name__)
@@ -51,6 +53,8 @@ class StageClient(Protocol):
     async def start(self) -> None: ...
 
     def dead(self) -> tuple[int, int | None] | None: ...   # (rank, exit code) of a gone rank, or None
+
+    def hung(self) -> tuple[int, str] | None: ...          # (rank, why) of a hung rank, or None
 
     async def submit(self, work: Work) -> asyncio.Future: ...
 
@@ -127,7 +131,7 @@ class ZmqStageClient(_Futures):
 
     restartable = True
 
-    def __init__(self, procs: Any) -> None:
+    def __init__(self, procs: Any, stall_timeout_s: float = 0.0) -> None:
         super().__init__()
         self.procs = procs
         self.stage, self.replica = procs.stage, procs.replica
@@ -135,6 +139,10 @@ class ZmqStageClient(_Futures):
         self.on_ready: Callable[[StageClient], None] | None = None
         self.sender: Sender | None = None
         self.restarts = 0
+        self.killing = False  # between a failure and the end of the kill (a hung replica is still "hung")
+        #: the heartbeats of its ranks (``runtime.liveness``)
+        place = getattr(procs, "place", None)
+        self.watch = RankWatch(place.world_size if place is not None else 1, stall_timeout_s)
 
     @property
     def label(self) -> str:
@@ -149,16 +157,28 @@ class ZmqStageClient(_Futures):
         if self.sender is not None:
             self.sender.close()
         await asyncio.to_thread(self.procs.start)  # a Ray launcher waits for its actors: not on the loop
+        self.watch.reset(self.generation)
         self.sender = Sender(self.procs.in_addr, sndhwm=HWM)
 
     def dead(self) -> tuple[int, int | None] | None:
         return self.procs.dead_rank()
+
+    def beat(self, msg: Heartbeat) -> None:
+        self.watch.beat(msg)
+
+    def hung(self) -> tuple[int, str] | None:
+        return self.watch.hung() if self.sender is not None else None
+
+    def waiting_for(self) -> str:
+        """Who holds the node's compute turn that the driver waits for (its last heartbeat); "" if it does not."""
+        return self.watch.waiting[0] if self.watch.waiting else ""
 
     def rank_node(self, rank: int) -> str:
         return self.procs.rank_node(rank)
 
     def announce_ready(self) -> None:
         self.ready = True
+        self.watch.loaded()
         logger.info("%s ready (generation %d)", self.label, self.generation)
         if self.on_ready is not None:
             self.on_ready(self)
@@ -182,7 +202,11 @@ class ZmqStageClient(_Futures):
 
     async def restart(self, delay: float) -> None:
         self.ready = False
-        await asyncio.to_thread(self.procs.kill)
+        self.killing = True
+        try:
+            await asyncio.to_thread(self.procs.kill)  # SIGKILL: a stopped (hung) process dies too
+        finally:
+            self.killing = False
         if delay:
             logger.warning("%s keeps dying while starting; restarting in %.0fs", self.label, delay)
             await asyncio.sleep(delay)
@@ -224,6 +248,8 @@ class ResultListener:
                 self.ignored += 1
                 logger.warning("ignored a %s for stage=%r replica=%r: no such stage replica",
                                type(msg).__name__, msg.stage, msg.replica)
+            elif isinstance(msg, Heartbeat):
+                client.beat(msg)
             elif isinstance(msg, Ready):
                 client.announce_ready()
             else:
@@ -318,6 +344,9 @@ class InProcessStageClient(_Futures):
     def dead(self) -> tuple[int, int | None] | None:
         return (0, None) if self._crash is not None else None
 
+    def hung(self) -> tuple[int, str] | None:
+        return None  # a thread of this process: nothing to kill
+
     async def submit(self, work: Work) -> asyncio.Future:
         fut = self.add(work)
         self.inbox.put(work)
@@ -371,7 +400,8 @@ class StageSet:
 class ZmqStageSet(StageSet):
     def __init__(self, cfg: RuntimeConfig) -> None:
         self.launcher = make_launcher(cfg)
-        self.zmq_clients = {s: [ZmqStageClient(p) for p in self.launcher.replicas[s]] for s in STAGE_NAMES}
+        self.zmq_clients = {s: [ZmqStageClient(p, cfg.server.stall_timeout_s) for p in self.launcher.replicas[s]]
+                            for s in STAGE_NAMES}
         super().__init__(self.zmq_clients)  # type: ignore[arg-type]
         self.listener: ResultListener | None = None
 
@@ -419,7 +449,8 @@ async def in_process_stages(cfg: RuntimeConfig) -> StageSet:
     for s in STAGE_NAMES:
         st = cfg.stages.get(s)
         den = cfg.stages.denoiser
-        options = stage_options(s, cfg.stages.vae.tiling, den.batch_invariant, den.mixed_sizes, den.cpu_linear)
+        options = stage_options(s, cfg.stages.vae.tiling, den.batch_invariant, den.mixed_sizes, den.cpu_linear,
+                                cfg.lora.max_loaded)
         engine = await asyncio.to_thread(load_engine, s, cfg.model.path, cfg.model.dtype, cfg.model.device,
                                          **options)
         clients[s] = [InProcessStageClient(engine, s, 0, max_batch_size=st.max_batch_size,

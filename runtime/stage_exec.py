@@ -31,6 +31,7 @@ import numpy as np
 from omni_runtime.runtime import tensor_handoff
 from omni_runtime.runtime.cores import ComputeToken
 from omni_runtime.runtime.images import encode_image
+from omni_runtime.runtime.liveness import Busy
 from omni_runtime.runtime.messages import (
     Admit,
     Batch,
@@ -84,12 +85,14 @@ class StageExecutor:
     def __init__(self, engine: Engine, stage: str, replica: int, *, max_batch_size: int, batch_timeout_ms: float,
                  publisher: tensor_handoff.Publisher | None = None, max_batch_pixels: int = 0,
                  scheduling: str = "request", priority_aging_s: float = 10.0,
-                 max_padding_waste: float | None = None, token: ComputeToken | None = None) -> None:
+                 max_padding_waste: float | None = None, token: ComputeToken | None = None,
+                 busy: Busy | None = None) -> None:
         """``scheduling = "step"``: an engine with a running set (``run_step``, the denoiser) admits and retires
         items at every step boundary (:meth:`DriverLoop.step_loop`); ``"request"``, and every other engine: a
         batch runs from its first to its last step. ``max_padding_waste``: the engine runs mixed image sizes in
         one forward (``[stages.denoiser] mixed_sizes``) and a step's padding waste stays at most this. ``token``:
-        the stages on this node take turns computing (``[placement] cpu_sharing``, ``runtime.cores``)."""
+        the stages on this node take turns computing (``[placement] cpu_sharing``, ``runtime.cores``). ``busy``: the
+        rank's step time, which its heartbeat reports (``runtime.liveness``)."""
         if scheduling not in SCHEDULING:
             raise ValueError(f"scheduling = {scheduling!r}: allowed values are {', '.join(map(repr, SCHEDULING))}")
         self.engine, self.stage, self.replica = engine, stage, replica
@@ -105,6 +108,7 @@ class StageExecutor:
         self.pending: deque[Pending] = deque()
         self.cancelled: set[str] = set()
         self.token = token
+        self.busy = busy or Busy()
 
     def turn(self) -> contextlib.AbstractContextManager[object]:
         """The stage's turn to compute on the node's cores (at once when the stages do not take turns)."""
@@ -203,7 +207,7 @@ class StageExecutor:
         outputs, release the inputs; one Result per item, in order. ``announce`` is called once the turn is the
         stage's, before computing (the driver broadcasts the batch to its followers)."""
         err, user = "", False
-        with self.turn():
+        with self.turn(), self.busy:
             if announce is not None:
                 announce()
             t0 = time.time()
@@ -323,8 +327,10 @@ class DriverLoop:
         last = [time.time()]
 
         def stop(step: int) -> Sequence[int]:
+            self.executor.busy.lap()  # a step boundary: the rank's heartbeat times each step on its own
             if step and self.executor.token is not None:
-                self.executor.token.hand_over()  # stages waiting to compute go before the next step
+                with self.executor.busy.paused():  # waiting for the node's turn is not a stalled step
+                    self.executor.token.hand_over()  # stages waiting to compute go before the next step
             if step:  # progress and step metrics of the step just done (the denoiser's batches)
                 now = time.time()
                 self.send(StepReport(stage=self.executor.stage, replica=self.executor.replica,
@@ -410,7 +416,7 @@ class DriverLoop:
             for i in sorted(chosen, key=lambda i: alive[i].arrived):
                 admit.append((next_slot, alive[i]))
                 next_slot += 1
-            with ex.turn():  # the stages on this node may take turns on its cores (runtime.cores)
+            with ex.turn(), ex.busy:  # the stages on this node may take turns on its cores (runtime.cores)
                 if self.broadcast is not None and (drop or failed or admit or running):
                     self.broadcast(StepDecision(drop=drop + failed, admit=[Admit(s, p.work) for s, p in admit],
                                                 plan=True))

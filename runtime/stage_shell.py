@@ -12,6 +12,9 @@ Followers (rank > 0): receive each :class:`~runtime.messages.Batch` (and the ste
 step-level scheduling there are no batches: each step plan (a ``StepDecision`` with ``plan``: drops and admissions)
 is applied to the follower's running set, then it runs the same step (``stage_exec.follow_plan``).
 
+Every rank (driver and followers) runs a :class:`Heartbeat` thread that tells the orchestrator it is alive and how
+long it has been in its current step (``runtime.liveness``).
+
 Channels come from ``comm.channel`` (the one socket factory); tensors only through ``runtime.tensor_handoff``.
 """
 
@@ -19,11 +22,14 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Sequence
 
 from omni_runtime.comm import serde
 from omni_runtime.comm.channel import ChannelTimeout, SyncReceiver, SyncSender
 from omni_runtime.comm.shm_broadcast import MessageQueueCancelled
+from omni_runtime.runtime.liveness import Busy
+from omni_runtime.runtime.messages import Heartbeat as HeartbeatMsg
 from omni_runtime.runtime.messages import Inbound, Ready, Result, StepDecision, StepReport, Stop
 from omni_runtime.runtime.rank_fanout import RankFanout
 from omni_runtime.runtime.stage_exec import DriverLoop, StageExecutor, follow, follow_plan
@@ -76,6 +82,42 @@ class Driver(DriverLoop):
         self.outbox.close(linger=2.0)
 
 
+class Heartbeat:
+    """A daemon thread of a rank process that sends a :class:`~runtime.messages.Heartbeat` (with the rank's
+    :class:`~runtime.liveness.Busy` time) to the orchestrator's result channel every ``interval_s``, on a socket of
+    its own. A beat the channel cannot take at once is dropped: a late frontend must not block the rank."""
+
+    def __init__(self, out_addr: str, msg: HeartbeatMsg, busy: Busy, interval_s: float) -> None:
+        self.out_addr, self.msg, self.busy, self.interval_s = out_addr, msg, busy, interval_s
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="omni-heartbeat", daemon=True)
+
+    def start(self) -> Heartbeat:
+        self.thread.start()
+        return self
+
+    def _run(self) -> None:
+        sender = SyncSender(self.out_addr, sndhwm=4)
+        try:
+            while True:
+                self.msg.busy_s = self.busy.seconds()
+                self.msg.waiting_for = self.busy.waiting_for()
+                try:
+                    sender.send(self.msg, timeout=0)
+                except ChannelTimeout:
+                    pass
+                if self._stop.wait(self.interval_s):
+                    return
+        except Exception:  # the rank goes on; the frontend will see it silent and restart the replica
+            logger.exception("the heartbeat thread failed")
+        finally:
+            sender.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.thread.join(timeout=5)
+
+
 class _Interrupted(Exception):
     """A follower expected a step decision and got the next batch (the driver's batch failed mid-way)."""
 
@@ -84,12 +126,15 @@ class _Interrupted(Exception):
         self.msg = msg
 
 
-def follow_loop(engine: Engine, fanout: RankFanout) -> None:
-    """A follower rank: run every batch the driver broadcasts, until ``Stop`` or the driver is gone."""
+def follow_loop(engine: Engine, fanout: RankFanout, busy: Busy | None = None) -> None:
+    """A follower rank: run every batch the driver broadcasts, until ``Stop`` or the driver is gone. ``busy``: the
+    rank's step time, which its heartbeat reports (waiting for the driver does not count)."""
     stash = None
+    busy = busy or Busy()
 
     def stop(step: int) -> Sequence[int]:
-        msg = fanout.recv()
+        with busy.paused():
+            msg = fanout.recv()
         if not isinstance(msg, StepDecision):
             raise _Interrupted(msg)
         return msg.drop
@@ -108,7 +153,8 @@ def follow_loop(engine: Engine, fanout: RankFanout) -> None:
         if isinstance(msg, StepDecision):
             if msg.plan:  # step-level scheduling: the plan of the next step of the running set
                 try:
-                    follow_plan(engine, msg)
+                    with busy:
+                        follow_plan(engine, msg)
                 except MessageQueueCancelled:
                     logger.info("the driver is gone; exiting")
                     return
@@ -116,7 +162,8 @@ def follow_loop(engine: Engine, fanout: RankFanout) -> None:
                     logger.exception("a step failed on a follower rank")
             continue  # else left over from a batch this rank failed
         try:
-            follow(engine, msg.items, stop)
+            with busy:
+                follow(engine, msg.items, stop)
         except _Interrupted as e:
             stash = e.msg
         except MessageQueueCancelled:

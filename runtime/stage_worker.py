@@ -3,7 +3,8 @@
 :func:`worker_main` names the process, sets up logging, joins the replica's
 torch.distributed world (:func:`_init_distributed`), loads the stage's engine (``stages.engine``) and hands it to
 the process shell (``runtime.stage_shell``): the driver loop on rank 0, the follower loop on the others. The
-driver announces Ready once every rank has loaded its weights (a barrier). The parent watchdog and the placement's
+driver announces Ready once every rank has loaded its weights (a barrier). From its start to its end every rank runs
+a heartbeat thread (``runtime.stage_shell.Heartbeat``, ``runtime.liveness``). The parent watchdog and the placement's
 environment are set up before, by the launcher's ``_rank_main``.
 """
 
@@ -19,6 +20,7 @@ import msgspec
 
 if TYPE_CHECKING:
     from omni_runtime.parallel.mesh import Mesh
+    from omni_runtime.runtime.liveness import Busy
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +51,7 @@ class WorkerSpec(msgspec.Struct, kw_only=True):
     mixed_sizes: bool = False       # [stages.denoiser] mixed_sizes
     max_padding_waste: float = 0.25  # [stages.denoiser] max_padding_waste
     cpu_linear: str = "onednn"      # [stages.denoiser] cpu_linear
+    lora_max_loaded: int = 8        # [lora] max_loaded
     log_level: str = "INFO"
     # From the Placement (runtime/placement.py); defaults keep older callers working.
     rendezvous: str = ""            # torch.distributed init_method ("file://<run dir>/..." on one node)
@@ -57,15 +60,19 @@ class WorkerSpec(msgspec.Struct, kw_only=True):
     tensor_transport: str = "shm"   # how this replica's outputs reach the next stage: "shm" | "frames"
     tensor_endpoint: str = ""       # "frames": where the output rank's tensor server binds
     compute_token: str = ""         # [placement] cpu_sharing = "exclusive": the node's turn file (runtime.cores)
+    generation: int = 0             # the replica's start count (its heartbeats name it: runtime.liveness)
+    stall_timeout_s: float = 0.0    # [server] stall_timeout_s (0: no heartbeat thread)
 
 
 def stage_options(stage: str, vae_tiling: bool = False, batch_invariant: bool = False,
-                  mixed_sizes: bool = False, cpu_linear: str = "onednn") -> dict[str, bool | str]:
+                  mixed_sizes: bool = False, cpu_linear: str = "onednn",
+                  lora_max_loaded: int = 8) -> dict[str, bool | str | int]:
     """The engine load options of ``stage`` (``stages.engine.load_engine``)."""
     if stage == "vae":
         return {"tiling": vae_tiling}
     if stage == "denoiser":
-        return {"batch_invariant": batch_invariant, "mixed_sizes": mixed_sizes, "cpu_linear": cpu_linear}
+        return {"batch_invariant": batch_invariant, "mixed_sizes": mixed_sizes, "cpu_linear": cpu_linear,
+                "lora_max_loaded": lora_max_loaded}
     return {}
 
 
@@ -104,6 +111,23 @@ def worker_main(spec_bytes: bytes) -> None:
     logging.basicConfig(level=spec.log_level, force=True, stream=sys.stderr,
                         format=f"%(asctime)s %(levelname)s {name} %(name)s: %(message)s")
 
+    from omni_runtime.runtime import liveness, stage_shell
+    from omni_runtime.runtime.messages import Heartbeat
+
+    busy = liveness.Busy()
+    beat = None
+    if spec.stall_timeout_s > 0:
+        beat = stage_shell.Heartbeat(spec.out_addr, Heartbeat(
+            stage=spec.stage, replica=spec.replica, rank=spec.rank, generation=spec.generation, pid=os.getpid()),
+            busy, liveness.heartbeat_interval(spec.stall_timeout_s)).start()
+    try:
+        _run(spec, busy)
+    finally:
+        if beat is not None:
+            beat.stop()
+
+
+def _run(spec: WorkerSpec, busy: Busy) -> None:
     import torch
 
     torch.set_num_threads(max(1, spec.threads))
@@ -114,7 +138,8 @@ def worker_main(spec_bytes: bytes) -> None:
     from omni_runtime.runtime.stage_exec import StageExecutor
     from omni_runtime.stages.engine import load_engine
 
-    options = stage_options(spec.stage, spec.vae_tiling, spec.batch_invariant, spec.mixed_sizes, spec.cpu_linear)
+    options = stage_options(spec.stage, spec.vae_tiling, spec.batch_invariant, spec.mixed_sizes, spec.cpu_linear,
+                            spec.lora_max_loaded)
     engine = load_engine(spec.stage, spec.model_path, spec.dtype, spec.device, mesh=mesh, **options)
     fanout = RankFanout(spec.rank, spec.world_size)
     if spec.world_size > 1:
@@ -123,14 +148,16 @@ def worker_main(spec_bytes: bytes) -> None:
         dist.barrier()
     logger.info("loaded; %s", "driver" if spec.rank == 0 else "follower")
     if spec.rank == 0:
-        token = cores.ComputeToken(spec.compute_token) if spec.compute_token else None
+        token = (cores.ComputeToken(spec.compute_token, label=f"{spec.stage}[{spec.replica}]")
+                 if spec.compute_token else None)
+        busy.token = token  # its heartbeat says who holds the turn while it waits (runtime.liveness)
         executor = StageExecutor(engine, spec.stage, spec.replica, max_batch_size=spec.max_batch_size,
                                  batch_timeout_ms=spec.batch_timeout_ms, max_batch_pixels=spec.max_batch_pixels,
                                  scheduling=spec.scheduling, priority_aging_s=spec.priority_aging_s,
                                  max_padding_waste=spec.max_padding_waste if spec.mixed_sizes else None,
                                  publisher=tensor_handoff.Publisher(
                                      pooled=spec.pool_outputs, transport=spec.tensor_transport,
-                                     endpoint=spec.tensor_endpoint), token=token)
+                                     endpoint=spec.tensor_endpoint), token=token, busy=busy)
         driver = stage_shell.Driver(executor, fanout, spec.in_addr, spec.out_addr)
         try:
             driver.run()
@@ -138,7 +165,7 @@ def worker_main(spec_bytes: bytes) -> None:
             driver.close()
             executor.close()
     else:
-        stage_shell.follow_loop(engine, fanout)
+        stage_shell.follow_loop(engine, fanout, busy)
     fanout.close()
     tensor_handoff.shutdown()
     logger.info("stopped")

@@ -98,10 +98,12 @@ def use_onednn(model: nn.Module, dtype: torch.dtype, device: torch.device) -> in
 
 
 def linear_gelu_tanh(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """``F.gelu(linear(x), approximate="tanh")``; one oneDNN primitive when :func:`use_onednn` switched ``linear``."""
+    """``F.gelu(linear(x), approximate="tanh")``; one oneDNN primitive when :func:`use_onednn` switched ``linear``
+    (and no LoRA of ``stages.lora`` is active on it in this forward)."""
     import torch
     import torch.nn.functional as F
 
-    if getattr(linear, _MARK, False) and _fits(x, linear.weight):
+    lora = getattr(linear, "_omni_lora", None)  # stages.lora: a LoRA active now is added before the GELU
+    if getattr(linear, _MARK, False) and _fits(x, linear.weight) and not (lora is not None and lora[0].active(lora[1])):
         return torch.ops.mkldnn._linear_pointwise(x, linear.weight, linear.bias, "gelu", [], "tanh")
     return F.gelu(linear(x), approximate="tanh")

@@ -40,6 +40,7 @@ from omni_runtime.stages.device import resolve_device, resolve_dtype
 from omni_runtime.stages.errors import RequestError
 from omni_runtime.stages.guidance import UNGUIDED, Guidance
 from omni_runtime.stages.latents import check_image_size, image_seq_len, unpack_latents
+from omni_runtime.stages.lora import LoraBank, LoraSpec
 from omni_runtime.stages.models.family import ModelFamily, family_of
 from omni_runtime.stages.schedule import FlowMatchSchedule
 from omni_runtime.stages.step_batch import RunningSet
@@ -66,6 +67,8 @@ class DenoiseRequest:
     num_inference_steps: int = 28
     guidance_scale: float = 3.5
     true_cfg_scale: float = 1.0
+    #: the request's LoRA adapters (``stages.lora``), combined as diffusers' ``set_adapters(names, weights)``
+    lora: tuple[LoraSpec, ...] = ()
 
     @property
     def do_true_cfg(self) -> bool:
@@ -109,7 +112,8 @@ class DenoiserStage:
 
     def __init__(self, model: torch.nn.Module, config: dict[str, Any], schedule: FlowMatchSchedule,
                  vae_scale_factor: int, dtype: torch.dtype, device: torch.device, mesh: Mesh | None = None,
-                 *, family: ModelFamily, batch_invariant: bool = False, mixed_sizes: bool = False) -> None:
+                 *, family: ModelFamily, batch_invariant: bool = False, mixed_sizes: bool = False,
+                 lora_max_loaded: int = 8) -> None:
         self.model = model
         self.family = family
         self.mesh = mesh if mesh is not None else Mesh.single(device)
@@ -133,6 +137,8 @@ class DenoiserStage:
         self.batch_invariant = batch_invariant
         #: requests of different image sizes share a step's forward (padded and masked, ``stages.step_batch``)
         self.mixed_sizes = mixed_sizes
+        #: this rank's LoRA adapters and the hooks that apply them per row (``stages.lora``)
+        self.lora = LoraBank(model, dtype, device, max_loaded=lora_max_loaded)
         self._request_ids = itertools.count(1 << 40)  # request-level batches (step-level slots count from 0)
 
     @classmethod
@@ -140,7 +146,8 @@ class DenoiserStage:
                         device: str | torch.device = "cpu", mesh: Mesh | None = None,
                         ep_group: GroupCoordinator | None = None,
                         hsdp: HSDPInferenceConfig | None = None, batch_invariant: bool = False,
-                        mixed_sizes: bool = False, cpu_linear: str = "onednn") -> DenoiserStage:
+                        mixed_sizes: bool = False, cpu_linear: str = "onednn",
+                        lora_max_loaded: int = 8) -> DenoiserStage:
         """Load the family's transformer + the scheduler config on ``mesh`` (None: ``Mesh.single()``); with an sp
         group of more than one rank, apply :class:`SequenceParallel` to the model.
 
@@ -149,7 +156,8 @@ class DenoiserStage:
         experts, and the manager sizes its buffers from the model. ``hsdp`` (shard degree > 1, e.g.
         ``parallel.hsdp.hsdp_config_from_mesh(mesh)``): the weights are sharded (FSDP2) and loaded shard by shard.
         ``cpu_linear``: ``"onednn"`` runs a float32 CPU model's linear layers on oneDNN (``stages.cpu_linear``;
-        not with HSDP, whose sharded weights were not measured there), ``"torch"`` on torch's own kernel."""
+        not with HSDP, whose sharded weights were not measured there), ``"torch"`` on torch's own kernel.
+        ``lora_max_loaded``: LoRA adapters kept loaded on this rank (``stages.lora``, ``[lora] max_loaded``)."""
         if cpu_linear not in CPU_LINEAR:
             raise ValueError(f"cpu_linear = {cpu_linear!r}: allowed values are {CPU_LINEAR}")
         torch_dtype, dev = resolve_dtype(dtype), resolve_device(device)
@@ -176,7 +184,8 @@ class DenoiserStage:
             logger.info("denoiser: sequence parallel over %d ranks", sp)
         logger.info("loaded %s denoiser from %s (%s on %s)", family.name, path, torch_dtype, dev)
         stage = cls(model, config, schedule, vae_scale_factor_of(path, family), torch_dtype, dev, mesh,
-                    family=family, batch_invariant=batch_invariant, mixed_sizes=mixed_sizes)
+                    family=family, batch_invariant=batch_invariant, mixed_sizes=mixed_sizes,
+                    lora_max_loaded=lora_max_loaded)
         if mesh.size("cfg") > 1:
             logger.info("denoiser: CFG parallel over %d ranks (cfg rank %d), rows by %r", mesh.size("cfg"),
                         mesh.rank("cfg"), stage.forward_rows)

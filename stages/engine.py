@@ -29,6 +29,7 @@ import torch
 
 from omni_runtime.stages.denoiser import NEGATIVE, DenoiseRequest, DenoiserStage, StopHook
 from omni_runtime.stages.device import resolve_device, resolve_dtype
+from omni_runtime.stages.lora import LoraSpec
 from omni_runtime.stages.models.family import TextEncoder, family_of
 from omni_runtime.stages.step_batch import RunningSet
 from omni_runtime.stages.vae import VaeDecoderStage
@@ -116,18 +117,20 @@ class DenoiserEngine:
 
     @classmethod
     def load(cls, path: str | Path, dtype: str, device: str, mesh: Any = None, *,
-             batch_invariant: bool = False, mixed_sizes: bool = False, cpu_linear: str = "onednn"
-             ) -> DenoiserEngine:
+             batch_invariant: bool = False, mixed_sizes: bool = False, cpu_linear: str = "onednn",
+             lora_max_loaded: int = 8) -> DenoiserEngine:
         """``batch_invariant``: one forward per request, bit-identical to its solo run (``stages.step_batch``);
         ``mixed_sizes``: requests of different image sizes share a step's forward (padded and masked);
-        ``cpu_linear``: the linear layers' kernel on CPU (``stages.cpu_linear``)."""
+        ``cpu_linear``: the linear layers' kernel on CPU (``stages.cpu_linear``); ``lora_max_loaded``: LoRA
+        adapters this rank keeps loaded (``stages.lora``, ``[lora] max_loaded``)."""
         from omni_runtime.parallel.all2all import init_expert_parallel  # None unless the mesh has ep > 1
         from omni_runtime.parallel.hsdp import hsdp_config_from_mesh  # None unless the mesh shards weights
 
         hsdp = hsdp_config_from_mesh(mesh) if mesh is not None else None
         return cls(DenoiserStage.from_pretrained(path, dtype, device, mesh=mesh, ep_group=init_expert_parallel(mesh),
                                                  hsdp=hsdp, batch_invariant=batch_invariant,
-                                                 mixed_sizes=mixed_sizes, cpu_linear=cpu_linear))
+                                                 mixed_sizes=mixed_sizes, cpu_linear=cpu_linear,
+                                                 lora_max_loaded=lora_max_loaded))
 
     @staticmethod
     def request(item: StageItem) -> DenoiseRequest:
@@ -138,7 +141,8 @@ class DenoiserEngine:
         return DenoiseRequest(
             embeds=embeds, seed=item.seed, height=p.height, width=p.width,
             num_inference_steps=p.num_inference_steps, guidance_scale=p.guidance_scale,
-            true_cfg_scale=p.true_cfg_scale)
+            true_cfg_scale=p.true_cfg_scale,
+            lora=tuple(LoraSpec(r.name, r.path, r.version, r.scale) for r in getattr(p, "lora", ())))
 
     def batch_key(self, item: StageItem) -> Hashable:
         return self.stage.batch_key(self.request(item))

@@ -29,13 +29,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Hashable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 
 from omni_runtime.stages.guidance import Guidance, mixed_apply, mixed_rows
 from omni_runtime.stages.latents import image_seq_len, initial_noise
+from omni_runtime.stages.lora import ROW_ARG, SHARED_ARG, LoraAdapter
 from omni_runtime.stages.schedule import euler_step
 
 if TYPE_CHECKING:
@@ -70,6 +71,7 @@ class Running:
     img_ids: torch.Tensor      # (tokens, 3)
     key: Hashable
     done: int = 0              # steps done
+    lora: list[tuple[LoraAdapter, float]] = field(default_factory=list)  # its adapters and their weights
 
     @property
     def total(self) -> int:
@@ -120,15 +122,19 @@ class RunningSet:
         branches = [{k: v.to(dev, dt, copy=True) for k, v in b.items()} for b in st.branches(req)]
         timesteps, sigmas = st.schedule.sigmas(req.num_inference_steps, image_seq_len(h, w, st.vae_scale_factor),
                                                dev)
+        lora = st.lora.acquire(req.lora)  # pinned while it runs; a bad adapter raises before it joins
         self.running[rid] = Running(
-            id=rid, req=req,
+            id=rid, req=req, lora=lora,
             latents=initial_noise(req.seed, st.num_channels_latents, h, w, st.vae_scale_factor, dt, dev),
             timesteps=timesteps, sigmas=sigmas, branches=branches, guidance=st.guidance(req),
             img_ids=st.family.image_ids(h, w, st.vae_scale_factor, dev, dt), key=self.join_key(req))
 
     def drop(self, rid: int) -> bool:
         """Take ``rid`` out (cancelled, expired); False if it is not running."""
-        return self.running.pop(rid, None) is not None
+        r = self.running.pop(rid, None)
+        if r is not None:
+            self.stage.lora.unpin([ad for ad, _ in r.lora])
+        return r is not None
 
     def progress(self, rid: int) -> tuple[int, int]:
         """(steps done, steps in all) of a running request."""
@@ -158,7 +164,9 @@ class RunningSet:
         done = {}
         for rid, r in list(self.running.items()):
             if r.done >= r.total:
-                done[rid] = self.running.pop(rid).latents[0]
+                r = self.running.pop(rid)
+                self.stage.lora.unpin([ad for ad, _ in r.lora])
+                done[rid] = r.latents[0]
         return done
 
     def _advance(self, members: list[Running]) -> None:
@@ -191,12 +199,31 @@ class RunningSet:
                 for j, (r, _) in enumerate(rows):
                     mask[j, :r.tokens] = True
                 row_args["key_padding_mask"] = mask
+        if any(r.lora for r in members):  # per-row adapters: a row argument, split with the rows
+            row_args[ROW_ARG], shared[SHARED_ARG] = _lora_rows(rows, st.device)
         pred = st.forward_rows(st.model, row_args, shared, info)
         velocity = mixed_apply(pred, info, [r.id for r in members], guides, [r.req.guidance_scales for r in members])
         for j, r in enumerate(members):
             v = velocity[j:j + 1, :r.tokens]  # a shorter row's padding outputs are discarded
             r.latents = euler_step(r.latents, v, r.sigmas[r.done], r.sigmas[r.done + 1])
             r.done += 1
+
+
+def _lora_rows(rows: list[tuple[Running, int]], device: torch.device) -> tuple[torch.Tensor, list[LoraAdapter]]:
+    """The step's adapters (each once, in order of first use) and each row's weight of each: (rows, adapters);
+    every branch of a request has the request's adapters (diffusers adapts the one transformer of all branches)."""
+    adapters: list[LoraAdapter] = []
+    col: dict[int, int] = {}
+    for r, _ in rows:
+        for ad, _ in r.lora:
+            if id(ad) not in col:
+                col[id(ad)] = len(adapters)
+                adapters.append(ad)
+    scales = torch.zeros(len(rows), len(adapters), dtype=torch.float32)
+    for j, (r, _) in enumerate(rows):
+        for ad, w in r.lora:
+            scales[j, col[id(ad)]] += w
+    return scales.to(device), adapters
 
 
 def _pad(t: torch.Tensor, length: int) -> torch.Tensor:

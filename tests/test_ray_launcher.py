@@ -44,6 +44,7 @@ path = "{ROOT / 'models' / 'tiny-flux'}"
 [server]
 api_key = ""
 request_timeout_s = 300
+stall_timeout_s = 6
 
 [placement]
 launcher = "ray"
@@ -211,6 +212,35 @@ def test_a_killed_rank_actor_is_503_naming_stage_rank_and_node_then_restarts(ser
     assert "started denoiser[0] (generation 2) as Ray actors" in served.log_text()
 
 
+def test_a_hung_rank_actor_is_503_naming_it_hung_then_restarts(served):
+    """Issue 31 under Ray: a SIGSTOPped rank actor (its heartbeats travel over tcp) fails its replica fast, the
+    replica restarts with new actors, the next request succeeds."""
+    import threading
+
+    victim = psutil.Process(_rank_pids(served.log_text(), "denoiser", 2)[1])
+    out: dict = {}
+    t = threading.Thread(target=lambda: out.update(r=served_post(served, {
+        "prompt": "slow", "seed": 3, "size": "256x256", "n": 4, "num_inference_steps": 200})))
+    busy_from = victim.cpu_times().user
+    t.start()
+    end = time.monotonic() + 120
+    while victim.cpu_times().user - busy_from < 0.5:
+        assert time.monotonic() < end and "r" not in out
+        time.sleep(0.05)
+    stopped = time.monotonic()
+    victim.send_signal(signal.SIGSTOP)
+    t.join(240)
+    took = time.monotonic() - stopped
+    assert out["r"].status_code == 503, out["r"].text
+    msg = out["r"].json()["error"]["message"]
+    assert msg.startswith("stage denoiser failed: denoiser[0] rank 1 hung on node "), msg
+    assert took < 6 + 20, f"the 503 came {took:.1f}s after the stop"
+    r = served_post(served, {"prompt": "after", "seed": 2, "size": "32x32", "num_inference_steps": 1})
+    assert r.status_code == 200, r.text
+    assert "started denoiser[0] (generation 3) as Ray actors" in served.log_text()
+    assert not psutil.pid_exists(victim.pid) or victim.status() == psutil.STATUS_ZOMBIE
+
+
 def served_post(server: Server, body: dict):
     import httpx
 
@@ -221,8 +251,8 @@ def test_shutdown_leaves_no_actor_placement_group_or_stage_process(served, clust
     from ray.util.placement_group import placement_group_table
 
     log = served.log_text()
-    pids = (_rank_pids(log, "text_encoder", 1) + _rank_pids(log, "denoiser", 2) + _rank_pids(log, "vae", 1))
-    ours = [psutil.Process(p) for p in pids]  # te, the restarted denoiser's 2 ranks, vae
+    pids = (_rank_pids(log, "text_encoder", 1) + _rank_pids(log, "denoiser", 3) + _rank_pids(log, "vae", 1))
+    ours = [psutil.Process(p) for p in pids]  # te, the twice restarted denoiser's 2 ranks, vae
     named = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
     assert len([n for n in named if n.startswith("omni-")]) == 4, named
     assert served.stop() in (0, -signal.SIGTERM)  # uvicorn re-raises the signal after its graceful shutdown

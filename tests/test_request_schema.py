@@ -19,6 +19,11 @@ def _valid(name: str) -> st.SearchStrategy:
     base = types[0]
     if "enum" in s:
         return st.sampled_from(s["enum"])
+    if base == "array":  # lora: objects of the item schema
+        item = s["items"]["properties"]
+        names = st.from_regex(item["name"]["pattern"], fullmatch=True)
+        scales = st.floats(item["scale"]["minimum"], item["scale"]["maximum"], allow_nan=False)
+        return st.lists(st.fixed_dictionaries({"name": names}, optional={"scale": scales}), max_size=s["maxItems"])
     if base == "integer":
         return st.integers(s["minimum"], s["maximum"]) | st.sampled_from([s["minimum"], s["maximum"]])
     if base == "number":
@@ -47,6 +52,10 @@ def _just_outside(name: str) -> list:
     base = s["type"][0] if isinstance(s["type"], list) else s["type"]
     if "enum" in s:
         return ["not-" + str(s["enum"][0])]
+    if base == "array":
+        scale = s["items"]["properties"]["scale"]
+        return [5, "a", {"name": "a"}, [{"name": "a", "scale": scale["maximum"] + 0.001}], [{"name": ""}],
+                [{"name": f"n{i}"} for i in range(s["maxItems"] + 1)], [{"name": "a", "x": 1}]]
     if base == "integer":
         return [s["minimum"] - 1, s["maximum"] + 1, 1.5, True]
     if base == "number":

@@ -35,3 +35,31 @@ def test_generations_answers_match_the_schema(operation, mode):
         case.call_and_validate(headers={"Authorization": f"Bearer {KEY}"})
 
     run()
+
+
+@pytest.fixture(scope="module")
+def schema():
+    cfg = stub_config(api_key=KEY, metrics_require_key=True)
+    with ThreadServer(cfg) as srv:
+        yield schemathesis.openapi.from_url(srv.url + "/openapi.json")
+
+
+@pytest.mark.parametrize("path", ["/v1/requests/{request_id}", "/metrics", "/health", "/v1/models"])
+@pytest.mark.parametrize("auth", [True, False])
+def test_get_routes_answer_as_documented(schema, path, auth):
+    """Every GET route's answers (status, content type, body) conform to /openapi.json, with and without the key:
+    unknown request ids (404) and the Prometheus text of /metrics included (issue 31)."""
+    op = schema[path]["GET"]
+    headers = {"Authorization": f"Bearer {KEY}"} if auth else {}
+    seen = set()
+
+    @given(op.as_strategy())
+    @settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    def run(case):
+        seen.add(case.call_and_validate(headers=headers).status_code)
+
+    run()
+    expected = {"/v1/requests/{request_id}": 404, "/metrics": 200, "/health": 200, "/v1/models": 200}[path]
+    if not auth and path in ("/v1/requests/{request_id}", "/metrics", "/v1/models"):
+        expected = 401
+    assert seen == {expected}

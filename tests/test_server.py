@@ -83,7 +83,9 @@ def test_auth_and_side_routes(server):
     assert form.status_code == 415 and form.json()["error"]["code"] == "unsupported_media_type"
     assert httpx.get(server.url + "/v1/models").status_code == 401
     h = httpx.get(server.url + "/health").json()
-    assert h == {"status": "ok", "stages": {"text_encoder": [True], "denoiser": [True], "vae": [True]}}
+    assert h["status"] == "ok" and h["stages"] == {"text_encoder": [True], "denoiser": [True], "vae": [True]}
+    assert h["replicas"] == {s: [{"state": "ready", "generation": 1, "last_failure": None}]
+                             for s in ("text_encoder", "denoiser", "vae")}
     assert "/v1/images/generations" in httpx.get(server.url + "/openapi.json").json()["paths"]
     assert httpx.get(server.url + "/docs").status_code == 200
 
