@@ -17,6 +17,13 @@ from collections.abc import Callable
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 
+from omni_runtime.runtime.http_common import (
+    JSON_MEDIA_TYPE,
+    BodyTooLarge,
+    error_response,
+    is_json_content_type,
+    read_body,
+)
 from omni_runtime.runtime.lora_registry import LoraForbidden, LoraRegistry
 
 logger = logging.getLogger(__name__)
@@ -24,38 +31,6 @@ logger = logging.getLogger(__name__)
 __all__ = ["add_lora_routes"]
 
 MAX_LORA_BODY = 64 << 10
-
-
-JSON_MEDIA_TYPE = "application/json"
-
-
-class BodyTooLarge(Exception):
-    pass
-
-
-def error_response(status: int, message: str, kind: str, param: str | None = None,
-                   code: str | None = None) -> JSONResponse:
-    """The OpenAI error shape, as ``runtime.server`` answers."""
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}},
-                        status_code=status)
-
-
-def is_json_content_type(value: str | None) -> bool:
-    return bool(value) and value.split(";", 1)[0].strip().lower() == JSON_MEDIA_TYPE  # type: ignore[union-attr]
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, read chunk by chunk; :class:`BodyTooLarge` as soon as it passes ``limit`` bytes."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise BodyTooLarge(f"request body of {declared} bytes: at most {limit} are allowed")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge(f"request body of more than {limit} bytes: at most {limit} are allowed")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def add_lora_routes(app: FastAPI, auth: Callable[[Request], Response | None]) -> None:

@@ -34,6 +34,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from omni_runtime.runtime.config import ConfigError, RuntimeConfig
+from omni_runtime.runtime.http_common import (
+    JSON_MEDIA_TYPE,
+    BodyTooLarge,
+    error_response,
+    is_json_content_type,
+    read_body,
+)
 from omni_runtime.runtime.lora_api import add_lora_routes
 from omni_runtime.runtime.metrics import Metrics
 from omni_runtime.runtime.orchestrator import Orchestrator, ServingError
@@ -42,9 +49,7 @@ from omni_runtime.runtime.requests import RequestError, WorkCaps, openapi_reques
 
 logger = logging.getLogger(__name__)
 
-MAX_BODY_BYTES = 1 << 20
 REQUEST_ID_HEADER = "X-Request-Id"  # the client's id for GET /v1/requests/{id}; echoed in the answer
-JSON_MEDIA_TYPE = "application/json"
 
 _ERROR_SCHEMA: dict[str, Any] = {
     "type": "object", "required": ["error"],
@@ -82,37 +87,6 @@ def generations_responses() -> dict[int | str, dict[str, Any]]:
     out[429]["headers"] = {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds"}}
     out[401]["headers"] = {"WWW-Authenticate": {"schema": {"type": "string"}, "description": "Bearer"}}
     return out
-
-
-class BodyTooLarge(Exception):
-    pass
-
-
-async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
-    """The request body, read chunk by chunk; raises :class:`BodyTooLarge` as soon as it passes ``limit`` bytes
-    (a declared Content-Length over it is refused before reading anything; a chunked body is never held whole)."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise BodyTooLarge(f"request body of {declared} bytes: at most {limit} are allowed")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge(f"request body of more than {limit} bytes: at most {limit} are allowed")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def is_json_content_type(value: str | None) -> bool:
-    """``application/json``, optionally with parameters (``; charset=utf-8``)."""
-    return bool(value) and value.split(";", 1)[0].strip().lower() == JSON_MEDIA_TYPE  # type: ignore[union-attr]
-
-
-def error_response(status: int, message: str, kind: str, param: str | None = None, code: str | None = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}},
-                        status_code=status, headers=headers)
 
 
 def _model_id(cfg: RuntimeConfig) -> str:

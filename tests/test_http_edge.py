@@ -11,8 +11,9 @@ import pytest
 from fastapi.testclient import TestClient
 from http_stub_server import StubOrchestrator, ThreadServer, stub_config
 
+from omni_runtime.runtime.http_common import MAX_BODY_BYTES
 from omni_runtime.runtime.requests import FIELDS, MAX_SEED, SIZE_PATTERN, WorkCaps, check_work, parse_request
-from omni_runtime.runtime.server import MAX_BODY_BYTES, create_app
+from omni_runtime.runtime.server import create_app
 
 ROUTE = "/v1/images/generations"
 

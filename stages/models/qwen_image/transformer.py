@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,7 @@ from omni_runtime.stages.models.layers import (
     _modulate,
     rope,
 )
+from omni_runtime.stages.models.transformer_config import config_from_dict
 from omni_runtime.stages.weights import (
     DIFFUSERS_WEIGHTS,
     MODEL_INDEX,
@@ -90,20 +91,7 @@ class QwenImageConfig:
     @classmethod
     def from_dict(cls, config: dict[str, Any], source: str | Path = "config") -> QwenImageConfig:
         """Build from a config dict; unknown keys are logged and ignored, like diffusers does."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(k for k in config if k not in known and not k.startswith("_"))
-        if unknown:
-            logger.warning("%s: ignoring unknown QwenImageTransformer2DModel config keys %s", source, unknown)
-        values = {k: v for k, v in config.items() if k in known}
-        if "axes_dims_rope" in values:
-            axes = values["axes_dims_rope"]
-            if not isinstance(axes, (list, tuple)) or not all(isinstance(d, int) for d in axes):
-                raise CheckpointError(f"{source}: axes_dims_rope={axes!r}; expected a list of 3 even integers "
-                                      f"summing to attention_head_dim")
-            values["axes_dims_rope"] = tuple(axes)
-        cfg = cls(**values)
-        cfg.validate(source)
-        return cfg
+        return config_from_dict(cls, config, source, "QwenImageTransformer2DModel")
 
     @property
     def inner_dim(self) -> int:
