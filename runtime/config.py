@@ -178,7 +178,8 @@ class PlacementConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class LoraConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    # name -> adapter file in diffusers' LoRA layout (stages/lora.py), checked against the model at start
+    # name -> adapter file (diffusers' LoRA layout or one diffusers converts; stages/lora.py), checked against the
+    # model at start and preloaded on every denoiser rank
     adapters: dict[str, str] = msgspec.field(default_factory=dict)
     max_loaded: int = 8  # adapters each denoiser rank keeps in memory; the least recently used unused one leaves
     # directories POST /v1/loras may load from (a path outside all of them: 403); empty: loading over HTTP is off

@@ -162,6 +162,7 @@ class ReplicaProcs:
             mixed_sizes=self.stage == "denoiser" and cfg.stages.denoiser.mixed_sizes,
             max_padding_waste=cfg.stages.denoiser.max_padding_waste, cpu_linear=cfg.stages.denoiser.cpu_linear,
             lora_max_loaded=cfg.lora.max_loaded,
+            lora_adapters=dict(cfg.lora.adapters) if self.stage == "denoiser" else {},
             log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel()),
             rendezvous=rendezvous, local_rank=rk.local_rank, node=rk.node,
             tensor_transport=self.place.tensor_transport,

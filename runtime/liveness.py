@@ -158,5 +158,9 @@ class RankWatch:
                 silent_s, silent = max(quiet)
                 return silent, (f"sent no heartbeat for {silent_s:.1f}s while rank {rank} waited {busy:.1f}s in "
                                 f"one step or collective (stall_timeout_s = {self.limit:g})")
-            return rank, f"has been in one step or collective for {busy:.1f}s (stall_timeout_s = {self.limit:g})"
+            own = now - t  # a stopped rank's last beat said "busy": its step is past the limit before its silence is
+            stopped = (f"; it sent no heartbeat for {own:.1f}s: the process is stopped or frozen"
+                       if own > 3 * heartbeat_interval(self.limit) else "")
+            return rank, (f"has been in one step or collective for {busy:.1f}s (stall_timeout_s = {self.limit:g})"
+                          + stopped)
         return None

@@ -3,8 +3,9 @@
 All three take the API key (``[server] api_key``) like the other ``/v1`` routes. A POST body is
 ``{"name": str, "path": str}``: the path must lie under ``[lora] allowed_roots`` (403 otherwise; resolved with its
 symlinks), and the file is checked against the model before it is registered (400 naming what does not fit: another
-model's adapter, mismatched shapes, a corrupt file, text-encoder LoRA, another key layout). The registry is the
-orchestrator's (``runtime.lora_registry``); the denoiser ranks load an adapter when a request first names it.
+model's adapter, mismatched shapes, a corrupt file, text-encoder LoRA, a key layout diffusers' converters do not
+read; kohya and other layouts they read are converted first). The registry is the orchestrator's
+(``runtime.lora_registry``); the denoiser ranks load an adapter registered here when a request first names it.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ def add_lora_routes(app: FastAPI, auth: Callable[[Request], Response | None]) ->
 
     body_schema = {"type": "object", "required": ["name", "path"], "additionalProperties": False, "properties": {
         "name": {"type": "string", "description": "the name requests use in their lora field"},
-        "path": {"type": "string", "description": "a .safetensors file in diffusers' LoRA layout, under one of "
+        "path": {"type": "string", "description": "a .safetensors LoRA file (diffusers' layout, or one diffusers' "
+                                                  "loader converts: kohya, ...), under one of "
                                                   "[lora] allowed_roots"}}}
 
     @app.post("/v1/loras", openapi_extra={

@@ -6,7 +6,9 @@ file once, when it is registered, against the model's transformer checkpoint (la
 load and never reaches a rank. A request's ``lora`` names are resolved here (an unknown name is a 400 naming it):
 the request then carries each adapter's path and version to the denoiser, whose every rank loads it on the admit
 that first names it (every rank admits the same items at the same step boundary) and keeps at most
-``[lora] max_loaded`` loaded, least recently used out (``stages.lora.LoraBank``). Re-registering a name gives a new
+``[lora] max_loaded`` loaded, least recently used out (``stages.lora.LoraBank``). The config's adapters get
+versions 1, 2, ... in config order (``stages.lora.configured_specs``): every denoiser rank preloads those at start,
+so no request waits for their files on the step loop. Re-registering a name gives a new
 version, so no rank keeps using the old file's weights for new requests; a deleted name is refused to new requests
 and leaves the ranks' caches by eviction.
 
@@ -28,7 +30,7 @@ import msgspec
 
 from omni_runtime.runtime.config import ConfigError, RuntimeConfig
 from omni_runtime.runtime.requests import LORA_NAME_PATTERN, GenerationRequest, LoraRef, RequestError
-from omni_runtime.stages.lora import check_lora_file
+from omni_runtime.stages.lora import check_lora_file, configured_specs
 
 logger = logging.getLogger(__name__)
 
@@ -68,9 +70,10 @@ class LoraRegistry:
 
     def preload(self) -> None:
         """Register (and check) the config's adapters; a bad one is a :class:`ConfigError` naming its key."""
-        for name, path in self.configured.items():
+        for spec in configured_specs(self.configured):  # versions 1, 2, ...: the ones the ranks preload
+            name, path = spec.name, spec.path
             try:
-                self.add(name, path, source="config")
+                self.add(name, path, source="config", version=spec.version)
             except ValueError as e:  # a bad file (LoraError) or name
                 raise ConfigError(f"lora.adapters.{name} = {path!r}: {e}") from None
 
@@ -84,8 +87,10 @@ class LoraRegistry:
                                 f"({', '.join(str(r) for r in self.roots)})")
         return str(real)
 
-    def add(self, name: Any, path: Any, *, source: str = "api") -> LoraEntry:
-        """Check the file and register it as ``name`` (replacing an entry of that name with a new version)."""
+    def add(self, name: Any, path: Any, *, source: str = "api", version: int | None = None) -> LoraEntry:
+        """Check the file and register it as ``name`` (replacing an entry of that name with a new version;
+        ``version``: the config's adapters get theirs from ``stages.lora.configured_specs``, what the ranks preload;
+        later ones count on above every version given so far)."""
         import re
 
         if not isinstance(name, str) or not re.match(LORA_NAME_PATTERN, name):
@@ -97,8 +102,8 @@ class LoraRegistry:
             path = self.check_root(path)
         summary = check_lora_file(path, self.model_dir, name)
         with self._lock:
-            self._version += 1
-            entry = LoraEntry(name=name, path=str(path), version=self._version, source=source,
+            self._version = max(self._version + 1, version or 0)
+            entry = LoraEntry(name=name, path=str(path), version=version or self._version, source=source,
                               created=time.time(), **summary)
             self.entries[name] = entry
         logger.info("lora %r registered from %s (%d layers, rank %d)", name, path, entry.layers, entry.rank)

@@ -52,6 +52,7 @@ class WorkerSpec(msgspec.Struct, kw_only=True):
     max_padding_waste: float = 0.25  # [stages.denoiser] max_padding_waste
     cpu_linear: str = "onednn"      # [stages.denoiser] cpu_linear
     lora_max_loaded: int = 8        # [lora] max_loaded
+    lora_adapters: dict[str, str] = msgspec.field(default_factory=dict)  # [lora] adapters: preloaded (denoiser)
     log_level: str = "INFO"
     # From the Placement (runtime/placement.py); defaults keep older callers working.
     rendezvous: str = ""            # torch.distributed init_method ("file://<run dir>/..." on one node)
@@ -66,13 +67,14 @@ class WorkerSpec(msgspec.Struct, kw_only=True):
 
 def stage_options(stage: str, vae_tiling: bool = False, batch_invariant: bool = False,
                   mixed_sizes: bool = False, cpu_linear: str = "onednn",
-                  lora_max_loaded: int = 8) -> dict[str, bool | str | int]:
+                  lora_max_loaded: int = 8, lora_adapters: dict[str, str] | None = None
+                  ) -> dict[str, bool | str | int | dict[str, str]]:
     """The engine load options of ``stage`` (``stages.engine.load_engine``)."""
     if stage == "vae":
         return {"tiling": vae_tiling}
     if stage == "denoiser":
         return {"batch_invariant": batch_invariant, "mixed_sizes": mixed_sizes, "cpu_linear": cpu_linear,
-                "lora_max_loaded": lora_max_loaded}
+                "lora_max_loaded": lora_max_loaded, "lora_preload": dict(lora_adapters or {})}
     return {}
 
 
@@ -139,7 +141,7 @@ def _run(spec: WorkerSpec, busy: Busy) -> None:
     from omni_runtime.stages.engine import load_engine
 
     options = stage_options(spec.stage, spec.vae_tiling, spec.batch_invariant, spec.mixed_sizes, spec.cpu_linear,
-                            spec.lora_max_loaded)
+                            spec.lora_max_loaded, spec.lora_adapters)
     engine = load_engine(spec.stage, spec.model_path, spec.dtype, spec.device, mesh=mesh, **options)
     fanout = RankFanout(spec.rank, spec.world_size)
     if spec.world_size > 1:

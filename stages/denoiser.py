@@ -138,7 +138,8 @@ class DenoiserStage:
         #: requests of different image sizes share a step's forward (padded and masked, ``stages.step_batch``)
         self.mixed_sizes = mixed_sizes
         #: this rank's LoRA adapters and the hooks that apply them per row (``stages.lora``)
-        self.lora = LoraBank(model, dtype, device, max_loaded=lora_max_loaded)
+        self.lora = LoraBank(model, dtype, device, max_loaded=lora_max_loaded,
+                             pipeline=family.pipeline_classes[0] if family.pipeline_classes else None)
         self._request_ids = itertools.count(1 << 40)  # request-level batches (step-level slots count from 0)
 
     @classmethod

@@ -19,7 +19,7 @@ read at load; the engines themselves are the same for every family.
 from __future__ import annotations
 
 import logging
-from collections.abc import Hashable
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -118,19 +118,25 @@ class DenoiserEngine:
     @classmethod
     def load(cls, path: str | Path, dtype: str, device: str, mesh: Any = None, *,
              batch_invariant: bool = False, mixed_sizes: bool = False, cpu_linear: str = "onednn",
-             lora_max_loaded: int = 8) -> DenoiserEngine:
+             lora_max_loaded: int = 8, lora_preload: Mapping[str, str] | None = None) -> DenoiserEngine:
         """``batch_invariant``: one forward per request, bit-identical to its solo run (``stages.step_batch``);
         ``mixed_sizes``: requests of different image sizes share a step's forward (padded and masked);
         ``cpu_linear``: the linear layers' kernel on CPU (``stages.cpu_linear``); ``lora_max_loaded``: LoRA
-        adapters this rank keeps loaded (``stages.lora``, ``[lora] max_loaded``)."""
+        adapters this rank keeps loaded (``stages.lora``, ``[lora] max_loaded``); ``lora_preload``: ``[lora] adapters``
+        (name -> file), loaded now on this rank (``LoraBank.preload``), not on the first request that names one."""
         from omni_runtime.parallel.all2all import init_expert_parallel  # None unless the mesh has ep > 1
         from omni_runtime.parallel.hsdp import hsdp_config_from_mesh  # None unless the mesh shards weights
 
         hsdp = hsdp_config_from_mesh(mesh) if mesh is not None else None
-        return cls(DenoiserStage.from_pretrained(path, dtype, device, mesh=mesh, ep_group=init_expert_parallel(mesh),
-                                                 hsdp=hsdp, batch_invariant=batch_invariant,
-                                                 mixed_sizes=mixed_sizes, cpu_linear=cpu_linear,
-                                                 lora_max_loaded=lora_max_loaded))
+        from omni_runtime.stages.lora import configured_specs
+
+        engine = cls(DenoiserStage.from_pretrained(path, dtype, device, mesh=mesh,
+                                                   ep_group=init_expert_parallel(mesh), hsdp=hsdp,
+                                                   batch_invariant=batch_invariant, mixed_sizes=mixed_sizes,
+                                                   cpu_linear=cpu_linear, lora_max_loaded=lora_max_loaded))
+        if lora_preload:
+            engine.stage.lora.preload(configured_specs(lora_preload))
+        return engine
 
     @staticmethod
     def request(item: StageItem) -> DenoiseRequest:

@@ -21,14 +21,17 @@ hook clears it. Sequence parallel needs nothing: LoRA is per token.
 ``transformer.<module>.lora_A.weight`` (r, in) and ``transformer.<module>.lora_B.weight`` (out, r), with
 ``lora_alpha`` / ``r`` / ``alpha_pattern`` / ``rank_pattern`` from the ``lora_adapter_metadata`` of the file when
 present, else ``<module>.alpha`` tensors, else ``alpha = r`` (scale 1), as diffusers does. Module names are the
-diffusers model's, which ours mirror. Text-encoder keys, kohya keys (``lora_unet_*``, ``lora_down``/``lora_up``)
-and DoRA are refused by name.
+diffusers model's, which ours mirror. Other layouts (kohya ``lora_unet_*`` with ``lora_down``/``lora_up``,
+PEFT ``base_model.model.*``, xlabs, ...) are first converted by the model's diffusers pipeline class's own
+``lora_state_dict`` (the detection and converters ``load_lora_weights`` runs: :func:`convert_lora_state`); what
+it cannot convert, text-encoder keys and DoRA are refused by name.
 
-**Where adapters live.** Every denoiser rank holds its own :class:`LoraBank`: adapters load from their file on
-the first admit that names them (every rank admits the same items at the same step boundary, so all ranks load
-alike), at most ``max_loaded`` stay cached: the least recently used one that no running request uses leaves
-first (an adapter in use is pinned; while more than ``max_loaded`` are in use, more stay until their requests
-leave). Under pipeline parallelism a rank keeps only the layers it holds; under HSDP the adapter
+**Where adapters live.** Every denoiser rank holds its own :class:`LoraBank`: the config's adapters
+(``[lora] adapters``, :func:`configured_specs`) load at start (:meth:`LoraBank.preload`, at most ``max_loaded``),
+others from their file on the first admit that names them (every rank admits the same items at the same step
+boundary, so all ranks load alike), at most ``max_loaded`` stay cached: the least recently used one that no
+running request uses leaves first (an adapter in use is pinned; while more than ``max_loaded`` are in use, more
+stay until their requests leave). Under pipeline parallelism a rank keeps only the layers it holds; under HSDP the adapter
 weights are replicated (not sharded) on every rank.
 """
 
@@ -52,7 +55,8 @@ from omni_runtime.stages.weights import read_safetensors_header, safetensors_fil
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LoraAdapter", "LoraBank", "LoraError", "LoraSpec", "check_lora_file", "parse_lora", "read_lora_file"]
+__all__ = ["LoraAdapter", "LoraBank", "LoraError", "LoraSpec", "check_lora_file", "convert_lora_state", "parse_lora",
+           "configured_specs", "pipeline_class_of", "read_lora_file"]
 
 #: the prefix of the denoiser's keys in a pipeline's LoRA file
 PREFIX = "transformer."
@@ -131,28 +135,95 @@ def read_lora_file(path: str | Path, name: str = "") -> tuple[dict[str, torch.Te
     return state, meta
 
 
-def _layout_refusal(keys: Sequence[str]) -> str | None:
-    """Why keys of another layout cannot be read, or None for diffusers' PEFT layout."""
+_TE_PREFIXES = ("text_encoder", "te_", "te1", "te2")
+
+
+def _is_diffusers_layout(keys: Sequence[str]) -> bool:
+    """Whether every key is diffusers' own layout (``transformer.`` / text-encoder ``<module>.lora_A|B.*`` or
+    ``<module>.alpha``): read as it is; anything else goes through diffusers' converter first."""
+    return all(k.startswith((PREFIX,) + _TE_PREFIXES) and (".lora_A." in k or ".lora_B." in k or k.endswith(".alpha"))
+               for k in keys)
+
+
+def _layout_name(keys: Sequence[str]) -> str:
     if any(k.startswith(("lora_unet_", "lora_te")) for k in keys):
-        return "kohya layout (lora_unet_* / lora_te* keys); convert it with diffusers' loader and save it with " \
-               "save_lora_weights"
+        return "kohya layout (lora_unet_* / lora_te* keys)"
     if any(".lora_down." in k or ".lora_up." in k for k in keys):
-        return "old diffusers/kohya layout (lora_down / lora_up keys); load it in diffusers and save it again " \
-               "with save_lora_weights"
-    if any("lora_magnitude_vector" in k for k in keys):
-        return "DoRA (lora_magnitude_vector keys) is not supported"
+        return "lora_down / lora_up layout"
+    if any(k.startswith("base_model.") for k in keys):
+        return "PEFT layout (base_model.model.* keys)"
+    return "non-diffusers layout"
+
+
+def _layout_refusal(keys: Sequence[str]) -> str | None:
+    """Why keys cannot be read (after diffusers' conversion, when there was one), or None."""
+    if any("lora_magnitude_vector" in k or "dora_scale" in k for k in keys):
+        return "DoRA (lora_magnitude_vector / dora_scale keys) is not supported"
+    if any(k.startswith(("lora_unet_", "lora_te")) or ".lora_down." in k or ".lora_up." in k for k in keys):
+        return f"{_layout_name(keys)} that diffusers' loader did not convert for this model"
     return None
 
 
-def parse_lora(state: Mapping[str, torch.Tensor], meta: Mapping[str, str], who: str
+def convert_lora_state(state: Mapping[str, torch.Tensor], pipeline: str | None, who: str
+                       ) -> dict[str, torch.Tensor]:
+    """``state`` in diffusers' layout. A file already in it is returned as it is; any other layout (kohya
+    ``lora_unet_*``, ``lora_down``/``lora_up``, PEFT ``base_model.model.*``, ...) goes through the pipeline class's
+    own ``lora_state_dict`` (what ``load_lora_weights`` runs first: diffusers' detection and converters), so it is
+    read exactly as diffusers reads it. Converted keys outside ``transformer.*`` and the text encoders (a kohya
+    ``img_in`` becomes ``x_embedder.*``) are dropped with a warning, as ``load_lora_weights`` ignores them.
+    :class:`LoraError` for DoRA, for a layout with no ``pipeline`` (None: no conversion) and for a file the
+    converter refuses."""
+    keys = list(state)
+    if any("lora_magnitude_vector" in k or "dora_scale" in k for k in keys):
+        raise LoraError(f"{who}: DoRA (lora_magnitude_vector / dora_scale keys) is not supported")
+    if _is_diffusers_layout(keys):
+        return dict(state)
+    layout = _layout_name(keys)
+    if pipeline is None:
+        raise LoraError(f"{who}: {layout}; no diffusers pipeline class is known to convert it: load it in "
+                        f"diffusers and save it with save_lora_weights")
+    import inspect
+
+    import diffusers
+
+    cls = getattr(diffusers, pipeline, None)
+    if cls is None or not hasattr(cls, "lora_state_dict"):
+        raise LoraError(f"{who}: {layout}; diffusers' {pipeline} has no LoRA loader to convert it")
+    kwargs: dict[str, Any] = {}
+    if "return_alphas" in inspect.signature(cls.lora_state_dict).parameters:
+        kwargs["return_alphas"] = True
+    try:
+        out = cls.lora_state_dict({k: v.clone() for k, v in state.items()}, **kwargs)
+    except Exception as e:  # the converters raise ValueError / KeyError / AssertionError on what they cannot read
+        raise LoraError(f"{who}: {layout} that diffusers' {pipeline}.lora_state_dict could not convert "
+                        f"({type(e).__name__}: {e})") from None
+    if isinstance(out, tuple):  # (state, network alphas): alphas popped from the keys, put back as <module>.alpha
+        out, alphas = out[0], (out[1] or {})
+        out = {**out, **{k: (v if torch.is_tensor(v) else torch.tensor(float(v))) for k, v in alphas.items()}}
+    out = dict(out)
+    if set(out) == set(keys):  # nothing converted: read (and refused) as it is
+        return out
+    dropped = sorted(k for k in out if not k.startswith((PREFIX,) + _TE_PREFIXES))
+    if dropped:
+        logger.warning("%s: %d converted keys outside transformer.* are ignored, as diffusers' load_lora_weights "
+                       "ignores them (%s, ...)", who, len(dropped), dropped[0])
+        out = {k: v for k, v in out.items() if k not in set(dropped)}
+    logger.info("%s: %s converted to diffusers' layout by %s.lora_state_dict (%d keys)", who, layout, pipeline,
+                len(out))
+    return out
+
+
+def parse_lora(state: Mapping[str, torch.Tensor], meta: Mapping[str, str], who: str, pipeline: str | None = None
                ) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
-    """Diffusers' LoRA layout -> ``{module name: (A, B, alpha / r)}``; :class:`LoraError` naming what is refused
-    (text-encoder keys, other layouts, DoRA, a lone A or B, ranks that disagree)."""
+    """A LoRA file's tensors -> ``{module name: (A, B, alpha / r)}``: another layout is first converted by
+    diffusers' ``<pipeline>.lora_state_dict`` (:func:`convert_lora_state`); :class:`LoraError` naming what is
+    refused (text-encoder keys, layouts diffusers does not convert, DoRA, a lone A or B, ranks that disagree)."""
+    state = convert_lora_state(state, pipeline, who)
     keys = list(state)
     why = _layout_refusal(keys)
     if why:
         raise LoraError(f"{who}: {why}")
-    te = sorted(k for k in keys if k.startswith(("text_encoder", "te_", "te1", "te2")))
+    te = sorted(k for k in keys if k.startswith(_TE_PREFIXES))
     if te:
         raise LoraError(f"{who}: the file holds text-encoder LoRA ({te[0]}, {len(te)} keys); only the denoiser "
                         f"(transformer.*) is adapted: save the adapter without text-encoder layers")
@@ -229,6 +300,18 @@ def linear_shapes_of_checkpoint(model_dir: str | Path) -> dict[str, tuple[int, i
     return shapes
 
 
+def pipeline_class_of(model_dir: str | Path) -> str | None:
+    """The diffusers pipeline class of a model directory (``model_index.json`` ``_class_name``), whose
+    ``lora_state_dict`` converts other LoRA layouts; None when there is none."""
+    from omni_runtime.stages.weights import MODEL_INDEX, read_json
+
+    try:
+        name = read_json(Path(model_dir) / MODEL_INDEX).get("_class_name")
+    except Exception:  # no model_index.json: other layouts are refused
+        return None
+    return name if isinstance(name, str) else None
+
+
 def _check_layer(who: str, mod: str, A: torch.Tensor, B: torch.Tensor, shape: tuple[int, int] | None) -> None:
     if shape is None:
         raise LoraError(f"{who}: {PREFIX}{mod} is not a linear layer of this model (an adapter for another model?)")
@@ -243,12 +326,18 @@ def check_lora_file(path: str | Path, model_dir: str | Path, name: str = "") -> 
     module names and shapes. Returns a summary (``layers``, ``rank``, ``bytes``); :class:`LoraError` otherwise."""
     who = f"lora {name!r} ({path})" if name else str(path)
     state, meta = read_lora_file(path, name)
-    layers = parse_lora(state, meta, who)
+    layers = parse_lora(state, meta, who, pipeline_class_of(model_dir))
     shapes = linear_shapes_of_checkpoint(model_dir)
     for mod, (A, B, _) in layers.items():
         _check_layer(who, mod, A, B, shapes.get(mod))
     return {"layers": len(layers), "rank": max(A.shape[0] for A, _, _ in layers.values()),
             "bytes": sum(t.numel() * t.element_size() for t in state.values())}
+
+
+def configured_specs(adapters: Mapping[str, str]) -> list[LoraSpec]:
+    """The specs of ``[lora] adapters`` as the server's registry registers them at start (versions 1, 2, ... in
+    config order, before any other): what the denoiser ranks preload, so a request's adapter is already cached."""
+    return [LoraSpec(name, str(path), version) for version, (name, path) in enumerate(adapters.items(), 1)]
 
 
 # --- the bank: adapters of one rank and the hooks ---------------------------------------------------------------
@@ -266,10 +355,14 @@ class _Current:
 class LoraBank:
     """The adapters of one denoiser rank and the hooks that apply them to ``model``'s linear layers."""
 
-    def __init__(self, model: nn.Module, dtype: torch.dtype, device: torch.device, max_loaded: int = 8) -> None:
+    def __init__(self, model: nn.Module, dtype: torch.dtype, device: torch.device, max_loaded: int = 8,
+                 pipeline: str | None = None) -> None:
+        """``pipeline``: the diffusers pipeline class whose ``lora_state_dict`` converts other layouts (None:
+        diffusers' layout only)."""
         if max_loaded < 1:
             raise ValueError(f"max_loaded = {max_loaded}: must be >= 1")
         self.model, self.dtype, self.device, self.max_loaded = model, dtype, device, max_loaded
+        self.pipeline = pipeline
         self.cache: OrderedDict[tuple[str, str, int], LoraAdapter] = OrderedDict()
         self.current: _Current | None = None
         self.pins: dict[tuple[str, str, int], int] = {}  # adapters of running requests -> how many use them
@@ -295,6 +388,18 @@ class LoraBank:
         self.cache[spec.key] = ad
         self._evict(keep=spec.key)
         return ad
+
+    def preload(self, specs: Sequence[LoraSpec]) -> int:
+        """Load ``specs`` now (at start: ``[lora] adapters``), at most ``max_loaded`` of them, in order; a file
+        that cannot be loaded is logged and skipped (a request naming it gets the error). Returns how many loaded."""
+        n = 0
+        for spec in specs[:self.max_loaded]:
+            try:
+                self.get(spec)
+                n += 1
+            except LoraError as e:
+                logger.warning("lora %r not preloaded: %s", spec.name, e)
+        return n
 
     def acquire(self, specs: Sequence[LoraSpec]) -> list[tuple[LoraAdapter, float]]:
         """The adapters of a request, each with its scale, pinned (:meth:`unpin` them when it leaves); if one
@@ -338,7 +443,7 @@ class LoraBank:
         who = f"lora {spec.name!r} ({spec.path})"
         state, meta = read_lora_file(spec.path, spec.name)
         ad = LoraAdapter(spec.name, spec.key)
-        for mod, (A, B, scaling) in parse_lora(state, meta, who).items():
+        for mod, (A, B, scaling) in parse_lora(state, meta, who, self.pipeline).items():
             if self._held_elsewhere(mod):
                 continue  # pipeline parallel: another stage holds this layer
             lin = self._linears.get(mod)
@@ -360,7 +465,9 @@ class LoraBank:
             return
         lin = self._linears[mod]
         setattr(lin, _MARK, (self, mod))
-        lin.register_forward_hook(self._linear_hook)
+        # first of the layer's forward hooks: it must see the layer's own output, before sequence parallel's hooks
+        # shard (x_embedder) or gather (proj_out) it, so the LoRA term has the tokens of the layer's input
+        lin.register_forward_hook(self._linear_hook, prepend=True)
         self._hooked.add(mod)
 
     # -- a forward

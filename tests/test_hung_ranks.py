@@ -75,7 +75,7 @@ def test_rank_watch_busy_step_past_the_limit_names_the_silent_peer_if_any():
         w.beat(_beat(0, 3, busy_s=clock.t - 1000.0))
         w.beat(_beat(1, 3, busy_s=clock.t - 1000.0 - 0.1))
     rank, why = w.hung()
-    assert rank == 0 and "in one step or collective for 4.5s" in why
+    assert rank == 0 and why == "has been in one step or collective for 4.5s (stall_timeout_s = 4)"
     # rank 1 went silent 2 s ago while rank 0 waits in a collective: rank 1 is the culprit, before its own limit
     w.reset(generation=4)
     w.loaded()
@@ -84,6 +84,17 @@ def test_rank_watch_busy_step_past_the_limit_names_the_silent_peer_if_any():
     w.beat(_beat(0, 4, busy_s=4.5))
     rank, why = w.hung()
     assert rank == 1 and "no heartbeat for 2.0s while rank 0 waited 4.5s" in why
+    # rank 0 was stopped mid-step (its last beat said busy 2.5 s) while rank 1 waits for work and beats: its step is
+    # past the limit before its silence is, and the reason says it is silent too
+    w.reset(generation=5)
+    w.loaded()
+    w.beat(_beat(0, 5, busy_s=2.5))
+    for _ in range(4):
+        clock.t += 0.5
+        w.beat(_beat(1, 5))
+    rank, why = w.hung()
+    assert rank == 0 and why == ("has been in one step or collective for 4.5s (stall_timeout_s = 4); it sent no "
+                                 "heartbeat for 2.0s: the process is stopped or frozen")
 
 
 def test_rank_watch_start_grace_forgive_and_off():
@@ -428,9 +439,23 @@ class HealthSampler:
 
 
 def _victim(server, stage: str, rank: int, world: int) -> psutil.Process:
-    found = [p for p in server.stage_procs() if f"{stage}[0] rank {rank}/{world}" in " ".join(p.cmdline())]
-    assert len(found) == 1, [p.cmdline() for p in server.stage_procs()]
-    return found[0]
+    """The one live process of that rank; waits (bounded) while a process of a killed generation is still exiting."""
+    name = f"{stage}[0] rank {rank}/{world}"
+    end = time.monotonic() + 60
+    while True:
+        found, seen = [], []
+        for p in server.stage_procs():
+            try:
+                title, status = " ".join(p.cmdline()), p.status()
+            except psutil.NoSuchProcess:
+                continue
+            seen.append((p.pid, title, status))
+            if name in title and status not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
+                found.append(p)
+        if len(found) == 1:
+            return found[0]
+        assert time.monotonic() < end, (name, seen)
+        time.sleep(0.1)
 
 
 def _stop_mid_request(server, victim: psutil.Process, then=None) -> tuple[httpx.Response, float]:
@@ -460,11 +485,50 @@ def _stop_mid_request(server, victim: psutil.Process, then=None) -> tuple[httpx.
     return out["r"], out["t"] - stopped
 
 
+def _stop_while_it_waits_for_its_turn(server, victim: psutil.Process) -> tuple[httpx.Response, float]:
+    """Stop a stage in the middle of a request: the test takes the node's compute turn (``cpu_sharing =
+    "exclusive"``), POSTs a request, and once the stage has taken it from its queue and waits for the turn (it holds
+    the turn's "waiting" lock: the other stages are idle), SIGSTOPs it and gives the turn back. The stopped waiter
+    keeps that lock, so giving the turn back blocks until the replica's kill drops it; returns the response and the
+    seconds from the stop to it. (The tiny text encoder computes for milliseconds: a stop cannot be aimed inside its
+    forward pass from outside; this is the nearest point that is certain.)"""
+    from omni_runtime.runtime.cores import ComputeToken
+
+    paths = {f.path for f in victim.open_files() if f.path.endswith("compute.token")}
+    assert len(paths) == 1, paths
+    token = ComputeToken(paths.pop(), label="the test")
+    token.acquire()
+    out: dict = {}
+
+    def post() -> None:
+        out["r"] = _post(server, REF)
+        out["t"] = time.monotonic()
+
+    t = threading.Thread(target=post)
+    t.start()
+    try:
+        end = time.monotonic() + 120
+        while not token.others_waiting():
+            assert time.monotonic() < end and "r" not in out, out
+            time.sleep(0.05)
+        stopped = time.monotonic()
+        victim.send_signal(signal.SIGSTOP)
+    finally:
+        giver = threading.Thread(target=token.release, daemon=True)  # returns once the stopped waiter is gone
+        giver.start()
+    t.join(150)
+    giver.join(150)
+    assert not giver.is_alive()
+    token.close()
+    return out["r"], out["t"] - stopped
+
+
 def _check_hang(server, stage: str, rank: int, world: int, ref: bytes, pids: set[int], *, mid_request: bool,
-                failures: int, meanwhile: bool = False) -> None:
+                failures: int, meanwhile: bool = False, turn_wait: bool = False) -> None:
     """One hang: the 503 names stage, rank and "hung" in about stall_timeout_s; with ``meanwhile``, a request sent
     right after the stop (it waits for the compute token the hung replica holds, then for the restart) gets the
-    reference image; /health was 503 with the replica hung/restarting and is 200 again; /metrics counts it."""
+    reference image; /health was 503 with the replica hung/restarting and is 200 again; /metrics counts it.
+    ``turn_wait``: stopped with the request taken, waiting for the compute turn (:func:`_stop_while_it_waits_for_its_turn`)."""
     victim = _victim(server, stage, rank, world)
     sampler = HealthSampler(server)
     side: dict = {}
@@ -474,7 +538,9 @@ def _check_hang(server, stage: str, rank: int, world: int, ref: bytes, pids: set
         side["thread"].start()
 
     try:
-        if mid_request:
+        if turn_wait:
+            r, after = _stop_while_it_waits_for_its_turn(server, victim)
+        elif mid_request:
             r, after = _stop_mid_request(server, victim, send_meanwhile if meanwhile else None)
         else:  # an idle stage: the next request is the one that finds it hung
             victim.send_signal(signal.SIGSTOP)
@@ -511,6 +577,13 @@ def _check_hang(server, stage: str, rank: int, world: int, ref: bytes, pids: set
     pids.update(p.pid for p in server.stage_procs())
 
 
+def _wait_for_log(server, line: str, within_s: float = 120.0) -> None:
+    end = time.monotonic() + within_s
+    while line not in server.log_text():
+        assert time.monotonic() < end, f"no {line!r} in the server log within {within_s:g}s"
+        time.sleep(0.1)
+
+
 def _nothing_left(server, pids: set[int]) -> None:
     server.stop()
     assert server.shm_entries() == []
@@ -529,7 +602,7 @@ def test_sp2_hung_follower_driver_and_text_encoder_fail_fast_and_recover(tmp_pat
         ref = _image(_post(server, REF))
         _check_hang(server, "denoiser", 1, 2, ref, pids, mid_request=True, failures=1, meanwhile=True)
         _check_hang(server, "denoiser", 0, 2, ref, pids, mid_request=True, failures=2)
-        _check_hang(server, "text_encoder", 0, 1, ref, pids, mid_request=False, failures=1)
+        _check_hang(server, "text_encoder", 0, 1, ref, pids, mid_request=True, turn_wait=True, failures=1)
         log = server.log_text()
         assert "denoiser[0] ready (generation 3)" in log and "text_encoder[0] ready (generation 2)" in log
         assert not re.search(r"exit code None", log)
@@ -537,9 +610,9 @@ def test_sp2_hung_follower_driver_and_text_encoder_fail_fast_and_recover(tmp_pat
         _nothing_left(server, pids)
 
 
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(500)
 @pytest.mark.parametrize("config", ["cfg2.toml", "pp2.toml"])
-def test_hung_follower_of_cfg2_and_pp2_fails_fast_and_recovers(tmp_path, config):
+def test_hung_follower_and_driver_of_cfg2_and_pp2_fail_fast_and_recover(tmp_path, config):
     from test_server_harness import Server
 
     server = Server(tmp_path, base_config=config, edits=EDITS, extra=EXCLUSIVE)
@@ -547,14 +620,14 @@ def test_hung_follower_of_cfg2_and_pp2_fails_fast_and_recovers(tmp_path, config)
     try:
         ref = _image(_post(server, REF))
         _check_hang(server, "denoiser", 1, 2, ref, pids, mid_request=True, failures=1, meanwhile=True)
+        # then the driver (rank 0, which holds the node's compute token while it steps), on the same server
+        _check_hang(server, "denoiser", 0, 2, ref, pids, mid_request=True, failures=2)
+        _wait_for_log(server, "denoiser[0] ready (generation 3)")  # one restart per hang
         if config == "cfg2.toml":  # stopped, then killed by hand: the death names the signal, not "exit code None"
             victim = _victim(server, "denoiser", 1, 2)
             victim.send_signal(signal.SIGSTOP)
             victim.send_signal(signal.SIGKILL)
-            end = time.monotonic() + 120
-            while "denoiser[0] ready (generation 3)" not in server.log_text():
-                assert time.monotonic() < end
-                time.sleep(0.1)
+            _wait_for_log(server, "denoiser[0] ready (generation 4)")
             assert "denoiser[0] rank 1 died (killed by signal SIGKILL) on node" in server.log_text()
             assert _image(_post(server, REF)) == ref
             pids.update(p.pid for p in server.stage_procs())

@@ -2,7 +2,8 @@
 none) share the denoiser's running set; each image equals diffusers' ``load_lora_weights`` + ``set_adapters`` run
 alone (max |diff| <= 2/255 on PNG pixels) in the default layout; under CFG parallel 2 (the cfg ranks split the
 rows, adapters included), HSDP 2 (adapters replicated: both ranks hold the same bytes) and layer PP 2 (each rank
-holds its blocks' layers only) each image equals the default layout's. The registry's routes and every bad input on the same default server: unknown
+holds its blocks' layers only) each image equals the default layout's. The config's adapter is preloaded on every
+denoiser rank at start and never read again. The registry's routes and every bad input on the same default server: unknown
 adapter (400 naming it), another model's adapter and a corrupt file (400 at load, server healthy), a path outside
 the allowed roots (403), no API key (401), delete (then 400 for new requests, 404 for a second delete).
 """
@@ -107,6 +108,8 @@ def default_images(tmp_path_factory, loras, diffusers_images) -> list[np.ndarray
     server = Server(tmp_path_factory.mktemp("lora_default"), extra=_extra(loras))
     url, h = server.url, server.headers
     try:
+        # [lora] adapters are preloaded: the denoiser rank read 'a' at start, before any request named it
+        assert len(re.findall(r"lora 'a' loaded", server.log_text())) == 1, server.log_text()[-3000:]
         # unknown adapter: 400 naming it
         r = httpx.post(url + "/v1/images/generations", headers=h, timeout=60,
                        json={"prompt": "x", "size": "64x64", "num_inference_steps": 1, "lora": [{"name": "b"}]})
@@ -138,6 +141,7 @@ def default_images(tmp_path_factory, loras, diffusers_images) -> list[np.ndarray
         listed = httpx.get(url + "/v1/loras", headers=h).json()["data"]
         assert [(e["name"], e["source"]) for e in listed] == [("a", "config"), ("b", "api")]
         images = _generate_all(server)
+        assert len(re.findall(r"lora 'a' loaded", server.log_text())) == 1  # the requests found it loaded
         # delete: new requests naming it are refused, a second delete is a 404
         assert httpx.delete(url + "/v1/loras/b", headers=h).status_code == 200
         assert httpx.delete(url + "/v1/loras/b", headers=h).status_code == 404
