@@ -67,6 +67,9 @@ ALL2ALL_BACKEND_NAMES: tuple[str, ...] = (
     "naive", "agrs", "alltoallv", "deepep_high_throughput", "deepep_low_latency", "flashinfer_nvlink_one_sided",
     "flashinfer_nvlink_two_sided", "nixl_ep")
 CPU_ALL2ALL_BACKEND_NAMES: tuple[str, ...] = ("naive", "agrs", "alltoallv")
+#: backends whose managers size their workspaces but whose dispatch/combine are not written (FlashInfer's kernels
+#: were never available to check them against): refused here, so no config reaches their stubs
+UNIMPLEMENTED_ALL2ALL_BACKENDS: tuple[str, ...] = ("flashinfer_nvlink_one_sided", "flashinfer_nvlink_two_sided")
 
 #: ``pp_mode`` values: layer pipeline parallelism (exact) or PipeFusion (stale K/V, approximate).
 PP_MODES: tuple[str, ...] = ("layer", "pipefusion")
@@ -130,6 +133,10 @@ class ParallelSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
         if self.all2all_backend not in ALL2ALL_BACKEND_NAMES:
             raise ParallelSpecError(f"all2all_backend {self.all2all_backend!r} is not known; allowed: "
                                     f"{', '.join(ALL2ALL_BACKEND_NAMES)}")
+        if self.all2all_backend in UNIMPLEMENTED_ALL2ALL_BACKENDS:
+            usable = [b for b in ALL2ALL_BACKEND_NAMES if b not in UNIMPLEMENTED_ALL2ALL_BACKENDS]
+            raise ParallelSpecError(f"all2all_backend {self.all2all_backend!r}: its dispatch and combine are not "
+                                    f"implemented in this build; allowed: {', '.join(usable)}")
         if self.tp != 1:
             raise ParallelSpecError(f"tp = {self.tp}: tensor parallelism is reserved; tp must be 1")
         if self.pp_mode not in PP_MODES:

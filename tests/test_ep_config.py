@@ -98,3 +98,14 @@ def test_check_prints_the_ep_group(tmp_path: Path, tiny_dir: Path, capsys) -> No
     out = capsys.readouterr().out
     assert "dp 2 × ep 2 (alltoallv)" in out
     assert "denoiser[0] rank 1/2 on cpu: world=[0, 1] dp=[0, 1] ep=[0, 1] " in out, out
+
+
+@pytest.mark.parametrize("backend", ["flashinfer_nvlink_one_sided", "flashinfer_nvlink_two_sided"])
+def test_unimplemented_backends_are_refused_by_every_spec(backend: str) -> None:
+    """Their managers' dispatch/combine are stubs: no config may reach them (not even on CUDA)."""
+    from omni_runtime.parallel.parallel_spec import ParallelSpec, ParallelSpecError
+
+    with pytest.raises(ParallelSpecError, match=rf"all2all_backend '{backend}': its dispatch and combine are not "
+                                                rf"implemented in this build; allowed: naive, agrs, alltoallv, "
+                                                rf"deepep_high_throughput, deepep_low_latency, nixl_ep"):
+        ParallelSpec(ep=2, dp=2, all2all_backend=backend)
