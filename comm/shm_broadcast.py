@@ -1,7 +1,7 @@
 """One writer, N readers: broadcast objects through a shared-memory ring (local readers) and ZMQ (remote).
 
-This is the broadcaster behind ``GroupCoordinator(use_message_queue_broadcaster=True)``: a stage's
-driver rank enqueues each batch once and every other rank dequeues it, in order.
+This is the broadcaster behind ``runtime.rank_fanout.RankFanout``: a stage's driver rank enqueues each batch once
+and every other rank dequeues it, in order.
 
 Pieces
 ------
@@ -634,7 +634,8 @@ class MessageQueue:
     ) -> MessageQueue:
         """Collective over a CPU (gloo) ``torch.distributed`` group: build the queue and attach every rank.
 
-        ``group=None`` means the default (world) group. ``writer_rank`` is a rank *in the group*;
+        ``group=None`` means the default (world) group. The set-up sends CPU tensors over ``group``: a group whose
+        backend takes no CPU tensor (NCCL alone) is refused at once with a ``ValueError`` naming its backend. ``writer_rank`` is a rank *in the group*;
         readers use their group rank. Ranks on the writer's
         node (:func:`comm.node.node_id`: hostname, boot id, /dev/shm mount) become local readers, the others remote. The handle travels as
         msgspec bytes in a tensor broadcast (no pickle). Returns a ready queue on every rank.
@@ -646,6 +647,11 @@ class MessageQueue:
 
         if group is None:
             group = dist.group.WORLD
+        backends = str(dist.get_backend_config(group))
+        if "cpu:" not in backends:
+            raise ValueError(f"create_from_process_group: the group's backend ({backends}) takes no CPU tensors, and "
+                             "the queue's set-up sends its handle as CPU tensors; pass a gloo group (a mesh "
+                             "coordinator's cpu_group)")
         ranks = dist.get_process_group_ranks(group)
         me = ranks.index(dist.get_rank())
         if not 0 <= writer_rank < len(ranks):

@@ -6,8 +6,11 @@ Each coordinator owns, for the group this rank belongs to:
 * ``device_group`` — the group tensors travel on (nccl on CUDA). With the gloo backend (CPU) the
   one gloo group serves as both: a second gloo group would only duplicate sockets;
 * a :class:`~parallel.device_communicator.DeviceCommunicatorBase` that runs every exchange: the tensor
-  collectives, and the metadata bytes of the object / tensor-dict methods (cpu tensors: over the cpu group);
-* optionally a shared-memory :class:`comm.shm_broadcast.MessageQueue` for ``broadcast_object``.
+  collectives, and the metadata bytes of the object / tensor-dict methods (cpu tensors: over the cpu group).
+
+Which group a tensor travels on follows its device (:meth:`GroupCoordinator.group_for`): a CPU tensor (metadata,
+sizes, a CPU activation) over ``cpu_group``, a CUDA tensor over ``device_group``. NCCL refuses CPU tensors, so
+nothing may put one on ``device_group`` (tests/test_device_groups.py runs the mesh on a backend that refuses them).
 
 Objects are msgspec-encoded (``comm.serde``), never pickled. All ``src`` / ``dst`` arguments are
 ranks in the group (0 .. world_size-1); ``.rank`` and ``.ranks`` are global ranks.
@@ -83,11 +86,7 @@ class GroupCoordinator:
         group_ranks: every group of this kind, as lists of global ranks; every rank of the world
             must construct the coordinator with the same lists (group creation is collective).
         local_rank: this process's device index on its node.
-        torch_distributed_backend: "gloo" or "nccl", the backend of ``device_group``.
-        use_device_communicator: use a platform device communicator when one exists for the device;
-            the base torch.distributed communicator is what exists today, so it is always the base.
-        use_message_queue_broadcaster: route ``broadcast_object`` (group rank 0 → all) through a
-            shared-memory ``MessageQueue`` instead of two gloo broadcasts.
+        torch_distributed_backend: "gloo" or "nccl" (or a registered backend), the backend of ``device_group``.
         group_name: a readable name ("sp", "ring", ...); ``unique_name`` adds a counter.
     """
 
@@ -96,15 +95,12 @@ class GroupCoordinator:
         group_ranks: Sequence[Sequence[int]],
         local_rank: int,
         torch_distributed_backend: str | dist.Backend,
-        use_device_communicator: bool = True,
-        use_message_queue_broadcaster: bool = False,
         group_name: str | None = None,
     ) -> None:
         self.group_name = group_name or "anonymous"
         self.unique_name = f"{self.group_name}:{next(_name_counter)}"
         self.local_rank = local_rank
         self.backend = str(torch_distributed_backend)
-        self.use_device_communicator = use_device_communicator
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.cpu_group: ProcessGroup | None = None
         self.device_group: ProcessGroup | None = None
@@ -143,9 +139,6 @@ class GroupCoordinator:
                 cpu_group=self.cpu_group, device=self.device, device_group=self.device_group,
                 unique_name=self.unique_name,
             )
-        self.mq_broadcaster: Any = None
-        if use_message_queue_broadcaster and self.world_size > 1:
-            self._init_message_queue()
         logger.debug("group %s: ranks %s, this rank %d (in group %d)",
                      self.unique_name, self.ranks, self.rank, self.rank_in_group)
 
@@ -157,7 +150,6 @@ class GroupCoordinator:
         self.unique_name = f"{self.group_name}:{next(_name_counter)}"
         self.local_rank = 0
         self.backend = "gloo"
-        self.use_device_communicator = False
         self.rank = rank
         self.cpu_group = None
         self.device_group = None
@@ -166,7 +158,6 @@ class GroupCoordinator:
         self.rank_in_group = 0
         self.device = torch.device("cpu")
         self.device_communicator = None
-        self.mq_broadcaster = None
         return self
 
     def __repr__(self) -> str:
@@ -240,18 +231,11 @@ class GroupCoordinator:
         return memoryview(buf.numpy())
 
     def broadcast_object(self, obj: Any = None, src: int = 0) -> Any:
-        """Broadcast a msgspec-encodable object from group rank ``src``; returns it on every rank.
-
-        With the message-queue broadcaster the object goes through shared memory (``src`` must be 0,
-        the queue's writer). Receivers get the decoded object (tuples come back as lists).
-        """
+        """Broadcast a msgspec-encodable object from group rank ``src`` (over the cpu group); returns it on every
+        rank. Receivers get the decoded object (tuples come back as lists)."""
         self._check_group_rank("src", src)
         if self.world_size == 1:
             return obj
-        if self.mq_broadcaster is not None:
-            if src != 0:
-                raise ValueError(f"broadcast_object: the message-queue broadcaster only sends from rank 0, got src={src}")
-            return self.mq_broadcaster.broadcast_object(obj)
         is_src = self.rank_in_group == src
         data = self._broadcast_bytes(_encode_bytes(obj) if is_src else None, src)
         return obj if is_src else _decode_bytes(data)
@@ -400,31 +384,20 @@ class GroupCoordinator:
             out[entry.key] = tensor
         return out
 
+    def group_for(self, device: torch.device | str) -> ProcessGroup | None:
+        """The process group whose backend takes tensors on ``device``: ``cpu_group`` (gloo) for a CPU device,
+        ``device_group`` otherwise (None for a group of one rank). What FSDP2 and the all2all kernels get."""
+        return self.cpu_group if torch.device(device).type == "cpu" else self.device_group
+
     def barrier(self) -> None:
         """Block until every rank of the group reaches it (on the cpu group, never nccl)."""
         if self.world_size == 1:
             return
         dist.barrier(group=self.cpu_group)
 
-    # ------------------------------------------------------------------ message-queue broadcaster
-    def _init_message_queue(self) -> None:
-        """Collective: group rank 0 creates the queue and shares its Handle over the cpu group.
-
-        Ranks on rank 0's node read the shared-memory ring; others attach as remote (ZMQ) readers.
-        """
-        from omni_runtime.comm.shm_broadcast import MessageQueue
-
-        self.mq_broadcaster = MessageQueue.create_from_process_group(self.cpu_group, writer_rank=0)
-
     # ------------------------------------------------------------------ teardown
     def destroy(self) -> None:
-        """Close the broadcaster and destroy this rank's process groups (idempotent)."""
-        if self.mq_broadcaster is not None:
-            try:
-                self.mq_broadcaster.close()
-            except Exception:  # noqa: BLE001 - teardown must go on
-                logger.exception("closing the message queue of %s failed", self.unique_name)
-            self.mq_broadcaster = None
+        """Destroy this rank's communicator and process groups (idempotent)."""
         if self.device_communicator is not None:
             self.device_communicator.destroy()
             self.device_communicator = None

@@ -12,7 +12,7 @@ nothing is one unit (the whole model all-gathered at once) and a warning says so
 
 Nothing here reads process-global state: the mesh is an argument. :func:`hsdp_config_from_mesh` is the one
 place a stage's :class:`~parallel.mesh.Mesh` becomes an :class:`HSDPInferenceConfig` (its ``hsdp_replicate`` /
-``hsdp_shard`` device groups turned into a DeviceMesh by :func:`hsdp_device_mesh_from_groups`, no new process
+``hsdp_shard`` groups whose backend takes the weights' device, ``GroupCoordinator.group_for``, turned into a DeviceMesh by :func:`hsdp_device_mesh_from_groups`, no new process
 groups); :func:`build_hsdp_device_mesh` lays one out over the default world (tests, benchmarks).
 """
 
@@ -146,17 +146,17 @@ def hsdp_device_mesh_from_groups(replicate_group: dist.ProcessGroup | None, shar
 
 def hsdp_config_from_mesh(mesh: Mesh, **options: object) -> HSDPInferenceConfig | None:
     """The HSDP config of a stage rank built on ``mesh``: its spec's ``hsdp_shard`` / ``hsdp_replicate`` degrees
-    and a DeviceMesh over the mesh's ``hsdp_replicate`` / ``hsdp_shard`` device groups (backend of the mesh's
-    device). None when the spec does not shard the weights (``hsdp_shard == 1``). ``options`` are further
+    and a DeviceMesh over the mesh's ``hsdp_replicate`` / ``hsdp_shard`` groups whose backend takes the mesh's
+    device (nccl for CUDA weights, gloo for CPU ones: ``GroupCoordinator.group_for``). None when the spec does not shard the weights (``hsdp_shard == 1``). ``options`` are further
     :class:`HSDPInferenceConfig` fields (``param_dtype``, ``forward_prefetch``, ...). Not collective: the groups
     exist already (``Mesh.build`` made them)."""
     shard, replicate = mesh.spec.hsdp_shard, mesh.spec.hsdp_replicate
     if shard <= 1:
         return None
-    device_type = mesh.device.type
-    replicate_group = mesh.group("hsdp_replicate").device_group if replicate > 1 else None
-    device_mesh = hsdp_device_mesh_from_groups(replicate_group, mesh.group("hsdp_shard").device_group, shard,
-                                               replicate, device_type)
+    device_type = mesh.device.type  # the groups whose backend takes the weights' device (gloo for CPU weights)
+    replicate_group = mesh.group("hsdp_replicate").group_for(mesh.device) if replicate > 1 else None
+    device_mesh = hsdp_device_mesh_from_groups(replicate_group, mesh.group("hsdp_shard").group_for(mesh.device),
+                                               shard, replicate, device_type)
     return HSDPInferenceConfig(hsdp_shard_size=shard, hsdp_replicate_size=replicate, device_mesh=device_mesh,
                                device_type=device_type, **options)  # type: ignore[arg-type]
 

@@ -8,7 +8,9 @@
     mesh.destroy()
 
 Every group is a :class:`GroupCoordinator`: a gloo ``cpu_group`` for metadata and a ``device_group`` whose
-backend follows the device (nccl for CUDA, gloo for CPU). Kinds whose groups are all of one rank need no
+backend follows the device (nccl for CUDA, gloo for CPU; ``device_backend=`` names another, e.g. a test's).
+The default (world) group that ``Mesh.build`` initializes takes both: ``"cpu:gloo,cuda:nccl"`` on CUDA, so a CPU
+tensor on it (metadata, a barrier) goes over gloo and never reaches NCCL, which refuses CPU tensors. Kinds whose groups are all of one rank need no
 process group at all, and kinds with the same partition of the ranks (``sp`` and ``ulysses`` when ``ring`` is 1)
 share one coordinator. ``Mesh.single()`` is the mesh of one process without torch.distributed.
 
@@ -43,6 +45,13 @@ def backend_for(device: torch.device) -> str:
     return "nccl" if torch.device(device).type == "cuda" else "gloo"
 
 
+def world_backend(device_backend: str) -> str:
+    """The default group's backend for a mesh whose device groups use ``device_backend``: gloo alone on CPU, else
+    one backend per device type, ``"cpu:gloo,cuda:<device_backend>"``, so CPU tensors on the default group (the
+    rank fan-out's handle, barriers, metadata) go over gloo and CUDA tensors over the device backend."""
+    return "gloo" if device_backend == "gloo" else f"cpu:gloo,cuda:{device_backend}"
+
+
 def _init_torch_distributed(world_size: int, rank: int, init_method: str | None, backend: str,
                             timeout_s: float) -> None:
     if init_method is None:
@@ -73,11 +82,13 @@ class Mesh:
     # ------------------------------------------------------------------ construction
     @classmethod
     def build(cls, spec: ParallelSpec, rank: int, init_method: str | None, device: torch.device | str,
-              *, timeout_s: float = 600.0) -> Mesh:
+              *, timeout_s: float = 600.0, device_backend: str | None = None) -> Mesh:
         """Create every group of ``spec`` for global ``rank``; collective over all ``spec.world_size`` ranks.
 
         Initializes torch.distributed first when it is not (``init_method``: ``tcp://host:port`` or
-        ``file:///path``; the caller chooses it and so where a store listens), with the backend of ``device``.
+        ``file:///path``; the caller chooses it and so where a store listens), with :func:`world_backend`.
+        ``device_backend``: the backend of the device groups, by default :func:`backend_for` ``(device)``
+        (tests/test_device_groups.py passes a registered backend that refuses CPU tensors as NCCL does).
         The new mesh becomes the current mesh.
         """
         if not isinstance(spec, ParallelSpec):
@@ -87,12 +98,12 @@ class Mesh:
             raise MeshError(f"rank={rank!r}: must be an integer from 0 to {world - 1} (world size {world}: "
                             f"{spec.describe()})")
         device = torch.device(device)
-        backend = backend_for(device)
+        backend = device_backend or backend_for(device)
         if device.type == "cuda":
             torch.cuda.set_device(device)
         owns = False
         if not dist.is_initialized():
-            _init_torch_distributed(world, rank, init_method, backend, timeout_s)
+            _init_torch_distributed(world, rank, init_method, world_backend(backend), timeout_s)
             owns = True
         elif dist.get_world_size() != world or dist.get_rank() != rank:
             raise ParallelSpecError(f"torch.distributed is initialized with world size {dist.get_world_size()} "

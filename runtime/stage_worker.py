@@ -14,13 +14,14 @@ import logging
 import os
 import signal
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 if TYPE_CHECKING:
     from omni_runtime.parallel.mesh import Mesh
     from omni_runtime.runtime.liveness import Busy
+    from omni_runtime.runtime.rank_fanout import RankFanout
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +64,7 @@ class WorkerSpec(msgspec.Struct, kw_only=True):
     compute_token: str = ""         # [placement] cpu_sharing = "exclusive": the node's turn file (runtime.cores)
     generation: int = 0             # the replica's start count (its heartbeats name it: runtime.liveness)
     stall_timeout_s: float = 0.0    # [server] stall_timeout_s (0: no heartbeat thread)
+    device_backend: str = ""        # the device groups' torch.distributed backend ("": nccl on CUDA, gloo on CPU)
 
 
 def stage_options(stage: str, vae_tiling: bool = False, batch_invariant: bool = False,
@@ -94,7 +96,24 @@ def _init_distributed(spec: WorkerSpec) -> Mesh:
     pspec.check_world_size(spec.world_size)
     device = torch.device(spec.device if spec.device != "cuda" else f"cuda:{spec.rank}")
     init = spec.rendezvous or f"tcp://127.0.0.1:{spec.master_port}"
-    return Mesh.build(pspec, spec.rank, init, device)
+    return Mesh.build(pspec, spec.rank, init, device, device_backend=spec.device_backend or None)
+
+
+def start_rank(spec: WorkerSpec) -> tuple[Mesh | None, Any, RankFanout]:
+    """What every rank does before it serves: join the replica's world (its mesh), load the engine, build the rank
+    fan-out over the mesh's gloo world group, and wait for every rank to have loaded (a barrier on that group)."""
+    mesh = _init_distributed(spec) if spec.world_size > 1 else None
+
+    from omni_runtime.runtime.rank_fanout import RankFanout
+    from omni_runtime.stages.engine import load_engine
+
+    options = stage_options(spec.stage, spec.vae_tiling, spec.batch_invariant, spec.mixed_sizes, spec.cpu_linear,
+                            spec.lora_max_loaded, spec.lora_adapters)
+    engine = load_engine(spec.stage, spec.model_path, spec.dtype, spec.device, mesh=mesh, **options)
+    fanout = RankFanout(spec.rank, spec.world_size, mesh)
+    if mesh is not None:
+        mesh.group("world").barrier()  # on the gloo group: NCCL would refuse the CPU tensor of a barrier
+    return mesh, engine, fanout
 
 
 def worker_main(spec_bytes: bytes) -> None:
@@ -133,21 +152,11 @@ def _run(spec: WorkerSpec, busy: Busy) -> None:
     import torch
 
     torch.set_num_threads(max(1, spec.threads))
-    mesh = _init_distributed(spec) if spec.world_size > 1 else None
+    _mesh, engine, fanout = start_rank(spec)
 
     from omni_runtime.runtime import cores, stage_shell, tensor_handoff
-    from omni_runtime.runtime.rank_fanout import RankFanout
     from omni_runtime.runtime.stage_exec import StageExecutor
-    from omni_runtime.stages.engine import load_engine
 
-    options = stage_options(spec.stage, spec.vae_tiling, spec.batch_invariant, spec.mixed_sizes, spec.cpu_linear,
-                            spec.lora_max_loaded, spec.lora_adapters)
-    engine = load_engine(spec.stage, spec.model_path, spec.dtype, spec.device, mesh=mesh, **options)
-    fanout = RankFanout(spec.rank, spec.world_size)
-    if spec.world_size > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
     logger.info("loaded; %s", "driver" if spec.rank == 0 else "follower")
     if spec.rank == 0:
         token = (cores.ComputeToken(spec.compute_token, label=f"{spec.stage}[{spec.replica}]")

@@ -207,45 +207,6 @@ def test_in_the_same_node_as_torch_and_stateless_groups():
     assert results == [[[True] * 3, [True] * 3, split, split]] * 3
 
 
-def _mq_worker(rank: int, world_size: int) -> dict:
-    state.init_distributed_environment()
-    out: dict = {}
-    try:
-        mq_world = GroupCoordinator([list(range(world_size))], rank, "gloo",
-                                    use_message_queue_broadcaster=True, group_name="mq_world")
-        mq_pairs = GroupCoordinator([[0, 2], [1, 3]], rank, "gloo",
-                                    use_message_queue_broadcaster=True, group_name="mq_pairs")
-        out["has_mq"] = [mq_world.mq_broadcaster is not None, mq_pairs.mq_broadcaster is not None]
-        seen = []
-        for i in range(5):
-            msg = {"step": i, "t": torch.arange(4) * i, "big": torch.full((50_000,), float(i))} \
-                if mq_world.rank_in_group == 0 else None
-            got = mq_world.broadcast_object(msg)
-            seen.append([got["step"], got["t"].tolist(), float(got["big"].sum())])
-        out["world"] = seen
-        got = mq_pairs.broadcast_object(["pair", rank] if mq_pairs.rank_in_group == 0 else None)
-        out["pairs"] = list(got)
-        try:
-            mq_world.broadcast_object("x", src=1)
-        except ValueError as e:
-            out["src1_error"] = str(e)
-        mq_world.destroy()
-        mq_pairs.destroy()
-    finally:
-        state.destroy_distributed_environment()
-    return out
-
-
-@pytest.mark.distributed
-def test_message_queue_broadcaster():
-    results = run_workers(_mq_worker, 4, timeout=90)
-    for rank, r in enumerate(results):
-        assert r["has_mq"] == [True, True]
-        assert r["world"] == [[i, [0, i, 2 * i, 3 * i], 50_000.0 * i] for i in range(5)]
-        assert r["pairs"] == ["pair", rank % 2]
-        assert "only sends from rank 0" in r["src1_error"]
-
-
 def test_single_process_group_is_identity():
     assert not dist.is_initialized()
     g = GroupCoordinator([[0]], 0, "gloo", group_name="solo")
