@@ -63,13 +63,13 @@ DEGREES: tuple[str, ...] = ("dp", "cfg", "pp", "ulysses", "ring", "tp", "hsdp_sh
 
 #: ``all2all_backend`` values: the keys of ``parallel.all2all.ALL2ALL_BACKENDS`` (tests/test_ep_config.py asserts
 #: they agree; kept here so that a spec validates without importing torch). The first three run on any device.
-ALL2ALL_BACKEND_NAMES: tuple[str, ...] = (
-    "naive", "agrs", "alltoallv", "deepep_high_throughput", "deepep_low_latency", "flashinfer_nvlink_one_sided",
-    "flashinfer_nvlink_two_sided", "nixl_ep")
+ALL2ALL_BACKEND_NAMES: tuple[str, ...] = ("naive", "agrs", "alltoallv", "deepep_high_throughput")
 CPU_ALL2ALL_BACKEND_NAMES: tuple[str, ...] = ("naive", "agrs", "alltoallv")
-#: backends whose managers size their workspaces but whose dispatch/combine are not written (FlashInfer's kernels
-#: were never available to check them against): refused here, so no config reaches their stubs
-UNIMPLEMENTED_ALL2ALL_BACKENDS: tuple[str, ...] = ("flashinfer_nvlink_one_sided", "flashinfer_nvlink_two_sided")
+#: reference backend names this build refuses, and why (the error says so instead of "not known")
+REFUSED_ALL2ALL_BACKENDS: dict[str, str] = {
+    "deepep_low_latency": "DeepEP's low-latency dispatch returns an expert-major layout (local experts x max tokens "
+                          "x hidden) that MoEFeedForward does not consume",
+}
 
 #: ``pp_mode`` values: layer pipeline parallelism (exact) or PipeFusion (stale K/V, approximate).
 PP_MODES: tuple[str, ...] = ("layer", "pipefusion")
@@ -131,12 +131,9 @@ class ParallelSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ParallelSpecError(f"{name} must be a positive integer, got {value!r}")
         if self.all2all_backend not in ALL2ALL_BACKEND_NAMES:
-            raise ParallelSpecError(f"all2all_backend {self.all2all_backend!r} is not known; allowed: "
+            why = REFUSED_ALL2ALL_BACKENDS.get(self.all2all_backend, "not known")
+            raise ParallelSpecError(f"all2all_backend {self.all2all_backend!r}: {why}; allowed: "
                                     f"{', '.join(ALL2ALL_BACKEND_NAMES)}")
-        if self.all2all_backend in UNIMPLEMENTED_ALL2ALL_BACKENDS:
-            usable = [b for b in ALL2ALL_BACKEND_NAMES if b not in UNIMPLEMENTED_ALL2ALL_BACKENDS]
-            raise ParallelSpecError(f"all2all_backend {self.all2all_backend!r}: its dispatch and combine are not "
-                                    f"implemented in this build; allowed: {', '.join(usable)}")
         if self.tp != 1:
             raise ParallelSpecError(f"tp = {self.tp}: tensor parallelism is reserved; tp must be 1")
         if self.pp_mode not in PP_MODES:

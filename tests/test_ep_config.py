@@ -45,8 +45,8 @@ def test_backend_lists_agree() -> None:
     ("dp = 2\nep = 4", "stages.denoiser.parallel.ep = 4: the expert-parallel group spans the data-parallel x "
                        "sequence-parallel ranks, so ep must be 1 or dp x ulysses x ring = 2 x 1 x 1 = 2"),
     ("dp = 2", "stages.denoiser.parallel.dp = 2: not supported yet"),
-    ('dp = 2\nep = 2\nall2all_backend = "deepep_low_latency"',
-     "stages.denoiser.parallel.all2all_backend = 'deepep_low_latency': needs CUDA GPUs and its kernel library, but "
+    ('dp = 2\nep = 2\nall2all_backend = "deepep_high_throughput"',
+     "stages.denoiser.parallel.all2all_backend = 'deepep_high_throughput': needs CUDA GPUs and its kernel library, but "
      "model.device = 'cpu'; allowed on CPU: 'naive', 'agrs', 'alltoallv'"),
 ])
 def test_bad_ep_values(tmp_path: Path, parallel: str, message: str) -> None:
@@ -68,7 +68,7 @@ def test_gpu_backend_is_accepted_for_cuda_configs(tmp_path: Path) -> None:
 
 
 def test_spec_rejects_an_unknown_backend() -> None:
-    with pytest.raises(ParallelSpecError, match="all2all_backend 'nccl' is not known; allowed: naive, agrs"):
+    with pytest.raises(ParallelSpecError, match="all2all_backend 'nccl': not known; allowed: naive, agrs"):
         ParallelSpec(dp=2, ep=2, all2all_backend="nccl")
 
 
@@ -100,12 +100,16 @@ def test_check_prints_the_ep_group(tmp_path: Path, tiny_dir: Path, capsys) -> No
     assert "denoiser[0] rank 1/2 on cpu: world=[0, 1] dp=[0, 1] ep=[0, 1] " in out, out
 
 
-@pytest.mark.parametrize("backend", ["flashinfer_nvlink_one_sided", "flashinfer_nvlink_two_sided"])
-def test_unimplemented_backends_are_refused_by_every_spec(backend: str) -> None:
-    """Their managers' dispatch/combine are stubs: no config may reach them (not even on CUDA)."""
+@pytest.mark.parametrize("backend,why", [
+    ("deepep_low_latency", "DeepEP's low-latency dispatch returns an expert-major layout"),
+    ("flashinfer_nvlink_one_sided", "not known"), ("flashinfer_nvlink_two_sided", "not known"), ("nixl_ep", "not known")])
+def test_backends_without_a_working_manager_are_refused_by_every_spec(backend: str, why: str, tmp_path: Path) -> None:
+    """No stubs: the FlashInfer and NIXL managers are gone, DeepEP low-latency is refused by name (even on CUDA)."""
     from omni_runtime.parallel.parallel_spec import ParallelSpec, ParallelSpecError
 
-    with pytest.raises(ParallelSpecError, match=rf"all2all_backend '{backend}': its dispatch and combine are not "
-                                                rf"implemented in this build; allowed: naive, agrs, alltoallv, "
-                                                rf"deepep_high_throughput, deepep_low_latency, nixl_ep"):
+    with pytest.raises(ParallelSpecError, match=rf"all2all_backend '{backend}': {why}.*; allowed: naive, agrs, "
+                                                rf"alltoallv, deepep_high_throughput$"):
         ParallelSpec(ep=2, dp=2, all2all_backend=backend)
+    with pytest.raises(ConfigError, match=rf"all2all_backend = '{backend}': .*allowed values are 'naive', 'agrs', "
+                                          rf"'alltoallv', 'deepep_high_throughput'$"):
+        _load(tmp_path, f'dp = 2\nep = 2\nall2all_backend = "{backend}"')
