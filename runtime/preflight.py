@@ -4,7 +4,9 @@
 - **The machine** (:func:`check_machine`): the keys that set process and thread counts are bounded by what this
   machine has. On CPU every rank is a process: the ranks of all stages together (``replicas x world size`` per
   stage) and each stage's ``threads`` are at most ``CPU cores x OVERSUBSCRIPTION``. On CUDA each stage's ranks
-  need a device each (``replicas x world size <= CUDA devices``; a ``devices`` entry must name one that exists).
+  need a device each (``replicas x world size <= CUDA devices``; a ``devices`` entry must name one that exists),
+  and what CUDA brings must be here (:func:`check_gpu`): a CUDA device at all, NCCL for a stage of several
+  ranks, the ``deep_ep`` package for ``all2all_backend = "deepep_high_throughput"``.
   With ``[placement] launcher = "ray"`` Ray places the ranks instead: the check is that Ray is installed and that
   ``ray_address`` answers as a Ray head (``runtime.ray_connect.probe_ray_address``).
 - **The host** (:func:`check_host`): ``server.host`` resolves.
@@ -23,6 +25,7 @@ import json
 import logging
 import os
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 from omni_runtime.runtime.config import STAGE_NAMES, ConfigError, RuntimeConfig
@@ -54,9 +57,52 @@ def _uses_cuda(cfg: RuntimeConfig) -> bool:
         d.startswith("cuda") for name in STAGE_NAMES for d in cfg.stages.get(name).devices)
 
 
-def check_machine(cfg: RuntimeConfig, cores: int | None = None, gpus: int | None = None) -> str:
+#: all2all backends that need a GPU kernel package: backend -> the module to import
+GPU_ALL2ALL_MODULES: dict[str, str] = {"deepep_high_throughput": "deep_ep"}
+
+
+def _cuda_key(cfg: RuntimeConfig) -> str:
+    """The config key that asks for CUDA: ``model.device`` or the first stage's ``devices`` with a cuda entry."""
+    if cfg.model.device == "cuda":
+        return "model.device = 'cuda'"
+    name = next(n for n in STAGE_NAMES if any(d.startswith("cuda") for d in cfg.stages.get(n).devices))
+    return f"stages.{name}.devices = {cfg.stages.get(name).devices!r}"
+
+
+def check_gpu(cfg: RuntimeConfig, gpus: int, nccl: bool | None = None,
+              importable: Callable[[str], bool] | None = None) -> None:
+    """Raise :class:`ConfigError` (one line naming the key) when ``cfg`` asks for CUDA and this machine lacks what
+    that needs: a CUDA device, NCCL for a stage of several ranks (its device groups), the kernel package of a GPU
+    all2all backend. ``nccl`` / ``importable``: what this machine has (default: asked of torch and importlib)."""
+    import importlib.util
+
+    import torch
+    import torch.distributed as dist
+
+    if gpus == 0:
+        raise ConfigError(f"{_cuda_key(cfg)}: this machine has no CUDA device (torch {torch.__version__} sees none); "
+                          "allowed: model.device = 'cpu' and no cuda entries in stages.*.devices")
+    nccl = (dist.is_available() and dist.is_nccl_available()) if nccl is None else nccl
+    for name in STAGE_NAMES:
+        st = cfg.stages.get(name)
+        if st.world_size > 1 and not nccl:
+            raise ConfigError(f"stages.{name}: {st.world_size} ranks on CUDA exchange tensors over NCCL, which this "
+                              f"torch build lacks (torch.distributed.is_nccl_available() is False); allowed: one "
+                              f"rank per replica, or model.device = 'cpu'")
+    backend = cfg.stages.denoiser.parallel.all2all_backend
+    module = GPU_ALL2ALL_MODULES.get(backend)
+    importable = importable or (lambda m: importlib.util.find_spec(m) is not None)
+    if module is not None and not importable(module):
+        raise ConfigError(f"stages.denoiser.parallel.all2all_backend = {backend!r}: needs the {module!r} package, "
+                          f"which is not importable here; allowed: 'naive', 'agrs', 'alltoallv'")
+
+
+def check_machine(cfg: RuntimeConfig, cores: int | None = None, gpus: int | None = None, nccl: bool | None = None,
+                  importable: Callable[[str], bool] | None = None) -> str:
     """Raise :class:`ConfigError` naming the key, its value and the limit with its arithmetic when ``cfg`` asks
-    for more processes, threads or devices than this machine has; returns a one-line summary."""
+    for more processes, threads or devices than this machine has, or for CUDA where it lacks what that needs
+    (:func:`check_gpu`); returns a one-line summary. ``cores``, ``gpus``, ``nccl``, ``importable``: what the
+    machine has (default: asked)."""
     if cfg.placement.launcher == "ray":  # the ranks run where Ray places them, not necessarily on this machine
         from omni_runtime.runtime.ray_connect import import_ray, probe_ray_address
 
@@ -88,6 +134,7 @@ def check_machine(cfg: RuntimeConfig, cores: int | None = None, gpus: int | None
     summary = f"machine: {total} rank process(es) of at most {limit} ({why})"
     if _uses_cuda(cfg):
         gpus = cuda_devices() if gpus is None else gpus
+        check_gpu(cfg, gpus, nccl, importable)
         for name in STAGE_NAMES:
             st = cfg.stages.get(name)
             for i, d in enumerate(st.devices):

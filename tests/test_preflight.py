@@ -12,7 +12,7 @@ import pytest
 
 from omni_runtime.runtime.cli import main
 from omni_runtime.runtime.config import ConfigError, config_from_dict
-from omni_runtime.runtime.preflight import OVERSUBSCRIPTION, check_machine, cpu_cores
+from omni_runtime.runtime.preflight import OVERSUBSCRIPTION, check_machine, cpu_cores, cuda_devices
 from omni_runtime.stages.errors import CheckpointError
 from omni_runtime.stages.model_check import check_model_dir
 from omni_runtime.stages.weights import read_safetensors_header
@@ -153,14 +153,47 @@ def test_cuda_ranks_need_devices():
                              "stages": {"denoiser": {"parallel": {"ulysses": 2}}}})
     with pytest.raises(ConfigError, match=r"stages.denoiser: replicas x world size = 1 x 2 = 2 ranks on "
                                           r"model.device = 'cuda' need one CUDA device each; this machine has 1"):
-        check_machine(cuda, cores=16, gpus=1)
-    assert "2 CUDA device(s)" in check_machine(cuda, cores=16, gpus=2)
+        check_machine(cuda, cores=16, gpus=1, nccl=True)
+    assert "2 CUDA device(s)" in check_machine(cuda, cores=16, gpus=2, nccl=True)
     listed = config_from_dict({"model": {"path": "/nowhere/tiny-flux", "device": "cuda"},
                                "stages": {"vae": {"devices": [3]}}})
     with pytest.raises(ConfigError, match=r"stages.vae.devices\[0\] = 'cuda:3': this machine has 2 CUDA device"):
-        check_machine(listed, cores=16, gpus=2)
+        check_machine(listed, cores=16, gpus=2, nccl=True)
 
 
 def test_check_reports_the_machine_limit(tmp_path, model, capsys):
     code, err = _check(capsys, _config(tmp_path, model, "[stages.vae]\nthreads = 100000\n"))
     assert code == 2 and "stages.vae.threads = 100000: at most" in err and err.count("\n") == 1, err
+
+
+@pytest.mark.skipif(cuda_devices() > 0, reason="asserts the refusal on a machine without CUDA")
+@pytest.mark.parametrize("extra,says", [
+    ("", "model.device = 'cuda': this machine has no CUDA device"),
+    ('[stages.denoiser.parallel]\nulysses = 2\n', "model.device = 'cuda': this machine has no CUDA device"),
+    ('[stages.denoiser.parallel]\ndp = 2\nep = 2\nall2all_backend = "deepep_high_throughput"\n',
+     "model.device = 'cuda': this machine has no CUDA device"),
+])
+def test_check_refuses_cuda_without_a_gpu_in_one_line(tmp_path, model, capsys, extra, says):
+    p = tmp_path / "c.toml"
+    p.write_text(f'[model]\npath = "{model}"\ndevice = "cuda"\n[server]\nport = 0\n{extra}')
+    code, err = _check(capsys, p)
+    assert code == 2 and says in err and err.count("\n") == 1, err
+
+
+def test_what_cuda_needs_is_checked_per_key():
+    def cfg(**parallel):
+        return config_from_dict({"model": {"path": "/nowhere/tiny-flux", "device": "cuda"},
+                                 "stages": {"denoiser": {"parallel": parallel}}})
+
+    with pytest.raises(ConfigError, match=r"^stages.denoiser: 2 ranks on CUDA exchange tensors over NCCL, which this "
+                                          r"torch build lacks .*; allowed: one rank per replica"):
+        check_machine(cfg(ulysses=2), cores=16, gpus=2, nccl=False)
+    check_machine(cfg(), cores=16, gpus=1, nccl=False)  # one rank per stage needs no NCCL
+    deepep = cfg(dp=2, ep=2, all2all_backend="deepep_high_throughput")
+    with pytest.raises(ConfigError, match=r"^stages.denoiser.parallel.all2all_backend = 'deepep_high_throughput': "
+                                          r"needs the 'deep_ep' package, which is not importable here; allowed: "
+                                          r"'naive', 'agrs', 'alltoallv'$"):
+        check_machine(deepep, cores=16, gpus=2, nccl=True, importable=lambda m: False)
+    assert "2 CUDA device(s)" in check_machine(deepep, cores=16, gpus=2, nccl=True, importable=lambda m: m == "deep_ep")
+    with pytest.raises(ConfigError, match=r"^model.device = 'cuda': this machine has no CUDA device"):
+        check_machine(cfg(), cores=16, gpus=0)
