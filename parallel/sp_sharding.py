@@ -4,8 +4,8 @@ Uneven lengths follow one rule everywhere: the first ranks get ``ceil(n / world)
 elements, the last rank(s) what is left (possibly fewer, possibly none). ``sp_gather``
 exchanges the shard sizes first, so it is exact for uneven shards too.
 
-Every function takes the SP ``group`` (a ``GroupCoordinator``, e.g. ``mesh.group("sp")``); ``group=None`` is the
-seed-compatible default, the sp group of the current mesh (:func:`parallel.state.get_sp_group`).
+Every function takes the SP ``group`` (a ``GroupCoordinator``, e.g. ``mesh.group("sp")``; code written against the
+reference API passes ``parallel.state.get_sp_group()``): nothing here reads a global.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 
-from omni_runtime.parallel.state import get_sp_group
 from omni_runtime.parallel.utils import pad_dim
 
 logger = logging.getLogger(__name__)
@@ -41,7 +40,10 @@ def shard_offset(n: int, world: int, rank: int) -> int:
 
 
 def _sp_group(group: Any) -> Any:
-    return group if group is not None else get_sp_group()
+    if group is None:
+        raise ShardingError("group is required: the SP GroupCoordinator, e.g. mesh.group('sp') (under the reference "
+                            "API, parallel.state.get_sp_group())")
+    return group
 
 
 def _norm_dim(tensor: torch.Tensor, dim: int) -> int:
@@ -162,10 +164,3 @@ class ShardingValidator:
         self._sharded.clear()
         self._gathered.clear()
 
-
-_VALIDATOR = ShardingValidator()
-
-
-def get_sharding_validator() -> ShardingValidator:
-    """The process-wide validator."""
-    return _VALIDATOR

@@ -157,24 +157,25 @@ def plan_worker(rank: int, world: int, ulysses: int, ring: int) -> dict:
         remove_sequence_parallel(model)
 
         # sharding helpers: uneven shards round-trip exactly, padding is reported
+        sp = state.get_sp_group()  # the reference facade's sp group of the current mesh
         x = torch.arange(2 * 11 * 3, dtype=torch.float32).view(2, 11, 3)
-        shard = sp_shard(x, 1, validate=False)
+        shard = sp_shard(x, 1, validate=False, group=sp)
         res["shard_len"] = shard.shape[1]
-        res["roundtrip"] = bool(torch.equal(sp_gather(shard, 1), x))
-        sh, pad = sp_shard_with_padding(x, 1)
-        full = sp_gather(sh, 1)
+        res["roundtrip"] = bool(torch.equal(sp_gather(shard, 1, group=sp), x))
+        sh, pad = sp_shard_with_padding(x, 1, group=sp)
+        full = sp_gather(sh, 1, group=sp)
         res["pad"] = pad
         res["pad_roundtrip"] = bool(torch.equal(full[:, :11], x)) and bool((full[:, 11:] == 0).all())
         try:
-            sp_shard(x, 1)
+            sp_shard(x, 1, group=sp)
             res["indivisible"] = "not raised"
         except ShardingError as e:
             res["indivisible"] = str(e)
         v = ShardingValidator()
         with v.track():
-            a = v.shard(x, "a", 1, validate_divisible=False)
-            v.shard(x, "b", 1, validate_divisible=False)
-            v.gather(a, "a", 1)
+            a = v.shard(x, "a", 1, validate_divisible=False, group=sp)
+            v.shard(x, "b", 1, validate_divisible=False, group=sp)
+            v.gather(a, "a", 1, group=sp)
         try:
             v.validate()
             res["validator"] = "not raised"
@@ -254,15 +255,16 @@ def test_validate_sp_plan_rejects_bad_plans(plan: dict, message: str) -> None:
         validate_sp_plan(plan, make_model())
 
 
-def test_process_wide_sharding_validator() -> None:
-    from omni_runtime.parallel.sp_sharding import get_sharding_validator
+def test_sharding_validator_and_the_group_it_needs() -> None:
+    from omni_runtime.parallel.group_coordinator import GroupCoordinator
 
-    v = get_sharding_validator()
-    assert v is get_sharding_validator()
+    v, solo = ShardingValidator(), GroupCoordinator.single()
     x = torch.arange(6.0).view(1, 6)
     with v.track():
-        v.gather(v.shard(x, "h", 1), "h", 1)  # one process: identity, but recorded
+        v.gather(v.shard(x, "h", 1, group=solo), "h", 1, group=solo)  # one process: identity, but recorded
         v.validate()
-        v.shard(x, "e", 1)
+        v.shard(x, "e", 1, group=solo)
         with pytest.raises(ShardingError, match=r"sharded but never gathered: \['e'\]"):
             v.validate()
+    with pytest.raises(ShardingError, match=r"group is required: the SP GroupCoordinator"):
+        v.shard(x, "f", 1)
