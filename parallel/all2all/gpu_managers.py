@@ -8,7 +8,8 @@ What is here:
   DeepEP's high-throughput kernels, on plain collectives);
 * the ``deep_ep.Buffer`` arguments (``_make_all2all_kwargs``), unit-tested against hand-computed values;
 * thin ``dispatch`` / ``combine`` wrappers over DeepEP's documented high-throughput Python API
-  (``Buffer.get_dispatch_layout``, ``dispatch``, ``combine``), unverified.
+  (``Buffer.get_dispatch_layout``, ``dispatch``, ``combine``), checked against a fake ``deep_ep`` that implements
+  that contract on plain collectives (tests/test_deepep_fake.py), never against the real kernels.
 
 DeepEP's low-latency kernels (``deepep_low_latency``) are not offered: their dispatch returns an expert-major layout
 (local experts x max tokens x hidden, with per-expert counts) that ``parallel.moe.MoEFeedForward`` does not consume,
