@@ -110,6 +110,18 @@ class MoEFeedForward(nn.Module):
             out.index_add_(0, rows, self.experts[str(e)](hidden_states[rows]) * w[:, None])
         return out
 
+    def experts_forward_expert_major(self, recv_x: torch.Tensor, recv_count: torch.Tensor) -> torch.Tensor:
+        """The expert-major layout of DeepEP low-latency: ``recv_x[i, :recv_count[i]]`` are the tokens of local
+        expert ``i``; each gets that expert's output, unweighted (the combine applies the top-k weights)."""
+        if recv_x.shape[0] != len(self.local_experts):
+            raise All2AllError(f"expert-major dispatch gave {recv_x.shape[0]} experts, this rank holds "
+                               f"{len(self.local_experts)}")
+        out = torch.zeros_like(recv_x)
+        for i, (e, n) in enumerate(zip(self.local_experts, recv_count.tolist(), strict=True)):
+            if n:
+                out[i, :n] = self.experts[str(e)](recv_x[i, :n])
+        return out
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])
@@ -117,7 +129,10 @@ class MoEFeedForward(nn.Module):
         if self.expert_parallel:
             comm = self.ep_group.device_communicator
             h, w, ids = comm.dispatch(tokens, topk_weights, topk_ids, self.is_sequence_parallel)
-            routed = comm.combine(self.experts_forward(h, w, ids), self.is_sequence_parallel)
+            if getattr(comm.all2all_manager, "expert_major", False):  # h: (local experts, rows, hidden), w: counts
+                routed = comm.combine(self.experts_forward_expert_major(h, w), self.is_sequence_parallel)
+            else:
+                routed = comm.combine(self.experts_forward(h, w, ids), self.is_sequence_parallel)
         else:
             routed = self.experts_forward(tokens, topk_weights, topk_ids)
         if self.shared_experts is not None:

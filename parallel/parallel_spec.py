@@ -63,13 +63,8 @@ DEGREES: tuple[str, ...] = ("dp", "cfg", "pp", "ulysses", "ring", "tp", "hsdp_sh
 
 #: ``all2all_backend`` values: the keys of ``parallel.all2all.ALL2ALL_BACKENDS`` (tests/test_ep_config.py asserts
 #: they agree; kept here so that a spec validates without importing torch). The first three run on any device.
-ALL2ALL_BACKEND_NAMES: tuple[str, ...] = ("naive", "agrs", "alltoallv", "deepep_high_throughput")
+ALL2ALL_BACKEND_NAMES: tuple[str, ...] = ("naive", "agrs", "alltoallv", "deepep_high_throughput", "deepep_low_latency")
 CPU_ALL2ALL_BACKEND_NAMES: tuple[str, ...] = ("naive", "agrs", "alltoallv")
-#: reference backend names this build refuses, and why (the error says so instead of "not known")
-REFUSED_ALL2ALL_BACKENDS: dict[str, str] = {
-    "deepep_low_latency": "DeepEP's low-latency dispatch returns an expert-major layout (local experts x max tokens "
-                          "x hidden) that MoEFeedForward does not consume",
-}
 
 #: ``pp_mode`` values: layer pipeline parallelism (exact) or PipeFusion (stale K/V, approximate).
 PP_MODES: tuple[str, ...] = ("layer", "pipefusion")
@@ -131,8 +126,7 @@ class ParallelSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ParallelSpecError(f"{name} must be a positive integer, got {value!r}")
         if self.all2all_backend not in ALL2ALL_BACKEND_NAMES:
-            why = REFUSED_ALL2ALL_BACKENDS.get(self.all2all_backend, "not known")
-            raise ParallelSpecError(f"all2all_backend {self.all2all_backend!r}: {why}; allowed: "
+            raise ParallelSpecError(f"all2all_backend {self.all2all_backend!r}: not known; allowed: "
                                     f"{', '.join(ALL2ALL_BACKEND_NAMES)}")
         if self.tp != 1:
             raise ParallelSpecError(f"tp = {self.tp}: tensor parallelism is reserved; tp must be 1")

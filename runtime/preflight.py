@@ -6,7 +6,7 @@
   stage) and each stage's ``threads`` are at most ``CPU cores x OVERSUBSCRIPTION``. On CUDA each stage's ranks
   need a device each (``replicas x world size <= CUDA devices``; a ``devices`` entry must name one that exists),
   and what CUDA brings must be here (:func:`check_gpu`): a CUDA device at all, NCCL for a stage of several
-  ranks, the ``deep_ep`` package for ``all2all_backend = "deepep_high_throughput"``.
+  ranks, the ``deep_ep`` package for a DeepEP ``all2all_backend``.
   With ``[placement] launcher = "ray"`` Ray places the ranks instead: the check is that Ray is installed and that
   ``ray_address`` answers as a Ray head (``runtime.ray_connect.probe_ray_address``).
 - **The host** (:func:`check_host`): ``server.host`` resolves.
@@ -58,7 +58,7 @@ def _uses_cuda(cfg: RuntimeConfig) -> bool:
 
 
 #: all2all backends that need a GPU kernel package: backend -> the module to import
-GPU_ALL2ALL_MODULES: dict[str, str] = {"deepep_high_throughput": "deep_ep"}
+GPU_ALL2ALL_MODULES: dict[str, str] = {"deepep_high_throughput": "deep_ep", "deepep_low_latency": "deep_ep"}
 
 
 def _cuda_key(cfg: RuntimeConfig) -> str:

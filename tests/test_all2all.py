@@ -20,10 +20,12 @@ from omni_runtime.parallel.all2all import (
     All2AllBackendUnavailable,
     All2AllError,
     DeepEPHTAll2AllManager,
+    DeepEPLLAll2AllManager,
     attach_all2all_manager,
     init_expert_parallel,
     local_expert_range,
 )
+from omni_runtime.parallel.all2all.gpu_managers import low_latency_rdma_size_hint
 from omni_runtime.parallel.moe import MoEFeedForward
 
 DIM, HIDDEN, EXPERTS, TOP_K = 8, 16, 12, 3
@@ -204,7 +206,8 @@ def _stub_group() -> types.SimpleNamespace:
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="asserts the CPU-only error")
-@pytest.mark.parametrize("backend,package", [("deepep_high_throughput", "deep_ep")])
+@pytest.mark.parametrize("backend,package", [("deepep_high_throughput", "deep_ep"),
+                                             ("deepep_low_latency", "deep_ep")])
 def test_gpu_manager_on_cpu_raises_the_clear_error(backend: str, package: str) -> None:
     cls = ALL2ALL_BACKENDS[backend]
     with pytest.raises(All2AllBackendUnavailable) as err:
@@ -217,7 +220,7 @@ def test_gpu_manager_on_cpu_raises_the_clear_error(backend: str, package: str) -
 
 def test_unknown_backend_names_the_allowed_values() -> None:
     with pytest.raises(All2AllError, match=r"all2all_backend = 'deepep': allowed values are naive, agrs, alltoallv, "
-                                           r"deepep_high_throughput$"):
+                                           r"deepep_high_throughput, deepep_low_latency$"):
         attach_all2all_manager(_stub_group(), "deepep")
 
 
@@ -228,6 +231,30 @@ def test_deepep_ht_kwargs() -> None:
     inter = DeepEPHTAll2AllManager._make_all2all_kwargs(internode=True, buffer_size_mb=256, num_sms=24)
     assert inter == dict(group=None, num_nvl_bytes=268435456, num_rdma_bytes=268435456, low_latency_mode=False,
                          num_qps_per_rank=12)
+
+
+def test_low_latency_rdma_size_by_hand() -> None:
+    # T=128 tokens/rank, hidden 1024 (8 scale groups), 8 experts:
+    #   dispatch msg = 16 + max(2048, 1024 + 32) = 2064;  combine msg = 32 + 2048 = 2080
+    #   send = max(128*2064, 8*128*2080) = 2129920;  recv = max(8*128*2064, 8*128*2080) = 2129920
+    #   signal = align128(8*4) = 128;  total = 2*2129920 + 2*2129920 + 2*128 = 8519936
+    #   hint = (8519936 + 128) // 128 * 128 = 8520064
+    assert low_latency_rdma_size_hint(128, 1024, 4, 8) == 8520064
+    # T=1, hidden 128 (1 scale), 2 experts: dispatch 16+256=272, combine 4+256=260, send max(272, 520)=520,
+    # recv max(544, 520)=544, signal 128: total 2*520+2*544+256 = 2384 -> (2384+128)//128*128 = 2432
+    assert low_latency_rdma_size_hint(1, 128, 2, 2) == 2432
+    with pytest.raises(All2AllError, match="hidden = 100"):
+        low_latency_rdma_size_hint(1, 100, 2, 2)
+    with pytest.raises(All2AllError, match="num_experts = 3"):
+        low_latency_rdma_size_hint(1, 128, 2, 3)
+
+
+def test_deepep_ll_kwargs() -> None:
+    kw = DeepEPLLAll2AllManager._make_all2all_kwargs(128, 1024, 4, 8, 2)
+    assert kw == dict(group=None, num_nvl_bytes=1 << 30, num_rdma_bytes=8520064, low_latency_mode=True,
+                      num_qps_per_rank=2, allow_nvlink_for_low_latency_mode=True, allow_mnnvl=False)
+    with pytest.raises(All2AllError, match="num_global_experts = 8 must equal num_local_experts 3 x num_ep_ranks 4"):
+        DeepEPLLAll2AllManager._make_all2all_kwargs(128, 1024, 4, 8, 3)
 
 
 def test_local_expert_range() -> None:

@@ -1,5 +1,5 @@
-"""The DeepEP high-throughput wrapper (``all2all_backend = "deepep_high_throughput"``) against a fake ``deep_ep``
-that implements the library's documented normal-mode contract on plain collectives, on CPU (issue 28):
+"""The DeepEP wrappers (``all2all_backend = "deepep_high_throughput"`` / ``"deepep_low_latency"``) against a fake
+``deep_ep`` that implements the library's documented contract on plain collectives, on CPU (issue 28). Normal mode:
 
 * ``Buffer(group, num_nvl_bytes, num_rdma_bytes, low_latency_mode, num_qps_per_rank)``;
 * ``get_dispatch_layout(topk_idx, num_experts)`` -> ``(num_tokens_per_rank [ranks], num_tokens_per_rdma_rank (None
@@ -10,6 +10,15 @@ that implements the library's documented normal-mode contract on plain collectiv
   rank's *local* expert indices, ``-1`` for the experts of other ranks (as vLLM's DeepEP HT adapter reads it);
 * ``combine(x, handle)`` -> ``(combined_x, combined_topk_weights, event)``: every token's rows summed back on its
   source rank.
+
+Low-latency mode (``low_latency_mode=True``, ``Buffer.get_low_latency_rdma_size_hint``):
+
+* ``low_latency_dispatch(x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, use_fp8=False)`` ->
+  ``(recv_x, recv_count, handle, event, hook)``: ``recv_x`` is expert-major, ``[num_local_experts,
+  num_max_dispatch_tokens_per_rank * num_ranks, hidden]``, of which the first ``recv_count[e]`` rows of expert ``e``
+  are valid (one row per (token, expert) pair);
+* ``low_latency_combine(x, topk_idx, topk_weights, handle)`` -> ``(combined_x, event, hook)``: the experts' outputs
+  in that layout, weighted by ``topk_weights`` and summed per token on its source rank.
 
 The real kernels have never run here; this checks the wrapper's arithmetic (layout, local/global ids, weights,
 combine) end to end in ``MoEFeedForward`` against the unsharded layer.
@@ -32,8 +41,49 @@ class FakeBuffer:
                  num_qps_per_rank: int = 1, **_: object) -> None:
         import torch.distributed as dist
 
-        assert group is not None and not low_latency_mode and num_nvl_bytes > 0 and num_rdma_bytes == 0
-        self.group, self.n = group, dist.get_world_size(group)
+        assert group is not None and num_nvl_bytes > 0 and (num_rdma_bytes > 0) == low_latency_mode
+        self.group, self.n, self.rank = group, dist.get_world_size(group), dist.get_rank(group)
+
+    @staticmethod
+    def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts) -> int:
+        return 128 * num_max_dispatch_tokens_per_rank * num_experts
+
+    def _counts(self, send: list[int]) -> list[int]:
+        import torch.distributed as dist
+
+        counts = torch.tensor(send, dtype=torch.int64)
+        recv = torch.empty_like(counts)
+        dist.all_to_all_single(recv, counts, group=self.group)
+        return recv.tolist()
+
+    def low_latency_dispatch(self, x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, use_fp8=True, **_):
+        assert not use_fp8 and topk_idx.dtype == torch.int64
+        per = num_experts // self.n
+        pairs = torch.nonzero(topk_idx >= 0)  # (token, k), in token order
+        experts = topk_idx[pairs[:, 0], pairs[:, 1]]
+        order = torch.argsort(experts // per, stable=True)  # by destination rank
+        pairs, experts = pairs[order], experts[order]
+        send = torch.bincount(experts // per, minlength=self.n).tolist()
+        recv = self._counts(send)
+        got_x = self._exchange(x[pairs[:, 0]], send, recv)
+        got_e = self._exchange(experts % per, send, recv)
+        recv_x = x.new_zeros((per, num_max_dispatch_tokens_per_rank * self.n, x.shape[1]))
+        recv_count = torch.zeros(per, dtype=torch.int32)
+        slots = []
+        for row, e in zip(got_x, got_e.tolist(), strict=True):
+            recv_x[e, int(recv_count[e])] = row
+            slots.append((e, int(recv_count[e])))
+            recv_count[e] += 1
+        return recv_x, recv_count, (pairs, send, recv, slots, x.shape[0]), None, None
+
+    def low_latency_combine(self, x, topk_idx, topk_weights, handle, **_):
+        pairs, send, recv, slots, n = handle
+        rows = torch.stack([x[e, s] for e, s in slots]) if slots else x.new_zeros((0, x.shape[-1]))
+        back = self._exchange(rows, recv, send)
+        w = topk_weights[pairs[:, 0], pairs[:, 1]].to(back.dtype)
+        out = x.new_zeros((n, x.shape[-1]))
+        out.index_add_(0, pairs[:, 0], back * w[:, None])
+        return out, None, None
 
     def get_dispatch_layout(self, topk_idx, num_experts, **_):
         per = num_experts // self.n
@@ -82,18 +132,17 @@ def _fake_deep_ep() -> types.ModuleType:
     return types.SimpleNamespace(Buffer=FakeBuffer)
 
 
-def _worker(rank: int, world: int, store: str) -> list[float]:
+def _worker(rank: int, world: int, store: str, backend: str) -> list[float]:
     from omni_runtime.parallel.all2all import gpu_managers, init_expert_parallel
     from omni_runtime.parallel.mesh import Mesh
     from omni_runtime.parallel.moe import MoEFeedForward
     from omni_runtime.parallel.parallel_spec import ParallelSpec
 
     gpu_managers._require = lambda *a, **k: _fake_deep_ep()  # no CUDA, no deep_ep here: the fake stands in
-    mesh = Mesh.build(ParallelSpec(ulysses=2, ep=2, all2all_backend="deepep_high_throughput"), rank,
-                      f"file://{store}", "cpu")
+    mesh = Mesh.build(ParallelSpec(ulysses=2, ep=2, all2all_backend=backend), rank, f"file://{store}", "cpu")
     try:
         group = init_expert_parallel(mesh)
-        assert type(group.device_communicator.all2all_manager).__name__ == "DeepEPHTAll2AllManager"
+        assert group.device_communicator.all2all_manager.backend == backend
         torch.manual_seed(0)
         full = MoEFeedForward(8, 4, 2, 16)
         local = MoEFeedForward(8, 4, 2, 16, ep_group=group, is_sequence_parallel=True)
@@ -109,6 +158,8 @@ def _worker(rank: int, world: int, store: str) -> list[float]:
         mesh.destroy()
 
 
-def test_deepep_high_throughput_wrapper_against_the_documented_contract(tmp_path: Path) -> None:
-    out = run_workers(_worker, 2, args=(str(tmp_path / "store"),), timeout=120)
+@pytest.mark.parametrize("backend", ["deepep_high_throughput", "deepep_low_latency"])
+def test_deepep_wrappers_against_the_documented_contract(tmp_path: Path, backend: str) -> None:
+    """MoEFeedForward over 2 EP ranks equals the unsharded layer; low latency through its expert-major path."""
+    out = run_workers(_worker, 2, args=(str(tmp_path / "store"), backend), timeout=120)
     assert all(e < 1e-5 for r in out for e in r), out

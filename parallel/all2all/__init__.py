@@ -2,8 +2,8 @@
 
 ``all2all_backend`` names (the ``[stages.denoiser.parallel]`` config key) map to managers in
 :data:`ALL2ALL_BACKENDS`. The CPU-capable ones (``naive``, ``agrs``, ``alltoallv``) run on gloo and nccl; the
-one other (``deepep_high_throughput``) wraps DeepEP's GPU kernels and has never run on this project's machines (see
-``gpu_managers``).
+two others (``deepep_high_throughput``, ``deepep_low_latency``) wrap DeepEP's GPU kernels and have never run on this
+project's machines (see ``gpu_managers``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,11 @@ from omni_runtime.parallel.all2all.cpu_managers import (
     AllToAllVManager,
     NaiveAll2AllManager,
 )
-from omni_runtime.parallel.all2all.gpu_managers import All2AllBackendUnavailable, DeepEPHTAll2AllManager
+from omni_runtime.parallel.all2all.gpu_managers import (
+    All2AllBackendUnavailable,
+    DeepEPHTAll2AllManager,
+    DeepEPLLAll2AllManager,
+)
 from omni_runtime.parallel.parallel_spec import ALL2ALL_BACKEND_NAMES, CPU_ALL2ALL_BACKEND_NAMES
 
 if TYPE_CHECKING:
@@ -32,6 +36,7 @@ ALL2ALL_BACKENDS: dict[str, type[All2AllManagerBase]] = {
     "agrs": AgRsAll2AllManager,
     "alltoallv": AllToAllVManager,
     "deepep_high_throughput": DeepEPHTAll2AllManager,
+    "deepep_low_latency": DeepEPLLAll2AllManager,
 }
 CPU_CAPABLE_BACKENDS: tuple[str, ...] = CPU_ALL2ALL_BACKEND_NAMES
 if tuple(ALL2ALL_BACKENDS) != ALL2ALL_BACKEND_NAMES:  # pragma: no cover - a programming error, caught at import
@@ -71,5 +76,5 @@ def init_expert_parallel(mesh: Mesh | None) -> GroupCoordinator | None:
 
 __all__ = [
     "ALL2ALL_BACKENDS", "CPU_CAPABLE_BACKENDS", "AgRsAll2AllManager", "All2AllBackendUnavailable", "All2AllError",
-    "All2AllManagerBase", "AllToAllVManager", "DeepEPHTAll2AllManager", "NaiveAll2AllManager", "attach_all2all_manager", "init_expert_parallel", "local_expert_range",
+    "All2AllManagerBase", "AllToAllVManager", "DeepEPHTAll2AllManager", "DeepEPLLAll2AllManager", "NaiveAll2AllManager", "attach_all2all_manager", "init_expert_parallel", "local_expert_range",
 ]

@@ -66,6 +66,9 @@ class All2AllManagerBase:
 
     #: the name ``all2all_backend`` selects it by
     backend: str = ""
+    #: ``dispatch`` returns ``(recv_x (local experts, rows, hidden), recv_count (local experts,), topk_ids)`` and
+    #: ``combine`` takes the experts' outputs in that layout (DeepEP low-latency) instead of per-token rows
+    expert_major: bool = False
 
     def __init__(self, communicator: DeviceCommunicatorBase, replica_groups: Sequence[Sequence[int]] | None = None,
                  num_experts: int | None = None) -> None:
