@@ -95,6 +95,10 @@ def check_gpu(cfg: RuntimeConfig, gpus: int, nccl: bool | None = None,
     if module is not None and not importable(module):
         raise ConfigError(f"stages.denoiser.parallel.all2all_backend = {backend!r}: needs the {module!r} package, "
                           f"which is not importable here; allowed: 'naive', 'agrs', 'alltoallv'")
+    if module is not None and cfg.model.dtype != "bfloat16":
+        raise ConfigError(f"stages.denoiser.parallel.all2all_backend = {backend!r} with model.dtype = "
+                          f"{cfg.model.dtype!r}: DeepEP's kernels take bfloat16 tokens; allowed: model.dtype = "
+                          f"'bfloat16', or all2all_backend 'naive', 'agrs', 'alltoallv'")
 
 
 def check_machine(cfg: RuntimeConfig, cores: int | None = None, gpus: int | None = None, nccl: bool | None = None,

@@ -132,7 +132,7 @@ def _fake_deep_ep() -> types.ModuleType:
     return types.SimpleNamespace(Buffer=FakeBuffer)
 
 
-def _worker(rank: int, world: int, store: str, backend: str) -> list[float]:
+def _worker(rank: int, world: int, store: str, backend: str) -> list:
     from omni_runtime.parallel.all2all import gpu_managers, init_expert_parallel
     from omni_runtime.parallel.mesh import Mesh
     from omni_runtime.parallel.moe import MoEFeedForward
@@ -144,15 +144,20 @@ def _worker(rank: int, world: int, store: str, backend: str) -> list[float]:
         group = init_expert_parallel(mesh)
         assert group.device_communicator.all2all_manager.backend == backend
         torch.manual_seed(0)
-        full = MoEFeedForward(8, 4, 2, 16)
-        local = MoEFeedForward(8, 4, 2, 16, ep_group=group, is_sequence_parallel=True)
+        full = MoEFeedForward(8, 4, 2, 16).to(torch.bfloat16)  # DeepEP takes bfloat16 tokens
+        local = MoEFeedForward(8, 4, 2, 16, ep_group=group, is_sequence_parallel=True).to(torch.bfloat16)
         local.load_state_dict({k: v for k, v in full.state_dict().items() if k in local.state_dict()})
         group.device_communicator.prepare_communication_buffer_for_model(local)
-        x = torch.randn(2, 10, 8)
+        x = torch.randn(2, 10, 8, dtype=torch.bfloat16)
         errs = []
         with torch.no_grad():
             for mine in (x[:, rank * 5:(rank + 1) * 5], x[:, :3 + 4 * rank]):  # even, then uneven token counts
-                errs.append((local(mine) - full(mine)).abs().max().item())
+                want = full(mine).float()
+                errs.append(((local(mine).float() - want).abs().max() / want.abs().max()).item())
+            try:
+                local(mine.float())
+            except Exception as e:  # noqa: BLE001 - the message is the result
+                errs.append(str(e))
         return errs
     finally:
         mesh.destroy()
@@ -162,4 +167,6 @@ def _worker(rank: int, world: int, store: str, backend: str) -> list[float]:
 def test_deepep_wrappers_against_the_documented_contract(tmp_path: Path, backend: str) -> None:
     """MoEFeedForward over 2 EP ranks equals the unsharded layer; low latency through its expert-major path."""
     out = run_workers(_worker, 2, args=(str(tmp_path / "store"), backend), timeout=120)
-    assert all(e < 1e-5 for r in out for e in r), out
+    for r in out:
+        assert r[0] < 2e-2 and r[1] < 2e-2, out  # bfloat16: the ranks sum the experts in another order
+        assert r[2].startswith(f"{backend}: DeepEP's kernels take bfloat16 tokens, got torch.float32"), r[2]

@@ -189,11 +189,17 @@ def test_what_cuda_needs_is_checked_per_key():
                                           r"torch build lacks .*; allowed: one rank per replica"):
         check_machine(cfg(ulysses=2), cores=16, gpus=2, nccl=False)
     check_machine(cfg(), cores=16, gpus=1, nccl=False)  # one rank per stage needs no NCCL
-    deepep = cfg(dp=2, ep=2, all2all_backend="deepep_high_throughput")
+    deepep = config_from_dict({"model": {"path": "/nowhere/tiny-flux", "device": "cuda", "dtype": "bfloat16"},
+                               "stages": {"denoiser": {"parallel": {"dp": 2, "ep": 2,
+                                                                    "all2all_backend": "deepep_high_throughput"}}}})
     with pytest.raises(ConfigError, match=r"^stages.denoiser.parallel.all2all_backend = 'deepep_high_throughput': "
                                           r"needs the 'deep_ep' package, which is not importable here; allowed: "
                                           r"'naive', 'agrs', 'alltoallv'$"):
         check_machine(deepep, cores=16, gpus=2, nccl=True, importable=lambda m: False)
     assert "2 CUDA device(s)" in check_machine(deepep, cores=16, gpus=2, nccl=True, importable=lambda m: m == "deep_ep")
+    with pytest.raises(ConfigError, match=r"^stages.denoiser.parallel.all2all_backend = 'deepep_low_latency' with "
+                                          r"model.dtype = 'float32': DeepEP's kernels take bfloat16 tokens"):
+        check_machine(cfg(dp=2, ep=2, all2all_backend="deepep_low_latency"), cores=16, gpus=2, nccl=True,
+                      importable=lambda m: True)
     with pytest.raises(ConfigError, match=r"^model.device = 'cuda': this machine has no CUDA device"):
         check_machine(cfg(), cores=16, gpus=0)

@@ -111,6 +111,15 @@ class DeepEPAll2AllManagerBase(All2AllManagerBase):
             self.handle_cache[key] = self.deep_ep.Buffer(**kwargs)
         return self.handle_cache[key]
 
+    def _check_tokens(self, hidden_states: torch.Tensor, extras: list[torch.Tensor]) -> None:
+        """What DeepEP's kernels take, as one clear error instead of a kernel assertion: bfloat16 tokens (its fp8
+        input form is not used here), no extra per-token tensors."""
+        if hidden_states.dtype != torch.bfloat16:
+            raise All2AllError(f"{self.backend}: DeepEP's kernels take bfloat16 tokens, got {hidden_states.dtype}; "
+                               f"set model.dtype = 'bfloat16' or use all2all_backend = 'alltoallv'")
+        if extras:
+            raise All2AllError(f"{self.backend}: extra_tensors are not supported by this wrapper")
+
     def destroy(self) -> None:
         self.handle_cache.clear()
         self._handle = None
@@ -142,8 +151,7 @@ class DeepEPHTAll2AllManager(DeepEPAll2AllManagerBase):
         return self._handle
 
     def _dispatch(self, hidden_states, topk_weights, topk_ids, extras):
-        if extras:
-            raise All2AllError("deepep_high_throughput: extra_tensors are not supported by this wrapper")
+        self._check_tokens(hidden_states, extras)
         buf = self._buffer()
         idx = topk_ids.to(torch.int64)
         per_rank, per_rdma_rank, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, self.num_experts)
@@ -206,8 +214,11 @@ class DeepEPLLAll2AllManager(DeepEPAll2AllManagerBase):
         return self._handle
 
     def _dispatch(self, hidden_states, topk_weights, topk_ids, extras):
-        if extras:
-            raise All2AllError("deepep_low_latency: extra_tensors are not supported by this wrapper")
+        self._check_tokens(hidden_states, extras)
+        if hidden_states.shape[0] > self.max_num_tokens_per_dp_rank:
+            raise All2AllError(f"deepep_low_latency: {hidden_states.shape[0]} tokens on this rank, the buffer holds "
+                               f"{self.max_num_tokens_per_dp_rank} (max_num_tokens_per_dp_rank); use "
+                               f"'deepep_high_throughput' for batches this large")
         buf = self._buffer(hidden_states.shape[1])
         idx = topk_ids.to(torch.int64)
         recv_x, recv_count, handle, _, _ = buf.low_latency_dispatch(
