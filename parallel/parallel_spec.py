@@ -126,7 +126,7 @@ class ParallelSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ParallelSpecError(f"{name} must be a positive integer, got {value!r}")
         if self.all2all_backend not in ALL2ALL_BACKEND_NAMES:
-            raise ParallelSpecError(f"all2all_backend {self.all2all_backend!r}: not known; allowed: "
+            raise ParallelSpecError(f"all2all_backend {self.all2all_backend!r} is not known; allowed: "
                                     f"{', '.join(ALL2ALL_BACKEND_NAMES)}")
         if self.tp != 1:
             raise ParallelSpecError(f"tp = {self.tp}: tensor parallelism is reserved; tp must be 1")

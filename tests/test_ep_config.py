@@ -68,7 +68,7 @@ def test_gpu_backend_is_accepted_for_cuda_configs(tmp_path: Path) -> None:
 
 
 def test_spec_rejects_an_unknown_backend() -> None:
-    with pytest.raises(ParallelSpecError, match="all2all_backend 'nccl': not known; allowed: naive, agrs"):
+    with pytest.raises(ParallelSpecError, match="all2all_backend 'nccl' is not known; allowed: naive, agrs"):
         ParallelSpec(dp=2, ep=2, all2all_backend="nccl")
 
 
@@ -105,7 +105,7 @@ def test_backends_without_a_manager_are_refused_by_every_spec(backend: str, tmp_
     """No stubs: the FlashInfer and NIXL EP managers of the reference are not in this build (even on CUDA)."""
     from omni_runtime.parallel.parallel_spec import ParallelSpec, ParallelSpecError
 
-    with pytest.raises(ParallelSpecError, match=rf"all2all_backend '{backend}': not known; allowed: naive, agrs, "
+    with pytest.raises(ParallelSpecError, match=rf"all2all_backend '{backend}' is not known; allowed: naive, agrs, "
                                                 rf"alltoallv, deepep_high_throughput, deepep_low_latency$"):
         ParallelSpec(ep=2, dp=2, all2all_backend=backend)
     with pytest.raises(ConfigError, match=rf"all2all_backend = '{backend}': allowed values are 'naive', 'agrs', "

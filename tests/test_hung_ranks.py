@@ -335,9 +335,9 @@ def test_stall_timeout_default_zero_and_bad_values(tmp_path):
 
 
 def test_gpu_only_all2all_backend_on_cpu_is_refused_with_ep_1(tmp_path):
-    with pytest.raises(ConfigError, match=r"stages\.denoiser\.parallel\.all2all_backend = 'deepep_high_throughput': "
+    with pytest.raises(ConfigError, match=r"stages\.denoiser\.parallel\.all2all_backend = 'deepep_low_latency': "
                                           r"needs CUDA GPUs .* allowed on CPU: 'naive', 'agrs', 'alltoallv'"):
-        load_config(_config(tmp_path, denoiser_parallel='all2all_backend = "deepep_high_throughput"'))
+        load_config(_config(tmp_path, denoiser_parallel='all2all_backend = "deepep_low_latency"'))
 
 
 def test_bad_instance_env_is_a_preflight_error(tmp_path, monkeypatch, capsys):
