@@ -635,10 +635,10 @@ class MessageQueue:
         """Collective over a CPU (gloo) ``torch.distributed`` group: build the queue and attach every rank.
 
         ``group=None`` means the default (world) group. The set-up sends CPU tensors over ``group``: a group whose
-        backend takes no CPU tensor (NCCL alone) is refused at once with a ``ValueError`` naming its backend. ``writer_rank`` is a rank *in the group*;
-        readers use their group rank. Ranks on the writer's
-        node (:func:`comm.node.node_id`: hostname, boot id, /dev/shm mount) become local readers, the others remote. The handle travels as
-        msgspec bytes in a tensor broadcast (no pickle). Returns a ready queue on every rank.
+        backend takes no CPU tensor (NCCL alone) is refused at once with a ``ValueError`` naming its backend.
+        ``writer_rank`` is a rank *in the group*; readers use their group rank. Ranks on the writer's node
+        (:func:`comm.node.node_id`: hostname, boot id, /dev/shm mount) become local readers, the others remote. The
+        handle travels as msgspec bytes in a tensor broadcast (no pickle). Returns a ready queue on every rank.
         """
         import hashlib
 

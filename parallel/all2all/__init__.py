@@ -76,5 +76,6 @@ def init_expert_parallel(mesh: Mesh | None) -> GroupCoordinator | None:
 
 __all__ = [
     "ALL2ALL_BACKENDS", "CPU_CAPABLE_BACKENDS", "AgRsAll2AllManager", "All2AllBackendUnavailable", "All2AllError",
-    "All2AllManagerBase", "AllToAllVManager", "DeepEPHTAll2AllManager", "DeepEPLLAll2AllManager", "NaiveAll2AllManager", "attach_all2all_manager", "init_expert_parallel", "local_expert_range",
+    "All2AllManagerBase", "AllToAllVManager", "DeepEPHTAll2AllManager", "DeepEPLLAll2AllManager",
+    "NaiveAll2AllManager", "attach_all2all_manager", "init_expert_parallel", "local_expert_range",
 ]
