@@ -13,7 +13,8 @@ nothing is one unit (the whole model all-gathered at once) and a warning says so
 Nothing here reads process-global state: the mesh is an argument. :func:`hsdp_config_from_mesh` is the one
 place a stage's :class:`~parallel.mesh.Mesh` becomes an :class:`HSDPInferenceConfig` (its ``hsdp_replicate`` /
 ``hsdp_shard`` groups whose backend takes the weights' device, ``GroupCoordinator.group_for``, turned into a
-DeviceMesh by :func:`hsdp_device_mesh_from_groups`, no new process groups); :func:`build_hsdp_device_mesh` lays one out over the default world (tests, benchmarks).
+DeviceMesh by :func:`hsdp_device_mesh_from_groups`, no new process groups); :func:`build_hsdp_device_mesh` lays one
+out over the default world (tests, benchmarks).
 """
 
 from __future__ import annotations
@@ -149,7 +150,8 @@ def hsdp_config_from_mesh(mesh: Mesh, **options: object) -> HSDPInferenceConfig 
     and a DeviceMesh over the mesh's ``hsdp_replicate`` / ``hsdp_shard`` groups whose backend takes the mesh's
     device (nccl for CUDA weights, gloo for CPU ones: ``GroupCoordinator.group_for``). None when the spec does not
     shard the weights (``hsdp_shard == 1``). ``options`` are further :class:`HSDPInferenceConfig` fields
-    (``param_dtype``, ``forward_prefetch``, ...). Not collective: the groups exist already (``Mesh.build`` made them)."""
+    (``param_dtype``, ``forward_prefetch``, ...). Not collective: the groups exist already (``Mesh.build`` made
+    them)."""
     shard, replicate = mesh.spec.hsdp_shard, mesh.spec.hsdp_replicate
     if shard <= 1:
         return None

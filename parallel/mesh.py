@@ -12,7 +12,8 @@ backend follows the device (nccl for CUDA, gloo for CPU; ``device_backend=`` nam
 The default (world) group that ``Mesh.build`` initializes takes both: ``"cpu:gloo,cuda:nccl"`` on CUDA, so a CPU
 tensor on it (metadata, a barrier) goes over gloo and never reaches NCCL, which refuses CPU tensors. Kinds whose
 groups are all of one rank need no process group at all, and kinds with the same partition of the ranks (``sp``
-and ``ulysses`` when ``ring`` is 1) share one coordinator. ``Mesh.single()`` is the mesh of one process without torch.distributed.
+and ``ulysses`` when ``ring`` is 1) share one coordinator. ``Mesh.single()`` is the mesh of one process without
+torch.distributed.
 
 The last mesh built (or the one given to :func:`set_current_mesh`) is the *current* mesh, which the seed-compatible
 getters of :mod:`parallel.state` answer from; model code receives its mesh explicitly instead.
