@@ -35,7 +35,8 @@ from omni_runtime.parallel.hsdp import HSDPInferenceConfig
 from omni_runtime.parallel.mesh import Mesh
 from omni_runtime.parallel.strategies import SequenceParallel
 from omni_runtime.parallel.strategies.row_forward import RowForward, row_forward_for
-from omni_runtime.stages.block_cache import UNSUPPORTED_LAYOUT, CacheConfig, CachePlan
+from omni_runtime.stages.block_cache import UNSUPPORTED_LAYOUT, CachePlan
+from omni_runtime.stages.cache_config import CacheConfig
 from omni_runtime.stages.cpu_linear import CPU_LINEAR, use_onednn
 from omni_runtime.stages.device import resolve_device, resolve_dtype
 from omni_runtime.stages.errors import RequestError

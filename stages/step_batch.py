@@ -34,7 +34,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from omni_runtime.stages.block_cache import BlockCache, CacheStats, row_key
+from omni_runtime.stages.block_cache import BlockCache, row_key
+from omni_runtime.stages.cache_config import CacheStats
 from omni_runtime.stages.guidance import Guidance, mixed_apply, mixed_rows
 from omni_runtime.stages.latents import image_seq_len, initial_noise
 from omni_runtime.stages.lora import ROW_ARG, SHARED_ARG, LoraAdapter
