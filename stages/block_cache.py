@@ -38,7 +38,7 @@ computes every row on every rank alike. Pipeline parallelism (layer or PipeFusio
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,9 +66,12 @@ def row_key(request: int, branch: int) -> int:
 @dataclass(frozen=True)
 class CachePlan:
     """A family's declaration: the model's block lists, in the order they run (each block ``(img, txt, *extra)
-    -> (img, txt)``)."""
+    -> (img, txt)``), and, where its authors published them, TeaCache's rescaling polynomial (coefficients, highest
+    power first, as ``numpy.poly1d``) of the relative L1 change of the first block's timestep-modulated input
+    (the model passes that input to :func:`run_blocks`)."""
 
     blocks: tuple[str, ...]
+    teacache: tuple[float, ...] = ()
 
     def block_list(self, model: nn.Module) -> list[nn.Module]:
         return [b for name in self.blocks for b in getattr(model, name)]
@@ -85,7 +88,9 @@ class _Row:
     cached_blocks: int = 0
     blocks: int = 0
     owner: int = 0          # cfg rank that holds the tensors
-    tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # head_res, mid_img, mid_txt
+    total: int = 0          # the request's steps (TeaCache computes the last)
+    # head_res, mid_img, mid_txt; TeaCache: mod_in (the previous modulated input), acc (the accumulated distance)
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     last_skip: int = 0      # blocks this rank skipped for the row in the current step (-1: computed here)
 
 
@@ -98,8 +103,8 @@ class BlockCache:
         self.cfg_group = cfg_group if cfg_group is not None and cfg_group.world_size > 1 else None
         self.rows: dict[int, _Row] = {}
 
-    def admit(self, key: int, config: CacheConfig) -> None:
-        self.rows[key] = _Row(config)
+    def admit(self, key: int, config: CacheConfig, steps: int = 0) -> None:
+        self.rows[key] = _Row(config, total=steps)
 
     def forget(self, keys: Sequence[int]) -> None:
         for k in keys:
@@ -162,21 +167,48 @@ class BlockCache:
 
     # --- inside the forward --------------------------------------------------------------------------------
 
-    def _should_compute(self, rows: list[_Row], res: torch.Tensor, mask: torch.Tensor | None) -> list[bool]:
-        """The decision of each of ``rows`` from its head residual ``res`` (rows, tokens, dim) (this rank's tokens;
-        ``mask`` (rows, tokens) its real ones): diffusers' ``mean|r - prev| / mean|prev| > threshold``, the sums
-        all-reduced over the sp group."""
-        sums = torch.zeros(len(rows), 2, dtype=torch.float64, device=res.device)
+    def _rel_l1(self, rows: list[_Row], x: torch.Tensor, mask: torch.Tensor | None, name: str) -> torch.Tensor:
+        """(rows, 2) float64: ``sum|x - prev|`` and ``sum|prev|`` of each row against its tensor ``name`` (zeros
+        where it has none), over this rank's real tokens, all-reduced over the sp group."""
+        sums = torch.zeros(len(rows), 2, dtype=torch.float64, device=x.device)
         for j, row in enumerate(rows):
-            prev = row.tensors.get("head_res")
+            prev = row.tensors.get(name)
             if prev is None:
                 continue
-            d, p = (res[j] - prev[0]).abs(), prev[0].abs()
+            d, p = (x[j] - prev[0]).abs(), prev[0].abs()
             if mask is not None:
                 d, p = d[mask[j]], p[mask[j]]
             sums[j, 0], sums[j, 1] = d.sum(dtype=torch.float64), p.sum(dtype=torch.float64)
         if self.sp_group is not None:
             sums = self.sp_group.all_reduce(sums)
+        return sums
+
+    def _teacache(self, rows: list[_Row], mod: torch.Tensor, mask: torch.Tensor | None,
+                  coefficients: Sequence[float]) -> list[bool]:
+        """TeaCache's decision (TeaCache4FLUX): the first and last steps compute; else the rescaled relative L1
+        change of the modulated input ``mod`` is accumulated, and the row computes (and resets it) once it reaches
+        the threshold. The previous modulated input is updated every step."""
+        sums = self._rel_l1(rows, mod, mask, "mod_in")
+        out = []
+        for j, row in enumerate(rows):
+            t = row.tensors
+            acc = float(t["acc"]) if "acc" in t else 0.0
+            if row.steps == 0 or row.steps >= row.total - 1 or "mid_img" not in t:
+                compute, acc = True, 0.0
+            else:
+                rel = (sums[j, 0] / sums[j, 1]).item()
+                acc += sum(c * rel ** (len(coefficients) - 1 - i) for i, c in enumerate(coefficients))
+                compute = not acc < row.config.threshold  # NaN computes
+                acc = 0.0 if compute else acc
+            t["acc"], t["mod_in"] = torch.tensor(acc, dtype=torch.float64), mod[j:j + 1].clone()
+            out.append(compute)
+        return out
+
+    def _should_compute(self, rows: list[_Row], res: torch.Tensor, mask: torch.Tensor | None) -> list[bool]:
+        """The decision of each of ``rows`` from its head residual ``res`` (rows, tokens, dim) (this rank's tokens;
+        ``mask`` (rows, tokens) its real ones): diffusers' ``mean|r - prev| / mean|prev| > threshold``, the sums
+        all-reduced over the sp group."""
+        sums = self._rel_l1(rows, res, mask, "head_res")
         out = []
         for j, row in enumerate(rows):
             c = row.config
@@ -215,12 +247,14 @@ def _run(blocks: Sequence[nn.Module], img: torch.Tensor, txt: torch.Tensor, extr
 
 def run_blocks(blocks: Sequence[nn.Module], img: torch.Tensor, txt: torch.Tensor, extra: tuple,
                per_row: tuple[bool, ...], cache: BlockCache | None = None, cache_rows: torch.Tensor | None = None,
-               token_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               token_mask: torch.Tensor | None = None, plan: CachePlan | None = None,
+               modulated: Callable[[], torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Run ``blocks`` (each ``block(img, txt, *extra) -> (img, txt)``; ``per_row[i]``: ``extra[i]`` has one entry
     per row, a tuple of tensors each) over rows ``img`` (rows, tokens, dim) / ``txt``, skipping what each row's
     cache (``cache_rows``: the rows' keys in ``cache``) says. ``token_mask`` (rows, tokens): each row's real image
     tokens (mixed sizes), the residual's L1 is taken over them. Without a cache: every block (blocks another
-    pipeline stage holds are left out)."""
+    pipeline stage holds are left out). TeaCache rows: ``plan`` (the family's declaration) and ``modulated``
+    (gives every row's modulated input of the first block)."""
     if cache is None or cache_rows is None:
         for block in blocks:
             if not is_missing(block):
@@ -230,14 +264,30 @@ def run_blocks(blocks: Sequence[nn.Module], img: torch.Tensor, txt: torch.Tensor
     keys = cache_rows.tolist()
     rows = [cache.rows.get(k) for k in keys]
     plain = [r is None or not r.config.enabled or r.config.fn + r.config.bn >= n for r in rows]
-    fn = [0 if p else r.config.fn for r, p in zip(rows, plain, strict=True)]
-    tail = [n if p else n - r.config.bn for r, p in zip(rows, plain, strict=True)]
+    tea = [not p and r.config.method == "teacache" for r, p in zip(rows, plain, strict=True)]
+    if any(tea) and (modulated is None or plan is None or not plan.teacache):
+        raise ValueError("a TeaCache row, but the model passed no modulated input or declares no coefficients")
+    fn = [0 if p or t else r.config.fn for r, p, t in zip(rows, plain, tea, strict=True)]
+    tail = [n if p or t else n - r.config.bn for r, p, t in zip(rows, plain, tea, strict=True)]
     bounds = sorted({0, n, *fn, *tail})
     skipping: set[int] = set()
     head_in = img
     head_out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     for a, b in zip(bounds, bounds[1:] + [n], strict=True):
         deciding = [j for j in range(len(rows)) if not plain[j] and fn[j] == a]
+        if a == 0 and any(tea):  # TeaCache: before the first block, from its modulated input
+            deciding = [j for j in deciding if not tea[j]]
+            teas = [j for j in range(len(rows)) if tea[j]]
+            sel = torch.tensor(teas, device=img.device)
+            mask = token_mask[teas] if token_mask is not None else None
+            compute = cache._teacache([rows[j] for j in teas], modulated().index_select(0, sel), mask, plan.teacache)
+            for j, c in zip(teas, compute, strict=True):
+                if c:
+                    head_out[j] = (img[j:j + 1].clone(), txt[j:j + 1].clone())
+                    rows[j].last_skip = -1
+                else:
+                    skipping.add(j)
+                    rows[j].last_skip = n
         if deciding:
             res = img.index_select(0, torch.tensor(deciding, device=img.device)) - \
                 head_in.index_select(0, torch.tensor(deciding, device=img.device))

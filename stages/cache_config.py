@@ -12,8 +12,9 @@ from typing import Any
 __all__ = ["CACHE_FIELDS", "METHODS", "CacheConfig", "CacheStats", "allowed_text", "parse_cache"]
 
 #: the methods; "none" switches a configured default off for one request
-METHODS = ("first_block", "dbcache", "none")
+METHODS = ("first_block", "dbcache", "teacache", "none")
 MAX_THRESHOLD = 1.0
+MAX_TEACACHE_THRESHOLD = 2.0  # TeaCache's accumulated rescaled distance (its authors use 0.25 to 0.8 on FLUX.1)
 MAX_BLOCKS = 1000
 MAX_STEPS = 1000
 #: the keys of a cache object, by method, with (minimum, maximum) or None for method
@@ -21,6 +22,7 @@ CACHE_FIELDS: dict[str, dict[str, tuple[float, float] | None]] = {
     "first_block": {"method": None, "threshold": (0.0, MAX_THRESHOLD)},
     "dbcache": {"method": None, "threshold": (0.0, MAX_THRESHOLD), "fn": (1, MAX_BLOCKS), "bn": (0, MAX_BLOCKS),
                 "warmup_steps": (0, MAX_STEPS), "max_cached_steps": (0, MAX_STEPS)},
+    "teacache": {"method": None, "threshold": (0.0, MAX_TEACACHE_THRESHOLD)},
     "none": {"method": None},
 }
 

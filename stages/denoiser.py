@@ -251,6 +251,13 @@ class DenoiserStage:
         if not n:
             raise RequestError(f"cache.method={cache.method!r}: the {self.family.name} family declares no cache "
                                f"plan; allowed: method 'none'")
+        if cache.method == "teacache" and self.mesh.spec.hsdp_shard > 1:
+            raise RequestError("cache.method='teacache' is not supported with HSDP (hsdp_shard > 1: the first "
+                               "block's modulation weights are sharded outside its forward); allowed: first_block, "
+                               "dbcache, none")
+        if cache.method == "teacache" and not self.model._cache_plan.teacache:
+            raise RequestError(f"cache.method='teacache': the {self.family.name} family has no published TeaCache "
+                               f"coefficients; allowed: first_block, dbcache, none")
         if cache.fn + cache.bn >= n:
             raise RequestError(f"cache.fn + cache.bn = {cache.fn} + {cache.bn} = {cache.fn + cache.bn}: must be "
                                f"less than the model's {n} blocks (something has to be cached)")

@@ -138,7 +138,7 @@ class RunningSet:
             img_ids=st.family.image_ids(h, w, st.vae_scale_factor, dev, dt), key=self.join_key(req))
         if req.cache is not None and req.cache.enabled:
             for b in range(len(branches)):
-                self.cache.admit(row_key(rid, b), req.cache)
+                self.cache.admit(row_key(rid, b), req.cache, req.num_inference_steps)
 
     def _cache_keys(self, r: Running) -> list[int]:
         return [row_key(r.id, b) for b in range(r.rows)]

@@ -131,7 +131,7 @@ def test_dbcache_warmup_and_cap(stages):
     _, stats, dec = _run(stages, {0: [(1, _request(stages, CacheConfig("dbcache", 1.0, max_cached_steps=1)))]},
                          record=1)
     flags = [d[0] for d in dec]
-    assert stats[1].cached_steps > 0 and not any(x and y for x, y in zip(flags, flags[1:]))
+    assert stats[1].cached_steps > 0 and not any(x and y for x, y in zip(flags, flags[1:], strict=False))
     with pytest.raises(RequestError, match=r"cache.fn \+ cache.bn = 1 \+ 1 = 2: must be less than the model's 2"):
         RunningSet(stages.denoiser).admit(1, _request(stages, CacheConfig("dbcache", 0.1, bn=1)))
 
@@ -147,8 +147,9 @@ def test_cache_state_leaves_with_the_request(stages):
 
 @pytest.mark.parametrize(("raw", "message"), [
     ("x", "cache: must be an object"),
-    ({}, "cache.method=None: allowed values are first_block, dbcache, none"),
-    ({"method": "teacache"}, "cache.method='teacache': allowed values"),
+    ({}, "cache.method=None: allowed values are first_block, dbcache, teacache, none"),
+    ({"method": "tea"}, "cache.method='tea': allowed values are first_block, dbcache, teacache, none"),
+    ({"method": "teacache", "threshold": 2.5}, "cache.threshold=2.5: must be a number from 0 to 2"),
     ({"method": "first_block", "threshold": -0.1}, r"cache.threshold=-0.1: must be a number from 0 to 1"),
     ({"method": "first_block", "threshold": float("nan")}, "cache.threshold=nan: must be a number from 0 to 1"),
     ({"method": "first_block", "threshold": True}, "cache.threshold=True"),
@@ -193,3 +194,72 @@ def test_cache_field_cli_and_config():
     with pytest.raises(ConfigError, match="not supported under pipeline parallelism"):
         config_from_dict({**base, "stages": {"denoiser": {"cache": {"method": "first_block"},
                                                           "parallel": {"pp": 2}}}})
+
+
+class _TeaCacheReference(torch.nn.Module):
+    """TeaCache4FLUX's rule written over diffusers' FluxTransformer2DModel blocks (the reference: no code of ours):
+    the first block decides from ``norm1``'s modulated input; a skipped step adds the residual (image and text) of
+    the whole block stack kept from the last computed step."""
+
+    def __init__(self, block: torch.nn.Module, state: dict, role: str, coefficients, threshold: float,
+                 steps: int) -> None:
+        super().__init__()
+        self.block, self.state, self.role = block, state, role
+        self.coefficients, self.threshold, self.steps = coefficients, threshold, steps
+
+    def forward(self, hidden_states, encoder_hidden_states, temb, **kw):
+        st = self.state
+        if self.role in ("head", "both"):
+            mod = self.block.norm1(hidden_states, emb=temb)[0]
+            cnt = st.setdefault("cnt", 0)
+            if cnt == 0 or cnt == self.steps - 1:
+                compute, st["acc"] = True, 0.0
+            else:
+                rel = ((mod - st["mod"]).abs().mean() / st["mod"].abs().mean()).item()
+                st["acc"] += float(np.poly1d(self.coefficients)(rel))
+                compute = st["acc"] >= self.threshold
+                st["acc"] = 0.0 if compute else st["acc"]
+            st["mod"], st["cnt"], st["skip"] = mod, cnt + 1, not compute
+            st["decisions"].append(not compute)
+            if compute:
+                st["in"] = (hidden_states, encoder_hidden_states)
+            else:
+                return encoder_hidden_states + st["res"][1], hidden_states + st["res"][0]
+        if st["skip"]:
+            return encoder_hidden_states, hidden_states
+        txt, img = self.block(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states, temb=temb,
+                              **kw)
+        if self.role in ("tail", "both"):
+            st["res"] = (img - st["in"][0], txt - st["in"][1])
+        return txt, img
+
+
+def test_teacache_equals_its_reference_on_flux(stages, tiny_dir):
+    from diffusers import FluxPipeline
+
+    from omni_runtime.stages.models.flux.transformer import FluxTransformer
+
+    threshold, coefficients = 0.5, FluxTransformer._cache_plan.teacache
+    pipe = FluxPipeline.from_pretrained(tiny_dir, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    tr = pipe.transformer
+    blocks = [*tr.transformer_blocks, *tr.single_transformer_blocks]
+    state: dict = {"decisions": []}
+    roles = ["head"] + ["mid"] * (len(blocks) - 2) + ["tail"]
+    wrapped = [_TeaCacheReference(b, state, r, coefficients, threshold, STEPS) for b, r in zip(blocks, roles, strict=True)]
+    tr.transformer_blocks = torch.nn.ModuleList(wrapped[:len(tr.transformer_blocks)])
+    tr.single_transformer_blocks = torch.nn.ModuleList(wrapped[len(tr.transformer_blocks):])
+    ref = pipe(PROMPT, height=SIZE, width=SIZE, num_inference_steps=STEPS, output_type="latent",
+               generator=torch.Generator("cpu").manual_seed(SEED)).images[0]
+    out, stats, decisions = _run(stages, {0: [(1, _request(stages, CacheConfig("teacache", threshold)))]}, record=1)
+    assert [d[0] for d in decisions] == state["decisions"][:STEPS - 1] and not state["decisions"][-1]
+    assert 2 <= stats[1].cached_steps == sum(state["decisions"]) < STEPS - 2
+    assert (out[1] - ref).abs().max() <= LATENT_RTOL * ref.abs().max()
+
+
+def test_teacache_is_refused_where_no_coefficients_are_published(qwen_tiny_dir):
+    from omni_runtime.stages import DenoiserStage
+
+    den = DenoiserStage.from_pretrained(qwen_tiny_dir, "float32", "cpu")
+    with pytest.raises(RequestError, match="the qwen_image family has no published TeaCache coefficients"):
+        den._check_cache(CacheConfig("teacache", 0.3))

@@ -297,7 +297,10 @@ class FluxTransformer(nn.Module):
                             head=("norm_out", "proj_out"))
     # Cache acceleration (``stages.block_cache``): the double- then the single-stream blocks, as diffusers'
     # apply_first_block_cache lists them (its first block is the first double-stream block)
-    _cache_plan = CachePlan(blocks=("transformer_blocks", "single_transformer_blocks"))
+    # (TeaCache: the TeaCache authors' published rescaling polynomial for FLUX.1, TeaCache4FLUX)
+    _cache_plan = CachePlan(blocks=("transformer_blocks", "single_transformer_blocks"),
+                            teacache=(4.98651651e+02, -2.83781631e+02, 5.58554382e+01, -3.82021401e+00,
+                                      2.64230861e-01))
 
     def __init__(self, config: FluxConfig, ep_group: Any = None):
         """``ep_group``: the expert-parallel ``GroupCoordinator`` of an MoE model (``None``: all experts here)."""
@@ -376,7 +379,8 @@ class FluxTransformer(nn.Module):
 
         img, txt = run_blocks(self._cache_plan.block_list(self), img, txt,
                               (temb, img_rot, txt_rot, key_padding_mask), (True, img_ids.ndim == 3, False, True),
-                              block_cache, cache_rows, key_padding_mask)
+                              block_cache, cache_rows, key_padding_mask, self._cache_plan,
+                              lambda: self.transformer_blocks[0].norm1(img, temb)[0])
         if is_missing(self.proj_out):
             return {"img": img, "txt": txt, "temb": temb}
         return self.proj_out(self.norm_out(img, temb))
