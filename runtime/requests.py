@@ -372,17 +372,20 @@ def parse_request(raw: Any, *, allow_unknown: bool = True, caps: WorkCaps | None
 # --- the OpenAPI schema, generated from the table -------------------------------------------------------------
 
 
-def cache_schema() -> dict[str, Any]:
-    """The properties of the ``cache`` object (every method's keys; which ones a method takes is checked)."""
-    from omni_runtime.stages.cache_config import CACHE_FIELDS, METHODS
+def cache_schema(description: str) -> dict[str, Any]:
+    """The schema of the ``cache`` field: one object per method with exactly its keys and bounds, or null."""
+    from omni_runtime.stages.cache_config import CACHE_FIELDS
 
-    props: dict[str, Any] = {"method": {"type": "string", "enum": list(METHODS)}}
-    for keys in CACHE_FIELDS.values():
+    variants: list[dict[str, Any]] = []
+    for method, keys in CACHE_FIELDS.items():
+        props: dict[str, Any] = {"method": {"type": "string", "enum": [method]}}
         for k, b in keys.items():
             if b is not None:
                 props[k] = {"type": "integer" if isinstance(b[0], int) else "number", "minimum": b[0],
                             "maximum": b[1]}
-    return props
+        variants.append({"type": "object", "required": ["method"], "additionalProperties": False,
+                         "properties": props})
+    return {"description": description, "oneOf": [*variants, {"type": "null"}]}
 
 
 def openapi_request_schema() -> dict[str, Any]:
@@ -397,9 +400,8 @@ def openapi_request_schema() -> dict[str, Any]:
                 "scale": {"type": "number", "minimum": -MAX_LORA_SCALE, "maximum": MAX_LORA_SCALE,
                           "default": 1.0}}}
         elif f.kind == "cache":
-            s["type"] = "object"
-            s["required"] = ["method"]
-            s["properties"] = cache_schema()
+            props[f.name] = cache_schema(f.description)
+            continue
         elif f.kind in ("string", "ignored", "size", "enum"):
             s["type"] = "string"
         else:
