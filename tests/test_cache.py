@@ -263,3 +263,25 @@ def test_teacache_is_refused_where_no_coefficients_are_published(qwen_tiny_dir):
     den = DenoiserStage.from_pretrained(qwen_tiny_dir, "float32", "cpu")
     with pytest.raises(RequestError, match="the qwen_image family has no published TeaCache coefficients"):
         den._check_cache(CacheConfig("teacache", 0.3))
+
+
+def test_mixed_sizes_rows_decide_on_their_real_tokens(stages, tiny_dir):
+    """With mixed sizes a shorter row is padded; its residual's L1 is taken over its real tokens only, so two cached
+    requests of different sizes in one padded forward each equal their solo run, decisions included."""
+    from omni_runtime.stages import DenoiserStage
+
+    mixed = DenoiserStage.from_pretrained(tiny_dir, "float32", "cpu", mixed_sizes=True)
+    fb = CacheConfig("first_block", THRESHOLD)
+    small = replace(_request(stages, fb), height=48, width=64)
+    big = _request(stages, fb, seed=4)
+    rs = RunningSet(mixed)
+    rs.admit(1, small)
+    rs.admit(2, big)
+    out, stats = {}, {}
+    while rs:
+        for rid, lat in rs.step().items():
+            out[rid], stats[rid] = lat, rs.cache_stats(rid)
+    for rid, req in ((1, small), (2, big)):
+        solo, solo_stats, _ = _run(stages, {0: [(rid, req)]})
+        assert (out[rid] - solo[rid]).abs().max() <= LATENT_RTOL * solo[rid].abs().max(), rid
+        assert stats[rid] == solo_stats[rid] and stats[rid].cached_steps > 0, rid
