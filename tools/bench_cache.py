@@ -11,12 +11,14 @@ The presets are random tiny weights, not trained ones: how much a trained model'
 between steps (and so what a threshold skips and what it costs in quality) differs; re-measure on real weights.
 
 Usage: ``python tools/bench_cache.py [--rounds 2] [--steps 28] [--size 64] [--families small-flux,...]``;
-``--markdown`` prints the table for docs/BENCHMARKS.md.
+``--markdown`` prints the table for docs/BENCHMARKS.md; ``--settings '[{"method": "first_block", "threshold": 0.3}]'``
+measures those instead of :data:`SETTINGS`.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
 import time
@@ -28,13 +30,13 @@ import torch.nn.functional as F
 
 from omni_runtime.runtime.model_store import ensure_model
 from omni_runtime.runtime.requests import GenerationRequest
-from omni_runtime.stages.cache_config import CacheConfig
+from omni_runtime.stages.cache_config import CacheConfig, parse_cache
 from omni_runtime.stages.engine import StageItem, load_engine
 
 ROOT = Path(__file__).resolve().parent.parent
 SETTINGS: list[CacheConfig] = [
-    *(CacheConfig("first_block", t) for t in (0.05, 0.1, 0.2)),
-    CacheConfig("dbcache", 0.2, fn=1, bn=1, warmup_steps=4, max_cached_steps=3),
+    *(CacheConfig("first_block", t) for t in (0.05, 0.1, 0.2, 0.3, 0.5)),
+    *(CacheConfig("dbcache", t, fn=1, bn=1, warmup_steps=4, max_cached_steps=3) for t in (0.2, 0.5)),
     *(CacheConfig("teacache", t) for t in (0.3, 0.6)),  # Flux only (no coefficients for Qwen-Image)
 ]
 
@@ -67,13 +69,14 @@ def label(c: CacheConfig | None) -> str:
     return f"dbcache {c.threshold:g} F{c.fn}B{c.bn} w{c.warmup_steps} cap{c.max_cached_steps}"
 
 
-def bench_family(name: str, rounds: int, steps: int, size: int) -> list[dict]:
+def bench_family(name: str, rounds: int, steps: int, size: int, only: list[CacheConfig] | None = None
+                 ) -> list[dict]:
     path = ensure_model(str(ROOT / "models" / name))
     te, den, vae = (load_engine(s, path, "float32", "cpu") for s in ("text_encoder", "denoiser", "vae"))
     params = GenerationRequest(prompt="a lighthouse on a cliff at dusk", width=size, height=size,
                                num_inference_steps=steps, seed=0)
     embeds = te.step([StageItem(params, 0)])[0]
-    settings: list[CacheConfig | None] = [None, *(c for c in SETTINGS if c.method != "teacache"
+    settings: list[CacheConfig | None] = [None, *(c for c in (only or SETTINGS) if c.method != "teacache"
                                                   or den.stage.model._cache_plan.teacache)]
     times: dict[str, list[float]] = {label(c): [] for c in settings}
     images: dict[str, np.ndarray] = {}
@@ -110,9 +113,12 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--families", default="small-flux,small-qwen-image")
     ap.add_argument("--markdown", action="store_true")
+    ap.add_argument("--settings", default="", help="a JSON list of cache objects instead of SETTINGS")
     args = ap.parse_args()
     torch.manual_seed(0)
-    rows = [r for fam in args.families.split(",") for r in bench_family(fam, args.rounds, args.steps, args.size)]
+    only = [parse_cache(c) for c in json.loads(args.settings)] if args.settings else None
+    rows = [r for fam in args.families.split(",")
+            for r in bench_family(fam, args.rounds, args.steps, args.size, only)]
     if args.markdown:
         print("| model | setting | denoise s | speed-up | row-steps skipped | PSNR dB | SSIM |")
         print("|---|---|---|---|---|---|---|")
