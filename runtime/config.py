@@ -23,6 +23,7 @@ from omni_runtime.parallel.parallel_spec import (
     ParallelSpec,
     ParallelSpecError,
 )
+from omni_runtime.stages.cache_config import CACHE_FIELDS, CacheConfig, allowed_text, parse_cache
 from omni_runtime.stages.cpu_linear import CPU_LINEAR
 
 if sys.version_info >= (3, 11):
@@ -119,6 +120,32 @@ class TextEncoderStageConfig(StageConfig, kw_only=True):
 SCHEDULING = ("step", "request")  # [stages.denoiser] scheduling
 
 
+class DenoiserCacheConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """``[stages.denoiser.cache]``: the cache acceleration of requests that name none (``stages.block_cache``);
+    ``method = "none"`` (the default): off."""
+
+    method: str = "none"
+    threshold: float = 0.05
+    fn: int = 1
+    bn: int = 0
+    warmup_steps: int = 0
+    max_cached_steps: int = 0
+
+    def given(self) -> dict[str, Any]:
+        """The keys that differ from their defaults, and the method."""
+        default = DenoiserCacheConfig()
+        return {"method": self.method, **{k: getattr(self, k) for k in self.__struct_fields__
+                                          if k != "method" and getattr(self, k) != getattr(default, k)}}
+
+    def request_default(self) -> CacheConfig | None:
+        """What a request without a ``cache`` field gets (None: off)."""
+        if self.method == "none":
+            return None
+        keys = CACHE_FIELDS.get(self.method, {})
+        return parse_cache({k: v for k, v in {**self.given(), "threshold": self.threshold}.items() if k in keys},
+                           "stages.denoiser.cache")
+
+
 class DenoiserStageConfig(StageConfig, kw_only=True):
     parallel: ParallelSpec = msgspec.field(default_factory=ParallelSpec)
     # "step": requests join and leave the running set at every denoising step (continuous batching);
@@ -132,6 +159,8 @@ class DenoiserStageConfig(StageConfig, kw_only=True):
     max_padding_waste: float = 0.25
     # the kernel of the transformer's linear layers on CPU in float32 (stages/cpu_linear.py): "onednn" or "torch"
     cpu_linear: str = "onednn"
+    # the cache acceleration of requests without a ``cache`` field (off by default)
+    cache: DenoiserCacheConfig = msgspec.field(default_factory=DenoiserCacheConfig)
 
     @property
     def world_size(self) -> int:
@@ -215,7 +244,10 @@ _SCHEMA: dict[str, Any] = {
         "text_encoder": {**_STAGE_KEYS, "parallel": dict.fromkeys(TEXT_ENCODER_PARALLEL_KEYS, _INT)},
         "denoiser": {**_PIXEL_STAGE_KEYS, "scheduling": _STR, "batch_invariant": _BOOL,
                      "priority_aging_s": _FLOAT, "mixed_sizes": _BOOL, "cpu_linear": _STR,
-                     "max_padding_waste": _FLOAT, "parallel": {**dict.fromkeys(DENOISER_PARALLEL_KEYS, _INT),
+                     "max_padding_waste": _FLOAT,
+                     "cache": {"method": _STR, "threshold": _FLOAT, "fn": _INT, "bn": _INT, "warmup_steps": _INT,
+                               "max_cached_steps": _INT},
+                     "parallel": {**dict.fromkeys(DENOISER_PARALLEL_KEYS, _INT),
                                                         **dict.fromkeys(DENOISER_PARALLEL_CHOICES, _STR),
                                                         **dict.fromkeys(DENOISER_PARALLEL_COUNTS, _INT)}},
         "vae": {**_PIXEL_STAGE_KEYS, "tiling": _BOOL, "parallel": dict.fromkeys(VAE_PARALLEL_KEYS, _INT)},
@@ -470,6 +502,7 @@ def _check_values(cfg: RuntimeConfig) -> None:
             raise ConfigError(f"stages.denoiser.mixed_sizes = true with stages.denoiser.scheduling = "
                               f"{den.scheduling!r}: mixed sizes share a forward only under step-level scheduling; "
                               f"allowed: scheduling = 'step' or mixed_sizes = false")
+    _check_cache(den)
     par = cfg.stages.denoiser.parallel
     rows = DENOISER_MAX_BRANCHES * cfg.stages.denoiser.max_batch_size
     if par.cfg > rows:
@@ -498,6 +531,26 @@ def _check_values(cfg: RuntimeConfig) -> None:
         if cfg.model.device == "cpu" and any(d.startswith("cuda") for d in st.devices):
             raise ConfigError(f"stages.{name}.devices = {st.devices!r}: CUDA devices with model.device = 'cpu'; "
                               f"allowed: 'cpu' entries or set model.device = 'cuda'")
+
+
+def _check_cache(den: DenoiserStageConfig) -> None:
+    """``[stages.denoiser.cache]``: the same table as a request's ``cache`` field; not under pipeline parallelism."""
+    c = den.cache
+    given = c.given()
+    allowed = CACHE_FIELDS.get(c.method)
+    if allowed is not None:
+        extra = sorted(k for k in given if k not in allowed)
+        if extra:
+            raise ConfigError(f"stages.denoiser.cache.{extra[0]}: not a key of method {c.method!r}; allowed: "
+                              f"{', '.join(allowed)}")
+    try:
+        parse_cache({k: v for k, v in given.items() if allowed is None or k in allowed}, "stages.denoiser.cache")
+    except ValueError as e:
+        raise ConfigError(f"{e}; allowed: {allowed_text()}") from None
+    if c.method != "none" and den.parallel.pp > 1:
+        raise ConfigError(f"stages.denoiser.cache.method = {c.method!r} with stages.denoiser.parallel.pp = "
+                          f"{den.parallel.pp}: cache acceleration is not supported under pipeline parallelism (a "
+                          f"stage holds only some of the blocks); allowed: method = 'none', or pp = 1")
 
 
 def _check_lora(cfg: RuntimeConfig) -> None:

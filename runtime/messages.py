@@ -109,6 +109,7 @@ class Result(msgspec.Struct, tag="result", kw_only=True):
     first_in_batch: bool = True
     queue_s: float = 0.0                    # sent by the orchestrator -> batch started
     compute_s: float = 0.0
+    cache: dict[str, int | str] | None = None  # denoiser: what its cache skipped (stages.cache_config.CacheStats)
 
 
 class Heartbeat(msgspec.Struct, tag="beat", kw_only=True):

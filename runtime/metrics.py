@@ -49,6 +49,20 @@ class Metrics:
                                       "were padding", ["replica"], buckets=(0, 0.05, 0.1, 0.2, 0.3, 0.5, 1),
                                       registry=r)
 
+        self.cache_steps = Counter("omni_cache_steps", "Denoiser row-steps (one branch of one image at one step) "
+                                   "of requests with cache acceleration, by method and outcome (computed, cached)",
+                                   ["method", "outcome"], registry=r)
+        self.cache_blocks = Counter("omni_cache_blocks", "Transformer blocks of those row-steps, by method and "
+                                    "outcome (computed, cached)", ["method", "outcome"], registry=r)
+
+    def observe_cache(self, stats: dict) -> None:
+        """One image's cache counters (``stages.cache_config.CacheStats.as_dict``)."""
+        m = str(stats["method"])
+        self.cache_steps.labels(method=m, outcome="cached").inc(int(stats["cached_steps"]))
+        self.cache_steps.labels(method=m, outcome="computed").inc(int(stats["steps"]) - int(stats["cached_steps"]))
+        self.cache_blocks.labels(method=m, outcome="cached").inc(int(stats["cached_blocks"]))
+        self.cache_blocks.labels(method=m, outcome="computed").inc(int(stats["blocks"]) - int(stats["cached_blocks"]))
+
     def observe_step(self, replica: int, step_s: float, active: int, admitted: int, retired: int,
                      padding_waste: float) -> None:
         """One denoising step of a denoiser replica."""

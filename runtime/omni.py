@@ -65,21 +65,30 @@ class Omni:
 
     # ------------------------------------------------------------------ generation
 
-    def submit(self, req: GenerationRequest) -> concurrent.futures.Future:
+    def submit(self, req: GenerationRequest, report: dict[str, Any] | None = None) -> concurrent.futures.Future:
         """Start a request; the future resolves to the encoded images (``req.output_format``). Cancelling the
-        future cancels the request (its items leave the stages, also a running denoiser batch)."""
+        future cancels the request (its items leave the stages, also a running denoiser batch). ``report`` gets
+        the response's extension fields (``cache``) when it is done."""
         if self._orch is None:
             raise RuntimeError("this Omni is closed")
         check_work(req, self.caps)
-        return asyncio.run_coroutine_threadsafe(self._orch.generate(req), self._loop)
+        return asyncio.run_coroutine_threadsafe(self._orch.generate(req, report=report), self._loop)
 
-    def generate_encoded(self, req: GenerationRequest) -> list[bytes]:
-        return self.submit(req).result()
+    def generate_encoded(self, req: GenerationRequest, report: dict[str, Any] | None = None) -> list[bytes]:
+        return self.submit(req, report).result()
 
-    def generate(self, prompt: str, **fields: Any) -> list[Image.Image]:
-        """Generate ``n`` images; ``fields`` are the request fields (size, n, seed, num_inference_steps, ...)."""
-        req = parse_request({"prompt": prompt, **fields, "output_format": "png"})
-        return [decode_image(b) for b in self.generate_encoded(req)]
+    def generate(self, prompt: str, *, cache: dict[str, Any] | None = None, **fields: Any) -> list[Image.Image]:
+        """Generate ``n`` images; ``fields`` are the request fields (size, n, seed, num_inference_steps, ...).
+        ``cache``: the request's cache acceleration (``{"method": "first_block", "threshold": 0.1}``, the HTTP
+        field; None: the config's ``[stages.denoiser.cache]``); what it skipped is in each image's
+        ``info["cache"]`` (summed over the request's images, as the HTTP response's ``cache``)."""
+        req = parse_request({"prompt": prompt, **fields, "cache": cache, "output_format": "png"})
+        report: dict[str, Any] = {}
+        images = [decode_image(b) for b in self.generate_encoded(req, report)]
+        for im in images:
+            if "cache" in report:
+                im.info["cache"] = report["cache"]
+        return images
 
     # ------------------------------------------------------------------ LoRA adapters (issue 25)
 

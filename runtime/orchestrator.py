@@ -29,6 +29,9 @@ import signal
 import time
 import uuid
 from collections.abc import Callable
+from typing import Any
+
+import msgspec
 
 from omni_runtime.runtime import tensor_handoff
 from omni_runtime.runtime.config import STAGE_NAMES, RuntimeConfig
@@ -343,16 +346,23 @@ class Orchestrator:
         self.waiting[stage] += delta
         self.metrics.queue_depth.labels(stage=stage).set(self.waiting[stage])
 
-    async def generate(self, req: GenerationRequest, request_id: str | None = None) -> list[bytes]:
+    async def generate(self, req: GenerationRequest, request_id: str | None = None,
+                       report: dict[str, Any] | None = None) -> list[bytes]:
         """Run one request end to end; returns the encoded images in seed order. ``request_id``: the id its
         progress is known by (``progress.get``; checked by the caller with ``progress.valid_request_id``), a new
-        one if None; :class:`DuplicateRequestId` while another request with that id is in flight."""
+        one if None; :class:`DuplicateRequestId` while another request with that id is in flight. ``report``: a
+        dict that gets the response's extension fields (``cache``: what the denoiser's cache skipped, summed over
+        the images)."""
         if self.closed or self.failure is not None:
             raise StageUnavailable(f"the runtime is {'shutting down' if self.closed else 'failed: ' + self.failure}")
         try:
             req = self.loras.resolve(req)  # each adapter's file and version, for every denoiser rank
         except RequestError as e:
             raise BadRequestInStage(str(e)) from None
+        if req.cache is None:  # the config's default ([stages.denoiser.cache]; off unless set)
+            default = self.cfg.stages.denoiser.cache.request_default()
+            if default is not None:
+                req = msgspec.structs.replace(req, cache=default)
         rid = request_id or uuid.uuid4().hex
         if self.progress.busy(rid):
             raise DuplicateRequestId(f"request id {rid!r} is in use by a request in flight; allowed: an id no "
@@ -361,7 +371,8 @@ class Orchestrator:
         self.progress.open(rid, req.n, req.num_inference_steps, getattr(req, "priority", 0))
         deadline = time.time() + self.cfg.server.request_timeout_s
         t0 = time.monotonic()
-        tasks = [asyncio.ensure_future(self._item(rid, i, req, deadline)) for i in range(req.n)]
+        report = report if report is not None else {}
+        tasks = [asyncio.ensure_future(self._item(rid, i, req, deadline, report)) for i in range(req.n)]
         try:
             images = await asyncio.gather(*tasks)
         except BaseException as e:
@@ -374,7 +385,8 @@ class Orchestrator:
         self.metrics.request_latency.observe(time.monotonic() - t0)
         return list(images)
 
-    async def _item(self, rid: str, index: int, req: GenerationRequest, deadline: float) -> bytes:
+    async def _item(self, rid: str, index: int, req: GenerationRequest, deadline: float,
+                    report: dict[str, Any]) -> bytes:
         """One image through every stage; it holds a place at each stage it has not left yet."""
         handle = None
         left = 0
@@ -390,6 +402,12 @@ class Orchestrator:
                 handle = res.output
                 if stage == "denoiser":
                     self.progress.denoised(rid, index)
+                    if res.cache:
+                        self.metrics.observe_cache(res.cache)
+                        total = report.setdefault("cache", {"method": res.cache["method"]})
+                        for k, v in res.cache.items():
+                            if k != "method":
+                                total[k] = total.get(k, 0) + v
         finally:
             for stage in STAGE_NAMES[left:]:
                 self._count(stage, -1)

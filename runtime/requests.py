@@ -25,6 +25,8 @@ from typing import Any
 
 import msgspec
 
+from omni_runtime.stages.cache_config import CacheConfig, allowed_text, parse_cache
+
 logger = logging.getLogger(__name__)
 
 MAX_PROMPT_CHARS = 4000
@@ -95,6 +97,7 @@ class GenerationRequest(msgspec.Struct, kw_only=True, frozen=True):
     output_format: str = "png"
     priority: int = 0  # extension: admission order of the denoiser's step-level scheduling (aged while waiting)
     lora: tuple[LoraRef, ...] = ()  # extension: per-request LoRA adapters, combined as diffusers' set_adapters
+    cache: CacheConfig | None = None  # extension: cache acceleration (stages.block_cache); None: the config's
 
     def seeds(self) -> list[int]:
         """The seed of each of the ``n`` images: ``seed, seed + 1, ...``."""
@@ -123,6 +126,34 @@ def lora_flag(text: str) -> dict[str, Any]:
         raise RequestError(f"--lora {show(text)}: must be NAME or NAME:SCALE with a number SCALE", "lora") from None
 
 
+def cache_flag(text: str) -> dict[str, Any]:
+    """The CLI's ``--cache``: a JSON object, or ``METHOD[:THRESHOLD]`` (e.g. ``first_block:0.1``); checked by
+    :func:`parse_cache_field`."""
+    import json
+
+    if text.lstrip().startswith("{"):
+        try:
+            return json.loads(text)
+        except ValueError as e:
+            raise RequestError(f"--cache {show(text)}: not a JSON object ({e})", "cache") from None
+    method, sep, threshold = text.partition(":")
+    if not sep:
+        return {"method": method}
+    try:
+        return {"method": method, "threshold": float(threshold)}
+    except ValueError:
+        raise RequestError(f"--cache {show(text)}: must be METHOD, METHOD:THRESHOLD with a number THRESHOLD, or "
+                           f"a JSON object {allowed_text()}", "cache") from None
+
+
+def parse_cache_field(value: Any, param: str = "cache") -> CacheConfig:
+    """The ``cache`` field (``stages.cache_config.parse_cache``), errors as :class:`RequestError` naming it."""
+    try:
+        return parse_cache(value, param)
+    except ValueError as e:
+        raise RequestError(f"{e}; allowed: {allowed_text()}", param) from None
+
+
 # --- the one table of limits ---------------------------------------------------------------------------------
 
 
@@ -131,7 +162,7 @@ class Field:
     """One request field: its JSON type, default, bounds, and (if any) the CLI flag that sets it."""
 
     name: str
-    kind: str  # "string", "integer", "number", "size", "enum", "ignored", "lora"
+    kind: str  # "string", "integer", "number", "size", "enum", "ignored", "lora", "cache"
     description: str
     default: Any = None
     minimum: Any = None  # int for integer fields, float for numbers
@@ -156,6 +187,8 @@ class Field:
         if self.kind == "lora":
             return (f"a list of at most {MAX_LORAS} {{\"name\": registered adapter, \"scale\": number from "
                     f"{-MAX_LORA_SCALE:g} to {MAX_LORA_SCALE:g}}} objects (a name given twice adds its scales)")
+        if self.kind == "cache":
+            return f"an object {allowed_text()}"
         if self.max_chars is not None:
             return f"a {'non-empty ' if self.non_empty else ''}string of at most {self.max_chars} characters"
         return "a string"
@@ -186,6 +219,10 @@ FIELDS: dict[str, Field] = {f.name: f for f in (
     Field("lora", "lora", "extension: LoRA adapters registered with the server ([lora] adapters, POST /v1/loras) "
           "and their weights, combined as diffusers' set_adapters(names, weights); each row of the denoiser's "
           "running batch has its own", cli_flag="--lora", cli_type=lora_flag),
+    Field("cache", "cache", "extension: cache acceleration of the denoiser for this request (absent: the config's "
+          "[stages.denoiser.cache]; method 'none': off): 'first_block' is diffusers' First-Block Cache "
+          "(FirstBlockCacheConfig(threshold)), 'dbcache' its Fn/Bn block layout with warm-up and a cap on "
+          "consecutive cached steps", cli_flag="--cache", cli_type=cache_flag),
     Field("model", "ignored", "accepted, not used (OpenAI clients send it)"),
     Field("quality", "ignored", "accepted, not used"),
     Field("style", "ignored", "accepted, not used"),
@@ -254,6 +291,8 @@ def _check_field(f: Field, v: Any) -> Any:
         return parse_size(v, key)
     if f.kind == "lora":
         return parse_lora(v, key)
+    if f.kind == "cache":
+        return parse_cache_field(v, key)
     if f.kind == "enum":
         if not isinstance(v, str) or v not in f.choices:
             if len(f.choices) == 1:
@@ -324,13 +363,29 @@ def parse_request(raw: Any, *, allow_unknown: bool = True, caps: WorkCaps | None
         prompt=got["prompt"], negative_prompt=got["negative_prompt"], n=got["n"], width=width, height=height,
         num_inference_steps=got["num_inference_steps"], guidance_scale=float(got["guidance_scale"]),
         true_cfg_scale=float(got["true_cfg_scale"]), seed=seed, output_format=got["output_format"],
-        priority=got["priority"], lora=got["lora"] or ())
+        priority=got["priority"], lora=got["lora"] or (), cache=got["cache"])
     if caps is not None:
         check_work(req, caps)
     return req
 
 
 # --- the OpenAPI schema, generated from the table -------------------------------------------------------------
+
+
+def cache_schema(description: str) -> dict[str, Any]:
+    """The schema of the ``cache`` field: one object per method with exactly its keys and bounds, or null."""
+    from omni_runtime.stages.cache_config import CACHE_FIELDS
+
+    variants: list[dict[str, Any]] = []
+    for method, keys in CACHE_FIELDS.items():
+        props: dict[str, Any] = {"method": {"type": "string", "enum": [method]}}
+        for k, b in keys.items():
+            if b is not None:
+                props[k] = {"type": "integer" if isinstance(b[0], int) else "number", "minimum": b[0],
+                            "maximum": b[1]}
+        variants.append({"type": "object", "required": ["method"], "additionalProperties": False,
+                         "properties": props})
+    return {"description": description, "oneOf": [*variants, {"type": "null"}]}
 
 
 def openapi_request_schema() -> dict[str, Any]:
@@ -344,6 +399,9 @@ def openapi_request_schema() -> dict[str, Any]:
                 "name": {"type": "string", "pattern": LORA_NAME_PATTERN},
                 "scale": {"type": "number", "minimum": -MAX_LORA_SCALE, "maximum": MAX_LORA_SCALE,
                           "default": 1.0}}}
+        elif f.kind == "cache":
+            props[f.name] = cache_schema(f.description)
+            continue
         elif f.kind in ("string", "ignored", "size", "enum"):
             s["type"] = "string"
         else:

@@ -61,7 +61,12 @@ _IMAGES_SCHEMA: dict[str, Any] = {
     "type": "object", "required": ["created", "data"],
     "properties": {"created": {"type": "integer"}, "data": {"type": "array", "items": {
         "type": "object", "required": ["b64_json", "seed"], "properties": {
-            "b64_json": {"type": "string"}, "revised_prompt": {"type": "null"}, "seed": {"type": "integer"}}}}},
+            "b64_json": {"type": "string"}, "revised_prompt": {"type": "null"}, "seed": {"type": "integer"}}}},
+        "cache": {"type": "object", "description": "extension, with a cache request: row-steps (branch x image x "
+                  "step) and transformer blocks, in all and skipped by the cache, summed over the images",
+                  "required": ["method", "steps", "cached_steps", "blocks", "cached_blocks"], "properties": {
+                      "method": {"type": "string"}, "steps": {"type": "integer"}, "cached_steps": {"type": "integer"},
+                      "blocks": {"type": "integer"}, "cached_blocks": {"type": "integer"}}}},
 }
 # Every answer of POST /v1/images/generations but the client-disconnect 499 (nobody reads that one).
 _ERRORS = {
@@ -191,7 +196,8 @@ def create_app(cfg: RuntimeConfig, orchestrator: Orchestrator | None = None) -> 
                                   "invalid_request")
         rid = rid or uuid.uuid4().hex
         orch: Orchestrator = request.app.state.orch
-        task = asyncio.ensure_future(orch.generate(req, rid))
+        report: dict[str, Any] = {}  # the response's extension fields (cache)
+        task = asyncio.ensure_future(orch.generate(req, rid, report=report))
         try:
             while not task.done():
                 await asyncio.wait({task}, timeout=0.1)
@@ -215,7 +221,8 @@ def create_app(cfg: RuntimeConfig, orchestrator: Orchestrator | None = None) -> 
                 task.cancel()
         return JSONResponse({"created": int(time.time()),
                              "data": [{"b64_json": base64.b64encode(img).decode("ascii"), "revised_prompt": None,
-                                       "seed": seed} for img, seed in zip(images, req.seeds(), strict=True)]},
+                                       "seed": seed} for img, seed in zip(images, req.seeds(), strict=True)],
+                             **report},
                             headers={REQUEST_ID_HEADER: rid})
 
     @app.get("/v1/requests/{request_id}", responses={

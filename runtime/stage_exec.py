@@ -454,6 +454,8 @@ class DriverLoop:
                 total = p.work.params.num_inference_steps
                 progress.append(ItemProgress(p.work.req_id, p.work.index, total, total))
                 res = ex.finish(p, out)
+                if hasattr(engine, "cache_stats"):
+                    res.cache = engine.cache_stats(s)
                 # omni_batch_size: the items of the last step, once per step that finished any
                 res.batch_size, res.first_in_batch = active, j == 0
                 self.send(res)

@@ -35,6 +35,8 @@ from omni_runtime.parallel.hsdp import HSDPInferenceConfig
 from omni_runtime.parallel.mesh import Mesh
 from omni_runtime.parallel.strategies import SequenceParallel
 from omni_runtime.parallel.strategies.row_forward import RowForward, row_forward_for
+from omni_runtime.stages.block_cache import UNSUPPORTED_LAYOUT, CachePlan
+from omni_runtime.stages.cache_config import CacheConfig
 from omni_runtime.stages.cpu_linear import CPU_LINEAR, use_onednn
 from omni_runtime.stages.device import resolve_device, resolve_dtype
 from omni_runtime.stages.errors import RequestError
@@ -69,6 +71,8 @@ class DenoiseRequest:
     true_cfg_scale: float = 1.0
     #: the request's LoRA adapters (``stages.lora``), combined as diffusers' ``set_adapters(names, weights)``
     lora: tuple[LoraSpec, ...] = ()
+    #: the request's cache acceleration (``stages.block_cache``); None or method "none": every block every step
+    cache: CacheConfig | None = None
 
     @property
     def do_true_cfg(self) -> bool:
@@ -225,10 +229,38 @@ class DenoiserStage:
                 raise RequestError(f"height={req.height}: {req.height} / {2 * self.vae_scale_factor} = {rows} token "
                                    f"row(s) < stages.denoiser.parallel.pipefusion_patches = {patches} (0: pp = "
                                    f"{spec.pp}); allowed: height >= {patches * 2 * self.vae_scale_factor}")
+        if req.cache is not None and req.cache.enabled:
+            self._check_cache(req.cache)
         branches = self.branches(req)
         for prefix, branch in zip(["", NEGATIVE], branches, strict=False):
             self.family.check_branch(branch, self.config, prefix)
         self.family.check_branches(branches)
+
+    @property
+    def cache_blocks(self) -> int:
+        """The number of blocks the model's cache plan runs (0: the family declares none)."""
+        plan = getattr(self.model, "_cache_plan", None)
+        return len(plan.block_list(self.model)) if isinstance(plan, CachePlan) else 0
+
+    def _check_cache(self, cache: CacheConfig) -> None:
+        """What this model and layout cannot cache, as a :class:`RequestError` naming the field."""
+        if self.mesh.size("pp") > 1:
+            raise RequestError(f"cache.method={cache.method!r} is not supported under {UNSUPPORTED_LAYOUT}; "
+                               f"allowed on this replica: method 'none'")
+        n = self.cache_blocks
+        if not n:
+            raise RequestError(f"cache.method={cache.method!r}: the {self.family.name} family declares no cache "
+                               f"plan; allowed: method 'none'")
+        if cache.method == "teacache" and self.mesh.spec.hsdp_shard > 1:
+            raise RequestError("cache.method='teacache' is not supported with HSDP (hsdp_shard > 1: the first "
+                               "block's modulation weights are sharded outside its forward); allowed: first_block, "
+                               "dbcache, none")
+        if cache.method == "teacache" and not self.model._cache_plan.teacache:
+            raise RequestError(f"cache.method='teacache': the {self.family.name} family has no published TeaCache "
+                               f"coefficients; allowed: first_block, dbcache, none")
+        if cache.fn + cache.bn >= n:
+            raise RequestError(f"cache.fn + cache.bn = {cache.fn} + {cache.bn} = {cache.fn + cache.bn}: must be "
+                               f"less than the model's {n} blocks (something has to be cached)")
 
     def batch_key(self, req: DenoiseRequest) -> tuple:
         """Requests with equal keys run in one forward."""

@@ -148,7 +148,8 @@ class DenoiserEngine:
             embeds=embeds, seed=item.seed, height=p.height, width=p.width,
             num_inference_steps=p.num_inference_steps, guidance_scale=p.guidance_scale,
             true_cfg_scale=p.true_cfg_scale,
-            lora=tuple(LoraSpec(r.name, r.path, r.version, r.scale) for r in getattr(p, "lora", ())))
+            lora=tuple(LoraSpec(r.name, r.path, r.version, r.scale) for r in getattr(p, "lora", ())),
+            cache=getattr(p, "cache", None))
 
     def batch_key(self, item: StageItem) -> Hashable:
         return self.stage.batch_key(self.request(item))
@@ -186,6 +187,11 @@ class DenoiserEngine:
     def run_step(self) -> dict[int, torch.Tensor]:
         """One step of every running item; the outputs (packed latents) of those that finished, by slot."""
         return {k: v.contiguous() for k, v in self.running.step().items()}
+
+    def cache_stats(self, slot: int) -> dict[str, int | str] | None:
+        """What the cache skipped for an item that finished in the last step (None: it ran uncached)."""
+        stats = self.running.cache_stats(slot)
+        return stats.as_dict() if stats is not None else None
 
 
 class VaeEngine:

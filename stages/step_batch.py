@@ -34,6 +34,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from omni_runtime.stages.block_cache import BlockCache, row_key
+from omni_runtime.stages.cache_config import CacheStats
 from omni_runtime.stages.guidance import Guidance, mixed_apply, mixed_rows
 from omni_runtime.stages.latents import image_seq_len, initial_noise
 from omni_runtime.stages.lora import ROW_ARG, SHARED_ARG, LoraAdapter
@@ -96,6 +98,12 @@ class RunningSet:
         self.running: dict[int, Running] = {}
         #: padded image tokens / all image tokens of the last step's forwards (mixed sizes; else 0)
         self.padding_waste = 0.0
+        #: every cached row's state (``stages.block_cache``), with the layout's sp and cfg groups
+        mesh = stage.mesh
+        self.cache = BlockCache(mesh.group("sp") if mesh.size("sp") > 1 else None,
+                                mesh.group("cfg") if mesh.size("cfg") > 1 else None)
+        #: the cache counters of the requests that finished in the last step, by id
+        self.finished_cache: dict[int, CacheStats] = {}
 
     def __len__(self) -> int:
         return len(self.running)
@@ -128,13 +136,24 @@ class RunningSet:
             latents=initial_noise(req.seed, st.num_channels_latents, h, w, st.vae_scale_factor, dt, dev),
             timesteps=timesteps, sigmas=sigmas, branches=branches, guidance=st.guidance(req),
             img_ids=st.family.image_ids(h, w, st.vae_scale_factor, dev, dt), key=self.join_key(req))
+        if req.cache is not None and req.cache.enabled:
+            for b in range(len(branches)):
+                self.cache.admit(row_key(rid, b), req.cache, req.num_inference_steps)
+
+    def _cache_keys(self, r: Running) -> list[int]:
+        return [row_key(r.id, b) for b in range(r.rows)]
 
     def drop(self, rid: int) -> bool:
         """Take ``rid`` out (cancelled, expired); False if it is not running."""
         r = self.running.pop(rid, None)
         if r is not None:
             self.stage.lora.unpin([ad for ad, _ in r.lora])
+            self.cache.forget(self._cache_keys(r))
         return r is not None
+
+    def cache_stats(self, rid: int) -> CacheStats | None:
+        """The cache counters of a request that finished in the last step, None if it ran uncached."""
+        return self.finished_cache.get(rid)
 
     def progress(self, rid: int) -> tuple[int, int]:
         """(steps done, steps in all) of a running request."""
@@ -145,6 +164,7 @@ class RunningSet:
     def step(self) -> dict[int, torch.Tensor]:
         """One denoising step of every running request (each at its own step index). Returns the packed latents
         (tokens, C*4) of the requests that just did their last step; they have left the set."""
+        self.finished_cache = {}
         groups: dict[Hashable, list[Running]] = {}
         for r in self.running.values():
             groups.setdefault(r.key, []).append(r)
@@ -166,6 +186,10 @@ class RunningSet:
             if r.done >= r.total:
                 r = self.running.pop(rid)
                 self.stage.lora.unpin([ad for ad, _ in r.lora])
+                stats = self.cache.stats(self._cache_keys(r))
+                if stats is not None:
+                    self.finished_cache[rid] = stats
+                self.cache.forget(self._cache_keys(r))
                 done[rid] = r.latents[0]
         return done
 
@@ -201,7 +225,14 @@ class RunningSet:
                 row_args["key_padding_mask"] = mask
         if any(r.lora for r in members):  # per-row adapters: a row argument, split with the rows
             row_args[ROW_ARG], shared[SHARED_ARG] = _lora_rows(rows, st.device)
+        keys = [row_key(r.id, b) for r, b in rows]
+        cached = any(k in self.cache.rows for k in keys)
+        if cached:  # the rows' keys split with the rows (CFG parallel), the cache shared
+            row_args["cache_rows"], shared["block_cache"] = torch.tensor(keys, dtype=torch.int64), self.cache
+            self.cache.before_step(keys, info)
         pred = st.forward_rows(st.model, row_args, shared, info)
+        if cached:
+            self.cache.finish_step(keys, st.cache_blocks)
         velocity = mixed_apply(pred, info, [r.id for r in members], guides, [r.req.guidance_scales for r in members])
         for j, r in enumerate(members):
             v = velocity[j:j + 1, :r.tokens]  # a shorter row's padding outputs are discarded

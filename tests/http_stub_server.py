@@ -34,7 +34,7 @@ class StubOrchestrator:
     def health(self) -> dict[str, list[bool]]:
         return {"text_encoder": [True], "denoiser": [True], "vae": [True]}
 
-    async def generate(self, req, request_id=None):
+    async def generate(self, req, request_id=None, report=None):
         self.seen.append(req)
         self.ids.append(request_id)
         self.progress.open(request_id, req.n, req.num_inference_steps, req.priority)

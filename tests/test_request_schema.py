@@ -15,6 +15,14 @@ SCHEMA = openapi_request_schema()["properties"]
 
 def _valid(name: str) -> st.SearchStrategy:
     s = SCHEMA[name]
+    if "oneOf" in s:  # cache: one method's object with its keys within their bounds
+        def variant(v: dict) -> st.SearchStrategy:
+            p = v["properties"]
+            keys = {k: (st.integers(b["minimum"], b["maximum"]) if b["type"] == "integer"
+                        else st.floats(b["minimum"], b["maximum"], allow_nan=False)) for k, b in p.items()
+                    if k != "method"}
+            return st.fixed_dictionaries({"method": st.just(p["method"]["enum"][0])}, optional=keys)
+        return st.one_of([variant(v) for v in s["oneOf"] if v["type"] == "object"])
     types = s["type"] if isinstance(s["type"], list) else [s["type"]]
     base = types[0]
     if "enum" in s:
@@ -49,6 +57,9 @@ def test_schema_valid_bodies_are_accepted(body):
 
 def _just_outside(name: str) -> list:
     s = SCHEMA[name]
+    if "oneOf" in s:  # cache
+        return [5, "a", {}, {"method": "x"}, {"method": "first_block", "threshold": 1.001},
+                {"method": "first_block", "fn": 1}, {"method": "dbcache", "fn": 0}]
     base = s["type"][0] if isinstance(s["type"], list) else s["type"]
     if "enum" in s:
         return ["not-" + str(s["enum"][0])]

@@ -222,7 +222,7 @@ def test_http_maps_serving_errors_to_openai_bodies(client):
               StageUnavailable("stage denoiser[0] died"), DeadlineExceeded("deadline of 600 s passed"),
               ZeroDivisionError("a bug")]
 
-    async def failing(req, request_id=None):
+    async def failing(req, request_id=None, report=None):
         raise raised.pop(0)
 
     client.stub.generate = failing

@@ -36,6 +36,7 @@ from omni_runtime.parallel.sp_plan import (
 )
 from omni_runtime.parallel.strategies.pipeline_parallel import PipelinePlan, is_missing, partition_model
 from omni_runtime.parallel.utils import cat_views
+from omni_runtime.stages.block_cache import CachePlan, run_blocks
 from omni_runtime.stages.cpu_linear import linear_gelu_tanh
 from omni_runtime.stages.device import resolve_device, resolve_dtype
 from omni_runtime.stages.errors import CheckpointError
@@ -294,6 +295,12 @@ class FluxTransformer(nn.Module):
     _pp_plan = PipelinePlan(pre=("time_text_embed", "context_embedder", "x_embedder"),
                             blocks=("transformer_blocks", "single_transformer_blocks"),
                             head=("norm_out", "proj_out"))
+    # Cache acceleration (``stages.block_cache``): the double- then the single-stream blocks, as diffusers'
+    # apply_first_block_cache lists them (its first block is the first double-stream block)
+    # (TeaCache: the TeaCache authors' published rescaling polynomial for FLUX.1, TeaCache4FLUX)
+    _cache_plan = CachePlan(blocks=("transformer_blocks", "single_transformer_blocks"),
+                            teacache=(4.98651651e+02, -2.83781631e+02, 5.58554382e+01, -3.82021401e+00,
+                                      2.64230861e-01))
 
     def __init__(self, config: FluxConfig, ep_group: Any = None):
         """``ep_group``: the expert-parallel ``GroupCoordinator`` of an MoE model (``None``: all experts here)."""
@@ -318,7 +325,8 @@ class FluxTransformer(nn.Module):
                 pooled_projections: torch.Tensor, timestep: torch.Tensor, img_ids: torch.Tensor,
                 txt_ids: torch.Tensor, guidance: torch.Tensor | None = None,
                 intermediate: dict[str, torch.Tensor] | None = None,
-                key_padding_mask: torch.Tensor | None = None) -> torch.Tensor | dict[str, torch.Tensor]:
+                key_padding_mask: torch.Tensor | None = None, cache_rows: torch.Tensor | None = None,
+                block_cache: Any = None) -> torch.Tensor | dict[str, torch.Tensor]:
         """Predict the flow for ``hidden_states``.
 
         ``timestep`` is the sigma in [0, 1] and ``guidance`` the guidance scale (e.g. 3.5); both are multiplied by
@@ -334,6 +342,9 @@ class FluxTransformer(nn.Module):
         image tokens) bool marks each row's real image tokens (True); the padding is no key in attention and its
         outputs are to be discarded. ``img_ids`` (tokens, 3) is shared by all rows, as in diffusers; (1, tokens, 3)
         is taken as that too.
+
+        ``block_cache`` (a ``stages.block_cache.BlockCache``) and ``cache_rows`` (rows,) the rows' keys in it: skip
+        blocks per row as each row's cache decides (``stages.block_cache.run_blocks``).
         """
         if txt_ids.ndim == 3:
             txt_ids = txt_ids[0]
@@ -366,12 +377,10 @@ class FluxTransformer(nn.Module):
             img, txt, temb = intermediate["img"], intermediate["txt"], intermediate["temb"]
         img_rot, txt_rot = self.pos_embed(img_ids), self.pos_embed(txt_ids)
 
-        for block in self.transformer_blocks:
-            if not is_missing(block):
-                img, txt = block(img, txt, temb, img_rot, txt_rot, key_padding_mask)
-        for block in self.single_transformer_blocks:
-            if not is_missing(block):
-                img, txt = block(img, txt, temb, img_rot, txt_rot, key_padding_mask)
+        img, txt = run_blocks(self._cache_plan.block_list(self), img, txt,
+                              (temb, img_rot, txt_rot, key_padding_mask), (True, img_ids.ndim == 3, False, True),
+                              block_cache, cache_rows, key_padding_mask, self._cache_plan,
+                              lambda: self.transformer_blocks[0].norm1(img, temb)[0])
         if is_missing(self.proj_out):
             return {"img": img, "txt": txt, "temb": temb}
         return self.proj_out(self.norm_out(img, temb))

@@ -34,6 +34,7 @@ from omni_runtime.parallel.sp_plan import (
     SequenceParallelOutput,
 )
 from omni_runtime.parallel.strategies.pipeline_parallel import PipelinePlan, is_missing, partition_model
+from omni_runtime.stages.block_cache import CachePlan, run_blocks
 from omni_runtime.stages.device import resolve_device, resolve_dtype
 from omni_runtime.stages.errors import CheckpointError
 from omni_runtime.stages.models.layers import (
@@ -275,6 +276,8 @@ class QwenImageTransformer(nn.Module):
     _pp_plan = PipelinePlan(pre=("time_text_embed", "txt_norm", "txt_in", "img_in"),
                             blocks=("transformer_blocks",),
                             head=("norm_out", "proj_out"))
+    # Cache acceleration (``stages.block_cache``): the one block list
+    _cache_plan = CachePlan(blocks=("transformer_blocks",))
 
     def __init__(self, config: QwenImageConfig):
         super().__init__()
@@ -295,7 +298,8 @@ class QwenImageTransformer(nn.Module):
     def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, timestep: torch.Tensor,
                 img_ids: torch.Tensor, txt_ids: torch.Tensor, encoder_hidden_states_mask: torch.Tensor | None = None,
                 guidance: torch.Tensor | None = None, intermediate: dict[str, torch.Tensor] | None = None,
-                key_padding_mask: torch.Tensor | None = None) -> torch.Tensor | dict[str, torch.Tensor]:
+                key_padding_mask: torch.Tensor | None = None, cache_rows: torch.Tensor | None = None,
+                block_cache: Any = None) -> torch.Tensor | dict[str, torch.Tensor]:
         """Predict the flow for ``hidden_states`` (rows, image tokens, in_channels): (rows, image tokens,
         patch_size**2 * out_channels).
 
@@ -312,6 +316,8 @@ class QwenImageTransformer(nn.Module):
         A pipeline stage (``partition_model``) runs only the blocks it holds: it starts from ``intermediate``
         (``{"img", "txt", "temb"}``, what the previous stage returned) when it does not hold the embedders, and
         returns that dict instead of the prediction when it does not hold the head.
+
+        ``block_cache`` / ``cache_rows``: cache acceleration per row (``stages.block_cache.run_blocks``).
         """
         rows = hidden_states.shape[0]
         n_txt = encoder_hidden_states.shape[1]
@@ -339,9 +345,10 @@ class QwenImageTransformer(nn.Module):
             img, txt, temb = intermediate["img"], intermediate["txt"], intermediate["temb"]
         img_rot, txt_rot = self.pos_embed(img_ids), self.pos_embed(txt_ids)
 
-        for block in self.transformer_blocks:
-            if not is_missing(block):
-                img, txt = block(img, txt, temb, img_rot, txt_rot, key_padding_mask, text_mask)
+        img, txt = run_blocks(self._cache_plan.block_list(self), img, txt,
+                              (temb, img_rot, txt_rot, key_padding_mask, text_mask),
+                              (True, img_ids.ndim == 3, txt_ids.ndim == 3, True, True),
+                              block_cache, cache_rows, key_padding_mask)
         if is_missing(self.proj_out):
             return {"img": img, "txt": txt, "temb": temb}
         return self.proj_out(self.norm_out(img, temb))
