@@ -16,6 +16,7 @@ import io
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from omni_runtime.runtime.requests import (
@@ -32,7 +33,8 @@ from omni_runtime.runtime.requests import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AUTO_SIZE", "EditRules", "image_size", "parse_edit_request"]
+__all__ = ["AUTO_SIZE", "EditRules", "edit_rules", "image_size", "parse_edit_request", "read_image_file",
+           "split_edit_fields"]
 
 AUTO_SIZE = "auto"
 #: form fields that are files, not text
@@ -63,6 +65,41 @@ class EditRules:
         return min(self.max_images, self.family_images)
 
 
+def edit_rules(cfg: Any) -> EditRules:
+    """The edit rules of the configured model (its family's declarations and the config's caps); an embedded tiny
+    model is created first if it is missing."""
+    from omni_runtime.runtime.model_store import ensure_model
+    from omni_runtime.stages.denoiser import vae_scale_factor_of
+    from omni_runtime.stages.models.family import family_of
+
+    path = ensure_model(cfg.model.path)
+    family = family_of(path)
+    return EditRules.from_config(cfg, family, vae_scale_factor_of(path, family))
+
+
+def read_image_file(path: str | Path, param: str = "image") -> bytes:
+    """The bytes of an input image file (CLI ``--image``, a batch line's ``image``); a :class:`RequestError` naming
+    ``param`` when it cannot be read (what is in it is checked by :func:`parse_edit_request`)."""
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise RequestError(f"{param}={str(path)!r}: cannot read it ({e.strerror or e}); allowed: a readable image "
+                           f"file", param) from None
+
+
+def split_edit_fields(raw: Mapping[str, Any], base: Path, param: str = "image") -> tuple[dict[str, Any], list[bytes]]:
+    """A JSON request with ``image`` (a path or a list of paths, relative to ``base``) -> (the other fields, the
+    image files' bytes); no ``image``: the fields and ``[]``."""
+    fields = {k: v for k, v in raw.items() if k != param}
+    value = raw.get(param)
+    if value is None:
+        return fields, []
+    paths = value if isinstance(value, list) else [value]
+    if not paths or not all(isinstance(p, str) and p for p in paths):
+        raise RequestError(f"{param}={show(value)}: must be an image file path or a list of them", param)
+    return fields, [read_image_file(base / p, param) for p in paths]
+
+
 def image_size(data: bytes, param: str, rules: EditRules) -> tuple[int, int]:
     """(width, height) of an image file, fully decoded once to prove it is one; a :class:`RequestError` naming
     ``param`` for bytes that are not an image, or an image past the caps."""
@@ -74,6 +111,8 @@ def image_size(data: bytes, param: str, rules: EditRules) -> tuple[int, int]:
     try:
         with Image.open(io.BytesIO(data)) as img:
             w, h = img.size  # from the header: the pixel cap is checked before anything is decoded
+            if w < rules.multiple or h < rules.multiple:
+                raise RequestError(f"{param}: {w}x{h}; allowed: both sides at least {rules.multiple} pixels", param)
             if w * h > rules.max_image_pixels:
                 raise RequestError(f"{param}: {w}x{h} = {w * h} pixels; allowed: at most {rules.max_image_pixels} "
                                    f"([server] max_edit_image_pixels)", param)

@@ -17,7 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from starlette.requests import ClientDisconnect
 
-from omni_runtime.runtime.edit_requests import AUTO_SIZE, EditRules, parse_edit_request
+from omni_runtime.runtime.edit_requests import AUTO_SIZE, EditRules, edit_rules, parse_edit_request
 from omni_runtime.runtime.http_common import (
     IMAGES_ERRORS,
     IMAGES_SCHEMA,
@@ -31,7 +31,7 @@ from omni_runtime.runtime.requests import FIELDS, RequestError, openapi_request_
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ROUTE", "edit_rules", "register"]
+__all__ = ["ROUTE", "register"]
 
 ROUTE = "/v1/images/edits"
 FORM_MEDIA_TYPE = "multipart/form-data"
@@ -46,15 +46,6 @@ _ERRORS = {
          "over the sum of the caps",
     415: "unsupported_media_type: the body is not sent as Content-Type: multipart/form-data",
 }
-
-
-def edit_rules(cfg: Any) -> EditRules:
-    """The edit rules of the served model (its family's declarations and the config's caps)."""
-    from omni_runtime.stages.denoiser import vae_scale_factor_of
-    from omni_runtime.stages.models.family import family_of
-
-    family = family_of(cfg.model.path)
-    return EditRules.from_config(cfg, family, vae_scale_factor_of(cfg.model.path, family))
 
 
 def _form_schema(cfg: Any) -> dict[str, Any]:
