@@ -25,6 +25,7 @@ from omni_runtime.runtime.http_common import (
     documented,
     invalid,
     run_images,
+    serving_error,
 )
 from omni_runtime.runtime.multipart_form import FormError, FormLimits, boundary_of, read_form
 from omni_runtime.runtime.requests import FIELDS, RequestError, openapi_request_schema, show
@@ -98,7 +99,10 @@ def register(app: FastAPI, ctx: ApiContext) -> None:
             return ctx.bad_request("mask: at most one mask file", "mask")
         images = [data for name, data in form.files if name in ("image", "image[]")]
         if not rules:
-            rules.append(edit_rules(ctx.cfg))
+            try:
+                rules.append(edit_rules(ctx.cfg))
+            except Exception as e:  # the model directory cannot be read: our problem, in the OpenAI error body
+                return serving_error(e, ctx)
         try:
             req = parse_edit_request(form.fields, images, rules[0], mask=masks[0] if masks else None,
                                      caps=ctx.caps, image_param="image[]" if "image[]" in names else "image")

@@ -156,3 +156,11 @@ def test_openapi_documents_every_route_with_its_bounds(client) -> None:
     assert props["size"]["default"] == "auto" and "auto" in props["size"]["pattern"]
     assert {"400", "401", "413", "415", "429", "503", "504"} <= set(op["responses"])
     assert op["security"] == [{"bearer": []}]
+
+
+def test_an_unreadable_model_directory_is_a_500_in_the_error_body(tmp_path) -> None:
+    with _client(tmp_path / "not-a-model") as c:
+        r = c.post(ROUTE, files=[("image", ("a.png", png(32, 32), "image/png"))], data={"prompt": "x"})
+        assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error", r.text
+        assert "model.path" in r.json()["error"]["message"]
+        assert c.get("/health").status_code == 200
