@@ -221,8 +221,8 @@ class VaeEngine:
         assert all((it.params.width, it.params.height) == (p.width, p.height) for it in items)
         return self.stage.decode(torch.stack([it.inputs for it in items]), p.height, p.width)
 
-
     def encode(self, item: StageItem) -> dict[str, torch.Tensor]:
+        """An ``encode`` item's output: the text encoder's tensors and the encoded input image."""
         images = getattr(item.params, "images", ())
         if len(images) != 1:
             raise RequestError(f"the encode of an edit takes one input image; this item has {len(images)}")

@@ -45,7 +45,8 @@ LAYOUTS = {
     "cfg2": (_denoiser(cfg=2), ["CFG parallel over 2 ranks"]),
     "pp2": (_denoiser(pp=2), ["pipeline stage 1/2 holds blocks"]),
     "hsdp2": (_denoiser(hsdp_shard=2), ["HSDP: FluxTransformer sharded over [0, 1]"]),
-    "vae_patch2": ({"[stages.vae.parallel]\npatch = 1": "[stages.vae.parallel]\npatch = 2"}, []),
+    "vae_patch2": ({"[stages.vae.parallel]\npatch = 1": "[stages.vae.parallel]\npatch = 2"},
+                   ["vae[0] rank 1/2"]),
 }
 
 
