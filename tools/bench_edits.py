@@ -9,7 +9,8 @@ Phases alternate (diffusers, serve, diffusers, ...) with a pause before each, an
 per-pair ratios, so a noisy neighbour hits both sides alike.
 
 Usage: ``python tools/bench_edits.py [--preset small] [--size 256x256] [--steps 8] [--repeats 5] [--rounds 2]
-[--clients 4]``. Prints a table; ratios matter, absolute times depend on the machine.
+[--clients 4]``. The recorded run (docs/BENCHMARKS.md) is ``--size 128x128 --steps 4 --repeats 3 --rounds 1``.
+Prints a table; ratios matter, absolute times depend on the machine.
 """
 
 from __future__ import annotations
