@@ -68,10 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_request_args(p)
     p.add_argument("-o", "--output", required=True, help="output image file (.png, .jpg, .webp)")
     p.add_argument("--in-process", action="store_true", help="run the pipeline in this process")
+    p.add_argument("--image", action="append", default=None, metavar="PATH",
+                   help="edit this input image (an image-edit model, e.g. FluxKontextPipeline; --size defaults to "
+                        "'auto': its size rounded down to the model's multiple)")
 
     p = sub.add_parser("batch", help="generate images for every line of a JSONL file (resumable)")
     p.add_argument("--config", required=True, help="TOML config file")
-    p.add_argument("prompts", help="JSONL file: one object per line with 'prompt' and optional fields")
+    p.add_argument("prompts", help="JSONL file: one object per line with 'prompt' and optional fields ('image': "
+                                   "an input image path, relative to the file, for an edit)")
     p.add_argument("--out-dir", required=True, help="directory for the images and manifest.jsonl")
     p.add_argument("--in-process", action="store_true", help="run the pipeline in this process")
     return parser

@@ -87,6 +87,11 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # A rank silent (no heartbeat) or in one step/collective this long is hung: its replica is killed and
     # restarted (docs/USAGE.md, "Hung ranks"); 0 turns the watch off.
     stall_timeout_s: float = 30.0
+    # POST /v1/images/edits: input images per request, bytes of one image file, pixels (W x H) of one image
+    # (docs/USAGE.md, "Image edits").
+    max_edit_images: int = 4
+    max_edit_image_bytes: int = 16 << 20
+    max_edit_image_pixels: int = 4096 * 4096
 
 
 class StageConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -239,7 +244,8 @@ _SCHEMA: dict[str, Any] = {
     "server": {"host": _STR, "port": _INT, "api_key": _STR, "max_queue": _INT, "request_timeout_s": _FLOAT,
                "max_pixels_steps": _INT, "metrics_require_key": _BOOL, "keep_alive_timeout_s": _FLOAT,
                "header_timeout_s": _FLOAT, "body_timeout_s": _FLOAT, "max_connections": _INT,
-               "stall_timeout_s": _FLOAT},
+               "stall_timeout_s": _FLOAT, "max_edit_images": _INT, "max_edit_image_bytes": _INT,
+               "max_edit_image_pixels": _INT},
     "stages": {
         "text_encoder": {**_STAGE_KEYS, "parallel": dict.fromkeys(TEXT_ENCODER_PARALLEL_KEYS, _INT)},
         "denoiser": {**_PIXEL_STAGE_KEYS, "scheduling": _STR, "batch_invariant": _BOOL,
@@ -458,6 +464,8 @@ def _check_values(cfg: RuntimeConfig) -> None:
     _at_least("server.max_queue", s.max_queue, 1)
     _at_least("server.max_pixels_steps", s.max_pixels_steps, 0)
     _at_least("server.max_connections", s.max_connections, 1)
+    for key in ("max_edit_images", "max_edit_image_bytes", "max_edit_image_pixels"):
+        _at_least(f"server.{key}", getattr(s, key), 1)
     if not (s.stall_timeout_s == 0 or 0.1 <= s.stall_timeout_s <= 86400):  # also NaN and inf
         raise ConfigError(f"server.stall_timeout_s = {s.stall_timeout_s!r}: allowed values are 0 (no hang "
                           f"detection) or a number of seconds from 0.1 to 86400")

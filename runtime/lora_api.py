@@ -14,6 +14,7 @@ import asyncio
 import json
 import logging
 from collections.abc import Callable
+from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
@@ -29,9 +30,14 @@ from omni_runtime.runtime.lora_registry import LoraForbidden, LoraRegistry
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["add_lora_routes"]
+__all__ = ["add_lora_routes", "register"]
 
 MAX_LORA_BODY = 64 << 10
+
+
+def register(app: FastAPI, ctx: Any) -> None:
+    """The API module entry point (``runtime.server`` composes the modules): the routes behind ``ctx.auth``."""
+    add_lora_routes(app, ctx.auth)
 
 
 def add_lora_routes(app: FastAPI, auth: Callable[[Request], Response | None]) -> None:

@@ -29,6 +29,7 @@ class Work(msgspec.Struct, tag="work", kw_only=True):
     inputs: TensorRef | None = None  # the previous stage's output; this stage releases it
     deadline: float = 0.0           # time.time() after which the work is dropped (0: none)
     sent_at: float = 0.0            # time.time() when the orchestrator sent it (queue-wait metric)
+    task: str = ""                  # "encode": the VAE encodes an edit's input image (stages.engine.StageItem.task)
 
 
 class Cancel(msgspec.Struct, tag="cancel"):

@@ -20,6 +20,12 @@ from typing import Any
 from tqdm import tqdm
 
 from omni_runtime.runtime.config import RuntimeConfig
+from omni_runtime.runtime.edit_requests import (
+    edit_rules,
+    parse_edit_request,
+    read_image_file,
+    split_edit_fields,
+)
 from omni_runtime.runtime.requests import FIELDS, GenerationRequest, RequestError, WorkCaps, parse_request
 
 logger = logging.getLogger(__name__)
@@ -28,12 +34,19 @@ _EXT = {"png": "png", "jpeg": "jpg", "webp": "webp"}
 _FORMAT_OF_SUFFIX = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
 
 
-def request_from_args(args: argparse.Namespace, output_format: str, caps: WorkCaps | None = None
-                      ) -> GenerationRequest:
-    """The request the CLI flags describe (one flag per field of ``requests.FIELDS`` that has one)."""
+def request_from_args(args: argparse.Namespace, output_format: str, caps: WorkCaps | None = None,
+                      cfg: RuntimeConfig | None = None) -> GenerationRequest:
+    """The request the CLI flags describe (one flag per field of ``requests.FIELDS`` that has one); with
+    ``--image`` (and ``cfg``, whose model must edit) an edit of those images."""
     raw: dict[str, Any] = {f.name: getattr(args, f.name, None) for f in FIELDS.values() if f.cli_flag}
     raw["output_format"] = output_format
-    return parse_request({k: v for k, v in raw.items() if v is not None}, caps=caps)
+    raw = {k: v for k, v in raw.items() if v is not None}
+    paths = getattr(args, "image", None)
+    if paths:
+        assert cfg is not None, "an edit needs the config (its model's rules)"
+        images = [read_image_file(p, "--image") for p in paths]
+        return parse_edit_request(raw, images, edit_rules(cfg), caps=caps, image_param="--image")
+    return parse_request(raw, caps=caps)
 
 
 def generate_to_file(cfg: RuntimeConfig, args: argparse.Namespace, in_process: bool = False) -> Path:
@@ -44,7 +57,7 @@ def generate_to_file(cfg: RuntimeConfig, args: argparse.Namespace, in_process: b
     if fmt is None:
         raise RequestError(f"--output {str(out)!r}: the suffix must be one of {', '.join(_FORMAT_OF_SUFFIX)}",
                            "output")
-    req = request_from_args(args, fmt, WorkCaps.from_config(cfg))
+    req = request_from_args(args, fmt, WorkCaps.from_config(cfg), cfg)
     with Omni(cfg, in_process=in_process) as omni:
         data = omni.generate_encoded(req)[0]
     _write_atomic(out, data)
@@ -59,8 +72,11 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def read_prompts(path: str | Path, caps: WorkCaps | None = None) -> list[tuple[int, GenerationRequest]]:
-    """Parse and validate every line (blank lines are skipped but keep their number); ``caps`` bound the work."""
+def read_prompts(path: str | Path, caps: WorkCaps | None = None, cfg: RuntimeConfig | None = None
+                 ) -> list[tuple[int, GenerationRequest]]:
+    """Parse and validate every line (blank lines are skipped but keep their number); ``caps`` bound the work. A
+    line with ``image`` (a path, relative to the file, or a list of them) is an edit of the ``cfg``'s model."""
+    rules: list[Any] = []
     reqs: list[tuple[int, GenerationRequest]] = []
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -73,7 +89,15 @@ def read_prompts(path: str | Path, caps: WorkCaps | None = None) -> list[tuple[i
             continue
         try:
             obj = json.loads(line)
-            reqs.append((lineno, parse_request(obj, allow_unknown=False, caps=caps)))
+            if isinstance(obj, dict) and "image" in obj:
+                fields, images = split_edit_fields(obj, Path(path).parent)
+                if not rules:
+                    if cfg is None:
+                        raise RequestError("image: an edit line needs the config of an image-edit model", "image")
+                    rules.append(edit_rules(cfg))
+                reqs.append((lineno, parse_edit_request(fields, images, rules[0], caps=caps, allow_unknown=False)))
+            else:
+                reqs.append((lineno, parse_request(obj, allow_unknown=False, caps=caps)))
         except RecursionError:
             raise RequestError(f"{path} line {lineno}: not valid JSON: nested too deeply", None) from None
         except ValueError as e:  # bad JSON or a bad field (RequestError names it)
@@ -113,7 +137,7 @@ class BatchInterrupted(KeyboardInterrupt):
 def run_batch(cfg: RuntimeConfig, prompts: str | Path, out_dir: str | Path, in_process: bool = False,
               max_in_flight: int = 16, omni: Any = None) -> dict[str, int]:
     """Generate every line not done yet; returns ``{"total", "skipped", "generated"}``."""
-    items = read_prompts(prompts, WorkCaps.from_config(cfg))
+    items = read_prompts(prompts, WorkCaps.from_config(cfg), cfg)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     manifest = out / "manifest.jsonl"

@@ -50,6 +50,17 @@ REPLICA_STATES = ("ready", "starting", "hung", "restarting")
 DEAD_RANK_GRACE_S = 1.0  # after a failed batch, how long to look for the dead rank that caused it
 
 
+def hops(req: GenerationRequest) -> list[tuple[str, str]]:
+    """The (stage, task) hops of one image: text encoder, denoiser, VAE; an edit (``req.images``) visits the VAE
+    first to encode its input image (``"encode"``; the text encoder's tensors ride along) and only that hop
+    carries the image files (docs/ARCHITECTURE.md, "Image edits")."""
+    if req.is_edit:
+        from omni_runtime.stages.engine import ENCODE  # the engines' name of the VAE's second job
+
+        return [("text_encoder", ""), ("vae", ENCODE), ("denoiser", ""), ("vae", "")]
+    return [(stage, "") for stage in STAGE_NAMES]
+
+
 class ServingError(Exception):
     status = 500
     code = "internal_error"
@@ -387,18 +398,21 @@ class Orchestrator:
 
     async def _item(self, rid: str, index: int, req: GenerationRequest, deadline: float,
                     report: dict[str, Any]) -> bytes:
-        """One image through every stage; it holds a place at each stage it has not left yet."""
+        """One image through its hops (:func:`hops`); it holds a place at each stage until its last hop there."""
+        path = hops(req)
+        last = {stage: i for i, (stage, _) in enumerate(path)}
         handle = None
-        left = 0
+        left: set[str] = set()
         try:
-            for stage in STAGE_NAMES:
-                work = Work(req_id=rid, index=index, seed=req.seed + index, params=req, inputs=handle,
-                            deadline=deadline)
+            for i, (stage, task) in enumerate(path):
+                work = Work(req_id=rid, index=index, seed=req.seed + index, params=req if task else
+                            req.without_images(), inputs=handle, deadline=deadline, task=task)
                 try:
                     res = await self._hop(stage, work)
                 finally:
-                    self._count(stage, -1)
-                    left += 1
+                    if last[stage] == i:
+                        self._count(stage, -1)
+                        left.add(stage)
                 handle = res.output
                 if stage == "denoiser":
                     self.progress.denoised(rid, index)
@@ -409,8 +423,9 @@ class Orchestrator:
                             if k != "method":
                                 total[k] = total.get(k, 0) + v
         finally:
-            for stage in STAGE_NAMES[left:]:
-                self._count(stage, -1)
+            for stage in STAGE_NAMES:
+                if stage not in left:
+                    self._count(stage, -1)
         assert res.image is not None
         return res.image
 

@@ -98,6 +98,17 @@ class GenerationRequest(msgspec.Struct, kw_only=True, frozen=True):
     priority: int = 0  # extension: admission order of the denoiser's step-level scheduling (aged while waiting)
     lora: tuple[LoraRef, ...] = ()  # extension: per-request LoRA adapters, combined as diffusers' set_adapters
     cache: CacheConfig | None = None  # extension: cache acceleration (stages.block_cache); None: the config's
+    #: image edits: the input image files (checked at the edge: ``runtime.edit_requests``); only the VAE's encode
+    #: hop receives them, the other hops get the request without (``without_images``)
+    images: tuple[bytes, ...] = ()
+
+    @property
+    def is_edit(self) -> bool:
+        return bool(self.images)
+
+    def without_images(self) -> GenerationRequest:
+        """This request with its input image files dropped (what the hops after the encode carry)."""
+        return msgspec.structs.replace(self, images=()) if self.images else self
 
     def seeds(self) -> list[int]:
         """The seed of each of the ``n`` images: ``seed, seed + 1, ...``."""

@@ -76,7 +76,7 @@ class Pending:
 def item_of(work: Work) -> StageItem:
     """The engine's item for a Work: the request, the image's seed and the fetched input tensors."""
     inputs = tensor_handoff.fetch(work.inputs) if work.inputs is not None else None
-    return StageItem(params=work.params, seed=work.seed, inputs=inputs)
+    return StageItem(params=work.params, seed=work.seed, inputs=inputs, task=work.task)
 
 
 class StageExecutor:

@@ -43,7 +43,7 @@ from omni_runtime.stages.errors import RequestError
 from omni_runtime.stages.guidance import UNGUIDED, Guidance
 from omni_runtime.stages.latents import check_image_size, image_seq_len, unpack_latents
 from omni_runtime.stages.lora import LoraBank, LoraSpec
-from omni_runtime.stages.models.family import ModelFamily, family_of
+from omni_runtime.stages.models.family import CONDITION_KEY, ModelFamily, family_of
 from omni_runtime.stages.schedule import FlowMatchSchedule
 from omni_runtime.stages.step_batch import RunningSet
 from omni_runtime.stages.weights import component_dir, read_config
@@ -231,6 +231,14 @@ class DenoiserStage:
                                    f"{spec.pp}); allowed: height >= {patches * 2 * self.vae_scale_factor}")
         if req.cache is not None and req.cache.enabled:
             self._check_cache(req.cache)
+        cond = self.condition(req)
+        if cond is not None:
+            if cond[0].shape[-1] != self.in_channels:
+                raise RequestError(f"{CONDITION_KEY} packs to width {cond[0].shape[-1]}; this model takes "
+                                   f"{self.in_channels}")
+            if spec.pp > 1 and spec.pp_mode == "pipefusion":
+                raise RequestError("an edit's condition tokens cannot run under PipeFusion (its patches are rows "
+                                   "of the output image); allowed: pp_mode = 'layer'")
         branches = self.branches(req)
         for prefix, branch in zip(["", NEGATIVE], branches, strict=False):
             self.family.check_branch(branch, self.config, prefix)
@@ -262,10 +270,20 @@ class DenoiserStage:
             raise RequestError(f"cache.fn + cache.bn = {cache.fn} + {cache.bn} = {cache.fn + cache.bn}: must be "
                                f"less than the model's {n} blocks (something has to be cached)")
 
+    def condition(self, req: DenoiseRequest) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The request's condition tokens and their position ids (image edits; ``ModelFamily.condition``)."""
+        return self.family.condition(req.embeds, self.vae_scale_factor, self.device, self.dtype)
+
+    @staticmethod
+    def condition_key(req: DenoiseRequest) -> tuple:
+        """The shape of the encoded input image (rows with equal ones have equal condition ids); () without."""
+        z = req.embeds.get(CONDITION_KEY)
+        return tuple(z.shape) if z is not None else ()
+
     def batch_key(self, req: DenoiseRequest) -> tuple:
         """Requests with equal keys run in one forward."""
         return (req.height, req.width, req.num_inference_steps, self.family.join_key(self.branches(req)),
-                req.do_true_cfg)
+                req.do_true_cfg, self.condition_key(req))
 
     @torch.no_grad()
     def denoise(self, requests: list[DenoiseRequest], *, unpack: bool = False, progress: bool = False,
@@ -325,8 +343,10 @@ class DenoiserStage:
         (same image size and the family's join key, e.g. Flux's text length; with :attr:`mixed_sizes` the family's
         key alone: the image tokens are padded)."""
         key = self.family.join_key(self.branches(req))
-        return (key,) if self.mixed_sizes else (req.height, req.width, key)
+        return (key,) if self.mixed_sizes else (req.height, req.width, key, self.condition_key(req))
 
     def row_tokens(self, req: DenoiseRequest) -> tuple[int, int]:
         """(image tokens of one row, rows) of ``req`` in a step's forward: what its padding waste is counted by."""
-        return image_seq_len(req.height, req.width, self.vae_scale_factor), 2 if req.do_true_cfg else 1
+        cond = self.condition(req)
+        extra = cond[0].shape[0] if cond is not None else 0
+        return image_seq_len(req.height, req.width, self.vae_scale_factor) + extra, 2 if req.do_true_cfg else 1

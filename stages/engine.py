@@ -24,13 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 
 from omni_runtime.stages.denoiser import NEGATIVE, DenoiseRequest, DenoiserStage, StopHook
 from omni_runtime.stages.device import resolve_device, resolve_dtype
+from omni_runtime.stages.errors import RequestError
 from omni_runtime.stages.lora import LoraSpec
-from omni_runtime.stages.models.family import TextEncoder, family_of
+from omni_runtime.stages.models.family import CONDITION_KEY, TextEncoder, family_of
 from omni_runtime.stages.step_batch import RunningSet
 from omni_runtime.stages.vae import VaeDecoderStage
 
@@ -38,6 +38,10 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["ENGINES", "DenoiserEngine", "Engine", "RequestParams", "StageItem", "StopHook", "TextEncoderEngine",
            "VaeEngine", "load_engine"]
+
+
+#: the VAE's second job (``StageItem.task``): an edit's input image to latents
+ENCODE = "encode"
 
 
 class RequestParams(Protocol):
@@ -59,6 +63,9 @@ class StageItem:
     params: RequestParams
     seed: int
     inputs: Any = None  # the previous stage's output for this image (tensors), None for the first stage
+    #: what the stage does with it when it has more than one job: ``"encode"`` at the VAE (an edit's input image
+    #: to latents, before the denoiser); ``""`` the stage's one job
+    task: str = ""
 
 
 def uses_true_cfg(p: RequestParams) -> bool:
@@ -208,13 +215,27 @@ class VaeEngine:
         return cls(VaeDecoderStage.from_pretrained(path, dtype, device, mesh=mesh, tiling=tiling))
 
     def batch_key(self, item: StageItem) -> Hashable:
-        return (item.params.width, item.params.height)
+        return (ENCODE,) if item.task == ENCODE else (item.params.width, item.params.height)
 
-    def step(self, items: list[StageItem], stop: StopHook | None = None) -> list[np.ndarray]:
-        """The images on the driver; ``[]`` on the other ranks of a patch-parallel replica (rank 0 gathers)."""
+    def step(self, items: list[StageItem], stop: StopHook | None = None) -> list[Any]:
+        """The images on the driver; ``[]`` on the other ranks of a patch-parallel replica (rank 0 gathers).
+        ``encode`` items (image edits): the text encoder's tensors with the encoded input image added
+        (:data:`~stages.models.family.CONDITION_KEY`), one item at a time as the edit pipelines encode it."""
+        if items[0].task == ENCODE:
+            return [self.encode(it) for it in items]
         p = items[0].params
         assert all((it.params.width, it.params.height) == (p.width, p.height) for it in items)
         return self.stage.decode(torch.stack([it.inputs for it in items]), p.height, p.width)
+
+    def encode(self, item: StageItem) -> dict[str, torch.Tensor]:
+        """An ``encode`` item's output: the text encoder's tensors and the encoded input image."""
+        images = getattr(item.params, "images", ())
+        if len(images) != 1:
+            raise RequestError(f"the encode of an edit takes one input image; this item has {len(images)}")
+        # the inputs are views of the previous stage's output, released before this output is published: copies
+        out = {k: v.clone() for k, v in (item.inputs or {}).items()}
+        out[CONDITION_KEY] = self.stage.encode_image(images[0])
+        return out
 
 
 ENGINES: dict[str, type[TextEncoderEngine] | type[DenoiserEngine] | type[VaeEngine]] = {

@@ -74,6 +74,10 @@ class Running:
     key: Hashable
     done: int = 0              # steps done
     lora: list[tuple[LoraAdapter, float]] = field(default_factory=list)  # its adapters and their weights
+    #: image edits: the condition tokens (1, tokens, C*4) and their position ids (tokens, 3) that follow the image
+    #: tokens in the sequence (``ModelFamily.condition``); the prediction is sliced back to the image tokens
+    cond: torch.Tensor | None = None
+    cond_ids: torch.Tensor | None = None
 
     @property
     def total(self) -> int:
@@ -86,6 +90,22 @@ class Running:
     @property
     def tokens(self) -> int:
         return self.latents.shape[1]
+
+    @property
+    def length(self) -> int:
+        """Its sequence in the forward: image tokens, then condition tokens."""
+        return self.tokens + (self.cond.shape[1] if self.cond is not None else 0)
+
+    @property
+    def grid(self) -> Hashable:
+        """Rows with equal grids have equal position ids."""
+        return self.req.height, self.req.width, None if self.cond_ids is None else tuple(self.cond_ids.shape)
+
+    def hidden(self) -> torch.Tensor:
+        return self.latents if self.cond is None else torch.cat([self.latents, self.cond], dim=1)
+
+    def ids(self) -> torch.Tensor:
+        return self.img_ids if self.cond_ids is None else torch.cat([self.img_ids, self.cond_ids])
 
 
 class RunningSet:
@@ -130,9 +150,11 @@ class RunningSet:
         branches = [{k: v.to(dev, dt, copy=True) for k, v in b.items()} for b in st.branches(req)]
         timesteps, sigmas = st.schedule.sigmas(req.num_inference_steps, image_seq_len(h, w, st.vae_scale_factor),
                                                dev)
+        cond = st.condition(req)
         lora = st.lora.acquire(req.lora)  # pinned while it runs; a bad adapter raises before it joins
         self.running[rid] = Running(
-            id=rid, req=req, lora=lora,
+            id=rid, req=req, lora=lora, cond=None if cond is None else cond[0][None].clone(),
+            cond_ids=None if cond is None else cond[1],
             latents=initial_noise(req.seed, st.num_channels_latents, h, w, st.vae_scale_factor, dt, dev),
             timesteps=timesteps, sigmas=sigmas, branches=branches, guidance=st.guidance(req),
             img_ids=st.family.image_ids(h, w, st.vae_scale_factor, dev, dt), key=self.join_key(req))
@@ -173,12 +195,12 @@ class RunningSet:
             if self.batch_invariant:  # one forward per request: the same shapes as its solo run
                 for r in members:
                     self._advance([r])
-                total += sum(r.tokens * r.rows for r in members)
+                total += sum(r.length * r.rows for r in members)
             else:
                 self._advance(members)
-                longest = max(r.tokens for r in members)
+                longest = max(r.length for r in members)
                 rows = sum(r.rows for r in members)
-                padded += sum((longest - r.tokens) * r.rows for r in members)
+                padded += sum((longest - r.length) * r.rows for r in members)
                 total += longest * rows
         self.padding_waste = padded / total if total else 0.0
         done = {}
@@ -206,22 +228,22 @@ class RunningSet:
         if st.guidance_embeds:
             guidance = torch.tensor([float(r.req.guidance_scale) for r, _ in rows], device=st.device,
                                     dtype=torch.float32)
-        longest = max(r.tokens for r in members)
+        longest = max(r.length for r in members)
         row_args = {"timestep": ts / 1000, "guidance": guidance,
                     **st.family.row_args([r.branches[b] for r, b in rows])}
         first = members[0].req  # the text positions of the rows (a family with mixed sizes has size-free ones)
         shared = {"txt_ids": st.family.text_ids(row_args["encoder_hidden_states"].shape[1], first.height, first.width,
                                                 st.vae_scale_factor, st.device, st.dtype)}
-        if len({(r.req.height, r.req.width) for r in members}) == 1:  # one size: ids shared by every row
-            row_args["hidden_states"] = torch.cat([r.latents for r, _ in rows])
-            shared["img_ids"] = members[0].img_ids
+        if len({r.grid for r in members}) == 1:  # one size: ids shared by every row
+            row_args["hidden_states"] = torch.cat([r.hidden() for r, _ in rows])
+            shared["img_ids"] = members[0].ids()
         else:  # mixed sizes: each row its own positions (equal token counts may still be other sizes)
-            row_args["hidden_states"] = torch.stack([_pad(r.latents[0], longest) for r, _ in rows])
-            row_args["img_ids"] = torch.stack([_pad(r.img_ids, longest) for r, _ in rows])
-            if any(r.tokens < longest for r in members):  # pad to the longest, padding masked out of attention
+            row_args["hidden_states"] = torch.stack([_pad(r.hidden()[0], longest) for r, _ in rows])
+            row_args["img_ids"] = torch.stack([_pad(r.ids(), longest) for r, _ in rows])
+            if any(r.length < longest for r in members):  # pad to the longest, padding masked out of attention
                 mask = torch.zeros(len(rows), longest, dtype=torch.bool, device=st.device)
                 for j, (r, _) in enumerate(rows):
-                    mask[j, :r.tokens] = True
+                    mask[j, :r.length] = True
                 row_args["key_padding_mask"] = mask
         if any(r.lora for r in members):  # per-row adapters: a row argument, split with the rows
             row_args[ROW_ARG], shared[SHARED_ARG] = _lora_rows(rows, st.device)
@@ -235,7 +257,7 @@ class RunningSet:
             self.cache.finish_step(keys, st.cache_blocks)
         velocity = mixed_apply(pred, info, [r.id for r in members], guides, [r.req.guidance_scales for r in members])
         for j, r in enumerate(members):
-            v = velocity[j:j + 1, :r.tokens]  # a shorter row's padding outputs are discarded
+            v = velocity[j:j + 1, :r.tokens]  # padding and condition tokens' outputs are discarded
             r.latents = euler_step(r.latents, v, r.sigmas[r.done], r.sigmas[r.done + 1])
             r.done += 1
 

@@ -15,7 +15,7 @@ import torch
 from omni_runtime.stages.device import resolve_device, resolve_dtype
 from omni_runtime.stages.errors import CheckpointError, RequestError
 from omni_runtime.stages.latents import check_image_size, image_seq_len, unpack_latents
-from omni_runtime.stages.models.family import VaeKind, family_of
+from omni_runtime.stages.models.family import ModelFamily, VaeKind, family_of
 from omni_runtime.stages.weights import component_dir, read_config
 
 if TYPE_CHECKING:
@@ -58,6 +58,13 @@ class AutoencoderKLKind(VaeKind):
         shift = vae.config.shift_factor
         return z / float(vae.config.scaling_factor) + (float(shift) if shift is not None else 0.0)
 
+    def encode(self, vae: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+        """The latent distribution's mode (diffusers' ``retrieve_latents(..., sample_mode="argmax")``), shifted and
+        scaled as ``FluxKontextPipeline._encode_vae_image`` does."""
+        z = vae.encode(pixels).latent_dist.mode()
+        shift = vae.config.shift_factor
+        return (z - (float(shift) if shift is not None else 0.0)) * float(vae.config.scaling_factor)
+
 
 class VaeDecoderStage:
     """Decodes packed latents (B, tokens, C*4), (tokens, C*4), or a list of those, of one image size into images.
@@ -68,8 +75,10 @@ class VaeDecoderStage:
     only). ``kind``: the VAE class's :class:`~stages.models.family.VaeKind` (default: ``AutoencoderKL``'s)."""
 
     def __init__(self, vae: torch.nn.Module, dtype: torch.dtype, device: torch.device, *, group: Any = None,
-                 tiling: bool = False, stats: PatchStats | None = None, kind: VaeKind | None = None) -> None:
+                 tiling: bool = False, stats: PatchStats | None = None, kind: VaeKind | None = None,
+                 family: ModelFamily | None = None) -> None:
         self.vae = vae
+        self.family = family  # image edits: how an input image is resized before it is encoded
         self.kind = kind if kind is not None else AutoencoderKLKind()
         self.dtype = dtype
         self.device = device
@@ -110,13 +119,15 @@ class VaeDecoderStage:
         """Load ``<path>/vae`` with the VAE class the model family declares. ``mesh`` (a ``parallel.mesh.Mesh``,
         None: one process): its ``vae_patch`` group decodes patch-parallel; ``tiling``: see the class."""
         torch_dtype, dev = resolve_dtype(dtype), resolve_device(device)
-        kind = family_of(path).vae
+        family = family_of(path)
+        kind = family.vae
         directory = component_dir(path, "vae")
         read_config(directory, allowed_classes=(kind.class_name,))
         vae = kind.load(directory, torch_dtype)
         logger.info("loaded VAE %s from %s (%s on %s)", kind.class_name, path, torch_dtype, dev)
         group = None if mesh is None else mesh.group("vae_patch")
-        return cls(vae.to(dev).eval(), torch_dtype, dev, group=group, tiling=tiling, stats=stats, kind=kind)
+        return cls(vae.to(dev).eval(), torch_dtype, dev, group=group, tiling=tiling, stats=stats, kind=kind,
+                   family=family)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor | list[torch.Tensor], height: int, width: int) -> list[np.ndarray]:
@@ -161,3 +172,26 @@ class VaeDecoderStage:
         return patch_decode(self.vae, z, self.patch)
 
     __call__ = decode
+
+    @torch.no_grad()
+    def encode_image(self, data: bytes) -> torch.Tensor:
+        """An input image file (image edits) -> its normalised latents (C, rows, cols): decoded to RGB, resized to
+        the family's :meth:`~stages.models.family.ModelFamily.edit_image_size` and preprocessed by diffusers'
+        ``VaeImageProcessor`` exactly as the family's edit pipeline does, then encoded by the VAE alone (on every
+        rank of a patch group alike: the encoder is not split, so the result is the single-rank one)."""
+        import io
+
+        from diffusers.image_processor import VaeImageProcessor
+        from PIL import Image
+
+        if self.family is None or not self.family.image_inputs:
+            raise RequestError("this model does not edit images (its family takes no input image)")
+        with Image.open(io.BytesIO(data)) as img:
+            image = img.convert("RGB")
+        multiple = 2 * self.vae_scale_factor
+        width, height = self.family.edit_image_size(image.width, image.height, multiple)
+        check_image_size(height, width, multiple)
+        processor = VaeImageProcessor(vae_scale_factor=multiple)
+        pixels = processor.preprocess(processor.resize(image, height, width), height, width)
+        z = self.kind.encode(self.vae, pixels.to(device=self.device, dtype=self.vae.dtype))
+        return z[0].contiguous()

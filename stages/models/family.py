@@ -48,13 +48,15 @@ __all__ = ["REGISTRY", "Component", "ModelFamily", "TextEncoder", "VaeKind", "fa
 REGISTRY: dict[str, str] = {
     "FluxPipeline": "omni_runtime.stages.models.flux.family",
     "QwenImagePipeline": "omni_runtime.stages.models.qwen_image.family",
+    "FluxKontextPipeline": "omni_runtime.stages.models.flux.kontext",
 }
 
 #: pipeline classes whose directories look like a served family's but need what is not served yet: the reason
 NOT_SERVED: dict[str, str] = {
-    "FluxKontextPipeline": "an image-edit model (it conditions on an input image); image edits are not served yet",
-    "QwenImageEditPipeline": "an image-edit model (it conditions on an input image); image edits are not served yet",
-    "QwenImageEditPlusPipeline": "an image-edit model; image edits are not served yet",
+    "QwenImageEditPipeline": "an image-edit model (it conditions on an input image through Qwen2.5-VL's vision "
+                             "tower); it is not served yet (FluxKontextPipeline is)",
+    "QwenImageEditPlusPipeline": "an image-edit model (several input images); it is not served yet "
+                                 "(FluxKontextPipeline is)",
     "WanPipeline": "a text-to-video model; video generation is not served yet",
     "WanImageToVideoPipeline": "an image-to-video model; video generation is not served yet",
 }
@@ -106,6 +108,11 @@ class VaeKind:
         """The decoder's output -> images (B, 3, H, W) in [-1, 1]."""
         return decoded
 
+    def encode(self, vae: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) in [-1, 1] -> normalised latents (B, C, rows, cols), as the family's edit pipeline
+        encodes its input image (image edits)."""
+        raise NotImplementedError  # abstract (a VAE that cannot encode: its families do not edit)
+
 
 class ModelFamily:
     """The declarations of one family (see the module docstring). Subclasses set the class attributes and
@@ -130,6 +137,10 @@ class ModelFamily:
     fields: Mapping[str, str] = {}
     #: rows of different image sizes may share one forward (their text positions do not depend on the size)
     mixed_sizes: bool = False
+    #: image edits: input images a request may carry (0: the family does not edit; ``/v1/images/edits`` says so)
+    image_inputs: int = 0
+    #: image edits: the family takes a mask (inpainting)
+    inpainting: bool = False
 
     # --- loaders -----------------------------------------------------------------------------------------------
 
@@ -178,6 +189,20 @@ class ModelFamily:
         """(text tokens, 3) rotary position ids of the text tokens of rows of an image of ``height x width``."""
         raise NotImplementedError  # abstract
 
+    # --- image edits: the condition tokens -----------------------------------------------------------------------
+
+    def edit_image_size(self, width: int, height: int, multiple: int) -> tuple[int, int]:
+        """The size an input image of ``width x height`` is resized to before the VAE encodes it (``multiple``: 2 x
+        the VAE's scale factor)."""
+        raise NotImplementedError  # abstract (only families with image_inputs > 0)
+
+    def condition(self, tensors: Mapping[str, torch.Tensor], vae_scale_factor: int, device: torch.device,
+                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A request's condition tokens (tokens, C*4) and their rotary position ids (tokens, 3), from the encoded
+        input images the VAE's encode added to its tensors (:data:`CONDITION_KEY`); they join the sequence after
+        the image tokens and the prediction is sliced back. None: no condition (a generation)."""
+        return None
+
     def blocks(self, transformer_config: Mapping[str, Any]) -> list[tuple[str, int]]:
         """The block lists pipeline parallelism splits: (module list name, length) in execution order."""
         return [(name, int(transformer_config.get(key, default))) for name, (key, default) in
@@ -203,6 +228,9 @@ class ModelFamily:
         lines.extend(f"  request field {k}: {v}" for k, v in self.fields.items())
         return lines
 
+
+#: the key of the encoded input image among a request's tensors (the VAE's encode adds it; ``condition`` reads it)
+CONDITION_KEY = "image_latents"
 
 #: the parallel modes a family may support (config keys of ``[stages.*.parallel]`` and denoiser options)
 PARALLEL_MODES = ("ulysses", "ring", "cfg", "pp", "pipefusion", "hsdp_shard", "ep", "vae_patch", "mixed_sizes")
