@@ -1,8 +1,8 @@
 """Create the embedded tiny model on first use.
 
 A config whose ``model.path`` does not exist and whose directory name is one of :data:`GENERATED_NAMES`
-(``tiny-flux``, ``small-flux``, ``tiny-qwen-image``, ``small-qwen-image``: a family's embedded preset, random
-weights) gets that model written there by the family's ``make_tiny``, once: the writer
+(``tiny-flux``, ``small-flux``, ``tiny-qwen-image``, ``small-qwen-image``, ``tiny-wan``, ``small-wan``: a family's
+embedded preset, random weights) gets that model written there by the family's ``make_tiny``, once: the writer
 holds a lock file and builds into a temporary sibling directory that is renamed into place, so concurrent
 first uses never see a half-written model. Any other missing path is an error naming ``model.path``.
 """
@@ -23,6 +23,7 @@ logger = logging.getLogger(__name__)
 GENERATED_NAMES: dict[str, tuple[str, str]] = {
     "tiny-flux": ("FluxPipeline", "tiny"), "small-flux": ("FluxPipeline", "small"),
     "tiny-qwen-image": ("QwenImagePipeline", "tiny"), "small-qwen-image": ("QwenImagePipeline", "small"),
+    "tiny-wan": ("WanPipeline", "tiny"), "small-wan": ("WanPipeline", "small"),
 }
 
 

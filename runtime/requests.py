@@ -95,6 +95,7 @@ class GenerationRequest(msgspec.Struct, kw_only=True, frozen=True):
     output_format: str = "png"
     priority: int = 0  # extension: admission order of the denoiser's step-level scheduling (aged while waiting)
     lora: tuple[LoraRef, ...] = ()  # extension: per-request LoRA adapters, combined as diffusers' set_adapters
+    num_frames: int = 1  # a video model's frames (runtime.video_request); 1: an image
 
     def seeds(self) -> list[int]:
         """The seed of each of the ``n`` images: ``seed, seed + 1, ...``."""
@@ -102,8 +103,8 @@ class GenerationRequest(msgspec.Struct, kw_only=True, frozen=True):
 
     @property
     def pixels(self) -> int:
-        """``n x width x height``: what this request puts into a denoiser or VAE batch."""
-        return self.n * self.width * self.height
+        """``n x width x height x num_frames``: what this request puts into a denoiser or VAE batch."""
+        return self.n * self.width * self.height * self.num_frames
 
     @property
     def pixels_steps(self) -> int:

@@ -147,7 +147,7 @@ class DenoiserEngine:
         return DenoiseRequest(
             embeds=embeds, seed=item.seed, height=p.height, width=p.width,
             num_inference_steps=p.num_inference_steps, guidance_scale=p.guidance_scale,
-            true_cfg_scale=p.true_cfg_scale,
+            true_cfg_scale=p.true_cfg_scale, num_frames=getattr(p, "num_frames", 1),
             lora=tuple(LoraSpec(r.name, r.path, r.version, r.scale) for r in getattr(p, "lora", ())))
 
     def batch_key(self, item: StageItem) -> Hashable:
@@ -202,13 +202,15 @@ class VaeEngine:
         return cls(VaeDecoderStage.from_pretrained(path, dtype, device, mesh=mesh, tiling=tiling))
 
     def batch_key(self, item: StageItem) -> Hashable:
-        return (item.params.width, item.params.height)
+        return (item.params.width, item.params.height, getattr(item.params, "num_frames", 1))
 
     def step(self, items: list[StageItem], stop: StopHook | None = None) -> list[np.ndarray]:
-        """The images on the driver; ``[]`` on the other ranks of a patch-parallel replica (rank 0 gathers)."""
+        """The images (a video model: (frames, H, W, 3) arrays) on the driver; ``[]`` on the other ranks of a
+        patch-parallel replica (rank 0 gathers)."""
         p = items[0].params
-        assert all((it.params.width, it.params.height) == (p.width, p.height) for it in items)
-        return self.stage.decode(torch.stack([it.inputs for it in items]), p.height, p.width)
+        assert all(self.batch_key(it) == self.batch_key(items[0]) for it in items)
+        return self.stage.decode(torch.stack([it.inputs for it in items]), p.height, p.width,
+                                 getattr(p, "num_frames", 1))
 
 
 ENGINES: dict[str, type[TextEncoderEngine] | type[DenoiserEngine] | type[VaeEngine]] = {

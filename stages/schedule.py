@@ -50,6 +50,10 @@ class FlowMatchSchedule:
     max_image_seq_len: int = 4096
     shift_terminal: float | None = None
     time_shift_type: str = "exponential"
+    #: the pipeline calls ``set_timesteps(steps)`` without sigmas (WanPipeline): the scheduler's own timesteps,
+    #: ``linspace`` from its largest to its smallest training timestep, then shifted (computed by diffusers'
+    #: scheduler itself); False: the pipeline passes ``sigmas = linspace(1, 1/steps, steps)`` (FluxPipeline)
+    scheduler_timesteps: bool = False
 
     @classmethod
     def from_config(cls, config: dict[str, Any], source: str = "scheduler config") -> FlowMatchSchedule:
@@ -88,6 +92,8 @@ class FlowMatchSchedule:
     def sigmas(self, num_inference_steps: int, image_seq_len: int,
                device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
         """(timesteps[steps], sigmas[steps + 1]) in float32, timesteps on the 0..1000 scale."""
+        if self.scheduler_timesteps:
+            return self._scheduler_sigmas(num_inference_steps, image_seq_len, device)
         sig = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps).astype(np.float32)
         if self.use_dynamic_shifting:
             mu = self.mu(image_seq_len)
@@ -106,6 +112,20 @@ class FlowMatchSchedule:
         timesteps = sigmas * self.num_train_timesteps
         sigmas = torch.cat([sigmas, torch.zeros(1, device=sigmas.device)])
         return timesteps, sigmas
+
+    def _scheduler_sigmas(self, steps: int, image_seq_len: int, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The timesteps and sigmas of diffusers' ``FlowMatchEulerDiscreteScheduler.set_timesteps(steps)`` (no sigmas
+        passed) for this config."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        scheduler = FlowMatchEulerDiscreteScheduler(
+            num_train_timesteps=self.num_train_timesteps, shift=self.shift, use_dynamic_shifting=self.use_dynamic_shifting,
+            base_shift=self.base_shift, max_shift=self.max_shift, base_image_seq_len=self.base_image_seq_len,
+            max_image_seq_len=self.max_image_seq_len, shift_terminal=self.shift_terminal,
+            time_shift_type=self.time_shift_type)
+        scheduler.set_timesteps(steps, device="cpu", mu=self.mu(image_seq_len) if self.use_dynamic_shifting else None)
+        return (scheduler.timesteps.to(device=device, dtype=torch.float32),
+                scheduler.sigmas.to(device=device, dtype=torch.float32))
 
 
 def euler_step(sample: torch.Tensor, velocity: torch.Tensor, sigma: torch.Tensor,

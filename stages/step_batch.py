@@ -120,14 +120,15 @@ class RunningSet:
         h, w = req.height, req.width
         dev, dt = st.device, st.dtype
         branches = [{k: v.to(dev, dt, copy=True) for k, v in b.items()} for b in st.branches(req)]
-        timesteps, sigmas = st.schedule.sigmas(req.num_inference_steps, image_seq_len(h, w, st.vae_scale_factor),
-                                               dev)
+        frames = st.frames(req)  # latent frames: 1 for an image
+        timesteps, sigmas = st.schedule.sigmas(req.num_inference_steps,
+                                               image_seq_len(h, w, st.vae_scale_factor) * frames, dev)
         lora = st.lora.acquire(req.lora)  # pinned while it runs; a bad adapter raises before it joins
         self.running[rid] = Running(
             id=rid, req=req, lora=lora,
-            latents=initial_noise(req.seed, st.num_channels_latents, h, w, st.vae_scale_factor, dt, dev),
+            latents=initial_noise(req.seed, st.num_channels_latents, h, w, st.vae_scale_factor, dt, dev, frames),
             timesteps=timesteps, sigmas=sigmas, branches=branches, guidance=st.guidance(req),
-            img_ids=st.family.image_ids(h, w, st.vae_scale_factor, dev, dt), key=self.join_key(req))
+            img_ids=st.family.latent_ids(frames, h, w, st.vae_scale_factor, dev, dt), key=self.join_key(req))
 
     def drop(self, rid: int) -> bool:
         """Take ``rid`` out (cancelled, expired); False if it is not running."""

@@ -60,9 +60,9 @@ def _pipeline_dir(tmp_path: Path, class_name: str | None, **entries: object) -> 
 
 
 @pytest.mark.parametrize(("class_name", "entries", "match"), [
-    ("WanPipeline", {"boundary_ratio": None, "expand_timesteps": False, "transformer": ["diffusers", "WanTransformer3DModel"]},
-     r"_class_name = 'WanPipeline' is a text-to-video model; video generation is not served yet; supported pipeline "
-     r"classes: FluxPipeline, QwenImagePipeline"),
+    ("WanImageToVideoPipeline", {"boundary_ratio": None, "transformer": ["diffusers", "WanTransformer3DModel"]},
+     r"_class_name = 'WanImageToVideoPipeline' is an image-to-video model .*not served yet; supported pipeline "
+     r"classes: FluxPipeline, QwenImagePipeline, WanPipeline"),
     ("FluxKontextPipeline", {"transformer": ["diffusers", "FluxTransformer2DModel"]},
      r"_class_name = 'FluxKontextPipeline' is an image-edit model .*not served yet; supported pipeline classes: "
      r"FluxPipeline, QwenImagePipeline"),

@@ -1,7 +1,7 @@
 """Write a complete tiny diffusers-format model: the CLI over ``omni_runtime.stages.models.flux.tiny`` (FLUX.1) and
 ``omni_runtime.stages.models.qwen_image.tiny`` (Qwen-Image).
 
-Usage: ``python tools/make_tiny_model.py OUT_DIR [--family flux|qwen_image] [--preset tiny|small] [--seed N]
+Usage: ``python tools/make_tiny_model.py OUT_DIR [--family flux|qwen_image|wan] [--preset tiny|small] [--seed N]
 [--moe-experts N --moe-top-k K]``.
 
 ``--family`` picks the model family (default ``flux``, a ``FluxPipeline`` directory; ``qwen_image`` writes a
@@ -18,15 +18,16 @@ import sys
 from omni_runtime.stages.models.flux.tiny import PRESETS, make_tiny_model
 from omni_runtime.stages.models.qwen_image.tiny import PRESETS as QWEN_IMAGE_PRESETS
 from omni_runtime.stages.models.qwen_image.tiny import make_tiny_qwen_image
+from omni_runtime.stages.models.wan.tiny import make_tiny_wan
 
-FAMILIES = ("flux", "qwen_image")
+FAMILIES = ("flux", "qwen_image", "wan")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", help="directory to write the model into (created if missing)")
     parser.add_argument("--family", choices=FAMILIES, default="flux",
-                        help="model family: flux (FluxPipeline) or qwen_image (QwenImagePipeline)")
+                        help="model family: flux (FluxPipeline), qwen_image (QwenImagePipeline) or wan (WanPipeline)")
     parser.add_argument("--preset", choices=sorted(set(PRESETS) | set(QWEN_IMAGE_PRESETS)), default="tiny")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--moe-experts", type=int, default=0,
@@ -34,11 +35,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--moe-top-k", type=int, default=2, help="experts per token (with --moe-experts)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.family == "qwen_image" and args.moe_experts:
-        parser.error("--moe-experts is for --family flux only (the Qwen-Image transformer has no MoE variant)")
+    if args.family != "flux" and args.moe_experts:
+        parser.error(f"--moe-experts is for --family flux only ({args.family} has no MoE variant)")
     try:
         if args.family == "qwen_image":
             out = make_tiny_qwen_image(args.out_dir, preset=args.preset, seed=args.seed)
+        elif args.family == "wan":
+            out = make_tiny_wan(args.out_dir, preset=args.preset, seed=args.seed)
         else:
             out = make_tiny_model(args.out_dir, preset=args.preset, seed=args.seed, moe_experts=args.moe_experts,
                                   moe_top_k=args.moe_top_k)

@@ -48,6 +48,7 @@ __all__ = ["REGISTRY", "Component", "ModelFamily", "TextEncoder", "VaeKind", "fa
 REGISTRY: dict[str, str] = {
     "FluxPipeline": "omni_runtime.stages.models.flux.family",
     "QwenImagePipeline": "omni_runtime.stages.models.qwen_image.family",
+    "WanPipeline": "omni_runtime.stages.models.wan.family",
 }
 
 #: pipeline classes whose directories look like a served family's but need what is not served yet: the reason
@@ -55,8 +56,8 @@ NOT_SERVED: dict[str, str] = {
     "FluxKontextPipeline": "an image-edit model (it conditions on an input image); image edits are not served yet",
     "QwenImageEditPipeline": "an image-edit model (it conditions on an input image); image edits are not served yet",
     "QwenImageEditPlusPipeline": "an image-edit model; image edits are not served yet",
-    "WanPipeline": "a text-to-video model; video generation is not served yet",
-    "WanImageToVideoPipeline": "an image-to-video model; video generation is not served yet",
+    "WanImageToVideoPipeline": "an image-to-video model (it conditions on an input image); image-to-video is not "
+                               "served yet",
 }
 
 
@@ -103,8 +104,15 @@ class VaeKind:
         raise NotImplementedError  # abstract
 
     def from_decoder(self, decoded: torch.Tensor) -> torch.Tensor:
-        """The decoder's output -> images (B, 3, H, W) in [-1, 1]."""
+        """The decoder's output -> images (B, 3, H, W) in [-1, 1] (a video VAE: (B, 3, frames, H, W))."""
         return decoded
+
+    #: a video VAE: ``to_decoder`` takes (B, C, latent frames, rows, cols), ``from_decoder`` gives frames
+    video: bool = False
+
+    def temporal_factor(self, config: Mapping[str, Any]) -> int:
+        """Pixel frames per latent frame after the first (``(num_frames - 1) // factor + 1`` latent frames)."""
+        return 1
 
 
 class ModelFamily:
@@ -130,6 +138,11 @@ class ModelFamily:
     fields: Mapping[str, str] = {}
     #: rows of different image sizes may share one forward (their text positions do not depend on the size)
     mixed_sizes: bool = False
+    #: the family makes videos: requests may ask for ``num_frames`` > 1 (its VAE is a video ``VaeKind``)
+    video: bool = False
+    #: the pipeline calls the scheduler's ``set_timesteps(steps)`` without sigmas (its own default timesteps);
+    #: False: it passes ``sigmas = linspace(1, 1/steps, steps)`` as FluxPipeline does (``stages.schedule``)
+    scheduler_timesteps: bool = False
 
     # --- loaders -----------------------------------------------------------------------------------------------
 
@@ -172,6 +185,17 @@ class ModelFamily:
                   dtype: torch.dtype) -> torch.Tensor:
         """(image tokens, 3) rotary position ids of an image's packed tokens."""
         raise NotImplementedError  # abstract
+
+    def latent_channels(self, transformer_config: Mapping[str, Any]) -> int:
+        """Channels of one latent pixel (the denoiser's noise); a packed token holds 4 of them (2x2 pixels)."""
+        return int(transformer_config.get("in_channels", 64)) // 4
+
+    def latent_ids(self, frames: int, height: int, width: int, vae_scale_factor: int, device: torch.device,
+                   dtype: torch.dtype) -> torch.Tensor:
+        """(tokens, 3) rotary position ids of the packed tokens of ``frames`` latent frames (an image: one)."""
+        if frames != 1:
+            raise RequestError(f"the {self.name} family makes images: {frames} latent frames; allowed: 1")
+        return self.image_ids(height, width, vae_scale_factor, device, dtype)
 
     def text_ids(self, text_len: int, height: int, width: int, vae_scale_factor: int, device: torch.device,
                  dtype: torch.dtype) -> torch.Tensor:
