@@ -46,6 +46,7 @@ from omni_runtime.runtime.metrics import Metrics
 from omni_runtime.runtime.orchestrator import Orchestrator, ServingError
 from omni_runtime.runtime.progress import valid_request_id
 from omni_runtime.runtime.requests import RequestError, WorkCaps, openapi_request_schema, parse_request, show
+from omni_runtime.runtime.video_api import add_video_routes
 
 logger = logging.getLogger(__name__)
 
@@ -285,6 +286,7 @@ def create_app(cfg: RuntimeConfig, orchestrator: Orchestrator | None = None) -> 
     app.openapi = openapi  # type: ignore[method-assign]
     app.state.metrics = metrics
     add_lora_routes(app, _auth)  # POST/GET /v1/loras, DELETE /v1/loras/{name}
+    add_video_routes(app, cfg, _auth)  # /v1/videos (runtime/video_api.py)
     return app
 
 

@@ -112,3 +112,25 @@ def test_frame_counts_are_checked(engines, tiny_dir):
 
 def dn_inputs(dn) -> dict[str, torch.Tensor]:
     return {"prompt_embeds": torch.zeros(512, 32)}
+
+
+@pytest.mark.parametrize(("edit", "words"), [
+    ({"boundary_ratio": 0.875, "transformer_2": ["diffusers", "WanTransformer3DModel"]}, "two-expert Wan 2.2"),
+    ({"expand_timesteps": True}, "TI2V's per-token timesteps"),
+])
+def test_wan22_variants_are_refused_by_name(wan_tiny_dir, tmp_path, edit, words):
+    import json
+    import shutil
+
+    from omni_runtime.stages.errors import CheckpointError
+    from omni_runtime.stages.model_check import check_model_dir
+
+    model = tmp_path / "model"
+    shutil.copytree(wan_tiny_dir, model)
+    index = json.loads((model / "model_index.json").read_text())
+    (model / "model_index.json").write_text(json.dumps({**index, **edit}))
+    with pytest.raises(CheckpointError, match=words):
+        check_model_dir(model)
+    with pytest.raises(CheckpointError, match=words):
+        family_of(model).load_transformer(model / "transformer", torch.float32, torch.device("cpu"))
+    assert check_model_dir(wan_tiny_dir)  # the Wan 2.1 directory passes

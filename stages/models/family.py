@@ -170,6 +170,10 @@ class ModelFamily:
         if width is not None and seq.shape[-1] != width:
             raise RequestError(f"{name} has width {seq.shape[-1]}; this model takes {width}")
 
+    def check_pipeline_config(self, model_index: Mapping[str, Any], source: Any = MODEL_INDEX) -> None:
+        """Raise :class:`CheckpointError` for a ``model_index.json`` of a variant this family does not serve (its
+        pipeline's own config keys); nothing by default."""
+
     def check_branches(self, branches: Sequence[Mapping[str, torch.Tensor]]) -> None:
         """Rules between the branches of one request (e.g. equal text lengths); none by default."""
 

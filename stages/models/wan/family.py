@@ -98,6 +98,18 @@ class WanFamily(ModelFamily):
         "negative_prompt": "the unconditional branch's prompt ('' when absent, as WanPipeline)",
     }
 
+    def check_pipeline_config(self, model_index: Mapping[str, Any], source: Any = "model_index.json") -> None:
+        """Wan 2.2's variants are refused by name: two experts (``transformer_2`` / ``boundary_ratio``) and TI2V's
+        per-token timesteps (``expand_timesteps``)."""
+        two = model_index.get("transformer_2")
+        if (isinstance(two, list) and two and two[0] is not None) or model_index.get("boundary_ratio") is not None:
+            raise CheckpointError(f"{source}: transformer_2 / boundary_ratio = {model_index.get('boundary_ratio')!r}: "
+                                  f"a two-expert Wan 2.2 checkpoint is not served yet; allowed: Wan 2.1 (one "
+                                  f"transformer, boundary_ratio null)")
+        if model_index.get("expand_timesteps"):
+            raise CheckpointError(f"{source}: expand_timesteps = true: Wan 2.2 TI2V's per-token timesteps are not "
+                                  f"served; allowed: expand_timesteps false")
+
     def check_branch(self, branch: Mapping[str, torch.Tensor], config: Mapping[str, Any], prefix: str = "") -> None:
         super().check_branch(branch, {"joint_attention_dim": config.get("text_dim")}, prefix)
 
@@ -109,7 +121,11 @@ class WanFamily(ModelFamily):
     def load_transformer(self, path: Path, dtype: torch.dtype, device: torch.device, *, ep_group: Any = None,
                          hsdp: Any = None, pp_group: Any = None) -> nn.Module:
         from omni_runtime.stages.models.wan.transformer import WanTransformer
+        from omni_runtime.stages.weights import MODEL_INDEX, read_json
 
+        index = Path(path).parent / MODEL_INDEX
+        if index.is_file():
+            self.check_pipeline_config(read_json(index), index)
         return WanTransformer.from_pretrained(path, dtype=dtype, device=device, ep_group=ep_group, hsdp=hsdp,
                                               pp_group=pp_group)
 
