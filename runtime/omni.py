@@ -22,6 +22,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
 from omni_runtime.runtime.config import RuntimeConfig, load_config
@@ -70,7 +71,8 @@ class Omni:
         future cancels the request (its items leave the stages, also a running denoiser batch)."""
         if self._orch is None:
             raise RuntimeError("this Omni is closed")
-        check_work(req, self.caps)
+        if req.num_frames == 1:  # a video was checked against [video]'s caps by runtime.video_request
+            check_work(req, self.caps)
         return asyncio.run_coroutine_threadsafe(self._orch.generate(req), self._loop)
 
     def generate_encoded(self, req: GenerationRequest) -> list[bytes]:
@@ -79,7 +81,20 @@ class Omni:
     def generate(self, prompt: str, **fields: Any) -> list[Image.Image]:
         """Generate ``n`` images; ``fields`` are the request fields (size, n, seed, num_inference_steps, ...)."""
         req = parse_request({"prompt": prompt, **fields, "output_format": "png"})
+        from omni_runtime.runtime.video_offline import refuse_images
+
+        refuse_images(self.cfg, "Omni.generate")
         return [decode_image(b) for b in self.generate_encoded(req)]
+
+    def generate_video(self, prompt: str, **fields: Any) -> np.ndarray:
+        """Generate one video with a video model (Wan); ``fields`` are those of ``POST /v1/videos`` (size,
+        num_frames or seconds, seed, num_inference_steps, guidance_scale, negative_prompt, ...). Returns its
+        frames, (num_frames, height, width, 3) uint8 (``runtime.video_files.encode_mp4`` writes an mp4)."""
+        from omni_runtime.runtime.video_files import decode_frames
+        from omni_runtime.runtime.video_offline import parse_video
+
+        vr = parse_video({"prompt": prompt, **fields}, self.cfg)
+        return decode_frames(self.generate_encoded(vr.req)[0])
 
     # ------------------------------------------------------------------ LoRA adapters (issue 25)
 
