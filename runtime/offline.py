@@ -39,7 +39,7 @@ def request_from_args(args: argparse.Namespace, output_format: str, caps: WorkCa
 
 def generate_to_file(cfg: RuntimeConfig, args: argparse.Namespace, in_process: bool = False) -> Path:
     from omni_runtime.runtime.omni import Omni
-    from omni_runtime.runtime.video_offline import generate_video_to_file, is_video_output, refuse_images
+    from omni_runtime.runtime.video_offline import is_video_output, refuse_images
 
     if is_video_output(args):
         return generate_video_to_file(cfg, args, in_process)
@@ -54,6 +54,23 @@ def generate_to_file(cfg: RuntimeConfig, args: argparse.Namespace, in_process: b
         data = omni.generate_encoded(req)[0]
     _write_atomic(out, data)
     print(f"wrote {out} (seed {req.seed}, {req.width}x{req.height}, {req.num_inference_steps} steps)")
+    return out
+
+
+def generate_video_to_file(cfg: RuntimeConfig, args: argparse.Namespace, in_process: bool = False) -> Path:
+    """``generate`` with a video model: the .mp4 (or .zip of lossless frames) of ``args.output``."""
+    from omni_runtime.runtime.omni import Omni
+    from omni_runtime.runtime.video_offline import VIDEO_SUFFIXES, video_bytes, video_request_from_args
+
+    out = Path(args.output)
+    if out.suffix.lower() not in VIDEO_SUFFIXES:
+        raise RequestError(f"--output {str(out)!r}: a video is written as {' or '.join(VIDEO_SUFFIXES)}", "output")
+    vr = video_request_from_args(args, cfg)
+    with Omni(cfg, in_process=in_process) as omni:
+        frames_zip = omni.generate_encoded(vr.req)[0]
+    _write_atomic(out, video_bytes(frames_zip, out.suffix.lower(), vr.fps))
+    print(f"wrote {out} (seed {vr.req.seed}, {vr.size}, {vr.req.num_frames} frames at {vr.fps} fps, "
+          f"{vr.req.num_inference_steps} steps)")
     return out
 
 

@@ -18,6 +18,13 @@ logger = logging.getLogger(__name__)
 VIDEO_SUFFIXES = (".mp4", ".zip")  # the H.264 video; a zip of the frames as lossless PNGs
 
 
+def video_request_from_args(args: argparse.Namespace, cfg: RuntimeConfig) -> VideoRequest:
+    """The video request ``generate``'s flags describe, checked as a /v1/videos body."""
+    names = ("prompt", "negative_prompt", "size", "seed", "num_inference_steps", "guidance_scale", "num_frames",
+             "fps")
+    return parse_video({k: getattr(args, k) for k in names if getattr(args, k, None) is not None}, cfg)
+
+
 def is_video_output(args: argparse.Namespace) -> bool:
     """``generate`` makes a video when its output is .mp4 / .zip or ``--num-frames`` is given."""
     return Path(args.output).suffix.lower() in VIDEO_SUFFIXES or getattr(args, "num_frames", None) is not None
@@ -51,22 +58,3 @@ def video_bytes(frames_zip: bytes, suffix: str, fps: int) -> bytes:
     from omni_runtime.runtime.video_files import decode_frames, encode_mp4
 
     return encode_mp4(decode_frames(frames_zip), fps)
-
-
-def generate_video_to_file(cfg: RuntimeConfig, args: argparse.Namespace, in_process: bool = False) -> Path:
-    from omni_runtime.runtime.offline import _write_atomic
-    from omni_runtime.runtime.omni import Omni
-
-    out = Path(args.output)
-    if out.suffix.lower() not in VIDEO_SUFFIXES:
-        raise RequestError(f"--output {str(out)!r}: a video is written as {' or '.join(VIDEO_SUFFIXES)}", "output")
-    names = ("prompt", "negative_prompt", "size", "seed", "num_inference_steps", "guidance_scale", "num_frames",
-             "fps")
-    raw = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
-    vr = parse_video(raw, cfg)
-    with Omni(cfg, in_process=in_process) as omni:
-        frames_zip = omni.generate_encoded(vr.req)[0]
-    _write_atomic(out, video_bytes(frames_zip, out.suffix.lower(), vr.fps))
-    print(f"wrote {out} (seed {vr.req.seed}, {vr.size}, {vr.req.num_frames} frames at {vr.fps} fps, "
-          f"{vr.req.num_inference_steps} steps)")
-    return out
