@@ -34,7 +34,12 @@ from omni_runtime.runtime.orchestrator import ServingError
 from omni_runtime.runtime.requests import RequestError, show
 from omni_runtime.runtime.video_files import decode_frames, encode_mp4, thumbnail
 from omni_runtime.runtime.video_jobs import FILES, StoreFull, VideoJob, VideoJobStore
-from omni_runtime.runtime.video_request import VideoRequest, parse_video_request, video_model
+from omni_runtime.runtime.video_request import (
+    VideoRequest,
+    parse_video_request,
+    video_model,
+    video_request_schema,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -157,7 +162,12 @@ def add_video_routes(app: FastAPI, cfg: RuntimeConfig, auth: Callable[[Request],
             store.finish(job, "failed", _serving_error(e) if not isinstance(e, RequestError)
                          else {"code": "invalid_request", "message": str(e)})
 
-    @app.post("/v1/videos")
+    body = {"required": True, "content": {ct: {"schema": video_request_schema()}
+                                          for ct in ("application/json", "multipart/form-data")}}
+
+    @app.post("/v1/videos", openapi_extra={"requestBody": body}, responses={
+        400: {"description": "invalid_request: a field (param names it) or a [video] cap"},
+        415: {"description": "unsupported_media_type"}, 429: {"description": "too_many_jobs"}})
     async def create_video(request: Request) -> Response:
         denied = auth(request)
         if denied is not None:
@@ -216,7 +226,8 @@ def add_video_routes(app: FastAPI, cfg: RuntimeConfig, auth: Callable[[Request],
         name, media = FILES[variant]
         return FileResponse(store.dir(job) / name, media_type=media, filename=f"{job.id}_{name}")
 
-    @app.post("/v1/videos/sync")
+    @app.post("/v1/videos/sync", openapi_extra={"requestBody": body},
+              responses={200: {"description": "the mp4", "content": {"video/mp4": {}}}})
     async def create_video_sync(request: Request) -> Response:
         denied = auth(request)
         if denied is not None:

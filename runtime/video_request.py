@@ -63,6 +63,22 @@ VIDEO_FIELDS: dict[str, Field] = {f.name: f for f in (
 )}
 
 
+def video_request_schema() -> dict[str, Any]:
+    """The JSON schema of a ``POST /v1/videos`` body, generated from :data:`VIDEO_FIELDS`."""
+    types = {"integer": "integer", "number": "number"}
+    props: dict[str, Any] = {}
+    for f in VIDEO_FIELDS.values():
+        s: dict[str, Any] = {"description": f"{f.description}; {f.allowed()}", "type": types.get(f.kind, "string")}
+        if f.kind in types:
+            s["minimum"], s["maximum"] = f.minimum, f.maximum
+        if f.name == "seconds":  # OpenAI sends a string
+            s["type"] = ["number", "string"]
+        if f.default is not None:
+            s["default"] = f.default
+        props[f.name] = s
+    return {"type": "object", "required": ["prompt"], "properties": props, "additionalProperties": False}
+
+
 @dataclass(frozen=True)
 class VideoModel:
     """What the edge needs to know of the served model: its family, whether it makes videos, and its VAE's
@@ -119,6 +135,8 @@ def parse_video_request(raw: Any, model: VideoModel, *, default_fps: int, max_fr
         raise RequestError(f"the served model is a {model.family} model, which makes images; /v1/videos needs a "
                            f"video model (pipeline WanPipeline); use /v1/images/generations", "model")
     raw = _coerce_form(raw) if form else raw
+    if isinstance(raw.get("seconds"), str):  # OpenAI's Videos API sends seconds as a string ("4", "8")
+        raw = {**_coerce_form({"seconds": raw["seconds"]}), **{k: v for k, v in raw.items() if k != "seconds"}}
     unknown = sorted(k for k in raw if k not in VIDEO_FIELDS)
     if unknown:
         raise RequestError(f"{unknown[0]}: unknown field; allowed: {', '.join(sorted(VIDEO_FIELDS))}", unknown[0])

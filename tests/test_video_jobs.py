@@ -25,12 +25,14 @@ def test_seconds_become_4k_plus_1_frames_and_guidance_becomes_cfg() -> None:
     assert (vr.req.width, vr.req.height) == (64, 32)
     vr = parse_video_request({"prompt": "x", "num_frames": 9, "fps": 8, "guidance_scale": 0.5}, WAN, **CAPS)
     assert vr.req.num_frames == 9 and vr.seconds == "1.125" and vr.req.true_cfg_scale == 1.0  # no CFG
+    assert parse_video_request({"prompt": "x", "seconds": "1"}, WAN, **CAPS).req.num_frames == 13  # OpenAI's string
     form = parse_video_request({"prompt": "x", "num_frames": "9", "seed": "4"}, WAN, form=True, **CAPS)
     assert form.req.num_frames == 9 and form.req.seed == 4
 
 
 @pytest.mark.parametrize(("raw", "param", "words"), [
     ({"prompt": "x", "seconds": 0.01}, "seconds", "no frame"),
+    ({"prompt": "x", "seconds": "four"}, "seconds", "must be a number"),
     ({"prompt": "x", "num_frames": "9"}, "num_frames", "must be an integer"),  # JSON: a string is no integer
     ({"prompt": "x", "num_frames": 133}, "num_frames", "[video] max_frames"),
     ({"prompt": "x", "size": "832x480", "num_frames": 81, "num_inference_steps": 50}, "size", "[video] max_work"),
