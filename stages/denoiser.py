@@ -182,7 +182,7 @@ class DenoiserStage:
         mesh = mesh if mesh is not None else Mesh.single(dev)
         family = family_of(path)
         config = read_config(component_dir(path, "transformer"))
-        schedule = FlowMatchSchedule.from_pretrained(path)
+        schedule = FlowMatchSchedule.from_pretrained(path, multistep=family.scheduler_timesteps)
         if family.scheduler_timesteps:
             schedule = dataclasses.replace(schedule, scheduler_timesteps=True)
         pp = mesh.size("pp")

@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -72,6 +72,7 @@ class Running:
     key: Hashable
     done: int = 0              # steps done
     lora: list[tuple[LoraAdapter, float]] = field(default_factory=list)  # its adapters and their weights
+    stepper: Any = None        # its own multistep solver (stages.schedule.DiffusersStepper); None: Euler
 
     @property
     def total(self) -> int:
@@ -123,9 +124,12 @@ class RunningSet:
         frames = st.frames(req)  # latent frames: 1 for an image
         timesteps, sigmas = st.schedule.sigmas(req.num_inference_steps,
                                                image_seq_len(h, w, st.vae_scale_factor) * frames, dev)
+        stepper = st.schedule.new_stepper(req.num_inference_steps, dev)  # None: flow-match Euler
+        if stepper is not None:
+            timesteps = stepper.timesteps
         lora = st.lora.acquire(req.lora)  # pinned while it runs; a bad adapter raises before it joins
         self.running[rid] = Running(
-            id=rid, req=req, lora=lora,
+            id=rid, req=req, lora=lora, stepper=stepper,
             latents=initial_noise(req.seed, st.num_channels_latents, h, w, st.vae_scale_factor, dt, dev, frames),
             timesteps=timesteps, sigmas=sigmas, branches=branches, guidance=st.guidance(req),
             img_ids=st.family.latent_ids(frames, h, w, st.vae_scale_factor, dev, dt), key=self.join_key(req))
@@ -206,7 +210,10 @@ class RunningSet:
         velocity = mixed_apply(pred, info, [r.id for r in members], guides, [r.req.guidance_scales for r in members])
         for j, r in enumerate(members):
             v = velocity[j:j + 1, :r.tokens]  # a shorter row's padding outputs are discarded
-            r.latents = euler_step(r.latents, v, r.sigmas[r.done], r.sigmas[r.done + 1])
+            if r.stepper is not None:
+                r.latents = r.stepper.step(v, r.timesteps[r.done], r.latents)
+            else:
+                r.latents = euler_step(r.latents, v, r.sigmas[r.done], r.sigmas[r.done + 1])
             r.done += 1
 
 

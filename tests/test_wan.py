@@ -134,3 +134,42 @@ def test_wan22_variants_are_refused_by_name(wan_tiny_dir, tmp_path, edit, words)
     with pytest.raises(CheckpointError, match=words):
         family_of(model).load_transformer(model / "transformer", torch.float32, torch.device("cpu"))
     assert check_model_dir(wan_tiny_dir)  # the Wan 2.1 directory passes
+
+
+def test_unipc_checkpoint_equals_diffusers(wan_tiny_dir, tmp_path):
+    """Real Wan 2.1 checkpoints ship UniPCMultistepScheduler (a flow solver with per-request history): each
+    request steps with its own instance of diffusers' class; 4 steps (the multistep corrector runs), two requests
+    sharing the running set at different steps."""
+    import json
+    import shutil
+
+    from diffusers import UniPCMultistepScheduler
+
+    from omni_runtime.stages.engine import DenoiserEngine
+
+    model = tmp_path / "model"
+    shutil.copytree(wan_tiny_dir, model)
+    shutil.rmtree(model / "scheduler")
+    UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000,
+                            flow_shift=3.0).save_config(model / "scheduler")
+    index = json.loads((model / "model_index.json").read_text())
+    (model / "model_index.json").write_text(json.dumps({**index, "scheduler": ["diffusers", "UniPCMultistepScheduler"]}))
+    te, dn, va = (load_engine(s, model, "float32", "cpu") for s in ("text_encoder", "denoiser", "vae"))
+    assert isinstance(dn, DenoiserEngine) and dn.stage.schedule.stepper is not None
+    reqs = [GenerationRequest(prompt=p, negative_prompt="", width=W, height=H, num_inference_steps=4,
+                              true_cfg_scale=5.0, seed=s, num_frames=FRAMES) for p, s in (("a cat", 3), ("a dog", 4))]
+    items = [StageItem(r, r.seed) for r in reqs]
+    for it, enc in zip(items, te.step(items), strict=True):
+        it.inputs = enc
+    dn.admit(0, items[0])
+    dn.run_step()  # the first request is one step ahead when the second joins
+    dn.admit(1, items[1])
+    done: dict = {}
+    while len(done) < 2:
+        done.update(dn.run_step())
+    for slot, (it, req) in enumerate(zip(items, reqs, strict=True)):
+        it.inputs = done[slot]
+        got = va.step([it])[0]
+        ref = _reference(model, prompt=req.prompt, negative_prompt="", height=H, width=W, num_frames=FRAMES,
+                         num_inference_steps=4, guidance_scale=5.0, seed=req.seed)
+        assert np.abs(got / 255.0 - ref).max() <= 2 / 255

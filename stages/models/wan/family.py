@@ -11,7 +11,10 @@ What differs from the image families, all declared here:
 - guidance is classifier-free guidance with a negative prompt (``WanPipeline``'s ``guidance_scale``, default 5):
   the runtime runs it as the true-CFG combine ``uncond + s (cond - uncond)`` (:data:`TRUE_CFG`); the video edge
   (``runtime.video_api``) sends ``guidance_scale`` as ``true_cfg_scale`` and ``""`` as the default negative prompt;
-- the VAE decodes (B, 16, latent frames, rows, cols) de-normalised with ``latents_mean`` / ``latents_std``.
+- the VAE decodes (B, 16, latent frames, rows, cols) de-normalised with ``latents_mean`` / ``latents_std``;
+- the pipeline calls ``set_timesteps(steps)`` without sigmas (:attr:`scheduler_timesteps`); a checkpoint's
+  ``UniPCMultistepScheduler`` (Wan 2.1's own) is stepped per request by diffusers' class
+  (``stages.schedule.DiffusersStepper``), a ``FlowMatchEulerDiscreteScheduler`` by the runtime's Euler step.
 """
 
 from __future__ import annotations
@@ -76,7 +79,8 @@ class WanFamily(ModelFamily):
                                   weights=TRANSFORMERS_WEIGHTS),
         "transformer": Component("diffusers", ("WanTransformer3DModel",), weights=DIFFUSERS_WEIGHTS),
         "vae": Component("diffusers", ("AutoencoderKLWan",), weights=DIFFUSERS_WEIGHTS),
-        "scheduler": Component("diffusers", ("FlowMatchEulerDiscreteScheduler",), "scheduler_config.json"),
+        "scheduler": Component("diffusers", ("FlowMatchEulerDiscreteScheduler", "UniPCMultistepScheduler"),
+                               "scheduler_config.json"),
     }
     branch_dims = {"prompt_embeds": 2}
     true_cfg = TRUE_CFG
