@@ -96,10 +96,61 @@ class _ImagesToVideoModel:
         await self.app(scope, receive, send)
 
 
+async def _parse(request: Request, cfg: RuntimeConfig) -> VideoRequest | Response:
+    """The body (JSON or multipart) as a checked video request, or the error answer."""
+    vcfg = cfg.video
+    ctype = request.headers.get("content-type") or ""
+    try:
+        if ctype.split(";")[0].strip().lower() == "multipart/form-data":
+            form = await request.form()
+            if any(not isinstance(v, str) for v in form.values()):
+                return _bad(RequestError("input_reference: image-to-video is not served; allowed: text fields "
+                                         "only", "input_reference"))
+            raw, is_form = dict(form), True
+        elif is_json_content_type(ctype):
+            raw, is_form = json.loads(await read_body(request)), False
+        else:
+            return error_response(415, f"Content-Type {show(ctype)}: send application/json or "
+                                  f"multipart/form-data", "invalid_request_error", None, "unsupported_media_type")
+    except BodyTooLarge as e:
+        return error_response(413, str(e), "invalid_request_error", None, "body_too_large")
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        return error_response(400, f"the body is not valid JSON: {e}", "invalid_request_error", None,
+                              "invalid_json")
+    try:
+        return parse_video_request(raw, video_model(cfg.model.path), default_fps=vcfg.fps,
+                                   max_frames=vcfg.max_frames, max_work=vcfg.max_work, form=is_form)
+    except RequestError as e:
+        return _bad(e)
+
+
+def _view(job: VideoJob, request: Request) -> dict[str, Any]:
+    """The job's video object, its status and progress from the orchestrator's progress book."""
+    p = request.app.state.orch.progress.get(job.id)
+    if p is not None and p.status == "running" and job.status == "queued":
+        job.status = "in_progress"
+    steps = (sum(p.done), p.n * p.steps) if p is not None else None
+    return job.as_json(steps)
+
+
+async def _run(store: VideoJobStore, job: VideoJob, vr: VideoRequest, orch: Any) -> None:
+    """The job's task: the request through the stages, then its files."""
+    try:
+        frames_zip = (await orch.generate(vr.req, job.id))[0]
+        await write_files(store.dir(job), frames_zip, vr.fps)
+        store.finish(job, "completed")
+    except asyncio.CancelledError:
+        raise
+    except Exception as e:  # the job fails; the server goes on
+        if not isinstance(e, (ServingError, RequestError)):
+            logger.exception("video job %s failed", job.id)
+        store.finish(job, "failed", _serving_error(e) if not isinstance(e, RequestError)
+                     else {"code": "invalid_request", "message": str(e)})
+
+
 def add_video_routes(app: FastAPI, cfg: RuntimeConfig, auth: Callable[[Request], Response | None]) -> None:
     """Register the routes on ``app`` (``create_app`` calls it); the job store closes with the app's lifespan."""
     vcfg = cfg.video
-    model_id = Path(cfg.model.path).name
     store = VideoJobStore(lambda: rt_instance.run_dir() / "videos", vcfg.max_jobs, vcfg.job_ttl_s)
     app.state.videos = store
 
@@ -117,53 +168,16 @@ def add_video_routes(app: FastAPI, cfg: RuntimeConfig, auth: Callable[[Request],
 
     app.add_middleware(_ImagesToVideoModel, model_path=cfg.model.path)
 
-    async def parse(request: Request) -> VideoRequest | Response:
-        ctype = request.headers.get("content-type") or ""
-        try:
-            if ctype.split(";")[0].strip().lower() == "multipart/form-data":
-                form = await request.form()
-                if any(not isinstance(v, str) for v in form.values()):
-                    return _bad(RequestError("input_reference: image-to-video is not served; allowed: text fields "
-                                             "only", "input_reference"))
-                raw, is_form = dict(form), True
-            elif is_json_content_type(ctype):
-                raw, is_form = json.loads(await read_body(request)), False
-            else:
-                return error_response(415, f"Content-Type {show(ctype)}: send application/json or "
-                                      f"multipart/form-data", "invalid_request_error", None, "unsupported_media_type")
-        except BodyTooLarge as e:
-            return error_response(413, str(e), "invalid_request_error", None, "body_too_large")
-        except (ValueError, UnicodeDecodeError, RecursionError) as e:
-            return error_response(400, f"the body is not valid JSON: {e}", "invalid_request_error", None,
-                                  "invalid_json")
-        try:
-            return parse_video_request(raw, video_model(cfg.model.path), default_fps=vcfg.fps,
-                                       max_frames=vcfg.max_frames, max_work=vcfg.max_work, form=is_form)
-        except RequestError as e:
-            return _bad(e)
-
-    def view(job: VideoJob, request: Request) -> dict[str, Any]:
-        p = request.app.state.orch.progress.get(job.id)
-        if p is not None and p.status == "running" and job.status == "queued":
-            job.status = "in_progress"
-        steps = (sum(p.done), p.n * p.steps) if p is not None else None
-        return job.as_json(steps)
-
-    async def run(job: VideoJob, vr: VideoRequest, orch: Any) -> None:
-        try:
-            frames_zip = (await orch.generate(vr.req, job.id))[0]
-            await write_files(store.dir(job), frames_zip, vr.fps)
-            store.finish(job, "completed")
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:  # the job fails; the server goes on
-            if not isinstance(e, (ServingError, RequestError)):
-                logger.exception("video job %s failed", job.id)
-            store.finish(job, "failed", _serving_error(e) if not isinstance(e, RequestError)
-                         else {"code": "invalid_request", "message": str(e)})
-
     body = {"required": True, "content": {ct: {"schema": video_request_schema()}
                                           for ct in ("application/json", "multipart/form-data")}}
+    _job_routes(app, cfg, store, auth, body)
+    _file_routes(app, cfg, store, auth, body)
+
+
+def _job_routes(app: FastAPI, cfg: RuntimeConfig, store: VideoJobStore, auth: Callable[[Request], Response | None],
+                body: dict[str, Any]) -> None:
+    """POST /v1/videos, GET /v1/videos, GET and DELETE /v1/videos/{id}."""
+    model_id = Path(cfg.model.path).name
 
     @app.post("/v1/videos", openapi_extra={"requestBody": body}, responses={
         400: {"description": "invalid_request: a field (param names it) or a [video] cap"},
@@ -172,7 +186,7 @@ def add_video_routes(app: FastAPI, cfg: RuntimeConfig, auth: Callable[[Request],
         denied = auth(request)
         if denied is not None:
             return denied
-        vr = await parse(request)
+        vr = await _parse(request, cfg)
         if isinstance(vr, Response):
             return vr
         job = VideoJob(id=f"video_{uuid.uuid4().hex}", model=model_id, size=vr.size, seconds=vr.seconds,
@@ -181,15 +195,15 @@ def add_video_routes(app: FastAPI, cfg: RuntimeConfig, auth: Callable[[Request],
             store.add(job)
         except StoreFull as e:
             return error_response(429, str(e), "rate_limit_error", None, "too_many_jobs", {"Retry-After": "10"})
-        job.task = asyncio.ensure_future(run(job, vr, request.app.state.orch))
-        return JSONResponse(view(job, request))
+        job.task = asyncio.ensure_future(_run(store, job, vr, request.app.state.orch))
+        return JSONResponse(_view(job, request))
 
     @app.get("/v1/videos")
     async def list_videos(request: Request) -> Response:
         denied = auth(request)
         if denied is not None:
             return denied
-        return JSONResponse({"object": "list", "data": [view(j, request) for j in store.list()]})
+        return JSONResponse({"object": "list", "data": [_view(j, request) for j in store.list()]})
 
     @app.get("/v1/videos/{video_id}")
     async def get_video(video_id: str, request: Request) -> Response:
@@ -197,7 +211,7 @@ def add_video_routes(app: FastAPI, cfg: RuntimeConfig, auth: Callable[[Request],
         if denied is not None:
             return denied
         job = store.get(video_id)
-        return _not_found(video_id) if job is None else JSONResponse(view(job, request))
+        return _not_found(video_id) if job is None else JSONResponse(_view(job, request))
 
     @app.delete("/v1/videos/{video_id}")
     async def delete_video(video_id: str, request: Request) -> Response:
@@ -209,6 +223,10 @@ def add_video_routes(app: FastAPI, cfg: RuntimeConfig, auth: Callable[[Request],
             return _not_found(video_id)
         return JSONResponse({"id": job.id, "object": "video.deleted", "deleted": True})
 
+
+def _file_routes(app: FastAPI, cfg: RuntimeConfig, store: VideoJobStore,
+                 auth: Callable[[Request], Response | None], body: dict[str, Any]) -> None:
+    """GET /v1/videos/{id}/content and POST /v1/videos/sync."""
     @app.get("/v1/videos/{video_id}/content")
     async def video_content(video_id: str, request: Request, variant: str = "video") -> Response:
         denied = auth(request)
@@ -232,7 +250,7 @@ def add_video_routes(app: FastAPI, cfg: RuntimeConfig, auth: Callable[[Request],
         denied = auth(request)
         if denied is not None:
             return denied
-        vr = await parse(request)
+        vr = await _parse(request, cfg)
         if isinstance(vr, Response):
             return vr
         task = asyncio.ensure_future(request.app.state.orch.generate(vr.req, f"video_{uuid.uuid4().hex}"))
