@@ -66,11 +66,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate one image offline")
     p.add_argument("--config", required=True, help="TOML config file")
     _add_request_args(p)
-    p.add_argument("-o", "--output", required=True, help="output image file (.png, .jpg, .webp)")
+    p.add_argument("-o", "--output", required=True, help="output image file (.png, .jpg, .webp); a video model's "
+                   "video: .mp4 (H.264) or .zip (its frames as lossless PNGs)")
     p.add_argument("--in-process", action="store_true", help="run the pipeline in this process")
     p.add_argument("--image", action="append", default=None, metavar="PATH",
                    help="edit this input image (an image-edit model, e.g. FluxKontextPipeline; --size defaults to "
                         "'auto': its size rounded down to the model's multiple)")
+    p.add_argument("--num-frames", dest="num_frames", type=int, default=None,
+                   help="a video model's frames (4 k + 1 for Wan, default 81); see runtime/video_request.py")
+    p.add_argument("--fps", type=int, default=None, help="frames per second of the .mp4 (default [video] fps)")
 
     p = sub.add_parser("batch", help="generate images for every line of a JSONL file (resumable)")
     p.add_argument("--config", required=True, help="TOML config file")

@@ -220,12 +220,23 @@ class LoraConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     allowed_roots: list[str] = msgspec.field(default_factory=list)
 
 
+class VideoConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """``[video]``: the /v1/videos job API (runtime/video_api.py, runtime/video_jobs.py)."""
+
+    max_frames: int = 129  # num_frames of one video at most
+    max_work: int = 1 << 31  # width x height x num_frames x num_inference_steps of one video at most
+    max_jobs: int = 64  # jobs kept (queued, running or finished); a new one beyond: 429 until one leaves
+    job_ttl_s: float = 3600.0  # a finished job and its files are removed this long after it finished
+    fps: int = 16  # frames per second of the mp4 when a request gives none (Wan's 16)
+
+
 class RuntimeConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     model: ModelConfig
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     stages: StagesConfig = msgspec.field(default_factory=StagesConfig)
     placement: PlacementConfig = msgspec.field(default_factory=PlacementConfig)
     lora: LoraConfig = msgspec.field(default_factory=LoraConfig)
+    video: VideoConfig = msgspec.field(default_factory=VideoConfig)
     source: str = ""  # the file it came from ("" when built in code)
 
 
@@ -260,6 +271,7 @@ _SCHEMA: dict[str, Any] = {
     },
     "placement": {"tensor_transport": _STR, "launcher": _STR, "ray_address": _STR, "cpu_sharing": _STR},
     "lora": {"adapters": _STR_TABLE, "max_loaded": _INT, "allowed_roots": _STRS},
+    "video": {"max_frames": _INT, "max_work": _INT, "max_jobs": _INT, "job_ttl_s": _FLOAT, "fps": _INT},
 }
 _REQUIRED = {("model",): ["path"], (): ["model"]}
 
@@ -524,6 +536,7 @@ def _check_values(cfg: RuntimeConfig) -> None:
                           f"and its kernel library, but model.device = 'cpu'; allowed on CPU: "
                           f"{', '.join(repr(b) for b in CPU_ALL2ALL_BACKEND_NAMES)}")
     _check_lora(cfg)
+    _check_video(cfg)
     if cfg.stages.vae.tiling and cfg.stages.vae.parallel.vae_patch > 1:
         raise ConfigError(f"stages.vae.tiling = true with stages.vae.parallel.patch = "
                           f"{cfg.stages.vae.parallel.vae_patch}: tiling is the approximate single-rank memory saver, "
@@ -572,6 +585,19 @@ def _check_lora(cfg: RuntimeConfig) -> None:
                               f"a-z, 0-9, '.', '_', '-' (not starting with '.', '_', '-')")
         if not path:
             raise ConfigError(f"lora.adapters.{name} = '': must name a .safetensors LoRA file")
+
+
+def _check_video(cfg: RuntimeConfig) -> None:
+    """``[video]``: the caps, the job store's bounds, the default fps."""
+    v = cfg.video
+    _at_least("video.max_frames", v.max_frames, 1)
+    _at_least("video.max_work", v.max_work, 1)
+    _at_least("video.max_jobs", v.max_jobs, 1)
+    _at_least("video.fps", v.fps, 1)
+    if not 1 <= v.fps <= 240:
+        raise ConfigError(f"video.fps = {v.fps}: allowed: an integer from 1 to 240")
+    if not (1.0 <= v.job_ttl_s <= 7 * 86400):  # also NaN and inf
+        raise ConfigError(f"video.job_ttl_s = {v.job_ttl_s!r}: allowed: a number of seconds from 1 to 604800")
 
 
 def _check_ray(cfg: RuntimeConfig) -> None:

@@ -19,7 +19,12 @@ default 6, for an 18 % larger file (noise-like images cost ~7 ms at any level); 
 
 
 def encode_image(array: np.ndarray, fmt: str = "png") -> bytes:
-    """Encode one image; PNG is lossless (the same seed gives the same bytes), JPEG/WebP at quality 95."""
+    """Encode one image; PNG is lossless (the same seed gives the same bytes), JPEG/WebP at quality 95. A video
+    (frames, H, W, 3) becomes a zip of its lossless PNG frames (``runtime.video_files``)."""
+    if array.ndim == 4:
+        from omni_runtime.runtime.video_files import encode_frames
+
+        return encode_frames(array)
     buf = io.BytesIO()
     kwargs = {"compress_level": PNG_COMPRESS_LEVEL} if fmt == "png" else {"quality": 95}
     Image.fromarray(np.ascontiguousarray(array)).save(buf, format=_PIL_FORMATS[fmt], **kwargs)

@@ -14,6 +14,7 @@ import concurrent.futures
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +52,11 @@ def request_from_args(args: argparse.Namespace, output_format: str, caps: WorkCa
 
 def generate_to_file(cfg: RuntimeConfig, args: argparse.Namespace, in_process: bool = False) -> Path:
     from omni_runtime.runtime.omni import Omni
+    from omni_runtime.runtime.video_offline import is_video_output, refuse_images
 
+    if is_video_output(args):
+        return generate_video_to_file(cfg, args, in_process)
+    refuse_images(cfg, f"--output {args.output}")
     out = Path(args.output)
     fmt = _FORMAT_OF_SUFFIX.get(out.suffix.lower())
     if fmt is None:
@@ -65,6 +70,23 @@ def generate_to_file(cfg: RuntimeConfig, args: argparse.Namespace, in_process: b
     return out
 
 
+def generate_video_to_file(cfg: RuntimeConfig, args: argparse.Namespace, in_process: bool = False) -> Path:
+    """``generate`` with a video model: the .mp4 (or .zip of lossless frames) of ``args.output``."""
+    from omni_runtime.runtime.omni import Omni
+    from omni_runtime.runtime.video_offline import VIDEO_SUFFIXES, video_bytes, video_request_from_args
+
+    out = Path(args.output)
+    if out.suffix.lower() not in VIDEO_SUFFIXES:
+        raise RequestError(f"--output {str(out)!r}: a video is written as {' or '.join(VIDEO_SUFFIXES)}", "output")
+    vr = video_request_from_args(args, cfg)
+    with Omni(cfg, in_process=in_process) as omni:
+        frames_zip = omni.generate_encoded(vr.req)[0]
+    _write_atomic(out, video_bytes(frames_zip, out.suffix.lower(), vr.fps))
+    print(f"wrote {out} (seed {vr.req.seed}, {vr.size}, {vr.req.num_frames} frames at {vr.fps} fps, "
+          f"{vr.req.num_inference_steps} steps)")
+    return out
+
+
 def _write_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -72,12 +94,13 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def read_prompts(path: str | Path, caps: WorkCaps | None = None, cfg: RuntimeConfig | None = None
-                 ) -> list[tuple[int, GenerationRequest]]:
+def read_prompts(path: str | Path, caps: WorkCaps | None = None, cfg: RuntimeConfig | None = None,
+                 video: Callable[[dict], Any] | None = None) -> list[tuple[int, Any]]:
     """Parse and validate every line (blank lines are skipped but keep their number); ``caps`` bound the work. A
-    line with ``image`` (a path, relative to the file, or a list of them) is an edit of the ``cfg``'s model."""
+    line with ``image`` (a path, relative to the file, or a list of them) is an edit of the ``cfg``'s model.
+    ``video``: parses a line with ``num_frames`` or ``seconds`` (a video, ``runtime.video_offline.parse_video``)."""
     rules: list[Any] = []
-    reqs: list[tuple[int, GenerationRequest]] = []
+    reqs: list[tuple[int, Any]] = []
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
@@ -96,6 +119,8 @@ def read_prompts(path: str | Path, caps: WorkCaps | None = None, cfg: RuntimeCon
                         raise RequestError("image: an edit line needs the config of an image-edit model", "image")
                     rules.append(edit_rules(cfg))
                 reqs.append((lineno, parse_edit_request(fields, images, rules[0], caps=caps, allow_unknown=False)))
+            elif video is not None and isinstance(obj, dict) and ("num_frames" in obj or "seconds" in obj):
+                reqs.append((lineno, video(obj)))
             else:
                 reqs.append((lineno, parse_request(obj, allow_unknown=False, caps=caps)))
         except RecursionError:
@@ -137,7 +162,15 @@ class BatchInterrupted(KeyboardInterrupt):
 def run_batch(cfg: RuntimeConfig, prompts: str | Path, out_dir: str | Path, in_process: bool = False,
               max_in_flight: int = 16, omni: Any = None) -> dict[str, int]:
     """Generate every line not done yet; returns ``{"total", "skipped", "generated"}``."""
-    items = read_prompts(prompts, WorkCaps.from_config(cfg), cfg)
+    from omni_runtime.runtime.video_offline import parse_video, refuse_images, video_bytes
+
+    items = read_prompts(prompts, WorkCaps.from_config(cfg), cfg, video=lambda raw: parse_video(raw, cfg))
+    fps = {ln: r.fps for ln, r in items if not isinstance(r, GenerationRequest)}  # the video lines' mp4 rate
+    for ln, r in items:
+        if isinstance(r, GenerationRequest):
+            refuse_images(cfg, f"{prompts} line {ln}")
+            break
+    items = [(ln, r if isinstance(r, GenerationRequest) else r.req) for ln, r in items]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     manifest = out / "manifest.jsonl"
@@ -170,9 +203,9 @@ def run_batch(cfg: RuntimeConfig, prompts: str | Path, out_dir: str | Path, in_p
                 finished, _ = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
                 for fut in finished:
                     ln, req = pending.pop(fut)
-                    names = _file_names(ln, req)
+                    names = [f"{ln:05d}.mp4"] if ln in fps else _file_names(ln, req)  # a video line: its mp4
                     for name, data in zip(names, fut.result(), strict=True):
-                        _write_atomic(out / name, data)
+                        _write_atomic(out / name, video_bytes(data, ".mp4", fps[ln]) if ln in fps else data)
                     mf.write(json.dumps({"line": ln, "files": names, "prompt": req.prompt, "seeds": req.seeds(),
                                          "size": f"{req.width}x{req.height}",
                                          "num_inference_steps": req.num_inference_steps}) + "\n")

@@ -22,6 +22,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
 from omni_runtime.runtime.config import RuntimeConfig, load_config
@@ -88,7 +89,8 @@ class Omni:
         the response's extension fields (``cache``) when it is done."""
         if self._orch is None:
             raise RuntimeError("this Omni is closed")
-        check_work(req, self.caps)
+        if req.num_frames == 1:  # a video was checked against [video]'s caps by runtime.video_request
+            check_work(req, self.caps)
         return asyncio.run_coroutine_threadsafe(self._orch.generate(req, report=report), self._loop)
 
     def generate_encoded(self, req: GenerationRequest, report: dict[str, Any] | None = None) -> list[bytes]:
@@ -99,7 +101,10 @@ class Omni:
         ``cache``: the request's cache acceleration (``{"method": "first_block", "threshold": 0.1}``, the HTTP
         field; None: the config's ``[stages.denoiser.cache]``); what it skipped is in each image's
         ``info["cache"]`` (summed over the request's images, as the HTTP response's ``cache``)."""
+        from omni_runtime.runtime.video_offline import refuse_images
+
         req = parse_request({"prompt": prompt, **fields, "cache": cache, "output_format": "png"})
+        refuse_images(self.cfg, "Omni.generate")
         report: dict[str, Any] = {}
         images = [decode_image(b) for b in self.generate_encoded(req, report)]
         for im in images:
@@ -117,6 +122,16 @@ class Omni:
         req = parse_edit_request({"prompt": prompt, **fields, "output_format": "png"}, images, edit_rules(self.cfg),
                                  mask=None if mask is None else _image_bytes(mask), allow_unknown=False)
         return [decode_image(b) for b in self.generate_encoded(req)]
+
+    def generate_video(self, prompt: str, **fields: Any) -> np.ndarray:
+        """Generate one video with a video model (Wan); ``fields`` are those of ``POST /v1/videos`` (size,
+        num_frames or seconds, seed, num_inference_steps, guidance_scale, negative_prompt, ...). Returns its
+        frames, (num_frames, height, width, 3) uint8 (``runtime.video_files.encode_mp4`` writes an mp4)."""
+        from omni_runtime.runtime.video_files import decode_frames
+        from omni_runtime.runtime.video_offline import parse_video
+
+        vr = parse_video({"prompt": prompt, **fields}, self.cfg)
+        return decode_frames(self.generate_encoded(vr.req)[0])
 
     # ------------------------------------------------------------------ LoRA adapters (issue 25)
 

@@ -98,6 +98,7 @@ class GenerationRequest(msgspec.Struct, kw_only=True, frozen=True):
     priority: int = 0  # extension: admission order of the denoiser's step-level scheduling (aged while waiting)
     lora: tuple[LoraRef, ...] = ()  # extension: per-request LoRA adapters, combined as diffusers' set_adapters
     cache: CacheConfig | None = None  # extension: cache acceleration (stages.block_cache); None: the config's
+    num_frames: int = 1  # a video model's frames (runtime.video_request); 1: an image
     #: image edits: the input image files (checked at the edge: ``runtime.edit_requests``); only the VAE's encode
     #: hop receives them, the other hops get the request without (``without_images``)
     images: tuple[bytes, ...] = ()
@@ -116,8 +117,8 @@ class GenerationRequest(msgspec.Struct, kw_only=True, frozen=True):
 
     @property
     def pixels(self) -> int:
-        """``n x width x height``: what this request puts into a denoiser or VAE batch."""
-        return self.n * self.width * self.height
+        """``n x width x height x num_frames``: what this request puts into a denoiser or VAE batch."""
+        return self.n * self.width * self.height * self.num_frames
 
     @property
     def pixels_steps(self) -> int:

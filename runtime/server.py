@@ -21,7 +21,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from omni_runtime.runtime import edits_api, images_api, lora_api, ops_api
+from omni_runtime.runtime import edits_api, images_api, lora_api, ops_api, video_api
 from omni_runtime.runtime.config import ConfigError, RuntimeConfig
 from omni_runtime.runtime.http_common import REQUEST_ID_HEADER, ApiContext, install_error_handlers
 from omni_runtime.runtime.images_api import generations_responses
@@ -34,8 +34,8 @@ logger = logging.getLogger(__name__)
 __all__ = ["API_MODULES", "REQUEST_ID_HEADER", "create_app", "generations_responses", "serve"]
 
 #: The API modules the app is composed of, in route order: each has ``register(app: FastAPI, ctx: ApiContext)``.
-#: A new API (e.g. ``/v1/videos``) is one module with such a function and one entry here.
-API_MODULES: tuple[Any, ...] = (images_api, edits_api, ops_api, lora_api)
+#: A new API is one module with such a function and one entry here.
+API_MODULES: tuple[Any, ...] = (images_api, edits_api, ops_api, lora_api, video_api)
 
 
 def create_app(cfg: RuntimeConfig, orchestrator: Orchestrator | None = None) -> FastAPI:

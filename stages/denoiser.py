@@ -20,6 +20,7 @@ embedding widths. A ``stop`` hook, asked before every step, lets a caller take r
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 from collections.abc import Callable, Sequence
@@ -41,7 +42,13 @@ from omni_runtime.stages.cpu_linear import CPU_LINEAR, use_onednn
 from omni_runtime.stages.device import resolve_device, resolve_dtype
 from omni_runtime.stages.errors import RequestError
 from omni_runtime.stages.guidance import UNGUIDED, Guidance
-from omni_runtime.stages.latents import check_image_size, image_seq_len, unpack_latents
+from omni_runtime.stages.latents import (
+    check_image_size,
+    image_seq_len,
+    latent_frames,
+    unpack_latents,
+    unpack_video_latents,
+)
 from omni_runtime.stages.lora import LoraBank, LoraSpec
 from omni_runtime.stages.models.family import CONDITION_KEY, ModelFamily, family_of
 from omni_runtime.stages.schedule import FlowMatchSchedule
@@ -73,6 +80,8 @@ class DenoiseRequest:
     lora: tuple[LoraSpec, ...] = ()
     #: the request's cache acceleration (``stages.block_cache``); None or method "none": every block every step
     cache: CacheConfig | None = None
+    #: frames of a video (a family with ``video``); 1 for an image
+    num_frames: int = 1
 
     @property
     def do_true_cfg(self) -> bool:
@@ -87,6 +96,12 @@ class DenoiseRequest:
 
 #: the prefix of a negative prompt's tensors in :attr:`DenoiseRequest.embeds`
 NEGATIVE = "negative_"
+
+
+def temporal_factor_of(path: str | Path, family: ModelFamily) -> int:
+    """Pixel frames per latent frame of the model's VAE (1: an image VAE, or no ``vae/``)."""
+    vae_dir = Path(path) / "vae"
+    return family.vae.temporal_factor(read_config(vae_dir)) if vae_dir.is_dir() else 1
 
 
 def vae_scale_factor_of(path: str | Path, family: ModelFamily) -> int:
@@ -133,7 +148,9 @@ class DenoiserStage:
         self.dtype = dtype
         self.device = device
         self.in_channels = int(config.get("in_channels", 64))
-        self.num_channels_latents = self.in_channels // 4
+        self.num_channels_latents = family.latent_channels(config)
+        #: pixel frames per latent frame (a video family's VAE; 1 for images)
+        self.temporal_factor = 1
         self.guidance_embeds = bool(config.get("guidance_embeds", False))
         #: how one step's rows are computed on this mesh (``parallel.strategies.row_forward``)
         self.forward_rows: RowForward = row_forward_for(self.mesh)
@@ -169,7 +186,9 @@ class DenoiserStage:
         mesh = mesh if mesh is not None else Mesh.single(dev)
         family = family_of(path)
         config = read_config(component_dir(path, "transformer"))
-        schedule = FlowMatchSchedule.from_pretrained(path)
+        schedule = FlowMatchSchedule.from_pretrained(path, multistep=family.scheduler_timesteps)
+        if family.scheduler_timesteps:
+            schedule = dataclasses.replace(schedule, scheduler_timesteps=True)
         pp = mesh.size("pp")
         model = family.load_transformer(component_dir(path, "transformer"), torch_dtype, dev, ep_group=ep_group,
                                         hsdp=hsdp, pp_group=mesh.group("pp") if pp > 1 else None)
@@ -191,6 +210,7 @@ class DenoiserStage:
         stage = cls(model, config, schedule, vae_scale_factor_of(path, family), torch_dtype, dev, mesh,
                     family=family, batch_invariant=batch_invariant, mixed_sizes=mixed_sizes,
                     lora_max_loaded=lora_max_loaded)
+        stage.temporal_factor = temporal_factor_of(path, family)
         if mesh.size("cfg") > 1:
             logger.info("denoiser: CFG parallel over %d ranks (cfg rank %d), rows by %r", mesh.size("cfg"),
                         mesh.rank("cfg"), stage.forward_rows)
@@ -222,6 +242,7 @@ class DenoiserStage:
         assert isinstance(req.num_inference_steps, int) and req.num_inference_steps >= 1, req.num_inference_steps
         assert isinstance(req.seed, int) and req.seed >= 0, req.seed
         check_image_size(req.height, req.width, 2 * self.vae_scale_factor)
+        self.check_frames(req.num_frames)
         spec = self.mesh.spec
         if spec.pp > 1 and spec.pp_mode == "pipefusion":  # PipeFusion's patches are whole token rows
             patches, rows = spec.pipefusion_patches or spec.pp, req.height // (2 * self.vae_scale_factor)
@@ -280,10 +301,25 @@ class DenoiserStage:
         z = req.embeds.get(CONDITION_KEY)
         return tuple(z.shape) if z is not None else ()
 
+    def check_frames(self, num_frames: int) -> None:
+        """Raise :class:`RequestError` naming ``num_frames`` unless this model makes that many frames."""
+        tf = self.temporal_factor
+        if not self.family.video:
+            if num_frames != 1:
+                raise RequestError(f"num_frames={num_frames}: the {self.family.name} family makes images; allowed: 1")
+        elif isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1 \
+                or (num_frames - 1) % tf:
+            raise RequestError(f"num_frames={num_frames!r}: this video model takes {tf} k + 1 frames (1, {tf + 1}, "
+                               f"{2 * tf + 1}, ...)")
+
+    def frames(self, req: DenoiseRequest) -> int:
+        """Latent frames of ``req`` (1 for an image)."""
+        return latent_frames(req.num_frames, self.temporal_factor)
+
     def batch_key(self, req: DenoiseRequest) -> tuple:
         """Requests with equal keys run in one forward."""
-        return (req.height, req.width, req.num_inference_steps, self.family.join_key(self.branches(req)),
-                req.do_true_cfg, self.condition_key(req))
+        return (req.height, req.width, req.num_frames, req.num_inference_steps,
+                self.family.join_key(self.branches(req)), req.do_true_cfg, self.condition_key(req))
 
     @torch.no_grad()
     def denoise(self, requests: list[DenoiseRequest], *, unpack: bool = False, progress: bool = False,
@@ -306,7 +342,10 @@ class DenoiserStage:
             if latents is None:
                 continue
             if unpack:
-                latents = unpack_latents(latents, group[0].height, group[0].width, self.vae_scale_factor)
+                g = group[0]
+                latents = (unpack_video_latents(latents, self.frames(g), g.height, g.width, self.vae_scale_factor)
+                           if self.family.video else unpack_latents(latents, g.height, g.width,
+                                                                     self.vae_scale_factor))
             for j, k in enumerate(kept):
                 out[idx[k]] = latents[j]
         return out
@@ -343,10 +382,11 @@ class DenoiserStage:
         (same image size and the family's join key, e.g. Flux's text length; with :attr:`mixed_sizes` the family's
         key alone: the image tokens are padded)."""
         key = self.family.join_key(self.branches(req))
-        return (key,) if self.mixed_sizes else (req.height, req.width, key, self.condition_key(req))
+        return (key,) if self.mixed_sizes else (req.height, req.width, req.num_frames, key, self.condition_key(req))
 
     def row_tokens(self, req: DenoiseRequest) -> tuple[int, int]:
         """(image tokens of one row, rows) of ``req`` in a step's forward: what its padding waste is counted by."""
         cond = self.condition(req)
         extra = cond[0].shape[0] if cond is not None else 0
-        return image_seq_len(req.height, req.width, self.vae_scale_factor) + extra, 2 if req.do_true_cfg else 1
+        return (image_seq_len(req.height, req.width, self.vae_scale_factor) * self.frames(req) + extra,
+                2 if req.do_true_cfg else 1)

@@ -154,7 +154,7 @@ class DenoiserEngine:
         return DenoiseRequest(
             embeds=embeds, seed=item.seed, height=p.height, width=p.width,
             num_inference_steps=p.num_inference_steps, guidance_scale=p.guidance_scale,
-            true_cfg_scale=p.true_cfg_scale,
+            true_cfg_scale=p.true_cfg_scale, num_frames=getattr(p, "num_frames", 1),
             lora=tuple(LoraSpec(r.name, r.path, r.version, r.scale) for r in getattr(p, "lora", ())),
             cache=getattr(p, "cache", None))
 
@@ -215,17 +215,21 @@ class VaeEngine:
         return cls(VaeDecoderStage.from_pretrained(path, dtype, device, mesh=mesh, tiling=tiling))
 
     def batch_key(self, item: StageItem) -> Hashable:
-        return (ENCODE,) if item.task == ENCODE else (item.params.width, item.params.height)
+        if item.task == ENCODE:
+            return (ENCODE,)
+        return (item.params.width, item.params.height, getattr(item.params, "num_frames", 1))
 
     def step(self, items: list[StageItem], stop: StopHook | None = None) -> list[Any]:
-        """The images on the driver; ``[]`` on the other ranks of a patch-parallel replica (rank 0 gathers).
-        ``encode`` items (image edits): the text encoder's tensors with the encoded input image added
-        (:data:`~stages.models.family.CONDITION_KEY`), one item at a time as the edit pipelines encode it."""
+        """The images (a video model: (frames, H, W, 3) arrays) on the driver; ``[]`` on the other ranks of a
+        patch-parallel replica (rank 0 gathers). ``encode`` items (image edits): the text encoder's tensors with the
+        encoded input image added (:data:`~stages.models.family.CONDITION_KEY`), one item at a time as the edit
+        pipelines encode it."""
         if items[0].task == ENCODE:
             return [self.encode(it) for it in items]
         p = items[0].params
-        assert all((it.params.width, it.params.height) == (p.width, p.height) for it in items)
-        return self.stage.decode(torch.stack([it.inputs for it in items]), p.height, p.width)
+        assert all(self.batch_key(it) == self.batch_key(items[0]) for it in items)
+        return self.stage.decode(torch.stack([it.inputs for it in items]), p.height, p.width,
+                                 getattr(p, "num_frames", 1))
 
     def encode(self, item: StageItem) -> dict[str, torch.Tensor]:
         """An ``encode`` item's output: the text encoder's tensors and the encoded input image."""

@@ -77,15 +77,44 @@ def latent_image_ids(height: int, width: int, vae_scale_factor: int, device: tor
     return ids.reshape(h2 * w2, 3).to(device=device, dtype=dtype)
 
 
+def latent_frames(num_frames: int, temporal_factor: int) -> int:
+    """Latent frames of a video of ``num_frames`` frames (a causal video VAE: the first frame alone, then one latent
+    frame per ``temporal_factor`` frames); 1 for an image."""
+    return (int(num_frames) - 1) // int(temporal_factor) + 1
+
+
+def pack_video_latents(latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, F, H, W) -> (B, F * H/2 * W/2, C*4): 2x2 patches of each frame become tokens, frame-major; one frame
+    packs as :func:`pack_latents` packs its (B, C, H, W)."""
+    b, c, f, h, w = latents.shape
+    latents = latents.view(b, c, f, h // 2, 2, w // 2, 2).permute(0, 2, 3, 5, 1, 4, 6)
+    return latents.reshape(b, f * (h // 2) * (w // 2), c * 4)
+
+
+def unpack_video_latents(latents: torch.Tensor, frames: int, height: int, width: int,
+                         vae_scale_factor: int) -> torch.Tensor:
+    """(B, tokens, C*4) -> (B, C, frames, H_lat, W_lat), the inverse of :func:`pack_video_latents`."""
+    b, _, channels = latents.shape
+    lh, lw = latent_size(height, width, vae_scale_factor)
+    latents = latents.view(b, frames, lh // 2, lw // 2, channels // 4, 2, 2).permute(0, 4, 1, 2, 5, 3, 6)
+    return latents.reshape(b, channels // 4, frames, lh, lw)
+
+
 def initial_noise(seed: int, num_channels_latents: int, height: int, width: int, vae_scale_factor: int,
-                  dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+                  dtype: torch.dtype, device: torch.device | str, frames: int = 1) -> torch.Tensor:
     """Packed initial latents (1, tokens, C*4) for one request.
 
     Drawn exactly as diffusers' ``FluxPipeline.prepare_latents`` draws them for a batch of one with
     ``generator=torch.Generator("cpu").manual_seed(seed)``: one ``randn`` of shape (1, C, H, W) in
-    ``dtype`` on the CPU, moved to ``device``, then packed.
+    ``dtype`` on the CPU, moved to ``device``, then packed. ``frames`` > 1 (a video): one ``randn`` of shape
+    (1, C, frames, H, W) in float32, as ``WanPipeline.prepare_latents`` draws it, cast to ``dtype``, packed
+    frame-major.
     """
     lh, lw = latent_size(height, width, vae_scale_factor)
     gen = torch.Generator("cpu").manual_seed(int(seed))
+    if frames != 1:
+        noise = torch.randn((1, num_channels_latents, frames, lh, lw), generator=gen, device="cpu",
+                            dtype=torch.float32)
+        return pack_video_latents(noise.to(device=device, dtype=dtype))
     noise = torch.randn((1, num_channels_latents, lh, lw), generator=gen, device="cpu", dtype=dtype)
     return pack_latents(noise.to(device))

@@ -42,6 +42,7 @@ def check_model_dir(model_dir: str | Path) -> list[str]:
     family = family_of(root)
     index = read_model_index(root)
     index_path = root / MODEL_INDEX
+    family.check_pipeline_config(read_json(index_path), index_path)
     needed = list(family.components)
     missing = [n for n in needed if n not in index]
     if missing:

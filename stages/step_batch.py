@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -78,6 +78,7 @@ class Running:
     #: tokens in the sequence (``ModelFamily.condition``); the prediction is sliced back to the image tokens
     cond: torch.Tensor | None = None
     cond_ids: torch.Tensor | None = None
+    stepper: Any = None        # its own multistep solver (stages.schedule.DiffusersStepper); None: Euler
 
     @property
     def total(self) -> int:
@@ -148,16 +149,20 @@ class RunningSet:
         h, w = req.height, req.width
         dev, dt = st.device, st.dtype
         branches = [{k: v.to(dev, dt, copy=True) for k, v in b.items()} for b in st.branches(req)]
-        timesteps, sigmas = st.schedule.sigmas(req.num_inference_steps, image_seq_len(h, w, st.vae_scale_factor),
-                                               dev)
+        frames = st.frames(req)  # latent frames: 1 for an image
+        timesteps, sigmas = st.schedule.sigmas(req.num_inference_steps,
+                                               image_seq_len(h, w, st.vae_scale_factor) * frames, dev)
+        stepper = st.schedule.new_stepper(req.num_inference_steps, dev)  # None: flow-match Euler
+        if stepper is not None:
+            timesteps = stepper.timesteps
         cond = st.condition(req)
         lora = st.lora.acquire(req.lora)  # pinned while it runs; a bad adapter raises before it joins
         self.running[rid] = Running(
-            id=rid, req=req, lora=lora, cond=None if cond is None else cond[0][None].clone(),
+            id=rid, req=req, lora=lora, stepper=stepper, cond=None if cond is None else cond[0][None].clone(),
             cond_ids=None if cond is None else cond[1],
-            latents=initial_noise(req.seed, st.num_channels_latents, h, w, st.vae_scale_factor, dt, dev),
+            latents=initial_noise(req.seed, st.num_channels_latents, h, w, st.vae_scale_factor, dt, dev, frames),
             timesteps=timesteps, sigmas=sigmas, branches=branches, guidance=st.guidance(req),
-            img_ids=st.family.image_ids(h, w, st.vae_scale_factor, dev, dt), key=self.join_key(req))
+            img_ids=st.family.latent_ids(frames, h, w, st.vae_scale_factor, dev, dt), key=self.join_key(req))
         if req.cache is not None and req.cache.enabled:
             for b in range(len(branches)):
                 self.cache.admit(row_key(rid, b), req.cache, req.num_inference_steps)
@@ -258,7 +263,10 @@ class RunningSet:
         velocity = mixed_apply(pred, info, [r.id for r in members], guides, [r.req.guidance_scales for r in members])
         for j, r in enumerate(members):
             v = velocity[j:j + 1, :r.tokens]  # padding and condition tokens' outputs are discarded
-            r.latents = euler_step(r.latents, v, r.sigmas[r.done], r.sigmas[r.done + 1])
+            if r.stepper is not None:
+                r.latents = r.stepper.step(v, r.timesteps[r.done], r.latents)
+            else:
+                r.latents = euler_step(r.latents, v, r.sigmas[r.done], r.sigmas[r.done + 1])
             r.done += 1
 
 

@@ -14,7 +14,13 @@ import torch
 
 from omni_runtime.stages.device import resolve_device, resolve_dtype
 from omni_runtime.stages.errors import CheckpointError, RequestError
-from omni_runtime.stages.latents import check_image_size, image_seq_len, unpack_latents
+from omni_runtime.stages.latents import (
+    check_image_size,
+    image_seq_len,
+    latent_frames,
+    unpack_latents,
+    unpack_video_latents,
+)
 from omni_runtime.stages.models.family import ModelFamily, VaeKind, family_of
 from omni_runtime.stages.weights import component_dir, read_config
 
@@ -111,6 +117,7 @@ class VaeDecoderStage:
             vae.to(memory_format=torch.channels_last)
         self.vae_scale_factor = self.kind.scale_factor(vae.config)
         self.latent_channels = self.kind.latent_channels(vae.config)
+        self.temporal_factor = self.kind.temporal_factor(vae.config)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: str | torch.dtype = "float32",
@@ -130,23 +137,34 @@ class VaeDecoderStage:
                    family=family)
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor | list[torch.Tensor], height: int, width: int) -> list[np.ndarray]:
-        """Packed latents of images of ``height`` x ``width`` pixels -> list of (H, W, 3) uint8 arrays."""
+    def decode(self, latents: torch.Tensor | list[torch.Tensor], height: int, width: int,
+               num_frames: int = 1) -> list[np.ndarray]:
+        """Packed latents of images of ``height`` x ``width`` pixels -> list of (H, W, 3) uint8 arrays; a video
+        VAE's (``kind.video``) of videos of ``num_frames`` frames -> list of (frames, H, W, 3) uint8 arrays."""
         check_image_size(height, width, 2 * self.vae_scale_factor)
+        frames = latent_frames(num_frames, self.temporal_factor) if self.kind.video else 1
         if isinstance(latents, (list, tuple)):
             if not latents:
                 return []
             latents = torch.cat([x if x.dim() == 3 else x[None] for x in latents])
         elif latents.dim() == 2:
             latents = latents[None]
-        expected = (image_seq_len(height, width, self.vae_scale_factor), 4 * self.latent_channels)
+        expected = (image_seq_len(height, width, self.vae_scale_factor) * frames, 4 * self.latent_channels)
         if latents.dim() != 3 or tuple(latents.shape[1:]) != expected:
             raise RequestError(f"latents have shape {tuple(latents.shape)}; a {height}x{width} image takes packed "
                                f"latents ({expected[0]}, {expected[1]}) or (batch, {expected[0]}, {expected[1]})")
-        x = unpack_latents(latents, height, width, self.vae_scale_factor)
+        if self.kind.video:
+            x = unpack_video_latents(latents, frames, height, width, self.vae_scale_factor)
+        else:
+            x = unpack_latents(latents, height, width, self.vae_scale_factor)
         x = self.kind.to_decoder(self.vae, x.to(device=self.device, dtype=self.vae.dtype))
         decoded = self.decode_latents(x)
-        return [] if decoded is None else to_uint8_images(self.kind.from_decoder(decoded))
+        if decoded is None:
+            return []
+        decoded = self.kind.from_decoder(decoded)
+        if self.kind.video:  # (B, 3, F, H, W) -> one (F, H, W, 3) array per video
+            return [np.stack(to_uint8_images(v.transpose(0, 1))) for v in decoded]
+        return to_uint8_images(decoded)
 
     @torch.no_grad()
     def decode_latents(self, z: torch.Tensor) -> torch.Tensor | None:

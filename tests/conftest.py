@@ -69,3 +69,11 @@ def qwen_tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from omni_runtime.stages.models.qwen_image.tiny import make_tiny_qwen_image
 
     return make_tiny_qwen_image(tmp_path_factory.mktemp("qwen_tiny") / "model", preset="tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def wan_tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Wan 2.1 text-to-video model (omni_runtime.stages.models.wan.tiny), written once per test session."""
+    from omni_runtime.stages.models.wan.tiny import make_tiny_wan
+
+    return make_tiny_wan(tmp_path_factory.mktemp("wan_tiny") / "model", preset="tiny", seed=0)

@@ -24,7 +24,8 @@ Usage: ``python tools/bench_serving.py [--family flux|qwen-image] [--preset smal
 [--quick] [--cpu-linear torch]``. The recorded run (docs/BENCHMARKS.md) is the plain command with its defaults;
 ``--cpu-linear torch`` gives the server torch's own linear kernel, diffusers' (the serving overhead alone).
 ``python tools/bench_serving.py arrivals --help``: Poisson arrivals, step-level vs request-level denoiser scheduling
-(tools/bench_arrivals.py).
+(tools/bench_arrivals.py). ``python tools/bench_serving.py video --help``: /v1/videos of a Wan model against diffusers'
+WanPipeline and sequence-parallel scaling (tools/bench_video.py).
 Prints a table; ratios matter, absolute times depend on the machine.
 """
 
@@ -295,5 +296,14 @@ def arrivals_main(argv: list[str]) -> int:
     return arrivals(argv)
 
 
+def video_main(argv: list[str]) -> int:
+    """``bench_serving.py video ...``: /v1/videos against WanPipeline, SP scaling (tools/bench_video.py)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_video import main as video
+
+    return video(argv)
+
+
 if __name__ == "__main__":
-    sys.exit(arrivals_main(sys.argv[2:]) if sys.argv[1:2] == ["arrivals"] else main())
+    sys.exit(arrivals_main(sys.argv[2:]) if sys.argv[1:2] == ["arrivals"]
+             else video_main(sys.argv[2:]) if sys.argv[1:2] == ["video"] else main())

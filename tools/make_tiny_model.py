@@ -1,7 +1,7 @@
 """Write a complete tiny diffusers-format model: the CLI over ``omni_runtime.stages.models.flux.tiny`` (FLUX.1) and
 ``omni_runtime.stages.models.qwen_image.tiny`` (Qwen-Image).
 
-Usage: ``python tools/make_tiny_model.py OUT_DIR [--family flux|qwen_image|flux_kontext] [--preset tiny|small] [--seed N]
+Usage: ``python tools/make_tiny_model.py OUT_DIR [--family flux|qwen_image|flux_kontext|wan] [--preset tiny|small] [--seed N]
 [--moe-experts N --moe-top-k K]``.
 
 ``--family`` picks the model family (default ``flux``, a ``FluxPipeline`` directory; ``qwen_image`` writes a
@@ -20,16 +20,17 @@ from omni_runtime.stages.models.family import family_for_class
 from omni_runtime.stages.models.flux.tiny import PRESETS, make_tiny_model
 from omni_runtime.stages.models.qwen_image.tiny import PRESETS as QWEN_IMAGE_PRESETS
 from omni_runtime.stages.models.qwen_image.tiny import make_tiny_qwen_image
+from omni_runtime.stages.models.wan.tiny import make_tiny_wan
 
-FAMILIES = ("flux", "qwen_image", "flux_kontext")
+FAMILIES = ("flux", "qwen_image", "flux_kontext", "wan")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", help="directory to write the model into (created if missing)")
     parser.add_argument("--family", choices=FAMILIES, default="flux",
-                        help="model family: flux (FluxPipeline), qwen_image (QwenImagePipeline) or flux_kontext "
-                             "(FluxKontextPipeline: the flux weights, an image-edit pipeline)")
+                        help="model family: flux (FluxPipeline), qwen_image (QwenImagePipeline), flux_kontext "
+                             "(FluxKontextPipeline: the flux weights, an image-edit pipeline) or wan (WanPipeline)")
     parser.add_argument("--preset", choices=sorted(set(PRESETS) | set(QWEN_IMAGE_PRESETS)), default="tiny")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--moe-experts", type=int, default=0,
@@ -38,13 +39,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.family != "flux" and args.moe_experts:
-        parser.error("--moe-experts is for --family flux only (the other families' transformers have no MoE "
-                     "variant)")
+        parser.error(f"--moe-experts is for --family flux only ({args.family} has no MoE variant)")
     try:
         if args.family == "qwen_image":
             out = make_tiny_qwen_image(args.out_dir, preset=args.preset, seed=args.seed)
         elif args.family == "flux_kontext":
             out = family_for_class("FluxKontextPipeline").make_tiny(Path(args.out_dir), args.preset, args.seed)
+        elif args.family == "wan":
+            out = make_tiny_wan(args.out_dir, preset=args.preset, seed=args.seed)
         else:
             out = make_tiny_model(args.out_dir, preset=args.preset, seed=args.seed, moe_experts=args.moe_experts,
                                   moe_top_k=args.moe_top_k)

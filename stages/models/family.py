@@ -49,6 +49,7 @@ REGISTRY: dict[str, str] = {
     "FluxPipeline": "omni_runtime.stages.models.flux.family",
     "QwenImagePipeline": "omni_runtime.stages.models.qwen_image.family",
     "FluxKontextPipeline": "omni_runtime.stages.models.flux.kontext",
+    "WanPipeline": "omni_runtime.stages.models.wan.family",
 }
 
 #: pipeline classes whose directories look like a served family's but need what is not served yet: the reason
@@ -57,8 +58,8 @@ NOT_SERVED: dict[str, str] = {
                              "tower); it is not served yet (FluxKontextPipeline is)",
     "QwenImageEditPlusPipeline": "an image-edit model (several input images); it is not served yet "
                                  "(FluxKontextPipeline is)",
-    "WanPipeline": "a text-to-video model; video generation is not served yet",
-    "WanImageToVideoPipeline": "an image-to-video model; video generation is not served yet",
+    "WanImageToVideoPipeline": "an image-to-video model (it conditions on an input image); image-to-video is not "
+                               "served yet",
 }
 
 
@@ -105,13 +106,20 @@ class VaeKind:
         raise NotImplementedError  # abstract
 
     def from_decoder(self, decoded: torch.Tensor) -> torch.Tensor:
-        """The decoder's output -> images (B, 3, H, W) in [-1, 1]."""
+        """The decoder's output -> images (B, 3, H, W) in [-1, 1] (a video VAE: (B, 3, frames, H, W))."""
         return decoded
 
     def encode(self, vae: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, H, W) in [-1, 1] -> normalised latents (B, C, rows, cols), as the family's edit pipeline
         encodes its input image (image edits)."""
         raise NotImplementedError  # abstract (a VAE that cannot encode: its families do not edit)
+
+    #: a video VAE: ``to_decoder`` takes (B, C, latent frames, rows, cols), ``from_decoder`` gives frames
+    video: bool = False
+
+    def temporal_factor(self, config: Mapping[str, Any]) -> int:
+        """Pixel frames per latent frame after the first (``(num_frames - 1) // factor + 1`` latent frames)."""
+        return 1
 
 
 class ModelFamily:
@@ -141,6 +149,11 @@ class ModelFamily:
     image_inputs: int = 0
     #: image edits: the family takes a mask (inpainting)
     inpainting: bool = False
+    #: the family makes videos: requests may ask for ``num_frames`` > 1 (its VAE is a video ``VaeKind``)
+    video: bool = False
+    #: the pipeline calls the scheduler's ``set_timesteps(steps)`` without sigmas (its own default timesteps);
+    #: False: it passes ``sigmas = linspace(1, 1/steps, steps)`` as FluxPipeline does (``stages.schedule``)
+    scheduler_timesteps: bool = False
 
     # --- loaders -----------------------------------------------------------------------------------------------
 
@@ -168,6 +181,10 @@ class ModelFamily:
         if width is not None and seq.shape[-1] != width:
             raise RequestError(f"{name} has width {seq.shape[-1]}; this model takes {width}")
 
+    def check_pipeline_config(self, model_index: Mapping[str, Any], source: Any = MODEL_INDEX) -> None:
+        """Raise :class:`CheckpointError` for a ``model_index.json`` of a variant this family does not serve (its
+        pipeline's own config keys); nothing by default."""
+
     def check_branches(self, branches: Sequence[Mapping[str, torch.Tensor]]) -> None:
         """Rules between the branches of one request (e.g. equal text lengths); none by default."""
 
@@ -183,6 +200,17 @@ class ModelFamily:
                   dtype: torch.dtype) -> torch.Tensor:
         """(image tokens, 3) rotary position ids of an image's packed tokens."""
         raise NotImplementedError  # abstract
+
+    def latent_channels(self, transformer_config: Mapping[str, Any]) -> int:
+        """Channels of one latent pixel (the denoiser's noise); a packed token holds 4 of them (2x2 pixels)."""
+        return int(transformer_config.get("in_channels", 64)) // 4
+
+    def latent_ids(self, frames: int, height: int, width: int, vae_scale_factor: int, device: torch.device,
+                   dtype: torch.dtype) -> torch.Tensor:
+        """(tokens, 3) rotary position ids of the packed tokens of ``frames`` latent frames (an image: one)."""
+        if frames != 1:
+            raise RequestError(f"the {self.name} family makes images: {frames} latent frames; allowed: 1")
+        return self.image_ids(height, width, vae_scale_factor, device, dtype)
 
     def text_ids(self, text_len: int, height: int, width: int, vae_scale_factor: int, device: torch.device,
                  dtype: torch.dtype) -> torch.Tensor:

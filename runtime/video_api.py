@@ -1,0 +1,287 @@
+"""The video routes (issue 24), the job shape of OpenAI's Videos API as vLLM-Omni and SGLang serve it:
+
+- ``POST /v1/videos`` (JSON or multipart form): starts a job, answers its video object
+  ``{id, object: "video", model, status, progress, created_at, completed_at, size, seconds, error}``;
+- ``GET /v1/videos`` (list), ``GET /v1/videos/{id}``, ``DELETE /v1/videos/{id}`` (cancels a running job at the next
+  denoising step and removes it and its files);
+- ``GET /v1/videos/{id}/content?variant=video|thumbnail|frames``: the mp4 (H.264), the first frame's PNG, or a zip
+  of every frame as a lossless PNG (our extension, for exact comparison);
+- ``POST /v1/videos/sync``: the same body, answered with the mp4 itself once it is done.
+
+Validation is ``runtime.video_request``'s; the job store ``runtime.video_jobs``'s. An image model answers these
+routes with a 400 naming the model's family, and a video model answers ``/v1/images/generations`` with a 400
+saying to use ``/v1/videos``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import FileResponse, JSONResponse
+
+from omni_runtime.comm import instance as rt_instance
+from omni_runtime.runtime.config import RuntimeConfig
+from omni_runtime.runtime.http_common import (
+    ApiContext,
+    BodyTooLarge,
+    error_response,
+    is_json_content_type,
+    read_body,
+)
+from omni_runtime.runtime.orchestrator import ServingError
+from omni_runtime.runtime.requests import RequestError, show
+from omni_runtime.runtime.video_files import decode_frames, encode_mp4, thumbnail
+from omni_runtime.runtime.video_jobs import FILES, StoreFull, VideoJob, VideoJobStore
+from omni_runtime.runtime.video_request import (
+    VideoRequest,
+    parse_video_request,
+    video_model,
+    video_request_schema,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["register"]
+
+VARIANTS = tuple(FILES)
+
+
+def _bad(e: RequestError) -> Response:
+    return error_response(400, str(e), "invalid_request_error", e.param, "invalid_request")
+
+
+def _not_found(job_id: str) -> Response:
+    return error_response(404, f"no video job with id {show(job_id)} (unknown, expired or deleted)",
+                          "invalid_request_error", "video_id", "not_found")
+
+
+def _serving_error(e: Exception) -> dict[str, str]:
+    if isinstance(e, ServingError):
+        return {"code": e.code or "stage_failed", "message": str(e)}
+    return {"code": "internal_error", "message": f"{type(e).__name__}: {e}"}
+
+
+async def write_files(directory: Path, frames_zip: bytes, fps: int) -> None:
+    """The job's frames zip, mp4 and thumbnail (the mp4 encoded off the event loop)."""
+    def write() -> None:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        (directory / FILES["frames"][0]).write_bytes(frames_zip)
+        (directory / FILES["thumbnail"][0]).write_bytes(thumbnail(frames_zip))
+        (directory / FILES["video"][0]).write_bytes(encode_mp4(decode_frames(frames_zip), fps))
+    await asyncio.to_thread(write)
+
+
+class _ImagesToVideoModel:
+    """Pure ASGI middleware (a ``BaseHTTPMiddleware`` would hide client disconnects from the image route): a video
+    model answers ``POST /v1/images/generations`` with a 400 saying to use ``/v1/videos``."""
+
+    def __init__(self, app: Any, model_path: str) -> None:
+        self.app = app
+        self.model_path = model_path
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == "/v1/images/generations":
+            try:
+                model = video_model(self.model_path)
+            except Exception:  # no readable model here (a stub orchestrator's config): the image route answers
+                model = None
+            if model is not None and model.video:
+                resp = error_response(400, f"the served model is a {model.family} video model; it answers "
+                                      f"POST /v1/videos, not /v1/images/generations", "invalid_request_error",
+                                      "model", "invalid_request")
+                await resp(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+async def _parse(request: Request, cfg: RuntimeConfig) -> VideoRequest | Response:
+    """The body (JSON or multipart) as a checked video request, or the error answer."""
+    vcfg = cfg.video
+    ctype = request.headers.get("content-type") or ""
+    try:
+        if ctype.split(";")[0].strip().lower() == "multipart/form-data":
+            form = await request.form()
+            if any(not isinstance(v, str) for v in form.values()):
+                return _bad(RequestError("input_reference: image-to-video is not served; allowed: text fields "
+                                         "only", "input_reference"))
+            raw, is_form = dict(form), True
+        elif is_json_content_type(ctype):
+            raw, is_form = json.loads(await read_body(request)), False
+        else:
+            return error_response(415, f"Content-Type {show(ctype)}: send application/json or "
+                                  f"multipart/form-data", "invalid_request_error", None, "unsupported_media_type")
+    except BodyTooLarge as e:
+        return error_response(413, str(e), "invalid_request_error", None, "body_too_large")
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        return error_response(400, f"the body is not valid JSON: {e}", "invalid_request_error", None,
+                              "invalid_json")
+    try:
+        return parse_video_request(raw, video_model(cfg.model.path), default_fps=vcfg.fps,
+                                   max_frames=vcfg.max_frames, max_work=vcfg.max_work, form=is_form)
+    except RequestError as e:
+        return _bad(e)
+
+
+def _view(job: VideoJob, request: Request) -> dict[str, Any]:
+    """The job's video object, its status and progress from the orchestrator's progress book."""
+    p = request.app.state.orch.progress.get(job.id)
+    if p is not None and p.status == "running" and job.status == "queued":
+        job.status = "in_progress"
+    steps = (sum(p.done), p.n * p.steps) if p is not None else None
+    return job.as_json(steps)
+
+
+async def _run(store: VideoJobStore, job: VideoJob, vr: VideoRequest, orch: Any) -> None:
+    """The job's task: the request through the stages, then its files."""
+    try:
+        frames_zip = (await orch.generate(vr.req, job.id))[0]
+        await write_files(store.dir(job), frames_zip, vr.fps)
+        store.finish(job, "completed")
+    except asyncio.CancelledError:
+        raise
+    except Exception as e:  # the job fails; the server goes on
+        if not isinstance(e, (ServingError, RequestError)):
+            logger.exception("video job %s failed", job.id)
+        store.finish(job, "failed", _serving_error(e) if not isinstance(e, RequestError)
+                     else {"code": "invalid_request", "message": str(e)})
+
+
+def register(app: FastAPI, ctx: ApiContext) -> None:
+    """Register the routes on ``app`` (one of ``server.API_MODULES``)."""
+    _add_routes(app, ctx.cfg, ctx.auth)
+
+
+def _add_routes(app: FastAPI, cfg: RuntimeConfig, auth: Callable[[Request], Response | None]) -> None:
+    """Register the routes on ``app``; the job store closes with the app's lifespan."""
+    vcfg = cfg.video
+    store = VideoJobStore(lambda: rt_instance.run_dir() / "videos", vcfg.max_jobs, vcfg.job_ttl_s)
+    app.state.videos = store
+
+    inner = app.router.lifespan_context
+
+    @contextlib.asynccontextmanager
+    async def lifespan(a: FastAPI) -> AsyncIterator[Any]:
+        async with inner(a) as state:
+            try:
+                yield state
+            finally:
+                await store.close()  # before the orchestrator stops: jobs cancelled, files removed
+
+    app.router.lifespan_context = lifespan
+
+    app.add_middleware(_ImagesToVideoModel, model_path=cfg.model.path)
+
+    body = {"required": True, "content": {ct: {"schema": video_request_schema()}
+                                          for ct in ("application/json", "multipart/form-data")}}
+    _job_routes(app, cfg, store, auth, body)
+    _file_routes(app, cfg, store, auth, body)
+
+
+def _job_routes(app: FastAPI, cfg: RuntimeConfig, store: VideoJobStore, auth: Callable[[Request], Response | None],
+                body: dict[str, Any]) -> None:
+    """POST /v1/videos, GET /v1/videos, GET and DELETE /v1/videos/{id}."""
+    model_id = Path(cfg.model.path).name
+
+    @app.post("/v1/videos", openapi_extra={"requestBody": body}, responses={
+        400: {"description": "invalid_request: a field (param names it) or a [video] cap"},
+        415: {"description": "unsupported_media_type"}, 429: {"description": "too_many_jobs"}})
+    async def create_video(request: Request) -> Response:
+        denied = auth(request)
+        if denied is not None:
+            return denied
+        vr = await _parse(request, cfg)
+        if isinstance(vr, Response):
+            return vr
+        job = VideoJob(id=f"video_{uuid.uuid4().hex}", model=model_id, size=vr.size, seconds=vr.seconds,
+                       fps=vr.fps, num_frames=vr.req.num_frames)
+        try:
+            store.add(job)
+        except StoreFull as e:
+            return error_response(429, str(e), "rate_limit_error", None, "too_many_jobs", {"Retry-After": "10"})
+        job.task = asyncio.ensure_future(_run(store, job, vr, request.app.state.orch))
+        return JSONResponse(_view(job, request))
+
+    @app.get("/v1/videos")
+    async def list_videos(request: Request) -> Response:
+        denied = auth(request)
+        if denied is not None:
+            return denied
+        return JSONResponse({"object": "list", "data": [_view(j, request) for j in store.list()]})
+
+    @app.get("/v1/videos/{video_id}")
+    async def get_video(video_id: str, request: Request) -> Response:
+        denied = auth(request)
+        if denied is not None:
+            return denied
+        job = store.get(video_id)
+        return _not_found(video_id) if job is None else JSONResponse(_view(job, request))
+
+    @app.delete("/v1/videos/{video_id}")
+    async def delete_video(video_id: str, request: Request) -> Response:
+        denied = auth(request)
+        if denied is not None:
+            return denied
+        job = await store.delete(video_id)
+        if job is None:
+            return _not_found(video_id)
+        return JSONResponse({"id": job.id, "object": "video.deleted", "deleted": True})
+
+
+def _file_routes(app: FastAPI, cfg: RuntimeConfig, store: VideoJobStore,
+                 auth: Callable[[Request], Response | None], body: dict[str, Any]) -> None:
+    """GET /v1/videos/{id}/content and POST /v1/videos/sync."""
+    @app.get("/v1/videos/{video_id}/content")
+    async def video_content(video_id: str, request: Request, variant: str = "video") -> Response:
+        denied = auth(request)
+        if denied is not None:
+            return denied
+        if variant not in VARIANTS:
+            return _bad(RequestError(f"variant={show(variant)}: allowed values are {', '.join(VARIANTS)}",
+                                     "variant"))
+        job = store.get(video_id)
+        if job is None:
+            return _not_found(video_id)
+        if job.status != "completed":
+            return error_response(409, f"video {job.id} is {job.status}; its content exists once it is completed",
+                                  "invalid_request_error", "video_id", "video_not_ready")
+        name, media = FILES[variant]
+        return FileResponse(store.dir(job) / name, media_type=media, filename=f"{job.id}_{name}")
+
+    @app.post("/v1/videos/sync", openapi_extra={"requestBody": body},
+              responses={200: {"description": "the mp4", "content": {"video/mp4": {}}}})
+    async def create_video_sync(request: Request) -> Response:
+        denied = auth(request)
+        if denied is not None:
+            return denied
+        vr = await _parse(request, cfg)
+        if isinstance(vr, Response):
+            return vr
+        task = asyncio.ensure_future(request.app.state.orch.generate(vr.req, f"video_{uuid.uuid4().hex}"))
+        try:
+            while not task.done():
+                await asyncio.wait({task}, timeout=0.1)
+                if not task.done() and await request.is_disconnected():
+                    task.cancel()
+                    with contextlib.suppress(BaseException):
+                        await task
+                    return Response(status_code=499)
+            frames_zip = task.result()[0]
+        except ServingError as e:
+            return error_response(e.status, str(e), e.kind, None, e.code)
+        except Exception as e:
+            logger.exception("video request failed")
+            return error_response(500, f"internal error: {type(e).__name__}: {e}", "server_error", None,
+                                  "internal_error")
+        finally:
+            if not task.done():
+                task.cancel()
+        mp4 = await asyncio.to_thread(lambda: encode_mp4(decode_frames(frames_zip), vr.fps))
+        return Response(mp4, media_type="video/mp4")

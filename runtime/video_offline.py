@@ -1,0 +1,60 @@
+"""Videos offline: ``omni-runtime generate --num-frames 33 -o out.mp4`` (or ``out.zip``: the lossless frames) and
+the video lines of ``omni-runtime batch`` (a line with ``num_frames`` or ``seconds``; written as ``<line>.mp4``).
+Both validate with ``runtime.video_request`` (the table of ``POST /v1/videos``) and run the same engines."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+from omni_runtime.runtime.config import RuntimeConfig
+from omni_runtime.runtime.requests import RequestError
+from omni_runtime.runtime.video_request import VideoRequest, parse_video_request, video_model
+
+logger = logging.getLogger(__name__)
+
+VIDEO_SUFFIXES = (".mp4", ".zip")  # the H.264 video; a zip of the frames as lossless PNGs
+
+
+def video_request_from_args(args: argparse.Namespace, cfg: RuntimeConfig) -> VideoRequest:
+    """The video request ``generate``'s flags describe, checked as a /v1/videos body."""
+    names = ("prompt", "negative_prompt", "size", "seed", "num_inference_steps", "guidance_scale", "num_frames",
+             "fps")
+    return parse_video({k: getattr(args, k) for k in names if getattr(args, k, None) is not None}, cfg)
+
+
+def is_video_output(args: argparse.Namespace) -> bool:
+    """``generate`` makes a video when its output is .mp4 / .zip or ``--num-frames`` is given."""
+    return Path(args.output).suffix.lower() in VIDEO_SUFFIXES or getattr(args, "num_frames", None) is not None
+
+
+def parse_video(raw: dict[str, Any], cfg: RuntimeConfig, form: bool = False) -> VideoRequest:
+    """``raw`` against the video table and ``[video]``'s caps, for the model of ``cfg`` (made first if it is an
+    embedded one that does not exist yet)."""
+    from omni_runtime.runtime.model_store import ensure_model
+
+    model = video_model(str(ensure_model(cfg.model.path)))
+    v = cfg.video
+    return parse_video_request(raw, model, default_fps=v.fps, max_frames=v.max_frames, max_work=v.max_work,
+                               form=form)
+
+
+def refuse_images(cfg: RuntimeConfig, where: str) -> None:
+    """An image request to a video model is a :class:`RequestError` saying how to ask for a video."""
+    from omni_runtime.runtime.model_store import ensure_model
+
+    model = video_model(str(ensure_model(cfg.model.path)))
+    if model.video:
+        raise RequestError(f"{where}: the model is a {model.family} video model; ask for a video (num_frames or "
+                           f"seconds; generate -o out.mp4; Omni.generate_video)", "num_frames")
+
+
+def video_bytes(frames_zip: bytes, suffix: str, fps: int) -> bytes:
+    """What the VAE stage sent (the frames zip) as the file of ``suffix``."""
+    if suffix == ".zip":
+        return frames_zip
+    from omni_runtime.runtime.video_files import decode_frames, encode_mp4
+
+    return encode_mp4(decode_frames(frames_zip), fps)

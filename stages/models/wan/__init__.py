@@ -1,0 +1,1 @@
+"""Wan 2.1 text-to-video (diffusers ``WanPipeline``): the first video family."""

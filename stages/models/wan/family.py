@@ -1,0 +1,171 @@
+"""The Wan 2.1 text-to-video family (``WanPipeline``): UMT5 as the text encoder, the video DiT of
+``wan/transformer.py`` and ``AutoencoderKLWan`` (a causal 3D VAE with a temporal feature cache).
+
+What differs from the image families, all declared here:
+
+- it makes videos (:attr:`~ModelFamily.video`): a request's ``num_frames`` (4 k + 1) gives ``(num_frames - 1) // 4 + 1``
+  latent frames; the denoiser's packed latents hold every frame's 2x2 patches, frame-major, and the rotary
+  positions are (frame, row, column) per token;
+- a prompt is a fixed 512-token sequence (zeros after the real tokens, as ``WanPipeline`` pads it), so any two
+  requests of one video size share a forward;
+- guidance is classifier-free guidance with a negative prompt (``WanPipeline``'s ``guidance_scale``, default 5):
+  the runtime runs it as the true-CFG combine ``uncond + s (cond - uncond)`` (:data:`TRUE_CFG`); the video edge
+  (``runtime.video_api``) sends ``guidance_scale`` as ``true_cfg_scale`` and ``""`` as the default negative prompt;
+- the VAE decodes (B, 16, latent frames, rows, cols) de-normalised with ``latents_mean`` / ``latents_std``;
+- the pipeline calls ``set_timesteps(steps)`` without sigmas (:attr:`scheduler_timesteps`); a checkpoint's
+  ``UniPCMultistepScheduler`` (Wan 2.1's own) is stepped per request by diffusers' class
+  (``stages.schedule.DiffusersStepper``), a ``FlowMatchEulerDiscreteScheduler`` by the runtime's Euler step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from omni_runtime.stages.errors import CheckpointError
+from omni_runtime.stages.guidance import TRUE_CFG
+from omni_runtime.stages.models.family import Component, ModelFamily, VaeKind
+from omni_runtime.stages.weights import DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS
+
+
+class AutoencoderKLWanKind(VaeKind):
+    """diffusers' ``AutoencoderKLWan`` as ``WanPipeline`` decodes with it: latents de-normalised per channel
+    (``z / (1 / std) + mean``), the whole video decoded by diffusers' own ``decode`` (which already streams over the
+    latent frames, one at a time through the causal convolutions' feature cache), clamped to [-1, 1]."""
+
+    class_name = "AutoencoderKLWan"
+    video = True
+    patch_refusal = ("AutoencoderKLWan is a causal 3D VAE whose convolutions keep a temporal feature cache; its "
+                     "patch-parallel decode (spatial halos through the causal 3D convolutions, a temporal cache per "
+                     "rank) is not implemented, so the wan family decodes on one rank")
+
+    def load(self, directory: Path, dtype: torch.dtype) -> nn.Module:
+        from diffusers import AutoencoderKLWan
+
+        try:
+            return AutoencoderKLWan.from_pretrained(str(directory), dtype=dtype)
+        except Exception as e:  # anything a damaged checkpoint makes the loader raise
+            raise CheckpointError(f"{directory}: cannot load AutoencoderKLWan: {e}") from e
+
+    def scale_factor(self, config: Mapping[str, Any]) -> int:
+        if config.get("patch_size") is not None:
+            raise CheckpointError(f"AutoencoderKLWan patch_size={config['patch_size']!r} (the Wan 2.2 TI2V VAE) is "
+                                  f"not served; allowed: null")
+        return int(config.get("scale_factor_spatial") or 8)
+
+    def temporal_factor(self, config: Mapping[str, Any]) -> int:
+        return int(config.get("scale_factor_temporal") or 4)
+
+    def latent_channels(self, config: Mapping[str, Any]) -> int:
+        return int(config.get("z_dim", 16))
+
+    def to_decoder(self, vae: nn.Module, z: torch.Tensor) -> torch.Tensor:
+        c = vae.config.z_dim
+        mean = torch.tensor(vae.config.latents_mean).view(1, c, 1, 1, 1).to(z.device, z.dtype)
+        inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, c, 1, 1, 1).to(z.device, z.dtype)
+        return z / inv_std + mean
+
+
+class WanFamily(ModelFamily):
+    name = "wan"
+    pipeline_classes = ("WanPipeline",)
+    components = {
+        "tokenizer": Component("transformers", tokenizer=True, config="tokenizer_config.json"),
+        "text_encoder": Component("transformers", ("UMT5EncoderModel", "T5EncoderModel"),
+                                  weights=TRANSFORMERS_WEIGHTS),
+        "transformer": Component("diffusers", ("WanTransformer3DModel",), weights=DIFFUSERS_WEIGHTS),
+        "vae": Component("diffusers", ("AutoencoderKLWan",), weights=DIFFUSERS_WEIGHTS),
+        "scheduler": Component("diffusers", ("FlowMatchEulerDiscreteScheduler", "UniPCMultistepScheduler"),
+                               "scheduler_config.json"),
+    }
+    branch_dims = {"prompt_embeds": 2}
+    true_cfg = TRUE_CFG
+    block_keys = {"blocks": ("num_layers", 40)}
+    vae = AutoencoderKLWanKind()
+    video = True
+    scheduler_timesteps = True  # WanPipeline calls set_timesteps(steps) without sigmas
+    tiny_presets = ("tiny", "small")
+    unsupported = {
+        "vae_patch": AutoencoderKLWanKind.patch_refusal,
+        "pipefusion": "PipeFusion's stale K/V was not validated for video tokens; use pp_mode = 'layer'",
+        "ep": "the Wan transformer has no mixture-of-experts layers",
+        "mixed_sizes": "videos of different sizes or frame counts do not share a forward",
+    }
+    fields = {
+        "num_frames": "frames of the video, 4 k + 1 (WanPipeline's default 81)",
+        "guidance_scale": "classifier-free guidance with the negative prompt when > 1 (WanPipeline's default 5.0); "
+                          "the video API sends it to the denoiser as true_cfg_scale",
+        "negative_prompt": "the unconditional branch's prompt ('' when absent, as WanPipeline)",
+    }
+
+    def check_pipeline_config(self, model_index: Mapping[str, Any], source: Any = "model_index.json") -> None:
+        """Wan 2.2's variants are refused by name: two experts (``transformer_2`` / ``boundary_ratio``) and TI2V's
+        per-token timesteps (``expand_timesteps``)."""
+        two = model_index.get("transformer_2")
+        if (isinstance(two, list) and two and two[0] is not None) or model_index.get("boundary_ratio") is not None:
+            raise CheckpointError(f"{source}: transformer_2 / boundary_ratio = {model_index.get('boundary_ratio')!r}: "
+                                  f"a two-expert Wan 2.2 checkpoint is not served yet; allowed: Wan 2.1 (one "
+                                  f"transformer, boundary_ratio null)")
+        if model_index.get("expand_timesteps"):
+            raise CheckpointError(f"{source}: expand_timesteps = true: Wan 2.2 TI2V's per-token timesteps are not "
+                                  f"served; allowed: expand_timesteps false")
+
+    def check_branch(self, branch: Mapping[str, torch.Tensor], config: Mapping[str, Any], prefix: str = "") -> None:
+        super().check_branch(branch, {"joint_attention_dim": config.get("text_dim")}, prefix)
+
+    def load_text_encoder(self, path: Path, dtype: torch.dtype, device: torch.device, hsdp: Any = None) -> Any:
+        from omni_runtime.stages.models.wan.text import WanTextEncoder
+
+        return WanTextEncoder.from_pretrained(path, dtype, device, hsdp=hsdp)
+
+    def load_transformer(self, path: Path, dtype: torch.dtype, device: torch.device, *, ep_group: Any = None,
+                         hsdp: Any = None, pp_group: Any = None) -> nn.Module:
+        from omni_runtime.stages.models.wan.transformer import WanTransformer
+        from omni_runtime.stages.weights import MODEL_INDEX, read_json
+
+        index = Path(path).parent / MODEL_INDEX
+        if index.is_file():
+            self.check_pipeline_config(read_json(index), index)
+        return WanTransformer.from_pretrained(path, dtype=dtype, device=device, ep_group=ep_group, hsdp=hsdp,
+                                              pp_group=pp_group)
+
+    def make_tiny(self, path: Path, preset: str, seed: int = 0) -> Path:
+        from omni_runtime.stages.models.wan.tiny import make_tiny_wan
+
+        return make_tiny_wan(path, preset=preset, seed=seed)
+
+    def tiny_transformer_config(self, preset: str) -> dict[str, Any]:
+        from omni_runtime.stages.models.wan.tiny import PRESETS
+
+        return {"num_layers": PRESETS[preset].num_layers}
+
+    def latent_channels(self, transformer_config: Mapping[str, Any]) -> int:
+        return int(transformer_config.get("in_channels", 16))
+
+    def row_args(self, branches: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor | None]:
+        return {"encoder_hidden_states": torch.stack([b["prompt_embeds"] for b in branches])}
+
+    def join_key(self, branches: Sequence[Mapping[str, torch.Tensor]]) -> tuple:
+        return (int(branches[0]["prompt_embeds"].shape[0]),)
+
+    def latent_ids(self, frames: int, height: int, width: int, vae_scale_factor: int, device: torch.device,
+                   dtype: torch.dtype) -> torch.Tensor:
+        from omni_runtime.stages.models.wan.transformer import video_ids
+
+        return video_ids(frames, height // vae_scale_factor // 2, width // vae_scale_factor // 2, device)
+
+    def image_ids(self, height: int, width: int, vae_scale_factor: int, device: torch.device,
+                  dtype: torch.dtype) -> torch.Tensor:
+        return self.latent_ids(1, height, width, vae_scale_factor, device, dtype)
+
+    def text_ids(self, text_len: int, height: int, width: int, vae_scale_factor: int, device: torch.device,
+                 dtype: torch.dtype) -> torch.Tensor:
+        """Not used by the model (its text has no rotary positions): zeros, so the shared argument exists."""
+        return torch.zeros(text_len, 3, device=device, dtype=torch.float32)
+
+
+FAMILY = WanFamily()

@@ -1,0 +1,115 @@
+"""Wan through ``serve`` in each served layout: the lossless frames of ``/v1/videos`` equal the default layout's
+(<= 2/255; the default's equal diffusers' ``WanPipeline``: tests/test_video_api.py). One server per layout, one
+video job each with CFG (its negative prompt's branch: what cfg 2 splits), 32x32, 5 frames (2 latent frames, 8
+video tokens: what the sequence-parallel layouts shard), 2 steps. ``vae patch 2`` is refused for this family (a
+causal 3D VAE; ``test_vae_patch_is_refused_by_name``)."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import numpy as np
+import pytest
+from test_server_harness import ROOT, Server
+
+from omni_runtime.runtime.video_files import decode_frames
+
+pytestmark = [pytest.mark.slow, pytest.mark.distributed, pytest.mark.timeout(300)]
+
+BODY = {"prompt": "a dog on a beach", "negative_prompt": "blurry", "size": "32x32", "num_frames": 5,
+        "num_inference_steps": 2, "guidance_scale": 4.0, "seed": 11}
+PARALLEL = """[stages.denoiser.parallel]
+ulysses = 1
+ring = 1
+cfg = 1
+pp = 1
+hsdp_shard = 1
+hsdp_replicate = 1"""
+
+
+def _layout(**degrees: int) -> str:
+    text = PARALLEL
+    for key, value in degrees.items():
+        text = text.replace(f"{key} = 1", f"{key} = {value}", 1)
+    return text
+
+
+# layout -> (its parallel section, what the server's log shows when the ranks really ran it)
+LAYOUTS = {
+    "ulysses2": (_layout(ulysses=2), ["sequence parallel over 2 ranks"]),
+    "ring2": (_layout(ring=2), ["sequence parallel over 2 ranks"]),
+    "ulysses2_ring2": (_layout(ulysses=2, ring=2), ["sequence parallel over 4 ranks"]),
+    "cfg2": (_layout(cfg=2), ["CFG parallel over 2 ranks"]),
+    "pp2": (_layout(pp=2), ["pipeline stage 1/2 holds blocks [1, 2)"]),
+    "hsdp2": (_layout(hsdp_shard=2), ["HSDP: WanTransformer sharded over [0, 1]",
+                                      "HSDP: UMT5EncoderModel sharded over [0, 1]"]),
+}
+
+
+def _serve(tmp_path, edits: dict[str, str] | None = None, logged: tuple[str, ...] = ()) -> np.ndarray:
+    server = Server(tmp_path, base_config="wan.toml", edits=edits)
+    try:
+        r = httpx.post(server.url + "/v1/videos", json=BODY, headers=server.headers, timeout=60)
+        assert r.status_code == 200, r.text
+        vid = r.json()["id"]
+        end = time.time() + 200
+        while (job := httpx.get(f"{server.url}/v1/videos/{vid}", headers=server.headers).json())["status"] not in (
+                "completed", "failed"):
+            assert time.time() < end, job
+            time.sleep(0.1)
+        assert job["status"] == "completed", (job, server.log_text()[-3000:])
+        frames = decode_frames(httpx.get(f"{server.url}/v1/videos/{vid}/content", params={"variant": "frames"},
+                                         headers=server.headers).content)
+        log = server.log_text()
+        for line in logged:
+            assert line in log, (line, log[-3000:])
+        return frames
+    finally:
+        server.stop()
+        assert server.shm_entries() == []
+
+
+@pytest.fixture(scope="module")
+def default_frames(tmp_path_factory) -> np.ndarray:
+    return _serve(tmp_path_factory.mktemp("default"))
+
+
+def test_default_layout_equals_diffusers(default_frames) -> None:
+    import torch
+    from diffusers import WanPipeline
+
+    from omni_runtime.runtime.model_store import ensure_model
+
+    pipe = WanPipeline.from_pretrained(str(ensure_model(str(ROOT / "models" / "tiny-wan"))))
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe(prompt=BODY["prompt"], negative_prompt=BODY["negative_prompt"], height=32, width=32, num_frames=5,
+               num_inference_steps=2, guidance_scale=4.0, generator=torch.Generator("cpu").manual_seed(11),
+               output_type="np").frames[0]
+    assert default_frames.shape == ref.shape == (5, 32, 32, 3)
+    assert np.abs(default_frames / 255.0 - ref).max() <= 2 / 255
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_layout_equals_default(tmp_path, default_frames, layout: str) -> None:
+    parallel, logged = LAYOUTS[layout]
+    edits = {PARALLEL: parallel}
+    if layout.startswith("hsdp"):  # the text encoder's weights are sharded too
+        edits["[stages.text_encoder]\nreplicas = 1"] = "[stages.text_encoder]\nreplicas = 1\nparallel = { hsdp_shard = 2 }"
+    frames = _serve(tmp_path, edits, tuple(logged))
+    assert np.abs(frames.astype(int) - default_frames.astype(int)).max() <= 2, layout
+
+
+def test_vae_patch_is_refused_by_name(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    cfg = (ROOT / "configs" / "wan.toml").read_text().replace("[stages.vae.parallel]\npatch = 1",
+                                                               "[stages.vae.parallel]\npatch = 2")
+    cfg = cfg.replace('path = "../models/', f'path = "{ROOT / "models"}/')
+    path = tmp_path / "patch2.toml"
+    path.write_text(cfg)
+    r = subprocess.run([sys.executable, "-m", "omni_runtime.runtime.cli", "check", str(path)], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode != 0
+    assert "AutoencoderKLWan is a causal 3D VAE" in r.stdout + r.stderr
