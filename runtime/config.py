@@ -22,6 +22,8 @@ from omni_runtime.parallel.parallel_spec import (
     PP_MODES,
     ParallelSpec,
     ParallelSpecError,
+    hsdp_world_error,
+    model_degrees_text,
 )
 from omni_runtime.stages.cpu_linear import CPU_LINEAR
 
@@ -326,13 +328,10 @@ def _check_parallel(raw: dict[str, Any]) -> None:
             raise ConfigError(f"{base}.tp = {par['tp']}: tensor parallelism is reserved; allowed value: 1")
         world = par["ulysses"] * par["ring"] * par["cfg"] * par["pp"] * par["dp"]
         hsdp = par["hsdp_shard"] * par["hsdp_replicate"]
-        if hsdp > 1 and world > 1 and hsdp != world:  # HSDP alone (world 1) makes the replica hsdp ranks
-            raise ConfigError(
-                f"{base}.hsdp_shard = {par['hsdp_shard']} with hsdp_replicate = {par['hsdp_replicate']}: "
-                f"hsdp_shard x hsdp_replicate = {hsdp} must equal the denoiser world size ulysses x ring x cfg x "
-                f"pp x dp = {par['ulysses']} x {par['ring']} x {par['cfg']} x {par['pp']} x {par['dp']} = {world} "
-                f"(HSDP shards the weights over the same ranks; or set the other degrees to 1 and the replica is "
-                f"hsdp_shard x hsdp_replicate ranks)")
+        hsdp_error = hsdp_world_error(par["hsdp_shard"], par["hsdp_replicate"], world, model_degrees_text(par))
+        if world > 1 and hsdp_error:  # HSDP alone (world 1) makes the replica hsdp ranks
+            raise ConfigError(f"{base}.hsdp_shard = {par['hsdp_shard']} with hsdp_replicate = "
+                              f"{par['hsdp_replicate']}: {hsdp_error}")
         _check_expert_parallel(base, par)
         _check_pipeline(base, par, raw.get("stages", {}).get(name, {}).get("parallel", {}))
         if par["ep"] > 1 and hsdp > 1:

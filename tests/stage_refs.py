@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import torch
 
+from omni_runtime.runtime.config import RuntimeConfig, config_from_dict, tomllib
 from omni_runtime.stages import DenoiseRequest, DenoiserStage, TextEncoderStage, VaeDecoderStage
 
 
@@ -49,3 +50,14 @@ def denoise_requests(stages: SimpleNamespace, prompt: str | list[str], *, negati
 
 def decode(stages: SimpleNamespace, latents: list[torch.Tensor], height: int, width: int) -> list:
     return stages.vae.decode(torch.stack(latents), height, width)
+
+
+def single_rank_config(config_path: str | Path) -> RuntimeConfig:
+    """The config at ``config_path`` with every stage's ``parallel`` table (and ``devices`` list) removed: the default single-rank
+    layout of the same model and settings, the reference every parallel layout is compared against (and what
+    ``Omni(..., in_process=True)`` accepts)."""
+    path = Path(config_path)
+    raw = tomllib.loads(path.read_text())
+    raw["stages"] = {name: {k: v for k, v in table.items() if k not in ("parallel", "devices")}
+                     for name, table in raw.get("stages", {}).items()}
+    return config_from_dict(raw, base_dir=path.resolve().parent, source=str(path))

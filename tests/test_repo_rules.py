@@ -287,3 +287,28 @@ def test_zmq_rule_catches_sockets_outside_comm(tmp_path):
     })
     assert zmq_socket_sites(root, PACKAGES) == {"comm/other.py": [2], "runtime/a.py": [2], "runtime/b.py": [3],
                                                 "stages/c.py": [1]}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# one rule, one place
+def test_the_launchers_share_one_copy_of_what_a_killed_replica_leaves_behind(tmp_path):
+    """Unlinking a generation's file store and sweeping a replica's/instance's shm segments live in
+    ``runtime/launcher.py`` (clear_file_store, release_replica, release_instance); the local and the Ray launcher
+    call them instead of keeping their own copies."""
+    from types import SimpleNamespace
+
+    from omni_runtime.runtime.launcher import clear_file_store, release_replica
+
+    for name in ("launcher.py", "ray_launcher.py", "stage_client.py"):
+        text = (ROOT / "runtime" / name).read_text()
+        assert text.count('[len("file://"):]).unlink') == (1 if name == "launcher.py" else 0), name
+        if name != "launcher.py":  # a replica's segments (pids=) and the instance's final sweep (include_live=)
+            assert "pids=pids)" not in text and "include_live=True" not in text, name
+    store = tmp_path / "store"
+    store.write_text("stale")
+    clear_file_store("tcp://127.0.0.1:1")  # no file: nothing to do
+    assert store.exists()
+    release_replica("nosuchinstance", "denoiser[0]", [], SimpleNamespace(rendezvous=lambda g: f"file://{store}"), 0)
+    assert store.exists()  # generation 0: the replica never started, nothing of its own to remove
+    release_replica("nosuchinstance", "denoiser[0]", [], SimpleNamespace(rendezvous=lambda g: f"file://{store}"), 2)
+    assert not store.exists()

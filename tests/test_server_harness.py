@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import os
 import secrets
 import signal
@@ -11,7 +13,9 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import psutil
+from PIL import Image
 from serve_process import wait_healthy  # tools/ (on the path from conftest)
 
 from omni_runtime.runtime.launcher import free_port
@@ -108,6 +112,14 @@ class Server:
             self.leftover = [p.pid for p in alive]
         self.log.close()
         return self.proc.returncode
+
+
+def image_of(server: Server, body: dict, timeout: float = 240.0) -> np.ndarray:
+    """POST ``body`` and return its first image (uint8 HxWx3); fails the test on any status but 200. Kill-and-restart
+    tests take the image of one request before the kill and compare the restarted replica's image with it."""
+    r = httpx.post(server.url + "/v1/images/generations", json=body, headers=server.headers, timeout=timeout)
+    assert r.status_code == 200, r.text
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"]))))
 
 
 def post_and_kill(server: Server, victim: psutil.Process, body: dict, timeout: float = 120.0,

@@ -9,6 +9,7 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
+from stage_refs import single_rank_config
 from test_server_harness import Server
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed, pytest.mark.timeout(300)]
@@ -34,7 +35,7 @@ def test_ulysses2_serve_matches_in_process_pipeline(tmp_path, config):
     finally:
         server.stop()
     assert server.shm_entries() == []
-    with Omni(server.config_path, in_process=True) as omni:
+    with Omni(single_rank_config(server.config_path), in_process=True) as omni:
         ref = np.asarray(omni.generate("a castle on a hill", seed=21, size="64x64", num_inference_steps=3)[0])
     diff = np.abs(served.astype(int) - ref.astype(int))
     assert diff.max() <= 1 and (diff > 0).mean() < 0.01, (diff.max(), (diff > 0).mean())
