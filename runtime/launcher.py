@@ -309,6 +309,3 @@ class LocalLauncher(ReplicaLauncher):
                 r.stop(timeout)
         release_instance(self.instance, self.run_dir)
 
-
-Launcher = LocalLauncher
-"""The name the orchestrator has used so far (``stage_client.make_launcher`` picks the launcher the config names)."""

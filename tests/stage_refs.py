@@ -25,6 +25,23 @@ def flux_request(prompt_embeds: torch.Tensor, pooled_prompt_embeds: torch.Tensor
     return DenoiseRequest(embeds=embeds, **kw)
 
 
+def encoded_requests(text_encoder: TextEncoderStage, cases: list[tuple], steps: int,
+                     max_sequence_length: int = 16) -> list[DenoiseRequest]:
+    """Flux :class:`DenoiseRequest` s of ``cases`` — ``(prompt, negative prompt or None, seed, height, width,
+    true_cfg_scale)`` each — with ``steps`` steps, their prompts encoded by ``text_encoder``: the one builder the
+    parallel-layout tests (Ulysses/Ring, CFG, layer PP, PipeFusion) share."""
+    reqs = []
+    for prompt, neg, seed, h, w, cfg in cases:
+        enc = text_encoder.encode(prompt, max_sequence_length=max_sequence_length)
+        nenc = text_encoder.encode(neg, max_sequence_length=max_sequence_length) if neg else None
+        reqs.append(flux_request(
+            prompt_embeds=enc["prompt_embeds"][0], pooled_prompt_embeds=enc["pooled_prompt_embeds"][0], seed=seed,
+            height=h, width=w, num_inference_steps=steps, true_cfg_scale=cfg,
+            negative_prompt_embeds=nenc["prompt_embeds"][0] if nenc else None,
+            negative_pooled_prompt_embeds=nenc["pooled_prompt_embeds"][0] if nenc else None))
+    return reqs
+
+
 def load_stages(path: str | Path, dtype: str = "float32") -> SimpleNamespace:
     return SimpleNamespace(text_encoder=TextEncoderStage.from_pretrained(path, dtype, "cpu"),
                            denoiser=DenoiserStage.from_pretrained(path, dtype, "cpu"),

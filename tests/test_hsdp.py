@@ -413,25 +413,40 @@ def test_served_hsdp_matches_the_default_pipeline(tmp_path: Path, config: str) -
     hsdp2x2.toml: 4 denoiser ranks, shard 2 x replicate 2; sp2_hsdp2.toml: Ulysses 2 and hsdp_shard 2 on the same 2 denoiser ranks."""
     import base64
     import io
+    from concurrent.futures import ThreadPoolExecutor
 
     import numpy as np
     from openai import OpenAI
     from PIL import Image
-    from test_server_harness import API_KEY, Server
+    from test_server_harness import API_KEY, ROOT, Server, shared_steps
 
     from omni_runtime.runtime import Omni
 
     titles, proofs = SERVED[config]
-    prompt, seed, small = "a castle on a hill", 21, {"size": "64x64", "num_inference_steps": 3}
-    server = Server(tmp_path, base_config=config)
+    # two requests at once: they share the step-level running set; without Ulysses the denoiser also runs mixed
+    # sizes (USAGE: mixed sizes work with HSDP), so the 64x48 one shares the 64x64 one's forwards too
+    mixed = "ulysses = 2" not in (ROOT / "configs" / config).read_text()
+    requests = [("a castle on a hill", {"seed": 21, "size": "64x64", "num_inference_steps": 3}),
+                ("a red cube", {"seed": 5, "size": "64x48" if mixed else "64x64", "num_inference_steps": 2,
+                                "negative_prompt": "blurry", "true_cfg_scale": 4.0})]
+    server = Server(tmp_path, base_config=config,
+                    edits={"[stages.denoiser]\n": "[stages.denoiser]\nmixed_sizes = true\n"} if mixed else None)
     try:
         assert sorted(" ".join(p.cmdline()).strip() for p in server.stage_procs()) == [
             f"omni-runtime: {t}" for t in titles]
         client = OpenAI(base_url=server.url + "/v1", api_key=API_KEY)
-        out = client.images.generate(model="tiny-flux", prompt=prompt, n=1, size=small["size"],
-                                     response_format="b64_json",
-                                     extra_body={"seed": seed, "num_inference_steps": small["num_inference_steps"]})
-        served = np.asarray(Image.open(io.BytesIO(base64.b64decode(out.data[0].b64_json))))
+
+        def one(req):
+            prompt, body = req
+            out = client.images.generate(model="tiny-flux", prompt=prompt, n=1, size=body["size"],
+                                         response_format="b64_json",
+                                         extra_body={k: v for k, v in body.items() if k != "size"})
+            return np.asarray(Image.open(io.BytesIO(base64.b64decode(out.data[0].b64_json))))
+
+        before = shared_steps(server)
+        with ThreadPoolExecutor(2) as ex:
+            served = list(ex.map(one, requests))
+        assert shared_steps(server) - before >= 1  # the two shared a step (of mixed sizes where mixed)
         log = server.log_text()
         for line, count in proofs.items():
             assert log.count(line) == count, (line, log[-3000:])
@@ -439,9 +454,10 @@ def test_served_hsdp_matches_the_default_pipeline(tmp_path: Path, config: str) -
         server.stop()
     assert server.shm_entries() == []
     with Omni(single_rank_config(server.config_path), in_process=True) as omni:
-        ref = np.asarray(omni.generate(prompt, seed=seed, **small)[0])
-    diff = np.abs(served.astype(int) - ref.astype(int))
-    assert diff.max() <= 1, (diff.max(), (diff > 0).mean())
+        refs = [np.asarray(omni.generate(prompt, **body)[0]) for prompt, body in requests]
+    for got, ref in zip(served, refs, strict=True):
+        diff = np.abs(got.astype(int) - ref.astype(int))
+        assert got.shape == ref.shape and diff.max() <= 1, (diff.max(), (diff > 0).mean())
 
 
 # ------------------------------------------------------------------------------------------- config

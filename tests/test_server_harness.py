@@ -114,6 +114,17 @@ class Server:
         return self.proc.returncode
 
 
+def shared_steps(server: Server) -> float:
+    """Denoiser steps so far that ran more than one request (``omni_denoiser_step_active`` above 1): a request joined
+    another's running set (step-level batching)."""
+    import re
+
+    text = httpx.get(server.url + "/metrics", headers=server.headers, timeout=10).text
+    count = sum(float(m) for m in re.findall(r"^omni_denoiser_step_active_count(?:{[^}]*})? (\S+)$", text, re.M))
+    ones = sum(float(m) for m in re.findall(r'^omni_denoiser_step_active_bucket{le="1.0".*} (\S+)$', text, re.M))
+    return count - ones
+
+
 def image_of(server: Server, body: dict, timeout: float = 240.0) -> np.ndarray:
     """POST ``body`` and return its first image (uint8 HxWx3); fails the test on any status but 200. Kill-and-restart
     tests take the image of one request before the kill and compare the restarted replica's image with it."""

@@ -16,7 +16,7 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
-from test_server_harness import API_KEY, Server, image_of, post_and_kill
+from test_server_harness import API_KEY, Server, image_of, post_and_kill, shared_steps
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed, pytest.mark.timeout(600)]
 
@@ -29,13 +29,22 @@ REQUESTS = [
 
 
 def _images(server: Server) -> list[np.ndarray]:
+    """The images of REQUESTS, sent at once: the step-level denoiser runs them in one running set under the layout
+    (the two 272x208 requests, one of them true CFG, share their steps)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from openai import OpenAI
 
     client = OpenAI(base_url=server.url + "/v1", api_key=API_KEY, timeout=240)
-    out = []
-    for req in REQUESTS:
+
+    def one(req: dict) -> np.ndarray:
         res = client.images.generate(model="tiny-flux", response_format="b64_json", **req)
-        out.append(np.asarray(Image.open(io.BytesIO(base64.b64decode(res.data[0].b64_json)))))
+        return np.asarray(Image.open(io.BytesIO(base64.b64decode(res.data[0].b64_json))))
+
+    before = shared_steps(server)
+    with ThreadPoolExecutor(len(REQUESTS)) as ex:
+        out = list(ex.map(one, REQUESTS))
+    assert shared_steps(server) - before >= 1  # requests shared a step of the running set
     return out
 
 

@@ -23,7 +23,7 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
-from test_server_harness import API_KEY, ROOT, Server
+from test_server_harness import API_KEY, ROOT, Server, shared_steps
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed, pytest.mark.timeout(600)]
 
@@ -120,16 +120,6 @@ def _metric(server, name: str) -> float:
     return sum(float(m) for m in re.findall(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M))
 
 
-def _active_le(server, le: str) -> float:
-    text = httpx.get(server.url + "/metrics", headers=server.headers, timeout=10).text
-    return sum(float(m) for m in re.findall(rf'^omni_denoiser_step_active_bucket{{le="{le}",.*}} (\S+)$', text, re.M))
-
-
-def _shared_steps(server) -> float:
-    """Denoiser steps so far that ran more than one request (``omni_denoiser_step_active`` above 1)."""
-    return _metric(server, "omni_denoiser_step_active_count") - _active_le(server, "1.0")
-
-
 def test_a_short_request_overtakes_a_running_long_one_and_shares_its_steps(server):
     """Fairness on events, not the clock: the short request finishes while the long one is still running, and its
     steps ran in the long one's running set (it joined at a step boundary instead of waiting). The long request is
@@ -143,10 +133,10 @@ def test_a_short_request_overtakes_a_running_long_one_and_shares_its_steps(serve
     sock = _post_raw(server, long, "fair-long")
     try:
         _wait_running(server, "fair-long")
-        shared_before = _shared_steps(server)
+        shared_before = shared_steps(server)
         got_short = _gen(server, short, "fair-short")
         at_short = _progress(server, "fair-long")
-        shared = _shared_steps(server) - shared_before
+        shared = shared_steps(server) - shared_before
     finally:
         sock.close()  # the long request's client goes away: it leaves the running set at the next step
     assert at_short["status"] == "running" and at_short["steps_done"] < at_short["steps_total"], at_short
@@ -170,10 +160,10 @@ def test_mixed_step_counts_and_cfg_share_steps_and_each_equals_its_solo_run(serv
         if cfg:
             body.update(negative_prompt="blurry", true_cfg_scale=3.0)
         reqs.append(body)
-    shared_before = _metric(server, "omni_denoiser_step_active_count") - _active_le(server, "1.0")
+    shared_before = shared_steps(server)
     running = [_in_thread(_gen, server, body) for body in reqs]
     got = [_join(t, box) for t, box in running]
-    shared = _metric(server, "omni_denoiser_step_active_count") - _active_le(server, "1.0") - shared_before
+    shared = shared_steps(server) - shared_before
     assert shared >= 3, shared  # steps that ran more than one request
     for body, img in zip(reqs, got, strict=True):
         _same(img, _gen(server, body), body["prompt"])
