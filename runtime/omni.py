@@ -45,8 +45,8 @@ def check_in_process(cfg: RuntimeConfig) -> None:
     if multi:
         raise ConfigError(f"Omni(config, in_process=True) runs each stage on one rank in this process, but "
                           f"{'; '.join(multi)}; allowed: in_process=False (the default) to run the parallel layout "
-                          f"in rank processes, or a config whose parallel degrees are all 1 (the same image: every "
-                          f"layout equals the single-rank one)")
+                          f"in rank processes, or a config whose parallel degrees are all 1 (the single-rank "
+                          f"reference the parallel layouts are tested against)")
 
 
 def _degrees(stage: Any) -> dict[str, int]:
