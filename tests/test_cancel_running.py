@@ -126,6 +126,8 @@ def test_a_dead_follower_rank_is_503_stage_unavailable_naming_stage_and_rank(sp_
     from omni_runtime.runtime.orchestrator import StageUnavailable
 
     follower = _rank_proc("omni-runtime: denoiser[0] rank 1/2")
+    fast = parse_request({"prompt": "after", "seed": 2, "size": "32x32", "num_inference_steps": 1})
+    before = _img(sp_omni.generate_encoded(fast)[0])  # the image the restarted replica must give again
     # long enough on a quiet machine too (a 64x64 200-step request finished in under 3 s there): 4 x 256x256
     slow = parse_request({"prompt": "slow", "seed": 3, "size": "256x256", "n": 4, "num_inference_steps": 200})
     busy_from = follower.cpu_times().user
@@ -134,15 +136,13 @@ def test_a_dead_follower_rank_is_503_stage_unavailable_naming_stage_and_rank(sp_
     while follower.cpu_times().user - busy_from < 1.0 and time.monotonic() < end:  # the follower is denoising
         time.sleep(0.05)
     assert not fut.done(), "the request finished before the kill; make it slower"
-    killed_at = time.monotonic()
     follower.send_signal(signal.SIGKILL)
     with pytest.raises(StageUnavailable) as e:
         fut.result(timeout=60)
-    assert time.monotonic() - killed_at < 3.0
+    # fast, on events: the 503 comes from the death (the stall watch would say "hung"), not from a timeout
     assert (e.value.status, e.value.code) == (503, "stage_unavailable")
     msg = str(e.value)
     assert msg.startswith("stage denoiser failed: denoiser[0] rank 1 died"), msg
     assert "gloo" not in msg.lower() and "Connection" not in msg
-    # the replica is restarted; a request sent meanwhile waits for it
-    fast = parse_request({"prompt": "after", "seed": 2, "size": "32x32", "num_inference_steps": 1})
-    assert sp_omni.generate_encoded(fast)[0][:4] == b"\x89PNG"
+    # the replica is restarted; a request sent meanwhile waits for it and gets the image of before the kill
+    assert np.array_equal(_img(sp_omni.generate_encoded(fast)[0]), before)

@@ -408,25 +408,19 @@ SERVED = {
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize("config", sorted(SERVED))
 def test_served_hsdp_matches_the_default_pipeline(tmp_path: Path, config: str) -> None:
-    """``serve`` with HSDP, through the official openai client: the image for a seed equals the single-process
+    """``serve`` with HSDP, two requests in one step-level running set: each image equals the single-process
     pipeline's (max |delta| <= 1/255). hsdp2.toml: the denoiser and the text encoders each sharded over 2 ranks;
     hsdp2x2.toml: 4 denoiser ranks, shard 2 x replicate 2; sp2_hsdp2.toml: Ulysses 2 and hsdp_shard 2 on the same 2 denoiser ranks."""
-    import base64
-    import io
-    from concurrent.futures import ThreadPoolExecutor
-
     import numpy as np
-    from openai import OpenAI
-    from PIL import Image
-    from test_server_harness import API_KEY, ROOT, Server, shared_steps
+    from test_server_harness import ROOT, Server, images_together
 
     from omni_runtime.runtime import Omni
 
     titles, proofs = SERVED[config]
-    # two requests at once: they share the step-level running set; without Ulysses the denoiser also runs mixed
-    # sizes (USAGE: mixed sizes work with HSDP), so the 64x48 one shares the 64x64 one's forwards too
+    # the second request joins the first's step-level running set; without Ulysses the denoiser also runs mixed
+    # sizes (USAGE: mixed sizes work with HSDP), so the 64x48 one shares the 64x64 one's forwards
     mixed = "ulysses = 2" not in (ROOT / "configs" / config).read_text()
-    requests = [("a castle on a hill", {"seed": 21, "size": "64x64", "num_inference_steps": 3}),
+    requests = [("a castle on a hill", {"seed": 21, "size": "64x64", "num_inference_steps": 12}),
                 ("a red cube", {"seed": 5, "size": "64x48" if mixed else "64x64", "num_inference_steps": 2,
                                 "negative_prompt": "blurry", "true_cfg_scale": 4.0})]
     server = Server(tmp_path, base_config=config,
@@ -434,19 +428,9 @@ def test_served_hsdp_matches_the_default_pipeline(tmp_path: Path, config: str) -
     try:
         assert sorted(" ".join(p.cmdline()).strip() for p in server.stage_procs()) == [
             f"omni-runtime: {t}" for t in titles]
-        client = OpenAI(base_url=server.url + "/v1", api_key=API_KEY)
-
-        def one(req):
-            prompt, body = req
-            out = client.images.generate(model="tiny-flux", prompt=prompt, n=1, size=body["size"],
-                                         response_format="b64_json",
-                                         extra_body={k: v for k, v in body.items() if k != "size"})
-            return np.asarray(Image.open(io.BytesIO(base64.b64decode(out.data[0].b64_json))))
-
-        before = shared_steps(server)
-        with ThreadPoolExecutor(2) as ex:
-            served = list(ex.map(one, requests))
-        assert shared_steps(server) - before >= 1  # the two shared a step (of mixed sizes where mixed)
+        # the second joins the first's running set (of another size where mixed) under HSDP
+        bodies = [{"prompt": prompt, **body} for prompt, body in requests]
+        served = images_together(server, bodies[0], bodies[1:])
         log = server.log_text()
         for line, count in proofs.items():
             assert log.count(line) == count, (line, log[-3000:])

@@ -9,43 +9,26 @@ rank mid-request: 503 naming the stage and the rank, restart, the next request s
 
 from __future__ import annotations
 
-import base64
-import io
-
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
-from test_server_harness import API_KEY, Server, image_of, post_and_kill, shared_steps
+from test_server_harness import Server, image_of, images_together, post_and_kill
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed, pytest.mark.timeout(600)]
 
-REQUESTS = [
-    {"prompt": "a castle on a hill", "size": "64x64", "extra_body": {"seed": 21, "num_inference_steps": 3}},
+REQUESTS = [  # the first runs first; the second joins its running set (same size); the third (another size) follows
+    {"prompt": "a lighthouse", "size": "272x208", "extra_body": {"seed": 7, "num_inference_steps": 12}},
     {"prompt": "a red cube", "size": "272x208",
      "extra_body": {"seed": 5, "num_inference_steps": 2, "negative_prompt": "blurry", "true_cfg_scale": 4.0}},
-    {"prompt": "a lighthouse", "size": "272x208", "extra_body": {"seed": 7, "num_inference_steps": 2}},
+    {"prompt": "a castle on a hill", "size": "64x64", "extra_body": {"seed": 21, "num_inference_steps": 3}},
 ]
 
 
 def _images(server: Server) -> list[np.ndarray]:
-    """The images of REQUESTS, sent at once: the step-level denoiser runs them in one running set under the layout
-    (the two 272x208 requests, one of them true CFG, share their steps)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from openai import OpenAI
-
-    client = OpenAI(base_url=server.url + "/v1", api_key=API_KEY, timeout=240)
-
-    def one(req: dict) -> np.ndarray:
-        res = client.images.generate(model="tiny-flux", response_format="b64_json", **req)
-        return np.asarray(Image.open(io.BytesIO(base64.b64decode(res.data[0].b64_json))))
-
-    before = shared_steps(server)
-    with ThreadPoolExecutor(len(REQUESTS)) as ex:
-        out = list(ex.map(one, REQUESTS))
-    assert shared_steps(server) - before >= 1  # requests shared a step of the running set
-    return out
+    """The images of REQUESTS: the first (the longest) runs, and the others join its running set at a step boundary
+    under the layout (test_server_harness.images_together)."""
+    bodies = [{"prompt": r["prompt"], "size": r["size"], **r["extra_body"]} for r in REQUESTS]
+    return images_together(server, bodies[0], bodies[1:])
 
 
 @pytest.fixture(scope="module")
