@@ -420,7 +420,7 @@ def test_served_hsdp_matches_the_default_pipeline(tmp_path: Path, config: str) -
     # the second request joins the first's step-level running set; without Ulysses the denoiser also runs mixed
     # sizes (USAGE: mixed sizes work with HSDP), so the 64x48 one shares the 64x64 one's forwards
     mixed = "ulysses = 2" not in (ROOT / "configs" / config).read_text()
-    requests = [("a castle on a hill", {"seed": 21, "size": "64x64", "num_inference_steps": 12}),
+    requests = [("a castle on a hill", {"seed": 21, "size": "64x64", "num_inference_steps": 40}),
                 ("a red cube", {"seed": 5, "size": "64x48" if mixed else "64x64", "num_inference_steps": 2,
                                 "negative_prompt": "blurry", "true_cfg_scale": 4.0})]
     server = Server(tmp_path, base_config=config,

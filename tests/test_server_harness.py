@@ -126,23 +126,15 @@ def shared_steps(server: Server) -> float:
 
 
 def images_together(server: Server, first: dict, rest: list[dict], timeout: float = 240.0) -> list[np.ndarray]:
-    """POST ``first`` and, once it is denoising (``GET /v1/requests/{id}``: a step done), every body of ``rest`` at
-    once: they join its running set at a step boundary (step-level batching), which the denoiser's metrics must
-    show (a step that ran more than one request). ``first`` needs enough steps to outlast the others' trip through
-    the text encoder (the stages take turns at step boundaries: a few steps). Returns the images, ``first`` first."""
+    """POST ``first`` and right behind it every body of ``rest``, at once: they reach the denoiser while ``first``
+    runs (at most one text-encoder pass later) and join its running set at a step boundary, which the denoiser's
+    metrics must show (a step that ran more than one request). ``first`` needs the steps to outlast that pass (tens
+    of steps of the tiny model). Returns the images, ``first`` first."""
     from concurrent.futures import ThreadPoolExecutor
 
-    rid = f"first-{secrets.token_hex(4)}"
     before = shared_steps(server)
     with ThreadPoolExecutor(1 + len(rest)) as ex:
-        head = ex.submit(image_of, server, first, timeout, rid)
-        end = time.monotonic() + timeout
-        while True:
-            r = httpx.get(f"{server.url}/v1/requests/{rid}", headers=server.headers, timeout=10)
-            if r.status_code == 200 and r.json()["steps_done"] >= 1:
-                break
-            assert time.monotonic() < end and not head.done(), "the first request never ran (or ended too soon)"
-            time.sleep(0.01)
+        head = ex.submit(image_of, server, first, timeout)
         others = [ex.submit(image_of, server, body, timeout) for body in rest]
         images = [head.result()] + [f.result() for f in others]
     assert shared_steps(server) - before >= 1, "no step of the running set held two requests"

@@ -17,7 +17,7 @@ from test_server_harness import Server, image_of, images_together, post_and_kill
 pytestmark = [pytest.mark.slow, pytest.mark.distributed, pytest.mark.timeout(600)]
 
 REQUESTS = [  # the first runs first; the second joins its running set (same size); the third (another size) follows
-    {"prompt": "a lighthouse", "size": "272x208", "extra_body": {"seed": 7, "num_inference_steps": 12}},
+    {"prompt": "a lighthouse", "size": "272x208", "extra_body": {"seed": 7, "num_inference_steps": 40}},
     {"prompt": "a red cube", "size": "272x208",
      "extra_body": {"seed": 5, "num_inference_steps": 2, "negative_prompt": "blurry", "true_cfg_scale": 4.0}},
     {"prompt": "a castle on a hill", "size": "64x64", "extra_body": {"seed": 21, "num_inference_steps": 3}},

@@ -183,7 +183,9 @@ def _post_raw(server, body: dict, rid: str) -> socket.socket:
 
 
 def test_a_client_disconnect_frees_its_slot_at_the_next_step_and_the_other_is_unaffected(server):
-    stay = {"prompt": "the one that stays", "seed": 6, "size": "256x256", "num_inference_steps": 80}
+    # the disconnect is seen within 0.1 s (the server polls it) and acted on at the next step: 40 steps of stay
+    # outlast that by far; what the test waits for are events (both running, a retirement), not times
+    stay = {"prompt": "the one that stays", "seed": 6, "size": "256x256", "num_inference_steps": 40}
     gone = {"prompt": "the one that leaves", "seed": 5, "size": "256x256", "num_inference_steps": 200}
     t, box = _in_thread(_gen, server, stay, "cancel-stay")
     sock = _post_raw(server, gone, "cancel-gone")
@@ -197,7 +199,7 @@ def test_a_client_disconnect_frees_its_slot_at_the_next_step_and_the_other_is_un
         time.sleep(0.02)
     stay_then = _progress(server, "cancel-stay")
     gone_then = _progress(server, "cancel-gone")
-    assert stay_then["status"] == "running" and stay_then["steps_done"] < 80, stay_then  # left while stay ran
+    assert stay_then["status"] == "running" and stay_then["steps_done"] < 40, stay_then  # left while stay ran
     assert gone_then["status"] == "cancelled" and gone_then["steps_done"] < 200, gone_then
     got = _join(t, box)
     _same(got, _gen(server, stay), "stay vs solo")
