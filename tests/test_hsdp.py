@@ -417,10 +417,11 @@ def test_served_hsdp_matches_the_default_pipeline(tmp_path: Path, config: str) -
     from omni_runtime.runtime import Omni
 
     titles, proofs = SERVED[config]
-    # the second request joins the first's step-level running set; without Ulysses the denoiser also runs mixed
-    # sizes (USAGE: mixed sizes work with HSDP), so the 64x48 one shares the 64x64 one's forwards
+    # both requests join a long request's step-level running set; without Ulysses the denoiser also runs mixed
+    # sizes (USAGE: mixed sizes work with HSDP), so the 64x48 one shares the 64x64 ones' forwards
     mixed = "ulysses = 2" not in (ROOT / "configs" / config).read_text()
-    requests = [("a castle on a hill", {"seed": 21, "size": "64x64", "num_inference_steps": 40}),
+    carrier = {"prompt": "a long walk", "seed": 1, "size": "64x64", "num_inference_steps": 200}
+    requests = [("a castle on a hill", {"seed": 21, "size": "64x64", "num_inference_steps": 3}),
                 ("a red cube", {"seed": 5, "size": "64x48" if mixed else "64x64", "num_inference_steps": 2,
                                 "negative_prompt": "blurry", "true_cfg_scale": 4.0})]
     server = Server(tmp_path, base_config=config,
@@ -430,7 +431,7 @@ def test_served_hsdp_matches_the_default_pipeline(tmp_path: Path, config: str) -
             f"omni-runtime: {t}" for t in titles]
         # the second joins the first's running set (of another size where mixed) under HSDP
         bodies = [{"prompt": prompt, **body} for prompt, body in requests]
-        served = images_together(server, bodies[0], bodies[1:])
+        served = images_together(server, carrier, bodies)
         log = server.log_text()
         for line, count in proofs.items():
             assert log.count(line) == count, (line, log[-3000:])

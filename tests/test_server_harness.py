@@ -125,19 +125,48 @@ def shared_steps(server: Server) -> float:
     return count - ones
 
 
-def images_together(server: Server, first: dict, rest: list[dict], timeout: float = 240.0) -> list[np.ndarray]:
-    """POST ``first`` and right behind it every body of ``rest``, at once: they reach the denoiser while ``first``
-    runs (at most one text-encoder pass later) and join its running set at a step boundary, which the denoiser's
-    metrics must show (a step that ran more than one request). ``first`` needs the steps to outlast that pass (tens
-    of steps of the tiny model). Returns the images, ``first`` first."""
+def images_together(server: Server, carrier: dict, joiners: list[dict], timeout: float = 240.0) -> list[np.ndarray]:
+    """Run ``joiners`` inside the running set of a long ``carrier`` request and return their images.
+
+    The carrier (the same join key: the joiners' size, or any size under ``mixed_sizes``; hundreds of steps) is
+    posted first over a raw socket; once it is denoising (``GET /v1/requests/{id}``: a step done) the joiners are
+    posted at once and join its running set at a step boundary, which the denoiser's metrics must show (a step that
+    ran more than one request). Then the carrier's client goes away, so it leaves at the next step (cancelled),
+    never run to its end. Events, not timing: however slow the machine, the carrier is still running when the
+    joiners arrive."""
+    import json
+    import socket
     from concurrent.futures import ThreadPoolExecutor
 
+    from omni_runtime.runtime.requests import parse_request
+
+    parse_request(carrier, allow_unknown=False)  # a carrier the server would refuse fails here, not after a wait
+    rid = f"carrier-{secrets.token_hex(4)}"
+
+    def progress() -> dict:
+        r = httpx.get(f"{server.url}/v1/requests/{rid}", headers=server.headers, timeout=30)
+        return r.json() if r.status_code == 200 else {"status": "unknown", "steps_done": 0}
+
     before = shared_steps(server)
-    with ThreadPoolExecutor(1 + len(rest)) as ex:
-        head = ex.submit(image_of, server, first, timeout)
-        others = [ex.submit(image_of, server, body, timeout) for body in rest]
-        images = [head.result()] + [f.result() for f in others]
-    assert shared_steps(server) - before >= 1, "no step of the running set held two requests"
+    data = json.dumps(carrier).encode()
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+    try:
+        sock.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     + f"Authorization: {server.headers['Authorization']}\r\nX-Request-Id: {rid}\r\n".encode()
+                     + f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+        end = time.monotonic() + timeout
+        while progress()["steps_done"] < 1:
+            assert time.monotonic() < end, f"the carrier never started denoising: {progress()}"
+            time.sleep(0.02)
+        with ThreadPoolExecutor(len(joiners)) as ex:
+            images = list(ex.map(lambda body: image_of(server, body, timeout), joiners))
+        assert progress()["status"] == "running", "the carrier ended before the joiners: give it more steps"
+    finally:
+        sock.close()  # the carrier's client goes away: it leaves the running set at the next step
+    while progress()["status"] == "running":
+        assert time.monotonic() < end, progress()
+        time.sleep(0.05)
+    assert shared_steps(server) - before >= len(joiners), "the joiners did not share the carrier's steps"
     return images
 
 

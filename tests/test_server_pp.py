@@ -16,19 +16,20 @@ from test_server_harness import Server, image_of, images_together, post_and_kill
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed, pytest.mark.timeout(600)]
 
-REQUESTS = [  # the first runs first; the second joins its running set (same size); the third (another size) follows
-    {"prompt": "a lighthouse", "size": "272x208", "extra_body": {"seed": 7, "num_inference_steps": 40}},
+CARRIER = {"prompt": "a long walk", "seed": 1, "size": "272x208", "num_inference_steps": 200}
+REQUESTS = [  # the 272x208 ones run inside the carrier's running set; the 64x64 one (another size) after it
     {"prompt": "a red cube", "size": "272x208",
      "extra_body": {"seed": 5, "num_inference_steps": 2, "negative_prompt": "blurry", "true_cfg_scale": 4.0}},
+    {"prompt": "a lighthouse", "size": "272x208", "extra_body": {"seed": 7, "num_inference_steps": 2}},
     {"prompt": "a castle on a hill", "size": "64x64", "extra_body": {"seed": 21, "num_inference_steps": 3}},
 ]
 
 
 def _images(server: Server) -> list[np.ndarray]:
-    """The images of REQUESTS: the first (the longest) runs, and the others join its running set at a step boundary
-    under the layout (test_server_harness.images_together)."""
+    """The images of REQUESTS: the two 272x208 ones inside a long request's running set under the layout
+    (test_server_harness.images_together), then the 64x64 one alone."""
     bodies = [{"prompt": r["prompt"], "size": r["size"], **r["extra_body"]} for r in REQUESTS]
-    return images_together(server, bodies[0], bodies[1:])
+    return images_together(server, CARRIER, bodies[:2]) + [image_of(server, bodies[2])]
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """A denoiser replica of sequence-parallel ranks (Ulysses 2; Ulysses 2 x Ring 2), through ``serve``, returns the
-single-rank in-process (Omni(in_process=True)) images of two requests, the second joining the first's step-level
-running set."""
+single-rank in-process (Omni(in_process=True)) images of two requests that run inside the step-level running set
+of a long third one."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from test_server_harness import Server, images_together
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed, pytest.mark.timeout(300)]
 
-REQUESTS = [{"prompt": "a castle on a hill", "seed": 21, "size": "64x64", "num_inference_steps": 40},
+CARRIER = {"prompt": "a long walk", "seed": 1, "size": "64x64", "num_inference_steps": 200}
+REQUESTS = [{"prompt": "a castle on a hill", "seed": 21, "size": "64x64", "num_inference_steps": 3},
             {"prompt": "a red cube", "seed": 5, "size": "64x64", "num_inference_steps": 2,
              "negative_prompt": "blurry", "true_cfg_scale": 4.0}]
 PROOF = {"sp2.toml": "sequence parallel over 2 ranks", "usp4.toml": "sequence parallel over 4 ranks"}
@@ -27,7 +28,7 @@ def test_sequence_parallel_serve_matches_in_process_pipeline(tmp_path, config, r
         assert titles == [f"omni-runtime: denoiser[0] rank {r}/{ranks}" for r in range(ranks)] + [
             "omni-runtime: text_encoder[0] rank 0/1", "omni-runtime: vae[0] rank 0/1"]
 
-        served = images_together(server, REQUESTS[0], REQUESTS[1:])  # the second joins the first's running set
+        served = images_together(server, CARRIER, REQUESTS)  # both join a long request's running set
         log = server.log_text()
         assert f"denoiser[0] rank {ranks - 1}/{ranks}" in log  # the follower ranks log with their prefix
         assert PROOF[config] in log, log[-3000:]  # the denoiser really sharded (stages logs it)

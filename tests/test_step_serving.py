@@ -4,10 +4,11 @@ cancellation by client disconnect. Every image equals the same request's solo ru
 within 1, i.e. 1/255).
 
 The configs to run under: ``OMNI_STEP_TEST_CONFIGS`` (comma-separated file names in configs/, default
-``default.toml,sp2.toml,cfg2.toml``: one rank, Ulysses 2 and CFG parallel 2). The other layouts serve concurrent
-requests of different step counts in one running set in CI too, each against the default layout's images: pp2,
-pp2_usp2, pp2_cfg2 and pipefusion2 in ``test_server_pp.py``, hsdp2, hsdp2x2 (with mixed sizes) and sp2_hsdp2 in
-``test_hsdp.py``, sp2 and usp4 (Ulysses x Ring) in ``test_server_sp.py``.
+``default.toml,sp2.toml,cfg2.toml``: one rank, Ulysses 2 and CFG parallel 2). The other layouts run requests
+that join a long request's running set at a step boundary in CI too (``test_server_harness.images_together``),
+each against the default layout's images: pp2, pp2_usp2, pp2_cfg2 and pipefusion2 in ``test_server_pp.py``,
+hsdp2, hsdp2x2 (with mixed sizes) and sp2_hsdp2 in ``test_hsdp.py``, sp2 and usp4 (Ulysses x Ring) in
+``test_server_sp.py``.
 """
 
 from __future__ import annotations
