@@ -33,6 +33,8 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+from omni_runtime.parallel.parallel_spec import hsdp_world_error
+
 if TYPE_CHECKING:
     from omni_runtime.parallel.mesh import Mesh
 
@@ -107,10 +109,9 @@ class HSDPInferenceConfig:
 
     def check_world_size(self, world_size: int) -> None:
         """Raise :class:`HSDPConfigError` unless the degrees multiply to ``world_size``."""
-        if self.world_size != world_size:
-            raise HSDPConfigError(
-                f"hsdp_shard {self.hsdp_shard_size} × hsdp_replicate {self.hsdp_replicate_size} = "
-                f"{self.world_size} does not equal the world size {world_size}")
+        if self.world_size != world_size:  # 1 x 1 too: this config is used only to shard
+            raise HSDPConfigError(hsdp_world_error(self.hsdp_shard_size, self.hsdp_replicate_size, world_size)
+                                  or f"hsdp_shard 1 × hsdp_replicate 1 shards nothing over world size {world_size}")
 
 
 def hsdp_rank_layout(shard_size: int, replicate_size: int) -> torch.Tensor:
@@ -125,8 +126,8 @@ def build_hsdp_device_mesh(shard_size: int, replicate_size: int = 1, device_type
         raise HSDPConfigError("HSDP needs torch.distributed initialized (one process per rank)")
     world = dist.get_world_size()
     if shard_size * replicate_size != world:
-        raise HSDPConfigError(f"hsdp_shard {shard_size} × hsdp_replicate {replicate_size} = "
-                              f"{shard_size * replicate_size} does not equal the world size {world}")
+        raise HSDPConfigError(hsdp_world_error(shard_size, replicate_size, world)
+                              or f"hsdp_shard 1 × hsdp_replicate 1 shards nothing over world size {world}")
     return DeviceMesh(device_type, hsdp_rank_layout(shard_size, replicate_size), mesh_dim_names=MESH_DIM_NAMES)
 
 

@@ -76,6 +76,22 @@ class ParallelSpecError(ValueError):
     """A parallel degree is invalid or the degrees do not fit together; the message shows the arithmetic."""
 
 
+def hsdp_world_error(shard: int, replicate: int, world: int, world_text: str = "") -> str | None:
+    """The HSDP world-size rule, in one place for the config, :class:`ParallelSpec` and ``parallel.hsdp``: HSDP
+    shards the weights over the stage's own ranks, so ``hsdp_shard × hsdp_replicate`` equals the world size (or is
+    1: HSDP off). Returns the one message (``world_text``: how the world size is made up), or None if it holds."""
+    hsdp = shard * replicate
+    if hsdp in (1, world):
+        return None
+    return (f"hsdp_shard {shard} × hsdp_replicate {replicate} = {hsdp} does not equal the world size "
+            f"{world_text + ' = ' if world_text else ''}{world} (set both to 1 to disable HSDP)")
+
+
+def model_degrees_text(degrees: dict[str, int]) -> str:
+    """``tp 1 × ulysses 2 × ring 1 × pp 1 × cfg 1 × dp 1``: how a stage's model mesh size is made up."""
+    return " × ".join(f"{d} {degrees.get(d, 1)}" for d in MESH_DIMS)
+
+
 def _mesh_groups(sizes: dict[str, int], members: tuple[str, ...]) -> list[list[int]]:
     """All groups of ranks that vary only along ``members`` (the other dimensions fixed).
 
@@ -140,11 +156,9 @@ class ParallelSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
         if world % self.vae_patch:
             raise ParallelSpecError(f"vae_patch {self.vae_patch} does not divide the world size "
                                     f"{self._product_text()} = {world}")
-        hsdp = self.hsdp_shard * self.hsdp_replicate
-        if hsdp != 1 and hsdp != world:
-            raise ParallelSpecError(
-                f"hsdp_shard {self.hsdp_shard} × hsdp_replicate {self.hsdp_replicate} = {hsdp} does not equal "
-                f"the world size {self._product_text()} = {world} (set both to 1 to disable HSDP)")
+        hsdp_error = hsdp_world_error(self.hsdp_shard, self.hsdp_replicate, world, self._product_text())
+        if hsdp_error:
+            raise ParallelSpecError(hsdp_error)
         ep_span = self.tp * self.ulysses * self.ring * self.dp
         if self.ep not in (1, ep_span):
             raise ParallelSpecError(
@@ -174,8 +188,7 @@ class ParallelSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
         if self.model_size == 1 and self.world_size > 1:
             return (f"max(vae_patch {self.vae_patch}, hsdp_shard {self.hsdp_shard} × hsdp_replicate "
                     f"{self.hsdp_replicate}) (no model degree)")
-        return (f"tp {self.tp} × ulysses {self.ulysses} × ring {self.ring} × pp {self.pp} × cfg {self.cfg} "
-                f"× dp {self.dp}")
+        return model_degrees_text({d: getattr(self, d) for d in MESH_DIMS})
 
     def check_world_size(self, world_size: int) -> None:
         """Raise unless the stage's process count equals :attr:`world_size` (the message shows the product)."""

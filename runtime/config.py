@@ -22,6 +22,8 @@ from omni_runtime.parallel.parallel_spec import (
     PP_MODES,
     ParallelSpec,
     ParallelSpecError,
+    hsdp_world_error,
+    model_degrees_text,
 )
 from omni_runtime.stages.cache_config import CACHE_FIELDS, CacheConfig, allowed_text, parse_cache
 from omni_runtime.stages.cpu_linear import CPU_LINEAR
@@ -376,13 +378,10 @@ def _check_parallel(raw: dict[str, Any]) -> None:
             raise ConfigError(f"{base}.tp = {par['tp']}: tensor parallelism is reserved; allowed value: 1")
         world = par["ulysses"] * par["ring"] * par["cfg"] * par["pp"] * par["dp"]
         hsdp = par["hsdp_shard"] * par["hsdp_replicate"]
-        if hsdp > 1 and world > 1 and hsdp != world:  # HSDP alone (world 1) makes the replica hsdp ranks
-            raise ConfigError(
-                f"{base}.hsdp_shard = {par['hsdp_shard']} with hsdp_replicate = {par['hsdp_replicate']}: "
-                f"hsdp_shard x hsdp_replicate = {hsdp} must equal the denoiser world size ulysses x ring x cfg x "
-                f"pp x dp = {par['ulysses']} x {par['ring']} x {par['cfg']} x {par['pp']} x {par['dp']} = {world} "
-                f"(HSDP shards the weights over the same ranks; or set the other degrees to 1 and the replica is "
-                f"hsdp_shard x hsdp_replicate ranks)")
+        hsdp_error = hsdp_world_error(par["hsdp_shard"], par["hsdp_replicate"], world, model_degrees_text(par))
+        if world > 1 and hsdp_error:  # HSDP alone (world 1) makes the replica hsdp ranks
+            raise ConfigError(f"{base}.hsdp_shard = {par['hsdp_shard']} with hsdp_replicate = "
+                              f"{par['hsdp_replicate']}: {hsdp_error}")
         _check_expert_parallel(base, par)
         _check_pipeline(base, par, raw.get("stages", {}).get(name, {}).get("parallel", {}))
         if par["ep"] > 1 and hsdp > 1:
@@ -457,6 +456,18 @@ def _check_expert_parallel(base: str, par: dict[str, Any]) -> None:
 
 
 def _check_values(cfg: RuntimeConfig) -> None:
+    """The values of a typed config, table by table (the types were checked by :func:`_check_types`)."""
+    _check_model_and_placement(cfg)
+    _check_server(cfg.server)
+    _check_stage_limits(cfg)
+    _check_denoiser(cfg)
+    _check_lora(cfg)
+    _check_video(cfg)
+    _check_vae(cfg)
+    _check_devices(cfg)
+
+
+def _check_model_and_placement(cfg: RuntimeConfig) -> None:
     if cfg.model.dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"model.dtype = {cfg.model.dtype!r}: allowed values are 'float32', 'bfloat16', 'float16'")
     if cfg.model.device not in ("cpu", "cuda"):
@@ -470,7 +481,9 @@ def _check_values(cfg: RuntimeConfig) -> None:
         raise ConfigError(f"placement.cpu_sharing = {cfg.placement.cpu_sharing!r}: allowed values are "
                           f"{', '.join(repr(t) for t in CPU_SHARING)}")
     _check_ray(cfg)
-    s = cfg.server
+
+
+def _check_server(s: ServerConfig) -> None:
     if not 0 <= s.port <= 65535:
         raise ConfigError(f"server.port = {s.port!r}: must be between 0 and 65535 (0 picks a free port)")
     _at_least("server.max_queue", s.max_queue, 1)
@@ -489,6 +502,10 @@ def _check_values(cfg: RuntimeConfig) -> None:
         raise ConfigError(f"server.api_key: character {bad} ({s.api_key[bad]!r}) is not allowed; allowed: "
                           f"printable ASCII without spaces ('!' to '~'), as an HTTP Authorization header "
                           f"carries it")
+
+
+def _check_stage_limits(cfg: RuntimeConfig) -> None:
+    """The keys every stage has (replicas, batch limits, threads)."""
     for name in STAGE_NAMES:
         st = cfg.stages.get(name)
         base = f"stages.{name}"
@@ -497,6 +514,10 @@ def _check_values(cfg: RuntimeConfig) -> None:
         _at_least(f"{base}.threads", st.threads, 0)
         _at_least(f"{base}.batch_timeout_ms", st.batch_timeout_ms, 0, "a number")
         _at_least(f"{base}.max_batch_pixels", st.max_batch_pixels, 0)
+
+
+def _check_denoiser(cfg: RuntimeConfig) -> None:
+    """``[stages.denoiser]``'s own keys, and its parallel degrees against them (cfg ranks vs. rows, all2all on CPU)."""
     den = cfg.stages.denoiser
     if den.scheduling not in SCHEDULING:
         raise ConfigError(f"stages.denoiser.scheduling = {den.scheduling!r}: allowed values are "
@@ -535,13 +556,18 @@ def _check_values(cfg: RuntimeConfig) -> None:
         raise ConfigError(f"stages.denoiser.parallel.all2all_backend = {par.all2all_backend!r}: needs CUDA GPUs "
                           f"and its kernel library, but model.device = 'cpu'; allowed on CPU: "
                           f"{', '.join(repr(b) for b in CPU_ALL2ALL_BACKEND_NAMES)}")
-    _check_lora(cfg)
-    _check_video(cfg)
+
+
+def _check_vae(cfg: RuntimeConfig) -> None:
     if cfg.stages.vae.tiling and cfg.stages.vae.parallel.vae_patch > 1:
         raise ConfigError(f"stages.vae.tiling = true with stages.vae.parallel.patch = "
                           f"{cfg.stages.vae.parallel.vae_patch}: tiling is the approximate single-rank memory saver, "
                           "patch parallelism the exact multi-rank one; allowed: one of them (tiling = false or "
                           "patch = 1)")
+
+
+def _check_devices(cfg: RuntimeConfig) -> None:
+    """Every stage's ``devices`` list: one entry per rank of every replica, CUDA only with ``model.device = 'cuda'``."""
     for name in STAGE_NAMES:
         st = cfg.stages.get(name)
         need = st.world_size * st.replicas

@@ -84,6 +84,35 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# --- what a replica or an instance leaves on this host: one place for both launchers (this one and Ray's) -----
+
+
+def clear_file_store(rendezvous: str) -> None:
+    """Unlink the file of a ``file://`` rendezvous store (a FileStore must start empty; a killed replica's is
+    stale); any other rendezvous has no file."""
+    if rendezvous.startswith("file://"):
+        Path(rendezvous[len("file://"):]).unlink(missing_ok=True)
+
+
+def release_replica(instance: str, label: str, pids: list[int], place: ReplicaPlacement, generation: int) -> None:
+    """After a replica's ranks died or were killed: unlink the shm segments those ``pids`` created and the file
+    store of its ``generation`` (0: never started)."""
+    if pids:
+        swept = shm_tensor.sweep(shm_tensor.instance_prefix(instance), pids=pids)
+        if swept:
+            logger.info("swept %d shm segment(s) of %s", len(swept), label)
+    if generation:
+        clear_file_store(place.rendezvous(generation))
+
+
+def release_instance(instance: str, run_dir: Path) -> None:
+    """At shutdown, once every replica stopped: unlink every segment of the instance, remove its run directory."""
+    swept = shm_tensor.sweep(shm_tensor.instance_prefix(instance), include_live=True)
+    if swept:
+        logger.info("swept %d leftover shm segment(s)", len(swept))
+    shutil.rmtree(run_dir, ignore_errors=True)
+
+
 def _rank_main(spec_bytes: bytes, env: dict[str, str], parent_pid: int) -> None:
     """Entry point of a rank process: the placement's environment, the parent watchdog, the allocator settings
     (``runtime.allocator``), then the worker."""
@@ -173,9 +202,7 @@ class ReplicaProcs:
 
     def start(self) -> None:
         self.generation += 1
-        store = self.place.rendezvous(self.generation)
-        if store.startswith("file://"):
-            Path(store[len("file://"):]).unlink(missing_ok=True)  # a FileStore must start empty
+        clear_file_store(self.place.rendezvous(self.generation))
         env = {**self.place.env, rt_instance.INSTANCE_ENV: self.launcher.instance}
         _start_forkserver(self.launcher.budget.omp)
         self.procs = []
@@ -204,14 +231,8 @@ class ReplicaProcs:
         kill_tree([p.pid for p in self.procs])
         for p in self.procs:
             p.join(timeout=5)
-        pids = [p.pid for p in self.procs if p.pid is not None]
-        swept = shm_tensor.sweep(shm_tensor.instance_prefix(self.launcher.instance), pids=pids)
-        if swept:
-            logger.info("swept %d shm segment(s) of %s", len(swept), self.label)
-        if self.generation:
-            store = self.place.rendezvous(self.generation)
-            if store.startswith("file://"):
-                Path(store[len("file://"):]).unlink(missing_ok=True)
+        release_replica(self.launcher.instance, self.label, [p.pid for p in self.procs if p.pid is not None],
+                        self.place, self.generation)
 
     def stop(self, timeout: float) -> None:
         """Wait up to ``timeout`` for a graceful exit (after a Stop message), then kill."""
@@ -286,11 +307,5 @@ class LocalLauncher(ReplicaLauncher):
         for reps in self.replicas.values():
             for r in reps:
                 r.stop(timeout)
-        swept = shm_tensor.sweep(shm_tensor.instance_prefix(self.instance), include_live=True)
-        if swept:
-            logger.info("swept %d leftover shm segment(s)", len(swept))
-        shutil.rmtree(self.run_dir, ignore_errors=True)
+        release_instance(self.instance, self.run_dir)
 
-
-Launcher = LocalLauncher
-"""The name the orchestrator has used so far (``stage_client.make_launcher`` picks the launcher the config names)."""

@@ -25,11 +25,34 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from omni_runtime.runtime.config import RuntimeConfig, load_config
+from omni_runtime.parallel.parallel_spec import DEGREES
+from omni_runtime.runtime.config import STAGE_NAMES, ConfigError, RuntimeConfig, load_config
 from omni_runtime.runtime.images import decode_image
-from omni_runtime.runtime.requests import GenerationRequest, WorkCaps, check_work, parse_request
+from omni_runtime.runtime.requests import FIELDS, GenerationRequest, WorkCaps, check_work, parse_request
 
 logger = logging.getLogger(__name__)
+
+# The keywords of :meth:`Omni.generate`: the request fields but the prompt (its first argument) and the output
+# format (it returns PIL images; :meth:`Omni.submit` takes any ``GenerationRequest``).
+GENERATE_FIELDS = tuple(sorted(set(FIELDS) - {"prompt", "output_format"}))
+
+
+def check_in_process(cfg: RuntimeConfig) -> None:
+    """``in_process=True`` runs one rank of every stage in this process: a stage of several ranks would run
+    unsharded without a word, so such a config is refused naming its degrees."""
+    multi = [f"stages.{s}.parallel ({cfg.stages.get(s).world_size} ranks: "
+             f"{', '.join(f'{k} = {v}' for k, v in _degrees(cfg.stages.get(s)).items())})"
+             for s in STAGE_NAMES if cfg.stages.get(s).world_size > 1]
+    if multi:
+        raise ConfigError(f"Omni(config, in_process=True) runs each stage on one rank in this process, but "
+                          f"{'; '.join(multi)}; allowed: in_process=False (the default) to run the parallel layout "
+                          f"in rank processes, or a config whose parallel degrees are all 1 (the single-rank "
+                          f"reference the parallel layouts are tested against)")
+
+
+def _degrees(stage: Any) -> dict[str, int]:
+    par = stage.parallel
+    return {("patch" if d == "vae_patch" else d): getattr(par, d) for d in DEGREES if getattr(par, d) > 1}
 
 
 def _image_bytes(x: Any) -> bytes:
@@ -53,6 +76,8 @@ class Omni:
     def __init__(self, config: str | Path | RuntimeConfig, in_process: bool = False) -> None:
         self.cfg = config if isinstance(config, RuntimeConfig) else load_config(config)
         self.in_process = in_process
+        if in_process:
+            check_in_process(self.cfg)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._orch = None
         self._start()
@@ -96,14 +121,19 @@ class Omni:
     def generate_encoded(self, req: GenerationRequest, report: dict[str, Any] | None = None) -> list[bytes]:
         return self.submit(req, report).result()
 
-    def generate(self, prompt: str, *, cache: dict[str, Any] | None = None, **fields: Any) -> list[Image.Image]:
-        """Generate ``n`` images; ``fields`` are the request fields (size, n, seed, num_inference_steps, ...).
-        ``cache``: the request's cache acceleration (``{"method": "first_block", "threshold": 0.1}``, the HTTP
-        field; None: the config's ``[stages.denoiser.cache]``); what it skipped is in each image's
-        ``info["cache"]`` (summed over the request's images, as the HTTP response's ``cache``)."""
+    def generate(self, prompt: str, **fields: Any) -> list[Image.Image]:
+        """Generate ``n`` images; ``fields`` are the request fields (size, n, seed, num_inference_steps, ...): any
+        other keyword is a ``TypeError`` naming the allowed ones (:data:`GENERATE_FIELDS`). ``cache``: the
+        request's cache acceleration (``{"method": "first_block", "threshold": 0.1}``, the HTTP field; absent: the
+        config's ``[stages.denoiser.cache]``); what it skipped is in each image's ``info["cache"]`` (summed over
+        the request's images, as the HTTP response's ``cache``)."""
         from omni_runtime.runtime.video_offline import refuse_images
 
-        req = parse_request({"prompt": prompt, **fields, "cache": cache, "output_format": "png"})
+        unknown = sorted(set(fields) - set(GENERATE_FIELDS))
+        if unknown:
+            raise TypeError(f"Omni.generate() got an unexpected keyword argument {unknown[0]!r}; allowed: "
+                            f"{', '.join(GENERATE_FIELDS)}")
+        req = parse_request({"prompt": prompt, **fields, "output_format": "png"})
         refuse_images(self.cfg, "Omni.generate")
         report: dict[str, Any] = {}
         images = [decode_image(b) for b in self.generate_encoded(req, report)]

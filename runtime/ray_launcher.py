@@ -29,12 +29,10 @@ from __future__ import annotations
 import logging
 import os
 import secrets
-import shutil
 import signal
 import socket
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -45,7 +43,13 @@ from omni_runtime.comm.node import NODE_ID_ENV, boot_id, node_name
 from omni_runtime.comm.processes import kill_tree
 from omni_runtime.runtime.config import STAGE_NAMES, ConfigError, RuntimeConfig
 from omni_runtime.runtime.cores import cpus
-from omni_runtime.runtime.launcher import ReplicaLauncher, ReplicaProcs
+from omni_runtime.runtime.launcher import (
+    ReplicaLauncher,
+    ReplicaProcs,
+    clear_file_store,
+    release_instance,
+    release_replica,
+)
 from omni_runtime.runtime.placement import Placement, ReplicaPlacement, compute_placement, fill_port
 from omni_runtime.runtime.ray_connect import import_ray, probe_ray_address
 from omni_runtime.runtime.stage_worker import worker_main
@@ -174,9 +178,7 @@ class RayReplica(ReplicaProcs):
                 logger.warning("%s rank %d runs on %s, the placement says %s", self.label, rk.rank,
                                _node_label(info["node_id"], info["ip"]), rk.node)
         self._ports = list(self.infos[0]["ports"])
-        store = self.place.rendezvous(self.generation)
-        if store.startswith("file://"):
-            Path(store[len("file://"):]).unlink(missing_ok=True)  # a FileStore must start empty
+        clear_file_store(self.place.rendezvous(self.generation))
         self.runs = [a.run.remote(msgspec.msgpack.encode(spec)) for a, spec in zip(self.actors, self.specs(), strict=True)]
         logger.info("started %s (generation %d) as Ray actors: %s", self.label, self.generation,
                     ", ".join(f"rank {r} pid {i['pid']} on {self.rank_node(r)}" for r, i in enumerate(self.infos)))
@@ -226,13 +228,7 @@ class RayReplica(ReplicaProcs):
             deadline = time.monotonic() + KILL_WAIT_S  # Ray reports the death before the process is reaped
             while any(os.path.exists(f"/proc/{p}") and _alive(p) for p in pids) and time.monotonic() < deadline:
                 time.sleep(0.05)
-            swept = shm_tensor.sweep(shm_tensor.instance_prefix(self.ray_launcher.instance), pids=pids)
-            if swept:
-                logger.info("swept %d shm segment(s) of %s", len(swept), self.label)
-        if self.generation:
-            store = self.place.rendezvous(self.generation)
-            if store.startswith("file://"):
-                Path(store[len("file://"):]).unlink(missing_ok=True)
+        release_replica(self.ray_launcher.instance, self.label, pids, self.place, self.generation)
 
     def stop(self, timeout: float) -> None:
         """Wait up to ``timeout`` for the shells to return (after a Stop message), then kill."""
@@ -412,10 +408,7 @@ class RayLauncher(ReplicaLauncher):
                 except Exception as e:
                     logger.debug("remove_placement_group: %s", e)
         self.pgs = {}
-        swept = shm_tensor.sweep(shm_tensor.instance_prefix(self.instance), include_live=True)
-        if swept:
-            logger.info("swept %d leftover shm segment(s)", len(swept))
-        shutil.rmtree(self.run_dir, ignore_errors=True)
+        release_instance(self.instance, self.run_dir)
         if self.owned and self.ray.is_initialized():
             self.ray.shutdown()  # a private instance stops with it; a joined cluster is only disconnected
         self.owned = False

@@ -24,7 +24,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -45,7 +45,7 @@ from omni_runtime.runtime.messages import (
     Work,
 )
 from omni_runtime.runtime.step_scheduler import Candidate, StepScheduler
-from omni_runtime.stages.engine import Engine, StageItem
+from omni_runtime.stages.engine import Engine, StageItem, StepEngine
 from omni_runtime.stages.errors import OmniUserError
 
 logger = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ class StageExecutor:
         #: the step-level admission policy, or None (request-level batches)
         self.scheduler = (StepScheduler(max_batch_size=max_batch_size, max_batch_pixels=max_batch_pixels,
                                         aging_s=priority_aging_s, max_padding_waste=max_padding_waste)
-                          if scheduling == "step" and hasattr(engine, "run_step") else None)
+                          if scheduling == "step" and hasattr(engine, "run_step") else None)  # a StepEngine
         self.max_batch_size = max_batch_size
         self.max_batch_pixels = max_batch_pixels  # 0: no cap; else width x height summed over a batch
         self.batch_timeout_s = batch_timeout_ms / 1000  # the most a busy stage waits to top up a batch
@@ -126,10 +126,11 @@ class StageExecutor:
             return None
         try:
             item = item_of(msg)
-            key = self.engine.join_key(item) if self.scheduler is not None else self.engine.batch_key(item)
+            step_engine = cast(StepEngine, self.engine)  # a scheduler only for a StepEngine
+            key = step_engine.join_key(item) if self.scheduler is not None else self.engine.batch_key(item)
             tokens, rows = 0, 1
             if self.scheduler is not None and self.scheduler.max_padding_waste is not None:
-                tokens, rows = self.engine.row_tokens(item)  # type: ignore[attr-defined]
+                tokens, rows = step_engine.row_tokens(item)
         except Exception as e:  # a stale/forged ref or inputs that do not fit: this item fails, the stage goes on
             logger.error("%s: cannot queue item %s/%d: %s", self.stage, msg.req_id, msg.index, e)
             self._release(msg)
@@ -386,7 +387,7 @@ class DriverLoop:
         """Step-level scheduling (``executor.scheduler``): at every step boundary retire the cancelled and expired
         items, admit waiting ones (the scheduler's policy), broadcast that plan, run one step of the running set and
         answer the items that finished. Runs until a ``Stop`` arrives; then fails what is running or queued."""
-        ex, engine = self.executor, self.executor.engine
+        ex = self.executor
         assert ex.scheduler is not None
         running: dict[int, Pending] = {}
         failed: list[int] = []  # slots a failed step left on the other ranks: dropped with the next plan
@@ -399,70 +400,28 @@ class DriverLoop:
             if self.stopping:
                 break
             now = time.time()
-            drop = [s for s, p in running.items() if ex.is_dropped(p.work, now)]
-            for s in drop:
-                engine.drop(s)
-                self.send(ex.finish(running.pop(s), None))
-            if drop:
-                logger.info("%s step %d: %d item(s) leave the running batch (cancelled or past the deadline)",
-                            ex.stage, step, len(drop))
-            alive, dead = ex.drop_dead(list(ex.pending))
-            for res in dead:
-                self.send(res)
-            chosen = set(ex.scheduler.admit([p.candidate() for p in alive], [p.candidate() for p in running.values()],
-                                            now))
-            ex.pending = deque(p for i, p in enumerate(alive) if i not in chosen)
-            admit = []
-            for i in sorted(chosen, key=lambda i: alive[i].arrived):
-                admit.append((next_slot, alive[i]))
-                next_slot += 1
+            drop = self._retire_dropped(running, step, now)
+            admit = self._choose_admissions(running, next_slot, now)
+            next_slot += len(admit)
             with ex.turn(), ex.busy:  # the stages on this node may take turns on its cores (runtime.cores)
                 if self.broadcast is not None and (drop or failed or admit or running):
                     self.broadcast(StepDecision(drop=drop + failed, admit=[Admit(s, p.work) for s, p in admit],
                                                 plan=True))
                 failed = []
-                for s, p in admit:
-                    try:
-                        engine.admit(s, p.item)
-                    except Exception as e:  # what the model cannot run (e.g. an image size): this item fails
-                        user = isinstance(e, OmniUserError)
-                        if not user:
-                            logger.exception("%s: cannot admit %s/%d", ex.stage, p.work.req_id, p.work.index)
-                        self.send(ex.finish(p, None, f"{type(e).__name__}: {e}", user_error=user))
-                        continue
-                    p.started = now
-                    running[s] = p
+                self._admit(admit, running, now)
                 if not running:
                     continue
                 active = len(running)
                 t0 = time.time()
-                try:
-                    outs = engine.run_step()
-                except Exception as e:
-                    logger.exception("%s: a step of %d item(s) failed", ex.stage, active)
-                    for s, p in running.items():
-                        engine.drop(s)
-                        self.send(ex.finish(p, None, f"{type(e).__name__}: {e}"))
+                outs = self._run_step(running)
+                if outs is None:  # the step failed: every running item failed with it
                     failed = list(running)
                     running.clear()
                     continue
                 dt = time.time() - t0
             step += 1
-            progress = []
-            for j, (s, out) in enumerate(outs.items()):
-                p = running.pop(s)
-                total = p.work.params.num_inference_steps
-                progress.append(ItemProgress(p.work.req_id, p.work.index, total, total))
-                res = ex.finish(p, out)
-                if hasattr(engine, "cache_stats"):
-                    res.cache = engine.cache_stats(s)
-                # omni_batch_size: the items of the last step, once per step that finished any
-                res.batch_size, res.first_in_batch = active, j == 0
-                self.send(res)
-            progress += [ItemProgress(p.work.req_id, p.work.index, *engine.progress(s)) for s, p in running.items()]
-            self.send(StepReport(stage=ex.stage, replica=ex.replica, step_s=dt, active=active, admitted=len(admit),
-                                 retired=len(drop) + len(outs), padding_waste=getattr(engine, "padding_waste", 0.0),
-                                 progress=progress))
+            self._answer_step(running, outs, StepReport(stage=ex.stage, replica=ex.replica, step_s=dt, active=active,
+                                                        admitted=len(admit), retired=len(drop) + len(outs)))
         for p in running.values():
             self.send(ex.finish(p, None, "the stage is shutting down"))
         for res in ex.drop_all("the stage is shutting down"):
@@ -471,16 +430,90 @@ class DriverLoop:
             self.broadcast(Stop())
         logger.debug("step loop of %s[%d] (pid %d) ended", ex.stage, ex.replica, os.getpid())
 
+    def _step_engine(self) -> StepEngine:
+        return cast(StepEngine, self.executor.engine)  # the executor has a scheduler only for a StepEngine
 
-def follow_plan(engine: Engine, plan: StepDecision) -> None:
+    def _retire_dropped(self, running: dict[int, Pending], step: int, now: float) -> list[int]:
+        """Take the cancelled and expired items out of the running set (answered as dropped); their slots."""
+        ex, engine = self.executor, self._step_engine()
+        drop = [s for s, p in running.items() if ex.is_dropped(p.work, now)]
+        for s in drop:
+            engine.drop(s)
+            self.send(ex.finish(running.pop(s), None))
+        if drop:
+            logger.info("%s step %d: %d item(s) leave the running batch (cancelled or past the deadline)",
+                        ex.stage, step, len(drop))
+        return drop
+
+    def _choose_admissions(self, running: dict[int, Pending], next_slot: int,
+                           now: float) -> list[tuple[int, Pending]]:
+        """The waiting items the scheduler admits at this step, in arrival order, with their new slots (from
+        ``next_slot``); the dead ones are answered, the others stay pending."""
+        ex = self.executor
+        assert ex.scheduler is not None
+        alive, dead = ex.drop_dead(list(ex.pending))
+        for res in dead:
+            self.send(res)
+        chosen = set(ex.scheduler.admit([p.candidate() for p in alive], [p.candidate() for p in running.values()],
+                                        now))
+        ex.pending = deque(p for i, p in enumerate(alive) if i not in chosen)
+        return [(next_slot + k, alive[i]) for k, i in enumerate(sorted(chosen, key=lambda i: alive[i].arrived))]
+
+    def _admit(self, admit: list[tuple[int, Pending]], running: dict[int, Pending], now: float) -> None:
+        """Admit into the running set; an item the model cannot run (e.g. an image size) fails alone."""
+        ex, engine = self.executor, self._step_engine()
+        for s, p in admit:
+            try:
+                engine.admit(s, p.item)
+            except Exception as e:
+                user = isinstance(e, OmniUserError)
+                if not user:
+                    logger.exception("%s: cannot admit %s/%d", ex.stage, p.work.req_id, p.work.index)
+                self.send(ex.finish(p, None, f"{type(e).__name__}: {e}", user_error=user))
+                continue
+            p.started = now
+            running[s] = p
+
+    def _run_step(self, running: dict[int, Pending]) -> dict[int, Any] | None:
+        """One step of the running set: the outputs of the items that finished, or None when the step raised (then
+        every running item is answered as failed and left the engine's running set)."""
+        ex, engine = self.executor, self._step_engine()
+        try:
+            return engine.run_step()
+        except Exception as e:
+            logger.exception("%s: a step of %d item(s) failed", ex.stage, len(running))
+            for s, p in running.items():
+                engine.drop(s)
+                self.send(ex.finish(p, None, f"{type(e).__name__}: {e}"))
+            return None
+
+    def _answer_step(self, running: dict[int, Pending], outs: dict[int, Any], report: StepReport) -> None:
+        """Answer the items the step finished and send the step's report (with every item's progress)."""
+        ex, engine = self.executor, self._step_engine()
+        progress = []
+        for j, (s, out) in enumerate(outs.items()):
+            p = running.pop(s)
+            total = p.work.params.num_inference_steps
+            progress.append(ItemProgress(p.work.req_id, p.work.index, total, total))
+            res = ex.finish(p, out)
+            res.cache = engine.cache_stats(s)
+            # omni_batch_size: the items of the last step, once per step that finished any
+            res.batch_size, res.first_in_batch = report.active, j == 0
+            self.send(res)
+        progress += [ItemProgress(p.work.req_id, p.work.index, *engine.progress(s)) for s, p in running.items()]
+        report.progress, report.padding_waste = progress, engine.padding_waste
+        self.send(report)
+
+
+def follow_plan(engine: StepEngine, plan: StepDecision) -> None:
     """What a follower rank does with a step plan its driver broadcast (step-level scheduling): the same drops and
     admissions, then the same step of the running set (its collectives pair up with the driver's)."""
     for s in plan.drop:
-        engine.drop(s)  # type: ignore[attr-defined]
+        engine.drop(s)
     for a in plan.admit:
         try:
-            engine.admit(a.slot, item_of(a.work))  # type: ignore[attr-defined]
+            engine.admit(a.slot, item_of(a.work))
         except Exception as e:  # the driver failed it too (the same validation)
             logger.debug("follower: item %s/%d not admitted: %s", a.work.req_id, a.work.index, e)
-    if len(engine.running):  # type: ignore[attr-defined]
-        engine.run_step()  # type: ignore[attr-defined]
+    if len(engine.running):
+        engine.run_step()

@@ -19,10 +19,10 @@ read at load; the engines themselves are the same for every family.
 from __future__ import annotations
 
 import logging
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Mapping, Sized
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -36,8 +36,8 @@ from omni_runtime.stages.vae import VaeDecoderStage
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ENGINES", "DenoiserEngine", "Engine", "RequestParams", "StageItem", "StopHook", "TextEncoderEngine",
-           "VaeEngine", "load_engine"]
+__all__ = ["ENGINES", "DenoiserEngine", "Engine", "RequestParams", "StageItem", "StepEngine", "StopHook",
+           "TextEncoderEngine", "VaeEngine", "load_engine"]
 
 
 #: the VAE's second job (``StageItem.task``): an edit's input image to latents
@@ -79,6 +79,43 @@ class Engine(Protocol):
     def batch_key(self, item: StageItem) -> Hashable: ...
 
     def step(self, items: list[StageItem], stop: StopHook | None = None) -> list[Any]: ...
+
+
+@runtime_checkable
+class StepEngine(Engine, Protocol):
+    """An engine with a running set (the denoiser): under step-level scheduling the runtime admits and retires
+    items between steps (``runtime.stage_exec``) and every rank of the stage does the same in the same order."""
+
+    running: Sized  # the items in the running set (``len``)
+
+    def join_key(self, item: StageItem) -> Hashable:
+        """Items with equal keys can run in one step's forward."""
+        ...
+
+    def row_tokens(self, item: StageItem) -> tuple[int, int]:
+        """(image tokens per row, rows) of ``item`` in a step's forward (mixed sizes' padding waste)."""
+        ...
+
+    @property
+    def padding_waste(self) -> float: ...
+
+    def admit(self, slot: int, item: StageItem) -> None:
+        """Add ``item`` as ``slot``; raises (before it joins) for what the model cannot run."""
+        ...
+
+    def drop(self, slot: int) -> bool: ...
+
+    def progress(self, slot: int) -> tuple[int, int]:
+        """(steps done, steps in all) of ``slot``."""
+        ...
+
+    def run_step(self) -> dict[int, Any]:
+        """One step of every running item; the outputs of those that finished, by slot."""
+        ...
+
+    def cache_stats(self, slot: int) -> dict[str, int | str] | None:
+        """What the cache acceleration skipped for ``slot`` (``stages.block_cache``); None without a cache."""
+        ...
 
 
 class TextEncoderEngine:

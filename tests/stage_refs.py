@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import torch
 
+from omni_runtime.runtime.config import RuntimeConfig, config_from_dict, tomllib
 from omni_runtime.stages import DenoiseRequest, DenoiserStage, TextEncoderStage, VaeDecoderStage
 
 
@@ -22,6 +23,23 @@ def flux_request(prompt_embeds: torch.Tensor, pooled_prompt_embeds: torch.Tensor
     if negative_pooled_prompt_embeds is not None:
         embeds["negative_pooled_prompt_embeds"] = negative_pooled_prompt_embeds
     return DenoiseRequest(embeds=embeds, **kw)
+
+
+def encoded_requests(text_encoder: TextEncoderStage, cases: list[tuple], steps: int,
+                     max_sequence_length: int = 16) -> list[DenoiseRequest]:
+    """Flux :class:`DenoiseRequest` s of ``cases`` — ``(prompt, negative prompt or None, seed, height, width,
+    true_cfg_scale)`` each — with ``steps`` steps, their prompts encoded by ``text_encoder``: the one builder the
+    parallel-layout tests (Ulysses/Ring, CFG, layer PP, PipeFusion) share."""
+    reqs = []
+    for prompt, neg, seed, h, w, cfg in cases:
+        enc = text_encoder.encode(prompt, max_sequence_length=max_sequence_length)
+        nenc = text_encoder.encode(neg, max_sequence_length=max_sequence_length) if neg else None
+        reqs.append(flux_request(
+            prompt_embeds=enc["prompt_embeds"][0], pooled_prompt_embeds=enc["pooled_prompt_embeds"][0], seed=seed,
+            height=h, width=w, num_inference_steps=steps, true_cfg_scale=cfg,
+            negative_prompt_embeds=nenc["prompt_embeds"][0] if nenc else None,
+            negative_pooled_prompt_embeds=nenc["pooled_prompt_embeds"][0] if nenc else None))
+    return reqs
 
 
 def load_stages(path: str | Path, dtype: str = "float32") -> SimpleNamespace:
@@ -49,3 +67,14 @@ def denoise_requests(stages: SimpleNamespace, prompt: str | list[str], *, negati
 
 def decode(stages: SimpleNamespace, latents: list[torch.Tensor], height: int, width: int) -> list:
     return stages.vae.decode(torch.stack(latents), height, width)
+
+
+def single_rank_config(config_path: str | Path) -> RuntimeConfig:
+    """The config at ``config_path`` with every stage's ``parallel`` table (and ``devices`` list) removed: the default single-rank
+    layout of the same model and settings, the reference every parallel layout is compared against (and what
+    ``Omni(..., in_process=True)`` accepts)."""
+    path = Path(config_path)
+    raw = tomllib.loads(path.read_text())
+    raw["stages"] = {name: {k: v for k, v in table.items() if k not in ("parallel", "devices")}
+                     for name, table in raw.get("stages", {}).items()}
+    return config_from_dict(raw, base_dir=path.resolve().parent, source=str(path))

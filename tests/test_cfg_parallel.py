@@ -258,7 +258,7 @@ FLUX_CASES = [  # (prompt, negative prompt or None, seed, height, width, true_cf
 
 
 def _flux_cases(model_dir: str, mesh=None) -> dict:
-    from stage_refs import flux_request
+    from stage_refs import encoded_requests
 
     from omni_runtime.stages import DenoiserStage, TextEncoderStage
 
@@ -266,15 +266,7 @@ def _flux_cases(model_dir: str, mesh=None) -> dict:
     den = DenoiserStage.from_pretrained(model_dir, "float32", "cpu", mesh=mesh)
     seen: list[int] = []
     den.model.transformer_blocks[0].register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[0]))
-    reqs = []
-    for prompt, neg, seed, h, w, scale in FLUX_CASES:
-        enc = te.encode(prompt, max_sequence_length=16)
-        nenc = te.encode(neg, max_sequence_length=16) if neg else None
-        reqs.append(flux_request(
-            prompt_embeds=enc["prompt_embeds"][0], pooled_prompt_embeds=enc["pooled_prompt_embeds"][0], seed=seed,
-            height=h, width=w, num_inference_steps=2, true_cfg_scale=scale,
-            negative_prompt_embeds=nenc["prompt_embeds"][0] if nenc else None,
-            negative_pooled_prompt_embeds=nenc["pooled_prompt_embeds"][0] if nenc else None))
+    reqs = encoded_requests(te, FLUX_CASES, 2, 16)
     latents = den.denoise(reqs)
     rows_seen = list(seen)
     # a true-CFG batch of 2 that loses request 0 before step 1 (cancelled): 4 rows, then 2

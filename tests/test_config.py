@@ -72,7 +72,7 @@ def test_relative_model_path_resolves_against_the_config_dir(tmp_path):
     ("[stages.vae]\ntiling = true\n[stages.vae.parallel]\npatch = 2\n", "stages.vae.tiling", "true",
      "allowed: one of them"),
     ("[stages.denoiser.parallel]\nulysses = 2\nhsdp_shard = 3\n", "stages.denoiser.parallel.hsdp_shard", "3",
-     "must equal the denoiser world size"),
+     "does not equal the world size"),
     ("[stages.denoiser]\ndevices = [0]\n[stages.denoiser.parallel]\nulysses = 2\n", "stages.denoiser.devices",
      "['cuda:0']", "need exactly 2"),
     ("[stages.vae]\ndevices = [0]\n", "stages.vae.devices", "['cuda:0']", "CUDA devices with model.device = 'cpu'"),
@@ -93,7 +93,7 @@ def test_relative_model_path_resolves_against_the_config_dir(tmp_path):
     ("[stages.denoiser.parallel]\nhsdp_replicate = 2\n", "stages.denoiser.parallel.hsdp_replicate", "2",
      "hsdp_shard > 1"),
     ("[stages.denoiser.parallel]\nulysses = 2\nhsdp_shard = 4\n", "stages.denoiser.parallel.hsdp_shard", "4",
-     "hsdp_shard x hsdp_replicate = 4 must equal the denoiser world size"),
+     "hsdp_shard 4 × hsdp_replicate 1 = 4 does not equal the world size"),
     ("[stages.text_encoder.parallel]\nhsdp_replicate = 3\n", "stages.text_encoder.parallel.hsdp_replicate",
      "3", "hsdp_shard > 1"),
     ("[stages.text_encoder.parallel]\ncfg = 2\n", "stages.text_encoder.parallel.cfg", "2",
@@ -193,9 +193,13 @@ def test_usage_doc_config_block_lists_every_key_with_its_default():
     import re
 
     import msgspec
-    import tomllib
 
-    from omni_runtime.runtime.config import ModelConfig, RuntimeConfig
+    from omni_runtime.runtime.config import (
+        _SCHEMA,
+        ModelConfig,
+        RuntimeConfig,
+        tomllib,  # stdlib tomllib, or tomli on Python 3.10
+    )
 
     doc = (ROOT / "docs" / "USAGE.md").read_text()
     raw = tomllib.loads(re.search(r"```toml\n(.*?)```", doc, re.S).group(1))
@@ -209,8 +213,42 @@ def test_usage_doc_config_block_lists_every_key_with_its_default():
     defaults = msgspec.to_builtins(RuntimeConfig(model=ModelConfig(path=raw["model"]["path"])))
     assert documented == defaults  # every documented key has the code's default
 
-    def keys(d, prefix=""):
-        return {prefix + k for k in d} | {x for k, v in d.items() if isinstance(v, dict) for x in keys(v, k + ".")}
+    def keys(d, prefix=""):  # full table paths: stages.denoiser.parallel.ulysses
+        return {prefix + k for k in d} | {x for k, v in d.items() if isinstance(v, dict)
+                                          for x in keys(v, prefix + k + ".")}
 
-    # and every key of the code is documented (text_encoder has no pixels: max_batch_pixels is no key there)
-    assert keys(raw) >= keys(defaults) - {"source", "text_encoder.max_batch_pixels"}
+    # and every key of the code is documented in its own table
+    assert keys(raw) >= keys(_SCHEMA)  # the checker's schema: every key a config file may have, by table path
+    assert "stages.denoiser.parallel.ulysses" in keys(raw)
+
+
+def test_usage_doc_unknown_key_example_is_what_the_code_prints():
+    """USAGE's example of the unknown-key error, word for word (it listed 10 allowed keys when the code had 14)."""
+    import re
+
+    doc = (ROOT / "docs" / "USAGE.md").read_text()
+    example = re.search(r"`(stages\.denoiser\.parallel\.ulysess: unknown key[^`]*)`", doc).group(1)
+    with pytest.raises(ConfigError) as e:
+        load_config_text = BASE + "[stages.denoiser.parallel]\nulysess = 2\n"
+        from omni_runtime.runtime.config import config_from_dict, tomllib
+
+        config_from_dict(tomllib.loads(load_config_text))
+    assert str(e.value) == example
+
+
+def test_usage_lists_every_shipped_config_and_its_excerpts_match_the_files():
+    """USAGE's list of shipped configs names every configs/*.toml, and a TOML block USAGE introduces as
+    "`configs/NAME.toml` is this file" parses to what the file parses to."""
+    import re
+
+    from omni_runtime.runtime.config import tomllib
+
+    doc = (ROOT / "docs" / "USAGE.md").read_text()
+    listed = doc[doc.index("Shipped configs"):].split("\n\n")[0]
+    shipped = sorted(p.name for p in (ROOT / "configs").glob("*.toml"))
+    assert [n for n in shipped if f"`{n}`" not in listed] == []
+    excerpts = re.findall(r"`configs/([\w.]+\.toml)` is this file\S*\n+\s*```toml\n(.*?)```", doc, re.S)
+    assert [name for name, _ in excerpts] == ["ray2nodes.toml"]
+    for name, block in excerpts:
+        block = "\n".join(line[3:] if line.startswith("   ") else line for line in block.splitlines())
+        assert tomllib.loads(block) == tomllib.loads((ROOT / "configs" / name).read_text()), name

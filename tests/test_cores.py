@@ -291,13 +291,26 @@ def test_the_executor_computes_in_its_turn_announces_first_and_hands_over_betwee
 
 
 class _StepEngine:
-    """A step-level engine stub: every item takes two steps and ends as a tiny image."""
+    """A step-level engine stub (``stages.engine.StepEngine``): every item takes two steps and ends as a tiny
+    image."""
+
+    name = "denoiser"
+    padding_waste = 0.0
 
     def __init__(self, log: list, token: _Token) -> None:
         self.log, self.token, self.running = log, token, {}
 
+    def batch_key(self, item):
+        return 0
+
+    def step(self, items, stop=None):
+        raise AssertionError("a step engine under step-level scheduling runs run_step, not step")
+
     def join_key(self, item):
         return 0
+
+    def row_tokens(self, item):
+        return 1, 1
 
     def admit(self, slot, item):
         self.running[slot] = 2
@@ -307,6 +320,9 @@ class _StepEngine:
 
     def progress(self, slot):
         return 2 - self.running[slot], 2
+
+    def cache_stats(self, slot):
+        return None
 
     def run_step(self):
         assert self.token.held, "a step ran outside the stage's turn"

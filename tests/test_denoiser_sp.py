@@ -28,7 +28,7 @@ MAX_SEQ = 16
 
 def _run_cases(model_dir: str, out_dir: str | None, tag: str, mesh=None) -> dict:
     """Encode, denoise (all CASES in one call: shape groups batch) and, on rank 0, decode."""
-    from stage_refs import flux_request
+    from stage_refs import encoded_requests
 
     from omni_runtime.stages import DenoiserStage, TextEncoderStage, VaeDecoderStage
 
@@ -36,15 +36,7 @@ def _run_cases(model_dir: str, out_dir: str | None, tag: str, mesh=None) -> dict
     den = DenoiserStage.from_pretrained(model_dir, "float32", "cpu", mesh=mesh)
     seen: list[int] = []
     den.model.transformer_blocks[0].register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[1]))
-    reqs = []
-    for prompt, neg, seed, h, w, cfg in CASES:
-        enc = te.encode(prompt, max_sequence_length=MAX_SEQ)
-        nenc = te.encode(neg, max_sequence_length=MAX_SEQ) if neg else None
-        reqs.append(flux_request(
-            prompt_embeds=enc["prompt_embeds"][0], pooled_prompt_embeds=enc["pooled_prompt_embeds"][0], seed=seed,
-            height=h, width=w, num_inference_steps=STEPS, true_cfg_scale=cfg,
-            negative_prompt_embeds=nenc["prompt_embeds"][0] if nenc else None,
-            negative_pooled_prompt_embeds=nenc["pooled_prompt_embeds"][0] if nenc else None))
+    reqs = encoded_requests(te, CASES, STEPS, MAX_SEQ)
     latents = den.denoise(reqs)
     result = {"sp": den.mesh.size("sp"), "tokens_seen": sorted(set(seen)),
               "latents": [x.flatten().tolist() for x in latents]}

@@ -202,3 +202,24 @@ def test_connection_limit_answers_503():
         finally:
             for s in held:
                 s.close()
+
+
+def test_usage_lists_the_documented_responses_and_the_keyed_routes_of_the_schema(client):
+    """USAGE's list of the generation route's documented responses is the schema's, and its security section names
+    every route of the schema that needs the key (it missed 409 and ``GET /v1/requests/{id}``)."""
+    import re
+    from pathlib import Path
+
+    usage = (Path(__file__).resolve().parent.parent / "docs" / "USAGE.md").read_text()
+    schema = client.get("/openapi.json").json()
+    codes = sorted(int(c) for c in schema["paths"][ROUTE]["post"]["responses"])
+    listed = re.search(r"the documented\s+responses \(([\d, ]+)\)", usage).group(1)
+    assert [int(c) for c in listed.split(", ")] == codes
+    security = usage[usage.index("## Security model"):]
+    security = security[:security.index("\n- **Browsers.**")]
+    keyed = [f"{method.upper()} {path}" for path, ops in schema["paths"].items() for method, op in ops.items()
+             if op.get("security") and path not in ("/metrics",)]
+    assert keyed
+    for route in keyed:
+        method, path = route.split(" ")
+        assert path in security, f"{route} needs the key; USAGE's security section does not name it"

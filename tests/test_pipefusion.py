@@ -31,21 +31,13 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 def run_cases(model_dir: str, steps: int, mesh=None, decode: bool = True) -> dict:
     """Denoise CASES with ``steps`` steps on ``mesh``; latents and (rank 0 / one process) decoded images."""
-    from stage_refs import flux_request
+    from stage_refs import encoded_requests
 
     from omni_runtime.stages import DenoiserStage, TextEncoderStage, VaeDecoderStage
 
     te = TextEncoderStage.from_pretrained(model_dir, "float32", "cpu")
     den = DenoiserStage.from_pretrained(model_dir, "float32", "cpu", mesh=mesh)
-    reqs = []
-    for prompt, neg, seed, h, w, cfg in CASES:
-        enc = te.encode(prompt, max_sequence_length=MAX_SEQ)
-        nenc = te.encode(neg, max_sequence_length=MAX_SEQ) if neg else None
-        reqs.append(flux_request(
-            prompt_embeds=enc["prompt_embeds"][0], pooled_prompt_embeds=enc["pooled_prompt_embeds"][0], seed=seed,
-            height=h, width=w, num_inference_steps=steps, true_cfg_scale=cfg,
-            negative_prompt_embeds=nenc["prompt_embeds"][0] if nenc else None,
-            negative_pooled_prompt_embeds=nenc["pooled_prompt_embeds"][0] if nenc else None))
+    reqs = encoded_requests(te, CASES, steps, MAX_SEQ)
     latents = den.denoise(reqs)
     out = {"latents": [x.flatten().tolist() for x in latents],
            "sync_steps": getattr(den.forward_rows, "stats", None) and den.forward_rows.stats.extra.get("sync_steps")}

@@ -35,21 +35,11 @@ MAX_SEQ = 16
 
 
 def _requests(model_dir: str) -> list:
-    from stage_refs import flux_request
+    from stage_refs import encoded_requests
 
     from omni_runtime.stages import TextEncoderStage
 
-    te = TextEncoderStage.from_pretrained(model_dir, "float32", "cpu")
-    reqs = []
-    for prompt, neg, seed, h, w, cfg in CASES:
-        enc = te.encode(prompt, max_sequence_length=MAX_SEQ)
-        nenc = te.encode(neg, max_sequence_length=MAX_SEQ) if neg else None
-        reqs.append(flux_request(
-            prompt_embeds=enc["prompt_embeds"][0], pooled_prompt_embeds=enc["pooled_prompt_embeds"][0], seed=seed,
-            height=h, width=w, num_inference_steps=STEPS, true_cfg_scale=cfg,
-            negative_prompt_embeds=nenc["prompt_embeds"][0] if nenc else None,
-            negative_pooled_prompt_embeds=nenc["pooled_prompt_embeds"][0] if nenc else None))
-    return reqs
+    return encoded_requests(TextEncoderStage.from_pretrained(model_dir, "float32", "cpu"), CASES, STEPS, MAX_SEQ)
 
 
 def _run(model_dir: str, mesh=None) -> dict:

@@ -26,7 +26,7 @@ import numpy as np
 import psutil
 import pytest
 from PIL import Image
-from test_server_harness import Server, post_and_kill
+from test_server_harness import Server, image_of, post_and_kill
 
 ray = pytest.importorskip("ray")
 
@@ -166,6 +166,17 @@ def _rank_pids(log: str, stage: str, generation: int) -> list[int]:
     return [int(p) for p in re.findall(r"rank \d+ pid (\d+)", m.group(1))]
 
 
+AFTER = {"prompt": "after", "seed": 2, "size": "32x32", "num_inference_steps": 1}  # the request around a restart
+
+
+def _generation(log: str, stage: str = "denoiser") -> int:
+    """The latest generation of ``stage``'s replica 0 the launcher started (each test starts from whatever the
+    tests before it left: the module shares one server, and a test may run alone)."""
+    found = [int(g) for g in re.findall(rf"started {stage}\[0\] \(generation (\d+)\) as Ray actors", log)]
+    assert found, f"no start of {stage}[0] in the log"
+    return max(found)
+
+
 def _reported(log: str) -> tuple[dict[tuple[str, int], str], dict[str, str]]:
     """From the launcher's reported placement in serve's log: (stage, rank) -> node, stage -> output road."""
     text = log[log.index("Ray placed every replica:"):]
@@ -198,7 +209,9 @@ def test_served_across_nodes_matches_the_local_pipeline(served, cluster, referen
 
 def test_a_killed_rank_actor_is_503_naming_stage_rank_and_node_then_restarts(served):
     nodes, _ = _reported(served.log_text())
-    victim = psutil.Process(_rank_pids(served.log_text(), "denoiser", 1)[1])  # the launcher reports the pids
+    gen = _generation(served.log_text())
+    before = image_of(served, AFTER)
+    victim = psutil.Process(_rank_pids(served.log_text(), "denoiser", gen)[1])  # the launcher reports the pids
     body = {"prompt": "slow", "seed": 3, "size": "256x256", "n": 4, "num_inference_steps": 200}
     r, took = post_and_kill(served, victim, body, timeout=240, busy_cpu_s=0.5)
     assert r.status_code == 503, r.text
@@ -206,10 +219,9 @@ def test_a_killed_rank_actor_is_503_naming_stage_rank_and_node_then_restarts(ser
     assert msg.startswith("stage denoiser failed: denoiser[0] rank 1 died"), msg
     assert f"on node {nodes[('denoiser', 1)]}" in msg, msg
     assert took < 5.0, f"the 503 came {took:.1f}s after the kill"
-    # the replica is restarted through the launcher (new actors, generation 2); the next request succeeds
-    r = served_post(served, {"prompt": "after", "seed": 2, "size": "32x32", "num_inference_steps": 1})
-    assert r.status_code == 200, r.text
-    assert "started denoiser[0] (generation 2) as Ray actors" in served.log_text()
+    # the replica is restarted through the launcher (new actors, the next generation); the next request succeeds
+    assert np.array_equal(image_of(served, AFTER), before)  # the restarted replica computes the same image
+    assert f"started denoiser[0] (generation {gen + 1}) as Ray actors" in served.log_text()
 
 
 def test_a_hung_rank_actor_is_503_naming_it_hung_then_restarts(served):
@@ -217,7 +229,9 @@ def test_a_hung_rank_actor_is_503_naming_it_hung_then_restarts(served):
     replica restarts with new actors, the next request succeeds."""
     import threading
 
-    victim = psutil.Process(_rank_pids(served.log_text(), "denoiser", 2)[1])
+    gen = _generation(served.log_text())
+    before = image_of(served, AFTER)
+    victim = psutil.Process(_rank_pids(served.log_text(), "denoiser", gen)[1])
     out: dict = {}
     t = threading.Thread(target=lambda: out.update(r=served_post(served, {
         "prompt": "slow", "seed": 3, "size": "256x256", "n": 4, "num_inference_steps": 200})))
@@ -235,9 +249,8 @@ def test_a_hung_rank_actor_is_503_naming_it_hung_then_restarts(served):
     msg = out["r"].json()["error"]["message"]
     assert msg.startswith("stage denoiser failed: denoiser[0] rank 1 hung on node "), msg
     assert took < 6 + 20, f"the 503 came {took:.1f}s after the stop"
-    r = served_post(served, {"prompt": "after", "seed": 2, "size": "32x32", "num_inference_steps": 1})
-    assert r.status_code == 200, r.text
-    assert "started denoiser[0] (generation 3) as Ray actors" in served.log_text()
+    assert np.array_equal(image_of(served, AFTER), before)  # the restarted replica computes the same image
+    assert f"started denoiser[0] (generation {gen + 1}) as Ray actors" in served.log_text()
     assert not psutil.pid_exists(victim.pid) or victim.status() == psutil.STATUS_ZOMBIE
 
 

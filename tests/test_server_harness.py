@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import os
 import secrets
 import signal
@@ -11,7 +13,9 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import psutil
+from PIL import Image
 from serve_process import wait_healthy  # tools/ (on the path from conftest)
 
 from omni_runtime.runtime.launcher import free_port
@@ -108,6 +112,71 @@ class Server:
             self.leftover = [p.pid for p in alive]
         self.log.close()
         return self.proc.returncode
+
+
+def shared_steps(server: Server) -> float:
+    """Denoiser steps so far that ran more than one request (``omni_denoiser_step_active`` above 1): a request joined
+    another's running set (step-level batching)."""
+    import re
+
+    text = httpx.get(server.url + "/metrics", headers=server.headers, timeout=10).text
+    count = sum(float(m) for m in re.findall(r"^omni_denoiser_step_active_count(?:{[^}]*})? (\S+)$", text, re.M))
+    ones = sum(float(m) for m in re.findall(r'^omni_denoiser_step_active_bucket{le="1.0".*} (\S+)$', text, re.M))
+    return count - ones
+
+
+def images_together(server: Server, carrier: dict, joiners: list[dict], timeout: float = 240.0) -> list[np.ndarray]:
+    """Run ``joiners`` inside the running set of a long ``carrier`` request and return their images.
+
+    The carrier (the same join key: the joiners' size, or any size under ``mixed_sizes``; hundreds of steps) is
+    posted first over a raw socket; once it is denoising (``GET /v1/requests/{id}``: a step done) the joiners are
+    posted at once and join its running set at a step boundary, which the denoiser's metrics must show (a step that
+    ran more than one request). Then the carrier's client goes away, so it leaves at the next step (cancelled),
+    never run to its end. Events, not timing: however slow the machine, the carrier is still running when the
+    joiners arrive."""
+    import json
+    import socket
+    from concurrent.futures import ThreadPoolExecutor
+
+    from omni_runtime.runtime.requests import parse_request
+
+    parse_request(carrier, allow_unknown=False)  # a carrier the server would refuse fails here, not after a wait
+    rid = f"carrier-{secrets.token_hex(4)}"
+
+    def progress() -> dict:
+        r = httpx.get(f"{server.url}/v1/requests/{rid}", headers=server.headers, timeout=30)
+        return r.json() if r.status_code == 200 else {"status": "unknown", "steps_done": 0}
+
+    before = shared_steps(server)
+    data = json.dumps(carrier).encode()
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+    try:
+        sock.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     + f"Authorization: {server.headers['Authorization']}\r\nX-Request-Id: {rid}\r\n".encode()
+                     + f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+        end = time.monotonic() + timeout
+        while progress()["steps_done"] < 1:
+            assert time.monotonic() < end, f"the carrier never started denoising: {progress()}"
+            time.sleep(0.02)
+        with ThreadPoolExecutor(len(joiners)) as ex:
+            images = list(ex.map(lambda body: image_of(server, body, timeout), joiners))
+        assert progress()["status"] == "running", "the carrier ended before the joiners: give it more steps"
+    finally:
+        sock.close()  # the carrier's client goes away: it leaves the running set at the next step
+    while progress()["status"] == "running":
+        assert time.monotonic() < end, progress()
+        time.sleep(0.05)
+    assert shared_steps(server) - before >= len(joiners), "the joiners did not share the carrier's steps"
+    return images
+
+
+def image_of(server: Server, body: dict, timeout: float = 240.0, rid: str | None = None) -> np.ndarray:
+    """POST ``body`` and return its first image (uint8 HxWx3); fails the test on any status but 200. Kill-and-restart
+    tests take the image of one request before the kill and compare the restarted replica's image with it."""
+    headers = {**server.headers, **({"X-Request-Id": rid} if rid else {})}
+    r = httpx.post(server.url + "/v1/images/generations", json=body, headers=headers, timeout=timeout)
+    assert r.status_code == 200, r.text
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"]))))
 
 
 def post_and_kill(server: Server, victim: psutil.Process, body: dict, timeout: float = 120.0,

@@ -9,34 +9,27 @@ rank mid-request: 503 naming the stage and the rank, restart, the next request s
 
 from __future__ import annotations
 
-import base64
-import io
-
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
-from test_server_harness import API_KEY, Server, post_and_kill
+from test_server_harness import Server, image_of, images_together, post_and_kill
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed, pytest.mark.timeout(600)]
 
-REQUESTS = [
-    {"prompt": "a castle on a hill", "size": "64x64", "extra_body": {"seed": 21, "num_inference_steps": 3}},
+CARRIER = {"prompt": "a long walk", "seed": 1, "size": "272x208", "num_inference_steps": 200}
+REQUESTS = [  # the 272x208 ones run inside the carrier's running set; the 64x64 one (another size) after it
     {"prompt": "a red cube", "size": "272x208",
      "extra_body": {"seed": 5, "num_inference_steps": 2, "negative_prompt": "blurry", "true_cfg_scale": 4.0}},
     {"prompt": "a lighthouse", "size": "272x208", "extra_body": {"seed": 7, "num_inference_steps": 2}},
+    {"prompt": "a castle on a hill", "size": "64x64", "extra_body": {"seed": 21, "num_inference_steps": 3}},
 ]
 
 
 def _images(server: Server) -> list[np.ndarray]:
-    from openai import OpenAI
-
-    client = OpenAI(base_url=server.url + "/v1", api_key=API_KEY, timeout=240)
-    out = []
-    for req in REQUESTS:
-        res = client.images.generate(model="tiny-flux", response_format="b64_json", **req)
-        out.append(np.asarray(Image.open(io.BytesIO(base64.b64decode(res.data[0].b64_json)))))
-    return out
+    """The images of REQUESTS: the two 272x208 ones inside a long request's running set under the layout
+    (test_server_harness.images_together), then the 64x64 one alone."""
+    bodies = [{"prompt": r["prompt"], "size": r["size"], **r["extra_body"]} for r in REQUESTS]
+    return images_together(server, CARRIER, bodies[:2]) + [image_of(server, bodies[2])]
 
 
 @pytest.fixture(scope="module")
@@ -68,15 +61,14 @@ def test_pp_serve_matches_default_config(tmp_path, reference, layout):
         if layout == "pp2":
             den = sorted((p for p in server.stage_procs() if "denoiser[0]" in " ".join(p.cmdline())),
                          key=lambda p: " ".join(p.cmdline()))
+            after_body = {"prompt": "after the crash", "seed": 1, "size": "64x64", "num_inference_steps": 2}
+            before = image_of(server, after_body)
             r, after_kill = post_and_kill(server, den[1], {"prompt": "slow", "seed": 3, "size": "512x512",
                                                            "num_inference_steps": 200})
             assert r.status_code == 503, r.text
             msg = r.json()["error"]["message"]
             assert "denoiser" in msg and "rank 1" in msg, msg
-            after = httpx.post(server.url + "/v1/images/generations", headers=server.headers, timeout=240,
-                               json={"prompt": "after the crash", "seed": 1, "size": "64x64",
-                                     "num_inference_steps": 2})
-            assert after.status_code == 200, after.text
+            assert np.array_equal(image_of(server, after_body), before)  # the restarted replica: the same image
             assert "denoiser[0] ready (generation 2)" in server.log_text()
     finally:
         server.stop()

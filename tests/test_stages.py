@@ -391,3 +391,17 @@ def test_stop_hook_takes_requests_out_between_steps_and_the_others_are_unchanged
     assert out[0] is None and out[1] is None
     assert torch.equal(out[2], stage.denoise([reqs[2]])[0])
     assert stage.denoise(reqs, stop=lambda step: [0, 1, 2]) == [None, None, None]
+
+
+def test_the_step_level_engine_methods_are_declared_in_the_engine_protocol(tiny_dir):
+    """The runtime calls admit/drop/run_step/... through ``stages.engine.StepEngine``, not duck-typed under
+    ``# type: ignore``; the denoiser engine implements it."""
+    import inspect
+
+    from omni_runtime.runtime import stage_exec
+    from omni_runtime.stages.engine import DenoiserEngine, StepEngine, load_engine
+
+    engine = load_engine("denoiser", tiny_dir, "float32", "cpu")
+    assert isinstance(engine, DenoiserEngine) and isinstance(engine, StepEngine)
+    assert not isinstance(load_engine("vae", tiny_dir, "float32", "cpu"), StepEngine)
+    assert "type: ignore[attr-defined]" not in inspect.getsource(stage_exec)

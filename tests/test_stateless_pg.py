@@ -107,22 +107,32 @@ def test_barrier_timeout_names_the_missing_rank():
 
 
 def _expiry(rank, world_size):
-    pg = _group(rank, world_size, data_expiration_seconds=1)
+    """Expiry against the group's clock moved forward by hand (no sleeps, so no race with a loaded machine): the
+    expiry time is a minute, far beyond any stall between two lines here, and rank 0 jumps past it."""
+    import types
+
+    import omni_runtime.comm.stateless_pg as spg
+
+    ahead = [0.0]  # seconds rank 0's group clock runs ahead of the real one
+    spg.time = types.SimpleNamespace(monotonic=lambda: time.monotonic() + ahead[0], sleep=time.sleep)
+    pg = _group(rank, world_size, data_expiration_seconds=60)
     got = pg.broadcast_obj({"v": 1} if rank == 0 else None, src=0)
     pg.barrier()
     out = {"got": got}
     if rank == 0:
         out["present_before"] = pg.store.check(["bcast/0/0"])
         out["expired_early"] = pg.expire_data()
-        time.sleep(1.2)
+        ahead[0] += 61
         out["expired"] = pg.expire_data()
         out["present_after"] = pg.store.check(["bcast/0/0"])
         pg.broadcast_obj("fresh", src=0)
-        time.sleep(1.2)
+        pg.barrier()  # every rank has read it
+        ahead[0] += 61
         pg.send_obj("trigger", dst=1)  # every send expires what is old
         out["fresh_present_after_send"] = pg.store.check(["bcast/0/1"])
     else:
         out["second"] = pg.broadcast_obj(None, src=0)
+        pg.barrier()
         if rank == 1:
             out["trigger"] = pg.recv_obj(0)
     pg.barrier()

@@ -21,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from spawn import run_workers  # noqa: E402
+from stage_refs import single_rank_config  # noqa: E402
 
 from omni_runtime.parallel.vae_patch_parallel import VaePatchError, vae_row_ranges  # noqa: E402
 
@@ -67,6 +68,7 @@ def _decode_worker(rank: int, world: int, model_dir: str, cases: list) -> list:
     return out
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_patch_decode_equals_single_rank(tiny_dir, world):
     results = run_workers(_decode_worker, world, args=(str(tiny_dir), CASES), init_process_group=True, timeout=300)
@@ -110,6 +112,7 @@ def _wider_vae_worker(rank: int, world: int, rows: int, cols: int) -> float:
     return float((got - ref).abs().max() / ref.abs().max())
 
 
+@pytest.mark.distributed
 def test_patch_decode_of_a_deeper_vae_with_uneven_rows():
     rels = run_workers(_wider_vae_worker, 3, args=(41, 12), init_process_group=True, timeout=300)  # 14, 14, 13
     assert rels[0] <= REL_TOL, rels
@@ -132,6 +135,7 @@ def _norm_worker(rank: int, world: int, rows: int) -> float:
     return float((got - ref[:, :, s:e]).abs().max())
 
 
+@pytest.mark.distributed
 def test_group_norm_exact_with_uneven_rows():
     rows = 7  # 3 ranks: 3, 2, 2 rows
     assert [e - s for s, e in vae_row_ranges(rows, 3)] == [3, 2, 2]
@@ -161,6 +165,7 @@ def _too_few_rows_worker(rank: int, world: int, model_dir: str) -> str:
     return ""
 
 
+@pytest.mark.distributed
 def test_patch_decode_refuses_fewer_rows_than_ranks(tiny_dir):
     """The mechanism itself refuses (the stage falls back before calling it, tested above)."""
     msgs = run_workers(_too_few_rows_worker, 3, args=(str(tiny_dir),), init_process_group=True, timeout=120)
@@ -220,9 +225,7 @@ def test_serve_patch2_matches_patch1_and_recovers_from_a_follower_kill(tmp_path)
     finally:
         server.stop()
     assert server.shm_entries() == []
-    patch1 = tmp_path / "patch1.toml"
-    patch1.write_text(server.config_path.read_text().replace("patch = 2", "patch = 1"))
-    with Omni(patch1, in_process=True) as omni:
+    with Omni(single_rank_config(server.config_path), in_process=True) as omni:
         ref = np.asarray(omni.generate("a lighthouse", seed=5, size="208x272", num_inference_steps=2)[0])
     diff = np.abs(served.astype(int) - ref.astype(int))
     assert served.shape == ref.shape == (272, 208, 3) and diff.max() <= 1, diff.max()
