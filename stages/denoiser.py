@@ -69,6 +69,8 @@ class DenoiseRequest:
     true_cfg_scale: float = 1.0
     #: the request's LoRA adapters (``stages.lora``), combined as diffusers' ``set_adapters(names, weights)``
     lora: tuple[LoraSpec, ...] = ()
+    #: after which steps (steps done) to keep the predicted clean latent for a preview (``stages.step_batch``)
+    previews: tuple[int, ...] = ()
 
     @property
     def do_true_cfg(self) -> bool:
