@@ -30,10 +30,10 @@ from omni_runtime.runtime.multipart_form import FormError, FormLimits, boundary_
 from omni_runtime.runtime.requests import FIELDS, RequestError, openapi_request_schema, show
 from omni_runtime.runtime.stream_api import (
     EDIT,
-    STREAM_PROPERTIES,
     parse_stream,
     stream_images,
     streamed_responses,
+    with_stream_fields,
 )
 
 logger = logging.getLogger(__name__)
@@ -59,7 +59,6 @@ def _form_schema(cfg: Any) -> dict[str, Any]:
     """The OpenAPI schema of the form: the generation fields' bounds (``requests.FIELDS``) and the files."""
     s = cfg.server
     props = {k: v for k, v in openapi_request_schema()["properties"].items() if k in _FORM_FIELDS}
-    props.update(STREAM_PROPERTIES)
     props["size"] = {**props["size"], "description": f"'WIDTHxHEIGHT' or '{AUTO_SIZE}' (the default: the first "
                                                      f"image's size rounded down to the model's multiple)",
                      "pattern": props["size"]["pattern"][:-1] + f"|^ *{AUTO_SIZE} *$", "default": AUTO_SIZE}
@@ -72,7 +71,7 @@ def _form_schema(cfg: Any) -> dict[str, Any]:
                                        f"takes)"}
     props["mask"] = {**file_, "description": "refused (400) by a model without inpainting; it must have the first "
                                              "image's size"}
-    return {"type": "object", "required": ["prompt"], "properties": props}
+    return with_stream_fields({"type": "object", "required": ["prompt"], "properties": props})
 
 
 def register(app: FastAPI, ctx: ApiContext) -> None:

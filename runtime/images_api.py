@@ -31,10 +31,10 @@ from omni_runtime.runtime.http_common import (
 from omni_runtime.runtime.requests import RequestError, openapi_request_schema, parse_request, show
 from omni_runtime.runtime.stream_api import (
     GENERATION,
-    STREAM_PROPERTIES,
     parse_stream,
     stream_images,
     streamed_responses,
+    with_stream_fields,
 )
 
 logger = logging.getLogger(__name__)
@@ -58,9 +58,7 @@ def generations_responses() -> dict[int | str, dict[str, Any]]:
 
 
 def _request_schema() -> dict[str, Any]:
-    schema = openapi_request_schema()
-    schema["properties"].update(STREAM_PROPERTIES)
-    return schema
+    return with_stream_fields(openapi_request_schema())
 
 
 def register(app: FastAPI, ctx: ApiContext) -> None:

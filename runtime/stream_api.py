@@ -26,14 +26,21 @@ import msgspec
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
-from omni_runtime.runtime.http_common import REQUEST_ID_HEADER, ApiContext, request_id, serving_error
+from omni_runtime.runtime.http_common import (
+    ERROR_SCHEMA,
+    JSON_MEDIA_TYPE,
+    REQUEST_ID_HEADER,
+    ApiContext,
+    request_id,
+    serving_error,
+)
 from omni_runtime.runtime.image_stream import ImageEvent
 from omni_runtime.runtime.requests import GenerationRequest, RequestError, show
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["EVENT_STREAM", "MAX_PARTIAL_IMAGES", "STREAM_PROPERTIES", "parse_stream", "stream_images",
-           "streamed_responses"]
+           "streamed_responses", "with_stream_fields"]
 
 EVENT_STREAM = "text/event-stream"
 MAX_PARTIAL_IMAGES = 3
@@ -47,6 +54,20 @@ STREAM_PROPERTIES: dict[str, Any] = {
                        "description": "previews per image, at evenly spaced denoising steps (fewer when the steps "
                                       "are too few); only with stream = true"},
 }
+
+
+#: the schema's rule that ``partial_images`` (non-null) needs ``stream = true`` (JSON Schema's if/then)
+STREAM_RULE: dict[str, Any] = {
+    "if": {"properties": {"partial_images": {"type": "integer"}}, "required": ["partial_images"]},
+    "then": {"properties": {"stream": {"const": True}}, "required": ["stream"]},
+}
+
+
+def with_stream_fields(schema: dict[str, Any]) -> dict[str, Any]:
+    """A route's request schema with ``stream`` and ``partial_images`` added (and their rule)."""
+    schema["properties"].update(STREAM_PROPERTIES)
+    schema.update(STREAM_RULE)
+    return schema
 
 
 def _flag(value: Any, form: bool) -> bool:
@@ -86,12 +107,32 @@ def parse_stream(raw: Mapping[str, Any], *, form: bool = False) -> int | None:
     return (partials or 0) if stream else None
 
 
+def event_schema(kind: str) -> dict[str, Any]:
+    """One Server-Sent Event of a ``kind`` route (``image_generation`` / ``image_edit``): its name and its JSON data
+    (OpenAPI 3.2's way: ``contentMediaType`` + ``contentSchema``)."""
+    common = {"type": {"type": "string"}, "b64_json": {"type": "string"}, "created_at": {"type": "integer"},
+              "size": {"type": "string"}, "quality": {"const": "auto"}, "background": {"const": "opaque"},
+              "output_format": {"type": "string"}, "image_index": {"type": "integer", "minimum": 0}}
+    usage = {"type": "object", "required": ["input_tokens", "input_tokens_details", "output_tokens", "total_tokens"]}
+    partial = {"type": "object", "required": [*common, "partial_image_index"], "properties": {
+        **common, "type": {"const": f"{kind}.partial_image"},
+        "partial_image_index": {"type": "integer", "minimum": 0, "maximum": MAX_PARTIAL_IMAGES - 1}}}
+    completed = {"type": "object", "required": [*common, "usage"], "properties": {
+        **common, "type": {"const": f"{kind}.completed"}, "usage": usage, "seed": {"type": "integer"}}}
+    error = {"type": "object", "required": ["type", "error"], "properties": {"type": {"const": "error"},
+                                                                          "error": ERROR_SCHEMA["properties"]["error"]}}
+    return {"type": "object", "required": ["event", "data"], "properties": {
+        "event": {"enum": [f"{kind}.partial_image", f"{kind}.completed", "error"]},
+        "data": {"type": "string", "contentMediaType": JSON_MEDIA_TYPE,
+                 "contentSchema": {"oneOf": [partial, completed, error]}}}}
+
+
 def streamed_responses(responses: dict[int | str, dict[str, Any]], kind: str) -> dict[int | str, dict[str, Any]]:
     """A route's documented responses with the event stream added to the 200 answer (OpenAPI)."""
     ok = responses.setdefault(200, {"description": "the images", "content": {}})
-    ok["content"][EVENT_STREAM] = {"schema": {"type": "string", "description": (
-        f"with stream = true: Server-Sent Events {kind}.partial_image (partial_images per image) and "
-        f"{kind}.completed (one per image; extension field image_index), or one error event")}}
+    ok["description"] += (f"; with stream = true, Server-Sent Events: {kind}.partial_image (partial_images per "
+                          f"image), {kind}.completed (one per image; extension field image_index), or one error event")
+    ok["content"][EVENT_STREAM] = {"schema": event_schema(kind)}
     return responses
 
 

@@ -98,7 +98,9 @@ def streamed(server) -> list[tuple[str, dict, float]]:
     return _events(server, {**BODY, "stream": True, "partial_images": 3})
 
 
-def test_raw_sse_has_openai_event_names_and_shapes(streamed) -> None:
+def test_raw_sse_has_openai_event_names_and_shapes(server, streamed) -> None:
+    import jsonschema
+
     names = [n for n, _, _ in streamed]
     assert names == ["image_generation.partial_image"] * 3 + ["image_generation.completed"], names
     for name, data, _ in streamed:
@@ -107,6 +109,12 @@ def test_raw_sse_has_openai_event_names_and_shapes(streamed) -> None:
         assert data["background"] == "opaque" and isinstance(data["created_at"], int) and data["image_index"] == 0
         assert _decode(data["b64_json"]).shape == (64, 64, 3)
     assert [d["partial_image_index"] for _, d, _ in streamed[:3]] == [0, 1, 2]
+    # every event is what /openapi.json documents
+    spec = httpx.get(server.url + "/openapi.json", timeout=10).json()
+    event = spec["paths"][GEN]["post"]["responses"]["200"]["content"]["text/event-stream"]["schema"]
+    for name, data, _ in streamed:
+        jsonschema.validate({"event": name, "data": json.dumps(data)}, event)
+        jsonschema.validate(data, event["properties"]["data"]["contentSchema"])
     done = streamed[-1][1]
     assert done["seed"] == BODY["seed"] and "partial_image_index" not in done
     assert done["usage"] == {"input_tokens": 0, "input_tokens_details": {"image_tokens": 0, "text_tokens": 0},
@@ -134,7 +142,7 @@ def test_the_completed_image_equals_the_same_request_without_streaming(server, s
 def test_the_first_partial_comes_well_before_the_final_image(server) -> None:
     """By event order (the first partial, after 1/4 of the steps, is an event before the final one); the times are
     printed (tools/bench_stream.py measures them under load)."""
-    ev = _events(server, {**BODY, "num_inference_steps": 40, "stream": True, "partial_images": 3})
+    ev = _events(server, {**BODY, "num_inference_steps": 16, "stream": True, "partial_images": 3})
     names = [n for n, _, _ in ev]
     assert names[0] == "image_generation.partial_image" and names[-1] == "image_generation.completed", names
     first, full = ev[0][2], ev[-1][2]
@@ -174,18 +182,18 @@ def _progress(server: Server, rid: str) -> dict:
 
 def test_a_client_that_disconnects_cancels_its_request_and_frees_the_denoiser(server) -> None:
     rid = "stream-disconnect-1"
-    body = {**BODY, "num_inference_steps": 200, "stream": True, "partial_images": 3}
+    body = {**BODY, "num_inference_steps": 60, "stream": True, "partial_images": 3}
     with httpx.stream("POST", server.url + GEN, json=body, headers={**server.headers, "X-Request-Id": rid},
                       timeout=120) as r:
         for line in r.iter_lines():
             if line.startswith("event: image_generation.partial_image"):
-                break  # the first partial (after 50 of 200 steps): hang up
+                break  # the first partial (after 15 of 60 steps): hang up
     end = time.monotonic() + 60
     while _progress(server, rid).get("status") != "cancelled":
         assert time.monotonic() < end, _progress(server, rid)
         time.sleep(0.1)
     p = _progress(server, rid)
-    assert 50 <= p["steps_done"] < 200, p
+    assert 15 <= p["steps_done"] < 60, p
     # the denoiser is free: the next request runs alone and completes; nothing is held
     t0 = time.monotonic()
     r = httpx.post(server.url + GEN, json={**BODY, "num_inference_steps": 2}, headers=server.headers, timeout=120)
@@ -235,7 +243,7 @@ def test_an_error_after_the_stream_started_is_an_error_event(server) -> None:
     import psutil
 
     den = next(p for p in server.stage_procs() if "denoiser" in " ".join(p.cmdline()))
-    body = {**BODY, "num_inference_steps": 200, "stream": True, "partial_images": 3}
+    body = {**BODY, "num_inference_steps": 60, "stream": True, "partial_images": 3}
     names, last = [], None
     with httpx.stream("POST", server.url + GEN, json=body, headers=server.headers, timeout=120) as r:
         for line in r.iter_lines():
@@ -259,7 +267,7 @@ def test_an_error_after_the_stream_started_is_an_error_event(server) -> None:
     assert [type(e) for e in events] == [ImageGenPartialImageEvent, ImageGenCompletedEvent]
     with pytest.raises(APIError):  # the client raises the error event
         stream = client.images.generate(prompt=PROMPT, size="64x64", stream=True, partial_images=3,
-                                        extra_body={"seed": 1, "num_inference_steps": 200})
+                                        extra_body={"seed": 1, "num_inference_steps": 60})
         for i, _ in enumerate(stream):
             if i == 0:
                 next(p for p in server.stage_procs() if "denoiser" in " ".join(p.cmdline())).kill()
