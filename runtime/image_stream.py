@@ -61,12 +61,19 @@ class ImageStream:
         if self.closed or msg.index in self.done:
             tensor_handoff.release(msg.output)
             return
-        task = asyncio.ensure_future(self._decode(msg))
+        started: list[bool] = []
+        task = asyncio.ensure_future(self._decode(msg, started))
         tasks = self.tasks.setdefault(msg.index, set())
         tasks.add(task)
-        task.add_done_callback(tasks.discard)
 
-    async def _decode(self, msg: Preview) -> None:
+        def done(t: asyncio.Task) -> None:
+            tasks.discard(t)
+            if not started:  # cancelled before its first line ran: nobody else releases the tensor
+                tensor_handoff.release(msg.output)
+        task.add_done_callback(done)
+
+    async def _decode(self, msg: Preview, started: list[bool]) -> None:
+        started.append(True)  # from here on the hop releases the tensor (or the VAE stage does)
         work = Work(req_id=f"{msg.req_id}.p{msg.index}.{self.token}", index=msg.step, seed=self.req.seed + msg.index,
                     params=self.req, inputs=msg.output, deadline=self.deadline, task=PREVIEW)
         try:

@@ -196,7 +196,7 @@ async def _events(task: asyncio.Future, events: asyncio.Queue[ImageEvent], kind:
                 continue
             while not events.empty():
                 yield event_of(kind, req, events.get_nowait())
-            exc = task.exception()
+            exc = asyncio.CancelledError("the request was cancelled") if task.cancelled() else task.exception()
             if exc is not None:
                 yield error_event(exc, ctx)
             return
