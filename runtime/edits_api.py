@@ -29,6 +29,13 @@ from omni_runtime.runtime.http_common import (
 )
 from omni_runtime.runtime.multipart_form import FormError, FormLimits, boundary_of, read_form
 from omni_runtime.runtime.requests import FIELDS, RequestError, openapi_request_schema, show
+from omni_runtime.runtime.stream_api import (
+    EDIT,
+    parse_stream,
+    stream_images,
+    streamed_responses,
+    with_stream_fields,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +72,7 @@ def _form_schema(cfg: Any) -> dict[str, Any]:
                                        f"takes)"}
     props["mask"] = {**file_, "description": "refused (400) by a model without inpainting; it must have the first "
                                              "image's size"}
-    return {"type": "object", "required": ["prompt"], "properties": props}
+    return with_stream_fields({"type": "object", "required": ["prompt"], "properties": props})
 
 
 def register(app: FastAPI, ctx: ApiContext) -> None:
@@ -106,12 +113,15 @@ def register(app: FastAPI, ctx: ApiContext) -> None:
         try:
             req = parse_edit_request(form.fields, images, rules[0], mask=masks[0] if masks else None,
                                      caps=ctx.caps, image_param="image[]" if "image[]" in names else "image")
+            partials = parse_stream(form.fields, form=True)
         except RequestError as e:
             return ctx.bad_request(str(e), e.param)
+        if partials is not None:
+            return await stream_images(request, ctx, req, partials, EDIT)
         return await run_images(request, ctx, req)
 
-    app.add_api_route(ROUTE, ctx.counted(edits), methods=["POST"], name="edits", responses=documented(
-        _ERRORS, IMAGES_SCHEMA), openapi_extra={"security": ctx.security, "requestBody": {
+    app.add_api_route(ROUTE, ctx.counted(edits), methods=["POST"], name="edits", responses=streamed_responses(
+        documented(_ERRORS, IMAGES_SCHEMA), EDIT), openapi_extra={"security": ctx.security, "requestBody": {
             "required": True, "content": {FORM_MEDIA_TYPE: {"schema": _form_schema(ctx.cfg)}}}})
 
     def patch(schema: dict[str, Any]) -> None:  # the table's exact bounds (FastAPI would hold them as floats)

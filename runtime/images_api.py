@@ -29,6 +29,13 @@ from omni_runtime.runtime.http_common import (
     run_images,
 )
 from omni_runtime.runtime.requests import RequestError, openapi_request_schema, parse_request, show
+from omni_runtime.runtime.stream_api import (
+    GENERATION,
+    parse_stream,
+    stream_images,
+    streamed_responses,
+    with_stream_fields,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +54,11 @@ _ERRORS = {
 
 def generations_responses() -> dict[int | str, dict[str, Any]]:
     """The documented responses of the generations route (OpenAPI)."""
-    return documented(_ERRORS, IMAGES_SCHEMA)
+    return streamed_responses(documented(_ERRORS, IMAGES_SCHEMA), GENERATION)
+
+
+def _request_schema() -> dict[str, Any]:
+    return with_stream_fields(openapi_request_schema())
 
 
 def register(app: FastAPI, ctx: ApiContext) -> None:
@@ -71,19 +82,22 @@ def register(app: FastAPI, ctx: ApiContext) -> None:
             return invalid("the body is not valid JSON: nested too deeply", None, "invalid_json")
         try:
             req = parse_request(raw, caps=ctx.caps)
+            partials = parse_stream(raw)
         except RequestError as e:
             return ctx.bad_request(str(e), e.param)
+        if partials is not None:
+            return await stream_images(request, ctx, req, partials, GENERATION)
         return await run_images(request, ctx, req)
 
     app.add_api_route(ROUTE, ctx.counted(generations), methods=["POST"], name="generations",
                       responses=generations_responses(), openapi_extra={
                           "security": ctx.security,
                           "requestBody": {"required": True,
-                                          "content": {JSON_MEDIA_TYPE: {"schema": openapi_request_schema()}}}})
+                                          "content": {JSON_MEDIA_TYPE: {"schema": _request_schema()}}}})
 
     def patch(schema: dict[str, Any]) -> None:
         # FastAPI's OpenAPI model holds bounds as floats (2**63 - 10 would become 2**63): put the table's in
         body = schema["paths"][ROUTE]["post"]["requestBody"]["content"][JSON_MEDIA_TYPE]
-        body["schema"] = openapi_request_schema()
+        body["schema"] = _request_schema()
 
     ctx.openapi_patches.append(patch)

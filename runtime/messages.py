@@ -2,7 +2,8 @@
 
 Inbound to a stage driver: :class:`Work` (one image of one request), :class:`Cancel`, :class:`Stop`.
 Outbound from a driver: :class:`Ready` (the readiness handshake), :class:`Result` and, from the denoiser, one
-:class:`StepReport` per denoising step (progress and step metrics). From every rank: :class:`Heartbeat` (liveness).
+:class:`StepReport` per denoising step (progress and step metrics) and a :class:`Preview` for each streamed
+request's partial image it makes. From every rank: :class:`Heartbeat` (liveness).
 Driver to the other ranks of its replica: :class:`Batch`, then one :class:`StepDecision` per denoising step, and
 :class:`Stop`.
 Tensors never travel inside these messages: they are :data:`~runtime.tensor_handoff.TensorRef` refs the consumer
@@ -96,6 +97,19 @@ class StepReport(msgspec.Struct, tag="steps", kw_only=True):
     progress: list[ItemProgress] = []
 
 
+class Preview(msgspec.Struct, tag="preview", kw_only=True):
+    """A denoiser driver's preview of one image of a streamed request (``partial_images``): the predicted clean
+    latent after ``step`` of ``total`` steps, for the orchestrator to have decoded (the consumer releases it)."""
+
+    stage: str
+    replica: int
+    req_id: str
+    index: int
+    step: int
+    total: int
+    output: TensorRef
+
+
 class Result(msgspec.Struct, tag="result", kw_only=True):
     req_id: str
     index: int
@@ -127,4 +141,4 @@ class Heartbeat(msgspec.Struct, tag="beat", kw_only=True):
     waiting_for: str = ""  # waiting for the node's compute turn: who holds it ("" when not waiting)
 
 
-Outbound = Ready | Result | StepReport | Heartbeat
+Outbound = Ready | Result | StepReport | Heartbeat | Preview

@@ -35,8 +35,9 @@ import msgspec
 
 from omni_runtime.runtime import tensor_handoff
 from omni_runtime.runtime.config import STAGE_NAMES, RuntimeConfig
+from omni_runtime.runtime.image_stream import ImageEvent, ImageStream
 from omni_runtime.runtime.lora_registry import LoraRegistry
-from omni_runtime.runtime.messages import Result, StepReport, Work
+from omni_runtime.runtime.messages import Preview, Result, StepReport, Work
 from omni_runtime.runtime.metrics import Metrics
 from omni_runtime.runtime.progress import ProgressBook
 from omni_runtime.runtime.requests import GenerationRequest, RequestError
@@ -122,6 +123,7 @@ class Orchestrator:
         self.started_at = time.time()
         self.progress = ProgressBook()  # GET /v1/requests/{id}
         self.loras = LoraRegistry(cfg)  # LoRA adapters by name ([lora], /v1/loras)
+        self.streams: dict[str, ImageStream] = {}  # streamed requests by id (runtime.image_stream)
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -140,6 +142,7 @@ class Orchestrator:
             for c in reps:
                 c.on_ready = self._on_ready
                 c.on_report = self._on_report
+                c.on_preview = self._on_preview
         for coro in await self.stages.open():
             self._critical(coro, "omni-results")
         end = time.monotonic() + timeout
@@ -166,6 +169,14 @@ class Orchestrator:
         self.progress.report(msg)
         self.metrics.observe_step(msg.replica, msg.step_s, msg.active, msg.admitted, msg.retired,
                                   msg.padding_waste)
+
+    def _on_preview(self, msg: Preview) -> None:
+        """A denoiser's preview of a streamed request's image: its stream has it decoded (released if it is gone)."""
+        stream = self.streams.get(msg.req_id)
+        if stream is None:
+            tensor_handoff.release(msg.output)
+        else:
+            stream.preview(msg)
 
     def _on_ready(self, c: StageClient) -> None:
         self.recovering.discard(id(c))
@@ -358,12 +369,15 @@ class Orchestrator:
         self.metrics.queue_depth.labels(stage=stage).set(self.waiting[stage])
 
     async def generate(self, req: GenerationRequest, request_id: str | None = None,
-                       report: dict[str, Any] | None = None) -> list[bytes]:
+                       report: dict[str, Any] | None = None, *,
+                       on_event: Callable[[ImageEvent], None] | None = None) -> list[bytes]:
         """Run one request end to end; returns the encoded images in seed order. ``request_id``: the id its
         progress is known by (``progress.get``; checked by the caller with ``progress.valid_request_id``), a new
         one if None; :class:`DuplicateRequestId` while another request with that id is in flight. ``report``: a
         dict that gets the response's extension fields (``cache``: what the denoiser's cache skipped, summed over
-        the images)."""
+        the images). ``on_event`` (streaming): called with each image as it is done and with its
+        ``req.partial_images`` previews (``runtime.image_stream``). Everything that can refuse the request raises
+        before the first await."""
         if self.closed or self.failure is not None:
             raise StageUnavailable(f"the runtime is {'shutting down' if self.closed else 'failed: ' + self.failure}")
         try:
@@ -383,7 +397,10 @@ class Orchestrator:
         deadline = time.time() + self.cfg.server.request_timeout_s
         t0 = time.monotonic()
         report = report if report is not None else {}
-        tasks = [asyncio.ensure_future(self._item(rid, i, req, deadline, report)) for i in range(req.n)]
+        stream = None
+        if on_event is not None:
+            stream = self.streams[rid] = ImageStream(req, deadline, on_event, self._hop)
+        tasks = [asyncio.ensure_future(self._item(rid, i, req, deadline, report, stream)) for i in range(req.n)]
         try:
             images = await asyncio.gather(*tasks)
         except BaseException as e:
@@ -392,12 +409,16 @@ class Orchestrator:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
+        finally:
+            if stream is not None:
+                self.streams.pop(rid, None)
+                await stream.close()
         self.progress.close(rid, "completed")
         self.metrics.request_latency.observe(time.monotonic() - t0)
         return list(images)
 
     async def _item(self, rid: str, index: int, req: GenerationRequest, deadline: float,
-                    report: dict[str, Any]) -> bytes:
+                    report: dict[str, Any], stream: ImageStream | None = None) -> bytes:
         """One image through its hops (:func:`hops`); it holds a place at each stage until its last hop there."""
         path = hops(req)
         last = {stage: i for i, (stage, _) in enumerate(path)}
@@ -427,6 +448,8 @@ class Orchestrator:
                 if stage not in left:
                     self._count(stage, -1)
         assert res.image is not None
+        if stream is not None:
+            stream.final(index, res.image)
         return res.image
 
     async def _pick(self, stage: str, deadline: float) -> StageClient:

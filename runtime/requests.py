@@ -102,6 +102,8 @@ class GenerationRequest(msgspec.Struct, kw_only=True, frozen=True):
     #: image edits: the input image files (checked at the edge: ``runtime.edit_requests``); only the VAE's encode
     #: hop receives them, the other hops get the request without (``without_images``)
     images: tuple[bytes, ...] = ()
+    #: streamed answers (``runtime.stream_api``): previews per image the denoiser makes (0: none)
+    partial_images: int = 0
 
     @property
     def is_edit(self) -> bool:

@@ -29,7 +29,17 @@ from omni_runtime.comm.channel import ChannelClosed, Receiver, Sender
 from omni_runtime.runtime import tensor_handoff
 from omni_runtime.runtime.config import STAGE_NAMES, RuntimeConfig
 from omni_runtime.runtime.liveness import RankWatch
-from omni_runtime.runtime.messages import Cancel, Heartbeat, Outbound, Ready, Result, StepReport, Stop, Work
+from omni_runtime.runtime.messages import (
+    Cancel,
+    Heartbeat,
+    Outbound,
+    Preview,
+    Ready,
+    Result,
+    StepReport,
+    Stop,
+    Work,
+)
 from omni_runtime.runtime.stage_exec import DriverLoop, StageExecutor
 
 logger = logging.getLogger(__name__)
@@ -77,15 +87,23 @@ class _Futures:
         self.outstanding = 0
         #: called with each :class:`~runtime.messages.StepReport` of the replica (the orchestrator's progress)
         self.on_report: Callable[[StepReport], None] | None = None
+        #: called with each :class:`~runtime.messages.Preview` (a streamed request's partial image to decode); it
+        #: then owns the preview's tensor; without it the tensor is released at once
+        self.on_preview: Callable[[Preview], None] | None = None
 
     def report(self, msg: StepReport) -> None:
         if self.on_report is not None:
             self.on_report(msg)
 
-    def deliver(self, msg: Result | StepReport) -> None:
-        """A Result resolves its future; a StepReport goes to ``on_report``."""
+    def deliver(self, msg: Result | StepReport | Preview) -> None:
+        """A Result resolves its future; a StepReport goes to ``on_report``, a Preview to ``on_preview``."""
         if isinstance(msg, StepReport):
             self.report(msg)
+        elif isinstance(msg, Preview):
+            if self.on_preview is not None:
+                self.on_preview(msg)
+            else:
+                tensor_handoff.release(msg.output)
         else:
             self.resolve(msg)
 

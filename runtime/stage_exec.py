@@ -37,6 +37,7 @@ from omni_runtime.runtime.messages import (
     Batch,
     Cancel,
     ItemProgress,
+    Preview,
     RankMessage,
     Result,
     StepDecision,
@@ -45,7 +46,7 @@ from omni_runtime.runtime.messages import (
     Work,
 )
 from omni_runtime.runtime.step_scheduler import Candidate, StepScheduler
-from omni_runtime.stages.engine import Engine, StageItem, StepEngine
+from omni_runtime.stages.engine import PREVIEW, Engine, StageItem, StepEngine
 from omni_runtime.stages.errors import OmniUserError
 
 logger = logging.getLogger(__name__)
@@ -145,10 +146,13 @@ class StageExecutor:
         already arrived. An idle stage (``busy=False``: the first pending item arrived while nothing ran)
         dispatches at once, a lone item too: no batching window delays it. A busy stage (``busy=True``: the
         driver comes straight from running a batch, so these items queued while it ran) takes what queued and,
-        when that is short of the limit, waits at most ``batch_timeout_ms`` for more (0, the default: never)."""
+        when that is short of the limit, waits at most ``batch_timeout_ms`` for more (0, the default: never).
+        Previews (``Work.task == "preview"``, streamed partial images) go last: a preview batch runs only when no
+        other item waits, so a preview never delays a final image that was already queued."""
         wait(0)
-        key = self.pending[0].key
-        limit = self.batch_limit(self.pending[0].work)
+        lead = next((p for p in self.pending if p.work.task != PREVIEW), self.pending[0])
+        key = lead.key
+        limit = self.batch_limit(lead.work)
         window = self.batch_timeout_s if busy else 0.0
         window_end = self.clock() + window
         while window > 0:
@@ -420,6 +424,7 @@ class DriverLoop:
                     continue
                 dt = time.time() - t0
             step += 1
+            self._send_previews(running)
             self._answer_step(running, outs, StepReport(stage=ex.stage, replica=ex.replica, step_s=dt, active=active,
                                                         admitted=len(admit), retired=len(drop) + len(outs)))
         for p in running.values():
@@ -503,6 +508,23 @@ class DriverLoop:
         progress += [ItemProgress(p.work.req_id, p.work.index, *engine.progress(s)) for s, p in running.items()]
         report.progress, report.padding_waste = progress, engine.padding_waste
         self.send(report)
+
+    def _send_previews(self, running: dict[int, Pending]) -> None:
+        """The predicted clean latents the last step kept for streamed requests (``partial_images``), published and
+        sent to the orchestrator, which has them decoded and streams them (a failure costs the preview only)."""
+        ex = self.executor
+        take = getattr(ex.engine, "take_previews", None)
+        for s, (done, x0) in (take() if take is not None else {}).items():
+            p = running.get(s)
+            if p is None:
+                continue
+            try:
+                ref = ex.publisher.publish(x0)
+            except Exception as e:
+                logger.warning("%s: preview of %s/%d not published: %s", ex.stage, p.work.req_id, p.work.index, e)
+                continue
+            self.send(Preview(stage=ex.stage, replica=ex.replica, req_id=p.work.req_id, index=p.work.index,
+                              step=done, total=p.work.params.num_inference_steps, output=ref))
 
 
 def follow_plan(engine: StepEngine, plan: StepDecision) -> None:

@@ -82,6 +82,8 @@ class DenoiseRequest:
     cache: CacheConfig | None = None
     #: frames of a video (a family with ``video``); 1 for an image
     num_frames: int = 1
+    #: after which steps (steps done) to keep the predicted clean latent for a preview (``stages.step_batch``)
+    previews: tuple[int, ...] = ()
 
     @property
     def do_true_cfg(self) -> bool:

@@ -31,7 +31,7 @@ from omni_runtime.stages.device import resolve_device, resolve_dtype
 from omni_runtime.stages.errors import RequestError
 from omni_runtime.stages.lora import LoraSpec
 from omni_runtime.stages.models.family import CONDITION_KEY, TextEncoder, family_of
-from omni_runtime.stages.step_batch import RunningSet
+from omni_runtime.stages.step_batch import RunningSet, preview_steps
 from omni_runtime.stages.vae import VaeDecoderStage
 
 logger = logging.getLogger(__name__)
@@ -42,6 +42,9 @@ __all__ = ["ENGINES", "DenoiserEngine", "Engine", "RequestParams", "StageItem", 
 
 #: the VAE's second job (``StageItem.task``): an edit's input image to latents
 ENCODE = "encode"
+#: the VAE's third job: a streamed request's preview (the denoiser's predicted clean latent at an intermediate step),
+#: decoded like a final image in batches of its own, after the final images waiting (``runtime.stage_exec``)
+PREVIEW = "preview"
 
 
 class RequestParams(Protocol):
@@ -193,7 +196,8 @@ class DenoiserEngine:
             num_inference_steps=p.num_inference_steps, guidance_scale=p.guidance_scale,
             true_cfg_scale=p.true_cfg_scale, num_frames=getattr(p, "num_frames", 1),
             lora=tuple(LoraSpec(r.name, r.path, r.version, r.scale) for r in getattr(p, "lora", ())),
-            cache=getattr(p, "cache", None))
+            cache=getattr(p, "cache", None),
+            previews=preview_steps(p.num_inference_steps, getattr(p, "partial_images", 0)))
 
     def batch_key(self, item: StageItem) -> Hashable:
         return self.stage.batch_key(self.request(item))
@@ -237,6 +241,10 @@ class DenoiserEngine:
         stats = self.running.cache_stats(slot)
         return stats.as_dict() if stats is not None else None
 
+    def take_previews(self) -> dict[int, tuple[int, torch.Tensor]]:
+        """The previews of the last step: slot -> (steps done, predicted clean packed latents (tokens, C*4))."""
+        return {k: (d, x.contiguous()) for k, (d, x) in self.running.take_previews().items()}
+
 
 class VaeEngine:
     """Packed latents -> (H, W, 3) uint8 images; one step decodes items of one size."""
@@ -254,13 +262,14 @@ class VaeEngine:
     def batch_key(self, item: StageItem) -> Hashable:
         if item.task == ENCODE:
             return (ENCODE,)
-        return (item.params.width, item.params.height, getattr(item.params, "num_frames", 1))
+        # previews batch apart from final images
+        return (item.task, item.params.width, item.params.height, getattr(item.params, "num_frames", 1))
 
     def step(self, items: list[StageItem], stop: StopHook | None = None) -> list[Any]:
         """The images (a video model: (frames, H, W, 3) arrays) on the driver; ``[]`` on the other ranks of a
         patch-parallel replica (rank 0 gathers). ``encode`` items (image edits): the text encoder's tensors with the
         encoded input image added (:data:`~stages.models.family.CONDITION_KEY`), one item at a time as the edit
-        pipelines encode it."""
+        pipelines encode it. :data:`PREVIEW` items decode as final images do."""
         if items[0].task == ENCODE:
             return [self.encode(it) for it in items]
         p = items[0].params

@@ -23,6 +23,11 @@ padded fraction of its image tokens (the admission policy keeps it under ``max_p
 
 Every rank of a replica holds the same running set: the runtime broadcasts each admit/drop, and ``step`` retires
 the finished requests on every rank alike.
+
+Previews (streamed partial images): a request whose ``DenoiseRequest.previews`` names a step count keeps, after that
+step, the model's predicted clean latent ``x0 = x_t - sigma_t * v`` of that step (flow matching: ``x_t = (1 - sigma)
+x0 + sigma * noise`` and ``v = noise - x0``); :meth:`RunningSet.take_previews` hands them out. Nothing else of the
+step changes, so the final latents are those of the same request without previews.
 """
 
 from __future__ import annotations
@@ -46,7 +51,15 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Running", "RunningSet", "padding_waste"]
+__all__ = ["Running", "RunningSet", "padding_waste", "preview_steps"]
+
+
+def preview_steps(steps: int, partials: int) -> tuple[int, ...]:
+    """After which steps (step counts done, 1 .. steps - 1) a request of ``steps`` steps shows ``partials`` previews:
+    evenly spaced, ``round(steps * (k + 1) / (partials + 1))``; fewer when the steps are too few (the last step's
+    result is the final image, not a preview)."""
+    out = sorted({round(steps * (k + 1) / (partials + 1)) for k in range(partials)})
+    return tuple(s for s in out if 1 <= s < steps)
 
 
 def padding_waste(row_tokens: list[int]) -> float:
@@ -79,6 +92,8 @@ class Running:
     cond: torch.Tensor | None = None
     cond_ids: torch.Tensor | None = None
     stepper: Any = None        # its own multistep solver (stages.schedule.DiffusersStepper); None: Euler
+    #: the predicted clean latent (1, tokens, C*4) of the step just done when it is one of ``req.previews``
+    preview: torch.Tensor | None = None
 
     @property
     def total(self) -> int:
@@ -194,6 +209,7 @@ class RunningSet:
         self.finished_cache = {}
         groups: dict[Hashable, list[Running]] = {}
         for r in self.running.values():
+            r.preview = None  # a preview nobody took (a follower rank) goes with the step it belongs to
             groups.setdefault(r.key, []).append(r)
         padded = total = 0
         for members in groups.values():
@@ -219,6 +235,15 @@ class RunningSet:
                 self.cache.forget(self._cache_keys(r))
                 done[rid] = r.latents[0]
         return done
+
+    def take_previews(self) -> dict[int, tuple[int, torch.Tensor]]:
+        """The previews of the step just done: request id -> (steps done, predicted clean latents (tokens, C*4))."""
+        out = {}
+        for rid, r in self.running.items():
+            if r.preview is not None:
+                out[rid] = (r.done, r.preview[0])
+                r.preview = None
+        return out
 
     def _advance(self, members: list[Running]) -> None:
         """One step of ``members`` (one join group) in one forward: rows branch-major, i.e. the conditional row of
@@ -263,6 +288,8 @@ class RunningSet:
         velocity = mixed_apply(pred, info, [r.id for r in members], guides, [r.req.guidance_scales for r in members])
         for j, r in enumerate(members):
             v = velocity[j:j + 1, :r.tokens]  # padding and condition tokens' outputs are discarded
+            if r.done + 1 in r.req.previews:  # x0 = x_t - sigma_t * v, in fp32 as the Euler step
+                r.preview = (r.latents.to(torch.float32) - r.sigmas[r.done] * v).to(v.dtype)
             if r.stepper is not None:
                 r.latents = r.stepper.step(v, r.timesteps[r.done], r.latents)
             else:

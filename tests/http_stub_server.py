@@ -34,12 +34,18 @@ class StubOrchestrator:
     def health(self) -> dict[str, list[bool]]:
         return {"text_encoder": [True], "denoiser": [True], "vae": [True]}
 
-    async def generate(self, req, request_id=None, report=None):
+    async def generate(self, req, request_id=None, report=None, *, on_event=None):
         self.seen.append(req)
         self.ids.append(request_id)
         self.progress.open(request_id, req.n, req.num_inference_steps, req.priority)
         self.progress.close(request_id, "completed")
-        return [f"{req.prompt}:{s}".encode() for s in req.seeds()]
+        images = [f"{req.prompt}:{s}".encode() for s in req.seeds()]
+        if on_event is not None:  # a streamed request: its final images as events (no previews here)
+            from omni_runtime.runtime.image_stream import ImageEvent
+
+            for i, image in enumerate(images):
+                on_event(ImageEvent(i, image))
+        return images
 
 
 def stub_config(**server: Any) -> RuntimeConfig:

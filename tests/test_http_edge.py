@@ -14,6 +14,7 @@ from http_stub_server import StubOrchestrator, ThreadServer, stub_config
 from omni_runtime.runtime.http_common import MAX_BODY_BYTES
 from omni_runtime.runtime.requests import FIELDS, MAX_SEED, SIZE_PATTERN, WorkCaps, check_work, parse_request
 from omni_runtime.runtime.server import create_app
+from omni_runtime.runtime.stream_api import STREAM_PROPERTIES
 
 ROUTE = "/v1/images/generations"
 
@@ -90,7 +91,7 @@ def test_the_schema_is_the_table(client):
     spec = client.get("/openapi.json").json()
     op = spec["paths"][ROUTE]["post"]
     props = op["requestBody"]["content"]["application/json"]["schema"]["properties"]
-    assert set(props) == set(FIELDS)
+    assert set(props) == set(FIELDS) | set(STREAM_PROPERTIES)  # the table's fields and the stream fields
     assert (props["num_inference_steps"]["minimum"], props["num_inference_steps"]["maximum"]) == (1, 200)
     assert (props["guidance_scale"]["minimum"], props["guidance_scale"]["maximum"]) == (0.0, 100.0)
     assert (props["seed"]["minimum"], props["seed"]["maximum"]) == (0, MAX_SEED)
