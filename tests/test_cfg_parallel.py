@@ -350,9 +350,8 @@ def test_config_accepts_cfg_and_sizes_the_replica(tmp_path: Path, text: str, wor
                    r"would never compute; allowed: cfg <= 16"),
     ("cfg = 2\nhsdp_shard = 2\n", r"^stages\.denoiser\.parallel\.cfg = 2 with hsdp_shard = 2: not supported yet;"
                                   r" .*allowed: one of them \(cfg = 1 or hsdp_shard = 1\)"),
-    ("cfg = 2\nulysses = 2\nhsdp_shard = 2\n", r"^stages\.denoiser\.parallel\.hsdp_shard = 2 .*must equal the "
-                                               r"denoiser world size ulysses x ring x cfg x pp x dp = 2 x 1 x 2 x 1 "
-                                               r"x 1 = 4"),
+    ("cfg = 2\nulysses = 2\nhsdp_shard = 2\n", r"^stages\.denoiser\.parallel\.hsdp_shard = 2 .*does not equal the "
+                                               r"world size tp 1 × ulysses 2 × ring 1 × pp 1 × cfg 2 × dp 1 = 4"),
     ("cfg = 2\ndp = 2\nep = 2\n", r"^stages\.denoiser\.parallel\.cfg = 2 with ep = 2: not supported yet"),
     ("cfg = 2\ndp = 2\n", r"^stages\.denoiser\.parallel\.dp = 2: not supported yet"),
 ])

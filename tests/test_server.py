@@ -135,6 +135,7 @@ MALFORMED = [
                                                                  "true_cfg_scale"),
     ({"prompt": "x", "user": 5}, "user"), ({"prompt": ["a", "b"]}, "prompt"),
     ({"prompt": "x", "priority": "high"}, "priority"), ({"prompt": "x", "lora": "style"}, "lora"),
+    ({"prompt": "x", "cache": {"method": "sometimes"}}, "cache"),
 ]
 
 
