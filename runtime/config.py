@@ -230,6 +230,7 @@ class VideoConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_jobs: int = 64  # jobs kept (queued, running or finished); a new one beyond: 429 until one leaves
     job_ttl_s: float = 3600.0  # a finished job and its files are removed this long after it finished
     fps: int = 16  # frames per second of the mp4 when a request gives none (Wan's 16)
+    previews: int = 0  # 0 to 3: preview decodes per job while it runs (the thumbnail variant shows the latest)
 
 
 class RuntimeConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -273,7 +274,8 @@ _SCHEMA: dict[str, Any] = {
     },
     "placement": {"tensor_transport": _STR, "launcher": _STR, "ray_address": _STR, "cpu_sharing": _STR},
     "lora": {"adapters": _STR_TABLE, "max_loaded": _INT, "allowed_roots": _STRS},
-    "video": {"max_frames": _INT, "max_work": _INT, "max_jobs": _INT, "job_ttl_s": _FLOAT, "fps": _INT},
+    "video": {"max_frames": _INT, "max_work": _INT, "max_jobs": _INT, "job_ttl_s": _FLOAT, "fps": _INT,
+              "previews": _INT},
 }
 _REQUIRED = {("model",): ["path"], (): ["model"]}
 
@@ -622,6 +624,8 @@ def _check_video(cfg: RuntimeConfig) -> None:
     _at_least("video.fps", v.fps, 1)
     if not 1 <= v.fps <= 240:
         raise ConfigError(f"video.fps = {v.fps}: allowed: an integer from 1 to 240")
+    if not 0 <= v.previews <= 3:
+        raise ConfigError(f"video.previews = {v.previews}: allowed: an integer from 0 (off) to 3")
     if not (1.0 <= v.job_ttl_s <= 7 * 86400):  # also NaN and inf
         raise ConfigError(f"video.job_ttl_s = {v.job_ttl_s!r}: allowed: a number of seconds from 1 to 604800")
 

@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import msgspec
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
 
@@ -36,6 +37,7 @@ from omni_runtime.runtime.http_common import (
     is_json_content_type,
     read_body,
 )
+from omni_runtime.runtime.image_stream import ImageEvent
 from omni_runtime.runtime.orchestrator import ServingError
 from omni_runtime.runtime.requests import RequestError, show
 from omni_runtime.runtime.video_files import decode_frames, encode_mp4, thumbnail
@@ -139,10 +141,27 @@ def _view(job: VideoJob, request: Request) -> dict[str, Any]:
     return job.as_json(steps)
 
 
-async def _run(store: VideoJobStore, job: VideoJob, vr: VideoRequest, orch: Any) -> None:
-    """The job's task: the request through the stages, then its files."""
+#: the latest preview's first frame of a running job (``[video] previews``), in the job's directory
+PREVIEW_FILE = "preview.png"
+
+
+async def _run(store: VideoJobStore, job: VideoJob, vr: VideoRequest, orch: Any, previews: int = 0) -> None:
+    """The job's task: the request through the stages, then its files. With ``previews`` the denoiser's predicted
+    clean latents at that many evenly spaced steps are decoded (``runtime.image_stream``, at the VAE's lower
+    preview priority) and the latest one's first frame is the thumbnail while the job runs."""
+    req, on_event = vr.req, None
+    if previews:
+        req = msgspec.structs.replace(req, partial_images=previews)
+        directory = store.dir(job)
+
+        def on_event(event: ImageEvent) -> None:
+            if event.partial is not None:
+                directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+                tmp = directory / f".{PREVIEW_FILE}.tmp"
+                tmp.write_bytes(thumbnail(event.image))
+                tmp.replace(directory / PREVIEW_FILE)
     try:
-        frames_zip = (await orch.generate(vr.req, job.id))[0]
+        frames_zip = (await orch.generate(req, job.id, on_event=on_event))[0]
         await write_files(store.dir(job), frames_zip, vr.fps)
         store.finish(job, "completed")
     except asyncio.CancelledError:
@@ -206,7 +225,7 @@ def _job_routes(app: FastAPI, cfg: RuntimeConfig, store: VideoJobStore, auth: Ca
             store.add(job)
         except StoreFull as e:
             return error_response(429, str(e), "rate_limit_error", None, "too_many_jobs", {"Retry-After": "10"})
-        job.task = asyncio.ensure_future(_run(store, job, vr, request.app.state.orch))
+        job.task = asyncio.ensure_future(_run(store, job, vr, request.app.state.orch, cfg.video.previews))
         return JSONResponse(_view(job, request))
 
     @app.get("/v1/videos")
@@ -250,8 +269,13 @@ def _file_routes(app: FastAPI, cfg: RuntimeConfig, store: VideoJobStore,
         if job is None:
             return _not_found(video_id)
         if job.status != "completed":
-            return error_response(409, f"video {job.id} is {job.status}; its content exists once it is completed",
-                                  "invalid_request_error", "video_id", "video_not_ready")
+            preview = store.dir(job) / PREVIEW_FILE
+            if variant == "thumbnail" and job.status in ("queued", "in_progress") and preview.is_file():
+                return Response(preview.read_bytes(), media_type="image/png")  # the latest preview's first frame
+            hint = " (a thumbnail: the latest preview while it runs, with [video] previews > 0)" \
+                if variant == "thumbnail" else ""
+            return error_response(409, f"video {job.id} is {job.status}; its content exists once it is completed"
+                                  f"{hint}", "invalid_request_error", "video_id", "video_not_ready")
         name, media = FILES[variant]
         return FileResponse(store.dir(job) / name, media_type=media, filename=f"{job.id}_{name}")
 

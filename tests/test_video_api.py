@@ -28,7 +28,7 @@ CAPS = "\n".join(["max_frames = 129        # num_frames of one video at most",
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     s = Server(tmp_path_factory.mktemp("video"), base_config="wan.toml",
-               edits={CAPS: "max_frames = 21\nmax_work = 2000000"})
+               edits={CAPS: "max_frames = 21\nmax_work = 2000000\npreviews = 2"})
     yield s
     run_dir = run_dir_path(s.instance)
     s.stop()
@@ -136,6 +136,29 @@ def test_delete_mid_run_cancels_and_frees(server) -> None:
     status = httpx.get(f"{server.url}/v1/requests/{vid}", headers=server.headers).json()
     assert status["status"] == "cancelled" and status["steps_done"] < 60
     assert not (run_dir_path(server.instance) / "videos" / vid).exists()
+
+
+def test_thumbnail_of_a_running_job_is_its_latest_preview(server) -> None:
+    """With [video] previews = 2 a running job's thumbnail is the first frame of its latest preview (the denoiser's
+    predicted clean latent decoded by the VAE); before the first preview it is a 409 that says so."""
+    body = {**BODY, "num_inference_steps": 60, "seed": 11}
+    vid = httpx.post(f"{server.url}/v1/videos", json=body, headers=server.headers, timeout=60).json()["id"]
+    first = _content(server, vid, "thumbnail")
+    if first.status_code == 409:
+        assert "latest preview while it runs" in first.json()["error"]["message"]
+    end = time.time() + 120
+    while True:  # the first preview is taken after step 20 of 60 (partial_images = 2: steps 20 and 40)
+        job = httpx.get(f"{server.url}/v1/videos/{vid}", headers=server.headers).json()
+        assert job["status"] == "in_progress" or job["status"] == "queued", job
+        r = _content(server, vid, "thumbnail")
+        if r.status_code == 200:
+            break
+        assert r.status_code == 409 and time.time() < end, r.text
+        time.sleep(0.05)
+    assert httpx.get(f"{server.url}/v1/videos/{vid}", headers=server.headers).json()["progress"] < 100
+    thumb = np.asarray(Image.open(io.BytesIO(r.content)))
+    assert thumb.shape == (32, 48, 3) and thumb.std() > 0
+    assert httpx.delete(f"{server.url}/v1/videos/{vid}", headers=server.headers).status_code == 200
 
 
 @pytest.mark.parametrize(("change", "param", "words"), [

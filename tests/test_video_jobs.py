@@ -75,6 +75,7 @@ def test_store_is_bounded_and_expires_with_its_files(tmp_path, monkeypatch) -> N
 @pytest.mark.parametrize(("key", "value", "words"), [
     ("max_frames", 0, "video.max_frames = 0"), ("max_jobs", 0, "video.max_jobs"), ("fps", 500, "video.fps = 500"),
     ("job_ttl_s", 0.0, "video.job_ttl_s"), ("max_work", "x", "video.max_work"), ("colour", 1, "colour"),
+    ("previews", 4, "video.previews = 4: allowed: an integer from 0"), ("previews", -1, "video.previews"),
 ])
 def test_video_config_keys_are_checked(key, value, words) -> None:
     with pytest.raises(ConfigError, match=words.replace(".", r"\.")):
