@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import random
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -353,17 +353,15 @@ def check_work(req: GenerationRequest, caps: WorkCaps) -> None:
                            f"is allowed ([server] max_pixels_steps)", "num_inference_steps")
 
 
-def parse_request(raw: Any, *, allow_unknown: bool = True, caps: WorkCaps | None = None) -> GenerationRequest:
-    """Validate a JSON object (HTTP body, JSONL line, CLI flags, ``Omni.generate`` fields) against :data:`FIELDS`
-    into a :class:`GenerationRequest`; with ``caps``, also :func:`check_work`. ``None`` means "absent"."""
-    if not isinstance(raw, dict):
-        raise RequestError(f"the request body must be a JSON object, got {type(raw).__name__}", None)
+def check_fields(raw: dict[str, Any], table: Mapping[str, Field], *, allow_unknown: bool) -> dict[str, Any]:
+    """Every field of ``table`` checked (its default when absent or None); an unknown key is refused naming the
+    allowed ones unless ``allow_unknown``."""
     if not allow_unknown:
-        unknown = sorted(k for k in raw if k not in FIELDS)
+        unknown = sorted(k for k in raw if k not in table)
         if unknown:
-            raise RequestError(f"{unknown[0]}: unknown field; allowed: {', '.join(sorted(FIELDS))}", unknown[0])
+            raise RequestError(f"{unknown[0]}: unknown field; allowed: {', '.join(sorted(table))}", unknown[0])
     got: dict[str, Any] = {}
-    for name, f in FIELDS.items():
+    for name, f in table.items():
         v = raw.get(name)
         if v is None:
             if f.required:
@@ -371,6 +369,15 @@ def parse_request(raw: Any, *, allow_unknown: bool = True, caps: WorkCaps | None
             got[name] = f.default
         else:
             got[name] = _check_field(f, v)
+    return got
+
+
+def parse_request(raw: Any, *, allow_unknown: bool = True, caps: WorkCaps | None = None) -> GenerationRequest:
+    """Validate a JSON object (HTTP body, JSONL line, CLI flags, ``Omni.generate`` fields) against :data:`FIELDS`
+    into a :class:`GenerationRequest`; with ``caps``, also :func:`check_work`. ``None`` means "absent"."""
+    if not isinstance(raw, dict):
+        raise RequestError(f"the request body must be a JSON object, got {type(raw).__name__}", None)
+    got = check_fields(raw, FIELDS, allow_unknown=allow_unknown)
     width, height = got["size"] if isinstance(got["size"], tuple) else parse_size(got["size"])
     seed = got["seed"] if got["seed"] is not None else random.randrange(0, 2**31)
     req = GenerationRequest(

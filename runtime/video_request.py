@@ -29,7 +29,7 @@ from omni_runtime.runtime.requests import (
     Field,
     GenerationRequest,
     RequestError,
-    _check_field,
+    check_fields,
     parse_size,
     show,
 )
@@ -137,18 +137,7 @@ def parse_video_request(raw: Any, model: VideoModel, *, default_fps: int, max_fr
     raw = _coerce_form(raw) if form else raw
     if isinstance(raw.get("seconds"), str):  # OpenAI's Videos API sends seconds as a string ("4", "8")
         raw = {**_coerce_form({"seconds": raw["seconds"]}), **{k: v for k, v in raw.items() if k != "seconds"}}
-    unknown = sorted(k for k in raw if k not in VIDEO_FIELDS)
-    if unknown:
-        raise RequestError(f"{unknown[0]}: unknown field; allowed: {', '.join(sorted(VIDEO_FIELDS))}", unknown[0])
-    got: dict[str, Any] = {}
-    for name, f in VIDEO_FIELDS.items():
-        v = raw.get(name)
-        if v is None:
-            if f.required:
-                raise RequestError(f"{name} is required: {f.allowed()}", name)
-            got[name] = f.default
-        else:
-            got[name] = _check_field(f, v)
+    got = check_fields(raw, VIDEO_FIELDS, allow_unknown=False)
     if got["guidance_scale_2"] is not None:
         raise RequestError("guidance_scale_2: only two-expert (Wan 2.2, boundary_ratio) models use it; this model "
                            "has one transformer; allowed: absent", "guidance_scale_2")
