@@ -78,7 +78,10 @@ def _row_range(t: DTensor, rows: int) -> tuple[int, int]:
         if isinstance(placement, Replicate):
             continue
         if not isinstance(placement, Shard) or placement.dim != 0:
-            raise NotImplementedError(f"sharded load supports Shard(0)/Replicate placements, not {placement}")
+            # parallel/hsdp.py shards every parameter with fully_shard's default Shard(0) (replicated across
+            # hsdp_replicate): no config reaches another placement; one here is a bug of ours, said as such
+            raise RuntimeError(f"internal error: HSDP placed a parameter as {placement}; the sharded load reads "
+                               f"rows of Shard(0) / Replicate placements only")
         n = t.device_mesh.size(dim)
         span = stop - start
         chunk = math.ceil(span / n) if span else 0
