@@ -13,8 +13,8 @@ Cases: ``wan`` is ``AutoencoderKLWan`` (Wan 2.1's config: base_dim 96, dim_mult 
 decoding ``--wan-frames`` latent frames of ``--wan-size``; ``flux`` is FLUX.1's ``AutoencoderKL`` (128,256,512,512
 channels, 2 layers per block, 16 latent channels) decoding one image of each ``--flux-sizes``.
 
-    python tools/bench_vae_memory.py [--width-div 4] [--repeats 2] [--flux-sizes 1024,1536] [--flux-patches 1,2,4]
-        [--wan-size 256x448] [--wan-frames 3] [--json out.json]
+    python tools/bench_vae_memory.py [--width-div 16] [--repeats 2] [--flux-sizes 1024,1536] [--flux-patches 1,2,4]
+        [--wan-size 256x256] [--wan-frames 3] [--json out.json]
 """
 
 from __future__ import annotations
@@ -169,11 +169,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--height", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--width", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--frames", type=int, default=1, help=argparse.SUPPRESS)
-    ap.add_argument("--width-div", type=int, default=4, help="divide the VAEs' channel widths by this (1: real)")
+    ap.add_argument("--width-div", type=int, default=16, help="divide the VAEs' channel widths by this (1: real)")
     ap.add_argument("--kinds", default="wan,flux", help="which VAEs: wan, flux or both")
     ap.add_argument("--flux-sizes", default="1024,1536", help="square image sizes for the Flux VAE")
     ap.add_argument("--flux-patches", default="1,2,4", help="patch degrees for the Flux VAE (1 is the baseline)")
-    ap.add_argument("--wan-size", default="256x448", help="HxW of the Wan video")
+    ap.add_argument("--wan-size", default="256x256", help="HxW of the Wan video")
     ap.add_argument("--wan-frames", type=int, default=3, help="latent frames of the Wan video (x4 - 3 frames)")
     ap.add_argument("--repeats", type=int, default=2, help="runs per case (median reported)")
     ap.add_argument("--json", help="write every run's numbers here")
