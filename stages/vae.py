@@ -64,6 +64,16 @@ class AutoencoderKLKind(VaeKind):
         shift = vae.config.shift_factor
         return z / float(vae.config.scaling_factor) + (float(shift) if shift is not None else 0.0)
 
+    def check_patch(self, vae: torch.nn.Module) -> None:
+        from omni_runtime.stages.vae_patch_decode import check_supported
+
+        check_supported(vae)
+
+    def patch_decode(self, vae: torch.nn.Module, z: torch.Tensor, patch: Any) -> torch.Tensor | None:
+        from omni_runtime.stages.vae_patch_decode import patch_decode
+
+        return patch_decode(vae, z, patch)
+
     def encode(self, vae: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
         """The latent distribution's mode (diffusers' ``retrieve_latents(..., sample_mode="argmax")``), shifted and
         scaled as ``FluxKontextPipeline._encode_vae_image`` does."""
@@ -100,13 +110,12 @@ class VaeDecoderStage:
         self.patch = None
         if self.group is not None:
             from omni_runtime.parallel.vae_patch_parallel import PatchGroup, VaePatchError
-            from omni_runtime.stages.vae_patch_decode import check_supported
 
             if self.kind.patch_refusal is not None:
                 raise VaePatchError(f"[stages.vae.parallel] patch = {self.group.world_size}: "
                                     f"{self.kind.patch_refusal}; allowed: patch = 1")
 
-            check_supported(vae)
+            self.kind.check_patch(vae)
             self.patch = PatchGroup(self.group, stats)
         # On CPU in float32 the decoder's convolutions run channels-last (oneDNN's native layout): 0.77x the time
         # of a 256x256 decode on the 2-core VM (docs/BENCHMARKS.md, issue 16), values within float rounding of
@@ -179,15 +188,13 @@ class VaeDecoderStage:
             if self.channels_last:
                 z = z.contiguous(memory_format=torch.channels_last)
             return self.vae.decode(z, return_dict=False)[0]
-        from omni_runtime.stages.vae_patch_decode import patch_decode
-
-        if z.shape[2] < self.patch.world_size:
-            logger.info("%d latent rows < %d patch ranks: decoding on the driver alone", z.shape[2],
+        if z.shape[-2] < self.patch.world_size:
+            logger.info("%d latent rows < %d patch ranks: decoding on the driver alone", z.shape[-2],
                         self.patch.world_size)
             # the barrier: every rank has read its inputs before the driver returns (and releases them)
             self.patch.group.barrier()
             return self.vae.decode(z, return_dict=False)[0] if self.patch.rank == 0 else None
-        return patch_decode(self.vae, z, self.patch)
+        return self.kind.patch_decode(self.vae, z, self.patch)
 
     __call__ = decode
 

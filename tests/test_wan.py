@@ -42,7 +42,9 @@ def test_family_is_declared(wan_tiny_dir):
     family = family_of(wan_tiny_dir)
     assert family.name == "wan" and family.video
     text = "\n".join(family.describe())
-    assert "vae_patch" in text and "temporal" in text  # refused by name, with the reason
+    assert "pipefusion" in text and "video tokens" in text  # refused by name, with the reason
+    assert "not supported: vae_patch" not in text  # the causal 3D VAE splits exactly (tests/test_wan_vae_patch.py)
+    assert "parallel modes: ulysses, ring, cfg, pp, hsdp_shard, vae_patch" in text
 
 
 def test_video_packing_round_trips_and_one_frame_packs_like_an_image():

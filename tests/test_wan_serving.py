@@ -1,8 +1,7 @@
 """Wan through ``serve`` in each served layout: the lossless frames of ``/v1/videos`` equal the default layout's
 (<= 2/255; the default's equal diffusers' ``WanPipeline``: tests/test_video_api.py). One server per layout, one
 video job each with CFG (its negative prompt's branch: what cfg 2 splits), 32x32, 5 frames (2 latent frames, 8
-video tokens: what the sequence-parallel layouts shard), 2 steps. ``vae patch 2`` is refused for this family (a
-causal 3D VAE; ``test_vae_patch_is_refused_by_name``)."""
+video tokens: what the sequence-parallel layouts shard), 2 steps. ``vae patch 2``: tests/test_wan_vae_patch_serving.py."""
 
 from __future__ import annotations
 
@@ -99,17 +98,3 @@ def test_layout_equals_default(tmp_path, default_frames, layout: str) -> None:
     frames = _serve(tmp_path, edits, tuple(logged))
     assert np.abs(frames.astype(int) - default_frames.astype(int)).max() <= 2, layout
 
-
-def test_vae_patch_is_refused_by_name(tmp_path) -> None:
-    import subprocess
-    import sys
-
-    cfg = (ROOT / "configs" / "wan.toml").read_text().replace("[stages.vae.parallel]\npatch = 1",
-                                                               "[stages.vae.parallel]\npatch = 2")
-    cfg = cfg.replace('path = "../models/', f'path = "{ROOT / "models"}/')
-    path = tmp_path / "patch2.toml"
-    path.write_text(cfg)
-    r = subprocess.run([sys.executable, "-m", "omni_runtime.runtime.cli", "check", str(path)], capture_output=True,
-                       text=True, timeout=120)
-    assert r.returncode != 0
-    assert "AutoencoderKLWan is a causal 3D VAE" in r.stdout + r.stderr

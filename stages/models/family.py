@@ -121,6 +121,19 @@ class VaeKind:
         """Pixel frames per latent frame after the first (``(num_frames - 1) // factor + 1`` latent frames)."""
         return 1
 
+    def check_patch(self, vae: nn.Module) -> None:
+        """Raise ``parallel.vae_patch_parallel.VaePatchError`` unless :meth:`patch_decode` runs ``vae`` exactly (a
+        kind without a patch-parallel walk: always, naming :attr:`patch_refusal`)."""
+        from omni_runtime.parallel.vae_patch_parallel import VaePatchError
+
+        raise VaePatchError(f"{self.class_name}: {self.patch_refusal or 'no patch-parallel decode'}; "
+                            f"allowed: [stages.vae.parallel] patch = 1")
+
+    def patch_decode(self, vae: nn.Module, z: torch.Tensor, patch: Any) -> torch.Tensor | None:
+        """``vae.decode(z)`` split over ``patch`` (a ``PatchGroup``; every rank passes the same ``z``, the result
+        comes back on group rank 0, ``None`` elsewhere). Only called after :meth:`check_patch` passed."""
+        raise NotImplementedError  # abstract (a kind whose check_patch passes implements it)
+
 
 class ModelFamily:
     """The declarations of one family (see the module docstring). Subclasses set the class attributes and

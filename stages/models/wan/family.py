@@ -35,13 +35,12 @@ from omni_runtime.stages.weights import DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS
 class AutoencoderKLWanKind(VaeKind):
     """diffusers' ``AutoencoderKLWan`` as ``WanPipeline`` decodes with it: latents de-normalised per channel
     (``z / (1 / std) + mean``), the whole video decoded by diffusers' own ``decode`` (which already streams over the
-    latent frames, one at a time through the causal convolutions' feature cache), clamped to [-1, 1]."""
+    latent frames, one at a time through the causal convolutions' feature cache), clamped to [-1, 1]. Patch
+    parallel decode is exact (``wan/vae_patch.py``: row bands with halos, a feature cache per rank, Ring attention
+    in the mid block)."""
 
     class_name = "AutoencoderKLWan"
     video = True
-    patch_refusal = ("AutoencoderKLWan is a causal 3D VAE whose convolutions keep a temporal feature cache; its "
-                     "patch-parallel decode (spatial halos through the causal 3D convolutions, a temporal cache per "
-                     "rank) is not implemented, so the wan family decodes on one rank")
 
     def load(self, directory: Path, dtype: torch.dtype) -> nn.Module:
         from diffusers import AutoencoderKLWan
@@ -62,6 +61,16 @@ class AutoencoderKLWanKind(VaeKind):
 
     def latent_channels(self, config: Mapping[str, Any]) -> int:
         return int(config.get("z_dim", 16))
+
+    def check_patch(self, vae: nn.Module) -> None:
+        from omni_runtime.stages.models.wan.vae_patch import check_supported
+
+        check_supported(vae)
+
+    def patch_decode(self, vae: nn.Module, z: torch.Tensor, patch: Any) -> torch.Tensor | None:
+        from omni_runtime.stages.models.wan.vae_patch import patch_decode
+
+        return patch_decode(vae, z, patch)
 
     def to_decoder(self, vae: nn.Module, z: torch.Tensor) -> torch.Tensor:
         c = vae.config.z_dim
@@ -90,7 +99,6 @@ class WanFamily(ModelFamily):
     scheduler_timesteps = True  # WanPipeline calls set_timesteps(steps) without sigmas
     tiny_presets = ("tiny", "small")
     unsupported = {
-        "vae_patch": AutoencoderKLWanKind.patch_refusal,
         "pipefusion": "PipeFusion's stale K/V was not validated for video tokens; use pp_mode = 'layer'",
         "ep": "the Wan transformer has no mixture-of-experts layers",
         "mixed_sizes": "videos of different sizes or frame counts do not share a forward",
