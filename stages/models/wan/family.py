@@ -1,5 +1,7 @@
-"""The Wan 2.1 text-to-video family (``WanPipeline``): UMT5 as the text encoder, the video DiT of
-``wan/transformer.py`` and ``AutoencoderKLWan`` (a causal 3D VAE with a temporal feature cache).
+"""The Wan 2.1 / 2.2 text-to-video family (``WanPipeline``): UMT5 as the text encoder, the video DiT of
+``wan/transformer.py`` and ``AutoencoderKLWan`` (a causal 3D VAE with a temporal feature cache). Wan 2.2's two
+experts (``transformer_2`` with ``boundary_ratio``) are declared by :meth:`WanFamily.expert_schedule`
+(``stages.experts``); TI2V (``expand_timesteps``) is refused by name.
 
 What differs from the image families, all declared here:
 
