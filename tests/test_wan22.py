@@ -76,6 +76,9 @@ def test_the_schedule_is_declared(wan22_dir, engines) -> None:
     assert schedule.slots == ("transformer", "transformer_2") and schedule.boundary == 875.0
     assert [schedule.expert(t) for t in (1000.0, 875.0, 857.7, 8.9)] == [0, 0, 1, 1]
     assert "guidance_scale_2" in "\n".join(family.describe())
+    from omni_runtime.stages.model_check import check_model_dir
+
+    assert "transformer_2: WanTransformer3DModel, 69 tensors" in check_model_dir(wan22_dir)
     dn = engines[1].stage
     assert len(dn.models) == 2 and dn.models[0] is dn.model
     a, b = (dict(m.named_parameters())["proj_out.weight"] for m in dn.models)
