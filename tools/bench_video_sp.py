@@ -2,7 +2,7 @@
 rank, on the same cores.
 
 The model is the embedded ``small-wan`` preset (random weights); one request of ``--frames`` frames at ``--size``
-(``(frames - 1) / 4 + 1`` latent frames of ``(H / 16) x (W / 16)`` tokens: 49 frames at 320x320 are 1300 video tokens
+(``(frames - 1) / 4 + 1`` latent frames of ``(H / 16) x (W / 16)`` tokens: 49 frames at 320x320 are 5200 video tokens
 per forward), ``--steps`` steps, CFG with a negative prompt (2 rows per step), text embeddings random (the text
 encoder is not what is measured). Phases, each in its own processes started and warmed up once:
 
