@@ -241,3 +241,28 @@ def test_omni_generate_video_equals_diffusers(pipe) -> None:
                                   num_inference_steps=STEPS, guidance_scale=5.0, guidance_scale_2=2.0, seed=3)
     ref = _reference(pipe, "a cat walking", 3, guidance_2=2.0)
     assert np.abs(got / 255.0 - ref).max() <= 2 / 255
+
+
+def test_unipc_checkpoint_equals_diffusers(wan22_dir, tmp_path) -> None:
+    """Wan 2.2's real checkpoints ship UniPCMultistepScheduler (integer timesteps 999, 937, 857, ...: the expert
+    switches after the second of 6 steps): each request's own diffusers solver, the latents within 1e-4."""
+    from diffusers import UniPCMultistepScheduler, WanPipeline
+
+    model = tmp_path / "model"
+    shutil.copytree(wan22_dir, model)
+    shutil.rmtree(model / "scheduler")
+    UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000,
+                            flow_shift=3.0).save_config(model / "scheduler")
+    index = json.loads((model / "model_index.json").read_text())
+    (model / "model_index.json").write_text(json.dumps({**index, "scheduler": ["diffusers", "UniPCMultistepScheduler"]}))
+    te, dn = (load_engine(s, model, "float32", "cpu") for s in ("text_encoder", "denoiser"))
+    req = GenerationRequest(prompt="a cat", negative_prompt="", width=W, height=H, num_inference_steps=6,
+                            true_cfg_scale=5.0, seed=3, num_frames=FRAMES, true_cfg_scale_2=2.0)
+    item = _encode(te, req)
+    latents = dn.step([item])[0]
+    pipe = WanPipeline.from_pretrained(str(model))
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe(prompt="a cat", negative_prompt="", height=H, width=W, num_frames=FRAMES, num_inference_steps=6,
+               guidance_scale=5.0, guidance_scale_2=2.0, generator=torch.Generator("cpu").manual_seed(3),
+               output_type="latent").frames
+    torch.testing.assert_close(_latents(latents), ref, atol=1e-4, rtol=0)
