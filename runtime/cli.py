@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-frames", dest="num_frames", type=int, default=None,
                    help="a video model's frames (4 k + 1 for Wan, default 81); see runtime/video_request.py")
     p.add_argument("--fps", type=int, default=None, help="frames per second of the .mp4 (default [video] fps)")
+    p.add_argument("--guidance-scale-2", dest="guidance_scale_2", type=float, default=None,
+                   help="a two-expert (Wan 2.2) video model's guidance of transformer_2's steps (default: "
+                        "--guidance-scale); refused for other models")
 
     p = sub.add_parser("batch", help="generate images for every line of a JSONL file (resumable)")
     p.add_argument("--config", required=True, help="TOML config file")

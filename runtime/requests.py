@@ -99,6 +99,9 @@ class GenerationRequest(msgspec.Struct, kw_only=True, frozen=True):
     lora: tuple[LoraRef, ...] = ()  # extension: per-request LoRA adapters, combined as diffusers' set_adapters
     cache: CacheConfig | None = None  # extension: cache acceleration (stages.block_cache); None: the config's
     num_frames: int = 1  # a video model's frames (runtime.video_request); 1: an image
+    #: two-expert (Wan 2.2) video models: the true-CFG scale of transformer_2's steps (the video edge's
+    #: guidance_scale_2; ``stages.experts``); None: true_cfg_scale
+    true_cfg_scale_2: float | None = None
     #: image edits: the input image files (checked at the edge: ``runtime.edit_requests``); only the VAE's encode
     #: hop receives them, the other hops get the request without (``without_images``)
     images: tuple[bytes, ...] = ()

@@ -21,13 +21,15 @@ VIDEO_SUFFIXES = (".mp4", ".zip")  # the H.264 video; a zip of the frames as los
 def video_request_from_args(args: argparse.Namespace, cfg: RuntimeConfig) -> VideoRequest:
     """The video request ``generate``'s flags describe, checked as a /v1/videos body."""
     names = ("prompt", "negative_prompt", "size", "seed", "num_inference_steps", "guidance_scale", "num_frames",
-             "fps")
+             "fps", "guidance_scale_2")
     return parse_video({k: getattr(args, k) for k in names if getattr(args, k, None) is not None}, cfg)
 
 
 def is_video_output(args: argparse.Namespace) -> bool:
-    """``generate`` makes a video when its output is .mp4 / .zip or ``--num-frames`` is given."""
-    return Path(args.output).suffix.lower() in VIDEO_SUFFIXES or getattr(args, "num_frames", None) is not None
+    """``generate`` makes a video when its output is .mp4 / .zip or ``--num-frames`` (or the video-only
+    ``--guidance-scale-2``) is given."""
+    return Path(args.output).suffix.lower() in VIDEO_SUFFIXES or getattr(args, "num_frames", None) is not None \
+        or getattr(args, "guidance_scale_2", None) is not None
 
 
 def parse_video(raw: dict[str, Any], cfg: RuntimeConfig, form: bool = False) -> VideoRequest:

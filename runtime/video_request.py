@@ -6,7 +6,9 @@ The fields are those of OpenAI's Videos API (``prompt``, ``size``, ``seconds``) 
 accept for Wan (``num_frames``, ``fps``, ``seed``, ``num_inference_steps``, ``guidance_scale``, ``guidance_scale_2``,
 ``negative_prompt``). ``guidance_scale`` is the pipeline's classifier-free guidance: the request runs the
 unconditional branch on ``negative_prompt`` (``""`` when absent, as ``WanPipeline``) when it is > 1, which the
-denoiser computes as its true-CFG combine (``true_cfg_scale``). ``seconds`` gives ``seconds x fps`` frames rounded
+denoiser computes as its true-CFG combine (``true_cfg_scale``); ``guidance_scale_2`` is that of the steps a
+two-expert (Wan 2.2) model's ``transformer_2`` denoises (``true_cfg_scale_2``; default ``guidance_scale``, as
+``WanPipeline``), refused for a one-expert model. ``seconds`` gives ``seconds x fps`` frames rounded
 down to what the model's VAE takes (``4 k + 1`` for Wan); ``num_frames`` must be of that form itself.
 Caps (``[video]``): ``max_frames`` and ``max_work`` (width x height x frames x steps); past them a 400 naming the cap.
 """
@@ -87,6 +89,8 @@ class VideoModel:
     family: str
     video: bool
     temporal_factor: int
+    #: the checkpoint's transformers (``stages.experts``): 2 for Wan 2.2's two experts, which take guidance_scale_2
+    experts: int = 1
 
 
 @lru_cache(maxsize=8)
@@ -96,7 +100,8 @@ def video_model(path: str) -> VideoModel:
     from omni_runtime.stages.models.family import family_of
 
     family = family_of(path)
-    return VideoModel(family.name, family.video, temporal_factor_of(Path(path), family) if family.video else 1)
+    return VideoModel(family.name, family.video, temporal_factor_of(Path(path), family) if family.video else 1,
+                      family.expert_schedule(Path(path)).experts)
 
 
 @dataclass(frozen=True)
@@ -138,7 +143,7 @@ def parse_video_request(raw: Any, model: VideoModel, *, default_fps: int, max_fr
     if isinstance(raw.get("seconds"), str):  # OpenAI's Videos API sends seconds as a string ("4", "8")
         raw = {**_coerce_form({"seconds": raw["seconds"]}), **{k: v for k, v in raw.items() if k != "seconds"}}
     got = check_fields(raw, VIDEO_FIELDS, allow_unknown=False)
-    if got["guidance_scale_2"] is not None:
+    if got["guidance_scale_2"] is not None and model.experts < 2:
         raise RequestError("guidance_scale_2: only two-expert (Wan 2.2, boundary_ratio) models use it; this model "
                            "has one transformer; allowed: absent", "guidance_scale_2")
     tf = model.temporal_factor
@@ -171,5 +176,5 @@ def parse_video_request(raw: Any, model: VideoModel, *, default_fps: int, max_fr
     seed = got["seed"] if got["seed"] is not None else random.randrange(0, 2**31)
     req = GenerationRequest(prompt=got["prompt"], negative_prompt=got["negative_prompt"] or "", width=width,
                             height=height, num_inference_steps=steps, true_cfg_scale=max(1.0, got["guidance_scale"]),
-                            seed=seed, num_frames=num_frames)
+                            seed=seed, num_frames=num_frames, true_cfg_scale_2=got["guidance_scale_2"])
     return VideoRequest(req=req, fps=fps, seconds=seconds)

@@ -40,7 +40,8 @@ from omni_runtime.stages.block_cache import UNSUPPORTED_LAYOUT, CachePlan
 from omni_runtime.stages.cache_config import CacheConfig
 from omni_runtime.stages.cpu_linear import CPU_LINEAR, use_onednn
 from omni_runtime.stages.device import resolve_device, resolve_dtype
-from omni_runtime.stages.errors import RequestError
+from omni_runtime.stages.errors import CheckpointError, RequestError
+from omni_runtime.stages.experts import ONE_EXPERT, ExpertSchedule
 from omni_runtime.stages.guidance import UNGUIDED, Guidance
 from omni_runtime.stages.latents import (
     check_image_size,
@@ -90,10 +91,22 @@ class DenoiseRequest:
         """The pipelines' rule: true CFG runs when ``true_cfg_scale > 1`` and a negative prompt is given."""
         return self.true_cfg_scale > 1 and any(k.startswith(NEGATIVE) for k in self.embeds)
 
+    #: the true-CFG scale of the steps the second expert denoises (two-expert checkpoints, ``stages.experts``;
+    #: diffusers' ``guidance_scale_2``); None: ``true_cfg_scale``
+    true_cfg_scale_2: float | None = None
+
     @property
     def guidance_scales(self) -> tuple[float, ...]:
-        """The scales the request's guidance combine takes."""
-        return (self.true_cfg_scale,) if self.do_true_cfg else ()
+        """The scales the request's guidance combine takes (the first expert's steps)."""
+        return self.expert_scales(0)
+
+    def expert_scales(self, expert: int) -> tuple[float, ...]:
+        """The scales of the guidance combine of a step expert ``expert`` denoises."""
+        if not self.do_true_cfg:
+            return ()
+        if expert > 0 and self.true_cfg_scale_2 is not None:
+            return (self.true_cfg_scale_2,)
+        return (self.true_cfg_scale,)
 
 
 #: the prefix of a negative prompt's tensors in :attr:`DenoiseRequest.embeds`
@@ -112,6 +125,18 @@ def vae_scale_factor_of(path: str | Path, family: ModelFamily) -> int:
     if not vae_dir.is_dir():
         return 8
     return family.vae.scale_factor(read_config(vae_dir))
+
+
+def check_expert_configs(path: str | Path, slots: Sequence[str]) -> None:
+    """The experts of one checkpoint take the same inputs and split the same way (pp, sp): their configs must be
+    equal (keys starting with ``_`` aside); a :class:`CheckpointError` names the keys that differ."""
+    configs = [{k: v for k, v in read_config(component_dir(path, slot)).items() if not k.startswith("_")}
+               for slot in slots]
+    for slot, config in zip(slots[1:], configs[1:], strict=True):
+        differ = sorted(k for k in set(config) | set(configs[0]) if config.get(k) != configs[0].get(k))
+        if differ:
+            raise CheckpointError(f"{Path(path) / slot}/config.json differs from {slots[0]}/config.json in "
+                                  f"{differ}; the experts of one checkpoint must have equal configs")
 
 
 def _unbatched(t: object, field: str, ndim: int) -> torch.Tensor:
@@ -134,8 +159,14 @@ class DenoiserStage:
     def __init__(self, model: torch.nn.Module, config: dict[str, Any], schedule: FlowMatchSchedule,
                  vae_scale_factor: int, dtype: torch.dtype, device: torch.device, mesh: Mesh | None = None,
                  *, family: ModelFamily, batch_invariant: bool = False, mixed_sizes: bool = False,
-                 lora_max_loaded: int = 8) -> None:
+                 lora_max_loaded: int = 8, experts: Sequence[torch.nn.Module] = (),
+                 expert_schedule: ExpertSchedule = ONE_EXPERT) -> None:
         self.model = model
+        #: the transformers of the checkpoint in schedule order (``stages.experts``; ``models[0] is model``)
+        self.models: list[torch.nn.Module] = list(experts) or [model]
+        self.expert_schedule = expert_schedule
+        if len(self.models) != expert_schedule.experts:
+            raise ValueError(f"{len(self.models)} expert model(s) for the schedule {expert_schedule}")
         self.family = family
         self.mesh = mesh if mesh is not None else Mesh.single(device)
         if mixed_sizes and (self.mesh.size("sp") > 1 or self.mesh.size("pp") > 1):
@@ -191,8 +222,30 @@ class DenoiserStage:
         schedule = FlowMatchSchedule.from_pretrained(path, multistep=family.scheduler_timesteps)
         if family.scheduler_timesteps:
             schedule = dataclasses.replace(schedule, scheduler_timesteps=True)
+        experts = family.expert_schedule(Path(path))
+        check_expert_configs(path, experts.slots)
+        models = [cls._load_expert(path, slot, family, torch_dtype, dev, mesh, ep_group, hsdp, cpu_linear)
+                  for slot in experts.slots]
+        logger.info("loaded %s denoiser from %s (%s on %s)%s", family.name, path, torch_dtype, dev,
+                    f"; {experts.experts} experts {list(experts.slots)}, boundary timestep {experts.boundary:g}"
+                    if experts.experts > 1 else "")
+        stage = cls(models[0], config, schedule, vae_scale_factor_of(path, family), torch_dtype, dev, mesh,
+                    family=family, batch_invariant=batch_invariant, mixed_sizes=mixed_sizes,
+                    lora_max_loaded=lora_max_loaded, experts=models, expert_schedule=experts)
+        stage.temporal_factor = temporal_factor_of(path, family)
+        if mesh.size("cfg") > 1:
+            logger.info("denoiser: CFG parallel over %d ranks (cfg rank %d), rows by %r", mesh.size("cfg"),
+                        mesh.rank("cfg"), stage.forward_rows)
+        return stage
+
+    @staticmethod
+    def _load_expert(path: str | Path, slot: str, family: ModelFamily, torch_dtype: torch.dtype,
+                     dev: torch.device, mesh: Mesh, ep_group: GroupCoordinator | None,
+                     hsdp: HSDPInferenceConfig | None, cpu_linear: str) -> torch.nn.Module:
+        """One transformer of the checkpoint (``slot``: its ``model_index.json`` component), loaded, sharded and
+        hooked for the layout: every expert the same way."""
         pp = mesh.size("pp")
-        model = family.load_transformer(component_dir(path, "transformer"), torch_dtype, dev, ep_group=ep_group,
+        model = family.load_transformer(component_dir(path, slot), torch_dtype, dev, ep_group=ep_group,
                                         hsdp=hsdp, pp_group=mesh.group("pp") if pp > 1 else None)
         if ep_group is not None and ep_group.device_communicator is not None:
             ep_group.device_communicator.prepare_communication_buffer_for_model(model)
@@ -208,15 +261,7 @@ class DenoiserStage:
         if sp > 1:  # a pipeline stage without the head gathers nothing: its activations go on sharded
             SequenceParallel(mesh, check_gathers=pp == 1 or mesh.rank("pp") == pp - 1).apply(model)
             logger.info("denoiser: sequence parallel over %d ranks", sp)
-        logger.info("loaded %s denoiser from %s (%s on %s)", family.name, path, torch_dtype, dev)
-        stage = cls(model, config, schedule, vae_scale_factor_of(path, family), torch_dtype, dev, mesh,
-                    family=family, batch_invariant=batch_invariant, mixed_sizes=mixed_sizes,
-                    lora_max_loaded=lora_max_loaded)
-        stage.temporal_factor = temporal_factor_of(path, family)
-        if mesh.size("cfg") > 1:
-            logger.info("denoiser: CFG parallel over %d ranks (cfg rank %d), rows by %r", mesh.size("cfg"),
-                        mesh.rank("cfg"), stage.forward_rows)
-        return stage
+        return model
 
     def guidance(self, req: DenoiseRequest) -> Guidance:
         """The request's branches and their combine: the family's true CFG (cond, uncond) when the request runs
@@ -252,6 +297,7 @@ class DenoiserStage:
                 raise RequestError(f"height={req.height}: {req.height} / {2 * self.vae_scale_factor} = {rows} token "
                                    f"row(s) < stages.denoiser.parallel.pipefusion_patches = {patches} (0: pp = "
                                    f"{spec.pp}); allowed: height >= {patches * 2 * self.vae_scale_factor}")
+        self._check_experts(req)
         if req.cache is not None and req.cache.enabled:
             self._check_cache(req.cache)
         cond = self.condition(req)
@@ -266,6 +312,26 @@ class DenoiserStage:
         for prefix, branch in zip(["", NEGATIVE], branches, strict=False):
             self.family.check_branch(branch, self.config, prefix)
         self.family.check_branches(branches)
+
+    def _check_experts(self, req: DenoiseRequest) -> None:
+        """What a request cannot ask of this checkpoint's experts (``stages.experts``), naming the field."""
+        if len(self.models) == 1:
+            if req.true_cfg_scale_2 is not None:
+                raise RequestError("guidance_scale_2: only two-expert (Wan 2.2, boundary_ratio) models use it; this "
+                                   "model has one transformer; allowed: absent")
+            return
+        if req.lora:
+            raise RequestError(f"lora: per-request LoRA adapters are not served for a checkpoint with "
+                               f"{len(self.models)} experts ({', '.join(self.expert_schedule.slots)}; diffusers "
+                               f"loads an adapter into each expert separately); allowed: no lora")
+        if req.cache is not None and req.cache.enabled:
+            raise RequestError(f"cache.method={req.cache.method!r}: cache acceleration is not served for a "
+                               f"checkpoint with {len(self.models)} experts (a cached residual of one expert is no "
+                               f"estimate for the other); allowed: method 'none'")
+
+    def expert_of(self, timestep: torch.Tensor | float) -> int:
+        """The index into :attr:`models` of the expert that denoises a step at ``timestep``."""
+        return self.expert_schedule.expert(float(timestep))
 
     @property
     def cache_blocks(self) -> int:

@@ -195,6 +195,7 @@ class DenoiserEngine:
             embeds=embeds, seed=item.seed, height=p.height, width=p.width,
             num_inference_steps=p.num_inference_steps, guidance_scale=p.guidance_scale,
             true_cfg_scale=p.true_cfg_scale, num_frames=getattr(p, "num_frames", 1),
+            true_cfg_scale_2=getattr(p, "true_cfg_scale_2", None),
             lora=tuple(LoraSpec(r.name, r.path, r.version, r.scale) for r in getattr(p, "lora", ())),
             cache=getattr(p, "cache", None),
             previews=preview_steps(p.num_inference_steps, getattr(p, "partial_images", 0)))

@@ -49,7 +49,9 @@ def check_model_dir(model_dir: str | Path) -> list[str]:
         raise CheckpointError(f"{index_path}: component(s) {missing} not listed; the {family.name} family "
                               f"({', '.join(family.pipeline_classes)}) needs {needed}")
     lines = []
-    for name, component in family.components.items():
+    slots = {**family.components, **{slot: family.components["transformer"] for slot in
+                                     family.expert_schedule(root).slots if slot not in family.components}}
+    for name, component in slots.items():  # further experts (stages.experts) as the transformer
         library, cls_name = index[name]
         directory = root / name
         if not directory.is_dir():

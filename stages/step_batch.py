@@ -210,15 +210,16 @@ class RunningSet:
         groups: dict[Hashable, list[Running]] = {}
         for r in self.running.values():
             r.preview = None  # a preview nobody took (a follower rank) goes with the step it belongs to
-            groups.setdefault(r.key, []).append(r)
+            # rows at steps of different experts (stages.experts) run on their own expert: one forward each
+            groups.setdefault((r.key, self.stage.expert_of(r.timesteps[r.done])), []).append(r)
         padded = total = 0
-        for members in groups.values():
+        for (_, expert), members in groups.items():
             if self.batch_invariant:  # one forward per request: the same shapes as its solo run
                 for r in members:
-                    self._advance([r])
+                    self._advance([r], expert)
                 total += sum(r.length * r.rows for r in members)
             else:
-                self._advance(members)
+                self._advance(members, expert)
                 longest = max(r.length for r in members)
                 rows = sum(r.rows for r in members)
                 padded += sum((longest - r.length) * r.rows for r in members)
@@ -245,8 +246,9 @@ class RunningSet:
                 r.preview = None
         return out
 
-    def _advance(self, members: list[Running]) -> None:
-        """One step of ``members`` (one join group) in one forward: rows branch-major, i.e. the conditional row of
+    def _advance(self, members: list[Running], expert: int = 0) -> None:
+        """One step of ``members`` (one join group, all at steps of expert ``expert``) in one forward of that
+        expert, each request with its own guidance scale for it: rows branch-major, i.e. the conditional row of
         every request, then the second branch of every request with two, and so on."""
         st = self.stage
         guides = [r.guidance for r in members]
@@ -282,10 +284,11 @@ class RunningSet:
         if cached:  # the rows' keys split with the rows (CFG parallel), the cache shared
             row_args["cache_rows"], shared["block_cache"] = torch.tensor(keys, dtype=torch.int64), self.cache
             self.cache.before_step(keys, info)
-        pred = st.forward_rows(st.model, row_args, shared, info)
+        pred = st.forward_rows(st.models[expert], row_args, shared, info)
         if cached:
             self.cache.finish_step(keys, st.cache_blocks)
-        velocity = mixed_apply(pred, info, [r.id for r in members], guides, [r.req.guidance_scales for r in members])
+        velocity = mixed_apply(pred, info, [r.id for r in members], guides,
+                               [r.req.expert_scales(expert) for r in members])
         for j, r in enumerate(members):
             v = velocity[j:j + 1, :r.tokens]  # padding and condition tokens' outputs are discarded
             if r.done + 1 in r.req.previews:  # x0 = x_t - sigma_t * v, in fp32 as the Euler step

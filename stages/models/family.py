@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from omni_runtime.stages.errors import CheckpointError, RequestError
+from omni_runtime.stages.experts import ONE_EXPERT, ExpertSchedule
 from omni_runtime.stages.guidance import Guidance
 from omni_runtime.stages.weights import MODEL_INDEX, read_json
 
@@ -197,6 +198,11 @@ class ModelFamily:
     def check_pipeline_config(self, model_index: Mapping[str, Any], source: Any = MODEL_INDEX) -> None:
         """Raise :class:`CheckpointError` for a ``model_index.json`` of a variant this family does not serve (its
         pipeline's own config keys); nothing by default."""
+
+    def expert_schedule(self, model_dir: Path) -> ExpertSchedule:
+        """The transformers of the checkpoint at ``model_dir`` and which one denoises each step
+        (``stages.experts``); one transformer by default."""
+        return ONE_EXPERT
 
     def check_branches(self, branches: Sequence[Mapping[str, torch.Tensor]]) -> None:
         """Rules between the branches of one request (e.g. equal text lengths); none by default."""

@@ -1,5 +1,7 @@
-"""The Wan 2.1 text-to-video family (``WanPipeline``): UMT5 as the text encoder, the video DiT of
-``wan/transformer.py`` and ``AutoencoderKLWan`` (a causal 3D VAE with a temporal feature cache).
+"""The Wan 2.1 / 2.2 text-to-video family (``WanPipeline``): UMT5 as the text encoder, the video DiT of
+``wan/transformer.py`` and ``AutoencoderKLWan`` (a causal 3D VAE with a temporal feature cache). Wan 2.2's two
+experts (``transformer_2`` with ``boundary_ratio``) are declared by :meth:`WanFamily.expert_schedule`
+(``stages.experts``); TI2V (``expand_timesteps``) is refused by name.
 
 What differs from the image families, all declared here:
 
@@ -27,6 +29,7 @@ import torch
 from torch import nn
 
 from omni_runtime.stages.errors import CheckpointError
+from omni_runtime.stages.experts import ONE_EXPERT, ExpertSchedule
 from omni_runtime.stages.guidance import TRUE_CFG
 from omni_runtime.stages.models.family import Component, ModelFamily, VaeKind
 from omni_runtime.stages.weights import DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS
@@ -97,7 +100,7 @@ class WanFamily(ModelFamily):
     vae = AutoencoderKLWanKind()
     video = True
     scheduler_timesteps = True  # WanPipeline calls set_timesteps(steps) without sigmas
-    tiny_presets = ("tiny", "small")
+    tiny_presets = ("tiny", "small", "tiny22")
     unsupported = {
         "pipefusion": "PipeFusion's stale K/V was not validated for video tokens; use pp_mode = 'layer'",
         "ep": "the Wan transformer has no mixture-of-experts layers",
@@ -108,19 +111,45 @@ class WanFamily(ModelFamily):
         "guidance_scale": "classifier-free guidance with the negative prompt when > 1 (WanPipeline's default 5.0); "
                           "the video API sends it to the denoiser as true_cfg_scale",
         "negative_prompt": "the unconditional branch's prompt ('' when absent, as WanPipeline)",
+        "guidance_scale_2": "two-expert (Wan 2.2) checkpoints: the guidance of the steps transformer_2 denoises "
+                            "(timesteps below boundary_ratio x 1000; default guidance_scale); refused for one expert",
     }
 
     def check_pipeline_config(self, model_index: Mapping[str, Any], source: Any = "model_index.json") -> None:
-        """Wan 2.2's variants are refused by name: two experts (``transformer_2`` / ``boundary_ratio``) and TI2V's
-        per-token timesteps (``expand_timesteps``)."""
-        two = model_index.get("transformer_2")
-        if (isinstance(two, list) and two and two[0] is not None) or model_index.get("boundary_ratio") is not None:
-            raise CheckpointError(f"{source}: transformer_2 / boundary_ratio = {model_index.get('boundary_ratio')!r}: "
-                                  f"a two-expert Wan 2.2 checkpoint is not served yet; allowed: Wan 2.1 (one "
-                                  f"transformer, boundary_ratio null)")
+        """Wan 2.2's two experts (``transformer_2`` with ``boundary_ratio``) are served when both are given and
+        ``transformer_2/`` is a ``WanTransformer3DModel`` next to ``model_index.json``; one without the other is
+        refused, and so is TI2V's per-token timesteps (``expand_timesteps``)."""
+        two, ratio = _declared(model_index.get("transformer_2")), model_index.get("boundary_ratio")
+        if two is not None or ratio is not None:
+            if two is None or ratio is None or isinstance(ratio, bool) or not isinstance(ratio, int | float) \
+                    or not 0 < ratio <= 1:
+                raise CheckpointError(f"{source}: transformer_2 = {two!r}, boundary_ratio = {ratio!r}: a two-expert "
+                                      f"Wan 2.2 checkpoint needs both; allowed: transformer_2 ['diffusers', "
+                                      f"'WanTransformer3DModel'] with boundary_ratio in (0, 1], or neither (Wan 2.1)")
+            if two != ["diffusers", "WanTransformer3DModel"]:
+                raise CheckpointError(f"{source}: transformer_2 = {two!r} is not supported; allowed: ['diffusers', "
+                                      f"'WanTransformer3DModel']")
+            directory = Path(str(source)).parent / "transformer_2"
+            if Path(str(source)).name == "model_index.json" and not (directory / "config.json").is_file():
+                raise CheckpointError(f"{directory}: the second expert of this two-expert Wan 2.2 checkpoint is "
+                                      f"missing (transformer_2 is listed in {source}; no config.json there)")
         if model_index.get("expand_timesteps"):
             raise CheckpointError(f"{source}: expand_timesteps = true: Wan 2.2 TI2V's per-token timesteps are not "
                                   f"served; allowed: expand_timesteps false")
+
+    def expert_schedule(self, model_dir: Path) -> ExpertSchedule:
+        """Wan 2.2 (``transformer_2`` + ``boundary_ratio``): ``transformer`` at timesteps >= ``boundary_ratio x
+        num_train_timesteps``, ``transformer_2`` below, as ``WanPipeline``; Wan 2.1: one transformer."""
+        from omni_runtime.stages.weights import MODEL_INDEX, read_json
+
+        index_path = Path(model_dir) / MODEL_INDEX
+        index = read_json(index_path)
+        self.check_pipeline_config(index, index_path)
+        if _declared(index.get("transformer_2")) is None:
+            return ONE_EXPERT
+        scheduler = Path(model_dir) / "scheduler" / "scheduler_config.json"
+        train = read_json(scheduler).get("num_train_timesteps", 1000) if scheduler.is_file() else 1000
+        return ExpertSchedule(("transformer", "transformer_2"), float(index["boundary_ratio"]) * train)
 
     def check_branch(self, branch: Mapping[str, torch.Tensor], config: Mapping[str, Any], prefix: str = "") -> None:
         super().check_branch(branch, {"joint_attention_dim": config.get("text_dim")}, prefix)
@@ -174,6 +203,11 @@ class WanFamily(ModelFamily):
                  dtype: torch.dtype) -> torch.Tensor:
         """Not used by the model (its text has no rotary positions): zeros, so the shared argument exists."""
         return torch.zeros(text_len, 3, device=device, dtype=torch.float32)
+
+
+def _declared(slot: Any) -> Any:
+    """A ``model_index.json`` slot as given, or None when it is absent or ``[null, null]``."""
+    return None if slot is None or (isinstance(slot, list) and all(x is None for x in slot)) else slot
 
 
 FAMILY = WanFamily()

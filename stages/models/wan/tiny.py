@@ -2,7 +2,8 @@
 
 The Wan counterpart of the other families' ``tiny.py`` (no machine of this project can download weights). The
 ``tiny`` preset has the sizes of diffusers' own WanPipeline test (tests/pipelines/wan/test_wan.py: 2 heads of 12,
-text width 32, 2 layers, a VAE of base width 3); ``small`` makes compute dominate for benchmarks. The result loads
+text width 32, 2 layers, a VAE of base width 3); ``small`` makes compute dominate for benchmarks; ``tiny22`` is Wan
+2.2's two experts at the tiny sizes (``transformer_2/`` with other weights, ``boundary_ratio`` in model_index.json). The result loads
 with diffusers' own ``WanPipeline.from_pretrained(dir)``:
 
     model_index.json
@@ -39,6 +40,8 @@ class Preset:
     text_heads: int
     text_ff: int
     vae_base_dim: int
+    #: Wan 2.2's two experts: ``transformer_2`` (other weights, same sizes) runs below this x 1000 (None: Wan 2.1)
+    boundary_ratio: float | None = None
 
 
 PRESETS: dict[str, Preset] = {
@@ -46,6 +49,10 @@ PRESETS: dict[str, Preset] = {
                    text_layers=2, text_heads=2, text_ff=64, vae_base_dim=3),
     "small": Preset(num_layers=4, num_attention_heads=4, attention_head_dim=32, ffn_dim=512, text_dim=64,
                     text_layers=2, text_heads=4, text_ff=128, vae_base_dim=8),
+    # Wan 2.2's two experts at the tiny sizes (diffusers' test_wan_22.py: boundary_ratio 0.875): with shift 3 the
+    # timesteps of 4 steps are 1000, 857.7, 602.2, 8.9, so step 0 runs transformer and steps 1-3 transformer_2
+    "tiny22": Preset(num_layers=2, num_attention_heads=2, attention_head_dim=12, ffn_dim=32, text_dim=32,
+                     text_layers=2, text_heads=2, text_ff=64, vae_base_dim=3, boundary_ratio=0.875),
 }
 
 LATENT_CHANNELS = 16
@@ -120,8 +127,9 @@ def make_tiny_wan(path: str | Path, preset: str = "tiny", seed: int = 0) -> Path
         # diffusers initialises the modulation tables with randn; the output head's weights are random too
         vae = _vae(p)
         text_encoder = _text_encoder(p, tok)
+        transformer_2 = _transformer(p) if p.boundary_ratio is not None else None  # other random weights
     pipe = WanPipeline(tokenizer=tok, text_encoder=text_encoder, vae=vae, scheduler=_scheduler(),
-                       transformer=transformer)
+                       transformer=transformer, transformer_2=transformer_2, boundary_ratio=p.boundary_ratio)
     pipe.save_pretrained(out, safe_serialization=True)
     index_path = out / "model_index.json"
     index = json.loads(index_path.read_text())
