@@ -2,7 +2,7 @@
 
 One place for every model family. A family's transformer declares its block lists in ``_cache_plan``
 (:class:`CachePlan`: Flux ``("transformer_blocks", "single_transformer_blocks")``, Qwen-Image
-``("transformer_blocks",)``) and calls :func:`run_blocks` instead of looping over them; every block takes
+``("transformer_blocks",)``, Wan ``("blocks",)``) and calls :func:`run_blocks` instead of looping over them; every block takes
 ``(img, txt, *extra)`` and returns ``(img, txt)``. The residual that decides is the image stream's.
 
 Methods (:class:`CacheConfig`):
