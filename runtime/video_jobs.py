@@ -45,6 +45,7 @@ class VideoJob:
     error: dict[str, str] | None = None
     task: asyncio.Task | None = None
     finished: float | None = None  # time.monotonic() when it completed or failed
+    cache: dict[str, Any] | None = None  # what a request's cache acceleration skipped (the images' ``cache`` field)
 
     def as_json(self, steps: tuple[int, int] | None) -> dict[str, Any]:
         """The OpenAI video object; ``steps`` = (done, total) denoising steps while it runs."""
@@ -54,7 +55,7 @@ class VideoJob:
         return {"id": self.id, "object": "video", "model": self.model, "status": self.status,
                 "progress": progress, "created_at": self.created_at, "completed_at": self.completed_at,
                 "size": self.size, "seconds": self.seconds, "num_frames": self.num_frames, "fps": self.fps,
-                "error": self.error}
+                "error": self.error, **({"cache": self.cache} if self.cache else {})}
 
 
 class VideoJobStore:

@@ -4,7 +4,8 @@
 
 The fields are those of OpenAI's Videos API (``prompt``, ``size``, ``seconds``) plus the ones vLLM-Omni and SGLang
 accept for Wan (``num_frames``, ``fps``, ``seed``, ``num_inference_steps``, ``guidance_scale``, ``guidance_scale_2``,
-``negative_prompt``). ``guidance_scale`` is the pipeline's classifier-free guidance: the request runs the
+``negative_prompt``), and the image routes' ``cache`` (cache acceleration; in a multipart form a JSON object as
+text). ``guidance_scale`` is the pipeline's classifier-free guidance: the request runs the
 unconditional branch on ``negative_prompt`` (``""`` when absent, as ``WanPipeline``) when it is > 1, which the
 denoiser computes as its true-CFG combine (``true_cfg_scale``); ``guidance_scale_2`` is that of the steps a
 two-expert (Wan 2.2) model's ``transformer_2`` denoises (``true_cfg_scale_2``; default ``guidance_scale``, as
@@ -15,6 +16,7 @@ Caps (``[video]``): ``max_frames`` and ``max_work`` (width x height x frames x s
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 from dataclasses import dataclass
@@ -31,6 +33,7 @@ from omni_runtime.runtime.requests import (
     Field,
     GenerationRequest,
     RequestError,
+    cache_schema,
     check_fields,
     parse_size,
     show,
@@ -60,6 +63,7 @@ VIDEO_FIELDS: dict[str, Field] = {f.name: f for f in (
           default=DEFAULT_GUIDANCE, minimum=0.0, maximum=MAX_GUIDANCE),
     Field("guidance_scale_2", "number", "the second expert's guidance of two-expert (Wan 2.2) models",
           minimum=0.0, maximum=MAX_GUIDANCE),
+    FIELDS["cache"],
     Field("model", "ignored", "accepted, not used (OpenAI clients send it)"),
     Field("user", "ignored", "accepted, not used"),
 )}
@@ -77,7 +81,7 @@ def video_request_schema() -> dict[str, Any]:
             s["type"] = ["number", "string"]
         if f.default is not None:
             s["default"] = f.default
-        props[f.name] = s
+        props[f.name] = cache_schema(f.description) if f.kind == "cache" else s
     return {"type": "object", "required": ["prompt"], "properties": props, "additionalProperties": False}
 
 
@@ -121,7 +125,12 @@ def _coerce_form(raw: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in raw.items():
         f = VIDEO_FIELDS.get(k)
-        if isinstance(v, str) and f is not None and f.kind in ("integer", "number"):
+        if isinstance(v, str) and f is not None and f.kind == "cache":  # a JSON object as text; bad text fails
+            try:  # the check naming the field
+                v = json.loads(v)
+            except ValueError:
+                pass
+        elif isinstance(v, str) and f is not None and f.kind in ("integer", "number"):
             try:
                 v = float(v) if f.kind == "number" or "." in v or "e" in v.lower() else int(v)
             except ValueError:
@@ -176,5 +185,6 @@ def parse_video_request(raw: Any, model: VideoModel, *, default_fps: int, max_fr
     seed = got["seed"] if got["seed"] is not None else random.randrange(0, 2**31)
     req = GenerationRequest(prompt=got["prompt"], negative_prompt=got["negative_prompt"] or "", width=width,
                             height=height, num_inference_steps=steps, true_cfg_scale=max(1.0, got["guidance_scale"]),
-                            seed=seed, num_frames=num_frames, true_cfg_scale_2=got["guidance_scale_2"])
+                            seed=seed, num_frames=num_frames, true_cfg_scale_2=got["guidance_scale_2"],
+                            cache=got["cache"])
     return VideoRequest(req=req, fps=fps, seconds=seconds)

@@ -2,7 +2,7 @@
 
 One place for every model family. A family's transformer declares its block lists in ``_cache_plan``
 (:class:`CachePlan`: Flux ``("transformer_blocks", "single_transformer_blocks")``, Qwen-Image
-``("transformer_blocks",)``) and calls :func:`run_blocks` instead of looping over them; every block takes
+``("transformer_blocks",)``, Wan ``("blocks",)``) and calls :func:`run_blocks` instead of looping over them; every block takes
 ``(img, txt, *extra)`` and returns ``(img, txt)``. The residual that decides is the image stream's.
 
 Methods (:class:`CacheConfig`):
@@ -72,6 +72,8 @@ class CachePlan:
 
     blocks: tuple[str, ...]
     teacache: tuple[float, ...] = ()
+    #: why the family has no TeaCache (the request's 400 says it); "" : no published coefficients
+    teacache_refusal: str = ""
 
     def block_list(self, model: nn.Module) -> list[nn.Module]:
         return [b for name in self.blocks for b in getattr(model, name)]

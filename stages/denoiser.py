@@ -353,8 +353,9 @@ class DenoiserStage:
                                "block's modulation weights are sharded outside its forward); allowed: first_block, "
                                "dbcache, none")
         if cache.method == "teacache" and not self.model._cache_plan.teacache:
-            raise RequestError(f"cache.method='teacache': the {self.family.name} family has no published TeaCache "
-                               f"coefficients; allowed: first_block, dbcache, none")
+            why = self.model._cache_plan.teacache_refusal or "has no published TeaCache coefficients"
+            raise RequestError(f"cache.method='teacache': the {self.family.name} family {why}; allowed: "
+                               f"first_block, dbcache, none")
         if cache.fn + cache.bn >= n:
             raise RequestError(f"cache.fn + cache.bn = {cache.fn} + {cache.bn} = {cache.fn + cache.bn}: must be "
                                f"less than the model's {n} blocks (something has to be cached)")

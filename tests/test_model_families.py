@@ -44,8 +44,8 @@ def test_check_prints_the_family_components_modes_and_fields(tmp_path, qwen_tiny
     assert code == 0, out
     assert "family: qwen_image (pipeline QwenImagePipeline)" in out
     assert "transformer: QwenImageTransformer2DModel" in out and "text_encoder: Qwen2_5_VLForConditionalGeneration" in out
-    assert "parallel modes: ulysses, ring, cfg, pp, hsdp_shard" in out
-    assert "not supported: vae_patch: AutoencoderKLQwenImage is a causal 3D VAE" in out
+    assert "parallel modes: ulysses, ring, cfg, pp, hsdp_shard, vae_patch" in out  # tests/test_qwen_vae_patch.py
+    assert "not supported: vae_patch" not in out
     assert "request field guidance_scale: ignored" in out
 
 
@@ -102,7 +102,6 @@ def test_a_text_encoder_of_another_family_is_refused(tmp_path, qwen_tiny_dir) ->
 
 
 @pytest.mark.parametrize(("extra", "key", "mode"), [
-    ("[stages.vae.parallel]\npatch = 2\n", "stages.vae.parallel.patch = 2", "vae_patch"),
     ('[stages.denoiser.parallel]\npp = 2\npp_mode = "pipefusion"\n', "stages.denoiser.parallel.pp_mode = 'pipefusion'",
      "pipefusion"),
     ("[stages.denoiser]\nmixed_sizes = true\n", "stages.denoiser.mixed_sizes = true", "mixed_sizes"),

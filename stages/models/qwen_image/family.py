@@ -29,12 +29,10 @@ from omni_runtime.stages.weights import DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS
 
 class AutoencoderKLQwenImageKind(VaeKind):
     """diffusers' ``AutoencoderKLQwenImage`` as QwenImagePipeline decodes with it: a frame axis of one, latents
-    de-normalised per channel (``z / (1 / std) + mean``), the decoder's first frame."""
+    de-normalised per channel (``z / (1 / std) + mean``), the decoder's first frame. Patch parallel decode is
+    exact: Wan 2.1's decoder under Qwen-Image's class names, run by the same walk (``stages/causal_vae_patch.py``)."""
 
     class_name = "AutoencoderKLQwenImage"
-    patch_refusal = ("AutoencoderKLQwenImage is a causal 3D VAE whose convolutions keep a temporal feature cache; "
-                     "its patch-parallel decode (halos through the causal 3D convolutions) is not implemented, so "
-                     "the qwen_image family decodes on one rank")
 
     def load(self, directory: Path, dtype: torch.dtype) -> nn.Module:
         from diffusers import AutoencoderKLQwenImage
@@ -49,6 +47,25 @@ class AutoencoderKLQwenImageKind(VaeKind):
 
     def latent_channels(self, config: Mapping[str, Any]) -> int:
         return int(config.get("z_dim", 16))
+
+    def patch_modules(self) -> Any:
+        """The module classes the causal 3D VAE's patch-parallel walk runs (``stages/causal_vae_patch.py``)."""
+        from diffusers.models.autoencoders import autoencoder_kl_qwenimage as m
+
+        from omni_runtime.stages.causal_vae_patch import CausalVaeModules
+
+        return CausalVaeModules(self.class_name, m.QwenImageCausalConv3d, m.QwenImageRMS_norm, m.QwenImageResample,
+                                m.QwenImageUpBlock, m.QwenImageAttentionBlock)
+
+    def check_patch(self, vae: nn.Module) -> None:
+        from omni_runtime.stages.causal_vae_patch import check_supported
+
+        check_supported(vae, self.patch_modules())
+
+    def patch_decode(self, vae: nn.Module, z: torch.Tensor, patch: Any) -> torch.Tensor | None:
+        from omni_runtime.stages.causal_vae_patch import patch_decode
+
+        return patch_decode(vae, z, patch, self.patch_modules())
 
     def to_decoder(self, vae: nn.Module, z: torch.Tensor) -> torch.Tensor:
         c = vae.config.z_dim
@@ -77,7 +94,6 @@ class QwenImageFamily(ModelFamily):
     vae = AutoencoderKLQwenImageKind()
     tiny_presets = ("tiny", "small")
     unsupported = {
-        "vae_patch": AutoencoderKLQwenImageKind.patch_refusal,
         "pipefusion": "PipeFusion's stale K/V was not validated with masked variable-length text; use "
                       "pp_mode = 'layer'",
         "ep": "the Qwen-Image transformer has no mixture-of-experts layers",

@@ -39,8 +39,8 @@ class AutoencoderKLWanKind(VaeKind):
     """diffusers' ``AutoencoderKLWan`` as ``WanPipeline`` decodes with it: latents de-normalised per channel
     (``z / (1 / std) + mean``), the whole video decoded by diffusers' own ``decode`` (which already streams over the
     latent frames, one at a time through the causal convolutions' feature cache), clamped to [-1, 1]. Patch
-    parallel decode is exact (``wan/vae_patch.py``: row bands with halos, a feature cache per rank, Ring attention
-    in the mid block)."""
+    parallel decode is exact (``stages/causal_vae_patch.py``: row bands with halos, a feature cache per rank, Ring
+    attention in the mid block)."""
 
     class_name = "AutoencoderKLWan"
     video = True
@@ -65,15 +65,24 @@ class AutoencoderKLWanKind(VaeKind):
     def latent_channels(self, config: Mapping[str, Any]) -> int:
         return int(config.get("z_dim", 16))
 
-    def check_patch(self, vae: nn.Module) -> None:
-        from omni_runtime.stages.models.wan.vae_patch import check_supported
+    def patch_modules(self) -> Any:
+        """The module classes the causal 3D VAE's patch-parallel walk runs (``stages/causal_vae_patch.py``)."""
+        from diffusers.models.autoencoders import autoencoder_kl_wan as m
 
-        check_supported(vae)
+        from omni_runtime.stages.causal_vae_patch import CausalVaeModules
+
+        return CausalVaeModules(self.class_name, m.WanCausalConv3d, m.WanRMS_norm, m.WanResample, m.WanUpBlock,
+                                m.WanAttentionBlock)
+
+    def check_patch(self, vae: nn.Module) -> None:
+        from omni_runtime.stages.causal_vae_patch import check_supported
+
+        check_supported(vae, self.patch_modules())
 
     def patch_decode(self, vae: nn.Module, z: torch.Tensor, patch: Any) -> torch.Tensor | None:
-        from omni_runtime.stages.models.wan.vae_patch import patch_decode
+        from omni_runtime.stages.causal_vae_patch import patch_decode
 
-        return patch_decode(vae, z, patch)
+        return patch_decode(vae, z, patch, self.patch_modules())
 
     def to_decoder(self, vae: nn.Module, z: torch.Tensor) -> torch.Tensor:
         c = vae.config.z_dim

@@ -38,6 +38,7 @@ from omni_runtime.parallel.sp_plan import (
     SequenceParallelOutput,
 )
 from omni_runtime.parallel.strategies.pipeline_parallel import PipelinePlan, is_missing, partition_model
+from omni_runtime.stages.block_cache import CachePlan, run_blocks
 from omni_runtime.stages.cpu_linear import linear_gelu_tanh
 from omni_runtime.stages.device import resolve_device, resolve_dtype
 from omni_runtime.stages.errors import CheckpointError
@@ -234,13 +235,14 @@ class WanBlock(nn.Module):
         self.scale_shift_table = nn.Parameter(torch.zeros(1, 6, dim))
 
     def forward(self, x: torch.Tensor, text: torch.Tensor, temb6: torch.Tensor,
-                rot: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+                rot: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (x, text): the text passes unchanged (the block shape of ``stages.block_cache.run_blocks``)."""
         shift, scale, gate, c_shift, c_scale, c_gate = (self.scale_shift_table + temb6.float()).chunk(6, dim=1)
         h = (self.norm1(x.float()) * (1 + scale) + shift).type_as(x)
         x = (x.float() + self.attn1(h, rot=rot) * gate).type_as(x)
         x = x + self.attn2(self.norm2(x.float()).type_as(x), text)
         h = (self.norm3(x.float()) * (1 + c_scale) + c_shift).type_as(x)
-        return (x.float() + self.ffn(h).float() * c_gate).type_as(x)
+        return (x.float() + self.ffn(h).float() * c_gate).type_as(x), text
 
 
 class WanTransformer(nn.Module):
@@ -260,6 +262,11 @@ class WanTransformer(nn.Module):
     # parameter, is held by every stage).
     _pp_plan = PipelinePlan(pre=("patch_embedding", "condition_embedder"), blocks=("blocks",),
                             head=("norm_out", "proj_out"))
+    # Cache acceleration (``stages.block_cache``): the one block list; no TeaCache (the reason is the refusal).
+    _cache_plan = CachePlan(blocks=("blocks",), teacache_refusal=(
+        "has no TeaCache here: diffusers implements none for Wan, and the TeaCache4Wan2.1 polynomials are fitted "
+        "per checkpoint (1.3B, 14B; with or without its retention steps), so no one polynomial holds for the "
+        "family"))
 
     def __init__(self, config: WanConfig):
         super().__init__()
@@ -285,14 +292,16 @@ class WanTransformer(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, timestep: torch.Tensor,
                 img_ids: torch.Tensor, txt_ids: torch.Tensor | None = None, guidance: torch.Tensor | None = None,
-                intermediate: dict[str, torch.Tensor] | None = None) -> torch.Tensor | dict[str, torch.Tensor]:
+                intermediate: dict[str, torch.Tensor] | None = None, cache_rows: torch.Tensor | None = None,
+                block_cache: Any = None) -> torch.Tensor | dict[str, torch.Tensor]:
         """Predict the flow for packed ``hidden_states`` (rows, tokens, in_channels * 4), packed the same way.
 
         ``encoder_hidden_states`` (rows, text tokens, text_dim); ``timestep`` (rows,) the sigma in [0, 1] (the
         runtime's convention; diffusers' pipeline passes t = 1000 sigma, which the embedding takes here);
         ``img_ids`` (tokens, 3) float32 (:func:`video_ids`); ``txt_ids`` is not used (the text has no rotary
         positions); ``guidance`` must be None (Wan has no guidance embedding). A pipeline stage starts from
-        ``intermediate`` when it does not hold the embedders and returns it when it does not hold the head."""
+        ``intermediate`` when it does not hold the embedders and returns it when it does not hold the head.
+        ``block_cache`` / ``cache_rows``: cache acceleration per row (``stages.block_cache.run_blocks``)."""
         if guidance is not None:
             raise ValueError("guidance must be None: Wan has no guidance embedding")
         if img_ids.ndim != 2 or img_ids.shape != (hidden_states.shape[1], 3):
@@ -304,9 +313,8 @@ class WanTransformer(nn.Module):
         else:
             img, txt, temb, temb6 = (intermediate[k] for k in ("img", "txt", "temb", "temb6"))
         rot = rope(img_ids, self.config.axes(), ROPE_THETA, dtype=torch.float64)
-        for block in self.blocks:
-            if not is_missing(block):
-                img = block(img, txt, temb6, rot)
+        img, txt = run_blocks(self._cache_plan.block_list(self), img, txt, (temb6, rot), (True, False),
+                              block_cache, cache_rows)
         if is_missing(self.proj_out):
             return {"img": img, "txt": txt, "temb": temb, "temb6": temb6}
         shift, scale = (self.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)

@@ -1,6 +1,8 @@
-"""diffusers' ``AutoencoderKLWan`` decoder (Wan 2.1's causal 3D VAE), run patch-parallel over the loaded modules.
+"""Patch-parallel decode of diffusers' causal 3D VAEs (Wan 2.1's ``AutoencoderKLWan``, Qwen-Image's
+``AutoencoderKLQwenImage``: the same decoder under two sets of class names), run over the loaded modules.
 
-The walk mirrors ``AutoencoderKLWan._decode`` / ``WanDecoder3d.forward`` of diffusers 0.42 and keeps its streaming:
+The walk mirrors ``AutoencoderKLWan._decode`` / ``WanDecoder3d.forward`` (identically
+``AutoencoderKLQwenImage._decode`` / ``QwenImageDecoder3d.forward``) of diffusers 0.42 and keeps its streaming:
 the latent frames go through the decoder one at a time, every causal convolution taking the last frames of the
 previous chunk from a feature cache. Here every rank holds a band of rows (``vae_row_ranges`` of the latent rows,
 scaled through the upsamplers) of every activation and keeps the feature cache **of its own band**: the cache of a
@@ -17,16 +19,19 @@ What is not local, and how it is made exact:
 - the mid block's attention (one head over all pixels of each frame): the project's Ring attention over the patch
   group (``PatchGroup.attention``), each rank's queries against every rank's keys and values.
 
-``WanRMS_norm`` normalises each pixel over its channels (``F.normalize(dim=1)``): local, run as diffusers runs it;
+The RMS norm normalises each pixel over its channels (``F.normalize(dim=1)``): local, run as diffusers runs it;
 so are SiLU, the 1x1x1 shortcut and ``post_quant_conv``, and the temporal ``time_conv`` of the 3D upsamplers
 (kernel ``3 x 1 x 1``). Each latent frame's decoded band is clamped and gathered to group rank 0 as soon as it is
 decoded, into one preallocated video: no rank holds more than one chunk's activations.
 
-A decoder this walk does not know (Wan 2.2's residual up blocks / patchified output, an attention or norm of
-another class) is refused with :class:`VaePatchError` naming what, instead of being decoded wrong.
+Which classes the walk runs is declared by the VAE kind (:class:`CausalVaeModules`); a decoder with a module of
+another class (Wan 2.2's residual up blocks / patchified output, an attention or norm of another class) is
+refused with :class:`VaePatchError` naming what, instead of being decoded wrong.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -36,42 +41,46 @@ from omni_runtime.parallel.vae_patch_parallel import PatchGroup, VaePatchError, 
 CACHE_T = 2  # diffusers' CACHE_T: frames of a causal convolution's input kept for the next chunk
 
 
-def _refuse(what: str) -> VaePatchError:
-    return VaePatchError(f"patch-parallel decode of AutoencoderKLWan does not support {what}; "
+@dataclass(frozen=True)
+class CausalVaeModules:
+    """The diffusers module classes of one causal 3D VAE that this walk runs (a VAE kind declares them)."""
+
+    vae: str  # the VAE's class name, for messages
+    causal_conv: type
+    rms_norm: type
+    resample: type
+    up_block: type
+    attention: type
+
+
+def _refuse(modules: CausalVaeModules, what: str) -> VaePatchError:
+    return VaePatchError(f"patch-parallel decode of {modules.vae} does not support {what}; "
                          f"use [stages.vae.parallel] patch = 1")
 
 
-def check_supported(vae: torch.nn.Module) -> None:
+def check_supported(vae: torch.nn.Module, modules: CausalVaeModules) -> None:
     """Raise :class:`VaePatchError` when ``vae``'s decoder has a module this walk cannot run exactly."""
-    from diffusers.models.autoencoders.autoencoder_kl_wan import (
-        WanAttentionBlock,
-        WanCausalConv3d,
-        WanResample,
-        WanRMS_norm,
-        WanUpBlock,
-    )
-
     if getattr(vae.config, "patch_size", None) is not None:
-        raise _refuse(f"patch_size = {vae.config.patch_size} (Wan 2.2's patchified VAE)")
+        raise _refuse(modules, f"patch_size = {vae.config.patch_size} (Wan 2.2's patchified VAE)")
     dec = vae.decoder
     for i, up in enumerate(dec.up_blocks):
-        if type(up) is not WanUpBlock:
-            raise _refuse(f"up block {i} of class {type(up).__name__} (only WanUpBlock, Wan 2.1)")
+        if type(up) is not modules.up_block:
+            raise _refuse(modules, f"up block {i} of class {type(up).__name__} (only {modules.up_block.__name__})")
         for u in up.upsamplers or []:
-            if type(u) is not WanResample or u.mode not in ("upsample2d", "upsample3d"):
-                raise _refuse(f"up block {i}'s resampler {type(u).__name__}({getattr(u, 'mode', '?')})")
+            if type(u) is not modules.resample or u.mode not in ("upsample2d", "upsample3d"):
+                raise _refuse(modules, f"up block {i}'s resampler {type(u).__name__}({getattr(u, 'mode', '?')})")
     for name, m in dec.named_modules():
-        if isinstance(m, WanRMS_norm) and not m.channel_first:
-            raise _refuse(f"{name}: a channel-last RMS norm")
-        if isinstance(m, WanCausalConv3d):
+        if isinstance(m, modules.rms_norm) and not m.channel_first:
+            raise _refuse(modules, f"{name}: a channel-last RMS norm")
+        if isinstance(m, modules.causal_conv):
             kt, kh, kw = m.kernel_size
             if (m.stride != (1, 1, 1) or m.dilation != (1, 1, 1) or m.groups != 1 or kh % 2 == 0
                     or m._padding[2] != kh // 2 or m._padding[0] != kw // 2):
-                raise _refuse(f"{name}: causal conv with kernel {m.kernel_size}, stride {m.stride}, padding "
-                              f"{m._padding}, groups {m.groups}")
+                raise _refuse(modules, f"{name}: causal conv with kernel {m.kernel_size}, stride {m.stride}, "
+                                       f"padding {m._padding}, groups {m.groups}")
     for attn in dec.mid_block.attentions:
-        if attn is not None and type(attn) is not WanAttentionBlock:
-            raise _refuse(f"mid-block attention {type(attn).__name__}")
+        if attn is not None and type(attn) is not modules.attention:
+            raise _refuse(modules, f"mid-block attention {type(attn).__name__}")
 
 
 class _FeatCache:
@@ -83,7 +92,7 @@ class _FeatCache:
 
 
 def _conv3d(pg: PatchGroup, conv, x: torch.Tensor, cache_x: torch.Tensor | None = None) -> torch.Tensor:
-    """``WanCausalConv3d.forward(x, cache_x)`` on a band of rows: the same rows as the unsplit convolution."""
+    """The causal conv's ``forward(x, cache_x)`` on a band of rows: the same rows as the unsplit convolution."""
     padding = list(conv._padding)  # (w, w, h, h, 2 * t, 0)
     if cache_x is not None and padding[4] > 0:
         x = torch.cat([cache_x.to(x.device), x], dim=2)
@@ -124,7 +133,7 @@ def _resnet(pg: PatchGroup, res, x: torch.Tensor, cache: _FeatCache) -> torch.Te
 
 
 def _attention(pg: PatchGroup, attn, x: torch.Tensor) -> torch.Tensor:
-    """``WanAttentionBlock``: one head over every pixel of each frame; this rank's pixels are the queries."""
+    """The mid block's attention block: one head over every pixel of each frame; this rank's pixels are the queries."""
     identity = x
     b, c, t, h, w = x.shape
     x = attn.norm(x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w))
@@ -136,7 +145,7 @@ def _attention(pg: PatchGroup, attn, x: torch.Tensor) -> torch.Tensor:
 
 
 def _resample(pg: PatchGroup, rs, x: torch.Tensor, cache: _FeatCache) -> torch.Tensor:
-    """``WanResample`` in an upsampling mode: the temporal ``time_conv`` (``upsample3d``; the first chunk only marks
+    """The resampler in an upsampling mode: the temporal ``time_conv`` (``upsample3d``; the first chunk only marks
     its cache entry, as diffusers' ``"Rep"``), then nearest-exact 2x and the 3x3 ``Conv2d`` on every frame."""
     b, c, t, h, w = x.shape
     if rs.mode == "upsample3d":
@@ -161,7 +170,7 @@ def _resample(pg: PatchGroup, rs, x: torch.Tensor, cache: _FeatCache) -> torch.T
 
 
 def _decode_chunk(pg: PatchGroup, dec, x: torch.Tensor, cache: _FeatCache) -> torch.Tensor:
-    """``WanDecoder3d.forward`` of one latent frame (this rank's band), advancing ``cache``."""
+    """The decoder's ``forward`` of one latent frame (this rank's band), advancing ``cache``."""
     cache.idx = 0
     x = _cached_conv(pg, dec.conv_in, x, cache)
     mid = dec.mid_block
@@ -185,11 +194,12 @@ def output_frames(vae: torch.nn.Module, latent_frames: int) -> int:
     return 1 + (latent_frames - 1) * 2 ** ups
 
 
-def patch_decode(vae: torch.nn.Module, z: torch.Tensor, pg: PatchGroup) -> torch.Tensor | None:
+def patch_decode(vae: torch.nn.Module, z: torch.Tensor, pg: PatchGroup,
+                 modules: CausalVaeModules) -> torch.Tensor | None:
     """Decode ``z`` (batch, z_dim, latent frames, rows, cols), the same de-normalised latents on every rank of
-    ``pg``; returns diffusers' ``AutoencoderKLWan.decode`` output (batch, 3, frames, H, W), clamped to [-1, 1], on
-    group rank 0 and ``None`` elsewhere. Every rank needs at least one latent row."""
-    check_supported(vae)
+    ``pg``; returns diffusers' ``vae.decode`` output (batch, 3, frames, H, W), clamped to [-1, 1], on group rank 0
+    and ``None`` elsewhere. Every rank needs at least one latent row."""
+    check_supported(vae, modules)
     batch, _, frames, rows, _ = z.shape
     ranges = vae_row_ranges(rows, pg.world_size)
     if any(e == s for s, e in ranges):
@@ -197,7 +207,7 @@ def patch_decode(vae: torch.nn.Module, z: torch.Tensor, pg: PatchGroup) -> torch
                             "(every rank needs at least one row)")
     start, end = ranges[pg.rank]
     x = vae.post_quant_conv(z[:, :, :, start:end])  # a 1x1x1 convolution: local
-    cache = _FeatCache(sum(isinstance(m, type(vae.decoder.conv_in)) for m in vae.decoder.modules()))
+    cache = _FeatCache(sum(isinstance(m, modules.causal_conv) for m in vae.decoder.modules()))
     total = output_frames(vae, frames)
     out, done = None, 0
     for i in range(frames):
