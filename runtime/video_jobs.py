@@ -45,6 +45,7 @@ class VideoJob:
     error: dict[str, str] | None = None
     task: asyncio.Task | None = None
     finished: float | None = None  # time.monotonic() when it completed or failed
+    report: dict[str, Any] = field(default_factory=dict)  # extension fields (peak_memory_mb) once stages answered
 
     def as_json(self, steps: tuple[int, int] | None) -> dict[str, Any]:
         """The OpenAI video object; ``steps`` = (done, total) denoising steps while it runs."""
@@ -54,7 +55,8 @@ class VideoJob:
         return {"id": self.id, "object": "video", "model": self.model, "status": self.status,
                 "progress": progress, "created_at": self.created_at, "completed_at": self.completed_at,
                 "size": self.size, "seconds": self.seconds, "num_frames": self.num_frames, "fps": self.fps,
-                "error": self.error}
+                "error": self.error, **({"peak_memory_mb": self.report["peak_memory_mb"]}
+                                        if "peak_memory_mb" in self.report else {})}
 
 
 class VideoJobStore:
