@@ -110,13 +110,14 @@ def main() -> None:
     cols = ("VmRSS", "VmHWM", "heap", "anon", "file")
     print(f"HSDP memory: transformer {weights / MB:.0f} MB fp32 (sharded: {weights / 2 / MB:.0f} MB per rank), "
           f"{args.requests} requests {args.size}x{args.size} x {args.steps} steps, layouts {order}")
-    print(f"{'layout / rank':<30}{'when':<8}" + "".join(f"{c + ' MB':>11}" for c in cols))
+    print(f"{'layout / rank':<20}{'when':<8}" + "".join(f"{c + ' MB':>11}" for c in cols))
     worst: dict[int, float] = {}
     for shard, rs in runs.items():
         for r in rs:
             for when in ("loaded", "served"):
                 for title, m in sorted(r[when].items()):
-                    print(f"{f'hsdp_shard {shard}: ' + title:<30}{when:<8}" + "".join(f"{m[c]:>11.0f}" for c in cols))
+                    label = f"hsdp{shard} " + title.split(" ", 1)[1]
+                    print(f"{label:<20}{when:<8}" + "".join(f"{m[c]:>11.0f}" for c in cols))
                     if when == "served":
                         worst[shard] = max(worst.get(shard, 0.0), m["VmRSS"])
     unsharded = min(m["VmRSS"] for r in runs[1] for m in r["served"].values())
