@@ -267,11 +267,9 @@ def test_lse_merge_equals_attention_over_the_union_and_ignores_empty_blocks() ->
 
 def test_backend_selection() -> None:
     q = torch.randn(1, 2, 1, 4)
-    big = 10**9  # keys enough that the score matrix is past SCORES_MAX_BYTES: the flash kernel / SDPA
-    assert select_backend(q, need_lse=True, has_mask=True, k_len=big).name == "flash_cpu"
-    assert select_backend(q, need_lse=False, has_mask=False, k_len=big).name == "sdpa"
-    assert select_backend(q.double(), need_lse=True, has_mask=False, k_len=big).name == "flash_cpu"
-    assert select_backend(q, need_lse=True, has_mask=True).name == "scores"  # small on CPU: materialized
+    assert select_backend(q, need_lse=True, has_mask=True).name == "flash_cpu"
+    assert select_backend(q, need_lse=False, has_mask=False).name == "sdpa"
+    assert select_backend(q.double(), need_lse=True, has_mask=False).name == "flash_cpu"
 
 
 def test_attention_module_without_mesh_and_argument_errors() -> None:

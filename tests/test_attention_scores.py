@@ -107,6 +107,10 @@ def test_auto_picks_scores_on_cpu_within_the_limit_only() -> None:
     assert select_backend(q, need_lse=False, has_mask=False, k_len=big).name == "sdpa"
     want = "scores" if scores_fit(q) else "flash_cpu"
     assert select_backend(q, need_lse=True, has_mask=False).name == want
+    for lse in (True, False):  # a host whose measured limit covers the call: auto materializes it, else not
+        assert select_backend(q, need_lse=lse, has_mask=True, scores_max_bytes=need).name == "scores"
+        assert select_backend(q, need_lse=lse, has_mask=True, scores_max_bytes=need - 1).name == (
+            "flash_cpu" if lse else "sdpa")
     assert select_backend(q, need_lse=True, has_mask=False, name="scores").name == "scores"  # explicit: always
     with pytest.raises(ValueError, match="'scores' cannot run on device=meta"):
         select_backend(q.to("meta"), need_lse=True, has_mask=False, name="scores")

@@ -12,6 +12,13 @@ The target (issue 29): after requests each sharded rank's RSS <= the unsharded r
 bytes.
 
     python tools/bench_hsdp_memory.py --requests 3 --size 256 --steps 2 --rounds 1
+
+``--latency``: instead, the price of the release: 2 gloo ranks (the launcher's allocator settings) hold the
+transformer sharded twice, with ``release_after_forward`` on and off, and time forwards of ``--tokens`` image tokens,
+phases alternated (``--pairs`` x (on x3, off x3), the first forward of each phase left out); the step latency
+ratio on / off, and the RSS after each phase.
+
+    python tools/bench_hsdp_memory.py --latency --tokens 1024 --pairs 3
 """
 
 from __future__ import annotations
@@ -90,14 +97,86 @@ def run_layout(model_dir: str, shard: int, requests: int, size: int, steps: int)
     return {"loaded": loaded, "served": served, "latency": lat}
 
 
+def _latency_rank(rank: int, world: int, port: int, path: str, tokens: int, pairs: int, out: str) -> None:
+    import os
+
+    import msgspec
+    import torch
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    from omni_runtime.parallel.hsdp import HSDPInferenceConfig
+    from omni_runtime.runtime.allocator import keep_freed_memory
+    from omni_runtime.stages.models.flux.transformer import FluxTransformer
+
+    keep_freed_memory()
+    models = {on: FluxTransformer.from_pretrained(path, hsdp=HSDPInferenceConfig(hsdp_shard_size=world,
+                                                                                   release_after_forward=on))
+              for on in (True, False)}
+    cfg = models[True].config
+    g = torch.Generator().manual_seed(0)
+    side = int(tokens ** 0.5)
+    inputs = dict(hidden_states=torch.randn(1, side * side, cfg.in_channels, generator=g),
+                  encoder_hidden_states=torch.randn(1, 64, cfg.joint_attention_dim, generator=g),
+                  pooled_projections=torch.randn(1, cfg.pooled_projection_dim, generator=g),
+                  timestep=torch.tensor([0.7]), txt_ids=torch.zeros(64, 3), guidance=torch.tensor([3.5]),
+                  img_ids=torch.stack([torch.zeros(side * side), torch.arange(side * side) // side,
+                                       torch.arange(side * side) % side], 1))
+    times: dict[str, list[float]] = {"on": [], "off": []}
+    rss: dict[str, list[float]] = {"on": [], "off": []}
+    with torch.no_grad():
+        for _ in range(pairs):
+            for on in (True, False):
+                name = "on" if on else "off"
+                for i in range(3):
+                    dist.barrier()
+                    t0 = time.perf_counter()
+                    models[on](**inputs)
+                    if i:
+                        times[name].append(time.perf_counter() - t0)
+                rss[name].append(rank_memory(os.getpid())["VmRSS"])
+    Path(out, f"rank{rank}.json").write_bytes(msgspec.json.encode({"times": times, "rss": rss}))
+    dist.destroy_process_group()
+
+
+def bench_latency(tokens: int, pairs: int) -> None:
+    import msgspec
+    import torch.multiprocessing as mp
+
+    from omni_runtime.runtime.launcher import free_port
+    from omni_runtime.stages.models.flux.tiny import make_big_transformer
+
+    with tempfile.TemporaryDirectory(prefix="bench-hsdp-lat-") as tmp:
+        weights = make_big_transformer(Path(tmp) / "t")
+        mp.start_processes(_latency_rank, args=(2, free_port(), str(Path(tmp) / "t"), tokens, pairs, tmp),
+                           nprocs=2, start_method="spawn", join=True)
+        ranks = [msgspec.json.decode(Path(tmp, f"rank{r}.json").read_bytes()) for r in range(2)]
+    step = {n: [max(r["times"][n][i] for r in ranks) for i in range(len(ranks[0]["times"][n]))] for n in ("on", "off")}
+    med = {n: statistics.median(t) for n, t in step.items()}
+    print(f"HSDP release latency: transformer {weights / MB:.0f} MB, 2 gloo ranks x 1 thread, {tokens} image tokens, "
+          f"{pairs} pairs of phases (3 forwards each, first left out)")
+    for n in ("on", "off"):
+        print(f"release_after_forward {n:<4} step {med[n]:.3f} s (median), RSS after phase "
+              f"{max(max(r['rss'][n]) for r in ranks):.0f} MB (worst rank)")
+    print(f"ratio on / off: {med['on'] / med['off']:.3f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=3)
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=1, help="alternations of the two layouts (1: 1, 2, 2, 1)")
+    ap.add_argument("--latency", action="store_true", help="instead: step latency with the release on vs off")
+    ap.add_argument("--tokens", type=int, default=1024, help="image tokens per forward (--latency)")
+    ap.add_argument("--pairs", type=int, default=3, help="alternated phase pairs (--latency)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.latency:
+        bench_latency(args.tokens, args.pairs)
+        return
     from omni_runtime.stages.models.flux.tiny import make_big_transformer, make_tiny_model
 
     with tempfile.TemporaryDirectory(prefix="bench-hsdp-mem-") as tmp:
@@ -116,7 +195,7 @@ def main() -> None:
         for r in rs:
             for when in ("loaded", "served"):
                 for title, m in sorted(r[when].items()):
-                    label = f"hsdp{shard} " + title.split(" ", 1)[1]
+                    label = f"hsdp{shard} " + " ".join(title.split()[1:])
                     print(f"{label:<20}{when:<8}" + "".join(f"{m[c]:>11.0f}" for c in cols))
                     if when == "served":
                         worst[shard] = max(worst.get(shard, 0.0), m["VmRSS"])

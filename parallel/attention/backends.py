@@ -14,7 +14,8 @@ Backends:
 - ``flash_attn``: ``flash_attn_func`` when the package imports and tensors are on CUDA;
 - ``math``: explicit softmax in float32/float64, any device; the fallback and the test reference;
 - ``scores``: materialized scores on CPU (``scores.py``): two oneDNN matmuls around an in-place softmax, with the
-  LSE; ``auto`` picks it on CPU while the score matrix is at most ``SCORES_MAX_BYTES`` (the flash kernel past it).
+  LSE; ``auto`` picks it on CPU while the score matrix is at most ``SCORES_MAX_BYTES`` (0 on the measured host:
+  never; the flash kernel past it).
 """
 
 from __future__ import annotations
@@ -222,11 +223,11 @@ def get_backend(name: str) -> AttentionBackend:
 
 
 def select_backend(q: torch.Tensor, *, need_lse: bool, has_mask: bool, name: str | None = None,
-                   k_len: int | None = None) -> AttentionBackend:
+                   k_len: int | None = None, scores_max_bytes: int | None = None) -> AttentionBackend:
     """The named backend (checked), or the fastest one that can do the job.
 
     ``k_len``: the key length (default: the query length); with it, ``auto`` on CPU takes ``scores`` while the
-    score matrix is at most ``SCORES_MAX_BYTES``, the flash kernel (or SDPA) past it."""
+    score matrix is at most ``scores_max_bytes`` (None: ``SCORES_MAX_BYTES``), the flash kernel (or SDPA) past it."""
     if name is not None:
         backend = get_backend(name)
         if not backend.supports(q, need_lse=need_lse, has_mask=has_mask):
@@ -234,7 +235,8 @@ def select_backend(q: torch.Tensor, *, need_lse: bool, has_mask: bool, name: str
                 f"attention backend {name!r} cannot run on device={q.device.type} dtype={q.dtype} "
                 f"with need_lse={need_lse} has_mask={has_mask}")
         return backend
-    if _BACKENDS["scores"].supports(q, need_lse=need_lse, has_mask=has_mask) and scores_fit(q, k_len):
+    if (_BACKENDS["scores"].supports(q, need_lse=need_lse, has_mask=has_mask)
+            and scores_fit(q, k_len, scores_max_bytes)):
         return _BACKENDS["scores"]
     order = ("flash_attn", "flash_cpu", "math") if need_lse else ("flash_attn", "sdpa")
     for candidate in order:

@@ -1,10 +1,13 @@
 """Attention with materialized scores: ``softmax(q k^T * scale) v`` as two matmuls around an in-place softmax.
 
-For the sequence lengths a CPU serves (a few hundred to a few thousand tokens) the whole score matrix of one call
-fits in cache-friendly memory, and two oneDNN matmuls beat the CPU flash kernel, whose blocked inner loop is not
-as well tuned as oneDNN's GEMM. Past a size the score matrix costs more memory traffic than it saves:
-``SCORES_MAX_BYTES`` is that limit (measured on the 2-core development host with ``tools/bench_attention.py
-backends``, docs/BENCHMARKS.md "CPU attention backend"); ``auto`` runs the flash kernel beyond it.
+An alternative to the CPU flash kernel for the sequence lengths a CPU serves: two oneDNN matmuls (the scores, then
+the weighted values) around a softmax over the whole score matrix. The two matmuls alone can beat the flash kernel
+(bf16 on this project's 2-core host: 2.6 ms against 3.6 ms at 768 tokens x 6 heads), but the softmax's passes
+over the materialized matrix cost more than that: measured with ``tools/bench_attention.py --backends`` (fp32, 64
+to 2048 tokens x 6 heads x 64) it took 1.5-3.5x the flash kernel's time at every size, so ``SCORES_MAX_BYTES`` is
+0 and ``auto`` never picks it on this host (docs/BENCHMARKS.md "CPU attention backend"). A host where it wins sets
+the limit from the same benchmark; ``Attention(backend="scores")`` / ``attention_block(..., backend="scores")``
+select it explicitly.
 
 Layout (batch, seq, heads, head_dim) like every backend. The scores are computed in float32 (float64 for float64
 inputs; bf16/fp16 inputs are upcast), so the result is the math backend's up to matmul rounding. The key mask
@@ -17,10 +20,10 @@ from __future__ import annotations
 
 import torch
 
-# Score bytes per call up to which ``auto`` picks this backend on CPU (past it: the flash kernel). 32 MiB is
-# also glibc's largest mmap threshold (runtime/allocator.py): a score matrix up to it is reused from the heap,
-# one above it is a fresh mmap (zero-filled pages) every call.
-SCORES_MAX_BYTES = 32 * 1024 * 1024
+# Score bytes per call up to which ``auto`` picks this backend on CPU (past it: the flash kernel); 0: never (the
+# measurement on this host, above). A limit worth trying elsewhere is 32 MiB, glibc's largest mmap threshold
+# (runtime/allocator.py): a score matrix up to it is reused from the heap, one above it is fresh pages every call.
+SCORES_MAX_BYTES = 0
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
