@@ -248,13 +248,17 @@ def bench_backends(seqs: list[int], heads: int, head_dim: int, iters: int, warmu
     return lines
 
 
-def bench_omni(model_dir: str, size: int, steps: int, pairs: int) -> list[str]:
+def bench_omni(model_dir: str, size: int, steps: int, pairs: int, keep_freed: bool = False) -> list[str]:
     """One ``Omni(in_process=True)`` of ``model_dir``; generate with ``auto`` picking ``scores`` (limit 1 GiB) and
     the flash kernel (limit 0), alternated per pair, same seed; returns the latency table rows."""
     from omni_runtime.parallel.attention import scores
     from omni_runtime.runtime.config import config_from_dict
     from omni_runtime.runtime.omni import Omni
 
+    if keep_freed:  # the rank processes' allocator settings (runtime.allocator), which in_process does not apply
+        from omni_runtime.runtime.allocator import keep_freed_memory
+
+        keep_freed_memory()
     limits = {"flash (limit 0)": 0, "scores (limit 1 GiB)": 2**30}
     omni = Omni(config_from_dict({"model": {"path": model_dir}}), in_process=True)
     times: dict[str, list[float]] = {n: [] for n in limits}
@@ -271,7 +275,7 @@ def bench_omni(model_dir: str, size: int, steps: int, pairs: int) -> list[str]:
     med = {n: statistics.median(t) for n, t in times.items()}
     ratios = [s / f for s, f in zip(times["scores (limit 1 GiB)"], times["flash (limit 0)"], strict=True)]
     return [f"\nOmni in_process, {model_dir}, {size}x{size}, {steps} steps, {pairs} pairs (alternated), "
-            f"{torch.get_num_threads()} thread(s)"] + [f"{n:<24}{m:>8.3f} s (median)" for n, m in med.items()] + [
+            f"{torch.get_num_threads()} thread(s), rank allocator settings {'on' if keep_freed else 'off'}"] + [f"{n:<24}{m:>8.3f} s (median)" for n, m in med.items()] + [
         f"{'scores / flash':<24}{statistics.median(ratios):>8.2f}x (median of per-pair ratios)"]
 
 
@@ -293,10 +297,11 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=256, help="image side for --omni")
     ap.add_argument("--steps", type=int, default=4, help="denoising steps for --omni")
     ap.add_argument("--pairs", type=int, default=3, help="alternated pairs for --omni")
+    ap.add_argument("--keep-freed", action="store_true", help="--omni with the rank processes' allocator settings")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.omni:
-        print("\n".join(bench_omni(args.omni, args.size, args.steps, args.pairs)))
+        print("\n".join(bench_omni(args.omni, args.size, args.steps, args.pairs, args.keep_freed)))
         return
     if args.backends:
         if args.threads:
