@@ -33,6 +33,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+from omni_runtime.parallel.hsdp_release import release_after_forward
 from omni_runtime.parallel.parallel_spec import hsdp_world_error
 
 if TYPE_CHECKING:
@@ -74,7 +75,8 @@ class HSDPInferenceConfig:
     runs collectives asynchronously (NCCL streams; see docs/BENCHMARKS.md for gloo). ``device_mesh`` is the 2-D ``(replicate, shard)`` mesh
     (a 1-D ``shard`` mesh is accepted when ``hsdp_replicate_size == 1``); when None, :func:`apply_hsdp_to_model`
     builds one over the default process group. ``shard_conditions`` overrides the model's
-    ``_hsdp_shard_conditions``.
+    ``_hsdp_shard_conditions``. ``release_after_forward``: after each forward of the root, the freed heap pages
+    (the all-gathered weights of every unit) go back to the OS (``parallel.hsdp_release``; CPU weights only).
     """
 
     hsdp_shard_size: int = 1
@@ -83,6 +85,7 @@ class HSDPInferenceConfig:
     reduce_dtype: torch.dtype | None = None
     reshard_after_forward: bool = True
     forward_prefetch: bool = False
+    release_after_forward: bool = True
     device_mesh: DeviceMesh | None = None
     shard_conditions: Sequence[ShardCondition] | None = None
     device_type: str = "cpu"
@@ -216,6 +219,8 @@ def apply_hsdp_to_model(model: nn.Module, hsdp_config: HSDPInferenceConfig) -> n
     for _, module in units:
         fully_shard(module, **kwargs)
     fully_shard(model, **kwargs)
+    if hsdp_config.release_after_forward and hsdp_config.device_type == "cpu":
+        release_after_forward(model)  # registered after FSDP's hooks: runs once the root has resharded
     if hsdp_config.forward_prefetch and len(units) > 1:
         in_order = [m for _, m in sorted(units, key=lambda nm: order[nm[0]])]
         for current, following in pairwise(in_order):

@@ -50,7 +50,11 @@ IMAGES_SCHEMA: dict[str, Any] = {
                   "step) and transformer blocks, in all and skipped by the cache, summed over the images",
                   "required": ["method", "steps", "cached_steps", "blocks", "cached_blocks"], "properties": {
                       "method": {"type": "string"}, "steps": {"type": "integer"}, "cached_steps": {"type": "integer"},
-                      "blocks": {"type": "integer"}, "cached_blocks": {"type": "integer"}}}},
+                      "blocks": {"type": "integer"}, "cached_blocks": {"type": "integer"}}},
+        "peak_memory_mb": {"type": "object", "description": "extension: each stage's peak memory in MB while it "
+                           "computed this request's images (its driver rank; CPU: the process's RSS high-water "
+                           "mark, CUDA: max_memory_allocated), by stage name",
+                           "additionalProperties": {"type": "number"}}},
 }
 #: the answers every images route (generations, edits) shares; a route adds its own (413, 415 texts)
 IMAGES_ERRORS = {
@@ -199,7 +203,7 @@ async def run_images(request: Request, ctx: ApiContext, req: GenerationRequest) 
     rid = request_id(request, ctx)
     if isinstance(rid, Response):
         return rid
-    report: dict[str, Any] = {}  # the response's extension fields (cache)
+    report: dict[str, Any] = {}  # the response's extension fields (cache, peak_memory_mb)
     task = asyncio.ensure_future(request.app.state.orch.generate(req, rid, report=report))
     try:
         while not task.done():

@@ -125,6 +125,7 @@ class Result(msgspec.Struct, tag="result", kw_only=True):
     queue_s: float = 0.0                    # sent by the orchestrator -> batch started
     compute_s: float = 0.0
     cache: dict[str, int | str] | None = None  # denoiser: what its cache skipped (stages.cache_config.CacheStats)
+    peak_memory_mb: float = 0.0             # the driver rank's peak memory while computing it (runtime.peak_memory)
 
 
 class Heartbeat(msgspec.Struct, tag="beat", kw_only=True):

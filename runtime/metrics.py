@@ -55,6 +55,12 @@ class Metrics:
         self.cache_blocks = Counter("omni_cache_blocks", "Transformer blocks of those row-steps, by method and "
                                     "outcome (computed, cached)", ["method", "outcome"], registry=r)
 
+        self.peak_memory = Histogram("omni_stage_peak_memory_mb", "Peak memory (MB) of a stage's driver rank while "
+                                     "computing one item (CPU: the process's RSS high-water mark; CUDA: "
+                                     "max_memory_allocated; runtime.peak_memory)", ["stage"],
+                                     buckets=(16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768,
+                                              65536, 131072), registry=r)
+
     def observe_cache(self, stats: dict) -> None:
         """One image's cache counters (``stages.cache_config.CacheStats.as_dict``)."""
         m = str(stats["method"])

@@ -140,6 +140,8 @@ class Omni:
         for im in images:
             if "cache" in report:
                 im.info["cache"] = report["cache"]
+            if "peak_memory_mb" in report:
+                im.info["peak_memory_mb"] = report["peak_memory_mb"]
         return images
 
     def edit(self, prompt: str, image: Any, mask: Any = None, **fields: Any) -> list[Image.Image]:

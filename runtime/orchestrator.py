@@ -375,7 +375,7 @@ class Orchestrator:
         progress is known by (``progress.get``; checked by the caller with ``progress.valid_request_id``), a new
         one if None; :class:`DuplicateRequestId` while another request with that id is in flight. ``report``: a
         dict that gets the response's extension fields (``cache``: what the denoiser's cache skipped, summed over
-        the images). ``on_event`` (streaming): called with each image as it is done and with its
+        the images; ``peak_memory_mb``: each stage's peak memory over the request's images, ``runtime.peak_memory``). ``on_event`` (streaming): called with each image as it is done and with its
         ``req.partial_images`` previews (``runtime.image_stream``). Everything that can refuse the request raises
         before the first await."""
         if self.closed or self.failure is not None:
@@ -435,6 +435,10 @@ class Orchestrator:
                         self._count(stage, -1)
                         left.add(stage)
                 handle = res.output
+                if res.peak_memory_mb > 0:  # each stage's driver rank, the most over the request's hops there
+                    self.metrics.peak_memory.labels(stage=stage).observe(res.peak_memory_mb)
+                    peaks = report.setdefault("peak_memory_mb", {})
+                    peaks[stage] = max(peaks.get(stage, 0.0), round(res.peak_memory_mb, 1))
                 if stage == "denoiser":
                     self.progress.denoised(rid, index)
                     if res.cache:

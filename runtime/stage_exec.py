@@ -45,6 +45,7 @@ from omni_runtime.runtime.messages import (
     Stop,
     Work,
 )
+from omni_runtime.runtime.peak_memory import PeakMemory
 from omni_runtime.runtime.step_scheduler import Candidate, StepScheduler
 from omni_runtime.stages.engine import PREVIEW, Engine, StageItem, StepEngine
 from omni_runtime.stages.errors import OmniUserError
@@ -67,6 +68,7 @@ class Pending:
     started: float = 0.0   # time.time() when it joined a running set (step-level)
     tokens: int = 0        # image tokens per row in a step's forward (mixed sizes: the padding waste)
     rows: int = 1          # its rows (branches) in a step's forward
+    peak_mb: float = 0.0   # the rank's peak memory over the steps it ran in (runtime.peak_memory)
 
     def candidate(self) -> Candidate:
         p = self.work.params
@@ -87,13 +89,14 @@ class StageExecutor:
                  publisher: tensor_handoff.Publisher | None = None, max_batch_pixels: int = 0,
                  scheduling: str = "request", priority_aging_s: float = 10.0,
                  max_padding_waste: float | None = None, token: ComputeToken | None = None,
-                 busy: Busy | None = None) -> None:
+                 busy: Busy | None = None, memory: PeakMemory | None = None) -> None:
         """``scheduling = "step"``: an engine with a running set (``run_step``, the denoiser) admits and retires
         items at every step boundary (:meth:`DriverLoop.step_loop`); ``"request"``, and every other engine: a
         batch runs from its first to its last step. ``max_padding_waste``: the engine runs mixed image sizes in
         one forward (``[stages.denoiser] mixed_sizes``) and a step's padding waste stays at most this. ``token``:
         the stages on this node take turns computing (``[placement] cpu_sharing``, ``runtime.cores``). ``busy``: the
-        rank's step time, which its heartbeat reports (``runtime.liveness``)."""
+        rank's step time, which its heartbeat reports (``runtime.liveness``). ``memory``: how this rank measures its
+        peak memory per batch / step (``runtime.peak_memory``; default: the CPU process's)."""
         if scheduling not in SCHEDULING:
             raise ValueError(f"scheduling = {scheduling!r}: allowed values are {', '.join(map(repr, SCHEDULING))}")
         self.engine, self.stage, self.replica = engine, stage, replica
@@ -110,6 +113,7 @@ class StageExecutor:
         self.cancelled: set[str] = set()
         self.token = token
         self.busy = busy or Busy()
+        self.memory = memory or PeakMemory("cpu")
 
     def turn(self) -> contextlib.AbstractContextManager[object]:
         """The stage's turn to compute on the node's cores (at once when the stages do not take turns)."""
@@ -216,6 +220,7 @@ class StageExecutor:
             if announce is not None:
                 announce()
             t0 = time.time()
+            self.memory.reset()
             try:
                 outs = self.engine.step([p.item for p in batch], stop=stop)
             except Exception as e:
@@ -224,6 +229,7 @@ class StageExecutor:
                     logger.exception("%s: batch of %d failed", self.stage, len(batch))
                 outs, err = [None] * len(batch), f"{type(e).__name__}: {e}"
             dt = time.time() - t0
+            peak = self.memory.read_mb()
         results = []
         for i, (p, out) in enumerate(zip(batch, outs, strict=True)):
             w = p.work
@@ -242,6 +248,7 @@ class StageExecutor:
                     res = self._result(w, ok=False, error=f"{type(e).__name__}: {e}")
             res.batch_size, res.first_in_batch = len(batch), i == 0
             res.queue_s, res.compute_s = max(0.0, t0 - w.sent_at), dt
+            res.peak_memory_mb = peak
             results.append(res)
         return results
 
@@ -262,6 +269,7 @@ class StageExecutor:
             logger.exception("%s: cannot hand on the output of %s/%d", self.stage, w.req_id, w.index)
             return self._result(w, ok=False, error=f"{type(e).__name__}: {e}")
         res.queue_s, res.compute_s = max(0.0, p.started - w.sent_at), time.time() - p.started
+        res.peak_memory_mb = p.peak_mb
         return res
 
     def _attach(self, res: Result, out: Any, w: Work) -> None:
@@ -412,6 +420,7 @@ class DriverLoop:
                     self.broadcast(StepDecision(drop=drop + failed, admit=[Admit(s, p.work) for s, p in admit],
                                                 plan=True))
                 failed = []
+                ex.memory.reset()  # the peak of this step (admission included) goes to every item in it
                 self._admit(admit, running, now)
                 if not running:
                     continue
@@ -423,6 +432,9 @@ class DriverLoop:
                     running.clear()
                     continue
                 dt = time.time() - t0
+                peak = ex.memory.read_mb()
+                for p in running.values():
+                    p.peak_mb = max(p.peak_mb, peak)
             step += 1
             self._send_previews(running)
             self._answer_step(running, outs, StepReport(stage=ex.stage, replica=ex.replica, step_s=dt, active=active,

@@ -155,6 +155,7 @@ def _run(spec: WorkerSpec, busy: Busy) -> None:
     _mesh, engine, fanout = start_rank(spec)
 
     from omni_runtime.runtime import cores, stage_shell, tensor_handoff
+    from omni_runtime.runtime.peak_memory import PeakMemory
     from omni_runtime.runtime.stage_exec import StageExecutor
 
     logger.info("loaded; %s", "driver" if spec.rank == 0 else "follower")
@@ -168,7 +169,8 @@ def _run(spec: WorkerSpec, busy: Busy) -> None:
                                  max_padding_waste=spec.max_padding_waste if spec.mixed_sizes else None,
                                  publisher=tensor_handoff.Publisher(
                                      pooled=spec.pool_outputs, transport=spec.tensor_transport,
-                                     endpoint=spec.tensor_endpoint), token=token, busy=busy)
+                                     endpoint=spec.tensor_endpoint), token=token, busy=busy,
+                                 memory=PeakMemory(_mesh.device if _mesh is not None else spec.device))
         driver = stage_shell.Driver(executor, fanout, spec.in_addr, spec.out_addr)
         try:
             driver.run()

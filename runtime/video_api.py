@@ -161,9 +161,7 @@ async def _run(store: VideoJobStore, job: VideoJob, vr: VideoRequest, orch: Any,
                 tmp.write_bytes(thumbnail(event.image))
                 tmp.replace(directory / PREVIEW_FILE)
     try:
-        report: dict[str, Any] = {}
-        frames_zip = (await orch.generate(req, job.id, on_event=on_event, report=report))[0]
-        job.cache = report.get("cache")
+        frames_zip = (await orch.generate(req, job.id, report=job.report, on_event=on_event))[0]
         await write_files(store.dir(job), frames_zip, vr.fps)
         store.finish(job, "completed")
     except asyncio.CancelledError:

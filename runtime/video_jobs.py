@@ -45,7 +45,8 @@ class VideoJob:
     error: dict[str, str] | None = None
     task: asyncio.Task | None = None
     finished: float | None = None  # time.monotonic() when it completed or failed
-    cache: dict[str, Any] | None = None  # what a request's cache acceleration skipped (the images' ``cache`` field)
+    #: extension fields once the stages answered (``cache``: what cache acceleration skipped; ``peak_memory_mb``)
+    report: dict[str, Any] = field(default_factory=dict)
 
     def as_json(self, steps: tuple[int, int] | None) -> dict[str, Any]:
         """The OpenAI video object; ``steps`` = (done, total) denoising steps while it runs."""
@@ -55,7 +56,7 @@ class VideoJob:
         return {"id": self.id, "object": "video", "model": self.model, "status": self.status,
                 "progress": progress, "created_at": self.created_at, "completed_at": self.completed_at,
                 "size": self.size, "seconds": self.seconds, "num_frames": self.num_frames, "fps": self.fps,
-                "error": self.error, **({"cache": self.cache} if self.cache else {})}
+                "error": self.error, **{k: self.report[k] for k in ("cache", "peak_memory_mb") if self.report.get(k)}}
 
 
 class VideoJobStore:

@@ -16,6 +16,13 @@ the minimum and the median over ``--iters`` are reported (ratios use the minimum
 to the collectives and compared with each strategy's theoretical minimum.
 
     python tools/bench_attention.py --seqs 4096 8192 --heads 8 --head-dim 64 --world 2 --hybrid
+
+``--backends``: instead, the local attention backends in one process on the same inputs, alternated per iteration:
+``flash_cpu`` (the CPU flash kernel, with LSE), ``sdpa`` (no LSE) and ``scores`` (materialized scores,
+``parallel/attention/scores.py``) with and without the LSE; the ratio ``scores / flash_cpu`` picks
+``SCORES_MAX_BYTES`` (the row where it stops being below 1). Threads: ``--threads`` (default: torch's).
+
+    python tools/bench_attention.py --backends --seqs 256 768 1024 2048 4096 --heads 6 --head-dim 64
 """
 
 from __future__ import annotations
@@ -207,6 +214,71 @@ def report(per_rank: list[dict], heads: int, head_dim: int) -> list[str]:
     return lines
 
 
+def bench_backends(seqs: list[int], heads: int, head_dim: int, iters: int, warmup: int, batch: int) -> list[str]:
+    """Local backends on the same inputs, alternated per iteration; min and median per call."""
+    from omni_runtime.parallel.attention.backends import attention_block
+    from omni_runtime.parallel.attention.scores import SCORES_MAX_BYTES, score_bytes
+    from omni_runtime.runtime.allocator import keep_freed_memory
+
+    keep_freed_memory()  # as in a rank process: freed score matrices stay mapped
+    cases = {"flash_cpu+lse": ("flash_cpu", True), "scores+lse": ("scores", True), "sdpa": ("sdpa", False),
+             "scores": ("scores", False)}
+    lines = [f"\nbackends: batch {batch}, heads {heads}, head_dim {head_dim}, fp32, {torch.get_num_threads()} "
+             f"thread(s); auto picks scores up to {SCORES_MAX_BYTES / 2**20:.0f} MiB of scores",
+             f"{'tokens':>7}{'score MiB':>10}" + "".join(f"{n + ' ms':>17}" for n in cases)
+             + f"{'scores/flash (lse)':>20}{'scores/sdpa':>13}{'max|err|':>10}"]
+    for seq in seqs:
+        g = torch.Generator().manual_seed(seq)
+        q, k, v = (torch.randn(batch, seq, heads, head_dim, generator=g) for _ in range(3))
+        times: dict[str, list[float]] = {n: [] for n in cases}
+        for it in range(warmup + iters):
+            for name, (backend, lse) in cases.items():
+                t0 = time.perf_counter()
+                attention_block(q, k, v, return_lse=lse, backend=backend)
+                if it >= warmup:
+                    times[name].append(time.perf_counter() - t0)
+        best = {n: min(t) for n, t in times.items()}
+        med = {n: statistics.median(t) for n, t in times.items()}
+        err = float((attention_block(q, k, v, backend="scores") - attention_block(q, k, v, backend="sdpa")).abs().max())
+        lines.append(f"{seq:>7}{score_bytes(q) / 2**20:>10.1f}"
+                     + "".join(f"{best[n] * 1e3:>9.2f} ({med[n] * 1e3:>5.1f})" for n in cases)
+                     + f"{best['scores+lse'] / best['flash_cpu+lse']:>19.2f}x{best['scores'] / best['sdpa']:>12.2f}x"
+                     + f"{err:>10.1e}")
+    lines.append("each cell: min (median) ms over the iterations")
+    return lines
+
+
+def bench_omni(model_dir: str, size: int, steps: int, pairs: int, keep_freed: bool = False) -> list[str]:
+    """One ``Omni(in_process=True)`` of ``model_dir``; generate with ``auto`` picking ``scores`` (limit 1 GiB) and
+    the flash kernel (limit 0), alternated per pair, same seed; returns the latency table rows."""
+    from omni_runtime.parallel.attention import scores
+    from omni_runtime.runtime.config import config_from_dict
+    from omni_runtime.runtime.omni import Omni
+
+    if keep_freed:  # the rank processes' allocator settings (runtime.allocator), which in_process does not apply
+        from omni_runtime.runtime.allocator import keep_freed_memory
+
+        keep_freed_memory()
+    limits = {"flash (limit 0)": 0, "scores (limit 1 GiB)": 2**30}
+    omni = Omni(config_from_dict({"model": {"path": model_dir}}), in_process=True)
+    times: dict[str, list[float]] = {n: [] for n in limits}
+    try:
+        for it in range(pairs + 1):  # the first pair warms up
+            for name, limit in (limits.items() if it % 2 == 0 else reversed(limits.items())):
+                scores.SCORES_MAX_BYTES = limit  # a benchmark-only switch of the constant auto reads
+                t0 = time.perf_counter()
+                omni.generate("a red cube", size=f"{size}x{size}", num_inference_steps=steps, seed=1)
+                if it:
+                    times[name].append(time.perf_counter() - t0)
+    finally:
+        omni.close()
+    med = {n: statistics.median(t) for n, t in times.items()}
+    ratios = [s / f for s, f in zip(times["scores (limit 1 GiB)"], times["flash (limit 0)"], strict=True)]
+    return [f"\nOmni in_process, {model_dir}, {size}x{size}, {steps} steps, {pairs} pairs (alternated), "
+            f"{torch.get_num_threads()} thread(s), rank allocator settings {'on' if keep_freed else 'off'}"] + [f"{n:<24}{m:>8.3f} s (median)" for n, m in med.items()] + [
+        f"{'scores / flash':<24}{statistics.median(ratios):>8.2f}x (median of per-pair ratios)"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seqs", type=int, nargs="+", default=[4096, 8192])
@@ -216,8 +288,26 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--hybrid", action="store_true", help="also run world 4: hybrid 2x2, ulysses 4, ring 4")
+    ap.add_argument("--backends", action="store_true",
+                    help="compare the local backends (flash_cpu, sdpa, scores) in one process instead")
+    ap.add_argument("--batch", type=int, default=1, help="batch size of the --backends rows")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads for --backends (0: torch's default)")
+    ap.add_argument("--omni", metavar="MODEL_DIR", help="instead: end-to-end Omni in_process latency, scores vs "
+                    "flash (e.g. a make_tiny_model.py --preset small directory)")
+    ap.add_argument("--size", type=int, default=256, help="image side for --omni")
+    ap.add_argument("--steps", type=int, default=4, help="denoising steps for --omni")
+    ap.add_argument("--pairs", type=int, default=3, help="alternated pairs for --omni")
+    ap.add_argument("--keep-freed", action="store_true", help="--omni with the rank processes' allocator settings")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.omni:
+        print("\n".join(bench_omni(args.omni, args.size, args.steps, args.pairs, args.keep_freed)))
+        return
+    if args.backends:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        print("\n".join(bench_backends(args.seqs, args.heads, args.head_dim, args.iters, args.warmup, args.batch)))
+        return
     common = dict(seqs=args.seqs, heads=args.heads, head_dim=args.head_dim, iters=args.iters, warmup=args.warmup)
     out = [f"bench_attention: seqs {args.seqs}, iters {args.iters} (+{args.warmup} warmup), median per call; "
            f"{os.cpu_count()} cores"]

@@ -12,7 +12,10 @@ Backends:
 - ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` (no LSE);
 - ``flash_cpu``: ``aten._scaled_dot_product_flash_attention_for_cpu``, returns the LSE;
 - ``flash_attn``: ``flash_attn_func`` when the package imports and tensors are on CUDA;
-- ``math``: explicit softmax in float32/float64, any device; the fallback and the test reference.
+- ``math``: explicit softmax in float32/float64, any device; the fallback and the test reference;
+- ``scores``: materialized scores on CPU (``scores.py``): two oneDNN matmuls around an in-place softmax, with the
+  LSE; ``auto`` picks it on CPU while the score matrix is at most ``SCORES_MAX_BYTES`` (0 on the measured host:
+  never; the flash kernel past it).
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from omni_runtime.parallel.attention.scores import scores_attention, scores_fit
+
 logger = logging.getLogger(__name__)
 
 try:  # guarded: flash-attn is optional and CUDA-only
@@ -31,7 +36,7 @@ try:  # guarded: flash-attn is optional and CUDA-only
 except Exception:  # pragma: no cover - depends on the machine
     _flash_attn_func = None
 
-BACKEND_NAMES = ("sdpa", "flash_cpu", "flash_attn", "math")
+BACKEND_NAMES = ("sdpa", "flash_cpu", "flash_attn", "math", "scores")
 
 
 class AttentionBackendError(ValueError):
@@ -156,6 +161,24 @@ class FlashAttnBackend:
         return out, lse.transpose(1, 2).float()
 
 
+class ScoresBackend:
+    """Materialized scores on CPU (``scores.scores_attention``): any float dtype, masks, LSE."""
+
+    name = "scores"
+
+    def supports(self, q: torch.Tensor, *, need_lse: bool, has_mask: bool) -> bool:
+        return q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_mask: torch.Tensor | None,
+                 scale: float, return_lse: bool) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if q.shape[1] == 0 or k.shape[1] == 0:
+            return _empty_result(q, v, return_lse)
+        out, lse = scores_attention(q, k, v, key_mask=key_mask, scale=scale, return_lse=return_lse)
+        if not return_lse:
+            return out
+        return _mask_fully_masked(out, lse.to(lse_dtype(q.dtype)), key_mask)
+
+
 class MathBackend:
     """Explicit softmax, computed in float32 (float64 for float64 inputs)."""
 
@@ -185,6 +208,7 @@ _BACKENDS: dict[str, AttentionBackend] = {
     "flash_cpu": CPUFlashBackend(),
     "flash_attn": FlashAttnBackend(),
     "math": MathBackend(),
+    "scores": ScoresBackend(),
 }
 
 
@@ -198,8 +222,12 @@ def get_backend(name: str) -> AttentionBackend:
     return _BACKENDS[name]
 
 
-def select_backend(q: torch.Tensor, *, need_lse: bool, has_mask: bool, name: str | None = None) -> AttentionBackend:
-    """The named backend (checked), or the fastest one that can do the job."""
+def select_backend(q: torch.Tensor, *, need_lse: bool, has_mask: bool, name: str | None = None,
+                   k_len: int | None = None, scores_max_bytes: int | None = None) -> AttentionBackend:
+    """The named backend (checked), or the fastest one that can do the job.
+
+    ``k_len``: the key length (default: the query length); with it, ``auto`` on CPU takes ``scores`` while the
+    score matrix is at most ``scores_max_bytes`` (None: ``SCORES_MAX_BYTES``), the flash kernel (or SDPA) past it."""
     if name is not None:
         backend = get_backend(name)
         if not backend.supports(q, need_lse=need_lse, has_mask=has_mask):
@@ -207,6 +235,9 @@ def select_backend(q: torch.Tensor, *, need_lse: bool, has_mask: bool, name: str
                 f"attention backend {name!r} cannot run on device={q.device.type} dtype={q.dtype} "
                 f"with need_lse={need_lse} has_mask={has_mask}")
         return backend
+    if (_BACKENDS["scores"].supports(q, need_lse=need_lse, has_mask=has_mask)
+            and scores_fit(q, k_len, scores_max_bytes)):
+        return _BACKENDS["scores"]
     order = ("flash_attn", "flash_cpu", "math") if need_lse else ("flash_attn", "sdpa")
     for candidate in order:
         backend = _BACKENDS[candidate]
@@ -232,5 +263,5 @@ def attention_block(
     """Attention of q over one block of keys, (batch, seq, heads, head_dim) layout."""
     if scale is None:
         scale = default_scale(q.shape[-1])
-    impl = select_backend(q, need_lse=return_lse, has_mask=key_mask is not None, name=backend)
+    impl = select_backend(q, need_lse=return_lse, has_mask=key_mask is not None, name=backend, k_len=k.shape[1])
     return impl(q, k, v, key_mask=key_mask, scale=scale, return_lse=return_lse)

@@ -19,7 +19,7 @@ class Attention(nn.Module):
     Like a diffusers attention processor, the layer holds its parallel state: until a strategy binds a mesh
     (:meth:`bind_mesh`, done by ``parallel.strategies.SequenceParallel.apply`` at load) it is plain local
     attention; with a bound :class:`SPMesh` the strategy (Ulysses, Ring, hybrid) follows that mesh's degrees.
-    ``backend`` pins a backend (``sdpa``, ``flash_cpu``, ``flash_attn``, ``math``); None picks the fastest that
+    ``backend`` pins a backend (``sdpa``, ``flash_cpu``, ``flash_attn``, ``math``, ``scores``); None picks the fastest that
     fits. ``sequence_parallel=False`` keeps this layer local under a mesh (for inputs that are not sequence shards,
     e.g. text-only attention): strategies do not bind it.
     """
