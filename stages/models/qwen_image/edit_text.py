@@ -112,13 +112,13 @@ class QwenImageEditTextEncoder:
 
     def _text_and_images(self, prompt: str, files: Sequence[bytes]) -> tuple[str, list[Any]]:
         if not files:
-            raise RequestError("image is required: this model's text encoder conditions on the input image(s); "
-                               "allowed: POST /v1/images/edits with 1 or more images", "image")
+            raise RequestError("image is required: this model's text encoder conditions on the input image(s), so it "
+                               "only edits; allowed: POST /v1/images/edits with an image")
         if self.plus:
             pictures = [resize(open_image(f), CONDITION_IMAGE_AREA, self.multiple) for f in files]
             return TEMPLATE.format("".join(PICTURE.format(i + 1) for i in range(len(files))) + prompt), pictures
         if len(files) != 1:
-            raise RequestError(f"image: {len(files)} images; allowed: 1 (QwenImageEditPipeline takes one)", "image")
+            raise RequestError(f"image: {len(files)} images; allowed: 1 (QwenImageEditPipeline takes one)")
         return TEMPLATE.format(VISION + prompt), [resize(open_image(files[0]), VAE_IMAGE_AREA, self.multiple)]
 
     @torch.no_grad()
@@ -142,7 +142,7 @@ class QwenImageEditTextEncoder:
                ) -> list[dict[str, torch.Tensor]]:
         """One prompt at a time (the pipelines encode each prompt with its own images, batch 1)."""
         if images is None or len(images) != len(prompts):
-            raise RequestError("image is required: this model edits images; allowed: POST /v1/images/edits", "image")
+            raise RequestError("image is required: this model only edits; allowed: POST /v1/images/edits with an image")
         return [self.encode_one(p, files) for p, files in zip(prompts, images, strict=True)]
 
     __call__ = encode
