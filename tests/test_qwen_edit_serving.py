@@ -2,8 +2,8 @@
 the official ``openai`` client, in the default layout and in ulysses 2 (the condition tokens sharded with the rest),
 cfg 2 (true CFG with a negative prompt, one branch per rank), pp 2 and hsdp_shard 2: every layout's edit equals
 diffusers' ``QwenImageEditPipeline(image=img, prompt=..., width=W, height=H, negative_prompt=...,
-true_cfg_scale=...)`` on the same checkpoint and seed (max |diff| <= 2/255; the default layout's equals it exactly
-here). Then bad inputs on the default server (400 naming the field, the server serving on) and PipeFusion refused
+true_cfg_scale=...)`` on the same checkpoint and seed (max |diff| <= 2/255).
+Then bad inputs on the default server (400 naming the field, the server serving on) and PipeFusion refused
 by name by ``check``.
 
 One request per server (true CFG: both branches run) at 48x32, 2 steps (one step is NaN in diffusers: the
