@@ -140,7 +140,9 @@ class TextEncoderEngine:
         return cls(family.load_text_encoder(Path(path), resolve_dtype(dtype), resolve_device(device), hsdp=hsdp))
 
     def batch_key(self, item: StageItem) -> Hashable:
-        return ()
+        # an encoder that sees the input images refuses an item without any: such items batch apart, so one
+        # refused request never fails an edit batched with it
+        return (bool(getattr(item.params, "images", ())),) if getattr(self.encoder, "sees_images", False) else ()
 
     def step(self, items: list[StageItem], stop: StopHook | None = None) -> list[dict[str, torch.Tensor]]:
         neg_idx = [i for i, it in enumerate(items) if uses_true_cfg(it.params)]

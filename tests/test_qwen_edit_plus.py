@@ -124,3 +124,22 @@ def test_size_auto_is_the_pipelines_default(tmp_path, model) -> None:
     if not plus:
         with pytest.raises(Exception, match="at most 1"):
             parse_edit_request({"prompt": PROMPT}, [A, B], rules)
+
+
+def test_a_request_without_images_batches_apart_and_is_refused_alone() -> None:
+    """The text encoder sees the images: an item without any (a generation) never shares an edit's batch, and its
+    batch is refused naming ``image``; the edit's batch encodes."""
+    from omni_runtime.runtime.requests import parse_request
+    from omni_runtime.stages.engine import StageItem, TextEncoderEngine
+    from omni_runtime.stages.errors import RequestError
+
+    engine = TextEncoderEngine.load(ensure_model(str(MODEL)), "float32", "cpu")
+    gen = StageItem(params=parse_request({"prompt": PROMPT}), seed=0)
+    edit_req = parse_request({"prompt": PROMPT})
+    edit_item = StageItem(params=type(edit_req)(**{**{f: getattr(edit_req, f) for f in edit_req.__struct_fields__},
+                                                   "images": (A, B)}), seed=0)
+    assert engine.batch_key(gen) != engine.batch_key(edit_item)
+    with pytest.raises(RequestError, match="image is required"):
+        engine.step([gen])
+    (out,) = engine.step([edit_item])
+    assert out["prompt_embeds"].dim() == 2 and out["prompt_embeds"].shape[0] > 2 * 4  # the vision tokens stay

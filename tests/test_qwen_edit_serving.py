@@ -1,6 +1,7 @@
 """Qwen-Image-Edit (``QwenImageEditPipeline``, configs/qwen_image_edit.toml, the tiny model) through ``serve`` with
 the official ``openai`` client, in the default layout and in ulysses 2 (the condition tokens sharded with the rest),
-cfg 2 (true CFG with a negative prompt, one branch per rank), pp 2 and hsdp_shard 2: every layout's edit equals
+cfg 2 (true CFG with a negative prompt, one branch per rank), pp 2 and hsdp_shard 2 (the denoiser and the text
+encoder, its vision tower included): every layout's edit equals
 diffusers' ``QwenImageEditPipeline(image=img, prompt=..., width=W, height=H, negative_prompt=...,
 true_cfg_scale=...)`` on the same checkpoint and seed (max |diff| <= 2/255).
 Then bad inputs on the default server (400 naming the field, the server serving on) and PipeFusion refused
@@ -36,6 +37,7 @@ SIZE = "48x32"
 FIELDS = {"seed": 5, "num_inference_steps": 2, "negative_prompt": "blurry", "true_cfg_scale": 3.0}
 CAPS = {"max_edit_images = 1": "max_edit_images = 2"}
 PARALLEL = "[stages.denoiser.parallel]\nulysses = 1\nring = 1\ncfg = 1\npp = 1\nhsdp_shard = 1"
+TEXT = "[stages.text_encoder]\nreplicas = 1\nmax_batch_size = 8\nbatch_timeout_ms = 0\n"
 
 
 def png(array: np.ndarray) -> bytes:
@@ -54,12 +56,15 @@ def _denoiser(**degrees: int) -> dict[str, str]:
     return {PARALLEL: text}
 
 
-# layout -> (config edits, what the server's log shows when the ranks really ran it)
+# layout -> (config edits, what the server's log shows when the ranks really ran it, ...)
 LAYOUTS = {
     "ulysses2": (_denoiser(ulysses=2), "sequence parallel over 2 ranks"),
     "cfg2": (_denoiser(cfg=2), "CFG parallel over 2 ranks"),
     "pp2": (_denoiser(pp=2), "pipeline stage 1/2 holds blocks"),
-    "hsdp2": (_denoiser(hsdp_shard=2), "HSDP: QwenImageTransformer sharded over [0, 1]"),
+    # the text encoder sharded too: Qwen2.5-VL's vision tower (its own HSDP unit) runs on sharded weights
+    "hsdp2": ({**_denoiser(hsdp_shard=2), TEXT: TEXT + "\n[stages.text_encoder.parallel]\nhsdp_shard = 2\n"},
+              "HSDP: QwenImageTransformer sharded over [0, 1]", "HSDP: Qwen2_5_VLForConditionalGeneration sharded "
+              "over [0, 1]"),
 }
 
 
@@ -97,11 +102,12 @@ def test_served_edit_equals_diffusers(server, reference) -> None:
 
 
 def _layout(tmp, layout: str, out: dict) -> None:
-    edits, logged = LAYOUTS[layout]
+    edits, *logged = LAYOUTS[layout]
     s = Server(tmp / layout, base_config="qwen_image_edit.toml", edits=edits)
     try:
         out[layout] = _client_edit(s)
-        assert logged in s.log_text(), (logged, s.log_text()[-3000:])
+        for line in logged:
+            assert line in s.log_text(), (line, s.log_text()[-3000:])
     finally:
         s.stop()
         assert s.shm_entries() == []
