@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,13 +52,17 @@ class EditRules:
     max_images: int = 4        # [server] max_edit_images
     max_image_bytes: int = 16 << 20
     max_image_pixels: int = 4096 * 4096
+    #: the family's ``size = auto`` rule: the input images' (width, height) -> the output's, before rounding (None:
+    #: the first image's size)
+    output_size: Callable[[Sequence[tuple[int, int]]], tuple[int, int]] | None = None
 
     @classmethod
     def from_config(cls, cfg: Any, family: Any, vae_scale_factor: int) -> EditRules:
         s = cfg.server
         return cls(model=family.pipeline_classes[0], family_images=family.image_inputs,
                    inpainting=family.inpainting, multiple=2 * vae_scale_factor, max_images=s.max_edit_images,
-                   max_image_bytes=s.max_edit_image_bytes, max_image_pixels=s.max_edit_image_pixels)
+                   max_image_bytes=s.max_edit_image_bytes, max_image_pixels=s.max_edit_image_pixels,
+                   output_size=family.edit_output_size)
 
     @property
     def images_allowed(self) -> int:
@@ -180,6 +184,6 @@ def parse_edit_request(fields: Mapping[str, Any], images: Sequence[bytes], rules
                                f"says what to change)", "mask")
     raw = {k: _form_value(k, v) for k, v in fields.items() if k not in FILE_FIELDS}
     if raw.get("size") is None or (isinstance(raw["size"], str) and raw["size"].strip() == AUTO_SIZE):
-        raw["size"] = _auto_size(*sizes[0], rules)
+        raw["size"] = _auto_size(*(rules.output_size(sizes) if rules.output_size else sizes[0]), rules)
     req = parse_request(raw, allow_unknown=allow_unknown, caps=caps)
     return GenerationRequest(**{**{f: getattr(req, f) for f in req.__struct_fields__}, "images": tuple(images)})

@@ -2,7 +2,8 @@
 
 A config whose ``model.path`` does not exist and whose directory name is one of :data:`GENERATED_NAMES`
 (``tiny-flux``, ``small-flux``, ``tiny-qwen-image``, ``small-qwen-image``, ``tiny-flux-kontext``,
-``small-flux-kontext``, ``tiny-wan``, ``small-wan``, ``tiny-wan22``: a family's embedded preset, random
+``small-flux-kontext``, ``tiny-wan``, ``small-wan``, ``tiny-wan22``, ``tiny-qwen-image-edit``,
+``tiny-qwen-image-edit-plus`` and their ``small-`` presets: a family's embedded preset, random
 weights) gets that model written there by the family's ``make_tiny``, once: the writer
 holds a lock file and builds into a temporary sibling directory that is renamed into place, so concurrent
 first uses never see a half-written model. Any other missing path is an error naming ``model.path``.
@@ -27,6 +28,10 @@ GENERATED_NAMES: dict[str, tuple[str, str]] = {
     "tiny-flux-kontext": ("FluxKontextPipeline", "tiny"), "small-flux-kontext": ("FluxKontextPipeline", "small"),
     "tiny-wan": ("WanPipeline", "tiny"), "small-wan": ("WanPipeline", "small"),
     "tiny-wan22": ("WanPipeline", "tiny22"),  # Wan 2.2's two experts (transformer_2, boundary_ratio)
+    "tiny-qwen-image-edit": ("QwenImageEditPipeline", "tiny"),
+    "small-qwen-image-edit": ("QwenImageEditPipeline", "small"),
+    "tiny-qwen-image-edit-plus": ("QwenImageEditPlusPipeline", "tiny"),
+    "small-qwen-image-edit-plus": ("QwenImageEditPlusPipeline", "small"),
 }
 
 

@@ -426,7 +426,10 @@ class Orchestrator:
         left: set[str] = set()
         try:
             for i, (stage, task) in enumerate(path):
-                work = Work(req_id=rid, index=index, seed=req.seed + index, params=req if task else
+                # the image files ride to the encode hop and to the text encoder (whose embeddings may see them:
+                # Qwen-Image-Edit's); the other hops get the request without them
+                carry = task or stage == "text_encoder"
+                work = Work(req_id=rid, index=index, seed=req.seed + index, params=req if carry else
                             req.without_images(), inputs=handle, deadline=deadline, task=task)
                 try:
                     res = await self._hop(stage, work)

@@ -51,7 +51,7 @@ from omni_runtime.stages.latents import (
     unpack_video_latents,
 )
 from omni_runtime.stages.lora import LoraBank, LoraSpec
-from omni_runtime.stages.models.family import CONDITION_KEY, ModelFamily, family_of
+from omni_runtime.stages.models.family import CONDITION_KEY, ModelFamily, condition_keys, family_of
 from omni_runtime.stages.schedule import FlowMatchSchedule
 from omni_runtime.stages.step_batch import RunningSet
 from omni_runtime.stages.weights import component_dir, read_config
@@ -366,9 +366,8 @@ class DenoiserStage:
 
     @staticmethod
     def condition_key(req: DenoiseRequest) -> tuple:
-        """The shape of the encoded input image (rows with equal ones have equal condition ids); () without."""
-        z = req.embeds.get(CONDITION_KEY)
-        return tuple(z.shape) if z is not None else ()
+        """The shapes of the encoded input images (rows with equal ones have equal condition ids); () without."""
+        return tuple(tuple(req.embeds[k].shape) for k in condition_keys(req.embeds))
 
     def check_frames(self, num_frames: int) -> None:
         """Raise :class:`RequestError` naming ``num_frames`` unless this model makes that many frames."""

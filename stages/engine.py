@@ -30,7 +30,7 @@ from omni_runtime.stages.denoiser import NEGATIVE, DenoiseRequest, DenoiserStage
 from omni_runtime.stages.device import resolve_device, resolve_dtype
 from omni_runtime.stages.errors import RequestError
 from omni_runtime.stages.lora import LoraSpec
-from omni_runtime.stages.models.family import CONDITION_KEY, TextEncoder, family_of
+from omni_runtime.stages.models.family import TextEncoder, condition_key_name, family_of
 from omni_runtime.stages.step_batch import RunningSet, preview_steps
 from omni_runtime.stages.vae import VaeDecoderStage
 
@@ -140,12 +140,18 @@ class TextEncoderEngine:
         return cls(family.load_text_encoder(Path(path), resolve_dtype(dtype), resolve_device(device), hsdp=hsdp))
 
     def batch_key(self, item: StageItem) -> Hashable:
-        return ()
+        # an encoder that sees the input images refuses an item without any: such items batch apart, so one
+        # refused request never fails an edit batched with it
+        return (bool(getattr(item.params, "images", ())),) if getattr(self.encoder, "sees_images", False) else ()
 
     def step(self, items: list[StageItem], stop: StopHook | None = None) -> list[dict[str, torch.Tensor]]:
         neg_idx = [i for i, it in enumerate(items) if uses_true_cfg(it.params)]
         prompts = [it.params.prompt for it in items] + [items[i].params.negative_prompt for i in neg_idx]
-        enc = self.encoder.encode(prompts)
+        if getattr(self.encoder, "sees_images", False):  # its embeddings see each prompt's input images
+            images = [getattr(it.params, "images", ()) for it in items]
+            enc = self.encoder.encode(prompts, images=images + [images[i] for i in neg_idx])
+        else:
+            enc = self.encoder.encode(prompts)
         outs = [dict(enc[i]) for i in range(len(items))]
         for j, i in enumerate(neg_idx):
             outs[i].update({NEGATIVE + k: v for k, v in enc[len(items) + j].items()})
@@ -281,11 +287,12 @@ class VaeEngine:
     def encode(self, item: StageItem) -> dict[str, torch.Tensor]:
         """An ``encode`` item's output: the text encoder's tensors and the encoded input image."""
         images = getattr(item.params, "images", ())
-        if len(images) != 1:
-            raise RequestError(f"the encode of an edit takes one input image; this item has {len(images)}")
+        if not images:
+            raise RequestError("the encode of an edit takes its input images; this item has none")
         # the inputs are views of the previous stage's output, released before this output is published: copies
         out = {k: v.clone() for k, v in (item.inputs or {}).items()}
-        out[CONDITION_KEY] = self.stage.encode_image(images[0])
+        for i, data in enumerate(images):  # one at a time, as the edit pipelines encode them
+            out[condition_key_name(i)] = self.stage.encode_image(data)
         return out
 
 

@@ -266,6 +266,8 @@ class RunningSet:
         first = members[0].req  # the text positions of the rows (a family with mixed sizes has size-free ones)
         shared = {"txt_ids": st.family.text_ids(row_args["encoder_hidden_states"].shape[1], first.height, first.width,
                                                 st.vae_scale_factor, st.device, st.dtype)}
+        if members[0].cond_ids is not None:  # one join group: equal condition shapes, equal condition ids
+            shared["txt_ids"] = st.family.condition_text_ids(shared["txt_ids"], members[0].cond_ids)
         if len({r.grid for r in members}) == 1:  # one size: ids shared by every row
             row_args["hidden_states"] = torch.cat([r.hidden() for r, _ in rows])
             shared["img_ids"] = members[0].ids()

@@ -62,12 +62,11 @@ def _pipeline_dir(tmp_path: Path, class_name: str | None, **entries: object) -> 
 @pytest.mark.parametrize(("class_name", "entries", "match"), [
     ("WanImageToVideoPipeline", {"boundary_ratio": None, "transformer": ["diffusers", "WanTransformer3DModel"]},
      r"_class_name = 'WanImageToVideoPipeline' is an image-to-video model .*not served yet; supported pipeline "
-     r"classes: FluxKontextPipeline, FluxPipeline, QwenImagePipeline, WanPipeline"),
-    ("QwenImageEditPipeline", {"transformer": ["diffusers", "QwenImageTransformer2DModel"]},
-     r"_class_name = 'QwenImageEditPipeline' is an image-edit model .*not served yet .*; supported pipeline classes: "
-     r"FluxKontextPipeline, FluxPipeline, QwenImagePipeline, WanPipeline"),
+     r"classes: FluxKontextPipeline, FluxPipeline, QwenImageEditPipeline, QwenImageEditPlusPipeline, QwenImagePipeline, "
+     r"WanPipeline"),
     ("StableDiffusionPipeline", {}, r"_class_name = 'StableDiffusionPipeline' is not a supported pipeline class; "
-                                    r"supported: FluxKontextPipeline, FluxPipeline, QwenImagePipeline, WanPipeline"),
+                                    r"supported: FluxKontextPipeline, FluxPipeline, QwenImageEditPipeline, "
+                                    r"QwenImageEditPlusPipeline, QwenImagePipeline, WanPipeline"),
     (None, {}, r"_class_name = None is not a supported pipeline class"),
 ])
 def test_unserved_pipelines_are_refused_by_name(tmp_path, capsys, class_name, entries, match) -> None:

@@ -1,15 +1,20 @@
-"""Image-edit benchmark: ``POST /v1/images/edits`` through ``serve`` against diffusers' ``FluxKontextPipeline`` called
-in-process, same checkpoint (the embedded ``small`` FLUX.1-Kontext preset), same machine, same run.
+"""Image-edit benchmark: ``POST /v1/images/edits`` through ``serve`` against diffusers' ``FluxKontextPipeline`` (or,
+``--family qwen-image-edit``, ``QwenImageEditPipeline``) called in-process, same checkpoint (the embedded ``small``
+preset), same machine, same run.
 
 (a) latency of one edit through serve (HTTP multipart + text encoder, VAE encode, denoiser, VAE decode stages) vs
-    one pipeline call (``image=..., _auto_resize=False, max_area=W*H``, what the served result equals);
+    one pipeline call (Kontext: ``image=..., _auto_resize=False, max_area=W*H``; Qwen-Image-Edit: ``image=...,
+    width=W, height=H``: what the served result equals; its input image is encoded at about 1024x1024 whatever the
+    output size);
 (b) throughput with ``--clients`` concurrent clients vs diffusers editing one image at a time.
 
 Phases alternate (diffusers, serve, diffusers, ...) with a pause before each, and the table reports the median of the
 per-pair ratios, so a noisy neighbour hits both sides alike.
 
-Usage: ``python tools/bench_edits.py [--preset small] [--size 256x256] [--steps 8] [--repeats 5] [--rounds 2]
-[--clients 4]``. The recorded run (docs/BENCHMARKS.md) is ``--size 128x128 --steps 4 --repeats 3 --rounds 1``.
+Usage: ``python tools/bench_edits.py [--family flux-kontext|qwen-image-edit] [--preset small] [--size 256x256]
+[--steps 8] [--repeats 5] [--rounds 2] [--clients 4]``. The recorded runs (docs/BENCHMARKS.md) are ``--size 128x128
+--steps 4 --repeats 3 --rounds 1`` (Kontext) and ``--family qwen-image-edit --preset tiny --size 64x64 --steps 4
+--repeats 3 --rounds 0``.
 Prints a table; ratios matter, absolute times depend on the machine.
 """
 
@@ -31,6 +36,26 @@ logger = logging.getLogger(__name__)
 
 PAUSE_S = 1.0
 PROMPT = "make the sky purple"
+#: --family -> (its config, the diffusers pipeline the served edits equal)
+FAMILIES = {"flux-kontext": ("flux_kontext.toml", "FluxKontextPipeline"),
+            "qwen-image-edit": ("qwen_image_edit.toml", "QwenImageEditPipeline")}
+
+
+def _pipeline(model: Path):
+    """The diffusers pipeline of ``model`` (Qwen-Image-Edit's with its processor as tests/qwen_edit_refs.py
+    assembles it: ``Qwen2VLProcessor.from_pretrained`` needs torchvision)."""
+    import torch
+
+    if (model / "processor").is_dir():
+        sys.path.insert(0, str(ROOT / "tests"))
+        from qwen_edit_refs import pipeline
+
+        return pipeline(model)
+    from diffusers import FluxKontextPipeline
+
+    pipe = FluxKontextPipeline.from_pretrained(str(model), dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def _input_png(width: int, height: int) -> bytes:
@@ -44,6 +69,7 @@ def _input_png(width: int, height: int) -> bytes:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--family", default="flux-kontext", choices=sorted(FAMILIES))
     p.add_argument("--preset", default="small", choices=["tiny", "small"])
     p.add_argument("--size", default="256x256")
     p.add_argument("--steps", type=int, default=8)
@@ -53,24 +79,24 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     import torch
-    from diffusers import FluxKontextPipeline
     from PIL import Image
 
     width, height = (int(v) for v in args.size.split("x"))
-    model = ensure_model(args.preset, "flux-kontext")
+    config, pipeline_name = FAMILIES[args.family]
+    model = ensure_model(args.preset, args.family)
     image = _input_png(width, height)
-    pipe = FluxKontextPipeline.from_pretrained(str(model), dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = _pipeline(model)
+    kontext = args.family == "flux-kontext"
+    extra = {"max_area": width * height, "_auto_resize": False} if kontext else {}
 
     def diffusers_edit(seed: int) -> float:
         t0 = time.perf_counter()
         pipe(image=Image.open(io.BytesIO(image)).convert("RGB"), prompt=PROMPT, height=height, width=width,
-             max_area=width * height, _auto_resize=False, num_inference_steps=args.steps,
-             generator=torch.Generator("cpu").manual_seed(seed))
+             num_inference_steps=args.steps, generator=torch.Generator("cpu").manual_seed(seed), **extra)
         return time.perf_counter() - t0
 
-    text = (ROOT / "configs" / "flux_kontext.toml").read_text().replace('path = "../models/tiny-flux-kontext"',
-                                                                          f'path = "{model}"')
+    text = (ROOT / "configs" / config).read_text().replace(f'path = "../models/tiny-{args.family}"',
+                                                           f'path = "{model}"')
     server = ServeProcess(text, name="bench-edits")
     try:
         def serve_edit(seed: int) -> float:
@@ -89,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(PAUSE_S)
             pairs.append((d, serve_edit(i)))
         total = 2 * args.clients
-        through = []
+        through: list[tuple[float, float]] = []
         for r in range(args.rounds):
             time.sleep(PAUSE_S)
             t0 = time.perf_counter()
@@ -105,10 +131,12 @@ def main(argv: list[str] | None = None) -> int:
         server.stop()
     d_med, s_med = statistics.median(d for d, _ in pairs), statistics.median(s for _, s in pairs)
     ratio = statistics.median(s / d for d, s in pairs)
-    print(f"\n{args.preset}-flux-kontext, {args.size} (input {args.size}), {args.steps} steps, float32 CPU")
-    print("| measure | diffusers FluxKontextPipeline | serve /v1/images/edits | serve / diffusers |")
+    print(f"\n{args.preset}-{args.family}, {args.size} (input {args.size}), {args.steps} steps, float32 CPU")
+    print(f"| measure | diffusers {pipeline_name} | serve /v1/images/edits | serve / diffusers |")
     print("|---|---|---|---|")
     print(f"| latency of one edit (median of {args.repeats} pairs) | {d_med:.2f} s | {s_med:.2f} s | {ratio:.2f}x |")
+    if not through:
+        return 0
     t_ratio = statistics.median(s / d for d, s in through)
     print(f"| throughput, {args.clients} clients vs one at a time ({args.rounds} rounds of {total} edits) | "
           f"{statistics.median(d for d, _ in through):.3f} img/s | {statistics.median(s for _, s in through):.3f} "

@@ -1,11 +1,13 @@
 """Write a complete tiny diffusers-format model: the CLI over ``omni_runtime.stages.models.flux.tiny`` (FLUX.1) and
 ``omni_runtime.stages.models.qwen_image.tiny`` (Qwen-Image).
 
-Usage: ``python tools/make_tiny_model.py OUT_DIR [--family flux|qwen_image|flux_kontext|wan] [--preset tiny|small] [--seed N]
+Usage: ``python tools/make_tiny_model.py OUT_DIR [--family flux|qwen_image|flux_kontext|wan|qwen_image_edit|qwen_image_edit_plus] [--preset tiny|small] [--seed N]
 [--moe-experts N --moe-top-k K]``.
 
 ``--family`` picks the model family (default ``flux``, a ``FluxPipeline`` directory; ``qwen_image`` writes a
-``QwenImagePipeline`` one; ``flux_kontext`` the flux weights as a ``FluxKontextPipeline``, the image-edit model). ``--moe-experts`` (flux only) makes the single-stream blocks' MLP a mixture of experts
+``QwenImagePipeline`` one; ``flux_kontext`` the flux weights as a ``FluxKontextPipeline``, the image-edit model;
+``qwen_image_edit`` / ``qwen_image_edit_plus`` a ``QwenImageEditPipeline`` / ``QwenImageEditPlusPipeline``: the
+qwen_image weights with a ``processor/`` and the gains documented in ``stages/models/qwen_image/edit_tiny.py``). ``--moe-experts`` (flux only) makes the single-stream blocks' MLP a mixture of experts
 (our loader reads it; diffusers cannot).
 """
 
@@ -22,7 +24,10 @@ from omni_runtime.stages.models.qwen_image.tiny import PRESETS as QWEN_IMAGE_PRE
 from omni_runtime.stages.models.qwen_image.tiny import make_tiny_qwen_image
 from omni_runtime.stages.models.wan.tiny import make_tiny_wan
 
-FAMILIES = ("flux", "qwen_image", "flux_kontext", "wan")
+FAMILIES = ("flux", "qwen_image", "flux_kontext", "wan", "qwen_image_edit", "qwen_image_edit_plus")
+#: --family -> the pipeline class whose family's ``make_tiny`` writes it (the families not made by a function below)
+BY_CLASS = {"flux_kontext": "FluxKontextPipeline", "qwen_image_edit": "QwenImageEditPipeline",
+            "qwen_image_edit_plus": "QwenImageEditPlusPipeline"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,8 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.family == "qwen_image":
             out = make_tiny_qwen_image(args.out_dir, preset=args.preset, seed=args.seed)
-        elif args.family == "flux_kontext":
-            out = family_for_class("FluxKontextPipeline").make_tiny(Path(args.out_dir), args.preset, args.seed)
+        elif args.family in BY_CLASS:
+            out = family_for_class(BY_CLASS[args.family]).make_tiny(Path(args.out_dir), args.preset, args.seed)
         elif args.family == "wan":
             out = make_tiny_wan(args.out_dir, preset=args.preset, seed=args.seed)
         else:

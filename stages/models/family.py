@@ -51,14 +51,12 @@ REGISTRY: dict[str, str] = {
     "QwenImagePipeline": "omni_runtime.stages.models.qwen_image.family",
     "FluxKontextPipeline": "omni_runtime.stages.models.flux.kontext",
     "WanPipeline": "omni_runtime.stages.models.wan.family",
+    "QwenImageEditPipeline": "omni_runtime.stages.models.qwen_image.edit",
+    "QwenImageEditPlusPipeline": "omni_runtime.stages.models.qwen_image.edit_plus",
 }
 
 #: pipeline classes whose directories look like a served family's but need what is not served yet: the reason
 NOT_SERVED: dict[str, str] = {
-    "QwenImageEditPipeline": "an image-edit model (it conditions on an input image through Qwen2.5-VL's vision "
-                             "tower); it is not served yet (FluxKontextPipeline is)",
-    "QwenImageEditPlusPipeline": "an image-edit model (several input images); it is not served yet "
-                                 "(FluxKontextPipeline is)",
     "WanImageToVideoPipeline": "an image-to-video model (it conditions on an input image); image-to-video is not "
                                "served yet",
 }
@@ -238,6 +236,16 @@ class ModelFamily:
 
     # --- image edits: the condition tokens -----------------------------------------------------------------------
 
+    def edit_output_size(self, sizes: Sequence[tuple[int, int]]) -> tuple[int, int]:
+        """The output size (width, height) of an edit with ``size = auto``, from its input images' sizes (before the
+        edge rounds it to the model's multiple): the first image's by default."""
+        return sizes[0]
+
+    def condition_text_ids(self, text_ids: torch.Tensor, condition_ids: torch.Tensor) -> torch.Tensor:
+        """The text tokens' position ids of a row with condition tokens at ``condition_ids``: ``text_ids`` as they
+        are by default (a family whose text positions follow every image's size moves them)."""
+        return text_ids
+
     def edit_image_size(self, width: int, height: int, multiple: int) -> tuple[int, int]:
         """The size an input image of ``width x height`` is resized to before the VAE encodes it (``multiple``: 2 x
         the VAE's scale factor)."""
@@ -276,8 +284,23 @@ class ModelFamily:
         return lines
 
 
-#: the key of the encoded input image among a request's tensors (the VAE's encode adds it; ``condition`` reads it)
+#: the key of the encoded input image among a request's tensors (the VAE's encode adds it; ``condition`` reads it);
+#: input image i > 0 of an edit with several is ``CONDITION_KEY_i`` (:func:`condition_key_name`)
 CONDITION_KEY = "image_latents"
+
+
+def condition_key_name(index: int) -> str:
+    """The tensor key of an edit's encoded input image ``index``."""
+    return CONDITION_KEY if index == 0 else f"{CONDITION_KEY}_{index}"
+
+
+def condition_keys(tensors: Mapping[str, Any]) -> list[str]:
+    """The encoded input images' keys present in ``tensors``, in input order."""
+    keys = []
+    while condition_key_name(len(keys)) in tensors:
+        keys.append(condition_key_name(len(keys)))
+    return keys
+
 
 #: the parallel modes a family may support (config keys of ``[stages.*.parallel]`` and denoiser options)
 PARALLEL_MODES = ("ulysses", "ring", "cfg", "pp", "pipefusion", "hsdp_shard", "ep", "vae_patch", "mixed_sizes")

@@ -76,6 +76,15 @@ class AutoencoderKLQwenImageKind(VaeKind):
     def from_decoder(self, decoded: torch.Tensor) -> torch.Tensor:
         return decoded[:, :, 0]
 
+    def encode(self, vae: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+        """The latent distribution's mode of the one-frame video, normalised ``(z - mean) / std`` as
+        ``QwenImageEditPipeline._encode_vae_image`` does (image edits)."""
+        z = vae.encode(pixels[:, :, None]).latent_dist.mode()
+        c = vae.config.z_dim
+        mean = torch.tensor(vae.config.latents_mean).view(1, c, 1, 1, 1).to(z.device, z.dtype)
+        std = torch.tensor(vae.config.latents_std).view(1, c, 1, 1, 1).to(z.device, z.dtype)
+        return ((z - mean) / std)[:, :, 0]
+
 
 class QwenImageFamily(ModelFamily):
     name = "qwen_image"

@@ -94,15 +94,15 @@ _TEMPLATE_WORDS = (
 _PROMPT_WORDS = (" a", " photo", " cat", " dog", " red", " in", " on", " with")
 
 
-def _qwen2_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """The tiny byte-level BPE: every byte, then the merges (and their tokens) that build each whole word from
-    its first byte left to right, then the special tokens. Returns ``(vocab, merges)``."""
+def _qwen2_vocab(extra_words: tuple[str, ...] = ()) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """The tiny byte-level BPE: every byte, then the merges (and their tokens) that build each whole word (and each
+    of ``extra_words``) from its first byte left to right, then the special tokens. Returns ``(vocab, merges)``."""
     byte_chars = bytes_to_unicode()
     vocab: dict[str, int] = {}
     for ch in byte_chars.values():
         vocab[ch] = len(vocab)
     merges: list[tuple[str, str]] = []
-    for word in (*_TEMPLATE_WORDS, *_PROMPT_WORDS):
+    for word in (*extra_words, *_TEMPLATE_WORDS, *_PROMPT_WORDS):  # extra first: their merges rank first
         symbols = [byte_chars[b] for b in word.encode("utf-8")]
         built = symbols[0]
         for nxt in symbols[1:]:
@@ -116,11 +116,11 @@ def _qwen2_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
     return vocab, merges
 
 
-def _tokenizer():
+def _tokenizer(extra_words: tuple[str, ...] = ()):
     """A ``Qwen2Tokenizer`` over :func:`_qwen2_vocab` with Qwen2's special tokens (``<|endoftext|>`` also pads)."""
     from transformers import AddedToken, Qwen2Tokenizer
 
-    vocab, merges = _qwen2_vocab()
+    vocab, merges = _qwen2_vocab(extra_words)
     tok = Qwen2Tokenizer(vocab=dict(vocab), merges=list(merges), unk_token=None, eos_token=ENDOFTEXT,
                          pad_token=ENDOFTEXT, model_max_length=TOKENIZER_MAX_LENGTH, clean_up_tokenization_spaces=False)
     tok.add_special_tokens({"additional_special_tokens": [
@@ -212,11 +212,13 @@ def _name_tokenizer(model_index: Path) -> None:
     model_index.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
-def make_tiny_qwen_image(path: str | Path, preset: str = "tiny", seed: int = 0) -> Path:
+def make_tiny_qwen_image(path: str | Path, preset: str = "tiny", seed: int = 0,
+                         extra_words: tuple[str, ...] = ()) -> Path:
     """Write a Qwen-Image diffusers model directory at ``path`` and return it.
 
     Weights are a function of ``(preset, seed)`` only; the caller's global RNG state is left as it was.
-    ``preset`` is one of ``PRESETS`` (``tiny``, ``small``).
+    ``preset`` is one of ``PRESETS`` (``tiny``, ``small``); ``extra_words`` are more whole-word tokens (the edit
+    pipelines' template, ``qwen_image/edit_tiny.py``).
     """
     if preset not in PRESETS:
         raise ValueError(f"preset={preset!r} is not known for qwen_image; allowed: {sorted(PRESETS)}")
@@ -225,7 +227,7 @@ def make_tiny_qwen_image(path: str | Path, preset: str = "tiny", seed: int = 0) 
     p = PRESETS[preset]
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    tok, vocab, merges = _tokenizer()
+    tok, vocab, merges = _tokenizer(extra_words)
     with torch.random.fork_rng(devices=[]):  # the caller's global RNG state is left as it was
         torch.manual_seed(seed)
         transformer = _transformer(p)
