@@ -51,7 +51,7 @@ logger = logging.getLogger(__name__)
 class _Diffusers:
     """The family's diffusers pipeline in this process: the baseline every serve phase is paired with."""
 
-    def __init__(self, path: Path, body: dict) -> None:
+    def __init__(self, path: Path, body: dict, compiled: bool = False) -> None:
         import torch
         from diffusers import DiffusionPipeline
 
@@ -63,6 +63,8 @@ class _Diffusers:
         if "true_cfg_scale" in inspect.signature(self.pipe.__call__).parameters:
             self.guidance["true_cfg_scale"] = 1.0
         self.pipe.set_progress_bar_config(disable=True)
+        if compiled:  # --baseline compiled: the one line a diffusers user adds (timed by hooks around it)
+            self.pipe.transformer = torch.compile(self.pipe.transformer)
         self.body = body
         self.w, self.h = (int(x) for x in body["size"].split("x"))
         self.transformer_s = 0.0  # time inside the transformer's forward calls, summed (table (e))
@@ -105,13 +107,19 @@ class _Diffusers:
 
 class _Server(ServeProcess):
     def __init__(self, model: Path, max_batch: int, env: dict[str, str] | None = None, cpu_sharing: str = "",
-                 cpu_linear: str = "") -> None:
+                 cpu_linear: str = "", compile_size: str = "") -> None:
         def edit(text: str) -> str:  # [placement] cpu_sharing (runtime/cores.py), [stages.denoiser] cpu_linear
             if cpu_linear:  # (stages/cpu_linear.py); "": the config's
                 text = text.replace("[stages.denoiser]\n", f'[stages.denoiser]\ncpu_linear = "{cpu_linear}"\n', 1)
+            if compile_size:  # [stages.denoiser] compile (stages/compile.py), warmed up at the benchmark's size
+                text = text.replace("[stages.denoiser]\n", f'[stages.denoiser]\ncompile = true\n'
+                                    f'compile_warmup = ["{compile_size}"]\n', 1)
             return text + f'\n[placement]\ncpu_sharing = "{cpu_sharing}"\n' if cpu_sharing else text
 
-        super().__init__(config_text(model, max_batch, edit), name="bench", env=env, post_timeout_s=600)
+        t0 = time.perf_counter()
+        super().__init__(config_text(model, max_batch, edit), name="bench", env=env, post_timeout_s=600,
+                         timeout_s=3600 if compile_size else 300)
+        self.start_s = time.perf_counter() - t0  # to healthy: with compile, the warm-up's graphs included
 
     def metrics(self) -> dict[tuple[str, str], float]:
         out = {}
@@ -193,6 +201,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpu-linear", default="", choices=["", "onednn", "torch"],
                    help="the server's [stages.denoiser] cpu_linear (default: the config's, onednn); 'torch' runs "
                         "the same linear kernel as diffusers, to see the serving overhead alone")
+    p.add_argument("--baseline", default="eager", choices=["eager", "compiled"],
+                   help="diffusers as loaded, or with pipe.transformer = torch.compile(pipe.transformer) (its "
+                        "compile in the excluded warm-up call)")
+    p.add_argument("--compile", action="store_true",
+                   help="the server's [stages.denoiser] compile = true, warmed up at --size before it is healthy")
     args = p.parse_args(argv)
     bad = [kv for kv in args.server_env if "=" not in kv]
     if bad:
@@ -202,11 +215,14 @@ def main(argv: list[str] | None = None) -> int:
     body = {"prompt": "a photo of a red fox in the snow", "size": args.size, "num_inference_steps": args.steps,
             "seed": 0}
     model = ensure_model(args.preset, args.family)
-    base = _Diffusers(model, body)
+    base = _Diffusers(model, body, compiled=args.baseline == "compiled")
     server = _Server(model, max_batch=args.max_batch, env=dict(kv.split("=", 1) for kv in args.server_env),
-                     cpu_sharing=args.cpu_sharing, cpu_linear=args.cpu_linear)
+                     cpu_sharing=args.cpu_sharing, cpu_linear=args.cpu_linear,
+                     compile_size=args.size if args.compile else "")
     try:
-        base.once(0)  # warm-up both
+        t0 = time.perf_counter()
+        base.once(0)  # warm-up both (excluded; with --baseline compiled diffusers' compile)
+        base_cold = time.perf_counter() - t0
         server.post(body)
         m0, c0 = server.metrics(), server.cpu()
         # Phases alternate (diffusers, serve, diffusers, serve, ...) so that a noisy neighbour hits both alike;
@@ -248,6 +264,9 @@ def main(argv: list[str] | None = None) -> int:
                          " ".join(f"{r:.3f}" for r in tr)))
         print(f"\nbench_serving: {args.preset}-{args.family} ({type(base.pipe).__name__}), {args.size}, {args.steps} steps, {os.cpu_count()} CPUs, "
               f"{repeats} latency pairs, {rounds} throughput round(s), phases alternating")
+        print(f"baseline: diffusers {args.baseline} (first call {base_cold:.1f} s); serve: compile = "
+              f"{str(args.compile).lower()}, cpu_linear = {args.cpu_linear or 'onednn'} (start to healthy "
+              f"{server.start_s:.1f} s)")
         print(f"{'measure':32} {'diffusers':>14} {'omni serve':>14} {'median ratio':>14}  per-pair ratios")
         for r in rows:
             print(f"{r[0]:32} {r[1]:>14} {r[2]:>14} {r[3]:>14}  {r[4]}")
