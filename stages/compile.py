@@ -74,7 +74,10 @@ class CompileLog:
             self._excused.__exit__(None, None, None)
             self._excused = None
 
-        self.graphs = int(counters["stats"]["unique_graphs"])
+        graphs = int(counters["stats"]["unique_graphs"])
+        if graphs == self.graphs:  # a frame dynamo skipped or ran eager (the attention under SP): no new graph
+            return
+        self.graphs = graphs
         logger.info("denoiser compile: graph %d compiled in %.1f s (recompile limit %d per block class)",
                     self.graphs, time.monotonic() - self._t0, RECOMPILE_LIMIT)
 

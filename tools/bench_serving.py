@@ -21,8 +21,11 @@ before each, and reports the median of the per-pair ratios, so a noisy neighbour
 alike. Requests go through a keep-alive client per client thread (``tools/serve_process.py``).
 
 Usage: ``python tools/bench_serving.py [--family flux|qwen-image] [--preset small] [--size 256x256] [--steps 8] [--repeats 9] [--rounds 3]
-[--quick] [--cpu-linear torch]``. The recorded run (docs/BENCHMARKS.md) is the plain command with its defaults;
-``--cpu-linear torch`` gives the server torch's own linear kernel, diffusers' (the serving overhead alone).
+[--quick] [--cpu-linear torch] [--baseline compiled] [--compile]``. The recorded run (docs/BENCHMARKS.md) is the plain
+command with its defaults; ``--cpu-linear torch`` gives the server torch's own linear kernel, diffusers' (the serving
+overhead alone). ``--baseline compiled``: diffusers with ``pipe.transformer = torch.compile(pipe.transformer)`` (its
+compile in the excluded warm-up call); ``--compile``: the server with ``[stages.denoiser] compile = true``, warmed up at
+``--size`` before it is healthy (the start-to-healthy time is printed: the cold start).
 ``python tools/bench_serving.py arrivals --help``: Poisson arrivals, step-level vs request-level denoiser scheduling
 (tools/bench_arrivals.py). ``python tools/bench_serving.py video --help``: /v1/videos of a Wan model against diffusers'
 WanPipeline and sequence-parallel scaling (tools/bench_video.py).
