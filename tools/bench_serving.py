@@ -207,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--baseline", default="eager", choices=["eager", "compiled"],
                    help="diffusers as loaded, or with pipe.transformer = torch.compile(pipe.transformer) (its "
                         "compile in the excluded warm-up call)")
+    p.add_argument("--clients", default="1,4,16", help="the throughput phases' client counts, comma-separated")
     p.add_argument("--compile", action="store_true",
                    help="the server's [stages.denoiser] compile = true, warmed up at --size before it is healthy")
     args = p.parse_args(argv)
@@ -227,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
         base.once(0)  # warm-up both (excluded; with --baseline compiled diffusers' compile)
         base_cold = time.perf_counter() - t0
         server.post(body)
+        print(f"partial: diffusers {args.baseline} first call {base_cold:.1f} s, serve start to healthy "
+              f"{server.start_s:.1f} s", flush=True)
         m0, c0 = server.metrics(), server.cpu()
         # Phases alternate (diffusers, serve, diffusers, serve, ...) so that a noisy neighbour hits both alike;
         # each pair gives one ratio and the table reports the median of the per-pair ratios.
@@ -249,8 +252,9 @@ def main(argv: list[str] | None = None) -> int:
         rows = [("(a) latency, 1 request", f"{statistics.median(base_lats) * 1000:.0f} ms",
                  f"{statistics.median(lats) * 1000:.0f} ms", f"{statistics.median(ratios):.3f}x time",
                  " ".join(f"{r:.3f}" for r in ratios))]
+        print("partial:", rows[-1], flush=True)  # each row as it is measured: a long run killed keeps its rows
         loads: dict[int, list[dict]] = {}
-        for clients in (1, 4, 16):
+        for clients in (int(c) for c in args.clients.split(",")):
             total = _requests(clients, args.quick)
             pairs = []
             for _ in range(rounds):
@@ -265,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append((f"(b) throughput, {clients} clients", f"{statistics.median(b for b, _ in pairs):.2f} img/s",
                          f"{statistics.median(t for _, t in pairs):.2f} img/s", f"{statistics.median(tr):.3f}x",
                          " ".join(f"{r:.3f}" for r in tr)))
+            print("partial:", rows[-1], flush=True)
         print(f"\nbench_serving: {args.preset}-{args.family} ({type(base.pipe).__name__}), {args.size}, {args.steps} steps, {os.cpu_count()} CPUs, "
               f"{repeats} latency pairs, {rounds} throughput round(s), phases alternating")
         print(f"baseline: diffusers {args.baseline} (first call {base_cold:.1f} s); serve: compile = "
