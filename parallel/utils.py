@@ -55,7 +55,10 @@ def cat_views(tensors: Sequence[torch.Tensor], dim: int) -> torch.Tensor:
     """``torch.cat(tensors, dim)``, but a view without a copy when the parts are neighbouring slices of one tensor
     along ``dim`` (e.g. ``[x[:, :t], x[:, t:]]``): the model splits text and image tokens for sequence parallelism
     and joins them again, which without sharding would copy the same bytes back into place. The result may share
-    memory with the inputs: read it, do not write into it."""
+    memory with the inputs: read it, do not write into it. Under ``torch.compile`` a plain ``torch.cat`` (the
+    compiler plans the buffers itself; storage pointers cannot be traced)."""
+    if torch.compiler.is_compiling():
+        return torch.cat(list(tensors), dim=dim)
     parts = [t for t in tensors if t.shape[dim] != 0] or list(tensors[:1])
     if not parts:
         raise ValueError("cat_views needs at least one tensor")

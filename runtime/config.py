@@ -26,6 +26,7 @@ from omni_runtime.parallel.parallel_spec import (
     model_degrees_text,
 )
 from omni_runtime.stages.cache_config import CACHE_FIELDS, CacheConfig, allowed_text, parse_cache
+from omni_runtime.stages.compile import PIPEFUSION, REFUSED_LAYOUTS
 from omni_runtime.stages.cpu_linear import CPU_LINEAR
 
 if sys.version_info >= (3, 11):
@@ -166,6 +167,9 @@ class DenoiserStageConfig(StageConfig, kw_only=True):
     max_padding_waste: float = 0.25
     # the kernel of the transformer's linear layers on CPU in float32 (stages/cpu_linear.py): "onednn" or "torch"
     cpu_linear: str = "onednn"
+    # torch.compile of the transformer's blocks (stages/compile.py); the warm-up sizes ("WxH") run at start
+    compile: bool = False
+    compile_warmup: list[str] = msgspec.field(default_factory=lambda: ["1024x1024"])
     # the cache acceleration of requests without a ``cache`` field (off by default)
     cache: DenoiserCacheConfig = msgspec.field(default_factory=DenoiserCacheConfig)
 
@@ -264,7 +268,7 @@ _SCHEMA: dict[str, Any] = {
         "text_encoder": {**_STAGE_KEYS, "parallel": dict.fromkeys(TEXT_ENCODER_PARALLEL_KEYS, _INT)},
         "denoiser": {**_PIXEL_STAGE_KEYS, "scheduling": _STR, "batch_invariant": _BOOL,
                      "priority_aging_s": _FLOAT, "mixed_sizes": _BOOL, "cpu_linear": _STR,
-                     "max_padding_waste": _FLOAT,
+                     "max_padding_waste": _FLOAT, "compile": _BOOL, "compile_warmup": _STRS,
                      "cache": {"method": _STR, "threshold": _FLOAT, "fn": _INT, "bn": _INT, "warmup_steps": _INT,
                                "max_cached_steps": _INT},
                      "parallel": {**dict.fromkeys(DENOISER_PARALLEL_KEYS, _INT),
@@ -546,6 +550,7 @@ def _check_denoiser(cfg: RuntimeConfig) -> None:
                               f"{den.scheduling!r}: mixed sizes share a forward only under step-level scheduling; "
                               f"allowed: scheduling = 'step' or mixed_sizes = false")
     _check_cache(den)
+    _check_compile(den)
     par = cfg.stages.denoiser.parallel
     rows = DENOISER_MAX_BRANCHES * cfg.stages.denoiser.max_batch_size
     if par.cfg > rows:
@@ -580,6 +585,21 @@ def _check_devices(cfg: RuntimeConfig) -> None:
         if cfg.model.device == "cpu" and any(d.startswith("cuda") for d in st.devices):
             raise ConfigError(f"stages.{name}.devices = {st.devices!r}: CUDA devices with model.device = 'cpu'; "
                               f"allowed: 'cpu' entries or set model.device = 'cuda'")
+
+
+_WARMUP_SIZE = re.compile(r"^[1-9][0-9]*x[1-9][0-9]*$")
+
+
+def _check_compile(den: DenoiserStageConfig) -> None:
+    """``compile`` / ``compile_warmup``: the warm-up sizes are "WxH"; the layouts compiled blocks cannot run are
+    refused by name (``stages.compile.REFUSED_LAYOUTS``)."""
+    bad = [s for s in den.compile_warmup if not _WARMUP_SIZE.match(s)]
+    if bad:
+        raise ConfigError(f"stages.denoiser.compile_warmup = {den.compile_warmup!r}: {bad[0]!r} is not a size; "
+                          f"allowed: a list of 'WIDTHxHEIGHT' strings, e.g. [\"1024x1024\"] (or [] for no warm-up)")
+    if den.compile and den.parallel.pp > 1 and den.parallel.pp_mode == "pipefusion":
+        raise ConfigError(f"stages.denoiser.compile = true with {PIPEFUSION}: {REFUSED_LAYOUTS[PIPEFUSION]}; "
+                          f"allowed: compile = false, or pp_mode = 'layer'")
 
 
 def _check_cache(den: DenoiserStageConfig) -> None:

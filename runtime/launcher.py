@@ -190,6 +190,7 @@ class ReplicaProcs:
             priority_aging_s=cfg.stages.denoiser.priority_aging_s,
             mixed_sizes=self.stage == "denoiser" and cfg.stages.denoiser.mixed_sizes,
             max_padding_waste=cfg.stages.denoiser.max_padding_waste, cpu_linear=cfg.stages.denoiser.cpu_linear,
+            compile=cfg.stages.denoiser.compile,
             lora_max_loaded=cfg.lora.max_loaded,
             lora_adapters=dict(cfg.lora.adapters) if self.stage == "denoiser" else {},
             log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel()),

@@ -40,7 +40,7 @@ from omni_runtime.runtime.lora_registry import LoraRegistry
 from omni_runtime.runtime.messages import Preview, Result, StepReport, Work
 from omni_runtime.runtime.metrics import Metrics
 from omni_runtime.runtime.progress import ProgressBook
-from omni_runtime.runtime.requests import GenerationRequest, RequestError
+from omni_runtime.runtime.requests import GenerationRequest, RequestError, parse_request
 from omni_runtime.runtime.stage_client import StageClient, StageSet
 
 logger = logging.getLogger(__name__)
@@ -163,6 +163,25 @@ class Orchestrator:
         self._critical(self._watch(), "omni-health")
         self.publish_states()
         logger.info("all stages ready")
+        if self.cfg.stages.denoiser.compile and self.cfg.stages.denoiser.compile_warmup:
+            await self._compile_warmup()
+
+    async def _compile_warmup(self) -> None:
+        """``[stages.denoiser] compile``: one request of 1 and one of 2 images per ``compile_warmup`` size, so the
+        denoiser's compiled graphs (one row, and several: dynamic rows and tokens) exist before the first user's
+        request; the start waits for them (``serve`` is healthy after). A size the model cannot take stops the
+        start, naming the key."""
+        t0 = time.monotonic()
+        for size in self.cfg.stages.denoiser.compile_warmup:
+            for n in (1, 2):
+                try:
+                    req = parse_request({"prompt": "warm-up", "size": size, "n": n, "num_inference_steps": 2,
+                                         "seed": 0})
+                    await self.generate(req)
+                except (RequestError, BadRequestInStage) as e:
+                    raise StageUnavailable(f"stages.denoiser.compile_warmup: size {size!r} cannot run: {e}") from e
+        logger.info("compile warm-up: %d size(s) x 1 and 2 images in %.1f s",
+                    len(self.cfg.stages.denoiser.compile_warmup), time.monotonic() - t0)
 
     def _on_report(self, msg: StepReport) -> None:
         """A denoiser step: progress of its items, step metrics."""

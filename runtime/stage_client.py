@@ -468,7 +468,7 @@ async def in_process_stages(cfg: RuntimeConfig) -> StageSet:
         st = cfg.stages.get(s)
         den = cfg.stages.denoiser
         options = stage_options(s, cfg.stages.vae.tiling, den.batch_invariant, den.mixed_sizes, den.cpu_linear,
-                                cfg.lora.max_loaded, cfg.lora.adapters)
+                                cfg.lora.max_loaded, cfg.lora.adapters, den.compile)
         engine = await asyncio.to_thread(load_engine, s, cfg.model.path, cfg.model.dtype, cfg.model.device,
                                          **options)
         clients[s] = [InProcessStageClient(engine, s, 0, max_batch_size=st.max_batch_size,

@@ -52,6 +52,7 @@ class WorkerSpec(msgspec.Struct, kw_only=True):
     mixed_sizes: bool = False       # [stages.denoiser] mixed_sizes
     max_padding_waste: float = 0.25  # [stages.denoiser] max_padding_waste
     cpu_linear: str = "onednn"      # [stages.denoiser] cpu_linear
+    compile: bool = False           # [stages.denoiser] compile
     lora_max_loaded: int = 8        # [lora] max_loaded
     lora_adapters: dict[str, str] = msgspec.field(default_factory=dict)  # [lora] adapters: preloaded (denoiser)
     log_level: str = "INFO"
@@ -69,14 +70,14 @@ class WorkerSpec(msgspec.Struct, kw_only=True):
 
 def stage_options(stage: str, vae_tiling: bool = False, batch_invariant: bool = False,
                   mixed_sizes: bool = False, cpu_linear: str = "onednn",
-                  lora_max_loaded: int = 8, lora_adapters: dict[str, str] | None = None
+                  lora_max_loaded: int = 8, lora_adapters: dict[str, str] | None = None, compile: bool = False
                   ) -> dict[str, bool | str | int | dict[str, str]]:
     """The engine load options of ``stage`` (``stages.engine.load_engine``)."""
     if stage == "vae":
         return {"tiling": vae_tiling}
     if stage == "denoiser":
         return {"batch_invariant": batch_invariant, "mixed_sizes": mixed_sizes, "cpu_linear": cpu_linear,
-                "lora_max_loaded": lora_max_loaded, "lora_preload": dict(lora_adapters or {})}
+                "lora_max_loaded": lora_max_loaded, "lora_preload": dict(lora_adapters or {}), "compile": compile}
     return {}
 
 
@@ -108,7 +109,7 @@ def start_rank(spec: WorkerSpec) -> tuple[Mesh | None, Any, RankFanout]:
     from omni_runtime.stages.engine import load_engine
 
     options = stage_options(spec.stage, spec.vae_tiling, spec.batch_invariant, spec.mixed_sizes, spec.cpu_linear,
-                            spec.lora_max_loaded, spec.lora_adapters)
+                            spec.lora_max_loaded, spec.lora_adapters, spec.compile)
     engine = load_engine(spec.stage, spec.model_path, spec.dtype, spec.device, mesh=mesh, **options)
     fanout = RankFanout(spec.rank, spec.world_size, mesh)
     if mesh is not None:
@@ -153,6 +154,9 @@ def _run(spec: WorkerSpec, busy: Busy) -> None:
 
     torch.set_num_threads(max(1, spec.threads))
     _mesh, engine, fanout = start_rank(spec)
+    compile_log = getattr(getattr(engine, "stage", None), "compile_log", None)
+    if compile_log is not None:  # [stages.denoiser] compile: a graph compiling is no stalled step (stages.compile)
+        compile_log.excuse(busy.paused)
 
     from omni_runtime.runtime import cores, stage_shell, tensor_handoff
     from omni_runtime.runtime.peak_memory import PeakMemory

@@ -16,6 +16,7 @@ inside the functions: the config validates ``cpu_linear`` against :data:`CPU_LIN
 
 from __future__ import annotations
 
+import functools
 import logging
 import types
 from typing import TYPE_CHECKING
@@ -46,13 +47,41 @@ def _fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and x.numel() > 0 and not torch.is_grad_enabled())
 
 
-def _onednn_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+@functools.cache
+def _opaque_linear() -> object:
+    """oneDNN's linear as an op ``torch.compile`` keeps whole (``omni_runtime::onednn_linear``): inductor lowers
+    ``mkldnn._linear_pointwise`` only for weights frozen into the graph, while a compiled block
+    (``stages.compile``) takes its weights as inputs (one graph for every block of a class)."""
     import torch
+
+    @torch.library.custom_op("omni_runtime::onednn_linear", mutates_args=(),
+                             schema="(Tensor x, Tensor weight, Tensor? bias, str attr, str algorithm) -> Tensor")
+    def op(x, weight, bias, attr, algorithm):  # noqa: ANN001, ANN202 - the schema types it
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, attr, [], algorithm)
+
+    @op.register_fake
+    def _(x, weight, bias, attr, algorithm):  # noqa: ANN001, ANN202
+        return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+    return op
+
+
+def _pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, attr: str = "none",
+               algorithm: str = "") -> torch.Tensor:
+    """oneDNN's inner product (+ ``attr`` in its epilogue); through :func:`_opaque_linear` while compiling."""
+    import torch
+
+    if torch.compiler.is_compiling():  # registered by use_onednn, before any compile
+        return torch.ops.omni_runtime.onednn_linear(x, weight, bias, attr, algorithm)
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, attr, [], algorithm)
+
+
+def _onednn_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     import torch.nn.functional as F
 
     if not _fits(x, self.weight):  # autograd, another dtype or device, an empty batch: torch's own linear
         return F.linear(x, self.weight, self.bias)
-    return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+    return _pointwise(x, self.weight, self.bias)
 
 
 def _self_check() -> str:
@@ -88,6 +117,7 @@ def use_onednn(model: nn.Module, dtype: torch.dtype, device: torch.device) -> in
     if why:
         logger.warning("cpu_linear = 'onednn' unavailable (%s): the linears stay on torch's own kernel", why)
         return 0
+    _opaque_linear()
     n = 0
     for m in model.modules():
         if type(m) is nn.Linear:
@@ -100,10 +130,9 @@ def use_onednn(model: nn.Module, dtype: torch.dtype, device: torch.device) -> in
 def linear_gelu_tanh(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """``F.gelu(linear(x), approximate="tanh")``; one oneDNN primitive when :func:`use_onednn` switched ``linear``
     (and no LoRA of ``stages.lora`` is active on it in this forward)."""
-    import torch
     import torch.nn.functional as F
 
     lora = getattr(linear, "_omni_lora", None)  # stages.lora: a LoRA active now is added before the GELU
     if getattr(linear, _MARK, False) and _fits(x, linear.weight) and not (lora is not None and lora[0].active(lora[1])):
-        return torch.ops.mkldnn._linear_pointwise(x, linear.weight, linear.bias, "gelu", [], "tanh")
+        return _pointwise(x, linear.weight, linear.bias, "gelu", "tanh")
     return F.gelu(linear(x), approximate="tanh")

@@ -38,6 +38,7 @@ from omni_runtime.parallel.strategies import SequenceParallel
 from omni_runtime.parallel.strategies.row_forward import RowForward, row_forward_for
 from omni_runtime.stages.block_cache import UNSUPPORTED_LAYOUT, CachePlan
 from omni_runtime.stages.cache_config import CacheConfig
+from omni_runtime.stages.compile import PIPEFUSION, REFUSED_LAYOUTS, CompileLog, compile_blocks
 from omni_runtime.stages.cpu_linear import CPU_LINEAR, use_onednn
 from omni_runtime.stages.device import resolve_device, resolve_dtype
 from omni_runtime.stages.errors import CheckpointError, RequestError
@@ -195,6 +196,8 @@ class DenoiserStage:
         self.lora = LoraBank(model, dtype, device, max_loaded=lora_max_loaded,
                              pipeline=family.pipeline_classes[0] if family.pipeline_classes else None)
         self._request_ids = itertools.count(1 << 40)  # request-level batches (step-level slots count from 0)
+        #: ``[stages.denoiser] compile``: the log of the graphs compiled here (``stages.compile``); None: eager
+        self.compile_log: CompileLog | None = None
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: str | torch.dtype = "float32",
@@ -202,7 +205,7 @@ class DenoiserStage:
                         ep_group: GroupCoordinator | None = None,
                         hsdp: HSDPInferenceConfig | None = None, batch_invariant: bool = False,
                         mixed_sizes: bool = False, cpu_linear: str = "onednn",
-                        lora_max_loaded: int = 8) -> DenoiserStage:
+                        lora_max_loaded: int = 8, compile: bool = False) -> DenoiserStage:
         """Load the family's transformer + the scheduler config on ``mesh`` (None: ``Mesh.single()``); with an sp
         group of more than one rank, apply :class:`SequenceParallel` to the model.
 
@@ -212,7 +215,8 @@ class DenoiserStage:
         ``parallel.hsdp.hsdp_config_from_mesh(mesh)``): the weights are sharded (FSDP2) and loaded shard by shard.
         ``cpu_linear``: ``"onednn"`` runs a float32 CPU model's linear layers on oneDNN (``stages.cpu_linear``;
         not with HSDP, whose sharded weights were not measured there), ``"torch"`` on torch's own kernel.
-        ``lora_max_loaded``: LoRA adapters kept loaded on this rank (``stages.lora``, ``[lora] max_loaded``)."""
+        ``lora_max_loaded``: LoRA adapters kept loaded on this rank (``stages.lora``, ``[lora] max_loaded``).
+        ``compile``: ``torch.compile`` the transformer's blocks (``stages.compile``; not under PipeFusion)."""
         if cpu_linear not in CPU_LINEAR:
             raise ValueError(f"cpu_linear = {cpu_linear!r}: allowed values are {CPU_LINEAR}")
         torch_dtype, dev = resolve_dtype(dtype), resolve_device(device)
@@ -233,6 +237,10 @@ class DenoiserStage:
                     family=family, batch_invariant=batch_invariant, mixed_sizes=mixed_sizes,
                     lora_max_loaded=lora_max_loaded, experts=models, expert_schedule=experts)
         stage.temporal_factor = temporal_factor_of(path, family)
+        if compile:
+            if mesh.size("pp") > 1 and mesh.spec.pp_mode == "pipefusion":
+                raise ValueError(f"compile with pp_mode = 'pipefusion': {REFUSED_LAYOUTS[PIPEFUSION]}")
+            stage.compile_log = compile_blocks(models, eager_attention=mesh.size("sp") > 1)
         if mesh.size("cfg") > 1:
             logger.info("denoiser: CFG parallel over %d ranks (cfg rank %d), rows by %r", mesh.size("cfg"),
                         mesh.rank("cfg"), stage.forward_rows)

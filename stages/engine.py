@@ -171,12 +171,14 @@ class DenoiserEngine:
     @classmethod
     def load(cls, path: str | Path, dtype: str, device: str, mesh: Any = None, *,
              batch_invariant: bool = False, mixed_sizes: bool = False, cpu_linear: str = "onednn",
-             lora_max_loaded: int = 8, lora_preload: Mapping[str, str] | None = None) -> DenoiserEngine:
+             lora_max_loaded: int = 8, lora_preload: Mapping[str, str] | None = None,
+             compile: bool = False) -> DenoiserEngine:
         """``batch_invariant``: one forward per request, bit-identical to its solo run (``stages.step_batch``);
         ``mixed_sizes``: requests of different image sizes share a step's forward (padded and masked);
         ``cpu_linear``: the linear layers' kernel on CPU (``stages.cpu_linear``); ``lora_max_loaded``: LoRA
         adapters this rank keeps loaded (``stages.lora``, ``[lora] max_loaded``); ``lora_preload``: ``[lora] adapters``
-        (name -> file), loaded now on this rank (``LoraBank.preload``), not on the first request that names one."""
+        (name -> file), loaded now on this rank (``LoraBank.preload``), not on the first request that names one.
+        ``compile``: ``torch.compile`` the transformer's blocks (``stages.compile``)."""
         from omni_runtime.parallel.all2all import init_expert_parallel  # None unless the mesh has ep > 1
         from omni_runtime.parallel.hsdp import hsdp_config_from_mesh  # None unless the mesh shards weights
 
@@ -186,7 +188,8 @@ class DenoiserEngine:
         engine = cls(DenoiserStage.from_pretrained(path, dtype, device, mesh=mesh,
                                                    ep_group=init_expert_parallel(mesh), hsdp=hsdp,
                                                    batch_invariant=batch_invariant, mixed_sizes=mixed_sizes,
-                                                   cpu_linear=cpu_linear, lora_max_loaded=lora_max_loaded))
+                                                   cpu_linear=cpu_linear, lora_max_loaded=lora_max_loaded,
+                                                   compile=compile))
         if lora_preload:
             engine.stage.lora.preload(configured_specs(lora_preload))
         return engine

@@ -21,8 +21,11 @@ before each, and reports the median of the per-pair ratios, so a noisy neighbour
 alike. Requests go through a keep-alive client per client thread (``tools/serve_process.py``).
 
 Usage: ``python tools/bench_serving.py [--family flux|qwen-image] [--preset small] [--size 256x256] [--steps 8] [--repeats 9] [--rounds 3]
-[--quick] [--cpu-linear torch]``. The recorded run (docs/BENCHMARKS.md) is the plain command with its defaults;
-``--cpu-linear torch`` gives the server torch's own linear kernel, diffusers' (the serving overhead alone).
+[--quick] [--cpu-linear torch] [--baseline compiled] [--compile]``. The recorded run (docs/BENCHMARKS.md) is the plain
+command with its defaults; ``--cpu-linear torch`` gives the server torch's own linear kernel, diffusers' (the serving
+overhead alone). ``--baseline compiled``: diffusers with ``pipe.transformer = torch.compile(pipe.transformer)`` (its
+compile in the excluded warm-up call); ``--compile``: the server with ``[stages.denoiser] compile = true``, warmed up at
+``--size`` before it is healthy (the start-to-healthy time is printed: the cold start).
 ``python tools/bench_serving.py arrivals --help``: Poisson arrivals, step-level vs request-level denoiser scheduling
 (tools/bench_arrivals.py). ``python tools/bench_serving.py video --help``: /v1/videos of a Wan model against diffusers'
 WanPipeline and sequence-parallel scaling (tools/bench_video.py).
@@ -51,7 +54,7 @@ logger = logging.getLogger(__name__)
 class _Diffusers:
     """The family's diffusers pipeline in this process: the baseline every serve phase is paired with."""
 
-    def __init__(self, path: Path, body: dict) -> None:
+    def __init__(self, path: Path, body: dict, compiled: bool = False) -> None:
         import torch
         from diffusers import DiffusionPipeline
 
@@ -63,6 +66,8 @@ class _Diffusers:
         if "true_cfg_scale" in inspect.signature(self.pipe.__call__).parameters:
             self.guidance["true_cfg_scale"] = 1.0
         self.pipe.set_progress_bar_config(disable=True)
+        if compiled:  # --baseline compiled: the one line a diffusers user adds (timed by hooks around it)
+            self.pipe.transformer = torch.compile(self.pipe.transformer)
         self.body = body
         self.w, self.h = (int(x) for x in body["size"].split("x"))
         self.transformer_s = 0.0  # time inside the transformer's forward calls, summed (table (e))
@@ -105,13 +110,19 @@ class _Diffusers:
 
 class _Server(ServeProcess):
     def __init__(self, model: Path, max_batch: int, env: dict[str, str] | None = None, cpu_sharing: str = "",
-                 cpu_linear: str = "") -> None:
+                 cpu_linear: str = "", compile_size: str = "") -> None:
         def edit(text: str) -> str:  # [placement] cpu_sharing (runtime/cores.py), [stages.denoiser] cpu_linear
             if cpu_linear:  # (stages/cpu_linear.py); "": the config's
                 text = text.replace("[stages.denoiser]\n", f'[stages.denoiser]\ncpu_linear = "{cpu_linear}"\n', 1)
+            if compile_size:  # [stages.denoiser] compile (stages/compile.py), warmed up at the benchmark's size
+                text = text.replace("[stages.denoiser]\n", f'[stages.denoiser]\ncompile = true\n'
+                                    f'compile_warmup = ["{compile_size}"]\n', 1)
             return text + f'\n[placement]\ncpu_sharing = "{cpu_sharing}"\n' if cpu_sharing else text
 
-        super().__init__(config_text(model, max_batch, edit), name="bench", env=env, post_timeout_s=600)
+        t0 = time.perf_counter()
+        super().__init__(config_text(model, max_batch, edit), name="bench", env=env, post_timeout_s=600,
+                         timeout_s=3600 if compile_size else 300)
+        self.start_s = time.perf_counter() - t0  # to healthy: with compile, the warm-up's graphs included
 
     def metrics(self) -> dict[tuple[str, str], float]:
         out = {}
@@ -193,6 +204,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpu-linear", default="", choices=["", "onednn", "torch"],
                    help="the server's [stages.denoiser] cpu_linear (default: the config's, onednn); 'torch' runs "
                         "the same linear kernel as diffusers, to see the serving overhead alone")
+    p.add_argument("--baseline", default="eager", choices=["eager", "compiled"],
+                   help="diffusers as loaded, or with pipe.transformer = torch.compile(pipe.transformer) (its "
+                        "compile in the excluded warm-up call)")
+    p.add_argument("--clients", default="1,4,16", help="the throughput phases' client counts, comma-separated")
+    p.add_argument("--compile", action="store_true",
+                   help="the server's [stages.denoiser] compile = true, warmed up at --size before it is healthy")
     args = p.parse_args(argv)
     bad = [kv for kv in args.server_env if "=" not in kv]
     if bad:
@@ -202,12 +219,17 @@ def main(argv: list[str] | None = None) -> int:
     body = {"prompt": "a photo of a red fox in the snow", "size": args.size, "num_inference_steps": args.steps,
             "seed": 0}
     model = ensure_model(args.preset, args.family)
-    base = _Diffusers(model, body)
+    base = _Diffusers(model, body, compiled=args.baseline == "compiled")
     server = _Server(model, max_batch=args.max_batch, env=dict(kv.split("=", 1) for kv in args.server_env),
-                     cpu_sharing=args.cpu_sharing, cpu_linear=args.cpu_linear)
+                     cpu_sharing=args.cpu_sharing, cpu_linear=args.cpu_linear,
+                     compile_size=args.size if args.compile else "")
     try:
-        base.once(0)  # warm-up both
+        t0 = time.perf_counter()
+        base.once(0)  # warm-up both (excluded; with --baseline compiled diffusers' compile)
+        base_cold = time.perf_counter() - t0
         server.post(body)
+        print(f"partial: diffusers {args.baseline} first call {base_cold:.1f} s, serve start to healthy "
+              f"{server.start_s:.1f} s", flush=True)
         m0, c0 = server.metrics(), server.cpu()
         # Phases alternate (diffusers, serve, diffusers, serve, ...) so that a noisy neighbour hits both alike;
         # each pair gives one ratio and the table reports the median of the per-pair ratios.
@@ -230,8 +252,9 @@ def main(argv: list[str] | None = None) -> int:
         rows = [("(a) latency, 1 request", f"{statistics.median(base_lats) * 1000:.0f} ms",
                  f"{statistics.median(lats) * 1000:.0f} ms", f"{statistics.median(ratios):.3f}x time",
                  " ".join(f"{r:.3f}" for r in ratios))]
+        print("partial:", rows[-1], flush=True)  # each row as it is measured: a long run killed keeps its rows
         loads: dict[int, list[dict]] = {}
-        for clients in (1, 4, 16):
+        for clients in (int(c) for c in args.clients.split(",")):
             total = _requests(clients, args.quick)
             pairs = []
             for _ in range(rounds):
@@ -246,8 +269,12 @@ def main(argv: list[str] | None = None) -> int:
             rows.append((f"(b) throughput, {clients} clients", f"{statistics.median(b for b, _ in pairs):.2f} img/s",
                          f"{statistics.median(t for _, t in pairs):.2f} img/s", f"{statistics.median(tr):.3f}x",
                          " ".join(f"{r:.3f}" for r in tr)))
+            print("partial:", rows[-1], flush=True)
         print(f"\nbench_serving: {args.preset}-{args.family} ({type(base.pipe).__name__}), {args.size}, {args.steps} steps, {os.cpu_count()} CPUs, "
               f"{repeats} latency pairs, {rounds} throughput round(s), phases alternating")
+        print(f"baseline: diffusers {args.baseline} (first call {base_cold:.1f} s); serve: compile = "
+              f"{str(args.compile).lower()}, cpu_linear = {args.cpu_linear or 'onednn'} (start to healthy "
+              f"{server.start_s:.1f} s)")
         print(f"{'measure':32} {'diffusers':>14} {'omni serve':>14} {'median ratio':>14}  per-pair ratios")
         for r in rows:
             print(f"{r[0]:32} {r[1]:>14} {r[2]:>14} {r[3]:>14}  {r[4]}")

@@ -1,0 +1,122 @@
+"""``[stages.denoiser] compile = true`` (``stages.compile``): torch.compile of the transformer's blocks, through
+``serve``.
+
+One served instance of the default layout with ``compile = true`` (warm-up size 64x64) returns, for a seed, the
+image the uncompiled runtime returns (in process) and diffusers' FluxPipeline returns, max |delta| <= 2/255; a
+request of 3 images (3 rows: the warm-up ran 1 and 2) and one of another size (64x128: another sequence length)
+compile no new graph (counted from the server's ``denoiser compile: graph N`` log lines). A parallel layout
+(Ulysses 2: the attention's all-to-all runs eager between two graphs per block) returns the default layout's image.
+Bad values of the two keys are ConfigErrors naming the key and the allowed values; PipeFusion is refused by name.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from test_server_harness import ROOT, Server
+
+from omni_runtime.runtime.config import ConfigError, config_from_dict
+from omni_runtime.stages.compile import RECOMPILE_LIMIT
+
+pytestmark = [pytest.mark.slow]
+
+PROMPT, STEPS, TOL = "a red fox in the snow", 3, 2
+COMPILE = '[stages.denoiser]\ncompile = true\ncompile_warmup = ["64x64"]\n'
+MODEL = ROOT / "models" / "tiny-flux"
+
+
+def _images(server: Server, size: str, n: int, seed: int) -> list[np.ndarray]:
+    from PIL import Image
+
+    body = {"prompt": PROMPT, "size": size, "n": n, "seed": seed, "num_inference_steps": STEPS}
+    r = httpx.post(server.url + "/v1/images/generations", json=body, headers=server.headers, timeout=600)
+    assert r.status_code == 200, r.text
+    return [np.asarray(Image.open(io.BytesIO(base64.b64decode(d["b64_json"])))) for d in r.json()["data"]]
+
+
+def _graphs(server: Server) -> int:
+    """Graphs the server's denoiser rank(s) compiled so far (one log line each)."""
+    return len(re.findall(r"denoiser compile: graph \d+ compiled", server.log_text()))
+
+
+def _diff(a: np.ndarray, b: np.ndarray) -> int:
+    assert a.shape == b.shape and a.dtype == b.dtype == np.uint8
+    return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory: pytest.TempPathFactory) -> Server:
+    server = Server(tmp_path_factory.mktemp("compiled"), edits={"[stages.denoiser]\n": COMPILE}, timeout=900)
+    yield server
+    server.stop()
+    assert server.shm_entries() == []
+
+
+def _uncompiled(size: str, seeds: list[int]) -> list[np.ndarray]:
+    from omni_runtime.runtime import Omni
+
+    with Omni(config_from_dict({"model": {"path": str(MODEL)}}), in_process=True) as omni:
+        return [np.asarray(omni.generate(PROMPT, seed=s, size=size, num_inference_steps=STEPS)[0]) for s in seeds]
+
+
+def _diffusers(seed: int, height: int, width: int) -> np.ndarray:
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained(MODEL, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    img = pipe(prompt=PROMPT, height=height, width=width, num_inference_steps=STEPS, guidance_scale=3.5,
+               max_sequence_length=512, generator=torch.Generator("cpu").manual_seed(seed), output_type="np").images
+    return (img[0] * 255).round().astype("uint8")
+
+
+@pytest.mark.timeout(900)
+def test_compiled_serve_matches_uncompiled_and_diffusers_without_recompiling(compiled: Server) -> None:
+    log = compiled.log_text()
+    assert "compile warm-up: 1 size(s)" in log and "blocks share 2 compiled forward(s)" in log, log[-3000:]
+    warm = _graphs(compiled)
+    assert 2 <= warm <= 2 * RECOMPILE_LIMIT, log[-3000:]  # 2 block classes x (1 row, several rows)
+    three = _images(compiled, "64x64", 3, seed=5)  # 3 rows: the warm-up ran 1 and 2
+    wide = _images(compiled, "128x64", 1, seed=8)  # another sequence length (32 image tokens, not 16)
+    assert _graphs(compiled) == warm, compiled.log_text()[-3000:]
+    want = _uncompiled("64x64", [5, 6, 7]) + _uncompiled("128x64", [8])
+    for got, ref in zip([*three, *wide], want, strict=True):
+        assert _diff(got, ref) <= TOL
+    assert _diff(three[0], _diffusers(5, 64, 64)) <= TOL
+    assert _diff(wide[0], _diffusers(8, 64, 128)) <= TOL
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.distributed
+def test_compiled_sequence_parallel_matches_the_default_layout(compiled: Server, tmp_path: Path) -> None:
+    want = _images(compiled, "64x64", 2, seed=11)
+    sp = Server(tmp_path, base_config="sp2.toml", edits={"[stages.denoiser]\n": COMPILE}, timeout=900)
+    try:
+        got = _images(sp, "64x64", 2, seed=11)
+        log = sp.log_text()
+    finally:
+        sp.stop()
+    assert sp.shm_entries() == []
+    assert log.count("attention eager (sequence parallel)") == 2, log[-3000:]
+    for a, b in zip(got, want, strict=True):
+        assert _diff(a, b) <= TOL
+
+
+@pytest.mark.parametrize(("table", "match"), [
+    ({"compile": "yes"}, r"stages\.denoiser\.compile = .yes. \(str\): must be true or false"),
+    ({"compile_warmup": ["big"]}, r"stages\.denoiser\.compile_warmup.*'big' is not a size; allowed: a list of "
+                                  r"'WIDTHxHEIGHT'"),
+    ({"compile_warmup": "64x64"}, r"stages\.denoiser\.compile_warmup"),
+    ({"compile": True, "parallel": {"pp": 2, "pp_mode": "pipefusion"}},
+     r"compile = true with stages\.denoiser\.parallel\.pp_mode = 'pipefusion': PipeFusion.*allowed: compile = "
+     r"false, or pp_mode = 'layer'"),
+])
+def test_bad_compile_keys_name_the_key_and_the_allowed_values(table: dict, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        config_from_dict({"model": {"path": str(MODEL)}, "stages": {"denoiser": table}})
