@@ -31,6 +31,7 @@ sys.path.insert(0, str(TESTS))
 FORKSERVER_PRELOAD = ["torch", "torch.distributed", "torch.distributed.fsdp", "torch.distributed.tensor",
                       "transformers.modeling_utils", "transformers.models.clip.modeling_clip",
                       "transformers.models.t5.modeling_t5", "diffusers.models.modeling_utils",
+                      "diffusers.models.autoencoders.autoencoder_kl",
                       "omni_runtime.stages.engine", "omni_runtime.runtime.stage_shell"]
 
 SHM = Path("/dev/shm")
