@@ -21,8 +21,10 @@ logger = logging.getLogger(__name__)
 
 #: What the forkserver imports before its first fork, so that no rank (nor a restarted one) imports it again: torch,
 #: and the model-loading machinery of transformers and diffusers that the text encoder and VAE ranks both need
-#: (~2.5 s of CPU each; importing them starts no thread, so forking after them stays safe).
-PRELOAD = ["torch", "transformers.modeling_utils", "diffusers.models.modeling_utils"]
+#: (~2.5 s of CPU each; importing them starts no thread, so forking after them stays safe). Last: the module that
+#: lets the forkserver exit at once when the frontend is gone (``runtime.forkserver_quick_exit``).
+PRELOAD = ["torch", "transformers.modeling_utils", "diffusers.models.modeling_utils",
+           "omni_runtime.runtime.forkserver_quick_exit"]
 
 CTX = mp.get_context("forkserver")
 CTX.set_forkserver_preload(PRELOAD)
