@@ -30,14 +30,17 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
 
 from omni_runtime.parallel.hsdp_release import release_after_forward
 from omni_runtime.parallel.parallel_spec import hsdp_world_error
 
 if TYPE_CHECKING:
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
     from omni_runtime.parallel.mesh import Mesh
+
+# torch.distributed.fsdp / torch.distributed.tensor are imported where they are used: importing them pulls in sympy
+# (~0.7 s of CPU), which every rank process (and the frontend) would otherwise pay at start-up, sharded or not.
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +110,8 @@ class HSDPInferenceConfig:
 
     @property
     def mp_policy(self) -> MixedPrecisionPolicy:
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
         return MixedPrecisionPolicy(param_dtype=self.param_dtype, reduce_dtype=self.reduce_dtype,
                                     output_dtype=None, cast_forward_inputs=self.param_dtype is not None)
 
@@ -206,6 +211,8 @@ def apply_hsdp_to_model(model: nn.Module, hsdp_config: HSDPInferenceConfig) -> n
     device (then :func:`stages.sharded_load` fills each rank's shards). Every rank of the mesh must call this
     with the same model structure (collective).
     """
+    from torch.distributed.fsdp import fully_shard
+
     name = type(model).__name__  # fully_shard renames the class (FSDP<name>)
     mesh = _mesh_for(model, hsdp_config)
     conditions = shard_conditions_of(model, hsdp_config)
@@ -233,6 +240,8 @@ def apply_hsdp_to_model(model: nn.Module, hsdp_config: HSDPInferenceConfig) -> n
 def get_fully_shard_world_size(model_or_config: nn.Module | HSDPInferenceConfig) -> int:
     """The number of ranks one parameter is split over (the shard degree) for a config or an HSDP-wrapped model;
     1 for a model that is not sharded."""
+    from torch.distributed.tensor import DTensor
+
     if isinstance(model_or_config, HSDPInferenceConfig):
         return model_or_config.hsdp_shard_size
     for p in model_or_config.parameters():
@@ -244,11 +253,15 @@ def get_fully_shard_world_size(model_or_config: nn.Module | HSDPInferenceConfig)
 
 
 def is_hsdp_model(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
     return isinstance(model, FSDPModule)
 
 
 def local_parameter_bytes(model: nn.Module) -> int:
     """Bytes of parameter storage this rank holds: the local shards of DTensor parameters, else full tensors."""
+    from torch.distributed.tensor import DTensor
+
     total = 0
     for p in model.parameters():
         t = p.to_local() if isinstance(p, DTensor) else p

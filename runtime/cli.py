@@ -181,6 +181,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         from omni_runtime.runtime.ray_connect import probe_ray_address
 
         probe_ray_address(cfg.placement.ray_address)
+    from omni_runtime.runtime.rank_forkserver import start_early
+
+    start_early(cfg)  # the ranks' forkserver imports torch while this process imports the server's modules
     from omni_runtime.runtime.server import serve
 
     if args.host is not None:

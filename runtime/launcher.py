@@ -11,9 +11,10 @@ for ranks on any node of a Ray cluster. ``runtime.stage_client.make_launcher`` m
   anything starts;
 - gives the instance an id (exported as ``OMNI_RUNTIME_INSTANCE`` so every shm segment of this runtime shares a
   prefix) and its 0700 run directory (ipc sockets, rendezvous stores), owned by this process;
-- starts each replica as ``world_size`` processes from a ``forkserver`` context (the forkserver imports torch once;
-  a plain fork after torch has run threads can deadlock; it starts with the OpenMP settings of
-  ``runtime.cores.omp_env``), each with the
+- starts each replica as ``world_size`` processes from a ``forkserver`` context (``runtime.rank_forkserver``: the
+  forkserver imports torch and transformers'/diffusers' model loading once, ``serve`` starts it while the frontend
+  imports its own modules; a plain fork after torch has run threads can deadlock; it starts with the OpenMP
+  settings of ``runtime.cores.omp_env``), each with the
   replica's environment from the placement (``GLOO_SOCKET_IFNAME=lo`` on one node), glibc's allocator set to keep
   freed activation memory (``runtime.allocator``) and a parent watchdog that unlinks the rank's segments and
   exits it when the frontend dies;
@@ -38,44 +39,14 @@ import msgspec
 from omni_runtime.comm import cleanup, shm_tensor
 from omni_runtime.comm import instance as rt_instance
 from omni_runtime.comm.processes import kill_tree, pid_alive
-from omni_runtime.runtime import allocator, cores
+from omni_runtime.runtime import allocator, cores, rank_forkserver
 from omni_runtime.runtime.config import STAGE_NAMES, ConfigError, RuntimeConfig
 from omni_runtime.runtime.placement import Placement, ReplicaPlacement, compute_placement
 from omni_runtime.runtime.stage_worker import WorkerSpec, worker_main
 
 logger = logging.getLogger(__name__)
 
-_CTX = mp.get_context("forkserver")
-_CTX.set_forkserver_preload(["torch"])
-
-_forkserver_env: dict[str, str] | None = None  # what this process's forkserver was started with
-
-
-def _start_forkserver(extra: dict[str, str]) -> None:
-    """Start the forkserver every rank is forked from (once per process) with ``extra`` in its environment: the
-    OpenMP settings of ``runtime.cores.omp_env``. libgomp reads them when the forkserver imports torch, so the
-    ranks' own environment, applied after the fork, would come too late. This process's environment is left as it
-    was. A second launcher in the same process that wants other settings gets the first one's (logged)."""
-    global _forkserver_env
-    from multiprocessing import forkserver
-
-    if _forkserver_env is not None:
-        if extra != _forkserver_env:
-            logger.warning("the rank processes keep the OpenMP settings %s of this process's first launcher, not %s",
-                           _forkserver_env or "(libgomp's defaults)", extra or "(libgomp's defaults)")
-        forkserver.ensure_running()
-        return
-    saved = {k: os.environ.get(k) for k in extra}
-    os.environ.update(extra)
-    try:
-        forkserver.ensure_running()
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    _forkserver_env = dict(extra)
+_CTX = rank_forkserver.CTX
 
 
 def free_port() -> int:
@@ -205,7 +176,7 @@ class ReplicaProcs:
         self.generation += 1
         clear_file_store(self.place.rendezvous(self.generation))
         env = {**self.place.env, rt_instance.INSTANCE_ENV: self.launcher.instance}
-        _start_forkserver(self.launcher.budget.omp)
+        rank_forkserver.start_forkserver(self.launcher.budget.omp)
         self.procs = []
         for spec in self.specs():
             p = _CTX.Process(target=_rank_main, args=(msgspec.msgpack.encode(spec), env, os.getpid()),

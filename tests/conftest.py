@@ -8,6 +8,7 @@ processes (another test session or server on the same machine) are left alone.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import re
 import sys
@@ -22,6 +23,17 @@ TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS.parent / "tools"))
 sys.path.insert(0, str(TESTS))
 
+#: What the session's one forkserver (the parent of every tests/spawn.py worker and of every rank an in-process
+#: launcher starts) imports before its first fork, so that no worker pays it again: the FSDP/DTensor modules (and sympy)
+#: of the HSDP workers, transformers' model loading (~2.5 s of CPU) that every worker encoding prompts with the
+#: tiny text encoders (stage_refs) needs, diffusers' model base, and the engines. Set once collection is done, so
+#: that no module's own ``set_forkserver_preload`` at import time wins by being imported last.
+FORKSERVER_PRELOAD = ["torch", "torch.distributed", "torch.distributed.fsdp", "torch.distributed.tensor",
+                      "transformers.modeling_utils", "transformers.models.clip.modeling_clip",
+                      "transformers.models.t5.modeling_t5", "diffusers.models.modeling_utils",
+                      "diffusers.models.autoencoders.autoencoder_kl",
+                      "omni_runtime.stages.engine", "omni_runtime.runtime.stage_shell"]
+
 SHM = Path("/dev/shm")
 _OWNER = re.compile(r"^omni_.+_(\d+)_\d+_[0-9a-f]{8}$")
 
@@ -32,6 +44,10 @@ def _our_segments() -> set[str]:
 
 def pytest_sessionstart(session: pytest.Session) -> None:
     session.config._omni_shm_before = _our_segments()  # type: ignore[attr-defined]
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    multiprocessing.get_context("forkserver").set_forkserver_preload(FORKSERVER_PRELOAD)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

@@ -404,28 +404,46 @@ SERVED = {
 }
 
 
+def _serve_hsdp(tmp: Path, config: str):
+    """A server of ``config`` with mixed sizes on where the layout takes them (no Ulysses)."""
+    from test_server_harness import ROOT, Server
+
+    mixed = "ulysses = 2" not in (ROOT / "configs" / config).read_text()
+    return Server(tmp, base_config=config,
+                  edits={"[stages.denoiser]\n": "[stages.denoiser]\nmixed_sizes = true\n"} if mixed else None), mixed
+
+
+@pytest.fixture(scope="module")
+def hsdp2_server(tmp_path_factory: pytest.TempPathFactory):
+    """One hsdp2.toml server for the comparison with the single-process pipeline and then the SIGKILL test (in this
+    order: the comparison counts the log lines of the first generation of ranks)."""
+    server, _ = _serve_hsdp(tmp_path_factory.mktemp("hsdp2"), "hsdp2.toml")
+    yield server
+    server.stop()
+    assert server.shm_entries() == []
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize("config", sorted(SERVED))
-def test_served_hsdp_matches_the_default_pipeline(tmp_path: Path, config: str) -> None:
+def test_served_hsdp_matches_the_default_pipeline(tmp_path: Path, config: str, request: pytest.FixtureRequest) -> None:
     """``serve`` with HSDP, two requests in one step-level running set: each image equals the single-process
     pipeline's (max |delta| <= 1/255). hsdp2.toml: the denoiser and the text encoders each sharded over 2 ranks;
     hsdp2x2.toml: 4 denoiser ranks, shard 2 x replicate 2; sp2_hsdp2.toml: Ulysses 2 and hsdp_shard 2 on the same 2 denoiser ranks."""
     import numpy as np
-    from test_server_harness import ROOT, Server, images_together
+    from test_server_harness import images_together
 
     from omni_runtime.runtime import Omni
 
     titles, proofs = SERVED[config]
     # both requests join a long request's step-level running set; without Ulysses the denoiser also runs mixed
     # sizes (USAGE: mixed sizes work with HSDP), so the 64x48 one shares the 64x64 ones' forwards
-    mixed = "ulysses = 2" not in (ROOT / "configs" / config).read_text()
+    shared = config == "hsdp2.toml"  # the server the SIGKILL test then uses
+    server, mixed = (request.getfixturevalue("hsdp2_server"), True) if shared else _serve_hsdp(tmp_path, config)
     carrier = {"prompt": "a long walk", "seed": 1, "size": "64x64", "num_inference_steps": 200}
     requests = [("a castle on a hill", {"seed": 21, "size": "64x64", "num_inference_steps": 3}),
                 ("a red cube", {"seed": 5, "size": "64x48" if mixed else "64x64", "num_inference_steps": 2,
                                 "negative_prompt": "blurry", "true_cfg_scale": 4.0})]
-    server = Server(tmp_path, base_config=config,
-                    edits={"[stages.denoiser]\n": "[stages.denoiser]\nmixed_sizes = true\n"} if mixed else None)
     try:
         assert sorted(" ".join(p.cmdline()).strip() for p in server.stage_procs()) == [
             f"omni-runtime: {t}" for t in titles]
@@ -433,11 +451,13 @@ def test_served_hsdp_matches_the_default_pipeline(tmp_path: Path, config: str) -
         bodies = [{"prompt": prompt, **body} for prompt, body in requests]
         served = images_together(server, carrier, bodies)
         log = server.log_text()
+        assert "(generation 2)" not in log, "the SIGKILL test ran first on the shared hsdp2 server"
         for line, count in proofs.items():
             assert log.count(line) == count, (line, log[-3000:])
     finally:
-        server.stop()
-    assert server.shm_entries() == []
+        if not shared:
+            server.stop()
+            assert server.shm_entries() == []
     with Omni(single_rank_config(server.config_path), in_process=True) as omni:
         refs = [np.asarray(omni.generate(prompt, **body)[0]) for prompt, body in requests]
     for got, ref in zip(served, refs, strict=True):
@@ -491,28 +511,24 @@ def test_config_rejects_bad_hsdp_values_naming_the_key(stages: dict, message: st
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
-def test_sigkill_of_a_sharded_denoiser_rank_gives_503_then_recovers(tmp_path: Path) -> None:
+def test_sigkill_of_a_sharded_denoiser_rank_gives_503_then_recovers(hsdp2_server) -> None:
     """A sharded follower rank dies mid-request (its peer waits in an all-gather of the weights): the request
     fails fast with a 503 naming the denoiser, the replica restarts, and the next request succeeds."""
 
     import numpy as np
-    from test_server_harness import Server, image_of, post_and_kill
+    from test_server_harness import image_of, post_and_kill
 
-    server = Server(tmp_path, base_config="hsdp2.toml")
-    try:
-        victim = [p for p in server.stage_procs() if "denoiser[0] rank 1/2" in " ".join(p.cmdline())]
-        assert len(victim) == 1
-        after_body = {"prompt": "after the crash", "seed": 1, "size": "64x64", "num_inference_steps": 2}
-        before = image_of(server, after_body)
-        r, after_kill = post_and_kill(server, victim[0], {"prompt": "slow", "seed": 3, "size": "512x512",
-                                                          "num_inference_steps": 200})
-        assert r.status_code == 503 and "denoiser" in r.json()["error"]["message"], r.text
-        assert "rank 1 died" in r.json()["error"]["message"], r.text  # from the death, not the stall watch
-        assert np.array_equal(image_of(server, after_body), before)  # the restarted replica: the same image
-        assert "denoiser[0] ready (generation 2)" in server.log_text()
-    finally:
-        server.stop()
-    assert server.shm_entries() == []
+    server = hsdp2_server
+    victim = [p for p in server.stage_procs() if "denoiser[0] rank 1/2" in " ".join(p.cmdline())]
+    assert len(victim) == 1
+    after_body = {"prompt": "after the crash", "seed": 1, "size": "64x64", "num_inference_steps": 2}
+    before = image_of(server, after_body)
+    r, after_kill = post_and_kill(server, victim[0], {"prompt": "slow", "seed": 3, "size": "512x512",
+                                                      "num_inference_steps": 200})
+    assert r.status_code == 503 and "denoiser" in r.json()["error"]["message"], r.text
+    assert "rank 1 died" in r.json()["error"]["message"], r.text  # from the death, not the stall watch
+    assert np.array_equal(image_of(server, after_body), before)  # the restarted replica: the same image
+    assert "denoiser[0] ready (generation 2)" in server.log_text()
 
 
 # ------------------------------------------------------------------------------------------- checkpoint errors

@@ -69,7 +69,7 @@ def test_every_rank_process_applies_it():
 
 OMP_PROBE = """
 import os, sys
-from omni_runtime.runtime import cores, launcher
+from omni_runtime.runtime import cores, launcher, rank_forkserver
 
 def setting():
     return os.environ.get("OMP_WAIT_POLICY", os.environ.get("GOMP_SPINCOUNT", "-"))
@@ -79,7 +79,7 @@ def report(q):
 
 if __name__ == "__main__":
     launcher._CTX.set_forkserver_preload([])  # the setting, not torch, is under test
-    launcher._start_forkserver(cores.omp_env(sys.argv[1], oversubscribed=True))
+    rank_forkserver.start_forkserver(cores.omp_env(sys.argv[1], oversubscribed=True))
     q = launcher._CTX.Queue()
     p = launcher._CTX.Process(target=report, args=(q,))
     p.start()

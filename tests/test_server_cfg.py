@@ -47,17 +47,29 @@ def _generate(url: str, seed: int, size: str, steps: int, extra: dict) -> np.nda
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(out.data[0].b64_json))))
 
 
+def _run_all(server: Server) -> tuple[list[np.ndarray], str, list[str]]:
+    titles = sorted(" ".join(p.cmdline()).strip().removeprefix("omni-runtime: ") for p in server.stage_procs())
+    images = [_generate(server.url, 21 + i, size, steps, extra) for i, (size, steps, extra) in enumerate(REQUESTS)]
+    return images, server.log_text(), titles
+
+
 def _serve_all(tmp: Path, config: str) -> tuple[list[np.ndarray], str, list[str]]:
     server = Server(tmp, base_config=config)
     try:
-        titles = sorted(" ".join(p.cmdline()).strip().removeprefix("omni-runtime: ") for p in server.stage_procs())
-        images = [_generate(server.url, 21 + i, size, steps, extra)
-                  for i, (size, steps, extra) in enumerate(REQUESTS)]
-        log = server.log_text()
+        return _run_all(server)
     finally:
         server.stop()
+        assert server.shm_entries() == []
+
+
+@pytest.fixture(scope="module")
+def cfg2_server(tmp_path_factory: pytest.TempPathFactory):
+    """One cfg2.toml server for the comparison with the default config and then the SIGKILL test (in this order:
+    the comparison counts the log lines of the first generation of ranks)."""
+    server = Server(tmp_path_factory.mktemp("cfg2"), base_config="cfg2.toml")
+    yield server
+    server.stop()
     assert server.shm_entries() == []
-    return images, log, titles
 
 
 @pytest.fixture(scope="module")
@@ -69,10 +81,14 @@ def default_images(tmp_path_factory: pytest.TempPathFactory) -> list[np.ndarray]
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("config", sorted(SERVED))
-def test_served_cfg_parallel_matches_the_default_config(tmp_path: Path, config: str,
+def test_served_cfg_parallel_matches_the_default_config(tmp_path: Path, config: str, request: pytest.FixtureRequest,
                                                         default_images: list[np.ndarray]) -> None:
     assert (ROOT / "configs" / config).exists()
-    images, log, titles = _serve_all(tmp_path, config)
+    if config == "cfg2.toml":  # the server the SIGKILL test then uses
+        images, log, titles = _run_all(request.getfixturevalue("cfg2_server"))
+        assert "(generation 2)" not in log, "the SIGKILL test ran first on the shared cfg2 server"
+    else:
+        images, log, titles = _serve_all(tmp_path, config)
     want_titles, proofs = SERVED[config]
     assert titles == sorted(want_titles)
     for line, count in proofs.items():
@@ -85,29 +101,25 @@ def test_served_cfg_parallel_matches_the_default_config(tmp_path: Path, config: 
 
 
 @pytest.mark.timeout(400)
-def test_sigkill_of_a_cfg_rank_gives_503_naming_it_then_recovers(tmp_path: Path) -> None:
+def test_sigkill_of_a_cfg_rank_gives_503_naming_it_then_recovers(cfg2_server: Server) -> None:
     """cfg rank 1 dies mid-request (rank 0 waits for its predictions in the step's all-gather): the request fails
     fast with a 503 naming the denoiser and the rank, the replica restarts, and the next request succeeds."""
 
-    server = Server(tmp_path, base_config="cfg2.toml")
-    try:
-        victim = [p for p in server.stage_procs() if "denoiser[0] rank 1/2" in " ".join(p.cmdline())]
-        assert len(victim) == 1
-        after_body = {"prompt": "after the crash", "negative_prompt": "x", "true_cfg_scale": 4, "seed": 1,
-                      "size": "64x64", "num_inference_steps": 2}
-        before = image_of(server, after_body)
-        r, after_kill = post_and_kill(server, victim[0], {
-            "prompt": "slow", "negative_prompt": "fast", "true_cfg_scale": 4, "seed": 3, "size": "512x512",
-            "num_inference_steps": 200})
-        assert r.status_code == 503, r.text
-        message = r.json()["error"]["message"]
-        assert "denoiser" in message and "rank 1" in message, message
-        assert "rank 1 died" in r.json()["error"]["message"], r.text  # from the death, not the stall watch
-        assert np.array_equal(image_of(server, after_body), before)  # the restarted replica: the same image
-        assert "denoiser[0] ready (generation 2)" in server.log_text()
-    finally:
-        server.stop()
-    assert server.shm_entries() == []
+    server = cfg2_server
+    victim = [p for p in server.stage_procs() if "denoiser[0] rank 1/2" in " ".join(p.cmdline())]
+    assert len(victim) == 1
+    after_body = {"prompt": "after the crash", "negative_prompt": "x", "true_cfg_scale": 4, "seed": 1,
+                  "size": "64x64", "num_inference_steps": 2}
+    before = image_of(server, after_body)
+    r, after_kill = post_and_kill(server, victim[0], {
+        "prompt": "slow", "negative_prompt": "fast", "true_cfg_scale": 4, "seed": 3, "size": "512x512",
+        "num_inference_steps": 200})
+    assert r.status_code == 503, r.text
+    message = r.json()["error"]["message"]
+    assert "denoiser" in message and "rank 1" in message, message
+    assert "rank 1 died" in r.json()["error"]["message"], r.text  # from the death, not the stall watch
+    assert np.array_equal(image_of(server, after_body), before)  # the restarted replica: the same image
+    assert "denoiser[0] ready (generation 2)" in server.log_text()
 
 
 @pytest.mark.timeout(400)

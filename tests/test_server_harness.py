@@ -106,12 +106,30 @@ class Server:
                     except psutil.NoSuchProcess:
                         pass
                 self.proc.wait(10)
-            gone, alive = psutil.wait_procs(descendants, timeout=10)
+            alive = wait_exited(descendants, timeout=10)
             for p in alive:
                 p.kill()
             self.leftover = [p.pid for p in alive]
         self.log.close()
         return self.proc.returncode
+
+
+def wait_exited(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """Wait until every process of ``procs`` has exited; returns those still running after ``timeout``. An exited
+    process whose parent (the server) is gone stays a zombie until this machine's init reaps it, which can take
+    seconds: it counts as exited (it holds nothing but its pid), so the wait does not depend on init's pace."""
+    end = time.monotonic() + timeout
+    while True:
+        alive = []
+        for p in procs:
+            try:
+                if p.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(p)
+            except psutil.NoSuchProcess:
+                pass
+        if not alive or time.monotonic() >= end:
+            return alive
+        time.sleep(0.05)
 
 
 def shared_steps(server: Server) -> float:
