@@ -3,8 +3,8 @@ default layout's equal diffusers' ``QwenImagePipeline`` on the same directory (m
 
 One server per layout, two concurrent requests each at a non-square size: one without CFG and one with a negative
 prompt (true CFG, rescaled), whose text lengths differ from each other and from the negative's, so the running set
-pads and masks text inside one forward. ``vae patch 2`` is refused for this family (a causal 3D VAE): see
-tests/test_model_families.py.
+pads and masks text inside one forward. ``vae patch 2`` (the causal 3D VAE's split decode): see
+tests/test_qwen_vae_patch.py.
 """
 
 from __future__ import annotations

@@ -164,6 +164,12 @@ def test_cli_flag_errors_exit_2_from_argparse(argv, says, capsys):
     (["batch", "--config", DEFAULT, str(ROOT), "--out-dir", "o", "--in-process"], "cannot read it (Is a directory)"),
 ])
 def test_cli_value_errors_exit_2_with_one_line(argv, says, capsys, tmp_path, monkeypatch):
+    # The request's defaults are the model family's, so the CLI reads the model before it validates: the embedded
+    # default model is made here first (on a fresh clone its progress bar would otherwise be in ``err``).
+    from omni_runtime.runtime.model_store import ensure_model
+
+    ensure_model(str(ROOT / "models" / "tiny-flux"))
+    capsys.readouterr()
     monkeypatch.chdir(tmp_path)
     assert main(argv) == 2
     err = capsys.readouterr().err
