@@ -23,11 +23,12 @@ from torch import nn
 
 from omni_runtime.stages.errors import CheckpointError
 from omni_runtime.stages.guidance import TRUE_CFG_NORM
-from omni_runtime.stages.models.family import Component, ModelFamily, VaeKind
+from omni_runtime.stages.models.causal_vae_kind import CausalVaeKind
+from omni_runtime.stages.models.family import Component, ModelFamily
 from omni_runtime.stages.weights import DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS
 
 
-class AutoencoderKLQwenImageKind(VaeKind):
+class AutoencoderKLQwenImageKind(CausalVaeKind):
     """diffusers' ``AutoencoderKLQwenImage`` as QwenImagePipeline decodes with it: a frame axis of one, latents
     de-normalised per channel (``z / (1 / std) + mean``), the decoder's first frame. Patch parallel decode is
     exact: Wan 2.1's decoder under Qwen-Image's class names, run by the same walk (``stages/causal_vae_patch.py``)."""
@@ -45,9 +46,6 @@ class AutoencoderKLQwenImageKind(VaeKind):
     def scale_factor(self, config: Mapping[str, Any]) -> int:
         return 2 ** len(config.get("temperal_downsample", (False, True, True)))
 
-    def latent_channels(self, config: Mapping[str, Any]) -> int:
-        return int(config.get("z_dim", 16))
-
     def patch_modules(self) -> Any:
         """The module classes the causal 3D VAE's patch-parallel walk runs (``stages/causal_vae_patch.py``)."""
         from diffusers.models.autoencoders import autoencoder_kl_qwenimage as m
@@ -57,20 +55,9 @@ class AutoencoderKLQwenImageKind(VaeKind):
         return CausalVaeModules(self.class_name, m.QwenImageCausalConv3d, m.QwenImageRMS_norm, m.QwenImageResample,
                                 m.QwenImageUpBlock, m.QwenImageAttentionBlock)
 
-    def check_patch(self, vae: nn.Module) -> None:
-        from omni_runtime.stages.causal_vae_patch import check_supported
-
-        check_supported(vae, self.patch_modules())
-
-    def patch_decode(self, vae: nn.Module, z: torch.Tensor, patch: Any) -> torch.Tensor | None:
-        from omni_runtime.stages.causal_vae_patch import patch_decode
-
-        return patch_decode(vae, z, patch, self.patch_modules())
-
     def to_decoder(self, vae: nn.Module, z: torch.Tensor) -> torch.Tensor:
-        c = vae.config.z_dim
-        mean = torch.tensor(vae.config.latents_mean).view(1, c, 1, 1, 1).to(z.device, z.dtype)
-        inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, c, 1, 1, 1).to(z.device, z.dtype)
+        mean, std = self.latent_stats(vae, z)
+        inv_std = 1.0 / std
         return z[:, :, None] / inv_std + mean
 
     def from_decoder(self, decoded: torch.Tensor) -> torch.Tensor:
@@ -80,9 +67,7 @@ class AutoencoderKLQwenImageKind(VaeKind):
         """The latent distribution's mode of the one-frame video, normalised ``(z - mean) / std`` as
         ``QwenImageEditPipeline._encode_vae_image`` does (image edits)."""
         z = vae.encode(pixels[:, :, None]).latent_dist.mode()
-        c = vae.config.z_dim
-        mean = torch.tensor(vae.config.latents_mean).view(1, c, 1, 1, 1).to(z.device, z.dtype)
-        std = torch.tensor(vae.config.latents_std).view(1, c, 1, 1, 1).to(z.device, z.dtype)
+        mean, std = self.latent_stats(vae, z)
         return ((z - mean) / std)[:, :, 0]
 
 

@@ -31,11 +31,12 @@ from torch import nn
 from omni_runtime.stages.errors import CheckpointError
 from omni_runtime.stages.experts import ONE_EXPERT, ExpertSchedule
 from omni_runtime.stages.guidance import TRUE_CFG
-from omni_runtime.stages.models.family import Component, ModelFamily, VaeKind
+from omni_runtime.stages.models.causal_vae_kind import CausalVaeKind
+from omni_runtime.stages.models.family import Component, ModelFamily
 from omni_runtime.stages.weights import DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS
 
 
-class AutoencoderKLWanKind(VaeKind):
+class AutoencoderKLWanKind(CausalVaeKind):
     """diffusers' ``AutoencoderKLWan`` as ``WanPipeline`` decodes with it: latents de-normalised per channel
     (``z / (1 / std) + mean``), the whole video decoded by diffusers' own ``decode`` (which already streams over the
     latent frames, one at a time through the causal convolutions' feature cache), clamped to [-1, 1]. Patch
@@ -62,9 +63,6 @@ class AutoencoderKLWanKind(VaeKind):
     def temporal_factor(self, config: Mapping[str, Any]) -> int:
         return int(config.get("scale_factor_temporal") or 4)
 
-    def latent_channels(self, config: Mapping[str, Any]) -> int:
-        return int(config.get("z_dim", 16))
-
     def patch_modules(self) -> Any:
         """The module classes the causal 3D VAE's patch-parallel walk runs (``stages/causal_vae_patch.py``)."""
         from diffusers.models.autoencoders import autoencoder_kl_wan as m
@@ -74,20 +72,9 @@ class AutoencoderKLWanKind(VaeKind):
         return CausalVaeModules(self.class_name, m.WanCausalConv3d, m.WanRMS_norm, m.WanResample, m.WanUpBlock,
                                 m.WanAttentionBlock)
 
-    def check_patch(self, vae: nn.Module) -> None:
-        from omni_runtime.stages.causal_vae_patch import check_supported
-
-        check_supported(vae, self.patch_modules())
-
-    def patch_decode(self, vae: nn.Module, z: torch.Tensor, patch: Any) -> torch.Tensor | None:
-        from omni_runtime.stages.causal_vae_patch import patch_decode
-
-        return patch_decode(vae, z, patch, self.patch_modules())
-
     def to_decoder(self, vae: nn.Module, z: torch.Tensor) -> torch.Tensor:
-        c = vae.config.z_dim
-        mean = torch.tensor(vae.config.latents_mean).view(1, c, 1, 1, 1).to(z.device, z.dtype)
-        inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, c, 1, 1, 1).to(z.device, z.dtype)
+        mean, std = self.latent_stats(vae, z)
+        inv_std = 1.0 / std
         return z / inv_std + mean
 
 
