@@ -12,7 +12,8 @@ import sys
 import tempfile
 from importlib.metadata import PackageNotFoundError, version
 
-from omni_runtime.runtime.config import STAGE_NAMES, ConfigError, RuntimeConfig, load_config
+from omni_runtime.runtime.config import STAGE_NAMES, ConfigError, RuntimeConfig
+from omni_runtime.runtime.config_load import load_config
 
 logger = logging.getLogger(__name__)
 

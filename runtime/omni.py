@@ -26,7 +26,8 @@ import numpy as np
 from PIL import Image
 
 from omni_runtime.parallel.parallel_spec import DEGREES
-from omni_runtime.runtime.config import STAGE_NAMES, ConfigError, RuntimeConfig, load_config
+from omni_runtime.runtime.config import STAGE_NAMES, ConfigError, RuntimeConfig
+from omni_runtime.runtime.config_load import load_config
 from omni_runtime.runtime.images import decode_image
 from omni_runtime.runtime.requests import FIELDS, GenerationRequest, WorkCaps, check_work, parse_request
 

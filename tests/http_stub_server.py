@@ -9,7 +9,8 @@ import threading
 import time
 from typing import Any
 
-from omni_runtime.runtime.config import RuntimeConfig, config_from_dict
+from omni_runtime.runtime.config import RuntimeConfig
+from omni_runtime.runtime.config_load import config_from_dict
 from omni_runtime.runtime.server import create_app, uvicorn_config
 
 

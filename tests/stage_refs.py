@@ -9,7 +9,8 @@ from types import SimpleNamespace
 
 import torch
 
-from omni_runtime.runtime.config import RuntimeConfig, config_from_dict, tomllib
+from omni_runtime.runtime.config import RuntimeConfig
+from omni_runtime.runtime.config_load import config_from_dict, tomllib
 from omni_runtime.stages import DenoiseRequest, DenoiserStage, TextEncoderStage, VaeDecoderStage
 
 

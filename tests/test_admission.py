@@ -16,7 +16,7 @@ import httpx
 import pytest
 from fake_stages import fake_stages
 
-from omni_runtime.runtime.config import config_from_dict
+from omni_runtime.runtime.config_load import config_from_dict
 from omni_runtime.runtime.launcher import free_port
 from omni_runtime.runtime.orchestrator import Orchestrator, Overloaded, StageUnavailable
 from omni_runtime.runtime.requests import parse_request
@@ -161,7 +161,7 @@ def test_serve_exits_non_zero_when_the_result_listener_dies(tmp_path):
         sys.path.insert(0, {str(ROOT / "tests")!r})
         from fake_stages import fake_stages
         from omni_runtime.runtime import stage_client
-        from omni_runtime.runtime.config import config_from_dict
+        from omni_runtime.runtime.config_load import config_from_dict
         from omni_runtime.runtime.server import serve
 
         async def listener():

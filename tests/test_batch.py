@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from omni_runtime.runtime.cli import main
-from omni_runtime.runtime.config import load_config
+from omni_runtime.runtime.config_load import load_config
 from omni_runtime.runtime.offline import run_batch
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from fake_stages import FakeClient, fake_stages
 
-from omni_runtime.runtime.config import config_from_dict
+from omni_runtime.runtime.config_load import config_from_dict
 from omni_runtime.runtime.messages import Result, Work
 from omni_runtime.runtime.orchestrator import Orchestrator
 from omni_runtime.runtime.requests import parse_request

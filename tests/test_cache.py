@@ -170,7 +170,8 @@ def test_bad_cache_values_name_the_key(raw, message):
 
 
 def test_cache_field_cli_and_config():
-    from omni_runtime.runtime.config import ConfigError, config_from_dict
+    from omni_runtime.runtime.config import ConfigError
+    from omni_runtime.runtime.config_load import config_from_dict
     from omni_runtime.runtime.requests import RequestError as EdgeError
     from omni_runtime.runtime.requests import cache_flag, parse_request
 

@@ -34,7 +34,7 @@ def _diffusers(path) -> tuple[np.ndarray, int]:
 @pytest.mark.slow
 def test_qwen_first_block_equals_diffusers(qwen_tiny_dir):
     from omni_runtime.runtime import Omni
-    from omni_runtime.runtime.config import config_from_dict
+    from omni_runtime.runtime.config_load import config_from_dict
 
     ref, ref_skipped = _diffusers(qwen_tiny_dir)
     assert ref_skipped >= 2, "the threshold skips no step: the test would prove nothing"

@@ -20,7 +20,7 @@ import psutil
 import pytest
 from PIL import Image
 
-from omni_runtime.runtime.config import load_config
+from omni_runtime.runtime.config_load import load_config
 from omni_runtime.runtime.requests import parse_request
 
 ROOT = Path(__file__).resolve().parent.parent

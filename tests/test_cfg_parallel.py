@@ -319,7 +319,7 @@ BASE = '[model]\npath = "models/m"\n'
 
 
 def _load(tmp_path: Path, text: str):
-    from omni_runtime.runtime.config import load_config
+    from omni_runtime.runtime.config_load import load_config
 
     p = tmp_path / "c.toml"
     p.write_text(BASE + text)

@@ -22,7 +22,8 @@ import pytest
 import torch
 from test_server_harness import ROOT, Server
 
-from omni_runtime.runtime.config import ConfigError, config_from_dict
+from omni_runtime.runtime.config import ConfigError
+from omni_runtime.runtime.config_load import config_from_dict
 from omni_runtime.stages.compile import RECOMPILE_LIMIT
 
 pytestmark = [pytest.mark.slow]

@@ -6,7 +6,8 @@ import pytest
 
 from omni_runtime.parallel.parallel_spec import ParallelSpec
 from omni_runtime.runtime.cli import main
-from omni_runtime.runtime.config import ConfigError, load_config
+from omni_runtime.runtime.config import ConfigError
+from omni_runtime.runtime.config_load import load_config
 from omni_runtime.runtime.layout import rank_groups
 from omni_runtime.runtime.placement import compute_placement
 
@@ -194,12 +195,9 @@ def test_usage_doc_config_block_lists_every_key_with_its_default():
 
     import msgspec
 
-    from omni_runtime.runtime.config import (
-        _SCHEMA,
-        ModelConfig,
-        RuntimeConfig,
-        tomllib,  # stdlib tomllib, or tomli on Python 3.10
-    )
+    from omni_runtime.runtime.config import ModelConfig, RuntimeConfig
+    from omni_runtime.runtime.config_load import tomllib  # stdlib tomllib, or tomli on Python 3.10
+    from omni_runtime.runtime.config_schema import _SCHEMA
 
     doc = (ROOT / "docs" / "USAGE.md").read_text()
     raw = tomllib.loads(re.search(r"```toml\n(.*?)```", doc, re.S).group(1))
@@ -230,7 +228,7 @@ def test_usage_doc_unknown_key_example_is_what_the_code_prints():
     example = re.search(r"`(stages\.denoiser\.parallel\.ulysess: unknown key[^`]*)`", doc).group(1)
     with pytest.raises(ConfigError) as e:
         load_config_text = BASE + "[stages.denoiser.parallel]\nulysess = 2\n"
-        from omni_runtime.runtime.config import config_from_dict, tomllib
+        from omni_runtime.runtime.config_load import config_from_dict, tomllib
 
         config_from_dict(tomllib.loads(load_config_text))
     assert str(e.value) == example
@@ -241,7 +239,7 @@ def test_usage_lists_every_shipped_config_and_its_excerpts_match_the_files():
     "`configs/NAME.toml` is this file" parses to what the file parses to."""
     import re
 
-    from omni_runtime.runtime.config import tomllib
+    from omni_runtime.runtime.config_load import tomllib  # stdlib tomllib, or tomli on Python 3.10
 
     doc = (ROOT / "docs" / "USAGE.md").read_text()
     listed = doc[doc.index("Shipped configs"):].split("\n\n")[0]

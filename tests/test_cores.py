@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from omni_runtime.runtime import cores
-from omni_runtime.runtime.config import ConfigError, config_from_dict
+from omni_runtime.runtime.config import ConfigError
+from omni_runtime.runtime.config_load import config_from_dict
 from omni_runtime.runtime.cores import ComputeToken, core_budget, omp_env, resolve_sharing
 from omni_runtime.runtime.messages import Work
 from omni_runtime.runtime.placement import compute_placement

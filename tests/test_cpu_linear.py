@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from omni_runtime.runtime.config import ConfigError, config_from_dict
+from omni_runtime.runtime.config import ConfigError
+from omni_runtime.runtime.config_load import config_from_dict
 from omni_runtime.stages import cpu_linear
 from omni_runtime.stages.cpu_linear import CPU_LINEAR, linear_gelu_tanh, onednn_available, use_onednn
 

@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from http_stub_server import StubOrchestrator
 from PIL import Image
 
-from omni_runtime.runtime.config import config_from_dict
+from omni_runtime.runtime.config_load import config_from_dict
 from omni_runtime.runtime.edit_requests import EditRules, parse_edit_request
 from omni_runtime.runtime.multipart_form import FormError, FormLimits, read_form
 from omni_runtime.runtime.requests import MAX_SEED, RequestError

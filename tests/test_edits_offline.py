@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from omni_runtime.runtime.cli import main
-from omni_runtime.runtime.config import config_from_dict
+from omni_runtime.runtime.config_load import config_from_dict
 from omni_runtime.stages.denoiser import DenoiseRequest, DenoiserStage
 from omni_runtime.stages.engine import TextEncoderEngine
 from omni_runtime.stages.models.family import CONDITION_KEY

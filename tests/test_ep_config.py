@@ -10,7 +10,8 @@ from omni_runtime.parallel import parallel_spec
 from omni_runtime.parallel.all2all import ALL2ALL_BACKENDS, CPU_CAPABLE_BACKENDS
 from omni_runtime.parallel.parallel_spec import ParallelSpec, ParallelSpecError
 from omni_runtime.runtime.cli import main
-from omni_runtime.runtime.config import ConfigError, load_config
+from omni_runtime.runtime.config import ConfigError
+from omni_runtime.runtime.config_load import load_config
 from omni_runtime.runtime.layout import rank_groups
 
 BASE = """

@@ -174,7 +174,8 @@ def test_the_hsdp_world_size_rule_is_one_function_with_one_message() -> None:
     """The config, ParallelSpec and parallel.hsdp all refuse a wrong HSDP product with the same words."""
     from omni_runtime.parallel.hsdp import HSDPConfigError, HSDPInferenceConfig
     from omni_runtime.parallel.parallel_spec import ParallelSpec, ParallelSpecError, hsdp_world_error
-    from omni_runtime.runtime.config import ConfigError, config_from_dict
+    from omni_runtime.runtime.config import ConfigError
+    from omni_runtime.runtime.config_load import config_from_dict
 
     rule = "hsdp_shard 4 × hsdp_replicate 1 = 4 does not equal the world size"
     assert hsdp_world_error(4, 1, 4) is None and hsdp_world_error(1, 1, 8) is None
@@ -469,7 +470,7 @@ def test_served_hsdp_matches_the_default_pipeline(tmp_path: Path, config: str, r
 
 
 def _config(stages: dict) -> object:
-    from omni_runtime.runtime.config import config_from_dict
+    from omni_runtime.runtime.config_load import config_from_dict
 
     return config_from_dict({"model": {"path": "/nonexistent/model"}, "stages": stages})
 

@@ -20,7 +20,8 @@ import httpx
 import psutil
 import pytest
 
-from omni_runtime.runtime.config import ConfigError, load_config
+from omni_runtime.runtime.config import ConfigError
+from omni_runtime.runtime.config_load import load_config
 from omni_runtime.runtime.liveness import Busy, RankWatch, heartbeat_interval
 from omni_runtime.runtime.messages import Heartbeat
 
@@ -202,7 +203,7 @@ def test_compute_token_says_who_holds_it_while_another_waits(tmp_path):
 def _fake_orchestrator(timeout_s: float = 60.0, **clients):
     from fake_stages import fake_stages
 
-    from omni_runtime.runtime.config import config_from_dict
+    from omni_runtime.runtime.config_load import config_from_dict
     from omni_runtime.runtime.orchestrator import Orchestrator
 
     stages = fake_stages(delay=0.01)

@@ -392,7 +392,8 @@ def test_request_field_and_cli_flag() -> None:
 
 
 def test_lora_config_section(tmp_path: Path) -> None:
-    from omni_runtime.runtime.config import ConfigError, config_from_dict
+    from omni_runtime.runtime.config import ConfigError
+    from omni_runtime.runtime.config_load import config_from_dict
 
     cfg = config_from_dict({"model": {"path": "m"}, "lora": {"adapters": {"style": "l/s.safetensors"},
                                                              "max_loaded": 3, "allowed_roots": ["l"]}},
@@ -411,7 +412,7 @@ def test_config_adapters_preloaded_on_denoiser_ranks(tiny_dir: Path, flux_loras:
                                                      caplog: pytest.LogCaptureFixture) -> None:
     """``[lora] adapters`` load on the denoiser rank at start with the keys the registry gives them, so the first
     request naming one reads no file; at most ``max_loaded``; a file that fails is logged, not fatal."""
-    from omni_runtime.runtime.config import config_from_dict
+    from omni_runtime.runtime.config_load import config_from_dict
     from omni_runtime.runtime.lora_registry import LoraRegistry
     from omni_runtime.runtime.requests import parse_request
     from omni_runtime.runtime.stage_worker import stage_options

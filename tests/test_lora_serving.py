@@ -198,7 +198,7 @@ def test_python_api_in_process_equals_diffusers(loras, diffusers_images) -> None
     """``Omni(in_process=True)``: the config's adapter, one registered from Python (no root confinement), the
     ``lora`` keyword of ``generate``; an unknown name is refused naming it."""
     from omni_runtime.runtime import Omni
-    from omni_runtime.runtime.config import config_from_dict
+    from omni_runtime.runtime.config_load import config_from_dict
     from omni_runtime.runtime.orchestrator import BadRequestInStage
 
     cfg = config_from_dict({"model": {"path": str(MODEL)}, "lora": {"adapters": {"a": str(loras["a"])}}})

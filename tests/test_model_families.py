@@ -142,7 +142,7 @@ def test_in_process_qwen_image_equals_diffusers_with_text_of_several_lengths(qwe
     from diffusers import QwenImagePipeline
 
     from omni_runtime.runtime import Omni
-    from omni_runtime.runtime.config import config_from_dict
+    from omni_runtime.runtime.config_load import config_from_dict
 
     pipe = QwenImagePipeline.from_pretrained(str(qwen_tiny_dir), dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)

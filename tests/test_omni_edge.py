@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from omni_runtime.runtime import Omni
-from omni_runtime.runtime.config import ConfigError, load_config
+from omni_runtime.runtime.config import ConfigError
+from omni_runtime.runtime.config_load import load_config
 from omni_runtime.runtime.requests import RequestError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,7 +59,7 @@ def test_generate_refuses_an_unknown_keyword_naming_the_allowed_ones(tiny_dir):
     ({"text_encoder": {"parallel": {"hsdp_shard": 2}}}, "stages.text_encoder.parallel (2 ranks: hsdp_shard = 2)"),
 ])
 def test_in_process_refuses_parallel_degrees_instead_of_running_unsharded(tiny_dir, stages, named):
-    from omni_runtime.runtime.config import config_from_dict
+    from omni_runtime.runtime.config_load import config_from_dict
 
     cfg = config_from_dict({"model": {"path": str(tiny_dir)}, "stages": stages})
     with pytest.raises(ConfigError) as e:

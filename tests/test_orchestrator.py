@@ -10,7 +10,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from omni_runtime.runtime.config import config_from_dict
+from omni_runtime.runtime.config_load import config_from_dict
 from omni_runtime.runtime.model_store import ensure_model
 from omni_runtime.runtime.orchestrator import StageUnavailable
 

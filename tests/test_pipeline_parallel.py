@@ -176,7 +176,8 @@ def test_partitioned_model_loads_only_its_share(tiny_dir: Path) -> None:
 
 
 def test_check_prints_block_ranges_and_rejects_pp_above_the_block_count(tiny_dir: Path) -> None:
-    from omni_runtime.runtime.config import ConfigError, config_from_dict
+    from omni_runtime.runtime.config import ConfigError
+    from omni_runtime.runtime.config_load import config_from_dict
     from omni_runtime.runtime.preflight import pipeline_lines, preflight
 
     def cfg(pp: int, ulysses: int = 1):

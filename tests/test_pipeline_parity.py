@@ -20,7 +20,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransfo
 from PIL import Image
 from stage_refs import decode, denoise_requests, load_stages  # noqa: E402
 
-from omni_runtime.runtime.config import config_from_dict  # noqa: E402
+from omni_runtime.runtime.config_load import config_from_dict  # noqa: E402
 
 LATENT_RTOL = 1e-4
 IMAGE_ATOL = 1

@@ -22,7 +22,8 @@ import pytest
 from omni_runtime.comm import cleanup
 from omni_runtime.comm import instance as rt_instance
 from omni_runtime.runtime.cli import describe
-from omni_runtime.runtime.config import ConfigError, config_from_dict
+from omni_runtime.runtime.config import ConfigError
+from omni_runtime.runtime.config_load import config_from_dict
 from omni_runtime.runtime.placement import TRANSPORT_ENV, compute_placement
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from omni_runtime.runtime.cli import main
-from omni_runtime.runtime.config import ConfigError, config_from_dict
+from omni_runtime.runtime.config import ConfigError
+from omni_runtime.runtime.config_load import config_from_dict
 from omni_runtime.runtime.preflight import OVERSUBSCRIPTION, check_machine, cpu_cores, cuda_devices
 from omni_runtime.stages.errors import CheckpointError
 from omni_runtime.stages.model_check import check_model_dir

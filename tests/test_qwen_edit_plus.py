@@ -20,7 +20,7 @@ from PIL import Image
 from qwen_edit_refs import edit, pipeline
 from test_server_harness import API_KEY, ROOT, Server
 
-from omni_runtime.runtime.config import load_config
+from omni_runtime.runtime.config_load import load_config
 from omni_runtime.runtime.edit_requests import edit_rules, parse_edit_request
 from omni_runtime.runtime.model_store import ensure_model
 

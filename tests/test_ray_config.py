@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from omni_runtime.comm import node
-from omni_runtime.runtime.config import ConfigError, config_from_dict
+from omni_runtime.runtime.config import ConfigError
+from omni_runtime.runtime.config_load import config_from_dict
 from omni_runtime.runtime.placement import TRANSPORT_ENV, compute_placement, fill_port
 
 ROOT = Path(__file__).resolve().parent.parent

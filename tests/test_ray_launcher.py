@@ -129,7 +129,7 @@ def reference() -> np.ndarray:
     """The image of the same request from the single-process pipeline (the local launcher's pipeline in this
     process, Omni(in_process=True))."""
     from omni_runtime.runtime import Omni
-    from omni_runtime.runtime.config import config_from_dict
+    from omni_runtime.runtime.config_load import config_from_dict
 
     cfg = config_from_dict({"model": {"path": str(ROOT / "models" / "tiny-flux")}})
     with Omni(cfg, in_process=True) as omni:
@@ -287,8 +287,8 @@ def test_omni_on_the_cluster_reports_its_placement_and_close_removes_every_actor
     from ray.util.placement_group import placement_group_table
 
     from omni_runtime.runtime import Omni
-    from omni_runtime.runtime.config import config_from_dict
-    from omni_runtime.runtime.config import tomllib as toml
+    from omni_runtime.runtime.config_load import config_from_dict
+    from omni_runtime.runtime.config_load import tomllib as toml
 
     cfg = config_from_dict(toml.loads(_config(cluster.address)))
     before = set(placement_group_table())

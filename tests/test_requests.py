@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from http_stub_server import StubOrchestrator
 
 from omni_runtime.runtime.cli import main
-from omni_runtime.runtime.config import config_from_dict
+from omni_runtime.runtime.config_load import config_from_dict
 from omni_runtime.runtime.requests import MAX_SEED, RequestError, parse_request
 from omni_runtime.runtime.server import create_app
 

@@ -8,7 +8,8 @@ import time
 import httpx
 import pytest
 
-from omni_runtime.runtime.config import ConfigError, config_from_dict
+from omni_runtime.runtime.config import ConfigError
+from omni_runtime.runtime.config_load import config_from_dict
 from omni_runtime.runtime.messages import ItemProgress, StepReport
 from omni_runtime.runtime.progress import ProgressBook
 from omni_runtime.runtime.requests import FIELDS, RequestError, openapi_request_schema, parse_request

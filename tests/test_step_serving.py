@@ -52,7 +52,7 @@ def step_config(tmp: Path, base: str, **denoiser: object) -> Path:
 
 @pytest.fixture(scope="module", params=CONFIGS)
 def server(request, tmp_path_factory):
-    from omni_runtime.runtime.config import load_config
+    from omni_runtime.runtime.config_load import load_config
 
     tmp = tmp_path_factory.mktemp("step")
     path = step_config(tmp, request.param, scheduling="step")

@@ -297,7 +297,7 @@ def test_launcher_gives_the_vae_ranks_their_patch_mesh_and_tiling(tmp_path, monk
 
     from omni_runtime.comm import instance as rt_instance
     from omni_runtime.parallel.parallel_spec import ParallelSpec
-    from omni_runtime.runtime.config import load_config
+    from omni_runtime.runtime.config_load import load_config
     from omni_runtime.runtime.cores import cpus, stage_threads
     from omni_runtime.runtime.launcher import LocalLauncher
 

@@ -8,7 +8,8 @@ import asyncio
 import numpy as np
 import pytest
 
-from omni_runtime.runtime.config import ConfigError, config_from_dict
+from omni_runtime.runtime.config import ConfigError
+from omni_runtime.runtime.config_load import config_from_dict
 from omni_runtime.runtime.requests import RequestError
 from omni_runtime.runtime.video_files import decode_frames, decode_mp4, encode_frames, encode_mp4
 from omni_runtime.runtime.video_jobs import StoreFull, VideoJob, VideoJobStore

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from test_server_harness import ROOT
 
-from omni_runtime.runtime.config import load_config
+from omni_runtime.runtime.config_load import load_config
 from omni_runtime.runtime.requests import RequestError
 from omni_runtime.runtime.video_files import decode_frames, decode_mp4
 

@@ -211,7 +211,7 @@ def test_guidance_scale_2_at_the_edge(wan22_dir) -> None:
 
 def test_cli_flag_and_batch_line(tmp_path) -> None:
     from omni_runtime.runtime.cli import build_parser
-    from omni_runtime.runtime.config import load_config
+    from omni_runtime.runtime.config_load import load_config
     from omni_runtime.runtime.offline import read_prompts
     from omni_runtime.runtime.video_offline import is_video_output, parse_video, video_request_from_args
 
@@ -232,7 +232,7 @@ def test_cli_flag_and_batch_line(tmp_path) -> None:
 
 
 def test_omni_generate_video_equals_diffusers(pipe) -> None:
-    from omni_runtime.runtime.config import load_config
+    from omni_runtime.runtime.config_load import load_config
     from omni_runtime.runtime.omni import Omni
 
     cfg = load_config(ROOT / "configs" / "wan22.toml")

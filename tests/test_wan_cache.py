@@ -63,7 +63,7 @@ def _max_levels(frames: np.ndarray, ref: np.ndarray) -> float:
 @pytest.mark.slow
 def test_wan_first_block_equals_diffusers_in_process(diffusers_fbc) -> None:
     from omni_runtime.runtime import Omni
-    from omni_runtime.runtime.config import config_from_dict
+    from omni_runtime.runtime.config_load import config_from_dict
     from omni_runtime.runtime.orchestrator import BadRequestInStage
     from omni_runtime.runtime.video_offline import parse_video
 

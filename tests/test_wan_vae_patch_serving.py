@@ -75,7 +75,7 @@ def test_vae_patch2_equals_diffusers_through_serve(tmp_path) -> None:
 
 
 def _check(tmp_path, edits: dict[str, str]):
-    from omni_runtime.runtime.config import load_config
+    from omni_runtime.runtime.config_load import load_config
     from omni_runtime.runtime.preflight import preflight
 
     text = (ROOT / "configs" / "wan.toml").read_text()

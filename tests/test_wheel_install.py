@@ -79,7 +79,7 @@ def test_wheel_installs_under_one_namespace_next_to_jupyter_comm(tmp_path: Path)
         "assert callable(comm.create_comm), 'Jupyter comm lost create_comm'\n"
         "c = comm.create_comm()\n"
         "from omni_runtime.comm import serde\n"
-        "from omni_runtime.runtime.config import load_config\n"
+        "from omni_runtime.runtime.config_load import load_config\n"
         "import omni_runtime.runtime.cli, omni_runtime.stages.models.flux.tiny as tiny\n"
         "print(comm.__file__); print(tiny.__file__); print(type(c).__name__)\n"
     )

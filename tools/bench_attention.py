@@ -252,7 +252,7 @@ def bench_omni(model_dir: str, size: int, steps: int, pairs: int, keep_freed: bo
     """One ``Omni(in_process=True)`` of ``model_dir``; generate with ``auto`` picking ``scores`` (limit 1 GiB) and
     the flash kernel (limit 0), alternated per pair, same seed; returns the latency table rows."""
     from omni_runtime.parallel.attention import scores
-    from omni_runtime.runtime.config import config_from_dict
+    from omni_runtime.runtime.config_load import config_from_dict
     from omni_runtime.runtime.omni import Omni
 
     if keep_freed:  # the rank processes' allocator settings (runtime.allocator), which in_process does not apply

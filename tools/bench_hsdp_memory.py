@@ -75,7 +75,7 @@ def denoiser_ranks() -> dict[str, int]:
 
 
 def run_layout(model_dir: str, shard: int, requests: int, size: int, steps: int) -> dict:
-    from omni_runtime.runtime.config import config_from_dict
+    from omni_runtime.runtime.config_load import config_from_dict
     from omni_runtime.runtime.omni import Omni
 
     cfg = config_from_dict({"model": {"path": model_dir},

@@ -110,7 +110,7 @@ def bench_tcp_handoff(nbytes: int = 64 * MIB, reps: int = 5) -> dict[str, Any]:
 
 
 def _config(launcher: str) -> Any:
-    from omni_runtime.runtime.config import config_from_dict
+    from omni_runtime.runtime.config_load import config_from_dict
 
     # one torch thread per rank in both: the Ray launcher's default (a bundle of threads CPUs); the local launcher
     # would otherwise give every rank all cores, and the comparison would measure OpenMP oversubscription
