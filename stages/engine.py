@@ -142,12 +142,12 @@ class TextEncoderEngine:
     def batch_key(self, item: StageItem) -> Hashable:
         # an encoder that sees the input images refuses an item without any: such items batch apart, so one
         # refused request never fails an edit batched with it
-        return (bool(getattr(item.params, "images", ())),) if getattr(self.encoder, "sees_images", False) else ()
+        return (bool(getattr(item.params, "images", ())),) if self.encoder.sees_images else ()
 
     def step(self, items: list[StageItem], stop: StopHook | None = None) -> list[dict[str, torch.Tensor]]:
         neg_idx = [i for i, it in enumerate(items) if uses_true_cfg(it.params)]
         prompts = [it.params.prompt for it in items] + [items[i].params.negative_prompt for i in neg_idx]
-        if getattr(self.encoder, "sees_images", False):  # its embeddings see each prompt's input images
+        if self.encoder.sees_images:  # its embeddings see each prompt's input images
             images = [getattr(it.params, "images", ()) for it in items]
             enc = self.encoder.encode(prompts, images=images + [images[i] for i in neg_idx])
         else:

@@ -8,9 +8,10 @@ stage, the runtime and the HTTP layer read these declarations and never branch o
 What a family declares:
 
 - **components**: the slots of its ``model_index.json`` and the classes each may hold (``check`` and the loaders);
-- **text**: ``load_text_encoder`` returns an object whose ``encode(prompts)`` gives one dict of tensors per prompt:
-  the *branch* tensors (:attr:`ModelFamily.branch_dims`) the denoiser takes for that prompt; a negative prompt's
-  dict travels under the same keys prefixed ``negative_``;
+- **text**: ``load_text_encoder`` returns a :class:`TextEncoder`, whose ``encode(prompts)`` gives one dict of tensors
+  per prompt: the *branch* tensors (:attr:`ModelFamily.branch_dims`) the denoiser takes for that prompt; a negative
+  prompt's dict travels under the same keys prefixed ``negative_``; it declares whether it also reads each prompt's
+  input images (:attr:`TextEncoder.sees_images`);
 - **denoiser**: ``load_transformer`` (with its ``_sp_plan`` / ``_pp_plan`` / HSDP shard conditions on the model),
   :meth:`~ModelFamily.row_args` (how the branches of a step's rows become the model's keyword arguments),
   :meth:`~ModelFamily.join_key` (which rows can share one forward), the rotary position ids, and the true-CFG
@@ -75,7 +76,11 @@ class Component:
 
 
 class TextEncoder(Protocol):
-    """What a family's text encoder is to the text-encoder engine."""
+    """What a family's text encoder is to the text-encoder engine. Every encoder declares :attr:`sees_images`."""
+
+    #: True: ``encode(prompts, images=...)`` takes each prompt's input image files (Qwen-Image-Edit's Qwen2.5-VL
+    #: with its vision tower) and refuses a prompt without any; False: ``encode(prompts)`` reads the text alone
+    sees_images: bool
 
     def encode(self, prompts: list[str]) -> list[dict[str, torch.Tensor]]: ...
 

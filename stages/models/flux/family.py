@@ -23,6 +23,8 @@ class FluxText:
     """The CLIP + T5 encoders (``stages.text_encoder.TextEncoderStage``) as a family text encoder: one dict of
     branch tensors per prompt."""
 
+    sees_images = False  # the text alone (``stages.models.family.TextEncoder``)
+
     def __init__(self, stage: Any) -> None:
         self.stage = stage
 

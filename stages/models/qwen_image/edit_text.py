@@ -75,7 +75,8 @@ class QwenImageEditTextEncoder:
     ``encode_prompt`` gives it for that prompt and its input images (``images[i]``: the image files of prompt i).
     ``plus``: the Plus template ("Picture N: ..." per image, each image at the 384 x 384 area)."""
 
-    #: the text-encoder engine passes each prompt's input images (``TextEncoderEngine.step``)
+    #: the text-encoder engine passes each prompt's input images (``TextEncoderEngine.step``;
+    #: ``stages.models.family.TextEncoder``)
     sees_images = True
 
     def __init__(self, tokenizer: Any, image_processor: Any, text_encoder: torch.nn.Module, device: torch.device,

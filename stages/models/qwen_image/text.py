@@ -99,6 +99,8 @@ class QwenImageTextEncoder:
     """Encodes prompts for a Qwen-Image denoiser: ``encode(prompts)`` gives, per prompt, ``{"prompt_embeds":
     (tokens, hidden)}``, the unpadded rows ``QwenImagePipeline.encode_prompt`` returns for that prompt alone."""
 
+    sees_images = False  # the text alone (``stages.models.family.TextEncoder``)
+
     def __init__(self, tokenizer: Any, text_encoder: torch.nn.Module, device: torch.device) -> None:
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder

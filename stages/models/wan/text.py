@@ -58,6 +58,8 @@ class WanTextEncoder:
     """``encode(prompts)`` gives, per prompt, ``{"prompt_embeds": (512, d_model)}``: what ``WanPipeline``'s
     ``encode_prompt`` returns for that prompt alone (padding is to a fixed length, so a batch changes nothing)."""
 
+    sees_images = False  # the text alone (``stages.models.family.TextEncoder``)
+
     def __init__(self, tokenizer: Any, text_encoder: torch.nn.Module, device: torch.device) -> None:
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
