@@ -8,7 +8,7 @@ Two kinds:
 - :class:`ZmqStageClient`: a replica of rank processes (``runtime.launcher``), work over a ``comm.channel``
   PUSH channel; results come back through the one :class:`ResultListener` of the frontend, which routes each
   ``Ready``/``Result`` to its client and survives any message it receives.
-- :class:`InProcessStageClient`: the same engine and the same driver loop (``runtime.stage_exec``) on a thread
+- :class:`InProcessStageClient`: the same engine and the same driver loop (``runtime.driver_loop``) on a thread
   of this process (``Omni(in_process=True)``, tests).
 
 :func:`zmq_stages` and :func:`in_process_stages` build every client of a config as a :class:`StageSet`.
@@ -28,6 +28,7 @@ from omni_runtime.comm import serde
 from omni_runtime.comm.channel import ChannelClosed, Receiver, Sender
 from omni_runtime.runtime import tensor_handoff
 from omni_runtime.runtime.config import STAGE_NAMES, RuntimeConfig
+from omni_runtime.runtime.driver_loop import DriverLoop
 from omni_runtime.runtime.liveness import RankWatch
 from omni_runtime.runtime.messages import (
     Cancel,
@@ -40,7 +41,7 @@ from omni_runtime.runtime.messages import (
     Stop,
     Work,
 )
-from omni_runtime.runtime.stage_exec import DriverLoop, StageExecutor
+from omni_runtime.runtime.stage_exec import StageExecutor
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ ranks, so every rank takes the same items out.
 Followers (rank > 0): receive each :class:`~runtime.messages.Batch` (and the step decisions) through the
 :class:`~runtime.rank_fanout.RankFanout` and run the same engine step, so their collectives pair up. Under
 step-level scheduling there are no batches: each step plan (a ``StepDecision`` with ``plan``: drops and admissions)
-is applied to the follower's running set, then it runs the same step (``stage_exec.follow_plan``).
+is applied to the follower's running set, then it runs the same step (``driver_loop.follow_plan``).
 
 Every rank (driver and followers) runs a :class:`Heartbeat` thread that tells the orchestrator it is alive and how
 long it has been in its current step (``runtime.liveness``).
@@ -28,11 +28,12 @@ from collections.abc import Sequence
 from omni_runtime.comm import serde
 from omni_runtime.comm.channel import ChannelTimeout, SyncReceiver, SyncSender
 from omni_runtime.comm.shm_broadcast import MessageQueueCancelled
+from omni_runtime.runtime.driver_loop import DriverLoop, follow, follow_plan
 from omni_runtime.runtime.liveness import Busy
 from omni_runtime.runtime.messages import Heartbeat as HeartbeatMsg
 from omni_runtime.runtime.messages import Inbound, Ready, Result, StepDecision, StepReport, Stop
 from omni_runtime.runtime.rank_fanout import RankFanout
-from omni_runtime.runtime.stage_exec import DriverLoop, StageExecutor, follow, follow_plan
+from omni_runtime.runtime.stage_exec import StageExecutor
 from omni_runtime.stages.engine import Engine
 
 logger = logging.getLogger(__name__)

@@ -87,7 +87,7 @@ class Engine(Protocol):
 @runtime_checkable
 class StepEngine(Engine, Protocol):
     """An engine with a running set (the denoiser): under step-level scheduling the runtime admits and retires
-    items between steps (``runtime.stage_exec``) and every rank of the stage does the same in the same order."""
+    items between steps (``runtime.driver_loop``) and every rank of the stage does the same in the same order."""
 
     running: Sized  # the items in the running set (``len``)
 
@@ -216,7 +216,7 @@ class DenoiserEngine:
         latents = self.stage.denoise([self.request(it) for it in items], stop=stop)
         return [x.contiguous() if x is not None else None for x in latents]
 
-    # --- step level: the runtime admits and retires items between steps (runtime.stage_exec) ------------------
+    # --- step level: the runtime admits and retires items between steps (runtime.driver_loop) ------------------
 
     def join_key(self, item: StageItem) -> Hashable:
         """Items with equal keys can run in one step-level forward (any step counts, with or without CFG)."""

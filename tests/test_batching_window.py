@@ -10,9 +10,10 @@ import queue
 import numpy as np
 import pytest
 
+from omni_runtime.runtime.driver_loop import DriverLoop
 from omni_runtime.runtime.messages import Result, Stop, Work
 from omni_runtime.runtime.requests import parse_request
-from omni_runtime.runtime.stage_exec import DriverLoop, StageExecutor
+from omni_runtime.runtime.stage_exec import StageExecutor
 
 
 def _work(rid: str, size: str = "16x16") -> Work:

@@ -70,7 +70,7 @@ def _cancel_one_of_two(omni, steps: int) -> tuple[np.ndarray, np.ndarray, float,
 def test_in_process_cancel_leaves_the_running_batch_and_the_other_matches_its_solo_image(caplog):
     from omni_runtime.runtime import Omni
 
-    caplog.set_level(logging.INFO, logger="omni_runtime.runtime.stage_exec")
+    caplog.set_level(logging.INFO, logger="omni_runtime.runtime.driver_loop")
     with Omni(ROOT / "configs" / "default.toml", in_process=True) as omni:
         omni.generate_encoded(parse_request({"prompt": "warm", "seed": 1, "size": SIZE, "num_inference_steps": 1}))
         got, alone, after_cancel, alone_s = _cancel_one_of_two(omni, steps=STEPS)

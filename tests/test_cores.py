@@ -275,7 +275,7 @@ class _Engine:
 
 
 def test_the_executor_computes_in_its_turn_announces_first_and_hands_over_between_steps():
-    from omni_runtime.runtime.stage_exec import DriverLoop
+    from omni_runtime.runtime.driver_loop import DriverLoop
 
     log: list = []
     token = _Token(log)
@@ -338,7 +338,7 @@ class _StepEngine:
 
 
 def test_the_step_loop_plans_and_runs_each_step_in_its_turn_and_gives_it_up_between_steps():
-    from omni_runtime.runtime.stage_exec import DriverLoop
+    from omni_runtime.runtime.driver_loop import DriverLoop
 
     log: list = []
     token = _Token(log)

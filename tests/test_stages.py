@@ -398,10 +398,10 @@ def test_the_step_level_engine_methods_are_declared_in_the_engine_protocol(tiny_
     ``# type: ignore``; the denoiser engine implements it."""
     import inspect
 
-    from omni_runtime.runtime import stage_exec
+    from omni_runtime.runtime import driver_loop, stage_exec
     from omni_runtime.stages.engine import DenoiserEngine, StepEngine, load_engine
 
     engine = load_engine("denoiser", tiny_dir, "float32", "cpu")
     assert isinstance(engine, DenoiserEngine) and isinstance(engine, StepEngine)
     assert not isinstance(load_engine("vae", tiny_dir, "float32", "cpu"), StepEngine)
-    assert "type: ignore[attr-defined]" not in inspect.getsource(stage_exec)
+    assert "type: ignore[attr-defined]" not in inspect.getsource(stage_exec) + inspect.getsource(driver_loop)
