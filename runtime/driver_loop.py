@@ -123,11 +123,16 @@ class DriverLoop:
             for res in ex.run(batch, stop=self._stop_hook(batch), announce=announce):
                 self.send(res)
             busy = True
+        self._shut_down("driver loop")
+
+    def _shut_down(self, loop: str) -> None:
+        """After ``Stop``: fail what is still queued, stop the followers."""
+        ex = self.executor
         for res in ex.drop_all("the stage is shutting down"):
             self.send(res)
         if self.broadcast is not None:
             self.broadcast(Stop())
-        logger.debug("driver loop of %s[%d] (pid %d) ended", ex.stage, ex.replica, os.getpid())
+        logger.debug("%s of %s[%d] (pid %d) ended", loop, ex.stage, ex.replica, os.getpid())
 
     # ------------------------------------------------------------------ step-level scheduling
 
@@ -177,11 +182,7 @@ class DriverLoop:
                                                         admitted=len(admit), retired=len(drop) + len(outs)))
         for p in running.values():
             self.send(ex.finish(p, None, "the stage is shutting down"))
-        for res in ex.drop_all("the stage is shutting down"):
-            self.send(res)
-        if self.broadcast is not None:
-            self.broadcast(Stop())
-        logger.debug("step loop of %s[%d] (pid %d) ended", ex.stage, ex.replica, os.getpid())
+        self._shut_down("step loop")
 
     def _step_engine(self) -> StepEngine:
         return cast(StepEngine, self.executor.engine)  # the executor has a scheduler only for a StepEngine
