@@ -77,7 +77,7 @@ def add_lora_routes(app: FastAPI, auth: Callable[[Request], Response | None]) ->
             entry = await asyncio.to_thread(registry(request).add, raw.get("name"), raw.get("path"))
         except LoraForbidden as e:
             return error_response(403, str(e), "invalid_request_error", "path", "forbidden_path")
-        except ValueError as e:  # the name, or a file that does not fit (stages.lora.LoraError)
+        except ValueError as e:  # the name, or a file that does not fit (stages.lora_files.LoraError)
             param = getattr(e, "param", None) or "path"
             return error_response(400, str(e), "invalid_request_error", param, "invalid_lora")
         return JSONResponse({"object": "lora", **entry.as_json()})

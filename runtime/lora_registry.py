@@ -2,7 +2,7 @@
 
 The registry lives in the orchestrator (the frontend): it maps a name to its file and a version, and checks each
 file once, when it is registered, against the model's transformer checkpoint (layout, module names, shapes:
-``stages.lora.check_lora_file``, headers only), so an adapter for another model or with wrong shapes is a 400 at
+``stages.lora_files.check_lora_file``, headers only), so an adapter for another model or with wrong shapes is a 400 at
 load and never reaches a rank. A request's ``lora`` names are resolved here (an unknown name is a 400 naming it):
 the request then carries each adapter's path and version to the denoiser, whose every rank loads it on the admit
 that first names it (every rank admits the same items at the same step boundary) and keeps at most
@@ -30,7 +30,8 @@ import msgspec
 
 from omni_runtime.runtime.config import ConfigError, RuntimeConfig
 from omni_runtime.runtime.requests import LORA_NAME_PATTERN, GenerationRequest, LoraRef, RequestError
-from omni_runtime.stages.lora import check_lora_file, configured_specs
+from omni_runtime.stages.lora import configured_specs
+from omni_runtime.stages.lora_files import check_lora_file
 
 logger = logging.getLogger(__name__)
 

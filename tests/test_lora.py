@@ -19,7 +19,8 @@ from safetensors.torch import load_file, save_file
 
 from omni_runtime.stages.denoiser import DenoiseRequest, DenoiserStage
 from omni_runtime.stages.errors import RequestError
-from omni_runtime.stages.lora import LoraError, LoraSpec, check_lora_file
+from omni_runtime.stages.lora import LoraSpec
+from omni_runtime.stages.lora_files import LoraError, check_lora_file
 from omni_runtime.stages.step_batch import RunningSet
 
 LATENT_RTOL = 1e-4
@@ -168,7 +169,7 @@ def test_kohya_layout_converted_by_diffusers_matches_diffusers(tiny_dir: Path, f
     print("kohya layout: latent rel errors vs diffusers load_lora_weights(kohya file):", errs)
     assert max(errs) <= LATENT_RTOL, errs
     # the converted adapter is d's on the layers kohya expresses (here: all but the single block's q/k/v)
-    from omni_runtime.stages.lora import parse_lora, read_lora_file
+    from omni_runtime.stages.lora_files import parse_lora, read_lora_file
 
     got = parse_lora(*read_lora_file(kohya), "k", "FluxPipeline")
     ref = parse_lora(*read_lora_file(d), "d")
@@ -182,7 +183,8 @@ def test_other_layouts_refused_by_name(tiny_dir: Path, flux_loras: dict, tmp_pat
                                        caplog: pytest.LogCaptureFixture) -> None:
     """What diffusers' converter cannot read, DoRA, and another layout with no pipeline class to convert it;
     converted keys outside transformer.* are ignored with a warning, as diffusers' load_lora_weights ignores them."""
-    from omni_runtime.stages.lora import LoraBank, parse_lora
+    from omni_runtime.stages.lora import LoraBank
+    from omni_runtime.stages.lora_files import parse_lora
 
     g = torch.Generator().manual_seed(0)
     # kohya single-block linear1 assumes Flux-dev's sizes (3072 x 3 + 12288): diffusers' converter refuses it
@@ -211,7 +213,7 @@ def test_other_layouts_refused_by_name(tiny_dir: Path, flux_loras: dict, tmp_pat
     assert set(parse_lora(kohya_ok, {}, "x", "FluxPipeline")) == {"transformer_blocks.0.attn.to_out.0"}
     img_in = {"lora_unet_img_in.lora_down.weight": torch.zeros(2, 64), "lora_unet_img_in.lora_up.weight":
               torch.zeros(32, 2)}  # diffusers converts it to x_embedder.* (no transformer. prefix): not loaded
-    with caplog.at_level("WARNING", logger="omni_runtime.stages.lora"):
+    with caplog.at_level("WARNING", logger="omni_runtime.stages.lora_files"):
         assert set(parse_lora({**kohya_ok, **img_in}, {}, "x", "FluxPipeline")) == {
             "transformer_blocks.0.attn.to_out.0"}
     assert "2 converted keys outside transformer.* are ignored" in caplog.text
