@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 
 import httpx
+import pytest
 from test_server_harness import ROOT
 
 from omni_runtime.runtime.config import load_config
@@ -42,3 +43,31 @@ def test_every_shipped_config_loads_and_edit_configs_allow_what_their_family_tak
     edit_families = {family_for_class(c).name for c in REGISTRY if family_for_class(c).image_inputs > 0}
     assert {"flux-kontext", "qwen_image_edit", "qwen_image_edit_plus"} <= edit_families
     assert [f for f in sorted(edit_families) if f not in served] == [], served  # each edit family has its config
+
+
+# --- 5: the CLI checks its flags before it makes the embedded model ---------------------------------------------
+
+
+@pytest.mark.parametrize(("flags", "says"), [
+    (["--steps", "0"], "--steps"),
+    (["--size", "10x10"], "--size"),
+    (["--seed", "-1"], "--seed"),
+    (["--guidance", "1000"], "--guidance"),
+    (["--cache", "magic"], "--cache"),
+    (["--num-frames", "0", "-o", "out.mp4"], "--num-frames"),
+    (["-o", "out.gif"], "--output"),
+])
+def test_cli_bad_flag_exits_2_naming_it_before_any_model_is_made(flags, says, tmp_path, capsys, monkeypatch):
+    from omni_runtime.runtime.cli import main
+
+    models = tmp_path / "models"
+    cfg = tmp_path / "c.toml"
+    cfg.write_text((ROOT / "configs" / "default.toml").read_text().replace(
+        'path = "../models/tiny-flux"', f'path = "{models / "tiny-flux"}"'))
+    monkeypatch.chdir(tmp_path)
+    argv = ["generate", "--config", str(cfg), "--prompt", "a cat", "-o", "out.png", "--in-process"]
+    assert main(argv + flags) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("omni-runtime generate: error: ") and says in err and len(err.splitlines()) == 1, err
+    assert not models.exists()  # no model made, nothing written
+    assert list(tmp_path.iterdir()) == [cfg]
