@@ -54,7 +54,12 @@ def request_from_args(args: argparse.Namespace, output_format: str, caps: WorkCa
         assert cfg is not None, "an edit needs the config (its model's rules)"
         images = [read_image_file(p, "--image") for p in paths]
         return parse_edit_request(raw, images, edit_rules(cfg), caps=caps, image_param="--image")
-    return parse_request(raw, caps=caps)
+    req = parse_request(raw, caps=caps)
+    if cfg is not None:
+        from omni_runtime.runtime.served_model import check_served, served_model_of
+
+        check_served(req, served_model_of(cfg))  # e.g. an edit-only model: give --image
+    return req
 
 
 def check_flags(args: argparse.Namespace) -> None:

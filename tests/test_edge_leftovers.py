@@ -10,7 +10,7 @@ import re
 
 import httpx
 import pytest
-from test_server_harness import ROOT
+from test_server_harness import ROOT, Server
 
 from omni_runtime.runtime.config import load_config
 
@@ -71,3 +71,40 @@ def test_cli_bad_flag_exits_2_naming_it_before_any_model_is_made(flags, says, tm
     assert err.startswith("omni-runtime generate: error: ") and says in err and len(err.splitlines()) == 1, err
     assert not models.exists()  # no model made, nothing written
     assert list(tmp_path.iterdir()) == [cfg]
+
+
+# --- 1: a generation sent to an edit-only model is refused at the edge ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def edit_server(tmp_path_factory):
+    s = Server(tmp_path_factory.mktemp("edge-qwen-edit"), base_config="qwen_image_edit.toml")
+    yield s
+    s.stop()
+    assert s.shm_entries() == []
+
+
+def test_generation_on_an_edit_only_model_is_a_400_naming_image(edit_server):
+    s = edit_server
+    before = _requests_total(s.url, s.headers)
+    r = httpx.post(s.url + "/v1/images/generations", headers=s.headers, timeout=120,
+                   json={"prompt": "a cat", "size": "64x64", "num_inference_steps": 2})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == "image" and "/v1/images/edits" in err["message"], err
+    assert "qwen_image_edit" in err["message"], err
+    assert _delta(_requests_total(s.url, s.headers), before) == {"400": 1.0}
+    assert "Traceback" not in s.log_text()  # refused at the edge: no stage saw it
+    assert httpx.get(s.url + "/health", timeout=30).status_code == 200
+
+
+def test_cli_generate_on_an_edit_only_model_says_to_give_an_image(edit_server, tmp_path, capsys, monkeypatch):
+    from omni_runtime.runtime.cli import main
+
+    monkeypatch.chdir(tmp_path)  # the model exists: edit_server made it
+    argv = ["generate", "--config", str(ROOT / "configs" / "qwen_image_edit.toml"), "--prompt", "a cat", "--size",
+            "64x64", "--steps", "2", "-o", "out.png", "--in-process"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("omni-runtime generate: error: image is required") and "generate --image" in err, err
+    assert list(tmp_path.iterdir()) == []

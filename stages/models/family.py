@@ -161,6 +161,8 @@ class ModelFamily:
     image_inputs: int = 0
     #: image edits: the family takes a mask (inpainting)
     inpainting: bool = False
+    #: image edits only: a request without input images (a generation) is refused at the edge, naming ``image``
+    edits_only: bool = False
     #: the family makes videos: requests may ask for ``num_frames`` > 1 (its VAE is a video ``VaeKind``)
     video: bool = False
     #: the pipeline calls the scheduler's ``set_timesteps(steps)`` without sigmas (its own default timesteps);
