@@ -2,6 +2,8 @@
 declarations (``stages.models.family.ModelFamily``) a request is checked against before any stage sees it.
 
 - ``edits_only``: a generation (no input image) is a 400 naming ``image`` (Qwen-Image-Edit and -Plus);
+- ``cache_refusals``: a ``cache`` method the family cannot run (TeaCache on Wan, Qwen-Image) is a 400 naming
+  ``cache``, the reason and the methods allowed (the route would otherwise accept a video job that then fails);
 
 The stages keep their own checks as the second line of defence.
 """
@@ -14,6 +16,7 @@ from functools import lru_cache
 from typing import Any
 
 from omni_runtime.runtime.requests import GenerationRequest, RequestError
+from omni_runtime.stages.cache_config import METHODS
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +30,7 @@ class ServedModel:
     family: str
     pipeline: str
     edits_only: bool = False
+    cache_refusals: tuple[tuple[str, str], ...] = ()  # (method, why)
 
 
 @lru_cache(maxsize=8)
@@ -35,7 +39,8 @@ def served_model(path: str) -> ServedModel:
     from omni_runtime.stages.models.family import family_of
 
     family = family_of(path)
-    return ServedModel(family=family.name, pipeline=family.pipeline_classes[0], edits_only=family.edits_only)
+    return ServedModel(family=family.name, pipeline=family.pipeline_classes[0], edits_only=family.edits_only,
+                       cache_refusals=tuple(family.cache_refusals.items()))
 
 
 def served_model_of(cfg: Any) -> ServedModel | None:
@@ -55,3 +60,8 @@ def check_served(req: GenerationRequest, model: ServedModel | None) -> None:
         raise RequestError(f"image is required: the served model is a {model.family} model ({model.pipeline}), "
                            f"which only edits images; allowed: an edit with input images (POST /v1/images/edits, "
                            f"generate --image, Omni.edit)", "image")
+    refused = dict(model.cache_refusals)
+    if req.cache is not None and req.cache.method in refused:
+        allowed = ", ".join(m for m in METHODS if m not in refused)
+        raise RequestError(f"cache.method={req.cache.method!r}: the {model.family} family "
+                           f"{refused[req.cache.method]}; allowed: {allowed}", "cache")

@@ -40,6 +40,7 @@ from omni_runtime.runtime.http_common import (
 from omni_runtime.runtime.image_stream import ImageEvent
 from omni_runtime.runtime.orchestrator import ServingError
 from omni_runtime.runtime.requests import RequestError, show
+from omni_runtime.runtime.served_model import check_served, served_model_of
 from omni_runtime.runtime.video_files import decode_frames, encode_mp4, thumbnail
 from omni_runtime.runtime.video_jobs import FILES, StoreFull, VideoJob, VideoJobStore
 from omni_runtime.runtime.video_request import (
@@ -126,8 +127,10 @@ async def _parse(request: Request, cfg: RuntimeConfig) -> VideoRequest | Respons
         return error_response(400, f"the body is not valid JSON: {e}", "invalid_request_error", None,
                               "invalid_json")
     try:
-        return parse_video_request(raw, video_model(cfg.model.path), default_fps=vcfg.fps,
-                                   max_frames=vcfg.max_frames, max_work=vcfg.max_work, form=is_form)
+        vr = parse_video_request(raw, video_model(cfg.model.path), default_fps=vcfg.fps,
+                                 max_frames=vcfg.max_frames, max_work=vcfg.max_work, form=is_form)
+        check_served(vr.req, served_model_of(cfg))  # what the model's family declares it cannot run
+        return vr
     except RequestError as e:
         return _bad(e)
 

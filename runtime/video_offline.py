@@ -11,6 +11,7 @@ from typing import Any
 
 from omni_runtime.runtime.config import RuntimeConfig
 from omni_runtime.runtime.requests import RequestError
+from omni_runtime.runtime.served_model import check_served, served_model_of
 from omni_runtime.runtime.video_request import (
     VideoRequest,
     check_video_fields,
@@ -45,8 +46,10 @@ def parse_video(raw: dict[str, Any], cfg: RuntimeConfig, form: bool = False) -> 
     check_video_fields(raw, form)  # the values first: a bad one is an error before the model is read (or made)
     model = video_model(str(ensure_model(cfg.model.path)))
     v = cfg.video
-    return parse_video_request(raw, model, default_fps=v.fps, max_frames=v.max_frames, max_work=v.max_work,
-                               form=form)
+    vr = parse_video_request(raw, model, default_fps=v.fps, max_frames=v.max_frames, max_work=v.max_work,
+                             form=form)
+    check_served(vr.req, served_model_of(cfg))  # e.g. a cache method the family cannot run
+    return vr
 
 
 def refuse_images(cfg: RuntimeConfig, where: str) -> None:

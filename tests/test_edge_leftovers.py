@@ -108,3 +108,55 @@ def test_cli_generate_on_an_edit_only_model_says_to_give_an_image(edit_server, t
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("omni-runtime generate: error: image is required") and "generate --image" in err, err
     assert list(tmp_path.iterdir()) == []
+
+
+# --- 2: TeaCache on a video (a family without it) is refused at the edge ----------------------------------------
+
+VIDEO = {"prompt": "a dog on a beach", "size": "32x32", "num_frames": 5, "num_inference_steps": 2, "seed": 3}
+
+
+@pytest.fixture(scope="module")
+def wan_server(tmp_path_factory):
+    s = Server(tmp_path_factory.mktemp("edge-wan"), base_config="wan.toml")
+    yield s
+    s.stop()
+    assert s.shm_entries() == []
+
+
+def test_teacache_on_a_video_is_a_400_naming_cache_and_the_allowed_methods(wan_server):
+    s = wan_server
+    jobs = httpx.get(s.url + "/v1/videos", headers=s.headers, timeout=30).json()["data"]
+    form_headers = {k: v for k, v in s.headers.items() if k.lower() != "content-type"}
+    for r in (httpx.post(s.url + "/v1/videos", headers=s.headers, timeout=60,
+                         json={**VIDEO, "cache": {"method": "teacache", "threshold": 0.3}}),
+              httpx.post(s.url + "/v1/videos/sync", headers=s.headers, timeout=60,
+                         json={**VIDEO, "cache": {"method": "teacache"}}),
+              httpx.post(s.url + "/v1/videos", headers=form_headers, timeout=60,
+                         files={**{k: (None, str(v)) for k, v in VIDEO.items()},
+                                "cache": (None, '{"method": "teacache"}')})):
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["param"] == "cache", err
+        assert "teacache" in err["message"] and "allowed: first_block, dbcache, none" in err["message"], err
+    assert httpx.get(s.url + "/v1/videos", headers=s.headers, timeout=30).json()["data"] == jobs  # no job made
+    assert httpx.get(s.url + "/health", timeout=30).status_code == 200
+
+
+def test_each_family_refuses_teacache_exactly_where_its_transformer_has_no_coefficients():
+    """The edge's declaration (``ModelFamily.cache_refusals``) and the denoiser's (the transformer's ``CachePlan``)
+    agree for every served family."""
+    from omni_runtime.stages.models.family import REGISTRY, family_for_class
+    from omni_runtime.stages.models.flux.transformer import FluxTransformer
+    from omni_runtime.stages.models.qwen_image.transformer import QwenImageTransformer
+    from omni_runtime.stages.models.wan.transformer import WanTransformer
+
+    transformer = {"FluxPipeline": FluxTransformer, "FluxKontextPipeline": FluxTransformer,
+                   "QwenImagePipeline": QwenImageTransformer, "QwenImageEditPipeline": QwenImageTransformer,
+                   "QwenImageEditPlusPipeline": QwenImageTransformer, "WanPipeline": WanTransformer}
+    assert sorted(transformer) == sorted(REGISTRY)
+    for pipeline, cls in transformer.items():
+        family, plan = family_for_class(pipeline), cls._cache_plan
+        assert ("teacache" in family.cache_refusals) == (not plan.teacache), pipeline
+        assert set(family.cache_refusals) <= {"teacache"}, pipeline
+        if plan.teacache_refusal:
+            assert family.cache_refusals["teacache"] == plan.teacache_refusal, pipeline
