@@ -178,11 +178,13 @@ async def _run(store: VideoJobStore, job: VideoJob, vr: VideoRequest, orch: Any,
 
 def register(app: FastAPI, ctx: ApiContext) -> None:
     """Register the routes on ``app`` (one of ``server.API_MODULES``)."""
-    _add_routes(app, ctx.cfg, ctx.auth)
+    _add_routes(app, ctx)
 
 
-def _add_routes(app: FastAPI, cfg: RuntimeConfig, auth: Callable[[Request], Response | None]) -> None:
-    """Register the routes on ``app``; the job store closes with the app's lifespan."""
+def _add_routes(app: FastAPI, ctx: ApiContext) -> None:
+    """Register the routes on ``app`` (each behind auth and counted in the request metrics: ``ctx.counted``); the job
+    store closes with the app's lifespan."""
+    cfg = ctx.cfg
     vcfg = cfg.video
     store = VideoJobStore(lambda: rt_instance.run_dir() / "videos", vcfg.max_jobs, vcfg.job_ttl_s)
     app.state.videos = store
@@ -203,11 +205,11 @@ def _add_routes(app: FastAPI, cfg: RuntimeConfig, auth: Callable[[Request], Resp
 
     body = {"required": True, "content": {ct: {"schema": video_request_schema()}
                                           for ct in ("application/json", "multipart/form-data")}}
-    _job_routes(app, cfg, store, auth, body)
-    _file_routes(app, cfg, store, auth, body)
+    _job_routes(app, cfg, store, ctx.counted, body)
+    _file_routes(app, cfg, store, ctx.counted, body)
 
 
-def _job_routes(app: FastAPI, cfg: RuntimeConfig, store: VideoJobStore, auth: Callable[[Request], Response | None],
+def _job_routes(app: FastAPI, cfg: RuntimeConfig, store: VideoJobStore, counted: Callable[[Any], Any],
                 body: dict[str, Any]) -> None:
     """POST /v1/videos, GET /v1/videos, GET and DELETE /v1/videos/{id}."""
     model_id = Path(cfg.model.path).name
@@ -215,10 +217,8 @@ def _job_routes(app: FastAPI, cfg: RuntimeConfig, store: VideoJobStore, auth: Ca
     @app.post("/v1/videos", openapi_extra={"requestBody": body}, responses={
         400: {"description": "invalid_request: a field (param names it) or a [video] cap"},
         415: {"description": "unsupported_media_type"}, 429: {"description": "too_many_jobs"}})
+    @counted
     async def create_video(request: Request) -> Response:
-        denied = auth(request)
-        if denied is not None:
-            return denied
         vr = await _parse(request, cfg)
         if isinstance(vr, Response):
             return vr
@@ -232,39 +232,31 @@ def _job_routes(app: FastAPI, cfg: RuntimeConfig, store: VideoJobStore, auth: Ca
         return JSONResponse(_view(job, request))
 
     @app.get("/v1/videos")
+    @counted
     async def list_videos(request: Request) -> Response:
-        denied = auth(request)
-        if denied is not None:
-            return denied
         return JSONResponse({"object": "list", "data": [_view(j, request) for j in store.list()]})
 
     @app.get("/v1/videos/{video_id}")
+    @counted
     async def get_video(video_id: str, request: Request) -> Response:
-        denied = auth(request)
-        if denied is not None:
-            return denied
         job = store.get(video_id)
         return _not_found(video_id) if job is None else JSONResponse(_view(job, request))
 
     @app.delete("/v1/videos/{video_id}")
+    @counted
     async def delete_video(video_id: str, request: Request) -> Response:
-        denied = auth(request)
-        if denied is not None:
-            return denied
         job = await store.delete(video_id)
         if job is None:
             return _not_found(video_id)
         return JSONResponse({"id": job.id, "object": "video.deleted", "deleted": True})
 
 
-def _file_routes(app: FastAPI, cfg: RuntimeConfig, store: VideoJobStore,
-                 auth: Callable[[Request], Response | None], body: dict[str, Any]) -> None:
+def _file_routes(app: FastAPI, cfg: RuntimeConfig, store: VideoJobStore, counted: Callable[[Any], Any],
+                 body: dict[str, Any]) -> None:
     """GET /v1/videos/{id}/content and POST /v1/videos/sync."""
     @app.get("/v1/videos/{video_id}/content")
+    @counted
     async def video_content(video_id: str, request: Request, variant: str = "video") -> Response:
-        denied = auth(request)
-        if denied is not None:
-            return denied
         if variant not in VARIANTS:
             return _bad(RequestError(f"variant={show(variant)}: allowed values are {', '.join(VARIANTS)}",
                                      "variant"))
@@ -284,10 +276,8 @@ def _file_routes(app: FastAPI, cfg: RuntimeConfig, store: VideoJobStore,
 
     @app.post("/v1/videos/sync", openapi_extra={"requestBody": body},
               responses={200: {"description": "the mp4", "content": {"video/mp4": {}}}})
+    @counted
     async def create_video_sync(request: Request) -> Response:
-        denied = auth(request)
-        if denied is not None:
-            return denied
         vr = await _parse(request, cfg)
         if isinstance(vr, Response):
             return vr

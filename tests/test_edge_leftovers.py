@@ -160,3 +160,46 @@ def test_each_family_refuses_teacache_exactly_where_its_transformer_has_no_coeff
         assert set(family.cache_refusals) <= {"teacache"}, pipeline
         if plan.teacache_refusal:
             assert family.cache_refusals["teacache"] == plan.teacache_refusal, pipeline
+
+
+# --- 3: the request metrics count the video routes, and a stream that fails by what it failed with ---------------
+
+
+def test_video_requests_are_counted_by_status(wan_server):
+    s = wan_server
+    before = _requests_total(s.url, s.headers)
+    assert httpx.post(s.url + "/v1/videos", headers=s.headers, json={**VIDEO, "num_frames": 4},
+                      timeout=60).status_code == 400
+    assert httpx.get(s.url + "/v1/videos/video_nope", headers=s.headers, timeout=30).status_code == 404
+    assert httpx.get(s.url + "/v1/videos", headers=s.headers, timeout=30).status_code == 200
+    assert httpx.get(s.url + "/v1/videos", timeout=30).status_code == 401
+    assert _delta(_requests_total(s.url, s.headers), before) == {"400": 1.0, "404": 1.0, "200": 1.0, "401": 1.0}
+
+
+def test_a_stream_that_fails_after_it_started_is_counted_as_its_error():
+    """A stub orchestrator sends one partial image, then fails as a stage refusing the request (400) would."""
+    from fastapi.testclient import TestClient
+    from http_stub_server import StubOrchestrator, stub_config
+
+    from omni_runtime.runtime.image_stream import ImageEvent
+    from omni_runtime.runtime.orchestrator import BadRequestInStage
+    from omni_runtime.runtime.server import create_app
+
+    class FailingMidStream(StubOrchestrator):
+        async def generate(self, req, request_id=None, report=None, *, on_event=None):
+            import asyncio
+
+            await asyncio.sleep(0.05)
+            if on_event is not None:
+                on_event(ImageEvent(0, b"preview", partial=0))
+            await asyncio.sleep(0.05)
+            raise BadRequestInStage("stage denoiser rejected the request: cache.fn + cache.bn too large")
+
+    app = create_app(stub_config(), FailingMidStream())
+    with TestClient(app) as client:
+        body = {"prompt": "a cat", "size": "64x64", "num_inference_steps": 2, "stream": True, "partial_images": 1}
+        r = client.post("/v1/images/generations", json=body)
+        assert r.status_code == 200 and "event: error" in r.text and "rejected the request" in r.text, r.text
+        metrics = client.get("/metrics").text
+    assert 'omni_requests_total{status="400"} 1.0' in metrics, metrics
+    assert 'omni_requests_total{status="200"}' not in metrics, metrics
