@@ -31,6 +31,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from omni_runtime.comm import instance as rt_instance
 from omni_runtime.runtime.config import RuntimeConfig
 from omni_runtime.runtime.http_common import (
+    IMAGES_SCHEMA,
     ApiContext,
     BodyTooLarge,
     error_response,
@@ -55,6 +56,33 @@ logger = logging.getLogger(__name__)
 __all__ = ["register"]
 
 VARIANTS = tuple(FILES)
+
+#: the video object (``VideoJob.as_json``): the OpenAI Videos API's fields, ours (``num_frames``, ``fps``) and, once
+#: the stages answered, the images routes' extension fields ``cache`` and ``peak_memory_mb``
+JOB_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["id", "object", "model", "status", "progress", "created_at", "completed_at", "size", "seconds",
+                 "num_frames", "fps", "error"],
+    "properties": {
+        "id": {"type": "string"}, "object": {"const": "video"}, "model": {"type": "string"},
+        "status": {"enum": ["queued", "in_progress", "completed", "failed"]},
+        "progress": {"type": "integer", "minimum": 0, "maximum": 100,
+                     "description": "percent of the denoising steps done; 100 once the files are written"},
+        "created_at": {"type": "integer"}, "completed_at": {"type": ["integer", "null"]},
+        "size": {"type": "string", "description": "WIDTHxHEIGHT"}, "seconds": {"type": "string"},
+        "num_frames": {"type": "integer"}, "fps": {"type": "integer"},
+        "error": {"type": ["object", "null"], "required": ["code", "message"],
+                  "properties": {"code": {"type": "string"}, "message": {"type": "string"}}},
+        "cache": {**IMAGES_SCHEMA["properties"]["cache"], "description": "extension, once a job with a cache request "
+                  "is done: row-steps (branch x video x step) and transformer blocks, in all and skipped"},
+        "peak_memory_mb": IMAGES_SCHEMA["properties"]["peak_memory_mb"],
+    },
+}
+
+
+def _job_answer(text: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The documented 200 answer of a route that answers with the video object (or ``schema``)."""
+    return {"description": text, "content": {"application/json": {"schema": schema or JOB_SCHEMA}}}
 
 
 def _bad(e: RequestError) -> Response:
@@ -215,6 +243,7 @@ def _job_routes(app: FastAPI, cfg: RuntimeConfig, store: VideoJobStore, counted:
     model_id = Path(cfg.model.path).name
 
     @app.post("/v1/videos", openapi_extra={"requestBody": body}, responses={
+        200: _job_answer("the new job's video object"),
         400: {"description": "invalid_request: a field (param names it) or a [video] cap"},
         415: {"description": "unsupported_media_type"}, 429: {"description": "too_many_jobs"}})
     @counted
@@ -231,12 +260,15 @@ def _job_routes(app: FastAPI, cfg: RuntimeConfig, store: VideoJobStore, counted:
         job.task = asyncio.ensure_future(_run(store, job, vr, request.app.state.orch, cfg.video.previews))
         return JSONResponse(_view(job, request))
 
-    @app.get("/v1/videos")
+    @app.get("/v1/videos", responses={200: _job_answer("the jobs kept", {
+        "type": "object", "required": ["object", "data"],
+        "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": JOB_SCHEMA}}})})
     @counted
     async def list_videos(request: Request) -> Response:
         return JSONResponse({"object": "list", "data": [_view(j, request) for j in store.list()]})
 
-    @app.get("/v1/videos/{video_id}")
+    @app.get("/v1/videos/{video_id}", responses={200: _job_answer("the job's video object"),
+                                                 404: {"description": "not_found"}})
     @counted
     async def get_video(video_id: str, request: Request) -> Response:
         job = store.get(video_id)

@@ -7,6 +7,7 @@ schema); the rest runs without stages (configs, CLI flags, a stub orchestrator's
 from __future__ import annotations
 
 import re
+import time
 
 import httpx
 import pytest
@@ -203,3 +204,28 @@ def test_a_stream_that_fails_after_it_started_is_counted_as_its_error():
         metrics = client.get("/metrics").text
     assert 'omni_requests_total{status="400"} 1.0' in metrics, metrics
     assert 'omni_requests_total{status="200"}' not in metrics, metrics
+
+
+# --- 4: the video job's OpenAPI schema has every field the job JSON has -------------------------------------------
+
+
+def test_video_job_schema_matches_a_real_job(wan_server):
+    s = wan_server
+    r = httpx.post(s.url + "/v1/videos", headers=s.headers, timeout=60,
+                   json={**VIDEO, "cache": {"method": "first_block", "threshold": 0.1}})
+    assert r.status_code == 200, r.text
+    vid, end = r.json()["id"], time.time() + 120
+    while (job := httpx.get(f"{s.url}/v1/videos/{vid}", headers=s.headers, timeout=30).json())["status"] not in (
+            "completed", "failed"):
+        assert time.time() < end, job
+        time.sleep(0.1)
+    assert job["status"] == "completed", job
+    assert "cache" in job and "peak_memory_mb" in job, job  # the extension fields a finished job carries
+    paths = httpx.get(s.url + "/openapi.json", timeout=30).json()["paths"]
+    schemas = [paths["/v1/videos"]["post"], paths["/v1/videos/{video_id}"]["get"]]
+    for op in schemas:
+        schema = op["responses"]["200"]["content"]["application/json"]["schema"]
+        assert set(schema["properties"]) == set(job), sorted(set(schema["properties"]) ^ set(job))
+        assert set(schema["required"]) <= set(job) and set(schema["required"]) <= set(r.json())
+    listed = paths["/v1/videos"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
+    assert set(listed["properties"]["data"]["items"]["properties"]) == set(job)
