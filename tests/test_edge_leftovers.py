@@ -159,8 +159,6 @@ def test_each_family_refuses_teacache_exactly_where_its_transformer_has_no_coeff
         family, plan = family_for_class(pipeline), cls._cache_plan
         assert ("teacache" in family.cache_refusals) == (not plan.teacache), pipeline
         assert set(family.cache_refusals) <= {"teacache"}, pipeline
-        if plan.teacache_refusal:
-            assert family.cache_refusals["teacache"] == plan.teacache_refusal, pipeline
 
 
 # --- 3: the request metrics count the video routes, and a stream that fails by what it failed with ---------------

@@ -78,7 +78,7 @@ class AutoencoderKLWanKind(CausalVaeKind):
         return z / inv_std + mean
 
 
-#: why Wan has no TeaCache (the family's declaration and its transformer's ``CachePlan`` say it)
+#: why Wan has no TeaCache (the edge's 400 and the denoiser's refusal say it)
 TEACACHE_REFUSAL = ("has no TeaCache here: diffusers implements none for Wan, and the TeaCache4Wan2.1 polynomials are "
                     "fitted per checkpoint (1.3B, 14B; with or without its retention steps), so no one polynomial holds "
                     "for the family")

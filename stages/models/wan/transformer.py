@@ -44,7 +44,6 @@ from omni_runtime.stages.device import resolve_device, resolve_dtype
 from omni_runtime.stages.errors import CheckpointError
 from omni_runtime.stages.models.layers import MLPEmbedder, apply_rope, rope
 from omni_runtime.stages.models.transformer_config import config_from_dict
-from omni_runtime.stages.models.wan.family import TEACACHE_REFUSAL
 from omni_runtime.stages.weights import (
     DIFFUSERS_WEIGHTS,
     MODEL_INDEX,
@@ -263,8 +262,8 @@ class WanTransformer(nn.Module):
     # parameter, is held by every stage).
     _pp_plan = PipelinePlan(pre=("patch_embedding", "condition_embedder"), blocks=("blocks",),
                             head=("norm_out", "proj_out"))
-    # Cache acceleration (``stages.block_cache``): the one block list; no TeaCache (the reason is the refusal).
-    _cache_plan = CachePlan(blocks=("blocks",), teacache_refusal=TEACACHE_REFUSAL)
+    # Cache acceleration (``stages.block_cache``): the one block list; no TeaCache (why: WanFamily.cache_refusals).
+    _cache_plan = CachePlan(blocks=("blocks",))
 
     def __init__(self, config: WanConfig):
         super().__init__()
