@@ -216,6 +216,22 @@ def _cmd_batch(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+#: ``generate``'s flags that are not in ``requests.FIELDS`` (the video ones) by the request field they set
+_VIDEO_FLAGS = {"num_frames": "--num-frames", "fps": "--fps", "guidance_scale_2": "--guidance-scale-2"}
+
+
+def _naming_flag(e: Exception, command: str) -> str:
+    """``generate``'s error about a request field, prefixed with the flag that set it (``--steps: ...``)."""
+    from omni_runtime.runtime.requests import FIELDS
+
+    param = getattr(e, "param", None)
+    flag = FIELDS[param].cli_flag if param in FIELDS else _VIDEO_FLAGS.get(param or "")
+    text = str(e)
+    if command != "generate" or flag is None or text.startswith(flag):
+        return text
+    return f"{flag}: {text}"
+
+
 _COMMANDS = {"check": _cmd_check, "serve": _cmd_serve, "generate": _cmd_generate, "batch": _cmd_batch}
 
 
@@ -231,7 +247,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return _COMMANDS[args.command](args)
-    except (ConfigError, RequestError, OmniUserError) as e:  # OmniUserError: a checkpoint problem, ...
+    except RequestError as e:
+        print(f"omni-runtime {args.command}: error: {_naming_flag(e, args.command)}", file=sys.stderr)
+        return EXIT_USAGE
+    except (ConfigError, OmniUserError) as e:  # OmniUserError: a checkpoint problem, ...
         print(f"omni-runtime {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except OSError as e:  # e.g. an output directory that cannot be written: a message, not a traceback

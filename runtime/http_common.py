@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import hmac
 import logging
 import time
@@ -34,6 +35,8 @@ logger = logging.getLogger(__name__)
 JSON_MEDIA_TYPE = "application/json"
 MAX_BODY_BYTES = 1 << 20  # the default cap of one request body
 REQUEST_ID_HEADER = "X-Request-Id"  # the client's id for GET /v1/requests/{id}; echoed in the answer
+#: the attribute of a response that counts itself in the request metrics when it ends (``ApiContext.counted``)
+COUNTS_ITSELF = "counts_itself"
 
 ERROR_SCHEMA: dict[str, Any] = {
     "type": "object", "required": ["error"],
@@ -147,14 +150,22 @@ class ApiContext:
                            401, {"WWW-Authenticate": 'Bearer realm="omni-runtime"'})
         return None
 
-    def counted(self, handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
-        """``handler`` behind auth, its answer counted in ``omni_requests_total{status}``."""
+    def counted(self, handler: Callable[..., Awaitable[Response]]) -> Callable[..., Awaitable[Response]]:
+        """``handler`` (a route whose parameters include ``request: Request``; FastAPI reads them through
+        ``functools.wraps``) behind auth, its answer counted in ``omni_requests_total{status}``. A response that
+        counts itself once it ends (:data:`COUNTS_ITSELF`: a stream, whose status is known only then) is left to it."""
 
-        async def run(request: Request) -> Response:
-            resp = self.auth(request) or await handler(request)
-            self.metrics.requests.labels(status=str(resp.status_code)).inc()
+        @functools.wraps(handler)
+        async def run(*args: Any, **kwargs: Any) -> Response:
+            resp = self.auth(kwargs["request"]) or await handler(*args, **kwargs)
+            if not getattr(resp, COUNTS_ITSELF, False):
+                self.count(resp.status_code)
             return resp
         return run
+
+    def count(self, status: int) -> None:
+        """One answered request in ``omni_requests_total{status}``."""
+        self.metrics.requests.labels(status=str(status)).inc()
 
     def bad_request(self, message: str, param: str | None) -> JSONResponse:
         """A 400 for a request the edge refused (counted as an http invalid_request error)."""

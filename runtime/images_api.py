@@ -29,6 +29,7 @@ from omni_runtime.runtime.http_common import (
     run_images,
 )
 from omni_runtime.runtime.requests import RequestError, openapi_request_schema, parse_request, show
+from omni_runtime.runtime.served_model import check_served, served_model_of
 from omni_runtime.runtime.stream_api import (
     GENERATION,
     parse_stream,
@@ -83,6 +84,7 @@ def register(app: FastAPI, ctx: ApiContext) -> None:
         try:
             req = parse_request(raw, caps=ctx.caps)
             partials = parse_stream(raw)
+            check_served(req, served_model_of(ctx.cfg))  # what the model's family declares it cannot run
         except RequestError as e:
             return ctx.bad_request(str(e), e.param)
         if partials is not None:

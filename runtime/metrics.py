@@ -34,7 +34,8 @@ class Metrics:
                               "being killed, restarting: failed and loading again)", ["stage", "state"], registry=r)
         self.replica_failures = Counter("omni_replica_failures", "Replica failures by stage and cause (died, hung)",
                                         ["stage", "cause"], registry=r)
-        self.requests = Counter("omni_requests", "HTTP image requests by status code", ["status"], registry=r)
+        self.requests = Counter("omni_requests", "HTTP requests of the images, edits and video routes by status code "
+                                "(a stream: how it ended)", ["status"], registry=r)
         # the denoiser's steps (step-level scheduling reports every step; request-level batches too)
         self.step_active = Histogram("omni_denoiser_step_active", "Items in one denoising step", ["replica"],
                                      buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64), registry=r)

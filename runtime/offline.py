@@ -27,7 +27,14 @@ from omni_runtime.runtime.edit_requests import (
     read_image_file,
     split_edit_fields,
 )
-from omni_runtime.runtime.requests import FIELDS, GenerationRequest, RequestError, WorkCaps, parse_request
+from omni_runtime.runtime.requests import (
+    FIELDS,
+    GenerationRequest,
+    RequestError,
+    WorkCaps,
+    check_fields,
+    parse_request,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +54,21 @@ def request_from_args(args: argparse.Namespace, output_format: str, caps: WorkCa
         assert cfg is not None, "an edit needs the config (its model's rules)"
         images = [read_image_file(p, "--image") for p in paths]
         return parse_edit_request(raw, images, edit_rules(cfg), caps=caps, image_param="--image")
-    return parse_request(raw, caps=caps)
+    req = parse_request(raw, caps=caps)
+    if cfg is not None:
+        from omni_runtime.runtime.served_model import check_served, served_model_of
+
+        check_served(req, served_model_of(cfg))  # e.g. an edit-only model: give --image
+    return req
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """The request flags' values checked against ``requests.FIELDS`` without the model (an edit's ``--size`` may be
+    ``auto``: the edit rules check it once the model is read); :class:`RequestError` naming the field."""
+    raw = {f.name: getattr(args, f.name, None) for f in FIELDS.values() if f.cli_flag}
+    if getattr(args, "image", None):
+        raw.pop("size")
+    check_fields(raw, FIELDS, allow_unknown=True)
 
 
 def generate_to_file(cfg: RuntimeConfig, args: argparse.Namespace, in_process: bool = False) -> Path:
@@ -56,12 +77,13 @@ def generate_to_file(cfg: RuntimeConfig, args: argparse.Namespace, in_process: b
 
     if is_video_output(args):
         return generate_video_to_file(cfg, args, in_process)
-    refuse_images(cfg, f"--output {args.output}")
     out = Path(args.output)
     fmt = _FORMAT_OF_SUFFIX.get(out.suffix.lower())
     if fmt is None:
         raise RequestError(f"--output {str(out)!r}: the suffix must be one of {', '.join(_FORMAT_OF_SUFFIX)}",
                            "output")
+    check_flags(args)  # before the model is read (an embedded one would be made first)
+    refuse_images(cfg, f"--output {args.output}")
     req = request_from_args(args, fmt, WorkCaps.from_config(cfg), cfg)
     with Omni(cfg, in_process=in_process) as omni:
         data = omni.generate_encoded(req)[0]

@@ -136,6 +136,9 @@ class Omni:
                             f"{', '.join(GENERATE_FIELDS)}")
         req = parse_request({"prompt": prompt, **fields, "output_format": "png"})
         refuse_images(self.cfg, "Omni.generate")
+        from omni_runtime.runtime.served_model import check_served, served_model_of
+
+        check_served(req, served_model_of(self.cfg))  # e.g. an edit-only model: use Omni.edit
         report: dict[str, Any] = {}
         images = [decode_image(b) for b in self.generate_encoded(req, report)]
         for im in images:

@@ -27,6 +27,7 @@ from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
 from omni_runtime.runtime.http_common import (
+    COUNTS_ITSELF,
     ERROR_SCHEMA,
     JSON_MEDIA_TYPE,
     REQUEST_ID_HEADER,
@@ -156,10 +157,11 @@ def event_of(kind: str, req: GenerationRequest, ev: ImageEvent) -> bytes:
     return _sse(body["type"], body)
 
 
-def error_event(e: BaseException, ctx: ApiContext) -> bytes:
-    """The ``error`` event of what the request raised after the stream started (the JSON routes' error body)."""
+def error_event(e: BaseException, ctx: ApiContext) -> tuple[int, bytes]:
+    """The ``error`` event of what the request raised after the stream started (the JSON routes' error body), with
+    the status the JSON routes would have answered."""
     resp = serving_error(e, ctx)
-    return _sse("error", {"type": "error", **json.loads(resp.body)})
+    return resp.status_code, _sse("error", {"type": "error", **json.loads(resp.body)})
 
 
 async def stream_images(request: Request, ctx: ApiContext, req: GenerationRequest, partials: int,
@@ -175,14 +177,18 @@ async def stream_images(request: Request, ctx: ApiContext, req: GenerationReques
     await asyncio.sleep(0)  # generate refuses (raises) before its first await
     if task.done() and task.exception() is not None:
         return serving_error(task.exception(), ctx)  # type: ignore[arg-type]
-    return StreamingResponse(_events(task, events, kind, req, ctx), media_type=EVENT_STREAM,
+    resp = StreamingResponse(_events(task, events, kind, req, ctx), media_type=EVENT_STREAM,
                              headers={REQUEST_ID_HEADER: rid, "Cache-Control": "no-cache"})
+    setattr(resp, COUNTS_ITSELF, True)  # _events counts it by how it ended
+    return resp
 
 
 async def _events(task: asyncio.Future, events: asyncio.Queue[ImageEvent], kind: str, req: GenerationRequest,
                   ctx: ApiContext) -> AsyncIterator[bytes]:
     """The event stream of ``task`` (the request's ``generate``). Starlette cancels this generator when the client
-    disconnects: the request is then cancelled (its items leave the denoiser at its next step)."""
+    disconnects: the request is then cancelled (its items leave the denoiser at its next step). The request is
+    counted in the request metrics by how the stream ended: 200, the error event's status, or 499 (the client left)."""
+    status = 499
     try:
         while True:
             get = asyncio.ensure_future(events.get())
@@ -198,9 +204,13 @@ async def _events(task: asyncio.Future, events: asyncio.Queue[ImageEvent], kind:
                 yield event_of(kind, req, events.get_nowait())
             exc = asyncio.CancelledError("the request was cancelled") if task.cancelled() else task.exception()
             if exc is not None:
-                yield error_event(exc, ctx)
+                status, event = error_event(exc, ctx)
+                yield event
+            else:
+                status = 200
             return
     finally:
+        ctx.count(status)
         if not task.done():
             logger.info("client disconnected from a stream: cancelling its request")
             task.cancel()

@@ -31,6 +31,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from omni_runtime.comm import instance as rt_instance
 from omni_runtime.runtime.config import RuntimeConfig
 from omni_runtime.runtime.http_common import (
+    IMAGES_SCHEMA,
     ApiContext,
     BodyTooLarge,
     error_response,
@@ -40,6 +41,7 @@ from omni_runtime.runtime.http_common import (
 from omni_runtime.runtime.image_stream import ImageEvent
 from omni_runtime.runtime.orchestrator import ServingError
 from omni_runtime.runtime.requests import RequestError, show
+from omni_runtime.runtime.served_model import check_served, served_model_of
 from omni_runtime.runtime.video_files import decode_frames, encode_mp4, thumbnail
 from omni_runtime.runtime.video_jobs import FILES, StoreFull, VideoJob, VideoJobStore
 from omni_runtime.runtime.video_request import (
@@ -54,6 +56,33 @@ logger = logging.getLogger(__name__)
 __all__ = ["register"]
 
 VARIANTS = tuple(FILES)
+
+#: the video object (``VideoJob.as_json``): the OpenAI Videos API's fields, ours (``num_frames``, ``fps``) and, once
+#: the stages answered, the images routes' extension fields ``cache`` and ``peak_memory_mb``
+JOB_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["id", "object", "model", "status", "progress", "created_at", "completed_at", "size", "seconds",
+                 "num_frames", "fps", "error"],
+    "properties": {
+        "id": {"type": "string"}, "object": {"const": "video"}, "model": {"type": "string"},
+        "status": {"enum": ["queued", "in_progress", "completed", "failed"]},
+        "progress": {"type": "integer", "minimum": 0, "maximum": 100,
+                     "description": "percent of the denoising steps done; 100 once the files are written"},
+        "created_at": {"type": "integer"}, "completed_at": {"type": ["integer", "null"]},
+        "size": {"type": "string", "description": "WIDTHxHEIGHT"}, "seconds": {"type": "string"},
+        "num_frames": {"type": "integer"}, "fps": {"type": "integer"},
+        "error": {"type": ["object", "null"], "required": ["code", "message"],
+                  "properties": {"code": {"type": "string"}, "message": {"type": "string"}}},
+        "cache": {**IMAGES_SCHEMA["properties"]["cache"], "description": "extension, once a job with a cache request "
+                  "is done: row-steps (branch x video x step) and transformer blocks, in all and skipped"},
+        "peak_memory_mb": IMAGES_SCHEMA["properties"]["peak_memory_mb"],
+    },
+}
+
+
+def _job_answer(text: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The documented 200 answer of a route that answers with the video object (or ``schema``)."""
+    return {"description": text, "content": {"application/json": {"schema": schema or JOB_SCHEMA}}}
 
 
 def _bad(e: RequestError) -> Response:
@@ -126,8 +155,10 @@ async def _parse(request: Request, cfg: RuntimeConfig) -> VideoRequest | Respons
         return error_response(400, f"the body is not valid JSON: {e}", "invalid_request_error", None,
                               "invalid_json")
     try:
-        return parse_video_request(raw, video_model(cfg.model.path), default_fps=vcfg.fps,
-                                   max_frames=vcfg.max_frames, max_work=vcfg.max_work, form=is_form)
+        vr = parse_video_request(raw, video_model(cfg.model.path), default_fps=vcfg.fps,
+                                 max_frames=vcfg.max_frames, max_work=vcfg.max_work, form=is_form)
+        check_served(vr.req, served_model_of(cfg))  # what the model's family declares it cannot run
+        return vr
     except RequestError as e:
         return _bad(e)
 
@@ -175,11 +206,13 @@ async def _run(store: VideoJobStore, job: VideoJob, vr: VideoRequest, orch: Any,
 
 def register(app: FastAPI, ctx: ApiContext) -> None:
     """Register the routes on ``app`` (one of ``server.API_MODULES``)."""
-    _add_routes(app, ctx.cfg, ctx.auth)
+    _add_routes(app, ctx)
 
 
-def _add_routes(app: FastAPI, cfg: RuntimeConfig, auth: Callable[[Request], Response | None]) -> None:
-    """Register the routes on ``app``; the job store closes with the app's lifespan."""
+def _add_routes(app: FastAPI, ctx: ApiContext) -> None:
+    """Register the routes on ``app`` (each behind auth and counted in the request metrics: ``ctx.counted``); the job
+    store closes with the app's lifespan."""
+    cfg = ctx.cfg
     vcfg = cfg.video
     store = VideoJobStore(lambda: rt_instance.run_dir() / "videos", vcfg.max_jobs, vcfg.job_ttl_s)
     app.state.videos = store
@@ -200,22 +233,21 @@ def _add_routes(app: FastAPI, cfg: RuntimeConfig, auth: Callable[[Request], Resp
 
     body = {"required": True, "content": {ct: {"schema": video_request_schema()}
                                           for ct in ("application/json", "multipart/form-data")}}
-    _job_routes(app, cfg, store, auth, body)
-    _file_routes(app, cfg, store, auth, body)
+    _job_routes(app, cfg, store, ctx.counted, body)
+    _file_routes(app, cfg, store, ctx.counted, body)
 
 
-def _job_routes(app: FastAPI, cfg: RuntimeConfig, store: VideoJobStore, auth: Callable[[Request], Response | None],
+def _job_routes(app: FastAPI, cfg: RuntimeConfig, store: VideoJobStore, counted: Callable[[Any], Any],
                 body: dict[str, Any]) -> None:
     """POST /v1/videos, GET /v1/videos, GET and DELETE /v1/videos/{id}."""
     model_id = Path(cfg.model.path).name
 
     @app.post("/v1/videos", openapi_extra={"requestBody": body}, responses={
+        200: _job_answer("the new job's video object"),
         400: {"description": "invalid_request: a field (param names it) or a [video] cap"},
         415: {"description": "unsupported_media_type"}, 429: {"description": "too_many_jobs"}})
+    @counted
     async def create_video(request: Request) -> Response:
-        denied = auth(request)
-        if denied is not None:
-            return denied
         vr = await _parse(request, cfg)
         if isinstance(vr, Response):
             return vr
@@ -228,40 +260,35 @@ def _job_routes(app: FastAPI, cfg: RuntimeConfig, store: VideoJobStore, auth: Ca
         job.task = asyncio.ensure_future(_run(store, job, vr, request.app.state.orch, cfg.video.previews))
         return JSONResponse(_view(job, request))
 
-    @app.get("/v1/videos")
+    @app.get("/v1/videos", responses={200: _job_answer("the jobs kept", {
+        "type": "object", "required": ["object", "data"],
+        "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": JOB_SCHEMA}}})})
+    @counted
     async def list_videos(request: Request) -> Response:
-        denied = auth(request)
-        if denied is not None:
-            return denied
         return JSONResponse({"object": "list", "data": [_view(j, request) for j in store.list()]})
 
-    @app.get("/v1/videos/{video_id}")
+    @app.get("/v1/videos/{video_id}", responses={200: _job_answer("the job's video object"),
+                                                 404: {"description": "not_found"}})
+    @counted
     async def get_video(video_id: str, request: Request) -> Response:
-        denied = auth(request)
-        if denied is not None:
-            return denied
         job = store.get(video_id)
         return _not_found(video_id) if job is None else JSONResponse(_view(job, request))
 
     @app.delete("/v1/videos/{video_id}")
+    @counted
     async def delete_video(video_id: str, request: Request) -> Response:
-        denied = auth(request)
-        if denied is not None:
-            return denied
         job = await store.delete(video_id)
         if job is None:
             return _not_found(video_id)
         return JSONResponse({"id": job.id, "object": "video.deleted", "deleted": True})
 
 
-def _file_routes(app: FastAPI, cfg: RuntimeConfig, store: VideoJobStore,
-                 auth: Callable[[Request], Response | None], body: dict[str, Any]) -> None:
+def _file_routes(app: FastAPI, cfg: RuntimeConfig, store: VideoJobStore, counted: Callable[[Any], Any],
+                 body: dict[str, Any]) -> None:
     """GET /v1/videos/{id}/content and POST /v1/videos/sync."""
     @app.get("/v1/videos/{video_id}/content")
+    @counted
     async def video_content(video_id: str, request: Request, variant: str = "video") -> Response:
-        denied = auth(request)
-        if denied is not None:
-            return denied
         if variant not in VARIANTS:
             return _bad(RequestError(f"variant={show(variant)}: allowed values are {', '.join(VARIANTS)}",
                                      "variant"))
@@ -281,10 +308,8 @@ def _file_routes(app: FastAPI, cfg: RuntimeConfig, store: VideoJobStore,
 
     @app.post("/v1/videos/sync", openapi_extra={"requestBody": body},
               responses={200: {"description": "the mp4", "content": {"video/mp4": {}}}})
+    @counted
     async def create_video_sync(request: Request) -> Response:
-        denied = auth(request)
-        if denied is not None:
-            return denied
         vr = await _parse(request, cfg)
         if isinstance(vr, Response):
             return vr

@@ -11,7 +11,13 @@ from typing import Any
 
 from omni_runtime.runtime.config import RuntimeConfig
 from omni_runtime.runtime.requests import RequestError
-from omni_runtime.runtime.video_request import VideoRequest, parse_video_request, video_model
+from omni_runtime.runtime.served_model import check_served, served_model_of
+from omni_runtime.runtime.video_request import (
+    VideoRequest,
+    check_video_fields,
+    parse_video_request,
+    video_model,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -37,10 +43,13 @@ def parse_video(raw: dict[str, Any], cfg: RuntimeConfig, form: bool = False) -> 
     embedded one that does not exist yet)."""
     from omni_runtime.runtime.model_store import ensure_model
 
+    check_video_fields(raw, form)  # the values first: a bad one is an error before the model is read (or made)
     model = video_model(str(ensure_model(cfg.model.path)))
     v = cfg.video
-    return parse_video_request(raw, model, default_fps=v.fps, max_frames=v.max_frames, max_work=v.max_work,
-                               form=form)
+    vr = parse_video_request(raw, model, default_fps=v.fps, max_frames=v.max_frames, max_work=v.max_work,
+                             form=form)
+    check_served(vr.req, served_model_of(cfg))  # e.g. a cache method the family cannot run
+    return vr
 
 
 def refuse_images(cfg: RuntimeConfig, where: str) -> None:

@@ -139,6 +139,14 @@ def _coerce_form(raw: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def check_video_fields(raw: dict[str, Any], form: bool = False) -> dict[str, Any]:
+    """Every field of ``raw`` checked against :data:`VIDEO_FIELDS` (what needs no model); the checked values."""
+    raw = _coerce_form(raw) if form else raw
+    if isinstance(raw.get("seconds"), str):  # OpenAI's Videos API sends seconds as a string ("4", "8")
+        raw = {**_coerce_form({"seconds": raw["seconds"]}), **{k: v for k, v in raw.items() if k != "seconds"}}
+    return check_fields(raw, VIDEO_FIELDS, allow_unknown=False)
+
+
 def parse_video_request(raw: Any, model: VideoModel, *, default_fps: int, max_frames: int, max_work: int,
                         form: bool = False) -> VideoRequest:
     """Validate a video request body against :data:`VIDEO_FIELDS` and the caps; unknown fields are refused (the
@@ -148,10 +156,7 @@ def parse_video_request(raw: Any, model: VideoModel, *, default_fps: int, max_fr
     if not model.video:
         raise RequestError(f"the served model is a {model.family} model, which makes images; /v1/videos needs a "
                            f"video model (pipeline WanPipeline); use /v1/images/generations", "model")
-    raw = _coerce_form(raw) if form else raw
-    if isinstance(raw.get("seconds"), str):  # OpenAI's Videos API sends seconds as a string ("4", "8")
-        raw = {**_coerce_form({"seconds": raw["seconds"]}), **{k: v for k, v in raw.items() if k != "seconds"}}
-    got = check_fields(raw, VIDEO_FIELDS, allow_unknown=False)
+    got = check_video_fields(raw, form)
     if got["guidance_scale_2"] is not None and model.experts < 2:
         raise RequestError("guidance_scale_2: only two-expert (Wan 2.2, boundary_ratio) models use it; this model "
                            "has one transformer; allowed: absent", "guidance_scale_2")

@@ -19,6 +19,7 @@ import json
 import time
 
 import httpx
+import msgspec
 import numpy as np
 import pytest
 import torch
@@ -65,7 +66,9 @@ def test_wan_first_block_equals_diffusers_in_process(diffusers_fbc) -> None:
     from omni_runtime.runtime import Omni
     from omni_runtime.runtime.config_load import config_from_dict
     from omni_runtime.runtime.orchestrator import BadRequestInStage
+    from omni_runtime.runtime.requests import RequestError
     from omni_runtime.runtime.video_offline import parse_video
+    from omni_runtime.stages.cache_config import CacheConfig
 
     ref, ref_skipped = diffusers_fbc
     cfg = config_from_dict({"model": {"path": str(ROOT / "models" / "tiny-wan")}})
@@ -79,9 +82,13 @@ def test_wan_first_block_equals_diffusers_in_process(diffusers_fbc) -> None:
         plain, no_stats = run(None)
         zero, zero_stats = run({"method": "first_block", "threshold": 0.0})
         db, db_stats = run({"method": "dbcache", "threshold": THRESHOLD, "fn": 1, "bn": 0})
+        with pytest.raises(RequestError, match=r"cache.method='teacache': the wan family has no TeaCache here: "
+                                          r"diffusers implements none for Wan.*allowed: first_block, dbcache"):
+            run({"method": "teacache", "threshold": 0.3})  # the edge (WanFamily.cache_refusals)
+        teacache = msgspec.structs.replace(parse_video(BODY, cfg).req, cache=CacheConfig("teacache", 0.3))
         with pytest.raises(BadRequestInStage, match=r"cache.method='teacache': the wan family has no TeaCache here: "
                                                r"diffusers implements none for Wan.*allowed: first_block, dbcache"):
-            run({"method": "teacache", "threshold": 0.3})
+            omni.generate_encoded(teacache)  # the denoiser's own check behind the edge
         with pytest.raises(BadRequestInStage, match=r"cache.fn \+ cache.bn = 1 \+ 1 = 2: must be less than the model's 2"):
             run({"method": "dbcache", "fn": 1, "bn": 1})
     assert stats == {"method": "first_block", "steps": 12, "cached_steps": ref_skipped, "blocks": 24,
@@ -128,12 +135,8 @@ def test_wan_cache_through_serve(tmp_path, diffusers_fbc) -> None:
                             ({"method": "first_block", "threshold": 2}, "cache.threshold=2"),
                             ("first_block", "cache: must be an object")):
             r = httpx.post(server.url + "/v1/videos", json={**BODY, "cache": bad}, headers=server.headers, timeout=60)
-            if bad == {"method": "teacache"}:  # well-formed, refused by the denoiser: the job fails naming the field
-                assert r.status_code == 200, r.text
-                job = _wait_failed(server, r.json()["id"])
-                assert needle in job["error"]["message"], job
-            else:
-                assert r.status_code == 400 and needle in r.text, (r.status_code, r.text)
+            # teacache: well-formed, refused at the edge from the family's declaration (WanFamily.cache_refusals)
+            assert r.status_code == 400 and needle in r.text, (r.status_code, r.text)
         r = httpx.post(server.url + "/v1/videos", headers=headers, timeout=60,
                        files={**{k: (None, str(v)) for k, v in BODY.items()}, "cache": (None, "{not json")})
         assert r.status_code == 400 and "cache" in r.text, r.text
@@ -141,13 +144,3 @@ def test_wan_cache_through_serve(tmp_path, diffusers_fbc) -> None:
     finally:
         server.stop()
         assert server.shm_entries() == []
-
-
-def _wait_failed(server: Server, vid: str) -> dict:
-    end = time.time() + 60
-    while (job := httpx.get(f"{server.url}/v1/videos/{vid}", headers=server.headers).json())["status"] not in (
-            "completed", "failed"):
-        assert time.time() < end, job
-        time.sleep(0.1)
-    assert job["status"] == "failed", job
-    return job

@@ -166,6 +166,11 @@ class ModelFamily:
     image_inputs: int = 0
     #: image edits: the family takes a mask (inpainting)
     inpainting: bool = False
+    #: image edits only: a request without input images (a generation) is refused at the edge, naming ``image``
+    edits_only: bool = False
+    #: cache methods (``stages.cache_config.METHODS``) the family cannot run, each with why: the edge refuses them
+    #: naming ``cache`` (the denoiser's check of its model's ``CachePlan`` stays as the second line of defence)
+    cache_refusals: Mapping[str, str] = {}
     #: the family makes videos: requests may ask for ``num_frames`` > 1 (its VAE is a video ``VaeKind``)
     video: bool = False
     #: the pipeline calls the scheduler's ``set_timesteps(steps)`` without sigmas (its own default timesteps);

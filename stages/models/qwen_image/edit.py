@@ -39,6 +39,7 @@ class QwenImageEditFamily(QwenImageFamily):
                   "processor": Component("transformers", ("Qwen2VLProcessor",), "preprocessor_config.json")}
     tiny_presets = ("tiny", "small")
     image_inputs = 1
+    edits_only = True  # its text encoder conditions on the input image: no generation without one
     #: Plus: the Plus template and condition size in the text encoder, the last image picks ``size = auto``
     plus = False
     unsupported = {**QwenImageFamily.unsupported,

@@ -87,6 +87,7 @@ class QwenImageFamily(ModelFamily):
     block_keys = {"transformer_blocks": ("num_layers", 60)}
     vae = AutoencoderKLQwenImageKind()
     tiny_presets = ("tiny", "small")
+    cache_refusals = {"teacache": "has no published TeaCache coefficients"}  # its transformer's CachePlan has none
     unsupported = {
         "pipefusion": "PipeFusion's stale K/V was not validated with masked variable-length text; use "
                       "pp_mode = 'layer'",

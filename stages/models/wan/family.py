@@ -78,6 +78,12 @@ class AutoencoderKLWanKind(CausalVaeKind):
         return z / inv_std + mean
 
 
+#: why Wan has no TeaCache (the edge's 400 and the denoiser's refusal say it)
+TEACACHE_REFUSAL = ("has no TeaCache here: diffusers implements none for Wan, and the TeaCache4Wan2.1 polynomials are "
+                    "fitted per checkpoint (1.3B, 14B; with or without its retention steps), so no one polynomial holds "
+                    "for the family")
+
+
 class WanFamily(ModelFamily):
     name = "wan"
     pipeline_classes = ("WanPipeline",)
@@ -96,6 +102,7 @@ class WanFamily(ModelFamily):
     vae = AutoencoderKLWanKind()
     video = True
     scheduler_timesteps = True  # WanPipeline calls set_timesteps(steps) without sigmas
+    cache_refusals = {"teacache": TEACACHE_REFUSAL}
     tiny_presets = ("tiny", "small", "tiny22")
     unsupported = {
         "pipefusion": "PipeFusion's stale K/V was not validated for video tokens; use pp_mode = 'layer'",

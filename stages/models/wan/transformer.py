@@ -262,11 +262,8 @@ class WanTransformer(nn.Module):
     # parameter, is held by every stage).
     _pp_plan = PipelinePlan(pre=("patch_embedding", "condition_embedder"), blocks=("blocks",),
                             head=("norm_out", "proj_out"))
-    # Cache acceleration (``stages.block_cache``): the one block list; no TeaCache (the reason is the refusal).
-    _cache_plan = CachePlan(blocks=("blocks",), teacache_refusal=(
-        "has no TeaCache here: diffusers implements none for Wan, and the TeaCache4Wan2.1 polynomials are fitted "
-        "per checkpoint (1.3B, 14B; with or without its retention steps), so no one polynomial holds for the "
-        "family"))
+    # Cache acceleration (``stages.block_cache``): the one block list; no TeaCache (why: WanFamily.cache_refusals).
+    _cache_plan = CachePlan(blocks=("blocks",))
 
     def __init__(self, config: WanConfig):
         super().__init__()
