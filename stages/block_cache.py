@@ -72,8 +72,6 @@ class CachePlan:
 
     blocks: tuple[str, ...]
     teacache: tuple[float, ...] = ()
-    #: why the family has no TeaCache (the request's 400 says it); "" : no published coefficients
-    teacache_refusal: str = ""
 
     def block_list(self, model: nn.Module) -> list[nn.Module]:
         return [b for name in self.blocks for b in getattr(model, name)]

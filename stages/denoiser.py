@@ -361,8 +361,7 @@ class DenoiserStage:
                                "block's modulation weights are sharded outside its forward); allowed: first_block, "
                                "dbcache, none")
         if cache.method == "teacache" and not self.model._cache_plan.teacache:
-            why = (self.family.cache_refusals.get("teacache") or self.model._cache_plan.teacache_refusal
-                   or "has no published TeaCache coefficients")  # the family's declaration says why
+            why = self.family.cache_refusals.get("teacache", "has no published TeaCache coefficients")
             raise RequestError(f"cache.method='teacache': the {self.family.name} family {why}; allowed: "
                                f"first_block, dbcache, none")
         if cache.fn + cache.bn >= n:
