@@ -220,17 +220,25 @@ def test_served_ulysses2_listens_on_loopback_only(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.timeout(400)
-def test_sigkilled_serve_leaves_nothing_once_the_next_starts(tmp_path):
+@pytest.mark.timeout(600)
+def test_sigkilled_serve_leaves_nothing_once_the_next_starts_and_frames_give_the_same_image_as_shm(tmp_path,
+                                                                                                  monkeypatch):
+    """Two servers, not four: the next server after the SIGKILL (which sweeps the dead one's run dir) is forced to
+    the ``frames`` tensor transport and returns, byte for byte, the image the killed one returned over shm."""
+    import base64
+
     import httpx
     from test_server_harness import Server, wait_exited
 
+    body = {"prompt": "a lighthouse at dusk", "seed": 5, "size": "64x64", "num_inference_steps": 2}
+    monkeypatch.delenv(TRANSPORT_ENV, raising=False)  # one node: shm
     server = Server(tmp_path)
     run_dirs = list(Path(rt_instance.run_dir_path(server.instance)).parent.glob(f"omni-rt-{server.instance}-*"))
     assert len(run_dirs) == 1
-    body = {"prompt": "a red fox", "seed": 3, "size": "32x32", "num_inference_steps": 1}
     r = httpx.post(server.url + "/v1/images/generations", json=body, headers=server.headers, timeout=120)
     assert r.status_code == 200, r.text
+    shm_png = base64.b64decode(r.json()["data"][0]["b64_json"])
+    assert "tensor server on" not in server.log_text()
     assert server.shm_entries() != []  # the stages' pools keep segments for reuse
     ranks = server.stage_procs()
     os.kill(server.proc.pid, signal.SIGKILL)  # not reaped yet: to the ranks it is a zombie, i.e. dead
@@ -244,40 +252,15 @@ def test_sigkilled_serve_leaves_nothing_once_the_next_starts(tmp_path):
         server.proc.wait(10)
         server.stop()
     assert run_dirs[0].exists()  # nobody removed the dead frontend's run dir ...
-    second = Server(tmp_path)
+    monkeypatch.setenv(TRANSPORT_ENV, "frames")
+    (tmp_path / "frames").mkdir()
+    second = Server(tmp_path / "frames")
     try:
         assert not run_dirs[0].exists()  # ... until the next start swept it
+        r = httpx.post(second.url + "/v1/images/generations", json=body, headers=second.headers, timeout=120)
+        assert r.status_code == 200, r.text
+        assert "tensor server on ipc://" in second.log_text()  # the stages really served their outputs as frames
+        assert base64.b64decode(r.json()["data"][0]["b64_json"]) == shm_png
     finally:
         second.stop()
     assert second.shm_entries() == []
-
-
-def _served_image(tmp_path: Path, body: dict) -> tuple[bytes, str]:
-    import base64
-
-    import httpx
-    from test_server_harness import Server
-
-    server = Server(tmp_path)
-    try:
-        r = httpx.post(server.url + "/v1/images/generations", json=body, headers=server.headers, timeout=120)
-        assert r.status_code == 200, r.text
-        return base64.b64decode(r.json()["data"][0]["b64_json"]), server.log_text()
-    finally:
-        server.stop()
-
-
-@pytest.mark.slow
-@pytest.mark.distributed
-@pytest.mark.timeout(600)
-def test_forced_frames_give_the_same_image_as_shm(tmp_path, monkeypatch):
-    body = {"prompt": "a lighthouse at dusk", "seed": 5, "size": "64x64", "num_inference_steps": 2}
-    monkeypatch.setenv(TRANSPORT_ENV, "frames")
-    (tmp_path / "frames").mkdir()
-    frames_png, log = _served_image(tmp_path / "frames", body)
-    assert "tensor server on ipc://" in log  # the stages really served their outputs as frames
-    monkeypatch.setenv(TRANSPORT_ENV, "shm")
-    (tmp_path / "shm").mkdir()
-    shm_png, log = _served_image(tmp_path / "shm", body)
-    assert "tensor server on" not in log
-    assert frames_png == shm_png
