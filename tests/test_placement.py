@@ -1,7 +1,9 @@
 """runtime.placement: one node -> ipc in the 0700 run dir, file:// rendezvous, loopback gloo; several -> tcp, frames.
 
 And what the placement promises, served for real: no process of ours listens on a non-loopback address
-(issue 14 #3), and a SIGKILLed ``serve`` leaves nothing behind once the next one starts (issue 14 #8).
+(issue 14 #3: :func:`assert_listens_on_loopback_only`, run on tests/test_server_sp.py's servers), a SIGKILLed
+``serve`` leaves nothing behind once the next one starts (issue 14 #8), and that next one, forced to the ``frames``
+tensor transport, returns the image the killed one returned over shm.
 """
 
 from __future__ import annotations
@@ -198,24 +200,17 @@ def _loopback(addr: str) -> bool:
     return ip.is_loopback
 
 
-@pytest.mark.slow
-@pytest.mark.distributed
-@pytest.mark.timeout(400)
-def test_served_ulysses2_listens_on_loopback_only(tmp_path):
-    from test_server_harness import Server
-
-    server = Server(tmp_path, base_config="sp2.toml")
-    try:
-        ranks = [p.pid for p in server.stage_procs()]
-        assert len(ranks) == 4
-        pids = [server.proc.pid] + [p.pid for p in psutil.Process(server.proc.pid).children(recursive=True)]
-        listening = _listening(pids)
-        assert any(port == server.port for _, _, port in listening)  # the HTTP server is seen, so the probe works
-        assert any(pid in ranks for pid, _, _ in listening)  # and the ranks' gloo pair sockets are
-        exposed = [x for x in listening if not _loopback(x[1])]
-        assert exposed == [], f"listening on a non-loopback address (pid, addr, port): {exposed}"
-    finally:
-        server.stop()
+def assert_listens_on_loopback_only(server) -> None:
+    """No process of a served instance (``test_server_harness.Server``: the frontend, the stages' ranks) listens on
+    a non-loopback address (issue 14 #3). Run on the Ulysses servers of tests/test_server_sp.py (ranks that open gloo
+    pair sockets), not on a server of its own."""
+    ranks = [p.pid for p in server.stage_procs()]
+    pids = [server.proc.pid] + [p.pid for p in psutil.Process(server.proc.pid).children(recursive=True)]
+    listening = _listening(pids)
+    assert any(port == server.port for _, _, port in listening)  # the HTTP server is seen, so the probe works
+    assert any(pid in ranks for pid, _, _ in listening)  # and the ranks' gloo pair sockets are
+    exposed = [x for x in listening if not _loopback(x[1])]
+    assert exposed == [], f"listening on a non-loopback address (pid, addr, port): {exposed}"
 
 
 @pytest.mark.slow
