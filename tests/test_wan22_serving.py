@@ -12,7 +12,7 @@ shard).
 
 Ring 2 is not served here (a server less on the suite's clock): under ring both experts get the same ``_sp_plan``
 split/gather hooks as under ulysses (ulysses 2 here shows both experts hooked), and ring attention on Wan through
-``serve`` is proven by tests/test_wan_serving.py (ring2 and ulysses2_ring2 equal the default layout)."""
+``serve`` is proven by tests/test_wan_serving.py (ring2 and ulysses2_ring2 equal diffusers, as the default does)."""
 
 from __future__ import annotations
 
