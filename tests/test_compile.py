@@ -5,7 +5,8 @@ One served instance of the default layout with ``compile = true`` (warm-up size 
 image the uncompiled runtime returns (in process) and diffusers' FluxPipeline returns, max |delta| <= 2/255; a
 request of 3 images (3 rows: the warm-up ran 1 and 2) and one of another size (64x128: another sequence length)
 compile no new graph (counted from the server's ``denoiser compile: graph N`` log lines). A parallel layout
-(Ulysses 2: the attention's all-to-all runs eager between two graphs per block) returns the default layout's image.
+(Ulysses 2: the attention's all-to-all runs eager between two graphs per block) returns the default layout's image;
+its server starts (and compiles) while the default layout's test runs.
 Bad values of the two keys are ConfigErrors naming the key and the allowed values; PipeFusion is refused by name.
 """
 
@@ -14,7 +15,8 @@ from __future__ import annotations
 import base64
 import io
 import re
-from pathlib import Path
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
@@ -53,28 +55,59 @@ def _diff(a: np.ndarray, b: np.ndarray) -> int:
 
 
 @pytest.fixture(scope="module")
-def compiled(tmp_path_factory: pytest.TempPathFactory) -> Server:
+def compiled(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Server]:
+    """The compiled default layout. Once it is warm (its graph count is then what the test checks), the compiled
+    Ulysses 2 server starts in the background when its test is selected (:func:`sp2`): its start and warm-up, the
+    file's longest, overlap the default layout's test."""
     server = Server(tmp_path_factory.mktemp("compiled"), edits={"[stages.denoiser]\n": COMPILE}, timeout=900)
-    yield server
-    server.stop()
-    assert server.shm_entries() == []
+    pool = ThreadPoolExecutor(1)
+    if any(item.name == "test_compiled_sequence_parallel_matches_the_default_layout" for item in request.session.items):
+        server.sp2 = pool.submit(Server, tmp_path_factory.mktemp("sp2"), base_config="sp2.toml",  # type: ignore
+                                 edits={"[stages.denoiser]\n": COMPILE}, timeout=900)
+    try:
+        yield server
+    finally:
+        servers = [server]
+        if hasattr(server, "sp2"):
+            try:
+                servers.append(server.sp2.result())
+            except Exception:  # noqa: BLE001 (a start that failed stopped what it started; the sp2 test says why)
+                pass
+        pool.shutdown()
+        for s in servers:
+            s.stop()
+        for s in servers:
+            assert s.shm_entries() == []
 
 
-def _uncompiled(size: str, seeds: list[int]) -> list[np.ndarray]:
+@pytest.fixture
+def sp2(compiled: Server) -> Server:
+    """The compiled Ulysses 2 server (started by :func:`compiled`)."""
+    return compiled.sp2.result()  # type: ignore[attr-defined]
+
+
+def _uncompiled(requests: list[tuple[str, int]]) -> list[np.ndarray]:
+    """The uncompiled runtime's image of each (size, seed), in process (one model load)."""
     from omni_runtime.runtime import Omni
 
     with Omni(config_from_dict({"model": {"path": str(MODEL)}}), in_process=True) as omni:
-        return [np.asarray(omni.generate(PROMPT, seed=s, size=size, num_inference_steps=STEPS)[0]) for s in seeds]
+        return [np.asarray(omni.generate(PROMPT, seed=s, size=size, num_inference_steps=STEPS)[0])
+                for size, s in requests]
 
 
-def _diffusers(seed: int, height: int, width: int) -> np.ndarray:
+def _diffusers(requests: list[tuple[int, int, int]]) -> list[np.ndarray]:
+    """diffusers' image of each (seed, height, width) (one pipeline load)."""
     from diffusers import FluxPipeline
 
     pipe = FluxPipeline.from_pretrained(MODEL, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
-    img = pipe(prompt=PROMPT, height=height, width=width, num_inference_steps=STEPS, guidance_scale=3.5,
-               max_sequence_length=512, generator=torch.Generator("cpu").manual_seed(seed), output_type="np").images
-    return (img[0] * 255).round().astype("uint8")
+    out = []
+    for seed, height, width in requests:
+        img = pipe(prompt=PROMPT, height=height, width=width, num_inference_steps=STEPS, guidance_scale=3.5,
+                   max_sequence_length=512, generator=torch.Generator("cpu").manual_seed(seed),
+                   output_type="np").images
+        out.append((img[0] * 255).round().astype("uint8"))
+    return out
 
 
 @pytest.mark.timeout(900)
@@ -86,24 +119,19 @@ def test_compiled_serve_matches_uncompiled_and_diffusers_without_recompiling(com
     three = _images(compiled, "64x64", 3, seed=5)  # 3 rows: the warm-up ran 1 and 2
     wide = _images(compiled, "128x64", 1, seed=8)  # another sequence length (32 image tokens, not 16)
     assert _graphs(compiled) == warm, compiled.log_text()[-3000:]
-    want = _uncompiled("64x64", [5, 6, 7]) + _uncompiled("128x64", [8])
+    want = _uncompiled([("64x64", 5), ("64x64", 6), ("64x64", 7), ("128x64", 8)])
     for got, ref in zip([*three, *wide], want, strict=True):
         assert _diff(got, ref) <= TOL
-    assert _diff(three[0], _diffusers(5, 64, 64)) <= TOL
-    assert _diff(wide[0], _diffusers(8, 64, 128)) <= TOL
+    for got, ref in zip([three[0], wide[0]], _diffusers([(5, 64, 64), (8, 64, 128)]), strict=True):
+        assert _diff(got, ref) <= TOL
 
 
 @pytest.mark.timeout(900)
 @pytest.mark.distributed
-def test_compiled_sequence_parallel_matches_the_default_layout(compiled: Server, tmp_path: Path) -> None:
+def test_compiled_sequence_parallel_matches_the_default_layout(compiled: Server, sp2: Server) -> None:
     want = _images(compiled, "64x64", 2, seed=11)
-    sp = Server(tmp_path, base_config="sp2.toml", edits={"[stages.denoiser]\n": COMPILE}, timeout=900)
-    try:
-        got = _images(sp, "64x64", 2, seed=11)
-        log = sp.log_text()
-    finally:
-        sp.stop()
-    assert sp.shm_entries() == []
+    got = _images(sp2, "64x64", 2, seed=11)
+    log = sp2.log_text()
     assert log.count("attention eager (sequence parallel)") == 2, log[-3000:]
     for a, b in zip(got, want, strict=True):
         assert _diff(a, b) <= TOL

@@ -1,7 +1,9 @@
 """runtime.placement: one node -> ipc in the 0700 run dir, file:// rendezvous, loopback gloo; several -> tcp, frames.
 
 And what the placement promises, served for real: no process of ours listens on a non-loopback address
-(issue 14 #3), and a SIGKILLed ``serve`` leaves nothing behind once the next one starts (issue 14 #8).
+(issue 14 #3: :func:`assert_listens_on_loopback_only`, run on tests/test_server_sp.py's servers), a SIGKILLed
+``serve`` leaves nothing behind once the next one starts (issue 14 #8), and that next one, forced to the ``frames``
+tensor transport, returns the image the killed one returned over shm.
 """
 
 from __future__ import annotations
@@ -199,39 +201,40 @@ def _loopback(addr: str) -> bool:
     return ip.is_loopback
 
 
-@pytest.mark.slow
-@pytest.mark.distributed
-@pytest.mark.timeout(400)
-def test_served_ulysses2_listens_on_loopback_only(tmp_path):
-    from test_server_harness import Server
-
-    server = Server(tmp_path, base_config="sp2.toml")
-    try:
-        ranks = [p.pid for p in server.stage_procs()]
-        assert len(ranks) == 4
-        pids = [server.proc.pid] + [p.pid for p in psutil.Process(server.proc.pid).children(recursive=True)]
-        listening = _listening(pids)
-        assert any(port == server.port for _, _, port in listening)  # the HTTP server is seen, so the probe works
-        assert any(pid in ranks for pid, _, _ in listening)  # and the ranks' gloo pair sockets are
-        exposed = [x for x in listening if not _loopback(x[1])]
-        assert exposed == [], f"listening on a non-loopback address (pid, addr, port): {exposed}"
-    finally:
-        server.stop()
+def assert_listens_on_loopback_only(server) -> None:
+    """No process of a served instance (``test_server_harness.Server``: the frontend, the stages' ranks) listens on
+    a non-loopback address (issue 14 #3). Run on the Ulysses servers of tests/test_server_sp.py (ranks that open gloo
+    pair sockets), not on a server of its own."""
+    ranks = [p.pid for p in server.stage_procs()]
+    pids = [server.proc.pid] + [p.pid for p in psutil.Process(server.proc.pid).children(recursive=True)]
+    listening = _listening(pids)
+    assert any(port == server.port for _, _, port in listening)  # the HTTP server is seen, so the probe works
+    assert any(pid in ranks for pid, _, _ in listening)  # and the ranks' gloo pair sockets are
+    exposed = [x for x in listening if not _loopback(x[1])]
+    assert exposed == [], f"listening on a non-loopback address (pid, addr, port): {exposed}"
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.timeout(400)
-def test_sigkilled_serve_leaves_nothing_once_the_next_starts(tmp_path):
+@pytest.mark.timeout(600)
+def test_sigkilled_serve_leaves_nothing_once_the_next_starts_and_frames_give_the_same_image_as_shm(tmp_path,
+                                                                                                  monkeypatch):
+    """Two servers, not four: the next server after the SIGKILL (which sweeps the dead one's run dir) is forced to
+    the ``frames`` tensor transport and returns, byte for byte, the image the killed one returned over shm."""
+    import base64
+
     import httpx
     from test_server_harness import Server, wait_exited
 
+    body = {"prompt": "a lighthouse at dusk", "seed": 5, "size": "64x64", "num_inference_steps": 2}
+    monkeypatch.delenv(TRANSPORT_ENV, raising=False)  # one node: shm
     server = Server(tmp_path)
     run_dirs = list(Path(rt_instance.run_dir_path(server.instance)).parent.glob(f"omni-rt-{server.instance}-*"))
     assert len(run_dirs) == 1
-    body = {"prompt": "a red fox", "seed": 3, "size": "32x32", "num_inference_steps": 1}
     r = httpx.post(server.url + "/v1/images/generations", json=body, headers=server.headers, timeout=120)
     assert r.status_code == 200, r.text
+    shm_png = base64.b64decode(r.json()["data"][0]["b64_json"])
+    assert "tensor server on" not in server.log_text()
     assert server.shm_entries() != []  # the stages' pools keep segments for reuse
     ranks = server.stage_procs()
     os.kill(server.proc.pid, signal.SIGKILL)  # not reaped yet: to the ranks it is a zombie, i.e. dead
@@ -245,40 +248,15 @@ def test_sigkilled_serve_leaves_nothing_once_the_next_starts(tmp_path):
         server.proc.wait(10)
         server.stop()
     assert run_dirs[0].exists()  # nobody removed the dead frontend's run dir ...
-    second = Server(tmp_path)
+    monkeypatch.setenv(TRANSPORT_ENV, "frames")
+    (tmp_path / "frames").mkdir()
+    second = Server(tmp_path / "frames")
     try:
         assert not run_dirs[0].exists()  # ... until the next start swept it
+        r = httpx.post(second.url + "/v1/images/generations", json=body, headers=second.headers, timeout=120)
+        assert r.status_code == 200, r.text
+        assert "tensor server on ipc://" in second.log_text()  # the stages really served their outputs as frames
+        assert base64.b64decode(r.json()["data"][0]["b64_json"]) == shm_png
     finally:
         second.stop()
     assert second.shm_entries() == []
-
-
-def _served_image(tmp_path: Path, body: dict) -> tuple[bytes, str]:
-    import base64
-
-    import httpx
-    from test_server_harness import Server
-
-    server = Server(tmp_path)
-    try:
-        r = httpx.post(server.url + "/v1/images/generations", json=body, headers=server.headers, timeout=120)
-        assert r.status_code == 200, r.text
-        return base64.b64decode(r.json()["data"][0]["b64_json"]), server.log_text()
-    finally:
-        server.stop()
-
-
-@pytest.mark.slow
-@pytest.mark.distributed
-@pytest.mark.timeout(600)
-def test_forced_frames_give_the_same_image_as_shm(tmp_path, monkeypatch):
-    body = {"prompt": "a lighthouse at dusk", "seed": 5, "size": "64x64", "num_inference_steps": 2}
-    monkeypatch.setenv(TRANSPORT_ENV, "frames")
-    (tmp_path / "frames").mkdir()
-    frames_png, log = _served_image(tmp_path / "frames", body)
-    assert "tensor server on ipc://" in log  # the stages really served their outputs as frames
-    monkeypatch.setenv(TRANSPORT_ENV, "shm")
-    (tmp_path / "shm").mkdir()
-    shm_png, log = _served_image(tmp_path / "shm", body)
-    assert "tensor server on" not in log
-    assert frames_png == shm_png

@@ -1,12 +1,14 @@
 """A denoiser replica of sequence-parallel ranks (Ulysses 2; Ulysses 2 x Ring 2), through ``serve``, returns the
 single-rank in-process (Omni(in_process=True)) images of two requests that run inside the step-level running set
-of a long third one."""
+of a long third one; no process of either instance listens on a non-loopback address (issue 14 #3, the check of
+tests/test_placement.py, on these servers rather than one of its own)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 from stage_refs import single_rank_config
+from test_placement import assert_listens_on_loopback_only
 from test_server_harness import Server, images_together
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed, pytest.mark.timeout(300)]
@@ -32,6 +34,7 @@ def test_sequence_parallel_serve_matches_in_process_pipeline(tmp_path, config, r
         log = server.log_text()
         assert f"denoiser[0] rank {ranks - 1}/{ranks}" in log  # the follower ranks log with their prefix
         assert PROOF[config] in log, log[-3000:]  # the denoiser really sharded (stages logs it)
+        assert_listens_on_loopback_only(server)
     finally:
         server.stop()
     assert server.shm_entries() == []

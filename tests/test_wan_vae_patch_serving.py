@@ -1,6 +1,6 @@
 """Wan's VAE patch parallelism through ``serve`` and ``check``: with ``[stages.vae.parallel] patch = 2`` the lossless
 frames of ``/v1/videos`` equal diffusers' ``WanPipeline`` (<= 2/255), as the default layout's do
-(tests/test_wan_serving.py; compared with diffusers in process here, which costs seconds where a second server costs
+(tests/test_video_api.py; compared with diffusers in process here, which costs seconds where a second server costs
 a minute); the config values it cannot take and the VAEs it cannot split are refused by name.
 
 One video job per server (32x32: 4 latent rows, 2 per rank; 5 frames: 2 latent frames, so the second chunk runs
@@ -47,7 +47,7 @@ def _video(tmp_path, patch: int) -> tuple[np.ndarray, str]:
 
 def _diffusers_frames() -> np.ndarray:
     """``WanPipeline`` on the same checkpoint, prompt and seed (float32, one process): what ``serve`` returns in the
-    default layout (tests/test_wan_serving.py)."""
+    default layout (tests/test_video_api.py)."""
     import torch
     from diffusers import WanPipeline
 

@@ -32,15 +32,18 @@ def wait_healthy(proc: subprocess.Popen, url: str, timeout_s: float, log_text: C
     """Return once ``url``'s ``/health`` answers 200; RuntimeError with the log's tail when ``proc`` exits first or
     ``timeout_s`` passes (the caller stops the process). The benchmarks and the server tests start serve alike."""
     end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{name} server exited with {proc.returncode}:\n{log_text()[-4000:]}")
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
+    # polled every 50 ms (a coarser poll adds half its period to each of the test suite's many server starts),
+    # through one client (a new one per poll would cost ~20 ms of CPU each, taken from the starting server)
+    with httpx.Client(timeout=1) as client:
+        while time.monotonic() < end:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} server exited with {proc.returncode}:\n{log_text()[-4000:]}")
+            try:
+                if client.get(url + "/health").status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
     raise RuntimeError(f"{name} server not ready within {timeout_s:.0f}s:\n{log_text()[-4000:]}")
 
 
