@@ -49,6 +49,7 @@ HEALTH_POLL_S = 0.1
 LOOP_LAG_S = 1.0  # a health tick this late means the frontend itself stalled: heartbeats are not judged on it
 REPLICA_STATES = ("ready", "starting", "hung", "restarting")
 DEAD_RANK_GRACE_S = 1.0  # after a failed batch, how long to look for the dead rank that caused it
+WARMUP_ATTEMPTS = 3  # compile warm-up: sends of the 2-image request until a step ran both images together
 
 
 def hops(req: GenerationRequest) -> list[tuple[str, str]]:
@@ -122,6 +123,7 @@ class Orchestrator:
         self.failure: str | None = None
         self.started_at = time.time()
         self.progress = ProgressBook()  # GET /v1/requests/{id}
+        self.widest_step = 0  # the most items a denoiser step reported since the compile warm-up last reset it
         self.loras = LoraRegistry(cfg)  # LoRA adapters by name ([lora], /v1/loras)
         self.streams: dict[str, ImageStream] = {}  # streamed requests by id (runtime.image_stream)
 
@@ -169,23 +171,34 @@ class Orchestrator:
     async def _compile_warmup(self) -> None:
         """``[stages.denoiser] compile``: one request of 1 and one of 2 images per ``compile_warmup`` size, so the
         denoiser's compiled graphs (one row, and several: dynamic rows and tokens) exist before the first user's
-        request; the start waits for them (``serve`` is healthy after). A size the model cannot take stops the
-        start, naming the key."""
+        request; the start waits for them (``serve`` is healthy after). The 2-image request is sent again (up to
+        :data:`WARMUP_ATTEMPTS` times) until a denoiser step reported both images (its step reports'
+        ``active``). A size the model cannot take stops the start, naming the key."""
         t0 = time.monotonic()
         for size in self.cfg.stages.denoiser.compile_warmup:
             for n in (1, 2):
-                try:
-                    req = parse_request({"prompt": "warm-up", "size": size, "n": n, "num_inference_steps": 2,
-                                         "seed": 0})
-                    await self.generate(req)
-                except (RequestError, BadRequestInStage) as e:
-                    raise StageUnavailable(f"stages.denoiser.compile_warmup: size {size!r} cannot run: {e}") from e
+                for attempt in range(1, WARMUP_ATTEMPTS + 1):
+                    self.widest_step = 0
+                    try:
+                        req = parse_request({"prompt": "warm-up", "size": size, "n": n, "num_inference_steps": 2,
+                                             "seed": 0})
+                        await self.generate(req)
+                    except (RequestError, BadRequestInStage) as e:
+                        raise StageUnavailable(f"stages.denoiser.compile_warmup: size {size!r} cannot run: "
+                                               f"{e}") from e
+                    # the two images are two items: on a busy machine the first may finish its steps before the
+                    # second joins, and then no step ran (and compiled) several rows; send them again
+                    if self.widest_step >= n:
+                        break
+                    logger.info("compile warm-up %s: no step ran %d images together (attempt %d of %d)", size, n,
+                                attempt, WARMUP_ATTEMPTS)
         logger.info("compile warm-up: %d size(s) x 1 and 2 images in %.1f s",
                     len(self.cfg.stages.denoiser.compile_warmup), time.monotonic() - t0)
 
     def _on_report(self, msg: StepReport) -> None:
         """A denoiser step: progress of its items, step metrics."""
         self.progress.report(msg)
+        self.widest_step = max(self.widest_step, msg.active)
         self.metrics.observe_step(msg.replica, msg.step_s, msg.active, msg.admitted, msg.retired,
                                   msg.padding_waste)
 
