@@ -13,7 +13,7 @@ import httpx
 import pytest
 from test_server_harness import ROOT, Server
 
-from omni_runtime.runtime.config import load_config
+from omni_runtime.runtime.config_load import load_config
 
 
 def _requests_total(server_url: str, headers: dict[str, str]) -> dict[str, float]:
