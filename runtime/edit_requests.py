@@ -13,6 +13,7 @@ input image's size, and is refused by a model without inpainting (every family s
 from __future__ import annotations
 
 import io
+import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -130,10 +131,16 @@ def image_size(data: bytes, param: str, rules: EditRules) -> tuple[int, int]:
 
 
 def _form_value(name: str, text: Any) -> Any:
-    """A form field's text as the field's JSON type (integers and numbers are parsed; the rest stays text)."""
+    """A form field's text as the field's JSON type (integers and numbers are parsed, the ``lora`` list and the
+    ``cache`` object read as JSON text; the rest stays text)."""
     f = FIELDS.get(name)
     if f is None or not isinstance(text, str):
         return text
+    if f.kind in ("lora", "cache"):  # JSON text, as the video form takes it; text that is no JSON stays text and
+        try:  # fails the field's check, naming it
+            return json.loads(text)
+        except ValueError:
+            return text
     if f.kind == "integer":
         try:
             return int(text.strip())

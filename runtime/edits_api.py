@@ -3,7 +3,7 @@
 Parts: ``image`` (one file) or ``image[]`` (several), ``prompt``, optional ``mask``, ``n``, ``size`` (``WxH`` or
 ``auto``), ``response_format`` (``b64_json``), ``output_format``, and our extensions as text fields: ``seed``,
 ``num_inference_steps``, ``guidance_scale``, ``negative_prompt``, ``true_cfg_scale`` (every field of
-``runtime.requests.FIELDS`` except ``lora``, which is a list). The body is parsed streaming with caps
+``runtime.requests.FIELDS``; the ``cache`` object and the ``lora`` list as JSON text). The body is parsed streaming with caps
 (``runtime.multipart_form``); the request is validated once (``runtime.edit_requests``) and runs like a generation,
 with the VAE stage encoding the input image first (docs/ARCHITECTURE.md, "Image edits").
 """

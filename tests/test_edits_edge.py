@@ -164,3 +164,20 @@ def test_an_unreadable_model_directory_is_a_500_in_the_error_body(tmp_path) -> N
         assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error", r.text
         assert "model.path" in r.json()["error"]["message"]
         assert c.get("/health").status_code == 200
+
+
+def test_a_form_takes_the_cache_and_lora_fields_as_json_text(client) -> None:
+    """The form's ``cache`` object and ``lora`` list arrive as JSON text, as the video form takes them (they were
+    refused as "must be an object" / "a list" before)."""
+    image = [("image", ("a.png", png(32, 32), "image/png"))]
+    r = client.post(ROUTE, files=image, data={"prompt": "x", "cache": '{"method": "first_block", "threshold": 0.2}'})
+    assert r.status_code == 200, r.text
+    req = client.app.state.orch.seen[-1]
+    assert (req.cache.method, req.cache.threshold) == ("first_block", 0.2)
+    r = client.post(ROUTE, files=image, data={"prompt": "x", "lora": '[{"name": "style", "scale": 0.5}]'})
+    assert r.status_code == 200, r.text  # (the orchestrator resolves the name: the stub takes any)
+    assert [(x.name, x.scale) for x in client.app.state.orch.seen[-1].lora] == [("style", 0.5)]
+    for text in ("{not json", '"first_block"'):
+        r = client.post(ROUTE, files=image, data={"prompt": "x", "cache": text})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "cache", r.text
+    assert client.get("/health").status_code == 200
