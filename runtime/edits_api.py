@@ -43,7 +43,9 @@ __all__ = ["ROUTE", "register"]
 
 ROUTE = "/v1/images/edits"
 FORM_MEDIA_TYPE = "multipart/form-data"
-_FORM_FIELDS = tuple(k for k in FIELDS if k != "lora")
+#: every generation field is a form field (the ``cache`` object and the ``lora`` list as JSON text: OpenAPI's
+#: encoding of an object or array part of a form)
+_FORM_FIELDS = tuple(FIELDS)
 
 _ERRORS = {
     **IMAGES_ERRORS,
