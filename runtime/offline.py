@@ -35,6 +35,7 @@ from omni_runtime.runtime.requests import (
     check_fields,
     parse_request,
 )
+from omni_runtime.runtime.served_model import check_served, served_model_of
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +57,6 @@ def request_from_args(args: argparse.Namespace, output_format: str, caps: WorkCa
         return parse_edit_request(raw, images, edit_rules(cfg), caps=caps, image_param="--image")
     req = parse_request(raw, caps=caps)
     if cfg is not None:
-        from omni_runtime.runtime.served_model import check_served, served_model_of
-
         check_served(req, served_model_of(cfg))  # e.g. an edit-only model: give --image
     return req
 
@@ -144,7 +143,10 @@ def read_prompts(path: str | Path, caps: WorkCaps | None = None, cfg: RuntimeCon
             elif video is not None and isinstance(obj, dict) and ("num_frames" in obj or "seconds" in obj):
                 reqs.append((lineno, video(obj)))
             else:
-                reqs.append((lineno, parse_request(obj, allow_unknown=False, caps=caps)))
+                req = parse_request(obj, allow_unknown=False, caps=caps)
+                if cfg is not None:  # e.g. a generation line for an edit-only model, a cache method it cannot run
+                    check_served(req, served_model_of(cfg))
+                reqs.append((lineno, req))
         except RecursionError:
             raise RequestError(f"{path} line {lineno}: not valid JSON: nested too deeply", None) from None
         except ValueError as e:  # bad JSON or a bad field (RequestError names it)

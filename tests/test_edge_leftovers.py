@@ -111,6 +111,18 @@ def test_cli_generate_on_an_edit_only_model_says_to_give_an_image(edit_server, t
     assert list(tmp_path.iterdir()) == []
 
 
+
+def test_a_batch_generation_line_for_an_edit_only_model_names_its_line_and_image(edit_server, tmp_path):
+    """``batch`` checks each line against the served family before any stage runs (it failed at the text encoder)."""
+    from omni_runtime.runtime.offline import read_prompts
+    from omni_runtime.runtime.requests import RequestError
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "a cat", "size": "64x64"}\n')
+    with pytest.raises(RequestError) as e:
+        read_prompts(prompts, cfg=load_config(ROOT / "configs" / "qwen_image_edit.toml"))
+    assert e.value.param == "image" and "line 1: image is required" in str(e.value), str(e.value)
+
 # --- 2: TeaCache on a video (a family without it) is refused at the edge ----------------------------------------
 
 VIDEO = {"prompt": "a dog on a beach", "size": "32x32", "num_frames": 5, "num_inference_steps": 2, "seed": 3}
