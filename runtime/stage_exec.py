@@ -27,6 +27,7 @@ from typing import Any, cast
 import numpy as np
 
 from omni_runtime.runtime import tensor_handoff
+from omni_runtime.runtime.config import SCHEDULING
 from omni_runtime.runtime.cores import ComputeToken
 from omni_runtime.runtime.images import encode_image
 from omni_runtime.runtime.liveness import Busy
@@ -40,7 +41,6 @@ logger = logging.getLogger(__name__)
 
 DROPPED = "cancelled or past its deadline"
 MAX_REMEMBERED_CANCELS = 100_000
-SCHEDULING = ("step", "request")  # [stages.denoiser] scheduling
 
 
 @dataclass
