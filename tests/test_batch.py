@@ -111,7 +111,10 @@ def test_ctrl_c_with_work_in_flight_exits_with_one_line(tmp_path):
         [sys.executable, "-m", "omni_runtime.runtime.cli", "--log-level", "WARNING", "batch", "--config",
          str(ROOT / "configs" / "default.toml"), str(prompts), "--out-dir", str(out)],
         cwd=ROOT, env={**os.environ, "OMNI_RUNTIME_INSTANCE": instance}, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True, start_new_session=True)
+        stderr=subprocess.PIPE, text=True, start_new_session=True,
+        # as from a terminal: SIGINT at its default even when this suite runs as a background job (a shell starts
+        # those with SIGINT ignored, which the child would inherit, and Python then never raises KeyboardInterrupt)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         manifest = out / "manifest.jsonl"
         end = time.monotonic() + 300
