@@ -53,6 +53,25 @@ class Server:
             self.stop()
             raise
 
+    def finished_video(self, vid: str, timeout_s: float = 200.0) -> dict:
+        """The job object of video ``vid`` once it completed (an AssertionError with the log's tail if it failed
+        or did not finish within ``timeout_s``)."""
+        end = time.time() + timeout_s
+        while (job := httpx.get(f"{self.url}/v1/videos/{vid}", headers=self.headers, timeout=30).json())[
+                "status"] not in ("completed", "failed"):
+            assert time.time() < end, job
+            time.sleep(0.05)
+        assert job["status"] == "completed", (job, self.log_text()[-3000:])
+        return job
+
+    def video_frames(self, vid: str) -> np.ndarray:
+        """The finished video ``vid``'s frames (the ``frames`` variant: lossless), (frames, H, W, 3) uint8."""
+        from omni_runtime.runtime.video_files import decode_frames
+
+        self.finished_video(vid)
+        return decode_frames(httpx.get(f"{self.url}/v1/videos/{vid}/content", params={"variant": "frames"},
+                                       headers=self.headers, timeout=60).content)
+
     def log_text(self) -> str:
         if not self.log.closed:
             self.log.flush()

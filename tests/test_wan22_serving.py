@@ -16,14 +16,10 @@ split/gather hooks as under ulysses (ulysses 2 here shows both experts hooked), 
 
 from __future__ import annotations
 
-import time
-
 import httpx
 import numpy as np
 import pytest
 from test_server_harness import ROOT, Server
-
-from omni_runtime.runtime.video_files import decode_frames
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed, pytest.mark.timeout(300)]
 
@@ -42,17 +38,6 @@ LAYOUTS = {
 }
 
 
-def _wait(server: Server, vid: str) -> np.ndarray:
-    end = time.time() + 200
-    while (job := httpx.get(f"{server.url}/v1/videos/{vid}", headers=server.headers).json())["status"] not in (
-            "completed", "failed"):
-        assert time.time() < end, job
-        time.sleep(0.05)
-    assert job["status"] == "completed", (job, server.log_text()[-3000:])
-    return decode_frames(httpx.get(f"{server.url}/v1/videos/{vid}/content", params={"variant": "frames"},
-                                   headers=server.headers).content)
-
-
 def _jobs(server: Server, multipart: bool = False) -> list[np.ndarray]:
     """Both videos, posted back to back (A as multipart form fields when ``multipart``; then also A without
     guidance_scale_2)."""
@@ -66,7 +51,7 @@ def _jobs(server: Server, multipart: bool = False) -> list[np.ndarray]:
             r = httpx.post(server.url + "/v1/videos", json=body, headers=server.headers, timeout=60)
         assert r.status_code == 200, r.text
         ids.append(r.json()["id"])
-    return [_wait(server, vid) for vid in ids]
+    return [server.video_frames(vid) for vid in ids]
 
 
 def _serve(tmp_path, degrees: dict[str, int] | None = None, logged: dict[str, int] | None = None,

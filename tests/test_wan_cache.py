@@ -16,7 +16,6 @@ server stays healthy. 32x32, 5 frames, 6 steps.
 from __future__ import annotations
 
 import json
-import time
 
 import httpx
 import msgspec
@@ -100,16 +99,6 @@ def test_wan_first_block_equals_diffusers_in_process(diffusers_fbc) -> None:
     assert db_stats["cached_steps"] == ref_skipped and np.array_equal(db, cached)
 
 
-def _wait(server: Server, vid: str) -> dict:
-    end = time.time() + 200
-    while (job := httpx.get(f"{server.url}/v1/videos/{vid}", headers=server.headers).json())["status"] not in (
-            "completed", "failed"):
-        assert time.time() < end, job
-        time.sleep(0.1)
-    assert job["status"] == "completed", (job, server.log_text()[-3000:])
-    return job
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_wan_cache_through_serve(tmp_path, diffusers_fbc) -> None:
@@ -124,7 +113,7 @@ def test_wan_cache_through_serve(tmp_path, diffusers_fbc) -> None:
                                    for k, v in {**BODY, "cache": FBC}.items()})]
         for r in posts:
             assert r.status_code == 200, r.text
-            job = _wait(server, r.json()["id"])
+            job = server.finished_video(r.json()["id"])
             assert job["cache"] == {"method": "first_block", "steps": 12, "cached_steps": ref_skipped, "blocks": 24,
                                     "cached_blocks": ref_skipped}, job
             frames = decode_frames(httpx.get(f"{server.url}/v1/videos/{job['id']}/content",

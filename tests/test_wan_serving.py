@@ -10,14 +10,10 @@ they are not served twice (three servers less on the suite's clock)."""
 
 from __future__ import annotations
 
-import time
-
 import httpx
 import numpy as np
 import pytest
 from test_server_harness import ROOT, Server
-
-from omni_runtime.runtime.video_files import decode_frames
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed, pytest.mark.timeout(300)]
 
@@ -53,15 +49,7 @@ def _serve(tmp_path, edits: dict[str, str] | None = None, logged: tuple[str, ...
     try:
         r = httpx.post(server.url + "/v1/videos", json=BODY, headers=server.headers, timeout=60)
         assert r.status_code == 200, r.text
-        vid = r.json()["id"]
-        end = time.time() + 200
-        while (job := httpx.get(f"{server.url}/v1/videos/{vid}", headers=server.headers).json())["status"] not in (
-                "completed", "failed"):
-            assert time.time() < end, job
-            time.sleep(0.1)
-        assert job["status"] == "completed", (job, server.log_text()[-3000:])
-        frames = decode_frames(httpx.get(f"{server.url}/v1/videos/{vid}/content", params={"variant": "frames"},
-                                         headers=server.headers).content)
+        frames = server.video_frames(r.json()["id"])
         log = server.log_text()
         for line in logged:
             assert line in log, (line, log[-3000:])

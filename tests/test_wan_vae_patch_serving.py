@@ -9,14 +9,10 @@ through every rank's feature cache), 2 steps, CFG with a negative prompt.
 
 from __future__ import annotations
 
-import time
-
 import httpx
 import numpy as np
 import pytest
 from test_server_harness import ROOT, Server
-
-from omni_runtime.runtime.video_files import decode_frames
 
 BODY = {"prompt": "a dog on a beach", "negative_prompt": "blurry", "size": "32x32", "num_frames": 5,
         "num_inference_steps": 2, "guidance_scale": 4.0, "seed": 11}
@@ -29,15 +25,7 @@ def _video(tmp_path, patch: int) -> tuple[np.ndarray, str]:
     try:
         r = httpx.post(server.url + "/v1/videos", json=BODY, headers=server.headers, timeout=60)
         assert r.status_code == 200, r.text
-        vid = r.json()["id"]
-        end = time.time() + 200
-        while (job := httpx.get(f"{server.url}/v1/videos/{vid}", headers=server.headers).json())["status"] not in (
-                "completed", "failed"):
-            assert time.time() < end, job
-            time.sleep(0.1)
-        assert job["status"] == "completed", (job, server.log_text()[-3000:])
-        frames = decode_frames(httpx.get(f"{server.url}/v1/videos/{vid}/content", params={"variant": "frames"},
-                                         headers=server.headers).content)
+        frames = server.video_frames(r.json()["id"])
         assert httpx.get(server.url + "/health").status_code == 200
         return frames, server.log_text()
     finally:
