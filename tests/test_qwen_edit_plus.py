@@ -8,16 +8,13 @@ One server (2 edits at 48x32, 2 steps); the two inputs (56x40 and 32x48 noise) a
 
 from __future__ import annotations
 
-import base64
-import io
 import threading
 
 import httpx
 import numpy as np
 import pytest
 from openai import OpenAI
-from PIL import Image
-from qwen_edit_refs import edit, pipeline
+from qwen_edit_refs import decode_b64, edit, pipeline, png
 from test_server_harness import API_KEY, ROOT, Server
 
 from omni_runtime.runtime.config_load import load_config
@@ -34,18 +31,8 @@ CAPS = {'path = "../models/tiny-qwen-image-edit"': 'path = "../models/tiny-qwen-
         "max_edit_images = 1": "max_edit_images = 4"}
 
 
-def png(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 A = png(np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8))
 B = png(np.random.default_rng(1).integers(0, 256, (48, 32, 3), dtype=np.uint8))
-
-
-def _decode(b64: str) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))
 
 
 def _diff(a: np.ndarray, b: np.ndarray) -> int:
@@ -76,7 +63,7 @@ def served(server) -> dict[str, np.ndarray]:
         files = [(f"{i}.png", data, "image/png") for i, data in enumerate(images)]
         r = client.images.edit(model="tiny-qwen-image-edit-plus", image=files, prompt=PROMPT, size=SIZE,  # type: ignore
                                extra_body=FIELDS)
-        out[name] = _decode(r.data[0].b64_json)
+        out[name] = decode_b64(r.data[0].b64_json)
 
     threads = [threading.Thread(target=run, args=a) for a in (("ab", [A, B]), ("ba", [B, A]))]
     for t in threads:

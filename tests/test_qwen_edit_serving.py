@@ -14,16 +14,13 @@ scheduler's shift_terminal divides by zero); the input image (56x40 noise) is en
 
 from __future__ import annotations
 
-import base64
-import io
 import threading
 
 import httpx
 import numpy as np
 import pytest
 from openai import OpenAI
-from PIL import Image
-from qwen_edit_refs import edit, pipeline
+from qwen_edit_refs import decode_b64, edit, pipeline, png
 from test_server_harness import API_KEY, ROOT, Server
 
 from omni_runtime.runtime.cli import main
@@ -38,12 +35,6 @@ FIELDS = {"seed": 5, "num_inference_steps": 2, "negative_prompt": "blurry", "tru
 CAPS = {"max_edit_images = 1": "max_edit_images = 2"}
 PARALLEL = "[stages.denoiser.parallel]\nulysses = 1\nring = 1\ncfg = 1\npp = 1\nhsdp_shard = 1"
 TEXT = "[stages.text_encoder]\nreplicas = 1\nmax_batch_size = 8\nbatch_timeout_ms = 0\n"
-
-
-def png(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 INPUT = png(np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8))
@@ -68,10 +59,6 @@ LAYOUTS = {
 }
 
 
-def _decode(b64: str) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))
-
-
 def _diff(a: np.ndarray, b: np.ndarray) -> int:
     assert a.shape == b.shape == (32, 48, 3), (a.shape, b.shape)
     return int(np.abs(a.astype(int) - b.astype(int)).max())
@@ -94,7 +81,7 @@ def _client_edit(server: Server) -> np.ndarray:
     client = OpenAI(base_url=server.url + "/v1", api_key=API_KEY)
     r = client.images.edit(model="tiny-qwen-image-edit", image=("in.png", INPUT, "image/png"), prompt=PROMPT,
                            size=SIZE, extra_body=FIELDS)  # type: ignore[arg-type]
-    return _decode(r.data[0].b64_json)
+    return decode_b64(r.data[0].b64_json)
 
 
 def test_served_edit_equals_diffusers(server, reference) -> None:
