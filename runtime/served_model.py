@@ -10,15 +10,12 @@ The stages keep their own checks as the second line of defence.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
 from omni_runtime.runtime.requests import GenerationRequest, RequestError
 from omni_runtime.stages.cache_config import METHODS
-
-logger = logging.getLogger(__name__)
 
 __all__ = ["ServedModel", "check_served", "served_model", "served_model_of"]
 
