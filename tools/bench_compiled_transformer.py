@@ -7,12 +7,14 @@ Baseline: diffusers' ``FluxTransformer2DModel`` of the embedded ``small`` Flux p
 - ``blocks``: as served with ``[stages.denoiser] compile = true`` (linears on oneDNN, each block class's ``forward``
   compiled with dynamic shapes: ``stages.compile.compile_blocks``);
 - ``whole``: the whole model ``torch.compile`` d (torch's linears, static shapes);
-- ``whole-freezing``: the same with inductor's ``freezing`` (weights become graph constants, GEMM weights prepacked).
+- ``whole-freezing``: the same with inductor's ``freezing`` (weights become graph constants, GEMM weights prepacked);
+- ``whole-autotune``: the same with ``mode="max-autotune"`` too (inductor's C++ GEMM template competes with MKL for
+  every GEMM; the template needs frozen weights: ``torch._inductor.utils.use_cpp_gemm_template``).
 
 One variant per run (dynamo keeps one cache per code object). ``--rounds`` rounds of one forward each, the order
 flipping every round; prints the median times and the median of the per-pair ratios (variant / baseline).
 
-Usage: ``python tools/bench_compiled_transformer.py [--variant blocks|whole|whole-freezing] [--size 256x256]
+Usage: ``python tools/bench_compiled_transformer.py [--variant blocks|whole|whole-freezing|whole-autotune] [--size 256x256]
 [--rounds 15] [--threads 2]``.
 """
 
@@ -30,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_batch_gain import _inputs  # noqa: E402
 from serve_process import ensure_model  # noqa: E402
 
-VARIANTS = ("blocks", "whole", "whole-freezing")
+VARIANTS = ("blocks", "whole", "whole-freezing", "whole-autotune")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,8 +69,8 @@ def main(argv: list[str] | None = None) -> int:
                 use_onednn(ours, torch.float32, torch.device("cpu"))
                 compile_blocks([ours])
             elif name != "diffusers":
-                inductor_config.freezing = args.variant == "whole-freezing"
-                ours = torch.compile(ours)
+                inductor_config.freezing = args.variant in ("whole-freezing", "whole-autotune")
+                ours = torch.compile(ours, mode="max-autotune" if args.variant == "whole-autotune" else None)
             t0 = time.perf_counter()
             out = call()
             cold[name] = time.perf_counter() - t0
