@@ -17,7 +17,8 @@ correct), and every compile is logged (``denoiser compile: graph N ...``).
 
 Under sequence parallelism (ulysses or ring > 1) the attention layers run eager inside the compiled blocks
 (``torch.compiler.disable``): their all-to-all / ring exchange over a process group is no graph op, so each block is
-two graphs (before and after attention). PipeFusion is refused by the config check (:data:`REFUSED_LAYOUTS`).
+three graphs: before the attention, the resumed frame that called it (e.g. ``layers.JointAttention.joint``'s flatten
+and split: a small graph) and the rest of the block. PipeFusion is refused by the config check (:data:`REFUSED_LAYOUTS`).
 """
 
 from __future__ import annotations

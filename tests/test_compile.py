@@ -5,7 +5,7 @@ One served instance of the default layout with ``compile = true`` (warm-up size 
 image the uncompiled runtime returns (in process) and diffusers' FluxPipeline returns, max |delta| <= 2/255; a
 request of 3 images (3 rows: the warm-up ran 1 and 2) and one of another size (64x128: another sequence length)
 compile no new graph (counted from the server's ``denoiser compile: graph N`` log lines). A parallel layout
-(Ulysses 2: the attention's all-to-all runs eager between two graphs per block) returns the default layout's image;
+(Ulysses 2: the attention's all-to-all runs eager between a block's graphs) returns the default layout's image;
 its server starts (and compiles) while the default layout's test runs.
 Bad values of the two keys are ConfigErrors naming the key and the allowed values; PipeFusion is refused by name.
 """
