@@ -96,7 +96,7 @@ def _add_request_args(p: argparse.ArgumentParser) -> None:
     for f in FIELDS.values():
         if f.cli_flag is None:
             continue
-        default = "" if f.default is None else f", default {f.default}"
+        default = "" if f.default is None else f", default {f.default} (or the model family's: omni-runtime check)"
         many = f.kind == "lora"  # --lora NAME[:SCALE], repeatable
         p.add_argument(f.cli_flag, dest=f.name, type=f.cli_type or str, default=None, required=f.required,
                        action="append" if many else "store",

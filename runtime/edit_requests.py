@@ -16,7 +16,7 @@ import io
 import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,8 @@ class EditRules:
     #: the family's ``size = auto`` rule: the input images' (width, height) -> the output's, before rounding (None:
     #: the first image's size)
     output_size: Callable[[Sequence[tuple[int, int]]], tuple[int, int]] | None = None
+    #: the family's defaults of absent fields (``ModelFamily.request_defaults``: its diffusers pipeline's own)
+    defaults: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_config(cls, cfg: Any, family: Any, vae_scale_factor: int) -> EditRules:
@@ -63,7 +65,7 @@ class EditRules:
         return cls(model=family.pipeline_classes[0], family_images=family.image_inputs,
                    inpainting=family.inpainting, multiple=2 * vae_scale_factor, max_images=s.max_edit_images,
                    max_image_bytes=s.max_edit_image_bytes, max_image_pixels=s.max_edit_image_pixels,
-                   output_size=family.edit_output_size)
+                   output_size=family.edit_output_size, defaults=dict(family.request_defaults))
 
     @property
     def images_allowed(self) -> int:
@@ -192,5 +194,5 @@ def parse_edit_request(fields: Mapping[str, Any], images: Sequence[bytes], rules
     raw = {k: _form_value(k, v) for k, v in fields.items() if k not in FILE_FIELDS}
     if raw.get("size") is None or (isinstance(raw["size"], str) and raw["size"].strip() == AUTO_SIZE):
         raw["size"] = _auto_size(*(rules.output_size(sizes) if rules.output_size else sizes[0]), rules)
-    req = parse_request(raw, allow_unknown=allow_unknown, caps=caps)
+    req = parse_request(raw, allow_unknown=allow_unknown, caps=caps, defaults=rules.defaults)
     return GenerationRequest(**{**{f: getattr(req, f) for f in req.__struct_fields__}, "images": tuple(images)})

@@ -29,6 +29,7 @@ from omni_runtime.runtime.http_common import (
 )
 from omni_runtime.runtime.multipart_form import FormError, FormLimits, boundary_of, read_form
 from omni_runtime.runtime.requests import FIELDS, RequestError, openapi_request_schema, show
+from omni_runtime.runtime.served_model import defaults_of, served_model_of
 from omni_runtime.runtime.stream_api import (
     EDIT,
     parse_stream,
@@ -61,7 +62,8 @@ _ERRORS = {
 def _form_schema(cfg: Any) -> dict[str, Any]:
     """The OpenAPI schema of the form: the generation fields' bounds (``requests.FIELDS``) and the files."""
     s = cfg.server
-    props = {k: v for k, v in openapi_request_schema()["properties"].items() if k in _FORM_FIELDS}
+    props = {k: v for k, v in openapi_request_schema(defaults_of(served_model_of(cfg)))["properties"].items()
+             if k in _FORM_FIELDS}
     props["size"] = {**props["size"], "description": f"'WIDTHxHEIGHT' or '{AUTO_SIZE}' (the default: the first "
                                                      f"image's size rounded down to the model's multiple)",
                      "pattern": props["size"]["pattern"][:-1] + f"|^ *{AUTO_SIZE} *$", "default": AUTO_SIZE}

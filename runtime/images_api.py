@@ -28,8 +28,8 @@ from omni_runtime.runtime.http_common import (
     read_body,
     run_images,
 )
-from omni_runtime.runtime.requests import RequestError, openapi_request_schema, parse_request, show
-from omni_runtime.runtime.served_model import check_served, served_model_of
+from omni_runtime.runtime.requests import RequestError, openapi_request_schema, show
+from omni_runtime.runtime.served_model import defaults_of, parse_served, served_model_of
 from omni_runtime.runtime.stream_api import (
     GENERATION,
     parse_stream,
@@ -58,8 +58,8 @@ def generations_responses() -> dict[int | str, dict[str, Any]]:
     return streamed_responses(documented(_ERRORS, IMAGES_SCHEMA), GENERATION)
 
 
-def _request_schema() -> dict[str, Any]:
-    return with_stream_fields(openapi_request_schema())
+def _request_schema(defaults: dict[str, Any]) -> dict[str, Any]:
+    return with_stream_fields(openapi_request_schema(defaults))
 
 
 def register(app: FastAPI, ctx: ApiContext) -> None:
@@ -82,24 +82,25 @@ def register(app: FastAPI, ctx: ApiContext) -> None:
         except RecursionError:  # e.g. 50,000 nested '[': the parser gives up; it is still the client's mistake
             return invalid("the body is not valid JSON: nested too deeply", None, "invalid_json")
         try:
-            req = parse_request(raw, caps=ctx.caps)
+            # the family's defaults of absent fields; what the model's family declares it cannot run is refused
+            req = parse_served(raw, served_model_of(ctx.cfg), caps=ctx.caps)
             partials = parse_stream(raw)
-            check_served(req, served_model_of(ctx.cfg))  # what the model's family declares it cannot run
         except RequestError as e:
             return ctx.bad_request(str(e), e.param)
         if partials is not None:
             return await stream_images(request, ctx, req, partials, GENERATION)
         return await run_images(request, ctx, req)
 
+    defaults = defaults_of(served_model_of(ctx.cfg))  # the served family's, shown in the schema
     app.add_api_route(ROUTE, ctx.counted(generations), methods=["POST"], name="generations",
                       responses=generations_responses(), openapi_extra={
                           "security": ctx.security,
                           "requestBody": {"required": True,
-                                          "content": {JSON_MEDIA_TYPE: {"schema": _request_schema()}}}})
+                                          "content": {JSON_MEDIA_TYPE: {"schema": _request_schema(defaults)}}}})
 
     def patch(schema: dict[str, Any]) -> None:
         # FastAPI's OpenAPI model holds bounds as floats (2**63 - 10 would become 2**63): put the table's in
         body = schema["paths"][ROUTE]["post"]["requestBody"]["content"][JSON_MEDIA_TYPE]
-        body["schema"] = _request_schema()
+        body["schema"] = _request_schema(defaults)
 
     ctx.openapi_patches.append(patch)

@@ -33,9 +33,8 @@ from omni_runtime.runtime.requests import (
     RequestError,
     WorkCaps,
     check_fields,
-    parse_request,
 )
-from omni_runtime.runtime.served_model import check_served, served_model_of
+from omni_runtime.runtime.served_model import parse_served, served_model_of
 
 logger = logging.getLogger(__name__)
 
@@ -55,10 +54,8 @@ def request_from_args(args: argparse.Namespace, output_format: str, caps: WorkCa
         assert cfg is not None, "an edit needs the config (its model's rules)"
         images = [read_image_file(p, "--image") for p in paths]
         return parse_edit_request(raw, images, edit_rules(cfg), caps=caps, image_param="--image")
-    req = parse_request(raw, caps=caps)
-    if cfg is not None:
-        check_served(req, served_model_of(cfg))  # e.g. an edit-only model: give --image
-    return req
+    # the served family's defaults of absent flags; e.g. an edit-only model is refused: give --image
+    return parse_served(raw, served_model_of(cfg) if cfg is not None else None, caps=caps)
 
 
 def check_flags(args: argparse.Namespace) -> None:
@@ -143,10 +140,9 @@ def read_prompts(path: str | Path, caps: WorkCaps | None = None, cfg: RuntimeCon
             elif video is not None and isinstance(obj, dict) and ("num_frames" in obj or "seconds" in obj):
                 reqs.append((lineno, video(obj)))
             else:
-                req = parse_request(obj, allow_unknown=False, caps=caps)
-                if cfg is not None:  # e.g. a generation line for an edit-only model, a cache method it cannot run
-                    check_served(req, served_model_of(cfg))
-                reqs.append((lineno, req))
+                # e.g. a generation line for an edit-only model, a cache method it cannot run, is refused
+                reqs.append((lineno, parse_served(obj, served_model_of(cfg) if cfg is not None else None,
+                                                  allow_unknown=False, caps=caps)))
         except RecursionError:
             raise RequestError(f"{path} line {lineno}: not valid JSON: nested too deeply", None) from None
         except ValueError as e:  # bad JSON or a bad field (RequestError names it)

@@ -29,7 +29,7 @@ from omni_runtime.parallel.parallel_spec import DEGREES
 from omni_runtime.runtime.config import STAGE_NAMES, ConfigError, RuntimeConfig
 from omni_runtime.runtime.config_load import load_config
 from omni_runtime.runtime.images import decode_image
-from omni_runtime.runtime.requests import FIELDS, GenerationRequest, WorkCaps, check_work, parse_request
+from omni_runtime.runtime.requests import FIELDS, GenerationRequest, WorkCaps, check_work
 
 logger = logging.getLogger(__name__)
 
@@ -134,11 +134,11 @@ class Omni:
         if unknown:
             raise TypeError(f"Omni.generate() got an unexpected keyword argument {unknown[0]!r}; allowed: "
                             f"{', '.join(GENERATE_FIELDS)}")
-        req = parse_request({"prompt": prompt, **fields, "output_format": "png"})
-        refuse_images(self.cfg, "Omni.generate")
-        from omni_runtime.runtime.served_model import check_served, served_model_of
+        from omni_runtime.runtime.served_model import parse_served, served_model_of
 
-        check_served(req, served_model_of(self.cfg))  # e.g. an edit-only model: use Omni.edit
+        # the family's defaults of absent fields; e.g. an edit-only model is refused: use Omni.edit
+        req = parse_served({"prompt": prompt, **fields, "output_format": "png"}, served_model_of(self.cfg))
+        refuse_images(self.cfg, "Omni.generate")
         report: dict[str, Any] = {}
         images = [decode_image(b) for b in self.generate_encoded(req, report)]
         for im in images:

@@ -356,9 +356,10 @@ def check_work(req: GenerationRequest, caps: WorkCaps) -> None:
                            f"is allowed ([server] max_pixels_steps)", "num_inference_steps")
 
 
-def check_fields(raw: dict[str, Any], table: Mapping[str, Field], *, allow_unknown: bool) -> dict[str, Any]:
-    """Every field of ``table`` checked (its default when absent or None); an unknown key is refused naming the
-    allowed ones unless ``allow_unknown``."""
+def check_fields(raw: dict[str, Any], table: Mapping[str, Field], *, allow_unknown: bool,
+                 defaults: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Every field of ``table`` checked (its default when absent or None: ``defaults``' value where it has one,
+    else the table's); an unknown key is refused naming the allowed ones unless ``allow_unknown``."""
     if not allow_unknown:
         unknown = sorted(k for k in raw if k not in table)
         if unknown:
@@ -369,18 +370,21 @@ def check_fields(raw: dict[str, Any], table: Mapping[str, Field], *, allow_unkno
         if v is None:
             if f.required:
                 raise RequestError(f"{name} is required: {f.allowed()}", name)
-            got[name] = f.default
+            got[name] = defaults[name] if defaults and name in defaults else f.default
         else:
             got[name] = _check_field(f, v)
     return got
 
 
-def parse_request(raw: Any, *, allow_unknown: bool = True, caps: WorkCaps | None = None) -> GenerationRequest:
+def parse_request(raw: Any, *, allow_unknown: bool = True, caps: WorkCaps | None = None,
+                  defaults: Mapping[str, Any] | None = None) -> GenerationRequest:
     """Validate a JSON object (HTTP body, JSONL line, CLI flags, ``Omni.generate`` fields) against :data:`FIELDS`
-    into a :class:`GenerationRequest`; with ``caps``, also :func:`check_work`. ``None`` means "absent"."""
+    into a :class:`GenerationRequest`; with ``caps``, also :func:`check_work`. ``None`` means "absent".
+    ``defaults``: the served family's defaults of absent fields (``ModelFamily.request_defaults``: its diffusers
+    pipeline's own), where they differ from :data:`FIELDS`'."""
     if not isinstance(raw, dict):
         raise RequestError(f"the request body must be a JSON object, got {type(raw).__name__}", None)
-    got = check_fields(raw, FIELDS, allow_unknown=allow_unknown)
+    got = check_fields(raw, FIELDS, allow_unknown=allow_unknown, defaults=defaults)
     width, height = got["size"] if isinstance(got["size"], tuple) else parse_size(got["size"])
     seed = got["seed"] if got["seed"] is not None else random.randrange(0, 2**31)
     req = GenerationRequest(
@@ -412,8 +416,9 @@ def cache_schema(description: str) -> dict[str, Any]:
     return {"description": description, "oneOf": [*variants, {"type": "null"}]}
 
 
-def openapi_request_schema() -> dict[str, Any]:
-    """The JSON schema of the request body, generated from :data:`FIELDS` (OpenAPI 3.1: ``null`` = absent)."""
+def openapi_request_schema(defaults: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The JSON schema of the request body, generated from :data:`FIELDS` (OpenAPI 3.1: ``null`` = absent);
+    ``defaults``: the served family's defaults (as :func:`parse_request` takes them)."""
     props: dict[str, Any] = {}
     for f in FIELDS.values():
         s: dict[str, Any] = {"description": f.description}
@@ -440,8 +445,9 @@ def openapi_request_schema() -> dict[str, Any]:
             s["pattern"], s["example"] = SIZE_PATTERN, DEFAULT_SIZE
         if f.kind == "enum":
             s["enum"] = list(f.choices)
-        if f.default is not None:
-            s["default"] = f.default
+        default = defaults[f.name] if defaults and f.name in defaults else f.default
+        if default is not None:
+            s["default"] = default
         if not f.required:  # an explicit null means "absent"
             s["type"] = [s["type"], "null"]
             if "enum" in s:

@@ -2,7 +2,8 @@
 default layout's equal diffusers' ``QwenImagePipeline`` on the same directory (max |diff| <= 2/255 on PNG pixels).
 
 One server per layout, two concurrent requests each at a non-square size: one without CFG and one with a negative
-prompt (true CFG, rescaled), whose text lengths differ from each other and from the negative's, so the running set
+prompt (true CFG, rescaled, at the family's default ``true_cfg_scale`` 4.0: the request leaves it out, as diffusers'
+call does; ``ModelFamily.request_defaults``), whose text lengths differ from each other and from the negative's, so the running set
 pads and masks text inside one forward. ``vae patch 2`` (the causal 3D VAE's split decode): see
 tests/test_qwen_vae_patch.py.
 
@@ -31,8 +32,8 @@ MODEL = ROOT / "models" / "tiny-qwen-image"
 SIZE = (64, 48)  # width, height: non-square
 REQUESTS = [
     {"prompt": "a red barn", "seed": 3, "num_inference_steps": 3},
-    {"prompt": "two grey cats asleep on a sofa by the window", "negative_prompt": "blurry", "true_cfg_scale": 4.0,
-     "seed": 5, "num_inference_steps": 3},
+    {"prompt": "two grey cats asleep on a sofa by the window", "negative_prompt": "blurry", "seed": 5,
+     "num_inference_steps": 3},
 ]
 PARALLEL = """[stages.denoiser.parallel]
 ulysses = 1
@@ -81,6 +82,10 @@ def _serve(tmp_path: Path, edits: dict[str, str] | None = None, logged: tuple[st
             assert r is not None and r.status_code == 200, (r.text if r is not None else "no response",
                                                            server.log_text()[-3000:])
             images.append(np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"])))))
+        schema = httpx.get(server.url + "/openapi.json", headers=server.headers, timeout=30).json()
+        fields = schema["paths"]["/v1/images/generations"]["post"]["requestBody"]["content"]["application/json"]
+        defaults = {k: v.get("default") for k, v in fields["schema"]["properties"].items()}
+        assert (defaults["num_inference_steps"], defaults["true_cfg_scale"]) == (50, 4.0)  # QwenImagePipeline's
         log = server.log_text()
         for line in logged:
             assert line in log, (line, log[-3000:])
@@ -106,9 +111,7 @@ def diffusers_images() -> list[np.ndarray]:
     pipe.set_progress_bar_config(disable=True)
     images = []
     for req in REQUESTS:
-        kw = {k: v for k, v in req.items() if k in ("prompt", "negative_prompt", "true_cfg_scale",
-                                                    "num_inference_steps")}
-        kw.setdefault("true_cfg_scale", 1.0)
+        kw = {k: v for k, v in req.items() if k in ("prompt", "negative_prompt", "num_inference_steps")}
         images.append(np.asarray(pipe(**kw, width=SIZE[0], height=SIZE[1], output_type="pil",
                                       generator=torch.Generator("cpu").manual_seed(req["seed"])).images[0]))
     return images

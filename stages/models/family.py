@@ -160,6 +160,10 @@ class ModelFamily:
     unsupported: Mapping[str, str] = {}
     #: request field -> what the family does with it (USAGE and ``check``)
     fields: Mapping[str, str] = {}
+    #: request field -> its default for this family where the family's diffusers pipeline defaults it otherwise
+    #: than ``runtime.requests.FIELDS`` (e.g. QwenImagePipeline's 50 steps): a request that leaves the field out
+    #: gets what the pipeline called without it gives (the edge fills it in; the OpenAPI schema shows it)
+    request_defaults: Mapping[str, Any] = {}
     #: rows of different image sizes may share one forward (their text positions do not depend on the size)
     mixed_sizes: bool = False
     #: image edits: input images a request may carry (0: the family does not edit; ``/v1/images/edits`` says so)
@@ -291,6 +295,9 @@ class ModelFamily:
         for mode, why in self.unsupported.items():
             lines.append(f"  not supported: {mode}: {why}")
         lines.extend(f"  request field {k}: {v}" for k, v in self.fields.items())
+        if self.request_defaults:
+            lines.append("  request defaults (the pipeline's own): "
+                         + ", ".join(f"{k} = {v}" for k, v in self.request_defaults.items()))
         return lines
 
 

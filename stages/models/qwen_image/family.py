@@ -97,10 +97,12 @@ class QwenImageFamily(ModelFamily):
     }
     fields = {
         "true_cfg_scale": "true CFG (two branches per step, the result rescaled to the conditional prediction's "
-                          "norm) when > 1 and negative_prompt is given; diffusers' QwenImagePipeline default is 4.0",
+                          "norm) when > 1 and negative_prompt is given; default 4.0, as QwenImagePipeline's",
         "negative_prompt": "used only with true_cfg_scale > 1 (diffusers suggests ' ' for none)",
         "guidance_scale": "ignored: Qwen-Image has no guidance embedding (as in diffusers)",
     }
+    #: QwenImagePipeline's (and the edit pipelines') ``__call__`` defaults
+    request_defaults = {"num_inference_steps": 50, "true_cfg_scale": 4.0}
 
     def load_text_encoder(self, path: Path, dtype: torch.dtype, device: torch.device, hsdp: Any = None) -> Any:
         from omni_runtime.stages.models.qwen_image.text import QwenImageTextEncoder
