@@ -5,8 +5,10 @@ One served instance of the default layout with ``compile = true`` (warm-up size 
 image the uncompiled runtime returns (in process) and diffusers' FluxPipeline returns, max |delta| <= 2/255; a
 request of 3 images (3 rows: the warm-up ran 1 and 2) and one of another size (64x128: another sequence length)
 compile no new graph (counted from the server's ``denoiser compile: graph N`` log lines). A parallel layout
-(Ulysses 2: the attention's all-to-all runs eager between a block's graphs) returns the default layout's image;
-its server starts (and compiles) while the default layout's test runs.
+(Ulysses 2: the attention's all-to-all runs eager between a block's graphs) returns the default layout's image; so
+do CFG parallel and layer pipeline parallel together (cfg 2 x pp 2: 4 ranks, each compiling the blocks of its
+pipeline stage, a true-CFG request split over the CFG pair). Their servers start (and compile) in the background
+while the default layout's test runs.
 Bad values of the two keys are ConfigErrors naming the key and the allowed values; PipeFusion is refused by name.
 """
 
@@ -35,10 +37,10 @@ COMPILE = '[stages.denoiser]\ncompile = true\ncompile_warmup = ["64x64"]\n'
 MODEL = ROOT / "models" / "tiny-flux"
 
 
-def _images(server: Server, size: str, n: int, seed: int) -> list[np.ndarray]:
+def _images(server: Server, size: str, n: int, seed: int, **fields: object) -> list[np.ndarray]:
     from PIL import Image
 
-    body = {"prompt": PROMPT, "size": size, "n": n, "seed": seed, "num_inference_steps": STEPS}
+    body = {"prompt": PROMPT, "size": size, "n": n, "seed": seed, "num_inference_steps": STEPS, **fields}
     r = httpx.post(server.url + "/v1/images/generations", json=body, headers=server.headers, timeout=600)
     assert r.status_code == 200, r.text
     return [np.asarray(Image.open(io.BytesIO(base64.b64decode(d["b64_json"])))) for d in r.json()["data"]]
@@ -60,18 +62,23 @@ def compiled(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRe
     Ulysses 2 server starts in the background when its test is selected (:func:`sp2`): its start and warm-up, the
     file's longest, overlap the default layout's test."""
     server = Server(tmp_path_factory.mktemp("compiled"), edits={"[stages.denoiser]\n": COMPILE}, timeout=900)
-    pool = ThreadPoolExecutor(1)
-    if any(item.name == "test_compiled_sequence_parallel_matches_the_default_layout" for item in request.session.items):
+    pool = ThreadPoolExecutor(1)  # one start at a time: each compiles on the same 2 cores
+    selected = {item.name for item in request.session.items}
+    if "test_compiled_sequence_parallel_matches_the_default_layout" in selected:
         server.sp2 = pool.submit(Server, tmp_path_factory.mktemp("sp2"), base_config="sp2.toml",  # type: ignore
                                  edits={"[stages.denoiser]\n": COMPILE}, timeout=900)
+    if "test_compiled_cfg_and_pipeline_parallel_match_the_default_layout" in selected:
+        server.cfg2_pp2 = pool.submit(Server, tmp_path_factory.mktemp("cfg2pp2"),  # type: ignore[attr-defined]
+                                      base_config="cfg2.toml", timeout=900,
+                                      edits={"[stages.denoiser]\n": COMPILE, "pp = 1": 'pp = 2\npp_mode = "layer"'})
     try:
         yield server
     finally:
         servers = [server]
-        if hasattr(server, "sp2"):
+        for started in (getattr(server, name) for name in ("sp2", "cfg2_pp2") if hasattr(server, name)):
             try:
-                servers.append(server.sp2.result())
-            except Exception:  # noqa: BLE001 (a start that failed stopped what it started; the sp2 test says why)
+                servers.append(started.result())
+            except Exception:  # noqa: BLE001 (a start that failed stopped what it started; its test says why)
                 pass
         pool.shutdown()
         for s in servers:
@@ -84,6 +91,12 @@ def compiled(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRe
 def sp2(compiled: Server) -> Server:
     """The compiled Ulysses 2 server (started by :func:`compiled`)."""
     return compiled.sp2.result()  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def cfg2_pp2(compiled: Server) -> Server:
+    """The compiled cfg 2 x pp 2 server (started by :func:`compiled`)."""
+    return compiled.cfg2_pp2.result()  # type: ignore[attr-defined]
 
 
 def _uncompiled(requests: list[tuple[str, int]]) -> list[np.ndarray]:
@@ -149,3 +162,16 @@ def test_compiled_sequence_parallel_matches_the_default_layout(compiled: Server,
 def test_bad_compile_keys_name_the_key_and_the_allowed_values(table: dict, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         config_from_dict({"model": {"path": str(MODEL)}, "stages": {"denoiser": table}})
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.distributed
+def test_compiled_cfg_and_pipeline_parallel_match_the_default_layout(compiled: Server, cfg2_pp2: Server) -> None:
+    cfg = {"negative_prompt": "blurry", "true_cfg_scale": 2.0}  # true CFG: the CFG pair runs one branch each
+    want = _images(compiled, "64x64", 2, seed=13) + _images(compiled, "64x64", 1, seed=17, **cfg)
+    got = _images(cfg2_pp2, "64x64", 2, seed=13) + _images(cfg2_pp2, "64x64", 1, seed=17, **cfg)
+    log = cfg2_pp2.log_text()
+    assert "CFG parallel over 2 ranks" in log and "pipeline stage 1/2" in log, log[-3000:]
+    assert "denoiser compile: graph" in log, log[-3000:]
+    for a, b in zip(got, want, strict=True):
+        assert _diff(a, b) <= TOL
