@@ -5,10 +5,10 @@ One served instance of the default layout with ``compile = true`` (warm-up size 
 image the uncompiled runtime returns (in process) and diffusers' FluxPipeline returns, max |delta| <= 2/255; a
 request of 3 images (3 rows: the warm-up ran 1 and 2) and one of another size (64x128: another sequence length)
 compile no new graph (counted from the server's ``denoiser compile: graph N`` log lines). A parallel layout
-(Ulysses 2: the attention's all-to-all runs eager between a block's graphs) returns the default layout's image; so
-do CFG parallel and layer pipeline parallel together (cfg 2 x pp 2: 4 ranks, each compiling the blocks of its
-pipeline stage, a true-CFG request split over the CFG pair). Their servers start (and compile) in the background
-while the default layout's test runs.
+returns the default layout's image, for a 2-image request and a true-CFG one: Ulysses 2 (the attention's all-to-all
+runs eager between a block's graphs), CFG parallel with layer pipeline parallelism (cfg 2 x pp 2: 4 ranks, each
+compiling the blocks of its pipeline stage) and HSDP 2 (the all-gathers run around the compiled blocks, as hooks).
+Their servers start (and compile) in the background while the default layout's test runs.
 Bad values of the two keys are ConfigErrors naming the key and the allowed values; PipeFusion is refused by name.
 """
 
@@ -56,26 +56,33 @@ def _diff(a: np.ndarray, b: np.ndarray) -> int:
     return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
 
 
+#: the parallel layouts served compiled: name -> (base config, edits of it, lines its log shows when its ranks ran it)
+LAYOUTS = {
+    "sp2": ("sp2.toml", {}, ["attention eager (sequence parallel)"]),
+    "cfg2_pp2": ("cfg2.toml", {"pp = 1": 'pp = 2\npp_mode = "layer"'},
+                 ["CFG parallel over 2 ranks", "pipeline stage 1/2"]),
+    "hsdp2": ("hsdp2.toml", {}, ["HSDP: FluxTransformer sharded over [0, 1]"]),
+}
+
+
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Server]:
     """The compiled default layout. Once it is warm (its graph count is then what the test checks), the compiled
-    Ulysses 2 server starts in the background when its test is selected (:func:`sp2`): its start and warm-up, the
-    file's longest, overlap the default layout's test."""
+    servers of the selected :data:`LAYOUTS` start in the background, one at a time (:func:`layout_server`): their
+    starts and warm-ups, the file's longest, overlap the default layout's test."""
     server = Server(tmp_path_factory.mktemp("compiled"), edits={"[stages.denoiser]\n": COMPILE}, timeout=900)
     pool = ThreadPoolExecutor(1)  # one start at a time: each compiles on the same 2 cores
     selected = {item.name for item in request.session.items}
-    if "test_compiled_sequence_parallel_matches_the_default_layout" in selected:
-        server.sp2 = pool.submit(Server, tmp_path_factory.mktemp("sp2"), base_config="sp2.toml",  # type: ignore
-                                 edits={"[stages.denoiser]\n": COMPILE}, timeout=900)
-    if "test_compiled_cfg_and_pipeline_parallel_match_the_default_layout" in selected:
-        server.cfg2_pp2 = pool.submit(Server, tmp_path_factory.mktemp("cfg2pp2"),  # type: ignore[attr-defined]
-                                      base_config="cfg2.toml", timeout=900,
-                                      edits={"[stages.denoiser]\n": COMPILE, "pp = 1": 'pp = 2\npp_mode = "layer"'})
+    server.layouts = {  # type: ignore[attr-defined]
+        name: pool.submit(Server, tmp_path_factory.mktemp(name), base_config=base, timeout=900,
+                          edits={"[stages.denoiser]\n": COMPILE, **edits})
+        for name, (base, edits, _) in LAYOUTS.items()
+        if f"test_compiled_layout_matches_the_default_layout[{name}]" in selected}
     try:
         yield server
     finally:
         servers = [server]
-        for started in (getattr(server, name) for name in ("sp2", "cfg2_pp2") if hasattr(server, name)):
+        for started in server.layouts.values():  # type: ignore[attr-defined]
             try:
                 servers.append(started.result())
             except Exception:  # noqa: BLE001 (a start that failed stopped what it started; its test says why)
@@ -85,18 +92,6 @@ def compiled(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRe
             s.stop()
         for s in servers:
             assert s.shm_entries() == []
-
-
-@pytest.fixture
-def sp2(compiled: Server) -> Server:
-    """The compiled Ulysses 2 server (started by :func:`compiled`)."""
-    return compiled.sp2.result()  # type: ignore[attr-defined]
-
-
-@pytest.fixture
-def cfg2_pp2(compiled: Server) -> Server:
-    """The compiled cfg 2 x pp 2 server (started by :func:`compiled`)."""
-    return compiled.cfg2_pp2.result()  # type: ignore[attr-defined]
 
 
 def _uncompiled(requests: list[tuple[str, int]]) -> list[np.ndarray]:
@@ -141,11 +136,15 @@ def test_compiled_serve_matches_uncompiled_and_diffusers_without_recompiling(com
 
 @pytest.mark.timeout(900)
 @pytest.mark.distributed
-def test_compiled_sequence_parallel_matches_the_default_layout(compiled: Server, sp2: Server) -> None:
-    want = _images(compiled, "64x64", 2, seed=11)
-    got = _images(sp2, "64x64", 2, seed=11)
-    log = sp2.log_text()
-    assert log.count("attention eager (sequence parallel)") == 2, log[-3000:]
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_compiled_layout_matches_the_default_layout(compiled: Server, layout: str) -> None:
+    served = compiled.layouts[layout].result()  # type: ignore[attr-defined]
+    cfg = {"negative_prompt": "blurry", "true_cfg_scale": 2.0}  # true CFG (under cfg 2: one branch per rank)
+    want = _images(compiled, "64x64", 2, seed=11) + _images(compiled, "64x64", 1, seed=17, **cfg)
+    got = _images(served, "64x64", 2, seed=11) + _images(served, "64x64", 1, seed=17, **cfg)
+    log = served.log_text()
+    for line in [*LAYOUTS[layout][2], "denoiser compile: graph"]:
+        assert line in log, (line, log[-3000:])
     for a, b in zip(got, want, strict=True):
         assert _diff(a, b) <= TOL
 
@@ -163,15 +162,3 @@ def test_bad_compile_keys_name_the_key_and_the_allowed_values(table: dict, match
     with pytest.raises(ConfigError, match=match):
         config_from_dict({"model": {"path": str(MODEL)}, "stages": {"denoiser": table}})
 
-
-@pytest.mark.timeout(900)
-@pytest.mark.distributed
-def test_compiled_cfg_and_pipeline_parallel_match_the_default_layout(compiled: Server, cfg2_pp2: Server) -> None:
-    cfg = {"negative_prompt": "blurry", "true_cfg_scale": 2.0}  # true CFG: the CFG pair runs one branch each
-    want = _images(compiled, "64x64", 2, seed=13) + _images(compiled, "64x64", 1, seed=17, **cfg)
-    got = _images(cfg2_pp2, "64x64", 2, seed=13) + _images(cfg2_pp2, "64x64", 1, seed=17, **cfg)
-    log = cfg2_pp2.log_text()
-    assert "CFG parallel over 2 ranks" in log and "pipeline stage 1/2" in log, log[-3000:]
-    assert "denoiser compile: graph" in log, log[-3000:]
-    for a, b in zip(got, want, strict=True):
-        assert _diff(a, b) <= TOL
