@@ -35,15 +35,24 @@ pytestmark = [pytest.mark.slow]
 PROMPT, STEPS, TOL = "a red fox in the snow", 3, 2
 COMPILE = '[stages.denoiser]\ncompile = true\ncompile_warmup = ["64x64"]\n'
 MODEL = ROOT / "models" / "tiny-flux"
+CACHE = {"method": "first_block", "threshold": 0.5}  # skips steps at 3 steps on the tiny model
 
 
-def _images(server: Server, size: str, n: int, seed: int, **fields: object) -> list[np.ndarray]:
-    from PIL import Image
-
+def _post(server: Server, size: str, n: int, seed: int, **fields: object) -> dict:
     body = {"prompt": PROMPT, "size": size, "n": n, "seed": seed, "num_inference_steps": STEPS, **fields}
     r = httpx.post(server.url + "/v1/images/generations", json=body, headers=server.headers, timeout=600)
     assert r.status_code == 200, r.text
-    return [np.asarray(Image.open(io.BytesIO(base64.b64decode(d["b64_json"])))) for d in r.json()["data"]]
+    return r.json()
+
+
+def _decode(answer: dict) -> list[np.ndarray]:
+    from PIL import Image
+
+    return [np.asarray(Image.open(io.BytesIO(base64.b64decode(d["b64_json"])))) for d in answer["data"]]
+
+
+def _images(server: Server, size: str, n: int, seed: int, **fields: object) -> list[np.ndarray]:
+    return _decode(_post(server, size, n, seed, **fields))
 
 
 def _graphs(server: Server) -> int:
@@ -94,13 +103,13 @@ def compiled(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRe
             assert s.shm_entries() == []
 
 
-def _uncompiled(requests: list[tuple[str, int]]) -> list[np.ndarray]:
-    """The uncompiled runtime's image of each (size, seed), in process (one model load)."""
+def _uncompiled(requests: list[tuple[str, int, dict]]) -> list[np.ndarray]:
+    """The uncompiled runtime's image of each (size, seed, other fields), in process (one model load)."""
     from omni_runtime.runtime import Omni
 
     with Omni(config_from_dict({"model": {"path": str(MODEL)}}), in_process=True) as omni:
-        return [np.asarray(omni.generate(PROMPT, seed=s, size=size, num_inference_steps=STEPS)[0])
-                for size, s in requests]
+        return [np.asarray(omni.generate(PROMPT, seed=s, size=size, num_inference_steps=STEPS, **fields)[0])
+                for size, s, fields in requests]
 
 
 def _diffusers(requests: list[tuple[int, int, int]]) -> list[np.ndarray]:
@@ -126,9 +135,13 @@ def test_compiled_serve_matches_uncompiled_and_diffusers_without_recompiling(com
     assert 2 <= warm <= 2 * RECOMPILE_LIMIT, log[-3000:]  # 2 block classes x (1 row, several rows)
     three = _images(compiled, "64x64", 3, seed=5)  # 3 rows: the warm-up ran 1 and 2
     wide = _images(compiled, "128x64", 1, seed=8)  # another sequence length (32 image tokens, not 16)
+    answer = _post(compiled, "64x64", 1, seed=9, cache=CACHE)  # the cache's per-row decisions around the blocks
+    assert answer["cache"]["cached_steps"] == 1, answer["cache"]  # as uncompiled: the same step is skipped
+    cached = _decode(answer)
     assert _graphs(compiled) == warm, compiled.log_text()[-3000:]
-    want = _uncompiled([("64x64", 5), ("64x64", 6), ("64x64", 7), ("128x64", 8)])
-    for got, ref in zip([*three, *wide], want, strict=True):
+    want = _uncompiled([("64x64", 5, {}), ("64x64", 6, {}), ("64x64", 7, {}), ("128x64", 8, {}),
+                        ("64x64", 9, {"cache": CACHE})])
+    for got, ref in zip([*three, *wide, *cached], want, strict=True):
         assert _diff(got, ref) <= TOL
     for got, ref in zip([three[0], wide[0]], _diffusers([(5, 64, 64), (8, 64, 128)]), strict=True):
         assert _diff(got, ref) <= TOL
