@@ -4,7 +4,7 @@ fails loudly instead of running with a silent default."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -34,19 +34,12 @@ def test_the_denoisers_view_of_a_request_takes_each_field_from_the_request():
     assert set(d.embeds) == {"prompt_embeds", "negative_prompt_embeds"}  # true CFG keeps the negative branch
 
 
-@dataclass
-class _OldParams:
-    """A request type with only the fields the engines once required (no ``num_frames``, ``lora``, ...)."""
-
-    prompt: str = "x"
-    negative_prompt: str | None = None
-    width: int = 64
-    height: int = 64
-    num_inference_steps: int = 2
-    guidance_scale: float = 3.5
-    true_cfg_scale: float = 1.0
+#: the fields the engines once required (no ``num_frames``, ``lora``, ``cache``, ...)
+_OLD_FIELDS = ("prompt", "negative_prompt", "width", "height", "num_inference_steps", "guidance_scale",
+               "true_cfg_scale")
 
 
 def test_a_request_type_without_a_field_the_engines_read_fails_instead_of_a_silent_default():
+    old = SimpleNamespace(**{f: getattr(GenerationRequest(prompt="x"), f) for f in _OLD_FIELDS})
     with pytest.raises(AttributeError, match="true_cfg_scale_2|num_frames|lora|cache|partial_images"):
-        DenoiserEngine.request(StageItem(_OldParams(), 0, {"prompt_embeds": torch.zeros(2, 4)}))  # type: ignore[arg-type]
+        DenoiserEngine.request(StageItem(old, 0, {"prompt_embeds": torch.zeros(2, 4)}))  # type: ignore[arg-type]
