@@ -61,10 +61,29 @@ def _check_divisible(what: str, size: int, world: int) -> None:
         raise ValueError(f"all-to-all: {what} {size} is not divisible by the group size {world}")
 
 
-def _all_to_all_dim0(x: torch.Tensor, comm: DeviceCommunicatorBase) -> torch.Tensor:
-    """Chunk ``i`` of ``x`` along dim 0 goes to rank ``i``; chunk ``j`` of the result came from rank ``j``."""
+def _all_to_all_dim0(x: torch.Tensor, comm: DeviceCommunicatorBase, use_sync: bool) -> torch.Tensor:
+    """Chunk ``i`` of ``x`` along dim 0 goes to rank ``i``; chunk ``j`` of the result came from rank ``j``
+    (``use_sync``: a CUDA result is synchronized before it is returned)."""
     x = x.contiguous()
-    return comm.all_to_all_single(torch.empty_like(x), x)
+    out = comm.all_to_all_single(torch.empty_like(x), x)
+    _sync(out, use_sync)
+    return out
+
+
+def _checked_communicator(fn: str, x: torch.Tensor, layout: str, idx: tuple[int, int],
+                          allowed: tuple[tuple[int, int], tuple[int, int]],
+                          group: Any) -> tuple[DeviceCommunicatorBase | None, int]:
+    """The checks every all-to-all of ``fn`` makes (``x`` has the dims of ``layout``, ``idx`` = (scatter_idx,
+    gather_idx) is one of ``allowed``), then its communicator (None for one rank) and the group size."""
+    dims = layout.count(",") + 1
+    if x.dim() != dims:
+        raise ValueError(f"{fn} expects a {dims}-d tensor ({layout}), got shape {tuple(x.shape)}")
+    comm = communicator_of(group)
+    world = 1 if comm is None else comm.world_size
+    if idx not in allowed:
+        raise ValueError(f"{fn} supports (scatter_idx, gather_idx) = {allowed[0]} or {allowed[1]}, "
+                         f"got ({idx[0]}, {idx[1]})")
+    return comm, world
 
 
 def all_to_all_4D(
@@ -80,13 +99,8 @@ def all_to_all_4D(
     gather sequence). ``scatter_idx=1, gather_idx=2``: ``(bs, seq, hc/P, hd) -> (bs, seq/P, hc, hd)``.
     The head count (resp. sequence length) must be divisible by the group size.
     """
-    if input.dim() != 4:
-        raise ValueError(f"all_to_all_4D expects a 4-d tensor (bs, seq, heads, head_dim), got shape {tuple(input.shape)}")
-    comm = communicator_of(group)
-    world = 1 if comm is None else comm.world_size
-    if (scatter_idx, gather_idx) not in ((2, 1), (1, 2)):
-        raise ValueError(f"all_to_all_4D supports (scatter_idx, gather_idx) = (2, 1) or (1, 2), "
-                         f"got ({scatter_idx}, {gather_idx})")
+    comm, world = _checked_communicator("all_to_all_4D", input, "bs, seq, heads, head_dim",
+                                        (scatter_idx, gather_idx), ((2, 1), (1, 2)), group)
     if world == 1:
         return input
     if scatter_idx == 2:
@@ -94,16 +108,14 @@ def all_to_all_4D(
         _check_divisible("head count", hc, world)
         # (bs, s/P, P, hc/P, hd) -> (P, s/P, bs, hc/P, hd): chunk p = heads for rank p
         x = input.reshape(bs, shard_seq, world, hc // world, hd).permute(2, 1, 0, 3, 4)
-        out = _all_to_all_dim0(x, comm)
-        _sync(out, use_sync)
+        out = _all_to_all_dim0(x, comm, use_sync)
         # dim 0 is now the source rank = the sequence chunk index
         return out.reshape(world * shard_seq, bs, hc // world, hd).transpose(0, 1).contiguous()
     bs, seq, shard_hc, hd = input.shape
     _check_divisible("sequence length", seq, world)
     # (bs, P, s/P, hc/P, hd) -> (P, hc/P, s/P, bs, hd): chunk p = sequence rows for rank p
     x = input.reshape(bs, world, seq // world, shard_hc, hd).permute(1, 3, 2, 0, 4)
-    out = _all_to_all_dim0(x, comm)
-    _sync(out, use_sync)
+    out = _all_to_all_dim0(x, comm, use_sync)
     # dim 0 is now the source rank = the head chunk index
     return out.reshape(world * shard_hc, seq // world, bs, hd).permute(2, 1, 0, 3).contiguous()
 
@@ -120,14 +132,8 @@ def all_to_all_5D(
     ``scatter_idx=3, gather_idx=1``: ``(bs, seq/P, 3, hc, hd) -> (bs, seq, 3, hc/P, hd)``;
     ``scatter_idx=1, gather_idx=3``: the reverse.
     """
-    if input.dim() != 5:
-        raise ValueError(f"all_to_all_5D expects a 5-d tensor (bs, seq, 3, heads, head_dim), got shape "
-                         f"{tuple(input.shape)}")
-    comm = communicator_of(group)
-    world = 1 if comm is None else comm.world_size
-    if (scatter_idx, gather_idx) not in ((3, 1), (1, 3)):
-        raise ValueError(f"all_to_all_5D supports (scatter_idx, gather_idx) = (3, 1) or (1, 3), "
-                         f"got ({scatter_idx}, {gather_idx})")
+    comm, world = _checked_communicator("all_to_all_5D", input, "bs, seq, 3, heads, head_dim",
+                                        (scatter_idx, gather_idx), ((3, 1), (1, 3)), group)
     if world == 1:
         return input
     if scatter_idx == 3:
@@ -135,15 +141,13 @@ def all_to_all_5D(
         _check_divisible("head count", hc, world)
         # (bs, s/P, 3, P, hc/P, hd) -> (P, s/P, bs, 3, hc/P, hd)
         x = input.reshape(bs, shard_seq, three, world, hc // world, hd).permute(3, 1, 0, 2, 4, 5)
-        out = _all_to_all_dim0(x, comm)
-        _sync(out, use_sync)
+        out = _all_to_all_dim0(x, comm, use_sync)
         return out.reshape(world * shard_seq, bs, three, hc // world, hd).transpose(0, 1).contiguous()
     bs, seq, three, shard_hc, hd = input.shape
     _check_divisible("sequence length", seq, world)
     # (bs, P, s/P, 3, hc/P, hd) -> (P, hc/P, s/P, bs, 3, hd)
     x = input.reshape(bs, world, seq // world, three, shard_hc, hd).permute(1, 4, 2, 0, 3, 5)
-    out = _all_to_all_dim0(x, comm)
-    _sync(out, use_sync)
+    out = _all_to_all_dim0(x, comm, use_sync)
     # (P*hc/P, s/P, bs, 3, hd) -> (bs, s/P, 3, hc, hd)
     return out.reshape(world * shard_hc, seq // world, bs, three, hd).permute(2, 1, 3, 0, 4).contiguous()
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -194,51 +195,29 @@ def _group(name: str) -> GroupCoordinator:
     return GroupCoordinator.single(dist.get_rank() if dist.is_initialized() else 0, group_name=name)
 
 
-def get_world_group() -> GroupCoordinator:
-    return _group("world")
+def _getter(name: str) -> Callable[[], GroupCoordinator]:
+    """The reference API's ``get_<name>_group``: the current mesh's ``name`` group ({this process} without one)."""
+
+    def get() -> GroupCoordinator:
+        return _group(name)
+
+    get.__name__ = get.__qualname__ = f"get_{name}_group"
+    get.__doc__ = f"The current mesh's ``{name}`` group ({{this process}} without a mesh)."
+    return get
 
 
-def get_tp_group() -> GroupCoordinator:
-    return _group("tp")
-
-
-def get_sp_group() -> GroupCoordinator:
-    return _group("sp")
-
-
-def get_ulysses_group() -> GroupCoordinator:
-    return _group("ulysses")
-
-
-def get_ring_group() -> GroupCoordinator:
-    return _group("ring")
-
-
-def get_pp_group() -> GroupCoordinator:
-    return _group("pp")
-
-
+get_world_group = _getter("world")
+get_tp_group = _getter("tp")
+get_sp_group = _getter("sp")
+get_ulysses_group = _getter("ulysses")
+get_ring_group = _getter("ring")
+get_pp_group = _getter("pp")
 get_pipeline_model_parallel_group = get_pp_group
-
-
-def get_cfg_group() -> GroupCoordinator:
-    return _group("cfg")
-
-
-def get_dp_group() -> GroupCoordinator:
-    return _group("dp")
-
-
-def get_ep_group() -> GroupCoordinator:
-    return _group("ep")
-
-
-def get_hsdp_shard_group() -> GroupCoordinator:
-    return _group("hsdp_shard")
-
-
-def get_hsdp_replicate_group() -> GroupCoordinator:
-    return _group("hsdp_replicate")
+get_cfg_group = _getter("cfg")
+get_dp_group = _getter("dp")
+get_ep_group = _getter("ep")
+get_hsdp_shard_group = _getter("hsdp_shard")
+get_hsdp_replicate_group = _getter("hsdp_replicate")
 
 
 def get_tensor_model_parallel_world_size() -> int:

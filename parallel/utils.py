@@ -80,6 +80,18 @@ def cat_views(tensors: Sequence[torch.Tensor], dim: int) -> torch.Tensor:
     return first.as_strided(shape, first.stride(), first.storage_offset())
 
 
+def balanced_ranges(n: int, parts: int) -> list[tuple[int, int]]:
+    """``n`` items in ``parts`` contiguous ``[start, end)`` ranges, sizes differing by at most one, the earlier
+    ranges taking the extra items; with fewer items than parts the trailing ranges are empty."""
+    base, extra = divmod(n, parts)
+    out, start = [], 0
+    for k in range(parts):
+        size = base + (1 if k < extra else 0)
+        out.append((start, start + size))
+        start += size
+    return out
+
+
 def get_pp_indices(num_layers: int, pp_rank: int, pp_size: int) -> tuple[int, int]:
     """Return ``(start, end)``: the half-open range of layers that pipeline stage ``pp_rank`` owns.
 

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from omni_runtime.parallel.attention import SPMesh, sp_attention
 from omni_runtime.parallel.group_coordinator import GroupCoordinator
+from omni_runtime.parallel.utils import balanced_ranges
 
 logger = logging.getLogger(__name__)
 
@@ -44,13 +45,7 @@ def vae_row_ranges(latent_rows: int, patch: int) -> list[tuple[int, int]]:
         raise VaePatchError(f"latent_rows = {latent_rows}: must be >= 1")
     if patch < 1:
         raise VaePatchError(f"patch = {patch}: must be >= 1")
-    base, extra = divmod(latent_rows, patch)
-    out, start = [], 0
-    for r in range(patch):
-        n = base + (1 if r < extra else 0)
-        out.append((start, start + n))
-        start += n
-    return out
+    return balanced_ranges(latent_rows, patch)
 
 
 @dataclass

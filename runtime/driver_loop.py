@@ -262,8 +262,7 @@ class DriverLoop:
         """The predicted clean latents the last step kept for streamed requests (``partial_images``), published and
         sent to the orchestrator, which has them decoded and streams them (a failure costs the preview only)."""
         ex = self.executor
-        take = getattr(ex.engine, "take_previews", None)
-        for s, (done, x0) in (take() if take is not None else {}).items():
+        for s, (done, x0) in self._step_engine().take_previews().items():
             p = running.get(s)
             if p is None:
                 continue

@@ -280,11 +280,9 @@ class Orchestrator:
                     if dead is not None:
                         self._on_death(c, *dead)
                     elif lagged:  # this process did not run: late heartbeats are not the ranks' fault
-                        watch = getattr(c, "watch", None)
-                        if watch is not None:
-                            watch.forgive()
+                        c.forgive()
                     else:
-                        hung = c.hung() if hasattr(c, "hung") else None  # (test doubles may not watch heartbeats)
+                        hung = c.hung()
                         if hung is not None:
                             self._on_hung(c, *hung)
                     if self.failure is not None:

@@ -48,7 +48,20 @@ logger = logging.getLogger(__name__)
 HWM = 100_000
 
 
-class StageClient(Protocol):
+class WatchedClient(Protocol):
+    """What the orchestrator's health tick (``Orchestrator._watch``) asks of every replica."""
+
+    def dead(self) -> tuple[int, int | None] | None: ...   # (rank, exit code) of a gone rank, or None
+
+    def hung(self) -> tuple[int, str] | None: ...          # (rank, why) of a hung rank, or None
+
+    def forgive(self) -> None:
+        """This process did not run for a while (its event loop was blocked): heartbeats that arrived late are not
+        the ranks' fault (``runtime.liveness.RankWatch.forgive``). A replica without heartbeats does nothing."""
+        ...
+
+
+class StageClient(WatchedClient, Protocol):
     stage: str
     replica: int
     ready: bool                 # accepting work (announced Ready, not restarting)
@@ -62,10 +75,6 @@ class StageClient(Protocol):
     def label(self) -> str: ...
 
     async def start(self) -> None: ...
-
-    def dead(self) -> tuple[int, int | None] | None: ...   # (rank, exit code) of a gone rank, or None
-
-    def hung(self) -> tuple[int, str] | None: ...          # (rank, why) of a hung rank, or None
 
     async def submit(self, work: Work) -> asyncio.Future: ...
 
@@ -187,6 +196,9 @@ class ZmqStageClient(_Futures):
 
     def hung(self) -> tuple[int, str] | None:
         return self.watch.hung() if self.sender is not None else None
+
+    def forgive(self) -> None:
+        self.watch.forgive()
 
     def waiting_for(self) -> str:
         """Who holds the node's compute turn that the driver waits for (its last heartbeat); "" if it does not."""
@@ -365,6 +377,9 @@ class InProcessStageClient(_Futures):
 
     def hung(self) -> tuple[int, str] | None:
         return None  # a thread of this process: nothing to kill
+
+    def forgive(self) -> None:
+        pass  # no heartbeats
 
     async def submit(self, work: Work) -> asyncio.Future:
         fut = self.add(work)

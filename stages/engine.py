@@ -19,13 +19,14 @@ read at load; the engines themselves are the same for every family.
 from __future__ import annotations
 
 import logging
-from collections.abc import Hashable, Mapping, Sized
+from collections.abc import Hashable, Mapping, Sequence, Sized
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from omni_runtime.stages.cache_config import CacheConfig
 from omni_runtime.stages.denoiser import NEGATIVE, DenoiseRequest, DenoiserStage, StopHook
 from omni_runtime.stages.device import resolve_device, resolve_dtype
 from omni_runtime.stages.errors import RequestError
@@ -36,7 +37,7 @@ from omni_runtime.stages.vae import VaeDecoderStage
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ENGINES", "DenoiserEngine", "Engine", "RequestParams", "StageItem", "StepEngine", "StopHook",
+__all__ = ["ENGINES", "DenoiserEngine", "Engine", "LoraParams", "RequestParams", "StageItem", "StepEngine", "StopHook",
            "TextEncoderEngine", "VaeEngine", "load_engine"]
 
 
@@ -47,8 +48,19 @@ ENCODE = "encode"
 PREVIEW = "preview"
 
 
+class LoraParams(Protocol):
+    """One LoRA adapter of a request as the denoiser reads it (``runtime.requests.LoraRef`` has these fields)."""
+
+    name: str
+    path: str
+    version: int
+    scale: float
+
+
 class RequestParams(Protocol):
-    """The request fields the engines read (``runtime.requests.GenerationRequest`` has them)."""
+    """Every request field the engines read (``runtime.requests.GenerationRequest`` has them, validated at the
+    edge; ``tests/test_engine_params.py`` holds it to this list). The engines read them as attributes, with no
+    defaults of their own: a request type without one of them fails loudly, not with a silent default."""
 
     prompt: str
     negative_prompt: str | None
@@ -57,6 +69,18 @@ class RequestParams(Protocol):
     num_inference_steps: int
     guidance_scale: float
     true_cfg_scale: float
+    #: two-expert video models: the true-CFG scale of transformer_2's steps; None: ``true_cfg_scale``
+    true_cfg_scale_2: float | None
+    #: a video model's frames; 1: an image
+    num_frames: int
+    #: the request's LoRA adapters (the denoiser loads and combines them)
+    lora: Sequence[LoraParams]
+    #: cache acceleration (``stages.block_cache``); None: none
+    cache: CacheConfig | None
+    #: image edits: the input image files (the text encoder's and the VAE's encode); empty: a generation
+    images: Sequence[bytes]
+    #: streamed answers: previews per image the denoiser makes (0: none)
+    partial_images: int
 
 
 @dataclass
@@ -120,6 +144,11 @@ class StepEngine(Engine, Protocol):
         """What the cache acceleration skipped for ``slot`` (``stages.block_cache``); None without a cache."""
         ...
 
+    def take_previews(self) -> dict[int, tuple[int, Any]]:
+        """The previews the last step kept (streamed requests' ``partial_images``): slot -> (steps done, the
+        predicted clean latents); ``{}`` for an engine that makes no previews."""
+        ...
+
 
 class TextEncoderEngine:
     """Prompts -> the family's branch tensors per item (Flux: ``{"prompt_embeds", "pooled_prompt_embeds"}``), and
@@ -142,13 +171,13 @@ class TextEncoderEngine:
     def batch_key(self, item: StageItem) -> Hashable:
         # an encoder that sees the input images refuses an item without any: such items batch apart, so one
         # refused request never fails an edit batched with it
-        return (bool(getattr(item.params, "images", ())),) if self.encoder.sees_images else ()
+        return (bool(item.params.images),) if self.encoder.sees_images else ()
 
     def step(self, items: list[StageItem], stop: StopHook | None = None) -> list[dict[str, torch.Tensor]]:
         neg_idx = [i for i, it in enumerate(items) if uses_true_cfg(it.params)]
         prompts = [it.params.prompt for it in items] + [items[i].params.negative_prompt for i in neg_idx]
         if self.encoder.sees_images:  # its embeddings see each prompt's input images
-            images = [getattr(it.params, "images", ()) for it in items]
+            images = [it.params.images for it in items]
             enc = self.encoder.encode(prompts, images=images + [images[i] for i in neg_idx])
         else:
             enc = self.encoder.encode(prompts)
@@ -203,11 +232,9 @@ class DenoiserEngine:
         return DenoiseRequest(
             embeds=embeds, seed=item.seed, height=p.height, width=p.width,
             num_inference_steps=p.num_inference_steps, guidance_scale=p.guidance_scale,
-            true_cfg_scale=p.true_cfg_scale, num_frames=getattr(p, "num_frames", 1),
-            true_cfg_scale_2=getattr(p, "true_cfg_scale_2", None),
-            lora=tuple(LoraSpec(r.name, r.path, r.version, r.scale) for r in getattr(p, "lora", ())),
-            cache=getattr(p, "cache", None),
-            previews=preview_steps(p.num_inference_steps, getattr(p, "partial_images", 0)))
+            true_cfg_scale=p.true_cfg_scale, num_frames=p.num_frames, true_cfg_scale_2=p.true_cfg_scale_2,
+            lora=tuple(LoraSpec(r.name, r.path, r.version, r.scale) for r in p.lora), cache=p.cache,
+            previews=preview_steps(p.num_inference_steps, p.partial_images))
 
     def batch_key(self, item: StageItem) -> Hashable:
         return self.stage.batch_key(self.request(item))
@@ -273,7 +300,7 @@ class VaeEngine:
         if item.task == ENCODE:
             return (ENCODE,)
         # previews batch apart from final images
-        return (item.task, item.params.width, item.params.height, getattr(item.params, "num_frames", 1))
+        return (item.task, item.params.width, item.params.height, item.params.num_frames)
 
     def step(self, items: list[StageItem], stop: StopHook | None = None) -> list[Any]:
         """The images (a video model: (frames, H, W, 3) arrays) on the driver; ``[]`` on the other ranks of a
@@ -284,12 +311,11 @@ class VaeEngine:
             return [self.encode(it) for it in items]
         p = items[0].params
         assert all(self.batch_key(it) == self.batch_key(items[0]) for it in items)
-        return self.stage.decode(torch.stack([it.inputs for it in items]), p.height, p.width,
-                                 getattr(p, "num_frames", 1))
+        return self.stage.decode(torch.stack([it.inputs for it in items]), p.height, p.width, p.num_frames)
 
     def encode(self, item: StageItem) -> dict[str, torch.Tensor]:
         """An ``encode`` item's output: the text encoder's tensors and the encoded input image."""
-        images = getattr(item.params, "images", ())
+        images = item.params.images
         if not images:
             raise RequestError("the encode of an edit takes its input images; this item has none")
         # the inputs are views of the previous stage's output, released before this output is published: copies

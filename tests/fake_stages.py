@@ -38,6 +38,12 @@ class FakeClient:
     def dead(self) -> None:
         return None
 
+    def hung(self) -> None:
+        return None
+
+    def forgive(self) -> None:
+        pass
+
     async def submit(self, work: Work) -> asyncio.Future:
         self.submitted += 1
         fut = asyncio.get_running_loop().create_future()

@@ -325,6 +325,9 @@ class _StepEngine:
     def cache_stats(self, slot):
         return None
 
+    def take_previews(self):
+        return {}
+
     def run_step(self):
         assert self.token.held, "a step ran outside the stage's turn"
         self.log.append("step")

@@ -27,7 +27,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from omni_runtime.parallel.attention.scores import scores_attention, scores_fit
+from omni_runtime.parallel.attention.scores import compute_dtype, scores_attention, scores_fit
 
 logger = logging.getLogger(__name__)
 
@@ -60,17 +60,12 @@ class AttentionBackend(Protocol):
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]: ...
 
 
-def lse_dtype(dtype: torch.dtype) -> torch.dtype:
-    """LSE is float32, or float64 when the inputs are float64."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _empty_result(q: torch.Tensor, v: torch.Tensor, return_lse: bool):
     b, sq, h, _ = q.shape
     out = q.new_zeros(b, sq, h, v.shape[-1])
     if not return_lse:
         return out
-    return out, torch.full((b, sq, h), float("-inf"), dtype=lse_dtype(q.dtype), device=q.device)
+    return out, torch.full((b, sq, h), float("-inf"), dtype=compute_dtype(q.dtype), device=q.device)
 
 
 def _mask_fully_masked(out: torch.Tensor, lse: torch.Tensor, key_mask: torch.Tensor | None):
@@ -131,7 +126,7 @@ class CPUFlashBackend:
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, False, attn_mask=mask, scale=scale)
         out = out.transpose(1, 2)
-        lse = lse.transpose(1, 2).to(lse_dtype(q.dtype))
+        lse = lse.transpose(1, 2).to(compute_dtype(q.dtype))
         out, lse = _mask_fully_masked(out, lse, key_mask)
         return (out, lse) if return_lse else out
 
@@ -176,7 +171,7 @@ class ScoresBackend:
         out, lse = scores_attention(q, k, v, key_mask=key_mask, scale=scale, return_lse=return_lse)
         if not return_lse:
             return out
-        return _mask_fully_masked(out, lse.to(lse_dtype(q.dtype)), key_mask)
+        return _mask_fully_masked(out, lse.to(compute_dtype(q.dtype)), key_mask)
 
 
 class MathBackend:
@@ -191,7 +186,7 @@ class MathBackend:
                  scale: float, return_lse: bool) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if q.shape[1] == 0 or k.shape[1] == 0:
             return _empty_result(q, v, return_lse)
-        ct = lse_dtype(q.dtype)
+        ct = compute_dtype(q.dtype)
         s = torch.einsum("bqhd,bkhd->bhqk", q.to(ct), k.to(ct)) * scale
         if key_mask is not None:
             s = s.masked_fill(~key_mask[:, None, None, :], float("-inf"))

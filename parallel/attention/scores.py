@@ -27,6 +27,7 @@ SCORES_MAX_BYTES = 0
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the scores and of every backend's LSE: float32, or float64 when the inputs are float64."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 

@@ -32,7 +32,12 @@ from torch import nn
 
 from omni_runtime.parallel.attention import Attention
 from omni_runtime.parallel.attention.backends import attention_block
-from omni_runtime.parallel.strategies.pipeline_parallel import PipelineStats, split_rows
+from omni_runtime.parallel.strategies.pipeline_parallel import (
+    PipelineStats,
+    broadcast_prediction,
+    run_unit,
+    split_rows,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -142,9 +147,7 @@ class PipeFusionForward:
                  info: Sequence[Any]) -> torch.Tensor:
         """``row_forward.RowForward``: the prediction of every row, on every rank of the pp group."""
         self._install(model)
-        g, st = self.group, self.stats
-        s, n_stages = g.rank_in_group, g.world_size
-        first, last = s == 0, s == n_stages - 1
+        st = self.stats
         t_all = time.perf_counter()
         img_ids = shared["img_ids"]
         tokens = int(img_ids.shape[-2])
@@ -155,32 +158,13 @@ class PipeFusionForward:
         try:
             for a, b in units:
                 self._unit = ("sync" if sync else "stale", keys, a, b)
-                inter = None
-                if not first:
-                    t = time.perf_counter()
-                    inter = g.recv_tensor_dict(src=s - 1)
-                    st.recv_s += time.perf_counter() - t
-                args = {**rows, "hidden_states": rows["hidden_states"][:, a:b]}
-                t = time.perf_counter()
-                out = model(**args, **{**shared, "img_ids": img_ids[..., a:b, :]}, intermediate=inter)
-                st.compute_s += time.perf_counter() - t
-                if last:
-                    preds.append(out)
-                else:
-                    t = time.perf_counter()
-                    g.send_tensor_dict(out, dst=s + 1)
-                    st.send_s += time.perf_counter() - t
+                run_unit(self.group, st, model, {**rows, "hidden_states": rows["hidden_states"][:, a:b]},
+                         {**shared, "img_ids": img_ids[..., a:b, :]}, preds)
         finally:
             self._unit = None
         for key in keys:
             self._last_step[key] = (info[keys.index(key)].step, tokens)
         for key in [k for k in self._last_step if k not in keys]:  # rows that left: forget them
             del self._last_step[key]
-        t = time.perf_counter()
-        msg = g.broadcast_tensor_dict({"prediction": torch.cat(preds, dim=1)} if last else None, src=n_stages - 1)
-        st.recv_s += time.perf_counter() - t
-        st.total_s += time.perf_counter() - t_all
-        st.steps += 1
-        st.microbatches += len(units)
         st.extra["sync_steps"] = st.extra.get("sync_steps", 0) + (1 if sync else 0)
-        return msg["prediction"]
+        return broadcast_prediction(self.group, st, preds, 1, t_all, len(units))

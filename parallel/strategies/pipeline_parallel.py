@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from omni_runtime.parallel.utils import get_pp_indices
+from omni_runtime.parallel.utils import balanced_ranges, get_pp_indices
 
 logger = logging.getLogger(__name__)
 
@@ -144,14 +144,7 @@ def partition_model(model: nn.Module, pp_rank: int, pp_size: int) -> nn.Module:
 
 def split_rows(n: int, parts: int) -> list[tuple[int, int]]:
     """``n`` rows in ``min(parts, n)`` contiguous micro-batches, sizes differing by at most one (larger first)."""
-    parts = max(1, min(parts, n))
-    base, extra = divmod(n, parts)
-    out, start = [], 0
-    for k in range(parts):
-        size = base + (1 if k < extra else 0)
-        out.append((start, start + size))
-        start += size
-    return out
+    return balanced_ranges(n, max(1, min(parts, n)))
 
 
 def _slice_rows(rows: Mapping[str, torch.Tensor | None], start: int, end: int) -> dict[str, torch.Tensor | None]:
@@ -177,6 +170,42 @@ class PipelineStats:
         self.extra.clear()
 
 
+def run_unit(g: Any, st: PipelineStats, model: nn.Module, rows: Mapping[str, Any], shared: Mapping[str, Any],
+             preds: list[torch.Tensor]) -> None:
+    """One unit of a step (a micro-batch, a PipeFusion patch) on this rank of the pp group ``g``: receive the
+    previous stage's activations (not on the first stage), run ``model(**rows, **shared, intermediate=...)``, then
+    send the result to the next stage or, on the last, keep it in ``preds``. The seconds go to ``st``."""
+    s, last = g.rank_in_group, g.rank_in_group == g.world_size - 1
+    inter = None
+    if s > 0:
+        t = time.perf_counter()
+        inter = g.recv_tensor_dict(src=s - 1)
+        st.recv_s += time.perf_counter() - t
+    t = time.perf_counter()
+    out = model(**rows, **shared, intermediate=inter)
+    st.compute_s += time.perf_counter() - t
+    if last:
+        preds.append(out)
+    else:
+        t = time.perf_counter()
+        g.send_tensor_dict(out, dst=s + 1)
+        st.send_s += time.perf_counter() - t
+
+
+def broadcast_prediction(g: Any, st: PipelineStats, preds: list[torch.Tensor], dim: int, t_all: float,
+                         units: int) -> torch.Tensor:
+    """The end of a step: the last stage broadcasts the step's prediction (its ``preds`` concatenated along
+    ``dim``) to every rank of the pp group; ``st`` counts the step (begun at ``t_all``) and its ``units``."""
+    t = time.perf_counter()
+    last = g.rank_in_group == g.world_size - 1
+    msg = g.broadcast_tensor_dict({"prediction": torch.cat(preds, dim=dim)} if last else None, src=g.world_size - 1)
+    st.recv_s += time.perf_counter() - t
+    st.total_s += time.perf_counter() - t_all
+    st.steps += 1
+    st.microbatches += units
+    return msg["prediction"]
+
+
 class PipelineForward:
     """Layer pipeline parallelism over ``group`` (the mesh's pp group) with ``microbatches`` micro-batches per
     step (0: one per row). The model on this rank must have been cut by :func:`partition_model`."""
@@ -190,31 +219,9 @@ class PipelineForward:
                  info: Sequence[Any]) -> torch.Tensor:
         """``row_forward.RowForward``: the prediction of every row (``info``: one ``RowInfo`` per row), on every
         rank of the pp group."""
-        g, st = self.group, self.stats
-        s, n_stages = g.rank_in_group, g.world_size
-        first, last = s == 0, s == n_stages - 1
         t_all = time.perf_counter()
         preds: list[torch.Tensor] = []
         chunks = split_rows(len(info), self.microbatches or len(info))
         for a, b in chunks:
-            inter = None
-            if not first:
-                t = time.perf_counter()
-                inter = g.recv_tensor_dict(src=s - 1)
-                st.recv_s += time.perf_counter() - t
-            t = time.perf_counter()
-            out = model(**_slice_rows(rows, a, b), **shared, intermediate=inter)
-            st.compute_s += time.perf_counter() - t
-            if last:
-                preds.append(out)
-            else:
-                t = time.perf_counter()
-                g.send_tensor_dict(out, dst=s + 1)
-                st.send_s += time.perf_counter() - t
-        t = time.perf_counter()
-        msg = g.broadcast_tensor_dict({"prediction": torch.cat(preds)} if last else None, src=n_stages - 1)
-        st.recv_s += time.perf_counter() - t
-        st.total_s += time.perf_counter() - t_all
-        st.steps += 1
-        st.microbatches += len(chunks)
-        return msg["prediction"]
+            run_unit(self.group, self.stats, model, _slice_rows(rows, a, b), shared, preds)
+        return broadcast_prediction(self.group, self.stats, preds, 0, t_all, len(chunks))
