@@ -4,20 +4,30 @@ declarations (``stages.models.family.ModelFamily``) a request is checked against
 - ``edits_only``: a generation (no input image) is a 400 naming ``image`` (Qwen-Image-Edit and -Plus);
 - ``cache_refusals``: a ``cache`` method the family cannot run (TeaCache on Wan, Qwen-Image) is a 400 naming
   ``cache``, the reason and the methods allowed (the route would otherwise accept a video job that then fails);
+- the served layout's refusals (``layout_cache_refusals``): TeaCache under HSDP (``[stages.denoiser.parallel]
+  hsdp_shard > 1``) is the same 400, before the request reaches the denoiser.
+
+A model directory that cannot be read is logged once (a warning naming the path and the error) and remembered like
+a readable one, until its ``model_index.json`` changes (an embedded model made on first use is read then).
 
 The stages keep their own checks as the second line of defence.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+import os
+from dataclasses import dataclass, replace
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 from omni_runtime.runtime.requests import GenerationRequest, RequestError
 from omni_runtime.stages.cache_config import METHODS
 
-__all__ = ["ServedModel", "check_served", "served_model", "served_model_of"]
+__all__ = ["ServedModel", "check_served", "layout_cache_refusals", "served_model", "served_model_of"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -27,7 +37,7 @@ class ServedModel:
     family: str
     pipeline: str
     edits_only: bool = False
-    cache_refusals: tuple[tuple[str, str], ...] = ()  # (method, why)
+    cache_refusals: tuple[tuple[str, str], ...] = ()  # (method, why: the words after "cache.method=...: ")
 
 
 @lru_cache(maxsize=8)
@@ -37,16 +47,51 @@ def served_model(path: str) -> ServedModel:
 
     family = family_of(path)
     return ServedModel(family=family.name, pipeline=family.pipeline_classes[0], edits_only=family.edits_only,
-                       cache_refusals=tuple(family.cache_refusals.items()))
+                       cache_refusals=tuple((m, f"the {family.name} family {why}")
+                                            for m, why in family.cache_refusals.items()))
+
+
+def _index_stamp(path: str) -> tuple[int, int] | None:
+    """``model_index.json``'s (mtime, size), None where there is none: what a cached read is valid for."""
+    try:
+        st = os.stat(Path(path) / "model_index.json")
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
+@lru_cache(maxsize=8)
+def _read(path: str, stamp: tuple[int, int] | None) -> ServedModel | None:
+    """:func:`served_model`, or None (logged once) where the directory cannot be read."""
+    try:
+        return served_model(path)
+    except Exception as e:  # no readable model here (a stub orchestrator's config): the stages answer
+        logger.warning("the served model at %s cannot be read (%s: %s): requests are not checked against its "
+                       "family at the edge; the stages answer them", path, type(e).__name__, e)
+        return None
+
+
+def layout_cache_refusals(cfg: Any) -> tuple[tuple[str, str], ...]:
+    """The cache methods the served parallel layout cannot run (the denoiser refuses them too), with why."""
+    shard = cfg.stages.denoiser.parallel.hsdp_shard
+    if shard > 1:
+        return (("teacache", f"not supported with HSDP ([stages.denoiser.parallel] hsdp_shard = {shard}: the "
+                             f"first block's modulation weights are sharded outside its forward)"),)
+    return ()
 
 
 def served_model_of(cfg: Any) -> ServedModel | None:
-    """The served model of a config, or None where its directory cannot be read (a stub orchestrator's config;
-    serving checks the model before it starts)."""
-    try:
-        return served_model(str(cfg.model.path))
-    except Exception:  # no readable model here: the stages answer
-        return None
+    """The served model of a config and its layout's refusals; None where its directory cannot be read and the
+    layout refuses nothing (a stub orchestrator's config; serving checks the model before it starts). Read once
+    per state of the directory, a failure as a success."""
+    path = str(cfg.model.path)
+    model = _read(path, _index_stamp(path))
+    layout = layout_cache_refusals(cfg)
+    if not layout:
+        return model
+    base = model if model is not None else ServedModel(family="unread", pipeline="unread")
+    family = {m for m, _ in base.cache_refusals}
+    return replace(base, cache_refusals=(*base.cache_refusals, *(r for r in layout if r[0] not in family)))
 
 
 def check_served(req: GenerationRequest, model: ServedModel | None) -> None:
@@ -60,5 +105,5 @@ def check_served(req: GenerationRequest, model: ServedModel | None) -> None:
     refused = dict(model.cache_refusals)
     if req.cache is not None and req.cache.method in refused:
         allowed = ", ".join(m for m in METHODS if m not in refused)
-        raise RequestError(f"cache.method={req.cache.method!r}: the {model.family} family "
-                           f"{refused[req.cache.method]}; allowed: {allowed}", "cache")
+        raise RequestError(f"cache.method={req.cache.method!r}: {refused[req.cache.method]}; allowed: {allowed}",
+                           "cache")
