@@ -8,9 +8,9 @@
   of every frame as a lossless PNG (our extension, for exact comparison);
 - ``POST /v1/videos/sync``: the same body, answered with the mp4 itself once it is done.
 
-Validation is ``runtime.video_request``'s; the job store ``runtime.video_jobs``'s. An image model answers these
-routes with a 400 naming the model's family, and a video model answers ``/v1/images/generations`` with a 400
-saying to use ``/v1/videos``.
+Validation is ``runtime.video_request.parse_video``'s (that of every edge); the job store ``runtime.video_jobs``'s.
+An image model answers these routes with a 400 naming the model's family, and a video model answers
+``/v1/images/generations`` with a 400 saying to use ``/v1/videos``.
 """
 
 from __future__ import annotations
@@ -41,12 +41,11 @@ from omni_runtime.runtime.http_common import (
 from omni_runtime.runtime.image_stream import ImageEvent
 from omni_runtime.runtime.orchestrator import ServingError
 from omni_runtime.runtime.requests import RequestError, show
-from omni_runtime.runtime.served_model import check_served, served_model_of
 from omni_runtime.runtime.video_files import decode_frames, encode_mp4, thumbnail
 from omni_runtime.runtime.video_jobs import FILES, StoreFull, VideoJob, VideoJobStore
 from omni_runtime.runtime.video_request import (
     VideoRequest,
-    parse_video_request,
+    parse_video,
     video_model,
     video_request_schema,
 )
@@ -135,7 +134,6 @@ class _ImagesToVideoModel:
 
 async def _parse(request: Request, cfg: RuntimeConfig) -> VideoRequest | Response:
     """The body (JSON or multipart) as a checked video request, or the error answer."""
-    vcfg = cfg.video
     ctype = request.headers.get("content-type") or ""
     try:
         if ctype.split(";")[0].strip().lower() == "multipart/form-data":
@@ -155,10 +153,7 @@ async def _parse(request: Request, cfg: RuntimeConfig) -> VideoRequest | Respons
         return error_response(400, f"the body is not valid JSON: {e}", "invalid_request_error", None,
                               "invalid_json")
     try:
-        vr = parse_video_request(raw, video_model(cfg.model.path), default_fps=vcfg.fps,
-                                 max_frames=vcfg.max_frames, max_work=vcfg.max_work, form=is_form)
-        check_served(vr.req, served_model_of(cfg))  # what the model's family declares it cannot run
-        return vr
+        return parse_video(raw, cfg, form=is_form)  # the one check of every edge (runtime.video_request)
     except RequestError as e:
         return _bad(e)
 
