@@ -4,13 +4,13 @@ declarations (``stages.models.family.ModelFamily``) a request is checked against
 - ``edits_only``: a generation (no input image) is a 400 naming ``image`` (Qwen-Image-Edit and -Plus);
 - ``cache_refusals``: a ``cache`` method the family cannot run (TeaCache on Wan, Qwen-Image) is a 400 naming
   ``cache``, the reason and the methods allowed (the route would otherwise accept a video job that then fails);
-- the served layout's refusals (``layout_cache_refusals``): TeaCache under HSDP (``[stages.denoiser.parallel]
-  hsdp_shard > 1``) is the same 400, before the request reaches the denoiser.
-
-A model directory that cannot be read is logged once (a warning naming the path and the error) and remembered like
-a readable one, until its ``model_index.json`` changes (an embedded model made on first use is read then).
 
 The stages keep their own checks as the second line of defence.
+
+The served layout's refusals (``_layout_cache_refusals``, from the config) join the family's: TeaCache under HSDP
+(``[stages.denoiser.parallel] hsdp_shard > 1``) is the same 400, before the request reaches the denoiser. A model
+directory that cannot be read is logged once (a warning naming the path and the error) and remembered like a
+readable one, until its ``model_index.json`` changes (an embedded model made on first use is read then).
 """
 
 from __future__ import annotations
@@ -25,9 +25,7 @@ from typing import Any
 from omni_runtime.runtime.requests import GenerationRequest, RequestError
 from omni_runtime.stages.cache_config import METHODS
 
-__all__ = ["ServedModel", "check_served", "layout_cache_refusals", "served_model", "served_model_of"]
-
-logger = logging.getLogger(__name__)
+__all__ = ["ServedModel", "check_served", "served_model", "served_model_of"]
 
 
 @dataclass(frozen=True)
@@ -36,8 +34,10 @@ class ServedModel:
 
     family: str
     pipeline: str
+    #: (method, why) the served layout cannot run (``_layout_cache_refusals``), next to the family's
+    layout_refusals: tuple[tuple[str, str], ...] = ()
     edits_only: bool = False
-    cache_refusals: tuple[tuple[str, str], ...] = ()  # (method, why: the words after "cache.method=...: ")
+    cache_refusals: tuple[tuple[str, str], ...] = ()  # (method, why)
 
 
 @lru_cache(maxsize=8)
@@ -47,8 +47,10 @@ def served_model(path: str) -> ServedModel:
 
     family = family_of(path)
     return ServedModel(family=family.name, pipeline=family.pipeline_classes[0], edits_only=family.edits_only,
-                       cache_refusals=tuple((m, f"the {family.name} family {why}")
-                                            for m, why in family.cache_refusals.items()))
+                       cache_refusals=tuple(family.cache_refusals.items()))
+
+
+logger = logging.getLogger(__name__)
 
 
 def _index_stamp(path: str) -> tuple[int, int] | None:
@@ -71,7 +73,7 @@ def _read(path: str, stamp: tuple[int, int] | None) -> ServedModel | None:
         return None
 
 
-def layout_cache_refusals(cfg: Any) -> tuple[tuple[str, str], ...]:
+def _layout_cache_refusals(cfg: Any) -> tuple[tuple[str, str], ...]:
     """The cache methods the served parallel layout cannot run (the denoiser refuses them too), with why."""
     shard = cfg.stages.denoiser.parallel.hsdp_shard
     if shard > 1:
@@ -81,29 +83,34 @@ def layout_cache_refusals(cfg: Any) -> tuple[tuple[str, str], ...]:
 
 
 def served_model_of(cfg: Any) -> ServedModel | None:
-    """The served model of a config and its layout's refusals; None where its directory cannot be read and the
+    """The served model of a config with its layout's refusals; None where its directory cannot be read and the
     layout refuses nothing (a stub orchestrator's config; serving checks the model before it starts). Read once
     per state of the directory, a failure as a success."""
     path = str(cfg.model.path)
     model = _read(path, _index_stamp(path))
-    layout = layout_cache_refusals(cfg)
+    layout = _layout_cache_refusals(cfg)
     if not layout:
         return model
-    base = model if model is not None else ServedModel(family="unread", pipeline="unread")
-    family = {m for m, _ in base.cache_refusals}
-    return replace(base, cache_refusals=(*base.cache_refusals, *(r for r in layout if r[0] not in family)))
+    return replace(model if model is not None else ServedModel(family="unread", pipeline="unread"),
+                   layout_refusals=layout)
 
 
 def check_served(req: GenerationRequest, model: ServedModel | None) -> None:
-    """Raise :class:`RequestError` naming the field when ``model``'s family declares it cannot run ``req``."""
+    """Raise :class:`RequestError` naming the field when ``model``'s family or the served layout cannot run ``req``."""
     if model is None:
         return
     if model.edits_only and not req.is_edit:
         raise RequestError(f"image is required: the served model is a {model.family} model ({model.pipeline}), "
                            f"which only edits images; allowed: an edit with input images (POST /v1/images/edits, "
                            f"generate --image, Omni.edit)", "image")
-    refused = dict(model.cache_refusals)
+    family = dict(model.cache_refusals)
+    layout = {m: why for m, why in model.layout_refusals if m not in family}  # the family's words first
+    if req.cache is not None and req.cache.method in layout:
+        allowed = ", ".join(m for m in METHODS if m not in layout and m not in family)
+        raise RequestError(f"cache.method={req.cache.method!r}: {layout[req.cache.method]}; allowed: {allowed}",
+                           "cache")
+    refused = {**layout, **family}
     if req.cache is not None and req.cache.method in refused:
         allowed = ", ".join(m for m in METHODS if m not in refused)
-        raise RequestError(f"cache.method={req.cache.method!r}: {refused[req.cache.method]}; allowed: {allowed}",
-                           "cache")
+        raise RequestError(f"cache.method={req.cache.method!r}: the {model.family} family "
+                           f"{refused[req.cache.method]}; allowed: {allowed}", "cache")

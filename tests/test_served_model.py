@@ -124,3 +124,21 @@ def test_a_teacache_default_under_hsdp_is_a_config_error() -> None:
                                           r"'first_block', 'dbcache' or 'none', or hsdp_shard = 1$"):
         config_from_dict({"model": {"path": "m"},
                           "stages": {"denoiser": {"cache": {"method": "teacache"}, **HSDP["denoiser"]}}})
+
+
+def test_the_images_route_refuses_teacache_under_hsdp(tiny_dir) -> None:
+    """Through the HTTP edge (a stub orchestrator: no stages), and the server answers the next request."""
+    from fastapi.testclient import TestClient
+    from http_stub_server import StubOrchestrator
+
+    from omni_runtime.runtime.server import create_app
+
+    cfg = config_from_dict({"model": {"path": str(tiny_dir)}, "server": {"port": 0}, "stages": HSDP})
+    orch = StubOrchestrator()
+    with TestClient(create_app(cfg, orch)) as client:
+        body = {"prompt": "a cat", "size": "64x64", "num_inference_steps": 2}
+        r = client.post("/v1/images/generations", json={**body, "cache": {"method": "teacache", "threshold": 0.3}})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "cache", r.text
+        assert r.json()["error"]["message"] == TEACACHE_REFUSED, r.text
+        r = client.post("/v1/images/generations", json={**body, "cache": {"method": "first_block"}})
+        assert r.status_code == 200 and len(r.json()["data"]) == 1, r.text
