@@ -44,6 +44,7 @@ from omni_runtime.runtime.requests import RequestError, show
 from omni_runtime.runtime.video_files import decode_frames, encode_mp4, thumbnail
 from omni_runtime.runtime.video_jobs import FILES, StoreFull, VideoJob, VideoJobStore
 from omni_runtime.runtime.video_request import (
+    VideoModel,
     VideoRequest,
     parse_video,
     video_model,
@@ -116,13 +117,22 @@ class _ImagesToVideoModel:
     def __init__(self, app: Any, model_path: str) -> None:
         self.app = app
         self.model_path = model_path
+        self._model: list[VideoModel | None] = []  # read on the first request, a failure as a success
+
+    def model(self) -> VideoModel | None:
+        """The served model (read once), or None where it cannot be read (logged once)."""
+        if not self._model:
+            try:
+                self._model.append(video_model(self.model_path))
+            except Exception as e:  # no readable model here (a stub orchestrator's config): the image route answers
+                logger.warning("the served model at %s cannot be read (%s: %s): POST /v1/images/generations is not "
+                               "checked for a video model", self.model_path, type(e).__name__, e)
+                self._model.append(None)
+        return self._model[0]
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == "/v1/images/generations":
-            try:
-                model = video_model(self.model_path)
-            except Exception:  # no readable model here (a stub orchestrator's config): the image route answers
-                model = None
+            model = self.model()
             if model is not None and model.video:
                 resp = error_response(400, f"the served model is a {model.family} video model; it answers "
                                       f"POST /v1/videos, not /v1/images/generations", "invalid_request_error",
