@@ -159,11 +159,12 @@ def hsdp_config_from_mesh(mesh: Mesh, **options: object) -> HSDPInferenceConfig 
     and a DeviceMesh over the mesh's ``hsdp_replicate`` / ``hsdp_shard`` groups whose backend takes the mesh's
     device (nccl for CUDA weights, gloo for CPU ones: ``GroupCoordinator.group_for``). None when the spec does not
     shard the weights (``hsdp_shard == 1``). ``options`` are further :class:`HSDPInferenceConfig` fields
-    (``param_dtype``, ``forward_prefetch``, ...). Not collective: the groups exist already (``Mesh.build`` made
-    them)."""
+    (``param_dtype``, ``forward_prefetch``, ...); ``release_after_forward`` is the spec's ``hsdp_release_memory``
+    unless given. Not collective: the groups exist already (``Mesh.build`` made them)."""
     shard, replicate = mesh.spec.hsdp_shard, mesh.spec.hsdp_replicate
     if shard <= 1:
         return None
+    options = {"release_after_forward": mesh.spec.hsdp_release_memory, **options}
     device_type = mesh.device.type  # the groups whose backend takes the weights' device (gloo for CPU weights)
     replicate_group = mesh.group("hsdp_replicate").group_for(mesh.device) if replicate > 1 else None
     device_mesh = hsdp_device_mesh_from_groups(replicate_group, mesh.group("hsdp_shard").group_for(mesh.device),

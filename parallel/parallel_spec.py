@@ -135,6 +135,9 @@ class ParallelSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     pp_microbatches: int = 0  # layer PP: micro-batches per step (0: one per row)
     pipefusion_patches: int = 0  # PipeFusion: image-token patches (0: the pp degree)
     pipefusion_warmup: int = 1  # PipeFusion: first steps run synchronously (exact) before stale K/V is used
+    # Not a degree: with hsdp_shard > 1 and CPU weights, hand the freed all-gathered weights' heap pages back to the OS
+    # after each forward (``parallel.hsdp_release``: lower steady-state memory, slower steps)
+    hsdp_release_memory: bool = True
 
     def __post_init__(self) -> None:
         for name in DEGREES:
@@ -148,6 +151,8 @@ class ParallelSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
             raise ParallelSpecError(f"tp = {self.tp}: tensor parallelism is reserved; tp must be 1")
         if self.pp_mode not in PP_MODES:
             raise ParallelSpecError(f"pp_mode {self.pp_mode!r} is not known; allowed: {', '.join(PP_MODES)}")
+        if not isinstance(self.hsdp_release_memory, bool):
+            raise ParallelSpecError(f"hsdp_release_memory must be true or false, got {self.hsdp_release_memory!r}")
         for name in PP_COUNTS:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:

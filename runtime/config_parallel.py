@@ -22,6 +22,8 @@ DENOISER_PARALLEL_KEYS = ("ulysses", "ring", "cfg", "pp", "dp", "tp", "hsdp_shar
 DENOISER_PARALLEL_CHOICES = ("all2all_backend", "pp_mode")
 # ... and its pipeline counts (integers >= 0, 0 = the default; ``ParallelSpec.pp_microbatches`` etc.)
 DENOISER_PARALLEL_COUNTS = ("pp_microbatches", "pipefusion_patches", "pipefusion_warmup")
+# ... and its switches (true / false; ``ParallelSpec.hsdp_release_memory``: the heap release after each HSDP forward)
+DENOISER_PARALLEL_FLAGS = ("hsdp_release_memory",)
 VAE_PARALLEL_KEYS = ("patch",)
 TEXT_ENCODER_PARALLEL_KEYS = ("hsdp_shard", "hsdp_replicate")
 # Degrees whose implementation exists in ``parallel``/``stages`` and is wired into the stage processes.

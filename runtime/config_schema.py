@@ -11,6 +11,7 @@ from omni_runtime.runtime.config import RAY_RESERVED_RESOURCES, ConfigError
 from omni_runtime.runtime.config_parallel import (
     DENOISER_PARALLEL_CHOICES,
     DENOISER_PARALLEL_COUNTS,
+    DENOISER_PARALLEL_FLAGS,
     DENOISER_PARALLEL_KEYS,
     TEXT_ENCODER_PARALLEL_KEYS,
     VAE_PARALLEL_KEYS,
@@ -42,7 +43,8 @@ _SCHEMA: dict[str, Any] = {
                                "max_cached_steps": _INT},
                      "parallel": {**dict.fromkeys(DENOISER_PARALLEL_KEYS, _INT),
                                                         **dict.fromkeys(DENOISER_PARALLEL_CHOICES, _STR),
-                                                        **dict.fromkeys(DENOISER_PARALLEL_COUNTS, _INT)}},
+                                                        **dict.fromkeys(DENOISER_PARALLEL_COUNTS, _INT),
+                                                        **dict.fromkeys(DENOISER_PARALLEL_FLAGS, _BOOL)}},
         "vae": {**_PIXEL_STAGE_KEYS, "tiling": _BOOL, "parallel": dict.fromkeys(VAE_PARALLEL_KEYS, _INT)},
     },
     "placement": {"tensor_transport": _STR, "launcher": _STR, "ray_address": _STR, "cpu_sharing": _STR},

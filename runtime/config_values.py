@@ -193,6 +193,11 @@ def _check_cache(den: DenoiserStageConfig) -> None:
         raise ConfigError(f"stages.denoiser.cache.method = {c.method!r} with stages.denoiser.parallel.pp = "
                           f"{den.parallel.pp}: cache acceleration is not supported under pipeline parallelism (a "
                           f"stage holds only some of the blocks); allowed: method = 'none', or pp = 1")
+    if c.method == "teacache" and den.parallel.hsdp_shard > 1:  # the edge refuses such a request too
+        raise ConfigError(f"stages.denoiser.cache.method = 'teacache' with stages.denoiser.parallel.hsdp_shard = "
+                          f"{den.parallel.hsdp_shard}: TeaCache is not supported with HSDP (the first block's "
+                          f"modulation weights are sharded outside its forward); allowed: method = 'first_block', "
+                          f"'dbcache' or 'none', or hsdp_shard = 1")
 
 
 def _check_lora(cfg: RuntimeConfig) -> None:

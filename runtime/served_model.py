@@ -8,12 +8,20 @@ declarations (``stages.models.family.ModelFamily``) a request is checked against
   50 steps, ``true_cfg_scale`` 4.0), so a request that leaves them out gets the pipeline's image.
 
 The stages keep their own checks as the second line of defence.
+
+The served layout's refusals (``_layout_cache_refusals``, from the config) join the family's: TeaCache under HSDP
+(``[stages.denoiser.parallel] hsdp_shard > 1``) is the same 400, before the request reaches the denoiser. A model
+directory that cannot be read is logged once (a warning naming the path and the error) and remembered like a
+readable one, until its ``model_index.json`` changes (an embedded model made on first use is read then).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+import os
+from dataclasses import dataclass, replace
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 from omni_runtime.runtime.requests import GenerationRequest, RequestError, WorkCaps, parse_request
@@ -28,6 +36,8 @@ class ServedModel:
 
     family: str
     pipeline: str
+    #: (method, why) the served layout cannot run (``_layout_cache_refusals``), next to the family's
+    layout_refusals: tuple[tuple[str, str], ...] = ()
     edits_only: bool = False
     cache_refusals: tuple[tuple[str, str], ...] = ()  # (method, why)
     defaults: tuple[tuple[str, Any], ...] = ()  # (request field, the family pipeline's default)
@@ -44,24 +54,66 @@ def served_model(path: str) -> ServedModel:
                        defaults=tuple(family.request_defaults.items()))
 
 
-def served_model_of(cfg: Any) -> ServedModel | None:
-    """The served model of a config, or None where its directory cannot be read (a stub orchestrator's config;
-    serving checks the model before it starts)."""
+logger = logging.getLogger(__name__)
+
+
+def _index_stamp(path: str) -> tuple[int, int] | None:
+    """``model_index.json``'s (mtime, size), None where there is none: what a cached read is valid for."""
     try:
-        return served_model(str(cfg.model.path))
-    except Exception:  # no readable model here: the stages answer
+        st = os.stat(Path(path) / "model_index.json")
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
+@lru_cache(maxsize=8)
+def _read(path: str, stamp: tuple[int, int] | None) -> ServedModel | None:
+    """:func:`served_model`, or None (logged once) where the directory cannot be read."""
+    try:
+        return served_model(path)
+    except Exception as e:  # no readable model here (a stub orchestrator's config): the stages answer
+        logger.warning("the served model at %s cannot be read (%s: %s): requests are not checked against its "
+                       "family at the edge; the stages answer them", path, type(e).__name__, e)
         return None
 
 
+def _layout_cache_refusals(cfg: Any) -> tuple[tuple[str, str], ...]:
+    """The cache methods the served parallel layout cannot run (the denoiser refuses them too), with why."""
+    shard = cfg.stages.denoiser.parallel.hsdp_shard
+    if shard > 1:
+        return (("teacache", f"not supported with HSDP ([stages.denoiser.parallel] hsdp_shard = {shard}: the "
+                             f"first block's modulation weights are sharded outside its forward)"),)
+    return ()
+
+
+def served_model_of(cfg: Any) -> ServedModel | None:
+    """The served model of a config with its layout's refusals; None where its directory cannot be read and the
+    layout refuses nothing (a stub orchestrator's config; serving checks the model before it starts). Read once
+    per state of the directory, a failure as a success."""
+    path = str(cfg.model.path)
+    model = _read(path, _index_stamp(path))
+    layout = _layout_cache_refusals(cfg)
+    if not layout:
+        return model
+    return replace(model if model is not None else ServedModel(family="unread", pipeline="unread"),
+                   layout_refusals=layout)
+
+
 def check_served(req: GenerationRequest, model: ServedModel | None) -> None:
-    """Raise :class:`RequestError` naming the field when ``model``'s family declares it cannot run ``req``."""
+    """Raise :class:`RequestError` naming the field when ``model``'s family or the served layout cannot run ``req``."""
     if model is None:
         return
     if model.edits_only and not req.is_edit:
         raise RequestError(f"image is required: the served model is a {model.family} model ({model.pipeline}), "
                            f"which only edits images; allowed: an edit with input images (POST /v1/images/edits, "
                            f"generate --image, Omni.edit)", "image")
-    refused = dict(model.cache_refusals)
+    family = dict(model.cache_refusals)
+    layout = {m: why for m, why in model.layout_refusals if m not in family}  # the family's words first
+    if req.cache is not None and req.cache.method in layout:
+        allowed = ", ".join(m for m in METHODS if m not in layout and m not in family)
+        raise RequestError(f"cache.method={req.cache.method!r}: {layout[req.cache.method]}; allowed: {allowed}",
+                           "cache")
+    refused = {**layout, **family}
     if req.cache is not None and req.cache.method in refused:
         allowed = ", ".join(m for m in METHODS if m not in refused)
         raise RequestError(f"cache.method={req.cache.method!r}: the {model.family} family "

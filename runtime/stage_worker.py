@@ -42,7 +42,7 @@ class WorkerSpec(msgspec.Struct, kw_only=True):
     max_batch_pixels: int = 0       # width x height summed over one batch (0: no cap)
     instance: str
     parent_pid: int
-    parallel: dict[str, int | str]
+    parallel: dict[str, int | str | bool]  # ParallelSpec's fields (hsdp_release_memory: a bool)
     threads: int = 1
     pool_outputs: bool = False  # publish through reused segments (the next stage has one rank, the sole reader)
     vae_tiling: bool = False  # [stages.vae] tiling (diffusers' approximate tiled decode)

@@ -8,9 +8,9 @@
   of every frame as a lossless PNG (our extension, for exact comparison);
 - ``POST /v1/videos/sync``: the same body, answered with the mp4 itself once it is done.
 
-Validation is ``runtime.video_request``'s; the job store ``runtime.video_jobs``'s. An image model answers these
-routes with a 400 naming the model's family, and a video model answers ``/v1/images/generations`` with a 400
-saying to use ``/v1/videos``.
+Validation is ``runtime.video_request.parse_video``'s (that of every edge); the job store ``runtime.video_jobs``'s.
+An image model answers these routes with a 400 naming the model's family, and a video model answers
+``/v1/images/generations`` with a 400 saying to use ``/v1/videos``.
 """
 
 from __future__ import annotations
@@ -41,12 +41,12 @@ from omni_runtime.runtime.http_common import (
 from omni_runtime.runtime.image_stream import ImageEvent
 from omni_runtime.runtime.orchestrator import ServingError
 from omni_runtime.runtime.requests import RequestError, show
-from omni_runtime.runtime.served_model import check_served, served_model_of
 from omni_runtime.runtime.video_files import decode_frames, encode_mp4, thumbnail
 from omni_runtime.runtime.video_jobs import FILES, StoreFull, VideoJob, VideoJobStore
 from omni_runtime.runtime.video_request import (
+    VideoModel,
     VideoRequest,
-    parse_video_request,
+    parse_video,
     video_model,
     video_request_schema,
 )
@@ -117,13 +117,22 @@ class _ImagesToVideoModel:
     def __init__(self, app: Any, model_path: str) -> None:
         self.app = app
         self.model_path = model_path
+        self._model: list[VideoModel | None] = []  # read on the first request, a failure as a success
+
+    def model(self) -> VideoModel | None:
+        """The served model (read once), or None where it cannot be read (logged once)."""
+        if not self._model:
+            try:
+                self._model.append(video_model(self.model_path))
+            except Exception as e:  # no readable model here (a stub orchestrator's config): the image route answers
+                logger.warning("the served model at %s cannot be read (%s: %s): POST /v1/images/generations is not "
+                               "checked for a video model", self.model_path, type(e).__name__, e)
+                self._model.append(None)
+        return self._model[0]
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == "/v1/images/generations":
-            try:
-                model = video_model(self.model_path)
-            except Exception:  # no readable model here (a stub orchestrator's config): the image route answers
-                model = None
+            model = self.model()
             if model is not None and model.video:
                 resp = error_response(400, f"the served model is a {model.family} video model; it answers "
                                       f"POST /v1/videos, not /v1/images/generations", "invalid_request_error",
@@ -135,7 +144,6 @@ class _ImagesToVideoModel:
 
 async def _parse(request: Request, cfg: RuntimeConfig) -> VideoRequest | Response:
     """The body (JSON or multipart) as a checked video request, or the error answer."""
-    vcfg = cfg.video
     ctype = request.headers.get("content-type") or ""
     try:
         if ctype.split(";")[0].strip().lower() == "multipart/form-data":
@@ -155,10 +163,7 @@ async def _parse(request: Request, cfg: RuntimeConfig) -> VideoRequest | Respons
         return error_response(400, f"the body is not valid JSON: {e}", "invalid_request_error", None,
                               "invalid_json")
     try:
-        vr = parse_video_request(raw, video_model(cfg.model.path), default_fps=vcfg.fps,
-                                 max_frames=vcfg.max_frames, max_work=vcfg.max_work, form=is_form)
-        check_served(vr.req, served_model_of(cfg))  # what the model's family declares it cannot run
-        return vr
+        return parse_video(raw, cfg, form=is_form)  # the one check of every edge (runtime.video_request)
     except RequestError as e:
         return _bad(e)
 

@@ -1,25 +1,22 @@
 """Videos offline: ``omni-runtime generate --num-frames 33 -o out.mp4`` (or ``out.zip``: the lossless frames) and
 the video lines of ``omni-runtime batch`` (a line with ``num_frames`` or ``seconds``; written as ``<line>.mp4``).
-Both validate with ``runtime.video_request`` (the table of ``POST /v1/videos``) and run the same engines."""
+Both validate with ``runtime.video_request.parse_video`` (the one check of ``POST /v1/videos``, re-exported here)
+and run the same engines."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 from pathlib import Path
-from typing import Any
 
 from omni_runtime.runtime.config import RuntimeConfig
 from omni_runtime.runtime.requests import RequestError
-from omni_runtime.runtime.served_model import check_served, served_model_of
-from omni_runtime.runtime.video_request import (
-    VideoRequest,
-    check_video_fields,
-    parse_video_request,
-    video_model,
-)
+from omni_runtime.runtime.video_request import VideoRequest, parse_video, video_model
 
 logger = logging.getLogger(__name__)
+
+__all__ = ["VIDEO_SUFFIXES", "is_video_output", "parse_video", "refuse_images", "video_bytes",
+           "video_request_from_args"]
 
 VIDEO_SUFFIXES = (".mp4", ".zip")  # the H.264 video; a zip of the frames as lossless PNGs
 
@@ -36,20 +33,6 @@ def is_video_output(args: argparse.Namespace) -> bool:
     ``--guidance-scale-2``) is given."""
     return Path(args.output).suffix.lower() in VIDEO_SUFFIXES or getattr(args, "num_frames", None) is not None \
         or getattr(args, "guidance_scale_2", None) is not None
-
-
-def parse_video(raw: dict[str, Any], cfg: RuntimeConfig, form: bool = False) -> VideoRequest:
-    """``raw`` against the video table and ``[video]``'s caps, for the model of ``cfg`` (made first if it is an
-    embedded one that does not exist yet)."""
-    from omni_runtime.runtime.model_store import ensure_model
-
-    check_video_fields(raw, form)  # the values first: a bad one is an error before the model is read (or made)
-    model = video_model(str(ensure_model(cfg.model.path)))
-    v = cfg.video
-    vr = parse_video_request(raw, model, default_fps=v.fps, max_frames=v.max_frames, max_work=v.max_work,
-                             form=form)
-    check_served(vr.req, served_model_of(cfg))  # e.g. a cache method the family cannot run
-    return vr
 
 
 def refuse_images(cfg: RuntimeConfig, where: str) -> None:

@@ -12,6 +12,10 @@ two-expert (Wan 2.2) model's ``transformer_2`` denoises (``true_cfg_scale_2``; d
 ``WanPipeline``), refused for a one-expert model. ``seconds`` gives ``seconds x fps`` frames rounded
 down to what the model's VAE takes (``4 k + 1`` for Wan); ``num_frames`` must be of that form itself.
 Caps (``[video]``): ``max_frames`` and ``max_work`` (width x height x frames x steps); past them a 400 naming the cap.
+
+Every edge calls :func:`parse_video`: the fields are checked once, first (a bad value is an error before an embedded
+model is made), then the model's rules, the caps and what the served family and layout refuse
+(``runtime.served_model``).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -38,6 +43,7 @@ from omni_runtime.runtime.requests import (
     parse_size,
     show,
 )
+from omni_runtime.runtime.served_model import check_served, served_model_of
 
 logger = logging.getLogger(__name__)
 
@@ -147,16 +153,32 @@ def check_video_fields(raw: dict[str, Any], form: bool = False) -> dict[str, Any
     return check_fields(raw, VIDEO_FIELDS, allow_unknown=False)
 
 
-def parse_video_request(raw: Any, model: VideoModel, *, default_fps: int, max_frames: int, max_work: int,
-                        form: bool = False) -> VideoRequest:
+def parse_video(raw: Any, cfg: Any, form: bool = False) -> VideoRequest:
+    """``raw`` (a ``POST /v1/videos`` body, ``generate``'s flags, an ``Omni.generate_video`` call, a ``batch``
+    line) as the video request of ``cfg``'s model (read, or made if it is an embedded one that does not exist yet,
+    once the fields passed), within ``[video]``'s caps and what the served family and layout run."""
+    from omni_runtime.runtime.model_store import ensure_model
+
+    v = cfg.video
+    vr = parse_video_request(raw, lambda: video_model(str(ensure_model(cfg.model.path))), default_fps=v.fps,
+                             max_frames=v.max_frames, max_work=v.max_work, form=form)
+    check_served(vr.req, served_model_of(cfg))  # e.g. a cache method the family or the layout cannot run
+    return vr
+
+
+def parse_video_request(raw: Any, model: VideoModel | Callable[[], VideoModel], *, default_fps: int,
+                        max_frames: int, max_work: int, form: bool = False) -> VideoRequest:
     """Validate a video request body against :data:`VIDEO_FIELDS` and the caps; unknown fields are refused (the
-    image-to-video ``input_reference`` among them: not served)."""
+    image-to-video ``input_reference`` among them: not served). The fields are checked first; ``model`` may be a
+    function that reads (or makes) the model, called only then."""
     if not isinstance(raw, dict):
         raise RequestError(f"the request body must be a JSON object, got {type(raw).__name__}", None)
+    got = check_video_fields(raw, form)
+    if not isinstance(model, VideoModel):
+        model = model()
     if not model.video:
         raise RequestError(f"the served model is a {model.family} model, which makes images; /v1/videos needs a "
                            f"video model (pipeline WanPipeline); use /v1/images/generations", "model")
-    got = check_video_fields(raw, form)
     if got["guidance_scale_2"] is not None and model.experts < 2:
         raise RequestError("guidance_scale_2: only two-expert (Wan 2.2, boundary_ratio) models use it; this model "
                            "has one transformer; allowed: absent", "guidance_scale_2")
