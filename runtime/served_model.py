@@ -27,6 +27,8 @@ from typing import Any
 from omni_runtime.runtime.requests import GenerationRequest, RequestError, WorkCaps, parse_request
 from omni_runtime.stages.cache_config import METHODS
 
+logger = logging.getLogger(__name__)
+
 __all__ = ["ServedModel", "check_served", "defaults_of", "parse_served", "served_model", "served_model_of"]
 
 
@@ -52,9 +54,6 @@ def served_model(path: str) -> ServedModel:
     return ServedModel(family=family.name, pipeline=family.pipeline_classes[0], edits_only=family.edits_only,
                        cache_refusals=tuple(family.cache_refusals.items()),
                        defaults=tuple(family.request_defaults.items()))
-
-
-logger = logging.getLogger(__name__)
 
 
 def _index_stamp(path: str) -> tuple[int, int] | None:
@@ -107,17 +106,12 @@ def check_served(req: GenerationRequest, model: ServedModel | None) -> None:
         raise RequestError(f"image is required: the served model is a {model.family} model ({model.pipeline}), "
                            f"which only edits images; allowed: an edit with input images (POST /v1/images/edits, "
                            f"generate --image, Omni.edit)", "image")
-    family = dict(model.cache_refusals)
-    layout = {m: why for m, why in model.layout_refusals if m not in family}  # the family's words first
-    if req.cache is not None and req.cache.method in layout:
-        allowed = ", ".join(m for m in METHODS if m not in layout and m not in family)
-        raise RequestError(f"cache.method={req.cache.method!r}: {layout[req.cache.method]}; allowed: {allowed}",
-                           "cache")
-    refused = {**layout, **family}
-    if req.cache is not None and req.cache.method in refused:
-        allowed = ", ".join(m for m in METHODS if m not in refused)
-        raise RequestError(f"cache.method={req.cache.method!r}: the {model.family} family "
-                           f"{refused[req.cache.method]}; allowed: {allowed}", "cache")
+    family, layout = dict(model.cache_refusals), dict(model.layout_refusals)
+    method = req.cache.method if req.cache is not None else None
+    if method in family or method in layout:  # the family's words first
+        why = f"the {model.family} family {family[method]}" if method in family else layout[method]
+        allowed = ", ".join(m for m in METHODS if m not in family and m not in layout)
+        raise RequestError(f"cache.method={method!r}: {why}; allowed: {allowed}", "cache")
 
 
 def defaults_of(model: ServedModel | None) -> dict[str, Any]:
