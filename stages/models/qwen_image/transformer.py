@@ -18,7 +18,6 @@ The model holds no rank arithmetic and reads no global state: ``_sp_plan`` says 
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,17 +27,13 @@ import torch
 from torch import nn
 
 from omni_runtime.parallel.hsdp import HSDPInferenceConfig, ShardCondition, block_list_condition
-from omni_runtime.parallel.sp_plan import (
-    SequenceParallelInput,
-    SequenceParallelModelPlan,
-    SequenceParallelOutput,
-)
-from omni_runtime.parallel.strategies.pipeline_parallel import PipelinePlan, is_missing, partition_model
+from omni_runtime.parallel.sp_plan import SequenceParallelModelPlan
+from omni_runtime.parallel.strategies.pipeline_parallel import PipelinePlan, is_missing
 from omni_runtime.stages.block_cache import CachePlan, run_blocks
-from omni_runtime.stages.device import resolve_device, resolve_dtype
 from omni_runtime.stages.errors import CheckpointError
 from omni_runtime.stages.models.layers import (
     ROPE_THETA,
+    TIME_CHANNELS,
     AdaNormOut,
     FeedForward,
     JointAttention,
@@ -47,20 +42,11 @@ from omni_runtime.stages.models.layers import (
     _modulate,
     rope,
 )
+from omni_runtime.stages.models.token_sp_plan import token_sp_plan
 from omni_runtime.stages.models.transformer_config import config_from_dict
-from omni_runtime.stages.weights import (
-    DIFFUSERS_WEIGHTS,
-    MODEL_INDEX,
-    component_dir,
-    load_into,
-    load_safetensors,
-    read_config,
-)
-
-logger = logging.getLogger(__name__)
+from omni_runtime.stages.models.transformer_load import load_transformer, refuse_expert_parallel
 
 CLASS_NAMES = ("QwenImageTransformer2DModel",)
-TIME_CHANNELS = 256
 TIME_SCALE = 1000  # diffusers' Timesteps(scale=1000): the sigma in [0, 1] times 1000, inside the projection
 
 # flags of diffusers' config for variants this runtime does not serve (yet): key -> what the variant is
@@ -258,16 +244,9 @@ def _check_ids(name: str, ids: torch.Tensor, tokens: int, rows: int) -> torch.Te
 class QwenImageTransformer(nn.Module):
     """Qwen-Image denoiser. ``forward`` takes packed latents (rows, image tokens, in_channels) like diffusers'."""
 
-    # Sequence parallelism: each rank takes a slice of the image tokens and of their position ids (so its image
-    # rotary embeddings are its own tokens'); slices may be uneven. Text tokens stay whole on every rank and enter
-    # attention as joint tokens in front, with their padding mask. The prediction is gathered after ``proj_out``.
-    _sp_plan: SequenceParallelModelPlan = {
-        "": {
-            "hidden_states": SequenceParallelInput(split_dim=1, expected_dims=3),
-            "img_ids": SequenceParallelInput(split_dim=0, expected_dims=2),
-        },
-        "proj_out": SequenceParallelOutput(gather_dim=1, expected_dims=3),
-    }
+    # Sequence parallelism: a slice of the image tokens per rank (``token_sp_plan``); the text tokens enter
+    # attention as joint tokens in front, with their padding mask.
+    _sp_plan: SequenceParallelModelPlan = token_sp_plan()
     # HSDP: every block is one FSDP unit; the embedders and the output head stay in the root unit.
     _hsdp_shard_conditions: list[ShardCondition] = [block_list_condition("transformer_blocks")]
     # Pipeline parallelism: the blocks are split over the pp ranks, the embedders run on the first stage and the
@@ -278,6 +257,10 @@ class QwenImageTransformer(nn.Module):
                             head=("norm_out", "proj_out"))
     # Cache acceleration (``stages.block_cache``): the one block list
     _cache_plan = CachePlan(blocks=("transformer_blocks",))
+    # what ``stages.models.transformer_load`` reads
+    config_class = QwenImageConfig
+    class_names = CLASS_NAMES
+    keep_fp32: tuple[str, ...] = ()
 
     def __init__(self, config: QwenImageConfig):
         super().__init__()
@@ -366,37 +349,5 @@ class QwenImageTransformer(nn.Module):
         blocks, plus the embedders on the first and the head on the last. ``ep_group`` must be None or of one rank:
         this family has no mixture of experts.
         """
-        if ep_group is not None and getattr(ep_group, "world_size", 1) > 1:
-            raise ValueError(f"expert parallelism (an ep group of {ep_group.world_size} ranks) is not supported by "
-                             f"Qwen-Image: it has no mixture-of-experts layers; allowed: ep = 1")
-        path = Path(path)
-        if (path / MODEL_INDEX).is_file():
-            path = component_dir(path, "transformer")
-        if not path.is_dir():
-            raise CheckpointError(f"{path}: transformer directory not found")
-        config = QwenImageConfig.from_dict(read_config(path, allowed_classes=CLASS_NAMES), path / "config.json")
-        torch_dtype, device = resolve_dtype(dtype), resolve_device(device)
-        if hsdp is not None and hsdp.enabled:
-            if pp_group is not None and pp_group.world_size > 1:
-                raise ValueError("HSDP sharding and pipeline parallelism together are not supported")
-            from omni_runtime.stages.sharded_load import build_sharded_model
-
-            model = build_sharded_model(lambda: cls(config), path, DIFFUSERS_WEIGHTS, hsdp, device=device,
-                                        dtype=torch_dtype)
-            logger.info("loaded QwenImageTransformer from %s sharded over %d ranks (%s, %s)", path,
-                        hsdp.hsdp_shard_size, torch_dtype, device)
-            return model
-        with torch.device("meta"):
-            model = cls(config)
-        skip = None
-        if pp_group is not None and pp_group.world_size > 1:
-            partition_model(model, pp_group.rank_in_group, pp_group.world_size)
-            wanted = set(model.state_dict())
-
-            def skip(key: str) -> bool:  # another stage's tensor
-                return key not in wanted
-        state = load_safetensors(path, DIFFUSERS_WEIGHTS, device=device, dtype=torch_dtype, skip=skip)
-        load_into(model, state, path)
-        logger.info("loaded QwenImageTransformer from %s (%d tensors, %s, %s)", path, len(state), torch_dtype,
-                    device)
-        return model.eval().requires_grad_(False)
+        refuse_expert_parallel(ep_group, "Qwen-Image")
+        return load_transformer(cls, path, dtype=dtype, device=device, hsdp=hsdp, pp_group=pp_group)
