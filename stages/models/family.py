@@ -140,8 +140,9 @@ class VaeKind:
 
 
 class ModelFamily:
-    """The declarations of one family (see the module docstring). Subclasses set the class attributes and
-    implement the loaders; the defaults suit a dual-stream DiT whose text tokens precede the image tokens."""
+    """The declarations of one family (see the module docstring). Subclasses set the class attributes (the
+    loaders' and the tiny maker's classes and functions as ``"module:name"``); the defaults suit a dual-stream DiT
+    whose text tokens precede the image tokens."""
 
     name: str = ""
     pipeline_classes: tuple[str, ...] = ()
@@ -155,6 +156,8 @@ class ModelFamily:
     block_keys: Mapping[str, tuple[str, int]] = {}
     #: the embedded tiny models' presets (``make_tiny``)
     tiny_presets: tuple[str, ...] = ()
+    #: the text encoder class as ``"module:Class"``: :meth:`load_text_encoder` calls its ``from_pretrained``
+    text_encoder_class: str = ""
     #: the transformer class as ``"module:Class"``: :meth:`load_transformer` calls its ``from_pretrained``
     transformer_class: str = ""
     #: the tiny model maker as ``"module:function"``, ``function(path, preset=, seed=)``, of a module whose
@@ -186,7 +189,7 @@ class ModelFamily:
 
     def load_text_encoder(self, path: Path, dtype: torch.dtype, device: torch.device,
                           hsdp: Any = None) -> TextEncoder:
-        raise NotImplementedError  # abstract
+        return _declared_object(self.text_encoder_class).from_pretrained(path, dtype, device, hsdp=hsdp)
 
     def load_transformer(self, path: Path, dtype: torch.dtype, device: torch.device, *, ep_group: Any = None,
                          hsdp: Any = None, pp_group: Any = None) -> nn.Module:

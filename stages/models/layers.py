@@ -211,3 +211,12 @@ class JointAttention(nn.Module):
         out = out.flatten(2, 3).to(img[0].dtype)
         n_txt = txt[0].shape[1]
         return out[:, :n_txt], out[:, n_txt:]
+
+
+def check_key_padding_mask(key_padding_mask: torch.Tensor | None, hidden_states: torch.Tensor) -> None:
+    """Raise unless ``key_padding_mask`` is None or bool (rows, image tokens) as ``hidden_states`` has them (the
+    ``key_padding_mask`` a transformer's forward takes for rows of mixed image sizes)."""
+    if key_padding_mask is not None and (key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape)
+                                         != tuple(hidden_states.shape[:2])):
+        raise ValueError(f"key_padding_mask {key_padding_mask.dtype} {tuple(key_padding_mask.shape)} must be "
+                         f"bool (rows, image tokens) = {tuple(hidden_states.shape[:2])}")

@@ -27,6 +27,12 @@ class FluxText:
     def __init__(self, stage: Any) -> None:
         self.stage = stage
 
+    @classmethod
+    def from_pretrained(cls, path: Path, dtype: torch.dtype, device: torch.device, hsdp: Any = None) -> FluxText:
+        from omni_runtime.stages.text_encoder import TextEncoderStage
+
+        return cls(TextEncoderStage.from_pretrained(path, dtype, device, hsdp=hsdp))
+
     def encode(self, prompts: list[str]) -> list[dict[str, torch.Tensor]]:
         enc = self.stage.encode(prompts)
         return [{"prompt_embeds": enc["prompt_embeds"][i], "pooled_prompt_embeds": enc["pooled_prompt_embeds"][i]}
@@ -49,6 +55,7 @@ class FluxFamily(ModelFamily):
     true_cfg = TRUE_CFG
     block_keys = {"transformer_blocks": ("num_layers", 19), "single_transformer_blocks": ("num_single_layers", 38)}
     tiny_presets = ("tiny", "small")
+    text_encoder_class = "omni_runtime.stages.models.flux.family:FluxText"
     transformer_class = "omni_runtime.stages.models.flux.transformer:FluxTransformer"
     tiny_maker = "omni_runtime.stages.models.flux.tiny:make_tiny_model"
     vae = AutoencoderKLKind()
@@ -59,11 +66,6 @@ class FluxFamily(ModelFamily):
         "true_cfg_scale": "true CFG (two branches per step) when > 1 and negative_prompt is given",
         "negative_prompt": "used only with true_cfg_scale > 1",
     }
-
-    def load_text_encoder(self, path: Path, dtype: torch.dtype, device: torch.device, hsdp: Any = None) -> Any:
-        from omni_runtime.stages.text_encoder import TextEncoderStage
-
-        return FluxText(TextEncoderStage.from_pretrained(path, dtype, device, hsdp=hsdp))
 
     def check_branch(self, branch: Mapping[str, torch.Tensor], config: Mapping[str, Any], prefix: str = "") -> None:
         super().check_branch(branch, config, prefix)

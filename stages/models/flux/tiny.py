@@ -28,14 +28,8 @@ from pathlib import Path
 
 import torch
 
+from omni_runtime.stages.models import tiny_common
 from omni_runtime.stages.models.byte_bpe import bytes_to_unicode
-from omni_runtime.stages.models.tiny_common import (
-    check_preset,
-    seeded,
-    t5_unigram_tokenizer,
-    update_model_index,
-    write_bpe_vocab_files,
-)
 
 logger = logging.getLogger(__name__)
 
@@ -179,7 +173,7 @@ def _make_moe_transformer(transformer_dir: Path, experts: int, top_k: int, seed:
     cfg.update(moe_num_experts=experts, moe_top_k=top_k, moe_hidden_dim=0, moe_shared_expert=True)
     config = FluxConfig.from_dict(cfg, transformer_dir / "config.json")
     dense = load_safetensors(transformer_dir)
-    with seeded(seed + 1):
+    with tiny_common.seeded(seed + 1):
         state = FluxTransformer(config).state_dict()
     dim = config.inner_dim
     for key, value in dense.items():
@@ -198,7 +192,7 @@ def make_tiny_model(path: str | Path, preset: str = "tiny", seed: int = 0, moe_e
     Weights are a function of ``(preset, seed, moe_experts, moe_top_k)`` only. ``preset`` is one of ``PRESETS``
     (``tiny``, ``small``). ``moe_experts > 0`` makes the MoE variant (see the module docstring).
     """
-    p = check_preset(PRESETS, preset)
+    p = tiny_common.check_preset(PRESETS, preset)
     if isinstance(moe_experts, bool) or not isinstance(moe_experts, int) or moe_experts < 0:
         raise ValueError(f"moe_experts={moe_experts!r}: must be an integer >= 0 (0: no MoE)")
     if moe_experts and (isinstance(moe_top_k, bool) or not isinstance(moe_top_k, int)
@@ -208,8 +202,8 @@ def make_tiny_model(path: str | Path, preset: str = "tiny", seed: int = 0, moe_e
 
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    (clip_tok, clip_vocab, clip_merges), t5_tok = _clip_tokenizer(), t5_unigram_tokenizer(T5_WORDS)
-    with seeded(seed):  # the caller's global RNG state is left as it was
+    (clip_tok, clip_vocab, clip_merges), t5_tok = _clip_tokenizer(), tiny_common.t5_unigram_tokenizer(T5_WORDS)
+    with tiny_common.seeded(seed):  # the caller's global RNG state is left as it was
         transformer = _transformer(p)
         vae = _vae(p)
         clip, t5 = _text_encoders(p, clip_tok, t5_tok)
@@ -220,8 +214,8 @@ def make_tiny_model(path: str | Path, preset: str = "tiny", seed: int = 0, moe_e
     pipe.save_pretrained(out, safe_serialization=True)
     # tokenizer_2 as FLUX.1 checkpoints name it rather than the class alias transformers 5 resolves it to, so the
     # directory also loads with transformers 4 (where the slow T5Tokenizer would need a sentencepiece file)
-    update_model_index(out / "model_index.json", tokenizer_2=["transformers", "T5TokenizerFast"])
-    write_bpe_vocab_files(out / "tokenizer", clip_vocab, clip_merges)
+    tiny_common.update_model_index(out / "model_index.json", tokenizer_2=["transformers", "T5TokenizerFast"])
+    tiny_common.write_bpe_vocab_files(out / "tokenizer", clip_vocab, clip_merges)
     if moe_experts:
         _make_moe_transformer(out / "transformer", moe_experts, moe_top_k, seed)
     logger.info("wrote %s model (seed %d) to %s", preset, seed, out)

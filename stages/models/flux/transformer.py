@@ -42,19 +42,22 @@ from omni_runtime.stages.models.layers import (
     JointAttention,
     MLPEmbedder,
     _modulate,
+    check_key_padding_mask,
     rope,
     timestep_embedding,
 )
 from omni_runtime.stages.models.token_sp_plan import token_sp_plan
-from omni_runtime.stages.models.transformer_config import config_from_dict
+from omni_runtime.stages.models.transformer_config import TransformerConfig
 from omni_runtime.stages.models.transformer_load import load_transformer
 
 CLASS_NAMES = ("FluxTransformer2DModel",)
 
 
 @dataclass(frozen=True)
-class FluxConfig:
+class FluxConfig(TransformerConfig):
     """The fields of a diffusers ``FluxTransformer2DModel`` config.json (defaults are FLUX.1's)."""
+
+    class_name = "FluxTransformer2DModel"
 
     patch_size: int = 1
     in_channels: int = 64
@@ -73,15 +76,6 @@ class FluxConfig:
     moe_top_k: int = 2
     moe_hidden_dim: int = 0  # 0: the dense MLP's width, 4 x inner_dim
     moe_shared_expert: bool = True
-
-    @classmethod
-    def from_dict(cls, config: dict[str, Any], source: str | Path = "config") -> FluxConfig:
-        """Build from a config dict; unknown keys are logged and ignored, like diffusers does."""
-        return config_from_dict(cls, config, source, "FluxTransformer2DModel")
-
-    @property
-    def inner_dim(self) -> int:
-        return self.num_attention_heads * self.attention_head_dim
 
     def validate(self, source: str | Path = "config") -> None:
         for name in ("patch_size", "in_channels", "num_attention_heads", "attention_head_dim",
@@ -283,7 +277,7 @@ class FluxTransformer(nn.Module):
         config.validate()
         self.config = config
         dim, heads, head_dim = config.inner_dim, config.num_attention_heads, config.attention_head_dim
-        self.out_channels = config.out_channels or config.in_channels
+        self.out_channels = config.output_channels
         self.pos_embed = FluxPosEmbed(config.axes_dims_rope)
         self.time_text_embed = TimeTextEmbed(dim, config.pooled_projection_dim, config.guidance_embeds)
         self.context_embedder = nn.Linear(config.joint_attention_dim, dim)
@@ -328,10 +322,7 @@ class FluxTransformer(nn.Module):
         if img_ids.ndim == 3 and img_ids.shape[0] != hidden_states.shape[0]:
             raise ValueError(f"img_ids {tuple(img_ids.shape)}: per-row ids need one row per hidden_states row "
                              f"({hidden_states.shape[0]}); or pass (image tokens, n_axes) shared by all rows")
-        if key_padding_mask is not None and (key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape)
-                                             != tuple(hidden_states.shape[:2])):
-            raise ValueError(f"key_padding_mask {key_padding_mask.dtype} {tuple(key_padding_mask.shape)} must be "
-                             f"bool (rows, image tokens) = {tuple(hidden_states.shape[:2])}")
+        check_key_padding_mask(key_padding_mask, hidden_states)
         if self.config.guidance_embeds and guidance is None:
             raise ValueError("guidance is required: this model was trained with guidance embeddings "
                              "(config guidance_embeds=true)")

@@ -87,6 +87,7 @@ class QwenImageFamily(ModelFamily):
     block_keys = {"transformer_blocks": ("num_layers", 60)}
     vae = AutoencoderKLQwenImageKind()
     tiny_presets = ("tiny", "small")
+    text_encoder_class = "omni_runtime.stages.models.qwen_image.text:QwenImageTextEncoder"
     transformer_class = "omni_runtime.stages.models.qwen_image.transformer:QwenImageTransformer"
     tiny_maker = "omni_runtime.stages.models.qwen_image.tiny:make_tiny_qwen_image"
     cache_refusals = {"teacache": "has no published TeaCache coefficients"}  # its transformer's CachePlan has none
@@ -103,11 +104,6 @@ class QwenImageFamily(ModelFamily):
         "negative_prompt": "used only with true_cfg_scale > 1 (diffusers suggests ' ' for none)",
         "guidance_scale": "ignored: Qwen-Image has no guidance embedding (as in diffusers)",
     }
-
-    def load_text_encoder(self, path: Path, dtype: torch.dtype, device: torch.device, hsdp: Any = None) -> Any:
-        from omni_runtime.stages.models.qwen_image.text import QwenImageTextEncoder
-
-        return QwenImageTextEncoder.from_pretrained(path, dtype, device, hsdp=hsdp)
 
     def row_args(self, branches: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor | None]:
         """Each row's text padded (with zeros) to the longest row's; the padding masked out of attention."""

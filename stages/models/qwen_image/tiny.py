@@ -24,14 +24,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from omni_runtime.stages.models import tiny_common
 from omni_runtime.stages.models.byte_bpe import bytes_to_unicode
-from omni_runtime.stages.models.tiny_common import (
-    check_preset,
-    random_latent_stats,
-    seeded,
-    update_model_index,
-    write_bpe_vocab_files,
-)
 
 logger = logging.getLogger(__name__)
 
@@ -178,7 +172,7 @@ def _transformer(p: Preset):
 def _vae(p: Preset):
     from diffusers import AutoencoderKLQwenImage
 
-    mean, std = random_latent_stats(LATENT_CHANNELS)
+    mean, std = tiny_common.random_latent_stats(LATENT_CHANNELS)
     return AutoencoderKLQwenImage(
         base_dim=p.vae_base_dim, z_dim=LATENT_CHANNELS, dim_mult=list(VAE_DIM_MULT), num_res_blocks=1,
         attn_scales=[], temperal_downsample=list(TEMPORAL_DOWNSAMPLE), dropout=0.0,
@@ -206,13 +200,13 @@ def make_tiny_qwen_image(path: str | Path, preset: str = "tiny", seed: int = 0,
     ``preset`` is one of ``PRESETS`` (``tiny``, ``small``); ``extra_words`` are more whole-word tokens (the edit
     pipelines' template, ``qwen_image/edit_tiny.py``).
     """
-    p = check_preset(PRESETS, preset, "qwen_image")
+    p = tiny_common.check_preset(PRESETS, preset, "qwen_image")
     from diffusers import QwenImagePipeline
 
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     tok, vocab, merges = _tokenizer(extra_words)
-    with seeded(seed):  # the caller's global RNG state is left as it was
+    with tiny_common.seeded(seed):  # the caller's global RNG state is left as it was
         transformer = _transformer(p)
         vae = _vae(p)
         text_encoder = _text_encoder(p, tok, vocab)
@@ -220,7 +214,7 @@ def make_tiny_qwen_image(path: str | Path, preset: str = "tiny", seed: int = 0,
                              transformer=transformer)
     pipe.save_pretrained(out, safe_serialization=True)
     # the tokenizer as Qwen-Image checkpoints name it, whatever alias the installed transformers saved
-    update_model_index(out / "model_index.json", tokenizer=["transformers", "Qwen2Tokenizer"])
-    write_bpe_vocab_files(out / "tokenizer", vocab, merges)
+    tiny_common.update_model_index(out / "model_index.json", tokenizer=["transformers", "Qwen2Tokenizer"])
+    tiny_common.write_bpe_vocab_files(out / "tokenizer", vocab, merges)
     logger.info("wrote qwen_image %s model (seed %d) to %s", preset, seed, out)
     return out

@@ -40,10 +40,11 @@ from omni_runtime.stages.models.layers import (
     MLPEmbedder,
     RMSNorm,
     _modulate,
+    check_key_padding_mask,
     rope,
 )
 from omni_runtime.stages.models.token_sp_plan import token_sp_plan
-from omni_runtime.stages.models.transformer_config import config_from_dict
+from omni_runtime.stages.models.transformer_config import TransformerConfig
 from omni_runtime.stages.models.transformer_load import load_transformer, refuse_expert_parallel
 
 CLASS_NAMES = ("QwenImageTransformer2DModel",)
@@ -59,8 +60,10 @@ _UNSERVED_FLAGS = {
 
 
 @dataclass(frozen=True)
-class QwenImageConfig:
+class QwenImageConfig(TransformerConfig):
     """The fields of a diffusers ``QwenImageTransformer2DModel`` config.json (defaults are Qwen-Image's)."""
+
+    class_name = "QwenImageTransformer2DModel"
 
     patch_size: int = 2
     in_channels: int = 64
@@ -74,20 +77,6 @@ class QwenImageConfig:
     zero_cond_t: bool = False
     use_additional_t_cond: bool = False
     use_layer3d_rope: bool = False
-
-    @classmethod
-    def from_dict(cls, config: dict[str, Any], source: str | Path = "config") -> QwenImageConfig:
-        """Build from a config dict; unknown keys are logged and ignored, like diffusers does."""
-        return config_from_dict(cls, config, source, "QwenImageTransformer2DModel")
-
-    @property
-    def inner_dim(self) -> int:
-        return self.num_attention_heads * self.attention_head_dim
-
-    @property
-    def output_channels(self) -> int:
-        """The channels of one latent pixel the model predicts (``out_channels``, else ``in_channels``)."""
-        return self.out_channels or self.in_channels
 
     def validate(self, source: str | Path = "config") -> None:
         for name, what in _UNSERVED_FLAGS.items():
@@ -309,10 +298,7 @@ class QwenImageTransformer(nn.Module):
                              "(config guidance_embeds=false)")
         img_ids = _check_ids("img_ids", img_ids, hidden_states.shape[1], rows)
         txt_ids = _check_ids("txt_ids", txt_ids, n_txt, rows)
-        if key_padding_mask is not None and (key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape)
-                                             != tuple(hidden_states.shape[:2])):
-            raise ValueError(f"key_padding_mask {key_padding_mask.dtype} {tuple(key_padding_mask.shape)} must be "
-                             f"bool (rows, image tokens) = {tuple(hidden_states.shape[:2])}")
+        check_key_padding_mask(key_padding_mask, hidden_states)
         text_mask = encoder_hidden_states_mask
         if text_mask is not None:
             if tuple(text_mask.shape) != (rows, n_txt):

@@ -104,6 +104,7 @@ class WanFamily(ModelFamily):
     scheduler_timesteps = True  # WanPipeline calls set_timesteps(steps) without sigmas
     cache_refusals = {"teacache": TEACACHE_REFUSAL}
     tiny_presets = ("tiny", "small", "tiny22")
+    text_encoder_class = "omni_runtime.stages.models.wan.text:WanTextEncoder"
     transformer_class = "omni_runtime.stages.models.wan.transformer:WanTransformer"
     tiny_maker = "omni_runtime.stages.models.wan.tiny:make_tiny_wan"
     unsupported = {
@@ -158,11 +159,6 @@ class WanFamily(ModelFamily):
 
     def check_branch(self, branch: Mapping[str, torch.Tensor], config: Mapping[str, Any], prefix: str = "") -> None:
         super().check_branch(branch, {"joint_attention_dim": config.get("text_dim")}, prefix)
-
-    def load_text_encoder(self, path: Path, dtype: torch.dtype, device: torch.device, hsdp: Any = None) -> Any:
-        from omni_runtime.stages.models.wan.text import WanTextEncoder
-
-        return WanTextEncoder.from_pretrained(path, dtype, device, hsdp=hsdp)
 
     def load_transformer(self, path: Path, dtype: torch.dtype, device: torch.device, *, ep_group: Any = None,
                          hsdp: Any = None, pp_group: Any = None) -> nn.Module:

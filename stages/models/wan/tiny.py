@@ -22,13 +22,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from omni_runtime.stages.models.tiny_common import (
-    check_preset,
-    random_latent_stats,
-    seeded,
-    t5_unigram_tokenizer,
-    update_model_index,
-)
+from omni_runtime.stages.models import tiny_common
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +84,7 @@ def _transformer(p: Preset):
 def _vae(p: Preset):
     from diffusers import AutoencoderKLWan
 
-    mean, std = random_latent_stats(LATENT_CHANNELS)
+    mean, std = tiny_common.random_latent_stats(LATENT_CHANNELS)
     return AutoencoderKLWan(base_dim=p.vae_base_dim, z_dim=LATENT_CHANNELS, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
                             temperal_downsample=list(TEMPORAL_DOWNSAMPLE),
                             latents_mean=mean, latents_std=std).eval()
@@ -105,13 +99,13 @@ def _scheduler():
 def make_tiny_wan(path: str | Path, preset: str = "tiny", seed: int = 0) -> Path:
     """Write a Wan 2.1 diffusers model directory at ``path`` and return it; weights are a function of
     ``(preset, seed)`` only (the caller's global RNG state is left as it was)."""
-    p = check_preset(PRESETS, preset, "wan")
+    p = tiny_common.check_preset(PRESETS, preset, "wan")
     from diffusers import WanPipeline
 
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    tok = t5_unigram_tokenizer(T5_WORDS)
-    with seeded(seed):
+    tok = tiny_common.t5_unigram_tokenizer(T5_WORDS)
+    with tiny_common.seeded(seed):
         transformer = _transformer(p)
         # diffusers initialises the modulation tables with randn; the output head's weights are random too
         vae = _vae(p)
@@ -120,6 +114,6 @@ def make_tiny_wan(path: str | Path, preset: str = "tiny", seed: int = 0) -> Path
     pipe = WanPipeline(tokenizer=tok, text_encoder=text_encoder, vae=vae, scheduler=_scheduler(),
                        transformer=transformer, transformer_2=transformer_2, boundary_ratio=p.boundary_ratio)
     pipe.save_pretrained(out, safe_serialization=True)
-    update_model_index(out / "model_index.json", tokenizer=["transformers", "T5TokenizerFast"])
+    tiny_common.update_model_index(out / "model_index.json", tokenizer=["transformers", "T5TokenizerFast"])
     logger.info("wrote wan %s model (seed %d) to %s", preset, seed, out)
     return out

@@ -38,7 +38,7 @@ from omni_runtime.stages.cpu_linear import linear_gelu_tanh
 from omni_runtime.stages.errors import CheckpointError
 from omni_runtime.stages.models.layers import FeedForward, MLPEmbedder, apply_rope, rope, timestep_embedding
 from omni_runtime.stages.models.token_sp_plan import token_sp_plan
-from omni_runtime.stages.models.transformer_config import config_from_dict
+from omni_runtime.stages.models.transformer_config import TransformerConfig
 from omni_runtime.stages.models.transformer_load import load_transformer, refuse_expert_parallel
 
 CLASS_NAMES = ("WanTransformer3DModel",)
@@ -49,8 +49,10 @@ FP32_PARTS = ("time_embedder", "scale_shift_table", "norm1", "norm2", "norm3")
 
 
 @dataclass(frozen=True)
-class WanConfig:
+class WanConfig(TransformerConfig):
     """The fields of a diffusers ``WanTransformer3DModel`` config.json (defaults are diffusers')."""
+
+    class_name = "WanTransformer3DModel"
 
     patch_size: tuple[int, ...] = PATCH
     num_attention_heads: int = 40
@@ -74,15 +76,7 @@ class WanConfig:
         values = dict(config)
         if isinstance(values.get("patch_size"), list):
             values["patch_size"] = tuple(values["patch_size"])
-        return config_from_dict(cls, values, source, "WanTransformer3DModel")
-
-    @property
-    def inner_dim(self) -> int:
-        return self.num_attention_heads * self.attention_head_dim
-
-    @property
-    def output_channels(self) -> int:
-        return self.out_channels or self.in_channels
+        return super().from_dict(values, source)
 
     def axes(self) -> tuple[int, int, int]:
         """(frame, row, column) rotary dims, as ``WanRotaryPosEmbed`` splits the head dim."""
