@@ -9,10 +9,21 @@ import json
 import string
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+
+@dataclass(frozen=True)
+class TransformerSizes:
+    """What every family's tiny ``Preset`` gives its transformer (under the config keys of the same names); the
+    family's ``Preset`` subclass adds the rest of its sizes."""
+
+    num_layers: int
+    num_attention_heads: int
+    attention_head_dim: int
 
 
 def check_preset(presets: Mapping[str, Any], preset: str, family: str = "") -> Any:

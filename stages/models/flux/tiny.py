@@ -35,14 +35,11 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class Preset:
+class Preset(tiny_common.TransformerSizes):
     """Sizes of every component; ``tiny`` is for tests, ``small`` makes compute dominate for benchmarks."""
 
-    # transformer
-    num_layers: int
+    # transformer (and the block counts and heads of ``TransformerSizes``)
     num_single_layers: int
-    num_attention_heads: int
-    attention_head_dim: int
     axes_dims_rope: tuple[int, int, int]
     guidance_embeds: bool
     # vae

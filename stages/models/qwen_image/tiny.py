@@ -31,13 +31,10 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class Preset:
+class Preset(tiny_common.TransformerSizes):
     """Sizes of every component; ``tiny`` is for tests, ``small`` makes compute dominate for benchmarks."""
 
-    # transformer
-    num_layers: int
-    num_attention_heads: int
-    attention_head_dim: int
+    # transformer (and the block count and heads of ``TransformerSizes``)
     axes_dims_rope: tuple[int, int, int]
     # text encoder (the language model of Qwen2.5-VL; its hidden size is the transformer's joint_attention_dim)
     text_hidden: int

@@ -28,10 +28,7 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class Preset:
-    num_layers: int
-    num_attention_heads: int
-    attention_head_dim: int
+class Preset(tiny_common.TransformerSizes):
     ffn_dim: int
     text_dim: int  # UMT5's d_model
     text_layers: int
