@@ -140,8 +140,9 @@ class VaeKind:
 
 
 class ModelFamily:
-    """The declarations of one family (see the module docstring). Subclasses set the class attributes and
-    implement the loaders; the defaults suit a dual-stream DiT whose text tokens precede the image tokens."""
+    """The declarations of one family (see the module docstring). Subclasses set the class attributes (the
+    loaders' and the tiny maker's classes and functions as ``"module:name"``); the defaults suit a dual-stream DiT
+    whose text tokens precede the image tokens."""
 
     name: str = ""
     pipeline_classes: tuple[str, ...] = ()
@@ -155,6 +156,13 @@ class ModelFamily:
     block_keys: Mapping[str, tuple[str, int]] = {}
     #: the embedded tiny models' presets (``make_tiny``)
     tiny_presets: tuple[str, ...] = ()
+    #: the text encoder class as ``"module:Class"``: :meth:`load_text_encoder` calls its ``from_pretrained``
+    text_encoder_class: str = ""
+    #: the transformer class as ``"module:Class"``: :meth:`load_transformer` calls its ``from_pretrained``
+    transformer_class: str = ""
+    #: the tiny model maker as ``"module:function"``, ``function(path, preset=, seed=)``, of a module whose
+    #: ``PRESETS`` name each preset's sizes (the block counts under the config keys of :attr:`block_keys`)
+    tiny_maker: str = ""
     vae: VaeKind
     #: parallel modes this family cannot run, each with the reason (``check`` and the config checks print it)
     unsupported: Mapping[str, str] = {}
@@ -185,11 +193,12 @@ class ModelFamily:
 
     def load_text_encoder(self, path: Path, dtype: torch.dtype, device: torch.device,
                           hsdp: Any = None) -> TextEncoder:
-        raise NotImplementedError  # abstract
+        return _declared_object(self.text_encoder_class).from_pretrained(path, dtype, device, hsdp=hsdp)
 
     def load_transformer(self, path: Path, dtype: torch.dtype, device: torch.device, *, ep_group: Any = None,
                          hsdp: Any = None, pp_group: Any = None) -> nn.Module:
-        raise NotImplementedError  # abstract
+        return _declared_object(self.transformer_class).from_pretrained(
+            path, dtype=dtype, device=device, ep_group=ep_group, hsdp=hsdp, pp_group=pp_group)
 
     # --- the denoiser's rows -----------------------------------------------------------------------------------
 
@@ -279,11 +288,13 @@ class ModelFamily:
 
     def make_tiny(self, path: Path, preset: str, seed: int = 0) -> Path:
         """Write the embedded model of ``preset`` (random weights, no download) at ``path``."""
-        raise NotImplementedError  # abstract
+        return _declared_object(self.tiny_maker)(path, preset=preset, seed=seed)
 
     def tiny_transformer_config(self, preset: str) -> dict[str, Any]:
-        """The transformer config.json of ``preset`` before it is written (``check`` of a model still to make)."""
-        raise NotImplementedError  # abstract
+        """The transformer config.json of ``preset`` before it is written (``check`` of a model still to make): its
+        block counts."""
+        sizes = _declared_object(self.tiny_maker.partition(":")[0] + ":PRESETS")[preset]
+        return {key: getattr(sizes, key) for key, _ in self.block_keys.values()}
 
     def describe(self) -> list[str]:
         """What ``check`` prints about the family."""
@@ -299,6 +310,14 @@ class ModelFamily:
             lines.append("  request defaults (the pipeline's own): "
                          + ", ".join(f"{k} = {v}" for k, v in self.request_defaults.items()))
         return lines
+
+
+def _declared_object(spec: str) -> Any:
+    """The object a family declares as ``"module:name"`` (imported when first used)."""
+    module, _, name = spec.partition(":")
+    if not module or not name:
+        raise NotImplementedError(f"{spec!r}: not declared as 'module:name'")  # abstract: the family declares none
+    return getattr(importlib.import_module(module), name)
 
 
 #: the key of the encoded input image among a request's tensors (the VAE's encode adds it; ``condition`` reads it);

@@ -1,5 +1,5 @@
-"""Building blocks the DiT families share (Flux, Qwen-Image): rotary embeddings, embedders, feed-forward, the
-output norm and the joint (text + image) attention.
+"""Building blocks the DiT families share (Flux, Qwen-Image, Wan): rotary embeddings, the timestep's sinusoidal
+embedding, embedders, feed-forward, the output norm and the joint (text + image) attention.
 
 Parameter names follow diffusers (``linear_1``, ``net.0.proj``, ``to_q``, ``add_q_proj``, ...) so each family's
 checkpoint loads as it is. Attention goes through ``parallel.attention.Attention``: local until a strategy binds a
@@ -9,6 +9,7 @@ mesh into it; no module here reads global state or does rank arithmetic.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 
 import torch
@@ -21,6 +22,7 @@ from omni_runtime.stages.cpu_linear import linear_gelu_tanh
 logger = logging.getLogger(__name__)
 
 ROPE_THETA = 10000
+TIME_CHANNELS = 256  # the sinusoidal timestep embedding's width (diffusers' ``Timesteps(256, ...)``)
 
 # ----------------------------------------------------------------------------------------------------------------
 # rotary position embedding
@@ -63,6 +65,15 @@ def apply_rope(x: torch.Tensor, freqs: tuple[torch.Tensor, torch.Tensor]) -> tor
 
 # ----------------------------------------------------------------------------------------------------------------
 # embedders, norms, feed-forward
+
+
+def timestep_embedding(t: torch.Tensor, channels: int = TIME_CHANNELS, max_period: int = 10000) -> torch.Tensor:
+    """Sinusoidal embedding (cos first, then sin), float32, of a 1-D tensor of (fractional) timesteps on the scale
+    the model takes them (diffusers' ``Timesteps(channels, flip_sin_to_cos=True, downscale_freq_shift=0)``)."""
+    half = channels // 2
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
+    angles = t[:, None].float() * torch.exp(exponent)[None, :]
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
 
 
 class MLPEmbedder(nn.Module):
@@ -125,11 +136,13 @@ class _GeluProj(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """GELU(tanh) MLP; ``net.0.proj`` and ``net.2`` as in the checkpoint (``net.1`` is a parameterless slot)."""
+    """GELU(tanh) MLP of width ``hidden`` (default ``mult * dim``); ``net.0.proj`` and ``net.2`` as in the
+    checkpoint (``net.1`` is a parameterless slot)."""
 
-    def __init__(self, dim: int, mult: int = 4):
+    def __init__(self, dim: int, mult: int = 4, *, hidden: int | None = None):
         super().__init__()
-        self.net = nn.ModuleList([_GeluProj(dim, dim * mult), nn.Identity(), nn.Linear(dim * mult, dim)])
+        hidden = dim * mult if hidden is None else hidden
+        self.net = nn.ModuleList([_GeluProj(dim, hidden), nn.Identity(), nn.Linear(hidden, dim)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.net:
@@ -198,3 +211,12 @@ class JointAttention(nn.Module):
         out = out.flatten(2, 3).to(img[0].dtype)
         n_txt = txt[0].shape[1]
         return out[:, :n_txt], out[:, n_txt:]
+
+
+def check_key_padding_mask(key_padding_mask: torch.Tensor | None, hidden_states: torch.Tensor) -> None:
+    """Raise unless ``key_padding_mask`` is None or bool (rows, image tokens) as ``hidden_states`` has them (the
+    ``key_padding_mask`` a transformer's forward takes for rows of mixed image sizes)."""
+    if key_padding_mask is not None and (key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape)
+                                         != tuple(hidden_states.shape[:2])):
+        raise ValueError(f"key_padding_mask {key_padding_mask.dtype} {tuple(key_padding_mask.shape)} must be "
+                         f"bool (rows, image tokens) = {tuple(hidden_states.shape[:2])}")

@@ -1,11 +1,12 @@
-"""Reading a diffusers transformer ``config.json`` into a family's config dataclass, the same way for every family."""
+"""Reading a diffusers transformer ``config.json`` into a family's config dataclass, the same way for every family
+(:func:`config_from_dict`, :class:`TransformerConfig`)."""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from omni_runtime.stages.errors import CheckpointError
 
@@ -31,3 +32,29 @@ def config_from_dict(cls: type[C], config: dict[str, Any], source: str | Path, c
     cfg = cls(**values)
     cfg.validate(source)  # type: ignore[attr-defined]
     return cfg
+
+
+class TransformerConfig:
+    """What every family's config dataclass shares (a subclass declares its fields, ``class_name`` and
+    ``validate``): :meth:`from_dict` and the dims derived from the diffusers keys all families have."""
+
+    #: the diffusers class the config.json is of (its ``_class_name``)
+    class_name: ClassVar[str]
+    num_attention_heads: int
+    attention_head_dim: int
+    in_channels: int
+    out_channels: int | None
+
+    @classmethod
+    def from_dict(cls: type[C], config: dict[str, Any], source: str | Path = "config") -> C:
+        """Build from a config dict; unknown keys are logged and ignored, like diffusers does."""
+        return config_from_dict(cls, config, source, cls.class_name)  # type: ignore[attr-defined]
+
+    @property
+    def inner_dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def output_channels(self) -> int:
+        """The channels of one latent pixel the model predicts (``out_channels``, else ``in_channels``)."""
+        return self.out_channels or self.in_channels

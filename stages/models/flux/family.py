@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from omni_runtime.stages.errors import RequestError
 from omni_runtime.stages.guidance import TRUE_CFG
@@ -27,6 +26,12 @@ class FluxText:
 
     def __init__(self, stage: Any) -> None:
         self.stage = stage
+
+    @classmethod
+    def from_pretrained(cls, path: Path, dtype: torch.dtype, device: torch.device, hsdp: Any = None) -> FluxText:
+        from omni_runtime.stages.text_encoder import TextEncoderStage
+
+        return cls(TextEncoderStage.from_pretrained(path, dtype, device, hsdp=hsdp))
 
     def encode(self, prompts: list[str]) -> list[dict[str, torch.Tensor]]:
         enc = self.stage.encode(prompts)
@@ -50,6 +55,9 @@ class FluxFamily(ModelFamily):
     true_cfg = TRUE_CFG
     block_keys = {"transformer_blocks": ("num_layers", 19), "single_transformer_blocks": ("num_single_layers", 38)}
     tiny_presets = ("tiny", "small")
+    text_encoder_class = "omni_runtime.stages.models.flux.family:FluxText"
+    transformer_class = "omni_runtime.stages.models.flux.transformer:FluxTransformer"
+    tiny_maker = "omni_runtime.stages.models.flux.tiny:make_tiny_model"
     vae = AutoencoderKLKind()
     mixed_sizes = True
     fields = {
@@ -58,29 +66,6 @@ class FluxFamily(ModelFamily):
         "true_cfg_scale": "true CFG (two branches per step) when > 1 and negative_prompt is given",
         "negative_prompt": "used only with true_cfg_scale > 1",
     }
-
-    def load_text_encoder(self, path: Path, dtype: torch.dtype, device: torch.device, hsdp: Any = None) -> Any:
-        from omni_runtime.stages.text_encoder import TextEncoderStage
-
-        return FluxText(TextEncoderStage.from_pretrained(path, dtype, device, hsdp=hsdp))
-
-    def load_transformer(self, path: Path, dtype: torch.dtype, device: torch.device, *, ep_group: Any = None,
-                         hsdp: Any = None, pp_group: Any = None) -> nn.Module:
-        from omni_runtime.stages.models.flux.transformer import FluxTransformer
-
-        return FluxTransformer.from_pretrained(path, dtype=dtype, device=device, ep_group=ep_group, hsdp=hsdp,
-                                               pp_group=pp_group)
-
-    def make_tiny(self, path: Path, preset: str, seed: int = 0) -> Path:
-        from omni_runtime.stages.models.flux.tiny import make_tiny_model
-
-        return make_tiny_model(path, preset=preset, seed=seed)
-
-    def tiny_transformer_config(self, preset: str) -> dict[str, Any]:
-        from omni_runtime.stages.models.flux.tiny import PRESETS
-
-        p = PRESETS[preset]
-        return {"num_layers": p.num_layers, "num_single_layers": p.num_single_layers}
 
     def check_branch(self, branch: Mapping[str, torch.Tensor], config: Mapping[str, Any], prefix: str = "") -> None:
         super().check_branch(branch, config, prefix)

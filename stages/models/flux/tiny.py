@@ -23,26 +23,23 @@ from __future__ import annotations
 
 import json
 import logging
-import string
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from omni_runtime.stages.models import tiny_common
 from omni_runtime.stages.models.byte_bpe import bytes_to_unicode
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class Preset:
+class Preset(tiny_common.TransformerSizes):
     """Sizes of every component; ``tiny`` is for tests, ``small`` makes compute dominate for benchmarks."""
 
-    # transformer
-    num_layers: int
+    # transformer (and the block counts and heads of ``TransformerSizes``)
     num_single_layers: int
-    num_attention_heads: int
-    attention_head_dim: int
     axes_dims_rope: tuple[int, int, int]
     guidance_embeds: bool
     # vae
@@ -77,6 +74,7 @@ PRESETS: dict[str, Preset] = {
 }
 
 CLIP_MAX_LENGTH = 77
+T5_WORDS = ("a", "the", "of", "and", "cat", "dog", "photo", "in", "on", "with")  # word starts of the T5 vocabulary
 # FLUX.1 VAE latent statistics.
 VAE_SCALING_FACTOR = 0.3611
 VAE_SHIFT_FACTOR = 0.1159
@@ -103,30 +101,6 @@ def _clip_tokenizer():
         vocab[special] = len(vocab)
     tok = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=CLIP_MAX_LENGTH)
     return tok, vocab, merges
-
-
-def _write_clip_vocab_files(tokenizer_dir: Path, vocab: dict[str, int], merges: list[tuple[str, str]]) -> None:
-    """Also write ``vocab.json`` + ``merges.txt`` (what real CLIP checkpoints ship), so tokenizer classes that do
-    not read ``tokenizer.json`` (transformers 4's slow ``CLIPTokenizer``) load the same tokenizer."""
-    (tokenizer_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    (tokenizer_dir / "merges.txt").write_text(
-        "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
-
-
-def _t5_tokenizer():
-    """A Unigram T5 tokenizer: ``<pad>``=0, ``</s>``=1, ``<unk>``=2, then single characters and word starts."""
-    from transformers import T5TokenizerFast
-
-    pieces: list[tuple[str, float]] = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
-    alphabet = string.ascii_letters + string.digits + string.punctuation
-    for ch in alphabet:
-        pieces.append(("▁" + ch, -4.0))
-    for ch in alphabet:
-        pieces.append((ch, -5.0))
-    for word in ("a", "the", "of", "and", "cat", "dog", "photo", "in", "on", "with"):
-        if ("▁" + word, -4.0) not in pieces:
-            pieces.append(("▁" + word, -3.0))
-    return T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=512)
 
 
 def _text_encoders(p: Preset, clip_tok, t5_tok):
@@ -184,15 +158,6 @@ def _scheduler():
     )
 
 
-def _name_fast_t5_tokenizer(model_index: Path) -> None:
-    """Record ``tokenizer_2`` as ``T5TokenizerFast`` (what FLUX.1 checkpoints name) rather than the class alias
-    transformers 5 resolves it to, so the directory also loads with transformers 4 (where the slow
-    ``T5Tokenizer`` would need a sentencepiece file)."""
-    index = json.loads(model_index.read_text())
-    index["tokenizer_2"] = ["transformers", "T5TokenizerFast"]
-    model_index.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-
-
 def _make_moe_transformer(transformer_dir: Path, experts: int, top_k: int, seed: int) -> None:
     """Rewrite ``transformer_dir`` in place as the MoE variant: every weight the dense model shares with it is
     kept (single-stream ``proj_out`` keeps its attention columns), the MoE FFNs get seeded random weights."""
@@ -205,8 +170,7 @@ def _make_moe_transformer(transformer_dir: Path, experts: int, top_k: int, seed:
     cfg.update(moe_num_experts=experts, moe_top_k=top_k, moe_hidden_dim=0, moe_shared_expert=True)
     config = FluxConfig.from_dict(cfg, transformer_dir / "config.json")
     dense = load_safetensors(transformer_dir)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed + 1)
+    with tiny_common.seeded(seed + 1):
         state = FluxTransformer(config).state_dict()
     dim = config.inner_dim
     for key, value in dense.items():
@@ -225,8 +189,7 @@ def make_tiny_model(path: str | Path, preset: str = "tiny", seed: int = 0, moe_e
     Weights are a function of ``(preset, seed, moe_experts, moe_top_k)`` only. ``preset`` is one of ``PRESETS``
     (``tiny``, ``small``). ``moe_experts > 0`` makes the MoE variant (see the module docstring).
     """
-    if preset not in PRESETS:
-        raise ValueError(f"preset={preset!r} is not known; allowed: {sorted(PRESETS)}")
+    p = tiny_common.check_preset(PRESETS, preset)
     if isinstance(moe_experts, bool) or not isinstance(moe_experts, int) or moe_experts < 0:
         raise ValueError(f"moe_experts={moe_experts!r}: must be an integer >= 0 (0: no MoE)")
     if moe_experts and (isinstance(moe_top_k, bool) or not isinstance(moe_top_k, int)
@@ -234,12 +197,10 @@ def make_tiny_model(path: str | Path, preset: str = "tiny", seed: int = 0, moe_e
         raise ValueError(f"moe_top_k={moe_top_k!r}: must be an integer from 1 to moe_experts={moe_experts}")
     from diffusers import FluxPipeline
 
-    p = PRESETS[preset]
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    (clip_tok, clip_vocab, clip_merges), t5_tok = _clip_tokenizer(), _t5_tokenizer()
-    with torch.random.fork_rng(devices=[]):  # the caller's global RNG state is left as it was
-        torch.manual_seed(seed)
+    (clip_tok, clip_vocab, clip_merges), t5_tok = _clip_tokenizer(), tiny_common.t5_unigram_tokenizer(T5_WORDS)
+    with tiny_common.seeded(seed):  # the caller's global RNG state is left as it was
         transformer = _transformer(p)
         vae = _vae(p)
         clip, t5 = _text_encoders(p, clip_tok, t5_tok)
@@ -248,8 +209,10 @@ def make_tiny_model(path: str | Path, preset: str = "tiny", seed: int = 0, moe_e
         tokenizer_2=t5_tok, transformer=transformer,
     )
     pipe.save_pretrained(out, safe_serialization=True)
-    _name_fast_t5_tokenizer(out / "model_index.json")
-    _write_clip_vocab_files(out / "tokenizer", clip_vocab, clip_merges)
+    # tokenizer_2 as FLUX.1 checkpoints name it rather than the class alias transformers 5 resolves it to, so the
+    # directory also loads with transformers 4 (where the slow T5Tokenizer would need a sentencepiece file)
+    tiny_common.update_model_index(out / "model_index.json", tokenizer_2=["transformers", "T5TokenizerFast"])
+    tiny_common.write_bpe_vocab_files(out / "tokenizer", clip_vocab, clip_merges)
     if moe_experts:
         _make_moe_transformer(out / "transformer", moe_experts, moe_top_k, seed)
     logger.info("wrote %s model (seed %d) to %s", preset, seed, out)

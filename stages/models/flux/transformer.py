@@ -17,8 +17,7 @@ then). The model reads no global parallel state.
 
 from __future__ import annotations
 
-import logging
-import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,45 +28,36 @@ from torch import nn
 
 from omni_runtime.parallel.hsdp import HSDPInferenceConfig, ShardCondition, block_list_condition
 from omni_runtime.parallel.moe import MoEFeedForward, is_local_expert_key
-from omni_runtime.parallel.sp_plan import (
-    SequenceParallelInput,
-    SequenceParallelModelPlan,
-    SequenceParallelOutput,
-)
-from omni_runtime.parallel.strategies.pipeline_parallel import PipelinePlan, is_missing, partition_model
+from omni_runtime.parallel.sp_plan import SequenceParallelModelPlan
+from omni_runtime.parallel.strategies.pipeline_parallel import PipelinePlan, is_missing
 from omni_runtime.parallel.utils import cat_views
 from omni_runtime.stages.block_cache import CachePlan, run_blocks
 from omni_runtime.stages.cpu_linear import linear_gelu_tanh
-from omni_runtime.stages.device import resolve_device, resolve_dtype
 from omni_runtime.stages.errors import CheckpointError
 from omni_runtime.stages.models.layers import (
     ROPE_THETA,
+    TIME_CHANNELS,
     AdaNormOut,
     FeedForward,
     JointAttention,
     MLPEmbedder,
     _modulate,
+    check_key_padding_mask,
     rope,
+    timestep_embedding,
 )
-from omni_runtime.stages.models.transformer_config import config_from_dict
-from omni_runtime.stages.weights import (
-    DIFFUSERS_WEIGHTS,
-    MODEL_INDEX,
-    component_dir,
-    load_into,
-    load_safetensors,
-    read_config,
-)
-
-logger = logging.getLogger(__name__)
+from omni_runtime.stages.models.token_sp_plan import token_sp_plan
+from omni_runtime.stages.models.transformer_config import TransformerConfig
+from omni_runtime.stages.models.transformer_load import load_transformer
 
 CLASS_NAMES = ("FluxTransformer2DModel",)
-TIME_CHANNELS = 256
 
 
 @dataclass(frozen=True)
-class FluxConfig:
+class FluxConfig(TransformerConfig):
     """The fields of a diffusers ``FluxTransformer2DModel`` config.json (defaults are FLUX.1's)."""
+
+    class_name = "FluxTransformer2DModel"
 
     patch_size: int = 1
     in_channels: int = 64
@@ -86,15 +76,6 @@ class FluxConfig:
     moe_top_k: int = 2
     moe_hidden_dim: int = 0  # 0: the dense MLP's width, 4 x inner_dim
     moe_shared_expert: bool = True
-
-    @classmethod
-    def from_dict(cls, config: dict[str, Any], source: str | Path = "config") -> FluxConfig:
-        """Build from a config dict; unknown keys are logged and ignored, like diffusers does."""
-        return config_from_dict(cls, config, source, "FluxTransformer2DModel")
-
-    @property
-    def inner_dim(self) -> int:
-        return self.num_attention_heads * self.attention_head_dim
 
     def validate(self, source: str | Path = "config") -> None:
         for name in ("patch_size", "in_channels", "num_attention_heads", "attention_head_dim",
@@ -146,14 +127,6 @@ class FluxPosEmbed(nn.Module):
 
 # ----------------------------------------------------------------------------------------------------------------
 # conditioning: timestep / guidance / pooled text
-
-
-def timestep_embedding(t: torch.Tensor, channels: int = TIME_CHANNELS, max_period: int = 10000) -> torch.Tensor:
-    """Sinusoidal embedding (cos first, then sin) of a 1-D tensor of (fractional) timesteps."""
-    half = channels // 2
-    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
-    angles = t[:, None].float() * torch.exp(exponent)[None, :]
-    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
 
 
 class TimeTextEmbed(nn.Module):
@@ -274,17 +247,9 @@ class FluxSingleTransformerBlock(nn.Module):
 class FluxTransformer(nn.Module):
     """FLUX.1 denoiser. ``forward`` takes packed latents (batch, image tokens, in_channels) like diffusers'."""
 
-    # Sequence parallelism: each rank takes a slice of the image tokens and of their position ids (so its image
-    # rotary embeddings are computed for its own tokens); slices may be uneven (e.g. 117 tokens over 2 ranks).
-    # Text tokens stay whole on every rank and enter attention as joint tokens in front. The flow prediction is
-    # gathered back to the full image sequence after ``proj_out``.
-    _sp_plan: SequenceParallelModelPlan = {
-        "": {
-            "hidden_states": SequenceParallelInput(split_dim=1, expected_dims=3),
-            "img_ids": SequenceParallelInput(split_dim=0, expected_dims=2),
-        },
-        "proj_out": SequenceParallelOutput(gather_dim=1, expected_dims=3),
-    }
+    # Sequence parallelism: a slice of the image tokens per rank (``token_sp_plan``); the text tokens enter
+    # attention as joint tokens in front.
+    _sp_plan: SequenceParallelModelPlan = token_sp_plan()
     # HSDP: every double- and single-stream block is one FSDP unit (its weights are all-gathered just before it
     # runs and freed after); the embedders and the output head stay in the root unit.
     _hsdp_shard_conditions: list[ShardCondition] = [
@@ -301,6 +266,10 @@ class FluxTransformer(nn.Module):
     _cache_plan = CachePlan(blocks=("transformer_blocks", "single_transformer_blocks"),
                             teacache=(4.98651651e+02, -2.83781631e+02, 5.58554382e+01, -3.82021401e+00,
                                       2.64230861e-01))
+    # what ``stages.models.transformer_load`` reads
+    config_class = FluxConfig
+    class_names = CLASS_NAMES
+    keep_fp32: tuple[str, ...] = ()
 
     def __init__(self, config: FluxConfig, ep_group: Any = None):
         """``ep_group``: the expert-parallel ``GroupCoordinator`` of an MoE model (``None``: all experts here)."""
@@ -308,7 +277,7 @@ class FluxTransformer(nn.Module):
         config.validate()
         self.config = config
         dim, heads, head_dim = config.inner_dim, config.num_attention_heads, config.attention_head_dim
-        self.out_channels = config.out_channels or config.in_channels
+        self.out_channels = config.output_channels
         self.pos_embed = FluxPosEmbed(config.axes_dims_rope)
         self.time_text_embed = TimeTextEmbed(dim, config.pooled_projection_dim, config.guidance_embeds)
         self.context_embedder = nn.Linear(config.joint_attention_dim, dim)
@@ -353,10 +322,7 @@ class FluxTransformer(nn.Module):
         if img_ids.ndim == 3 and img_ids.shape[0] != hidden_states.shape[0]:
             raise ValueError(f"img_ids {tuple(img_ids.shape)}: per-row ids need one row per hidden_states row "
                              f"({hidden_states.shape[0]}); or pass (image tokens, n_axes) shared by all rows")
-        if key_padding_mask is not None and (key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape)
-                                             != tuple(hidden_states.shape[:2])):
-            raise ValueError(f"key_padding_mask {key_padding_mask.dtype} {tuple(key_padding_mask.shape)} must be "
-                             f"bool (rows, image tokens) = {tuple(hidden_states.shape[:2])}")
+        check_key_padding_mask(key_padding_mask, hidden_states)
         if self.config.guidance_embeds and guidance is None:
             raise ValueError("guidance is required: this model was trained with guidance embeddings "
                              "(config guidance_embeds=true)")
@@ -400,40 +366,12 @@ class FluxTransformer(nn.Module):
         pp group) this rank builds and reads only its pipeline stage: its blocks (``get_pp_indices`` over the
         double- then single-stream blocks), plus the embedders on the first and the head on the last.
         """
-        path = Path(path)
-        if (path / MODEL_INDEX).is_file():
-            path = component_dir(path, "transformer")
-        if not path.is_dir():
-            raise CheckpointError(f"{path}: transformer directory not found")
-        config = FluxConfig.from_dict(read_config(path, allowed_classes=CLASS_NAMES), path / "config.json")
-        torch_dtype, device = resolve_dtype(dtype), resolve_device(device)
-        if hsdp is not None and hsdp.enabled:
-            if pp_group is not None and pp_group.world_size > 1:
-                raise ValueError("HSDP sharding and pipeline parallelism together are not supported")
-            from omni_runtime.stages.sharded_load import build_sharded_model
-
-            model = build_sharded_model(lambda: cls(config, ep_group=ep_group), path, DIFFUSERS_WEIGHTS, hsdp, device=device,
-                                        dtype=torch_dtype)
-            logger.info("loaded FluxTransformer from %s sharded over %d ranks (%s, %s)", path,
-                        hsdp.hsdp_shard_size, torch_dtype, device)
-            return model
-        with torch.device("meta"):
-            model = cls(config, ep_group=ep_group)
-        skip = None
-        ep_size = getattr(ep_group, "world_size", 1)
-        if config.moe_num_experts and ep_size > 1:
+        def expert_skip(config: FluxConfig) -> Callable[[str], bool] | None:
+            ep_size = getattr(ep_group, "world_size", 1)
+            if not config.moe_num_experts or ep_size <= 1:
+                return None
             ep_rank = ep_group.rank_in_group
+            return lambda key: not is_local_expert_key(key, config.moe_num_experts, ep_size, ep_rank)
 
-            def skip(key: str) -> bool:
-                return not is_local_expert_key(key, config.moe_num_experts, ep_size, ep_rank)
-        if pp_group is not None and pp_group.world_size > 1:
-            partition_model(model, pp_group.rank_in_group, pp_group.world_size)
-            wanted, other_skip = set(model.state_dict()), skip
-
-            def skip(key: str) -> bool:  # another stage's tensor (or another rank's expert)
-                return key not in wanted or (other_skip is not None and other_skip(key))
-        state = load_safetensors(path, DIFFUSERS_WEIGHTS, device=device, dtype=torch_dtype, skip=skip)
-        load_into(model, state, path)
-        logger.info("loaded FluxTransformer from %s (%d tensors, %s, %s)", path, len(state), torch_dtype, device)
-        return model.eval().requires_grad_(False)
-
+        return load_transformer(cls, path, dtype=dtype, device=device, hsdp=hsdp, pp_group=pp_group,
+                                build=lambda config: cls(config, ep_group=ep_group), skip_for=expert_skip)

@@ -24,10 +24,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 from omni_runtime.stages.models.qwen_image.edit_text import SYSTEM_PREFIX
-from omni_runtime.stages.models.qwen_image.tiny import _tokenizer, _write_vocab_files, make_tiny_qwen_image
+from omni_runtime.stages.models.qwen_image.tiny import _tokenizer, make_tiny_qwen_image
+from omni_runtime.stages.models.tiny_common import update_model_index, write_bpe_vocab_files
 from omni_runtime.stages.weights import DIFFUSERS_WEIGHTS, MODEL_INDEX
 
 ENCODER_GAIN = 16.0
@@ -84,16 +84,12 @@ def make_tiny_qwen_image_edit(path: str | Path, pipeline: str, preset: str = "ti
     Qwen2VLImageProcessor(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, patch_size=PATCH, merge_size=MERGE,
                           temporal_patch_size=TEMPORAL_PATCH).save_pretrained(str(processor_dir))
     tok.save_pretrained(str(processor_dir))
-    _write_vocab_files(processor_dir, vocab, merges)
+    write_bpe_vocab_files(processor_dir, vocab, merges)
     z_dim = json.loads((out / "vae" / "config.json").read_text())["z_dim"]
     _scale(out / "vae" / f"{DIFFUSERS_WEIGHTS}.safetensors", {"quant_conv": (ENCODER_GAIN, z_dim)})
     _scale(out / "transformer" / f"{DIFFUSERS_WEIGHTS}.safetensors",
            {n: (ATTENTION_GAIN, None) for n in ("norm_q", "norm_k", "norm_added_q", "norm_added_k")})
     encoder = next((out / "text_encoder").glob("*.safetensors"))
     _scale(encoder, {"visual.merger.mlp.2": (VISION_GAIN, None), "model.visual.merger.mlp.2": (VISION_GAIN, None)})
-    index_path = out / MODEL_INDEX
-    index: dict[str, Any] = json.loads(index_path.read_text())
-    index["_class_name"] = pipeline
-    index[PROCESSOR_SLOT] = ["transformers", "Qwen2VLProcessor"]
-    index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    update_model_index(out / MODEL_INDEX, _class_name=pipeline, **{PROCESSOR_SLOT: ["transformers", "Qwen2VLProcessor"]})
     return out

@@ -87,6 +87,9 @@ class QwenImageFamily(ModelFamily):
     block_keys = {"transformer_blocks": ("num_layers", 60)}
     vae = AutoencoderKLQwenImageKind()
     tiny_presets = ("tiny", "small")
+    text_encoder_class = "omni_runtime.stages.models.qwen_image.text:QwenImageTextEncoder"
+    transformer_class = "omni_runtime.stages.models.qwen_image.transformer:QwenImageTransformer"
+    tiny_maker = "omni_runtime.stages.models.qwen_image.tiny:make_tiny_qwen_image"
     cache_refusals = {"teacache": "has no published TeaCache coefficients"}  # its transformer's CachePlan has none
     unsupported = {
         "pipefusion": "PipeFusion's stale K/V was not validated with masked variable-length text; use "
@@ -103,28 +106,6 @@ class QwenImageFamily(ModelFamily):
     }
     #: QwenImagePipeline's (and the edit pipelines') ``__call__`` defaults
     request_defaults = {"num_inference_steps": 50, "true_cfg_scale": 4.0}
-
-    def load_text_encoder(self, path: Path, dtype: torch.dtype, device: torch.device, hsdp: Any = None) -> Any:
-        from omni_runtime.stages.models.qwen_image.text import QwenImageTextEncoder
-
-        return QwenImageTextEncoder.from_pretrained(path, dtype, device, hsdp=hsdp)
-
-    def load_transformer(self, path: Path, dtype: torch.dtype, device: torch.device, *, ep_group: Any = None,
-                         hsdp: Any = None, pp_group: Any = None) -> nn.Module:
-        from omni_runtime.stages.models.qwen_image.transformer import QwenImageTransformer
-
-        return QwenImageTransformer.from_pretrained(path, dtype=dtype, device=device, ep_group=ep_group, hsdp=hsdp,
-                                                    pp_group=pp_group)
-
-    def make_tiny(self, path: Path, preset: str, seed: int = 0) -> Path:
-        from omni_runtime.stages.models.qwen_image.tiny import make_tiny_qwen_image
-
-        return make_tiny_qwen_image(path, preset=preset, seed=seed)
-
-    def tiny_transformer_config(self, preset: str) -> dict[str, Any]:
-        from omni_runtime.stages.models.qwen_image.tiny import PRESETS
-
-        return {"num_layers": PRESETS[preset].num_layers}
 
     def row_args(self, branches: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor | None]:
         """Each row's text padded (with zeros) to the longest row's; the padding masked out of attention."""

@@ -9,7 +9,6 @@ turn and the user turn's header), so what remains is the prompt and the template
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import logging
 from pathlib import Path
@@ -21,8 +20,9 @@ import transformers
 from omni_runtime.parallel.hsdp import HSDPInferenceConfig, ShardCondition, block_list_condition
 from omni_runtime.stages.device import resolve_device, resolve_dtype
 from omni_runtime.stages.errors import CheckpointError, RequestError
+from omni_runtime.stages.models.text_common import check_prompts, load_encoder
 from omni_runtime.stages.text_encoder import _load_component
-from omni_runtime.stages.weights import MODEL_INDEX, TRANSFORMERS_WEIGHTS, component_dir, read_model_index
+from omni_runtime.stages.weights import MODEL_INDEX, component_dir, read_model_index
 
 logger = logging.getLogger(__name__)
 
@@ -79,20 +79,7 @@ def _load_text_encoder(path: str | Path, index: dict[str, tuple[str, str]], dtyp
     directory = component_dir(path, TEXT_ENCODER_SLOT)
     library, cls_name = index[TEXT_ENCODER_SLOT]
     check_text_encoder_class(path, library, cls_name)
-    cls = getattr(transformers, cls_name)
-    try:
-        if hsdp is not None and hsdp.enabled:
-            from omni_runtime.stages.sharded_load import build_sharded_model
-
-            config = cls.config_class.from_pretrained(str(directory), local_files_only=True)
-            cfg = dataclasses.replace(hsdp, shard_conditions=HSDP_SHARD_CONDITIONS)
-            return build_sharded_model(lambda: cls(config), directory, TRANSFORMERS_WEIGHTS, cfg, device=device,
-                                       dtype=dtype, key_renames=CHECKPOINT_RENAMES)
-        return cls.from_pretrained(str(directory), local_files_only=True, dtype=dtype)
-    except CheckpointError:
-        raise
-    except Exception as e:  # anything a damaged checkpoint makes the loader raise (SafetensorError, ...)
-        raise CheckpointError(f"{directory}: cannot load {cls_name}: {e}") from e
+    return load_encoder(directory, cls_name, dtype, device, hsdp, HSDP_SHARD_CONDITIONS, CHECKPOINT_RENAMES)
 
 
 class QwenImageTextEncoder:
@@ -130,8 +117,7 @@ class QwenImageTextEncoder:
                ) -> list[dict[str, torch.Tensor]]:
         """Encode a batch of prompts in one forward; one ``{"prompt_embeds": (tokens, hidden)}`` per prompt, at
         most ``max_sequence_length`` tokens each."""
-        if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
-            raise RequestError(f"prompts={prompts!r} is not allowed; prompts is a non-empty list of strings")
+        check_prompts(prompts)
         if (isinstance(max_sequence_length, bool) or not isinstance(max_sequence_length, int)
                 or not 1 <= max_sequence_length <= MAX_SEQUENCE_LENGTH):
             raise RequestError(f"max_sequence_length={max_sequence_length!r} is not allowed; it must be an "

@@ -20,26 +20,21 @@ From the shell: ``python tools/make_tiny_model.py OUT_DIR --family qwen_image [-
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
+from omni_runtime.stages.models import tiny_common
 from omni_runtime.stages.models.byte_bpe import bytes_to_unicode
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class Preset:
+class Preset(tiny_common.TransformerSizes):
     """Sizes of every component; ``tiny`` is for tests, ``small`` makes compute dominate for benchmarks."""
 
-    # transformer
-    num_layers: int
-    num_attention_heads: int
-    attention_head_dim: int
+    # transformer (and the block count and heads of ``TransformerSizes``)
     axes_dims_rope: tuple[int, int, int]
     # text encoder (the language model of Qwen2.5-VL; its hidden size is the transformer's joint_attention_dim)
     text_hidden: int
@@ -132,14 +127,6 @@ def _tokenizer(extra_words: tuple[str, ...] = ()):
     return tok, vocab, merges
 
 
-def _write_vocab_files(tokenizer_dir: Path, vocab: dict[str, int], merges: list[tuple[str, str]]) -> None:
-    """Also write ``vocab.json`` + ``merges.txt`` (what real Qwen2 checkpoints ship next to tokenizer.json), so
-    tokenizer classes that do not read ``tokenizer.json`` (transformers 4's slow ``Qwen2Tokenizer``) load it."""
-    (tokenizer_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    (tokenizer_dir / "merges.txt").write_text(
-        "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
-
-
 def _text_encoder(p: Preset, tok, vocab: dict[str, int]):
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
@@ -182,13 +169,11 @@ def _transformer(p: Preset):
 def _vae(p: Preset):
     from diffusers import AutoencoderKLQwenImage
 
-    # Non-trivial latent statistics (the real ones are far from 0 / 1) so the pipeline's de-normalisation counts.
-    mean = (torch.rand(LATENT_CHANNELS) - 0.5).tolist()
-    std = (0.5 + 1.5 * torch.rand(LATENT_CHANNELS)).tolist()
+    mean, std = tiny_common.random_latent_stats(LATENT_CHANNELS)
     return AutoencoderKLQwenImage(
         base_dim=p.vae_base_dim, z_dim=LATENT_CHANNELS, dim_mult=list(VAE_DIM_MULT), num_res_blocks=1,
         attn_scales=[], temperal_downsample=list(TEMPORAL_DOWNSAMPLE), dropout=0.0,
-        latents_mean=[round(m, 4) for m in mean], latents_std=[round(s, 4) for s in std],
+        latents_mean=mean, latents_std=std,
     ).eval()
 
 
@@ -204,14 +189,6 @@ def _scheduler():
     )
 
 
-def _name_tokenizer(model_index: Path) -> None:
-    """Record ``tokenizer`` as ``Qwen2Tokenizer`` (what Qwen-Image checkpoints name) whatever alias the installed
-    transformers saved, so the directory reads like a real one."""
-    index = json.loads(model_index.read_text())
-    index["tokenizer"] = ["transformers", "Qwen2Tokenizer"]
-    model_index.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-
-
 def make_tiny_qwen_image(path: str | Path, preset: str = "tiny", seed: int = 0,
                          extra_words: tuple[str, ...] = ()) -> Path:
     """Write a Qwen-Image diffusers model directory at ``path`` and return it.
@@ -220,23 +197,21 @@ def make_tiny_qwen_image(path: str | Path, preset: str = "tiny", seed: int = 0,
     ``preset`` is one of ``PRESETS`` (``tiny``, ``small``); ``extra_words`` are more whole-word tokens (the edit
     pipelines' template, ``qwen_image/edit_tiny.py``).
     """
-    if preset not in PRESETS:
-        raise ValueError(f"preset={preset!r} is not known for qwen_image; allowed: {sorted(PRESETS)}")
+    p = tiny_common.check_preset(PRESETS, preset, "qwen_image")
     from diffusers import QwenImagePipeline
 
-    p = PRESETS[preset]
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     tok, vocab, merges = _tokenizer(extra_words)
-    with torch.random.fork_rng(devices=[]):  # the caller's global RNG state is left as it was
-        torch.manual_seed(seed)
+    with tiny_common.seeded(seed):  # the caller's global RNG state is left as it was
         transformer = _transformer(p)
         vae = _vae(p)
         text_encoder = _text_encoder(p, tok, vocab)
     pipe = QwenImagePipeline(scheduler=_scheduler(), vae=vae, text_encoder=text_encoder, tokenizer=tok,
                              transformer=transformer)
     pipe.save_pretrained(out, safe_serialization=True)
-    _name_tokenizer(out / "model_index.json")
-    _write_vocab_files(out / "tokenizer", vocab, merges)
+    # the tokenizer as Qwen-Image checkpoints name it, whatever alias the installed transformers saved
+    tiny_common.update_model_index(out / "model_index.json", tokenizer=["transformers", "Qwen2Tokenizer"])
+    tiny_common.write_bpe_vocab_files(out / "tokenizer", vocab, merges)
     logger.info("wrote qwen_image %s model (seed %d) to %s", preset, seed, out)
     return out

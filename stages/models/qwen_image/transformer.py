@@ -18,7 +18,6 @@ The model holds no rank arithmetic and reads no global state: ``_sp_plan`` says 
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,39 +27,27 @@ import torch
 from torch import nn
 
 from omni_runtime.parallel.hsdp import HSDPInferenceConfig, ShardCondition, block_list_condition
-from omni_runtime.parallel.sp_plan import (
-    SequenceParallelInput,
-    SequenceParallelModelPlan,
-    SequenceParallelOutput,
-)
-from omni_runtime.parallel.strategies.pipeline_parallel import PipelinePlan, is_missing, partition_model
+from omni_runtime.parallel.sp_plan import SequenceParallelModelPlan
+from omni_runtime.parallel.strategies.pipeline_parallel import PipelinePlan, is_missing
 from omni_runtime.stages.block_cache import CachePlan, run_blocks
-from omni_runtime.stages.device import resolve_device, resolve_dtype
 from omni_runtime.stages.errors import CheckpointError
 from omni_runtime.stages.models.layers import (
     ROPE_THETA,
+    TIME_CHANNELS,
     AdaNormOut,
     FeedForward,
     JointAttention,
     MLPEmbedder,
     RMSNorm,
     _modulate,
+    check_key_padding_mask,
     rope,
 )
-from omni_runtime.stages.models.transformer_config import config_from_dict
-from omni_runtime.stages.weights import (
-    DIFFUSERS_WEIGHTS,
-    MODEL_INDEX,
-    component_dir,
-    load_into,
-    load_safetensors,
-    read_config,
-)
-
-logger = logging.getLogger(__name__)
+from omni_runtime.stages.models.token_sp_plan import token_sp_plan
+from omni_runtime.stages.models.transformer_config import TransformerConfig
+from omni_runtime.stages.models.transformer_load import load_transformer, refuse_expert_parallel
 
 CLASS_NAMES = ("QwenImageTransformer2DModel",)
-TIME_CHANNELS = 256
 TIME_SCALE = 1000  # diffusers' Timesteps(scale=1000): the sigma in [0, 1] times 1000, inside the projection
 
 # flags of diffusers' config for variants this runtime does not serve (yet): key -> what the variant is
@@ -73,8 +60,10 @@ _UNSERVED_FLAGS = {
 
 
 @dataclass(frozen=True)
-class QwenImageConfig:
+class QwenImageConfig(TransformerConfig):
     """The fields of a diffusers ``QwenImageTransformer2DModel`` config.json (defaults are Qwen-Image's)."""
+
+    class_name = "QwenImageTransformer2DModel"
 
     patch_size: int = 2
     in_channels: int = 64
@@ -88,20 +77,6 @@ class QwenImageConfig:
     zero_cond_t: bool = False
     use_additional_t_cond: bool = False
     use_layer3d_rope: bool = False
-
-    @classmethod
-    def from_dict(cls, config: dict[str, Any], source: str | Path = "config") -> QwenImageConfig:
-        """Build from a config dict; unknown keys are logged and ignored, like diffusers does."""
-        return config_from_dict(cls, config, source, "QwenImageTransformer2DModel")
-
-    @property
-    def inner_dim(self) -> int:
-        return self.num_attention_heads * self.attention_head_dim
-
-    @property
-    def output_channels(self) -> int:
-        """The channels of one latent pixel the model predicts (``out_channels``, else ``in_channels``)."""
-        return self.out_channels or self.in_channels
 
     def validate(self, source: str | Path = "config") -> None:
         for name, what in _UNSERVED_FLAGS.items():
@@ -258,16 +233,9 @@ def _check_ids(name: str, ids: torch.Tensor, tokens: int, rows: int) -> torch.Te
 class QwenImageTransformer(nn.Module):
     """Qwen-Image denoiser. ``forward`` takes packed latents (rows, image tokens, in_channels) like diffusers'."""
 
-    # Sequence parallelism: each rank takes a slice of the image tokens and of their position ids (so its image
-    # rotary embeddings are its own tokens'); slices may be uneven. Text tokens stay whole on every rank and enter
-    # attention as joint tokens in front, with their padding mask. The prediction is gathered after ``proj_out``.
-    _sp_plan: SequenceParallelModelPlan = {
-        "": {
-            "hidden_states": SequenceParallelInput(split_dim=1, expected_dims=3),
-            "img_ids": SequenceParallelInput(split_dim=0, expected_dims=2),
-        },
-        "proj_out": SequenceParallelOutput(gather_dim=1, expected_dims=3),
-    }
+    # Sequence parallelism: a slice of the image tokens per rank (``token_sp_plan``); the text tokens enter
+    # attention as joint tokens in front, with their padding mask.
+    _sp_plan: SequenceParallelModelPlan = token_sp_plan()
     # HSDP: every block is one FSDP unit; the embedders and the output head stay in the root unit.
     _hsdp_shard_conditions: list[ShardCondition] = [block_list_condition("transformer_blocks")]
     # Pipeline parallelism: the blocks are split over the pp ranks, the embedders run on the first stage and the
@@ -278,6 +246,10 @@ class QwenImageTransformer(nn.Module):
                             head=("norm_out", "proj_out"))
     # Cache acceleration (``stages.block_cache``): the one block list
     _cache_plan = CachePlan(blocks=("transformer_blocks",))
+    # what ``stages.models.transformer_load`` reads
+    config_class = QwenImageConfig
+    class_names = CLASS_NAMES
+    keep_fp32: tuple[str, ...] = ()
 
     def __init__(self, config: QwenImageConfig):
         super().__init__()
@@ -326,10 +298,7 @@ class QwenImageTransformer(nn.Module):
                              "(config guidance_embeds=false)")
         img_ids = _check_ids("img_ids", img_ids, hidden_states.shape[1], rows)
         txt_ids = _check_ids("txt_ids", txt_ids, n_txt, rows)
-        if key_padding_mask is not None and (key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape)
-                                             != tuple(hidden_states.shape[:2])):
-            raise ValueError(f"key_padding_mask {key_padding_mask.dtype} {tuple(key_padding_mask.shape)} must be "
-                             f"bool (rows, image tokens) = {tuple(hidden_states.shape[:2])}")
+        check_key_padding_mask(key_padding_mask, hidden_states)
         text_mask = encoder_hidden_states_mask
         if text_mask is not None:
             if tuple(text_mask.shape) != (rows, n_txt):
@@ -366,37 +335,5 @@ class QwenImageTransformer(nn.Module):
         blocks, plus the embedders on the first and the head on the last. ``ep_group`` must be None or of one rank:
         this family has no mixture of experts.
         """
-        if ep_group is not None and getattr(ep_group, "world_size", 1) > 1:
-            raise ValueError(f"expert parallelism (an ep group of {ep_group.world_size} ranks) is not supported by "
-                             f"Qwen-Image: it has no mixture-of-experts layers; allowed: ep = 1")
-        path = Path(path)
-        if (path / MODEL_INDEX).is_file():
-            path = component_dir(path, "transformer")
-        if not path.is_dir():
-            raise CheckpointError(f"{path}: transformer directory not found")
-        config = QwenImageConfig.from_dict(read_config(path, allowed_classes=CLASS_NAMES), path / "config.json")
-        torch_dtype, device = resolve_dtype(dtype), resolve_device(device)
-        if hsdp is not None and hsdp.enabled:
-            if pp_group is not None and pp_group.world_size > 1:
-                raise ValueError("HSDP sharding and pipeline parallelism together are not supported")
-            from omni_runtime.stages.sharded_load import build_sharded_model
-
-            model = build_sharded_model(lambda: cls(config), path, DIFFUSERS_WEIGHTS, hsdp, device=device,
-                                        dtype=torch_dtype)
-            logger.info("loaded QwenImageTransformer from %s sharded over %d ranks (%s, %s)", path,
-                        hsdp.hsdp_shard_size, torch_dtype, device)
-            return model
-        with torch.device("meta"):
-            model = cls(config)
-        skip = None
-        if pp_group is not None and pp_group.world_size > 1:
-            partition_model(model, pp_group.rank_in_group, pp_group.world_size)
-            wanted = set(model.state_dict())
-
-            def skip(key: str) -> bool:  # another stage's tensor
-                return key not in wanted
-        state = load_safetensors(path, DIFFUSERS_WEIGHTS, device=device, dtype=torch_dtype, skip=skip)
-        load_into(model, state, path)
-        logger.info("loaded QwenImageTransformer from %s (%d tensors, %s, %s)", path, len(state), torch_dtype,
-                    device)
-        return model.eval().requires_grad_(False)
+        refuse_expert_parallel(ep_group, "Qwen-Image")
+        return load_transformer(cls, path, dtype=dtype, device=device, hsdp=hsdp, pp_group=pp_group)

@@ -104,6 +104,9 @@ class WanFamily(ModelFamily):
     scheduler_timesteps = True  # WanPipeline calls set_timesteps(steps) without sigmas
     cache_refusals = {"teacache": TEACACHE_REFUSAL}
     tiny_presets = ("tiny", "small", "tiny22")
+    text_encoder_class = "omni_runtime.stages.models.wan.text:WanTextEncoder"
+    transformer_class = "omni_runtime.stages.models.wan.transformer:WanTransformer"
+    tiny_maker = "omni_runtime.stages.models.wan.tiny:make_tiny_wan"
     unsupported = {
         "pipefusion": "PipeFusion's stale K/V was not validated for video tokens; use pp_mode = 'layer'",
         "ep": "the Wan transformer has no mixture-of-experts layers",
@@ -157,31 +160,14 @@ class WanFamily(ModelFamily):
     def check_branch(self, branch: Mapping[str, torch.Tensor], config: Mapping[str, Any], prefix: str = "") -> None:
         super().check_branch(branch, {"joint_attention_dim": config.get("text_dim")}, prefix)
 
-    def load_text_encoder(self, path: Path, dtype: torch.dtype, device: torch.device, hsdp: Any = None) -> Any:
-        from omni_runtime.stages.models.wan.text import WanTextEncoder
-
-        return WanTextEncoder.from_pretrained(path, dtype, device, hsdp=hsdp)
-
     def load_transformer(self, path: Path, dtype: torch.dtype, device: torch.device, *, ep_group: Any = None,
                          hsdp: Any = None, pp_group: Any = None) -> nn.Module:
-        from omni_runtime.stages.models.wan.transformer import WanTransformer
         from omni_runtime.stages.weights import MODEL_INDEX, read_json
 
         index = Path(path).parent / MODEL_INDEX
         if index.is_file():
             self.check_pipeline_config(read_json(index), index)
-        return WanTransformer.from_pretrained(path, dtype=dtype, device=device, ep_group=ep_group, hsdp=hsdp,
-                                              pp_group=pp_group)
-
-    def make_tiny(self, path: Path, preset: str, seed: int = 0) -> Path:
-        from omni_runtime.stages.models.wan.tiny import make_tiny_wan
-
-        return make_tiny_wan(path, preset=preset, seed=seed)
-
-    def tiny_transformer_config(self, preset: str) -> dict[str, Any]:
-        from omni_runtime.stages.models.wan.tiny import PRESETS
-
-        return {"num_layers": PRESETS[preset].num_layers}
+        return super().load_transformer(path, dtype, device, ep_group=ep_group, hsdp=hsdp, pp_group=pp_group)
 
     def latent_channels(self, transformer_config: Mapping[str, Any]) -> int:
         return int(transformer_config.get("in_channels", 16))

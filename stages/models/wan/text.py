@@ -5,7 +5,6 @@ and the rest set to zeros, one ``(512, d_model)`` tensor per prompt (the transfo
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -15,8 +14,9 @@ import transformers
 
 from omni_runtime.parallel.hsdp import HSDPInferenceConfig, block_list_condition
 from omni_runtime.stages.device import resolve_device, resolve_dtype
-from omni_runtime.stages.errors import CheckpointError, RequestError
-from omni_runtime.stages.weights import MODEL_INDEX, TRANSFORMERS_WEIGHTS, component_dir, read_model_index
+from omni_runtime.stages.errors import CheckpointError
+from omni_runtime.stages.models.text_common import check_prompts, load_encoder
+from omni_runtime.stages.weights import MODEL_INDEX, component_dir, read_model_index
 
 logger = logging.getLogger(__name__)
 
@@ -38,20 +38,7 @@ def _load_encoder(path: Path, index: dict[str, tuple[str, str]], dtype: torch.dt
     if library != "transformers" or cls_name not in TEXT_ENCODER_CLASSES:
         raise CheckpointError(f"{path / MODEL_INDEX}: text_encoder = [{library!r}, {cls_name!r}] is not supported; "
                               f"allowed: transformers {list(TEXT_ENCODER_CLASSES)}")
-    cls = getattr(transformers, cls_name)
-    try:
-        if hsdp is not None and hsdp.enabled:
-            from omni_runtime.stages.sharded_load import build_sharded_model
-
-            config = cls.config_class.from_pretrained(str(directory), local_files_only=True)
-            cfg = dataclasses.replace(hsdp, shard_conditions=[block_list_condition("encoder.block")])
-            return build_sharded_model(lambda: cls(config), directory, TRANSFORMERS_WEIGHTS, cfg, device=device,
-                                       dtype=dtype)
-        return cls.from_pretrained(str(directory), local_files_only=True, dtype=dtype)
-    except CheckpointError:
-        raise
-    except Exception as e:  # anything a damaged checkpoint makes the loader raise
-        raise CheckpointError(f"{directory}: cannot load {cls_name}: {e}") from e
+    return load_encoder(directory, cls_name, dtype, device, hsdp, [block_list_condition("encoder.block")])
 
 
 class WanTextEncoder:
@@ -84,8 +71,7 @@ class WanTextEncoder:
     @torch.no_grad()
     def encode(self, prompts: list[str], max_sequence_length: int = MAX_SEQUENCE_LENGTH
                ) -> list[dict[str, torch.Tensor]]:
-        if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
-            raise RequestError(f"prompts={prompts!r} is not allowed; prompts is a non-empty list of strings")
+        check_prompts(prompts)
         tokens = self.tokenizer([prompt_clean(p) for p in prompts], padding="max_length",
                                 max_length=max_sequence_length, truncation=True, add_special_tokens=True,
                                 return_attention_mask=True, return_tensors="pt")

@@ -18,22 +18,17 @@ From the shell: ``python tools/make_tiny_model.py OUT_DIR --family wan [--preset
 
 from __future__ import annotations
 
-import json
 import logging
-import string
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+from omni_runtime.stages.models import tiny_common
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class Preset:
-    num_layers: int
-    num_attention_heads: int
-    attention_head_dim: int
+class Preset(tiny_common.TransformerSizes):
     ffn_dim: int
     text_dim: int  # UMT5's d_model
     text_layers: int
@@ -57,19 +52,8 @@ PRESETS: dict[str, Preset] = {
 
 LATENT_CHANNELS = 16
 TEMPORAL_DOWNSAMPLE = (False, True, True)  # 8x spatial, 4x temporal
+T5_WORDS = ("the", "of", "and", "cat", "dog", "video", "walking", "in", "on", "with")  # word starts of the T5 vocabulary
 ROPE_MAX_SEQ_LEN = 128  # latent frames / token rows / token columns a tiny model places (diffusers' test: 32)
-
-
-def _tokenizer():
-    """A Unigram T5 tokenizer: ``<pad>``=0, ``</s>``=1, ``<unk>``=2, then single characters and word starts."""
-    from transformers import T5TokenizerFast
-
-    pieces: list[tuple[str, float]] = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
-    alphabet = string.ascii_letters + string.digits + string.punctuation
-    pieces += [("▁" + ch, -4.0) for ch in alphabet]
-    pieces += [(ch, -5.0) for ch in alphabet]
-    pieces += [("▁" + w, -3.0) for w in ("the", "of", "and", "cat", "dog", "video", "walking", "in", "on", "with")]
-    return T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=512)
 
 
 def _text_encoder(p: Preset, tok):
@@ -97,11 +81,10 @@ def _transformer(p: Preset):
 def _vae(p: Preset):
     from diffusers import AutoencoderKLWan
 
-    mean = (torch.rand(LATENT_CHANNELS) - 0.5).tolist()  # far from 0 / 1, like the real statistics
-    std = (0.5 + 1.5 * torch.rand(LATENT_CHANNELS)).tolist()
+    mean, std = tiny_common.random_latent_stats(LATENT_CHANNELS)
     return AutoencoderKLWan(base_dim=p.vae_base_dim, z_dim=LATENT_CHANNELS, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
                             temperal_downsample=list(TEMPORAL_DOWNSAMPLE),
-                            latents_mean=[round(m, 4) for m in mean], latents_std=[round(s, 4) for s in std]).eval()
+                            latents_mean=mean, latents_std=std).eval()
 
 
 def _scheduler():
@@ -113,16 +96,13 @@ def _scheduler():
 def make_tiny_wan(path: str | Path, preset: str = "tiny", seed: int = 0) -> Path:
     """Write a Wan 2.1 diffusers model directory at ``path`` and return it; weights are a function of
     ``(preset, seed)`` only (the caller's global RNG state is left as it was)."""
-    if preset not in PRESETS:
-        raise ValueError(f"preset={preset!r} is not known for wan; allowed: {sorted(PRESETS)}")
+    p = tiny_common.check_preset(PRESETS, preset, "wan")
     from diffusers import WanPipeline
 
-    p = PRESETS[preset]
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    tok = _tokenizer()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    tok = tiny_common.t5_unigram_tokenizer(T5_WORDS)
+    with tiny_common.seeded(seed):
         transformer = _transformer(p)
         # diffusers initialises the modulation tables with randn; the output head's weights are random too
         vae = _vae(p)
@@ -131,9 +111,6 @@ def make_tiny_wan(path: str | Path, preset: str = "tiny", seed: int = 0) -> Path
     pipe = WanPipeline(tokenizer=tok, text_encoder=text_encoder, vae=vae, scheduler=_scheduler(),
                        transformer=transformer, transformer_2=transformer_2, boundary_ratio=p.boundary_ratio)
     pipe.save_pretrained(out, safe_serialization=True)
-    index_path = out / "model_index.json"
-    index = json.loads(index_path.read_text())
-    index["tokenizer"] = ["transformers", "T5TokenizerFast"]
-    index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    tiny_common.update_model_index(out / "model_index.json", tokenizer=["transformers", "T5TokenizerFast"])
     logger.info("wrote wan %s model (seed %d) to %s", preset, seed, out)
     return out

@@ -20,7 +20,6 @@ The model holds no rank arithmetic and reads no global state: ``_sp_plan`` says 
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,28 +31,15 @@ from torch import nn
 
 from omni_runtime.parallel.attention import Attention
 from omni_runtime.parallel.hsdp import HSDPInferenceConfig, ShardCondition, block_list_condition
-from omni_runtime.parallel.sp_plan import (
-    SequenceParallelInput,
-    SequenceParallelModelPlan,
-    SequenceParallelOutput,
-)
-from omni_runtime.parallel.strategies.pipeline_parallel import PipelinePlan, is_missing, partition_model
+from omni_runtime.parallel.sp_plan import SequenceParallelModelPlan
+from omni_runtime.parallel.strategies.pipeline_parallel import PipelinePlan, is_missing
 from omni_runtime.stages.block_cache import CachePlan, run_blocks
 from omni_runtime.stages.cpu_linear import linear_gelu_tanh
-from omni_runtime.stages.device import resolve_device, resolve_dtype
 from omni_runtime.stages.errors import CheckpointError
-from omni_runtime.stages.models.layers import MLPEmbedder, apply_rope, rope
-from omni_runtime.stages.models.transformer_config import config_from_dict
-from omni_runtime.stages.weights import (
-    DIFFUSERS_WEIGHTS,
-    MODEL_INDEX,
-    component_dir,
-    load_into,
-    load_safetensors,
-    read_config,
-)
-
-logger = logging.getLogger(__name__)
+from omni_runtime.stages.models.layers import FeedForward, MLPEmbedder, apply_rope, rope, timestep_embedding
+from omni_runtime.stages.models.token_sp_plan import token_sp_plan
+from omni_runtime.stages.models.transformer_config import TransformerConfig
+from omni_runtime.stages.models.transformer_load import load_transformer, refuse_expert_parallel
 
 CLASS_NAMES = ("WanTransformer3DModel",)
 PATCH = (1, 2, 2)  # the only patch size served: 2x2 latent pixels of one latent frame per token
@@ -63,8 +49,10 @@ FP32_PARTS = ("time_embedder", "scale_shift_table", "norm1", "norm2", "norm3")
 
 
 @dataclass(frozen=True)
-class WanConfig:
+class WanConfig(TransformerConfig):
     """The fields of a diffusers ``WanTransformer3DModel`` config.json (defaults are diffusers')."""
+
+    class_name = "WanTransformer3DModel"
 
     patch_size: tuple[int, ...] = PATCH
     num_attention_heads: int = 40
@@ -88,15 +76,7 @@ class WanConfig:
         values = dict(config)
         if isinstance(values.get("patch_size"), list):
             values["patch_size"] = tuple(values["patch_size"])
-        return config_from_dict(cls, values, source, "WanTransformer3DModel")
-
-    @property
-    def inner_dim(self) -> int:
-        return self.num_attention_heads * self.attention_head_dim
-
-    @property
-    def output_channels(self) -> int:
-        return self.out_channels or self.in_channels
+        return super().from_dict(values, source)
 
     def axes(self) -> tuple[int, int, int]:
         """(frame, row, column) rotary dims, as ``WanRotaryPosEmbed`` splits the head dim."""
@@ -126,15 +106,6 @@ def video_ids(frames: int, grid_h: int, grid_w: int, device: torch.device | str 
     (frame, row, column) order, as ``WanRotaryPosEmbed`` places them."""
     f, h, w = torch.meshgrid(torch.arange(frames), torch.arange(grid_h), torch.arange(grid_w), indexing="ij")
     return torch.stack([f, h, w], dim=-1).reshape(-1, 3).to(device=device, dtype=torch.float32)
-
-
-def time_proj(t: torch.Tensor, channels: int) -> torch.Tensor:
-    """diffusers' ``Timesteps(channels, flip_sin_to_cos=True, downscale_freq_shift=0)`` of timesteps on the
-    0..1000 scale: (cos, sin) in float32."""
-    half = channels // 2
-    exponent = -math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half
-    angles = t[:, None].float() * torch.exp(exponent)[None, :]
-    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
 
 
 class FP32LayerNorm(nn.LayerNorm):
@@ -170,7 +141,7 @@ class ConditionEmbedder(nn.Module):
 
     def forward(self, t: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         emb_dtype = self.time_embedder.linear_1.weight.dtype
-        temb = self.time_embedder(time_proj(t, self.freq_dim).to(emb_dtype)).to(text.dtype)
+        temb = self.time_embedder(timestep_embedding(t, self.freq_dim).to(emb_dtype)).to(text.dtype)
         return temb, self.time_proj(F.silu(temb)), self.text_embedder(text)
 
 
@@ -208,18 +179,6 @@ class WanAttention(nn.Module):
         return self.to_out[0](out)
 
 
-class FeedForward(nn.Module):
-    """GELU(tanh) MLP of width ``ffn_dim``; ``net.0.proj`` and ``net.2`` as in the checkpoint."""
-
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.net = nn.ModuleList([nn.Module(), nn.Identity(), nn.Linear(hidden, dim)])
-        self.net[0].proj = nn.Linear(dim, hidden)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net[2](linear_gelu_tanh(self.net[0].proj, x))
-
-
 class WanBlock(nn.Module):
     """Self-attention, cross-attention to the text, feed-forward; modulated by the timestep (``temb6``)."""
 
@@ -230,7 +189,7 @@ class WanBlock(nn.Module):
         self.attn1 = WanAttention(dim, cfg.num_attention_heads, eps, cross=False)
         self.attn2 = WanAttention(dim, cfg.num_attention_heads, eps, cross=True)
         self.norm2 = FP32LayerNorm(dim, eps, elementwise_affine=True) if cfg.cross_attn_norm else nn.Identity()
-        self.ffn = FeedForward(dim, cfg.ffn_dim)
+        self.ffn = FeedForward(dim, hidden=cfg.ffn_dim)
         self.norm3 = FP32LayerNorm(dim, eps, elementwise_affine=False)
         self.scale_shift_table = nn.Parameter(torch.zeros(1, 6, dim))
 
@@ -248,15 +207,9 @@ class WanBlock(nn.Module):
 class WanTransformer(nn.Module):
     """Wan 2.1 denoiser over packed video latents (rows, tokens, in_channels * 4)."""
 
-    # Sequence parallelism: each rank takes a slice of the video tokens and of their position ids; the text stays
-    # whole on every rank (cross-attention keys). The prediction is gathered after ``proj_out``.
-    _sp_plan: SequenceParallelModelPlan = {
-        "": {
-            "hidden_states": SequenceParallelInput(split_dim=1, expected_dims=3),
-            "img_ids": SequenceParallelInput(split_dim=0, expected_dims=2),
-        },
-        "proj_out": SequenceParallelOutput(gather_dim=1, expected_dims=3),
-    }
+    # Sequence parallelism: a slice of the video tokens per rank (``token_sp_plan``); the text, whole on every
+    # rank, is the cross-attention's keys.
+    _sp_plan: SequenceParallelModelPlan = token_sp_plan()
     _hsdp_shard_conditions: list[ShardCondition] = [block_list_condition("blocks")]
     # Between stages travel ``img``, ``txt``, ``temb`` and ``temb6`` (the head's ``scale_shift_table``, a bare
     # parameter, is held by every stage).
@@ -264,6 +217,10 @@ class WanTransformer(nn.Module):
                             head=("norm_out", "proj_out"))
     # Cache acceleration (``stages.block_cache``): the one block list; no TeaCache (why: WanFamily.cache_refusals).
     _cache_plan = CachePlan(blocks=("blocks",))
+    # what ``stages.models.transformer_load`` reads
+    config_class = WanConfig
+    class_names = CLASS_NAMES
+    keep_fp32 = FP32_PARTS
 
     def __init__(self, config: WanConfig):
         super().__init__()
@@ -324,40 +281,5 @@ class WanTransformer(nn.Module):
                         hsdp: HSDPInferenceConfig | None = None, pp_group: Any = None) -> WanTransformer:
         """Load a diffusers ``transformer/`` directory strictly (as ``QwenImageTransformer.from_pretrained``);
         the parts diffusers keeps in float32 (:data:`FP32_PARTS`) stay float32 in any dtype."""
-        if ep_group is not None and getattr(ep_group, "world_size", 1) > 1:
-            raise ValueError(f"expert parallelism (an ep group of {ep_group.world_size} ranks) is not supported by "
-                             f"Wan: it has no mixture-of-experts layers; allowed: ep = 1")
-        path = Path(path)
-        if (path / MODEL_INDEX).is_file():
-            path = component_dir(path, "transformer")
-        if not path.is_dir():
-            raise CheckpointError(f"{path}: transformer directory not found")
-        config = WanConfig.from_dict(read_config(path, allowed_classes=CLASS_NAMES), path / "config.json")
-        torch_dtype, device = resolve_dtype(dtype), resolve_device(device)
-        if hsdp is not None and hsdp.enabled:
-            if pp_group is not None and pp_group.world_size > 1:
-                raise ValueError("HSDP sharding and pipeline parallelism together are not supported")
-            from omni_runtime.stages.sharded_load import build_sharded_model
-
-            model = build_sharded_model(lambda: cls(config), path, DIFFUSERS_WEIGHTS, hsdp, device=device,
-                                        dtype=torch_dtype)
-            return model
-        with torch.device("meta"):
-            model = cls(config)
-        skip = None
-        if pp_group is not None and pp_group.world_size > 1:
-            partition_model(model, pp_group.rank_in_group, pp_group.world_size)
-            wanted = set(model.state_dict())
-
-            def skip(key: str) -> bool:  # another stage's tensor
-                return key not in wanted
-        state = load_safetensors(path, DIFFUSERS_WEIGHTS, device=device, dtype=None, skip=skip)
-        state = {k: v.to(torch.float32 if _fp32_part(k) else torch_dtype) if v.is_floating_point() else v
-                 for k, v in state.items()}
-        load_into(model, state, path)
-        logger.info("loaded WanTransformer from %s (%d tensors, %s, %s)", path, len(state), torch_dtype, device)
-        return model.eval().requires_grad_(False)
-
-
-def _fp32_part(key: str) -> bool:
-    return any(part in key.split(".") for part in FP32_PARTS)
+        refuse_expert_parallel(ep_group, "Wan")
+        return load_transformer(cls, path, dtype=dtype, device=device, hsdp=hsdp, pp_group=pp_group)
