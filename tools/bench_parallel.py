@@ -382,7 +382,7 @@ def _cfg_rank(rank: int, world: int, port: int, path: str, out: str, tag: str, s
     from omni_runtime.parallel.parallel_spec import ParallelSpec
     from omni_runtime.parallel.strategies.cfg_parallel import assign_rows
     from omni_runtime.stages import DenoiseRequest, DenoiserStage
-    from omni_runtime.stages.guidance import TRUE_CFG, UNGUIDED
+    from omni_runtime.stages.guidance import TRUE_CFG, UNGUIDED, mixed_rows
 
     torch.set_num_threads(threads)
     mesh = (Mesh.build(ParallelSpec(cfg=world), rank, f"tcp://127.0.0.1:{port}", "cpu") if world > 1
@@ -414,7 +414,8 @@ def _cfg_rank(rank: int, world: int, port: int, path: str, out: str, tag: str, s
             den.denoise(reqs)
             elapsed = time.perf_counter() - t0
             stats = mesh.comm_stats()
-            mine = len(assign_rows((TRUE_CFG if cfg else UNGUIDED).rows(list(range(n)), 0), world)[mesh.rank("cfg")])
+            rows = mixed_rows(list(range(n)), [TRUE_CFG if cfg else UNGUIDED] * n, [0] * n)
+            mine = len(assign_rows(rows, world)[mesh.rank("cfg")])
             result[name] = {"s": elapsed, "sent_per_step": stats.bytes_sent / steps,
                             "gathers_per_step": stats.calls.get("all_gather", 0) / steps,
                             "min_per_step": mine * row_bytes * (world - 1)}
