@@ -55,20 +55,3 @@ def edit(pipe: Any, images: list[bytes], prompt: str, size: str, seed: int, **kw
                **kw).images[0]
     return np.asarray(out)
 
-
-def png(array: np.ndarray) -> bytes:
-    """An (H, W, 3) uint8 array as PNG file bytes (an input image of an edit)."""
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def decode_b64(b64: str) -> np.ndarray:
-    """An answer's ``b64_json`` image as an (H, W, 3) uint8 array."""
-    import base64
-
-    from PIL import Image
-
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))

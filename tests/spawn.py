@@ -18,6 +18,7 @@ used OpenMP deadlocks.
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import multiprocessing as mp
 import os
@@ -25,7 +26,7 @@ import signal
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any
@@ -151,3 +152,32 @@ def run_workers(
             codes = {r: p.exitcode for r, p in enumerate(procs)}
             raise WorkerFailed(f"{fn.__name__} failed; exit codes {codes}\n" + "\n".join(report))
         return [msgspec.json.decode((Path(workdir) / f"rank{r}.out").read_bytes()) for r in range(world_size)]
+
+
+def on_mesh(rank: int, world_size: int, degrees: dict[str, int], store: str, fn: Callable[..., Any],
+            *args: Any) -> Any:
+    """A :func:`run_workers` worker: ``fn(*args, mesh)`` on this rank's ``Mesh`` of ``ParallelSpec(**degrees)`` (on
+    CPU, formed through the file ``store``), destroyed afterwards. ``fn`` must be a module-level function."""
+    from omni_runtime.parallel.mesh import Mesh
+    from omni_runtime.parallel.parallel_spec import ParallelSpec
+
+    mesh = Mesh.build(ParallelSpec(**degrees), rank, f"file://{store}", "cpu")
+    try:
+        return fn(*args, mesh)
+    finally:
+        mesh.destroy()
+
+
+@contextlib.contextmanager
+def parallel_state(**degrees: int) -> Iterator[None]:
+    """In a worker: ``parallel.state``'s distributed environment and, given ``degrees``, its model-parallel groups
+    (``initialize_model_parallel(**degrees)``), destroyed on the way out."""
+    from omni_runtime.parallel import state
+
+    state.init_distributed_environment()
+    try:
+        if degrees:
+            state.initialize_model_parallel(**degrees)
+        yield
+    finally:
+        state.destroy_distributed_environment()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import torch
 
@@ -79,3 +80,43 @@ def single_rank_config(config_path: str | Path) -> RuntimeConfig:
     raw["stages"] = {name: {k: v for k, v in table.items() if k not in ("parallel", "devices")}
                      for name, table in raw.get("stages", {}).items()}
     return config_from_dict(raw, base_dir=path.resolve().parent, source=str(path))
+
+
+def diffusers_pipeline(name: str, model: str | Path, dtype: str | None = "float32") -> Any:
+    """diffusers' pipeline class ``name`` on the model directory ``model`` (an embedded tiny one is made on first
+    use), in ``dtype`` (None: the checkpoint's own), its progress bar off: a test's reference."""
+    import diffusers
+
+    from omni_runtime.runtime.model_store import ensure_model
+
+    kw = {} if dtype is None else {"dtype": getattr(torch, dtype)}
+    pipe = getattr(diffusers, name).from_pretrained(str(ensure_model(str(model))), **kw)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def first_block_cache_skips(transformer: Any, leader: Any, threshold: float) -> list[bool]:
+    """diffusers' First Block Cache on ``transformer`` (``leader``: its first block) at ``threshold``; the list it
+    returns grows by one decision per (step, branch) forward: True where the remaining blocks were skipped."""
+    from diffusers.hooks import FirstBlockCacheConfig, apply_first_block_cache
+
+    apply_first_block_cache(transformer, FirstBlockCacheConfig(threshold=threshold))
+    hook = leader._diffusers_hook.get_hook("fbc_leader_block_hook")
+    skipped: list[bool] = []
+    decide = hook._should_compute_remaining_blocks
+    hook._should_compute_remaining_blocks = lambda r: (skipped.append(not decide(r)) or not skipped[-1])
+    return skipped
+
+
+def flux_transformer_inputs(cfg: Any, n_img: int, grid_width: int, timesteps: list[float]) -> dict[str, torch.Tensor]:
+    """Seeded random inputs of a Flux transformer of config ``cfg``: one row per timestep, ``n_img`` image tokens on
+    a grid ``grid_width`` wide, 8 text tokens, guidance 3.5."""
+    g = torch.Generator().manual_seed(0)
+    rows, n_txt = len(timesteps), 8
+    return dict(hidden_states=torch.randn(rows, n_img, cfg.in_channels, generator=g),
+                encoder_hidden_states=torch.randn(rows, n_txt, cfg.joint_attention_dim, generator=g),
+                pooled_projections=torch.randn(rows, cfg.pooled_projection_dim, generator=g),
+                timestep=torch.tensor(timesteps),
+                img_ids=torch.stack([torch.zeros(n_img), torch.arange(n_img) // grid_width,
+                                     torch.arange(n_img) % grid_width], 1),
+                txt_ids=torch.zeros(n_txt, 3), guidance=torch.tensor([3.5] * rows))

@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+from rel_error import rel, rel_lse
 from spawn import run_workers
 
 from omni_runtime.parallel.attention import Attention, SPMesh, sp_attention
@@ -28,19 +29,6 @@ def shard_sizes(n: int, world: int) -> list[int]:
     """First ranks get ceil(n / world), the last ranks what is left."""
     c = -(-n // world)
     return [max(0, min(c, n - i * c)) for i in range(world)]
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
-
-
-def rel_lse(a: torch.Tensor, b: torch.Tensor) -> float:
-    """``rel`` over the rows with visible keys; the -inf rows (no visible key) must match exactly."""
-    dead = torch.isneginf(b)
-    if not torch.equal(torch.isneginf(a), dead) or bool(torch.isnan(a).any()):
-        return math.inf
-    return rel(a[~dead], b[~dead]) if bool((~dead).any()) else 0.0
 
 
 def reference(q, k, v, mask, jq, jk, jv, joint):

@@ -8,27 +8,14 @@ both fp32 kernels), bf16 1e-2; rows with no visible key must be exactly out 0 an
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
+from rel_error import rel, rel_lse
 from spawn import run_workers
 
 from omni_runtime.parallel.attention import SPMesh, sp_attention
 from omni_runtime.parallel.attention.backends import attention_block, select_backend
 from omni_runtime.parallel.attention.scores import SCORES_MAX_BYTES, score_bytes, scores_fit
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
-
-
-def rel_lse(a: torch.Tensor, b: torch.Tensor) -> float:
-    dead = torch.isneginf(b)
-    if not torch.equal(torch.isneginf(a), dead) or bool(torch.isnan(a).any()):
-        return math.inf
-    return rel(a[~dead], b[~dead]) if bool((~dead).any()) else 0.0
 
 
 def inputs(seed: int, n: int = 37, heads: int = 5, dim: int = 16, mask: bool = True, dead: bool = True,

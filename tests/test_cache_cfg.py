@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from spawn import run_workers
+from spawn import on_mesh, run_workers
 from stage_refs import flux_request
 
 THRESHOLD = 0.3
@@ -46,23 +46,12 @@ def _case(model_dir: str, mesh=None) -> dict:
     return {"latents": out, "stats": stats, "moves": moves}
 
 
-def _worker(rank: int, world_size: int, model_dir: str, store: str) -> dict:
-    from omni_runtime.parallel.mesh import Mesh
-    from omni_runtime.parallel.parallel_spec import ParallelSpec
-
-    mesh = Mesh.build(ParallelSpec(cfg=2), rank, f"file://{store}", "cpu")
-    try:
-        return _case(model_dir, mesh)
-    finally:
-        mesh.destroy()
-
-
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_cache_tensors_follow_rows_across_cfg_ranks(tiny_dir: Path, tmp_path: Path) -> None:
     ref = _case(str(tiny_dir))
     assert ref["stats"][2]["cached_steps"] > 0, "the threshold skips no step: the test would prove nothing"
-    results = run_workers(_worker, 2, args=(str(tiny_dir), str(tmp_path / "store")), timeout=240)
+    results = run_workers(on_mesh, 2, args=({"cfg": 2}, str(tmp_path / "store"), _case, str(tiny_dir)), timeout=240)
     for res in results:
         assert res["moves"] == [1, 0]  # B0 from rank 1, B1 from rank 0, once A left
         for rid in ("1", "2"):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from stage_refs import diffusers_pipeline, first_block_cache_skips
 
 THRESHOLD = 0.3
 REQUEST = {"prompt": "two grey cats asleep on a sofa", "negative_prompt": "blurry", "true_cfg_scale": 3.0,
@@ -16,16 +17,8 @@ SEED, WIDTH, HEIGHT = 5, 64, 48
 
 
 def _diffusers(path) -> tuple[np.ndarray, int]:
-    from diffusers import QwenImagePipeline
-    from diffusers.hooks import FirstBlockCacheConfig, apply_first_block_cache
-
-    pipe = QwenImagePipeline.from_pretrained(str(path), dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    apply_first_block_cache(pipe.transformer, FirstBlockCacheConfig(threshold=THRESHOLD))
-    hook = pipe.transformer.transformer_blocks[0]._diffusers_hook.get_hook("fbc_leader_block_hook")
-    skipped: list[bool] = []
-    decide = hook._should_compute_remaining_blocks
-    hook._should_compute_remaining_blocks = lambda r: (skipped.append(not decide(r)) or not skipped[-1])
+    pipe = diffusers_pipeline("QwenImagePipeline", path)
+    skipped = first_block_cache_skips(pipe.transformer, pipe.transformer.transformer_blocks[0], THRESHOLD)
     img = pipe(**REQUEST, width=WIDTH, height=HEIGHT, output_type="pil",
                generator=torch.Generator("cpu").manual_seed(SEED)).images[0]
     return np.asarray(img).astype(int), sum(skipped)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from spawn import run_workers
+from spawn import on_mesh, run_workers
 
 from omni_runtime.parallel.strategies.cfg_parallel import CFGParallel, assign_rows
 from omni_runtime.parallel.strategies.row_forward import LocalForward, RowInfo
@@ -280,22 +280,12 @@ def _flux_cases(model_dir: str, mesh=None) -> dict:
             "stopped": stopped[1].flatten().tolist()}
 
 
-def _flux_worker(rank: int, world_size: int, model_dir: str, store: str) -> dict:
-    from omni_runtime.parallel.mesh import Mesh
-    from omni_runtime.parallel.parallel_spec import ParallelSpec
-
-    mesh = Mesh.build(ParallelSpec(cfg=2), rank, f"file://{store}", "cpu")
-    try:
-        return _flux_cases(model_dir, mesh)
-    finally:
-        mesh.destroy()
-
-
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_flux_denoiser_on_cfg2_equals_the_single_process_run(tiny_dir: Path, tmp_path: Path) -> None:
     ref = _flux_cases(str(tiny_dir))
-    results = run_workers(_flux_worker, 2, args=(str(tiny_dir), str(tmp_path / "store")), timeout=240)
+    results = run_workers(on_mesh, 2, args=({"cfg": 2}, str(tmp_path / "store"), _flux_cases, str(tiny_dir)),
+                          timeout=240)
     # batches (one forward each, 2 steps): 208x144 true CFG (1 req), 128x128 true CFG (1), 208x144 plain (2),
     # 128x128 plain (1). Single process: 2, 2, 2, 1 rows per forward; cfg 2: every rank 1 row, but the lone plain
     # 128x128 request runs on rank 0 only.

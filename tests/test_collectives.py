@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-from spawn import run_workers
+from spawn import parallel_state, run_workers
 
 from omni_runtime.parallel import state
 from omni_runtime.parallel.collectives import (
@@ -23,10 +23,8 @@ def _full(shape: tuple[int, ...], seed: int, dtype: torch.dtype = torch.float32)
 
 
 def _a2a_worker(rank: int, world_size: int) -> dict:
-    state.init_distributed_environment()
-    state.initialize_model_parallel(ulysses_degree=2)  # subgroups [0,1], [2,3]
     out: dict = {}
-    try:
+    with parallel_state(ulysses_degree=2):  # subgroups [0,1], [2,3]
         for name, coord in (("world", state.get_world_group()), ("ulysses", state.get_ulysses_group())):
             group, p, me = coord.device_group, coord.world_size, coord.rank_in_group
             res = {}
@@ -55,8 +53,6 @@ def _a2a_worker(rank: int, world_size: int) -> dict:
             out[name] = res
         out["grads"] = _grad_checks(state.get_ulysses_group())
         out["grads_world"] = _grad_checks(state.get_world_group())
-    finally:
-        state.destroy_distributed_environment()
     return out
 
 
@@ -108,9 +104,8 @@ def test_all_to_all_round_trips_and_backward():
 
 
 def _ring_worker(rank: int, world_size: int) -> dict:
-    state.init_distributed_environment()
     out: dict = {}
-    try:
+    with parallel_state():
         # 0) no mesh yet: the stand-in one-rank coordinator must not fall back to the world group
         x = torch.arange(24.0).reshape(1, 2, 4, 3) + rank
         out["no_mesh_identity"] = all_to_all_4D(x, 2, 1, group=state.get_ulysses_group()) is x
@@ -142,8 +137,6 @@ def _ring_worker(rank: int, world_size: int) -> dict:
             comm.wait()
         except RuntimeError as e:
             out["wait_twice"] = str(e)
-    finally:
-        state.destroy_distributed_environment()
     return out
 
 

@@ -101,7 +101,6 @@ def test_relative_model_path_resolves_against_the_config_dir(tmp_path):
      "allowed keys here: hsdp_replicate, hsdp_shard"),
     ("[stages.denoiser.parallel]\npatch = 2\n", "stages.denoiser.parallel.patch", "2", "allowed keys here"),
     ("[stages.vae.parallel]\nulysses = 2\n", "stages.vae.parallel.ulysses", "2", "allowed keys here: patch"),
-    ("[stages.vae.parallel]\npatch = 0\n", "stages.vae.parallel.patch", "0", ">= 1"),
     ('[server]\napi_key = "sk-\u00e9t\u00e9"\n', "server.api_key", "'\u00e9'", "printable ASCII"),
     ('[server]\napi_key = "sk test"\n', "server.api_key", "' '", "without spaces"),
     ("[server]\nmax_pixels_steps = -1\n", "server.max_pixels_steps", "-1", ">= 0"),

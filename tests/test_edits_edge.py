@@ -4,14 +4,12 @@ the rules of the model, the request it becomes, auth, and the OpenAPI document o
 from __future__ import annotations
 
 import asyncio
-import io
 from pathlib import Path
 
-import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from http_stub_server import StubOrchestrator
-from PIL import Image
+from image_bytes import png
 
 from omni_runtime.runtime.config_load import config_from_dict
 from omni_runtime.runtime.edit_requests import EditRules, parse_edit_request
@@ -21,12 +19,6 @@ from omni_runtime.runtime.server import API_MODULES, create_app
 
 ROUTE = "/v1/images/edits"
 KEY = {"Authorization": "Bearer sk-test"}
-
-
-def png(w: int, h: int) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(np.random.default_rng(w * h).integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, "PNG")
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")

@@ -4,13 +4,13 @@ join keys allow (mixed sizes), ``Omni.edit``, ``omni-runtime generate --image`` 
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from image_bytes import png
 from PIL import Image
 
 from omni_runtime.runtime.cli import main
@@ -22,12 +22,6 @@ from omni_runtime.stages.step_batch import RunningSet
 from omni_runtime.stages.vae import VaeDecoderStage
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
-
-
-def png(w: int, h: int, seed: int = 0) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, "PNG")
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")

@@ -8,18 +8,16 @@ One server for the module. The input image is 56x40 noise (encoded at 48x32, its
 
 from __future__ import annotations
 
-import base64
 import io
-import threading
 
 import httpx
 import numpy as np
 import pytest
+from image_bytes import decode_b64, png
 from openai import BadRequestError, OpenAI
 from PIL import Image
-from test_server_harness import API_KEY, ROOT, Server
-
-from omni_runtime.runtime.model_store import ensure_model
+from stage_refs import diffusers_pipeline
+from test_server_harness import API_KEY, ROOT, Server, at_once, serving
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed, pytest.mark.timeout(300)]
 
@@ -37,67 +35,48 @@ EDITS = {
 PROMPT = "make the cat blue"
 
 
-def png(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-INPUT = png(np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8))
-
-
-def _decode(b64: str) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))
+INPUT = png(56, 40)
 
 
 def _size(fields: dict) -> tuple[int, int]:
     return (48, 32) if fields["size"] == "auto" else tuple(int(v) for v in fields["size"].split("x"))  # type: ignore
 
 
+def kontext_edit(pipe, width: int, height: int, seed: int, **kw) -> np.ndarray:
+    """diffusers' ``FluxKontextPipeline`` edit of INPUT with PROMPT at exactly ``width`` x ``height``: the reference
+    of a served edit."""
+    import torch
+
+    return np.asarray(pipe(image=Image.open(io.BytesIO(INPUT)).convert("RGB"), prompt=PROMPT, height=height,
+                           width=width, max_area=width * height, _auto_resize=False,
+                           generator=torch.Generator("cpu").manual_seed(seed), **kw).images[0])
+
+
 @pytest.fixture(scope="module")
 def references() -> dict[str, np.ndarray]:
-    import torch
-    from diffusers import FluxKontextPipeline
-
-    pipe = FluxKontextPipeline.from_pretrained(str(ensure_model(str(MODEL))), dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    out = {}
-    for name, (fields, kw) in EDITS.items():
-        w, h = _size(fields)
-        image = pipe(image=Image.open(io.BytesIO(INPUT)).convert("RGB"), prompt=PROMPT, height=h, width=w,
-                     max_area=w * h, _auto_resize=False, generator=torch.Generator("cpu").manual_seed(fields["seed"]),
-                     **kw).images[0]
-        out[name] = np.asarray(image)
-    return out
+    pipe = diffusers_pipeline("FluxKontextPipeline", MODEL)
+    return {name: kontext_edit(pipe, *_size(fields), fields["seed"], **kw) for name, (fields, kw) in EDITS.items()}
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, references):
-    s = Server(tmp_path_factory.mktemp("edits"), base_config="flux_kontext.toml", edits=CAPS)
-    yield s
-    s.stop()
-    assert s.shm_entries() == []
+    with serving(tmp_path_factory.mktemp("edits"), base_config="flux_kontext.toml", edits=CAPS) as s:
+        yield s
 
 
 @pytest.fixture(scope="module")
 def served(server) -> dict[str, np.ndarray]:
     """Every edit of EDITS sent at once (they share the denoiser's running set) by the official client."""
     client = OpenAI(base_url=server.url + "/v1", api_key=API_KEY)
-    out: dict = {}
 
-    def edit(name: str) -> None:
+    def edit(name: str) -> np.ndarray:
         fields = dict(EDITS[name][0])
         size = fields.pop("size")
-        out[name] = client.images.edit(model="tiny-flux-kontext", image=("in.png", INPUT, "image/png"),
-                                       prompt=PROMPT, size=size, extra_body=fields)  # type: ignore[arg-type]
+        r = client.images.edit(model="tiny-flux-kontext", image=("in.png", INPUT, "image/png"), prompt=PROMPT,
+                               size=size, extra_body=fields)  # type: ignore[arg-type]
+        return decode_b64(r.data[0].b64_json)
 
-    threads = [threading.Thread(target=edit, args=(name,)) for name in EDITS]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert set(out) == set(EDITS), server.log_text()[-3000:]
-    return {name: _decode(r.data[0].b64_json) for name, r in out.items()}
+    return dict(zip(EDITS, at_once(edit, [(name,) for name in EDITS]), strict=True))
 
 
 @pytest.mark.parametrize("name", sorted(EDITS))
@@ -113,7 +92,7 @@ def test_the_input_image_conditions_the_result(server, served) -> None:
     r = httpx.post(server.url + "/v1/images/generations", headers=server.headers, timeout=120,
                    json={"prompt": PROMPT, "size": "64x48", "seed": 7, "num_inference_steps": 3})
     assert r.status_code == 200, r.text
-    assert int(np.abs(_decode(r.json()["data"][0]["b64_json"]).astype(int) - served["plain"].astype(int)).max()) > 4
+    assert int(np.abs(decode_b64(r.json()["data"][0]["b64_json"]).astype(int) - served["plain"].astype(int)).max()) > 4
 
 
 def _post(server: Server, files: list, data: dict | None = None, **kw) -> httpx.Response:
@@ -121,7 +100,7 @@ def _post(server: Server, files: list, data: dict | None = None, **kw) -> httpx.
                       data={"prompt": PROMPT, "num_inference_steps": "1", **(data or {})}, timeout=120, **kw)
 
 
-NOISE_400 = png(np.random.default_rng(1).integers(0, 256, (400, 400, 3), dtype=np.uint8))  # > 300000 bytes
+NOISE_400 = png(400, 400, seed=1)  # > 300000 bytes
 FLAT_256 = png(np.full((256, 256, 3), 128, dtype=np.uint8))  # 65536 pixels > 40000, few bytes
 BAD = {
     "not_an_image": ([("image", ("x.png", b"this is not a png", "image/png"))], {}, 400, "image",
@@ -169,4 +148,4 @@ def test_a_body_that_is_not_multipart_is_415_and_the_server_serves_on(server, se
         client.images.edit(image=("x.png", b"GIF89a nope", "image/png"), prompt=PROMPT)
     r = client.images.edit(image=("in.png", INPUT, "image/png"), prompt=PROMPT, size="64x48",  # type: ignore
                            extra_body={k: v for k, v in EDITS["plain"][0].items() if k != "size"})
-    assert int(np.abs(_decode(r.data[0].b64_json).astype(int) - served["plain"].astype(int)).max()) <= 2
+    assert int(np.abs(decode_b64(r.data[0].b64_json).astype(int) - served["plain"].astype(int)).max()) <= 2

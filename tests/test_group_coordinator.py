@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 import torch.distributed as dist
-from spawn import run_workers
+from spawn import parallel_state, run_workers
 
 from omni_runtime.parallel import state
 from omni_runtime.parallel.group_coordinator import GroupCoordinator
@@ -20,10 +20,8 @@ def _x(rank: int) -> torch.Tensor:
 
 
 def _collectives_worker(rank: int, world_size: int) -> dict:
-    state.init_distributed_environment()
-    state.initialize_model_parallel(ulysses_degree=2)  # ulysses [[0,1],[2,3]], dp [[0,2],[1,3]]
     out: dict = {}
-    try:
+    with parallel_state(ulysses_degree=2):  # ulysses [[0,1],[2,3]], dp [[0,2],[1,3]]
         for name, group in (("world", state.get_world_group()), ("ulysses", state.get_ulysses_group()),
                             ("dp", state.get_dp_group())):
             r = {}
@@ -46,8 +44,6 @@ def _collectives_worker(rank: int, world_size: int) -> dict:
             objs = [None, None, None] if group.rank_in_group != 0 else [rank, {"k": "v"}, [rank, rank]]
             r["broadcast_object_list"] = group.broadcast_object_list(objs, src=0)
             out[name] = r
-    finally:
-        state.destroy_distributed_environment()
     return out
 
 
@@ -107,10 +103,8 @@ def _describe(d: dict) -> dict:
 
 
 def _dict_worker(rank: int, world_size: int, workdir: str) -> dict:
-    state.init_distributed_environment()
-    state.initialize_model_parallel(ulysses_degree=2)
     out: dict = {}
-    try:
+    with parallel_state(ulysses_degree=2):
         world = state.get_world_group()
         got = world.broadcast_tensor_dict(_mixed_dict(rank) if rank == 2 else None, src=2)
         out["bcast_world"] = _describe(got)
@@ -157,8 +151,6 @@ def _dict_worker(rank: int, world_size: int, workdir: str) -> dict:
         world.barrier()
         out["markers_after_barrier"] = sorted(f for f in os.listdir(workdir) if f.startswith("marker"))
         out["same_node"] = state.in_the_same_node_as(world.cpu_group, source_rank=0)
-    finally:
-        state.destroy_distributed_environment()
     return out
 
 

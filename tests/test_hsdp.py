@@ -19,22 +19,11 @@ from pathlib import Path
 import pytest
 import torch
 from spawn import run_workers
-from stage_refs import single_rank_config
+from stage_refs import flux_transformer_inputs, single_rank_config
 
 pytestmark = [pytest.mark.distributed]
 
 REL_TOL = 1e-5
-
-
-def _flux_inputs(cfg) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    n_img, n_txt = 24, 8
-    return dict(hidden_states=torch.randn(2, n_img, cfg.in_channels, generator=g),
-                encoder_hidden_states=torch.randn(2, n_txt, cfg.joint_attention_dim, generator=g),
-                pooled_projections=torch.randn(2, cfg.pooled_projection_dim, generator=g),
-                timestep=torch.tensor([0.7, 0.3]),
-                img_ids=torch.stack([torch.zeros(n_img), torch.arange(n_img) // 6, torch.arange(n_img) % 6], 1),
-                txt_ids=torch.zeros(n_txt, 3), guidance=torch.tensor([3.5, 3.5]))
 
 
 def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -65,7 +54,7 @@ def _flux_worker(rank: int, world_size: int, model_dir: str, replicate: int, how
 
     shard = world_size // replicate
     ref = FluxTransformer.from_pretrained(Path(model_dir) / "transformer")
-    inputs = _flux_inputs(ref.config)
+    inputs = flux_transformer_inputs(ref.config, n_img=24, grid_width=6, timesteps=[0.7, 0.3])
     with torch.no_grad():
         want = ref(**inputs)
     cfg = HSDPInferenceConfig(hsdp_shard_size=shard, hsdp_replicate_size=replicate,

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from spawn import run_workers
+from stage_refs import flux_transformer_inputs
 
 pytestmark = [pytest.mark.distributed]
 
@@ -28,17 +29,6 @@ def _rss_mb() -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise AssertionError("no VmRSS")
-
-
-def _inputs(cfg) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    n_img, n_txt = 64, 8
-    return dict(hidden_states=torch.randn(1, n_img, cfg.in_channels, generator=g),
-                encoder_hidden_states=torch.randn(1, n_txt, cfg.joint_attention_dim, generator=g),
-                pooled_projections=torch.randn(1, cfg.pooled_projection_dim, generator=g),
-                timestep=torch.tensor([0.7]),
-                img_ids=torch.stack([torch.zeros(n_img), torch.arange(n_img) // 8, torch.arange(n_img) % 8], 1),
-                txt_ids=torch.zeros(n_txt, 3), guidance=torch.tensor([3.5]))
 
 
 def _worker(rank: int, world: int, path: str, release: bool) -> dict:
@@ -60,7 +50,7 @@ def _worker(rank: int, world: int, path: str, release: bool) -> dict:
     hsdp_release.release_freed_memory = counted  # the hook looks the function up at call time
     model = FluxTransformer.from_pretrained(path, hsdp=HSDPInferenceConfig(hsdp_shard_size=world,
                                                                            release_after_forward=release))
-    inputs = _inputs(model.config)
+    inputs = flux_transformer_inputs(model.config, n_img=64, grid_width=8, timesteps=[0.7])
     for p in model.parameters():
         p.to_local().sum()  # every shard resident before the baseline
     loaded = _rss_mb()

@@ -10,18 +10,15 @@ the allowed roots (403), no API key (401), delete (then 400 for new requests, 40
 
 from __future__ import annotations
 
-import base64
-import io
 import re
-import threading
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
+from image_bytes import decode_b64
 from lora_refs import make_lora
-from PIL import Image
-from test_server_harness import ROOT, Server
+from test_server_harness import ROOT, Server, post_together
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed, pytest.mark.timeout(300)]
 
@@ -55,23 +52,9 @@ def _extra(loras: dict[str, Path]) -> str:
 
 
 def _generate_all(server: Server) -> list[np.ndarray]:
-    out: list = [None] * len(REQUESTS)
-
-    def post(i: int) -> None:
-        body = {**REQUESTS[i], "size": f"{SIZE}x{SIZE}", "num_inference_steps": STEPS}
-        out[i] = httpx.post(server.url + "/v1/images/generations", json=body, headers=server.headers, timeout=200)
-
-    threads = [threading.Thread(target=post, args=(i,)) for i in range(len(REQUESTS))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    images = []
-    for r in out:
-        assert r is not None and r.status_code == 200, (r.text if r is not None else "none",
-                                                       server.log_text()[-3000:])
-        images.append(np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"])))))
-    return images
+    out = post_together(server, "/v1/images/generations",
+                        [{"json": {**req, "size": f"{SIZE}x{SIZE}", "num_inference_steps": STEPS}} for req in REQUESTS])
+    return [decode_b64(r.json()["data"][0]["b64_json"]) for r in out]
 
 
 def _register_b(server: Server, loras: dict[str, Path]) -> None:

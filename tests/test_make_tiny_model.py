@@ -1,25 +1,16 @@
 """tools/make_tiny_model.py: a complete, deterministic FLUX.1-style diffusers directory that diffusers itself loads."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from make_tiny_model import main
-from safetensors.torch import load_file
+from model_dirs import all_weights
 
 from omni_runtime.stages.models.flux.tiny import PRESETS, make_tiny_model
 
 COMPONENTS = ["scheduler", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "transformer", "vae"]
-
-
-def _weights(d: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(d.rglob("*.safetensors")):
-        for k, v in load_file(str(f)).items():
-            out[f"{f.parent.name}/{k}"] = v
-    return out
 
 
 def test_layout_and_model_index(tiny_dir):
@@ -54,7 +45,7 @@ def test_weights_are_deterministic_from_the_seed(tiny_dir, tmp_path):
     again = make_tiny_model(tmp_path / "again", seed=0)
     assert torch.equal(torch.random.get_rng_state(), before)  # the caller's RNG is left alone
     other = make_tiny_model(tmp_path / "other", seed=1)
-    a, b, c = _weights(tiny_dir), _weights(again), _weights(other)
+    a, b, c = all_weights(tiny_dir), all_weights(again), all_weights(other)
     assert sorted(a) == sorted(b) == sorted(c)
     assert all(torch.equal(a[k], b[k]) for k in a)
     # Every randomly initialised matrix changes with the seed.
@@ -97,7 +88,7 @@ def test_diffusers_flux_pipeline_loads_and_generates(tiny_dir):
 
 def test_cli_writes_the_same_model(tiny_dir, tmp_path):
     assert main([str(tmp_path / "cli"), "--preset", "tiny", "--seed", "0"]) == 0
-    a, b = _weights(tiny_dir), _weights(tmp_path / "cli")
+    a, b = all_weights(tiny_dir), all_weights(tmp_path / "cli")
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -117,8 +108,8 @@ def test_small_preset_is_larger_and_our_transformer_matches_diffusers(tiny_dir, 
     p, t = PRESETS["small"], PRESETS["tiny"]
     assert (cfg["num_layers"], cfg["num_single_layers"], cfg["num_attention_heads"], cfg["attention_head_dim"]) == (
         p.num_layers, p.num_single_layers, p.num_attention_heads, p.attention_head_dim)
-    n_small = sum(v.numel() for v in _weights(small / "transformer").values())
-    n_tiny = sum(v.numel() for v in _weights(tiny_dir / "transformer").values())
+    n_small = sum(v.numel() for v in all_weights(small / "transformer").values())
+    n_tiny = sum(v.numel() for v in all_weights(tiny_dir / "transformer").values())
     assert n_small > 50 * n_tiny and t.num_attention_heads * t.attention_head_dim < cfg["num_attention_heads"] * cfg[
         "attention_head_dim"]
     g = torch.Generator().manual_seed(0)

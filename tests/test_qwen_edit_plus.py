@@ -8,14 +8,13 @@ One server (2 edits at 48x32, 2 steps); the two inputs (56x40 and 32x48 noise) a
 
 from __future__ import annotations
 
-import threading
-
 import httpx
 import numpy as np
 import pytest
+from image_bytes import decode_b64, png
 from openai import OpenAI
-from qwen_edit_refs import decode_b64, edit, pipeline, png
-from test_server_harness import API_KEY, ROOT, Server
+from qwen_edit_refs import edit, pipeline
+from test_server_harness import API_KEY, ROOT, at_once, serving
 
 from omni_runtime.runtime.config_load import load_config
 from omni_runtime.runtime.edit_requests import edit_rules, parse_edit_request
@@ -31,8 +30,8 @@ CAPS = {'path = "../models/tiny-qwen-image-edit"': 'path = "../models/tiny-qwen-
         "max_edit_images = 1": "max_edit_images = 4"}
 
 
-A = png(np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8))
-B = png(np.random.default_rng(1).integers(0, 256, (48, 32, 3), dtype=np.uint8))
+A = png(56, 40)
+B = png(32, 48, seed=1)
 
 
 def _diff(a: np.ndarray, b: np.ndarray) -> int:
@@ -47,31 +46,22 @@ def reference() -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, reference):
-    s = Server(tmp_path_factory.mktemp("qwen-edit-plus"), base_config="qwen_image_edit.toml", edits=CAPS)
-    yield s
-    s.stop()
-    assert s.shm_entries() == []
+    with serving(tmp_path_factory.mktemp("qwen-edit-plus"), base_config="qwen_image_edit.toml", edits=CAPS) as s:
+        yield s
 
 
 @pytest.fixture(scope="module")
 def served(server) -> dict[str, np.ndarray]:
     """The edit of [A, B] and of [B, A], sent at once by the official client."""
     client = OpenAI(base_url=server.url + "/v1", api_key=API_KEY)
-    out: dict = {}
 
-    def run(name: str, images: list[bytes]) -> None:
+    def run(images: list[bytes]) -> np.ndarray:
         files = [(f"{i}.png", data, "image/png") for i, data in enumerate(images)]
         r = client.images.edit(model="tiny-qwen-image-edit-plus", image=files, prompt=PROMPT, size=SIZE,  # type: ignore
                                extra_body=FIELDS)
-        out[name] = decode_b64(r.data[0].b64_json)
+        return decode_b64(r.data[0].b64_json)
 
-    threads = [threading.Thread(target=run, args=a) for a in (("ab", [A, B]), ("ba", [B, A]))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert set(out) == {"ab", "ba"}, server.log_text()[-3000:]
-    return out
+    return dict(zip(("ab", "ba"), at_once(run, [([A, B],), ([B, A],)]), strict=True))
 
 
 def test_served_plus_edit_equals_diffusers(served, reference) -> None:

@@ -14,14 +14,23 @@ scheduler's shift_terminal divides by zero); the input image (56x40 noise) is en
 
 from __future__ import annotations
 
-import threading
-
 import httpx
 import numpy as np
 import pytest
+from image_bytes import decode_b64, png
 from openai import OpenAI
-from qwen_edit_refs import decode_b64, edit, pipeline, png
-from test_server_harness import API_KEY, ROOT, Server
+from qwen_edit_refs import edit, pipeline
+from test_server_harness import (
+    API_KEY,
+    PIPEFUSION,
+    ROOT,
+    Server,
+    assert_logged,
+    at_once,
+    config_text,
+    denoiser_layout,
+    serving,
+)
 
 from omni_runtime.runtime.cli import main
 from omni_runtime.runtime.model_store import ensure_model
@@ -33,27 +42,19 @@ PROMPT = "make the cat blue"
 SIZE = "48x32"
 FIELDS = {"seed": 5, "num_inference_steps": 2, "negative_prompt": "blurry", "true_cfg_scale": 3.0}
 CAPS = {"max_edit_images = 1": "max_edit_images = 2"}
-PARALLEL = "[stages.denoiser.parallel]\nulysses = 1\nring = 1\ncfg = 1\npp = 1\nhsdp_shard = 1"
 TEXT = "[stages.text_encoder]\nreplicas = 1\nmax_batch_size = 8\nbatch_timeout_ms = 0\n"
 
 
-INPUT = png(np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8))
-
-
-def _denoiser(**degrees: int) -> dict[str, str]:
-    text = PARALLEL
-    for key, value in degrees.items():
-        text = text.replace(f"{key} = 1", f"{key} = {value}", 1)
-    return {PARALLEL: text}
+INPUT = png(56, 40)
 
 
 # layout -> (config edits, what the server's log shows when the ranks really ran it, ...)
 LAYOUTS = {
-    "ulysses2": (_denoiser(ulysses=2), "sequence parallel over 2 ranks"),
-    "cfg2": (_denoiser(cfg=2), "CFG parallel over 2 ranks"),
-    "pp2": (_denoiser(pp=2), "pipeline stage 1/2 holds blocks"),
+    "ulysses2": (denoiser_layout(ulysses=2), "sequence parallel over 2 ranks"),
+    "cfg2": (denoiser_layout(cfg=2), "CFG parallel over 2 ranks"),
+    "pp2": (denoiser_layout(pp=2), "pipeline stage 1/2 holds blocks"),
     # the text encoder sharded too: Qwen2.5-VL's vision tower (its own HSDP unit) runs on sharded weights
-    "hsdp2": ({**_denoiser(hsdp_shard=2), TEXT: TEXT + "\n[stages.text_encoder.parallel]\nhsdp_shard = 2\n"},
+    "hsdp2": ({**denoiser_layout(hsdp_shard=2), TEXT: TEXT + "\n[stages.text_encoder.parallel]\nhsdp_shard = 2\n"},
               "HSDP: QwenImageTransformer sharded over [0, 1]", "HSDP: Qwen2_5_VLForConditionalGeneration sharded "
               "over [0, 1]"),
 }
@@ -71,10 +72,8 @@ def reference() -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, reference):
-    s = Server(tmp_path_factory.mktemp("qwen-edit"), base_config="qwen_image_edit.toml", edits=CAPS)
-    yield s
-    s.stop()
-    assert s.shm_entries() == []
+    with serving(tmp_path_factory.mktemp("qwen-edit"), base_config="qwen_image_edit.toml", edits=CAPS) as s:
+        yield s
 
 
 def _client_edit(server: Server) -> np.ndarray:
@@ -90,14 +89,9 @@ def test_served_edit_equals_diffusers(server, reference) -> None:
 
 def _layout(tmp, layout: str, out: dict) -> None:
     edits, *logged = LAYOUTS[layout]
-    s = Server(tmp / layout, base_config="qwen_image_edit.toml", edits=edits)
-    try:
+    with serving(tmp / layout, base_config="qwen_image_edit.toml", edits=edits) as s:
         out[layout] = _client_edit(s)
-        for line in logged:
-            assert line in s.log_text(), (line, s.log_text()[-3000:])
-    finally:
-        s.stop()
-        assert s.shm_entries() == []
+        assert_logged(s, logged)
 
 
 @pytest.mark.timeout(900)  # four servers, each encoding the input at 1216x864
@@ -108,11 +102,7 @@ def test_layouts_equal_diffusers(tmp_path, reference) -> None:
     for pair in (names[:2], names[2:]):
         for name in pair:
             (tmp_path / name).mkdir()
-        threads = [threading.Thread(target=_layout, args=(tmp_path, name, out)) for name in pair]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        at_once(_layout, [(tmp_path, name, out) for name in pair])
     assert set(out) == set(LAYOUTS), sorted(out)
     for name in names:
         assert _diff(out[name], reference) <= 2, name
@@ -134,10 +124,8 @@ def test_bad_inputs_are_400_naming_the_field(server, reference) -> None:
 
 
 def test_pipefusion_is_refused_by_name(tmp_path, capsys) -> None:
-    text = (ROOT / "configs" / "qwen_image_edit.toml").read_text().replace(
-        'path = "../models/', f'path = "{ROOT / "models"}/').replace("pp = 1", 'pp = 2\npp_mode = "pipefusion"')
     cfg = tmp_path / "c.toml"
-    cfg.write_text(text)
+    cfg.write_text(config_text("qwen_image_edit.toml", PIPEFUSION))
     assert main(["check", str(cfg)]) == 2
     err = capsys.readouterr().err
     assert "the qwen_image_edit family (QwenImageEditPipeline) does not support pipefusion" in err, err

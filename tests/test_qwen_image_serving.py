@@ -15,16 +15,20 @@ servers less on the suite's clock.
 
 from __future__ import annotations
 
-import base64
-import io
-import threading
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
-from test_server_harness import ROOT, Server
+from image_bytes import decode_b64
+from test_server_harness import (
+    ROOT,
+    TEXT_ENCODER_HSDP2,
+    assert_logged,
+    denoiser_layout,
+    post_together,
+    serving,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed, pytest.mark.timeout(300)]
 
@@ -35,64 +39,29 @@ REQUESTS = [
     {"prompt": "two grey cats asleep on a sofa by the window", "negative_prompt": "blurry", "seed": 5,
      "num_inference_steps": 3},
 ]
-PARALLEL = """[stages.denoiser.parallel]
-ulysses = 1
-ring = 1
-cfg = 1
-pp = 1
-hsdp_shard = 1
-hsdp_replicate = 1"""
-
-
-def _layout(**degrees: int) -> str:
-    text = PARALLEL
-    for key, value in degrees.items():
-        text = text.replace(f"{key} = 1", f"{key} = {value}", 1)
-    return text
-
 
 # layout -> (its parallel section, what the server's log shows when the ranks really ran it)
 LAYOUTS = {
-    "ring2": (_layout(ring=2), ["sequence parallel over 2 ranks"]),
-    "ulysses2_ring2": (_layout(ulysses=2, ring=2), ["sequence parallel over 4 ranks"]),
-    "cfg2_ulysses2": (_layout(cfg=2, ulysses=2), ["CFG parallel over 2 ranks", "sequence parallel over 2 ranks"]),
-    "pp2": (_layout(pp=2), ["pipeline stage 1/2 holds blocks [1, 2)"]),
-    "hsdp2": (_layout(hsdp_shard=2), ["HSDP: QwenImageTransformer sharded over [0, 1]",
+    "ring2": (denoiser_layout(ring=2), ["sequence parallel over 2 ranks"]),
+    "ulysses2_ring2": (denoiser_layout(ulysses=2, ring=2), ["sequence parallel over 4 ranks"]),
+    "cfg2_ulysses2": (denoiser_layout(cfg=2, ulysses=2), ["CFG parallel over 2 ranks",
+                                                          "sequence parallel over 2 ranks"]),
+    "pp2": (denoiser_layout(pp=2), ["pipeline stage 1/2 holds blocks [1, 2)"]),
+    "hsdp2": (denoiser_layout(hsdp_shard=2), ["HSDP: QwenImageTransformer sharded over [0, 1]",
                                       "HSDP: Qwen2_5_VLForConditionalGeneration sharded over [0, 1]"]),
 }
 
 
 def _serve(tmp_path: Path, edits: dict[str, str] | None = None, logged: tuple[str, ...] = ()) -> list[np.ndarray]:
-    server = Server(tmp_path, base_config="qwen_image.toml", edits=edits)
-    try:
-        out: list = [None] * len(REQUESTS)
-
-        def post(i: int) -> None:
-            body = {**REQUESTS[i], "size": f"{SIZE[0]}x{SIZE[1]}"}
-            out[i] = httpx.post(server.url + "/v1/images/generations", json=body, headers=server.headers,
-                                timeout=200)
-
-        threads = [threading.Thread(target=post, args=(i,)) for i in range(len(REQUESTS))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        images = []
-        for r in out:
-            assert r is not None and r.status_code == 200, (r.text if r is not None else "no response",
-                                                           server.log_text()[-3000:])
-            images.append(np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"])))))
+    with serving(tmp_path, base_config="qwen_image.toml", edits=edits) as server:
+        out = post_together(server, "/v1/images/generations",
+                            [{"json": {**req, "size": f"{SIZE[0]}x{SIZE[1]}"}} for req in REQUESTS])
+        assert_logged(server, logged)
         schema = httpx.get(server.url + "/openapi.json", headers=server.headers, timeout=30).json()
         fields = schema["paths"]["/v1/images/generations"]["post"]["requestBody"]["content"]["application/json"]
         defaults = {k: v.get("default") for k, v in fields["schema"]["properties"].items()}
         assert (defaults["num_inference_steps"], defaults["true_cfg_scale"]) == (50, 4.0)  # QwenImagePipeline's
-        log = server.log_text()
-        for line in logged:
-            assert line in log, (line, log[-3000:])
-        return images
-    finally:
-        server.stop()
-        assert server.shm_entries() == []
+        return [decode_b64(r.json()["data"][0]["b64_json"]) for r in out]
 
 
 def _max_diff(a: np.ndarray, b: np.ndarray) -> int:
@@ -131,9 +100,7 @@ def test_default_layout_equals_diffusers(default_images, diffusers_images) -> No
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_layout_equals_default(tmp_path, default_images, layout: str) -> None:
     parallel, logged = LAYOUTS[layout]
-    edits = {PARALLEL: parallel}
-    if layout.startswith("hsdp"):  # the text encoder's weights are sharded too
-        edits["[stages.text_encoder]\nreplicas = 1"] = "[stages.text_encoder]\nreplicas = 1\nparallel = { hsdp_shard = 2 }"
+    edits = {**parallel, **(TEXT_ENCODER_HSDP2 if layout.startswith("hsdp") else {})}
     served = _serve(tmp_path, edits, tuple(logged))
     for ours, ref in zip(served, default_images, strict=True):
         assert _max_diff(ours, ref) <= 2, layout

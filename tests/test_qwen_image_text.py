@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from model_dirs import all_weights
 from safetensors import safe_open
-from safetensors.torch import load_file
 
 from omni_runtime.stages.errors import CheckpointError, RequestError
 from omni_runtime.stages.models.qwen_image.text import (
@@ -35,14 +35,6 @@ from omni_runtime.stages.models.qwen_image.tiny import PRESETS, make_tiny_qwen_i
 
 PROMPTS = ["a red cat", "a photo of a dog with a red cat on the sofa, at night; 猫 é"]
 TOL = dict(rtol=1e-5, atol=1e-5)
-
-
-def _weights(d: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(d.rglob("*.safetensors")):
-        for k, v in load_file(str(f)).items():
-            out[f"{f.parent.name}/{k}"] = v
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +130,7 @@ def test_same_seed_same_weights_and_the_callers_rng_is_left_alone(qwen_tiny_dir,
     print(f"make_tiny_qwen_image(tiny): {time.perf_counter() - start:.2f} s")
     assert torch.equal(torch.random.get_rng_state(), before)
     other = make_tiny_qwen_image(tmp_path / "other", seed=1)
-    a, b, c = _weights(qwen_tiny_dir), _weights(again), _weights(other)
+    a, b, c = all_weights(qwen_tiny_dir), all_weights(again), all_weights(other)
     assert sorted(a) == sorted(b) == sorted(c)
     assert all(torch.equal(a[k], b[k]) for k in a)
     for comp in ("transformer", "vae", "text_encoder"):
@@ -159,7 +151,7 @@ def test_cli_family_flag(qwen_tiny_dir, tmp_path, capsys):
     from make_tiny_model import main
 
     assert main([str(tmp_path / "cli"), "--family", "qwen_image", "--seed", "0"]) == 0
-    a, b = _weights(qwen_tiny_dir), _weights(tmp_path / "cli")
+    a, b = all_weights(qwen_tiny_dir), all_weights(tmp_path / "cli")
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(SystemExit):
         main([str(tmp_path / "moe"), "--family", "qwen_image", "--moe-experts", "2"])

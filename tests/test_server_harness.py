@@ -2,37 +2,61 @@
 
 from __future__ import annotations
 
-import base64
-import io
+import contextlib
 import os
 import secrets
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, TypeVar
 
 import httpx
 import numpy as np
 import psutil
-from PIL import Image
+from image_bytes import decode_b64
 from serve_process import wait_healthy  # tools/ (on the path from conftest)
 
 from omni_runtime.runtime.launcher import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 API_KEY = "sk-test-omni"
+T = TypeVar("T")
+#: the denoiser's parallel section as every config in configs/ writes it (all degrees 1): ``denoiser_layout`` edits it
+DENOISER_PARALLEL = """[stages.denoiser.parallel]
+ulysses = 1
+ring = 1
+cfg = 1
+pp = 1
+hsdp_shard = 1
+hsdp_replicate = 1"""
+#: the ``Server(edits=...)`` that shards the text encoder's weights too (an HSDP layout's other half)
+TEXT_ENCODER_HSDP2 = {"[stages.text_encoder]\nreplicas = 1":
+                      "[stages.text_encoder]\nreplicas = 1\nparallel = { hsdp_shard = 2 }"}
+
+
+def config_text(base_config: str, edits: dict[str, str] | None = None) -> str:
+    """``configs/<base_config>`` with ``edits`` (old -> new, each must be there) and the embedded models' paths made
+    absolute."""
+    text = (ROOT / "configs" / base_config).read_text()
+    for old, new in (edits or {}).items():
+        assert old in text, f"{old!r} not in {base_config}"
+        text = text.replace(old, new)
+    return text.replace('path = "../models/', f'path = "{ROOT / "models"}/')  # the embedded models
+
+
+#: the ``config_text`` edits that ask for PipeFusion (pp 2), which a family without it must refuse by name
+PIPEFUSION = {"pp = 1": 'pp = 2\npp_mode = "pipefusion"'}
 
 
 class Server:
     def __init__(self, tmp: Path, base_config: str = "default.toml", extra: str = "", api_key: str = API_KEY,
                  timeout: float = 180.0, max_queue: int = 64, edits: dict[str, str] | None = None) -> None:
         """``edits``: exact text replacements in the base config (each must occur), e.g. a parallel degree."""
-        text = (ROOT / "configs" / base_config).read_text()
-        for old, new in (edits or {}).items():
-            assert old in text, f"{old!r} not in {base_config}"
-            text = text.replace(old, new)
-        text = text.replace('path = "../models/', f'path = "{ROOT / "models"}/')  # the embedded models
+        text = config_text(base_config, edits)
         text = text.replace('api_key = ""', f'api_key = "{api_key}"')
         text = text.replace("max_queue = 64", f"max_queue = {max_queue}")
         cfg = tmp / "server.toml"
@@ -173,7 +197,6 @@ def images_together(server: Server, carrier: dict, joiners: list[dict], timeout:
     joiners arrive."""
     import json
     import socket
-    from concurrent.futures import ThreadPoolExecutor
 
     from omni_runtime.runtime.requests import parse_request
 
@@ -213,7 +236,7 @@ def image_of(server: Server, body: dict, timeout: float = 240.0, rid: str | None
     headers = {**server.headers, **({"X-Request-Id": rid} if rid else {})}
     r = httpx.post(server.url + "/v1/images/generations", json=body, headers=headers, timeout=timeout)
     assert r.status_code == 200, r.text
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"]))))
+    return decode_b64(r.json()["data"][0]["b64_json"])
 
 
 def post_and_kill(server: Server, victim: psutil.Process, body: dict, timeout: float = 120.0,
@@ -239,3 +262,47 @@ def post_and_kill(server: Server, victim: psutil.Process, body: dict, timeout: f
     victim.send_signal(signal.SIGKILL)
     t.join(timeout)
     return result["r"], result["t"] - killed_at
+
+
+def denoiser_layout(**degrees: int) -> dict[str, str]:
+    """The ``Server(edits=...)`` that sets the denoiser's parallel degrees, e.g. ``denoiser_layout(ulysses=2)``."""
+    text = DENOISER_PARALLEL
+    for key, value in degrees.items():
+        text = text.replace(f"{key} = 1", f"{key} = {value}", 1)
+    return {DENOISER_PARALLEL: text}
+
+
+@contextlib.contextmanager
+def serving(tmp: Path, **kw: Any) -> Iterator[Server]:
+    """``Server(tmp, **kw)``, stopped on the way out, which then checks that its shm segments are gone."""
+    server = Server(tmp, **kw)
+    try:
+        yield server
+    finally:
+        server.stop()
+        assert server.shm_entries() == []
+
+
+def at_once(fn: Callable[..., T], calls: Iterable[tuple]) -> list[T]:
+    """``fn(*args)`` for every ``args`` of ``calls``, each in its own thread, all started before any is waited for
+    (requests that share the denoiser's running set); their results in order. A call that raises fails the test."""
+    calls = list(calls)
+    with ThreadPoolExecutor(len(calls)) as ex:
+        return list(ex.map(lambda args: fn(*args), calls))
+
+
+def post_together(server: Server, path: str, requests: list[dict], timeout: float = 200.0) -> list[httpx.Response]:
+    """POST each of ``requests`` (``httpx.post`` keywords: ``json=``, or ``data=`` and ``files=``) to ``path`` at once
+    (:func:`at_once`); fails the test on any status but 200."""
+    out = at_once(lambda kw: httpx.post(server.url + path, headers=server.headers, timeout=timeout, **kw),
+                  [(kw,) for kw in requests])
+    for r in out:
+        assert r.status_code == 200, (r.text, server.log_text()[-3000:])
+    return out
+
+
+def assert_logged(server: Server, lines: Iterable[str]) -> None:
+    """Every one of ``lines`` stands in the server's log (the ranks of a layout really ran it)."""
+    log = server.log_text()
+    for line in lines:
+        assert line in log, (line, log[-3000:])

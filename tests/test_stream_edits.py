@@ -5,15 +5,12 @@ without streaming (<= 2/255), and bad form values are 400 naming the field. One 
 
 from __future__ import annotations
 
-import base64
-import io
-
 import httpx
 import numpy as np
 import pytest
+from image_bytes import decode_b64, png
 from openai import OpenAI
 from openai.types import ImageEditCompletedEvent, ImageEditPartialImageEvent
-from PIL import Image
 from test_server_harness import API_KEY, Server
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed, pytest.mark.timeout(300)]
@@ -22,17 +19,7 @@ PROMPT = "make the cat blue"
 FIELDS = {"seed": 7, "num_inference_steps": 6}
 
 
-def _png(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-INPUT = _png(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8))
-
-
-def _decode(b64: str) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))
+INPUT = png(64, 48)
 
 
 @pytest.fixture(scope="module")
@@ -50,11 +37,11 @@ def test_official_client_streams_an_edit_and_the_final_equals_the_unstreamed_edi
                                      extra_body=FIELDS))
     assert [type(e) for e in events] == [ImageEditPartialImageEvent] * 2 + [ImageEditCompletedEvent], events
     assert [e.partial_image_index for e in events[:2]] == [0, 1]
-    assert all(e.size == "64x48" and _decode(e.b64_json).shape == (48, 64, 3) for e in events)
+    assert all(e.size == "64x48" and decode_b64(e.b64_json).shape == (48, 64, 3) for e in events)
     plain = client.images.edit(image=image, prompt=PROMPT, size="64x48", extra_body=FIELDS)
-    final = _decode(events[-1].b64_json)
-    assert int(np.abs(final.astype(int) - _decode(plain.data[0].b64_json).astype(int)).max()) <= 2
-    assert int(np.abs(final.astype(int) - _decode(events[0].b64_json).astype(int)).max()) > 2  # a real preview
+    final = decode_b64(events[-1].b64_json)
+    assert int(np.abs(final.astype(int) - decode_b64(plain.data[0].b64_json).astype(int)).max()) <= 2
+    assert int(np.abs(final.astype(int) - decode_b64(events[0].b64_json).astype(int)).max()) > 2  # a real preview
 
 
 @pytest.mark.parametrize(("data", "param", "says"), [

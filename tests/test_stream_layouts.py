@@ -4,24 +4,18 @@ per rank) streams its partials and a completed image equal to the same request w
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
+from image_bytes import decode_b64
 from test_server_harness import Server
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed, pytest.mark.timeout(300)]
 
 BODY = {"prompt": "a lighthouse at dusk", "negative_prompt": "blurry", "true_cfg_scale": 4.0, "size": "64x64",
         "seed": 5, "num_inference_steps": 6}
-
-
-def _decode(b64: str) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))
 
 
 def test_cfg2_streams_partials_and_the_same_final_image(tmp_path) -> None:
@@ -35,9 +29,9 @@ def test_cfg2_streams_partials_and_the_same_final_image(tmp_path) -> None:
         assert [e["type"] for e in events] == ["image_generation.partial_image"] * 2 + ["image_generation.completed"]
         plain = httpx.post(server.url + "/v1/images/generations", json=BODY, headers=server.headers, timeout=120)
         assert plain.status_code == 200, plain.text
-        final = _decode(events[-1]["b64_json"])
-        assert int(np.abs(final.astype(int) - _decode(plain.json()["data"][0]["b64_json"]).astype(int)).max()) <= 2
-        assert int(np.abs(final.astype(int) - _decode(events[0]["b64_json"]).astype(int)).max()) > 2
+        final = decode_b64(events[-1]["b64_json"])
+        assert int(np.abs(final.astype(int) - decode_b64(plain.json()["data"][0]["b64_json"]).astype(int)).max()) <= 2
+        assert int(np.abs(final.astype(int) - decode_b64(events[0]["b64_json"]).astype(int)).max()) > 2
         assert httpx.get(server.url + "/health", timeout=10).json()["status"] == "ok"
     finally:
         server.stop()

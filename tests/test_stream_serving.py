@@ -12,17 +12,15 @@ One server for the module.
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import time
 
 import httpx
 import numpy as np
 import pytest
+from image_bytes import decode_b64
 from openai import APIError, OpenAI
 from openai.types import ImageGenCompletedEvent, ImageGenPartialImageEvent
-from PIL import Image
 from test_server_harness import API_KEY, ROOT, Server
 
 from omni_runtime.runtime.model_store import ensure_model
@@ -34,10 +32,6 @@ PROMPT = "a lighthouse at dusk"
 STEPS = 8
 BODY = {"prompt": PROMPT, "size": "64x64", "seed": 11, "num_inference_steps": STEPS}
 GEN = "/v1/images/generations"
-
-
-def _decode(b64: str) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))
 
 
 def _diff(a: np.ndarray, b: np.ndarray) -> int:
@@ -107,7 +101,7 @@ def test_raw_sse_has_openai_event_names_and_shapes(server, streamed) -> None:
         assert data["type"] == name
         assert data["size"] == "64x64" and data["output_format"] == "png" and data["quality"] == "auto"
         assert data["background"] == "opaque" and isinstance(data["created_at"], int) and data["image_index"] == 0
-        assert _decode(data["b64_json"]).shape == (64, 64, 3)
+        assert decode_b64(data["b64_json"]).shape == (64, 64, 3)
     assert [d["partial_image_index"] for _, d, _ in streamed[:3]] == [0, 1, 2]
     # every event is what /openapi.json documents
     spec = httpx.get(server.url + "/openapi.json", timeout=10).json()
@@ -125,18 +119,18 @@ def test_partials_are_diffusers_predicted_clean_latents_and_the_final_is_diffuse
     steps = preview_steps(STEPS, 3)
     assert steps == (2, 4, 6)
     for (_, data, _), step in zip(streamed[:3], steps, strict=True):
-        assert _diff(_decode(data["b64_json"]), references["previews"][step]) <= 2, step
-    final = _decode(streamed[-1][1]["b64_json"])
+        assert _diff(decode_b64(data["b64_json"]), references["previews"][step]) <= 2, step
+    final = decode_b64(streamed[-1][1]["b64_json"])
     assert _diff(final, references["final"]) <= 2
     # the previews move towards the final image (and are not the final image already)
-    gaps = [np.abs(_decode(d["b64_json"]).astype(int) - final.astype(int)).mean() for _, d, _ in streamed[:3]]
+    gaps = [np.abs(decode_b64(d["b64_json"]).astype(int) - final.astype(int)).mean() for _, d, _ in streamed[:3]]
     assert gaps[0] > gaps[2] and gaps[0] > 1, gaps
 
 
 def test_the_completed_image_equals_the_same_request_without_streaming(server, streamed) -> None:
     r = httpx.post(server.url + GEN, json=BODY, headers=server.headers, timeout=120)
     assert r.status_code == 200, r.text
-    assert _diff(_decode(r.json()["data"][0]["b64_json"]), _decode(streamed[-1][1]["b64_json"])) <= 2
+    assert _diff(decode_b64(r.json()["data"][0]["b64_json"]), decode_b64(streamed[-1][1]["b64_json"])) <= 2
 
 
 def test_the_first_partial_comes_well_before_the_final_image(server) -> None:
@@ -158,7 +152,7 @@ def test_official_client_iterates_the_stream_unmodified(server, streamed) -> Non
     assert [type(e) for e in events] == [ImageGenPartialImageEvent] * 2 + [ImageGenCompletedEvent]
     assert [e.partial_image_index for e in events[:2]] == [0, 1]
     assert events[-1].usage.total_tokens == 0 and events[-1].size == "64x64"
-    assert _diff(_decode(events[-1].b64_json), _decode(streamed[-1][1]["b64_json"])) <= 2
+    assert _diff(decode_b64(events[-1].b64_json), decode_b64(streamed[-1][1]["b64_json"])) <= 2
     # partial_images = 0: one event, the image
     only = list(client.images.generate(prompt=PROMPT, size="64x64", stream=True, partial_images=0,
                                        extra_body={"seed": BODY["seed"], "num_inference_steps": 2}))
@@ -173,7 +167,7 @@ def test_n2_streams_each_images_events_told_apart_by_image_index(server, streame
         assert [d["partial_image_index"] for _, d in mine[:2]] == [0, 1]
         assert mine[-1][1]["seed"] == BODY["seed"] + i
     first = next(d for n, d, _ in ev if n.endswith("completed") and d["image_index"] == 0)
-    assert _diff(_decode(first["b64_json"]), _decode(streamed[-1][1]["b64_json"])) <= 2
+    assert _diff(decode_b64(first["b64_json"]), decode_b64(streamed[-1][1]["b64_json"])) <= 2
 
 
 def _progress(server: Server, rid: str) -> dict:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from model_dirs import model_copy, with_unipc_scheduler
 
 from omni_runtime.runtime.requests import GenerationRequest
 from omni_runtime.stages.engine import StageItem, load_engine
@@ -121,16 +122,10 @@ def dn_inputs(dn) -> dict[str, torch.Tensor]:
     ({"expand_timesteps": True}, "TI2V's per-token timesteps"),
 ])
 def test_wan22_variants_are_refused_by_name(wan_tiny_dir, tmp_path, edit, words):
-    import json
-    import shutil
-
     from omni_runtime.stages.errors import CheckpointError
     from omni_runtime.stages.model_check import check_model_dir
 
-    model = tmp_path / "model"
-    shutil.copytree(wan_tiny_dir, model)
-    index = json.loads((model / "model_index.json").read_text())
-    (model / "model_index.json").write_text(json.dumps({**index, **edit}))
+    model = model_copy(wan_tiny_dir, tmp_path / "model", edit)
     with pytest.raises(CheckpointError, match=words):
         check_model_dir(model)
     with pytest.raises(CheckpointError, match=words):
@@ -142,20 +137,9 @@ def test_unipc_checkpoint_equals_diffusers(wan_tiny_dir, tmp_path):
     """Real Wan 2.1 checkpoints ship UniPCMultistepScheduler (a flow solver with per-request history): each
     request steps with its own instance of diffusers' class; 4 steps (the multistep corrector runs), two requests
     sharing the running set at different steps."""
-    import json
-    import shutil
-
-    from diffusers import UniPCMultistepScheduler
-
     from omni_runtime.stages.engine import DenoiserEngine
 
-    model = tmp_path / "model"
-    shutil.copytree(wan_tiny_dir, model)
-    shutil.rmtree(model / "scheduler")
-    UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000,
-                            flow_shift=3.0).save_config(model / "scheduler")
-    index = json.loads((model / "model_index.json").read_text())
-    (model / "model_index.json").write_text(json.dumps({**index, "scheduler": ["diffusers", "UniPCMultistepScheduler"]}))
+    model = with_unipc_scheduler(model_copy(wan_tiny_dir, tmp_path / "model"))
     te, dn, va = (load_engine(s, model, "float32", "cpu") for s in ("text_encoder", "denoiser", "vae"))
     assert isinstance(dn, DenoiserEngine) and dn.stage.schedule.stepper is not None
     reqs = [GenerationRequest(prompt=p, negative_prompt="", width=W, height=H, num_inference_steps=4,

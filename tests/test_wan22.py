@@ -13,6 +13,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from model_dirs import model_copy, with_unipc_scheduler
 from test_server_harness import ROOT
 
 from omni_runtime.runtime.requests import GenerationRequest, RequestError
@@ -163,10 +164,7 @@ def test_what_two_experts_do_not_serve_is_refused_by_name(engines) -> None:
 def test_checkpoint_variants_are_refused_by_name(wan22_dir, tmp_path, edit, words) -> None:
     from omni_runtime.stages.model_check import check_model_dir
 
-    model = tmp_path / "model"
-    shutil.copytree(wan22_dir, model)
-    index = json.loads((model / "model_index.json").read_text())
-    (model / "model_index.json").write_text(json.dumps({**index, **edit}))
+    model = model_copy(wan22_dir, tmp_path / "model", edit)
     with pytest.raises(CheckpointError, match=words):
         check_model_dir(model)
     with pytest.raises(CheckpointError, match=words):
@@ -246,15 +244,9 @@ def test_omni_generate_video_equals_diffusers(pipe) -> None:
 def test_unipc_checkpoint_equals_diffusers(wan22_dir, tmp_path) -> None:
     """Wan 2.2's real checkpoints ship UniPCMultistepScheduler (integer timesteps 999, 937, 857, ...: the expert
     switches after the second of 6 steps): each request's own diffusers solver, the latents within 1e-4."""
-    from diffusers import UniPCMultistepScheduler, WanPipeline
+    from diffusers import WanPipeline
 
-    model = tmp_path / "model"
-    shutil.copytree(wan22_dir, model)
-    shutil.rmtree(model / "scheduler")
-    UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000,
-                            flow_shift=3.0).save_config(model / "scheduler")
-    index = json.loads((model / "model_index.json").read_text())
-    (model / "model_index.json").write_text(json.dumps({**index, "scheduler": ["diffusers", "UniPCMultistepScheduler"]}))
+    model = with_unipc_scheduler(model_copy(wan22_dir, tmp_path / "model"))
     te, dn = (load_engine(s, model, "float32", "cpu") for s in ("text_encoder", "denoiser"))
     req = GenerationRequest(prompt="a cat", negative_prompt="", width=W, height=H, num_inference_steps=6,
                             true_cfg_scale=5.0, seed=3, num_frames=FRAMES, true_cfg_scale_2=2.0)

@@ -22,6 +22,7 @@ import msgspec
 import numpy as np
 import pytest
 import torch
+from stage_refs import diffusers_pipeline, first_block_cache_skips
 from test_server_harness import ROOT, Server
 
 from omni_runtime.runtime.video_files import decode_frames
@@ -36,18 +37,8 @@ FBC = {"method": "first_block", "threshold": THRESHOLD}
 def diffusers_fbc() -> tuple[np.ndarray, int]:
     """``WanPipeline`` with diffusers' First-Block Cache on the embedded tiny Wan: its frames in [0, 1] and how many
     (step, branch) forwards skipped the remaining blocks."""
-    from diffusers import WanPipeline
-    from diffusers.hooks import FirstBlockCacheConfig, apply_first_block_cache
-
-    from omni_runtime.runtime.model_store import ensure_model
-
-    pipe = WanPipeline.from_pretrained(str(ensure_model(str(ROOT / "models" / "tiny-wan"))))
-    pipe.set_progress_bar_config(disable=True)
-    apply_first_block_cache(pipe.transformer, FirstBlockCacheConfig(threshold=THRESHOLD))
-    hook = pipe.transformer.blocks[0]._diffusers_hook.get_hook("fbc_leader_block_hook")
-    skipped: list[bool] = []
-    decide = hook._should_compute_remaining_blocks
-    hook._should_compute_remaining_blocks = lambda r: (skipped.append(not decide(r)) or not skipped[-1])
+    pipe = diffusers_pipeline("WanPipeline", ROOT / "models" / "tiny-wan", dtype=None)
+    skipped = first_block_cache_skips(pipe.transformer, pipe.transformer.blocks[0], THRESHOLD)
     frames = pipe(prompt=BODY["prompt"], negative_prompt=BODY["negative_prompt"], height=32, width=32, num_frames=5,
                   num_inference_steps=6, guidance_scale=4.0, generator=torch.Generator("cpu").manual_seed(11),
                   output_type="np").frames[0]

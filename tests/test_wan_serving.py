@@ -13,50 +13,29 @@ from __future__ import annotations
 import httpx
 import numpy as np
 import pytest
-from test_server_harness import ROOT, Server
+from test_server_harness import ROOT, TEXT_ENCODER_HSDP2, assert_logged, denoiser_layout, serving
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed, pytest.mark.timeout(300)]
 
 BODY = {"prompt": "a dog on a beach", "negative_prompt": "blurry", "size": "32x32", "num_frames": 5,
         "num_inference_steps": 2, "guidance_scale": 4.0, "seed": 11}
-PARALLEL = """[stages.denoiser.parallel]
-ulysses = 1
-ring = 1
-cfg = 1
-pp = 1
-hsdp_shard = 1
-hsdp_replicate = 1"""
-
-
-def _layout(**degrees: int) -> str:
-    text = PARALLEL
-    for key, value in degrees.items():
-        text = text.replace(f"{key} = 1", f"{key} = {value}", 1)
-    return text
-
 
 # layout -> (its parallel section, what the server's log shows when the ranks really ran it)
 LAYOUTS = {
-    "ring2": (_layout(ring=2), ["sequence parallel over 2 ranks"]),
-    "ulysses2_ring2": (_layout(ulysses=2, ring=2), ["sequence parallel over 4 ranks"]),
-    "hsdp2": (_layout(hsdp_shard=2), ["HSDP: WanTransformer sharded over [0, 1]",
+    "ring2": (denoiser_layout(ring=2), ["sequence parallel over 2 ranks"]),
+    "ulysses2_ring2": (denoiser_layout(ulysses=2, ring=2), ["sequence parallel over 4 ranks"]),
+    "hsdp2": (denoiser_layout(hsdp_shard=2), ["HSDP: WanTransformer sharded over [0, 1]",
                                       "HSDP: UMT5EncoderModel sharded over [0, 1]"]),
 }
 
 
 def _serve(tmp_path, edits: dict[str, str] | None = None, logged: tuple[str, ...] = ()) -> np.ndarray:
-    server = Server(tmp_path, base_config="wan.toml", edits=edits)
-    try:
+    with serving(tmp_path, base_config="wan.toml", edits=edits) as server:
         r = httpx.post(server.url + "/v1/videos", json=BODY, headers=server.headers, timeout=60)
         assert r.status_code == 200, r.text
         frames = server.video_frames(r.json()["id"])
-        log = server.log_text()
-        for line in logged:
-            assert line in log, (line, log[-3000:])
+        assert_logged(server, logged)
         return frames
-    finally:
-        server.stop()
-        assert server.shm_entries() == []
 
 
 @pytest.fixture(scope="module")
@@ -78,9 +57,7 @@ def reference() -> np.ndarray:
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_layout_equals_diffusers(tmp_path, reference, layout: str) -> None:
     parallel, logged = LAYOUTS[layout]
-    edits = {PARALLEL: parallel}
-    if layout.startswith("hsdp"):  # the text encoder's weights are sharded too
-        edits["[stages.text_encoder]\nreplicas = 1"] = "[stages.text_encoder]\nreplicas = 1\nparallel = { hsdp_shard = 2 }"
+    edits = {**parallel, **(TEXT_ENCODER_HSDP2 if layout.startswith("hsdp") else {})}
     frames = _serve(tmp_path, edits, tuple(logged))
     assert frames.shape == reference.shape == (5, 32, 32, 3)
     diff = np.abs(frames / 255.0 - reference).max()

@@ -517,6 +517,12 @@ def main(argv: list[str] | None = None) -> int:
             seg = f"{r['mode']} segment"
             targets.append((f"64 MiB handoff >= 0.5x memcpy ({seg})", f"{r['ratio']:.2f}x", r["ratio"] >= 0.5))
     targets.append(("3 idle readers <= 2% of one core", f"{idle['total_pct']:.2f}%", idle["total_pct"] <= 2.0))
+    return _report(args, results, targets, t_start)
+
+
+def _report(args: argparse.Namespace, results: dict[str, Any], targets: list[tuple[str, str, bool]],
+            t_start: float) -> int:
+    """Print the targets (PASS / MISS) and the wall time, add them to ``results``, write those to ``--json``."""
     print("\ntargets")
     for name, value, ok in targets:
         print(f"  {'PASS' if ok else 'MISS'}  {name}: {value}")
@@ -535,15 +541,7 @@ def _cross_node(args: argparse.Namespace) -> int:
     print(f"bench_ipc --cross-node: {'quick' if args.quick else 'full'} run, {os.cpu_count()} CPUs, load average "
           f"{os.getloadavg()[0]:.2f}", flush=True)
     results, targets = bench_ipc_crossnode.run(args.quick)
-    print("\ntargets")
-    for name, value, ok in targets:
-        print(f"  {'PASS' if ok else 'MISS'}  {name}: {value}")
-    results["targets"] = [{"target": n, "value": v, "pass": ok} for n, v, ok in targets]
-    results["wall_s"] = time.monotonic() - t_start
-    print(f"\ntotal {results['wall_s']:.1f} s")
-    if args.json is not None:
-        args.json.write_bytes(msgspec.json.format(msgspec.json.encode(results)))
-    return 0
+    return _report(args, results, targets, t_start)
 
 
 if __name__ == "__main__":

@@ -63,6 +63,7 @@ import msgspec
 import numpy as np
 import torch
 import torch.multiprocessing as mp
+from phase_rounds import phase_rounds, rank_rounds  # tools/ is this script's directory
 
 from omni_runtime.runtime.launcher import free_port
 
@@ -381,7 +382,7 @@ def _cfg_rank(rank: int, world: int, port: int, path: str, out: str, tag: str, s
     from omni_runtime.parallel.parallel_spec import ParallelSpec
     from omni_runtime.parallel.strategies.cfg_parallel import assign_rows
     from omni_runtime.stages import DenoiseRequest, DenoiserStage
-    from omni_runtime.stages.guidance import TRUE_CFG, UNGUIDED
+    from omni_runtime.stages.guidance import TRUE_CFG, UNGUIDED, mixed_rows
 
     torch.set_num_threads(threads)
     mesh = (Mesh.build(ParallelSpec(cfg=world), rank, f"tcp://127.0.0.1:{port}", "cpu") if world > 1
@@ -401,8 +402,8 @@ def _cfg_rank(rank: int, world: int, port: int, path: str, out: str, tag: str, s
     den.denoise([request(0, True)])  # warm-up
     ready.set()
     row_bytes = (size // 16) ** 2 * den.in_channels * 4
-    for i in range(len(go)):
-        go[i].wait()
+
+    def measure() -> dict[str, Any]:
         result: dict[str, Any] = {}
         for name, n, cfg in CFG_WORKLOADS:
             reqs = [request(j, cfg) for j in range(n)]
@@ -413,12 +414,14 @@ def _cfg_rank(rank: int, world: int, port: int, path: str, out: str, tag: str, s
             den.denoise(reqs)
             elapsed = time.perf_counter() - t0
             stats = mesh.comm_stats()
-            mine = len(assign_rows((TRUE_CFG if cfg else UNGUIDED).rows(list(range(n)), 0), world)[mesh.rank("cfg")])
+            rows = mixed_rows(list(range(n)), [TRUE_CFG if cfg else UNGUIDED] * n, [0] * n)
+            mine = len(assign_rows(rows, world)[mesh.rank("cfg")])
             result[name] = {"s": elapsed, "sent_per_step": stats.bytes_sent / steps,
                             "gathers_per_step": stats.calls.get("all_gather", 0) / steps,
                             "min_per_step": mine * row_bytes * (world - 1)}
-        Path(out, f"{tag}-{i}-rank{rank}.json").write_text(json.dumps(result))
-        done[i].set()
+        return result
+
+    rank_rounds(out, tag, rank, go, done, measure)
     mesh.destroy()
 
 
@@ -431,52 +434,24 @@ def bench_cfg(size: int = 256, steps: int = 4, rounds: int = 3, cores: int = 2, 
 
     half = max(1, cores // 2)
     phases = [("cfg1", 1, cores), ("cfg1_half", 1, half), ("cfg2", 2, half)]
-    ctx = mp.get_context("spawn")
     times: dict[str, dict[str, list[float]]] = {w[0]: {t: [] for t, _, _ in phases} for w in CFG_WORKLOADS}
     comm: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-cfg-") as tmp:
         path = str(make_tiny_model(Path(tmp) / "model", preset=preset))
-        events = {tag: ([ctx.Event() for _ in range(world)], [ctx.Event() for _ in range(rounds)],
-                        [[ctx.Event() for _ in range(rounds)] for _ in range(world)]) for tag, world, _ in phases}
-        procs = []
-        for tag, world, threads in phases:
-            port = free_port()
-            ready, go, done = events[tag]
-            procs += [ctx.Process(target=_cfg_rank, args=(r, world, port, path, tmp, tag, size, steps, threads,
-                                                          ready[r], go, done[r])) for r in range(world)]
-        try:
-            for p in procs:
-                p.start()
-            end = time.monotonic() + timeout
+        worlds = {tag: world for tag, world, _ in phases}
+        threads = {tag: t for tag, _, t in phases}
 
-            def wait(event: Any, what: str) -> None:
-                while not event.wait(1.0):
-                    if time.monotonic() > end or any(p.exitcode not in (None, 0) for p in procs):
-                        raise RuntimeError(f"cfg bench: {what} did not finish; exit codes "
-                                           f"{[p.exitcode for p in procs]}")
+        def rank_args(tag: str, r: int, port: int) -> tuple:
+            return (r, worlds[tag], port, path, tmp, tag, size, steps, threads[tag])
 
-            for tag, world, _ in phases:
-                for r in range(world):
-                    wait(events[tag][0][r], f"{tag} rank {r} start")
-            for i in range(rounds):
-                for tag, world, _ in phases[i % 3:] + phases[:i % 3]:
-                    events[tag][1][i].set()
-                    for r in range(world):
-                        wait(events[tag][2][r][i], f"{tag} round {i} rank {r}")
-                    res = [json.loads(Path(tmp, f"{tag}-{i}-rank{r}.json").read_text()) for r in range(world)]
-                    for name in times:
-                        times[name][tag].append(max(x[name]["s"] for x in res))
-                    if tag == "cfg2":
-                        comm = {name: [x[name] for x in res] for name in times}
-                print(f"round {i}: " + "; ".join(f"{t} " + ", ".join(f"{times[n][t][-1]:.3f}" for n in times)
-                                                 for t, _, _ in phases) + " s", flush=True)
-            for p in procs:
-                p.join(max(1.0, end - time.monotonic()))
-        finally:
-            for p in procs:
-                if p.is_alive():
-                    p.kill()
-                    p.join()
+        for i, results in phase_rounds(_cfg_rank, worlds, rank_args, tmp, rounds, timeout, name="cfg bench: "):
+            for tag, res in results.items():
+                for name in times:
+                    times[name][tag].append(max(x[name]["s"] for x in res))
+                if tag == "cfg2":
+                    comm = {name: [x[name] for x in res] for name in times}
+            print(f"round {i}: " + "; ".join(f"{t} " + ", ".join(f"{times[n][t][-1]:.3f}" for n in times)
+                                             for t, _, _ in phases) + " s", flush=True)
     print(f"CFG parallel, Flux preset {preset!r}, {size}x{size} ({(size // 16) ** 2} image tokens), {steps} steps, "
           f"{rounds} rounds (phases one at a time, order rotated): cfg 1 x {cores} thread(s) (baseline), cfg 1 x "
           f"{half} thread(s), cfg 2 x {half} thread(s) per rank; latency = median, ratio = median of per-round ratios")

@@ -23,7 +23,6 @@ larger share of contended cores), and the bytes each rank sent per step (``Mesh.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -32,12 +31,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch.multiprocessing as mp
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from phase_rounds import phase_rounds, rank_rounds  # noqa: E402
 from serve_process import ensure_model  # noqa: E402
-
-from omni_runtime.runtime.launcher import free_port  # noqa: E402
 
 #: phase -> (ranks, its parallel degrees)
 #: phase -> (ranks, threads per rank: None = cores / ranks, its parallel degrees)
@@ -78,8 +74,8 @@ def _rank(rank: int, tag: str, port: int, path: str, out: str, args: dict[str, A
 
     den.denoise([request(1)])  # warm-up
     ready.set()
-    for i in range(len(go)):
-        go[i].wait()
+
+    def measure() -> dict[str, float]:
         if world > 1:
             mesh.group("world").barrier()
         mesh.reset_comm_stats()
@@ -87,9 +83,9 @@ def _rank(rank: int, tag: str, port: int, path: str, out: str, args: dict[str, A
         den.denoise([request(args["steps"])])
         elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
         sent = mesh.comm_stats().bytes_sent / args["steps"] if world > 1 else 0
-        Path(out, f"{tag}-{i}-rank{rank}.json").write_text(json.dumps({"s": elapsed, "cpu": cpu,
-                                                                        "sent_per_step": sent}))
-        done[i].set()
+        return {"s": elapsed, "cpu": cpu, "sent_per_step": sent}
+
+    rank_rounds(out, tag, rank, go, done, measure)
     mesh.destroy()
 
 
@@ -98,51 +94,21 @@ def bench(size: str, frames: int, steps: int, rounds: int, cores: int, timeout: 
     cpus = sorted(os.sched_getaffinity(0))[:cores]
     path = str(ensure_model("small", "wan"))
     args = {"width": width, "height": height, "frames": frames, "steps": steps}
-    ctx = mp.get_context("spawn")
     times: dict[str, list[float]] = {t: [] for t in PHASES}
     cpu_s: dict[str, list[float]] = {t: [] for t in PHASES}
     sent: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="bench-video-sp-") as tmp:
-        events = {t: ([ctx.Event() for _ in range(w)], [ctx.Event() for _ in range(rounds)],
-                      [[ctx.Event() for _ in range(rounds)] for _ in range(w)]) for t, (w, _, _) in PHASES.items()}
-        procs = []
-        for tag, (world, _, _) in PHASES.items():
-            port = free_port()
-            ready, go, done = events[tag]
-            procs += [ctx.Process(target=_rank, args=(r, tag, port, path, tmp, args, cpus, ready[r], go, done[r]))
-                      for r in range(world)]
-        try:
-            for p in procs:
-                p.start()
-            end = time.monotonic() + timeout
 
-            def wait(event: Any, what: str) -> None:
-                while not event.wait(1.0):
-                    if time.monotonic() > end or any(p.exitcode not in (None, 0) for p in procs):
-                        raise RuntimeError(f"{what} did not finish; exit codes {[p.exitcode for p in procs]}")
+        def rank_args(tag: str, r: int, port: int) -> tuple:
+            return (r, tag, port, path, tmp, args, cpus)
 
-            for tag, (world, _, _) in PHASES.items():
-                for r in range(world):
-                    wait(events[tag][0][r], f"{tag} rank {r} start")
-            order = list(PHASES)
-            for i in range(rounds):
-                for tag in order[i % len(order):] + order[:i % len(order)]:
-                    world = PHASES[tag][0]
-                    events[tag][1][i].set()
-                    for r in range(world):
-                        wait(events[tag][2][r][i], f"{tag} round {i} rank {r}")
-                    res = [json.loads(Path(tmp, f"{tag}-{i}-rank{r}.json").read_text()) for r in range(world)]
-                    times[tag].append(max(x["s"] for x in res))
-                    cpu_s[tag].append(sum(x["cpu"] for x in res))
-                    sent[tag] = statistics.mean(x["sent_per_step"] for x in res)
-                print(f"round {i}: " + ", ".join(f"{t} {times[t][-1]:.2f} s" for t in PHASES), flush=True)
-            for p in procs:
-                p.join(max(1.0, end - time.monotonic()))
-        finally:
-            for p in procs:
-                if p.is_alive():
-                    p.kill()
-                    p.join()
+        worlds = {tag: world for tag, (world, _, _) in PHASES.items()}
+        for i, results in phase_rounds(_rank, worlds, rank_args, tmp, rounds, timeout):
+            for tag, res in results.items():
+                times[tag].append(max(x["s"] for x in res))
+                cpu_s[tag].append(sum(x["cpu"] for x in res))
+                sent[tag] = statistics.mean(x["sent_per_step"] for x in res)
+            print(f"round {i}: " + ", ".join(f"{t} {times[t][-1]:.2f} s" for t in PHASES), flush=True)
     tokens = ((frames - 1) // 4 + 1) * (height // 16) * (width // 16)
     print(f"small-wan denoiser, {size}, {frames} frames ({tokens} video tokens per row), {steps} steps, CFG (2 rows), "
           f"{rounds} rounds (phases one at a time, order rotated), every rank pinned to CPUs {cpus}")
