@@ -73,6 +73,20 @@ def _image_bytes(x: Any) -> bytes:
     raise TypeError(f"image: {type(x).__name__}; allowed: a file path, bytes of an image file, a PIL image")
 
 
+#: seconds :meth:`Omni.close` waits for the cancelled tasks' cleanup
+SETTLE_S = 30.0
+
+
+async def _settle_tasks() -> None:
+    """Cancel every task of the running loop but this one and wait until each has run its cleanup (as
+    ``asyncio.run`` does at its end): a request whose stages are gone, or one that was failing while the runtime
+    shut down, must not be left pending in a closed loop (``Task was destroyed but it is pending``)."""
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
 class Omni:
     def __init__(self, config: str | Path | RuntimeConfig, in_process: bool = False) -> None:
         self.cfg = config if isinstance(config, RuntimeConfig) else load_config(config)
@@ -187,11 +201,17 @@ class Omni:
     # ------------------------------------------------------------------ lifetime
 
     def close(self) -> None:
-        """Stop the stage processes (no orphans, no shm left behind); also runs at interpreter exit."""
+        """Stop the stage processes (no orphans, no shm left behind); also runs at interpreter exit. Requests
+        still in flight end cancelled, each having run its cleanup before the loop closes."""
         if self._loop is not None:
             if self._orch is not None:
                 asyncio.run_coroutine_threadsafe(self._orch.shutdown(), self._loop).result(timeout=60)
                 self._orch = None
+            try:
+                asyncio.run_coroutine_threadsafe(_settle_tasks(), self._loop).result(timeout=SETTLE_S)
+            except TimeoutError:
+                logger.warning("Omni.close: tasks still running %.0f s after they were cancelled; closing anyway",
+                               SETTLE_S)
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=10)
             self._loop.close()
