@@ -5,9 +5,10 @@ One served instance of the default layout with ``compile = true`` (warm-up size 
 image the uncompiled runtime returns (in process) and diffusers' FluxPipeline returns, max |delta| <= 2/255; a
 request of 3 images (3 rows: the warm-up ran 1 and 2) and one of another size (64x128: another sequence length)
 compile no new graph (counted from the server's ``denoiser compile: graph N`` log lines). A parallel layout
-returns the default layout's image, for a 2-image request and a true-CFG one: Ulysses 2 (the attention's all-to-all
-runs eager between a block's graphs), CFG parallel with layer pipeline parallelism (cfg 2 x pp 2: 4 ranks, each
-compiling the blocks of its pipeline stage) and HSDP 2 (the all-gathers run around the compiled blocks, as hooks).
+returns the default layout's image, for a 2-image request and a true-CFG one: Ulysses 2 with HSDP 2 on the same 2
+ranks (the attention's all-to-all runs eager between a block's graphs; HSDP's all-gathers run around the compiled
+blocks, as hooks) and CFG parallel with layer pipeline parallelism (cfg 2 x pp 2: 4 ranks, each compiling the blocks
+of its pipeline stage).
 Their servers start (and compile) in the background while the default layout's test runs.
 Bad values of the two keys are ConfigErrors naming the key and the allowed values; PipeFusion is refused by name.
 """
@@ -67,10 +68,10 @@ def _diff(a: np.ndarray, b: np.ndarray) -> int:
 
 #: the parallel layouts served compiled: name -> (base config, edits of it, lines its log shows when its ranks ran it)
 LAYOUTS = {
-    "sp2": ("sp2.toml", {}, ["attention eager (sequence parallel)"]),
+    "sp2_hsdp2": ("sp2_hsdp2.toml", {}, ["attention eager (sequence parallel)",
+                                         "HSDP: FluxTransformer sharded over [0, 1]"]),
     "cfg2_pp2": ("cfg2.toml", {"pp = 1": 'pp = 2\npp_mode = "layer"'},
                  ["CFG parallel over 2 ranks", "pipeline stage 1/2"]),
-    "hsdp2": ("hsdp2.toml", {}, ["HSDP: FluxTransformer sharded over [0, 1]"]),
 }
 
 
