@@ -16,7 +16,7 @@ import io
 import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from omni_runtime.runtime.requests import (
     parse_request,
     show,
 )
+from omni_runtime.runtime.served_model import ServedModel, check_served, defaults_of, served_model_of
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +57,9 @@ class EditRules:
     #: the family's ``size = auto`` rule: the input images' (width, height) -> the output's, before rounding (None:
     #: the first image's size)
     output_size: Callable[[Sequence[tuple[int, int]]], tuple[int, int]] | None = None
-    #: the family's defaults of absent fields (``ModelFamily.request_defaults``: its diffusers pipeline's own)
-    defaults: Mapping[str, Any] = field(default_factory=dict)
+    #: what the edge knows of the served model and layout (``runtime.served_model``): the family's defaults of absent
+    #: fields, and what the family or the layout cannot run (e.g. TeaCache on Qwen-Image-Edit, or under HSDP)
+    served: ServedModel | None = None
 
     @classmethod
     def from_config(cls, cfg: Any, family: Any, vae_scale_factor: int) -> EditRules:
@@ -65,7 +67,7 @@ class EditRules:
         return cls(model=family.pipeline_classes[0], family_images=family.image_inputs,
                    inpainting=family.inpainting, multiple=2 * vae_scale_factor, max_images=s.max_edit_images,
                    max_image_bytes=s.max_edit_image_bytes, max_image_pixels=s.max_edit_image_pixels,
-                   output_size=family.edit_output_size, defaults=dict(family.request_defaults))
+                   output_size=family.edit_output_size, served=served_model_of(cfg))
 
     @property
     def images_allowed(self) -> int:
@@ -194,5 +196,7 @@ def parse_edit_request(fields: Mapping[str, Any], images: Sequence[bytes], rules
     raw = {k: _form_value(k, v) for k, v in fields.items() if k not in FILE_FIELDS}
     if raw.get("size") is None or (isinstance(raw["size"], str) and raw["size"].strip() == AUTO_SIZE):
         raw["size"] = _auto_size(*(rules.output_size(sizes) if rules.output_size else sizes[0]), rules)
-    req = parse_request(raw, allow_unknown=allow_unknown, caps=caps, defaults=rules.defaults)
-    return GenerationRequest(**{**{f: getattr(req, f) for f in req.__struct_fields__}, "images": tuple(images)})
+    req = parse_request(raw, allow_unknown=allow_unknown, caps=caps, defaults=defaults_of(rules.served))
+    req = GenerationRequest(**{**{f: getattr(req, f) for f in req.__struct_fields__}, "images": tuple(images)})
+    check_served(req, rules.served)
+    return req

@@ -6,7 +6,8 @@
 - TeaCache under HSDP (``[stages.denoiser.parallel] hsdp_shard > 1``) is refused at the edge, naming ``cache`` and
   the methods this server allows: the request check, the HTTP images route (a stub orchestrator), the CLI's
   ``generate`` and ``batch`` (nothing is started), and a ``[stages.denoiser.cache]`` default of TeaCache with HSDP
-  is a config error.
+  is a config error;
+- an edit is checked as a generation is (``EditRules.served``): the family's and the layout's refusals.
 """
 from __future__ import annotations
 
@@ -165,3 +166,34 @@ def test_the_images_route_reads_an_unreadable_model_once(monkeypatch, caplog) ->
     assert reads == [cfg.model.path]
     warnings = [r.getMessage() for r in caplog.records if r.name == "omni_runtime.runtime.video_api"]
     assert len(warnings) == 1 and cfg.model.path in warnings[0], warnings
+
+
+def test_edits_refuse_what_the_family_or_the_layout_cannot_run(tmp_path, qwen_tiny_dir) -> None:
+    """An edit is checked as a generation is: TeaCache on a Qwen-Image-Edit model (its family refuses it) and under
+    HSDP (the layout refuses it) is a 400 naming ``cache`` through ``/v1/images/edits`` (a stub orchestrator),
+    ``Omni.edit``'s and the CLI's ``parse_edit_request``, instead of failing late in the denoiser; the server then
+    answers the next edit."""
+    from fastapi.testclient import TestClient
+    from http_stub_server import StubOrchestrator
+    from image_bytes import png
+
+    from omni_runtime.runtime.edit_requests import edit_rules, parse_edit_request
+    from omni_runtime.runtime.server import create_app
+    from omni_runtime.stages.models.family import family_for_class
+
+    teacache = {"method": "teacache", "threshold": 0.3}
+    qwen_edit = family_for_class("QwenImageEditPipeline").make_tiny(tmp_path / "qwen_edit", "tiny")
+    rules = edit_rules(config_from_dict({"model": {"path": str(qwen_edit)}}))
+    with pytest.raises(RequestError, match=r"cache\.method='teacache': the qwen_image_edit family .*allowed: "
+                                           r"first_block, dbcache, none") as e:
+        parse_edit_request({"prompt": "make it blue", "cache": teacache}, [png(64, 64)], rules)
+    assert e.value.param == "cache"
+    kontext = family_for_class("FluxKontextPipeline").make_tiny(tmp_path / "kontext", "tiny")
+    cfg = config_from_dict({"model": {"path": str(kontext)}, "server": {"port": 0}, "stages": HSDP})
+    with TestClient(create_app(cfg, StubOrchestrator())) as client:
+        files = [("image", ("a.png", png(64, 64), "image/png"))]
+        r = client.post("/v1/images/edits", files=files, data={"prompt": "x", "cache": json.dumps(teacache)})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "cache", r.text
+        assert r.json()["error"]["message"] == TEACACHE_REFUSED, r.text
+        r = client.post("/v1/images/edits", files=files, data={"prompt": "x", "num_inference_steps": "2"})
+        assert r.status_code == 200 and len(r.json()["data"]) == 1, r.text
