@@ -41,6 +41,7 @@ class ServedModel:
     #: (method, why) the served layout cannot run (``_layout_cache_refusals``), next to the family's
     layout_refusals: tuple[tuple[str, str], ...] = ()
     edits_only: bool = False
+    video: bool = False  # a video model: it answers /v1/videos, not /v1/images/generations
     cache_refusals: tuple[tuple[str, str], ...] = ()  # (method, why)
     defaults: tuple[tuple[str, Any], ...] = ()  # (request field, the family pipeline's default)
 
@@ -52,7 +53,7 @@ def served_model(path: str) -> ServedModel:
 
     family = family_of(path)
     return ServedModel(family=family.name, pipeline=family.pipeline_classes[0], edits_only=family.edits_only,
-                       cache_refusals=tuple(family.cache_refusals.items()),
+                       video=family.video, cache_refusals=tuple(family.cache_refusals.items()),
                        defaults=tuple(family.request_defaults.items()))
 
 

@@ -41,13 +41,12 @@ from omni_runtime.runtime.http_common import (
 from omni_runtime.runtime.image_stream import ImageEvent
 from omni_runtime.runtime.orchestrator import ServingError
 from omni_runtime.runtime.requests import RequestError, show
+from omni_runtime.runtime.served_model import served_model_of
 from omni_runtime.runtime.video_files import decode_frames, encode_mp4, thumbnail
 from omni_runtime.runtime.video_jobs import FILES, StoreFull, VideoJob, VideoJobStore
 from omni_runtime.runtime.video_request import (
-    VideoModel,
     VideoRequest,
     parse_video,
-    video_model,
     video_request_schema,
 )
 
@@ -114,25 +113,13 @@ class _ImagesToVideoModel:
     """Pure ASGI middleware (a ``BaseHTTPMiddleware`` would hide client disconnects from the image route): a video
     model answers ``POST /v1/images/generations`` with a 400 saying to use ``/v1/videos``."""
 
-    def __init__(self, app: Any, model_path: str) -> None:
+    def __init__(self, app: Any, cfg: RuntimeConfig) -> None:
         self.app = app
-        self.model_path = model_path
-        self._model: list[VideoModel | None] = []  # read on the first request, a failure as a success
-
-    def model(self) -> VideoModel | None:
-        """The served model (read once), or None where it cannot be read (logged once)."""
-        if not self._model:
-            try:
-                self._model.append(video_model(self.model_path))
-            except Exception as e:  # no readable model here (a stub orchestrator's config): the image route answers
-                logger.warning("the served model at %s cannot be read (%s: %s): POST /v1/images/generations is not "
-                               "checked for a video model", self.model_path, type(e).__name__, e)
-                self._model.append(None)
-        return self._model[0]
+        self.cfg = cfg
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == "/v1/images/generations":
-            model = self.model()
+            model = served_model_of(self.cfg)  # read once, as the image route reads it (None: unreadable, logged)
             if model is not None and model.video:
                 resp = error_response(400, f"the served model is a {model.family} video model; it answers "
                                       f"POST /v1/videos, not /v1/images/generations", "invalid_request_error",
@@ -234,7 +221,7 @@ def _add_routes(app: FastAPI, ctx: ApiContext) -> None:
 
     app.router.lifespan_context = lifespan
 
-    app.add_middleware(_ImagesToVideoModel, model_path=cfg.model.path)
+    app.add_middleware(_ImagesToVideoModel, cfg=cfg)
 
     body = {"required": True, "content": {ct: {"schema": video_request_schema()}
                                           for ct in ("application/json", "multipart/form-data")}}

@@ -2,7 +2,7 @@
 
 - a model directory that cannot be read is read once (a failure is remembered like a success) and logged once,
   naming the path and the error; once its ``model_index.json`` appears (an embedded model made on first use) it is
-  read. The video-model check in front of the images route (``video_api``) also reads its model once;
+  read. The video-model check in front of the images route (``video_api``) shares that one read;
 - TeaCache under HSDP (``[stages.denoiser.parallel] hsdp_shard > 1``) is refused at the edge, naming ``cache`` and
   the methods this server allows: the request check, the HTTP images route (a stub orchestrator), the CLI's
   ``generate`` and ``batch`` (nothing is started), and a ``[stages.denoiser.cache]`` default of TeaCache with HSDP
@@ -145,27 +145,28 @@ def test_the_images_route_refuses_teacache_under_hsdp(tiny_dir) -> None:
         assert r.status_code == 200 and len(r.json()["data"]) == 1, r.text
 
 
-def test_the_images_route_reads_an_unreadable_model_once(monkeypatch, caplog) -> None:
-    """The video-model check in front of POST /v1/images/generations (``video_api._ImagesToVideoModel``) reads the
-    model once, a failure too (logged once), and the image route answers."""
+def test_the_images_route_reads_an_unreadable_model_once(tmp_path, monkeypatch, caplog) -> None:
+    """The video-model check in front of POST /v1/images/generations (``video_api._ImagesToVideoModel``) and the
+    image route share the edge's one read of the model (``served_model_of``): over two requests the unreadable
+    directory is read once and logged once, and the image route answers."""
     from fastapi.testclient import TestClient
-    from http_stub_server import StubOrchestrator, stub_config
+    from http_stub_server import StubOrchestrator
 
-    from omni_runtime.runtime import video_api
     from omni_runtime.runtime.server import create_app
 
-    reads: list[str] = []
-    real = video_api.video_model
-    monkeypatch.setattr(video_api, "video_model", lambda path: reads.append(path) or real(path))
-    cfg = stub_config()
-    with caplog.at_level(logging.WARNING, logger="omni_runtime.runtime.video_api"), \
+    reads = _counted_reads(monkeypatch)
+    model = tmp_path / "broken"
+    model.mkdir()
+    (model / "model_index.json").write_text("{not json")
+    cfg = config_from_dict({"model": {"path": str(model)}, "server": {"port": 0}})
+    with caplog.at_level(logging.WARNING, logger="omni_runtime.runtime.served_model"), \
             TestClient(create_app(cfg, StubOrchestrator())) as client:
         for _ in range(2):
             r = client.post("/v1/images/generations", json={"prompt": "a cat", "size": "64x64"})
             assert r.status_code == 200, r.text
-    assert reads == [cfg.model.path]
-    warnings = [r.getMessage() for r in caplog.records if r.name == "omni_runtime.runtime.video_api"]
-    assert len(warnings) == 1 and cfg.model.path in warnings[0], warnings
+    assert reads == [str(model)]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "omni_runtime.runtime.served_model"]
+    assert len(warnings) == 1 and str(model) in warnings[0], warnings
 
 
 def test_edits_refuse_what_the_family_or_the_layout_cannot_run(tmp_path, qwen_tiny_dir) -> None:
