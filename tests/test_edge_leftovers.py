@@ -10,7 +10,7 @@ import re
 
 import httpx
 import pytest
-from test_server_harness import ROOT, Server
+from test_server_harness import ROOT, serving
 
 from omni_runtime.runtime.config_load import load_config
 
@@ -78,10 +78,8 @@ def test_cli_bad_flag_exits_2_naming_it_before_any_model_is_made(flags, says, tm
 
 @pytest.fixture(scope="module")
 def edit_server(tmp_path_factory):
-    s = Server(tmp_path_factory.mktemp("edge-qwen-edit"), base_config="qwen_image_edit.toml")
-    yield s
-    s.stop()
-    assert s.shm_entries() == []
+    with serving(tmp_path_factory.mktemp("edge-qwen-edit"), base_config="qwen_image_edit.toml") as s:
+        yield s
 
 
 def test_generation_on_an_edit_only_model_is_a_400_naming_image(edit_server):
@@ -129,10 +127,8 @@ VIDEO = {"prompt": "a dog on a beach", "size": "32x32", "num_frames": 5, "num_in
 
 @pytest.fixture(scope="module")
 def wan_server(tmp_path_factory):
-    s = Server(tmp_path_factory.mktemp("edge-wan"), base_config="wan.toml")
-    yield s
-    s.stop()
-    assert s.shm_entries() == []
+    with serving(tmp_path_factory.mktemp("edge-wan"), base_config="wan.toml") as s:
+        yield s
 
 
 def test_teacache_on_a_video_is_a_400_naming_cache_and_the_allowed_methods(wan_server):

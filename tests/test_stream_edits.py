@@ -11,7 +11,7 @@ import pytest
 from image_bytes import decode_b64, png
 from openai import OpenAI
 from openai.types import ImageEditCompletedEvent, ImageEditPartialImageEvent
-from test_server_harness import API_KEY, Server
+from test_server_harness import API_KEY, serving
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed, pytest.mark.timeout(300)]
 
@@ -24,10 +24,8 @@ INPUT = png(64, 48)
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    s = Server(tmp_path_factory.mktemp("stream-edits"), base_config="flux_kontext.toml")
-    yield s
-    s.stop()
-    assert s.shm_entries() == []
+    with serving(tmp_path_factory.mktemp("stream-edits"), base_config="flux_kontext.toml") as s:
+        yield s
 
 
 def test_official_client_streams_an_edit_and_the_final_equals_the_unstreamed_edit(server) -> None:
